@@ -1,0 +1,122 @@
+"""The `QuantFormat` interface: read (and write) one family of quantized checkpoints.
+
+A format answers which layers are quantized and how (`spec_for`), which tensors on disk make up
+a layer (`stored_names`), and translates them into the canonical `QuantWeight` (`decode`).
+It never touches modules, devices, ranks or kernels. Writing is a separate small interface
+(`FormatWriter`) used by `anyquant quantize`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from anyquant.errors import TensorError
+from anyquant.loading.checkpoint import TensorIndex
+from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight
+
+
+@dataclass(frozen=True)
+class StoredNames:
+    """Tensor names (full, e.g. 'model.layers.0.mlp.down_proj.qweight') of one stored layer."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    def all(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+class QuantFormat(ABC):
+    """Reads one family of quantized checkpoints. One instance per checkpoint."""
+
+    name: ClassVar[str]
+
+    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+        self.qconfig = qconfig
+        self.index = index
+        self.source = source  # where the quantization config came from, for messages
+        self.notes: list[str] = []  # config/tensor disagreements found while resolving specs
+
+    @classmethod
+    def from_checkpoint(cls, qconfig: dict[str, Any], index: TensorIndex, source: str) -> QuantFormat:
+        """Validate the config section (raise QuantConfigError naming the field) and build."""
+        return cls(qconfig, index, source)
+
+    @abstractmethod
+    def spec_for(self, prefix: str, kind: LayerKind) -> QuantSpec | None:
+        """How the layer at `prefix` is stored, decided from the tensors present (formats.md §1.3);
+        None means stored unquantized as `prefix.weight`. Reads headers only, never data."""
+
+    @abstractmethod
+    def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
+        """Names of the tensors that make up the quantized layer at `prefix`."""
+
+    @abstractmethod
+    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+        """Translate the on-disk tensors of one layer (keyed by full name) into the canonical form.
+        Must raise TensorError naming the tensor for any shape/dtype/value inconsistency."""
+
+    def describe(self) -> str:
+        """One line for `inspect`: format name and the headline settings."""
+        return self.name
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """What `anyquant quantize` was asked for; each writer reads the fields it understands."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: per channel
+    sym: bool = False
+    act_order: bool = False
+    block_size: tuple[int, int] = (128, 128)
+    act: str | None = None  # e.g. "int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FormatWriter(ABC):
+    """Writes canonical weights in one on-disk format, exactly as the real tool would."""
+
+    name: ClassVar[str]  # the --format value
+
+    def __init__(self, options: WriteOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def spec_for(self, prefix: str, shape: tuple[int, int], kind: LayerKind) -> QuantSpec | str:
+        """The spec to quantize this layer with, or a reason why this format cannot store it
+        (the layer is then written unquantized and listed in the config's skip list)."""
+
+    @abstractmethod
+    def encode(self, prefix: str, weight: QuantWeight) -> dict[str, Tensor]:
+        """Canonical weight -> on-disk tensors keyed by full name."""
+
+    @abstractmethod
+    def quantization_config(self, skipped: list[str]) -> dict[str, Any]:
+        """The `quantization_config` section; `skipped` lists the module prefixes left unquantized."""
+
+    def side_files(self, skipped: list[str]) -> dict[str, dict[str, Any]]:
+        """Extra JSON files some tools write next to config.json (e.g. quantize_config.json)."""
+        return {}
+
+
+def require_dtype(name: str, tensor: Tensor, *allowed: torch.dtype) -> None:
+    if tensor.dtype not in allowed:
+        want = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TensorError(name, f"dtype {str(tensor.dtype).removeprefix('torch.')}, expected {want}")
+
+
+def require_shape(name: str, tensor: Tensor, shape: tuple[int, ...], why: str = "") -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        extra = f" ({why})" if why else ""
+        raise TensorError(name, f"shape {list(tensor.shape)}, expected {list(shape)}{extra}")

@@ -1,0 +1,116 @@
+"""The definition of correct: dequantize a canonical weight, quantize-dequantize activations.
+
+Owns the formulas of formats.md in plain PyTorch for every spec on every device. Kernels are
+held against these functions; formats never call them (they only translate layouts).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from anyquant.quant.spec import FP8_MAX, ActQuant, QuantSpec
+from anyquant.quant.weight import QuantWeight
+
+_FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def expand_to_columns(
+    per_group: Tensor, spec: QuantSpec, in_features: int, group_index: Tensor | None
+) -> Tensor:
+    """[..., N, ng] per-group values -> [..., N, K] per-column values."""
+    if group_index is not None:
+        if group_index.dim() == 1:
+            return per_group[..., group_index.long()]
+        return torch.gather(per_group, -1, group_index.long().unsqueeze(-2).expand(*per_group.shape[:-1], -1))
+    idx = torch.arange(in_features) // spec.group_size
+    return per_group[..., idx]
+
+
+def _broadcast(values: Tensor, weight: QuantWeight) -> Tensor:
+    """Expand scale-shaped `values` to the [..., N, K] shape of the codes."""
+    spec, (n, k) = weight.spec, weight.shape
+    if spec.granularity == "tensor":
+        return values.reshape(*values.shape, 1, 1)
+    if spec.granularity == "channel":
+        return values.unsqueeze(-1)
+    if spec.granularity == "group":
+        return expand_to_columns(values, spec, k, weight.group_index)
+    bn, bk = spec.block_shape
+    return values.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+
+
+def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense [E?, N, K] weight: (code - zero) * scale, the subtraction exact, one rounding to `dtype`."""
+    spec = weight.spec
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    if spec.is_float:
+        values = weight.data.to(work)
+    else:
+        codes = weight.data.to(torch.int32)
+        if weight.zero is not None:
+            codes = codes - _broadcast(weight.zero, weight)
+        elif spec.implicit_zero:
+            codes = codes - spec.implicit_zero
+        values = codes.to(work)
+    return (values * _broadcast(weight.scale.to(work), weight)).to(dtype)
+
+
+def _act_qrange(act: ActQuant) -> tuple[float, float]:
+    if act.type == "int8":
+        return -128.0, 127.0
+    top = FP8_MAX[act.type]
+    return -top, top
+
+
+def fake_quantize_activations(
+    x: Tensor, act: ActQuant, input_scale: Tensor | None = None, input_zero: Tensor | None = None
+) -> Tensor:
+    """Quantize then dequantize activations `x` [T, K] exactly as a W8A8 kernel sees them (fp32)."""
+    x = x.float()
+    lo, hi = _act_qrange(act)
+    qmax = hi
+    if act.dynamic:
+        if act.granularity == "token":
+            amax = x.abs().amax(dim=-1, keepdim=True)
+        elif act.granularity == "group":
+            t, k = x.shape
+            g = act.group_size
+            pad = (-k) % g
+            xg = torch.nn.functional.pad(x, (0, pad)).reshape(t, -1, g)
+            amax = xg.abs().amax(dim=-1, keepdim=True).expand(-1, -1, g).reshape(t, -1)[:, :k]
+        else:
+            amax = x.abs().amax()
+        # An all-zero row or group (padding) has amax 0; clamp so 0/0 never makes NaN.
+        scale = amax.clamp(min=1e-10) / qmax
+        zero = None
+    else:
+        if input_scale is None:
+            raise ValueError("static activation quantization needs input_scale")
+        scale = input_scale.float()
+        zero = input_zero.float() if input_zero is not None else None
+    if act.type == "int8":
+        q = torch.round(x / scale)
+        if zero is not None:
+            q = q + zero
+        q = q.clamp(lo, hi)
+        if zero is not None:
+            q = q - zero
+        return q * scale
+    # fp8: clamp before the cast, out-of-range casts do not saturate reliably.
+    q = (x / scale).clamp(lo, hi).to(_FP8_DTYPE[act.type]).float()
+    return q * scale
+
+
+def reference_linear(
+    x: Tensor, weight: QuantWeight, bias: Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """y = act_q(x) @ dequantize(W).T + bias, in fp32, for one (non-expert) layer."""
+    out_dtype = out_dtype or x.dtype
+    xf = x.float()
+    if weight.spec.act is not None:
+        xf = fake_quantize_activations(xf, weight.spec.act, weight.input_scale, weight.input_zero)
+    y = xf @ dequantize(weight, torch.float32).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -1,0 +1,108 @@
+"""What a quantized layer's numbers are: `QuantSpec` and its vocabulary.
+
+Owns the canonical description every format translates into and every kernel starts from.
+It holds no tensors; `quant/weight.py` holds the numbers described here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
+Granularity = Literal["tensor", "channel", "group", "block"]
+LayerKind = Literal["linear", "experts", "embedding", "lm_head"]
+ActType = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
+ActGranularity = Literal["tensor", "token", "group"]
+
+UINT_BITS: dict[str, int] = {"uint2": 2, "uint3": 3, "uint4": 4, "uint8": 8}
+FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How activations are quantized before the matmul (W8A8-style schemes)."""
+
+    type: ActType
+    dynamic: bool  # True: scale computed from each input; False: stored `input_scale`
+    granularity: ActGranularity = "token"  # token: one scale per row of x
+    group_size: int = 0  # only for "group": one scale per token per group of input channels
+    symmetric: bool = True  # False only for static int8 with a stored input zero point
+
+    def __post_init__(self) -> None:
+        if self.granularity == "group" and self.group_size <= 0:
+            raise ValueError("group activation quantization needs a positive group_size")
+        if self.dynamic and not self.symmetric:
+            raise ValueError("dynamic asymmetric activation quantization is not supported")
+
+    def describe(self) -> str:
+        how = "dynamic" if self.dynamic else "static"
+        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        sym = "" if self.symmetric else " asym"
+        return f"{self.type} {how} per-{gran}{sym}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Canonical description of one quantized weight.
+
+    Dequantized value = (code - zero) * scale. Unsigned types without stored zero points use the
+    implicit zero 2^(bits-1); int8 without zero points uses 0; fp8 has no zero.
+    """
+
+    weight: WeightType
+    granularity: Granularity
+    group_size: int = 0  # only for "group"
+    block_shape: tuple[int, int] = (0, 0)  # (out, in), only for "block"
+    has_zero: bool = False  # asymmetric: zero points stored per scale entry
+    act: ActQuant | None = None  # None: weight-only
+    act_order: bool = False  # GPTQ act-order: input columns map to groups through group_index
+    extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # format notes for display
+
+    def __post_init__(self) -> None:
+        if self.granularity == "group":
+            if self.group_size <= 0 or self.group_size % 8:
+                raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
+        elif self.group_size:
+            raise ValueError(f"group_size is only meaningful for group granularity, not {self.granularity}")
+        if self.granularity == "block" and min(self.block_shape) <= 0:
+            raise ValueError(f"block granularity needs a positive block_shape, got {self.block_shape}")
+        if self.act_order and self.granularity != "group":
+            raise ValueError("act_order needs group granularity")
+        if self.is_float and self.has_zero:
+            raise ValueError("fp8 weights have no zero points")
+        if self.is_uint and self.granularity not in ("channel", "group"):
+            raise ValueError(f"{self.weight} weights need channel or group scales, not {self.granularity}")
+
+    @property
+    def is_uint(self) -> bool:
+        return self.weight in UINT_BITS
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight in FP8_MAX
+
+    @property
+    def bits(self) -> int:
+        return UINT_BITS.get(self.weight, 8)
+
+    @property
+    def implicit_zero(self) -> int:
+        """Zero point used when none is stored."""
+        return 1 << (self.bits - 1) if self.is_uint else 0
+
+    def describe(self) -> str:
+        """Short human description, e.g. 'uint4 group128 asym act-order, w-only'."""
+        if self.granularity == "group":
+            gran = f"group{self.group_size}"
+        elif self.granularity == "block":
+            gran = f"block{self.block_shape[0]}x{self.block_shape[1]}"
+        else:
+            gran = f"per-{self.granularity}"
+        parts = [self.weight, gran]
+        if not self.is_float:
+            parts.append("asym" if self.has_zero else "sym")
+        if self.act_order:
+            parts.append("act-order")
+        parts.append(f"act {self.act.describe()}" if self.act else "weight-only")
+        return " ".join(parts)

@@ -1,0 +1,29 @@
+"""Shared test fixtures: where ../shared is, and a skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ANYQUANT_SHARED", REPO.parent / "shared"))
+THIRD_PARTY = SHARED / "fixtures" / "third_party"
+STORIES = SHARED / "models" / "stories260K"
+
+
+def shared_or_skip(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared not checked out beside the repository)")
+    return path
+
+
+@pytest.fixture
+def third_party() -> Path:
+    return shared_or_skip(THIRD_PARTY)
+
+
+@pytest.fixture
+def stories() -> Path:
+    return shared_or_skip(STORIES)
