@@ -81,6 +81,7 @@ class WriteOptions:
     act_order: bool = False
     block_size: tuple[int, int] = (128, 128)
     act: str | None = None  # e.g. "int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"
+    scheme: str | None = None  # preset name where the tool has presets (compressed-tensors: "W4A16", "FP8_BLOCK", ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,9 +98,20 @@ class FormatWriter(ABC):
         """The spec to quantize this layer with, or a reason why this format cannot store it
         (the layer is then written unquantized and listed in the config's skip list)."""
 
+    def scale_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """Dtype the format stores scales in; RTN rounds scales to it before computing codes so
+        that encode -> decode is exact."""
+        return model_dtype
+
+    def input_scale(self, prefix: str) -> Tensor | None:
+        """Static activation scale for `prefix` (static schemes only; needs calibration data).
+        The quantize command passes calibration amax through `options.extra['act_amax']`."""
+        return None
+
     @abstractmethod
     def encode(self, prefix: str, weight: QuantWeight) -> dict[str, Tensor]:
-        """Canonical weight -> on-disk tensors keyed by full name."""
+        """Canonical weight -> on-disk tensors keyed by full name (bias excluded: the quantize
+        command writes `prefix.bias` itself)."""
 
     @abstractmethod
     def quantization_config(self, skipped: list[str]) -> dict[str, Any]:
