@@ -217,6 +217,11 @@ class Checkpoint:
                 )
             return files
         self._weight_map = {}
+        # Without an index, `model.safetensors` is the model (other *.safetensors beside it may be
+        # adapters or reference data); otherwise take every file (AutoGPTQ names its single file
+        # gptq_model-4bit-128g.safetensors).
+        if (self.path / "model.safetensors").is_file():
+            return ["model.safetensors"]
         files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))

@@ -1,0 +1,5 @@
+import sys
+
+from anyquant.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""`anyquant generate MODEL --prompt TEXT`: one-shot generation for demos and smoke tests."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", required=True, help="prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from anyquant.engine.sampling import SamplingParams
+    from anyquant.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kernel=args.kernel)
+    t1 = time.perf_counter()
+    prompt = args.prompt
+    if args.chat:
+        if llm.tokenizer is None:
+            raise SystemExit("--chat needs tokenizer files in the model directory")
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    out = llm.generate([prompt], params)[0]
+    t2 = time.perf_counter()
+    print(args.prompt + out.text)
+    fmt = llm.loaded.format.describe() if llm.loaded.format else "unquantized"
+    print(
+        f"\n[{fmt}; {len(out.token_ids)} tokens in {t2 - t1:.2f}s "
+        f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s, finish={out.finish_reason}]"
+    )
+    return 0

@@ -1,0 +1,85 @@
+"""`SamplingParams` and the per-step token choice for one sequence.
+
+Owns the sampling knobs users pass (vLLM-compatible names), their validation, and turning one
+row of fp32 logits into a token with greedy, temperature, top-k, top-p, min-p and penalties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_penalties(
+    logits: Tensor, params: SamplingParams, generated: list[int], prompt: list[int]
+) -> Tensor:
+    if params.repetition_penalty != 1.0 and (generated or prompt):
+        seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(
+            vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
+        )
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits: [vocab] fp32 (penalties already applied) -> token id."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k and params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[order[keep]] = True
+        probs = probs.masked_fill(~mask, 0.0)
+    probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))

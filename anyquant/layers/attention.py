@@ -1,0 +1,104 @@
+"""Grouped-query self-attention with rotary embeddings, and the per-sequence KV cache it writes.
+
+Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application and the
+scaled-dot-product attention over cached keys. `SequenceKVCache` is the simple contiguous cache
+used for single-sequence generation; the paged engine cache replaces it behind the same calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.norm import RMSNorm
+from anyquant.layers.rotary import RotaryEmbedding
+
+
+class SequenceKVCache:
+    """Keys and values of one sequence for every layer: [L, max_len, Hkv, D] each, allocated once."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        v_head_dim: int | None = None,
+    ) -> None:
+        self.max_len = max_len
+        self.k = torch.zeros(num_layers, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(
+            num_layers, max_len, num_kv_heads, v_head_dim or head_dim, dtype=dtype, device=device
+        )
+        self.length = 0  # tokens already stored (all layers)
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[0]
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.max_len}")
+        self.k[layer, start:end] = k
+        self.v[layer, start:end] = v
+        return self.k[layer, :end], self.v[layer, :end]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
+    """q [T, H, D], k/v [S, Hkv, D*] with S = start + T -> [T, H * Dv]; causal from `start`."""
+    t, h = q.shape[:2]
+    s, hkv = k.shape[:2]
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    mask = torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )  # [H, T, Dv]
+    return out.transpose(0, 1).reshape(t, -1)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        prefix: str,
+        layer_index: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        qkv_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        o_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{prefix}: num_attention_heads={num_heads} is not a multiple of "
+                f"num_key_value_heads={num_kv_heads}"
+            )
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = QuantLinear(f"{prefix}.q_proj", hidden_size, num_heads * head_dim, qkv_bias)
+        self.k_proj = QuantLinear(f"{prefix}.k_proj", hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.v_proj = QuantLinear(f"{prefix}.v_proj", hidden_size, num_kv_heads * head_dim, qkv_bias)
+        self.o_proj = QuantLinear(f"{prefix}.o_proj", num_heads * head_dim, hidden_size, o_bias)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.rotary = rotary
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+    ) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+        keys, values = cache.write(self.layer_index, start, k, v)
+        return self.o_proj(attend(q, keys, values, start, self.scale))

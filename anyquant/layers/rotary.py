@@ -1,0 +1,113 @@
+"""Rotary position embeddings (rotate-half convention, as in HF checkpoints) with scaling variants.
+
+Owns inverse frequencies for `default`, `linear`, `dynamic`-free `llama3` scaling and YaRN, and the
+rotation itself. The attention layer decides which part of each head is rotated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.errors import UnsupportedError
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """Merge the two spellings transformers uses (`rope_scaling` + `rope_theta`, or `rope_parameters`)."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling") or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = rope_type
+    return params
+
+
+def _yarn_find_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+    return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> tuple[Tensor, float]:
+    """(inv_freq [dim/2] float32, attention scaling factor applied to cos/sin)."""
+    base = float(params["rope_theta"])
+    # Explicit CPU device: models are built under a meta-device context, but these tables are real.
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    kind = params["rope_type"]
+    factor = float(params.get("factor", 1.0))
+    attn_factor = 1.0
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        low = float(params.get("low_freq_factor", 1.0))
+        high = float(params.get("high_freq_factor", 4.0))
+        old_len = float(params.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_len / low, old_len / high
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = torch.where(is_mid, mid, scaled)
+    elif kind == "yarn":
+        orig = int(params.get("original_max_position_embeddings", max_position))
+        beta_fast = float(params.get("beta_fast", 32))
+        beta_slow = float(params.get("beta_slow", 1))
+        low = math.floor(_yarn_find_correction_dim(beta_fast, dim, base, orig))
+        high = math.ceil(_yarn_find_correction_dim(beta_slow, dim, base, orig))
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+        mscale = float(params.get("mscale", 1.0))
+        mscale_all = float(params.get("mscale_all_dim", 0.0))
+        if "attention_factor" in params and params["attention_factor"] is not None:
+            attn_factor = float(params["attention_factor"])
+        elif mscale_all:
+            attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attn_factor = yarn_mscale(factor)
+    else:
+        raise UnsupportedError(
+            f"rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"
+        )
+    return inv.float(), attn_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self, dim: int, params: dict[str, Any], max_position: int, interleaved: bool = False
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.interleaved = interleaved  # adjacent pairs (2i, 2i+1) instead of halves
+        inv, self.attn_factor = inverse_frequencies(dim, params, max_position)
+        self.inv_freq: Tensor
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
+        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: [T, heads, dim] -> rotated, same dtype (math in fp32)."""
+        xf = x.float()
+        c, s = cos[:, None, :], sin[:, None, :]
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        else:
+            half = self.dim // 2
+            x1, x2 = xf[..., :half], xf[..., half:]
+            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        return out.to(x.dtype)

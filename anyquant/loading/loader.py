@@ -1,0 +1,201 @@
+"""THE weight-loading path: model directory -> model with every weight in place, on a device.
+
+Order is fixed: read a layer's stored tensors -> format.decode -> canonical QuantWeight ->
+kernel.load (repack once) -> drop the temporaries, one layer at a time, so peak memory is the
+model plus about one layer. Strict: a missing tensor, a shape mismatch or an unused checkpoint
+tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.errors import CheckpointError, TensorError, UnsupportedError
+from anyquant.layers.linear import QuantLinear
+from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.plan import LayerPlan, plan_layers
+from anyquant.models.registry import build_model
+from anyquant.quant.detect import detect_format
+from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.weight import QuantWeight
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    checkpoint: Checkpoint
+    format: QuantFormat | None
+    config: dict[str, Any]
+    compute_dtype: torch.dtype
+    device: torch.device
+    plans: list[LayerPlan]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: torch.device) -> torch.dtype:
+    """`auto` = the checkpoint's dtype (torch_dtype / dtype in config.json), float32 when unknown."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested == "auto":
+        name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+        return _DTYPES.get(name, torch.float32)
+    if requested not in _DTYPES:
+        raise UnsupportedError(f"dtype {requested!r} is not supported; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[requested]
+
+
+def build_on_meta(config: dict[str, Any]) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    kernel: str | None = None,
+) -> LoadedModel:
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    ckpt = Checkpoint(path)
+    config = ckpt.text_config()
+    fmt = detect_format(ckpt)
+    compute_dtype = resolve_dtype(dtype, config, dev)
+    model = build_on_meta(config)
+    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel)
+    t1 = time.perf_counter()
+    used: set[str] = set()
+    layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
+    for plan in plans:
+        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used)
+    _load_plain(ckpt, model, compute_dtype, dev, used)
+    _check_unused(ckpt, fmt, model, used)
+    model.to(dev)
+    model.eval()
+    t2 = time.perf_counter()
+    log.info(
+        "loaded %s: %d linear layers, format %s, %s on %s (plan %.2fs, weights %.2fs)",
+        ckpt.path,
+        len(plans),
+        fmt.name if fmt else "dense",
+        compute_dtype,
+        dev,
+        t1 - t0,
+        t2 - t1,
+    )
+    return LoadedModel(
+        model,
+        ckpt,
+        fmt,
+        config,
+        compute_dtype,
+        dev,
+        plans,
+        {"read_and_plan": t1 - t0, "load_and_repack": t2 - t1},
+    )
+
+
+def _load_linear(
+    ckpt: Checkpoint,
+    fmt: QuantFormat | None,
+    layer: QuantLinear,
+    plan: LayerPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    used: set[str],
+) -> None:
+    weight: QuantWeight | Tensor
+    if plan.spec is not None and fmt is not None:
+        for name in plan.stored.required:
+            if name not in ckpt.index:
+                raise TensorError(
+                    name,
+                    f"missing: layer {plan.prefix!r} is stored as {plan.spec.describe()} "
+                    f"({fmt.name}) and needs {', '.join(plan.stored.required)}",
+                )
+        names = [n for n in plan.stored.all() if n in ckpt.index]
+        stored = ckpt.read_many(names)
+        weight = fmt.decode(plan.prefix, plan.spec, stored).validate(plan.prefix)
+        if weight.shape != plan.shape:
+            raise TensorError(
+                plan.prefix,
+                f"decodes to [out, in] = {list(weight.shape)} but the model expects "
+                f"{list(plan.shape)} (from config.json)",
+            )
+        used.update(names)
+    else:
+        name = plan.stored.required[0]
+        weight = ckpt.read(name)
+        if tuple(weight.shape) != plan.shape:
+            raise TensorError(
+                name, f"shape {list(weight.shape)}, expected {list(plan.shape)} (from config.json)"
+            )
+        if not weight.is_floating_point():
+            raise TensorError(name, f"dtype {weight.dtype} for an unquantized layer; expected a float dtype")
+        used.add(name)
+    kernel = plan.kernel.kernel(plan.shape, dtype)
+    kernel.load(weight)
+    layer.set_kernel(kernel.to(device))
+    if plan.bias is not None:
+        if plan.bias not in ckpt.index:
+            raise TensorError(plan.bias, f"missing: layer {plan.prefix!r} has a bias in this architecture")
+        bias = ckpt.read(plan.bias)
+        if tuple(bias.shape) != (plan.shape[0],):
+            raise TensorError(plan.bias, f"shape {list(bias.shape)}, expected [{plan.shape[0]}]")
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        used.add(plan.bias)
+
+
+def _load_plain(
+    ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype, device: torch.device, used: set[str]
+) -> None:
+    """Norms, embeddings and other non-linear parameters, by their module path = checkpoint name."""
+    tied: dict[str, str] = getattr(model, "tied_weights", dict)()
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantLinear) or module_name.endswith(".kernel") or ".kernel." in module_name:
+            continue
+        for attr, param in list(module.named_parameters(recurse=False)):
+            name = f"{module_name}.{attr}" if module_name else attr
+            source = name if name in ckpt.index else tied.get(name, name)
+            if source not in ckpt.index:
+                raise TensorError(name, "missing from the checkpoint")
+            tensor = ckpt.read(source)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise TensorError(
+                    source, f"shape {list(tensor.shape)}, expected {list(param.shape)} (from config.json)"
+                )
+            if not tensor.is_floating_point():
+                raise TensorError(source, f"dtype {tensor.dtype}; expected a float dtype")
+            module._parameters[attr] = nn.Parameter(
+                tensor.to(device=device, dtype=dtype), requires_grad=False
+            )
+            used.add(source)
+
+
+def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:
+    ignorable: tuple[str, ...] = getattr(model, "ignorable_suffixes", ())
+    ignored_by_format = getattr(fmt, "ignored_tensor", None)
+    unused = [
+        n
+        for n in ckpt.index
+        if n not in used
+        and not n.endswith(ignorable)
+        and not (ignored_by_format is not None and ignored_by_format(n))
+    ]
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise CheckpointError(
+            f"{ckpt.path}: {len(unused)} checkpoint tensors are not used by the model, e.g. "
+            f"{', '.join(unused[:5])}{more}; the checkpoint and config.json disagree about the architecture"
+        )

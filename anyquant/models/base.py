@@ -1,0 +1,165 @@
+"""Shared pieces of decoder-only causal LMs: config reading, the dense decoder stack, the LM head.
+
+Owns `DecoderArgs` (what every dense family reads from config.json, with transformers' defaults)
+and `DecoderLM` (embedding -> layers -> norm -> lm_head). Family modules configure it; nothing here
+loads weights (the loader does) or knows about quantization (QuantLinear kernels do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.errors import CheckpointError
+from anyquant.layers.attention import Attention, SequenceKVCache
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.mlp import GatedMLP
+from anyquant.layers.norm import RMSNorm
+from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+def require(config: dict[str, Any], key: str) -> Any:
+    if key not in config or config[key] is None:
+        arch = config.get("architectures") or ["?"]
+        raise CheckpointError(f"config.json: field {key!r} is required for {arch[0]}")
+    return config[key]
+
+
+@dataclass(frozen=True)
+class DecoderArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: dict[str, Any]
+    max_position: int
+    tie_word_embeddings: bool
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    torch_dtype: str = "float32"
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], **family: Any) -> DecoderArgs:
+        """Read a Llama-like config.json; `family` overrides family-specific defaults."""
+        hidden = int(require(config, "hidden_size"))
+        heads = int(require(config, "num_attention_heads"))
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        attention_bias = bool(config.get("attention_bias", False))
+        values: dict[str, Any] = dict(
+            vocab_size=int(require(config, "vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(require(config, "intermediate_size")),
+            num_layers=int(require(config, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope=rope_parameters(config),
+            max_position=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            hidden_act=str(config.get("hidden_act", "silu")),
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        )
+        values.update(family)
+        return cls(**values)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: DecoderArgs, index: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(
+            f"{prefix}.self_attn",
+            index,
+            args.hidden_size,
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+            rotary,
+            qkv_bias=args.qkv_bias,
+            o_bias=args.o_bias,
+            qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+        )
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = GatedMLP(
+            f"{prefix}.mlp", args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias
+        )
+
+    def forward(
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+    ) -> Tensor:
+        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it.
+        h = (
+            x
+            + self.self_attn(self.input_layernorm(x).to(self.dtype), positions, cos_sin, cache, start).float()
+        )
+        return h + self.mlp(self.post_attention_layernorm(h).to(self.dtype)).float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_layernorm.weight.dtype
+
+
+class DecoderBody(nn.Module):
+    """`model.*` of a HF checkpoint: embed_tokens, layers, norm."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope, args.max_position)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, self.rotary) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    """Dense decoder-only causal LM (Llama, Mistral, Qwen2, Qwen3)."""
+
+    def __init__(self, args: DecoderArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = DecoderBody(args)
+        self.lm_head = QuantLinear("lm_head", args.hidden_size, args.vocab_size, kind="lm_head")
+
+    # Checkpoint tensors the loader may leave unused (e.g. precomputed rotary tables of old exports).
+    ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+
+    def tied_weights(self) -> dict[str, str]:
+        """Checkpoint name -> name it falls back to when absent."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.args.tie_word_embeddings else {}
+
+    def new_cache(
+        self, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> SequenceKVCache:
+        a = self.args
+        return SequenceKVCache(a.num_layers, max_len, a.num_kv_heads, a.head_dim, dtype, device)
+
+    def forward(
+        self, token_ids: Tensor, cache: SequenceKVCache, start: int, logits_rows: Tensor | None = None
+    ) -> Tensor:
+        """token_ids [T] at positions start..start+T-1 -> fp32 logits [rows, vocab] (all rows by default)."""
+        positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)
+        cos_sin = self.model.rotary.cos_sin(positions)
+        x = self.model.embed_tokens(token_ids).float()
+        for layer in self.model.layers:
+            x = layer(x, positions, cos_sin, cache, start)
+        cache.length = start + token_ids.shape[0]
+        if logits_rows is not None:
+            x = x[logits_rows]
+        h = self.model.norm(x).to(self.model.embed_tokens.weight.dtype)
+        return self.lm_head(h).float()

@@ -1,0 +1,40 @@
+"""HF architecture name -> model family class, imported lazily; unknown names get the menu."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from anyquant.errors import UnsupportedError
+
+# architecture -> (module, builder function name)
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("anyquant.models.llama", "build"),
+    "MistralForCausalLM": ("anyquant.models.llama", "build"),
+    "Qwen2ForCausalLM": ("anyquant.models.qwen2", "build"),
+    "Qwen3ForCausalLM": ("anyquant.models.qwen3", "build"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise UnsupportedError(
+            f"config.json has no 'architectures' field; supported: {', '.join(supported_architectures())}"
+        )
+    return str(archs[0])
+
+
+def build_model(config: dict[str, Any]) -> Any:
+    """Instantiate the family for `config` (callers wrap this in a meta-device context)."""
+    arch = architecture_of(config)
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    module, fn = _ARCHITECTURES[arch]
+    return getattr(importlib.import_module(module), fn)(config)

@@ -1,0 +1,52 @@
+"""Find a checkpoint's quantization format: config section -> registered `QuantFormat`.
+
+Owns the dispatch on `quant_method` (formats.md §1.2) and the checks for quantized tensors in a
+checkpoint that declares no quantization. Used by the loader and by `inspect` alike.
+"""
+
+from __future__ import annotations
+
+from anyquant.errors import QuantConfigError
+from anyquant.loading.checkpoint import Checkpoint
+from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.registry import format_class, known_quant_methods
+
+# Tensor-name suffixes and dtypes that only quantized checkpoints contain.
+_QUANT_SUFFIXES = (".qweight", ".weight_packed", ".weight_scale_inv", ".weight_scale", ".qzeros")
+_QUANT_DTYPES = ("I8", "F8_E4M3", "F8_E5M2")
+
+
+def detect_format(ckpt: Checkpoint) -> QuantFormat | None:
+    """The checkpoint's format reader, or None for an unquantized checkpoint."""
+    found = ckpt.quant_config()
+    if found is None:
+        _refuse_undeclared_quantization(ckpt)
+        return None
+    qc = found.config
+    method = qc.get("quant_method") or qc.get("method")
+    if method is None:
+        # Older AutoGPTQ quantize_config.json has no quant_method; AutoAWQ's quant_config.json neither.
+        if found.where == "quantize_config.json":
+            method = "gptq"
+        elif found.where == "quant_config.json":
+            method = "awq"
+        else:
+            raise QuantConfigError(
+                f"{ckpt.path}: {found.where} has no 'quant_method' field; "
+                f"expected one of: {', '.join(known_quant_methods())}"
+            )
+    if not isinstance(method, str):
+        raise QuantConfigError(f"{ckpt.path}: {found.where}: 'quant_method' must be a string, got {method!r}")
+    cls = format_class(method.lower())
+    return cls.from_checkpoint(qc, ckpt.index, f"{ckpt.path.name}/{found.where}")
+
+
+def _refuse_undeclared_quantization(ckpt: Checkpoint) -> None:
+    for name in ckpt.index:
+        info = ckpt.index.info(name)
+        if name.endswith(_QUANT_SUFFIXES) or (name.endswith(".weight") and info.dtype in _QUANT_DTYPES):
+            raise QuantConfigError(
+                f"{ckpt.path}: tensor {name!r} ({info.dtype} {list(info.shape)}) looks quantized but neither "
+                "config.json nor quantize_config.json / quant_config.json has a quantization_config; "
+                "add the producing tool's quantization_config to config.json"
+            )

@@ -1,0 +1,193 @@
+"""Quantize an unquantized checkpoint into a target format, layer by layer.
+
+Owns the streaming rewrite: each linear weight is read, quantized (round-to-nearest), encoded by
+the target format's writer and written; everything else is copied unchanged. Memory stays at
+about one shard of output plus one layer. Used by `anyquant quantize` and by test fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anyquant.errors import AnyquantError, CheckpointError
+from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.loader import build_on_meta
+from anyquant.loading.plan import linear_layers
+from anyquant.quant.algorithms.rtn import quantize_rtn
+from anyquant.quant.detect import detect_format
+from anyquant.quant.formats.base import FormatWriter, WriteOptions
+from anyquant.quant.reference import dequantize
+from anyquant.quant.registry import writer_class
+
+log = logging.getLogger(__name__)
+
+_COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+_SHARD_BYTES = 2 << 30
+
+
+@dataclass
+class LayerReport:
+    prefix: str
+    spec: str  # description, or "skipped: <reason>"
+    rel_error: float | None  # ||W - deq(Q(W))|| / ||W||
+
+
+@dataclass
+class QuantizeReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+class _ShardWriter:
+    """Buffers output tensors and flushes safetensors shards of about `_SHARD_BYTES`."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, Tensor] | list[str]] = []
+        self.names: list[list[str]] = []
+        self._tmp: list[Path] = []
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if name in self.pending or any(name in names for names in self.names):
+            raise CheckpointError(f"output tensor {name!r} written twice")
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= _SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        path = self.dst / f".shard-{len(self._tmp)}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self._tmp.append(path)
+        self.names.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self._flush()
+        if len(self._tmp) == 1:
+            final = ["model.safetensors"]
+        else:
+            final = [f"model-{i + 1:05d}-of-{len(self._tmp):05d}.safetensors" for i in range(len(self._tmp))]
+        for tmp, name in zip(self._tmp, final):
+            tmp.replace(self.dst / name)
+        if len(final) > 1:
+            weight_map = {t: final[i] for i, names in enumerate(self.names) for t in names}
+            (self.dst / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+            )
+        return final
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    fmt: str,
+    options: WriteOptions,
+    skip: list[str] | None = None,
+    quantize_lm_head: bool = False,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    src_path, dst_path = Path(src), Path(dst)
+    ckpt = Checkpoint(src_path)
+    if detect_format(ckpt) is not None:
+        raise AnyquantError(
+            f"{src_path} is already quantized; quantize starts from an unquantized checkpoint"
+        )
+    writer: FormatWriter = writer_class(fmt)(options)
+    if dst_path.exists() and any(dst_path.iterdir()):
+        if not overwrite:
+            raise AnyquantError(f"{dst_path} exists and is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(dst_path)
+    dst_path.mkdir(parents=True, exist_ok=True)
+    config = ckpt.text_config()
+    model = build_on_meta(config)
+    skip_res = [re.compile(p) for p in (skip or [])]
+    candidates = {
+        layer.prefix: layer for layer in linear_layers(model) if layer.kind != "lm_head" or quantize_lm_head
+    }
+    report = QuantizeReport()
+    out = _ShardWriter(dst_path)
+    for name in ckpt.index:
+        prefix = name.removesuffix(".weight")
+        layer = candidates.get(prefix) if name.endswith(".weight") else None
+        if layer is None:
+            out.add(name, ckpt.read(name))
+            continue
+        dense = ckpt.read(name)
+        reason: str | None = None
+        if any(r.search(prefix) for r in skip_res):
+            reason = "matches --skip"
+        else:
+            spec = writer.spec_for(prefix, layer.shape, layer.kind)
+            if isinstance(spec, str):
+                reason = spec
+        if reason is not None:
+            report.skipped.append(prefix)
+            report.layers.append(LayerReport(prefix, f"skipped: {reason}", None))
+            out.add(name, dense)
+            continue
+        assert not isinstance(spec, str)
+        weight = quantize_rtn(dense, spec, writer.scale_dtype(dense.dtype))
+        if spec.act is not None and not spec.act.dynamic:
+            scale = writer.input_scale(prefix)
+            if scale is None:
+                raise AnyquantError(
+                    f"{prefix}: static activation scheme needs calibration amax "
+                    "(options.extra['act_amax']); use a dynamic scheme instead"
+                )
+            weight.input_scale = scale.float()
+        weight.validate(prefix)
+        err = float(
+            (dequantize(weight, torch.float64) - dense.double()).norm()
+            / dense.double().norm().clamp(min=1e-30)
+        )
+        report.layers.append(LayerReport(prefix, spec.describe(), err))
+        for tname, tensor in writer.encode(prefix, weight).items():
+            out.add(tname, tensor)
+    report.files = out.finish()
+    _write_configs(ckpt, dst_path, writer, report.skipped)
+    log.info(
+        "quantized %s -> %s (%s): %d layers, %d skipped",
+        src_path,
+        dst_path,
+        fmt,
+        len(report.layers) - len(report.skipped),
+        len(report.skipped),
+    )
+    return report
+
+
+def _write_configs(ckpt: Checkpoint, dst: Path, writer: FormatWriter, skipped: list[str]) -> None:
+    config: dict[str, Any] = dict(ckpt.config)
+    config["quantization_config"] = writer.quantization_config(skipped)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, content in writer.side_files(skipped).items():
+        (dst / name).write_text(json.dumps(content, indent=2) + "\n")
+    for name in _COPIED_FILES:
+        if (ckpt.path / name).is_file():
+            shutil.copy2(ckpt.path / name, dst / name)

@@ -1,0 +1,89 @@
+"""Tokenizer from tokenizer.json (the `tokenizers` library) and chat templates in a Jinja sandbox.
+
+Owns text <-> ids, the special-token ids generation stops on, and chat-template rendering. The
+template runs in jinja2's ImmutableSandboxedEnvironment: it comes from the checkpoint, so it is
+untrusted input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from anyquant.errors import CheckpointError
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path, config: dict[str, Any] | None = None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(model_dir)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (anyquant reads tokenizers from tokenizer.json)")
+        try:
+            self._tok = HFTokenizer.from_file(str(file))
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot be read by the tokenizers library: {exc}") from exc
+        cfg_file = path / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        model_cfg = config or {}
+        self.bos_token_id = self._special_id("bos_token", model_cfg.get("bos_token_id"))
+        self.eos_token_ids = self._eos_ids(model_cfg)
+        self.chat_template: str | None = self.config.get("chat_template")
+
+    def _token_text(self, key: str) -> str | None:
+        value = self.config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    def _special_id(self, key: str, fallback: Any) -> int | None:
+        text = self._token_text(key)
+        if text is not None:
+            tid = self._tok.token_to_id(text)
+            if tid is not None:
+                return int(tid)
+        return int(fallback) if isinstance(fallback, int) else None
+
+    def _eos_ids(self, model_cfg: dict[str, Any]) -> set[int]:
+        ids: set[int] = set()
+        eos = model_cfg.get("eos_token_id")
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(e) for e in eos)
+        tid = self._special_id("eos_token", None)
+        if tid is not None:
+            ids.add(tid)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise CheckpointError("tokenizer_config.json has no chat_template; send a plain prompt instead")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        template = env.from_string(self.chat_template)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text("bos_token") or "",
+            eos_token=self._token_text("eos_token") or "",
+        )
+
+
+def _raise_template_error(message: str) -> None:
+    raise CheckpointError(f"chat template error: {message}")

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv and installs anyquant with its test tools. Idempotent: re-running is quick.
+# torch is installed first as the CPU build 2.13.0: letting pip resolve a bare `torch` would pull
+# gigabytes of CUDA wheels. Every later install sees torch already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.anyquant-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+  python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  python - <<'PY'
+import torch, sys
+if "+cpu" not in torch.__version__ and not torch.cuda.is_available():
+    sys.exit(f"unexpected torch build {torch.__version__}")
+PY
+  echo "$want" > "$stamp"
+fi
