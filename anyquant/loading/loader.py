@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from anyquant.errors import CheckpointError, TensorError, UnsupportedError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
-from anyquant.loading.plan import LayerPlan, plan_layers
+from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
 from anyquant.models.registry import build_model
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import QuantFormat
@@ -144,6 +144,7 @@ def _load_linear(
         if not weight.is_floating_point():
             raise TensorError(name, f"dtype {weight.dtype} for an unquantized layer; expected a float dtype")
         used.add(name)
+    dtype = layer_compute_dtype(plan.kind, dtype)
     kernel = plan.kernel.kernel(plan.shape, dtype)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
@@ -186,10 +187,13 @@ def _load_plain(
 def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:
     ignorable: tuple[str, ...] = getattr(model, "ignorable_suffixes", ())
     ignored_by_format = getattr(fmt, "ignored_tensor", None)
+    # Zero-element tensors carry nothing (tools write empty quantization tensors for layers they
+    # left unquantized), so they never make a checkpoint "disagree" with the model.
     unused = [
         n
         for n in ckpt.index
         if n not in used
+        and ckpt.index.has_data(n)
         and not n.endswith(ignorable)
         and not (ignored_by_format is not None and ignored_by_format(n))
     ]

@@ -32,6 +32,11 @@ class LayerPlan:
     bias: str | None  # checkpoint name of the bias, when the layer has one
 
 
+def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
+    """Routers run in fp32: expert selection flips on tiny logit differences."""
+    return torch.float32 if kind == "router" else model_dtype
+
+
 def linear_layers(model: nn.Module) -> Iterator[QuantLinear]:
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -66,7 +71,8 @@ def plan_layers(
                 )
             stored = StoredNames((name,))
         prefer = prefer_kernel if spec is not None else None
-        kernel = choose_kernel(spec, kind, device, layer.shape, compute_dtype, prefer=prefer)
+        dtype = layer_compute_dtype(kind, compute_dtype)
+        kernel = choose_kernel(spec, kind, device, layer.shape, dtype, prefer=prefer)
         bias = f"{prefix}.bias" if layer.bias is not None else None
         plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias))
     return plans

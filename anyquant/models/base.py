@@ -7,6 +7,7 @@ loads weights (the loader does) or knows about quantization (QuantLinear kernels
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,27 +79,55 @@ class DecoderArgs:
         return cls(**values)
 
 
+# Family hooks: how a layer's MLP and attention are built. Dense families use the defaults; MoE and
+# latent-attention families pass their own (their modules take the same forward arguments).
+MlpFactory = Callable[[DecoderArgs, int, str], nn.Module]  # (args, layer index, prefix) -> module
+AttentionFactory = Callable[[DecoderArgs, int, str, RotaryEmbedding], nn.Module]
+
+
+def dense_mlp(args: DecoderArgs, index: int, prefix: str) -> nn.Module:
+    return GatedMLP(prefix, args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias)
+
+
+def gqa_attention(args: DecoderArgs, index: int, prefix: str, rotary: RotaryEmbedding) -> nn.Module:
+    return Attention(
+        prefix,
+        index,
+        args.hidden_size,
+        args.num_heads,
+        args.num_kv_heads,
+        args.head_dim,
+        rotary,
+        qkv_bias=args.qkv_bias,
+        o_bias=args.o_bias,
+        qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+    )
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Per-token, per-layer KV cache geometry of a family."""
+
+    num_kv_heads: int
+    k_dim: int
+    v_dim: int
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, args: DecoderArgs, index: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        args: DecoderArgs,
+        index: int,
+        rotary: RotaryEmbedding,
+        make_mlp: MlpFactory,
+        make_attention: AttentionFactory,
+    ) -> None:
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(
-            f"{prefix}.self_attn",
-            index,
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-            rotary,
-            qkv_bias=args.qkv_bias,
-            o_bias=args.o_bias,
-            qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
-        )
+        self.self_attn = make_attention(args, index, f"{prefix}.self_attn", rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = GatedMLP(
-            f"{prefix}.mlp", args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias
-        )
+        self.mlp = make_mlp(args, index, f"{prefix}.mlp")
 
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
@@ -118,23 +147,40 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     """`model.*` of a HF checkpoint: embed_tokens, layers, norm."""
 
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(
+        self,
+        args: DecoderArgs,
+        rotary: RotaryEmbedding,
+        make_mlp: MlpFactory,
+        make_attention: AttentionFactory,
+    ) -> None:
         super().__init__()
-        self.rotary = RotaryEmbedding(args.head_dim, args.rope, args.max_position)
+        self.rotary = rotary
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, self.rotary) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, rotary, make_mlp, make_attention) for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class DecoderLM(nn.Module):
-    """Dense decoder-only causal LM (Llama, Mistral, Qwen2, Qwen3)."""
+    """Decoder-only causal LM: dense families as is, MoE / MLA families through the hooks."""
 
-    def __init__(self, args: DecoderArgs) -> None:
+    def __init__(
+        self,
+        args: DecoderArgs,
+        make_mlp: MlpFactory = dense_mlp,
+        make_attention: AttentionFactory = gqa_attention,
+        rotary: RotaryEmbedding | None = None,
+        cache_shape: CacheShape | None = None,
+    ) -> None:
         super().__init__()
         self.args = args
-        self.model = DecoderBody(args)
+        rotary = rotary or RotaryEmbedding(args.head_dim, args.rope, args.max_position)
+        self.model = DecoderBody(args, rotary, make_mlp, make_attention)
         self.lm_head = QuantLinear("lm_head", args.hidden_size, args.vocab_size, kind="lm_head")
+        self.cache_shape = cache_shape or CacheShape(args.num_kv_heads, args.head_dim, args.head_dim)
 
     # Checkpoint tensors the loader may leave unused (e.g. precomputed rotary tables of old exports).
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
@@ -146,8 +192,8 @@ class DecoderLM(nn.Module):
     def new_cache(
         self, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> SequenceKVCache:
-        a = self.args
-        return SequenceKVCache(a.num_layers, max_len, a.num_kv_heads, a.head_dim, dtype, device)
+        c = self.cache_shape
+        return SequenceKVCache(self.args.num_layers, max_len, c.num_kv_heads, c.k_dim, dtype, device, c.v_dim)
 
     def forward(
         self, token_ids: Tensor, cache: SequenceKVCache, start: int, logits_rows: Tensor | None = None

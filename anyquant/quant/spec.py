@@ -11,7 +11,8 @@ from typing import Literal
 
 WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
 Granularity = Literal["tensor", "channel", "group", "block"]
-LayerKind = Literal["linear", "experts", "embedding", "lm_head"]
+# router: MoE gate, always computed in fp32 (a quantized router is dequantized to fp32 at load).
+LayerKind = Literal["linear", "experts", "router", "embedding", "lm_head"]
 ActType = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
 ActGranularity = Literal["tensor", "token", "group"]
 

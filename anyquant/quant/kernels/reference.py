@@ -32,8 +32,8 @@ class ReferenceKernel(LinearKernel):
     ) -> str | None:
         if spec is None:
             return "layer is unquantized (the dense kernel runs it)"
-        if kind != "linear" and kind != "lm_head":
-            return f"{kind} layers use the experts path"
+        if kind == "embedding":
+            return "embeddings are looked up, not multiplied (dequantized at load)"
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
