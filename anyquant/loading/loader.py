@@ -161,12 +161,18 @@ def _load_linear(
 def _load_plain(
     ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype, device: torch.device, used: set[str]
 ) -> None:
-    """Norms, embeddings and other non-linear parameters, by their module path = checkpoint name."""
+    """Norms, embeddings and other non-linear parameters, by their module path = checkpoint name.
+
+    Extra parameters that a QuantLinear subclass declares (e.g. a router's score-correction bias)
+    load here too, in the layer's own compute dtype (fp32 for routers)."""
     tied: dict[str, str] = getattr(model, "tied_weights", dict)()
     for module_name, module in model.named_modules():
-        if isinstance(module, QuantLinear) or module_name.endswith(".kernel") or ".kernel." in module_name:
+        if module_name.endswith(".kernel") or ".kernel." in module_name:
             continue
+        param_dtype = layer_compute_dtype(module.kind, dtype) if isinstance(module, QuantLinear) else dtype
         for attr, param in list(module.named_parameters(recurse=False)):
+            if isinstance(module, QuantLinear) and attr == "bias":
+                continue  # loaded with the layer's weight
             name = f"{module_name}.{attr}" if module_name else attr
             source = name if name in ckpt.index else tied.get(name, name)
             if source not in ckpt.index:
@@ -179,7 +185,7 @@ def _load_plain(
             if not tensor.is_floating_point():
                 raise TensorError(source, f"dtype {tensor.dtype}; expected a float dtype")
             module._parameters[attr] = nn.Parameter(
-                tensor.to(device=device, dtype=dtype), requires_grad=False
+                tensor.to(device=device, dtype=param_dtype), requires_grad=False
             )
             used.add(source)
 
