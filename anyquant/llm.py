@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
 from anyquant.errors import AnyquantError, NumericsError
+from anyquant.layers.attention import SequenceKVCache
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.tokenizer import Tokenizer
 
@@ -38,7 +40,11 @@ class LLM:
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
         kernel: str | None = None,
+        debug_numerics: bool = False,
     ) -> None:
+        """`debug_numerics`: when a step's logits are not finite, replay it with per-layer checks and
+        name the first layer whose output overflowed (costs nothing until a failure)."""
+        self.debug_numerics = debug_numerics
         if tensor_parallel_size != 1:
             raise AnyquantError("tensor_parallel_size > 1 is not available yet in this build")
         self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, kernel=kernel)
@@ -52,15 +58,28 @@ class LLM:
             self.tokenizer = Tokenizer(model, self.loaded.config)
 
     # -- scoring -----------------------------------------------------------------------------
-    def _forward(self, ids: list[int], cache: object, start: int, last_only: bool) -> Tensor:
+    def _forward(self, ids: list[int], cache: SequenceKVCache, start: int, last_only: bool) -> Tensor:
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         rows = torch.tensor([len(ids) - 1], device=self.device) if last_only else None
+        snapshot = cache.clone() if self.debug_numerics else None
         with torch.inference_mode():
             logits = self.model(token_ids, cache, start, rows)
+        # One reduction per step: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):
+            dtype = str(self.dtype).removeprefix("torch.")
+            where = ""
+            if snapshot is not None:
+                layer = first_nonfinite_module(
+                    self.model, lambda: self.model(token_ids, snapshot, start, rows)
+                )
+                where = f"; first non-finite output: {layer}" if layer else ""
+            else:
+                where = (
+                    "; run with debug_numerics=True (--debug-numerics) to name the first overflowing layer"
+                )
             raise NumericsError(
-                f"non-finite logits at positions {start}..{start + len(ids) - 1} with compute dtype "
-                f"{str(self.dtype).removeprefix('torch.')}; the model overflowed (try dtype='float32' or 'bfloat16')"
+                f"non-finite logits at positions {start}..{start + len(ids) - 1} with compute dtype {dtype}"
+                f"{where}. The activations overflowed {dtype}; use dtype='float32' or 'bfloat16'"
             )
         return logits
 

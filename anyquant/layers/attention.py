@@ -35,6 +35,12 @@ class SequenceKVCache:
         )
         self.length = 0  # tokens already stored (all layers)
 
+    def clone(self) -> SequenceKVCache:
+        copy = object.__new__(SequenceKVCache)
+        copy.max_len, copy.length = self.max_len, self.length
+        copy.k, copy.v = self.k.clone(), self.v.clone()
+        return copy
+
     def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = start + k.shape[0]
         if end > self.max_len:

@@ -44,15 +44,27 @@ class LoadedModel:
 
 
 def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: torch.device) -> torch.dtype:
-    """`auto` = the checkpoint's dtype (torch_dtype / dtype in config.json), float32 when unknown."""
+    """`auto` = the checkpoint's dtype (torch_dtype / dtype in config.json), float32 when unknown.
+
+    Asking for float16 on a model trained in bfloat16 is allowed but warned about: its activations
+    may exceed fp16's 65504. The residual stream and norms stay in fp32 either way.
+    """
+    trained = _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
     if isinstance(requested, torch.dtype):
-        return requested
-    if requested == "auto":
-        name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-        return _DTYPES.get(name, torch.float32)
-    if requested not in _DTYPES:
+        chosen = requested
+    elif requested == "auto":
+        chosen = trained
+    elif requested in _DTYPES:
+        chosen = _DTYPES[requested]
+    else:
         raise UnsupportedError(f"dtype {requested!r} is not supported; choose auto, {', '.join(_DTYPES)}")
-    return _DTYPES[requested]
+    if chosen == torch.float16 and trained == torch.bfloat16:
+        log.warning(
+            "running a bfloat16-trained model in float16: activations beyond 65504 overflow to inf; "
+            "the residual stream and accumulations stay in float32, and non-finite logits fail the request "
+            "(prefer dtype=bfloat16 or float32)"
+        )
+    return chosen
 
 
 def build_on_meta(config: dict[str, Any]) -> nn.Module:

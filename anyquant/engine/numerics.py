@@ -1,0 +1,40 @@
+"""Never silently wrong numbers: find which layer first produced a non-finite value.
+
+Owns the debug replay used when a step's logits are not finite: hooks on every leaf computation
+record the first module whose output contains inf or NaN, in execution order. The cheap per-step
+check itself (one reduction over the logits) lives with the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.norm import RMSNorm
+
+
+def first_nonfinite_module(model: nn.Module, replay: Callable[[], Any]) -> str | None:
+    """Run `replay()` with hooks and return the name of the first module with a non-finite output."""
+    found: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if found or not isinstance(output, Tensor) or not output.is_floating_point():
+            return
+        if not bool(torch.isfinite(output).all()):
+            found.append(names.get(module, type(module).__name__))
+
+    watched = [m for m in model.modules() if isinstance(m, (QuantLinear, RMSNorm, nn.Embedding))]
+    watched += [m for n, m in model.named_modules() if n.endswith(("self_attn", ".mlp"))]
+    handles = [m.register_forward_hook(hook) for m in watched]
+    try:
+        with torch.inference_mode():
+            replay()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
