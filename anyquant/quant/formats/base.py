@@ -81,7 +81,8 @@ class WriteOptions:
     act_order: bool = False
     block_size: tuple[int, int] = (128, 128)
     act: str | None = None  # e.g. "int8-dynamic", "int8-static", "fp8-dynamic", "fp8-static"
-    scheme: str | None = None  # preset name where the tool has presets (compressed-tensors: "W4A16", "FP8_BLOCK", ...)
+    # Preset name where the tool has presets (compressed-tensors: "W4A16", "FP8_BLOCK", ...).
+    scheme: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
