@@ -111,11 +111,14 @@ def skip_list(qconfig: dict[str, Any], keys: Sequence[str]) -> list[str]:
     return []
 
 
-def listed(prefix: str, entries: Sequence[str]) -> bool:
-    """Whether any skip-list entry names `prefix` under any producer's rule (formats.md §1.3).
+def listed(prefix: str, entries: Sequence[str], *, substring: bool = False) -> bool:
+    """Whether any skip-list entry names `prefix` under the producers' rules (formats.md §1.3:
+    exact, suffix, module-and-below, anchored regex; `substring` for AutoAWQ / lmdeploy lists).
     Used only to warn: tensor presence decides what is quantized."""
     for entry in entries:
         if prefix == entry or prefix.endswith("." + entry) or prefix.startswith(entry + "."):
+            return True
+        if substring and entry in prefix:
             return True
         try:
             if re.match(rf"(?:{entry})(?:\.|$)", prefix):
@@ -125,8 +128,10 @@ def listed(prefix: str, entries: Sequence[str]) -> bool:
     return False
 
 
-def note_skip_hint(fmt: QuantFormat, prefix: str, quantized: bool, entries: Sequence[str], key: str) -> None:
-    if quantized and entries and listed(prefix, entries):
+def note_listed_but_quantized(
+    fmt: QuantFormat, prefix: str, entries: Sequence[str], key: str, *, substring: bool = False
+) -> None:
+    if entries and listed(prefix, entries, substring=substring):
         fmt.note(f"{prefix} is listed in {key} but stored quantized; using the tensors")
 
 
@@ -172,7 +177,7 @@ class _Fp8Reader(QuantFormat):
             raise UnsupportedError(
                 f"{prefix}: fp8-quantized embeddings are not supported (modules_to_convert)"
             )
-        note_skip_hint(self, prefix, True, self.skip, "/".join(self.skip_keys))
+        note_listed_but_quantized(self, prefix, self.skip, "/".join(self.skip_keys))
         return scales[0]
 
 
@@ -180,7 +185,12 @@ class _Fp8Reader(QuantFormat):
 class Fp8Format(_Fp8Reader):
     """HF fine-grained FP8: `weight_block_size` present -> block scales `weight_scale_inv`
     [ceil(N/bn), ceil(K/bk)] (DeepSeek-V3/R1, Qwen3-FP8); absent -> one scalar `weight_scale`
-    or `weight_scale_inv` per layer (AutoFP8 / vLLM / transformers). Both scale names multiply."""
+    or `weight_scale_inv` per layer (AutoFP8 / vLLM / transformers). Both scale names multiply.
+
+    `scale_fmt: "ue8m0"` block scales may be F8_E8M0 or U8 exponent bytes (2^(e - 127)); the
+    setting is kept in `spec.extra`. DeepSeek-style kernels also round *activation* scales to
+    powers of two under ue8m0; `ActQuant` does not model that (UNVERIFIED for real repos).
+    `modules_to_not_convert` / `ignored_layers` are hints only (mismatches become notes)."""
 
     name = "fp8"
     skip_keys = ("modules_to_not_convert", "ignored_layers", "not_convert")

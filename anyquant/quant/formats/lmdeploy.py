@@ -21,7 +21,7 @@ from anyquant.quant.formats.fp8 import (
     check_fp8_codes,
     float_scale,
     get_stored,
-    note_skip_hint,
+    note_listed_but_quantized,
     skip_list,
     split_lead,
 )
@@ -101,7 +101,8 @@ class LmdeploySmoothQuantFormat(QuantFormat):
             raise TensorError(
                 scale_name, f"shape {list(scale_shape)}, expected {[*lead, n, 1]} (one scale per row)"
             )
-        note_skip_hint(self, prefix, True, self.skip, "modules_to_not_convert")
+        # lmdeploy matches its skip list by substring (formats.md §1.3).
+        note_listed_but_quantized(self, prefix, self.skip, "modules_to_not_convert", substring=True)
         return _spec(self.quant_dtype)
 
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
