@@ -24,6 +24,7 @@ from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
 from anyquant.models.registry import build_model
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.registry import choose_kernel
 from anyquant.quant.weight import QuantWeight
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def load_model(
     used: set[str] = set()
     layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
     for plan in plans:
-        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used)
+        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel)
     _load_plain(ckpt, model, compute_dtype, dev, used)
     _check_unused(ckpt, fmt, model, used)
     model.to(dev)
@@ -126,6 +127,7 @@ def _load_linear(
     dtype: torch.dtype,
     device: torch.device,
     used: set[str],
+    prefer: str | None = None,
 ) -> None:
     weight: QuantWeight | Tensor
     if plan.spec is not None and fmt is not None:
@@ -157,7 +159,19 @@ def _load_linear(
             raise TensorError(name, f"dtype {weight.dtype} for an unquantized layer; expected a float dtype")
         used.add(name)
     dtype = layer_compute_dtype(plan.kind, dtype)
-    kernel = plan.kernel.kernel(plan.shape, dtype)
+    kernel_cls = plan.kernel.kernel
+    if isinstance(weight, QuantWeight) and weight.spec != plan.spec:
+        # The plan's spec comes from headers; decode may refine it from the data (a g_idx that
+        # turns out trivial, zero points that contradict `sym`). Choose again for what we hold.
+        kernel_cls = choose_kernel(weight.spec, plan.kind, device, plan.shape, dtype, prefer=prefer).kernel
+        log.info(
+            "%s: stored as %s (headers suggested %s); kernel %s",
+            plan.prefix,
+            weight.spec.describe(),
+            plan.spec.describe() if plan.spec else "unquantized",
+            kernel_cls.name,
+        )
+    kernel = kernel_cls(plan.shape, dtype)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
     if plan.bias is not None:
@@ -204,6 +218,8 @@ def _load_plain(
 
 def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:
     ignorable: tuple[str, ...] = getattr(model, "ignorable_suffixes", ())
+    # Whole stored sub-trees a family does not run (e.g. DeepSeek-V3's multi-token-prediction layer).
+    ignorable_prefixes: tuple[str, ...] = getattr(model, "ignorable_prefixes", ())
     ignored_by_format = getattr(fmt, "ignored_tensor", None)
     # Zero-element tensors carry nothing (tools write empty quantization tensors for layers they
     # left unquantized), so they never make a checkpoint "disagree" with the model.
@@ -213,6 +229,7 @@ def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, u
         if n not in used
         and ckpt.index.has_data(n)
         and not n.endswith(ignorable)
+        and not n.startswith(ignorable_prefixes)
         and not (ignored_by_format is not None and ignored_by_format(n))
     ]
     if unused:

@@ -60,9 +60,13 @@ def _pick(qc: dict[str, Any], keys: tuple[str, ...], default: Any, source: str) 
         return default
     key, value = found[0]
     for other, v in found[1:]:
-        if v != value:
+        if _norm(v) != _norm(value):
             raise QuantConfigError(f"{source}: '{key}' = {value!r} but '{other}' = {v!r}; they must agree")
     return value
+
+
+def _norm(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 def _int_field(value: Any, field: str, source: str) -> int:
@@ -197,7 +201,8 @@ class AwqFormat(QuantFormat):
     def describe(self) -> str:
         c = self.config
         group = "per-channel" if c.group_size == -1 else f"group {c.group_size}"
-        return f"awq {c.version} ({c.layout} layout), 4-bit, {group}, zero points"
+        layout = "" if c.version == c.layout else f" ({c.layout} layout)"
+        return f"awq {c.version}{layout}, 4-bit, {group}, zero points"
 
     def _shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         shapes = {}

@@ -4,6 +4,7 @@ Owns formats.md §3: the `quant_method: "gptq"` section (and older quantize_conf
 it), GPTQModel `dynamic` per-module overrides, the bitstream layouts for 2/3/4/8 bits, the v1
 "zero minus one" convention decoded word-level, `g_idx` validation and act-order detection, and
 the writers `gptq` (v1, as GPTQModel saves) and `gptq-v2`. Bit primitives: `quant/packing.py`.
+`group_size: -1` (one group spanning K) maps to canonical "channel" granularity: scales [N].
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _layer_config(qc: dict[str, Any], base: LayerConfig | None, where: str) -> L
 
 def _checkpoint_format(qc: dict[str, Any], source: str) -> bool:
     values = {k: qc[k] for k in ("format", "checkpoint_format") if qc.get(k) is not None}
-    if len(set(map(str, values.values()))) > 1:
+    if len({str(v).lower() for v in values.values()}) > 1:
         raise QuantConfigError(
             f"{source}: 'format' = {values['format']!r} but 'checkpoint_format' = "
             f"{values['checkpoint_format']!r}; they must agree"
@@ -309,19 +310,19 @@ class GptqFormat(QuantFormat):
                 )
             shapes[suffix] = info.shape
         g_idx = self.index.get(f"{prefix}.g_idx")
-        if g_idx is not None:
+        if g_idx is not None and g_idx.numel:  # an empty g_idx carries nothing: k // G applies
             shapes["g_idx"] = g_idx.shape
         return shapes
 
-    def _layer(self, prefix: str, quantized: bool) -> LayerConfig:
+    def _quantized_layer(self, prefix: str) -> LayerConfig:
+        """Settings of a module whose tensors say it is quantized."""
         layer = self.config.layer(prefix)
         if layer is None:
-            if quantized:
-                rule = next(r.pattern for r in self.config.dynamic if r.regex.match(prefix))
-                self.note(
-                    f"{prefix} is quantized although dynamic rule {rule!r} excludes it; "
-                    "using the top-level settings and the tensors (formats.md §1.3)"
-                )
+            rule = next(r.pattern for r in self.config.dynamic if r.regex.match(prefix))
+            self.note(
+                f"{prefix} is quantized although dynamic rule {rule!r} excludes it; "
+                "using the top-level settings and the tensors (formats.md §1.3)"
+            )
             return self.config.base
         return layer
 
@@ -333,7 +334,7 @@ class GptqFormat(QuantFormat):
         if not quantized:
             self._check_partial(prefix)
             return None
-        layer = self._layer(prefix, quantized)
+        layer = self._quantized_layer(prefix)
         self._geometry(prefix, self._shapes(prefix), layer)
         act_order = layer.desc_act and self.index.has_data(f"{prefix}.g_idx")
         return gptq_spec(layer, act_order, self.config.v2)
@@ -369,7 +370,7 @@ class GptqFormat(QuantFormat):
         geo = self._geometry(prefix, {s: tuple(x.shape) for s, x in t.items()}, layer)
         n, k, b = geo.out_features, geo.in_features, spec.bits
         codes = unpack_bits(t["qweight"], b, k, dim=0).T.contiguous()  # [K, N] -> [N, K]
-        self._check_v1_fields(prefix, t["qzeros"], b)
+        self._check_v1_fields(prefix, t["qzeros"], b, n)
         zeros = decode_zeros(t["qzeros"], b, n, self.config.v2).T.contiguous()  # [ng, N] -> [N, ng]
         scales = t["scales"].float().T.contiguous()  # [ng, N] -> [N, ng]
         if scales.numel() and not bool(torch.isfinite(scales).all()):
@@ -394,17 +395,17 @@ class GptqFormat(QuantFormat):
         require_dtype(f"{prefix}.qzeros", t["qzeros"], torch.int32)
         require_dtype(f"{prefix}.scales", t["scales"], *_SCALE_DTYPES)
         g_idx = stored.get(f"{prefix}.g_idx")
-        if g_idx is not None:
+        if g_idx is not None and g_idx.numel():
             require_dtype(f"{prefix}.g_idx", g_idx, torch.int32, torch.int64)
             t["g_idx"] = g_idx
         return t
 
-    def _check_v1_fields(self, prefix: str, qzeros: Tensor, bits: int) -> None:
+    def _check_v1_fields(self, prefix: str, qzeros: Tensor, bits: int, n: int) -> None:
         # AutoGPTQ writes a true zero of 0 as -1 OR-ed into the word, which also sets every higher
         # field: such words cannot be decoded (formats.md §3.3, §11.3).
         if self.config.v2 or self.config.word_level or not qzeros.numel():
             return
-        fields = unpack_bits(qzeros, bits, qzeros.shape[1] * 32 // bits, dim=1)
+        fields = unpack_bits(qzeros, bits, n, dim=1)
         if bool((fields == (1 << bits) - 1).any()):
             self.note(
                 f"{prefix}.qzeros: v1 zero-point fields equal {(1 << bits) - 1} (a true zero point of 0) in a "
