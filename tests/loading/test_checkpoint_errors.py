@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +46,6 @@ def test_truncated_header(tiny: Path) -> None:
 def test_corrupt_header_json(tiny: Path) -> None:
     f = tiny / "model.safetensors"
     data = bytearray(f.read_bytes())
-    (n,) = struct.unpack("<Q", data[:8])
     data[8:12] = b"\xff\xfe{]"
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
@@ -66,8 +64,10 @@ def test_missing_shard_in_index(tiny: Path) -> None:
     half = len(names) // 2
     save_file({n: tensors[n] for n in names[:half]}, str(tiny / "model-00001-of-00002.safetensors"))
     (tiny / "model.safetensors").unlink()
-    weight_map = {n: "model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors"
-                  for i, n in enumerate(names)}
+    weight_map = {
+        n: "model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors"
+        for i, n in enumerate(names)
+    }
     (tiny / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match=r"shard 'model-00002-of-00002.safetensors' .* is missing"):
         Checkpoint(tiny)
@@ -101,7 +101,10 @@ def test_wrong_shape(tiny: Path) -> None:
 
 
 def test_wrong_dtype(tiny: Path) -> None:
-    _rewrite(tiny, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(160, 64, dtype=torch.int32)}))
+    _rewrite(
+        tiny,
+        lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(160, 64, dtype=torch.int32)}),
+    )
     with pytest.raises(TensorError, match=r"up_proj.weight.*dtype torch.int32"):
         LLM(tiny)
 
@@ -121,9 +124,15 @@ def test_unknown_quant_method(tiny: Path) -> None:
 
 
 def test_quantized_tensors_without_config(tiny: Path) -> None:
-    _rewrite(tiny, lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": torch.zeros(8, 160, dtype=torch.int32)}))
-    with pytest.raises(QuantConfigError, match=r"up_proj.qweight.*looks quantized.*no quantization_config|"
-                                               r"up_proj.qweight.*looks quantized"):
+    _rewrite(
+        tiny,
+        lambda t: t.update({"model.layers.0.mlp.up_proj.qweight": torch.zeros(8, 160, dtype=torch.int32)}),
+    )
+    with pytest.raises(
+        QuantConfigError,
+        match=r"up_proj.qweight.*looks quantized.*no quantization_config|"
+        r"up_proj.qweight.*looks quantized",
+    ):
         LLM(tiny)
 
 
@@ -131,7 +140,9 @@ def test_unsupported_architecture(tiny: Path) -> None:
     cfg = json.loads((tiny / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (tiny / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match=r"'GPT2LMHeadModel' is not supported; supported: .*LlamaForCausalLM"):
+    with pytest.raises(
+        UnsupportedError, match=r"'GPT2LMHeadModel' is not supported; supported: .*LlamaForCausalLM"
+    ):
         LLM(tiny)
 
 
@@ -140,7 +151,7 @@ def test_pickle_only_directory(tmp_path: Path, tiny: Path) -> None:
     d.mkdir()
     shutil.copy(tiny / "config.json", d / "config.json")
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(CheckpointError, match="only pickle weights.*safetensors only"):
+    with pytest.raises(CheckpointError, match=r"only pickle weights.*safetensors only"):
         Checkpoint(d)
 
 
@@ -159,8 +170,9 @@ def test_empty_tensor_is_read_without_mapping(tiny: Path) -> None:
 def test_cli_reports_error_without_traceback(tiny: Path) -> None:
     f = tiny / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    proc = subprocess.run([sys.executable, "-m", "anyquant", "inspect", str(tiny)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "anyquant", "inspect", str(tiny)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "anyquant inspect: error:" in proc.stderr and "truncated" in proc.stderr

@@ -25,7 +25,9 @@ def test_float_model_reproduces_reference_greedy_ids(stories: Path, expected: di
     prompt = llm.tokenizer.encode(expected["prompt"]) if llm.tokenizer else []
     assert prompt == expected["prompt_ids"]
     n_new = len(expected["ids"]) - len(prompt)
-    out = llm.generate([expected["prompt"]], SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True))[0]
+    out = llm.generate(
+        [expected["prompt"]], SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
+    )[0]
     assert prompt + out.token_ids == expected["ids"]
     assert expected["prompt"] + out.text == expected["text"]
 
@@ -49,10 +51,18 @@ def test_float_perplexity_matches_reference(stories: Path, expected: dict) -> No
         ("lmdeploy-int8", WriteOptions(), 4.20),
         ("fp8-block", WriteOptions(block_size=(32, 32)), 4.20),
     ],
-    ids=["gptq-int8-channel", "gptq-int4-g32", "awq-int4-g32", "ct-w4a16-g32", "lmdeploy-w8a8", "fp8-block32"],
+    ids=[
+        "gptq-int8-channel",
+        "gptq-int4-g32",
+        "awq-int4-g32",
+        "ct-w4a16-g32",
+        "lmdeploy-w8a8",
+        "fp8-block32",
+    ],
 )
-def test_quantized_perplexity(stories: Path, expected: dict, tmp_path: Path, fmt: str, options: WriteOptions,
-                              bound: float) -> None:
+def test_quantized_perplexity(
+    stories: Path, expected: dict, tmp_path: Path, fmt: str, options: WriteOptions, bound: float
+) -> None:
     ref = expected["perplexity_reference"]
     quantize_checkpoint(stories / "hf", tmp_path / "q", fmt, options)
     result = corpus_perplexity(LLM(tmp_path / "q", dtype="float32"), (stories / ref["file"]).read_text())

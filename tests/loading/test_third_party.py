@@ -44,7 +44,9 @@ def dequantized_state_dict(path: Path) -> dict[str, torch.Tensor]:
     fmt = detect_format(ckpt)
     config = ckpt.text_config()
     model = build_on_meta(config)
-    plans = plan_layers(ckpt, fmt, model, torch.device("cpu"), resolve_dtype("float32", config, torch.device("cpu")))
+    plans = plan_layers(
+        ckpt, fmt, model, torch.device("cpu"), resolve_dtype("float32", config, torch.device("cpu"))
+    )
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
     for plan in plans:
@@ -89,8 +91,10 @@ def test_llm_logits_reproduce_reference(third_party: Path, name: str) -> None:
         assert rel_l2(ours, theirs) <= 2e-2, (i, rel_l2(ours, theirs))
         agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
         assert agree >= 0.98, (i, agree)
-    out = llm.generate(prompt_token_ids=[ref["greedy_prompt"].tolist()],
-                       sampling_params=SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    out = llm.generate(
+        prompt_token_ids=[ref["greedy_prompt"].tolist()],
+        sampling_params=SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+    )[0]
     assert out.token_ids == ref["greedy_tokens"].tolist()
 
 
@@ -110,8 +114,13 @@ def test_lmdeploy_smooth_quant_lands_near_its_unquantized_original(third_party: 
     llm = LLM(third_party / LMDEPLOY, dtype="float32")
     for i in range(4):
         last = llm.logits(ref[f"prompt_{i}"].tolist())[-1]
-        assert rel_l2(last, ref[f"orig_last_logits_{i}"]) < 0.1, (i, rel_l2(last, ref[f"orig_last_logits_{i}"]))
-    out = llm.generate(prompt_token_ids=[ref["greedy_prompt"].tolist()],
-                       sampling_params=SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+        assert rel_l2(last, ref[f"orig_last_logits_{i}"]) < 0.1, (
+            i,
+            rel_l2(last, ref[f"orig_last_logits_{i}"]),
+        )
+    out = llm.generate(
+        prompt_token_ids=[ref["greedy_prompt"].tolist()],
+        sampling_params=SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+    )[0]
     same = sum(a == b for a, b in zip(out.token_ids, ref["orig_greedy_tokens"].tolist()))
     assert same >= 12, (out.token_ids, ref["orig_greedy_tokens"].tolist())
