@@ -17,6 +17,7 @@ _COMMANDS = {
     "inspect": "describe a checkpoint's quantization per layer without reading tensor data",
     "quantize": "quantize an unquantized checkpoint into a format (round-to-nearest)",
     "generate": "generate text from a prompt",
+    "bench": "measure throughput and memory (offline)",
 }
 
 
