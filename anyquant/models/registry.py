@@ -13,6 +13,11 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("anyquant.models.llama", "build"),
     "Qwen2ForCausalLM": ("anyquant.models.qwen2", "build"),
     "Qwen3ForCausalLM": ("anyquant.models.qwen3", "build"),
+    "DeepseekV2ForCausalLM": ("anyquant.models.deepseek_v2", "build"),
+    "DeepseekV3ForCausalLM": ("anyquant.models.deepseek_v2", "build_v3"),
+    "MixtralForCausalLM": ("anyquant.models.mixtral", "build"),
+    "Qwen2MoeForCausalLM": ("anyquant.models.qwen2_moe", "build"),
+    "Qwen3MoeForCausalLM": ("anyquant.models.qwen3_moe", "build"),
 }
 
 

@@ -140,10 +140,15 @@ def quantize_checkpoint(
             continue
         dense = ckpt.read(name)
         reason: str | None = None
-        if any(r.search(prefix) for r in skip_res):
+        if layer.kind == "router":
+            reason = "MoE routers stay unquantized (expert selection flips on small logit errors)"
+        elif any(r.search(prefix) for r in skip_res):
             reason = "matches --skip"
         else:
-            spec = writer.spec_for(prefix, layer.shape, layer.kind)
+            # Writers reserve kind "experts" for stacked [E, N, K] tensors; a per-expert 2-D
+            # projection is stored like any Linear.
+            kind = "linear" if layer.kind == "experts" and dense.dim() == 2 else layer.kind
+            spec = writer.spec_for(prefix, layer.shape, kind)
             if isinstance(spec, str):
                 reason = spec
         if reason is not None:

@@ -1,0 +1,241 @@
+"""Mixture-of-Experts MLP: the router, the routing rules, per-expert MLPs and the sparse block.
+
+Owns `RoutingConfig` (every routing rule of the supported families: softmax / sigmoid scores,
+top-k renormalisation, DeepSeek grouped top-k and score-correction bias, routed scaling), `route`
+(logits -> top-k ids and weights, in fp32), `Router` (the gate, a fp32 QuantLinear) and `SparseMoE`.
+Each expert is its own small gated MLP of QuantLinears at the checkpoint's per-expert prefixes,
+so every format and every linear kernel applies to experts unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.errors import CheckpointError
+from anyquant.layers.activation import activation
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.mlp import GatedMLP
+
+Scoring = Literal["softmax", "sigmoid"]
+GroupScore = Literal["max", "top2_sum"]
+
+# Checkpoint names of one expert's projections: (gate, up, down).
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
+
+
+def _config_error(field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"config.json: field {field!r} {problem}")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a token picks its experts and how their outputs are weighted.
+
+    scores = softmax(logits) or sigmoid(logits). Selection ranks `scores + bias` when the router
+    carries `e_score_correction_bias`, else `scores`; with `n_group > 1` only experts of the
+    `topk_group` best groups compete. Weights are the *unbiased* scores of the selected experts,
+    renormalised to sum 1 when `norm_topk_prob`, then multiplied by `routed_scaling_factor`.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: Scoring = "softmax"
+    norm_topk_prob: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    e_score_correction_bias: bool = False  # the router has a [E] bias used for selection only
+    routed_scaling_factor: float = 1.0
+    # Group score: DeepSeek-V2 takes the best expert of each group, V3 (the variant with the
+    # correction bias) the sum of the two best; None picks by that rule.
+    group_score: GroupScore | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_experts <= 0:
+            raise _config_error("num_experts", f"= {self.num_experts}; expected a positive number")
+        if not 0 < self.top_k <= self.num_experts:
+            raise _config_error(
+                "num_experts_per_tok", f"= {self.top_k}; expected 1..num_experts ({self.num_experts})"
+            )
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise _config_error("scoring_func", f"= {self.scoring!r}; expected 'softmax' or 'sigmoid'")
+        if self.n_group <= 0 or self.num_experts % self.n_group:
+            raise _config_error(
+                "n_group",
+                f"= {self.n_group}; expected a positive divisor of num_experts ({self.num_experts})",
+            )
+        if not 0 < self.topk_group <= self.n_group:
+            raise _config_error("topk_group", f"= {self.topk_group}; expected 1..n_group ({self.n_group})")
+        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise _config_error(
+                "num_experts_per_tok",
+                f"= {self.top_k} exceeds the {self.topk_group} groups x "
+                f"{self.num_experts // self.n_group} experts that stay eligible",
+            )
+        if (
+            self.resolved_group_score == "top2_sum"
+            and self.n_group > 1
+            and self.num_experts // self.n_group < 2
+        ):
+            raise _config_error("n_group", f"= {self.n_group}: top-2 group scores need 2+ experts per group")
+
+    @property
+    def resolved_group_score(self) -> GroupScore:
+        if self.group_score is not None:
+            return self.group_score
+        return "top2_sum" if self.e_score_correction_bias else "max"
+
+
+def _group_mask(choice: Tensor, cfg: RoutingConfig) -> Tensor:
+    """[T, E] bool: experts inside the `topk_group` best groups of each token."""
+    t = choice.shape[0]
+    grouped = choice.view(t, cfg.n_group, cfg.num_experts // cfg.n_group)
+    if cfg.resolved_group_score == "top2_sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.amax(dim=-1)
+    best = group_scores.topk(cfg.topk_group, dim=-1).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return mask.unsqueeze(-1).expand_as(grouped).reshape(t, cfg.num_experts)
+
+
+def route(logits: Tensor, cfg: RoutingConfig, correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
+    logits = logits.float()
+    scores = logits.softmax(dim=-1) if cfg.scoring == "softmax" else logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.n_group > 1:
+        choice = choice.masked_fill(~_group_mask(choice, cfg), float("-inf"))
+    ids = choice.topk(cfg.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        # The epsilon (DeepSeek-V3's) only matters for scores that underflow to zero; next to any
+        # real sum it is below one ulp, so softmax families are unaffected.
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
+    return weights, ids
+
+
+class Router(QuantLinear):
+    """The MoE gate: hidden -> one logit per expert, always computed in fp32.
+
+    With `cfg.e_score_correction_bias`, it also holds DeepSeek-V3's `e_score_correction_bias` [E] (loaded by
+    name in fp32 like the weight); the bias steers selection only, never the weights."""
+
+    def __init__(self, prefix: str, hidden_size: int, cfg: RoutingConfig) -> None:
+        super().__init__(prefix, hidden_size, cfg.num_experts, bias=False, kind="router")
+        self.cfg = cfg
+        bias = torch.zeros(cfg.num_experts) if cfg.e_score_correction_bias else None
+        # An extra parameter of a QuantLinear subclass: the loader reads it by its module path.
+        self.e_score_correction_bias: nn.Parameter | None
+        self.register_parameter(
+            "e_score_correction_bias", None if bias is None else nn.Parameter(bias, requires_grad=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> fp32 logits [T, E]."""
+        return super().forward(x.float()).float()
+
+    def select(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, H] -> (weights [T, K] fp32, ids [T, K])."""
+        return route(self(x), self.cfg, self.e_score_correction_bias)
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: down(act(gate(x)) * up(x)), its projections of kind "experts"."""
+
+    def __init__(
+        self,
+        prefix: str,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str = "silu",
+        names: tuple[str, str, str] = EXPERT_NAMES,
+    ) -> None:
+        super().__init__()
+        gate, up, down = names
+        self.gate_proj = QuantLinear(f"{prefix}.{gate}", hidden_size, intermediate_size, kind="experts")
+        self.up_proj = QuantLinear(f"{prefix}.{up}", hidden_size, intermediate_size, kind="experts")
+        self.down_proj = QuantLinear(f"{prefix}.{down}", intermediate_size, hidden_size, kind="experts")
+        self.act = activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Router -> top-k experts per token -> weighted sum (+ shared experts), returned in fp32.
+
+    prefix: the checkpoint module of the block (`model.layers.3.mlp`, Mixtral's
+    `...block_sparse_moe`); the router is `{prefix}.gate`, experts `{prefix}.experts.{e}.*`.
+    shared_name / shared_size: an always-on gated MLP (Qwen2-MoE `shared_expert`, DeepSeek
+    `shared_experts`); shared_gate: Qwen2-MoE's `shared_expert_gate`, a H->1 fp32 linear whose
+    sigmoid scales the shared output.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        routing: RoutingConfig,
+        act: str = "silu",
+        expert_names: tuple[str, str, str] = EXPERT_NAMES,
+        shared_name: str | None = None,
+        shared_size: int = 0,
+        shared_gate: bool = False,
+    ) -> None:
+        super().__init__()
+        if moe_intermediate_size <= 0:
+            raise _config_error(
+                "moe_intermediate_size", f"= {moe_intermediate_size}; expected a positive size"
+            )
+        self.routing = routing
+        self.gate = Router(f"{prefix}.gate", hidden_size, routing)
+        self.experts = nn.ModuleList(
+            ExpertMLP(f"{prefix}.experts.{e}", hidden_size, moe_intermediate_size, act, expert_names)
+            for e in range(routing.num_experts)
+        )
+        self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: QuantLinear | None = None
+        if shared_name is not None and shared_size > 0:
+            self.shared_expert = GatedMLP(f"{prefix}.{shared_name}", hidden_size, shared_size, act)
+            if shared_gate:
+                self.shared_expert_gate = QuantLinear(
+                    f"{prefix}.shared_expert_gate", hidden_size, 1, kind="router"
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] in the compute dtype -> fp32 [T, H]."""
+        weights, ids = self.gate.select(x)
+        out = self._routed(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x).float()
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x.float()).float())
+            out = out + shared
+        return out
+
+    def _routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """Sort the (token, slot) pairs by expert so each selected expert runs once on its tokens."""
+        t, k = ids.shape
+        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = order // k
+        slot_weights = weights.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=self.routing.num_experts).tolist()
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n == 0:
+                continue
+            rows = tokens[start : start + n]
+            y = expert(x[rows]).float() * slot_weights[start : start + n, None]
+            out.index_add_(0, rows, y)
+            start += n
+        return out
