@@ -22,7 +22,9 @@ class Perplexity:
     tokens: int
 
 
-def corpus_perplexity(llm: LLM, text: str, separator: str = "<|endoftext|>", max_len: int = 512) -> Perplexity:
+def corpus_perplexity(
+    llm: LLM, text: str, separator: str = "<|endoftext|>", max_len: int = 512
+) -> Perplexity:
     if llm.tokenizer is None:
         raise ValueError("perplexity over text needs a tokenizer")
     nll, count = 0.0, 0

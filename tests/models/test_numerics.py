@@ -46,7 +46,9 @@ def test_float16_overflow_fails_naming_the_dtype(overflowing: Path) -> None:
 
 def test_debug_mode_names_the_first_overflowing_layer(overflowing: Path) -> None:
     llm = LLM(overflowing, dtype="float16", debug_numerics=True)
-    with pytest.raises(NumericsError, match=r"first non-finite output: model\.layers\.1\.mlp\.(down_proj|up_proj|gate_proj)"):
+    with pytest.raises(
+        NumericsError, match=r"first non-finite output: model\.layers\.1\.mlp\.(down_proj|up_proj|gate_proj)"
+    ):
         llm.logits(IDS)
 
 
