@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anyquant.errors import UnsupportedError
+from anyquant.errors import CheckpointError, UnsupportedError
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -23,6 +23,9 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or params.get("type") or "default"
     params["rope_type"] = rope_type
+    # Some configs keep the pretraining length beside the scaling dict; transformers prefers it.
+    if rope_type in ("llama3", "yarn") and config.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
     return params
 
 
@@ -34,13 +37,46 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def _yarn(
+    inv: Tensor, dim: int, base: float, params: dict[str, Any], max_position: int
+) -> tuple[Tensor, float]:
+    """YaRN: blend interpolated and extrapolated frequencies; cos/sin scale from factor and mscales."""
+    orig = int(params.get("original_max_position_embeddings") or max_position)
+    if orig <= 0:
+        raise CheckpointError(f"config.json: rope original_max_position_embeddings={orig}; expected > 0")
+    # DeepSeek-style configs may leave `factor` out and mean the ratio of the two lengths.
+    factor = float(params.get("factor") or max_position / orig)
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+    low = _yarn_find_correction_dim(beta_fast, dim, base, orig)
+    high = _yarn_find_correction_dim(beta_slow, dim, base, orig)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+    mscale = params.get("mscale")
+    mscale_all = params.get("mscale_all_dim")
+    if params.get("attention_factor") is not None:
+        attn_factor = float(params["attention_factor"])
+    elif mscale and mscale_all:
+        # The ratio only when both are given (transformers' rule); DeepSeek sets both, usually equal.
+        attn_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all))
+    else:
+        attn_factor = yarn_mscale(factor)
+    return inv, attn_factor
+
+
 def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> tuple[Tensor, float]:
     """(inv_freq [dim/2] float32, attention scaling factor applied to cos/sin)."""
     base = float(params["rope_theta"])
     # Explicit CPU device: models are built under a meta-device context, but these tables are real.
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     kind = params["rope_type"]
-    factor = float(params.get("factor", 1.0))
+    factor = float(params.get("factor") or 1.0)
     attn_factor = 1.0
     if kind == "default":
         pass
@@ -58,25 +94,7 @@ def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> 
         is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
         inv = torch.where(is_mid, mid, scaled)
     elif kind == "yarn":
-        orig = int(params.get("original_max_position_embeddings", max_position))
-        beta_fast = float(params.get("beta_fast", 32))
-        beta_slow = float(params.get("beta_slow", 1))
-        low = math.floor(_yarn_find_correction_dim(beta_fast, dim, base, orig))
-        high = math.ceil(_yarn_find_correction_dim(beta_slow, dim, base, orig))
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
-        extrapolation = 1 - ramp
-        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
-        mscale = float(params.get("mscale", 1.0))
-        mscale_all = float(params.get("mscale_all_dim", 0.0))
-        if "attention_factor" in params and params["attention_factor"] is not None:
-            attn_factor = float(params["attention_factor"])
-        elif mscale_all:
-            attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
-        else:
-            attn_factor = yarn_mscale(factor)
+        inv, attn_factor = _yarn(inv, dim, base, params, max_position)
     else:
         raise UnsupportedError(
             f"rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"

@@ -1,0 +1,144 @@
+"""Multi-head latent attention (MLA), the attention of the DeepSeek-V2 / V3 family.
+
+Owns the low-rank query path (`q_proj`, or `q_a_proj` -> `q_a_layernorm` -> `q_b_proj`), the
+compressed key/value path (`kv_a_proj_with_mqa` -> latent + shared rope key, `kv_a_layernorm`,
+`kv_b_proj` -> per-head nope key and value), rotary on the rope slice only, and `o_proj`.
+It caches expanded per-head keys and values in the ordinary `SequenceKVCache`; see `MLAttention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.errors import CheckpointError
+from anyquant.layers.attention import SequenceKVCache, attend
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.norm import RMSNorm
+from anyquant.layers.rotary import RotaryEmbedding, yarn_mscale
+
+# The two latent norms are built without the config's rms_norm_eps in both the reference DeepSeek
+# code and transformers, so they always use the RMSNorm default.
+LATENT_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Per-layer widths of latent attention, read from config.json."""
+
+    num_heads: int
+    q_lora_rank: int | None  # None: a full-rank `q_proj` (DeepSeek-V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise CheckpointError(f"config.json: {name}={getattr(self, name)} must be positive")
+        if self.qk_nope_head_dim < 0:
+            raise CheckpointError(f"config.json: qk_nope_head_dim={self.qk_nope_head_dim} must be >= 0")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise CheckpointError(f"config.json: q_lora_rank={self.q_lora_rank} must be positive or null")
+        if self.qk_rope_head_dim % 2:
+            raise CheckpointError(
+                f"config.json: qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)"
+            )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def mla_softmax_scale(qk_head_dim: int, rope: dict[str, Any]) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 for scaled rotary with mscale_all_dim.
+
+    YaRN already scales cos/sin by mscale/mscale_all_dim (so q·k grows by that squared, on the rope
+    part only); DeepSeek then multiplies the whole softmax scale by mscale_all_dim's factor squared.
+    """
+    scale = float(qk_head_dim) ** -0.5
+    mscale_all = rope.get("mscale_all_dim")
+    if rope.get("rope_type", "default") != "default" and mscale_all:
+        m = yarn_mscale(float(rope.get("factor") or 1.0), float(mscale_all))
+        scale *= m * m
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Latent attention with `Attention.forward`'s signature.
+
+    The cache holds expanded keys [T, H, nope + rope] and values [T, H, v] per layer (the cache
+    shape the family hands to `DecoderLM`). The planned memory optimisation is a compressed cache
+    of one latent [kv_lora_rank + qk_rope_head_dim] per token, with `kv_b_proj` absorbed into the
+    query and output sides at decode time; it needs a cache that stores one vector per token.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        layer_index: int,
+        hidden_size: int,
+        dims: MLADims,
+        rotary: RotaryEmbedding,
+        scale: float,
+        attention_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if rotary.dim != dims.qk_rope_head_dim:
+            raise ValueError(f"{prefix}: rotary dim {rotary.dim} != qk_rope_head_dim {dims.qk_rope_head_dim}")
+        self.layer_index = layer_index
+        self.dims = dims
+        h, dqk = dims.num_heads, dims.qk_head_dim
+        # Only the projections fed by the hidden state (and o_proj) carry attention_bias.
+        self.q_proj: QuantLinear | None = None
+        self.q_a_proj: QuantLinear | None = None
+        self.q_a_layernorm: RMSNorm | None = None
+        self.q_b_proj: QuantLinear | None = None
+        if dims.q_lora_rank is None:
+            self.q_proj = QuantLinear(f"{prefix}.q_proj", hidden_size, h * dqk)
+        else:
+            self.q_a_proj = QuantLinear(f"{prefix}.q_a_proj", hidden_size, dims.q_lora_rank, attention_bias)
+            self.q_a_layernorm = RMSNorm(dims.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = QuantLinear(f"{prefix}.q_b_proj", dims.q_lora_rank, h * dqk)
+        self.kv_a_proj_with_mqa = QuantLinear(
+            f"{prefix}.kv_a_proj_with_mqa",
+            hidden_size,
+            dims.kv_lora_rank + dims.qk_rope_head_dim,
+            attention_bias,
+        )
+        self.kv_a_layernorm = RMSNorm(dims.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = QuantLinear(
+            f"{prefix}.kv_b_proj", dims.kv_lora_rank, h * (dims.qk_nope_head_dim + dims.v_head_dim)
+        )
+        self.o_proj = QuantLinear(f"{prefix}.o_proj", h * dims.v_head_dim, hidden_size, attention_bias)
+        self.rotary = rotary
+        self.scale = scale
+
+    def _query(self, x: Tensor) -> Tensor:
+        if self.q_proj is not None:
+            return self.q_proj(x)
+        assert self.q_a_proj is not None and self.q_a_layernorm is not None and self.q_b_proj is not None
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+    ) -> Tensor:
+        d = self.dims
+        t, h = x.shape[0], d.num_heads
+        q = self._query(x).view(t, h, d.qk_head_dim)
+        q_nope, q_rope = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
+        compressed = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
+        latent, k_rope = compressed.split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(t, h, d.qk_nope_head_dim + d.v_head_dim)
+        k_nope, v = kv.split([d.qk_nope_head_dim, d.v_head_dim], dim=-1)
+        cos, sin = cos_sin
+        q_rope = self.rotary.rotate(q_rope, cos, sin)
+        k_rope = self.rotary.rotate(k_rope[:, None, :], cos, sin)  # [T, 1, rope]: shared by all heads
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [T, H, nope + rope]
+        k = torch.cat((k_nope, k_rope.expand(t, h, d.qk_rope_head_dim)), dim=-1)
+        keys, values = cache.write(self.layer_index, start, k, v)
+        return self.o_proj(attend(q, keys, values, start, self.scale))
