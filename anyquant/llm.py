@@ -1,22 +1,24 @@
 """`LLM`: load a checkpoint once, then generate text, score tokens and measure perplexity.
 
-Owns the user-facing offline API (vLLM-like names). It runs one sequence at a time through the
-model with a contiguous KV cache; batching and paging belong to the engine.
+Owns the user-facing offline API (vLLM-like names). Generation runs on the same `Engine` as the
+server (continuous batching over a paged KV cache); scoring runs one sequence through a private
+cache. Non-finite logits are never turned into tokens: they raise `NumericsError`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from anyquant.engine.engine import Engine, EngineConfig
+from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
-from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
+from anyquant.engine.sampling import SamplingParams
 from anyquant.errors import AnyquantError, NumericsError
-from anyquant.layers.attention import SequenceKVCache
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.tokenizer import Tokenizer
 
@@ -27,8 +29,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
+    finish_reason: str  # "stop" (eos, stop token or stop string), "length", "abort" or "error"
     logprobs: list[dict[int, float]] | None = field(default=None)
+    error: str | None = None
 
 
 class LLM:
@@ -41,48 +44,38 @@ class LLM:
         max_model_len: int | None = None,
         kernel: str | None = None,
         debug_numerics: bool = False,
+        max_num_seqs: int = 64,
+        kv_cache_gb: float | None = None,
     ) -> None:
-        """`debug_numerics`: when a step's logits are not finite, replay it with per-layer checks and
-        name the first layer whose output overflowed (costs nothing until a failure)."""
-        self.debug_numerics = debug_numerics
+        """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
+        first layer whose output overflowed (costs nothing until a failure)."""
         if tensor_parallel_size != 1:
             raise AnyquantError("tensor_parallel_size > 1 is not available yet in this build")
+        self.debug_numerics = debug_numerics
         self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, kernel=kernel)
         self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
         limit = int(self.loaded.config.get("max_position_embeddings", 2048))
-        self.max_model_len = min(max_model_len or limit, limit) if max_model_len else limit
+        if max_model_len is not None and max_model_len > limit:
+            raise AnyquantError(
+                f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}"
+            )
+        self.max_model_len = max_model_len or limit
         self.tokenizer: Tokenizer | None = None
         if (Path(model) / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(model, self.loaded.config)
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            EngineConfig(
+                max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb
+            ),
+            self.dtype,
+            self.device,
+        )
 
     # -- scoring -----------------------------------------------------------------------------
-    def _forward(self, ids: list[int], cache: SequenceKVCache, start: int, last_only: bool) -> Tensor:
-        token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        rows = torch.tensor([len(ids) - 1], device=self.device) if last_only else None
-        snapshot = cache.clone() if self.debug_numerics else None
-        with torch.inference_mode():
-            logits = self.model(token_ids, cache, start, rows)
-        # One reduction per step: all-NaN logits would otherwise make argmax answer token 0 forever.
-        if not bool(torch.isfinite(logits).all()):
-            dtype = str(self.dtype).removeprefix("torch.")
-            where = ""
-            if snapshot is not None:
-                layer = first_nonfinite_module(
-                    self.model, lambda: self.model(token_ids, snapshot, start, rows)
-                )
-                where = f"; first non-finite output: {layer}" if layer else ""
-            else:
-                where = (
-                    "; run with debug_numerics=True (--debug-numerics) to name the first overflowing layer"
-                )
-            raise NumericsError(
-                f"non-finite logits at positions {start}..{start + len(ids) - 1} with compute dtype {dtype}"
-                f"{where}. The activations overflowed {dtype}; use dtype='float32' or 'bfloat16'"
-            )
-        return logits
-
     def _check_length(self, n: int) -> None:
         if n > self.max_model_len:
             raise AnyquantError(f"sequence of {n} tokens exceeds max_model_len={self.max_model_len}")
@@ -91,9 +84,26 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> Tensor:
         """Teacher-forced fp32 logits [T, vocab] at every position."""
-        self._check_length(len(token_ids))
-        cache = self.model.new_cache(len(token_ids), self.dtype, self.device)
-        return self._forward(list(token_ids), cache, 0, last_only=False).cpu()
+        ids = list(token_ids)
+        self._check_length(len(ids))
+        logits = SequenceCache(self.model, len(ids), self.dtype, self.device).forward(ids, 0)
+        # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
+        if not bool(torch.isfinite(logits).all()):
+            raise self._nonfinite_error(ids)
+        return logits.cpu()
+
+    def _nonfinite_error(self, ids: list[int]) -> NumericsError:
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.debug_numerics:
+            seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+            layer = first_nonfinite_module(self.model, lambda: seq.forward(ids, 0))
+            where = f"; first non-finite output: {layer}" if layer else ""
+        else:
+            where = "; run with debug_numerics=True (--debug-numerics) to name the first overflowing layer"
+        return NumericsError(
+            f"non-finite logits for a sequence of {len(ids)} tokens with compute dtype {dtype}{where}. "
+            f"The activations overflowed {dtype}; use dtype='float32' or 'bfloat16'"
+        )
 
     def perplexity(self, text_or_ids: str | list[int]) -> float:
         ids = self._encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
@@ -121,6 +131,7 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt, batched continuously; outputs in the order of the prompts."""
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -131,41 +142,44 @@ class LLM:
             requests = [(p, self._encode(p)) for p in prompts]
         else:
             raise AnyquantError("generate() needs prompts or prompt_token_ids")
-        return [self._generate_one(text, ids, params) for text, ids in requests]
-
-    def _generate_one(self, prompt: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
-        self._check_length(len(ids))
-        budget = min(params.max_tokens, self.max_model_len - len(ids))
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer is not None:
-            stop_ids |= self.tokenizer.eos_token_ids
-        cache = self.model.new_cache(len(ids) + max(budget, 0), self.dtype, self.device)
-        out: list[int] = []
-        logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        finish = "length"
-        logits = self._forward(ids, cache, 0, last_only=True)[-1]
-        text = ""
-        while len(out) < budget:
-            row = apply_penalties(logits.clone(), params, out, ids)
-            token = sample(row, params, generator)
-            if logprobs is not None:
-                lp = torch.log_softmax(logits, dim=-1)
-                top = torch.topk(lp, params.logprobs).indices.tolist() if params.logprobs else []
-                logprobs.append({t: float(lp[t]) for t in [token, *top]})
-            if token in stop_ids:
-                finish = "stop"
-                break
-            out.append(token)
-            if params.stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(out)
-                hit = min((text.find(s) for s in params.stop if s in text), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                    break
-            if len(out) >= budget:
-                break
-            logits = self._forward([token], cache, len(ids) + len(out) - 1, last_only=True)[-1]
-        if finish != "stop" or not params.stop:
-            text = self.tokenizer.decode(out) if self.tokenizer is not None else ""
-        return RequestOutput(prompt, ids, text, out, finish, logprobs)
+        ids_of: dict[str, int] = {}
+        for i, (_, ids) in enumerate(requests):
+            self._check_length(len(ids))
+            # Cap max_tokens at what the context leaves, as vLLM's offline API does.
+            room = self.max_model_len - len(ids)
+            if room < 1:
+                raise AnyquantError(
+                    f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}"
+                )
+            capped = replace(params, max_tokens=min(params.max_tokens, room))
+            ids_of[self.engine.add_request(ids, capped)] = i
+        texts = [""] * len(requests)
+        tokens: list[list[int]] = [[] for _ in requests]
+        logprobs: list[list[dict[int, float]]] = [[] for _ in requests]
+        finish: list[tuple[str, str | None]] = [("length", None)] * len(requests)
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                i = ids_of[delta.request_id]
+                texts[i] += delta.new_text
+                tokens[i] += delta.new_token_ids
+                logprobs[i] += delta.logprobs
+                if delta.finished:
+                    finish[i] = (delta.finish_reason or "stop", delta.error)
+        failed = [i for i, (reason, _) in enumerate(finish) if reason == "error"]
+        if failed:
+            i = failed[0]
+            error = finish[i][1] or "unknown error"
+            if "non-finite" in error:
+                raise self._nonfinite_error(requests[i][1] + tokens[i])
+            raise AnyquantError(f"request {i} failed: {error}")
+        return [
+            RequestOutput(
+                prompt,
+                ids,
+                texts[i],
+                tokens[i],
+                finish[i][0],
+                logprobs[i] if params.logprobs is not None else None,
+            )
+            for i, (prompt, ids) in enumerate(requests)
+        ]

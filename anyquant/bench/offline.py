@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from anyquant.engine.kv_cache import SequenceCache
 from anyquant.llm import LLM
 
 
@@ -68,15 +69,13 @@ def bench_offline(
     net = llm.model
 
     def prefill() -> Any:
-        cache = net.new_cache(prompt_len + decode_len + 1, llm.dtype)
-        with torch.inference_mode():
-            logits = net(torch.tensor(prompt), cache, 0, torch.tensor([prompt_len - 1]))
-        return cache, logits
+        seq = SequenceCache(net, prompt_len + decode_len + 1, llm.dtype, llm.device)
+        logits = seq.forward(prompt, 0, torch.tensor([prompt_len - 1]))
+        return seq, logits
 
-    def run_decode(cache: Any) -> float:
+    def run_decode(seq: SequenceCache) -> float:
         def step(token: int, pos: int) -> int:
-            with torch.inference_mode():
-                return int(net(torch.tensor([token]), cache, pos)[-1].argmax())
+            return int(seq.forward([token], pos)[-1].argmax())
 
         return measure_decode(step, prompt, decode_len)
 

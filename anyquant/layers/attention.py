@@ -1,11 +1,13 @@
-"""Grouped-query self-attention with rotary embeddings, and the per-sequence KV cache it writes.
+"""Grouped-query self-attention with rotary embeddings, and the attention-context interface.
 
 Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application and the
-scaled-dot-product attention over cached keys. `SequenceKVCache` is the simple contiguous cache
-used for single-sequence generation; the paged engine cache replaces it behind the same calls.
+causal scaled-dot-product attention of one sequence (`attend`). Where keys and values live (the
+paged KV cache) is the `AttentionContext`'s business, not the layer's.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -15,39 +17,17 @@ from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
 
 
-class SequenceKVCache:
-    """Keys and values of one sequence for every layer: [L, max_len, Hkv, D] each, allocated once."""
+class AttentionContext(ABC):
+    """What one forward step's attention layers need: where to store this step's keys and values
+    and which cached tokens each query attends to. Built once per step by the caller (the engine's
+    runner, or `engine.kv_cache.SequenceCache` for a single sequence)."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        v_head_dim: int | None = None,
-    ) -> None:
-        self.max_len = max_len
-        self.k = torch.zeros(num_layers, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(
-            num_layers, max_len, num_kv_heads, v_head_dim or head_dim, dtype=dtype, device=device
-        )
-        self.length = 0  # tokens already stored (all layers)
+    @abstractmethod
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Store k/v of this step's tokens for `layer`, then attend causally.
 
-    def clone(self) -> SequenceKVCache:
-        copy = object.__new__(SequenceKVCache)
-        copy.max_len, copy.length = self.max_len, self.length
-        copy.k, copy.v = self.k.clone(), self.v.clone()
-        return copy
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = start + k.shape[0]
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.max_len}")
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+        q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] for the step's T tokens -> [T, H * Dv].
+        """
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
@@ -96,7 +76,7 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(
-        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
@@ -106,5 +86,4 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        keys, values = cache.write(self.layer_index, start, k, v)
-        return self.o_proj(attend(q, keys, values, start, self.scale))
+        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale))

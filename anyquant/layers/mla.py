@@ -3,7 +3,7 @@
 Owns the low-rank query path (`q_proj`, or `q_a_proj` -> `q_a_layernorm` -> `q_b_proj`), the
 compressed key/value path (`kv_a_proj_with_mqa` -> latent + shared rope key, `kv_a_layernorm`,
 `kv_b_proj` -> per-head nope key and value), rotary on the rope slice only, and `o_proj`.
-It caches expanded per-head keys and values in the ordinary `SequenceKVCache`; see `MLAttention`.
+It caches expanded per-head keys and values through the ordinary attention context; see `MLAttention`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
-from anyquant.layers.attention import SequenceKVCache, attend
+from anyquant.layers.attention import AttentionContext
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding, yarn_mscale
@@ -125,7 +125,7 @@ class MLAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(
-        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         d = self.dims
         t, h = x.shape[0], d.num_heads
@@ -140,5 +140,4 @@ class MLAttention(nn.Module):
         k_rope = self.rotary.rotate(k_rope[:, None, :], cos, sin)  # [T, 1, rope]: shared by all heads
         q = torch.cat((q_nope, q_rope), dim=-1)  # [T, H, nope + rope]
         k = torch.cat((k_nope, k_rope.expand(t, h, d.qk_rope_head_dim)), dim=-1)
-        keys, values = cache.write(self.layer_index, start, k, v)
-        return self.o_proj(attend(q, keys, values, start, self.scale))
+        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale))

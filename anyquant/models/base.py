@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
-from anyquant.layers.attention import Attention, SequenceKVCache
+from anyquant.layers.attention import Attention, AttentionContext
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.mlp import GatedMLP
 from anyquant.layers.norm import RMSNorm
@@ -130,13 +130,10 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(args, index, f"{prefix}.mlp")
 
     def forward(
-        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], cache: SequenceKVCache, start: int
+        self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it.
-        h = (
-            x
-            + self.self_attn(self.input_layernorm(x).to(self.dtype), positions, cos_sin, cache, start).float()
-        )
+        h = x + self.self_attn(self.input_layernorm(x).to(self.dtype), positions, cos_sin, ctx).float()
         return h + self.mlp(self.post_attention_layernorm(h).to(self.dtype)).float()
 
     @property
@@ -189,22 +186,15 @@ class DecoderLM(nn.Module):
         """Checkpoint name -> name it falls back to when absent."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.args.tie_word_embeddings else {}
 
-    def new_cache(
-        self, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
-    ) -> SequenceKVCache:
-        c = self.cache_shape
-        return SequenceKVCache(self.args.num_layers, max_len, c.num_kv_heads, c.k_dim, dtype, device, c.v_dim)
-
     def forward(
-        self, token_ids: Tensor, cache: SequenceKVCache, start: int, logits_rows: Tensor | None = None
+        self, token_ids: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
     ) -> Tensor:
-        """token_ids [T] at positions start..start+T-1 -> fp32 logits [rows, vocab] (all rows by default)."""
-        positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)
+        """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
+        [rows, vocab] for `logits_rows` (all rows by default)."""
         cos_sin = self.model.rotary.cos_sin(positions)
         x = self.model.embed_tokens(token_ids).float()
         for layer in self.model.layers:
-            x = layer(x, positions, cos_sin, cache, start)
-        cache.length = start + token_ids.shape[0]
+            x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:
             x = x[logits_rows]
         h = self.model.norm(x).to(self.model.embed_tokens.weight.dtype)

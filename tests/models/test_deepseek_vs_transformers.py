@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.kv_cache import SequenceCache
 from anyquant.errors import CheckpointError, UnsupportedError
 from anyquant.layers.moe import SparseMoE
 from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
@@ -214,9 +215,8 @@ def test_prefill_equals_token_by_token_decode(checkpoints: dict[str, Path], case
     llm = LLM(checkpoints[case], dtype="float32")
     ids = list(range(40, 60))
     full = llm.logits(ids)
-    cache = llm.model.new_cache(len(ids), torch.float32)
-    with torch.inference_mode():
-        steps = [llm.model(torch.tensor([tok]), cache, pos)[0] for pos, tok in enumerate(ids)]
+    seq = SequenceCache(llm.model, len(ids), torch.float32)
+    steps = [seq.forward([tok], pos)[0] for pos, tok in enumerate(ids)]
     assert torch.allclose(full, torch.stack(steps), atol=1e-5, rtol=1e-5)
 
 

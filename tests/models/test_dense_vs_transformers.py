@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.kv_cache import SequenceCache
 from anyquant.utils.tiny_model import write_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -83,10 +84,6 @@ def test_prefill_equals_token_by_token_decode(tiny: tuple[Path, str]) -> None:
     llm = LLM(path, dtype="float32")
     ids = list(range(40, 60))
     full = llm.logits(ids)
-    cache = llm.model.new_cache(len(ids), torch.float32)
-    steps = []
-    with torch.inference_mode():
-        for pos, tok in enumerate(ids):
-            steps.append(llm.model(torch.tensor([tok]), cache, pos)[0])
-    stepwise = torch.stack(steps)
+    seq = SequenceCache(llm.model, len(ids), torch.float32)
+    stepwise = torch.stack([seq.forward([tok], pos)[0] for pos, tok in enumerate(ids)])
     assert torch.allclose(full, stepwise, atol=1e-5, rtol=1e-5)

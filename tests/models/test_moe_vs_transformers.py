@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.kv_cache import SequenceCache
 from anyquant.errors import AnyquantError
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.mlp import GatedMLP
@@ -106,9 +107,8 @@ def test_prefill_equals_token_by_token_decode(tiny_dirs: dict[str, Path], family
     llm = LLM(tiny_dirs[family], dtype="float32")
     ids = list(range(40, 60))
     full = llm.logits(ids)
-    cache = llm.model.new_cache(len(ids), torch.float32)
-    with torch.inference_mode():
-        steps = [llm.model(torch.tensor([tok]), cache, pos)[0] for pos, tok in enumerate(ids)]
+    seq = SequenceCache(llm.model, len(ids), torch.float32)
+    steps = [seq.forward([tok], pos)[0] for pos, tok in enumerate(ids)]
     assert torch.allclose(full, torch.stack(steps), atol=1e-5, rtol=1e-5)
 
 

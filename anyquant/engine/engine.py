@@ -1,0 +1,206 @@
+"""Engine: requests in, tokens and text out, one `step()` at a time (plan -> run -> sample -> update).
+
+Owns the request registry, per-request sampling state (seeded generators, detokenizers) and the
+non-finite-logits guard that fails one request without disturbing the others. Scheduling policy
+lives in scheduler.py, tensors in runner.py; the same engine serves `LLM.generate` and the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from anyquant.engine.detokenizer import IncrementalDetokenizer
+from anyquant.engine.kv_cache import PagedKVCache
+from anyquant.engine.pages import PageAllocator
+from anyquant.engine.request import Request, RequestStatus
+from anyquant.engine.runner import ModelRunner
+from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
+from anyquant.engine.scheduler import Scheduler, SchedulerConfig
+from anyquant.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from anyquant.models.base import DecoderLM
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    page_size: int = 16
+    kv_cache_gb: float | None = None  # None: room for max_num_seqs full-length sequences, capped at 2 GiB
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+
+
+@dataclass
+class RequestDelta:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class _State:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    emitted_tokens: int = 0
+    pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+def kv_pages(config: EngineConfig, bytes_per_page: int) -> int:
+    if config.kv_cache_gb is not None:
+        budget = int(config.kv_cache_gb * 2**30)
+    else:
+        per_seq_pages = -(-config.max_model_len // config.page_size)
+        budget = min(config.max_num_seqs * per_seq_pages * bytes_per_page, 2 << 30)
+    pages = budget // bytes_per_page
+    if pages < 1:
+        raise ValueError(f"KV cache budget of {budget} bytes holds no page of {bytes_per_page} bytes")
+    return pages
+
+
+class Engine:
+    def __init__(
+        self,
+        model: DecoderLM,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = model.cache_shape
+        per_page = PagedKVCache.bytes_per_page(
+            model.args.num_layers,
+            config.page_size,
+            shape.num_kv_heads,
+            shape.k_dim,
+            shape.v_dim,
+            dtype,
+        )
+        num_pages = kv_pages(config, per_page)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model, num_pages, config.page_size, dtype, device)
+        self.allocator = PageAllocator(num_pages, config.page_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+                max_model_len=config.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+            ),
+            self.allocator,
+        )
+        self.dtype = dtype
+        self._states: dict[str, _State] = {}
+        self._ids = itertools.count()
+        self.num_nonfinite_events = 0
+        log.info(
+            "KV cache: %d pages of %d tokens (%.1f MiB)",
+            num_pages,
+            config.page_size,
+            num_pages * per_page / 2**20,
+        )
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
+        request = Request(rid, prompt_token_ids, params, eos)
+        self.scheduler.add(request)  # raises ValueError naming the limits
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._states[rid] = _State(request, IncrementalDetokenizer(self.tokenizer, params.stop), generator)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._states.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        plan = self.scheduler.schedule()
+        logits = self.runner.execute(plan)
+        sampled: dict[str, int | None] = {}
+        for rid, row in logits.items():
+            state = self._states[rid]
+            if not bool(torch.isfinite(row).all()):
+                self.num_nonfinite_events += 1
+                dtype = str(self.dtype).removeprefix("torch.")
+                self.scheduler.finish(
+                    rid,
+                    RequestStatus.FINISHED_ERROR,
+                    f"non-finite logits with compute dtype {dtype}: the activations overflowed "
+                    f"{dtype}; use dtype float32 or bfloat16",
+                )
+                continue
+            sampled[rid] = self._sample(state, row)
+        self.scheduler.update(plan, sampled)
+        deltas = []
+        touched = {r.request_id: r for r, _ in plan.scheduled} | {r.request_id: r for r in plan.finished}
+        for rid, request in touched.items():
+            delta = self._delta(rid, request)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _sample(self, state: _State, row: Tensor) -> int:
+        request, params = state.request, state.request.sampling_params
+        penalised = apply_penalties(row.clone(), params, request.output_token_ids, request.prompt_token_ids)
+        token = sample(penalised, params, state.generator)
+        if params.logprobs is not None:
+            lp = torch.log_softmax(row, dim=-1)
+            top = torch.topk(lp, params.logprobs).indices.tolist() if params.logprobs else []
+            state.pending_logprobs.append({t: float(lp[t]) for t in [token, *top]})
+        return token
+
+    def _delta(self, rid: str, request: Request) -> RequestDelta | None:
+        state = self._states.get(rid)
+        if state is None:
+            return None
+        new_tokens = request.output_token_ids[state.emitted_tokens :]
+        state.emitted_tokens = request.num_output_tokens
+        finished = request.is_finished
+        text = state.detokenizer.update(request.output_token_ids, finished)
+        if state.detokenizer.stopped and not finished:
+            self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
+            finished = True
+        if not new_tokens and not text and not finished:
+            return None
+        logprobs, state.pending_logprobs = state.pending_logprobs, []
+        if finished:
+            self._states.pop(rid, None)
+        return RequestDelta(
+            rid,
+            new_tokens,
+            text,
+            finished,
+            request.finish_reason if finished else None,
+            request.error,
+            logprobs,
+        )
