@@ -72,17 +72,23 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise CheckpointError("tokenizer_config.json has no chat_template; send a plain prompt instead")
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text("bos_token") or "",
-            eos_token=self._token_text("eos_token") or "",
-        )
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text("bos_token") or "",
+                eos_token=self._token_text("eos_token") or "",
+            )
+        except jinja2.TemplateError as exc:  # SecurityError (sandbox) is a TemplateError too
+            raise CheckpointError(
+                f"tokenizer_config.json chat_template failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _raise_template_error(message: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: quantize the real trained stories260K model with `anyquant quantize` (GPTQ int4,
-# group 32) and generate a story from the quantized checkpoint. Without ../shared, a tiny
+# The main job: quantize the real trained stories260K model with `anyquant quantize`
+# (compressed-tensors W4A16, int4 groups of 32, as llm-compressor writes it) and generate a story
+# from the quantized checkpoint. Without ../shared, a tiny
 # random-weight Llama is built instead (and the output is gibberish, said so below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ if [ ! -f "$src/config.json" ]; then
   src=out/random-llama
   python -m anyquant.utils.tiny_model "$src"
 fi
-anyquant quantize "$src" out/stories260K-gptq-int4 --format gptq --bits 4 --group-size 32 --sym --overwrite
-anyquant inspect out/stories260K-gptq-int4
-anyquant generate out/stories260K-gptq-int4 --prompt "${PROMPT:-Once upon a time}" --max-tokens "${MAX_TOKENS:-200}"
+dst=out/stories260K-w4a16-g32
+anyquant quantize "$src" "$dst" --format compressed-tensors --scheme W4A16 --group-size 32 --overwrite
+anyquant inspect "$dst"
+anyquant generate "$dst" --prompt "${PROMPT:-Once upon a time}" --max-tokens "${MAX_TOKENS:-200}"
