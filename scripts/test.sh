@@ -9,4 +9,7 @@ bash scripts/setup.sh
 echo "== ruff"; ruff check anyquant tests benchmarks
 ruff format --check anyquant tests benchmarks
 echo "== mypy"; mypy
+# Two pytest workers on two cores: one torch thread each. With torch's default (one thread per core)
+# the workers oversubscribe the CPU and tiny parallel kernels (SDPA) stall for milliseconds.
+export OMP_NUM_THREADS=1
 echo "== pytest"; python -m pytest -q -n 2 "$@"

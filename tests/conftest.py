@@ -13,6 +13,13 @@ THIRD_PARTY = SHARED / "fixtures" / "third_party"
 STORIES = SHARED / "models" / "stories260K"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # One torch thread per test process (scripts/test.sh runs two workers on two cores); see test.sh.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
 def shared_or_skip(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared not checked out beside the repository)")
