@@ -18,19 +18,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
+    parser.add_argument(
+        "--debug-numerics",
+        action="store_true",
+        help="on non-finite logits, name the first layer whose output overflowed",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from anyquant.engine.sampling import SamplingParams
+    from anyquant.errors import AnyquantError
     from anyquant.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, kernel=args.kernel)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kernel=args.kernel,
+        debug_numerics=args.debug_numerics,
+    )
     t1 = time.perf_counter()
     prompt = args.prompt
     if args.chat:
         if llm.tokenizer is None:
-            raise SystemExit("--chat needs tokenizer files in the model directory")
+            raise AnyquantError("--chat needs tokenizer files in the model directory")
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     params = SamplingParams(
         max_tokens=args.max_tokens,
