@@ -21,6 +21,7 @@ from anyquant.quant.formats.base import (
     QuantFormat,
     StoredNames,
     WriteOptions,
+    refuse_partial_layer,
     require_dtype,
 )
 from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
@@ -225,7 +226,7 @@ class AwqFormat(QuantFormat):
     def spec_for(self, prefix: str, kind: LayerKind) -> QuantSpec | None:
         listed = _matches_skip(prefix, self.config.skip)
         if not self.index.has_data(f"{prefix}.qweight"):
-            self._check_partial(prefix)
+            refuse_partial_layer(self.index, prefix, "qweight", ("qzeros", "scales"))
             if listed is None and kind in ("linear", "experts"):
                 self.note(f"{prefix} is stored unquantized but modules_to_not_convert does not list it")
             return None
@@ -235,17 +236,6 @@ class AwqFormat(QuantFormat):
                 "using the tensors (formats.md §1.3)"
             )
         return awq_spec(self.config, awq_geometry(prefix, self._shapes(prefix), self.config))
-
-    def _check_partial(self, prefix: str) -> None:
-        # An empty/absent qweight with data in its companions is a broken layer, not a skipped one.
-        if self.index.has_data(f"{prefix}.weight"):
-            return
-        present = [s for s in ("qzeros", "scales") if self.index.has_data(f"{prefix}.{s}")]
-        if present:
-            raise TensorError(
-                f"{prefix}.qweight",
-                f"missing or empty while {', '.join(present)} hold data and no plain weight exists",
-            )
 
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames(tuple(f"{prefix}.{s}" for s in _SUFFIXES))

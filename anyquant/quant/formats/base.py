@@ -133,3 +133,16 @@ def require_shape(name: str, tensor: Tensor, shape: tuple[int, ...], why: str = 
     if tuple(tensor.shape) != tuple(shape):
         extra = f" ({why})" if why else ""
         raise TensorError(name, f"shape {list(tensor.shape)}, expected {list(shape)}{extra}")
+
+
+def refuse_partial_layer(index: TensorIndex, prefix: str, marker: str, companions: tuple[str, ...]) -> None:
+    """A layer whose marker tensor is absent or empty but whose companions hold data, with no plain
+    weight to fall back on, is broken, not skipped: say so instead of loading it as unquantized."""
+    if index.has_data(f"{prefix}.weight"):
+        return
+    present = [s for s in companions if index.has_data(f"{prefix}.{s}")]
+    if present:
+        raise TensorError(
+            f"{prefix}.{marker}",
+            f"missing or empty while {', '.join(present)} hold data and no plain weight exists",
+        )

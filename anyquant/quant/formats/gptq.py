@@ -24,6 +24,7 @@ from anyquant.quant.formats.base import (
     QuantFormat,
     StoredNames,
     WriteOptions,
+    refuse_partial_layer,
     require_dtype,
 )
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
@@ -332,7 +333,7 @@ class GptqFormat(QuantFormat):
             state = "quantized" if quantized else "unquantized"
             self.note(f"{prefix} is stored {state} but the config says lm_head: {self.config.lm_head}")
         if not quantized:
-            self._check_partial(prefix)
+            refuse_partial_layer(self.index, prefix, "qweight", ("qzeros", "scales"))
             return None
         layer = self._quantized_layer(prefix)
         self._geometry(prefix, self._shapes(prefix), layer)
@@ -345,16 +346,6 @@ class GptqFormat(QuantFormat):
             # Allowed (the last group is short) but unusual enough to mention.
             self.note(f"{prefix}: K = {geo.in_features} is not a multiple of group_size {layer.group_size}")
         return geo
-
-    def _check_partial(self, prefix: str) -> None:
-        if self.index.has_data(f"{prefix}.weight"):
-            return
-        present = [s for s in ("qzeros", "scales") if self.index.has_data(f"{prefix}.{s}")]
-        if present:
-            raise TensorError(
-                f"{prefix}.qweight",
-                f"missing or empty while {', '.join(present)} hold data and no plain weight exists",
-            )
 
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames(tuple(f"{prefix}.{s}" for s in _SUFFIXES), (f"{prefix}.g_idx",))
