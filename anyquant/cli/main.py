@@ -18,6 +18,7 @@ _COMMANDS = {
     "quantize": "quantize an unquantized checkpoint into a format (round-to-nearest)",
     "generate": "generate text from a prompt",
     "bench": "measure throughput and memory (offline)",
+    "serve": "serve an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
 }
 
 

@@ -1,0 +1,168 @@
+"""`anyquant serve MODEL`: load a checkpoint and serve the OpenAI-compatible API with uvicorn.
+
+Owns the vLLM-compatible flags, logging load progress with the time of each phase (reading,
+repacking, KV cache, warm-up), and running uvicorn, whose SIGTERM / Ctrl-C handling drains the
+server gracefully. Server modules are imported only here, inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from anyquant.errors import AnyquantError
+
+if TYPE_CHECKING:
+    from anyquant.llm import LLM
+
+log = logging.getLogger("anyquant.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)"
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: MODEL)")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 in this build")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (or set ANYQUANT_API_KEY)",
+    )
+    parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
+    parser.add_argument(
+        "--max-waiting", type=int, default=256, help="requests queued beyond the batch before 429"
+    )
+    parser.add_argument("--max-body-mb", type=float, default=8.0, help="request body size limit in MiB")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.tensor_parallel_size != 1:
+        raise AnyquantError(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not available in "
+            "this build; use --tensor-parallel-size 1"
+        )
+    if not 0 <= args.port <= 65535:
+        raise AnyquantError(f"--port {args.port}: must be in 0..65535")
+    for name in ("max_num_seqs", "max_waiting"):
+        if getattr(args, name) < (1 if name == "max_num_seqs" else 0):
+            raise AnyquantError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
+    if args.max_body_mb <= 0:
+        raise AnyquantError(f"--max-body-mb {args.max_body_mb}: must be positive")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    try:
+        import uvicorn
+
+        from anyquant.server.app import ServerConfig, create_app
+    except ImportError as exc:
+        raise AnyquantError(
+            f"the server needs its extra dependencies ({exc}); pip install 'anyquant[server]'"
+        ) from exc
+    from anyquant.llm import LLM
+
+    logging.getLogger("anyquant").setLevel(logging.INFO)
+    api_key = args.api_key or os.environ.get("ANYQUANT_API_KEY") or None
+    log.info("loading %s", args.model)
+    t0 = time.perf_counter()
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kernel=args.kernel,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gb=args.kv_cache_gb,
+    )
+    total = time.perf_counter() - t0
+    timings = llm.loaded.timings
+    read, repack = timings.get("read_and_plan", 0.0), timings.get("load_and_repack", 0.0)
+    log.info("phase reading (headers, config, plan): %.2fs", read)
+    log.info("phase repacking (weights, kernels): %.2fs", repack)
+    log.info("phase KV cache and engine: %.2fs", max(total - read - repack, 0.0))
+    if llm.tokenizer is None:
+        raise AnyquantError(f"{args.model}: no tokenizer.json; the server needs a tokenizer")
+    t1 = time.perf_counter()
+    _warm_up(llm)
+    log.info("phase warm-up: %.2fs", time.perf_counter() - t1)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or str(args.model),
+        api_key=api_key,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_waiting=args.max_waiting,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    app = create_app(llm.engine, llm.tokenizer, config)
+    if not _is_loopback(args.host) and api_key is None:
+        log.warning(
+            "binding %s without --api-key: anyone who can reach this port can use the model", args.host
+        )
+    log.info(
+        "serving %r (max_model_len=%d, max_num_seqs=%d) on http://%s:%d",
+        config.served_model_name,
+        llm.max_model_len,
+        args.max_num_seqs,
+        args.host,
+        args.port,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=max(int(args.shutdown_timeout), 1),
+        )
+    )
+    _exit_quietly_on_sigterm()
+    server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
+    log.info("shut down cleanly")
+    return 0
+
+
+def _exit_quietly_on_sigterm() -> None:
+    """uvicorn re-raises the signal it drained on, with the handler it found installed; with the
+    default SIGTERM handler that kills the process (exit -15) after a clean drain. A no-op handler
+    makes a drained SIGTERM end with exit status 0."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def _warm_up(llm: LLM) -> None:
+    """One short generation, so the first client does not pay for lazy initialisation."""
+    from anyquant.engine.sampling import SamplingParams
+
+    prompt = [llm.tokenizer.bos_token_id or 0] if llm.tokenizer is not None else [0]
+    llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=2, temperature=0.0))

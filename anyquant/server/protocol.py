@@ -1,0 +1,260 @@
+"""OpenAI-compatible request and response models (pydantic) and their translation to the engine.
+
+Owns what a valid body is: types, ranges and the fields we refuse rather than silently ignore
+(echo, suffix, tools, ...); unknown fields are ignored. Bounds are chosen so that no accepted value
+can make sampling produce NaN or overflow an integer (a 500); what the model's limits forbid
+(context length, vocabulary) is checked later, in app.py, where the limits are known.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from anyquant.engine.sampling import SamplingParams
+
+MAX_N = 64  # choices per request; admission control bounds the total anyway
+MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20
+# Below this temperature, dividing logits by it can overflow fp32; such requests are treated as
+# greedy, which is what they ask for.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    """Sampling fields shared by both endpoints (OpenAI names plus vLLM's usual extensions)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: (
+        Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=MAX_STOP)] | None
+    ) = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
+        """Parameters of choice `index`. A seeded request with n > 1 seeds choice i with seed + i,
+        so the choices differ from each other and each is reproducible."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < MIN_SAMPLING_TEMPERATURE:
+            temperature = 0.0
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=None if self.seed is None else (self.seed + index) % 2**64,
+            stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: of strings, or of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [[int(t) for t in p if isinstance(t, int)]]
+        return [q for q in p if isinstance(q, str | list)]
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo=true is not supported"
+        if self.suffix:
+            return "suffix is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of other than n is not supported"
+        return None
+
+
+class ChatMessage(_Body):
+    role: Annotated[str, Field(min_length=1, max_length=64)]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string; only text parts are supported."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        texts = []
+        for i, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"content part {i} has type {kind!r}; this server supports only text parts "
+                    '({"type": "text", "text": "..."})'
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ResponseFormat(_Body):
+    type: str = "text"
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    response_format: ResponseFormat | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def unsupported(self) -> str | None:
+        if self.tools:
+            return "tools are not supported by this server"
+        if self.response_format is not None and self.response_format.type != "text":
+            return f"response_format type {self.response_format.type!r} is not supported (only 'text')"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs=true"
+        return None
+
+
+# -- responses (documented in the OpenAPI schema; built as plain dicts at run time) ---------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "anyquant"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,0 +1,180 @@
+"""From engine events to OpenAI wire shapes: server-sent events, streamed chunks, logprobs.
+
+Owns SSE framing (`data: {...}` and the final `data: [DONE]`), the chunk layouts of streamed
+completions and chat completions, errors inside a stream, and logprob formatting. Whatever way a
+stream ends (finished, failed, client gone, server shutting down), its unfinished requests are
+aborted, which frees their KV pages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from anyquant.engine.async_engine import RequestStream
+from anyquant.server.protocol import usage
+from anyquant.tokenizer import Tokenizer
+
+SSE_DONE = "data: [DONE]\n\n"
+# JSON has no -inf; OpenAI-compatible servers send this for a log-probability of zero.
+_NEG_INF_LOGPROB = -9999.0
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+
+
+def error_payload(message: str, kind: str = "server_error", code: int = 500) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else _NEG_INF_LOGPROB
+
+
+class LogprobFormatter:
+    """Engine logprobs (one dict per token: the sampled token first, then the top-k) -> OpenAI."""
+
+    def __init__(self, tokenizer: Tokenizer, k: int) -> None:
+        self.tokenizer = tokenizer
+        self.k = k
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _top(self, entry: dict[int, float]) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[: self.k]
+
+    def completion(self, entries: list[dict[int, float]], offset: int) -> tuple[dict[str, Any], int]:
+        """The legacy completions layout; `offset` is the text offset of the first token."""
+        tokens: list[str] = []
+        token_logprobs: list[float] = []
+        top_logprobs: list[dict[str, float]] = []
+        offsets: list[int] = []
+        for entry in entries:
+            token, logprob = next(iter(entry.items()))
+            text = self._text(token)
+            tokens.append(text)
+            token_logprobs.append(_finite(logprob))
+            top_logprobs.append({self._text(t): _finite(lp) for t, lp in self._top(entry)})
+            offsets.append(offset)
+            offset += len(text)
+        return (
+            {
+                "tokens": tokens,
+                "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs,
+                "text_offset": offsets,
+            },
+            offset,
+        )
+
+    def chat(self, entries: list[dict[int, float]]) -> dict[str, Any]:
+        content = []
+        for entry in entries:
+            token, logprob = next(iter(entry.items()))
+            content.append(
+                {
+                    **self._token(token, logprob),
+                    "top_logprobs": [self._token(t, lp) for t, lp in self._top(entry)],
+                }
+            )
+        return {"content": content}
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self._text(token)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    """What every chunk of one response repeats."""
+
+    response_id: str
+    created: int
+    model: str
+    num_choices: int
+    num_prompt_tokens: int
+    include_usage: bool
+
+
+async def completion_events(
+    meta: StreamMeta, stream: RequestStream, logprobs: LogprobFormatter | None
+) -> AsyncIterator[str]:
+    """SSE for /v1/completions with stream=true."""
+    base = {"id": meta.response_id, "object": "text_completion", "created": meta.created, "model": meta.model}
+    offsets = [0] * meta.num_choices
+    generated = 0
+    try:
+        async for event in stream:
+            delta = event.delta
+            generated += len(delta.new_token_ids)
+            if delta.finish_reason == "error":
+                yield sse(error_payload(delta.error or "generation failed"))
+                break
+            if not (delta.new_text or delta.finished or (logprobs and delta.logprobs)):
+                continue
+            choice: dict[str, Any] = {
+                "index": event.index,
+                "text": delta.new_text,
+                "logprobs": None,
+                "finish_reason": delta.finish_reason if delta.finished else None,
+            }
+            if logprobs is not None:
+                choice["logprobs"], offsets[event.index] = logprobs.completion(
+                    delta.logprobs, offsets[event.index]
+                )
+            yield sse({**base, "choices": [choice], **({"usage": None} if meta.include_usage else {})})
+        else:
+            if meta.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(meta.num_prompt_tokens, generated)})
+        yield SSE_DONE
+    finally:
+        stream.abort()  # no-op when every choice finished; frees the pages of a client that left
+
+
+async def chat_events(
+    meta: StreamMeta, stream: RequestStream, logprobs: LogprobFormatter | None
+) -> AsyncIterator[str]:
+    """SSE for /v1/chat/completions with stream=true: a role chunk per choice, then content."""
+    base = {
+        "id": meta.response_id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+    }
+    extra = {"usage": None} if meta.include_usage else {}
+    generated = 0
+    try:
+        for index in range(meta.num_choices):
+            role = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            yield sse({**base, "choices": [role], **extra})
+        async for event in stream:
+            delta = event.delta
+            generated += len(delta.new_token_ids)
+            if delta.finish_reason == "error":
+                yield sse(error_payload(delta.error or "generation failed"))
+                break
+            if not (delta.new_text or delta.finished or (logprobs and delta.logprobs)):
+                continue
+            choice: dict[str, Any] = {
+                "index": event.index,
+                "delta": {"content": delta.new_text} if delta.new_text else {},
+                "logprobs": logprobs.chat(delta.logprobs) if logprobs is not None else None,
+                "finish_reason": delta.finish_reason if delta.finished else None,
+            }
+            yield sse({**base, "choices": [choice], **extra})
+        else:
+            if meta.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(meta.num_prompt_tokens, generated)})
+        yield SSE_DONE
+    finally:
+        stream.abort()
