@@ -1,0 +1,71 @@
+"""What quantization costs on a real trained model: stories260K perplexity per format.
+
+Quantizes ../shared/models/stories260K/hf with `anyquant quantize` in several formats and measures
+perplexity on the held-out protocol of ../shared/models/stories260K/expected_outputs.json (the
+reference's own fp32 / int8 / int4 numbers are printed beside ours).
+
+    python benchmarks/stories_quality.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from anyquant import LLM
+from anyquant.quant.formats.base import WriteOptions
+from anyquant.quant.quantize import quantize_checkpoint
+from anyquant.utils.evaluate import corpus_perplexity
+
+STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260K"
+CASES = [
+    ("fp32 (unquantized)", None, WriteOptions()),
+    ("GPTQ int8 per-channel sym", "gptq", WriteOptions(bits=8, group_size=-1, sym=True)),
+    ("GPTQ int4 per-channel sym", "gptq", WriteOptions(bits=4, group_size=-1, sym=True)),
+    (
+        "compressed-tensors W8A16 (int8 g32)",
+        "compressed-tensors",
+        WriteOptions(scheme="W8A16", group_size=32),
+    ),
+    (
+        "compressed-tensors W4A16 (int4 g32)",
+        "compressed-tensors",
+        WriteOptions(scheme="W4A16", group_size=32),
+    ),
+    (
+        "compressed-tensors W4A16_ASYM (int4 g32)",
+        "compressed-tensors",
+        WriteOptions(scheme="W4A16_ASYM", group_size=32),
+    ),
+    ("compressed-tensors W8A8 (int8, dyn. int8 acts)", "compressed-tensors", WriteOptions(scheme="W8A8")),
+    ("compressed-tensors FP8_DYNAMIC", "compressed-tensors", WriteOptions(scheme="FP8_DYNAMIC")),
+    ("lmdeploy smooth_quant int8 (W8A8)", "lmdeploy-int8", WriteOptions()),
+    ("FP8 block 32x32 (dyn. fp8 acts)", "fp8-block", WriteOptions(block_size=(32, 32))),
+]
+
+
+def main() -> None:
+    expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
+    text = (STORIES / expected["file"]).read_text()
+    print(
+        f"reference: fp32 {expected['fp32_perplexity']}, int8 per-row {expected['int8_rtn_per_row_linear_only_perplexity']}, "
+        f"int4 per-row {expected['int4_rtn_per_row_linear_only_perplexity']}"
+    )
+    print("| model | layers quantized | perplexity |")
+    print("|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, fmt, options in CASES:
+            path = STORIES / "hf"
+            quantized = "0 / 35"
+            if fmt is not None:
+                path = Path(tmp) / label.replace(" ", "_")
+                report = quantize_checkpoint(STORIES / "hf", path, fmt, options)
+                n = sum(r.rel_error is not None for r in report.layers)
+                quantized = f"{n} / {len(report.layers)}"
+            ppl = corpus_perplexity(LLM(path, dtype="float32"), text)
+            print(f"| {label} | {quantized} | {ppl.perplexity:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
