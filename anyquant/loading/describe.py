@@ -44,7 +44,7 @@ def describe_checkpoint(
     fmt = detect_format(ckpt)
     dev = torch.device(device)
     compute_dtype = resolve_dtype(dtype, config, dev)
-    model = build_on_meta(config)
+    model = build_on_meta(config, ckpt.index.names())
     plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel)
     source = ckpt.quant_config()
     groups: dict[tuple[str, str, str], list[LayerPlan]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,9 @@ def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: 
     return chosen
 
 
-def build_on_meta(config: dict[str, Any]) -> nn.Module:
+def build_on_meta(config: dict[str, Any], tensor_names: Collection[str] = ()) -> nn.Module:
     with torch.device("meta"):
-        return build_model(config)
+        return build_model(config, tensor_names)
 
 
 def load_model(
@@ -85,7 +86,7 @@ def load_model(
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     compute_dtype = resolve_dtype(dtype, config, dev)
-    model = build_on_meta(config)
+    model = build_on_meta(config, ckpt.index.names())
     plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel)
     t1 = time.perf_counter()
     used: set[str] = set()

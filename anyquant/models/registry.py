@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Collection
 from typing import Any
 
 from anyquant.errors import UnsupportedError
@@ -34,12 +36,18 @@ def architecture_of(config: dict[str, Any]) -> str:
     return str(archs[0])
 
 
-def build_model(config: dict[str, Any]) -> Any:
-    """Instantiate the family for `config` (callers wrap this in a meta-device context)."""
+def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> Any:
+    """Instantiate the family for `config` (callers wrap this in a meta-device context).
+
+    Families whose checkpoints come in more than one naming layout (Mixtral) also take the
+    checkpoint's tensor names; the others need only the config."""
     arch = architecture_of(config)
     if arch not in _ARCHITECTURES:
         raise UnsupportedError(
             f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}"
         )
     module, fn = _ARCHITECTURES[arch]
-    return getattr(importlib.import_module(module), fn)(config)
+    builder = getattr(importlib.import_module(module), fn)
+    if "tensor_names" in inspect.signature(builder).parameters:
+        return builder(config, tensor_names=tensor_names)
+    return builder(config)

@@ -125,7 +125,7 @@ def quantize_checkpoint(
         shutil.rmtree(dst_path)
     dst_path.mkdir(parents=True, exist_ok=True)
     config = ckpt.text_config()
-    model = build_on_meta(config)
+    model = build_on_meta(config, ckpt.index.names())
     skip_res = [re.compile(p) for p in (skip or [])]
     candidates = {
         layer.prefix: layer for layer in linear_layers(model) if layer.kind != "lm_head" or quantize_lm_head

@@ -35,11 +35,6 @@ KNOWN: dict[str, tuple[str, type[Exception]]] = {
         "test_int8_activations_match_the_reference_with_the_127_divisor checks everything else",
         AssertionError,
     ),
-    "mixtral-gptq-4bit-g128-asym-gptqmodel": (
-        "GPT-QModel 7.7 writes Mixtral as model.layers.N.mlp.gate / mlp.experts.E.{gate,up,down}_proj; "
-        "anyquant's Mixtral reads only block_sparse_moe.gate / block_sparse_moe.experts.E.{w1,w3,w2}",
-        TensorError,
-    ),
 }
 
 
