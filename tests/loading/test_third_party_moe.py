@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from anyquant import LLM, SamplingParams
-from anyquant.errors import TensorError, UnsupportedError
+from anyquant.errors import UnsupportedError
 
 pytestmark = pytest.mark.slow
 
