@@ -69,7 +69,7 @@ def fake_quantize_activations(
     """Quantize then dequantize activations `x` [T, K] exactly as a W8A8 kernel sees them (fp32)."""
     x = x.float()
     lo, hi = _act_qrange(act)
-    qmax = hi
+    qmax = act.scale_divisor or hi
     if act.dynamic:
         if act.granularity == "token":
             amax = x.abs().amax(dim=-1, keepdim=True)

@@ -29,8 +29,14 @@ class ActQuant:
     granularity: ActGranularity = "token"  # token: one scale per row of x
     group_size: int = 0  # only for "group": one scale per token per group of input channels
     symmetric: bool = True  # False only for static int8 with a stored input zero point
+    # Dynamic scale = amax / scale_divisor. None: the type's largest value (127, 448, 57344), which
+    # serving kernels (vLLM, lmdeploy) use. compressed-tensors' own reference divides int8 amax by
+    # 127.5 ((qmax - qmin) / 2); we follow each checkpoint's reference loader.
+    scale_divisor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_divisor is not None and self.scale_divisor <= 0:
+            raise ValueError(f"scale_divisor must be positive, got {self.scale_divisor}")
         if self.granularity == "group" and self.group_size <= 0:
             raise ValueError("group activation quantization needs a positive group_size")
         if self.dynamic and not self.symmetric:

