@@ -2,14 +2,17 @@
 
 Owns the user-facing offline API (vLLM-like names). Generation runs on the same `Engine` as the
 server (continuous batching over a paged KV cache); scoring runs one sequence through a private
-cache. Non-finite logits are never turned into tokens: they raise `NumericsError`.
+cache. Non-finite logits are never turned into tokens: they raise `NumericsError`. With
+`tensor_parallel_size=N` this process is rank 0 and drives N-1 worker ranks (parallel/workers.py).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,14 +49,30 @@ class LLM:
         debug_numerics: bool = False,
         max_num_seqs: int = 64,
         kv_cache_gb: float | None = None,
+        tp_timeout_s: float | None = None,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
-        first layer whose output overflowed (costs nothing until a failure)."""
-        if tensor_parallel_size != 1:
-            raise AnyquantError("tensor_parallel_size > 1 is not available yet in this build")
+        first layer whose output overflowed (costs nothing until a failure).
+
+        `tensor_parallel_size=N > 1`: N ranks (gloo on CPU, NCCL on CUDA), each holding 1/N of the
+        split layers; workers are spawned (a script must then guard its entry point with
+        `if __name__ == "__main__":`, as multiprocessing requires), or started by torchrun when its
+        environment variables are set (then only rank 0 returns from here; the other ranks serve
+        it and exit). Each rank uses cores / N torch threads, this process included.
+        `tp_timeout_s`: how long a collective waits for a silent rank before failing (default 30)."""
+        if tensor_parallel_size < 1:
+            raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
-        self.loaded: LoadedModel = load_model(model, device=device, dtype=dtype, kernel=kernel)
-        self.model = self.loaded.model
+        self._tp: Any = None
+        if tensor_parallel_size > 1:
+            self.loaded, self._tp = _start_tensor_parallel(
+                model, device, dtype, kernel, tensor_parallel_size, tp_timeout_s
+            )
+            self._closer = weakref.finalize(self, self._tp.close)
+            self.model: Any = self._tp
+        else:
+            self.loaded = load_model(model, device=device, dtype=dtype, kernel=kernel)
+            self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
         limit = int(self.loaded.config.get("max_position_embeddings", 2048))
@@ -74,6 +93,17 @@ class LLM:
             self.dtype,
             self.device,
         )
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers now (otherwise when this object is collected); no-op at N=1."""
+        if self._tp is not None:
+            self._closer()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- scoring -----------------------------------------------------------------------------
     def _check_length(self, n: int) -> None:
@@ -96,7 +126,7 @@ class LLM:
         dtype = str(self.dtype).removeprefix("torch.")
         if self.debug_numerics:
             seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
-            layer = first_nonfinite_module(self.model, lambda: seq.forward(ids, 0))
+            layer = first_nonfinite_module(self.loaded.model, lambda: seq.forward(ids, 0))
             where = f"; first non-finite output: {layer}" if layer else ""
         else:
             where = "; run with debug_numerics=True (--debug-numerics) to name the first overflowing layer"
@@ -183,3 +213,23 @@ class LLM:
             )
             for i, (prompt, ids) in enumerate(requests)
         ]
+
+
+def _start_tensor_parallel(
+    model: str | Path, device: str, dtype: str, kernel: str | None, world: int, timeout_s: float | None
+) -> tuple[LoadedModel, Any]:
+    """Check the split from headers first (a refusal needs no processes), then start the ranks."""
+    from anyquant.loading.describe import check_tensor_parallel
+    from anyquant.parallel.state import DEFAULT_TIMEOUT_S
+    from anyquant.parallel.workers import LoadRequest, start_tensor_parallel
+
+    check_tensor_parallel(model, world)
+    request = LoadRequest(
+        str(Path(model).resolve()),
+        device,
+        dtype,
+        kernel,
+        DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+        max(1, torch.get_num_threads() // world),
+    )
+    return start_tensor_parallel(request, world)

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
     parser.add_argument(
+        "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
+    )
+    parser.add_argument(
         "--debug-numerics",
         action="store_true",
         help="on non-finite logits, name the first layer whose output overflowed",
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         kernel=args.kernel,
         debug_numerics=args.debug_numerics,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     t1 = time.perf_counter()
     prompt = args.prompt

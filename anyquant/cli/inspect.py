@@ -1,4 +1,6 @@
-"""`anyquant inspect MODEL`: what each layer is, which kernel runs it and why, from headers only."""
+"""`anyquant inspect MODEL [--tp N]`: what each layer is, which kernel runs it and why, and how it
+splits over N tensor-parallel ranks, from headers only. Exits 1, reason first, when the model
+cannot run as asked."""
 
 from __future__ import annotations
 
@@ -13,6 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device the kernel choice is made for")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--kernel", default=None, help="pretend this kernel is forced for quantized layers")
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N", help="plan N tensor-parallel ranks (per-rank view)"
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="KV-cache length for the memory estimate (default: the model's)",
+    )
 
 
 def _mib(n: int) -> str:
@@ -20,6 +31,9 @@ def _mib(n: int) -> str:
 
 
 def print_text(doc: dict[str, Any]) -> None:
+    tp = doc["tensor_parallel"]
+    if not tp["ok"]:
+        print(f"cannot run with tensor-parallel size {tp['size']}: {tp['reason']}\n")
     fmt = doc["format"]
     print(f"model:        {doc['model']}")
     print(f"architecture: {doc['architecture']}")
@@ -38,6 +52,11 @@ def print_text(doc: dict[str, Any]) -> None:
         scheme = g["scheme"]["description"] if g["scheme"] else "unquantized"
         shape = "x".join(map(str, g["shape"])) if g["shape"] else "mixed shapes"
         print(f"{g['pattern']}  ×{g['count']}  [{shape}]  {scheme}")
+        if g["split"] != "replicated" or tp["size"] > 1:
+            local = "x".join(map(str, g["local_shape"])) if g["local_shape"] else "mixed shapes"
+            local_scheme = g["local_scheme"]["description"] if g["local_scheme"] else "unquantized"
+            changed = f", {local_scheme}" if local_scheme != scheme else ""
+            print(f"    per rank: {g['split']} [{local}]{changed}")
         stored = ", ".join(f"{k} {v}" for k, v in g["stored"].items())
         print(f"    stored: {stored}  ({_mib(g['bytes'])})")
         print(f"    kernel: {g['kernel']}")
@@ -47,14 +66,46 @@ def print_text(doc: dict[str, Any]) -> None:
         print("\nconfig and tensors disagree (tensors win):")
         for note in doc["notes"]:
             print(f"  - {note}")
+    print_tensor_parallel(tp)
+    if doc["risks"]:
+        print("\nrisks:")
+        for risk in doc["risks"]:
+            print(f"  - {risk}")
+
+
+def print_tensor_parallel(tp: dict[str, Any]) -> None:
+    works = [k for k, why in tp["sizes"].items() if why is None]
+    print(f"\ntensor-parallel sizes that work: {', '.join(works) or 'none'}")
+    for size, why in tp["sizes"].items():
+        if why is not None:
+            print(f"  not {size}: {why}")
+    for pad in tp["padding"]:
+        print(
+            f"padding: {pad['pattern']} ({pad['role']}, ×{pad['count']}): {pad['size']} -> {pad['local_size']} "
+            f"per rank in units of {pad['unit']}, zero entries per rank {pad['padding_per_rank']}"
+        )
+    mem = tp["memory_per_rank"]
+    print(
+        f"memory per rank (estimate, tp={tp['size']}): {_mib(mem['total'])} = linear weights "
+        f"{_mib(mem['linear_weights'])} + other weights {_mib(mem['other_weights'])} + KV cache "
+        f"{_mib(mem['kv_cache_at_max_model_len'])} at {mem['max_model_len']} tokens "
+        f"({mem['kv_cache_per_token']} bytes per token)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from anyquant.loading.describe import describe_checkpoint
 
-    doc = describe_checkpoint(args.model, device=args.device, dtype=args.dtype, kernel=args.kernel)
+    doc = describe_checkpoint(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kernel=args.kernel,
+        tp=args.tp,
+        max_model_len=args.max_model_len,
+    )
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print_text(doc)
-    return 0
+    return 0 if doc["tensor_parallel"]["ok"] else 1

@@ -8,13 +8,19 @@ paged KV cache) is the `AttentionContext`'s business, not the layer's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.state import ParallelState
 
 
 class AttentionContext(ABC):
@@ -44,7 +50,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
     return out.transpose(0, 1).reshape(t, -1)
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, TensorParallelLayer):
     def __init__(
         self,
         prefix: str,
@@ -66,14 +72,40 @@ class Attention(nn.Module):
             )
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = QuantLinear(f"{prefix}.q_proj", hidden_size, num_heads * head_dim, qkv_bias)
-        self.k_proj = QuantLinear(f"{prefix}.k_proj", hidden_size, num_kv_heads * head_dim, qkv_bias)
-        self.v_proj = QuantLinear(f"{prefix}.v_proj", hidden_size, num_kv_heads * head_dim, qkv_bias)
-        self.o_proj = QuantLinear(f"{prefix}.o_proj", num_heads * head_dim, hidden_size, o_bias)
+        self.prefix = prefix
+        self.q_proj = QuantLinear(
+            f"{prefix}.q_proj", hidden_size, num_heads * head_dim, qkv_bias, style="column"
+        )
+        self.k_proj = QuantLinear(
+            f"{prefix}.k_proj", hidden_size, num_kv_heads * head_dim, qkv_bias, style="column"
+        )
+        self.v_proj = QuantLinear(
+            f"{prefix}.v_proj", hidden_size, num_kv_heads * head_dim, qkv_bias, style="column"
+        )
+        self.o_proj = QuantLinear(f"{prefix}.o_proj", num_heads * head_dim, hidden_size, o_bias, style="row")
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rotary = rotary
         self.scale = head_dim**-0.5
+
+    # -- tensor parallelism: query heads split, KV heads split or replicated -----------------------
+    def split_groups(self) -> list[SplitGroup]:
+        d = self.head_dim
+        return [
+            SplitGroup("heads", self.prefix, self.num_heads, ((self.q_proj, d),), ((self.o_proj, d),)),
+            SplitGroup(
+                "kv_heads",
+                self.prefix,
+                self.num_kv_heads,
+                ((self.k_proj, d), (self.v_proj, d)),
+                query_heads=self.num_heads,
+                cached=True,
+            ),
+        ]
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        self.num_heads = partitions["heads"].local_size
+        self.num_kv_heads = partitions["kv_heads"].local_size
 
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext

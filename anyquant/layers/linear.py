@@ -1,21 +1,45 @@
 """`QuantLinear`: a linear layer whose math is delegated to the kernel chosen for its weight.
 
-Owns the layer's identity (checkpoint prefix, kind, shape) and its bias. It never looks at what
-the kernel holds: the loader hands it a ready kernel through `set_kernel`.
+Owns the layer's identity (checkpoint prefix, kind, shape), its bias and its tensor-parallel
+style: a row-parallel layer sums its ranks' partial outputs (and adds its bias once), a
+vocab-parallel head gathers its ranks' logits on rank 0. It never looks at what the kernel holds:
+the loader hands it a ready kernel through `set_kernel`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 from torch import Tensor, nn
 
+from anyquant.parallel.comm import all_reduce, gather_last_dim
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.spec import LayerKind
+
+if TYPE_CHECKING:
+    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.state import ParallelState
+
+# replicated: every rank holds the whole weight; column: output features split; row: input
+# features split, outputs summed over ranks; vocab: a column-split LM head gathered on rank 0.
+ParallelStyle = Literal["replicated", "column", "row", "vocab"]
+# heads / kv_heads: whole attention heads (never padded); channels / vocab: zero-paddable entries.
+SplitRole = Literal["heads", "kv_heads", "channels", "vocab"]
 
 
 class QuantLinear(nn.Module):
     def __init__(
-        self, prefix: str, in_features: int, out_features: int, bias: bool = False, kind: LayerKind = "linear"
+        self,
+        prefix: str,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        kind: LayerKind = "linear",
+        style: ParallelStyle = "replicated",
+        reduce_output: bool = True,
     ) -> None:
         super().__init__()
         self.prefix = prefix
@@ -24,6 +48,11 @@ class QuantLinear(nn.Module):
         self.kind: LayerKind = kind
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: LinearKernel | None = None
+        self.style: ParallelStyle = style
+        # Row style: sum over ranks here; False when the caller sums many such layers at once (MoE).
+        self.reduce_output = reduce_output
+        self.full_out_features = out_features  # vocab style: width of the gathered logits
+        self.parallel: ParallelState | None = None  # set when this layer talks to other ranks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -32,12 +61,62 @@ class QuantLinear(nn.Module):
     def set_kernel(self, kernel: LinearKernel) -> None:
         self.kernel = kernel
 
+    def parallelize(self, shape: tuple[int, int], state: ParallelState) -> None:
+        """Become this rank's shard, of local shape (out, in). A row layer keeps its whole bias."""
+        out_features, in_features = shape
+        if self.bias is not None and self.style != "row" and out_features != self.out_features:
+            self.bias = nn.Parameter(torch.empty(out_features, device=self.bias.device), requires_grad=False)
+        self.out_features, self.in_features = out_features, in_features
+        self.parallel = state if self.style in ("row", "vocab") and state.is_parallel else None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel is None:
             raise RuntimeError(f"{self.prefix}: no weight loaded")
-        return self.kernel(x, self.bias)
+        if self.parallel is None:
+            return self.kernel(x, self.bias)
+        return self._parallel_forward(x, self.kernel, self.parallel)
+
+    def _parallel_forward(self, x: Tensor, kernel: LinearKernel, state: ParallelState) -> Tensor:
+        if self.style == "vocab":
+            return gather_last_dim(kernel(x, self.bias), state, self.full_out_features)
+        y = kernel(x, None)
+        if self.reduce_output:
+            y = all_reduce(y, state)
+        elif state.rank != 0:
+            return y  # the caller's sum adds rank 0's bias exactly once
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
+        style = "" if self.style == "replicated" else f", {self.style}"
         return (
-            f"{self.prefix!r}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+            f"{self.prefix!r}, in={self.in_features}, out={self.out_features}, "
+            f"bias={self.bias is not None}{style}"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class SplitGroup:
+    """Linears that tensor parallelism splits along one shared dimension (formats.md §10.1).
+
+    `columns` produce the dimension (their out_features are split), `rows` consume it (their
+    in_features are split); each member says how many features one unit is (head_dim for heads,
+    1 for channels). Fused projections are listed per member, so each is split on its own.
+    """
+
+    role: SplitRole
+    name: str  # for messages, e.g. "model.layers.0.mlp"
+    units: int
+    columns: tuple[tuple[QuantLinear, int], ...]
+    rows: tuple[tuple[QuantLinear, int], ...] = ()
+    query_heads: int = 0  # kv_heads: the query heads that share them (replication rule)
+    cached: bool = False  # the KV cache stores one entry per unit of this group
+
+
+class TensorParallelLayer:
+    """Mixin of layers that own a split dimension or need the parallel state at run time."""
+
+    def split_groups(self) -> list[SplitGroup]:
+        return []
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        """Adopt this rank's share: `partitions` maps each of `split_groups()`' roles to its split."""

@@ -8,17 +8,22 @@ It caches expanded per-head keys and values through the ordinary attention conte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
 from anyquant.layers.attention import AttentionContext
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding, yarn_mscale
+
+if TYPE_CHECKING:
+    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.state import ParallelState
 
 # The two latent norms are built without the config's rms_norm_eps in both the reference DeepSeek
 # code and transformers, so they always use the RMSNorm default.
@@ -68,13 +73,15 @@ def mla_softmax_scale(qk_head_dim: int, rope: dict[str, Any]) -> float:
     return scale
 
 
-class MLAttention(nn.Module):
+class MLAttention(nn.Module, TensorParallelLayer):
     """Latent attention with `Attention.forward`'s signature.
 
     The cache holds expanded keys [T, H, nope + rope] and values [T, H, v] per layer (the cache
     shape the family hands to `DecoderLM`). The planned memory optimisation is a compressed cache
     of one latent [kv_lora_rank + qk_rope_head_dim] per token, with `kv_b_proj` absorbed into the
     query and output sides at decode time; it needs a cache that stores one vector per token.
+    Tensor parallelism splits heads: the per-head projections (`q_proj` / `q_b_proj`,
+    `kv_b_proj`, `o_proj`) are cut by heads, the low-rank `*_a_proj` layers are replicated.
     """
 
     def __init__(
@@ -98,12 +105,13 @@ class MLAttention(nn.Module):
         self.q_a_proj: QuantLinear | None = None
         self.q_a_layernorm: RMSNorm | None = None
         self.q_b_proj: QuantLinear | None = None
+        self.prefix = prefix
         if dims.q_lora_rank is None:
-            self.q_proj = QuantLinear(f"{prefix}.q_proj", hidden_size, h * dqk)
+            self.q_proj = QuantLinear(f"{prefix}.q_proj", hidden_size, h * dqk, style="column")
         else:
             self.q_a_proj = QuantLinear(f"{prefix}.q_a_proj", hidden_size, dims.q_lora_rank, attention_bias)
             self.q_a_layernorm = RMSNorm(dims.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = QuantLinear(f"{prefix}.q_b_proj", dims.q_lora_rank, h * dqk)
+            self.q_b_proj = QuantLinear(f"{prefix}.q_b_proj", dims.q_lora_rank, h * dqk, style="column")
         self.kv_a_proj_with_mqa = QuantLinear(
             f"{prefix}.kv_a_proj_with_mqa",
             hidden_size,
@@ -112,11 +120,27 @@ class MLAttention(nn.Module):
         )
         self.kv_a_layernorm = RMSNorm(dims.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = QuantLinear(
-            f"{prefix}.kv_b_proj", dims.kv_lora_rank, h * (dims.qk_nope_head_dim + dims.v_head_dim)
+            f"{prefix}.kv_b_proj",
+            dims.kv_lora_rank,
+            h * (dims.qk_nope_head_dim + dims.v_head_dim),
+            style="column",
         )
-        self.o_proj = QuantLinear(f"{prefix}.o_proj", h * dims.v_head_dim, hidden_size, attention_bias)
+        self.o_proj = QuantLinear(
+            f"{prefix}.o_proj", h * dims.v_head_dim, hidden_size, attention_bias, style="row"
+        )
         self.rotary = rotary
         self.scale = scale
+
+    def split_groups(self) -> list[SplitGroup]:
+        d = self.dims
+        query = self.q_proj if self.q_proj is not None else self.q_b_proj
+        assert query is not None
+        columns = ((query, d.qk_head_dim), (self.kv_b_proj, d.qk_nope_head_dim + d.v_head_dim))
+        rows = ((self.o_proj, d.v_head_dim),)
+        return [SplitGroup("heads", self.prefix, d.num_heads, columns, rows, cached=True)]
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        self.dims = replace(self.dims, num_heads=partitions["heads"].local_size)
 
     def _query(self, x: Tensor) -> Tensor:
         if self.q_proj is not None:

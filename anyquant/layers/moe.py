@@ -9,16 +9,22 @@ so every format and every linear kernel applies to experts unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
 from anyquant.layers.activation import activation
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
+from anyquant.parallel.comm import all_reduce
+
+if TYPE_CHECKING:
+    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.state import ParallelState
 
 Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
@@ -146,8 +152,11 @@ class Router(QuantLinear):
         return route(self(x), self.cfg, self.e_score_correction_bias)
 
 
-class ExpertMLP(nn.Module):
-    """One routed expert: down(act(gate(x)) * up(x)), its projections of kind "experts"."""
+class ExpertMLP(nn.Module, TensorParallelLayer):
+    """One routed expert: down(act(gate(x)) * up(x)), its projections of kind "experts".
+
+    Under tensor parallelism every rank holds a slice of every expert's intermediate dimension
+    (formats.md §10.1); `SparseMoE` sums the ranks' outputs once for all experts."""
 
     def __init__(
         self,
@@ -159,16 +168,40 @@ class ExpertMLP(nn.Module):
     ) -> None:
         super().__init__()
         gate, up, down = names
-        self.gate_proj = QuantLinear(f"{prefix}.{gate}", hidden_size, intermediate_size, kind="experts")
-        self.up_proj = QuantLinear(f"{prefix}.{up}", hidden_size, intermediate_size, kind="experts")
-        self.down_proj = QuantLinear(f"{prefix}.{down}", intermediate_size, hidden_size, kind="experts")
+        self.prefix = prefix
+        self.gate_proj = QuantLinear(
+            f"{prefix}.{gate}", hidden_size, intermediate_size, kind="experts", style="column"
+        )
+        self.up_proj = QuantLinear(
+            f"{prefix}.{up}", hidden_size, intermediate_size, kind="experts", style="column"
+        )
+        self.down_proj = QuantLinear(
+            f"{prefix}.{down}",
+            intermediate_size,
+            hidden_size,
+            kind="experts",
+            style="row",
+            reduce_output=False,
+        )
         self.act = activation(act)
+
+    def split_groups(self) -> list[SplitGroup]:
+        units = self.down_proj.in_features
+        return [
+            SplitGroup(
+                "channels",
+                self.prefix,
+                units,
+                ((self.gate_proj, 1), (self.up_proj, 1)),
+                ((self.down_proj, 1),),
+            )
+        ]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(nn.Module, TensorParallelLayer):
     """Router -> top-k experts per token -> weighted sum (+ shared experts), returned in fp32.
 
     prefix: the checkpoint module of the block (`model.layers.3.mlp`, Mixtral's
@@ -203,8 +236,11 @@ class SparseMoE(nn.Module):
         )
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: QuantLinear | None = None
+        self.parallel: ParallelState | None = None
         if shared_name is not None and shared_size > 0:
-            self.shared_expert = GatedMLP(f"{prefix}.{shared_name}", hidden_size, shared_size, act)
+            self.shared_expert = GatedMLP(
+                f"{prefix}.{shared_name}", hidden_size, shared_size, act, reduce_output=False
+            )
             if shared_gate:
                 self.shared_expert_gate = QuantLinear(
                     f"{prefix}.shared_expert_gate", hidden_size, 1, kind="router"
@@ -219,7 +255,13 @@ class SparseMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x.float()).float())
             out = out + shared
+        if self.parallel is not None:
+            # Routed and shared experts' row-parallel partial sums, reduced once for the block.
+            out = all_reduce(out, self.parallel)
         return out
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        self.parallel = state if state.is_parallel else None
 
     def _routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Sort the (token, slot) pairs by expert so each selected expert runs once on its tokens."""

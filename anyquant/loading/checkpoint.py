@@ -273,12 +273,7 @@ class Checkpoint:
         return self.config
 
     # -- data --------------------------------------------------------------------------------
-    def read(self, name: str) -> Tensor:
-        """Read one tensor into CPU memory (copy; the file may be closed afterwards)."""
-        info = self.index.info(name)
-        if info.numel == 0:
-            # Empty tensors have no bytes to map; build them directly (formats.md §11.9).
-            return torch.empty(info.shape, dtype=info.torch_dtype)
+    def _handle(self, info: TensorInfo) -> Any:
         handle = self._handles.get(info.file)
         if handle is None:
             from safetensors import safe_open
@@ -288,8 +283,36 @@ class Checkpoint:
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"{self.path / info.file}: cannot open: {exc}") from exc
             self._handles[info.file] = handle
+        return handle
+
+    def read(self, name: str) -> Tensor:
+        """Read one tensor into CPU memory (copy; the file may be closed afterwards)."""
+        info = self.index.info(name)
+        if info.numel == 0:
+            # Empty tensors have no bytes to map; build them directly (formats.md §11.9).
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        handle = self._handle(info)
         try:
             return handle.get_tensor(name)
+        except Exception as exc:
+            raise TensorError(name, f"cannot read data: {exc}", file=info.file) from exc
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        """Entries [start, stop) of a 2-D tensor along `dim`, reading only those bytes (a
+        tensor-parallel rank's rows or columns of a dense weight)."""
+        info = self.index.info(name)
+        if len(info.shape) != 2 or dim not in (0, 1) or not 0 <= start <= stop <= info.shape[dim]:
+            raise TensorError(
+                name, f"cannot read [{start}, {stop}) along dim {dim} of shape {list(info.shape)}"
+            )
+        if info.numel == 0 or start == stop:
+            shape = list(info.shape)
+            shape[dim] = stop - start
+            return torch.empty(shape, dtype=info.torch_dtype)
+        handle = self._handle(info)
+        try:
+            part = handle.get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
         except Exception as exc:
             raise TensorError(name, f"cannot read data: {exc}", file=info.file) from exc
 

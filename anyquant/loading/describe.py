@@ -1,8 +1,9 @@
 """Describe a checkpoint without reading tensor data: format, per-layer scheme, kernel, notes.
 
 Owns the JSON document that `anyquant inspect --json` prints and the grouping of layers that
-share a pattern and a scheme. It uses the same plan as the loader, so what it says is what
-loading will do.
+share a pattern and a scheme; with `tp`, the per-rank view: shapes, padding, the tensor-parallel
+sizes that work, memory per rank and known risks. It uses the same plans as the loader (layer
+plan, tensor-parallel preflight), so what it says is what loading will do.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from typing import Any
 
 import torch
 
+from anyquant.errors import AnyquantError
+from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.loader import build_on_meta, resolve_dtype
 from anyquant.loading.plan import LayerPlan, plan_layers
+from anyquant.loading.preflight import (
+    TensorParallelPlan,
+    padding_report,
+    plan_tensor_parallel,
+    spec_lookup,
+    tensor_parallel_sizes,
+)
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
 from anyquant.quant.spec import QuantSpec
@@ -36,8 +46,20 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     return out
 
 
+def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
+    """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
+    ckpt = Checkpoint(path)
+    model = build_on_meta(ckpt.text_config(), ckpt.index.names())
+    return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
+
+
 def describe_checkpoint(
-    path: str | Path, device: str = "cpu", dtype: str = "auto", kernel: str | None = None
+    path: str | Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    kernel: str | None = None,
+    tp: int = 1,
+    max_model_len: int | None = None,
 ) -> dict[str, Any]:
     ckpt = Checkpoint(path)
     config = ckpt.text_config()
@@ -45,19 +67,26 @@ def describe_checkpoint(
     dev = torch.device(device)
     compute_dtype = resolve_dtype(dtype, config, dev)
     model = build_on_meta(config, ckpt.index.names())
-    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel)
+    tp_plan, tp_error = None, None
+    if tp != 1:
+        try:
+            tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp)
+        except AnyquantError as exc:
+            tp_error = str(exc)
+    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan)
     source = ckpt.quant_config()
-    groups: dict[tuple[str, str, str], list[LayerPlan]] = {}
+    groups: dict[tuple[str, str, str, str], list[LayerPlan]] = {}
     for plan in plans:
         key = (
             layer_pattern(plan.prefix),
             plan.spec.describe() if plan.spec else "unquantized",
             plan.kernel.name,
+            plan.shard.style if plan.shard else "replicated",
         )
         groups.setdefault(key, []).append(plan)
     group_docs = []
     total_bytes = 0
-    for (pattern, _, _), members in groups.items():
+    for (pattern, _, _, split), members in groups.items():
         first = members[0]
         stored: dict[str, str] = {}
         nbytes = 0
@@ -82,8 +111,31 @@ def describe_checkpoint(
                 "bytes": nbytes,
                 "kernel": first.kernel.name,
                 "rejected_kernels": [{"kernel": k, "reason": r} for k, r in first.kernel.rejected],
+                "split": split,
+                "local_shape": list(first.local_shape)
+                if all(p.local_shape == first.local_shape for p in members)
+                else None,
+                "local_scheme": spec_json(first.local_spec),
             }
         )
+    risks = []
+    trained = str(config.get("torch_dtype") or config.get("dtype") or "")
+    if compute_dtype == torch.float16 and trained == "bfloat16":
+        risks.append(
+            "bfloat16-trained model asked to run in float16: activations beyond 65504 overflow to inf "
+            "(non-finite logits fail the request); prefer --dtype bfloat16 or float32"
+        )
+    if tp_plan is not None:
+        risks += tp_plan.risks
+    length = max_model_len or int(config.get("max_position_embeddings", 2048))
+    tp_doc = {
+        "size": tp,
+        "ok": tp_error is None,
+        "reason": tp_error,
+        "sizes": {str(k): v for k, v in tensor_parallel_sizes(model, spec_lookup(fmt)).items()},
+        "padding": padding_report(tp_plan, layer_pattern) if tp_plan else [],
+        "memory_per_rank": memory_per_rank(ckpt, model, plans, tp_plan, compute_dtype, length),
+    }
     return {
         "model": str(ckpt.path),
         "architecture": architecture_of(config),
@@ -97,6 +149,8 @@ def describe_checkpoint(
         "device": str(dev),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "notes": list(fmt.notes) if fmt else [],
+        "risks": risks,
+        "tensor_parallel": tp_doc,
         "groups": group_docs,
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
@@ -105,4 +159,55 @@ def describe_checkpoint(
             "linear_weight_bytes": total_bytes,
             "checkpoint_tensors": len(ckpt.index),
         },
+    }
+
+
+def memory_per_rank(
+    ckpt: Checkpoint,
+    model: Any,
+    plans: list[LayerPlan],
+    tp: TensorParallelPlan | None,
+    compute_dtype: torch.dtype,
+    max_model_len: int,
+) -> dict[str, int]:
+    """Estimated bytes one rank holds: its share of the linear weights (quantized layers at their
+    stored size, dense ones in the compute dtype), other parameters, and the KV cache."""
+    itemsize = compute_dtype.itemsize
+    linear = 0
+    for plan in plans:
+        out_l, in_l = plan.local_shape
+        share = (out_l * in_l) / max(plan.shape[0] * plan.shape[1], 1)
+        if plan.spec is None:
+            linear += out_l * in_l * itemsize
+        else:
+            stored = sum(
+                info.numel * info.torch_dtype.itemsize
+                for n in plan.stored.all()
+                if (info := ckpt.index.get(n))
+            )
+            linear += int(stored * share)
+    other = itemsize * sum(
+        param.numel()
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+        if not (isinstance(module, QuantLinear) and name == "bias")  # biases: counted as replicated below
+    )
+    other += itemsize * sum(
+        p.bias.numel() for p in model.modules() if isinstance(p, QuantLinear) and p.bias is not None
+    )
+    vocab = next((s.partition for s in tp.splits if s.group.role == "vocab"), None) if tp else None
+    if vocab is not None:  # the embedding table is vocab-parallel like the LM head
+        rows = model.model.embed_tokens.weight.shape[1] * itemsize
+        other -= (vocab.size - vocab.local_size) * rows
+    shape = model.cache_shape
+    heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads
+    per_token = model.args.num_layers * heads * (shape.k_dim + shape.v_dim) * itemsize
+    kv = per_token * max_model_len
+    return {
+        "linear_weights": linear,
+        "other_weights": other,
+        "kv_cache_per_token": per_token,
+        "max_model_len": max_model_len,
+        "kv_cache_at_max_model_len": kv,
+        "total": linear + other + kv,
     }

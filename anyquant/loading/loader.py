@@ -1,9 +1,10 @@
 """THE weight-loading path: model directory -> model with every weight in place, on a device.
 
 Order is fixed: read a layer's stored tensors -> format.decode -> canonical QuantWeight ->
-kernel.load (repack once) -> drop the temporaries, one layer at a time, so peak memory is the
-model plus about one layer. Strict: a missing tensor, a shape mismatch or an unused checkpoint
-tensor is an error naming it.
+shard (tensor parallelism: this rank's rows or columns, zero-padded) -> kernel.load (repack
+once) -> drop the temporaries, one layer at a time, so peak memory is the model (this rank's
+share of it) plus about one layer. Dense tensors are read only where this rank needs them.
+Strict: a missing tensor, a shape mismatch or an unused checkpoint tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError, TensorError, UnsupportedError
+from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
+from anyquant.loading.preflight import (
+    LinearShard,
+    TensorParallelPlan,
+    apply_tensor_parallel,
+    plan_tensor_parallel,
+    spec_lookup,
+)
+from anyquant.loading.sharding import gather_segments, shard_quant, shard_vector
 from anyquant.models.registry import build_model
+from anyquant.parallel.state import ParallelState
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import QuantFormat
 from anyquant.quant.registry import choose_kernel
@@ -43,6 +54,8 @@ class LoadedModel:
     device: torch.device
     plans: list[LayerPlan]
     timings: dict[str, float] = field(default_factory=dict)
+    parallel: ParallelState = field(default_factory=ParallelState)
+    tp_plan: TensorParallelPlan | None = None
 
 
 def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: torch.device) -> torch.dtype:
@@ -79,20 +92,27 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "auto",
     kernel: str | None = None,
+    parallel: ParallelState | None = None,
 ) -> LoadedModel:
+    """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer."""
     t0 = time.perf_counter()
     dev = torch.device(device)
+    parallel = parallel or ParallelState()
     ckpt = Checkpoint(path)
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     compute_dtype = resolve_dtype(dtype, config, dev)
     model = build_on_meta(config, ckpt.index.names())
-    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel)
+    tp = plan_tensor_parallel(model, spec_lookup(fmt), parallel.world_size) if parallel.is_parallel else None
+    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp)
+    if tp is not None:
+        with torch.device("meta"):
+            apply_tensor_parallel(model, tp, parallel)
     t1 = time.perf_counter()
     used: set[str] = set()
     layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
     for plan in plans:
-        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel)
+        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel, parallel.rank)
     _load_plain(ckpt, model, compute_dtype, dev, used)
     _check_unused(ckpt, fmt, model, used)
     model.to(dev)
@@ -117,6 +137,8 @@ def load_model(
         dev,
         plans,
         {"read_and_plan": t1 - t0, "load_and_repack": t2 - t1},
+        parallel,
+        tp,
     )
 
 
@@ -129,8 +151,10 @@ def _load_linear(
     device: torch.device,
     used: set[str],
     prefer: str | None = None,
+    rank: int = 0,
 ) -> None:
     weight: QuantWeight | Tensor
+    shard = plan.shard
     if plan.spec is not None and fmt is not None:
         for name in plan.stored.required:
             if name not in ckpt.index:
@@ -148,31 +172,41 @@ def _load_linear(
                 f"decodes to [out, in] = {list(weight.shape)} but the model expects "
                 f"{list(plan.shape)} (from config.json)",
             )
+        if shard is not None:
+            weight = shard_quant(weight, shard.style, shard.partition, rank, plan.prefix)
         used.update(names)
     else:
         name = plan.stored.required[0]
-        weight = ckpt.read(name)
-        if tuple(weight.shape) != plan.shape:
+        info = ckpt.index.info(name)
+        if info.shape != plan.shape:
             raise TensorError(
-                name, f"shape {list(weight.shape)}, expected {list(plan.shape)} (from config.json)"
+                name, f"shape {list(info.shape)}, expected {list(plan.shape)} (from config.json)"
             )
-        if not weight.is_floating_point():
-            raise TensorError(name, f"dtype {weight.dtype} for an unquantized layer; expected a float dtype")
+        if not info.torch_dtype.is_floating_point:
+            raise TensorError(
+                name, f"dtype {info.torch_dtype} for an unquantized layer; expected a float dtype"
+            )
+        weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
         used.add(name)
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
-    if isinstance(weight, QuantWeight) and weight.spec != plan.spec:
+    if isinstance(weight, QuantWeight) and weight.spec != plan.local_spec:
         # The plan's spec comes from headers; decode may refine it from the data (a g_idx that
         # turns out trivial, zero points that contradict `sym`). Choose again for what we hold.
-        kernel_cls = choose_kernel(weight.spec, plan.kind, device, plan.shape, dtype, prefer=prefer).kernel
+        again = prefer
+        if again is None and shard is not None and shard.style == "row" and weight.spec.act_order:
+            again = "reference"  # as plan_layers decides for act-order row shards
+        kernel_cls = choose_kernel(
+            weight.spec, plan.kind, device, plan.local_shape, dtype, prefer=again
+        ).kernel
         log.info(
             "%s: stored as %s (headers suggested %s); kernel %s",
             plan.prefix,
             weight.spec.describe(),
-            plan.spec.describe() if plan.spec else "unquantized",
+            plan.local_spec.describe() if plan.local_spec else "unquantized",
             kernel_cls.name,
         )
-    kernel = kernel_cls(plan.shape, dtype)
+    kernel = kernel_cls(plan.local_shape, dtype)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
     if plan.bias is not None:
@@ -181,8 +215,20 @@ def _load_linear(
         bias = ckpt.read(plan.bias)
         if tuple(bias.shape) != (plan.shape[0],):
             raise TensorError(plan.bias, f"shape {list(bias.shape)}, expected [{plan.shape[0]}]")
+        if shard is not None and shard.style == "column":
+            bias = shard_vector(bias, shard.partition, rank)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         used.add(plan.bias)
+
+
+def _read_dense_shard(ckpt: Checkpoint, name: str, shard: LinearShard, rank: int) -> Tensor:
+    """Only this rank's rows (column style) or columns (row style) of a dense weight, zero-padded."""
+    dim = 0 if shard.style == "column" else 1
+    info = ckpt.index.info(name)
+    like = torch.empty([0 if d == dim else n for d, n in enumerate(info.shape)], dtype=info.torch_dtype)
+    return gather_segments(
+        shard.partition, rank, lambda start, stop: ckpt.read_slice(name, dim, start, stop), dim, like
+    )
 
 
 def _load_plain(
@@ -204,7 +250,10 @@ def _load_plain(
             source = name if name in ckpt.index else tied.get(name, name)
             if source not in ckpt.index:
                 raise TensorError(name, "missing from the checkpoint")
-            tensor = ckpt.read(source)
+            if isinstance(module, VocabParallelEmbedding):
+                tensor = _read_vocab_rows(ckpt, source, module)
+            else:
+                tensor = ckpt.read(source)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise TensorError(
                     source, f"shape {list(tensor.shape)}, expected {list(param.shape)} (from config.json)"
@@ -215,6 +264,17 @@ def _load_plain(
                 tensor.to(device=device, dtype=param_dtype), requires_grad=False
             )
             used.add(source)
+
+
+def _read_vocab_rows(ckpt: Checkpoint, name: str, module: VocabParallelEmbedding) -> Tensor:
+    """This rank's rows of the embedding table (zero rows pad the vocab to equal slices)."""
+    info = ckpt.index.info(name)
+    if len(info.shape) != 2 or info.shape[0] != module.partition.size:
+        raise TensorError(name, f"shape {list(info.shape)}, expected [{module.partition.size}, hidden]")
+    like = torch.empty((0, info.shape[1]), dtype=info.torch_dtype)
+    return gather_segments(
+        module.partition, module.rank, lambda start, stop: ckpt.read_slice(name, 0, start, stop), 0, like
+    )
 
 
 def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:

@@ -2,13 +2,15 @@
 
 Computed from headers only, so `inspect` shows exactly what loading will do, and the loader
 executes the same plan. Owns the decision "quantized or not" per layer (by asking the format)
-and the kernel choice (by asking the registry); it reads no tensor data.
+and the kernel choice (by asking the registry) for the shape and spec this rank will hold; it
+reads no tensor data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +22,9 @@ from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
 from anyquant.quant.spec import LayerKind, QuantSpec
 
+if TYPE_CHECKING:
+    from anyquant.loading.preflight import LinearShard, TensorParallelPlan
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -28,8 +33,17 @@ class LayerPlan:
     shape: tuple[int, int]  # (out_features, in_features)
     spec: QuantSpec | None  # None: stored unquantized
     stored: StoredNames  # tensors that make up the weight (dense: the weight or its tied source)
-    kernel: KernelChoice
+    kernel: KernelChoice  # chosen for this rank's shard (local_shape, local_spec)
     bias: str | None  # checkpoint name of the bias, when the layer has one
+    shard: LinearShard | None = None  # tensor parallelism: how this rank's piece is cut; None: whole
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        return self.shard.local_shape if self.shard is not None else self.shape
+
+    @property
+    def local_spec(self) -> QuantSpec | None:
+        return self.shard.local_spec if self.shard is not None else self.spec
 
 
 def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +64,9 @@ def plan_layers(
     device: torch.device,
     compute_dtype: torch.dtype,
     prefer_kernel: str | None = None,
+    tp: TensorParallelPlan | None = None,
 ) -> list[LayerPlan]:
+    """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards."""
     tied: dict[str, str] = getattr(model, "tied_weights", dict)()
     plans = []
     for layer in linear_layers(model):
@@ -72,7 +88,14 @@ def plan_layers(
             stored = StoredNames((name,))
         prefer = prefer_kernel if spec is not None else None
         dtype = layer_compute_dtype(kind, compute_dtype)
-        kernel = choose_kernel(spec, kind, device, layer.shape, dtype, prefer=prefer)
+        shard = tp.shards.get(prefix) if tp is not None else None
+        shape, local = layer.shape, spec
+        if shard is not None:
+            shape, local = shard.local_shape, shard.local_spec
+            if shard.style == "row" and local is not None and local.act_order and prefer is None:
+                # A row shard of an act-order layer keeps scattered groups (preflight's risks).
+                prefer = "reference"
+        kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)
         bias = f"{prefix}.bias" if layer.bias is not None else None
-        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias))
+        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard))
     return plans

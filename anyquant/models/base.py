@@ -7,19 +7,24 @@ loads weights (the loader does) or knows about quantization (QuantLinear kernels
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
 from anyquant.layers.attention import Attention, AttentionContext
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.embedding import VocabParallelEmbedding
+from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
+
+if TYPE_CHECKING:
+    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.state import ParallelState
 
 
 def require(config: dict[str, Any], key: str) -> Any:
@@ -161,8 +166,11 @@ class DecoderBody(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
-class DecoderLM(nn.Module):
-    """Decoder-only causal LM: dense families as is, MoE / MLA families through the hooks."""
+class DecoderLM(nn.Module, TensorParallelLayer):
+    """Decoder-only causal LM: dense families as is, MoE / MLA families through the hooks.
+
+    Under tensor parallelism the embedding and the LM head are vocab-parallel (the logits are
+    gathered on rank 0) and `cache_shape` holds this rank's KV heads."""
 
     def __init__(
         self,
@@ -176,11 +184,22 @@ class DecoderLM(nn.Module):
         self.args = args
         rotary = rotary or RotaryEmbedding(args.head_dim, args.rope, args.max_position)
         self.model = DecoderBody(args, rotary, make_mlp, make_attention)
-        self.lm_head = QuantLinear("lm_head", args.hidden_size, args.vocab_size, kind="lm_head")
+        self.lm_head = QuantLinear(
+            "lm_head", args.hidden_size, args.vocab_size, kind="lm_head", style="vocab"
+        )
         self.cache_shape = cache_shape or CacheShape(args.num_kv_heads, args.head_dim, args.head_dim)
 
     # Checkpoint tensors the loader may leave unused (e.g. precomputed rotary tables of old exports).
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+
+    def split_groups(self) -> list[SplitGroup]:
+        return [SplitGroup("vocab", "lm_head", self.args.vocab_size, ((self.lm_head, 1),))]
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        if state.is_parallel:
+            self.model.embed_tokens = VocabParallelEmbedding(
+                partitions["vocab"], self.args.hidden_size, state
+            )  # type: ignore[assignment]
 
     def tied_weights(self) -> dict[str, str]:
         """Checkpoint name -> name it falls back to when absent."""

@@ -95,6 +95,10 @@ class QuantWeight:
         if self.data.dtype != code_dtype(spec):
             raise TensorError(name, f"codes have dtype {self.data.dtype}, expected {code_dtype(spec)}")
         want_scale = (*lead, *expected_scale_shape(spec, self.shape))
+        if spec.act_order and self.scale.dim() == len(want_scale) and self.scale.shape[-1] >= 1:
+            # Columns reach their group through group_index, so the group count is free: a
+            # tensor-parallel row shard keeps just the groups its columns use (formats.md §10.2).
+            want_scale = (*want_scale[:-1], int(self.scale.shape[-1]))
         if tuple(self.scale.shape) != want_scale:
             raise TensorError(
                 name,
@@ -120,7 +124,7 @@ class QuantWeight:
             gi = self.group_index
             if gi is None or tuple(gi.shape) != (*lead, self.shape[1]):
                 raise TensorError(name, f"act-order needs a group index of shape {[*lead, self.shape[1]]}")
-            ng = num_groups(self.shape[1], spec.group_size)
+            ng = int(self.scale.shape[-1])
             if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= ng):
                 raise TensorError(name, f"group index values outside [0, {ng})")
         if spec.act is not None and not spec.act.dynamic and self.input_scale is None:

@@ -330,10 +330,15 @@ from anyquant.quant.spec import QuantSpec
 from tests.kernels.test_reference_kernel import random_weight
 
 print(torch.backends.cpu.get_cpu_capability(), torch_cpu._int4pack_layout())
-for spec in (QuantSpec("uint4", "group", group_size=32, has_zero=True), QuantSpec("uint3", "channel")):
+cases = [
+    (torch_cpu.CpuInt4Kernel, QuantSpec("uint4", "group", group_size=32, has_zero=True)),
+    (torch_cpu.CpuInt4Kernel, QuantSpec("uint3", "channel")),
+    (torch_cpu.CpuInt8WeightKernel, QuantSpec("int8", "channel")),
+]
+for cls, spec in cases:
     w = random_weight(spec, 200, 96, seed=0)
     for dtype in (torch.float32, torch.bfloat16):
-        fast, ref = torch_cpu.CpuInt4Kernel(w.shape, dtype), ReferenceKernel(w.shape, dtype)
+        fast, ref = cls(w.shape, dtype), ReferenceKernel(w.shape, dtype)
         fast.load(w)
         ref.load(w)
         for tokens in (3, 65):
@@ -344,9 +349,9 @@ for spec in (QuantSpec("uint4", "group", group_size=32, has_zero=True), QuantSpe
 
 
 @pytest.mark.parametrize(("isa", "layout"), [("avx2", "(32, True)"), ("default", "(32, False)")])
-def test_int4_unpacks_the_layout_of_other_isas(isa: str, layout: str) -> None:
+def test_kernels_on_other_isas(isa: str, layout: str) -> None:
     """torch packs int4 per ISA (AVX512: 64-row split blocks, AVX2: 32-row split, scalar: 32-row
-    pairs); ATEN_CPU_CAPABILITY makes this CPU use the others, so each layout is exercised."""
+    pairs) and has per-ISA fused kernels; ATEN_CPU_CAPABILITY makes this CPU use the others."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("needs an x86 CPU with AVX2")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}

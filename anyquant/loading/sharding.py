@@ -1,0 +1,444 @@
+"""Shard rules on canonical weights: which rows or columns of a layer each tensor-parallel rank holds.
+
+Owns `Partition` (one split dimension: per rank, which global entries it holds and where zero
+padding goes), the partition builders (whole units with padding, heads with KV-head replication,
+the regrouped split of formats.md §10.4), and cutting `QuantWeight`s and dense tensors by a
+partition with exact zero padding. Knows nothing about modules or processes: the preflight plan
+decides which layer is split which way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from anyquant.errors import UnsupportedError
+from anyquant.quant.spec import QuantSpec
+from anyquant.quant.weight import QuantWeight
+
+# column: the output features (weight rows) are split; row: the input features (weight columns).
+ShardStyle = Literal["column", "row"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` consecutive global entries from `start`, followed by `pad` zero entries."""
+
+    start: int
+    length: int
+    pad: int = 0
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How one dimension of `size` entries is laid out on each rank (every rank the same length)."""
+
+    size: int
+    shards: tuple[tuple[Segment, ...], ...]  # per rank, in local order
+
+    def __post_init__(self) -> None:
+        lengths = {sum(s.length + s.pad for s in segs) for segs in self.shards}
+        if len(lengths) != 1:
+            raise ValueError(f"ranks of a partition must hold equally many entries, got {sorted(lengths)}")
+
+    @property
+    def world(self) -> int:
+        return len(self.shards)
+
+    @property
+    def local_size(self) -> int:
+        return sum(s.length + s.pad for s in self.shards[0])
+
+    def padding(self, rank: int) -> int:
+        return sum(s.pad for s in self.shards[rank])
+
+    def index(self, rank: int) -> Tensor:
+        """[local_size] int64: the global entry at each local position, -1 for padding."""
+        return _index(self, rank).clone()
+
+    def scaled(self, width: int) -> Partition:
+        """The same split with every entry widened to `width` entries (heads -> channels)."""
+        return Partition(
+            self.size * width,
+            tuple(
+                tuple(Segment(s.start * width, s.length * width, s.pad * width) for s in segs)
+                for segs in self.shards
+            ),
+        )
+
+    def describe(self) -> str:
+        pads = [self.padding(r) for r in range(self.world)]
+        text = f"{self.size} -> {self.local_size} per rank"
+        if any(pads):
+            text += f" (zero padding per rank: {pads})"
+        return text
+
+
+@lru_cache(maxsize=4096)
+def _index(partition: Partition, rank: int) -> Tensor:
+    parts = []
+    for s in partition.shards[rank]:
+        parts.append(torch.arange(s.start, s.start + s.length, dtype=torch.long))
+        parts.append(torch.full((s.pad,), -1, dtype=torch.long))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+# -- partition builders ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def split_units(size: int, world: int, unit: int = 1) -> Partition:
+    """Contiguous whole `unit`s per rank, zero-padded at the end to ceil(units / world) units.
+
+    The smallest equal per-rank length made of whole units: e.g. 231 groups of 128 at world 2 give
+    116 groups per rank, the second rank padded with one zero group (formats.md §10.4).
+    """
+    if world < 1 or unit < 1:
+        raise ValueError(f"world ({world}) and unit ({unit}) must be positive")
+    units = -(-size // unit)
+    local = -(-units // world) * unit
+    shards = []
+    for rank in range(world):
+        start = min(rank * local, size)
+        length = max(0, min(size, start + local) - start)
+        shards.append((Segment(start, length, local - length),))
+    return Partition(size, tuple(shards))
+
+
+@lru_cache(maxsize=1024)
+def split_regrouped(size: int, world: int, group: int) -> Partition:
+    """formats.md §10.4 regrouping: channels split evenly, each group a rank touches padded to whole.
+
+    Rank r holds channels [r*size/world, (r+1)*size/world); every original group it touches
+    becomes one local group (its real channels, then padding), so a group cut by a rank boundary
+    keeps its scale on both sides. Ranks are padded to the longest with whole zero groups.
+    """
+    if world < 1 or group < 1:
+        raise ValueError(f"world ({world}) and group ({group}) must be positive")
+    shards: list[list[Segment]] = []
+    for rank in range(world):
+        begin, end = rank * size // world, (rank + 1) * size // world
+        segs = []
+        g = begin // group
+        while g * group < end:
+            lo, hi = max(begin, g * group), min(end, (g + 1) * group)
+            segs.append(Segment(lo, hi - lo, group - (hi - lo)))
+            g += 1
+        shards.append(segs)
+    local = max(sum(s.length + s.pad for s in segs) for segs in shards)
+    for segs in shards:
+        missing = local - sum(s.length + s.pad for s in segs)
+        if missing:
+            last = segs[-1] if segs else Segment(0, 0, 0)
+            segs[-1:] = [replace(last, pad=last.pad + missing)]
+    return Partition(size, tuple(tuple(segs) for segs in shards))
+
+
+def split_heads(num_heads: int, world: int, what: str) -> Partition:
+    """Whole heads per rank; heads cannot be padded away, so they must divide evenly."""
+    if num_heads % world:
+        raise UnsupportedError(
+            f"{what}: {num_heads} attention heads cannot be split over {world} ranks "
+            f"(tensor-parallel sizes that divide them: {', '.join(map(str, divisors(num_heads)))})"
+        )
+    return split_units(num_heads, world)
+
+
+def split_kv_heads(num_kv_heads: int, num_heads: int, world: int, what: str) -> Partition:
+    """KV heads split evenly, or replicated when there are fewer than ranks (formats.md §10.1).
+
+    Replication gives rank r the KV head its query heads use: head r * num_kv_heads // world.
+    """
+    if num_kv_heads % world == 0:
+        return split_units(num_kv_heads, world)
+    if world % num_kv_heads == 0 and num_heads % world == 0:
+        return Partition(num_kv_heads, tuple((Segment(r * num_kv_heads // world, 1),) for r in range(world)))
+    raise UnsupportedError(
+        f"{what}: {num_kv_heads} KV heads can neither be split over {world} ranks nor replicated "
+        f"({world} is not a multiple of {num_kv_heads}); with {num_heads} query heads, tensor-parallel "
+        f"sizes must divide {num_kv_heads} or be a multiple of it that divides {num_heads}"
+    )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else [1]
+
+
+# -- what a spec needs from a split --------------------------------------------------------------
+
+
+def column_unit(spec: QuantSpec | None) -> int:
+    """Rows that must stay together when a column-parallel layer is split: FP8 block rows."""
+    if spec is not None and spec.granularity == "block":
+        return spec.block_shape[0]
+    return 1
+
+
+def row_unit(spec: QuantSpec | None) -> int:
+    """Input columns that must stay together in a row-parallel split (groups, blocks, act groups).
+
+    Act-order layers count their group size too: headers cannot tell whether `g_idx` is trivial,
+    and whole groups keep the trivial case on contiguous groups after decode.
+    """
+    if spec is None:
+        return 1
+    unit = 1
+    if spec.granularity == "group":
+        unit = spec.group_size
+    elif spec.granularity == "block":
+        unit = spec.block_shape[1]
+    if spec.act is not None and spec.act.granularity == "group":
+        unit = math.lcm(unit, spec.act.group_size)
+    return unit
+
+
+def _block_map(index: Tensor, block: int) -> Tensor | None:
+    """Original block of each local block of `block` entries, -1 for all-padding blocks.
+
+    None when some local block holds real entries of two original blocks (then no per-block scale
+    can describe it)."""
+    n = index.numel()
+    nb = -(-n // block)
+    padded = torch.full((nb * block,), -1, dtype=torch.long)
+    padded[:n] = index
+    blocks = padded.view(nb, block)
+    orig = torch.where(blocks >= 0, blocks // block, -1)
+    hi = orig.amax(dim=1)
+    lo = torch.where(blocks >= 0, orig, hi.unsqueeze(1)).amin(dim=1)
+    return hi if bool((lo == hi).all()) else None
+
+
+def _common_block(partition: Partition, block: int, multiple_of: int) -> int | None:
+    """The largest divisor of `block` (a multiple of `multiple_of`) whose blocks no rank mixes.
+
+    Splitting a scale block into finer blocks that share its scale is exact (formats.md §10.4,
+    "FP8-block misalignment"); the same holds for integer groups."""
+    for size in sorted(divisors(block), reverse=True):
+        if size % multiple_of:
+            continue
+        if all(_block_map(_index(partition, r), size) is not None for r in range(partition.world)):
+            return size
+    return None
+
+
+def _whole_groups(partition: Partition, group: int) -> bool:
+    """Every original group of `group` entries lies wholly inside one local group of one rank."""
+    for rank in range(partition.world):
+        index = _index(partition, rank)
+        bmap = _block_map(index, group)
+        if bmap is None:
+            return False
+        n = index.numel()
+        padded = torch.full((bmap.numel() * group,), -1, dtype=torch.long)
+        padded[:n] = index
+        real = (padded.view(-1, group) >= 0).sum(dim=1)
+        full = torch.clamp(partition.size - bmap * group, max=group)
+        if not bool(torch.where(bmap >= 0, real == full, True).all()):
+            return False
+    return True
+
+
+def local_spec(
+    spec: QuantSpec | None, style: ShardStyle, partition: Partition, name: str
+) -> QuantSpec | None:
+    """The spec each rank's shard has: the stored one, with groups or blocks refined where the split
+    cuts through them. Raises UnsupportedError, naming `name`, when no exact shard exists."""
+    if spec is None or partition.world == 1:
+        return spec
+    result = _local_spec(spec, style, partition)
+    if isinstance(result, str):
+        raise UnsupportedError(f"{name}: {result}")
+    return result
+
+
+@lru_cache(maxsize=4096)
+def _local_spec(spec: QuantSpec, style: ShardStyle, partition: Partition) -> QuantSpec | str:
+    """local_spec without the layer name, cached: thousands of experts share one answer."""
+    if style == "column":
+        if spec.granularity == "block":
+            bn, bk = spec.block_shape
+            rows = _common_block(partition, bn, 1)
+            return (
+                _cut_error("block rows", bn, partition)
+                if rows is None
+                else replace(spec, block_shape=(rows, bk))
+            )
+        return spec
+    out = spec
+    if spec.granularity == "group" and not spec.act_order:
+        g = _common_block(partition, spec.group_size, 8)
+        if g is None:
+            return _cut_error("groups", spec.group_size, partition)
+        out = replace(spec, group_size=g)
+    elif spec.granularity == "block":
+        bn, bk = spec.block_shape
+        cols = _common_block(partition, bk, 1)
+        if cols is None:
+            return _cut_error("block columns", bk, partition)
+        out = replace(spec, block_shape=(bn, cols))
+    act = spec.act
+    if act is not None and act.granularity == "group" and not _whole_groups(partition, act.group_size):
+        return (
+            f"activations are quantized in groups of {act.group_size} input features, and splitting "
+            f"{partition.size} input features as {partition.describe()} cuts such groups across ranks, "
+            f"which changes their scales; choose a tensor-parallel size whose per-rank share is a "
+            f"multiple of {act.group_size}"
+        )
+    return out
+
+
+def _cut_error(what: str, size: int, partition: Partition) -> str:
+    return (
+        f"splitting {partition.size} features as {partition.describe()} cuts {what} of {size} so that "
+        "no exact per-rank layout exists (a finer group would be smaller than 8); choose another "
+        "tensor-parallel size"
+    )
+
+
+# -- cutting weights -----------------------------------------------------------------------------
+
+
+def _pad_zero(spec: QuantSpec) -> int:
+    """Zero point (and code) of a brand-new padding group: the implicit zero, so codes == zero."""
+    return spec.implicit_zero
+
+
+def _select(t: Tensor, dim: int, index: Tensor, fill: float | int) -> Tensor:
+    """t.index_select(dim, index) with -1 entries set to `fill`."""
+    out = t.index_select(dim, index.clamp(min=0))
+    pad = index < 0
+    if bool(pad.any()):
+        view = out.view(torch.uint8) if out.dtype.is_floating_point and out.element_size() == 1 else out
+        fill_value = 0 if view is not out else fill  # fp8: byte 0x00 is +0.0
+        view.index_fill_(dim, torch.nonzero(pad).flatten(), fill_value)
+    return out
+
+
+def _refine(scale: Tensor, dim: int, old: int, new: int, entries: int) -> Tensor:
+    """Scale grid of blocks `old` -> finer blocks `new` (each fine block repeats its scale)."""
+    if new == old:
+        return scale
+    return scale.repeat_interleave(old // new, dim=dim).narrow(dim, 0, -(-entries // new))
+
+
+def shard_quant(
+    weight: QuantWeight, style: ShardStyle, partition: Partition, rank: int, name: str
+) -> QuantWeight:
+    """This rank's piece of `weight`, padded with entries that dequantize to exactly zero."""
+    spec = local_spec(weight.spec, style, partition, name)
+    assert spec is not None
+    index = _index(partition, rank)
+    out = _shard_rows(weight, spec, index) if style == "column" else _shard_cols(weight, spec, index)
+    return out.validate(name)
+
+
+def _shard_rows(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
+    n, k = w.shape
+    zero_code = _pad_zero(spec)
+    data = _select(w.data, -2, index, zero_code)
+    scale, zero = w.scale, w.zero
+    if spec.granularity in ("channel", "group"):
+        dim = -1 if spec.granularity == "channel" else -2
+        scale = _select(scale, dim, index, 1.0)
+        zero = None if zero is None else _select(zero, dim, index, zero_code)
+    elif spec.granularity == "block":
+        (bn, _), (new, _) = w.spec.block_shape, spec.block_shape
+        bmap = _block_map(index, new)
+        assert bmap is not None
+        scale = _select(_refine(scale, -2, bn, new, n), -2, bmap, 1.0)
+    return QuantWeight(
+        spec, (index.numel(), k), data, scale, zero, w.group_index, w.input_scale, w.input_zero
+    )
+
+
+def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
+    n, k = w.shape
+    real = index >= 0
+    data = w.data.index_select(-1, index.clamp(min=0))
+    scale, zero, group_index = w.scale, w.zero, w.group_index
+    # Per local column, the zero point its padding code must equal so that it dequantizes to 0.
+    col_zero: Tensor | int = _pad_zero(spec)
+    if spec.granularity == "channel" and zero is not None:
+        col_zero = zero.unsqueeze(-1).expand(*zero.shape, index.numel())
+    elif spec.granularity == "group" and not spec.act_order:
+        bmap = _block_map(index, spec.group_size)
+        assert bmap is not None
+        scale = _select(_refine(scale, -1, w.spec.group_size, spec.group_size, k), -1, bmap, 1.0)
+        if zero is not None:
+            zero = _select(
+                _refine(zero, -1, w.spec.group_size, spec.group_size, k), -1, bmap, _pad_zero(spec)
+            )
+            col_zero = zero.repeat_interleave(spec.group_size, dim=-1)[..., : index.numel()]
+    elif spec.granularity == "group":
+        scale, zero, group_index = _act_order_cols(w, index)
+        if zero is not None:
+            col_zero = torch.gather(zero, -1, group_index.long().unsqueeze(-2).expand(*zero.shape[:-1], -1))
+    elif spec.granularity == "block":
+        (_, bk), (_, new) = w.spec.block_shape, spec.block_shape
+        bmap = _block_map(index, new)
+        assert bmap is not None
+        scale = _select(_refine(scale, -1, bk, new, k), -1, bmap, 1.0)
+    if not bool(real.all()):
+        if spec.is_float:
+            data.view(torch.uint8)[..., ~real] = 0
+        elif isinstance(col_zero, Tensor):
+            data[..., ~real] = col_zero[..., ~real].to(data.dtype)
+        else:
+            data[..., ~real] = col_zero
+    return QuantWeight(spec, (n, index.numel()), data, scale, zero, group_index, w.input_scale, w.input_zero)
+
+
+def _act_order_cols(w: QuantWeight, index: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Act-order row shard: keep the global groups this rank's columns use, renumbered densely.
+
+    Columns map to groups through `g_idx`, so any split is exact; the scales of the groups the
+    rank touches are copied (formats.md §10.2, "keep the global group ids"). Padding columns use
+    local group 0 with code = its zero point.
+    """
+    assert w.group_index is not None
+    real = index >= 0
+    gi = w.group_index.long().index_select(-1, index.clamp(min=0))
+    used = torch.unique(gi[..., real]) if bool(real.any()) else torch.zeros(1, dtype=torch.long)
+    lookup = torch.full((int(w.scale.shape[-1]),), -1, dtype=torch.long)
+    lookup[used] = torch.arange(used.numel())
+    local = torch.where(real, lookup[gi], 0)
+    scale = w.scale.index_select(-1, used)
+    zero = None if w.zero is None else w.zero.index_select(-1, used)
+    return scale, zero, local.to(w.group_index.dtype)
+
+
+def shard_dense(tensor: Tensor, style: ShardStyle, partition: Partition, rank: int) -> Tensor:
+    """Rows (column style) or columns (row style) of a dense [N, K] weight, zero-padded."""
+    return _select(tensor, 0 if style == "column" else 1, _index(partition, rank), 0)
+
+
+def shard_vector(vector: Tensor, partition: Partition, rank: int) -> Tensor:
+    """A column-parallel bias (or any per-output vector), zero-padded."""
+    return _select(vector, 0, _index(partition, rank), 0)
+
+
+def gather_segments(
+    partition: Partition, rank: int, read: Callable[[int, int], Tensor], dim: int, like: Tensor
+) -> Tensor:
+    """Assemble this rank's slice from `read(start, stop)` reads of only the entries it holds.
+
+    `like`: a zero-size tensor with the full tensor's dtype and the other dimensions' sizes."""
+    parts = []
+    for s in partition.shards[rank]:
+        if s.length:
+            parts.append(read(s.start, s.start + s.length))
+        if s.pad:
+            shape = list(like.shape)
+            shape[dim] = s.pad
+            parts.append(torch.zeros(shape, dtype=like.dtype))
+    if not parts:
+        shape = list(like.shape)
+        shape[dim] = 0
+        return torch.zeros(shape, dtype=like.dtype)
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]

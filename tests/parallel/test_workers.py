@@ -1,0 +1,149 @@
+"""`LLM(..., tensor_parallel_size=2)`: spawned gloo workers mirror rank 0's engine steps, and a
+worker that dies or hangs fails the engine quickly with a message naming the rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from anyquant import LLM, SamplingParams
+from anyquant.errors import AnyquantError
+from anyquant.parallel.comm import all_reduce, gather_last_dim
+from anyquant.parallel.state import ParallelError, ParallelState
+from tests.parallel.conftest import IDS
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+PROMPTS = [IDS, IDS[:5], [256, 65, 66, 67]]
+
+
+def _worker_pids(llm: LLM) -> list[int]:
+    return [p.pid for p in llm.model.workers.processes.values()]
+
+
+@pytest.mark.slow
+def test_generation_and_scoring_match_one_process(tp_model: Callable[[str], Path]) -> None:
+    path = tp_model("awq")
+    one = LLM(path, dtype="float32")
+    want = [o.token_ids for o in one.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as two:
+        got = [o.token_ids for o in two.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)]
+        assert got == want  # batched prefill, decode steps and prefix caching through the worker
+        for n in (len(IDS), 6):  # a fresh private cache per call: workers create and drop twins
+            diff = (two.logits(IDS[:n]) - one.logits(IDS[:n])).abs().max()
+            assert float(diff) < 1e-4
+        procs = list(two.model.workers.processes.values())
+    assert all(not p.is_alive() for p in procs)  # close() ended the workers
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_the_engine_quickly_naming_the_rank(tp_model: Callable[[str], Path]) -> None:
+    llm = LLM(tp_model("awq"), dtype="float32", tensor_parallel_size=2)
+    try:
+        llm.engine.add_request(IDS, SamplingParams(max_tokens=40, temperature=0.0))
+        for _ in range(3):
+            llm.engine.step()
+        (pid,) = _worker_pids(llm)
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ParallelError, match=rf"rank 1 \(pid {pid}\) was killed by signal SIGKILL"):
+            llm.engine.step()
+        assert time.monotonic() - start < 5.0
+        with pytest.raises(ParallelError, match="rank 1"):  # the group stays failed, without waiting
+            llm.logits(IDS)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_hung_worker_fails_after_the_timeout_naming_the_rank(tp_model: Callable[[str], Path]) -> None:
+    llm = LLM(tp_model("awq"), dtype="float32", tensor_parallel_size=2, tp_timeout_s=2.0)
+    try:
+        llm.logits(IDS)
+        (pid,) = _worker_pids(llm)
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(ParallelError, match=rf"rank 1 \(pid {pid}\) stopped responding"):
+            llm.logits(IDS)
+        assert time.monotonic() - start < 2.0 + 4.0
+    finally:
+        llm.close()  # SIGKILL ends the stopped worker too
+
+
+def test_torchrun_world_size_must_match(
+    tp_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(AnyquantError, match="torchrun started WORLD_SIZE=4"):
+        LLM(tp_model("awq"), tensor_parallel_size=2)
+
+
+def test_collectives_are_no_ops_at_world_size_one() -> None:
+    x = torch.randn(3, 5)
+    state = ParallelState()
+    assert all_reduce(x, state) is x
+    assert gather_last_dim(x, state, 4) is x
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_same_llm_on_every_rank(tp_model: Callable[[str], Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from anyquant.parallel.state import free_port
+
+    path, out = tp_model("awq"), tmp_path / "logits.pt"
+    script = Path(__file__).with_name("_torchrun_script.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    ids = ",".join(map(str, IDS))
+    subprocess.run(
+        [*cmd, str(script), str(path), ids, str(out)], check=True, timeout=240, capture_output=True
+    )
+    want = LLM(path, dtype="float32").logits(IDS)
+    assert float((torch.load(out) - want).abs().max()) < 1e-4
+
+
+def test_step_messages_round_trip() -> None:
+    """What rank 0 publishes is what every worker rebuilds: ids, positions, slices, slots, rows."""
+    from anyquant.engine.kv_cache import PagedAttention, PagedKVCache, SequenceSlice
+    from anyquant.parallel.workers import decode_forward, encode_forward, pack, unpack
+
+    cache = PagedKVCache(1, 4, 4, 1, 2, 2, torch.float32)
+    seqs = [
+        SequenceSlice(0, 3, 0, cache.slots([2], 0, 3)),
+        SequenceSlice(3, 1, 5, cache.slots([0, 1], 0, 6)),
+    ]
+    ids, positions, rows = torch.tensor([5, 6, 7, 8]), torch.tensor([0, 1, 2, 5]), torch.tensor([2, 3])
+    forward = encode_forward(7, ids, positions, PagedAttention(cache, seqs), rows)
+    first, second = unpack(pack([torch.tensor([3, 9]), forward]))
+    assert first.tolist() == [3, 9]
+    cid, got_ids, got_pos, got_seqs, got_rows = decode_forward(second, torch.device("cpu"))
+    assert cid == 7 and torch.equal(got_ids, ids) and torch.equal(got_pos, positions)
+    assert got_rows is not None and torch.equal(got_rows, rows)
+    for a, b in zip(got_seqs, seqs):
+        assert (a.offset, a.length, a.context) == (b.offset, b.length, b.context)
+        assert torch.equal(a.slots, b.slots)
+    no_rows = decode_forward(
+        unpack(pack([encode_forward(0, ids, positions, PagedAttention(cache, seqs), None)]))[0],
+        torch.device("cpu"),
+    )
+    assert no_rows[4] is None
