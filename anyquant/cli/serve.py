@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 in this build")
+    parser.add_argument(
+        "--tensor-parallel-size",
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N tensor-parallel ranks (gloo on CPU)",
+    )
     parser.add_argument(
         "--api-key",
         default=None,
@@ -58,11 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.tensor_parallel_size != 1:
-        raise AnyquantError(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not available in "
-            "this build; use --tensor-parallel-size 1"
-        )
+    if args.tensor_parallel_size < 1:
+        raise AnyquantError(f"--tensor-parallel-size {args.tensor_parallel_size}: must be at least 1")
     if not 0 <= args.port <= 65535:
         raise AnyquantError(f"--port {args.port}: must be in 0..65535")
     for name in ("max_num_seqs", "max_waiting"):
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_gb=args.kv_cache_gb,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     total = time.perf_counter() - t0
     timings = llm.loaded.timings

@@ -302,6 +302,9 @@ def start_tensor_parallel(request: LoadRequest, world: int) -> tuple[LoadedModel
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    # Idle workers poll the store with a short timeout; c10d logs every expiry as a warning. Workers
+    # inherit this at spawn (the variable is read when torch's C++ logging starts).
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     workers = _Workers(reports=ctx.SimpleQueue(), progress=ctx.Array("q", world, lock=False))
     port = free_port()
     for rank in range(1, world):

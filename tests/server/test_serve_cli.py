@@ -19,12 +19,62 @@ from anyquant.cli.main import build_parser, main
 from tests.server.conftest import MODEL
 
 
-def test_tensor_parallel_other_than_one_is_a_clear_error(
+def test_tensor_parallel_size_below_one_is_a_clear_error(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["serve", str(tiny_model), "--tensor-parallel-size", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "--tensor-parallel-size 2" in err and "use --tensor-parallel-size 1" in err
+    assert main(["serve", str(tiny_model), "--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size 0: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_with_two_tensor_parallel_ranks_answers_like_one_process(tiny_model: Path) -> None:
+    from anyquant import LLM, SamplingParams
+
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "anyquant",
+        "serve",
+        str(tiny_model),
+        "--port",
+        str(port),
+        "--tp",
+        "2",
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        MODEL,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server did not become healthy in 120 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {
+            "model": MODEL,
+            "prompt": [256, 10, 20, 30],
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    alone = LLM(tiny_model, dtype="float32").generate(
+        prompt_token_ids=[[256, 10, 20, 30]],
+        sampling_params=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+    )[0]
+    assert reply["choices"][0]["text"] == alone.text
+    assert reply["usage"]["completion_tokens"] == 12
 
 
 def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> None:
