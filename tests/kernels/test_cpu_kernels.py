@@ -91,6 +91,7 @@ KERNEL_SPECS: dict[str, list[QuantSpec]] = {
     "cpu_w8a8_int8": [
         QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
         QuantSpec("int8", "tensor", act=ActQuant("int8", dynamic=True, granularity="tensor")),
+        QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
         QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=False, granularity="tensor")),
         QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor", symmetric=False)),
     ],
@@ -305,10 +306,11 @@ def test_fp8_lookup_matches_torch_cast(fp8: torch.dtype) -> None:
     [
         ActQuant("int8", dynamic=True),
         ActQuant("int8", dynamic=True, granularity="tensor"),
+        ActQuant("int8", dynamic=True, scale_divisor=127.5),  # compressed-tensors' divisor
         ActQuant("int8", dynamic=False, granularity="tensor"),
         ActQuant("int8", dynamic=False, granularity="tensor", symmetric=False),
     ],
-    ids=ActQuant.describe,
+    ids=lambda act: f"{act.describe()} /{act.scale_divisor or 127}",
 )
 def test_w8a8_activation_codes_equal_reference_fake_quant(act: ActQuant) -> None:
     gen = torch.Generator().manual_seed(5)
@@ -317,7 +319,8 @@ def test_w8a8_activation_codes_equal_reference_fake_quant(act: ActQuant) -> None
     x[4, 7] = 1e3  # clipped by the static scale
     scale = None if act.dynamic else torch.tensor([0.02])
     zero = torch.tensor([5], dtype=torch.int32) if not act.symmetric else None
-    q, s, z = torch_cpu._quantize_int8_activations(x, act.granularity == "token", scale, zero)
+    token = act.granularity == "token"
+    q, s, z = torch_cpu._quantize_int8_activations(x, token, scale, zero, act.scale_divisor or 127.0)
     dequant = (q.float() - (z if z is not None else 0.0)) * s
     assert torch.equal(dequant, fake_quantize_activations(x, act, scale, zero))
 

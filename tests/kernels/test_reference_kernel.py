@@ -130,25 +130,28 @@ def oracle_dequantize(w: QuantWeight) -> Tensor:
 def oracle_activations(
     x: Tensor, act: ActQuant, input_scale: Tensor | None, input_zero: Tensor | None
 ) -> Tensor:
-    """formats.md §4.5: quantize-dequantize x [T, K] in float64 (scales from amax / qmax)."""
+    """formats.md §4.5: quantize-dequantize x [T, K] in float64 (scales from amax / divisor).
+
+    The divisor is qmax (127, 448) unless the spec names another (compressed-tensors: 127.5)."""
     x = x.double()
     qmax = 127.0 if act.type == "int8" else FP8_MAX[act.type]
+    divisor = act.scale_divisor or qmax
     zero = 0.0
     if not act.dynamic:
         scale = input_scale.double().reshape(1, 1)
         if input_zero is not None:
             zero = float(input_zero.reshape(()))
     elif act.granularity == "tensor":
-        scale = x.abs().max().clamp(min=1e-10).reshape(1, 1) / qmax
+        scale = x.abs().max().clamp(min=1e-10).reshape(1, 1) / divisor
     elif act.granularity == "token":
-        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / qmax
+        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / divisor
     else:
         t, k = x.shape
         g = act.group_size
         padded = torch.zeros(t, -(-k // g) * g, dtype=x.dtype)
         padded[:, :k] = x.abs()
         amax = padded.reshape(t, -1, g).amax(dim=2)  # [T, groups]; zero padding never wins
-        scale = amax.clamp(min=1e-10)[:, torch.arange(k) // g] / qmax
+        scale = amax.clamp(min=1e-10)[:, torch.arange(k) // g] / divisor
     # W8A8 kernels divide in fp32 (formats.md §8); doing the same here keeps values that sit
     # within an fp32 ulp of a rounding boundary on the same code as every fp32 implementation.
     ratio = (x.float() / scale.float()).double()
@@ -217,6 +220,7 @@ SPECS = [
     QuantSpec("int8", "channel"),
     QuantSpec("int8", "tensor"),
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=False, granularity="tensor", symmetric=False)),
     QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor")),
     QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True)),
