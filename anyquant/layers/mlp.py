@@ -6,6 +6,9 @@ from torch import Tensor, nn
 
 from anyquant.layers.activation import activation
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
+from anyquant.quant.spec import LayerKind
+
+PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class GatedMLP(nn.Module, TensorParallelLayer):
@@ -17,19 +20,26 @@ class GatedMLP(nn.Module, TensorParallelLayer):
         act: str = "silu",
         bias: bool = False,
         reduce_output: bool = True,
+        kind: LayerKind = "linear",
+        names: tuple[str, str, str] = PROJ_NAMES,
     ) -> None:
-        """reduce_output=False: under tensor parallelism the caller sums the ranks' outputs (MoE)."""
+        """reduce_output=False: under tensor parallelism the caller sums the ranks' outputs (MoE).
+        `names`: the checkpoint's gate / up / down module names (Mixtral experts: w1 / w3 / w2)."""
         super().__init__()
+        gate, up, down = names
         self.prefix = prefix
         self.gate_proj = QuantLinear(
-            f"{prefix}.gate_proj", hidden_size, intermediate_size, bias, style="column"
+            f"{prefix}.{gate}", hidden_size, intermediate_size, bias, kind=kind, style="column"
         )
-        self.up_proj = QuantLinear(f"{prefix}.up_proj", hidden_size, intermediate_size, bias, style="column")
+        self.up_proj = QuantLinear(
+            f"{prefix}.{up}", hidden_size, intermediate_size, bias, kind=kind, style="column"
+        )
         self.down_proj = QuantLinear(
-            f"{prefix}.down_proj",
+            f"{prefix}.{down}",
             intermediate_size,
             hidden_size,
             bias,
+            kind=kind,
             style="row",
             reduce_output=reduce_output,
         )

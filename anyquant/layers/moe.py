@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
-from anyquant.layers.activation import activation
-from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
-from anyquant.layers.mlp import GatedMLP
+from anyquant.layers.linear import QuantLinear, TensorParallelLayer
+from anyquant.layers.mlp import PROJ_NAMES, GatedMLP
 from anyquant.parallel.comm import all_reduce
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 
 # Checkpoint names of one expert's projections: (gate, up, down).
-EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+EXPERT_NAMES = PROJ_NAMES
 MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
 
 
@@ -152,53 +151,16 @@ class Router(QuantLinear):
         return route(self(x), self.cfg, self.e_score_correction_bias)
 
 
-class ExpertMLP(nn.Module, TensorParallelLayer):
-    """One routed expert: down(act(gate(x)) * up(x)), its projections of kind "experts".
+def expert_mlp(
+    prefix: str, hidden_size: int, intermediate_size: int, act: str, names: tuple[str, str, str]
+) -> GatedMLP:
+    """One routed expert: a gated MLP whose projections are of kind "experts".
 
     Under tensor parallelism every rank holds a slice of every expert's intermediate dimension
     (formats.md §10.1); `SparseMoE` sums the ranks' outputs once for all experts."""
-
-    def __init__(
-        self,
-        prefix: str,
-        hidden_size: int,
-        intermediate_size: int,
-        act: str = "silu",
-        names: tuple[str, str, str] = EXPERT_NAMES,
-    ) -> None:
-        super().__init__()
-        gate, up, down = names
-        self.prefix = prefix
-        self.gate_proj = QuantLinear(
-            f"{prefix}.{gate}", hidden_size, intermediate_size, kind="experts", style="column"
-        )
-        self.up_proj = QuantLinear(
-            f"{prefix}.{up}", hidden_size, intermediate_size, kind="experts", style="column"
-        )
-        self.down_proj = QuantLinear(
-            f"{prefix}.{down}",
-            intermediate_size,
-            hidden_size,
-            kind="experts",
-            style="row",
-            reduce_output=False,
-        )
-        self.act = activation(act)
-
-    def split_groups(self) -> list[SplitGroup]:
-        units = self.down_proj.in_features
-        return [
-            SplitGroup(
-                "channels",
-                self.prefix,
-                units,
-                ((self.gate_proj, 1), (self.up_proj, 1)),
-                ((self.down_proj, 1),),
-            )
-        ]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    return GatedMLP(
+        prefix, hidden_size, intermediate_size, act, reduce_output=False, kind="experts", names=names
+    )
 
 
 class SparseMoE(nn.Module, TensorParallelLayer):
@@ -231,7 +193,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         self.routing = routing
         self.gate = Router(f"{prefix}.gate", hidden_size, routing)
         self.experts = nn.ModuleList(
-            ExpertMLP(f"{prefix}.experts.{e}", hidden_size, moe_intermediate_size, act, expert_names)
+            expert_mlp(f"{prefix}.experts.{e}", hidden_size, moe_intermediate_size, act, expert_names)
             for e in range(routing.num_experts)
         )
         self.shared_expert: GatedMLP | None = None
