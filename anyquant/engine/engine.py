@@ -89,15 +89,7 @@ class Engine:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = model.cache_shape
-        per_page = PagedKVCache.bytes_per_page(
-            model.args.num_layers,
-            config.page_size,
-            shape.num_kv_heads,
-            shape.k_dim,
-            shape.v_dim,
-            dtype,
-        )
+        per_page = PagedKVCache.page_bytes_for_model(model, config.page_size, dtype)
         num_pages = kv_pages(config, per_page)
         self.config = config
         self.tokenizer = tokenizer

@@ -42,6 +42,35 @@ class PagedKVCache:
         self.k = torch.zeros(num_layers, slots, num_kv_heads, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(num_layers, slots, num_kv_heads, v_dim, dtype=dtype, device=device)
 
+    @classmethod
+    def for_model(
+        cls,
+        model: DecoderLM,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """A cache with the model family's geometry (layers, KV heads, key and value widths)."""
+        shape = model.cache_shape
+        return cls(
+            model.args.num_layers,
+            num_pages,
+            page_size,
+            shape.num_kv_heads,
+            shape.k_dim,
+            shape.v_dim,
+            dtype,
+            device,
+        )
+
+    @staticmethod
+    def page_bytes_for_model(model: DecoderLM, page_size: int, dtype: torch.dtype) -> int:
+        shape = model.cache_shape
+        return PagedKVCache.bytes_per_page(
+            model.args.num_layers, page_size, shape.num_kv_heads, shape.k_dim, shape.v_dim, dtype
+        )
+
     @staticmethod
     def bytes_per_page(
         num_layers: int, page_size: int, num_kv_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype
@@ -102,19 +131,9 @@ class SequenceCache:
         device: torch.device | str = "cpu",
         page_size: int = 16,
     ) -> None:
-        shape = model.cache_shape
         pages = max(1, -(-max_len // page_size))
         self.model = model
-        self.cache = PagedKVCache(
-            model.args.num_layers,
-            pages,
-            page_size,
-            shape.num_kv_heads,
-            shape.k_dim,
-            shape.v_dim,
-            dtype,
-            device,
-        )
+        self.cache = PagedKVCache.for_model(model, pages, page_size, dtype, device)
         self.page_ids = list(range(pages))
         self.max_len = max_len
 

@@ -22,19 +22,9 @@ class ModelRunner:
     def __init__(
         self, model: DecoderLM, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        shape = model.cache_shape
         self.model = model
         self.device = device
-        self.cache = PagedKVCache(
-            model.args.num_layers,
-            num_pages,
-            page_size,
-            shape.num_kv_heads,
-            shape.k_dim,
-            shape.v_dim,
-            dtype,
-            device,
-        )
+        self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
 
     def execute(self, plan: StepPlan) -> dict[str, Tensor]:
         """Run the plan's tokens; return fp32 logits [vocab] for every request that samples this step."""

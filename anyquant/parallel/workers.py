@@ -443,22 +443,12 @@ def _run_command(
     model: DecoderLM, state: ParallelState, device: torch.device, caches: dict[int, PagedKVCache], msg: Tensor
 ) -> bool:
     """Carry out one command from rank 0; False on shutdown."""
-    shape = model.cache_shape
     kind = int(msg[0])
     if kind == _SHUTDOWN:
         return False
     if kind == _NEW_CACHE:
         cid, pages, page_size, dtype = (int(v) for v in msg[1:5])
-        caches[cid] = PagedKVCache(
-            model.args.num_layers,
-            pages,
-            page_size,
-            shape.num_kv_heads,
-            shape.k_dim,
-            shape.v_dim,
-            _CACHE_DTYPES[dtype],
-            device,
-        )
+        caches[cid] = PagedKVCache.for_model(model, pages, page_size, _CACHE_DTYPES[dtype], device)
     elif kind == _DROP_CACHE:
         caches.pop(int(msg[1]), None)
     elif kind == _FORWARD:
