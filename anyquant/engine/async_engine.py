@@ -16,12 +16,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from anyquant.engine.engine import Engine, RequestDelta
 from anyquant.engine.sampling import SamplingParams
-from anyquant.engine.scheduler import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +186,7 @@ class AsyncEngine:
         self._in_flight = 0
         self._accepting = True
         self._mean_seconds = 1.0  # running mean of request durations, for Retry-After
+        self._loop_failures = 0  # steps that broke outside the forward pass
         self.dead_reason: str | None = None
         self._thread = threading.Thread(target=self._run, name="anyquant-engine", daemon=True)
 
@@ -366,29 +366,24 @@ class AsyncEngine:
             self._deliver(delta.request_id, delta)
 
     def _recover(self, exc: Exception) -> None:
-        """Fail the requests the broken step touched (the running batch) and close the step's
-        plan, so the scheduler and the waiting requests carry on."""
-        scheduler = self.engine.scheduler
-        # The scheduler insists on update() after every schedule(); a step that raised in between
-        # leaves its plan open. No public accessor exists, so read it here, in one place.
-        plan: StepPlan | None = getattr(scheduler, "_outstanding", None)
-        affected = {r.request_id for r in scheduler.running}
-        if plan is not None:
-            affected |= {r.request_id for r, _ in plan.scheduled}
-        affected &= set(self._routes)
-        if not affected:
-            affected = set(self._routes)  # it failed before touching anyone in particular
-        self.stats = replace(self.stats, num_step_failures=self.stats.num_step_failures + 1)
+        """The step broke outside the forward pass (the engine isolates those itself): fail the
+        requests of its open plan, or every running request when the failure came before or after
+        any plan, and carry on with the waiting ones."""
+        self._loop_failures += 1
         message = (
             f"the engine step running this request failed ({type(exc).__name__}: {exc}); the requests "
             "of that step were stopped, the server goes on serving the others"
         )
-        ids = sorted(affected)
+        scheduler = self.engine.scheduler
+        plan = scheduler.open_plan
+        affected = {r.request_id for r, _ in plan.scheduled} if plan is not None else set()
+        if plan is not None:
+            scheduler.abandon(plan, message)
+        if not affected:
+            affected = {r.request_id for r in scheduler.running}
+        ids = sorted(affected & set(self._routes)) or sorted(self._routes)
         for rid in ids:
             self._abort_quietly(rid)
-        still_open = getattr(scheduler, "_outstanding", None) is plan
-        if plan is not None and still_open:
-            scheduler.update(plan, {})  # every request of the plan is finished: records nothing
         self._publish_stats()
         for rid in ids:
             self._deliver(rid, _final(rid, "error", message))
@@ -436,7 +431,7 @@ class AsyncEngine:
             kv_pages_total=engine.allocator.num_pages,
             num_nonfinite_events=engine.num_nonfinite_events,
             num_preemptions=engine.scheduler.num_preemptions,
-            num_step_failures=self.stats.num_step_failures,
+            num_step_failures=engine.num_step_failures + self._loop_failures,
         )
 
 

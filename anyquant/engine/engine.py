@@ -1,7 +1,8 @@
 """Engine: requests in, tokens and text out, one `step()` at a time (plan -> run -> sample -> update).
 
-Owns the request registry, per-request sampling state (seeded generators, detokenizers) and the
-non-finite-logits guard that fails one request without disturbing the others. Scheduling policy
+Owns the request registry, per-request sampling state (seeded generators, detokenizers), the
+non-finite-logits guard and the isolation of a forward pass that raises: both fail only the
+request at fault, never the others sharing its step. Scheduling policy
 lives in scheduler.py, tensors in runner.py; the same engine serves `LLM.generate` and the server.
 """
 
@@ -21,7 +22,7 @@ from anyquant.engine.pages import PageAllocator
 from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner
 from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
-from anyquant.engine.scheduler import Scheduler, SchedulerConfig
+from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Engine:
         self._states: dict[str, _State] = {}
         self._ids = itertools.count()
         self.num_nonfinite_events = 0
+        self.num_step_failures = 0  # forward passes that raised (each then retried request by request)
         log.info(
             "KV cache: %d pages of %d tokens (%.1f MiB)",
             num_pages,
@@ -137,7 +139,10 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
-        logits = self.runner.execute(plan)
+        try:
+            logits = self.runner.execute(plan)
+        except Exception as exc:
+            logits = self._isolate_failure(plan, exc)
         sampled: dict[str, int | None] = {}
         for rid, row in logits.items():
             state = self._states[rid]
@@ -160,6 +165,39 @@ class Engine:
             if delta is not None:
                 deltas.append(delta)
         return deltas
+
+    def _isolate_failure(self, plan: StepPlan, exc: Exception) -> dict[str, Tensor]:
+        """The batched forward raised: run each request of the step alone, so that only the ones
+        that fail on their own are failed. Re-running is exact: a request's step writes K/V only at
+        its own uncomputed positions (never into shared prefix pages), and a re-run rewrites them.
+        Returns the logits of the requests that succeeded alone."""
+        self.num_step_failures += 1
+        log.warning(
+            "a forward pass over %d requests raised %s: %s; retrying them one by one",
+            len(plan.scheduled),
+            type(exc).__name__,
+            exc,
+        )
+        if len(plan.scheduled) == 1:
+            request = plan.scheduled[0][0]
+            self._fail_forward(request.request_id, exc)
+            return {}
+        logits: dict[str, Tensor] = {}
+        for entry in plan.scheduled:
+            try:
+                logits.update(self.runner.execute(StepPlan(scheduled=[entry])))
+            except Exception as alone:
+                self._fail_forward(entry[0].request_id, alone)
+        return logits
+
+    def _fail_forward(self, rid: str, exc: Exception) -> None:
+        log.error("request %s failed in the forward pass", rid, exc_info=exc)
+        self.scheduler.finish(
+            rid,
+            RequestStatus.FINISHED_ERROR,
+            f"the forward pass failed for this request ({type(exc).__name__}: {exc}); the other "
+            "requests of its step were re-run without it and carry on",
+        )
 
     def _sample(self, state: _State, row: Tensor) -> int:
         request, params = state.request, state.request.sampling_params

@@ -228,6 +228,23 @@ class Scheduler:
         self._retire(request, RequestStatus.FINISHED_ERROR, message)
         draft.finished.append(request)
 
+    @property
+    def open_plan(self) -> StepPlan | None:
+        """The plan the last `schedule()` returned, until `update()` or `abandon()` closes it."""
+        return self._outstanding
+
+    def abandon(self, plan: StepPlan, error: str) -> list[Request]:
+        """Close a plan whose step broke before `update()` could record it: its requests that are
+        still unfinished fail with `error` (their pages are freed); the waiting queue is untouched.
+        Returns the requests failed here."""
+        if plan is not self._outstanding:
+            raise RuntimeError("abandon() must be given the plan returned by the last schedule()")
+        self._outstanding = None
+        failed = [r for r, _ in plan.scheduled if r.request_id in self._requests]
+        for request in failed:
+            self._retire(request, RequestStatus.FINISHED_ERROR, error)
+        return failed
+
     # -- after the model ran -------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: dict[str, int | None]) -> list[Request]:
         """Record what the step computed. `sampled` maps request ids to the token sampled from the

@@ -143,6 +143,40 @@ def test_failing_request_fails_alone(tiny: Path, monkeypatch: pytest.MonkeyPatch
     assert engine.allocator.num_used == 0
 
 
+def test_a_forward_pass_that_raises_fails_only_the_request_at_fault(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = LLM(tiny, dtype="float32")
+    prompts = _prompts(3, seed=21)
+    expected = _alone(llm, prompts, GREEDY)
+    poison = [7, 7, 7, 7, 7]
+    engine = llm.engine
+    execute = engine.runner.execute
+    batch_sizes_that_raised: list[int] = []
+
+    def explode_on_poison(plan):  # type: ignore[no-untyped-def]
+        if any(r.prompt_token_ids == poison for r, _ in plan.scheduled):
+            batch_sizes_that_raised.append(len(plan.scheduled))
+            raise RuntimeError("kernel exploded")
+        return execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", explode_on_poison)
+    ids = [engine.add_request(p, GREEDY) for p in (prompts[0], poison, *prompts[1:])]
+    finished, tokens = {}, {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for d in engine.step():
+            tokens[d.request_id] += d.new_token_ids
+            if d.finished:
+                finished[d.request_id] = d
+    # The poisoned prompt shared its first step with the three others, and only it failed.
+    assert batch_sizes_that_raised[0] == 4
+    bad = finished[ids[1]]
+    assert bad.finish_reason == "error" and "kernel exploded" in (bad.error or "")
+    assert [tokens[rid] for rid in ids[:1] + ids[2:]] == expected
+    assert all(finished[rid].finish_reason == "length" for rid in ids[:1] + ids[2:])
+    assert engine.num_step_failures == 1 and engine.allocator.num_used == 0
+
+
 def test_generate_raises_on_nonfinite(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     llm = LLM(tiny, dtype="float32")
     execute = llm.engine.runner.execute

@@ -62,21 +62,26 @@ def _engine(app: FastAPI) -> Engine:
     return app.state.llm.engine  # type: ignore[no-any-return]
 
 
-def test_a_step_that_raises_fails_its_requests_and_the_server_carries_on(
+def test_a_step_that_raises_fails_only_the_request_at_fault(
     make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = make_app(max_num_seqs=1)  # one request per step: the queued one is not in the failing step
+    app = make_app()  # room for many requests per step: the poisoned one shares its step
+    shared_a_failing_step = []
 
     def explode(plan: StepPlan) -> None:
         if _poisoned(plan):
+            shared_a_failing_step.append(len(plan.scheduled) > 1)
             raise RuntimeError("kernel exploded")
 
-    _patch_runner(_engine(app), monkeypatch, fail=explode)
+    _patch_runner(_engine(app), monkeypatch, delay=0.005, fail=explode)
     normal = {"prompt": [256, 5, 6], "max_tokens": 6, **GREEDY}
     expected = call(app, "POST", "/v1/completions", json=normal).json()["choices"][0]["text"]
-    bad, good = asyncio.run(
-        _post_many(app, [("/v1/completions", {**normal, "prompt": POISON}), ("/v1/completions", normal)])
+    poisoned = {**normal, "prompt": POISON}
+    good, bad, good_too = asyncio.run(
+        _post_many(app, [("/v1/completions", body) for body in (normal, poisoned, normal)])
     )
+    assert shared_a_failing_step[0]
+    assert good_too.status_code == 200 and good_too.json()["choices"][0]["text"] == expected
     assert bad.status_code == 500
     error = bad.json()["error"]
     assert error["type"] == "server_error" and "kernel exploded" in error["message"]
@@ -89,6 +94,29 @@ def test_a_step_that_raises_fails_its_requests_and_the_server_carries_on(
     assert _engine(app).allocator.num_used == 0
     assert call(app, "GET", "/health").status_code == 200
     assert 'anyquant_step_failures_total{model_name="tiny"} 2.0' in call(app, "GET", "/metrics").text
+
+
+def test_a_step_that_breaks_after_the_forward_pass_fails_its_plan_and_the_server_carries_on(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(max_num_seqs=1)
+    engine = _engine(app)
+    original = engine._sample
+
+    def sample(state: Any, row: torch.Tensor) -> int:
+        if state.request.prompt_token_ids == POISON:
+            raise RuntimeError("sampler broke")
+        return original(state, row)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    normal = {"prompt": [256, 5, 6], "max_tokens": 4, **GREEDY}
+    bad, good = asyncio.run(
+        _post_many(app, [("/v1/completions", {**normal, "prompt": POISON}), ("/v1/completions", normal)])
+    )
+    assert bad.status_code == 500 and "sampler broke" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+    assert engine.scheduler.open_plan is None and engine.allocator.num_used == 0
+    assert 'anyquant_step_failures_total{model_name="tiny"} 1.0' in call(app, "GET", "/metrics").text
 
 
 def test_non_finite_logits_fail_only_that_request(
