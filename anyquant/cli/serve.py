@@ -111,17 +111,14 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb,
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    total = time.perf_counter() - t0
-    timings = llm.loaded.timings
-    read, repack = timings.get("read_and_plan", 0.0), timings.get("load_and_repack", 0.0)
-    log.info("phase reading (headers, config, plan): %.2fs", read)
-    log.info("phase repacking (weights, kernels): %.2fs", repack)
-    log.info("phase KV cache and engine: %.2fs", max(total - read - repack, 0.0))
+    timings = llm.loaded.timings  # load_model logged reading and repacking as they ended
+    engine_s = time.perf_counter() - t0 - timings.get("reading", 0.0) - timings.get("repacking", 0.0)
+    log.info("%s: phase KV cache and engine took %.2fs", args.model, max(engine_s, 0.0))
     if llm.tokenizer is None:
         raise AnyquantError(f"{args.model}: no tokenizer.json; the server needs a tokenizer")
     t1 = time.perf_counter()
     _warm_up(llm)
-    log.info("phase warm-up: %.2fs", time.perf_counter() - t1)
+    log.info("%s: phase warm-up took %.2fs", args.model, time.perf_counter() - t1)
     config = ServerConfig(
         served_model_name=args.served_model_name or str(args.model),
         api_key=api_key,

@@ -10,7 +10,6 @@ Strict: a missing tensor, a shape mismatch or an unused checkpoint tensor is an 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from anyquant.loading.preflight import (
     plan_tensor_parallel,
     spec_lookup,
 )
+from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sharding import gather_segments, shard_quant, shard_vector
 from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
@@ -93,40 +93,58 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     kernel: str | None = None,
     parallel: ParallelState | None = None,
+    progress: LoadProgress | None = None,
 ) -> LoadedModel:
-    """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer."""
-    t0 = time.perf_counter()
+    """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
+    `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
+    decoding and repacking every weight); by default a bar on a terminal, log lines otherwise."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
-    ckpt = Checkpoint(path)
-    config = ckpt.text_config()
-    fmt = detect_format(ckpt)
-    compute_dtype = resolve_dtype(dtype, config, dev)
-    model = build_on_meta(config, ckpt.index.names())
-    tp = plan_tensor_parallel(model, spec_lookup(fmt), parallel.world_size) if parallel.is_parallel else None
-    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp)
-    if tp is not None:
-        with torch.device("meta"):
-            apply_tensor_parallel(model, tp, parallel)
-    t1 = time.perf_counter()
-    used: set[str] = set()
-    layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
-    for plan in plans:
-        _load_linear(ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel, parallel.rank)
-    _load_plain(ckpt, model, compute_dtype, dev, used)
-    _check_unused(ckpt, fmt, model, used)
-    model.to(dev)
-    model.eval()
-    t2 = time.perf_counter()
+    if progress is None:
+        progress = LoadProgress(str(path), show_bar=None if parallel.rank == 0 else False)
+    with progress.phase("reading"):
+        ckpt = Checkpoint(path)
+        config = ckpt.text_config()
+        fmt = detect_format(ckpt)
+        compute_dtype = resolve_dtype(dtype, config, dev)
+        model = build_on_meta(config, ckpt.index.names())
+        tp = (
+            plan_tensor_parallel(model, spec_lookup(fmt), parallel.world_size)
+            if parallel.is_parallel
+            else None
+        )
+        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp)
+        if tp is not None:
+            with torch.device("meta"):
+                apply_tensor_parallel(model, tp, parallel)
+    with progress.phase("repacking"):
+        used: set[str] = set()
+        layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
+        progress.start_weights(sum(_stored_bytes(ckpt, name) for name in ckpt.index))
+        try:
+            for plan in plans:
+                before = set(used)
+                _load_linear(
+                    ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel, parallel.rank
+                )
+                progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before))
+            before_plain = set(used)
+            _load_plain(ckpt, model, compute_dtype, dev, used)
+            progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before_plain))
+        finally:
+            progress.finish_weights()
+        _check_unused(ckpt, fmt, model, used)
+        model.to(dev)
+        model.eval()
     log.info(
-        "loaded %s: %d linear layers, format %s, %s on %s (plan %.2fs, weights %.2fs)",
+        "loaded %s: %d linear layers, format %s, %s on %s (reading %.2fs, repacking %.2fs)",
         ckpt.path,
         len(plans),
         fmt.name if fmt else "dense",
         compute_dtype,
         dev,
-        t1 - t0,
-        t2 - t1,
+        progress.timings["reading"],
+        progress.timings["repacking"],
     )
     return LoadedModel(
         model,
@@ -136,10 +154,15 @@ def load_model(
         compute_dtype,
         dev,
         plans,
-        {"read_and_plan": t1 - t0, "load_and_repack": t2 - t1},
+        progress.timings,
         parallel,
         tp,
     )
+
+
+def _stored_bytes(ckpt: Checkpoint, name: str) -> int:
+    info = ckpt.index.info(name)
+    return info.numel * info.torch_dtype.itemsize
 
 
 def _load_linear(
