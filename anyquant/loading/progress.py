@@ -73,11 +73,11 @@ class LoadProgress:
         fraction = self._done / self._total if self._total else 1.0
         if fraction >= self._next_log_fraction:
             log.info(
-                "%s: weights %3.0f%% (%.0f of %.0f MiB, %.1fs)",
+                "%s: weights %3.0f%% (%s of %s, %.1fs)",
                 self.label,
                 100 * fraction,
-                self._done / 2**20,
-                self._total / 2**20,
+                _size(self._done),
+                _size(self._total),
                 time.perf_counter() - self._started,
             )
             while self._next_log_fraction <= fraction:
@@ -87,3 +87,10 @@ class LoadProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
