@@ -93,9 +93,13 @@ def make_prompts(num: int, length: int, token_range: tuple[int, int], seed: int 
 
 # -- a live server -----------------------------------------------------------------------------
 async def _stream_one(
-    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    extra_body: dict[str, Any] | None = None,
 ) -> RequestTiming:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -103,6 +107,7 @@ async def _stream_one(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra_body or {}),
     }
     start = time.perf_counter()
     first: float | None = None
@@ -151,8 +156,10 @@ async def run_load(
     max_tokens: int,
     api_key: str | None = None,
     timeout_s: float = 1800.0,
+    extra_body: dict[str, Any] | None = None,
 ) -> LoadResult:
-    """`concurrency` closed-loop clients stream `prompts` (in order) from the server at `base_url`."""
+    """`concurrency` closed-loop clients stream `prompts` (in order) from the server at `base_url`.
+    `extra_body` is merged into every request (e.g. a logit_bias for servers without ignore_eos)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -166,7 +173,7 @@ async def run_load(
 
         async def client_loop() -> None:
             for prompt in pending:  # shared iterator: each prompt is taken by one client
-                timings.append(await _stream_one(client, model, prompt, max_tokens))
+                timings.append(await _stream_one(client, model, prompt, max_tokens, extra_body))
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))

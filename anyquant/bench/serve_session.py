@@ -118,7 +118,11 @@ def run_serve_bench(
     if plan.sequential:
         from anyquant.llm import LLM
 
-        llm = LLM(plan.model, dtype=plan.dtype, max_model_len=plan.prompt_len + plan.max_tokens + 16)
+        from anyquant.engine.sampling import SamplingParams
+
+        llm = LLM(plan.model, dtype=plan.dtype, max_model_len=plan.prompt_len + plan.max_tokens)
+        # The same warm-up `anyquant serve` does before it reports ready.
+        llm.generate(prompt_token_ids=[[token_range[0]]], sampling_params=SamplingParams(max_tokens=2))
         for clients, prompts in levels.items():
             record(run_sequential(llm, "sequential LLM.generate", prompts, clients, plan.max_tokens))
     return results, notes
