@@ -50,6 +50,7 @@ class LLM:
         max_num_seqs: int = 64,
         kv_cache_gb: float | None = None,
         tp_timeout_s: float | None = None,
+        kv_cache_fraction: float | None = None,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -59,7 +60,10 @@ class LLM:
         `if __name__ == "__main__":`, as multiprocessing requires), or started by torchrun when its
         environment variables are set (then only rank 0 returns from here; the other ranks serve
         it and exit). Each rank uses cores / N torch threads, this process included.
-        `tp_timeout_s`: how long a collective waits for a silent rank before failing (default 30)."""
+        `tp_timeout_s`: how long a collective waits for a silent rank before failing (default 30).
+        KV cache: `kv_cache_gb` GiB, or `kv_cache_fraction` of the memory free after loading
+        (capped at what `max_num_seqs` full-length sequences need); default: room for those
+        sequences up to 2 GiB."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -88,7 +92,10 @@ class LLM:
             self.model,
             self.tokenizer,
             EngineConfig(
-                max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb
+                max_model_len=self.max_model_len,
+                max_num_seqs=max_num_seqs,
+                kv_cache_gb=kv_cache_gb,
+                kv_cache_fraction=kv_cache_fraction,
             ),
             self.dtype,
             self.device,

@@ -116,9 +116,8 @@ def run_serve_bench(
         for clients, prompts in levels.items():
             record(asyncio.run(run_load(base_url, name, prompts, clients, plan.max_tokens)))
     if plan.sequential:
-        from anyquant.llm import LLM
-
         from anyquant.engine.sampling import SamplingParams
+        from anyquant.llm import LLM
 
         llm = LLM(plan.model, dtype=plan.dtype, max_model_len=plan.prompt_len + plan.max_tokens)
         # The same warm-up `anyquant serve` does before it reports ready.

@@ -49,7 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1/* (or set ANYQUANT_API_KEY)",
     )
-    parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB")
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB")
+    kv.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="KV cache budget as this fraction of the memory free after loading the weights "
+        "(RAM on CPU, device memory on CUDA); default: max-num-seqs full-length sequences, up to 2 GiB",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
     parser.add_argument(
@@ -74,6 +83,10 @@ def _check(args: argparse.Namespace) -> None:
             raise AnyquantError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
     if args.max_body_mb <= 0:
         raise AnyquantError(f"--max-body-mb {args.max_body_mb}: must be positive")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        raise AnyquantError(f"--kv-cache-gb {args.kv_cache_gb}: must be positive")
+    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
+        raise AnyquantError(f"--kv-cache-fraction {args.kv_cache_fraction}: must be in (0, 1]")
 
 
 def _is_loopback(host: str) -> bool:
@@ -109,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_gb=args.kv_cache_gb,
+        kv_cache_fraction=args.kv_cache_fraction,
         tensor_parallel_size=args.tensor_parallel_size,
     )
     timings = llm.loaded.timings  # load_model logged reading and repacking as they ended

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     page_size: int = 16
     kv_cache_gb: float | None = None  # None: room for max_num_seqs full-length sequences, capped at 2 GiB
+    # Instead of kv_cache_gb: this fraction of the memory still free once the weights are loaded
+    # (RAM on CPU, device memory on CUDA), capped at what max_num_seqs full-length sequences need.
+    kv_cache_fraction: float | None = None
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -45,6 +49,11 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.kv_cache_fraction is not None:
+            if not 0 < self.kv_cache_fraction <= 1:
+                raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+            if self.kv_cache_gb is not None:
+                raise ValueError("give kv_cache_gb or kv_cache_fraction, not both")
 
 
 @dataclass
@@ -69,12 +78,30 @@ class _State:
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
-def kv_pages(config: EngineConfig, bytes_per_page: int) -> int:
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a KV cache could still take: free device memory on CUDA, MemAvailable on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def kv_pages(config: EngineConfig, bytes_per_page: int, device: torch.device | None = None) -> int:
+    per_seq_pages = -(-config.max_model_len // config.page_size)
+    needed = config.max_num_seqs * per_seq_pages * bytes_per_page
     if config.kv_cache_gb is not None:
         budget = int(config.kv_cache_gb * 2**30)
+    elif config.kv_cache_fraction is not None:
+        free = available_memory_bytes(device or torch.device("cpu"))
+        budget = min(int(config.kv_cache_fraction * free), needed)
     else:
-        per_seq_pages = -(-config.max_model_len // config.page_size)
-        budget = min(config.max_num_seqs * per_seq_pages * bytes_per_page, 2 << 30)
+        budget = min(needed, 2 << 30)
     pages = budget // bytes_per_page
     if pages < 1:
         raise ValueError(f"KV cache budget of {budget} bytes holds no page of {bytes_per_page} bytes")
@@ -91,7 +118,7 @@ class Engine:
         device: torch.device,
     ) -> None:
         per_page = PagedKVCache.page_bytes_for_model(model, config.page_size, dtype)
-        num_pages = kv_pages(config, per_page)
+        num_pages = kv_pages(config, per_page, device)
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, num_pages, config.page_size, dtype, device)

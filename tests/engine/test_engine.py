@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
-from anyquant.engine.engine import EngineConfig
+from anyquant.engine import engine as engine_module
+from anyquant.engine.engine import EngineConfig, kv_pages
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.errors import NumericsError
 from anyquant.utils.tiny_model import write_tiny_model
@@ -192,3 +194,24 @@ def test_engine_config_validation() -> None:
         EngineConfig(max_model_len=64, page_size=12)
     with pytest.raises(ValueError, match="kv_cache_gb"):
         EngineConfig(max_model_len=64, kv_cache_gb=0)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"kv_cache_fraction must be in \(0, 1\]"):
+            EngineConfig(max_model_len=64, kv_cache_fraction=bad)
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig(max_model_len=64, kv_cache_gb=1, kv_cache_fraction=0.5)
+
+
+def test_kv_cache_fraction_takes_that_share_of_free_memory_up_to_what_is_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = 1000  # bytes per page
+    config = EngineConfig(max_model_len=64, max_num_seqs=4, page_size=16, kv_cache_fraction=0.5)
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda device: 10 * page)
+    assert kv_pages(config, page) == 5  # half of 10 free pages
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda device: 10**6 * page)
+    assert kv_pages(config, page) == 4 * 64 // 16  # capped: 4 full-length sequences of 4 pages
+
+
+def test_free_memory_on_cpu_is_positive_and_below_physical_memory() -> None:
+    free = engine_module.available_memory_bytes(torch.device("cpu"))
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

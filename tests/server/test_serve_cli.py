@@ -24,6 +24,8 @@ def test_tensor_parallel_size_below_one_is_a_clear_error(
 ) -> None:
     assert main(["serve", str(tiny_model), "--tensor-parallel-size", "0"]) == 2
     assert "--tensor-parallel-size 0: must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(tiny_model), "--kv-cache-fraction", "1.5"]) == 2
+    assert "--kv-cache-fraction 1.5: must be in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.slow
