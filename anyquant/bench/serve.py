@@ -126,7 +126,10 @@ async def _stream_one(
             payload = json.loads(data)
             if payload.get("error"):
                 raise BenchError(f"{client.base_url}: error inside the stream: {payload['error']}")
-            if payload.get("choices"):
+            choices = payload.get("choices") or []
+            # A chunk carries a token unless it is a closing one with no text (llama.cpp sends
+            # one with finish_reason after the last token).
+            if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
                 chunks += 1
                 if first is None:
                     first = time.perf_counter()
