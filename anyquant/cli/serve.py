@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 from anyquant.errors import AnyquantError
 
 if TYPE_CHECKING:
+    import uvicorn
+
+    from anyquant.engine.async_engine import AsyncEngine
     from anyquant.llm import LLM
 
 log = logging.getLogger("anyquant.serve")
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_waiting=args.max_waiting,
         shutdown_timeout=args.shutdown_timeout,
+        engine_thread=False,  # the engine loop runs on this, the main, thread: see _serve
     )
     app = create_app(llm.engine, llm.tokenizer, config)
     if not _is_loopback(args.host) and api_key is None:
@@ -162,18 +166,34 @@ def run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=max(int(args.shutdown_timeout), 1),
         )
     )
-    _exit_quietly_on_sigterm()
-    server.run()  # installs SIGINT/SIGTERM handlers: stop accepting, drain, then lifespan shutdown
+    _serve(server, app.state.server.engine)
     log.info("shut down cleanly")
     return 0
 
 
-def _exit_quietly_on_sigterm() -> None:
-    """uvicorn re-raises the signal it drained on, with the handler it found installed; with the
-    default SIGTERM handler that kills the process (exit -15) after a clean drain. A no-op handler
-    makes a drained SIGTERM end with exit status 0."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+def _serve(server: uvicorn.Server, engine: AsyncEngine) -> None:
+    """uvicorn on a thread, the engine loop on the main thread, because torch's OpenMP kernels
+    run about twice as fast launched from the process's initial thread (AsyncEngine.run_here).
+    SIGTERM / SIGINT ask uvicorn to stop accepting and drain; its lifespan shutdown then drains
+    the engine, whose loop returns here. A second signal stops without waiting."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run()  # not the main thread: uvicorn leaves signals to us
+        finally:
+            engine.close()  # whatever ended uvicorn (a port in use...), the loop below returns
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    thread = threading.Thread(target=http, name="anyquant-http")
+    thread.start()
+    engine.run_here()
+    thread.join()
 
 
 def _warm_up(llm: LLM) -> None:

@@ -80,6 +80,9 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     max_waiting: int = 256  # requests admitted beyond the running batch before 429
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
+    # True: the engine loop gets a thread of its own. False: the caller runs it with
+    # `app.state.server.engine.run_here()` (`anyquant serve` does, on the main thread).
+    engine_thread: bool = True
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -516,19 +519,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
-    """The app; its engine thread starts now and is drained by the app's lifespan shutdown (or
-    `app.state.server.engine.close()` when no ASGI server runs the lifespan)."""
+    """The app; its engine thread starts now (unless `config.engine_thread` is False) and is
+    drained by the app's lifespan shutdown (or `app.state.server.engine.close()` when no ASGI
+    server runs the lifespan)."""
     server = Server(engine, tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.engine.start()
+        if config.engine_thread:
+            server.engine.start()
         yield
         await server.engine.shutdown(config.shutdown_timeout)
 
     app = FastAPI(title="anyquant", version=__version__, lifespan=lifespan)
     app.state.server = server
-    server.engine.start()
+    if config.engine_thread:
+        server.engine.start()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

@@ -94,3 +94,33 @@ def test_bad_arguments_are_refused_with_a_message(
     assert "concurrency levels must be >= 1" in capsys.readouterr().err
     with pytest.raises(BenchError, match="empty"):
         make_prompts(2, 3, (10, 10))
+
+
+def test_streams_without_usage_are_counted_one_token_per_chunk_without_the_closing_one() -> None:
+    """llama.cpp-style stream: one chunk per token, then an empty chunk with finish_reason."""
+    import asyncio
+
+    import httpx
+
+    from anyquant.bench.serve import run_load
+
+    def chunk(text: str, finish: str | None) -> str:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        return "data: " + json.dumps({"choices": [choice]}) + "\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        body = json.loads(request.content)
+        sse = [chunk(f"t{i}", None) for i in range(body["max_tokens"])] + [chunk("", "length")]
+        return httpx.Response(200, text="".join(sse) + "data: [DONE]\n\n")
+
+    original = httpx.AsyncClient.__init__
+
+    def with_mock(self: httpx.AsyncClient, *args: object, **kwargs: object) -> None:
+        original(self, *args, transport=httpx.MockTransport(handler), **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(httpx.AsyncClient, "__init__", with_mock)
+        result = asyncio.run(run_load("http://mock", "mock", [[1, 2], [3, 4], [5, 6]], 2, 7))
+    assert [r.output_tokens for r in result.requests] == [7, 7, 7]
