@@ -36,3 +36,8 @@ class UnsupportedError(AnyquantError):
 
 class NumericsError(AnyquantError):
     """Non-finite values where finite ones are required (scales, logits)."""
+
+
+class EngineDeadError(AnyquantError):
+    """The engine itself cannot go on (e.g. a tensor-parallel rank died): never blamed on one
+    request, so a step that raises it is not retried request by request."""

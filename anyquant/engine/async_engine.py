@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from anyquant.engine.engine import Engine, RequestDelta
 from anyquant.engine.sampling import SamplingParams
+from anyquant.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,10 @@ class AsyncEngine:
             scheduler.abandon(plan, message)
         if not affected:
             affected = {r.request_id for r in scheduler.running}
+        if isinstance(exc, EngineDeadError):
+            affected = set(self._routes)  # every later step would fail the same way
+        # Requests the engine finished on its way out (an abandoned plan) are told here too.
+        affected |= {rid for rid in self._routes if scheduler.get(rid) is None}
         ids = sorted(affected & set(self._routes)) or sorted(self._routes)
         for rid in ids:
             self._abort_quietly(rid)

@@ -24,6 +24,7 @@ from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner
 from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from anyquant.errors import EngineDeadError
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ class Engine:
         plan = self.scheduler.schedule()
         try:
             logits = self.runner.execute(plan)
+        except EngineDeadError as exc:
+            # Nobody's fault in particular and nothing to retry: close the plan, let it surface.
+            self.scheduler.abandon(plan, f"the engine failed: {exc}")
+            raise
         except Exception as exc:
             logits = self._isolate_failure(plan, exc)
         sampled: dict[str, int | None] = {}
@@ -213,6 +218,9 @@ class Engine:
         for entry in plan.scheduled:
             try:
                 logits.update(self.runner.execute(StepPlan(scheduled=[entry])))
+            except EngineDeadError:
+                self.scheduler.abandon(plan, f"the engine failed: {exc}")
+                raise
             except Exception as alone:
                 self._fail_forward(entry[0].request_id, alone)
         return logits

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from anyquant.errors import AnyquantError
+from anyquant.errors import AnyquantError, EngineDeadError
 
 DEFAULT_TIMEOUT_S = 30.0
 # Connecting to the store, and its own operations; never the idle wait (comm.receive loops).
 _STORE_TIMEOUT = datetime.timedelta(seconds=300)
 
 
-class ParallelError(AnyquantError):
+class ParallelError(EngineDeadError):
     """A tensor-parallel rank died, hung or failed; the message names the rank."""
 
 

@@ -12,7 +12,7 @@ from anyquant import LLM, SamplingParams
 from anyquant.engine import engine as engine_module
 from anyquant.engine.engine import EngineConfig, kv_pages
 from anyquant.engine.kv_cache import PagedKVCache
-from anyquant.errors import NumericsError
+from anyquant.errors import EngineDeadError, NumericsError
 from anyquant.utils.tiny_model import write_tiny_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -177,6 +177,27 @@ def test_a_forward_pass_that_raises_fails_only_the_request_at_fault(
     assert [tokens[rid] for rid in ids[:1] + ids[2:]] == expected
     assert all(finished[rid].finish_reason == "length" for rid in ids[:1] + ids[2:])
     assert engine.num_step_failures == 1 and engine.allocator.num_used == 0
+
+
+def test_an_engine_level_failure_is_not_retried_and_leaves_the_scheduler_consistent(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = LLM(tiny, dtype="float32")
+    engine = llm.engine
+    calls = []
+
+    def dead(plan):  # type: ignore[no-untyped-def]
+        calls.append(len(plan.scheduled))
+        raise EngineDeadError("tensor-parallel rank 1 (pid 1) was killed by signal SIGKILL")
+
+    monkeypatch.setattr(engine.runner, "execute", dead)
+    for p in _prompts(2, seed=31):
+        engine.add_request(p, GREEDY)
+    with pytest.raises(EngineDeadError, match="rank 1"):
+        engine.step()
+    assert calls == [2]  # not re-run request by request: no request is to blame
+    assert engine.scheduler.open_plan is None and engine.allocator.num_used == 0
+    assert not engine.has_unfinished()
 
 
 def test_generate_raises_on_nonfinite(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
