@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from anyquant.engine.async_engine import RequestStream
+from anyquant.engine.engine import RequestDelta
 from anyquant.server.protocol import usage
 from anyquant.tokenizer import Tokenizer
 
@@ -101,33 +102,30 @@ class StreamMeta:
     include_usage: bool
 
 
-async def completion_events(
-    meta: StreamMeta, stream: RequestStream, logprobs: LogprobFormatter | None
+async def _event_stream(
+    meta: StreamMeta,
+    stream: RequestStream,
+    base: dict[str, Any],
+    opening: list[dict[str, Any]],
+    choice_for: Callable[[int, RequestDelta], dict[str, Any] | None],
 ) -> AsyncIterator[str]:
-    """SSE for /v1/completions with stream=true."""
-    base = {"id": meta.response_id, "object": "text_completion", "created": meta.created, "model": meta.model}
-    offsets = [0] * meta.num_choices
+    """The loop both streamed endpoints share: `opening` choices first, then one chunk per delta
+    that `choice_for(index, delta)` turns into a choice (None: nothing to send), an error event if
+    a request fails, the usage chunk when asked for, [DONE]; unfinished requests are aborted."""
+    extra = {"usage": None} if meta.include_usage else {}
     generated = 0
     try:
+        for choice in opening:
+            yield sse({**base, "choices": [choice], **extra})
         async for event in stream:
             delta = event.delta
             generated += len(delta.new_token_ids)
             if delta.finish_reason == "error":
                 yield sse(error_payload(delta.error or "generation failed"))
                 break
-            if not (delta.new_text or delta.finished or (logprobs and delta.logprobs)):
-                continue
-            choice: dict[str, Any] = {
-                "index": event.index,
-                "text": delta.new_text,
-                "logprobs": None,
-                "finish_reason": delta.finish_reason if delta.finished else None,
-            }
-            if logprobs is not None:
-                choice["logprobs"], offsets[event.index] = logprobs.completion(
-                    delta.logprobs, offsets[event.index]
-                )
-            yield sse({**base, "choices": [choice], **({"usage": None} if meta.include_usage else {})})
+            built = choice_for(event.index, delta)
+            if built is not None:
+                yield sse({**base, "choices": [built], **extra})
         else:
             if meta.include_usage:
                 yield sse({**base, "choices": [], "usage": usage(meta.num_prompt_tokens, generated)})
@@ -136,7 +134,34 @@ async def completion_events(
         stream.abort()  # no-op when every choice finished; frees the pages of a client that left
 
 
-async def chat_events(
+def _has_news(delta: RequestDelta, logprobs: LogprobFormatter | None) -> bool:
+    return bool(delta.new_text or delta.finished or (logprobs and delta.logprobs))
+
+
+def completion_events(
+    meta: StreamMeta, stream: RequestStream, logprobs: LogprobFormatter | None
+) -> AsyncIterator[str]:
+    """SSE for /v1/completions with stream=true."""
+    base = {"id": meta.response_id, "object": "text_completion", "created": meta.created, "model": meta.model}
+    offsets = [0] * meta.num_choices
+
+    def choice_for(index: int, delta: RequestDelta) -> dict[str, Any] | None:
+        if not _has_news(delta, logprobs):
+            return None
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": delta.new_text,
+            "logprobs": None,
+            "finish_reason": delta.finish_reason if delta.finished else None,
+        }
+        if logprobs is not None:
+            choice["logprobs"], offsets[index] = logprobs.completion(delta.logprobs, offsets[index])
+        return choice
+
+    return _event_stream(meta, stream, base, [], choice_for)
+
+
+def chat_events(
     meta: StreamMeta, stream: RequestStream, logprobs: LogprobFormatter | None
 ) -> AsyncIterator[str]:
     """SSE for /v1/chat/completions with stream=true: a role chunk per choice, then content."""
@@ -146,35 +171,19 @@ async def chat_events(
         "created": meta.created,
         "model": meta.model,
     }
-    extra = {"usage": None} if meta.include_usage else {}
-    generated = 0
-    try:
-        for index in range(meta.num_choices):
-            role = {
-                "index": index,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            yield sse({**base, "choices": [role], **extra})
-        async for event in stream:
-            delta = event.delta
-            generated += len(delta.new_token_ids)
-            if delta.finish_reason == "error":
-                yield sse(error_payload(delta.error or "generation failed"))
-                break
-            if not (delta.new_text or delta.finished or (logprobs and delta.logprobs)):
-                continue
-            choice: dict[str, Any] = {
-                "index": event.index,
-                "delta": {"content": delta.new_text} if delta.new_text else {},
-                "logprobs": logprobs.chat(delta.logprobs) if logprobs is not None else None,
-                "finish_reason": delta.finish_reason if delta.finished else None,
-            }
-            yield sse({**base, "choices": [choice], **extra})
-        else:
-            if meta.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(meta.num_prompt_tokens, generated)})
-        yield SSE_DONE
-    finally:
-        stream.abort()
+    roles = [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(meta.num_choices)
+    ]
+
+    def choice_for(index: int, delta: RequestDelta) -> dict[str, Any] | None:
+        if not _has_news(delta, logprobs):
+            return None
+        return {
+            "index": index,
+            "delta": {"content": delta.new_text} if delta.new_text else {},
+            "logprobs": logprobs.chat(delta.logprobs) if logprobs is not None else None,
+            "finish_reason": delta.finish_reason if delta.finished else None,
+        }
+
+    return _event_stream(meta, stream, base, roles, choice_for)
