@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from anyquant.bench.serve import ServerProcess, free_port
 from anyquant.cli.main import build_parser, main
 from tests.server.conftest import MODEL
 
@@ -29,10 +26,12 @@ def test_tensor_parallel_size_below_one_is_a_clear_error(
 
 
 @pytest.mark.slow
-def test_serve_with_two_tensor_parallel_ranks_answers_like_one_process(tiny_model: Path) -> None:
+def test_serve_with_two_tensor_parallel_ranks_answers_like_one_process(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     from anyquant import LLM, SamplingParams
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -48,18 +47,9 @@ def test_serve_with_two_tensor_parallel_ranks_answers_like_one_process(tiny_mode
         "--served-model-name",
         MODEL,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server did not become healthy in 120 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with ServerProcess(cmd, url, "anyquant serve --tp 2", log, env={"OMP_NUM_THREADS": "1"}):
         body = {
             "model": MODEL,
             "prompt": [256, 10, 20, 30],
@@ -67,10 +57,7 @@ def test_serve_with_two_tensor_parallel_ranks_answers_like_one_process(tiny_mode
             "temperature": 0,
             "ignore_eos": True,
         }
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
     alone = LLM(tiny_model, dtype="float32").generate(
         prompt_token_ids=[[256, 10, 20, 30]],
         sampling_params=SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
@@ -92,15 +79,9 @@ def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> 
     assert args.tensor_parallel_size == 1 and args.api_key is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
-def test_serve_logs_phases_and_drains_in_flight_streams_on_sigterm(tiny_model: Path) -> None:
-    port = _free_port()
+def test_serve_logs_phases_and_drains_in_flight_streams_on_sigterm(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "anyquant", "serve", str(tiny_model), "--port", str(port)]
     cmd += [
@@ -113,18 +94,9 @@ def test_serve_logs_phases_and_drains_in_flight_streams_on_sigterm(tiny_model: P
         "--shutdown-timeout",
         "30",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server did not become healthy in 60 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    log_path = tmp_path / "serve.log"
+    server = ServerProcess(cmd, url, "anyquant serve", log_path, env={"PYTHONUNBUFFERED": "1"})
+    with server:
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "a"}).status_code == 401
         headers = {"Authorization": "Bearer k3y"}
         body = {"model": MODEL, "prompt": "a", "max_tokens": 240, "stream": True, "ignore_eos": True}
@@ -141,14 +113,9 @@ def test_serve_logs_phases_and_drains_in_flight_streams_on_sigterm(tiny_model: P
         reader = threading.Thread(target=stream)
         reader.start()
         assert started.wait(30)
-        proc.send_signal(signal.SIGTERM)
+        assert server.stop(timeout_s=60) == 0  # SIGTERM: drain, then exit cleanly
         reader.join(60)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stdout.read() if proc.stdout else ""
+    log = log_path.read_text()
     # The in-flight stream ran to its end: every token, a finish reason, then [DONE].
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
