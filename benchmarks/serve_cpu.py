@@ -43,6 +43,10 @@ from anyquant.bench.serve_session import (
 )
 
 
+def show(result: LoadResult) -> None:
+    print(results_table([result]).splitlines()[-1], flush=True)
+
+
 def llamacpp_results(
     plan: ServeBenchPlan, kinds: list[str], quant: str, notes: list[str]
 ) -> list[LoadResult]:
@@ -78,7 +82,7 @@ def llamacpp_results(
             notes.append(f"{name} ready after {server.startup_s:.1f}s")
             for clients, prompts in levels.items():
                 result = asyncio.run(run_load(url, name, prompts, clients, plan.max_tokens, extra_body=extra))
-                print(results_table([result]).splitlines()[-1], flush=True)
+                show(result)
                 results.append(result)
     return results
 
@@ -108,9 +112,6 @@ def main() -> None:
         dtype="bfloat16",
         log_dir=OUT / "logs",
     )
-
-    def show(result: LoadResult) -> None:
-        print(results_table([result]).splitlines()[-1], flush=True)
 
     print(results_table([]), flush=True)
     results, notes = run_serve_bench(plan, on_result=show)

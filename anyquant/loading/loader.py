@@ -123,11 +123,11 @@ def load_model(
         progress.start_weights(sum(_stored_bytes(ckpt, name) for name in ckpt.index))
         try:
             for plan in plans:
-                before = set(used)
-                _load_linear(
-                    ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, used, kernel, parallel.rank
+                read = _load_linear(
+                    ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, kernel, parallel.rank
                 )
-                progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before))
+                used.update(read)
+                progress.advance(sum(_stored_bytes(ckpt, n) for n in read))
             before_plain = set(used)
             _load_plain(ckpt, model, compute_dtype, dev, used)
             progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before_plain))
@@ -172,10 +172,11 @@ def _load_linear(
     plan: LayerPlan,
     dtype: torch.dtype,
     device: torch.device,
-    used: set[str],
     prefer: str | None = None,
     rank: int = 0,
-) -> None:
+) -> list[str]:
+    """Load one linear layer; returns the checkpoint tensors it read."""
+    read: list[str] = []
     weight: QuantWeight | Tensor
     shard = plan.shard
     if plan.spec is not None and fmt is not None:
@@ -197,7 +198,7 @@ def _load_linear(
             )
         if shard is not None:
             weight = shard_quant(weight, shard.style, shard.partition, rank, plan.prefix)
-        used.update(names)
+        read.extend(names)
     else:
         name = plan.stored.required[0]
         info = ckpt.index.info(name)
@@ -210,7 +211,7 @@ def _load_linear(
                 name, f"dtype {info.torch_dtype} for an unquantized layer; expected a float dtype"
             )
         weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
-        used.add(name)
+        read.append(name)
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
     if isinstance(weight, QuantWeight) and weight.spec != plan.local_spec:
@@ -241,7 +242,8 @@ def _load_linear(
         if shard is not None and shard.style == "column":
             bias = shard_vector(bias, shard.partition, rank)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-        used.add(plan.bias)
+        read.append(plan.bias)
+    return read
 
 
 def _read_dense_shard(ckpt: Checkpoint, name: str, shard: LinearShard, rank: int) -> Tensor:
