@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv and installs anyquant with its test tools. Idempotent: re-running is quick.
 # torch is installed first as the CPU build 2.13.0: letting pip resolve a bare `torch` would pull
-# gigabytes of CUDA wheels. Every later install sees torch already satisfied.
+# gigabytes of CUDA wheels. Every later install sees torch already satisfied. Everything is installed
+# at the exact versions of constraints.txt, so a new release on the registry cannot change what a
+# fresh machine runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,10 +13,10 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 stamp=.venv/.anyquant-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  python -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+  python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
   python - <<'PY'
 import torch, sys
 if "+cpu" not in torch.__version__ and not torch.cuda.is_available():

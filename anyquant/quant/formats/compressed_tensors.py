@@ -30,7 +30,11 @@ from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, Granularity, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight, expected_scale_shape, num_groups
 
-WRITTEN_VERSION = "0.20.0"  # the compressed-tensors release whose output the writer reproduces
+# The `version` the writer stamps: the compressed-tensors release whose byte layout it reproduces and
+# was checked against, not whatever library happens to be installed (the writer does not use the
+# library). Readers, ours and the library's, use the version only to tell 0.17's padded sub-byte
+# packing from the dense packing of every release since 0.18, so a later release reads it the same.
+WRITTEN_VERSION = "0.20.0"
 _QUANT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 _DENSE_FORMATS = ("dense", "fakequant")  # "fakequant" is the library's default for unsaved configs
 _REJECTED_FORMATS = {
