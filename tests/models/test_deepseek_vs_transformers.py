@@ -247,7 +247,13 @@ def test_v3_mtp_block_is_ignored(checkpoints: dict[str, Path], tmp_path: Path) -
         "model.layers.3.self_attn.q_a_proj.weight": torch.randn(32, 64),
     }
     path = _with_extra_tensors(src, tmp_path / "mtp", mtp)
-    assert torch.equal(LLM(path, dtype="float32").logits(IDS), LLM(src, dtype="float32").logits(IDS))
+    with_mtp = LLM(path, dtype="float32")
+    assert not [name for name, _ in with_mtp.model.named_parameters() if "layers.3." in name]
+    # Equal up to rounding only: re-saving moves every tensor to another file offset, and the
+    # alignment of a memory-mapped weight can pick another GEMM code path (last-bit differences).
+    torch.testing.assert_close(
+        with_mtp.logits(IDS), LLM(src, dtype="float32").logits(IDS), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tensor_beyond_the_mtp_block_is_still_an_error(checkpoints: dict[str, Path], tmp_path: Path) -> None:
