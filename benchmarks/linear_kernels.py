@@ -4,10 +4,13 @@ For each quantization spec the best registered CPU kernel (what `choose_kernel` 
 against the reference kernel and against dense bfloat16 / float32 `F.linear`, at a few token
 counts, and its output is compared with the reference's. Prints a markdown table:
 
-    python benchmarks/kernels.py [--tokens 1,64] [--dtypes bfloat16,float32] [--threads N]
+    python benchmarks/linear_kernels.py [--tokens 1,64] [--dtypes bfloat16,float32] [--threads N]
 
 Weights are random codes with realistic scales (this measures speed and kernel error, not
 quantization quality). GB/s is the weight bytes the kernel keeps (packed codes + scales) per call.
+
+(Not named kernels.py: a script's folder comes first on sys.path, and a `kernels` module there
+would shadow the `kernels` package that transformers imports.)
 """
 
 from __future__ import annotations
