@@ -280,9 +280,9 @@ def test_tp_logits_equal_one_process(
     1.3e-2 to 6.3e-2 here), with one exception that is no error of tensor parallelism: in an int8
     model, a quantizer input that differs by rounding (the attention output is a sum of ranks'
     partial sums) flips one int8 code when it sits within rounding of a code boundary. In the
-    int8 MoE models here that happens at a column-parallel expert projection, whose input every
-    rank holds whole, and shows as 2e-3 to 5e-3 from that token on. The per-layer test above is
-    the exact check for them."""
+    int8 MoE models here that happens at column-parallel projections (an expert's gate/up, a
+    later layer's q/k/v), whose input every rank holds whole, and shows as 2e-3 to 5e-3 from that
+    token on. The per-layer test above is the exact check for them."""
     world, runs = parallel
     errors = {name: _rel(ranks[0]["logits"], single[name]) for name, ranks in runs.items()}
     for name, ranks in runs.items():
