@@ -84,7 +84,7 @@ def _kernel(name: str, spec: QuantSpec, shape: tuple[int, int]) -> type[LinearKe
 def test_rank_kernels_with_the_reduced_amax_equal_the_whole_layer(
     name: str, spec: QuantSpec, world: int
 ) -> None:
-    n, k = 48, 100  # 100 input features: padded at world 4 (25 -> split in units of 1, no pad) and 3
+    n, k = 48, 98  # world 4: 25 input features per rank, the last with 2 zero-padded
     w = random_weight(spec, n, k, seed=7)
     partition = split_units(k, world, row_unit(spec))
     gen = torch.Generator().manual_seed(world)
@@ -111,6 +111,41 @@ def test_rank_kernels_with_the_reduced_amax_equal_the_whole_layer(
     local = sum(kern(xr, None) for kern, xr in zip(kernels, inputs))
     assert isinstance(local, Tensor)
     assert _rel(local, want) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [
+        (
+            "cpu_w8a8_int8",
+            QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=False, granularity="tensor")),
+        ),
+        (
+            "cpu_w8a8_int8",
+            QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor", symmetric=False)),
+        ),
+        ("cpu_fp8_dequant", QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", False, "tensor"))),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v),
+)
+def test_static_activation_scales_are_already_global(name: str, spec: QuantSpec) -> None:
+    """A static scale (and zero point) is one number for the whole layer: every rank keeps it, so
+    the ranks quantize exactly as one device without any exchange."""
+    n, k, world = 48, 98, 4
+    w = random_weight(spec, n, k, seed=5)
+    partition = split_units(k, world, row_unit(spec))
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1))
+    got = torch.zeros(9, n)
+    for rank in range(world):
+        piece = shard_quant(w, "row", partition, rank, "w")
+        assert piece.input_scale is not None and torch.equal(piece.input_scale, w.input_scale)
+        assert (piece.input_zero is None) == (w.input_zero is None)
+        assert piece.input_zero is None or torch.equal(piece.input_zero, w.input_zero)
+        kernel = _kernel(name, piece.spec, piece.shape)(piece.shape, torch.float32)
+        kernel.load(piece)
+        assert kernel.dynamic_act is None
+        got += kernel(_rank_input(x, partition, rank), None)
+    assert _rel(got, oracle_linear(x, w)) < 1e-5
 
 
 def test_activation_groups_are_never_cut_so_local_group_scales_are_global() -> None:
