@@ -4,8 +4,8 @@ Owns the layer's identity (checkpoint prefix, kind, shape), its bias and its ten
 style: a row-parallel layer sums its ranks' partial outputs (and adds its bias once) and makes
 dynamic per-token / per-tensor activation scales span all ranks' input slices (one all-reduce MAX
 of the amax before quantizing, so TP N quantizes exactly as one device), a vocab-parallel head
-gathers its ranks' logits on rank 0. It never looks at what the kernel holds:
-the loader hands it a ready kernel through `set_kernel`.
+gathers its ranks' logits on rank 0. It never looks at what the kernel holds (only at its
+interface, e.g. `dynamic_act`): the loader hands it a ready kernel through `set_kernel`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Collectives the parallel layers and the worker loop use; no-ops at world size 1.
 
-Owns the sum of row-parallel outputs, the max of row-parallel activation amaxes, gathering vocab-parallel logits on rank 0, publishing
-rank 0's step messages and exchanging load statuses. Collectives run on a group created with a
-timeout (`state.py`), so a dead or hung rank turns into an exception, never a wait forever.
+Owns the sum of row-parallel outputs, the max of their activation amaxes, gathering
+vocab-parallel logits on rank 0, publishing rank 0's step messages and exchanging load statuses.
+Collectives run on a group created with a timeout (`state.py`), so a dead or hung rank turns into
+an exception, never a wait forever.
 """
 
 from __future__ import annotations

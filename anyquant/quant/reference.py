@@ -75,8 +75,10 @@ def activation_amax(x: Tensor, act: ActQuant) -> Tensor:
     if act.granularity == "group":
         t, k = ax.shape
         pad = (-k) % act.group_size
-        return torch.nn.functional.pad(ax, (0, pad)).reshape(t, -1, act.group_size).amax(dim=-1)
-    return ax.amax().reshape(1, 1)
+        groups = (k + pad) // act.group_size
+        return torch.nn.functional.pad(ax, (0, pad)).reshape(t, groups, act.group_size).amax(dim=-1)
+    # No tokens: no amax to take (a rank still joins the collective with a neutral 0).
+    return ax.amax().reshape(1, 1) if ax.numel() else ax.new_zeros(1, 1)
 
 
 def fake_quantize_activations(

@@ -68,6 +68,25 @@ def _kernel(name: str, spec: QuantSpec, shape: tuple[int, int]) -> type[LinearKe
     return cls
 
 
+@pytest.mark.parametrize(
+    "act",
+    [
+        ActQuant("int8", dynamic=True),
+        ActQuant("fp8_e4m3", dynamic=True, granularity="tensor"),
+        ActQuant("fp8_e4m3", dynamic=True, granularity="group", group_size=16),
+    ],
+    ids=ActQuant.describe,
+)
+def test_activation_amax_is_the_one_fake_quantization_takes(act: ActQuant) -> None:
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))
+    amax = activation_amax(x, act)
+    assert amax.shape == {"token": (5, 1), "tensor": (1, 1), "group": (5, 3)}[act.granularity]
+    assert torch.equal(fake_quantize_activations(x, act, amax=amax), fake_quantize_activations(x, act))
+    # A rank with no tokens still joins the all-reduce, with a neutral amax.
+    empty = activation_amax(x[:0], act)
+    assert empty.numel() == 0 or torch.equal(empty, torch.zeros(1, 1))
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize(
     ("name", "spec"),
