@@ -1,9 +1,11 @@
 """`QuantLinear`: a linear layer whose math is delegated to the kernel chosen for its weight.
 
 Owns the layer's identity (checkpoint prefix, kind, shape), its bias and its tensor-parallel
-style: a row-parallel layer sums its ranks' partial outputs (and adds its bias once), a
-vocab-parallel head gathers its ranks' logits on rank 0. It never looks at what the kernel holds:
-the loader hands it a ready kernel through `set_kernel`.
+style: a row-parallel layer sums its ranks' partial outputs (and adds its bias once) and makes
+dynamic per-token / per-tensor activation scales span all ranks' input slices (one all-reduce MAX
+of the amax before quantizing, so TP N quantizes exactly as one device), a vocab-parallel head
+gathers its ranks' logits on rank 0. It never looks at what the kernel holds (only at its
+interface, e.g. `dynamic_act`): the loader hands it a ready kernel through `set_kernel`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from anyquant.parallel.comm import all_reduce, gather_last_dim
+from anyquant.parallel.comm import all_reduce, all_reduce_max, gather_last_dim
 from anyquant.quant.kernels.base import LinearKernel
-from anyquant.quant.spec import LayerKind
+from anyquant.quant.reference import activation_amax
+from anyquant.quant.spec import ActQuant, LayerKind
 
 if TYPE_CHECKING:
     from anyquant.loading.sharding import Partition
@@ -74,12 +77,43 @@ class QuantLinear(nn.Module):
             raise RuntimeError(f"{self.prefix}: no weight loaded")
         if self.parallel is None:
             return self.kernel(x, self.bias)
-        return self._parallel_forward(x, self.kernel, self.parallel)
+        return self._parallel_forward(x, self.kernel, self.parallel, None)
 
-    def _parallel_forward(self, x: Tensor, kernel: LinearKernel, state: ParallelState) -> Tensor:
+    def forward_with_amax(self, x: Tensor, act_amax: Tensor) -> Tensor:
+        """forward, given the all-rank amax of `x` for `global_act` (a caller that reduced many
+        layers' amaxes in one collective: the MoE block, over its experts)."""
+        if self.kernel is None or self.parallel is None:
+            raise RuntimeError(f"{self.prefix}: an all-rank amax needs a loaded row-parallel layer")
+        return self._parallel_forward(x, self.kernel, self.parallel, act_amax)
+
+    @property
+    def global_act(self) -> ActQuant | None:
+        """The dynamic activation quantization whose amax must be taken over every rank's slice of
+        the input features: a row-parallel split whose kernel scales per token or per tensor.
+
+        None on one device, for other styles (their input is whole), for static or no activation
+        quantization, and for per-group scales: sharding keeps each activation group whole on one
+        rank (`anyquant.loading.sharding.local_spec` refuses splits that would cut one), so a
+        rank's own group amax is already the global one."""
+        act = self.kernel.dynamic_act if self.kernel is not None else None
+        if self.parallel is None or self.style != "row" or act is None or act.granularity == "group":
+            return None
+        return act
+
+    def local_act_amax(self, x: Tensor) -> Tensor | None:
+        """This rank's amax of `x` for `global_act` (to be max-reduced over ranks), or None."""
+        act = self.global_act
+        return None if act is None else activation_amax(x, act)
+
+    def _parallel_forward(
+        self, x: Tensor, kernel: LinearKernel, state: ParallelState, act_amax: Tensor | None
+    ) -> Tensor:
         if self.style == "vocab":
             return gather_last_dim(kernel(x, self.bias), state, self.full_out_features)
-        y = kernel(x, None)
+        if act_amax is None:
+            local = self.local_act_amax(x)
+            act_amax = None if local is None else all_reduce_max(local, state)
+        y = kernel(x, None) if act_amax is None else kernel(x, None, act_amax=act_amax)
         if self.reduce_output:
             y = all_reduce(y, state)
         elif state.rank != 0:

@@ -58,5 +58,9 @@ class GatedMLP(nn.Module, TensorParallelLayer):
             )
         ]
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """The down projection's input: act(gate(x)) * up(x)."""
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))

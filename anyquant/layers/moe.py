@@ -9,9 +9,9 @@ so every format and every linear kernel applies to experts unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from anyquant.errors import CheckpointError
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
 from anyquant.layers.mlp import PROJ_NAMES, GatedMLP
-from anyquant.parallel.comm import all_reduce
+from anyquant.parallel.comm import all_reduce, all_reduce_max
 
 if TYPE_CHECKING:
     from anyquant.loading.sharding import Partition
@@ -234,12 +234,35 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         tokens = order // k
         slot_weights = weights.reshape(-1)[order]
         counts = torch.bincount(flat, minlength=self.routing.num_experts).tolist()
+        picked: list[tuple[GatedMLP, Tensor, Tensor]] = []  # (expert, its tokens, their weights)
         start = 0
         for expert, n in zip(self.experts, counts):
-            if n == 0:
-                continue
-            rows = tokens[start : start + n]
-            y = expert(x[rows]).float() * slot_weights[start : start + n, None]
-            out.index_add_(0, rows, y)
-            start += n
+            if n:
+                picked.append(
+                    (cast(GatedMLP, expert), tokens[start : start + n], slot_weights[start : start + n])
+                )
+                start += n
+        for (_, rows, w), y in zip(picked, self._expert_outputs(x, picked)):
+            out.index_add_(0, rows, y.float() * w[:, None])
         return out
+
+    def _expert_outputs(self, x: Tensor, picked: list[tuple[GatedMLP, Tensor, Tensor]]) -> Iterator[Tensor]:
+        """Each picked expert's output on its tokens, one expert at a time.
+
+        Row-parallel down projections with dynamic per-token activation scales need the amax over
+        all ranks: rather than one all-reduce per expert, all hidden states are computed first
+        and every expert's amax is max-reduced in one collective for the block."""
+        if self.parallel is None or not any(e.down_proj.global_act for e, _, _ in picked):
+            for expert, rows, _ in picked:
+                yield expert(x[rows])
+            return
+        hidden = [expert.hidden(x[rows]) for expert, rows, _ in picked]
+        local = [e.down_proj.local_act_amax(h) for (e, _, _), h in zip(picked, hidden)]
+        reduced = all_reduce_max(torch.cat([a.reshape(-1) for a in local if a is not None]), self.parallel)
+        offset = 0
+        for (expert, _, _), h, a in zip(picked, hidden, local):
+            if a is None:
+                yield expert.down_proj(h)
+                continue
+            yield expert.down_proj.forward_with_amax(h, reduced[offset : offset + a.numel()].view(a.shape))
+            offset += a.numel()

@@ -143,24 +143,16 @@ def plan_tensor_parallel(model: nn.Module, spec_of: SpecOf, world: int) -> Tenso
 def _risks(model: nn.Module, plan: TensorParallelPlan, spec_of: SpecOf) -> list[str]:
     if plan.world == 1:
         return []
-    per_token, act_order = [], []
+    # Dynamic activation scales are no risk: row-parallel layers max-reduce per-token / per-tensor
+    # amaxes over ranks (layers/linear.py) and sharding keeps activation groups whole.
+    act_order = []
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or layer.prefix not in plan.shards:
             continue
         spec = spec_of(layer)
-        if plan.shards[layer.prefix].style != "row" or spec is None:
-            continue
-        if spec.act is not None and spec.act.dynamic and spec.act.granularity in ("token", "tensor"):
-            per_token.append(layer.prefix)
-        if spec.act_order:
+        if plan.shards[layer.prefix].style == "row" and spec is not None and spec.act_order:
             act_order.append(layer.prefix)
     risks = []
-    if per_token:
-        risks.append(
-            f"{len(per_token)} row-parallel layers (e.g. {per_token[0]}) quantize activations dynamically "
-            "per token/tensor: each rank takes the amax over its own slice of the input features, so "
-            "results differ from one device at the level of activation-quantization noise"
-        )
     if act_order:
         risks.append(
             f"{len(act_order)} row-parallel act-order layers (e.g. {act_order[0]}) keep, per rank, the "

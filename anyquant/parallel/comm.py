@@ -1,8 +1,9 @@
 """Collectives the parallel layers and the worker loop use; no-ops at world size 1.
 
-Owns the sum of row-parallel outputs, gathering vocab-parallel logits on rank 0, publishing
-rank 0's step messages and exchanging load statuses. Collectives run on a group created with a
-timeout (`state.py`), so a dead or hung rank turns into an exception, never a wait forever.
+Owns the sum of row-parallel outputs, the max of their activation amaxes, gathering
+vocab-parallel logits on rank 0, publishing rank 0's step messages and exchanging load statuses.
+Collectives run on a group created with a timeout (`state.py`), so a dead or hung rank turns into
+an exception, never a wait forever.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def all_reduce(x: Tensor, state: ParallelState) -> Tensor:
     state.entered_collective()
     dist.all_reduce(buf, group=state.device_group)
     return buf if x.dtype == torch.float32 else buf.to(x.dtype)
+
+
+def all_reduce_max(x: Tensor, state: ParallelState) -> Tensor:
+    """Elementwise max of `x` over ranks, in fp32 (exact: a max never rounds). In place when `x`
+    is a contiguous fp32 tensor. Row-parallel layers use it to make dynamic activation scales span
+    every rank's slice of the input features."""
+    if state.world_size == 1:
+        return x
+    buf = x.float().contiguous()
+    state.entered_collective()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=state.device_group)
+    return buf
 
 
 def gather_last_dim(x: Tensor, state: ParallelState, full_size: int) -> Tensor:

@@ -63,24 +63,43 @@ def _act_qrange(act: ActQuant) -> tuple[float, float]:
     return -top, top
 
 
+def activation_amax(x: Tensor, act: ActQuant) -> Tensor:
+    """The fp32 amax that dynamic activation scales of `x` [T, K] come from: [T, 1] per token,
+    [1, 1] per tensor, [T, ceil(K / group_size)] per group (a last partial group zero-padded).
+
+    Separate from the quantization so that a caller holding only a slice of the input features
+    (a row-parallel rank) can combine the slices' amaxes (their max) before quantizing."""
+    ax = x.float().abs()
+    if act.granularity == "token":
+        return ax.amax(dim=-1, keepdim=True)
+    if act.granularity == "group":
+        t, k = ax.shape
+        pad = (-k) % act.group_size
+        groups = (k + pad) // act.group_size
+        return torch.nn.functional.pad(ax, (0, pad)).reshape(t, groups, act.group_size).amax(dim=-1)
+    # No tokens: no amax to take (a rank still joins the collective with a neutral 0).
+    return ax.amax().reshape(1, 1) if ax.numel() else ax.new_zeros(1, 1)
+
+
 def fake_quantize_activations(
-    x: Tensor, act: ActQuant, input_scale: Tensor | None = None, input_zero: Tensor | None = None
+    x: Tensor,
+    act: ActQuant,
+    input_scale: Tensor | None = None,
+    input_zero: Tensor | None = None,
+    amax: Tensor | None = None,
 ) -> Tensor:
-    """Quantize then dequantize activations `x` [T, K] exactly as a W8A8 kernel sees them (fp32)."""
+    """Quantize then dequantize activations `x` [T, K] exactly as a W8A8 kernel sees them (fp32).
+
+    amax: dynamic schemes only, an `activation_amax`-shaped amax to use instead of x's own (under
+    tensor parallelism, the max over every rank's slice of the input features)."""
     x = x.float()
     lo, hi = _act_qrange(act)
     qmax = act.scale_divisor or hi
     if act.dynamic:
-        if act.granularity == "token":
-            amax = x.abs().amax(dim=-1, keepdim=True)
-        elif act.granularity == "group":
-            t, k = x.shape
-            g = act.group_size
-            pad = (-k) % g
-            xg = torch.nn.functional.pad(x, (0, pad)).reshape(t, -1, g)
-            amax = xg.abs().amax(dim=-1, keepdim=True).expand(-1, -1, g).reshape(t, -1)[:, :k]
-        else:
-            amax = x.abs().amax()
+        if amax is None:
+            amax = activation_amax(x, act)
+        if act.granularity == "group":
+            amax = amax.repeat_interleave(act.group_size, dim=-1)[:, : x.shape[1]]
         # An all-zero row or group (padding) has amax 0; clamp so 0/0 never makes NaN.
         scale = amax.clamp(min=1e-10) / qmax
         zero = None

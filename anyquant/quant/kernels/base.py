@@ -3,6 +3,11 @@
 A kernel says why it cannot serve a layer (`cannot_run`), receives the canonical weight once
 (`load`, where it repacks into whatever layout it likes) and multiplies (`forward`). It never
 reads checkpoints or knows which format the weight came from.
+
+A kernel that quantizes its input with dynamic scales sets `dynamic_act` in `load`, and its
+forward then also takes `act_amax=`: an amax (`anyquant.quant.reference.activation_amax` shape)
+computed by the caller, which a row-parallel layer takes over every rank's slice of the input.
+The kernel never communicates itself.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
 
 class LinearKernel(nn.Module, ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 0  # higher wins when several can run
+    # How this kernel quantizes activations with dynamic scales (set by `load`); None: it does not.
+    dynamic_act: ActQuant | None = None
 
     def __init__(self, shape: tuple[int, int], compute_dtype: torch.dtype) -> None:
         super().__init__()

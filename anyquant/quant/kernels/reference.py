@@ -40,6 +40,8 @@ class ReferenceKernel(LinearKernel):
         if not isinstance(weight, QuantWeight):
             raise TypeError("reference kernel expects a QuantWeight")
         self.weight = weight
+        act = weight.spec.act
+        self.dynamic_act = act if act is not None and act.dynamic else None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def,unused-ignore]
         # The canonical tensors are not buffers (a dataclass holds them); move them with the
@@ -53,9 +55,10 @@ class ReferenceKernel(LinearKernel):
                 setattr(w, attr, t.to(device))
         return self
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         w = self.weight
         if w.spec.act is not None:
-            x = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero).to(self.compute_dtype)
+            x = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, act_amax)
+            x = x.to(self.compute_dtype)
         dense = dequantize(w, self.compute_dtype)
         return torch.nn.functional.linear(x, dense, bias)

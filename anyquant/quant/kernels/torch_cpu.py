@@ -508,12 +508,18 @@ class CpuInt8WeightKernel(LinearKernel):
 
 
 def _quantize_int8_activations(
-    x: Tensor, token: bool, input_scale: Tensor | None, input_zero: Tensor | None, divisor: float = 127.0
+    x: Tensor,
+    token: bool,
+    input_scale: Tensor | None,
+    input_zero: Tensor | None,
+    divisor: float = 127.0,
+    amax: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x [T, K] -> (codes int8 [T, K], scale fp32 [T, 1] or [1, 1], zero point or None).
 
     The same operations in the same order as anyquant.quant.reference.fake_quantize_activations,
-    so codes * scale equal the reference's fake-quantized activations bit for bit.
+    so codes * scale equal the reference's fake-quantized activations bit for bit. `amax`: a
+    precomputed dynamic amax ([T, 1] or [1, 1]) used instead of x's own.
     """
     xf = x.float()
     zero = None
@@ -524,7 +530,8 @@ def _quantize_int8_activations(
             zero = input_zero.float().reshape(1, 1)
             q = q + zero
     else:
-        amax = xf.abs().amax(dim=-1, keepdim=True) if token else xf.abs().amax().reshape(1, 1)
+        if amax is None:
+            amax = xf.abs().amax(dim=-1, keepdim=True) if token else xf.abs().amax().reshape(1, 1)
         # An all-zero row has amax 0; clamp so 0/0 never makes NaN.
         scale = amax.clamp(min=1e-10) / divisor  # ActQuant.scale_divisor (127.5 for compressed-tensors)
         q = torch.round(xf / scale)
@@ -592,6 +599,7 @@ class CpuW8A8Int8Kernel(LinearKernel):
         self.register_buffer("codes", w.data.contiguous(), persistent=False)  # [N, K] int8
         self.register_buffer("scale", w.scale.float().reshape(-1).expand(n).contiguous(), persistent=False)
         self.token = act.dynamic and act.granularity == "token"
+        self.dynamic_act = act if act.dynamic else None
         self.divisor = act.scale_divisor or 127.0
         input_scale = input_zero = None
         if not act.dynamic:
@@ -604,12 +612,12 @@ class CpuW8A8Int8Kernel(LinearKernel):
         colsum = w.data.to(torch.int32).sum(dim=1) if input_zero is not None else None
         self.register_buffer("colsum", colsum, persistent=False)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         n = self.shape[0]
         if x.shape[0] == 0:
             return x.new_zeros(0, n)
         q, s_x, zero = _quantize_int8_activations(
-            x, self.token, self.input_scale, self.input_zero, self.divisor
+            x, self.token, self.input_scale, self.input_zero, self.divisor, act_amax
         )
         acc = torch._int_mm(q, self.codes.T)  # [T, N] int32, exact
         if zero is not None and self.colsum is not None:
@@ -705,6 +713,7 @@ class CpuFp8DequantKernel(LinearKernel):
         self.register_buffer("scale", scale.contiguous(), persistent=False)
         self.register_buffer("input_scale", w.input_scale, persistent=False)
         self.register_buffer("input_zero", w.input_zero, persistent=False)
+        self.dynamic_act = spec.act if spec.act is not None and spec.act.dynamic else None
 
     def _dense_rows(self, r0: int, r1: int, scratch: _Scratch) -> Tensor:
         w = _fp8_to_float32(self.codes[r0:r1], scratch)  # [rows, Kpad] fp32
@@ -716,13 +725,14 @@ class CpuFp8DequantKernel(LinearKernel):
             w.mul_(self.scale[r0:r1])
         return _round_to(w, self.compute_dtype, scratch)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         n = self.shape[0]
         if x.shape[0] == 0:
             return x.new_zeros(0, n)
         act = self.spec.act
         if act is not None:
-            x = fake_quantize_activations(x, act, self.input_scale, self.input_zero).to(self.compute_dtype)
+            x = fake_quantize_activations(x, act, self.input_scale, self.input_zero, act_amax)
+            x = x.to(self.compute_dtype)
         x = _pad_columns(x, self.k_pad)
         rows = max(1, _CHUNK_ELEMENTS // self.k_pad)
         rows = _round_up(rows, self.block[0])
