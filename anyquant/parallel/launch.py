@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import mmap
 import os
 import signal
@@ -37,6 +38,7 @@ from typing import IO, Any, TypeVar
 from anyquant.parallel.state import ParallelError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The module every worker runs (`python -m`); tests substitute one that fails on purpose.
 WORKER_MODULE = "anyquant.parallel.worker_main"
@@ -254,6 +256,7 @@ def start_workers(spec: dict[str, Any], world: int, echo: IO[str] | None = None)
                     pass_fds=(alive_read, counters.fileno()),
                 )
                 workers.processes[rank] = WorkerProcess(rank, popen, sys.stderr if echo is None else echo)
+                log.info("started tensor-parallel rank %d (pid %d)", rank, popen.pid)
         except BaseException:
             workers.stop(kill=True)
             raise

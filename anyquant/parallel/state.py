@@ -129,9 +129,27 @@ def form_groups(
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
     rendezvous = datetime.timedelta(seconds=rendezvous_timeout_s)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=rendezvous)
-    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=rendezvous)
+        group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except BaseException:
+        _forget_failed_rendezvous()
+        raise
     return ParallelState(rank, world_size, group, anyquant_keys(store), timeout_s)
+
+
+def _forget_failed_rendezvous() -> None:
+    """Undo what a failed rendezvous left behind, so that a later group in this process can form.
+    torch names groups by a per-process counter that it advances before the rendezvous and resets
+    only when a formed world group is destroyed: after a failure the next group here would wait
+    for keys its peers never write."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    elif hasattr(distributed_c10d, "_world"):
+        distributed_c10d._world.group_count = 0
 
 
 def init_groups(

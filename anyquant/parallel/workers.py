@@ -62,7 +62,7 @@ LOAD_TIMEOUT_S = 3600.0
 # Workers started here have all reached the store before the group forms: the rendezvous that
 # follows takes well under a second, so a worker that dies inside it costs rank 0 at most this long
 # (torchrun's nodes may start minutes apart: they get the store's own timeout).
-_LOCAL_RENDEZVOUS_S = 60.0
+_LOCAL_RENDEZVOUS_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def diagnose(workers: LocalWorkers, state: ParallelState, exc: BaseException) ->
     errors = posted_errors(state, ranks)
     crashed = [w for w in workers.dead() if w.rank not in errors]  # killed, or died without a word
     if crashed:
-        return "; ".join(w.describe_exit() for w in crashed)
+        return "; ".join(w.describe_exit("during a step") for w in crashed)
     failed = {r: msg for r, msg in errors.items() if not _is_transport(msg)}
     if failed:
         return "; ".join(_rank_failed(workers, r, msg) for r, msg in sorted(failed.items()))
@@ -330,12 +330,12 @@ def _rank_zero(
             keys = anyquant_keys(store)
             workers.wait_until(lambda: joined(keys, ranks), "while starting", LOAD_TIMEOUT_S)
             state = workers.run_watched(
-                lambda: form_groups(store, 0, world, device, request.timeout_s, _LOCAL_RENDEZVOUS_S),
+                lambda: _form_groups(store, world, device, request.timeout_s, _LOCAL_RENDEZVOUS_S),
                 "while the process group was forming",
                 on_abandon=lambda _: destroy_groups(),
             )
         else:
-            state = form_groups(store, 0, world, device, request.timeout_s)
+            state = _form_groups(store, world, device, request.timeout_s, None)
         state.progress = workers.progress
         group = state
         try:
@@ -362,6 +362,20 @@ def _rank_zero(
             destroy_groups()
         raise
     return loaded, TensorParallelModel(loaded.model, state, workers)
+
+
+def _form_groups(
+    store: Any, world: int, device: torch.device, timeout_s: float, rendezvous_s: float | None
+) -> ParallelState:
+    """Rank 0's side of the rendezvous; its failure is the group's, not a library's."""
+    try:
+        if rendezvous_s is None:
+            return form_groups(store, 0, world, device, timeout_s)
+        return form_groups(store, 0, world, device, timeout_s, rendezvous_s)
+    except AnyquantError:
+        raise
+    except Exception as exc:
+        raise ParallelError(f"the tensor-parallel process group did not form: {exc}") from exc
 
 
 def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any) -> int:
