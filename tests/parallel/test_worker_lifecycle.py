@@ -7,7 +7,6 @@ them."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,10 +17,10 @@ import pytest
 import torch
 
 from anyquant import LLM
+from tests.parallel._procs import REPO, running, subprocess_env
 from tests.parallel.conftest import IDS
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 # stage -> (exit code of the test worker, what rank 0 says it was doing); rendezvous last: rank 0
 # abandons a rendezvous it cannot interrupt, which delays only a later start in the same process.
 STAGES = {
@@ -31,21 +30,6 @@ STAGES = {
     "rendezvous": (4, "while the process group was forming"),
 }
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-def subprocess_env() -> dict[str, str]:
-    """This checkout first on the path (the user's script imports it), one thread per rank."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie nobody reaped has ended too)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 @pytest.mark.slow
