@@ -142,7 +142,7 @@ class LocalWorkers:
         while not done():
             self.check(stage)
             if time.monotonic() > deadline:
-                raise ParallelError(f"tensor-parallel ranks did not finish {stage} within {timeout_s:g} s")
+                raise ParallelError(f"tensor-parallel workers timed out {stage} (after {timeout_s:g} s)")
             time.sleep(_POLL_S)
 
     def run_watched(self, call: Callable[[], T], stage: str, on_abandon: Callable[[T], None]) -> T:

@@ -116,10 +116,11 @@ def form_groups(
     world_size: int,
     device: torch.device,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    rendezvous_timeout_s: float = _STORE_TIMEOUT.total_seconds(),
+    rendezvous_timeout_s: float | None = None,
 ) -> ParallelState:
     """Build the process group over `store` (every rank calls this, in any order; it returns when
-    all have). `rendezvous_timeout_s` bounds that wait; steps get the short `timeout_s`."""
+    all have). `rendezvous_timeout_s` bounds that wait (default: the store's timeout); steps get
+    the short `timeout_s`."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -128,7 +129,9 @@ def form_groups(
             "(one tensor-parallel model per process)"
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    rendezvous = datetime.timedelta(seconds=rendezvous_timeout_s)
+    rendezvous = (
+        _STORE_TIMEOUT if rendezvous_timeout_s is None else datetime.timedelta(seconds=rendezvous_timeout_s)
+    )
     try:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=rendezvous)
         group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -59,10 +59,13 @@ log = logging.getLogger(__name__)
 _FORWARD, _NEW_CACHE, _DROP_CACHE, _SHUTDOWN = 1, 2, 3, 4
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOAD_TIMEOUT_S = 3600.0
-# Workers started here have all reached the store before the group forms: the rendezvous that
-# follows takes well under a second, so a worker that dies inside it costs rank 0 at most this long
-# (torchrun's nodes may start minutes apart: they get the store's own timeout).
+# Workers started here have all reached the store before the group forms, so the rendezvous that
+# follows takes well under a second. When a worker dies inside it, rank 0 fails at once but cannot
+# interrupt the rendezvous: it ends on this timeout, and a later start in this process waits for it.
+# (torchrun's nodes may start minutes apart: they get the store's own timeout.)
 _LOCAL_RENDEZVOUS_S = 30.0
+# A worker process needs this long at most to start Python, import torch and reach the store.
+_START_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,11 @@ class TensorParallelModel(nn.Module):
             raise UnsupportedError(
                 f"tensor parallelism runs paged attention contexts, not {type(ctx).__name__}"
             )
+        dead = self.workers.dead()
+        if dead:  # exited while the engine was idle: say so before any collective
+            self._mark_failed("; ".join(w.describe_exit("between steps") for w in dead))
+            raise ParallelError(self.failure)
         try:
-            if self.workers.dead():  # exited while the engine was idle: say so before any collective
-                raise ParallelError("a tensor-parallel worker exited")
             commands = [torch.tensor([_DROP_CACHE, cid]) for cid in self._dropped]
             self._dropped.clear()
             cache_id = self._cache_id(ctx.cache, commands)
@@ -328,7 +333,7 @@ def _rank_zero(
     try:
         if workers.processes:
             keys = anyquant_keys(store)
-            workers.wait_until(lambda: joined(keys, ranks), "while starting", LOAD_TIMEOUT_S)
+            workers.wait_until(lambda: joined(keys, ranks), "while starting", _START_TIMEOUT_S)
             state = workers.run_watched(
                 lambda: _form_groups(store, world, device, request.timeout_s, _LOCAL_RENDEZVOUS_S),
                 "while the process group was forming",
@@ -342,7 +347,7 @@ def _rank_zero(
             loaded = workers.run_watched(
                 lambda: _load(request, 0, group), "while loading the model", lambda _: None
             )
-        except ParallelError:
+        except ParallelError:  # a worker exited: nobody to tell
             raise
         except Exception as exc:
             post_status(state, f"rank 0 failed to load the model: {type(exc).__name__}: {exc}")
@@ -369,8 +374,6 @@ def _form_groups(
 ) -> ParallelState:
     """Rank 0's side of the rendezvous; its failure is the group's, not a library's."""
     try:
-        if rendezvous_s is None:
-            return form_groups(store, 0, world, device, timeout_s)
         return form_groups(store, 0, world, device, timeout_s, rendezvous_s)
     except AnyquantError:
         raise
