@@ -169,16 +169,24 @@ class LocalWorkers:
 
         thread = threading.Thread(target=run, name="anyquant-tp-start", daemon=True)
         thread.start()
-        while True:
-            thread.join(_POLL_S)
-            with lock:
-                if outcome:
-                    break
-                if self.dead():
-                    abandoned.append(True)
-            if abandoned:
-                _abandoned_starts.append(thread)
+        try:
+            while True:
+                thread.join(_POLL_S)
+                with lock:
+                    if outcome:
+                        break
+                    if self.dead():
+                        abandoned.append(True)
                 self.check(stage)
+        except BaseException:  # a dead worker, or Ctrl-C while waiting
+            with lock:
+                unseen = not abandoned  # the call did not know it was abandoned when it ended
+                abandoned.append(True)
+                if not outcome:
+                    _abandoned_starts.append(thread)
+            if outcome and unseen and outcome[0][0]:
+                on_abandon(outcome[0][1])
+            raise
         ok, value = outcome[0]
         if not ok:
             raise value
@@ -200,8 +208,9 @@ class LocalWorkers:
         return [w.pid for _, w in sorted(self.processes.items())]
 
 
-# A start abandoned after a worker died may still sit in a rendezvous (until its timeout); the next
-# start in this process waits for it, as two process groups cannot form at once.
+# A start abandoned after a worker died (or Ctrl-C) may still sit in a rendezvous (until its
+# timeout) or be loading; the next start in this process waits for it: two process groups cannot
+# form at once, and two copies of the weights need not be in memory together.
 _abandoned_starts: list[threading.Thread] = []
 
 

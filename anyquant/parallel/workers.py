@@ -384,6 +384,9 @@ def _form_groups(
 def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any) -> int:
     """A worker rank from start to shutdown; returns its exit code. A failure after the group
     formed is posted for rank 0 (which names this rank with it) and raised."""
+    # The loader's imports take seconds; done before joining, they overlap rank 0's own start.
+    import anyquant.loading.loader  # noqa: F401
+
     store = connect_store(rank, world, address, port)
     announce_joined(anyquant_keys(store), rank)
     torch.set_num_threads(request.threads)
