@@ -56,8 +56,9 @@ class LLM:
         first layer whose output overflowed (costs nothing until a failure).
 
         `tensor_parallel_size=N > 1`: N ranks (gloo on CPU, NCCL on CUDA), each holding 1/N of the
-        split layers; workers are spawned (a script must then guard its entry point with
-        `if __name__ == "__main__":`, as multiprocessing requires), or started by torchrun when its
+        split layers; this process starts N-1 worker processes running the package's own entry
+        point (the caller's script is never re-imported: no `if __name__ == "__main__":` needed;
+        they end with this process, however it ends), or torchrun started every rank when its
         environment variables are set (then only rank 0 returns from here; the other ranks serve
         it and exit). Each rank uses cores / N torch threads, this process included.
         `tp_timeout_s`: how long a collective waits for a silent rank before failing (default 30).

@@ -8,7 +8,9 @@ an exception, never a wait forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,3 +94,35 @@ def wait_statuses(state: ParallelState, ranks: list[int], timeout_s: float) -> l
     keys = [f"status/{r}" for r in ranks]
     state.store.wait(keys, datetime.timedelta(seconds=timeout_s))
     return [state.store.get(k).decode() or None for k in keys]
+
+
+def statuses_posted(state: ParallelState, ranks: list[int]) -> bool:
+    """Whether every rank of `ranks` has posted its load status (never waits)."""
+    return bool(state.store.check([f"status/{r}" for r in ranks]))
+
+
+# Spawned workers announce themselves in the store before the group forms, so that rank 0 can wait
+# for them while watching their processes (the rendezvous itself cannot be interrupted).
+def announce_joined(keys: Any, rank: int) -> None:
+    keys.set(f"joined/{rank}", "")
+
+
+def joined(keys: Any, ranks: list[int]) -> bool:
+    return bool(keys.check([f"joined/{r}" for r in ranks]))
+
+
+def post_error(state: ParallelState, message: str) -> None:
+    """A worker's failure after the group formed, for rank 0's diagnosis (best effort: the store
+    is gone when rank 0 is)."""
+    with contextlib.suppress(Exception):  # nobody is left to tell
+        state.store.set(f"error/{state.rank}", message)
+
+
+def posted_errors(state: ParallelState, ranks: list[int]) -> dict[int, str]:
+    """rank -> the error it posted, for the ranks that did (never waits)."""
+    out = {}
+    for r in ranks:
+        key = f"error/{r}"
+        if state.store.check([key]):
+            out[r] = state.store.get(key).decode()
+    return out

@@ -3,19 +3,20 @@
 Owns the process model of architecture.md §7. Rank 0 (the caller's process) runs the engine; its
 model is wrapped in `TensorParallelModel`, which before each forward publishes a compact step
 message (token ids, positions, per-sequence slices and KV slots, logits rows) so that every
-worker runs the same forward on its shard and joins the same collectives. Workers are spawned
-(`torch.multiprocessing`, gloo on CPU) or started by torchrun (RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT). A rank that dies, hangs or fails makes rank 0 raise `ParallelError` naming it.
+worker runs the same forward on its shard and joins the same collectives. Workers are started by
+`launch.py` (the package's own entry point, gloo on CPU) or by torchrun (RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT, one machine or several). A rank that dies, hangs or fails makes rank 0
+raise `ParallelError` naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import signal
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,14 +25,27 @@ from torch import Tensor, nn
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache, SequenceSlice
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
-from anyquant.parallel.comm import post_status, publish, receive, wait_statuses
+from anyquant.parallel.comm import (
+    announce_joined,
+    joined,
+    post_error,
+    post_status,
+    posted_errors,
+    publish,
+    receive,
+    statuses_posted,
+    wait_statuses,
+)
+from anyquant.parallel.launch import LocalWorkers, start_workers, wait_for_abandoned_starts
 from anyquant.parallel.state import (
     DEFAULT_TIMEOUT_S,
     ParallelError,
     ParallelState,
+    anyquant_keys,
+    connect_store,
     destroy_groups,
-    free_port,
-    init_groups,
+    form_groups,
+    host_store,
     torchrun_environment,
 )
 
@@ -45,6 +59,13 @@ log = logging.getLogger(__name__)
 _FORWARD, _NEW_CACHE, _DROP_CACHE, _SHUTDOWN = 1, 2, 3, 4
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOAD_TIMEOUT_S = 3600.0
+# Workers started here have all reached the store before the group forms, so the rendezvous that
+# follows takes well under a second. When a worker dies inside it, rank 0 fails at once but cannot
+# interrupt the rendezvous: it ends on this timeout, and a later start in this process waits for it.
+# (torchrun's nodes may start minutes apart: they get the store's own timeout.)
+_LOCAL_RENDEZVOUS_S = 30.0
+# A worker process needs this long at most to start Python, import torch and reach the store.
+_START_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -120,15 +141,6 @@ def decode_forward(
 # -- rank 0 -------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Workers:
-    """Spawned ranks 1..N-1 and what they share with rank 0 (empty when torchrun started them)."""
-
-    processes: dict[int, Any] = field(default_factory=dict)  # rank -> multiprocessing.Process
-    reports: Any = None  # SimpleQueue of (rank, "ready" | "error", message) from the workers
-    progress: Any = None  # shared per-rank collective counters
-
-
 class TensorParallelModel(nn.Module):
     """Rank 0's model under tensor parallelism: same call as `DecoderLM`, workers mirror each call.
 
@@ -136,7 +148,7 @@ class TensorParallelModel(nn.Module):
     contract. After any failure the group is unusable and every call raises the same error.
     """
 
-    def __init__(self, local: DecoderLM, state: ParallelState, workers: _Workers) -> None:
+    def __init__(self, local: DecoderLM, state: ParallelState, workers: LocalWorkers) -> None:
         super().__init__()
         self.local = local
         self.args = local.args
@@ -159,6 +171,10 @@ class TensorParallelModel(nn.Module):
             raise UnsupportedError(
                 f"tensor parallelism runs paged attention contexts, not {type(ctx).__name__}"
             )
+        dead = self.workers.dead()
+        if dead:  # exited while the engine was idle: say so before any collective
+            self._mark_failed("; ".join(w.describe_exit("between steps") for w in dead))
+            raise ParallelError(self.failure)
         try:
             commands = [torch.tensor([_DROP_CACHE, cid]) for cid in self._dropped]
             self._dropped.clear()
@@ -193,7 +209,7 @@ class TensorParallelModel(nn.Module):
     # -- failures and shutdown ---------------------------------------------------------------
     def _mark_failed(self, reason: str) -> None:
         self.failure = reason
-        _stop(self.workers, kill=True)
+        self.workers.stop(kill=True)
 
     def _fail(self, exc: BaseException) -> ParallelError:
         reason = diagnose(self.workers, self.state, exc)
@@ -210,27 +226,9 @@ class TensorParallelModel(nn.Module):
                 self._publish([torch.tensor([_SHUTDOWN])])
             except Exception as exc:  # rank 0's own store: only fails when torn down already
                 log.warning("tensor-parallel shutdown message failed: %s", exc)
-        _stop(self.workers, kill=self.failure is not None)
+        self.workers.stop(kill=self.failure is not None)
         self.closed = True
         destroy_groups()
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _drain(reports: Any) -> list[tuple[int, str, str]]:
-    out = []
-    while reports is not None and not reports.empty():
-        out.append(reports.get())
-    return out
 
 
 def _is_transport(message: str) -> bool:
@@ -238,46 +236,41 @@ def _is_transport(message: str) -> bool:
     return any(k in message for k in ("gloo/transport", "Connection", "pair closure", "Timed out"))
 
 
-def diagnose(workers: _Workers, state: ParallelState, exc: BaseException) -> str:
+def _rank_failed(workers: LocalWorkers, rank: int, message: str) -> str:
+    text = f"tensor-parallel rank {rank} failed: {message}"
+    worker = workers.processes.get(rank)
+    return text if worker is None or worker.is_alive() else f"{text}; {worker.describe_exit()}"
+
+
+def diagnose(workers: LocalWorkers, state: ParallelState, exc: BaseException) -> str:
     """Name the rank behind a failed collective: one that died, failed, or stopped answering."""
-    procs = workers.processes
+    ranks = list(range(1, state.world_size))
     deadline = time.monotonic() + 1.0
-    # A worker that failed is exiting; give it a moment so its exit code and report are visible.
-    while procs and all(p.is_alive() for p in procs.values()) and time.monotonic() < deadline:
-        if workers.reports is not None and not workers.reports.empty():
+    # A worker that failed is exiting; give it a moment so its exit status and error are visible.
+    while workers.processes and not workers.dead() and time.monotonic() < deadline:
+        if posted_errors(state, ranks):
             break
         time.sleep(0.05)
-    reports = {r: msg for r, kind, msg in _drain(workers.reports) if kind == "error"}
-    crashed = [(r, p) for r, p in sorted(procs.items()) if not p.is_alive() and r not in reports]
+    errors = posted_errors(state, ranks)
+    crashed = [w for w in workers.dead() if w.rank not in errors]  # killed, or died without a word
     if crashed:
-        return "; ".join(
-            f"tensor-parallel rank {r} (pid {p.pid}) {_exit_text(p.exitcode)}" for r, p in crashed
-        )
-    failed = {r: msg for r, msg in reports.items() if not _is_transport(msg)}
+        return "; ".join(w.describe_exit("during a step") for w in crashed)
+    failed = {r: msg for r, msg in errors.items() if not _is_transport(msg)}
     if failed:
-        return "; ".join(f"tensor-parallel rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
+        return "; ".join(_rank_failed(workers, r, msg) for r, msg in sorted(failed.items()))
     if workers.progress is not None:
         mine = workers.progress[0]
-        behind = [r for r in range(1, state.world_size) if workers.progress[r] < mine]
+        behind = [r for r in ranks if workers.progress[r] < mine]
         if behind:
+            procs = workers.processes
             return "; ".join(
                 f"tensor-parallel rank {r} (pid {procs[r].pid if r in procs else '?'}) stopped responding: "
                 f"it did not reach collective #{mine} within {state.timeout_s:g} s"
                 for r in behind
             )
-    if reports:
-        return "; ".join(f"tensor-parallel rank {r} failed: {msg}" for r, msg in sorted(reports.items()))
+    if errors:
+        return "; ".join(_rank_failed(workers, r, msg) for r, msg in sorted(errors.items()))
     return f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}"
-
-
-def _stop(workers: _Workers, kill: bool, grace_s: float = 5.0) -> None:
-    deadline = time.monotonic() + (0.0 if kill else grace_s)
-    for p in workers.processes.values():
-        if not kill:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
-            p.join(timeout=grace_s)
 
 
 # -- starting ranks ------------------------------------------------------------------------------
@@ -296,30 +289,16 @@ def start_tensor_parallel(request: LoadRequest, world: int) -> tuple[LoadedModel
                 f"tensor_parallel_size={world} but torchrun started WORLD_SIZE={env_world} processes"
             )
         if rank != 0:
-            code = _worker(request, rank, world, address, port, None, None)
-            raise SystemExit(code)
-        return _rank_zero(request, world, address, port, _Workers())
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    # Idle workers poll the store with a short timeout; c10d logs every expiry as a warning. Workers
-    # inherit this at spawn (the variable is read when torch's C++ logging starts).
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    workers = _Workers(reports=ctx.SimpleQueue(), progress=ctx.Array("q", world, lock=False))
-    port = free_port()
-    for rank in range(1, world):
-        proc = ctx.Process(
-            target=_spawned_worker,
-            args=(request, rank, world, port, workers.reports, workers.progress),
-            name=f"anyquant-tp-rank{rank}",
-            daemon=True,
-        )
-        proc.start()
-        workers.processes[rank] = proc
+            raise SystemExit(run_worker(request, rank, world, address, port, None))
+        return _rank_zero(request, world, connect_store(0, world, address, port), LocalWorkers())
+    wait_for_abandoned_starts()
+    store = host_store(world)
+    spec = {**dataclasses.asdict(request), "address": "127.0.0.1", "port": store.port}
+    workers = start_workers(spec, world)
     try:
-        return _rank_zero(request, world, "127.0.0.1", port, workers)
+        return _rank_zero(request, world, store, workers)
     except BaseException:
-        _stop(workers, kill=True)
+        workers.stop(kill=True)
         raise
 
 
@@ -330,99 +309,106 @@ def _device_for(request: LoadRequest, rank: int) -> str:
     return str(dev)
 
 
-def _join(
-    request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any
-) -> tuple[ParallelState, LoadedModel | None, Exception | None]:
-    """Join the group and load this rank's shard; a load error is returned, to be shared first."""
+def _load(request: LoadRequest, rank: int, state: ParallelState) -> LoadedModel:
     from anyquant.loading.loader import load_model
 
-    device = _device_for(request, rank)
-    torch.set_num_threads(request.threads)
-    state = init_groups(rank, world, address, port, torch.device(device), request.timeout_s)
-    state.progress = progress
-    try:
-        loaded = load_model(
-            request.path, device=device, dtype=request.dtype, kernel=request.kernel, parallel=state
-        )
-    except Exception as exc:
-        return state, None, exc
-    return state, loaded, None
+    return load_model(
+        request.path,
+        device=_device_for(request, rank),
+        dtype=request.dtype,
+        kernel=request.kernel,
+        parallel=state,
+    )
 
 
 def _rank_zero(
-    request: LoadRequest, world: int, address: str, port: int, workers: _Workers
+    request: LoadRequest, world: int, store: Any, workers: LocalWorkers
 ) -> tuple[LoadedModel, TensorParallelModel]:
-    state, loaded, error = _join(request, 0, world, address, port, workers.progress)
+    """Rank 0's start. Every wait on the workers watches them (`LocalWorkers`): a worker that exits
+    while starting, forming the group or loading fails this call at once, naming it."""
+    ranks = list(range(1, world))
+    torch.set_num_threads(request.threads)
+    device = torch.device(_device_for(request, 0))
+    state: ParallelState | None = None
     try:
-        if error is not None:
-            post_status(state, f"rank 0 failed to load the model: {type(error).__name__}: {error}")
-            raise error
-        _wait_for_spawned(workers)
-        statuses = wait_statuses(state, list(range(1, world)), LOAD_TIMEOUT_S)
+        if workers.processes:
+            keys = anyquant_keys(store)
+            workers.wait_until(lambda: joined(keys, ranks), "while starting", _START_TIMEOUT_S)
+            state = workers.run_watched(
+                lambda: _form_groups(store, world, device, request.timeout_s, _LOCAL_RENDEZVOUS_S),
+                "while the process group was forming",
+                on_abandon=lambda _: destroy_groups(),
+            )
+        else:
+            state = _form_groups(store, world, device, request.timeout_s, None)
+        state.progress = workers.progress
+        group = state
+        try:
+            loaded = workers.run_watched(
+                lambda: _load(request, 0, group), "while loading the model", lambda _: None
+            )
+        except ParallelError:  # a worker exited: nobody to tell
+            raise
+        except Exception as exc:
+            post_status(state, f"rank 0 failed to load the model: {type(exc).__name__}: {exc}")
+            raise
+        workers.wait_until(lambda: statuses_posted(group, ranks), "while loading the model", LOAD_TIMEOUT_S)
+        statuses = wait_statuses(state, ranks, LOAD_TIMEOUT_S)
         failed = [
-            f"tensor-parallel rank {r} failed to load the model: {s}" for r, s in enumerate(statuses, 1) if s
+            f"tensor-parallel rank {r} failed to load the model: {s}" for r, s in zip(ranks, statuses) if s
         ]
         if failed:
             post_status(state, "; ".join(failed))
             raise ParallelError("; ".join(failed))
         post_status(state, None)
     except BaseException:
-        _stop(workers, kill=True)
-        destroy_groups()
+        workers.stop(kill=True)
+        if state is not None:
+            destroy_groups()
         raise
-    assert loaded is not None
     return loaded, TensorParallelModel(loaded.model, state, workers)
 
 
-def _wait_for_spawned(workers: _Workers) -> None:
-    """Rank 0 of spawned ranks: wait until every worker has loaded, failing at once when one
-    reports an error or dies (the status exchange alone could only time out)."""
-    ready: set[int] = set()
-    deadline = time.monotonic() + LOAD_TIMEOUT_S
-    while len(ready) < len(workers.processes):
-        for rank, kind, msg in _drain(workers.reports):
-            if kind == "error":
-                raise ParallelError(f"tensor-parallel rank {rank} failed to load the model: {msg}")
-            ready.add(rank)
-        for rank, proc in workers.processes.items():
-            if rank not in ready and not proc.is_alive():
-                raise ParallelError(
-                    f"tensor-parallel rank {rank} (pid {proc.pid}) {_exit_text(proc.exitcode)} while loading"
-                )
-        if time.monotonic() > deadline:
-            pending = sorted(set(workers.processes) - ready)
-            raise ParallelError(f"tensor-parallel ranks {pending} did not load within {LOAD_TIMEOUT_S:g} s")
-        time.sleep(0.02)
+def _form_groups(
+    store: Any, world: int, device: torch.device, timeout_s: float, rendezvous_s: float | None
+) -> ParallelState:
+    """Rank 0's side of the rendezvous; its failure is the group's, not a library's."""
+    try:
+        return form_groups(store, 0, world, device, timeout_s, rendezvous_s)
+    except AnyquantError:
+        raise
+    except Exception as exc:
+        raise ParallelError(f"the tensor-parallel process group did not form: {exc}") from exc
 
 
-def _worker(
-    request: LoadRequest, rank: int, world: int, address: str, port: int, reports: Any, progress: Any
-) -> int:
-    """A worker rank from start to shutdown; returns its exit code."""
-    state, loaded, error = _join(request, rank, world, address, port, progress)
-    problem = None if error is None else f"{type(error).__name__}: {error}"
-    if reports is not None:
-        reports.put((rank, "error" if problem else "ready", problem or ""))
-    post_status(state, problem)
-    (verdict,) = wait_statuses(state, [0], LOAD_TIMEOUT_S)
-    if loaded is None or verdict is not None:
-        return 1
-    serve(loaded.model, state, torch.device(_device_for(request, rank)))
+def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any) -> int:
+    """A worker rank from start to shutdown; returns its exit code. A failure after the group
+    formed is posted for rank 0 (which names this rank with it) and raised."""
+    # The loader's imports take seconds; done before joining, they overlap rank 0's own start.
+    import anyquant.loading.loader  # noqa: F401
+
+    store = connect_store(rank, world, address, port)
+    announce_joined(anyquant_keys(store), rank)
+    torch.set_num_threads(request.threads)
+    device = torch.device(_device_for(request, rank))
+    state = form_groups(store, rank, world, device, request.timeout_s)
+    state.progress = progress
+    try:
+        try:
+            loaded = _load(request, rank, state)
+            problem = None
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        post_status(state, problem)
+        (verdict,) = wait_statuses(state, [0], LOAD_TIMEOUT_S)
+        if problem is not None or verdict is not None:
+            return 1
+        serve(loaded.model, state, device)
+    except BaseException as exc:
+        post_error(state, f"{type(exc).__name__}: {exc}")
+        raise
     destroy_groups()
     return 0
-
-
-def _spawned_worker(
-    request: LoadRequest, rank: int, world: int, port: int, reports: Any, progress: Any
-) -> None:
-    """Entry point of a spawned worker: report any failure to rank 0, then exit without cleanup
-    (a process group whose peer died may block in its destructor)."""
-    try:
-        code = _worker(request, rank, world, "127.0.0.1", port, reports, progress)
-    except BaseException as exc:
-        reports.put((rank, "error", f"{type(exc).__name__}: {exc}"))
-        code = 1
-    os._exit(code)
 
 
 # -- workers ------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""`LLM(..., tensor_parallel_size=2)`: spawned gloo workers mirror rank 0's engine steps, and a
-worker that dies or hangs fails the engine quickly with a message naming the rank."""
+"""`LLM(..., tensor_parallel_size=2)`: worker processes mirror rank 0's engine steps, and a worker
+that dies or hangs fails the engine quickly with a message naming the rank."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +19,7 @@ import torch
 from anyquant import LLM, SamplingParams
 from anyquant.errors import AnyquantError
 from anyquant.parallel.comm import all_reduce, gather_last_dim
+from anyquant.parallel.launch import LocalWorkers, WorkerProcess
 from anyquant.parallel.state import ParallelError, ParallelState
 from tests.parallel.conftest import IDS
 
@@ -23,7 +28,61 @@ PROMPTS = [IDS, IDS[:5], [256, 65, 66, 67]]
 
 
 def _worker_pids(llm: LLM) -> list[int]:
-    return [p.pid for p in llm.model.workers.processes.values()]
+    return list(llm.model.workers.pids())
+
+
+def _fake_workers(*codes: str) -> tuple[LocalWorkers, io.StringIO]:
+    """Workers running `python -c code` (no torch: fast), their output echoed into a buffer."""
+    echo = io.StringIO()
+    workers = LocalWorkers()
+    for rank, code in enumerate(codes, 1):
+        popen = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        workers.processes[rank] = WorkerProcess(rank, popen, echo)
+    return workers, echo
+
+
+def test_a_blocked_wait_fails_as_soon_as_a_worker_exits() -> None:
+    """What rank 0 does in a rendezvous or while loading: the call blocks on a peer; the worker's
+    exit ends the wait with its rank, pid, exit code and last output (echoed with a prefix too)."""
+    workers, echo = _fake_workers(
+        "import time; time.sleep(60)",
+        "import sys, time; time.sleep(0.5); print('step 1'); print('out of memory', file=sys.stderr); sys.exit(7)",
+    )
+    release = threading.Event()  # the blocked call ends with the test, not on its own timeout
+    try:
+        start = time.monotonic()
+        with pytest.raises(ParallelError) as caught:
+            workers.run_watched(lambda: release.wait(60), "while testing", lambda _: None)
+        assert time.monotonic() - start < 10.0
+        pid = workers.processes[2].pid
+        assert str(caught.value) == (
+            f"tensor-parallel rank 2 (pid {pid}) exited with code 7 while testing; its last output:\n"
+            "  | step 1\n  | out of memory"
+        )
+        assert "(tp rank 2) out of memory" in echo.getvalue()
+        with pytest.raises(ParallelError, match=r"rank 2 .* exited with code 7 while polling"):
+            workers.wait_until(lambda: False, "while polling", timeout_s=30)
+        os.kill(workers.processes[1].pid, signal.SIGKILL)
+        workers.processes[1].join(10)
+        with pytest.raises(ParallelError, match=r"rank 1 \(pid \d+\) was killed by signal SIGKILL while x"):
+            workers.check("while x")
+    finally:
+        release.set()
+        workers.stop(kill=True)
+    assert not any(w.is_alive() for w in workers.processes.values())
+
+
+def test_a_watched_call_returns_or_raises_its_own_outcome() -> None:
+    workers, _ = _fake_workers("import time; time.sleep(60)")
+    try:
+        assert workers.run_watched(lambda: 42, "x", lambda _: None) == 42
+        with pytest.raises(KeyError, match="mine"):
+            workers.run_watched(lambda: {}["mine"], "x", lambda _: None)
+        workers.wait_until(lambda: True, "x", timeout_s=1)
+    finally:
+        workers.stop(kill=True)
 
 
 @pytest.mark.slow
@@ -50,8 +109,11 @@ def test_killed_worker_fails_the_engine_quickly_naming_the_rank(tp_model: Callab
             llm.engine.step()
         (pid,) = _worker_pids(llm)
         os.kill(pid, signal.SIGKILL)
+        llm.model.workers.processes[1].join(10)  # dead while idle (death mid-step: test_worker_lifecycle)
         start = time.monotonic()
-        with pytest.raises(ParallelError, match=rf"rank 1 \(pid {pid}\) was killed by signal SIGKILL"):
+        with pytest.raises(
+            ParallelError, match=rf"rank 1 \(pid {pid}\) was killed by signal SIGKILL between"
+        ):
             llm.engine.step()
         assert time.monotonic() - start < 5.0
         with pytest.raises(ParallelError, match="rank 1"):  # the group stays failed, without waiting
