@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,7 +94,11 @@ def measure(engine: str, model: str, args: argparse.Namespace) -> dict[str, floa
         prompts = _prompts(batch, 128, vocab, seed=batch)
         first = _median_time(lambda p=prompts: generate(p, 1), args.repeats)
         full = _median_time(lambda p=prompts: generate(p, 1 + args.decode_len), args.repeats)
-        result[f"decode_b{batch}_tok_s"] = batch * args.decode_len / max(full - first, 1e-9)
+        # On a noisy machine a short decode can measure no longer than the prefill alone: no figure.
+        decode_s = full - first
+        result[f"decode_b{batch}_tok_s"] = (
+            batch * args.decode_len / decode_s if decode_s > 0 else float("nan")
+        )
     return result
 
 
@@ -102,10 +107,12 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
     cmd += ["--decode-len", str(args.decode_len), "--repeats", str(args.repeats), "--batches"]
     cmd += [str(b) for b in args.batches]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{engine} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0 or not out.exists():
+            raise SystemExit(f"{engine} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -114,6 +121,7 @@ def main() -> None:
     )
     parser.add_argument("--engine", choices=["anyquant", "vllm"], help="(internal) measure one engine")
     parser.add_argument("--model", help="(internal) the checkpoint")
+    parser.add_argument("--out", type=Path, help="(internal) where the child writes its JSON")
     parser.add_argument("--engines", nargs="+", default=["anyquant", "vllm"])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=32)
@@ -121,8 +129,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-    if args.engine:  # child process: one engine, one JSON line on stdout
-        print(json.dumps(measure(args.engine, args.model, args)))
+    if args.engine:  # child process: one engine; its JSON goes to a file (engines print on stdout too)
+        args.out.write_text(json.dumps(measure(args.engine, args.model, args)))
         return
 
     import importlib.util
