@@ -4,11 +4,12 @@ Owns the repacking of a canonical weight into the extension's layout (csrc/cpu_l
 describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
 or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
 per-call choice between the extension's two paths:
-  - few rows (decode): a matrix-vector kernel that streams the packed weights once per 4 rows of x,
-    decodes them in registers to bf16 and multiplies with vdpbf16ps (fp32 x is split into three
-    bf16 parts, so fp32 keeps fp32 accuracy);
-  - many rows (prompts, batches): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to the
-    compute dtype (exactly as the reference rounds them) and multiplied by at::mm (oneDNN).
+  - the vector kernel (every bf16 call, and fp32 with few rows): streams the packed weights once
+    per tile of 32 rows of x, decodes them in registers to bf16 and multiplies with vdpbf16ps,
+    8 (or up to 4) rows of x per decoded block; fp32 x is split into three bf16 parts, so fp32
+    keeps fp32 accuracy;
+  - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
+    fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
 The pure-torch kernels in torch_cpu.py serve whatever is refused here, with the reason shown by
 `anyquant inspect`.
 """
@@ -172,7 +173,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
         self.register_buffer("lut", _lut(spec.weight).clone(), persistent=False)
         self.register_buffer("input_scale", weight.input_scale, persistent=False)
         self.register_buffer("input_zero", weight.input_zero, persistent=False)
-        self._ops = cpu_ext.ops()
+        cpu_ext.ops()  # raises with the reason if the library cannot be loaded
 
     def _pack(self, codes: Tensor) -> Tensor:
         """[N, K] codes -> the extension's bytes [N/16, K/4 (int4) or K/2 (8-bit), 32]."""
@@ -225,10 +226,10 @@ class Avx512WeightOnlyKernel(LinearKernel):
         if self.k_pad != k:
             x = torch.nn.functional.pad(x, (0, self.k_pad - k))
         if self.path(x.shape[0]) == "gemv":
-            return self._ops.gemv(
+            return cpu_ext.ops().gemv(
                 x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
             )
-        return self._ops.tiled_mm(
+        return cpu_ext.ops().tiled_mm(
             x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
         )
 
@@ -241,7 +242,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense [N, K] weight the tile path multiplies (columns in act-order's permuted order)."""
         n, k = self.shape
-        dense = self._ops.dequantize(
+        dense = cpu_ext.ops().dequantize(
             self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, n, dtype
         )
         return dense[:, :k]
