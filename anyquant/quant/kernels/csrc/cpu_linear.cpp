@@ -31,15 +31,18 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #define AQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
 
 namespace {
 
-enum Fmt : int64_t { kInt4 = 0, kInt8 = 1, kFp8 = 2 };
+// kDecoded: a block already decoded to bf16 words (two 64-byte vectors per 4 inputs), used when
+// many rows of x reuse one block (see gemv).
+enum Fmt : int64_t { kInt4 = 0, kInt8 = 1, kFp8 = 2, kDecoded = 3 };
 
 // Bytes of one 16-row block per 4 inputs.
-inline int64_t bytes_per_4k(int64_t fmt) { return fmt == kInt4 ? 32 : 64; }
+constexpr int64_t bytes_per_4k(int64_t fmt) { return fmt == kInt4 ? 32 : fmt == kDecoded ? 128 : 64; }
 
 struct Layout {
   const uint8_t* packed;  // [blocks, Kp * 16 * bits / 8]
@@ -90,6 +93,9 @@ AQ_TARGET inline void decode4(const uint8_t* p, const Tables& tb, __m512i& w0, _
   } else if constexpr (FMT == kInt8) {
     w0 = decode_int8(p);
     w1 = decode_int8(p + 32);
+  } else if constexpr (FMT == kDecoded) {
+    w0 = _mm512_loadu_si512(p);
+    w1 = _mm512_loadu_si512(p + 64);
   } else {
     w0 = decode_fp8(p, tb);
     w1 = decode_fp8(p + 32, tb);
@@ -113,6 +119,7 @@ struct GemvArgs {
   void* out;            // [rows, out_stride], fp32 or bf16
   bool out_bf16;
   int64_t out_stride;
+  const uint8_t* decoded;  // kDecoded only: the one block being multiplied, as bf16 words
 };
 
 // Rows m0..m0+M of x against blocks b0..b1, 8 inputs per iteration. Up to 4 rows use four
@@ -128,7 +135,7 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
   const int16_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
   for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* pb = w.packed + b * block_bytes;
+    const uint8_t* pb = FMT == kDecoded ? a.decoded : w.packed + b * block_bytes;
     __m512 out[M];
     for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < w.ng; ++g) {
@@ -191,7 +198,29 @@ void gemv_rows(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t 
   }
 }
 
+// Block b decoded to bf16 words in kDecoded's layout: [kp / 4][2 vectors of 32 words].
+template <int64_t FMT>
+AQ_TARGET void decode_block(const Layout& w, int64_t b, uint8_t* dst) {
+  const Tables tb = load_tables(w.lut);
+  const uint8_t* p = w.packed + b * (w.kp / 4 * bytes_per_4k(FMT));
+  for (int64_t k = 0; k < w.kp; k += 4, p += bytes_per_4k(FMT), dst += 128) {
+    __m512i w0, w1;
+    decode4<FMT>(p, tb, w0, w1);
+    _mm512_storeu_si512(dst, w0);
+    _mm512_storeu_si512(dst + 64, w1);
+  }
+}
+
+void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
+  switch (w.fmt) {
+    case kInt4: return decode_block<kInt4>(w, b, dst);
+    case kInt8: return decode_block<kInt8>(w, b, dst);
+    default: return decode_block<kFp8>(w, b, dst);
+  }
+}
+
 void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   switch (a.w.fmt) {
     case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
     case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
@@ -257,20 +286,25 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   at::Tensor out = split ? at::empty({rows, n}, x.options()) : at::empty({m, n}, x.options());
   GemvArgs a{w, reinterpret_cast<const int16_t*>(xb.data_ptr()), w.zz ? xsum.data_ptr<float>() : nullptr,
-             (bias.has_value() && !split) ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), !split, n};
-  // Blocks of 16 output rows are split among threads. Rows of x go in tiles of kRowTile (a tile
-  // of x stays in L2 while the thread's blocks stream past it once), and inside a tile in chunks
-  // of 8 (then up to 4) rows against one block at a time (the block's bytes stay in L1/L2 and are decoded
-  // once per chunk).
-  constexpr int64_t kRowTile = 32;
+             (bias.has_value() && !split) ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), !split, n,
+             nullptr};
+  // Blocks of 16 output rows are split among threads. Up to 4 rows of x: each block is decoded
+  // in registers once per call. More rows: rows of x go in tiles of kRowTile; per tile, each block
+  // is decoded once to bf16 words in a per-thread buffer (16 x kp x 2 bytes, L1/L2-resident) and
+  // multiplied by the tile's rows 8 (then up to 4) at a time, so decoding costs 1/kRowTile per row.
+  constexpr int64_t kRowTile = 64;
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
     if (rows <= 4) return gemv_dispatch(a, 0, rows, b0, b1);
+    std::vector<uint8_t> decoded(static_cast<size_t>(w.kp / 4 * bytes_per_4k(kDecoded)));
+    GemvArgs local = a;
+    local.decoded = decoded.data();
     for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
       const int64_t r1 = std::min(rows, r0 + kRowTile);
       for (int64_t b = b0; b < b1; ++b) {
+        decode_dispatch(w, b, decoded.data());
         for (int64_t r = r0; r < r1;) {
           const int64_t chunk = r1 - r >= 8 ? 8 : std::min<int64_t>(4, r1 - r);
-          gemv_dispatch(a, r, chunk, b, b + 1);
+          gemv_dispatch(local, r, chunk, b, b + 1);
           r += chunk;
         }
       }
