@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from anyquant.quant.kernels import avx512, cpu_ext
-from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightOnlyKernel
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.registry import choose_kernel
@@ -235,3 +235,42 @@ def test_this_machine_runs_the_fast_path(spec: QuantSpec, kind: LayerKind) -> No
     kernel32 = Avx512WeightOnlyKernel((200, 328), F32)
     assert [kernel.path(t) for t in (1, 4, 5, 64, 512)] == ["gemv"] * 5
     assert [kernel32.path(t) for t in (1, 2, 3, 64, 512)] == ["gemv", "gemv", "tiled", "tiled", "tiled"]
+
+
+@needs_kernel
+def test_dense_lm_head_matches_float64() -> None:
+    """bf16 weights x bf16 inputs summed in fp32 and rounded once: F.linear's own accuracy."""
+    gen = torch.Generator().manual_seed(4)
+    for n, k in ((200, 100), (72, 328)):
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(BF16)
+        kernel = Avx512DenseLmHeadKernel((n, k), BF16)
+        kernel.load(w)
+        for t in TOKENS:
+            x = torch.randn(t, k, generator=gen).to(BF16)
+            b = torch.randn(n, generator=gen).to(BF16) if t % 2 else None
+            truth = x.double() @ w.double().T + (b.double() if b is not None else 0)
+            err = rel_err(kernel(x, b), truth)
+            assert err <= 1.5 * rel_err(torch.nn.functional.linear(x, w, b), truth) + 1e-4, (n, k, t, err)
+    assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 72)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "dtype", "words"),
+    [
+        (SPECS[0], "lm_head", BF16, "quantized"),
+        (None, "linear", BF16, "only the unquantized LM head"),
+        (None, "lm_head", F32, "only bfloat16"),
+    ],
+)
+def test_dense_lm_head_cannot_run_says_why(
+    spec: QuantSpec | None, kind: LayerKind, dtype: torch.dtype, words: str
+) -> None:
+    reason = Avx512DenseLmHeadKernel.cannot_run(spec, kind, CPU, (64, 64), dtype)
+    assert reason is not None and words in reason, reason
+
+
+@needs_kernel
+def test_this_machine_runs_the_dense_lm_head_fast_path() -> None:
+    assert choose_kernel(None, "lm_head", CPU, (1000, 64), BF16).name == "cpu_avx512_lm_head"
+    assert choose_kernel(None, "lm_head", CPU, (1000, 64), F32).name == "dense"
+    assert choose_kernel(None, "linear", CPU, (1000, 64), BF16).name == "dense"

@@ -4,10 +4,11 @@ Owns the repacking of a canonical weight into the extension's layout (csrc/cpu_l
 describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
 or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
 per-call choice between the extension's two paths:
-  - the vector kernel (every bf16 call, and fp32 with few rows): streams the packed weights once
-    per tile of 32 rows of x, decodes them in registers to bf16 and multiplies with vdpbf16ps,
-    8 (or up to 4) rows of x per decoded block; fp32 x is split into three bf16 parts, so fp32
-    keeps fp32 accuracy;
+  - the vector kernel (every bf16 call, and fp32 with few rows): up to 4 rows of x, it streams
+    the packed weights once, decodes them in registers to bf16 and multiplies with vdpbf16ps;
+    more rows, it decodes each block of 16 output rows once per tile of 64 rows of x into a
+    cache-resident bf16 buffer and runs the same dot products 8 rows at a time. fp32 x is split
+    into three bf16 parts, so fp32 keeps fp32 accuracy;
   - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
     fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
 The pure-torch kernels in torch_cpu.py serve whatever is refused here, with the reason shown by
@@ -42,9 +43,9 @@ _FORMAT = {
 }
 _ROWS = 16  # output rows per block: one 512-bit register of fp32 outputs
 _DTYPES = (torch.bfloat16, torch.float32)
-# bfloat16 runs every row count on the vector kernel: it decodes each block's weights once per 4
-# rows of x, and from 64 rows up it matches or beats oneDNN's bf16 GEMM on the dequantized layer
-# (no AMX on the AVX512_BF16 CPUs measured), so dequantizing tiles for at::mm never paid for itself.
+# bfloat16 runs every row count on the vector kernel: at 64 rows it beats oneDNN's bf16 GEMM of
+# the same shape and at 512 it is level with it (no AMX on the AVX512_BF16 CPU measured), while
+# dequantizing tiles for at::mm was slower at every row count (benchmarks/RESULTS.md).
 # float32 x costs the vector kernel three bf16 passes; beyond this many rows at::mm's fp32 GEMM
 # on dequantized tiles is faster (benchmarks/kernels.py).
 _FP32_GEMV_MAX_ROWS = 2
@@ -249,3 +250,70 @@ class Avx512WeightOnlyKernel(LinearKernel):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={getattr(self, 'group', 0)}"
+
+
+_DECODED = 3  # the extension's format for weights already held as bf16 words
+
+
+@register_kernel
+class Avx512DenseLmHeadKernel(LinearKernel):
+    """An unquantized bfloat16 LM head through the same vector kernel, weights stored as bf16 words.
+
+    The LM head is the largest matrix a small model reads per token (151936 x 896 bf16 = 272 MB
+    for Qwen2.5-0.5B, more than half the bytes of a W4A16 decode step), and torch's bf16
+    matrix-vector product streamed it at a fraction of the bandwidth the vector kernel reaches.
+    Numerics: bf16 weights times bf16 inputs summed in fp32, one rounding of the output, like
+    F.linear. The repacked copy is not shared with a tied embedding table (one more copy).
+    """
+
+    name = "cpu_avx512_lm_head"
+    priority = 110  # above the dense kernel (100)
+    packed: Tensor
+    scale: Tensor
+    lut: Tensor
+
+    @classmethod
+    def cannot_run(
+        cls,
+        spec: QuantSpec | None,
+        kind: LayerKind,
+        device: torch.device,
+        shape: tuple[int, int],
+        compute_dtype: torch.dtype,
+    ) -> str | None:
+        if device.type != "cpu":
+            return f"runs on CPU only, the layer is on {device.type}"
+        if spec is not None:
+            return "layer is quantized (cpu_avx512 runs quantized layers)"
+        if kind != "lm_head":
+            return f"only the unquantized LM head runs here, not {kind} layers"
+        if compute_dtype != torch.bfloat16:
+            return f"compute dtype {compute_dtype}: only bfloat16 weights are kept as words"
+        if min(shape) <= 0:
+            return f"layer shape {list(shape)} has no weights"
+        return _cpu_reason() or cpu_ext.unavailable_reason()
+
+    def load(self, weight: QuantWeight | Tensor) -> None:
+        if isinstance(weight, QuantWeight):
+            raise TypeError("cpu_avx512_lm_head expects a plain tensor")
+        n, k = self.shape
+        if tuple(weight.shape) != (n, k):
+            raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
+        self.k_pad, n_pad = _round_up(k, 8), _round_up(n, _ROWS)
+        words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
+        words[:n, :k] = weight
+        nb = n_pad // _ROWS
+        pairs = words.view(torch.int16).view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)
+        self.register_buffer("packed", pairs.contiguous().view(torch.uint8).reshape(-1), persistent=False)
+        self.register_buffer("scale", torch.ones(nb, 1, _ROWS), persistent=False)
+        self.register_buffer("lut", torch.zeros(128, dtype=torch.int16), persistent=False)
+        cpu_ext.ops()  # raises with the reason if the library cannot be loaded
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        n, k = self.shape
+        if x.shape[0] == 0:
+            return x.new_zeros(0, n)
+        x = x.to(torch.bfloat16)
+        if self.k_pad != k:
+            x = torch.nn.functional.pad(x, (0, self.k_pad - k))
+        return cpu_ext.ops().gemv(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)

@@ -37,8 +37,8 @@
 
 namespace {
 
-// kDecoded: a block already decoded to bf16 words (two 64-byte vectors per 4 inputs), used when
-// many rows of x reuse one block (see gemv).
+// kDecoded: bf16 words in the same pair layout (two 64-byte vectors per 4 inputs): a dense bf16
+// weight repacked at load (the LM head), or one block decoded for many rows of x (see gemv).
 enum Fmt : int64_t { kInt4 = 0, kInt8 = 1, kFp8 = 2, kDecoded = 3 };
 
 // Bytes of one 16-row block per 4 inputs.
@@ -135,7 +135,7 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
   const int16_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
   for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* pb = FMT == kDecoded ? a.decoded : w.packed + b * block_bytes;
+    const uint8_t* pb = (FMT == kDecoded && a.decoded) ? a.decoded : w.packed + b * block_bytes;
     __m512 out[M];
     for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < w.ng; ++g) {
@@ -222,6 +222,7 @@ void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
 void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   switch (a.w.fmt) {
+    case kDecoded: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
     case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
     case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
     default: return gemv_rows<kFp8>(a, m0, rows, b0, b1);
@@ -234,7 +235,7 @@ Layout make_layout(const at::Tensor& packed, const at::Tensor& scale, const c10:
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(2) == 16,
               "scales must be contiguous float32 [blocks, groups, 16]");
   TORCH_CHECK(lut.is_contiguous() && lut.scalar_type() == at::kShort && lut.numel() == 128, "lut must be int16 [128]");
-  TORCH_CHECK(fmt >= kInt4 && fmt <= kFp8, "unknown weight format ", fmt);
+  TORCH_CHECK(fmt >= kInt4 && fmt <= kDecoded, "unknown weight format ", fmt);
   TORCH_CHECK(group > 0 && group % 8 == 0, "group must be a positive multiple of 8");
   Layout w;
   w.fmt = fmt;
@@ -295,13 +296,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   constexpr int64_t kRowTile = 64;
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
     if (rows <= 4) return gemv_dispatch(a, 0, rows, b0, b1);
-    std::vector<uint8_t> decoded(static_cast<size_t>(w.kp / 4 * bytes_per_4k(kDecoded)));
+    std::vector<uint8_t> decoded(w.fmt == kDecoded ? 0 : static_cast<size_t>(w.kp / 4 * bytes_per_4k(kDecoded)));
     GemvArgs local = a;
-    local.decoded = decoded.data();
     for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
       const int64_t r1 = std::min(rows, r0 + kRowTile);
       for (int64_t b = b0; b < b1; ++b) {
-        decode_dispatch(w, b, decoded.data());
+        // Dense bf16 weights are already words: point at the block instead of copying it.
+        local.decoded = w.fmt == kDecoded ? w.packed + b * (w.kp / 4 * bytes_per_4k(kDecoded)) : decoded.data();
+        if (w.fmt != kDecoded) decode_dispatch(w, b, decoded.data());
         for (int64_t r = r0; r < r1;) {
           const int64_t chunk = r1 - r >= 8 ? 8 : std::min<int64_t>(4, r1 - r);
           gemv_dispatch(local, r, chunk, b, b + 1);
@@ -359,6 +361,7 @@ AQ_TARGET void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t t
 template <typename T>
 void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t tile_b0, T* tile, int64_t ld) {
   switch (w.fmt) {
+    case kDecoded: return dequant_blocks<kDecoded, T>(w, b0, b1, tile_b0, tile, ld);
     case kInt4: return dequant_blocks<kInt4, T>(w, b0, b1, tile_b0, tile, ld);
     case kInt8: return dequant_blocks<kInt8, T>(w, b0, b1, tile_b0, tile, ld);
     default: return dequant_blocks<kFp8, T>(w, b0, b1, tile_b0, tile, ld);
