@@ -1,13 +1,17 @@
-"""Kernel micro-benchmark on the linear layers of a Qwen2.5-0.5B-shaped decoder layer.
+"""Kernel micro-benchmark: every CPU kernel that can run a spec, against dense F.linear, per shape.
 
-For each quantization spec the best registered CPU kernel (what `choose_kernel` picks) is timed
-against the reference kernel and against dense bfloat16 / float32 `F.linear`, at a few token
-counts, and its output is compared with the reference's. Prints a markdown table:
+For each quantization spec, layer shape and token count T it times the C++ kernel (cpu_avx512),
+the pure-torch kernel (cpu_int4 / cpu_int8_weight / cpu_fp8_dequant / cpu_w8a8_int8) and a dense
+F.linear of the same shape in the compute dtype, and prints one markdown row with µs, GB/s (bytes
+the kernel keeps: packed codes + scales + zero points; 2 bytes per weight for dense bf16), GFLOP/s
+and the error of each kernel against the reference kernel. The machine's read bandwidth is measured
+in the same run (a sum over a 256 MiB tensor), so GB/s can be read as a fraction of it.
 
-    python benchmarks/linear_kernels.py [--tokens 1,64] [--dtypes bfloat16,float32] [--threads N]
+    python benchmarks/linear_kernels.py [--tokens 1,4,16,64,512] [--dtype bfloat16] [--threads N]
 
-Weights are random codes with realistic scales (this measures speed and kernel error, not
-quantization quality). GB/s is the weight bytes the kernel keeps (packed codes + scales) per call.
+Every engine cycles through copies of its layer totalling more than the last-level cache, so a
+one-token call streams its weights from memory as a real decode step does (one layer's weights
+would otherwise stay in L2/L3 between calls). Weights are random codes with realistic scales.
 
 (Not named kernels.py: a script's folder comes first on sys.path, and a `kernels` module there
 would shadow the `kernels` package that transformers imports.)
@@ -16,42 +20,44 @@ would shadow the `kernels` package that transformers imports.)
 from __future__ import annotations
 
 import argparse
+import copy
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from anyquant.quant.kernels.base import LinearKernel
-from anyquant.quant.registry import choose_kernel, kernel_classes
+from anyquant.quant.registry import kernel_classes
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight, num_groups
 
-# (name, out_features N, in_features K) for Qwen2.5-0.5B: hidden 896, intermediate 4864,
-# 14 query heads and 2 KV heads of 64; the vocabulary head is skipped.
+# (name, out_features N, in_features K): the linear layers of Qwen2.5-0.5B (hidden 896,
+# intermediate 4864, 14 query / 2 KV heads of 64) and one Qwen3-30B-A3B expert (hidden 2048,
+# expert intermediate 768).
 LAYERS = (
-    ("q_proj", 896, 896),
-    ("k_proj", 128, 896),
-    ("v_proj", 128, 896),
-    ("o_proj", 896, 896),
-    ("gate_proj", 4864, 896),
-    ("up_proj", 4864, 896),
+    ("q/o_proj", 896, 896),
+    ("k/v_proj", 128, 896),
+    ("gate/up_proj", 4864, 896),
     ("down_proj", 896, 4864),
+    ("expert gate/up", 768, 2048),
+    ("expert down", 2048, 768),
 )
 
 SPECS = (
     QuantSpec("uint4", "group", group_size=128),
     QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True),
+    QuantSpec("uint4", "group", group_size=32, has_zero=True),
     QuantSpec("int8", "channel"),
-    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
-    QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True)),
+    QuantSpec("fp8_e4m3", "channel"),
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
 )
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+FAST, FALLBACKS = "cpu_avx512", ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
 
 
 def random_weight(spec: QuantSpec, n: int, k: int, gen: torch.Generator) -> QuantWeight:
@@ -81,7 +87,7 @@ def random_weight(spec: QuantSpec, n: int, k: int, gen: torch.Generator) -> Quan
     return QuantWeight(spec, (n, k), data, scale.float(), zero, group_index).validate("bench")
 
 
-def time_us(fn: Callable[[], Tensor], min_time: float) -> float:
+def time_us(fn: Callable[[], object], min_time: float) -> float:
     """Fastest call in µs over at least `min_time` seconds (and 3 calls), after a warm-up call.
 
     The minimum, not the median: on a shared machine other processes only ever add time.
@@ -97,139 +103,158 @@ def time_us(fn: Callable[[], Tensor], min_time: float) -> float:
     return best * 1e6
 
 
+def read_bandwidth_gbs(min_time: float) -> float:
+    """GB/s of a vectorized sum over 256 MiB (read-only, all threads): the weights' ceiling."""
+    big = torch.ones(64 << 20, dtype=torch.float32)
+    us = time_us(lambda: big.sum(), max(min_time, 0.5))
+    return big.numel() * 4 / us / 1e3
+
+
 def rel_err(y: Tensor, ref: Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
 
 
+def held_bytes(module: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
+        p.numel() * p.element_size() for p in module.parameters()
+    )
+
+
+class Rotation:
+    """Copies of one layer totalling more than the cache; each call uses the next copy."""
+
+    def __init__(self, layer: nn.Module, nbytes: int) -> None:
+        count = max(1, _ROTATE_BYTES // max(nbytes, 1))
+        self.layers = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
+        self.i = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.i = (self.i + 1) % len(self.layers)
+        return self.layers[self.i](x)
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 @dataclass
 class Case:
-    """One (spec, layer shape, T, dtype) measurement: built kernels, inputs and best times so far."""
-
-    kernel: str
     spec: str
     layer: str
     shape: tuple[int, int]
     tokens: int
-    dtype: str
-    weight_bytes: int
-    err: float
-    calls: dict[str, Callable[[], Tensor]]
+    engines: dict[str, Callable[[], Tensor]]
+    nbytes: dict[str, int]
+    err: dict[str, float]
     best_us: dict[str, float] = field(default_factory=dict)
 
     def measure(self, min_time: float) -> None:
-        for what, fn in self.calls.items():
+        for what, fn in self.engines.items():
             us = time_us(fn, min_time)
             self.best_us[what] = min(us, self.best_us.get(what, us))
 
 
-def build(cls: type[LinearKernel], w: QuantWeight, dtype: torch.dtype) -> LinearKernel:
+def kernel_named(name: str) -> type[LinearKernel]:
+    return next(cls for cls in kernel_classes() if cls.name == name)
+
+
+def build(name: str, w: QuantWeight, dtype: torch.dtype) -> LinearKernel | None:
+    cls = kernel_named(name)
+    if cls.cannot_run(w.spec, "linear", torch.device("cpu"), w.shape, dtype) is not None:
+        return None
     kernel = cls(w.shape, dtype)
     kernel.load(w)
     return kernel
 
 
-def make_case(spec: QuantSpec, layer: tuple[str, int, int], tokens: int, dtype: torch.dtype) -> Case:
+def make_cases(
+    spec: QuantSpec, layer: tuple[str, int, int], tokens: list[int], dtype: torch.dtype
+) -> list[Case]:
     name, n, k = layer
     gen = torch.Generator().manual_seed(n * 7919 + k)
     w = random_weight(spec, n, k, gen)
-    choice = choose_kernel(spec, "linear", torch.device("cpu"), (n, k), dtype)
-    reference_cls = next(c for c in kernel_classes() if c.name == "reference")
-    fast, ref = build(choice.kernel, w, dtype), build(reference_cls, w, dtype)
-    x = torch.randn(tokens, k, generator=gen).to(dtype)
-    dense = torch.randn(n, k, generator=gen) * 0.02
-    dense_bf16, dense_fp32 = dense.bfloat16(), dense.float()
-    x_bf16, x_fp32 = x.bfloat16(), x.float()
-    return Case(
-        kernel=choice.name,
-        spec=spec.describe(),
-        layer=f"{name} {n}x{k}",
-        shape=(n, k),
-        tokens=tokens,
-        dtype=str(dtype).removeprefix("torch."),
-        weight_bytes=w.nbytes(),
-        err=rel_err(fast(x), ref(x)),
-        calls={
-            "kernel": lambda: fast(x),
-            "reference": lambda: ref(x),
-            "dense_bf16": lambda: F.linear(x_bf16, dense_bf16),
-            "dense_fp32": lambda: F.linear(x_fp32, dense_fp32),
-        },
-    )
+    reference = build("reference", w, dtype)
+    assert reference is not None
+    layers: dict[str, nn.Module] = {}
+    for engine in (FAST, *FALLBACKS):
+        kernel = build(engine, w, dtype)
+        if kernel is not None:
+            layers[engine] = kernel
+    layers["dense"] = DenseLinear(torch.randn(n, k, generator=gen).mul(0.02).to(dtype))
+    nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
+    rotations = {engine: Rotation(layer, nbytes[engine]) for engine, layer in layers.items()}
+    cases = []
+    for t in tokens:
+        x = torch.randn(t, k, generator=gen).to(dtype)
+        ref = reference(x)
+        err = {e: rel_err(layer(x), ref) for e, layer in layers.items() if e != "dense"}
+        engines = {e: (lambda r=r, x=x: r(x)) for e, r in rotations.items()}
+        cases.append(Case(spec.describe(), f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
+    return cases
 
 
-def markdown(cases: list[Case]) -> str:
-    head = (
-        "| kernel | spec | layer | T | dtype | kernel µs | kernel GB/s | reference µs | speed-up "
-        "| dense bf16 µs | dense fp32 µs | rel. err vs ref |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
-    for c in cases:
-        t = c.best_us
-        gbs = c.weight_bytes / (t["kernel"] * 1e-6) / 1e9
-        lines.append(
-            f"| {c.kernel} | {c.spec} | {c.layer} | {c.tokens} | {c.dtype} | {t['kernel']:.0f} | {gbs:.2f} "
-            f"| {t['reference']:.0f} | {t['reference'] / t['kernel']:.1f}x | {t['dense_bf16']:.0f} "
-            f"| {t['dense_fp32']:.0f} | {c.err:.1e} |"
-        )
-    return "\n".join(lines)
-
-
-def per_decoder_layer(cases: list[Case]) -> str:
-    """µs for the 7 projections of one decoder layer (q/o and gate/up share a measured shape)."""
-    uses = Counter((n, k) for _, n, k in LAYERS)
-    totals: dict[tuple[str, str, int, str], Counter[str]] = {}
-    for c in cases:
-        total = totals.setdefault((c.kernel, c.spec, c.tokens, c.dtype), Counter())
-        for what, us in c.best_us.items():
-            total[what] += uses[c.shape] * us
+def markdown(cases: list[Case], bandwidth: float) -> str:
     lines = [
-        "| kernel | spec | T | dtype | kernel µs | reference µs | speed-up | dense bf16 µs | dense fp32 µs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| spec | layer | T | engine | µs | GB/s | % of read BW | GFLOP/s | vs dense | rel. err vs ref |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (kernel, spec, tokens, dtype), t in totals.items():
-        lines.append(
-            f"| {kernel} | {spec} | {tokens} | {dtype} | {t['kernel']:.0f} | {t['reference']:.0f} "
-            f"| {t['reference'] / t['kernel']:.1f}x | {t['dense_bf16']:.0f} | {t['dense_fp32']:.0f} |"
-        )
+    for c in cases:
+        n, k = c.shape
+        dense_us = c.best_us["dense"]
+        for engine, us in c.best_us.items():
+            gbs = c.nbytes[engine] / us / 1e3
+            gflops = 2 * c.tokens * n * k / us / 1e3
+            err = f"{c.err[engine]:.1e}" if engine in c.err else "-"
+            lines.append(
+                f"| {c.spec} | {c.layer} | {c.tokens} | {engine} | {us:.0f} | {gbs:.1f} | "
+                f"{100 * gbs / bandwidth:.0f} | {gflops:.0f} | {dense_us / us:.2f}x | {err} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="1,64", help="comma-separated token counts")
-    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated compute dtypes")
+    parser.add_argument("--tokens", default="1,4,16,64,512", help="comma-separated token counts")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="compute dtype")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of timing per measurement")
-    parser.add_argument("--passes", type=int, default=3, help="sweeps over all cases; the best time is kept")
+    parser.add_argument("--passes", type=int, default=2, help="sweeps over all cases; the best time is kept")
+    parser.add_argument("--specs", default="", help="comma-separated indices into SPECS (default: all)")
+    parser.add_argument("--layers", default="", help="comma-separated indices into LAYERS (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
-    dtypes = [_DTYPES[d] for d in args.dtypes.split(",")]
-    # q/o and gate/up have the same shapes; each distinct shape is measured once.
-    shapes = list({(n, k): (name, n, k) for name, n, k in reversed(LAYERS)}.values())[::-1]
+    dtype = _DTYPES[args.dtype]
+    specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
+    layers = [LAYERS[int(i)] for i in args.layers.split(",")] if args.layers else list(LAYERS)
+    cases: list[Case] = []
     with torch.inference_mode():
-        cases = [
-            make_case(spec, layer, t, dtype)
-            for spec in SPECS
-            for dtype in dtypes
-            for t in tokens
-            for layer in shapes
-        ]
-        # Several sweeps, keeping each cell's best: on a shared machine a busy spell then only
-        # spoils the sweeps it overlaps, not a whole row.
-        for _ in range(args.passes):
-            for case in cases:
-                case.measure(args.min_time)
+        bandwidth = read_bandwidth_gbs(args.min_time)
+        for spec in specs:
+            for layer in layers:
+                # One (spec, shape) at a time: its rotated copies take ~100 MB per engine.
+                group = make_cases(spec, layer, tokens, dtype)
+                # Several sweeps, keeping each cell's best: on a shared machine a busy spell then
+                # only spoils the sweeps it overlaps, not a whole row.
+                for _ in range(args.passes):
+                    for case in group:
+                        case.measure(args.min_time)
+                for case in group:
+                    case.engines.clear()
+                cases.extend(group)
+        bandwidth = max(bandwidth, read_bandwidth_gbs(args.min_time))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, best of {args.passes} sweeps\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, best of {args.passes} sweeps; "
+        f"read bandwidth (sum over 256 MiB) {bandwidth:.1f} GB/s\n"
     )
-    print("Per decoder layer (7 projections; q/o and gate/up timed once per shape):\n")
-    print(per_decoder_layer(cases))
-    print("\nPer projection shape:\n")
-    print(markdown(cases))
+    print(markdown(cases, bandwidth))
 
 
 if __name__ == "__main__":

@@ -24,3 +24,7 @@ if "+cpu" not in torch.__version__ and not torch.cuda.is_available():
 PY
   echo "$want" > "$stamp"
 fi
+# Build the C++ CPU kernels now (cached under ~/.cache/anyquant, rebuilt only when their sources,
+# flags or torch change), so tests and the first `generate` do not pay the compile. Not fatal: a
+# failed build prints the reason and the pure-torch kernels serve.
+python -m anyquant.quant.kernels.cpu_ext

@@ -35,6 +35,7 @@ _BUILTIN_MODULES = (
     "anyquant.quant.kernels.reference",
     "anyquant.quant.kernels.dense",
     "anyquant.quant.kernels.torch_cpu",
+    "anyquant.quant.kernels.avx512",
 )
 _loaded = False
 

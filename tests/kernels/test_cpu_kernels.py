@@ -250,7 +250,12 @@ def test_cannot_run_says_why(
     ],
 )
 def test_choose_kernel_prefers_fast_kernels(spec: QuantSpec, dtype: torch.dtype, expected: str) -> None:
+    # The C++ kernel (tests/kernels/test_avx512_kernel.py) outranks these where it can run; the
+    # pure-torch choice is what serves when it cannot.
     choice = choose_kernel(spec, "linear", CPU, (256, 512), dtype)
+    if kernel_class("cpu_avx512").cannot_run(spec, "linear", CPU, (256, 512), dtype) is None:
+        assert choice.name == "cpu_avx512", choice.rejected
+        choice = choose_kernel(spec, "linear", CPU, (256, 512), dtype, prefer=expected)
     assert choice.name == expected, choice.rejected
 
 

@@ -32,7 +32,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_ELEMENTS = 1 << 18
 
 # Token counts up to which torch's fused weight-only ops beat dequantize-then-matmul (bfloat16,
-# measured by benchmarks/kernels.py on Qwen2.5-0.5B shapes): the fused ops redo the dequantization
+# measured by benchmarks/linear_kernels.py on Qwen2.5-0.5B shapes): the fused ops redo the dequantization
 # for every 4 tokens and do not use AMX, so their cost grows linearly with T.
 _INT4_FUSED_MAX_TOKENS = 64
 _INT8_FUSED_MAX_TOKENS = 32

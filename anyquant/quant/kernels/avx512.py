@@ -1,0 +1,319 @@
+"""AVX-512 (AVX512_BF16) weight-only kernels from the C++ extension: int4, int8 and fp8 weights.
+
+Owns the repacking of a canonical weight into the extension's layout (csrc/cpu_linear.cpp
+describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
+or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
+per-call choice between the extension's two paths:
+  - the vector kernel (every bf16 call, and fp32 with few rows): up to 4 rows of x, it streams
+    the packed weights once, decodes them in registers to bf16 and multiplies with vdpbf16ps;
+    more rows, it decodes each block of 16 output rows once per tile of 64 rows of x into a
+    cache-resident bf16 buffer and runs the same dot products 8 rows at a time. fp32 x is split
+    into three bf16 parts, so fp32 keeps fp32 accuracy;
+  - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
+    fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
+The pure-torch kernels in torch_cpu.py serve whatever is refused here, with the reason shown by
+`anyquant inspect`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from anyquant.errors import TensorError
+from anyquant.quant.kernels import cpu_ext
+from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.torch_cpu import _act_order_permutation
+from anyquant.quant.reference import fake_quantize_activations
+from anyquant.quant.registry import register_kernel
+from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight, num_groups
+
+_INT4, _INT8, _FP8 = 0, 1, 2
+_FORMAT = {
+    "uint4": _INT4,
+    "uint3": _INT4,
+    "uint2": _INT4,
+    "int8": _INT8,
+    "uint8": _INT8,
+    "fp8_e4m3": _FP8,
+    "fp8_e5m2": _FP8,
+}
+_ROWS = 16  # output rows per block: one 512-bit register of fp32 outputs
+_DTYPES = (torch.bfloat16, torch.float32)
+# bfloat16 runs every row count on the vector kernel: at 64 rows it beats oneDNN's bf16 GEMM of
+# the same shape and at 512 it is level with it (no AMX on the AVX512_BF16 CPU measured), while
+# dequantizing tiles for at::mm was slower at every row count (benchmarks/RESULTS.md).
+# float32 x costs the vector kernel three bf16 passes; beyond this many rows at::mm's fp32 GEMM
+# on dequantized tiles is faster (benchmarks/linear_kernels.py).
+_FP32_GEMV_MAX_ROWS = 2
+# Blocks of 16 rows dequantized per tile: 16 * 16 rows x 4864 inputs of bf16 is 2.5 MB at most
+# for the shapes measured; with K = 896 a tile is 460 KB and stays in L2 for at::mm.
+_TILE_BLOCKS = 16
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@functools.cache
+def _cpu_reason() -> str | None:
+    """Why this CPU cannot run the kernels' instructions, or None."""
+    if not torch.cpu._is_avx512_supported():
+        return "CPU lacks AVX-512 (F/BW/VL/DQ)"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "CPU lacks avx512_bf16 (vdpbf16ps)"
+    return None
+
+
+@functools.cache
+def _lut(weight: str) -> Tensor:
+    """128 bf16 words (as int16) the extension looks codes up in: int4 code -> code - 8; fp8 magnitude
+    bits -> value (the sign bit is added in the kernel). int8 needs no table (zeros)."""
+    table = torch.zeros(128, dtype=torch.bfloat16)
+    if _FORMAT[weight] == _INT4:
+        table[:16] = torch.arange(16) - 8
+    elif _FORMAT[weight] == _FP8:
+        dtype = torch.float8_e4m3fn if weight == "fp8_e4m3" else torch.float8_e5m2
+        table = torch.arange(128, dtype=torch.uint8).view(dtype).to(torch.bfloat16)  # exact
+    return table.view(torch.int16).contiguous()
+
+
+def _table_offset(spec: QuantSpec) -> int:
+    """What the decoded value v is relative to the code: v = code - offset."""
+    if spec.weight == "uint8":
+        return 128  # stored as code ^ 0x80, i.e. the int8 code - 128
+    return 8 if _FORMAT[spec.weight] == _INT4 else 0
+
+
+@register_kernel
+class Avx512WeightOnlyKernel(LinearKernel):
+    """uint2/3/4, int8/uint8 and fp8 weights (fp8 also with fp8 activations) on AVX512_BF16 CPUs.
+
+    Numerics: the vector path sums bf16-exact weight values (code - offset) times the activations
+    (bf16, or fp32 as three exact bf16 parts) in fp32 per group and applies scale and zero point
+    once per group: no weight is rounded to bf16, so for bf16 compute it is closer to the float64
+    result than the reference itself (which rounds every weight to bf16). The tile path forms the
+    reference's own rounded weights. fp8 activation quantization is the reference's own function.
+    """
+
+    name = "cpu_avx512"
+    priority = 60  # above the pure-torch CPU kernels (50)
+    packed: Tensor
+    scale: Tensor
+    zz: Tensor | None
+    lut: Tensor
+    perm: Tensor | None
+    input_scale: Tensor | None
+    input_zero: Tensor | None
+
+    @classmethod
+    def cannot_run(
+        cls,
+        spec: QuantSpec | None,
+        kind: LayerKind,
+        device: torch.device,
+        shape: tuple[int, int],
+        compute_dtype: torch.dtype,
+    ) -> str | None:
+        if device.type != "cpu":
+            return f"runs on CPU only, the layer is on {device.type}"
+        if spec is None:
+            return "layer is unquantized (the dense kernel runs it)"
+        if kind not in ("linear", "experts", "lm_head"):
+            return f"{kind} layers are not matrix multiplications this kernel runs"
+        if compute_dtype not in _DTYPES:
+            return f"compute dtype {compute_dtype} is not bfloat16 or float32"
+        if min(shape) <= 0:
+            return f"layer shape {list(shape)} has no weights"
+        if spec.weight not in _FORMAT:
+            return f"weights are {spec.weight}; this kernel runs uint2/3/4, int8, uint8 and fp8"
+        if spec.act is not None and not spec.is_float:
+            return f"activations are quantized ({spec.act.describe()}); integer weights run weight-only here"
+        if spec.granularity == "block" and spec.block_shape[1] % 8:
+            return f"block scales {spec.block_shape} span a multiple of 8 inputs here"
+        reason = _cpu_reason()
+        if reason is not None:
+            return reason
+        return cpu_ext.unavailable_reason()
+
+    def load(self, weight: QuantWeight | Tensor) -> None:
+        if not isinstance(weight, QuantWeight):
+            raise TypeError("cpu_avx512 kernel expects a QuantWeight")
+        if weight.num_experts is not None:
+            raise TypeError(f"cpu_avx512 kernel serves one 2-D weight, got {weight.num_experts} experts")
+        if tuple(weight.shape) != tuple(self.shape):
+            raise TensorError(
+                "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
+            )
+        spec = weight.spec
+        n, k = self.shape
+        self.spec = spec
+        self.fmt = _FORMAT[spec.weight]
+        if spec.granularity == "group":
+            self.group = spec.group_size
+        elif spec.granularity == "block":
+            self.group = spec.block_shape[1]
+        else:  # channel / tensor: one group spanning the (padded) row
+            self.group = _round_up(k, 8)
+        ng = num_groups(k, self.group)
+        self.k_pad, self.n_pad = ng * self.group, _round_up(n, _ROWS)
+
+        codes = weight.data
+        perm = None
+        if spec.act_order:
+            perm = _act_order_permutation(weight.group_index, self.group, k)
+            codes = codes[:, perm]
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("packed", self._pack(codes), persistent=False)
+        scale, zz = self._per_group(weight, ng)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("zz", zz, persistent=False)
+        self.register_buffer("lut", _lut(spec.weight).clone(), persistent=False)
+        self.register_buffer("input_scale", weight.input_scale, persistent=False)
+        self.register_buffer("input_zero", weight.input_zero, persistent=False)
+        cpu_ext.ops()  # raises with the reason if the library cannot be loaded
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        """[N, K] codes -> the extension's bytes [N/16, K/4 (int4) or K/2 (8-bit), 32]."""
+        n, k = self.shape
+        raw = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
+        if self.spec.weight == "uint8":
+            raw = raw ^ 0x80  # the int8 decoder then yields code - 128
+        padded = torch.zeros(self.n_pad, self.k_pad, dtype=torch.uint8)
+        padded[:n, :k] = raw  # padded inputs meet zero activations; padded rows are cut off
+        nb = self.n_pad // _ROWS
+        if self.fmt == _INT4:
+            c = padded.view(nb, _ROWS, self.k_pad // 4, 4).permute(0, 2, 1, 3)  # [nb, k/4, 16, 4]
+            lo, hi = c[..., 0:2], c[..., 2:4]  # byte 2i+t: (row i, k+t) low, (row i, k+2+t) high
+            return (lo | (hi << 4)).reshape(nb, self.k_pad // 4, 32).contiguous()
+        c = padded.view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)  # byte 2i+t: (row i, k+t)
+        return c.reshape(nb, self.k_pad // 2, 32).contiguous()
+
+    def _per_group(self, weight: QuantWeight, ng: int) -> tuple[Tensor, Tensor | None]:
+        """Scales and zero points (minus the table offset) as fp32 [N/16, ng, 16]."""
+        spec, n = weight.spec, self.shape[0]
+        if spec.granularity == "group":
+            scale = weight.scale.float().reshape(n, ng)
+        elif spec.granularity == "block":  # every row of a block of rows shares its block's scales
+            scale = weight.scale.float().repeat_interleave(spec.block_shape[0], dim=0)[:n]
+        else:  # tensor or channel: one group per row
+            scale = weight.scale.float().reshape(-1, 1).expand(n, ng)
+        zz = None
+        offset = _table_offset(spec)
+        if weight.zero is not None:
+            zz = weight.zero.float().reshape(n, -1).expand(n, ng) - offset
+        elif not spec.is_float and spec.implicit_zero != offset:  # uint2 / uint3
+            zz = torch.full((n, ng), float(spec.implicit_zero - offset))
+
+        def blocked(t: Tensor) -> Tensor:
+            full = torch.zeros(self.n_pad, ng)
+            full[:n] = t.expand(n, ng)
+            return full.view(-1, _ROWS, ng).transpose(1, 2).contiguous()
+
+        return blocked(scale), (blocked(zz) if zz is not None else None)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        n, k = self.shape
+        if x.shape[0] == 0:
+            return x.new_zeros(0, n)
+        if self.spec.act is not None:  # fp8 activations: the reference's own fake quantization
+            x = fake_quantize_activations(x, self.spec.act, self.input_scale, self.input_zero)
+        x = x.to(self.compute_dtype)
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        if self.k_pad != k:
+            x = torch.nn.functional.pad(x, (0, self.k_pad - k))
+        if self.path(x.shape[0]) == "gemv":
+            return cpu_ext.ops().gemv(
+                x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
+            )
+        return cpu_ext.ops().tiled_mm(
+            x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
+        )
+
+    def path(self, rows: int) -> str:
+        """Which of the extension's paths `rows` rows of x take: "gemv" or "tiled"."""
+        if self.compute_dtype == torch.bfloat16 or rows <= _FP32_GEMV_MAX_ROWS:
+            return "gemv"
+        return "tiled"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense [N, K] weight the tile path multiplies (columns in act-order's permuted order)."""
+        n, k = self.shape
+        dense = cpu_ext.ops().dequantize(
+            self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, n, dtype
+        )
+        return dense[:, :k]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={getattr(self, 'group', 0)}"
+
+
+_DECODED = 3  # the extension's format for weights already held as bf16 words
+
+
+@register_kernel
+class Avx512DenseLmHeadKernel(LinearKernel):
+    """An unquantized bfloat16 LM head through the same vector kernel, weights stored as bf16 words.
+
+    The LM head is the largest matrix a small model reads per token (151936 x 896 bf16 = 272 MB
+    for Qwen2.5-0.5B, more than half the bytes of a W4A16 decode step), and torch's bf16
+    matrix-vector product streamed it at a fraction of the bandwidth the vector kernel reaches.
+    Numerics: bf16 weights times bf16 inputs summed in fp32, one rounding of the output, like
+    F.linear. The repacked copy is not shared with a tied embedding table (one more copy).
+    """
+
+    name = "cpu_avx512_lm_head"
+    priority = 110  # above the dense kernel (100)
+    packed: Tensor
+    scale: Tensor
+    lut: Tensor
+
+    @classmethod
+    def cannot_run(
+        cls,
+        spec: QuantSpec | None,
+        kind: LayerKind,
+        device: torch.device,
+        shape: tuple[int, int],
+        compute_dtype: torch.dtype,
+    ) -> str | None:
+        if device.type != "cpu":
+            return f"runs on CPU only, the layer is on {device.type}"
+        if spec is not None:
+            return "layer is quantized (cpu_avx512 runs quantized layers)"
+        if kind != "lm_head":
+            return f"only the unquantized LM head runs here, not {kind} layers"
+        if compute_dtype != torch.bfloat16:
+            return f"compute dtype {compute_dtype}: only bfloat16 weights are kept as words"
+        if min(shape) <= 0:
+            return f"layer shape {list(shape)} has no weights"
+        return _cpu_reason() or cpu_ext.unavailable_reason()
+
+    def load(self, weight: QuantWeight | Tensor) -> None:
+        if isinstance(weight, QuantWeight):
+            raise TypeError("cpu_avx512_lm_head expects a plain tensor")
+        n, k = self.shape
+        if tuple(weight.shape) != (n, k):
+            raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
+        self.k_pad, n_pad = _round_up(k, 8), _round_up(n, _ROWS)
+        words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
+        words[:n, :k] = weight
+        nb = n_pad // _ROWS
+        pairs = words.view(torch.int16).view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)
+        self.register_buffer("packed", pairs.contiguous().view(torch.uint8).reshape(-1), persistent=False)
+        self.register_buffer("scale", torch.ones(nb, 1, _ROWS), persistent=False)
+        self.register_buffer("lut", torch.zeros(128, dtype=torch.int16), persistent=False)
+        cpu_ext.ops()  # raises with the reason if the library cannot be loaded
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        n, k = self.shape
+        if x.shape[0] == 0:
+            return x.new_zeros(0, n)
+        x = x.to(torch.bfloat16)
+        if self.k_pad != k:
+            x = torch.nn.functional.pad(x, (0, self.k_pad - k))
+        return cpu_ext.ops().gemv(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)
