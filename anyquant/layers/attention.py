@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
@@ -29,25 +31,146 @@ class AttentionContext(ABC):
     runner, or `engine.kv_cache.SequenceCache` for a single sequence)."""
 
     @abstractmethod
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Store k/v of this step's tokens for `layer`, then attend causally.
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
+    ) -> Tensor:
+        """Store k/v of this step's tokens for `layer`, then attend causally (only to the last
+        `window` positions, the query's own included, when a sliding window is given).
 
         q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] for the step's T tokens -> [T, H * Dv].
         """
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
-    """q [T, H, D], k/v [S, Hkv, D*] with S = start + T -> [T, H * Dv]; causal from `start`."""
-    t, h = q.shape[:2]
-    s, hkv = k.shape[:2]
-    if hkv != h:
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    mask = torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )  # [H, T, Dv]
-    return out.transpose(0, 1).reshape(t, -1)
+@dataclass(frozen=True)
+class PagedGroup:
+    """Sequences of one step that attend alike (all decoding, or all with several query rows):
+    which pages to gather, the mask over the gathered keys and where their query rows are."""
+
+    pages: Tensor  # [B, P] page ids to gather, in key order (padding pages are masked out)
+    mask: Tensor  # decode: [B, 1, 1, P * page]; prefill: [B, 1, Tq, P * page] (True = attend)
+    rows: Tensor | None  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
+    valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
+    covers_step: bool  # the group holds every token of the step, in step order
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    decode: PagedGroup | None
+    prefill: PagedGroup | None
+    num_tokens: int
+
+
+def plan_paged_attention(
+    block_tables: Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    page_size: int,
+    window: int | None = None,
+) -> PagedPlan:
+    """The gathers and masks of one step, built once per step (per window size) and shared by
+    every layer. Sequence b has `query_lens[b]` new tokens, the last ones of its `context_lens[b]`
+    tokens, whose pages are `block_tables[b]`. With a window only the pages it can reach are
+    gathered, so decode cost stays bounded by the window at any context length."""
+    device = block_tables.device
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    prefill = [b for b, n in enumerate(query_lens) if n > 1]
+    groups: list[PagedGroup | None] = []
+    for members in (decode, prefill):
+        if not members:
+            groups.append(None)
+            continue
+        ctx = [context_lens[b] for b in members]
+        qlen = [query_lens[b] for b in members]
+        first_query = [c - n for c, n in zip(ctx, qlen)]
+        # First page any query of the sequence can see (0 without a window).
+        first_page = [max(f - window + 1, 0) // page_size if window else 0 for f in first_query]
+        num_pages = max(-(-c // page_size) - p for c, p in zip(ctx, first_page))
+        idx = torch.tensor(members, device=device)
+        first = torch.tensor(first_page, device=device)
+        cols = (first[:, None] + torch.arange(num_pages, device=device)).clamp_(max=block_tables.shape[1] - 1)
+        pages = block_tables.index_select(0, idx).gather(1, cols)
+        key_pos = first[:, None] * page_size + torch.arange(num_pages * page_size, device=device)  # [B, S]
+        ctx_t = torch.tensor(ctx, device=device)
+        t_max = max(qlen)
+        q_pos = (ctx_t - torch.tensor(qlen, device=device))[:, None] + torch.arange(
+            t_max, device=device
+        )  # [B, Tq]
+        mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal; also keeps keys < context
+        if window:
+            mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
+        step_order = members == list(range(len(query_lens)))
+        if t_max == 1:
+            rows = torch.tensor([starts[b] for b in members], device=device)
+            groups.append(PagedGroup(pages, mask[:, None], rows, None, step_order))
+            continue
+        real = torch.arange(t_max, device=device)[None, :] < torch.tensor(qlen, device=device)[:, None]
+        # A padding row must still see a key, or its softmax is 0/0; its output is dropped.
+        mask[:, :, 0] |= ~real
+        rows = (
+            torch.tensor([starts[b] for b in members], device=device)[:, None]
+            + torch.arange(t_max, device=device)
+        ) * real
+        groups.append(PagedGroup(pages, mask[:, None], rows, real.reshape(-1), step_order))
+    return PagedPlan(groups[0], groups[1], starts[-1])
+
+
+def _gather_pages(cache: Tensor, pages: Tensor, page_size: int) -> Tensor:
+    """cache [slots, Hkv, D] -> [B, P * page_size, Hkv, D]: the listed pages, one copy per page."""
+    slots, hkv, d = cache.shape
+    flat = cache.view(slots // page_size, page_size * hkv * d).index_select(0, pages.reshape(-1))
+    return flat.view(pages.shape[0], pages.shape[1] * page_size, hkv, d)
+
+
+def paged_attention(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedPlan, page_size: int, scale: float
+) -> Tensor:
+    """q [T, H, D] against the cache [slots, Hkv, D*] through `plan` -> [T, H * Dv].
+
+    Only the pages the step's sequences reach are gathered, into one padded batch per group, and
+    one SDPA call per group attends them with the plan's mask (PyTorch's fused CPU kernel, which
+    never materialises the scores). GQA never repeats K/V: a decode step's H queries are viewed as
+    [Hkv, H / Hkv] rows per sequence, prefill uses SDPA's grouped-query mode."""
+    t, h, d = q.shape
+    hkv, dv = key_cache.shape[1], value_cache.shape[-1]
+    group = h // hkv
+    out: Tensor | None = None
+    if plan.decode is not None:
+        g = plan.decode
+        rows = g.rows
+        assert rows is not None
+        qd = q if g.covers_step else q.index_select(0, rows)
+        b = qd.shape[0]
+        keys = _gather_pages(key_cache, g.pages, page_size).transpose(1, 2)  # [B, Hkv, S, D]
+        values = _gather_pages(value_cache, g.pages, page_size).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qd.reshape(b, hkv, group, d), keys, values, attn_mask=g.mask, scale=scale
+        ).reshape(b, h * dv)
+        if g.covers_step:
+            return o
+        out = q.new_empty(t, h * dv)
+        out.index_copy_(0, rows, o)
+    if plan.prefill is not None:
+        g = plan.prefill
+        assert g.rows is not None and g.valid is not None
+        b, tq = g.rows.shape
+        qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
+        keys = _gather_pages(key_cache, g.pages, page_size).transpose(1, 2)
+        values = _gather_pages(value_cache, g.pages, page_size).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qp, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=group > 1
+        )  # [B, H, Tq, Dv]
+        o = o.transpose(1, 2).reshape(b * tq, h * dv)
+        if g.covers_step and b == 1:
+            return o
+        o = o[g.valid]
+        if out is None:
+            out = q.new_empty(t, h * dv)
+        out.index_copy_(0, g.rows.reshape(-1)[g.valid], o)
+    assert out is not None
+    return out
 
 
 class Attention(nn.Module, TensorParallelLayer):
@@ -63,6 +186,7 @@ class Attention(nn.Module, TensorParallelLayer):
         qkv_bias: bool = False,
         qk_norm_eps: float | None = None,
         o_bias: bool = False,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -87,6 +211,7 @@ class Attention(nn.Module, TensorParallelLayer):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rotary = rotary
         self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window  # attend to the last N positions only (None: all)
 
     # -- tensor parallelism: query heads split, KV heads split or replicated -----------------------
     def split_groups(self) -> list[SplitGroup]:
@@ -118,4 +243,4 @@ class Attention(nn.Module, TensorParallelLayer):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale))
+        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale, self.sliding_window))

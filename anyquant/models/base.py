@@ -53,6 +53,8 @@ class DecoderArgs:
     mlp_bias: bool = False
     qk_norm: bool = False
     torch_dtype: str = "float32"
+    # Per layer: the sliding attention window (None: full attention); empty: full everywhere.
+    sliding_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], **family: Any) -> DecoderArgs:
@@ -79,9 +81,40 @@ class DecoderArgs:
             o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            sliding_windows=sliding_windows(config, int(require(config, "num_hidden_layers"))),
         )
         values.update(family)
         return cls(**values)
+
+
+def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Which layers attend through a sliding window, and how wide, by the rules transformers
+    applies to each family's config (Qwen configs carry a window that is off unless
+    `use_sliding_window`; Mistral-style configs apply `sliding_window` to every layer)."""
+    model_type = str(config.get("model_type", ""))
+    window = config.get("sliding_window")
+    if model_type.startswith("qwen") and not config.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return ()
+    window = int(window)
+    if window < 1:
+        raise CheckpointError(f"config.json: sliding_window={window}; expected a positive number of tokens")
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):
+        return (window,) * num_layers
+    types = config.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise CheckpointError(
+                f"config.json: layer_types has {len(types)} entries for num_hidden_layers={num_layers}"
+            )
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    first_full = int(config.get("max_window_layers", 28))
+    if model_type in ("qwen2", "qwen3"):
+        return tuple(window if i >= first_full else None for i in range(num_layers))
+    if model_type == "qwen2_moe":
+        return tuple(window if (i + 1) % 2 and i < first_full else None for i in range(num_layers))
+    return ()
 
 
 # Family hooks: how a layer's MLP and attention are built. Dense families use the defaults; MoE and
@@ -106,6 +139,7 @@ def gqa_attention(args: DecoderArgs, index: int, prefix: str, rotary: RotaryEmbe
         qkv_bias=args.qkv_bias,
         o_bias=args.o_bias,
         qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+        sliding_window=args.sliding_windows[index] if args.sliding_windows else None,
     )
 
 
