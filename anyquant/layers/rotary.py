@@ -112,20 +112,30 @@ class RotaryEmbedding(nn.Module):
         inv, self.attn_factor = inverse_frequencies(dim, params, max_position)
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv, persistent=False)
+        # cos/sin tables by position (not buffers: rebuilt on the buffers' device when they grow).
+        self._cos = torch.empty(0, dim // 2)
+        self._sin = torch.empty(0, dim // 2)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
-        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """cos and sin [T, 1, dim/2] of `positions` in `dtype`, read from tables computed once
+        (in fp32, growing as positions grow); once per forward step, shared by every layer."""
+        limit = self._cos.shape[0]
+        if positions.numel() and int(positions.max()) >= limit:
+            self._grow(int(positions.max()) + 1)
+        cos = self._cos.index_select(0, positions).to(dtype)
+        sin = self._sin.index_select(0, positions).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self._cos.shape[0], 4096)
+        freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq
+        self._cos, self._sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x: [T, heads, dim] -> rotated, same dtype (math in fp32)."""
-        xf = x.float()
-        c, s = cos[:, None, :], sin[:, None, :]
+        """x: [T, heads, dim] with cos/sin from `cos_sin` (in x's dtype) -> rotated, same dtype."""
         if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-        else:
-            half = self.dim // 2
-            x1, x2 = xf[..., :half], xf[..., half:]
-            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        return out.to(x.dtype)
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        half = self.dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -19,7 +19,7 @@ from anyquant.layers.attention import Attention, AttentionContext
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
-from anyquant.layers.norm import RMSNorm
+from anyquant.layers.norm import RMSNorm, add_rms_norm
 from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
 
 if TYPE_CHECKING:
@@ -171,9 +171,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
-        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it.
-        h = x + self.self_attn(self.input_layernorm(x).to(self.dtype), positions, cos_sin, ctx).float()
-        return h + self.mlp(self.post_attention_layernorm(h).to(self.dtype)).float()
+        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it;
+        # sublayer outputs join it through type promotion inside the add (no separate cast), and
+        # each norm casts into the compute dtype once.
+        dtype = self.dtype
+        attn = self.self_attn(self.input_layernorm(x, dtype), positions, cos_sin, ctx)
+        x, h = add_rms_norm(x, attn, self.post_attention_layernorm, dtype)
+        return x + self.mlp(h)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,11 +248,11 @@ class DecoderLM(nn.Module, TensorParallelLayer):
     ) -> Tensor:
         """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
         [rows, vocab] for `logits_rows` (all rows by default)."""
-        cos_sin = self.model.rotary.cos_sin(positions)
+        dtype = self.model.embed_tokens.weight.dtype  # the compute dtype
+        cos_sin = self.model.rotary.cos_sin(positions, dtype)
         x = self.model.embed_tokens(token_ids).float()
         for layer in self.model.layers:
             x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:
             x = x[logits_rows]
-        h = self.model.norm(x).to(self.model.embed_tokens.weight.dtype)
-        return self.lm_head(h).float()
+        return self.lm_head(self.model.norm(x, dtype)).float()
