@@ -1,6 +1,6 @@
 """The paged KV cache and the attention context that reads and writes it.
 
-Owns the per-layer key/value slot tensors (allocated once: [pages * page_size, Hkv, D] per layer),
+Owns the per-layer key/value slot tensors (allocated once: [Hkv, pages * page_size, D] per layer),
 writing a step's keys/values to their slots, and the step's attention metadata (`PagedAttention`).
 Which pages a request owns is the page allocator's business (engine/pages.py); this module only
 sees slot indices. `SequenceCache` is the one-sequence convenience used by `LLM.logits` and tests.
@@ -37,9 +37,11 @@ class PagedKVCache:
             )
         self.num_pages, self.page_size = num_pages, page_size
         slots = num_pages * page_size
-        # [layers, slots, Hkv, D]: one allocation each for keys and values.
-        self.k = torch.zeros(num_layers, slots, num_kv_heads, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, slots, num_kv_heads, v_dim, dtype=dtype, device=device)
+        # [layers, Hkv, slots, D]: one allocation each for keys and values. KV-head-major, so that
+        # a page of one head is one contiguous block and the keys read for attention keep their
+        # last two dims contiguous (matmuls take them without a copy).
+        self.k = torch.zeros(num_layers, num_kv_heads, slots, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
 
     @classmethod
     def for_model(
@@ -78,8 +80,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store this step's keys/values [T, Hkv, D*] of `layer` at their slots [T]."""
-        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v.dtype))
+        self.k[layer].index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.k.dtype))
+        self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
 
 
 class PagedAttention(AttentionContext):

@@ -41,14 +41,23 @@ class AttentionContext(ABC):
         """
 
 
+# Decode attention over more keys than this per sequence goes through two matmuls and a softmax
+# instead of SDPA's fused CPU kernel: measured on the 2-core CPU (one layer, Qwen2.5-0.5B heads,
+# bf16, CPU time), SDPA wins at 128-1024 keys (0.04 vs 0.12 ms at 128) and loses from about 2048
+# (0.77 vs 0.52 ms at 4096); see benchmarks/paged_attention.py.
+MATMUL_DECODE_MIN_KEYS = 2048
+
+
 @dataclass(frozen=True)
 class PagedGroup:
     """Sequences of one step that attend alike (all decoding, or all with several query rows):
-    which pages to gather, the mask over the gathered keys and where their query rows are."""
+    which pages to read, the mask over their keys and where their query rows are."""
 
-    pages: Tensor  # [B, P] page ids to gather, in key order (padding pages are masked out)
-    mask: Tensor  # decode: [B, 1, 1, P * page]; prefill: [B, 1, Tq, P * page] (True = attend)
-    rows: Tensor | None  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
+    pages: Tensor  # [B, P] page ids to read, in key order (padding pages are masked out)
+    run: tuple[int, int] | None  # one sequence whose pages are consecutive: its slot range
+    mask: Tensor  # decode: [1, B, 1, S]; prefill: [B, 1, Tq, S] (True = attend), S = P * page
+    bias: Tensor | None  # decode through matmuls: the mask as 0 / -inf, fp32 [1, B, 1, S]
+    rows: Tensor  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
     valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
     covers_step: bool  # the group holds every token of the step, in step order
 
@@ -66,12 +75,15 @@ def plan_paged_attention(
     context_lens: list[int],
     page_size: int,
     window: int | None = None,
+    matmul_min_keys: int | None = None,
 ) -> PagedPlan:
-    """The gathers and masks of one step, built once per step (per window size) and shared by
+    """The page reads and masks of one step, built once per step (per window size) and shared by
     every layer. Sequence b has `query_lens[b]` new tokens, the last ones of its `context_lens[b]`
     tokens, whose pages are `block_tables[b]`. With a window only the pages it can reach are
-    gathered, so decode cost stays bounded by the window at any context length."""
+    read, so decode cost stays bounded by the window at any context length."""
     device = block_tables.device
+    if matmul_min_keys is None:
+        matmul_min_keys = MATMUL_DECODE_MIN_KEYS
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -92,6 +104,10 @@ def plan_paged_attention(
         first = torch.tensor(first_page, device=device)
         cols = (first[:, None] + torch.arange(num_pages, device=device)).clamp_(max=block_tables.shape[1] - 1)
         pages = block_tables.index_select(0, idx).gather(1, cols)
+        run = None
+        if len(members) == 1 and (num_pages == 1 or bool((pages.diff(dim=1) == 1).all())):
+            start = int(pages[0, 0]) * page_size  # consecutive pages: read them in place
+            run = (start, start + num_pages * page_size)
         key_pos = first[:, None] * page_size + torch.arange(num_pages * page_size, device=device)  # [B, S]
         ctx_t = torch.tensor(ctx, device=device)
         t_max = max(qlen)
@@ -104,7 +120,11 @@ def plan_paged_attention(
         step_order = members == list(range(len(query_lens)))
         if t_max == 1:
             rows = torch.tensor([starts[b] for b in members], device=device)
-            groups.append(PagedGroup(pages, mask[:, None], rows, None, step_order))
+            decode_mask = mask.transpose(0, 1)[:, :, None, :]  # [1, B, 1, S]
+            bias = None
+            if num_pages * page_size >= matmul_min_keys:
+                bias = torch.zeros(decode_mask.shape, device=device).masked_fill_(~decode_mask, float("-inf"))
+            groups.append(PagedGroup(pages, run, decode_mask, bias, rows, None, step_order))
             continue
         real = torch.arange(t_max, device=device)[None, :] < torch.tensor(qlen, device=device)[:, None]
         # A padding row must still see a key, or its softmax is 0/0; its output is dropped.
@@ -113,52 +133,61 @@ def plan_paged_attention(
             torch.tensor([starts[b] for b in members], device=device)[:, None]
             + torch.arange(t_max, device=device)
         ) * real
-        groups.append(PagedGroup(pages, mask[:, None], rows, real.reshape(-1), step_order))
+        groups.append(PagedGroup(pages, run, mask[:, None], None, rows, real.reshape(-1), step_order))
     return PagedPlan(groups[0], groups[1], starts[-1])
 
 
-def _gather_pages(cache: Tensor, pages: Tensor, page_size: int) -> Tensor:
-    """cache [slots, Hkv, D] -> [B, P * page_size, Hkv, D]: the listed pages, one copy per page."""
-    slots, hkv, d = cache.shape
-    flat = cache.view(slots // page_size, page_size * hkv * d).index_select(0, pages.reshape(-1))
-    return flat.view(pages.shape[0], pages.shape[1] * page_size, hkv, d)
+def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
+    """cache [Hkv, slots, D] -> [Hkv, B, S, D]: a view when the group is one run of consecutive
+    pages, else one gather of the listed pages (each page of each KV head is one contiguous block,
+    and the result's last two dims stay contiguous for the matmuls)."""
+    hkv, slots, d = cache.shape
+    if group.run is not None:
+        return cache[:, group.run[0] : group.run[1]].unsqueeze(1)
+    b, p = group.pages.shape
+    flat = cache.view(hkv, slots // page_size, page_size * d).index_select(1, group.pages.reshape(-1))
+    return flat.view(hkv, b, p * page_size, d)
 
 
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedPlan, page_size: int, scale: float
 ) -> Tensor:
-    """q [T, H, D] against the cache [slots, Hkv, D*] through `plan` -> [T, H * Dv].
+    """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv].
 
-    Only the pages the step's sequences reach are gathered, into one padded batch per group, and
-    one SDPA call per group attends them with the plan's mask (PyTorch's fused CPU kernel, which
-    never materialises the scores). GQA never repeats K/V: a decode step's H queries are viewed as
-    [Hkv, H / Hkv] rows per sequence, prefill uses SDPA's grouped-query mode."""
+    Only the pages the step's sequences reach are read, in place for one run of consecutive
+    pages, else gathered into one padded batch per group. GQA never repeats K/V: a decode step's
+    H queries are [Hkv, B, H / Hkv] rows against [Hkv, B, S] keys; prefill uses SDPA's
+    grouped-query mode. Decode runs SDPA's fused kernel or, for long contexts, two matmuls and a
+    softmax in fp32 (see MATMUL_DECODE_MIN_KEYS); prefill runs SDPA, which never materialises the
+    scores."""
     t, h, d = q.shape
-    hkv, dv = key_cache.shape[1], value_cache.shape[-1]
+    hkv, dv = key_cache.shape[0], value_cache.shape[-1]
     group = h // hkv
     out: Tensor | None = None
     if plan.decode is not None:
         g = plan.decode
-        rows = g.rows
-        assert rows is not None
-        qd = q if g.covers_step else q.index_select(0, rows)
+        qd = q if g.covers_step else q.index_select(0, g.rows)
         b = qd.shape[0]
-        keys = _gather_pages(key_cache, g.pages, page_size).transpose(1, 2)  # [B, Hkv, S, D]
-        values = _gather_pages(value_cache, g.pages, page_size).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd.reshape(b, hkv, group, d), keys, values, attn_mask=g.mask, scale=scale
-        ).reshape(b, h * dv)
+        keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
+        values = read_pages(value_cache, g, page_size)
+        qh = qd.view(b, hkv, group, d).transpose(0, 1)  # [Hkv, B, group, D]
+        if g.bias is None:
+            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=g.mask, scale=scale)
+        else:
+            scores = torch.add(g.bias, torch.matmul(qh, keys.transpose(-1, -2)), alpha=scale)  # fp32
+            o = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+        o = o.transpose(0, 1).reshape(b, h * dv)
         if g.covers_step:
             return o
         out = q.new_empty(t, h * dv)
-        out.index_copy_(0, rows, o)
+        out.index_copy_(0, g.rows, o)
     if plan.prefill is not None:
         g = plan.prefill
-        assert g.rows is not None and g.valid is not None
+        assert g.valid is not None
         b, tq = g.rows.shape
         qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
-        keys = _gather_pages(key_cache, g.pages, page_size).transpose(1, 2)
-        values = _gather_pages(value_cache, g.pages, page_size).transpose(1, 2)
+        keys = read_pages(key_cache, g, page_size).transpose(0, 1)  # [B, Hkv, S, D]
+        values = read_pages(value_cache, g, page_size).transpose(0, 1)
         o = F.scaled_dot_product_attention(
             qp, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=group > 1
         )  # [B, H, Tq, Dv]

@@ -14,6 +14,7 @@ import torch
 
 from anyquant import LLM, SamplingParams
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.layers import attention
 from anyquant.utils.tiny_model import write_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -36,13 +37,40 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, contex
     return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, -1)
 
 
-@pytest.mark.parametrize("window", [None, 5, 23])
-def test_mixed_step_matches_float64_attention(window: int | None) -> None:
+def _check(
+    cache: PagedKVCache, sequences: list[tuple[list[int], int, int]], window: int | None
+) -> PagedAttention:
+    """Attend one step of `sequences` and compare every token's output with float64 math."""
+    page, (hkv, d), h = cache.page_size, cache.k.shape[1::2], 6
+    ctx = PagedAttention.for_sequences(cache, sequences)
+    t = sum(n for _, _, n in sequences)
+    q, k, v = torch.randn(t, h, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    out = ctx.attend(0, q, k, v, d**-0.5, window)
+    at = 0
+    for pages, cached, new in sequences:
+        slots = torch.tensor([pages[p // page] * page + p % page for p in range(cached + new)])
+        keys, values = cache.k[0][:, slots].transpose(0, 1), cache.v[0][:, slots].transpose(0, 1)
+        assert torch.equal(keys[cached:], k[at : at + new])  # this step's keys were written in place
+        want = _reference(q[at : at + new], keys, values, cached + new, window)
+        assert torch.allclose(out[at : at + new].double(), want, atol=1e-5), (pages, window)
+        at += new
+    return ctx
+
+
+def _random_cache() -> PagedKVCache:
     torch.manual_seed(0)
-    page, hkv, h, d = 4, 2, 6, 8
-    cache = PagedKVCache(1, 32, page, hkv, d, d, torch.float32)
+    cache = PagedKVCache(1, 32, 4, 2, 8, 8, torch.float32)
     cache.k.normal_()
     cache.v.normal_()
+    return cache
+
+
+@pytest.mark.parametrize("matmul_min_keys", [0, 1 << 30])  # decode through matmuls / through SDPA
+@pytest.mark.parametrize("window", [None, 5, 23])
+def test_mixed_step_matches_float64_attention(
+    window: int | None, matmul_min_keys: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", matmul_min_keys)
     shared = [9, 3]  # a prefix two sequences share (8 tokens)
     # (pages, tokens already cached, new tokens): two decodes, a chunk over a shared prefix, a fresh prompt
     sequences = [
@@ -51,18 +79,19 @@ def test_mixed_step_matches_float64_attention(window: int | None) -> None:
         ([*shared, 12, 25, 26], 8, 9),
         ([0, 1], 0, 6),
     ]
-    ctx = PagedAttention.for_sequences(cache, sequences)
-    t = sum(n for _, _, n in sequences)
-    q, k, v = torch.randn(t, h, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
-    out = ctx.attend(0, q, k, v, d**-0.5, window)
-    at = 0
-    for pages, cached, new in sequences:
-        slots = torch.tensor([pages[p // page] * page + p % page for p in range(cached + new)])
-        keys, values = cache.k[0][slots], cache.v[0][slots]
-        assert torch.equal(keys[cached:], k[at : at + new])  # this step's keys were written in place
-        want = _reference(q[at : at + new], keys, values, cached + new, window)
-        assert torch.allclose(out[at : at + new].double(), want, atol=1e-5), (pages, window)
-        at += new
+    ctx = _check(_random_cache(), sequences, window)
+    decode = ctx.plan(window).decode
+    assert decode is not None and (decode.bias is not None) == (matmul_min_keys == 0)
+
+
+@pytest.mark.parametrize("new", [1, 5])
+def test_one_sequence_on_consecutive_pages_is_read_in_place(new: int) -> None:
+    ctx = _check(_random_cache(), [([6, 7, 8, 9], 14 - new, new)], None)
+    group = ctx.plan(None).decode if new == 1 else ctx.plan(None).prefill
+    assert group is not None and group.run == (24, 40)  # slots of pages 6-9: no gather
+    scattered = _check(_random_cache(), [([6, 8, 7, 9], 14 - new, new)], None)
+    group = scattered.plan(None).decode if new == 1 else scattered.plan(None).prefill
+    assert group is not None and group.run is None
 
 
 def _hf_choices(path: Path, prompt: list[int], generated: list[int]) -> list[int]:
