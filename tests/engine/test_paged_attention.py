@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers import attention
 from anyquant.utils.tiny_model import write_tiny_model
@@ -148,3 +149,26 @@ def test_sliding_window_matches_transformers(arch: str, tmp_path: Path) -> None:
     got = llm.generate(prompt_token_ids=[ids[:30], ids[:9]], sampling_params=params)
     for prompt, out in zip((ids[:30], ids[:9]), got):
         assert _hf_choices(path, prompt, out.token_ids) == out.token_ids
+
+
+def test_greedy_tokens_do_not_depend_on_the_batch_under_chunked_prefill(tmp_path: Path) -> None:
+    """fp32: each request's greedy tokens alone equal those in a batch of other lengths, whose
+    prompts go through 24-token chunks mixed with other requests' decode rows (sliding window on)."""
+    path = write_tiny_model(tmp_path / "m", "mistral", seed=9, sliding_window=7)
+    llm = LLM(path, dtype="float32")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 19, 45, 70)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alone = [llm.generate(prompt_token_ids=[p], sampling_params=params)[0].token_ids for p in prompts]
+    config = EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=24)
+    engine = Engine(llm.model, None, config, torch.float32, torch.device("cpu"))
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    mixed_steps = 0
+    while engine.has_unfinished():
+        pending = [r.num_uncomputed for r in engine.scheduler.running]
+        mixed_steps += any(n == 1 for n in pending) and any(n > 1 for n in pending)
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.new_token_ids
+    assert [tokens[rid] for rid in ids] == alone
+    assert mixed_steps > 0  # some steps held decode rows and prefill chunks together
