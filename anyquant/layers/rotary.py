@@ -113,12 +113,14 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv, persistent=False)
         # cos/sin tables by position (not buffers: rebuilt on the buffers' device when they grow).
-        self._cos = torch.empty(0, dim // 2)
-        self._sin = torch.empty(0, dim // 2)
+        self._cos = torch.empty(0, dim)
+        self._sin = torch.empty(0, dim)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """cos and sin [T, 1, dim/2] of `positions` in `dtype`, read from tables computed once
-        (in fp32, growing as positions grow); once per forward step, shared by every layer."""
+        """The rotation of `positions` as two [T, 1, dim] factors in `dtype`, read from tables
+        computed once (in fp32, growing as positions grow); once per forward step, shared by every
+        layer. `rotate(x) = x * cos + partner(x) * sin`, where partner(x) pairs each element with the
+        one it rotates with and `sin` carries the sign."""
         limit = self._cos.shape[0]
         if positions.numel() and int(positions.max()) >= limit:
             self._grow(int(positions.max()) + 1)
@@ -129,13 +131,18 @@ class RotaryEmbedding(nn.Module):
     def _grow(self, needed: int) -> None:
         size = max(needed, 2 * self._cos.shape[0], 4096)
         freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq
-        self._cos, self._sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        cos, sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor  # [N, dim/2]
+        if self.interleaved:  # pairs (2i, 2i+1): x'[2i] = x[2i] c - x[2i+1] s, x'[2i+1] = x[2i+1] c + x[2i] s
+            self._cos = cos.repeat_interleave(2, dim=-1)
+            self._sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # halves: x'[:h] = x[:h] c - x[h:] s, x'[h:] = x[h:] c + x[:h] s
+            self._cos = torch.cat((cos, cos), dim=-1)
+            self._sin = torch.cat((-sin, sin), dim=-1)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: [T, heads, dim] with cos/sin from `cos_sin` (in x's dtype) -> rotated, same dtype."""
         if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        half = self.dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            partner = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i])
+        else:
+            partner = x.roll(self.dim // 2, dims=-1)  # (x[h:], x[:h])
+        return torch.addcmul(x * cos, partner, sin)
