@@ -171,7 +171,8 @@ def paged_attention(
         keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
         values = read_pages(value_cache, g, page_size)
         qh = qd.view(b, hkv, group, d).transpose(0, 1)  # [Hkv, B, group, D]
-        if g.bias is None:
+        # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
+        if g.bias is None or q.dtype == torch.float16:
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=g.mask, scale=scale)
         else:
             scores = torch.add(g.bias, torch.matmul(qh, keys.transpose(-1, -2)), alpha=scale)  # fp32
