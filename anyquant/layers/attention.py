@@ -1,8 +1,9 @@
 """Grouped-query self-attention with rotary embeddings, and the attention-context interface.
 
-Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application and the
-causal scaled-dot-product attention of one sequence (`attend`). Where keys and values live (the
-paged KV cache) is the `AttentionContext`'s business, not the layer's.
+Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application, the
+sliding window of the layer, and paged attention over a KV cache as tensors: planning one step's
+page reads and masks (`plan_paged_attention`) and attending through them (`paged_attention`).
+Which pages hold which sequence (the step's metadata) is the `AttentionContext`'s business.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ class PagedGroup:
 class PagedPlan:
     decode: PagedGroup | None
     prefill: PagedGroup | None
-    num_tokens: int
 
 
 def plan_paged_attention(
@@ -134,7 +134,7 @@ def plan_paged_attention(
             + torch.arange(t_max, device=device)
         ) * real
         groups.append(PagedGroup(pages, run, mask[:, None], None, rows, real.reshape(-1), step_order))
-    return PagedPlan(groups[0], groups[1], starts[-1])
+    return PagedPlan(groups[0], groups[1])
 
 
 def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
