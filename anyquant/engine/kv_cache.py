@@ -114,6 +114,7 @@ class PagedAttention(AttentionContext):
         self.block_tables = block_tables
         self.query_lens = query_lens
         self.context_lens = context_lens
+        self.max_position = max(context_lens) - 1 if context_lens else None
         self._plans: dict[int | None, PagedPlan] = {}
 
     @classmethod

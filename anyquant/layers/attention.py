@@ -31,6 +31,9 @@ class AttentionContext(ABC):
     and which cached tokens each query attends to. Built once per step by the caller (the engine's
     runner, or `engine.kv_cache.SequenceCache` for a single sequence)."""
 
+    # The largest position of the step's tokens when the caller knows it (saves a host sync).
+    max_position: int | None = None
+
     @abstractmethod
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None

@@ -116,14 +116,18 @@ class RotaryEmbedding(nn.Module):
         self._cos = torch.empty(0, dim)
         self._sin = torch.empty(0, dim)
 
-    def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def cos_sin(
+        self, positions: Tensor, dtype: torch.dtype = torch.float32, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The rotation of `positions` as two [T, 1, dim] factors in `dtype`, read from tables
         computed once (in fp32, growing as positions grow); once per forward step, shared by every
-        layer. `rotate(x) = x * cos + partner(x) * sin`, where partner(x) pairs each element with the
+        layer (`max_position`: the largest of `positions`, if the caller knows it).
+        `rotate(x) = x * cos + partner(x) * sin`, where partner(x) pairs each element with the
         one it rotates with and `sin` carries the sign."""
-        limit = self._cos.shape[0]
-        if positions.numel() and int(positions.max()) >= limit:
-            self._grow(int(positions.max()) + 1)
+        if max_position is None and positions.numel():
+            max_position = int(positions.max())  # a host sync; callers that know it pass it
+        if max_position is not None and max_position >= self._cos.shape[0]:
+            self._grow(max_position + 1)
         cos = self._cos.index_select(0, positions).to(dtype)
         sin = self._sin.index_select(0, positions).to(dtype)
         return cos[:, None, :], sin[:, None, :]

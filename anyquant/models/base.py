@@ -249,7 +249,7 @@ class DecoderLM(nn.Module, TensorParallelLayer):
         """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
         [rows, vocab] for `logits_rows` (all rows by default)."""
         dtype = self.model.embed_tokens.weight.dtype  # the compute dtype
-        cos_sin = self.model.rotary.cos_sin(positions, dtype)
+        cos_sin = self.model.rotary.cos_sin(positions, dtype, ctx.max_position)
         x = self.model.embed_tokens(token_ids).float()
         for layer in self.model.layers:
             x = layer(x, positions, cos_sin, ctx)
