@@ -19,9 +19,10 @@ from torch import Tensor
 
 from anyquant.engine.detokenizer import IncrementalDetokenizer
 from anyquant.engine.kv_cache import PagedKVCache
+from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
 from anyquant.engine.request import Request, RequestStatus
-from anyquant.engine.runner import ModelRunner
+from anyquant.engine.runner import ModelRunner, StepLogits
 from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.errors import EngineDeadError
@@ -77,6 +78,10 @@ class _State:
     generator: torch.Generator | None
     emitted_tokens: int = 0
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -168,27 +173,14 @@ class Engine:
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
         try:
-            logits = self.runner.execute(plan)
+            out = self.runner.execute(plan)
         except EngineDeadError as exc:
             # Nobody's fault in particular and nothing to retry: close the plan, let it surface.
             self.scheduler.abandon(plan, f"the engine failed: {exc}")
             raise
         except Exception as exc:
-            logits = self._isolate_failure(plan, exc)
-        sampled: dict[str, int | None] = {}
-        for rid, row in logits.items():
-            state = self._states[rid]
-            if not bool(torch.isfinite(row).all()):
-                self.num_nonfinite_events += 1
-                dtype = str(self.dtype).removeprefix("torch.")
-                self.scheduler.finish(
-                    rid,
-                    RequestStatus.FINISHED_ERROR,
-                    f"non-finite logits with compute dtype {dtype}: the activations overflowed "
-                    f"{dtype}; use dtype float32 or bfloat16",
-                )
-                continue
-            sampled[rid] = self._sample(state, row)
+            out = self._isolate_failure(plan, exc)
+        sampled = self._sample_step(out)
         self.scheduler.update(plan, sampled)
         deltas = []
         touched = {r.request_id: r for r, _ in plan.scheduled} | {r.request_id: r for r in plan.finished}
@@ -198,7 +190,34 @@ class Engine:
                 deltas.append(delta)
         return deltas
 
-    def _isolate_failure(self, plan: StepPlan, exc: Exception) -> dict[str, Tensor]:
+    def _sample_step(self, out: StepLogits) -> dict[str, int | None]:
+        """One token per sampling request. The non-finite check and the greedy choice run once
+        over the whole step's logits, with one transfer to the host; only requests that need more
+        (temperature, penalties, logprobs) are sampled row by row."""
+        if not out.request_ids:
+            return {}
+        finite, argmax = finite_rows_and_argmax(out.logits)
+        sampled: dict[str, int | None] = {}
+        for i, rid in enumerate(out.request_ids):
+            state = self._states[rid]
+            if not finite[i]:
+                self.num_nonfinite_events += 1
+                dtype = str(self.dtype).removeprefix("torch.")
+                self.scheduler.finish(
+                    rid,
+                    RequestStatus.FINISHED_ERROR,
+                    f"non-finite logits with compute dtype {dtype}: the activations overflowed "
+                    f"{dtype}; use dtype float32 or bfloat16",
+                )
+                continue
+            params = state.request.sampling_params
+            if params.greedy and params.logprobs is None and not _penalised(params):
+                sampled[rid] = argmax[i]
+            else:
+                sampled[rid] = self._sample(state, out.logits[i])
+        return sampled
+
+    def _isolate_failure(self, plan: StepPlan, exc: Exception) -> StepLogits:
         """The batched forward raised: run each request of the step alone, so that only the ones
         that fail on their own are failed. Re-running is exact: a request's step writes K/V only at
         its own uncomputed positions (never into shared prefix pages), and a re-run rewrites them.
@@ -213,17 +232,22 @@ class Engine:
         if len(plan.scheduled) == 1:
             request = plan.scheduled[0][0]
             self._fail_forward(request.request_id, exc)
-            return {}
-        logits: dict[str, Tensor] = {}
+            return StepLogits.empty()
+        outputs: list[StepLogits] = []
         for entry in plan.scheduled:
             try:
-                logits.update(self.runner.execute(StepPlan(scheduled=[entry])))
+                outputs.append(self.runner.execute(StepPlan(scheduled=[entry])))
             except EngineDeadError:
                 self.scheduler.abandon(plan, f"the engine failed: {exc}")
                 raise
             except Exception as alone:
                 self._fail_forward(entry[0].request_id, alone)
-        return logits
+        outputs = [o for o in outputs if o.request_ids]
+        if not outputs:
+            return StepLogits.empty()
+        return StepLogits(
+            [rid for o in outputs for rid in o.request_ids], torch.cat([o.logits for o in outputs])
+        )
 
     def _fail_forward(self, rid: str, exc: Exception) -> None:
         log.error("request %s failed in the forward pass", rid, exc_info=exc)
@@ -236,7 +260,9 @@ class Engine:
 
     def _sample(self, state: _State, row: Tensor) -> int:
         request, params = state.request, state.request.sampling_params
-        penalised = apply_penalties(row.clone(), params, request.output_token_ids, request.prompt_token_ids)
+        if _penalised(params):  # penalties edit the row in place
+            row = apply_penalties(row.clone(), params, request.output_token_ids, request.prompt_token_ids)
+        penalised = row
         token = sample(penalised, params, state.generator)
         if params.logprobs is not None:
             lp = torch.log_softmax(row, dim=-1)

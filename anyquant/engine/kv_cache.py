@@ -1,20 +1,19 @@
 """The paged KV cache and the attention context that reads and writes it.
 
-Owns the per-layer key/value slot tensors (allocated once: [pages * page_size, Hkv, D] per layer),
-writing a step's keys/values to their slots and gathering each sequence's slots to attend.
+Owns the per-layer key/value slot tensors (allocated once: [Hkv, pages * page_size, D] per layer),
+writing a step's keys/values to their slots, and the step's attention metadata (`PagedAttention`).
 Which pages a request owns is the page allocator's business (engine/pages.py); this module only
 sees slot indices. `SequenceCache` is the one-sequence convenience used by `LLM.logits` and tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from anyquant.layers.attention import AttentionContext, attend
+from anyquant.layers.attention import AttentionContext, PagedPlan, paged_attention, plan_paged_attention
 
 if TYPE_CHECKING:
     from anyquant.models.base import DecoderLM
@@ -38,9 +37,11 @@ class PagedKVCache:
             )
         self.num_pages, self.page_size = num_pages, page_size
         slots = num_pages * page_size
-        # [layers, slots, Hkv, D]: one allocation each for keys and values.
-        self.k = torch.zeros(num_layers, slots, num_kv_heads, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, slots, num_kv_heads, v_dim, dtype=dtype, device=device)
+        # [layers, Hkv, slots, D]: one allocation each for keys and values. KV-head-major, so that
+        # a page of one head is one contiguous block and the keys read for attention keep their
+        # last two dims contiguous (matmuls take them without a copy).
+        self.k = torch.zeros(num_layers, num_kv_heads, slots, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
 
     @classmethod
     def for_model(
@@ -77,47 +78,83 @@ class PagedKVCache:
     ) -> int:
         return num_layers * page_size * num_kv_heads * (k_dim + v_dim) * dtype.itemsize
 
-    def slots(self, page_ids: list[int], begin: int, end: int) -> Tensor:
-        """Slot index of every position in [begin, end) of a sequence whose pages are `page_ids`."""
-        pos = torch.arange(begin, end)
-        pages = torch.tensor(page_ids, dtype=torch.long)[pos // self.page_size]
-        return (pages * self.page_size + pos % self.page_size).to(self.k.device)
-
-
-@dataclass(frozen=True)
-class SequenceSlice:
-    """One sequence's part of a step: tokens [offset, offset + length) of the step's flat batch sit
-    at positions [context, context + length); `slots` covers positions [0, context + length)."""
-
-    offset: int
-    length: int
-    context: int
-    slots: Tensor
+    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store this step's keys/values [T, Hkv, D*] of `layer` at their slots [T]."""
+        self.k[layer].index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.k.dtype))
+        self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
 
 
 class PagedAttention(AttentionContext):
-    def __init__(self, cache: PagedKVCache, sequences: list[SequenceSlice]) -> None:
-        self.cache = cache
-        self.sequences = sequences
-        # Slots receiving this step's keys/values, in the order of the step's tokens.
-        self.write_slots = torch.cat([s.slots[s.context :] for s in sequences])
+    """One step's attention metadata, as tensors built once per step (by the runner, in work
+    proportional to the step's new tokens) and read by every layer:
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys.index_copy_(0, self.write_slots, k.to(keys.dtype))
-        values.index_copy_(0, self.write_slots, v.to(values.dtype))
-        outputs = []
-        for s in self.sequences:
-            outputs.append(
-                attend(
-                    q[s.offset : s.offset + s.length],
-                    keys.index_select(0, s.slots),
-                    values.index_select(0, s.slots),
-                    s.context,
-                    scale,
-                )
+    - `slot_mapping` [T]: the cache slot of each new token's key/value;
+    - `block_tables` [B, P]: each sequence's page ids (padded with page 0);
+    - `query_lens` / `context_lens` (host ints, length B): new tokens per sequence and the tokens
+      it has in the cache once this step's are written; the new ones are the last ones.
+
+    The step's tokens are the sequences' new tokens one sequence after the other. Gathers and
+    masks are planned once per step and window size (`plan_paged_attention`)."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slot_mapping: Tensor,
+        block_tables: Tensor,
+        query_lens: list[int],
+        context_lens: list[int],
+    ) -> None:
+        if len(query_lens) != len(context_lens) or block_tables.shape[0] != len(query_lens):
+            raise ValueError(
+                f"{len(query_lens)} query lengths, {len(context_lens)} context lengths and "
+                f"{block_tables.shape[0]} block-table rows: one of each per sequence expected"
             )
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.query_lens = query_lens
+        self.context_lens = context_lens
+        self.max_position = max(context_lens) - 1 if context_lens else None
+        self._plans: dict[int | None, PagedPlan] = {}
+
+    @classmethod
+    def for_sequences(
+        cls, cache: PagedKVCache, sequences: list[tuple[list[int], int, int]]
+    ) -> PagedAttention:
+        """From (page ids, tokens already cached, new tokens) per sequence, in step order."""
+        page = cache.page_size
+        width = max(max(-(-(c + n) // page) for _, c, n in sequences), 1)
+        table = torch.zeros(len(sequences), width, dtype=torch.long)
+        slots: list[int] = []
+        for row, (page_ids, cached, new) in enumerate(sequences):
+            used = page_ids[: -(-(cached + new) // page)]
+            table[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+            slots.extend(page_ids[p // page] * page + p % page for p in range(cached, cached + new))
+        device = cache.k.device
+        return cls(
+            cache,
+            torch.tensor(slots, dtype=torch.long, device=device),
+            table.to(device),
+            [n for _, _, n in sequences],
+            [c + n for _, c, n in sequences],
+        )
+
+    def plan(self, window: int | None) -> PagedPlan:
+        plan = self._plans.get(window)
+        if plan is None:
+            plan = plan_paged_attention(
+                self.block_tables, self.query_lens, self.context_lens, self.cache.page_size, window
+            )
+            self._plans[window] = plan
+        return plan
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
+    ) -> Tensor:
+        self.cache.write(layer, self.slot_mapping, k, v)
+        return paged_attention(
+            q, self.cache.k[layer], self.cache.v[layer], self.plan(window), self.cache.page_size, scale
+        )
 
 
 class SequenceCache:
@@ -140,9 +177,7 @@ class SequenceCache:
     def context(self, start: int, length: int) -> PagedAttention:
         if start + length > self.max_len:
             raise ValueError(f"sequence of {start + length} tokens exceeds this cache's {self.max_len}")
-        return PagedAttention(
-            self.cache, [SequenceSlice(0, length, start, self.cache.slots(self.page_ids, 0, start + length))]
-        )
+        return PagedAttention.for_sequences(self.cache, [(self.page_ids, start, length)])
 
     def forward(self, token_ids: list[int] | Tensor, start: int, logits_rows: Tensor | None = None) -> Tensor:
         """fp32 logits for tokens at positions start..start+T-1 (rows `logits_rows`, default all)."""

@@ -1,8 +1,8 @@
 """Never silently wrong numbers: find which layer first produced a non-finite value.
 
 Owns the debug replay used when a step's logits are not finite: hooks on every leaf computation
-record the first module whose output contains inf or NaN, in execution order. The cheap per-step
-check itself (one reduction over the logits) lives with the caller.
+record the first module whose output contains inf or NaN, in execution order; and the cheap
+per-step check (one reduction over the whole step's logits).
 """
 
 from __future__ import annotations
@@ -38,3 +38,11 @@ def first_nonfinite_module(model: nn.Module, replay: Callable[[], Any]) -> str |
         for h in handles:
             h.remove()
     return found[0] if found else None
+
+
+def finite_rows_and_argmax(logits: Tensor) -> tuple[list[bool], list[int]]:
+    """For each row of a step's logits [R, vocab]: whether it is all finite, and its argmax (the
+    greedy token). Two reductions over the whole step and one transfer to the host."""
+    both = torch.stack((torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)))
+    finite, top = both.tolist()
+    return [bool(f) for f in finite], top

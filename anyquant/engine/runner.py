@@ -1,21 +1,98 @@
-"""ModelRunner: a scheduler's StepPlan -> one batched forward -> fp32 logits per sampling request.
+"""ModelRunner: a scheduler's StepPlan -> one batched forward -> fp32 logits of the sampling requests.
 
-Owns building the step's flat token batch (ids, positions, per-sequence slices and slots) and the
-paged KV cache tensors. Knows nothing about sampling policy or request lifecycles.
+Owns building the step's flat token batch and its attention metadata as tensors (slot mapping,
+block tables, query and context lengths), with work proportional to the step's new tokens: each
+request's block-table row lives across steps and grows by appending its new pages. Knows nothing
+about sampling policy or request lifecycles.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from anyquant.engine.kv_cache import PagedAttention, PagedKVCache, SequenceSlice
+from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.engine.request import Request
 from anyquant.engine.scheduler import StepPlan
 
 if TYPE_CHECKING:
     from anyquant.models.base import DecoderLM
+
+
+@dataclass
+class StepLogits:
+    """fp32 logits [R, vocab] of this step's sampling requests, row i for `request_ids[i]`."""
+
+    request_ids: list[str]
+    logits: Tensor
+
+    @staticmethod
+    def empty() -> StepLogits:
+        return StepLogits([], torch.empty(0, 0))
+
+
+@dataclass
+class _Row:
+    request: Request
+    row: int
+    num_pages: int  # pages of the request already written into its row
+    last_page: int  # the last of them, to notice a page table that was rebuilt
+    preemptions: int  # the request's count when the row was written
+
+
+class BlockTables:
+    """Each running request's page ids as one row of a host tensor kept across steps.
+
+    A request's row is written once and then grows by its new pages only; it is rewritten when
+    the request was preempted (its pages were freed and allocated again) and released once the
+    request finished."""
+
+    def __init__(self, rows: int = 8, width: int = 16) -> None:
+        self.table = torch.zeros(rows, width, dtype=torch.long)
+        self._rows: dict[str, _Row] = {}
+        self._free = list(range(rows - 1, -1, -1))
+
+    def row_of(self, request: Request) -> int:
+        pages = request.page_ids
+        entry = self._rows.get(request.request_id)
+        if entry is not None and (
+            entry.preemptions != request.num_preemptions
+            or len(pages) < entry.num_pages
+            or (entry.num_pages and pages[entry.num_pages - 1] != entry.last_page)
+        ):
+            entry.num_pages = 0  # the page table was rebuilt: write the row again
+        if entry is None:
+            entry = _Row(request, self._take_row(), 0, -1, request.num_preemptions)
+            self._rows[request.request_id] = entry
+        entry.preemptions = request.num_preemptions
+        if len(pages) > entry.num_pages:
+            self._fit(len(pages))
+            self.table[entry.row, entry.num_pages : len(pages)] = torch.tensor(
+                pages[entry.num_pages :], dtype=torch.long
+            )
+            entry.num_pages, entry.last_page = len(pages), pages[-1]
+        return entry.row
+
+    def release_finished(self) -> None:
+        """Give back the rows of finished requests (a sweep over the tracked requests only)."""
+        for rid in [rid for rid, e in self._rows.items() if e.request.is_finished]:
+            self._free.append(self._rows.pop(rid).row)
+
+    def _take_row(self) -> int:
+        if not self._free:
+            old = self.table.shape[0]
+            self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        return self._free.pop()
+
+    def _fit(self, width: int) -> None:
+        if width > self.table.shape[1]:
+            grown = torch.zeros(self.table.shape[0], max(width, 2 * self.table.shape[1]), dtype=torch.long)
+            grown[:, : self.table.shape[1]] = self.table
+            self.table = grown
 
 
 class ModelRunner:
@@ -25,32 +102,43 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
+        self.tables = BlockTables()
 
-    def execute(self, plan: StepPlan) -> dict[str, Tensor]:
-        """Run the plan's tokens; return fp32 logits [vocab] for every request that samples this step."""
+    def execute(self, plan: StepPlan) -> StepLogits:
+        """Run the plan's tokens; return the logits of every request that samples this step."""
+        self.tables.release_finished()
+        page = self.cache.page_size
         ids: list[int] = []
         positions: list[int] = []
-        sequences: list[SequenceSlice] = []
+        rows: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
         for request, n in plan.scheduled:
             c = request.num_computed_tokens
-            sequences.append(SequenceSlice(len(ids), n, c, self.cache.slots(request.page_ids, 0, c + n)))
+            rows.append(self.tables.row_of(request))
             ids.extend(request.all_token_ids[c : c + n])
             positions.extend(range(c, c + n))
+            query_lens.append(n)
+            context_lens.append(c + n)
             if request.reaches_end(n):
                 sample_rows.append(len(ids) - 1)
                 sample_ids.append(request.request_id)
         if not ids:
-            return {}
-        ctx = PagedAttention(self.cache, sequences)
-        token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            return StepLogits.empty()
+        width = -(-max(context_lens) // page)
+        block_tables = self.tables.table[torch.tensor(rows), :width]
+        pos = torch.tensor(positions, dtype=torch.long)
+        token_seq = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(query_lens))
+        slot_mapping = block_tables[token_seq, pos // page] * page + pos % page
+        dev = self.device
+        ctx = PagedAttention(self.cache, slot_mapping.to(dev), block_tables.to(dev), query_lens, context_lens)
+        token_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        # Without a sampling row the step still needs one row of logits to run the LM head on.
+        wanted = sample_rows or [len(ids) - 1]
         with torch.inference_mode():
-            logits = self.model(token_ids, pos, ctx, rows) if sample_rows else None
-            if logits is None:
-                self.model(token_ids, pos, ctx, torch.tensor([len(ids) - 1], device=self.device))
-                return {}
-        logits = logits.cpu()
-        return {rid: logits[i] for i, rid in enumerate(sample_ids)}
+            logits = self.model(token_ids, pos.to(dev), ctx, torch.tensor(wanted, device=dev))
+        if not sample_rows:
+            return StepLogits.empty()
+        return StepLogits(sample_ids, logits.cpu())

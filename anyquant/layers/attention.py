@@ -1,17 +1,20 @@
 """Grouped-query self-attention with rotary embeddings, and the attention-context interface.
 
-Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application and the
-causal scaled-dot-product attention of one sequence (`attend`). Where keys and values live (the
-paged KV cache) is the `AttentionContext`'s business, not the layer's.
+Owns q/k/v/o projections (QuantLinear), optional q/k RMSNorm (Qwen3), rotary application, the
+sliding window of the layer, and paged attention over a KV cache as tensors: planning one step's
+page reads and masks (`plan_paged_attention`) and attending through them (`paged_attention`).
+Which pages hold which sequence (the step's metadata) is the `AttentionContext`'s business.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
@@ -28,26 +31,179 @@ class AttentionContext(ABC):
     and which cached tokens each query attends to. Built once per step by the caller (the engine's
     runner, or `engine.kv_cache.SequenceCache` for a single sequence)."""
 
+    # The largest position of the step's tokens when the caller knows it (saves a host sync).
+    max_position: int | None = None
+
     @abstractmethod
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Store k/v of this step's tokens for `layer`, then attend causally.
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
+    ) -> Tensor:
+        """Store k/v of this step's tokens for `layer`, then attend causally (only to the last
+        `window` positions, the query's own included, when a sliding window is given).
 
         q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] for the step's T tokens -> [T, H * Dv].
         """
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
-    """q [T, H, D], k/v [S, Hkv, D*] with S = start + T -> [T, H * Dv]; causal from `start`."""
-    t, h = q.shape[:2]
-    s, hkv = k.shape[:2]
-    if hkv != h:
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    mask = torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )  # [H, T, Dv]
-    return out.transpose(0, 1).reshape(t, -1)
+# Decode attention over more keys than this per sequence goes through two matmuls and a softmax
+# instead of SDPA's fused CPU kernel: measured on the 2-core CPU (one layer, Qwen2.5-0.5B heads,
+# bf16, CPU time), SDPA wins at 128-1024 keys (0.04 vs 0.12 ms at 128) and loses from about 2048
+# (0.77 vs 0.52 ms at 4096); see benchmarks/paged_attention.py.
+MATMUL_DECODE_MIN_KEYS = 2048
+
+
+@dataclass(frozen=True)
+class PagedGroup:
+    """Sequences of one step that attend alike (all decoding, or all with several query rows):
+    which pages to read, the mask over their keys and where their query rows are."""
+
+    pages: Tensor  # [B, P] page ids to read, in key order (padding pages are masked out)
+    run: tuple[int, int] | None  # one sequence whose pages are consecutive: its slot range
+    mask: Tensor  # decode: [1, B, 1, S]; prefill: [B, 1, Tq, S] (True = attend), S = P * page
+    bias: Tensor | None  # decode through matmuls: the mask as 0 / -inf, fp32 [1, B, 1, S]
+    rows: Tensor  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
+    valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
+    covers_step: bool  # the group holds every token of the step, in step order
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    decode: PagedGroup | None
+    prefill: PagedGroup | None
+
+
+def plan_paged_attention(
+    block_tables: Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    page_size: int,
+    window: int | None = None,
+    matmul_min_keys: int | None = None,
+) -> PagedPlan:
+    """The page reads and masks of one step, built once per step (per window size) and shared by
+    every layer. Sequence b has `query_lens[b]` new tokens, the last ones of its `context_lens[b]`
+    tokens, whose pages are `block_tables[b]`. With a window only the pages it can reach are
+    read, so decode cost stays bounded by the window at any context length."""
+    device = block_tables.device
+    if matmul_min_keys is None:
+        matmul_min_keys = MATMUL_DECODE_MIN_KEYS
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    prefill = [b for b, n in enumerate(query_lens) if n > 1]
+    groups: list[PagedGroup | None] = []
+    for members in (decode, prefill):
+        if not members:
+            groups.append(None)
+            continue
+        ctx = [context_lens[b] for b in members]
+        qlen = [query_lens[b] for b in members]
+        first_query = [c - n for c, n in zip(ctx, qlen)]
+        # First page any query of the sequence can see (0 without a window).
+        first_page = [max(f - window + 1, 0) // page_size if window else 0 for f in first_query]
+        num_pages = max(-(-c // page_size) - p for c, p in zip(ctx, first_page))
+        idx = torch.tensor(members, device=device)
+        first = torch.tensor(first_page, device=device)
+        cols = (first[:, None] + torch.arange(num_pages, device=device)).clamp_(max=block_tables.shape[1] - 1)
+        pages = block_tables.index_select(0, idx).gather(1, cols)
+        run = None
+        if len(members) == 1 and (num_pages == 1 or bool((pages.diff(dim=1) == 1).all())):
+            start = int(pages[0, 0]) * page_size  # consecutive pages: read them in place
+            run = (start, start + num_pages * page_size)
+        key_pos = first[:, None] * page_size + torch.arange(num_pages * page_size, device=device)  # [B, S]
+        ctx_t = torch.tensor(ctx, device=device)
+        t_max = max(qlen)
+        q_pos = (ctx_t - torch.tensor(qlen, device=device))[:, None] + torch.arange(
+            t_max, device=device
+        )  # [B, Tq]
+        mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal; also keeps keys < context
+        if window:
+            mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
+        step_order = members == list(range(len(query_lens)))
+        if t_max == 1:
+            rows = torch.tensor([starts[b] for b in members], device=device)
+            decode_mask = mask.transpose(0, 1)[:, :, None, :]  # [1, B, 1, S]
+            bias = None
+            if num_pages * page_size >= matmul_min_keys:
+                bias = torch.zeros(decode_mask.shape, device=device).masked_fill_(~decode_mask, float("-inf"))
+            groups.append(PagedGroup(pages, run, decode_mask, bias, rows, None, step_order))
+            continue
+        real = torch.arange(t_max, device=device)[None, :] < torch.tensor(qlen, device=device)[:, None]
+        # A padding row must still see a key, or its softmax is 0/0; its output is dropped.
+        mask[:, :, 0] |= ~real
+        rows = (
+            torch.tensor([starts[b] for b in members], device=device)[:, None]
+            + torch.arange(t_max, device=device)
+        ) * real
+        groups.append(PagedGroup(pages, run, mask[:, None], None, rows, real.reshape(-1), step_order))
+    return PagedPlan(groups[0], groups[1])
+
+
+def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
+    """cache [Hkv, slots, D] -> [Hkv, B, S, D]: a view when the group is one run of consecutive
+    pages, else one gather of the listed pages (each page of each KV head is one contiguous block,
+    and the result's last two dims stay contiguous for the matmuls)."""
+    hkv, slots, d = cache.shape
+    if group.run is not None:
+        return cache[:, group.run[0] : group.run[1]].unsqueeze(1)
+    b, p = group.pages.shape
+    flat = cache.view(hkv, slots // page_size, page_size * d).index_select(1, group.pages.reshape(-1))
+    return flat.view(hkv, b, p * page_size, d)
+
+
+def paged_attention(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedPlan, page_size: int, scale: float
+) -> Tensor:
+    """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv].
+
+    Only the pages the step's sequences reach are read, in place for one run of consecutive
+    pages, else gathered into one padded batch per group. GQA never repeats K/V: a decode step's
+    H queries are [Hkv, B, H / Hkv] rows against [Hkv, B, S] keys; prefill uses SDPA's
+    grouped-query mode. Decode runs SDPA's fused kernel or, for long contexts, two matmuls and a
+    softmax in fp32 (see MATMUL_DECODE_MIN_KEYS); prefill runs SDPA, which never materialises the
+    scores."""
+    t, h, d = q.shape
+    hkv, dv = key_cache.shape[0], value_cache.shape[-1]
+    group = h // hkv
+    out: Tensor | None = None
+    if plan.decode is not None:
+        g = plan.decode
+        qd = q if g.covers_step else q.index_select(0, g.rows)
+        b = qd.shape[0]
+        keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
+        values = read_pages(value_cache, g, page_size)
+        qh = qd.view(b, hkv, group, d).transpose(0, 1)  # [Hkv, B, group, D]
+        # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
+        if g.bias is None or q.dtype == torch.float16:
+            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=g.mask, scale=scale)
+        else:
+            scores = torch.add(g.bias, torch.matmul(qh, keys.transpose(-1, -2)), alpha=scale)  # fp32
+            o = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+        o = o.transpose(0, 1).reshape(b, h * dv)
+        if g.covers_step:
+            return o
+        out = q.new_empty(t, h * dv)
+        out.index_copy_(0, g.rows, o)
+    if plan.prefill is not None:
+        g = plan.prefill
+        assert g.valid is not None
+        b, tq = g.rows.shape
+        qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
+        keys = read_pages(key_cache, g, page_size).transpose(0, 1)  # [B, Hkv, S, D]
+        values = read_pages(value_cache, g, page_size).transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            qp, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=group > 1
+        )  # [B, H, Tq, Dv]
+        o = o.transpose(1, 2).reshape(b * tq, h * dv)
+        if g.covers_step and b == 1:
+            return o
+        o = o[g.valid]
+        if out is None:
+            out = q.new_empty(t, h * dv)
+        out.index_copy_(0, g.rows.reshape(-1)[g.valid], o)
+    assert out is not None
+    return out
 
 
 class Attention(nn.Module, TensorParallelLayer):
@@ -63,6 +219,7 @@ class Attention(nn.Module, TensorParallelLayer):
         qkv_bias: bool = False,
         qk_norm_eps: float | None = None,
         o_bias: bool = False,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -87,6 +244,7 @@ class Attention(nn.Module, TensorParallelLayer):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rotary = rotary
         self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window  # attend to the last N positions only (None: all)
 
     # -- tensor parallelism: query heads split, KV heads split or replicated -----------------------
     def split_groups(self) -> list[SplitGroup]:
@@ -118,4 +276,4 @@ class Attention(nn.Module, TensorParallelLayer):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
-        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale))
+        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale, self.sliding_window))

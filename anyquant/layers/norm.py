@@ -1,8 +1,13 @@
-"""RMSNorm, computed in fp32 whatever the compute dtype (bf16/fp16 squares lose too much)."""
+"""RMSNorm, computed in fp32 whatever the compute dtype (bf16/fp16 squares lose too much).
+
+The weight's fp32 copy is made once (not on every call), and the residual add that precedes a norm
+goes with it (`add_rms_norm`), so a decoder block converts into its compute dtype once per norm.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -11,8 +16,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        self._weight_f32: Tensor | None = None
+        self._weight_key: tuple[int, int, torch.dtype] | None = None  # what `_weight_f32` was made from
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+    def weight_f32(self) -> Tensor:
+        # Loading, `.to()` and in-place edits change the storage, its version or the dtype.
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if key != self._weight_key or self._weight_f32 is None:
+            self._weight_f32 = w.detach() if w.dtype == torch.float32 else w.detach().float()
+            self._weight_key = key
+        return self._weight_f32
+
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        """Normalise in fp32; the result in `out_dtype` (default: x's dtype)."""
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight_f32(), self.eps)
+        return y.to(out_dtype or x.dtype)
+
+
+def add_rms_norm(residual: Tensor, delta: Tensor, norm: RMSNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """residual (fp32) + delta (any float dtype, promoted inside the add) -> (new residual in fp32,
+    its normalisation in `dtype`)."""
+    residual = residual + delta
+    return residual, norm(residual, dtype)

@@ -112,20 +112,41 @@ class RotaryEmbedding(nn.Module):
         inv, self.attn_factor = inverse_frequencies(dim, params, max_position)
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv, persistent=False)
+        # cos/sin tables by position (not buffers: rebuilt on the buffers' device when they grow).
+        self._cos = torch.empty(0, dim)
+        self._sin = torch.empty(0, dim)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
-        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+    def cos_sin(
+        self, positions: Tensor, dtype: torch.dtype = torch.float32, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The rotation of `positions` as two [T, 1, dim] factors in `dtype`, read from tables
+        computed once (in fp32, growing as positions grow); once per forward step, shared by every
+        layer (`max_position`: the largest of `positions`, if the caller knows it).
+        `rotate(x) = x * cos + partner(x) * sin`, where partner(x) pairs each element with the
+        one it rotates with and `sin` carries the sign."""
+        if max_position is None and positions.numel():
+            max_position = int(positions.max())  # a host sync; callers that know it pass it
+        if max_position is not None and max_position >= self._cos.shape[0]:
+            self._grow(max_position + 1)
+        cos = self._cos.index_select(0, positions).to(dtype)
+        sin = self._sin.index_select(0, positions).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self._cos.shape[0], 4096)
+        freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq
+        cos, sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor  # [N, dim/2]
+        if self.interleaved:  # pairs (2i, 2i+1): x'[2i] = x[2i] c - x[2i+1] s, x'[2i+1] = x[2i+1] c + x[2i] s
+            self._cos = cos.repeat_interleave(2, dim=-1)
+            self._sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # halves: x'[:h] = x[:h] c - x[h:] s, x'[h:] = x[h:] c + x[:h] s
+            self._cos = torch.cat((cos, cos), dim=-1)
+            self._sin = torch.cat((-sin, sin), dim=-1)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x: [T, heads, dim] -> rotated, same dtype (math in fp32)."""
-        xf = x.float()
-        c, s = cos[:, None, :], sin[:, None, :]
+        """x: [T, heads, dim] with cos/sin from `cos_sin` (in x's dtype) -> rotated, same dtype."""
         if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+            partner = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i])
         else:
-            half = self.dim // 2
-            x1, x2 = xf[..., :half], xf[..., half:]
-            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        return out.to(x.dtype)
+            partner = x.roll(self.dim // 2, dims=-1)  # (x[h:], x[:h])
+        return torch.addcmul(x * cos, partner, sin)

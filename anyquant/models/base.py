@@ -19,7 +19,7 @@ from anyquant.layers.attention import Attention, AttentionContext
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
-from anyquant.layers.norm import RMSNorm
+from anyquant.layers.norm import RMSNorm, add_rms_norm
 from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class DecoderArgs:
     mlp_bias: bool = False
     qk_norm: bool = False
     torch_dtype: str = "float32"
+    # Per layer: the sliding attention window (None: full attention); empty: full everywhere.
+    sliding_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], **family: Any) -> DecoderArgs:
@@ -79,9 +81,40 @@ class DecoderArgs:
             o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+            sliding_windows=sliding_windows(config, int(require(config, "num_hidden_layers"))),
         )
         values.update(family)
         return cls(**values)
+
+
+def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Which layers attend through a sliding window, and how wide, by the rules transformers
+    applies to each family's config (Qwen configs carry a window that is off unless
+    `use_sliding_window`; Mistral-style configs apply `sliding_window` to every layer)."""
+    model_type = str(config.get("model_type", ""))
+    window = config.get("sliding_window")
+    if model_type.startswith("qwen") and not config.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return ()
+    window = int(window)
+    if window < 1:
+        raise CheckpointError(f"config.json: sliding_window={window}; expected a positive number of tokens")
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):
+        return (window,) * num_layers
+    types = config.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise CheckpointError(
+                f"config.json: layer_types has {len(types)} entries for num_hidden_layers={num_layers}"
+            )
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    first_full = int(config.get("max_window_layers", 28))
+    if model_type in ("qwen2", "qwen3"):
+        return tuple(window if i >= first_full else None for i in range(num_layers))
+    if model_type == "qwen2_moe":
+        return tuple(window if (i + 1) % 2 and i < first_full else None for i in range(num_layers))
+    return ()
 
 
 # Family hooks: how a layer's MLP and attention are built. Dense families use the defaults; MoE and
@@ -106,6 +139,7 @@ def gqa_attention(args: DecoderArgs, index: int, prefix: str, rotary: RotaryEmbe
         qkv_bias=args.qkv_bias,
         o_bias=args.o_bias,
         qk_norm_eps=args.rms_norm_eps if args.qk_norm else None,
+        sliding_window=args.sliding_windows[index] if args.sliding_windows else None,
     )
 
 
@@ -137,9 +171,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
-        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it.
-        h = x + self.self_attn(self.input_layernorm(x).to(self.dtype), positions, cos_sin, ctx).float()
-        return h + self.mlp(self.post_attention_layernorm(h).to(self.dtype)).float()
+        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it;
+        # sublayer outputs join it through type promotion inside the add (no separate cast), and
+        # each norm casts into the compute dtype once.
+        dtype = self.dtype
+        attn = self.self_attn(self.input_layernorm(x, dtype), positions, cos_sin, ctx)
+        x, h = add_rms_norm(x, attn, self.post_attention_layernorm, dtype)
+        return x + self.mlp(h)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,11 +248,11 @@ class DecoderLM(nn.Module, TensorParallelLayer):
     ) -> Tensor:
         """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
         [rows, vocab] for `logits_rows` (all rows by default)."""
-        cos_sin = self.model.rotary.cos_sin(positions)
+        dtype = self.model.embed_tokens.weight.dtype  # the compute dtype
+        cos_sin = self.model.rotary.cos_sin(positions, dtype, ctx.max_position)
         x = self.model.embed_tokens(token_ids).float()
         for layer in self.model.layers:
             x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:
             x = x[logits_rows]
-        h = self.model.norm(x).to(self.model.embed_tokens.weight.dtype)
-        return self.lm_head(h).float()
+        return self.lm_head(self.model.norm(x, dtype)).float()

@@ -2,7 +2,7 @@
 
 Owns the process model of architecture.md §7. Rank 0 (the caller's process) runs the engine; its
 model is wrapped in `TensorParallelModel`, which before each forward publishes a compact step
-message (token ids, positions, per-sequence slices and KV slots, logits rows) so that every
+message (token ids, positions, the step's attention metadata, logits rows) so that every
 worker runs the same forward on its shard and joins the same collectives. Workers are started by
 `launch.py` (the package's own entry point, gloo on CPU) or by torchrun (RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT, one machine or several). A rank that dies, hangs or fails makes rank 0
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from anyquant.engine.kv_cache import PagedAttention, PagedKVCache, SequenceSlice
+from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
 from anyquant.parallel.comm import (
@@ -103,39 +103,38 @@ def unpack(message: Tensor) -> list[Tensor]:
 def encode_forward(
     cache_id: int, token_ids: Tensor, positions: Tensor, ctx: PagedAttention, rows: Tensor | None
 ) -> Tensor:
-    """[kind, cache, T, S, R, slots] + ids[T] + positions[T] + (offset, length, context)[S] +
-    slot counts[S] + slots + rows[R]; R = -1 when all rows want logits."""
-    seqs = ctx.sequences
-    slots = [s.slots.cpu() for s in seqs]
-    total = sum(int(s.numel()) for s in slots)
-    head = torch.tensor(
-        [_FORWARD, cache_id, token_ids.numel(), len(seqs), -1 if rows is None else rows.numel(), total]
-    )
-    meta = torch.tensor([[s.offset, s.length, s.context] for s in seqs], dtype=torch.long).reshape(-1)
-    counts = torch.tensor([int(s.numel()) for s in slots], dtype=torch.long)
-    parts = [head, token_ids.cpu().long(), positions.cpu().long(), meta, counts, *[s.long() for s in slots]]
+    """[kind, cache, T, B, R, P] + ids[T] + positions[T] + slot_mapping[T] + query_lens[B] +
+    context_lens[B] + block_tables[B * P] + rows[R]; R = -1 when all rows want logits."""
+    b, p = ctx.block_tables.shape
+    head = torch.tensor([_FORWARD, cache_id, token_ids.numel(), b, -1 if rows is None else rows.numel(), p])
+    parts = [
+        head,
+        token_ids.cpu().long(),
+        positions.cpu().long(),
+        ctx.slot_mapping.cpu().long(),
+        torch.tensor(ctx.query_lens, dtype=torch.long),
+        torch.tensor(ctx.context_lens, dtype=torch.long),
+        ctx.block_tables.cpu().long().reshape(-1),
+    ]
     if rows is not None:
         parts.append(rows.cpu().long())
     return torch.cat(parts)
 
 
 def decode_forward(
-    msg: Tensor, device: torch.device
-) -> tuple[int, Tensor, Tensor, list[SequenceSlice], Tensor | None]:
-    cache_id, t, s, r, _total_slots = (int(v) for v in msg[1:6])
+    msg: Tensor, device: torch.device, cache: PagedKVCache
+) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None]:
+    t, b, r, p = (int(v) for v in msg[2:6])
     at = 6
-    token_ids, positions = msg[at : at + t], msg[at + t : at + 2 * t]
-    at += 2 * t
-    meta = msg[at : at + 3 * s].view(s, 3).tolist()
-    at += 3 * s
-    counts = msg[at : at + s].tolist()
-    at += s
-    seqs = []
-    for (offset, length, context), n in zip(meta, counts):
-        seqs.append(SequenceSlice(offset, length, context, msg[at : at + n].to(device)))
-        at += n
+    token_ids, positions, slots = msg[at : at + t], msg[at + t : at + 2 * t], msg[at + 2 * t : at + 3 * t]
+    at += 3 * t
+    query_lens, context_lens = msg[at : at + b].tolist(), msg[at + b : at + 2 * b].tolist()
+    at += 2 * b
+    tables = msg[at : at + b * p].view(b, p)
+    at += b * p
     rows = None if r < 0 else msg[at : at + r].to(device)
-    return cache_id, token_ids.to(device), positions.to(device), seqs, rows
+    ctx = PagedAttention(cache, slots.to(device), tables.to(device), query_lens, context_lens)
+    return token_ids.to(device), positions.to(device), ctx, rows
 
 
 # -- rank 0 -------------------------------------------------------------------------------------
@@ -438,9 +437,9 @@ def _run_command(
     elif kind == _DROP_CACHE:
         caches.pop(int(msg[1]), None)
     elif kind == _FORWARD:
-        cid, token_ids, positions, seqs, rows = decode_forward(msg, device)
+        token_ids, positions, ctx, rows = decode_forward(msg, device, caches[int(msg[1])])
         with torch.inference_mode():
-            model(token_ids, positions, PagedAttention(caches[cid], seqs), rows)
+            model(token_ids, positions, ctx, rows)
     else:
         raise ParallelError(f"rank {state.rank}: unknown message kind {kind} from rank 0")
     return True

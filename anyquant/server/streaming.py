@@ -135,7 +135,10 @@ async def _event_stream(
 
 
 def _has_news(delta: RequestDelta, logprobs: LogprobFormatter | None) -> bool:
-    return bool(delta.new_text or delta.finished or (logprobs and delta.logprobs))
+    # Every step that produced tokens is news, even when its text delta is empty (a token that
+    # decodes to nothing, half a UTF-8 character, a possible stop-string prefix held back): clients
+    # time the first token and the gaps between tokens from these chunks.
+    return bool(delta.new_token_ids or delta.new_text or delta.finished or (logprobs and delta.logprobs))
 
 
 def completion_events(
@@ -181,7 +184,7 @@ def chat_events(
             return None
         return {
             "index": index,
-            "delta": {"content": delta.new_text} if delta.new_text else {},
+            "delta": {"content": delta.new_text} if delta.new_text or delta.new_token_ids else {},
             "logprobs": logprobs.chat(delta.logprobs) if logprobs is not None else None,
             "finish_reason": delta.finish_reason if delta.finished else None,
         }

@@ -128,10 +128,11 @@ def test_failing_request_fails_alone(tiny: Path, monkeypatch: pytest.MonkeyPatch
     execute = engine.runner.execute
 
     def poisoned(plan):  # type: ignore[no-untyped-def]
-        rows = execute(plan)
-        if bad in rows:
-            rows[bad] = torch.full_like(rows[bad], float("nan"))
-        return rows
+        out = execute(plan)
+        if bad in out.request_ids:
+            out.logits = out.logits.clone()  # inference tensors are read-only outside inference mode
+            out.logits[out.request_ids.index(bad)] = float("nan")
+        return out
 
     monkeypatch.setattr(engine.runner, "execute", poisoned)
     finished = {}
@@ -203,9 +204,13 @@ def test_an_engine_level_failure_is_not_retried_and_leaves_the_scheduler_consist
 def test_generate_raises_on_nonfinite(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     llm = LLM(tiny, dtype="float32")
     execute = llm.engine.runner.execute
-    monkeypatch.setattr(
-        llm.engine.runner, "execute", lambda plan: {k: v * float("nan") for k, v in execute(plan).items()}
-    )
+
+    def poisoned(plan):  # type: ignore[no-untyped-def]
+        out = execute(plan)
+        out.logits = out.logits * float("nan")
+        return out
+
+    monkeypatch.setattr(llm.engine.runner, "execute", poisoned)
     with pytest.raises(NumericsError, match="non-finite logits"):
         llm.generate(prompt_token_ids=[[1, 2]], sampling_params=GREEDY)
 

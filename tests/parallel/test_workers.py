@@ -185,27 +185,24 @@ def test_torchrun_starts_the_same_llm_on_every_rank(tp_model: Callable[[str], Pa
 
 
 def test_step_messages_round_trip() -> None:
-    """What rank 0 publishes is what every worker rebuilds: ids, positions, slices, slots, rows."""
-    from anyquant.engine.kv_cache import PagedAttention, PagedKVCache, SequenceSlice
+    """What rank 0 publishes is what every worker rebuilds: ids, positions, attention metadata, rows."""
+    from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
     from anyquant.parallel.workers import decode_forward, encode_forward, pack, unpack
 
     cache = PagedKVCache(1, 4, 4, 1, 2, 2, torch.float32)
-    seqs = [
-        SequenceSlice(0, 3, 0, cache.slots([2], 0, 3)),
-        SequenceSlice(3, 1, 5, cache.slots([0, 1], 0, 6)),
-    ]
+    ctx = PagedAttention.for_sequences(cache, [([2], 0, 3), ([0, 1], 5, 1)])
     ids, positions, rows = torch.tensor([5, 6, 7, 8]), torch.tensor([0, 1, 2, 5]), torch.tensor([2, 3])
-    forward = encode_forward(7, ids, positions, PagedAttention(cache, seqs), rows)
+    forward = encode_forward(7, ids, positions, ctx, rows)
     first, second = unpack(pack([torch.tensor([3, 9]), forward]))
     assert first.tolist() == [3, 9]
-    cid, got_ids, got_pos, got_seqs, got_rows = decode_forward(second, torch.device("cpu"))
-    assert cid == 7 and torch.equal(got_ids, ids) and torch.equal(got_pos, positions)
+    assert int(second[1]) == 7  # the cache id
+    got_ids, got_pos, got_ctx, got_rows = decode_forward(second, torch.device("cpu"), cache)
+    assert torch.equal(got_ids, ids) and torch.equal(got_pos, positions)
     assert got_rows is not None and torch.equal(got_rows, rows)
-    for a, b in zip(got_seqs, seqs):
-        assert (a.offset, a.length, a.context) == (b.offset, b.length, b.context)
-        assert torch.equal(a.slots, b.slots)
+    assert got_ctx.slot_mapping.tolist() == [8, 9, 10, 5]  # page 2 slots 0-2, then page 1 slot 1
+    assert torch.equal(got_ctx.block_tables, ctx.block_tables)
+    assert (got_ctx.query_lens, got_ctx.context_lens) == ([3, 1], [3, 6])
     no_rows = decode_forward(
-        unpack(pack([encode_forward(0, ids, positions, PagedAttention(cache, seqs), None)]))[0],
-        torch.device("cpu"),
+        unpack(pack([encode_forward(0, ids, positions, ctx, None)]))[0], torch.device("cpu"), cache
     )
-    assert no_rows[4] is None
+    assert no_rows[3] is None

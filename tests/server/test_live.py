@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.runner import StepLogits
 from anyquant.engine.scheduler import StepPlan
 from anyquant.server import ServerConfig, create_app
 from tests.server.conftest import MAX_MODEL_LEN, MODEL, LiveServer, wait_until
@@ -54,7 +54,7 @@ def live(tiny_model: Path) -> Iterator[Live]:
     delay = [0.0]
     original = llm.engine.runner.execute
 
-    def execute(plan: StepPlan) -> dict[str, torch.Tensor]:
+    def execute(plan: StepPlan) -> StepLogits:
         if delay[0]:
             time.sleep(delay[0])
         return original(plan)

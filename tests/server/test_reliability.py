@@ -18,6 +18,7 @@ from anyquant import LLM, SamplingParams
 from anyquant.engine.async_engine import AsyncEngine, EngineUnavailableError, GenerationItem
 from anyquant.engine.engine import Engine
 from anyquant.engine.kv_cache import PagedKVCache
+from anyquant.engine.runner import StepLogits
 from anyquant.engine.scheduler import StepPlan
 from tests.server.conftest import MAX_MODEL_LEN, AppFactory, call, sse_events
 
@@ -35,15 +36,16 @@ def _patch_runner(
     the ids whose logits to replace with NaN)."""
     original = engine.runner.execute
 
-    def execute(plan: StepPlan) -> dict[str, torch.Tensor]:
+    def execute(plan: StepPlan) -> StepLogits:
         if delay:
             time.sleep(delay)
         poisoned = fail(plan) if fail is not None else None
-        logits = original(plan)
-        for rid in poisoned or ():
-            if rid in logits:
-                logits[rid] = torch.full_like(logits[rid], float("nan"))
-        return logits
+        out = original(plan)
+        rows = [out.request_ids.index(rid) for rid in poisoned or () if rid in out.request_ids]
+        if rows:
+            out.logits = out.logits.clone()  # inference tensors are read-only outside inference mode
+            out.logits[rows] = float("nan")
+        return out
 
     monkeypatch.setattr(engine.runner, "execute", execute)
 
@@ -101,14 +103,14 @@ def test_a_step_that_breaks_after_the_forward_pass_fails_its_plan_and_the_server
 ) -> None:
     app = make_app(max_num_seqs=1)
     engine = _engine(app)
-    original = engine._sample
+    original = engine._sample_step
 
-    def sample(state: Any, row: torch.Tensor) -> int:
-        if state.request.prompt_token_ids == POISON:
+    def sample(out: StepLogits) -> dict[str, int | None]:
+        if any(engine._states[rid].request.prompt_token_ids == POISON for rid in out.request_ids):
             raise RuntimeError("sampler broke")
-        return original(state, row)
+        return original(out)
 
-    monkeypatch.setattr(engine, "_sample", sample)
+    monkeypatch.setattr(engine, "_sample_step", sample)
     normal = {"prompt": [256, 5, 6], "max_tokens": 4, **GREEDY}
     bad, good = asyncio.run(
         _post_many(app, [("/v1/completions", {**normal, "prompt": POISON}), ("/v1/completions", normal)])

@@ -1,0 +1,152 @@
+"""Decode steps through the engine: tok/s at batch 1 and 8, context 128 vs 4096, and a per-step profile.
+
+Drives `Engine.step()` (scheduler + runner + sampling + detokenizer: everything a served decode
+step does) on the Qwen2.5-0.5B-shaped W4A16 checkpoint that `benchmarks/decode_cpu.py` builds.
+Prompts are recorded as computed without running their prefill (see `_ready`). The profile splits a step's wall time
+into the heavy kernels (matmuls, quantized matmuls, attention) and everything else (Python,
+dispatch, small ops): the engine's own overhead.
+
+    python benchmarks/decode_step.py [--model out/bench/dense-w4a16] [--contexts 128 4096] [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from anyquant import LLM, SamplingParams
+
+# Ops that do the arithmetic of a step; the rest of a step's time is the engine's overhead.
+HEAVY_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::mv",
+    "aten::baddbmm",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+    "aten::_int_mm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
+
+
+def _ready(llm: LLM, batch: int, context: int, vocab: int, max_tokens: int) -> None:
+    """Admit `batch` requests of `context` random tokens and bring them to their first decode step
+    without running the prefill: the scheduler records each prompt as computed and a first token as
+    sampled. The pages then hold zeros instead of real keys and values, which costs a decode step
+    exactly the same (on a 2-core machine a real 4k prefill takes minutes)."""
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    for i in range(batch):
+        prompt = torch.randint(100, vocab, (context,), generator=g).tolist()
+        engine.add_request(prompt, params, request_id=f"b{batch}-c{context}-{i}")
+    scheduler = engine.scheduler
+    while scheduler.waiting or any(r.num_uncomputed > 1 for r in scheduler.running):
+        plan = scheduler.schedule()
+        scheduler.update(plan, {r.request_id: 100 for r, n in plan.scheduled if r.reaches_end(n)})
+
+
+def _drain(llm: LLM) -> None:
+    for rid in list(llm.engine._states):
+        llm.engine.abort(rid)
+
+
+def time_steps(llm: LLM, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) per engine step, medians of `steps`. With
+    OMP_NUM_THREADS=1 all the work runs on this thread, and its CPU time is the step's cost even
+    when a shared machine makes the wall time mostly waiting."""
+    wall, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        llm.engine.step()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
+
+
+def profile_steps(llm: LLM, steps: int) -> dict[str, float]:
+    """Per step: wall ms, ms inside heavy kernels, number of aten ops, top self-time ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            llm.engine.step()
+        wall = (time.perf_counter() - t0) / steps
+    heavy = 0.0
+    ops = 0
+    counts: Counter[str] = Counter()
+    for evt in prof.key_averages():
+        if evt.key.startswith("aten::"):
+            ops += evt.count
+            counts[evt.key] = evt.count
+        if evt.key in HEAVY_OPS:
+            heavy += evt.self_cpu_time_total / 1e6
+    return {
+        "wall_ms": wall * 1e3,
+        "heavy_ms": heavy / steps * 1e3,
+        "overhead_share": 1 - heavy / steps / wall,
+        "aten_ops_per_step": ops / steps,
+        "to_copy_per_step": counts["aten::_to_copy"] / steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("out/bench/dense-w4a16"))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    llm = LLM(
+        str(args.model),
+        dtype="bfloat16",
+        max_model_len=max(args.contexts) + 64,
+        max_num_seqs=max(args.batches),
+    )
+    vocab = int(llm.loaded.config["vocab_size"])
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            _ready(llm, batch, context, vocab, max_tokens=args.steps + args.profile_steps + 4)
+            wall_s, cpu_s = time_steps(llm, args.steps)
+            prof = profile_steps(llm, args.profile_steps)
+            _drain(llm)
+            row = {
+                "context": context,
+                "batch": batch,
+                "step_ms": wall_s * 1e3,
+                "cpu_step_ms": cpu_s * 1e3,
+                "tok_s_cpu": batch / cpu_s,
+                **prof,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| context | batch | step ms (CPU) | tok/s (CPU) | step ms (wall) | overhead share "
+        "| aten ops/step | _to_copy/step |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['context']} | {r['batch']} | {r['cpu_step_ms']:.1f} | {r['tok_s_cpu']:.1f} | "
+            f"{r['step_ms']:.1f} | {r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} | "
+            f"{r['to_copy_per_step']:.0f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

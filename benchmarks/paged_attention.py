@@ -1,0 +1,108 @@
+"""One layer's decode attention over a paged cache: the candidate implementations, interleaved.
+
+Qwen2.5-0.5B geometry (14 query heads, 2 KV heads, head dim 64, bf16, pages of 16), pages
+scattered over the cache. Candidates:
+
+- `per-sequence` (the engine's previous implementation): per sequence, index_select its slots,
+  repeat K/V for GQA, build a mask, SDPA;
+- `paged sdpa`: gather the reached pages of all sequences into one padded batch [Hkv, B, S, D]
+  (pages scattered: a real gather), one fused SDPA with a mask, queries as [Hkv, B, group] rows;
+- `paged matmul`: same reads, scores / softmax / values as two matmuls and an fp32 softmax.
+
+The engine picks `paged sdpa` below `MATMUL_DECODE_MIN_KEYS` keys and `paged matmul` above.
+Times are CPU time of the (single) thread: wall time on a loaded shared machine is mostly waiting.
+
+    python benchmarks/paged_attention.py [--contexts 128 4096] [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.layers.attention import PagedPlan, paged_attention, plan_paged_attention
+
+H, HKV, D, PAGE = 14, 2, 64, 16
+DTYPE = torch.bfloat16
+
+
+def per_sequence(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
+    keys, values = ctx.cache.k[0], ctx.cache.v[0]  # [Hkv, slots, D]
+    out, at = [], 0
+    for b, (n, total) in enumerate(zip(ctx.query_lens, ctx.context_lens)):
+        pos = torch.arange(total)
+        slots = ctx.block_tables[b][pos // PAGE] * PAGE + pos % PAGE
+        k = keys.index_select(1, slots).repeat_interleave(H // HKV, dim=0)  # [H, S, D]
+        v = values.index_select(1, slots).repeat_interleave(H // HKV, dim=0)
+        mask = torch.arange(total)[None, :] <= (total - n + torch.arange(n))[:, None]
+        o = F.scaled_dot_product_attention(q[at : at + n].transpose(0, 1), k, v, attn_mask=mask)
+        out.append(o.transpose(0, 1).reshape(n, -1))
+        at += n
+    return torch.cat(out)
+
+
+def paged(matmul_min_keys: int) -> Callable[[PagedAttention, torch.Tensor], torch.Tensor]:
+    plans: dict[int, PagedPlan] = {}  # the engine plans once per step, not per layer
+
+    def run(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
+        plan = plans.get(id(ctx))
+        if plan is None:
+            plan = plans[id(ctx)] = plan_paged_attention(
+                ctx.block_tables, ctx.query_lens, ctx.context_lens, PAGE, None, matmul_min_keys
+            )
+        return paged_attention(q, ctx.cache.k[0], ctx.cache.v[0], plan, PAGE, D**-0.5)
+
+    return run
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    t0 = time.thread_time()
+    for _ in range(repeats):
+        fn()
+    return (time.thread_time() - t0) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    candidates = {"per-sequence": per_sequence, "paged sdpa": paged(1 << 30), "paged matmul": paged(0)}
+    print("| context | batch | " + " | ".join(f"{n} ms" for n in candidates) + " |")
+    print("|---:|---:|" + "---:|" * len(candidates))
+    for context in args.contexts:
+        for batch in args.batches:
+            pages_per_seq = -(-context // PAGE)
+            num_pages = batch * pages_per_seq + 1
+            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, D, DTYPE)
+            cache.k.normal_()
+            cache.v.normal_()
+            order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+            seqs = [
+                (order[b * pages_per_seq : (b + 1) * pages_per_seq], context - 1, 1) for b in range(batch)
+            ]
+            ctx = PagedAttention.for_sequences(cache, seqs)
+            q = torch.randn(batch, H, D, dtype=DTYPE)
+            ref = per_sequence(ctx, q).float()
+            for fn in candidates.values():  # all agree before any is timed
+                assert torch.allclose(fn(ctx, q).float(), ref, atol=2e-2), fn.__name__
+            best = {name: float("inf") for name in candidates}
+            for _ in range(args.rounds):  # interleaved rounds: the machine's load hits all alike
+                for name, fn in candidates.items():
+                    best[name] = min(best[name], _time(functools.partial(fn, ctx, q), args.repeats))
+            print(f"| {context} | {batch} | " + " | ".join(f"{best[n] * 1e3:.3f}" for n in candidates) + " |")
+
+
+if __name__ == "__main__":
+    main()
