@@ -151,6 +151,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
         spec = weight.spec
         n, k = self.shape
         self.spec = spec
+        self.dynamic_act = spec.act if spec.act is not None and spec.act.dynamic else None
         self.fmt = _FORMAT[spec.weight]
         if spec.granularity == "group":
             self.group = spec.group_size
@@ -215,12 +216,12 @@ class Avx512WeightOnlyKernel(LinearKernel):
 
         return blocked(scale), (blocked(zz) if zz is not None else None)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         n, k = self.shape
         if x.shape[0] == 0:
             return x.new_zeros(0, n)
         if self.spec.act is not None:  # fp8 activations: the reference's own fake quantization
-            x = fake_quantize_activations(x, self.spec.act, self.input_scale, self.input_zero)
+            x = fake_quantize_activations(x, self.spec.act, self.input_scale, self.input_zero, act_amax)
         x = x.to(self.compute_dtype)
         if self.perm is not None:
             x = x.index_select(1, self.perm)
