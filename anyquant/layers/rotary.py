@@ -36,7 +36,13 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     would make the frequencies infinite or NaN), the rope type a string."""
     params = dict(cfg_dict(config, "rope_parameters"))
     scaling = cfg_dict(config, "rope_scaling")
-    params.update({k: v for k, v in scaling.items() if k not in params})
+    if params and any(k not in params or params[k] != v for k, v in scaling.items()):
+        # transformers lets the legacy rope_scaling win, older readers the new key: ambiguous.
+        raise CheckpointError(
+            f"config.json: rope_scaling {scaling!r:.120} disagrees with rope_parameters {params!r:.120}; "
+            "keep one of them"
+        )
+    params.update(scaling)
     if params.get("rope_theta") is None:
         params["rope_theta"] = cfg_float(config, "rope_theta", 10000.0, positive=True)
     rope_type = params.get("rope_type") or params.get("type") or "default"

@@ -173,6 +173,13 @@ def _check_data_layout(path: Path, tensors: dict[str, TensorInfo], data_size: in
         )
 
 
+def _is_shard_name(value: Any) -> bool:
+    """A plain *.safetensors file name: shards live in the model directory, never elsewhere."""
+    return (
+        isinstance(value, str) and value.endswith(".safetensors") and "/" not in value and "\\" not in value
+    )
+
+
 class TensorIndex:
     """Names, dtypes and shapes of every tensor of a checkpoint, from headers only."""
 
@@ -255,7 +262,13 @@ class Checkpoint:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{self.path / 'model.safetensors.index.json'}: no 'weight_map' object")
-            self._weight_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
+            bad = next((v for v in weight_map.values() if not _is_shard_name(v)), None)
+            if bad is not None:
+                raise CheckpointError(
+                    f"{self.path / 'model.safetensors.index.json'}: weight_map names shard {bad!r:.80}; "
+                    "expected a *.safetensors file name inside the model directory"
+                )
+            self._weight_map: dict[str, str] = dict(weight_map)
             files = sorted(set(self._weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:

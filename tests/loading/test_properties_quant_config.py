@@ -39,6 +39,7 @@ from tests.loading.properties import (
     load_outcome,
     record,
     rel_l2,
+    weighted,
 )
 
 # Every Linear a multiple of 32 so that every writer quantizes every layer (group 32, block 32).
@@ -146,34 +147,32 @@ def near(value: Any) -> st.SearchStrategy[Any]:
 @st.composite
 def changes_for(draw: st.DrawFn, qc: dict[str, Any]) -> tuple[tuple[Any, ...], ...]:
     entries = paths(qc)
-    one = st.one_of(
-        st.sampled_from(entries).flatmap(
-            lambda p: st.tuples(st.just("set"), st.just(p), near(lookup(qc, p)))
-        ),
-        st.tuples(st.just("set"), st.sampled_from(entries), json_values()),
-        st.tuples(st.just("set"), st.just(("quant_method",)), st.sampled_from(QUANT_METHODS)),
-        st.tuples(
-            st.just("set"),
-            st.sampled_from(
-                [
-                    ("bits",),
-                    ("group_size",),
-                    ("weight_block_size",),
-                    ("ignore",),
-                    ("modules_to_not_convert",),
-                    ("desc_act",),
-                    ("sym",),
-                    ("activation_scheme",),
-                ]
+    common_fields = [
+        ("bits",),
+        ("group_size",),
+        ("weight_block_size",),
+        ("ignore",),
+        ("modules_to_not_convert",),
+        ("desc_act",),
+        ("sym",),
+        ("activation_scheme",),
+    ]
+    one = weighted(
+        (
+            6,
+            st.sampled_from(entries).flatmap(
+                lambda p: st.tuples(st.just("set"), st.just(p), near(lookup(qc, p)))
             ),
-            json_values(),
         ),
-        st.tuples(st.just("drop"), st.sampled_from(entries)),
+        (2, st.tuples(st.just("set"), st.sampled_from(entries), json_values())),
+        (1, st.tuples(st.just("set"), st.just(("quant_method",)), st.sampled_from(QUANT_METHODS))),
+        (1, st.tuples(st.just("set"), st.sampled_from(common_fields), json_values())),
+        (2, st.tuples(st.just("drop"), st.sampled_from(entries))),
     )
     return draw(
-        st.one_of(
-            st.lists(one, min_size=1, max_size=3).map(tuple),
-            st.tuples(st.tuples(st.just("whole"), json_values())),
+        weighted(
+            (9, st.lists(one, min_size=1, max_size=3).map(tuple)),
+            (1, st.tuples(st.tuples(st.just("whole"), json_values()))),
         )
     )
 

@@ -235,3 +235,92 @@ def test_reference_cases_load_unchanged(base: Path) -> None:
     for mutation in [("reorder", 7), ("pad", 8, 0x20), ("metadata", {"format": "pt", "x": "y"})]:
         outcome = check(base, mutation)
         assert outcome.logits is not None and torch.equal(outcome.logits, original), mutation
+
+
+# -- the shard index (model.safetensors.index.json) ----------------------------------------------
+INDEX = "model.safetensors.index.json"
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sharded(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """The same model in two shards with an index, as save_pretrained writes large models; and its
+    logits."""
+    path = tmp_path_factory.mktemp("st-sharded") / "tiny"
+    shutil.copytree(base, path)
+    tensors = load_file(str(path / FILE))
+    (path / FILE).unlink()
+    names = sorted(tensors)
+    parts = (names[: len(names) // 2], names[len(names) // 2 :])
+    for shard, part in zip(SHARDS, parts):
+        save_file({n: tensors[n] for n in part}, str(path / shard), metadata={"format": "pt"})
+    weight_map = {n: shard for shard, part in zip(SHARDS, parts) for n in part}
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    logits = load_outcome(path).logits
+    assert logits is not None
+    return path, logits
+
+
+shard_names = st.one_of(
+    st.sampled_from(
+        [*SHARDS, "missing.safetensors", "", ".", "..", "/etc/hostname", "../tiny/config.json", "config.json"]
+    ),
+    json_values(),
+)
+index_mutations = st.one_of(
+    st.tuples(st.just("map"), index, shard_names),
+    st.tuples(st.just("map_drop"), index),
+    st.tuples(st.just("map_add"), st.sampled_from(["lm_head.bias", "model.layers.7.x", ""]), shard_names),
+    st.tuples(st.just("field"), st.sampled_from(["weight_map", "metadata"]), json_values()),
+    st.tuples(st.just("whole"), json_values()),
+)
+
+
+def apply_to_index(index_json: dict[str, Any], mutation: tuple[Any, ...]) -> Any:
+    out: Any = json.loads(json.dumps(index_json))
+    names = sorted(out["weight_map"])
+    kind = mutation[0]
+    if kind == "map":
+        out["weight_map"][names[mutation[1] % len(names)]] = mutation[2]
+    elif kind == "map_drop":
+        del out["weight_map"][names[mutation[1] % len(names)]]
+    elif kind == "map_add":
+        out["weight_map"][mutation[1]] = mutation[2]
+    elif kind == "field":
+        out[mutation[1]] = mutation[2]
+    else:
+        out = mutation[1]
+    return out
+
+
+# Shards named outside the model directory were opened (an error only because they were not safetensors).
+@example(mutation=("map", 0, "/etc/hostname"))
+@example(mutation=("map", 1, "../tiny/config.json"))
+@example(mutation=("map", 2, 5))
+@example(mutation=("map", 3, SHARDS[0]))
+@example(mutation=("map_drop", 4))
+@example(mutation=("field", "weight_map", []))
+@example(mutation=("whole", "x"))
+@given(mutation=index_mutations)
+@fuzz_settings(max_examples=25)
+def test_any_index_mutation_is_refused_clearly_or_loads_the_same_model(
+    sharded: tuple[Path, torch.Tensor], mutation: tuple[Any, ...]
+) -> None:
+    model, original = sharded
+    work = Path(tempfile.mkdtemp(prefix="st-index-"))
+    try:
+        case = work / "tiny"
+        shutil.copytree(model, case)
+        (case / INDEX).write_text(
+            json.dumps(apply_to_index(json.loads((model / INDEX).read_text()), mutation))
+        )
+        outcome = load_outcome(case)
+        if outcome.error is not None:
+            assert_names(
+                outcome.error, INDEX, *SHARDS, *json.loads((model / INDEX).read_text())["weight_map"]
+            )
+        else:
+            assert outcome.logits is not None
+            assert torch.equal(outcome.logits, original), mutation
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
