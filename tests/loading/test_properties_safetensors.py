@@ -220,7 +220,7 @@ def check(base: Path, mutation: tuple[Any, ...]) -> Outcome:
 @example(mutation=("truncate", 8))
 @example(mutation=("trailing", 3))
 @given(mutation=mutations)
-@fuzz_settings(max_examples=100)
+@fuzz_settings(max_examples=70)
 def test_any_header_mutation_is_refused_clearly_or_loads_what_the_library_reads(
     base: Path, mutation: tuple[Any, ...]
 ) -> None:
@@ -302,7 +302,7 @@ def apply_to_index(index_json: dict[str, Any], mutation: tuple[Any, ...]) -> Any
 @example(mutation=("field", "weight_map", []))
 @example(mutation=("whole", "x"))
 @given(mutation=index_mutations)
-@fuzz_settings(max_examples=25)
+@fuzz_settings(max_examples=20)
 def test_any_index_mutation_is_refused_clearly_or_loads_the_same_model(
     sharded: tuple[Path, torch.Tensor], mutation: tuple[Any, ...]
 ) -> None:
