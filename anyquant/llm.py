@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
@@ -80,7 +81,7 @@ class LLM:
             self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
-        limit = int(self.loaded.config.get("max_position_embeddings", 2048))
+        limit = cfg_int(self.loaded.config, "max_position_embeddings", 2048)
         if max_model_len is not None and max_model_len > limit:
             raise AnyquantError(
                 f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}"

@@ -11,7 +11,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+from anyquant.config_fields import as_int
 from anyquant.errors import CheckpointError
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    return value
+
+
+def _chat_template(path: Path, value: Any) -> str | None:
+    """The template string; some tokenizers list named templates, of which "default" is the chat one."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path}: chat_template is {type(value).__name__}; expected a string")
+    return value
 
 
 class Tokenizer:
@@ -27,11 +48,11 @@ class Tokenizer:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be read by the tokenizers library: {exc}") from exc
         cfg_file = path / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.config: dict[str, Any] = _read_object(cfg_file) if cfg_file.is_file() else {}
         model_cfg = config or {}
         self.bos_token_id = self._special_id("bos_token", model_cfg.get("bos_token_id"))
         self.eos_token_ids = self._eos_ids(model_cfg)
-        self.chat_template: str | None = self.config.get("chat_template")
+        self.chat_template: str | None = _chat_template(cfg_file, self.config.get("chat_template"))
 
     def _token_text(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -45,15 +66,27 @@ class Tokenizer:
             tid = self._tok.token_to_id(text)
             if tid is not None:
                 return int(tid)
-        return int(fallback) if isinstance(fallback, int) else None
+        if fallback is None:
+            return None
+        tid = as_int(fallback)
+        if tid is None or not 0 <= tid < self.vocab_size:
+            raise CheckpointError(
+                f"config.json: field '{key}_id' = {fallback!r:.80}; expected a token id of the "
+                f"tokenizer (0..{self.vocab_size - 1})"
+            )
+        return tid
 
     def _eos_ids(self, model_cfg: dict[str, Any]) -> set[int]:
-        ids: set[int] = set()
         eos = model_cfg.get("eos_token_id")
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list):
-            ids.update(int(e) for e in eos)
+        listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        ids: set[int] = set()
+        for entry in listed:
+            tid = as_int(entry)
+            if tid is None or tid < 0:
+                raise CheckpointError(
+                    f"config.json: field 'eos_token_id' = {eos!r:.80}; expected a token id or a list of them"
+                )
+            ids.add(tid)
         tid = self._special_id("eos_token", None)
         if tid is not None:
             ids.add(tid)

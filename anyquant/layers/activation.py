@@ -21,6 +21,6 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def activation(name: str) -> Callable[[Tensor], Tensor]:
     if name not in _ACTIVATIONS:
         raise UnsupportedError(
-            f"hidden_act {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
+            f"config.json: hidden_act {name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
         )
     return _ACTIVATIONS[name]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anyquant.errors import CheckpointError
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
@@ -223,8 +224,8 @@ class Attention(nn.Module, TensorParallelLayer):
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
-            raise ValueError(
-                f"{prefix}: num_attention_heads={num_heads} is not a multiple of "
+            raise CheckpointError(
+                f"config.json ({prefix}): num_attention_heads={num_heads} is not a multiple of "
                 f"num_key_value_heads={num_kv_heads}"
             )
         self.layer_index = layer_index

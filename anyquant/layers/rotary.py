@@ -12,20 +12,58 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from anyquant.config_fields import cfg_dict, cfg_float, cfg_int
 from anyquant.errors import CheckpointError, UnsupportedError
+
+# Numeric rope parameters: name -> must be > 0 (else any finite number).
+_ROPE_NUMBERS = {
+    "rope_theta": True,
+    "factor": True,
+    "low_freq_factor": True,
+    "high_freq_factor": True,
+    "beta_fast": True,
+    "beta_slow": True,
+    "attention_factor": True,
+    "mscale": False,
+    "mscale_all_dim": False,
+}
+_WHERE = "config.json rope_scaling"
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge the two spellings transformers uses (`rope_scaling` + `rope_theta`, or `rope_parameters`)."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    params.update({k: v for k, v in scaling.items() if k not in params})
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    """Merge the two spellings transformers uses (`rope_scaling` + `rope_theta`, or `rope_parameters`),
+    checked: every numeric parameter a finite number (positive where a zero or negative one
+    would make the frequencies infinite or NaN), the rope type a string."""
+    params = dict(cfg_dict(config, "rope_parameters"))
+    scaling = cfg_dict(config, "rope_scaling")
+    if params and any(k not in params or params[k] != v for k, v in scaling.items()):
+        # transformers lets the legacy rope_scaling win, older readers the new key: ambiguous.
+        raise CheckpointError(
+            f"config.json: rope_scaling {scaling!r:.120} disagrees with rope_parameters {params!r:.120}; "
+            "keep one of them"
+        )
+    params.update(scaling)
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = cfg_float(config, "rope_theta", 10000.0, positive=True)
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    if not isinstance(rope_type, str):
+        raise CheckpointError(f"{_WHERE}: rope_type = {rope_type!r:.80}; expected a string")
     params["rope_type"] = rope_type
     # Some configs keep the pretraining length beside the scaling dict; transformers prefers it.
     if rope_type in ("llama3", "yarn") and config.get("original_max_position_embeddings") is not None:
         params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    for key, positive in _ROPE_NUMBERS.items():
+        if params.get(key) is not None:
+            params[key] = cfg_float(params, key, positive=positive, where=_WHERE)
+    if params.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = cfg_int(
+            params, "original_max_position_embeddings", where=_WHERE
+        )
+    if rope_type == "llama3" and params.get("low_freq_factor", 1.0) >= params.get("high_freq_factor", 4.0):
+        raise CheckpointError(
+            f"{_WHERE}: llama3 low_freq_factor={params.get('low_freq_factor', 1.0)} must be below "
+            f"high_freq_factor={params.get('high_freq_factor', 4.0)}"
+        )
     return params
 
 
@@ -97,7 +135,7 @@ def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> 
         inv, attn_factor = _yarn(inv, dim, base, params, max_position)
     else:
         raise UnsupportedError(
-            f"rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"
+            f"config.json: rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"
         )
     return inv.float(), attn_factor
 

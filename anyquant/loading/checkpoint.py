@@ -69,7 +69,9 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate one safetensors header: (tensors, metadata, data start offset).
 
-    Catches truncated and corrupt files up front, naming the file and the offending tensor.
+    Catches truncated and corrupt files up front, naming the file and the offending tensor. The
+    checks are those of the safetensors format (and library, which reads the data later): a file
+    passing them here can be read; one failing them would only fail later, mid-load.
     """
     try:
         size = path.stat().st_size
@@ -87,41 +89,95 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+    header = _parse_header_json(path, raw)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings, got {metadata!r:.200})"
+        )
+    data_start = 8 + header_len
+    data_size = size - data_start
+    tensors = {name: _tensor_info(path, name, entry, data_size) for name, entry in header.items()}
+    _check_data_layout(path, tensors, data_size)
+    return tensors, dict(metadata), data_start
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointError(f"{path}: corrupt safetensors header (name {key!r} appears twice)")
+            seen[key] = value
+        return seen
+
     try:
-        header = json.loads(raw.decode("utf-8").rstrip(" \x00"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # The format pads headers with spaces only (JSON whitespace); nothing else may follow.
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    data_size = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = (
-                entry["dtype"],
-                tuple(int(d) for d in entry["shape"]),
-                entry["data_offsets"],
+    return header
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON non-negative integer (not a bool, not a float like 2.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    def bad(problem: str) -> TensorError:
+        return TensorError(name, problem, file=str(path))
+
+    if not isinstance(entry, dict):
+        raise bad(f"header entry is {entry!r:.100}; expected an object with dtype, shape, data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise bad(f"header entry lacks {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {dtype!r:.100}; expected one of {', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r:.100} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise bad(f"data_offsets {offsets!r:.100} is not [begin, end] (two non-negative integers)")
+    begin, end = offsets
+    info = TensorInfo(name, path.name, dtype, tuple(shape), (begin, end))
+    if end - begin != info.numel * SAFETENSORS_DTYPES[dtype][1]:
+        raise bad(f"byte range {begin}..{end} does not hold {list(shape)} {dtype}")
+    if end > data_size:
+        raise bad(f"data ends at byte {end} but the file holds only {data_size} data bytes (truncated)")
+    return info
+
+
+def _check_data_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """The tensors' byte ranges tile the data section exactly: no overlap, gap or trailing bytes."""
+    covered = 0
+    for info in sorted(tensors.values(), key=lambda t: t.offsets):
+        begin, end = info.offsets
+        if begin != covered:
+            problem = (
+                "overlaps the tensor before it"
+                if begin < covered
+                else f"leaves bytes {covered}..{begin} unused"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TensorError(name, f"malformed header entry {entry!r}", file=str(path)) from exc
-        if dtype not in SAFETENSORS_DTYPES:
-            raise TensorError(name, f"unknown dtype {dtype!r}", file=str(path))
-        info = TensorInfo(name, path.name, dtype, shape, (int(begin), int(end)))
-        want = info.numel * SAFETENSORS_DTYPES[dtype][1]
-        if end - begin != want or begin < 0:
             raise TensorError(
-                name, f"byte range {begin}..{end} does not hold {shape} {dtype}", file=str(path)
+                info.name, f"byte range {begin}..{end} {problem} (corrupt header)", file=str(path)
             )
-        if end > data_size:
-            raise TensorError(
-                name,
-                f"data ends at byte {end} but the file holds only {data_size} data bytes (truncated)",
-                file=str(path),
-            )
-        tensors[name] = info
-    return tensors, {str(k): str(v) for k, v in metadata.items()}, data_start
+        covered = end
+    if covered != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors cover {covered} data bytes but the file holds {data_size} "
+            "(trailing bytes: corrupt or not safetensors)"
+        )
+
+
+def _is_shard_name(value: Any) -> bool:
+    """A plain *.safetensors file name: shards live in the model directory, never elsewhere."""
+    return (
+        isinstance(value, str) and value.endswith(".safetensors") and "/" not in value and "\\" not in value
+    )
 
 
 class TensorIndex:
@@ -206,7 +262,13 @@ class Checkpoint:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{self.path / 'model.safetensors.index.json'}: no 'weight_map' object")
-            self._weight_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
+            bad = next((v for v in weight_map.values() if not _is_shard_name(v)), None)
+            if bad is not None:
+                raise CheckpointError(
+                    f"{self.path / 'model.safetensors.index.json'}: weight_map names shard {bad!r:.80}; "
+                    "expected a *.safetensors file name inside the model directory"
+                )
+            self._weight_map: dict[str, str] = dict(weight_map)
             files = sorted(set(self._weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:

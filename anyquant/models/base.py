@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from anyquant.config_fields import cfg_bool, cfg_float, cfg_int, cfg_str
 from anyquant.errors import CheckpointError
 from anyquant.layers.attention import Attention, AttentionContext
 from anyquant.layers.embedding import VocabParallelEmbedding
@@ -25,13 +26,6 @@ from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
 if TYPE_CHECKING:
     from anyquant.loading.sharding import Partition
     from anyquant.parallel.state import ParallelState
-
-
-def require(config: dict[str, Any], key: str) -> Any:
-    if key not in config or config[key] is None:
-        arch = config.get("architectures") or ["?"]
-        raise CheckpointError(f"config.json: field {key!r} is required for {arch[0]}")
-    return config[key]
 
 
 @dataclass(frozen=True)
@@ -59,27 +53,35 @@ class DecoderArgs:
     @classmethod
     def from_hf(cls, config: dict[str, Any], **family: Any) -> DecoderArgs:
         """Read a Llama-like config.json; `family` overrides family-specific defaults."""
-        hidden = int(require(config, "hidden_size"))
-        heads = int(require(config, "num_attention_heads"))
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        attention_bias = bool(config.get("attention_bias", False))
+        hidden = cfg_int(config, "hidden_size")
+        heads = cfg_int(config, "num_attention_heads")
+        kv_heads = cfg_int(config, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise CheckpointError(
+                f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        head_dim = cfg_int(config, "head_dim", hidden // heads)
+        if head_dim < 1:
+            raise CheckpointError(
+                f"config.json: hidden_size={hidden} / num_attention_heads={heads} gives no head_dim; set head_dim"
+            )
+        attention_bias = cfg_bool(config, "attention_bias", False)
         values: dict[str, Any] = dict(
-            vocab_size=int(require(config, "vocab_size")),
+            vocab_size=cfg_int(config, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(require(config, "intermediate_size")),
-            num_layers=int(require(config, "num_hidden_layers")),
+            intermediate_size=cfg_int(config, "intermediate_size"),
+            num_layers=cfg_int(config, "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=cfg_float(config, "rms_norm_eps", 1e-6, minimum=0.0),
             rope=rope_parameters(config),
-            max_position=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            hidden_act=str(config.get("hidden_act", "silu")),
+            max_position=cfg_int(config, "max_position_embeddings", 2048),
+            tie_word_embeddings=cfg_bool(config, "tie_word_embeddings", False),
+            hidden_act=cfg_str(config, "hidden_act", "silu"),
             qkv_bias=attention_bias,
             o_bias=attention_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            mlp_bias=cfg_bool(config, "mlp_bias", False),
             torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
             sliding_windows=sliding_windows(config, int(require(config, "num_hidden_layers"))),
         )

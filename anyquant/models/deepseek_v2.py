@@ -13,11 +13,12 @@ from typing import Any
 
 from torch import nn
 
+from anyquant.config_fields import cfg_bool, cfg_float, cfg_int, cfg_str
 from anyquant.errors import CheckpointError, UnsupportedError
 from anyquant.layers.mla import MLADims, MLAttention, mla_softmax_scale
 from anyquant.layers.moe import RoutingConfig, SparseMoE
 from anyquant.layers.rotary import RotaryEmbedding
-from anyquant.models.base import CacheShape, DecoderArgs, DecoderLM, dense_mlp, require
+from anyquant.models.base import CacheShape, DecoderArgs, DecoderLM, dense_mlp
 
 
 @dataclass(frozen=True)
@@ -58,24 +59,23 @@ _DEFAULTS: dict[bool, dict[str, Any]] = {
 
 
 def _int(config: dict[str, Any], key: str, default: int) -> int:
-    value = config.get(key)
-    return default if value is None else int(value)
+    return cfg_int(config, key, default, minimum=0)
 
 
 def _v2_routing(config: dict[str, Any], num_experts: int, top_k: int, scaling: float) -> RoutingConfig:
-    scoring = str(config.get("scoring_func") or "softmax")
+    scoring = cfg_str(config, "scoring_func", "softmax")
     if scoring != "softmax":
         raise UnsupportedError(
             f"config.json: DeepseekV2 scoring_func={scoring!r}; only 'softmax' exists in V2"
         )
-    if bool(config.get("norm_topk_prob", False)) and top_k > 1:
+    if cfg_bool(config, "norm_topk_prob", False) and top_k > 1:
         # DeepSeek's own V2 code renormalises *instead of* scaling, transformers ignores the flag,
         # vLLM does both; no released V2 checkpoint sets it, so refuse rather than guess.
         raise UnsupportedError(
             "config.json: DeepseekV2 with norm_topk_prob=true is ambiguous across reference "
             "implementations; only norm_topk_prob=false is supported for V2"
         )
-    method = str(config.get("topk_method") or "greedy")
+    method = cfg_str(config, "topk_method", "greedy")
     if method == "greedy":
         return RoutingConfig(num_experts, top_k, routed_scaling_factor=scaling)
     if method == "group_limited_greedy":
@@ -93,8 +93,8 @@ def _v2_routing(config: dict[str, Any], num_experts: int, top_k: int, scaling: f
 
 
 def _v3_routing(config: dict[str, Any], num_experts: int, top_k: int, scaling: float) -> RoutingConfig:
-    scoring = str(config.get("scoring_func") or "sigmoid")
-    method = str(config.get("topk_method") or "noaux_tc")
+    scoring = cfg_str(config, "scoring_func", "sigmoid")
+    method = cfg_str(config, "topk_method", "noaux_tc")
     if scoring != "sigmoid" or method != "noaux_tc":
         raise UnsupportedError(
             f"config.json: DeepseekV3 scoring_func={scoring!r}, topk_method={method!r}; "
@@ -104,7 +104,7 @@ def _v3_routing(config: dict[str, Any], num_experts: int, top_k: int, scaling: f
         num_experts,
         top_k,
         scoring="sigmoid",
-        norm_topk_prob=bool(config["norm_topk_prob"]),
+        norm_topk_prob=cfg_bool(config, "norm_topk_prob", False),
         n_group=_int(config, "n_group", 1),
         topk_group=_int(config, "topk_group", 1),
         e_score_correction_bias=True,
@@ -118,24 +118,24 @@ def read_args(config: dict[str, Any], v3: bool) -> DeepseekArgs:
     if "q_lora_rank" not in config:
         raise CheckpointError("config.json: field 'q_lora_rank' is required (null for a full-rank q_proj)")
     mla = MLADims(
-        num_heads=int(require(config, "num_attention_heads")),
-        q_lora_rank=None if config["q_lora_rank"] is None else int(config["q_lora_rank"]),
-        kv_lora_rank=int(require(config, "kv_lora_rank")),
-        qk_nope_head_dim=int(require(config, "qk_nope_head_dim")),
-        qk_rope_head_dim=int(require(config, "qk_rope_head_dim")),
-        v_head_dim=int(require(config, "v_head_dim")),
+        num_heads=cfg_int(config, "num_attention_heads"),
+        q_lora_rank=None if config["q_lora_rank"] is None else cfg_int(config, "q_lora_rank"),
+        kv_lora_rank=cfg_int(config, "kv_lora_rank"),
+        qk_nope_head_dim=cfg_int(config, "qk_nope_head_dim", minimum=0),
+        qk_rope_head_dim=cfg_int(config, "qk_rope_head_dim"),
+        v_head_dim=cfg_int(config, "v_head_dim"),
     )
     first_dense = _int(config, "first_k_dense_replace", 0)
     freq = _int(config, "moe_layer_freq", 1)
     if freq <= 0:
         raise CheckpointError(f"config.json: field 'moe_layer_freq' = {freq}; expected a positive number")
-    num_layers = int(require(config, "num_hidden_layers"))
+    num_layers = cfg_int(config, "num_hidden_layers")
     any_sparse = any(i >= first_dense and i % freq == 0 for i in range(num_layers))
     num_experts = _int(config, "n_routed_experts", 0)  # absent or 0: a dense model
     routing = None
     if num_experts > 0 and any_sparse:  # routing fields of an all-dense config are never used
-        top_k = int(require(config, "num_experts_per_tok"))
-        scaling = float(config["routed_scaling_factor"])
+        top_k = cfg_int(config, "num_experts_per_tok")
+        scaling = cfg_float(config, "routed_scaling_factor", positive=True)
         routing = (_v3_routing if v3 else _v2_routing)(config, num_experts, top_k, scaling)
     moe_size = _int(config, "moe_intermediate_size", 0)
     if routing is not None and moe_size <= 0:
@@ -143,8 +143,8 @@ def read_args(config: dict[str, Any], v3: bool) -> DeepseekArgs:
     return DeepseekArgs(
         mla=mla,
         # V2 always pairs adjacent channels; V3 makes it a flag (true in released checkpoints).
-        rope_interleave=bool(config.get("rope_interleave", True)) if v3 else True,
-        attention_bias=bool(config.get("attention_bias", False)),
+        rope_interleave=cfg_bool(config, "rope_interleave", True) if v3 else True,
+        attention_bias=cfg_bool(config, "attention_bias", False),
         routing=routing,
         moe_intermediate_size=moe_size,
         shared_size=moe_size * _int(config, "n_shared_experts", 0),

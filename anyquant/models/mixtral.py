@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from anyquant.config_fields import cfg_int
 from anyquant.layers.moe import EXPERT_NAMES, MIXTRAL_EXPERT_NAMES, RoutingConfig, SparseMoE
 from anyquant.models.base import DecoderArgs, DecoderLM
 
@@ -20,8 +21,8 @@ from anyquant.models.base import DecoderArgs, DecoderLM
 def routing_config(config: dict[str, Any]) -> RoutingConfig:
     # Defaults are transformers' MixtralConfig defaults (Mixtral-8x7B).
     return RoutingConfig(
-        num_experts=int(config.get("num_local_experts") or 8),
-        top_k=int(config.get("num_experts_per_tok") or 2),
+        num_experts=cfg_int(config, "num_local_experts", 8),
+        top_k=cfg_int(config, "num_experts_per_tok", 2),
         norm_topk_prob=True,
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from anyquant.config_fields import cfg_bool, cfg_int, cfg_int_list
 from anyquant.errors import CheckpointError
 from anyquant.layers.moe import RoutingConfig, SparseMoE
 from anyquant.models.base import DecoderArgs, DecoderLM, MlpFactory, dense_mlp
@@ -20,7 +21,7 @@ def _int_field(config: dict[str, Any], keys: tuple[str, ...], default: int) -> i
     """The first of `keys` present (transformers 5 saves Qwen3-MoE's num_experts as num_local_experts)."""
     for key in keys:
         if config.get(key) is not None:
-            return int(config[key])
+            return cfg_int(config, key, minimum=0)
     return default
 
 
@@ -37,8 +38,8 @@ def qwen_moe_mlp(
         raise CheckpointError(
             f"config.json: field 'decoder_sparse_step' = {step}; expected a positive number"
         )
-    dense_only = {int(i) for i in (config.get("mlp_only_layers") or [])}
-    norm = bool(config.get("norm_topk_prob", False))
+    dense_only = set(cfg_int_list(config, "mlp_only_layers"))
+    norm = cfg_bool(config, "norm_topk_prob", False)
     routing = RoutingConfig(num_experts, top_k, norm_topk_prob=norm) if num_experts > 0 else None
 
     def make_mlp(args: DecoderArgs, index: int, prefix: str) -> nn.Module:
@@ -60,6 +61,6 @@ def qwen_moe_mlp(
 
 def build(config: dict[str, Any]) -> DecoderLM:
     # Qwen2-MoE always has q/k/v biases (transformers 5 writes them as `qkv_bias`), never an o bias.
-    qkv_bias = bool(config.get("qkv_bias", True))
+    qkv_bias = cfg_bool(config, "qkv_bias", True)
     args = DecoderArgs.from_hf(config, qkv_bias=qkv_bias, o_bias=False)
     return DecoderLM(args, make_mlp=qwen_moe_mlp(config, 60, 4, 1408, shared=True))

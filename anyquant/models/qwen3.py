@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from anyquant.config_fields import cfg_bool
 from anyquant.models.base import DecoderArgs, DecoderLM
 
 
 def build(config: dict[str, Any]) -> DecoderLM:
-    bias = bool(config.get("attention_bias", False))
+    bias = cfg_bool(config, "attention_bias", False)
     return DecoderLM(DecoderArgs.from_hf(config, qk_norm=True, qkv_bias=bias, o_bias=bias))

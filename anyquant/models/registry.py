@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Collection
 from typing import Any
 
-from anyquant.errors import UnsupportedError
+from anyquant.errors import CheckpointError, UnsupportedError
 
 # architecture -> (module, builder function name)
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -29,11 +29,13 @@ def supported_architectures() -> list[str]:
 
 def architecture_of(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: field 'architectures' = {archs!r:.80}; expected a list of names")
     if not archs:
         raise UnsupportedError(
             f"config.json has no 'architectures' field; supported: {', '.join(supported_architectures())}"
         )
-    return str(archs[0])
+    return archs[0]
 
 
 def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> Any:
@@ -44,7 +46,7 @@ def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> A
     arch = architecture_of(config)
     if arch not in _ARCHITECTURES:
         raise UnsupportedError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}"
+            f"config.json: architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}"
         )
     module, fn = _ARCHITECTURES[arch]
     builder = getattr(importlib.import_module(module), fn)

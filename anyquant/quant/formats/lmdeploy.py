@@ -60,7 +60,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
             # Releases that only did int8 may not write the key (UNVERIFIED); int8 is what they made.
             quant_dtype = "int8"
             self.note(f"{source}: no quant_dtype in quantization_config; assuming int8")
-        if quant_dtype not in _QUANT_DTYPES:
+        if not isinstance(quant_dtype, str) or quant_dtype not in _QUANT_DTYPES:
             raise QuantConfigError(
                 f"{source}: quantization_config.quant_dtype = {quant_dtype!r}; expected one of "
                 f"{', '.join(_QUANT_DTYPES)}"
