@@ -66,11 +66,12 @@ class DecoderArgs:
                 f"config.json: hidden_size={hidden} / num_attention_heads={heads} gives no head_dim; set head_dim"
             )
         attention_bias = cfg_bool(config, "attention_bias", False)
+        num_layers = cfg_int(config, "num_hidden_layers")
         values: dict[str, Any] = dict(
             vocab_size=cfg_int(config, "vocab_size"),
             hidden_size=hidden,
             intermediate_size=cfg_int(config, "intermediate_size"),
-            num_layers=cfg_int(config, "num_hidden_layers"),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -83,7 +84,7 @@ class DecoderArgs:
             o_bias=attention_bias,
             mlp_bias=cfg_bool(config, "mlp_bias", False),
             torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
-            sliding_windows=sliding_windows(config, int(require(config, "num_hidden_layers"))),
+            sliding_windows=sliding_windows(config, num_layers),
         )
         values.update(family)
         return cls(**values)
@@ -94,24 +95,22 @@ def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None
     applies to each family's config (Qwen configs carry a window that is off unless
     `use_sliding_window`; Mistral-style configs apply `sliding_window` to every layer)."""
     model_type = str(config.get("model_type", ""))
-    window = config.get("sliding_window")
-    if model_type.startswith("qwen") and not config.get("use_sliding_window", False):
-        window = None
+    window = cfg_int(config, "sliding_window", 0, minimum=0)  # null or 0: no window
+    if model_type.startswith("qwen") and not cfg_bool(config, "use_sliding_window", False):
+        window = 0
     if not window:
         return ()
-    window = int(window)
-    if window < 1:
-        raise CheckpointError(f"config.json: sliding_window={window}; expected a positive number of tokens")
     if model_type in ("mistral", "mixtral", "qwen3_moe"):
         return (window,) * num_layers
     types = config.get("layer_types")
     if types is not None:
-        if len(types) != num_layers:
+        if not isinstance(types, list) or len(types) != num_layers:
             raise CheckpointError(
-                f"config.json: layer_types has {len(types)} entries for num_hidden_layers={num_layers}"
+                f"config.json: field 'layer_types' = {types!r:.80}; expected a list of "
+                f"num_hidden_layers={num_layers} entries"
             )
         return tuple(window if t == "sliding_attention" else None for t in types)
-    first_full = int(config.get("max_window_layers", 28))
+    first_full = cfg_int(config, "max_window_layers", 28, minimum=0)
     if model_type in ("qwen2", "qwen3"):
         return tuple(window if i >= first_full else None for i in range(num_layers))
     if model_type == "qwen2_moe":
