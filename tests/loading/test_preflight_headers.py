@@ -174,3 +174,63 @@ def test_quantized_every_tensor_class(name: str, tiny_dense: Path, tmp_path: Pat
     assert len(names) >= 3
     assert disagreements(out, tmp_path, names) == []
     assert preflight_and_load(out) == (None, None)
+
+
+# Tensors a layer may carry in some format, added where absent with a shape no reader expects.
+EXTRA_SUFFIXES = (
+    "qweight",
+    "qzeros",
+    "scales",
+    "g_idx",
+    "weight_packed",
+    "weight_shape",
+    "weight_scale",
+    "weight_scale_inv",
+    "weight_zero_point",
+    "weight_g_idx",
+    "input_scale",
+    "input_zero_point",
+    "activation_scale",
+    "scale",
+    "bias",
+    "not_a_tensor_any_format_reads",
+)
+
+
+def extra_tensor_disagreements(base: Path, tmp: Path, prefix: str) -> tuple[list[str], int]:
+    """Add each absent EXTRA_SUFFIXES tensor to `prefix` in turn: (disagreements, refusals)."""
+    original = load_file(str(base / "model.safetensors"))
+    case = _case_dir(base, tmp)
+    problems, refused = [], 0
+    for suffix in EXTRA_SUFFIXES:
+        name = f"{prefix}.{suffix}"
+        if name in original:
+            continue
+        dtype = (
+            torch.int32
+            if suffix.startswith(("q", "g_idx", "weight_packed", "weight_shape"))
+            else torch.float32
+        )
+        save_file({**original, name: torch.ones(3, dtype=dtype)}, str(case / "model.safetensors"))
+        pre, load = preflight_and_load(case)
+        if pre != load:
+            problems.append(f"extra {name}: inspect says {pre!r}, loading says {load!r}")
+        refused += load is not None
+    return problems, refused
+
+
+def test_stories_extra_tensors(stories: Path, tmp_path: Path) -> None:
+    problems, refused = extra_tensor_disagreements(stories / "hf", tmp_path, "model.layers.0.mlp.down_proj")
+    assert problems == []
+    assert refused == len(EXTRA_SUFFIXES)  # nothing extra belongs to an unquantized layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_quantized_extra_tensors(name: str, tiny_dense: Path, tmp_path: Path) -> None:
+    fmt, options = FORMATS[name]
+    out = tmp_path / name
+    quantize_checkpoint(tiny_dense, out, fmt, options)
+    problems, refused = extra_tensor_disagreements(out, tmp_path, "model.layers.0.mlp.down_proj")
+    assert problems == []
+    assert refused >= 1  # at least the tensor no format reads
