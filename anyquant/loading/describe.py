@@ -1,5 +1,6 @@
 """Describe a checkpoint without reading tensor data: format, per-layer scheme, kernel, notes.
 
+Refuses, with the loader's own message, any checkpoint whose headers the loader would refuse.
 Owns the JSON document that `anyquant inspect --json` prints and the grouping of layers that
 share a pattern and a scheme; with `tp`, the per-rank view: shapes, padding, the tensor-parallel
 sizes that work, memory per rank and known risks. It uses the same plans as the loader (layer
@@ -27,6 +28,7 @@ from anyquant.loading.preflight import (
     spec_lookup,
     tensor_parallel_sizes,
 )
+from anyquant.loading.validate import check_checkpoint
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
 from anyquant.quant.spec import QuantSpec
@@ -74,6 +76,8 @@ def describe_checkpoint(
         except AnyquantError as exc:
             tp_error = str(exc)
     plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan)
+    # Every header check the loader makes: a checkpoint inspect passes is one that loads.
+    check_checkpoint(ckpt, fmt, model, plans)
     source = ckpt.quant_config()
     groups: dict[tuple[str, str, str, str], list[LayerPlan]] = {}
     for plan in plans:

@@ -4,7 +4,8 @@ Order is fixed: read a layer's stored tensors -> format.decode -> canonical Quan
 shard (tensor parallelism: this rank's rows or columns, zero-padded) -> kernel.load (repack
 once) -> drop the temporaries, one layer at a time, so peak memory is the model (this rank's
 share of it) plus about one layer. Dense tensors are read only where this rank needs them.
-Strict: a missing tensor, a shape mismatch or an unused checkpoint tensor is an error naming it.
+Strict: a missing tensor, a shape or dtype mismatch or an unused checkpoint tensor is an error
+naming it; the header checks live in validate.py, shared with the preflight (`inspect`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anyquant.errors import CheckpointError, TensorError, UnsupportedError
+from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
@@ -32,6 +33,7 @@ from anyquant.loading.preflight import (
 )
 from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sharding import gather_segments, shard_quant, shard_vector
+from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
 from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
 from anyquant.quant.detect import detect_format
@@ -133,7 +135,7 @@ def load_model(
             progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before_plain))
         finally:
             progress.finish_weights()
-        _check_unused(ckpt, fmt, model, used)
+        check_unused(ckpt, fmt, model, used)
         model.to(dev)
         model.eval()
     log.info(
@@ -175,22 +177,15 @@ def _load_linear(
     prefer: str | None = None,
     rank: int = 0,
 ) -> list[str]:
-    """Load one linear layer; returns the checkpoint tensors it read."""
-    read: list[str] = []
+    """Load one linear layer; returns the checkpoint tensors it read. Its headers are checked
+    first (`check_linear`, as the preflight does), then the values as they are decoded."""
+    read = check_linear(ckpt, fmt, plan)
     weight: QuantWeight | Tensor
     shard = plan.shard
     if plan.spec is not None and fmt is not None:
-        for name in plan.stored.required:
-            if name not in ckpt.index:
-                raise TensorError(
-                    name,
-                    f"missing: layer {plan.prefix!r} is stored as {plan.spec.describe()} "
-                    f"({fmt.name}) and needs {', '.join(plan.stored.required)}",
-                )
-        names = [n for n in plan.stored.all() if n in ckpt.index]
-        stored = ckpt.read_many(names)
+        stored = ckpt.read_many(n for n in read if n != plan.bias)
         weight = fmt.decode(plan.prefix, plan.spec, stored).validate(plan.prefix)
-        if weight.shape != plan.shape:
+        if weight.shape != plan.shape:  # check_stored rules this out from the headers already
             raise TensorError(
                 plan.prefix,
                 f"decodes to [out, in] = {list(weight.shape)} but the model expects "
@@ -198,20 +193,9 @@ def _load_linear(
             )
         if shard is not None:
             weight = shard_quant(weight, shard.style, shard.partition, rank, plan.prefix)
-        read.extend(names)
     else:
         name = plan.stored.required[0]
-        info = ckpt.index.info(name)
-        if info.shape != plan.shape:
-            raise TensorError(
-                name, f"shape {list(info.shape)}, expected {list(plan.shape)} (from config.json)"
-            )
-        if not info.torch_dtype.is_floating_point:
-            raise TensorError(
-                name, f"dtype {info.torch_dtype} for an unquantized layer; expected a float dtype"
-            )
         weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
-        read.append(name)
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
     if isinstance(weight, QuantWeight) and weight.spec != plan.local_spec:
@@ -234,15 +218,10 @@ def _load_linear(
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
     if plan.bias is not None:
-        if plan.bias not in ckpt.index:
-            raise TensorError(plan.bias, f"missing: layer {plan.prefix!r} has a bias in this architecture")
         bias = ckpt.read(plan.bias)
-        if tuple(bias.shape) != (plan.shape[0],):
-            raise TensorError(plan.bias, f"shape {list(bias.shape)}, expected [{plan.shape[0]}]")
         if shard is not None and shard.style == "column":
             bias = shard_vector(bias, shard.partition, rank)
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-        read.append(plan.bias)
     return read
 
 
@@ -263,64 +242,25 @@ def _load_plain(
 
     Extra parameters that a QuantLinear subclass declares (e.g. a router's score-correction bias)
     load here too, in the layer's own compute dtype (fp32 for routers)."""
-    tied: dict[str, str] = getattr(model, "tied_weights", dict)()
-    for module_name, module in model.named_modules():
-        if module_name.endswith(".kernel") or ".kernel." in module_name:
-            continue
+    for param in plain_parameters(model, ckpt.index):
+        check_plain(ckpt.index.info(param.source), param.shape)
+        module = param.module
+        if isinstance(module, VocabParallelEmbedding):
+            tensor = _read_vocab_rows(ckpt, param.source, module)
+        else:
+            tensor = ckpt.read(param.source)
         param_dtype = layer_compute_dtype(module.kind, dtype) if isinstance(module, QuantLinear) else dtype
-        for attr, param in list(module.named_parameters(recurse=False)):
-            if isinstance(module, QuantLinear) and attr == "bias":
-                continue  # loaded with the layer's weight
-            name = f"{module_name}.{attr}" if module_name else attr
-            source = name if name in ckpt.index else tied.get(name, name)
-            if source not in ckpt.index:
-                raise TensorError(name, "missing from the checkpoint")
-            if isinstance(module, VocabParallelEmbedding):
-                tensor = _read_vocab_rows(ckpt, source, module)
-            else:
-                tensor = ckpt.read(source)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise TensorError(
-                    source, f"shape {list(tensor.shape)}, expected {list(param.shape)} (from config.json)"
-                )
-            if not tensor.is_floating_point():
-                raise TensorError(source, f"dtype {tensor.dtype}; expected a float dtype")
-            module._parameters[attr] = nn.Parameter(
-                tensor.to(device=device, dtype=param_dtype), requires_grad=False
-            )
-            used.add(source)
+        module._parameters[param.attr] = nn.Parameter(
+            tensor.to(device=device, dtype=param_dtype), requires_grad=False
+        )
+        used.add(param.source)
 
 
 def _read_vocab_rows(ckpt: Checkpoint, name: str, module: VocabParallelEmbedding) -> Tensor:
-    """This rank's rows of the embedding table (zero rows pad the vocab to equal slices)."""
+    """This rank's rows of the embedding table (zero rows pad the vocab to equal slices); the
+    whole table's header was checked by check_plain."""
     info = ckpt.index.info(name)
-    if len(info.shape) != 2 or info.shape[0] != module.partition.size:
-        raise TensorError(name, f"shape {list(info.shape)}, expected [{module.partition.size}, hidden]")
     like = torch.empty((0, info.shape[1]), dtype=info.torch_dtype)
     return gather_segments(
         module.partition, module.rank, lambda start, stop: ckpt.read_slice(name, 0, start, stop), 0, like
     )
-
-
-def _check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:
-    ignorable: tuple[str, ...] = getattr(model, "ignorable_suffixes", ())
-    # Whole stored sub-trees a family does not run (e.g. DeepSeek-V3's multi-token-prediction layer).
-    ignorable_prefixes: tuple[str, ...] = getattr(model, "ignorable_prefixes", ())
-    ignored_by_format = getattr(fmt, "ignored_tensor", None)
-    # Zero-element tensors carry nothing (tools write empty quantization tensors for layers they
-    # left unquantized), so they never make a checkpoint "disagree" with the model.
-    unused = [
-        n
-        for n in ckpt.index
-        if n not in used
-        and ckpt.index.has_data(n)
-        and not n.endswith(ignorable)
-        and not n.startswith(ignorable_prefixes)
-        and not (ignored_by_format is not None and ignored_by_format(n))
-    ]
-    if unused:
-        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
-        raise CheckpointError(
-            f"{ckpt.path}: {len(unused)} checkpoint tensors are not used by the model, e.g. "
-            f"{', '.join(unused[:5])}{more}; the checkpoint and config.json disagree about the architecture"
-        )

@@ -2,7 +2,10 @@
 
 Owns the streaming rewrite: each linear weight is read, quantized (round-to-nearest), encoded by
 the target format's writer and written; everything else is copied unchanged. Memory stays at
-about one shard of output plus one layer. Used by `anyquant quantize` and by test fixtures.
+about one shard of output (the buffer, up to `_SHARD_BYTES`) plus one layer: the input's memory
+maps are dropped every `_MAPPED_BYTES` read, and the reported error is computed a block of rows
+at a time. What the save step imports is checked before any work starts. Used by `anyquant
+quantize` and by test fixtures.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import FormatWriter, WriteOptions
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import writer_class
+from anyquant.quant.weight import QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,30 @@ _COPIED_FILES = (
     "merges.txt",
 )
 _SHARD_BYTES = 2 << 30
+# Input read through memory maps stays resident (counted in RSS) while the map is open; dropping
+# the maps this often bounds it. Reopening a file only re-reads its header.
+_MAPPED_BYTES = 128 << 20
+# Elements per block of rows when measuring the quantization error (float64 temporaries).
+_ERROR_BLOCK = 1 << 20
+# Modules the save step imports: safetensors writes through numpy (safetensors.torch.save_file).
+_SAVE_MODULES = {"safetensors.torch": "safetensors", "numpy": "numpy"}
+
+
+def require_save_modules() -> None:
+    """Fail in a second, not after quantizing for minutes, when the save step cannot import."""
+    import importlib
+
+    missing = []
+    for module, package in _SAVE_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise AnyquantError(
+            f"writing safetensors files needs the Python package(s) {', '.join(missing)}, which cannot be "
+            f"imported; install with: pip install {' '.join(missing)}"
+        )
 
 
 @dataclass
@@ -112,6 +141,7 @@ def quantize_checkpoint(
     quantize_lm_head: bool = False,
     overwrite: bool = False,
 ) -> QuantizeReport:
+    require_save_modules()
     src_path, dst_path = Path(src), Path(dst)
     ckpt = Checkpoint(src_path)
     if detect_format(ckpt) is not None:
@@ -132,11 +162,18 @@ def quantize_checkpoint(
     }
     report = QuantizeReport()
     out = _ShardWriter(dst_path)
+    mapped = 0
     for name in ckpt.index:
+        info = ckpt.index.info(name)
+        mapped += info.numel * info.torch_dtype.itemsize
+        if mapped > _MAPPED_BYTES:
+            ckpt.close()  # unmap what was read so far (nothing buffered is a view into it)
+            mapped = 0
         prefix = name.removesuffix(".weight")
         layer = candidates.get(prefix) if name.endswith(".weight") else None
         if layer is None:
-            out.add(name, ckpt.read(name))
+            # A read is a view into the input's memory map: a copy lets the map be dropped.
+            out.add(name, ckpt.read(name).clone())
             continue
         dense = ckpt.read(name)
         reason: str | None = None
@@ -154,7 +191,7 @@ def quantize_checkpoint(
         if reason is not None:
             report.skipped.append(prefix)
             report.layers.append(LayerReport(prefix, f"skipped: {reason}", None))
-            out.add(name, dense)
+            out.add(name, dense.clone())
             continue
         assert not isinstance(spec, str)
         weight = quantize_rtn(dense, spec, writer.scale_dtype(dense.dtype))
@@ -167,13 +204,12 @@ def quantize_checkpoint(
                 )
             weight.input_scale = scale.float()
         weight.validate(prefix)
-        err = float(
-            (dequantize(weight, torch.float64) - dense.double()).norm()
-            / dense.double().norm().clamp(min=1e-30)
-        )
-        report.layers.append(LayerReport(prefix, spec.describe(), err))
+        report.layers.append(LayerReport(prefix, spec.describe(), relative_error(dense, weight)))
         for tname, tensor in writer.encode(prefix, weight).items():
             out.add(tname, tensor)
+        del dense, weight
+        _return_freed_memory()
+    ckpt.close()
     report.files = out.finish()
     _write_configs(ckpt, dst_path, writer, report.skipped)
     log.info(
@@ -185,6 +221,63 @@ def quantize_checkpoint(
         len(report.skipped),
     )
     return report
+
+
+def _libc_malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap pages of the last layer's temporaries back to the OS. glibc keeps freed
+    blocks below its (adaptive) mmap threshold in the heap, and with long-lived output tensors
+    interleaved the heap only grows: peak RSS measured 0.6-1.6 GB from run to run on a 480 MB
+    input, against a steady 0.5 GB with the trim."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def relative_error(dense: Tensor, weight: QuantWeight) -> float:
+    """||W - deq(Q(W))|| / ||W|| in float64, a block of rows at a time: the float64 temporaries
+    of a whole large layer (an LM head) would be eight times its bf16 size, three times over."""
+    n, k = weight.shape
+    step = weight.spec.block_shape[0] if weight.spec.granularity == "block" else 1
+    rows = max(step, _ERROR_BLOCK // max(k, 1) // step * step)
+    diff = total = 0.0
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        part = dense[..., start:stop, :].double()
+        deq = dequantize(_row_block(weight, start, stop), torch.float64)
+        diff += float((deq - part).square().sum())
+        total += float(part.square().sum())
+    return (diff / max(total, 1e-60)) ** 0.5
+
+
+def _row_block(weight: QuantWeight, start: int, stop: int) -> QuantWeight:
+    """Rows [start, stop) of a weight (`start` a multiple of the block height for block scales)."""
+    spec = weight.spec
+    if spec.granularity == "tensor":
+        scale, zero = weight.scale, weight.zero
+    elif spec.granularity == "block":
+        bn = spec.block_shape[0]
+        scale = weight.scale[..., start // bn : -(-stop // bn), :]
+        zero = None if weight.zero is None else weight.zero[..., start // bn : -(-stop // bn), :]
+    elif spec.granularity == "channel":
+        scale = weight.scale[..., start:stop]
+        zero = None if weight.zero is None else weight.zero[..., start:stop]
+    else:
+        scale = weight.scale[..., start:stop, :]
+        zero = None if weight.zero is None else weight.zero[..., start:stop, :]
+    data = weight.data[..., start:stop, :]
+    return replace(weight, shape=(stop - start, weight.shape[1]), data=data, scale=scale, zero=zero)
 
 
 def _write_configs(ckpt: Checkpoint, dst: Path, writer: FormatWriter, skipped: list[str]) -> None:

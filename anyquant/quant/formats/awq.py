@@ -8,6 +8,7 @@ axis), translation into the canonical uint4 group weight with zero points, and t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from anyquant.quant.formats.base import (
     WriteOptions,
     refuse_partial_layer,
     require_dtype,
+    require_layer_shape,
 )
 from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
@@ -240,7 +242,7 @@ class AwqFormat(QuantFormat):
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames(tuple(f"{prefix}.{s}" for s in _SUFFIXES))
 
-    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+    def _tensors(self, prefix: str, stored: Mapping[str, Tensor]) -> dict[str, Tensor]:
         tensors = {}
         for suffix in _SUFFIXES:
             name = f"{prefix}.{suffix}"
@@ -250,6 +252,28 @@ class AwqFormat(QuantFormat):
         require_dtype(f"{prefix}.qweight", tensors["qweight"], torch.int32)
         require_dtype(f"{prefix}.qzeros", tensors["qzeros"], torch.int32)
         require_dtype(f"{prefix}.scales", tensors["scales"], *_SCALE_DTYPES)
+        return tensors
+
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        tensors = self._tensors(prefix, stored)
+        geo = awq_geometry(prefix, {s: tuple(t.shape) for s, t in tensors.items()}, self.config)
+        # qzeros and scales follow qweight (geometry); qweight follows the model.
+        if (geo.out_features, geo.in_features) != shape:
+            n, k = shape
+            gemm = self.config.layout == "gemm"
+            want = (k, -(-n // 8)) if gemm else (n, -(-k // 8))
+            holds = "[K, N/8] words" if gemm else "[N, K/8] words"
+            require_layer_shape(f"{prefix}.qweight", tensors["qweight"], want, holds, shape)
+            raise TensorError(
+                f"{prefix}.scales",
+                f"shape {list(tensors['scales'].shape)} implies [out, in] = "
+                f"{[geo.out_features, geo.in_features]}, expected {list(shape)} (from config.json)",
+            )
+
+    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+        tensors = self._tensors(prefix, stored)
         geo = awq_geometry(prefix, {s: tuple(t.shape) for s, t in tensors.items()}, self.config)
         want = awq_spec(self.config, geo)
         if spec != want:

@@ -9,6 +9,7 @@ It never touches modules, devices, ranks or kernels. Writing is a separate small
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,6 +57,15 @@ class QuantFormat(ABC):
     @abstractmethod
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         """Names of the tensors that make up the quantized layer at `prefix`."""
+
+    @abstractmethod
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        """Check the shapes and dtypes of one layer's stored tensors (keyed by full name) against
+        the spec and the model's [out, in] = `shape`, reading no values: the preflight passes
+        data-less stand-ins built from the headers, the loader the same before reading. Raise
+        TensorError naming the tensor, with the expected and the actual shape or dtype."""
 
     @abstractmethod
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
@@ -133,6 +143,18 @@ def require_shape(name: str, tensor: Tensor, shape: tuple[int, ...], why: str = 
     if tuple(tensor.shape) != tuple(shape):
         extra = f" ({why})" if why else ""
         raise TensorError(name, f"shape {list(tensor.shape)}, expected {list(shape)}{extra}")
+
+
+def require_layer_shape(
+    name: str, tensor: Tensor, want: tuple[int, ...], holds: str, shape: tuple[int, int]
+) -> None:
+    """A stored tensor whose size follows from the model's [out, in] (from config.json)."""
+    if tuple(tensor.shape) != tuple(want):
+        raise TensorError(
+            name,
+            f"shape {list(tensor.shape)}, expected {list(want)} ({holds} for [out, in] = {list(shape)} "
+            "from config.json)",
+        )
 
 
 def refuse_partial_layer(index: TensorIndex, prefix: str, marker: str, companions: tuple[str, ...]) -> None:

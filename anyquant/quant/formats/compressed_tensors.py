@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from anyquant.quant.formats.base import (
     StoredNames,
     WriteOptions,
     require_dtype,
+    require_layer_shape,
+    require_shape,
 )
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
@@ -620,6 +623,50 @@ class CompressedTensorsFormat(QuantFormat):
                 (optional if act.symmetric else required).append(f"{prefix}.input_zero_point")
         return StoredNames(tuple(required), tuple(optional))
 
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        layer = self._layer(prefix, spec)
+        n, k = shape
+        if layer.layout == "packed":
+            name = f"{prefix}.weight_packed"
+            packed = _get(stored, name)
+            require_dtype(name, packed, torch.int32)
+            if packed.dim() != 2 or packed.shape[0] != n:
+                want = (n, packed_len(k, layer.bits))
+                require_layer_shape(name, packed, want, f"[N, words of {layer.bits}-bit codes]", shape)
+            self._bit_layout(layer.bits, k, packed.shape[-1], name)
+            shape_name = f"{prefix}.weight_shape"
+            require_dtype(shape_name, _get(stored, shape_name), *_INT_DTYPES)
+            require_shape(shape_name, _get(stored, shape_name), (2,), "the original [N, K]")
+        else:
+            name = f"{prefix}.weight"
+            data = _get(stored, name)
+            require_dtype(name, data, torch.int8 if layer.layout == "int8" else torch.float8_e4m3fn)
+            require_layer_shape(name, data, shape, "[out, in]", shape)
+        scale_name = f"{prefix}.weight_scale"
+        scale = _get(stored, scale_name)
+        require_dtype(scale_name, scale, *_FLOAT_DTYPES)
+        _match_scale_layout(scale_name, scale, spec, shape, ())
+        zp_name = f"{prefix}.weight_zero_point"
+        if layer.zero_stored and zp_name in stored:
+            zp = stored[zp_name]
+            require_dtype(zp_name, zp, *_INT_DTYPES)
+            if layer.layout == "packed" and zp.dtype == torch.int32 and zp.dim() == 2:
+                # Packed along N: one bitstream per column of groups (see _packed_zero).
+                self._bit_layout(layer.bits, n, zp.shape[-2], zp_name)
+                zp = torch.empty((n, zp.shape[-1]), device="meta")
+            _match_scale_layout(zp_name, zp, spec, shape, ())
+        elif spec.has_zero and layer.layout != "packed":
+            raise TensorError(zp_name, "missing: the weights are asymmetric")
+        if spec.act_order:
+            _group_index_layout(f"{prefix}.weight_g_idx", stored, (), k)
+        act = spec.act
+        if act is not None and not act.dynamic:
+            _input_scalar_layout(f"{prefix}.input_scale", stored, (), float_value=True)
+            if f"{prefix}.input_zero_point" in stored:
+                _input_scalar_layout(f"{prefix}.input_zero_point", stored, (), float_value=False)
+
     # -- decoding ----------------------------------------------------------------------------
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
         layer = self._layer(prefix, spec)
@@ -749,7 +796,7 @@ class CompressedTensorsFormat(QuantFormat):
 # -- decoding helpers -------------------------------------------------------------------------
 
 
-def _get(stored: dict[str, Tensor], name: str) -> Tensor:
+def _get(stored: Mapping[str, Tensor], name: str) -> Tensor:
     if name not in stored:
         raise TensorError(name, "missing from the layer's stored tensors")
     return stored[name]
@@ -840,26 +887,35 @@ def _group_index(
     if not spec.act_order:
         return None
     name = f"{prefix}.weight_g_idx"
-    gidx = _get(stored, name)
-    require_dtype(name, gidx, *_INT_DTYPES)
-    if tuple(gidx.shape) != (*lead, k):
-        raise TensorError(name, f"shape {list(gidx.shape)}, expected {[*lead, k]}")
+    gidx = _group_index_layout(name, stored, lead, k)
     ng = num_groups(k, spec.group_size)
     if gidx.numel() and (int(gidx.min()) < 0 or int(gidx.max()) >= ng):
         raise TensorError(name, f"group indices outside [0, {ng})")
     return gidx.to(torch.int32)
 
 
-def _input_scalar(name: str, stored: dict[str, Tensor], lead: tuple[int, ...], float_value: bool) -> Tensor:
+def _group_index_layout(name: str, stored: Mapping[str, Tensor], lead: tuple[int, ...], k: int) -> Tensor:
+    gidx = _get(stored, name)
+    require_dtype(name, gidx, *_INT_DTYPES)
+    if tuple(gidx.shape) != (*lead, k):
+        raise TensorError(name, f"shape {list(gidx.shape)}, expected {[*lead, k]}")
+    return gidx
+
+
+def _input_scalar_layout(
+    name: str, stored: Mapping[str, Tensor], lead: tuple[int, ...], float_value: bool
+) -> Tensor:
     t = _get(stored, name)
-    if float_value:
-        require_dtype(name, t, *_FLOAT_DTYPES)
-        _require_finite(name, t)
-    else:
-        require_dtype(name, t, *_INT_DTYPES)
+    require_dtype(name, t, *(_FLOAT_DTYPES if float_value else _INT_DTYPES))
     if t.numel() != _prod(lead) or tuple(t.shape) not in ((*lead, 1), lead):
         raise TensorError(name, f"shape {list(t.shape)}, expected {[*lead, 1]} (one value per tensor)")
+    return t
+
+
+def _input_scalar(name: str, stored: dict[str, Tensor], lead: tuple[int, ...], float_value: bool) -> Tensor:
+    t = _input_scalar_layout(name, stored, lead, float_value)
     if float_value:
+        _require_finite(name, t)
         return t.to(torch.float32).reshape(lead)
     if t.numel() and (int(t.min()) < -128 or int(t.max()) > 127):
         raise TensorError(name, "input zero point outside the int8 range")

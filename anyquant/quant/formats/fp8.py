@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +25,7 @@ from anyquant.quant.formats.base import (
     StoredNames,
     WriteOptions,
     require_dtype,
+    require_layer_shape,
     require_shape,
 )
 from anyquant.quant.registry import register_format, register_writer
@@ -81,7 +82,7 @@ def float_scale(name: str, tensor: Tensor, *, ue8m0: bool = False) -> Tensor:
     return tensor.to(torch.float32)
 
 
-def get_stored(stored: dict[str, Tensor], name: str) -> Tensor:
+def get_stored(stored: Mapping[str, Tensor], name: str) -> Tensor:
     if name not in stored:
         raise TensorError(name, "missing from the stored tensors of this layer")
     return stored[name]
@@ -300,11 +301,32 @@ class Fp8Format(_Fp8Reader):
         optional = tuple(n for n in inputs if n not in required)
         return StoredNames(tuple(required), optional)
 
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        self._layout(prefix, spec, stored, shape)
+
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+        data, scale, sname, input_scale, iname = self._layout(prefix, spec, stored)
+        wname = f"{prefix}.weight"
+        check_finite(sname, scale)
+        check_fp8_codes(wname, data)
+        if input_scale is not None and iname is not None:
+            check_finite(iname, input_scale, "input scales")
+        shape = split_lead(wname, data.shape)[1]
+        return QuantWeight(spec, shape, data, scale, input_scale=input_scale).validate(wname)
+
+    def _layout(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], model: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor, str, Tensor | None, str | None]:
+        """Shape and dtype checks (no values read): (weight, float32 scale, its name, input scale
+        and its name); with `model`, the weight must be exactly [out, in] = model."""
         wname = f"{prefix}.weight"
         data = get_stored(stored, wname)
         require_dtype(wname, data, torch.float8_e4m3fn)
         lead, shape = split_lead(wname, data.shape)
+        if model is not None:
+            require_layer_shape(wname, data, model, "[out, in]", model)
         sname = next(
             (
                 n
@@ -328,9 +350,7 @@ class Fp8Format(_Fp8Reader):
             raise UnsupportedError(
                 f"{prefix}: fp8 format has no {spec.granularity} scales ({spec.describe()})"
             )
-        check_finite(sname, scale)
-        check_fp8_codes(wname, data)
-        input_scale = None
+        input_scale, iname = None, None
         if spec.act is not None and not spec.act.dynamic:
             iname = next((n for n in self._input_names(prefix) if n in stored and stored[n].numel()), None)
             if iname is None:
@@ -338,8 +358,7 @@ class Fp8Format(_Fp8Reader):
                     f"{prefix}.activation_scale", "missing: static activations need a stored scale"
                 )
             input_scale = scalar_per_lead(iname, float_scale(iname, stored[iname]), lead)
-            check_finite(iname, input_scale, "input scales")
-        return QuantWeight(spec, shape, data, scale, input_scale=input_scale).validate(wname)
+        return data, scale, sname, input_scale, iname
 
 
 def _block_size(value: Any, what: str) -> tuple[int, int]:
@@ -399,15 +418,30 @@ class FbgemmFp8Format(_Fp8Reader):
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames((f"{prefix}.weight", f"{prefix}.weight_scale"))
 
-    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        self._layout(prefix, stored, shape)
+
+    def _layout(
+        self, prefix: str, stored: Mapping[str, Tensor], model: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Shape and dtype checks (no values read): the weight and its float32 [N, 1] scale."""
         wname, sname = f"{prefix}.weight", f"{prefix}.weight_scale"
         data = get_stored(stored, wname)
         require_dtype(wname, data, torch.float8_e4m3fn)
         if data.dim() != 2:
             raise TensorError(wname, f"shape {list(data.shape)}, expected [out, in]")
-        n, k = data.shape
+        if model is not None:
+            require_layer_shape(wname, data, model, "[out, in]", model)
         scale = float_scale(sname, get_stored(stored, sname))
-        require_shape(sname, scale, (n, 1), "one multiplier per output row")
+        require_shape(sname, scale, (data.shape[0], 1), "one multiplier per output row")
+        return data, scale
+
+    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+        wname, sname = f"{prefix}.weight", f"{prefix}.weight_scale"
+        data, scale = self._layout(prefix, stored)
+        n, k = data.shape
         scale = scale.reshape(n)
         check_finite(sname, scale)
         check_fp8_codes(wname, data)

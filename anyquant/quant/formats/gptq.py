@@ -10,6 +10,7 @@ the writers `gptq` (v1, as GPTQModel saves) and `gptq-v2`. Bit primitives: `quan
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from anyquant.quant.formats.base import (
     WriteOptions,
     refuse_partial_layer,
     require_dtype,
+    require_layer_shape,
 )
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
@@ -350,6 +352,20 @@ class GptqFormat(QuantFormat):
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames(tuple(f"{prefix}.{s}" for s in _SUFFIXES), (f"{prefix}.g_idx",))
 
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        t = self._tensors(prefix, stored)
+        layer = LayerConfig(spec.bits, spec.group_size if spec.granularity == "group" else -1, True, False)
+        gptq_geometry(prefix, {s: tuple(x.shape) for s, x in t.items()}, layer)
+        # scales and qzeros follow qweight (geometry); qweight and g_idx follow the model.
+        n, k = shape
+        b = spec.bits
+        want = (packed_len(k, b), n)
+        require_layer_shape(f"{prefix}.qweight", t["qweight"], want, f"[ceil(K*{b}/32), N] words", shape)
+        if "g_idx" in t:
+            require_layer_shape(f"{prefix}.g_idx", t["g_idx"], (k,), "[K]", shape)
+
     # -- decoding ----------------------------------------------------------------------------
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
         """Canonical weight of one layer. The returned spec is what the tensors prove: act_order
@@ -375,7 +391,7 @@ class GptqFormat(QuantFormat):
         weight = QuantWeight(final, (n, k), codes, scales, zeros if has_zero else None, group_index)
         return weight.validate(prefix)
 
-    def _tensors(self, prefix: str, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _tensors(self, prefix: str, stored: Mapping[str, Tensor]) -> dict[str, Tensor]:
         t = {}
         for suffix in _SUFFIXES:
             name = f"{prefix}.{suffix}"

@@ -8,6 +8,7 @@ lmdeploy's `lite auto_awq` output (`quant_method: "awq"`) belongs to the AWQ for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +16,14 @@ from torch import Tensor
 
 from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
 from anyquant.loading.checkpoint import TensorIndex
-from anyquant.quant.formats.base import FormatWriter, QuantFormat, StoredNames, WriteOptions, require_shape
+from anyquant.quant.formats.base import (
+    FormatWriter,
+    QuantFormat,
+    StoredNames,
+    WriteOptions,
+    require_layer_shape,
+    require_shape,
+)
 from anyquant.quant.formats.fp8 import (
     check_finite,
     check_fp8_codes,
@@ -108,7 +116,16 @@ class LmdeploySmoothQuantFormat(QuantFormat):
     def stored_names(self, prefix: str, spec: QuantSpec) -> StoredNames:
         return StoredNames((f"{prefix}.weight", f"{prefix}.scale"))
 
-    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+    def check_stored(
+        self, prefix: str, spec: QuantSpec, stored: Mapping[str, Tensor], shape: tuple[int, int]
+    ) -> None:
+        self._layout(prefix, stored, shape)
+
+    def _layout(
+        self, prefix: str, stored: Mapping[str, Tensor], model: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Shape and dtype checks (no values read): the weight and its float32 [*, N, 1] scale;
+        with `model`, the weight must be exactly [out, in] = model."""
         wname, sname = f"{prefix}.weight", f"{prefix}.scale"
         data = get_stored(stored, wname)
         torch_dtype = _QUANT_DTYPES[self.quant_dtype][3]
@@ -117,10 +134,18 @@ class LmdeploySmoothQuantFormat(QuantFormat):
                 wname, f"dtype {data.dtype}, expected {torch_dtype} for quant_dtype {self.quant_dtype!r}"
             )
         lead, shape = split_lead(wname, data.shape)
+        if model is not None:
+            require_layer_shape(wname, data, model, "[out, in]", model)
         scale = float_scale(sname, get_stored(stored, sname))
         require_shape(sname, scale, (*lead, shape[0], 1), "one scale per output row")
+        return data, scale
+
+    def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
+        wname = f"{prefix}.weight"
+        data, scale = self._layout(prefix, stored)
+        lead, shape = split_lead(wname, data.shape)
         scale = scale.reshape(*lead, shape[0])
-        check_finite(sname, scale)
+        check_finite(f"{prefix}.scale", scale)
         if data.is_floating_point():
             check_fp8_codes(wname, data)
         return QuantWeight(spec, shape, data, scale).validate(wname)
