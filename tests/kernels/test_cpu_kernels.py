@@ -195,7 +195,8 @@ def rejected(
 REJECTIONS = [
     rejected("cpu_int4", U4, "CPU only", device="meta"),
     rejected("cpu_int4", None, "unquantized"),
-    rejected("cpu_int4", U4, "experts path", kind="experts"),
+    rejected("cpu_int4", U4, "routers keep", kind="router"),
+    rejected("cpu_int4", U4, "not matrix multiplications", kind="embedding"),
     rejected("cpu_int4", U4, "float64", dtype=torch.float64),
     rejected("cpu_int4", U4, "no weights", shape=(0, 64)),
     rejected("cpu_int4", QuantSpec("uint8", "group", group_size=128), "uint8"),
@@ -249,8 +250,12 @@ def test_cannot_run_says_why(
         (QuantSpec("uint8", "group", group_size=128, has_zero=True), BF16, "reference"),
     ],
 )
-def test_choose_kernel_prefers_fast_kernels(spec: QuantSpec, dtype: torch.dtype, expected: str) -> None:
-    choice = choose_kernel(spec, "linear", CPU, (256, 512), dtype)
+@pytest.mark.parametrize("kind", ["linear", "experts"])
+def test_choose_kernel_prefers_fast_kernels(
+    spec: QuantSpec, dtype: torch.dtype, expected: str, kind: LayerKind
+) -> None:
+    """A routed expert's projection is a plain [N, K] linear: the same kernel serves it."""
+    choice = choose_kernel(spec, kind, CPU, (256, 512), dtype)
     assert choice.name == expected, choice.rejected
 
 
