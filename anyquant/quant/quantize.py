@@ -181,11 +181,13 @@ def quantize_checkpoint(
             reason = "MoE routers stay unquantized (expert selection flips on small logit errors)"
         elif any(r.search(prefix) for r in skip_res):
             reason = "matches --skip"
+        elif dense.dim() != 2:
+            reason = (
+                f"stored as a {dense.dim()}-D tensor {list(dense.shape)}; writers store [out, in] Linears"
+            )
         else:
-            # Writers reserve kind "experts" for stacked [E, N, K] tensors; a per-expert 2-D
-            # projection is stored like any Linear.
-            kind = "linear" if layer.kind == "experts" and dense.dim() == 2 else layer.kind
-            spec = writer.spec_for(prefix, layer.shape, kind)
+            # The kind is the layer's role: an expert's projection is written like any Linear.
+            spec = writer.spec_for(prefix, layer.shape, layer.kind)
             if isinstance(spec, str):
                 reason = spec
         if reason is not None:

@@ -11,8 +11,13 @@ from typing import Literal
 
 WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
 Granularity = Literal["tensor", "channel", "group", "block"]
-# router: MoE gate, always computed in fp32 (a quantized router is dequantized to fp32 at load).
+# A layer's ROLE in the model, never its tensor layout. experts: one routed expert's projection,
+# a plain [N, K] linear like any other (served by the same kernels; the MoE block only decides
+# which tokens reach it); whether a checkpoint stacks experts as [E, N, K] is the weight's
+# layout (`QuantWeight.lead`), decided by the format. router: MoE gate, always computed in fp32.
 LayerKind = Literal["linear", "experts", "router", "embedding", "lm_head"]
+# The roles whose weight is multiplied by activations in the compute dtype: what matmul kernels serve.
+MATMUL_KINDS: frozenset[str] = frozenset(("linear", "experts", "lm_head"))
 ActType = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
 ActGranularity = Literal["tensor", "token", "group"]
 

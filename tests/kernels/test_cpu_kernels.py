@@ -195,7 +195,8 @@ def rejected(
 REJECTIONS = [
     rejected("cpu_int4", U4, "CPU only", device="meta"),
     rejected("cpu_int4", None, "unquantized"),
-    rejected("cpu_int4", U4, "experts path", kind="experts"),
+    rejected("cpu_int4", U4, "routers keep", kind="router"),
+    rejected("cpu_int4", U4, "not matrix multiplications", kind="embedding"),
     rejected("cpu_int4", U4, "float64", dtype=torch.float64),
     rejected("cpu_int4", U4, "no weights", shape=(0, 64)),
     rejected("cpu_int4", QuantSpec("uint8", "group", group_size=128), "uint8"),
@@ -249,13 +250,17 @@ def test_cannot_run_says_why(
         (QuantSpec("uint8", "group", group_size=128, has_zero=True), BF16, "reference"),
     ],
 )
-def test_choose_kernel_prefers_fast_kernels(spec: QuantSpec, dtype: torch.dtype, expected: str) -> None:
-    # The C++ kernel (tests/kernels/test_avx512_kernel.py) outranks these where it can run; the
-    # pure-torch choice is what serves when it cannot.
-    choice = choose_kernel(spec, "linear", CPU, (256, 512), dtype)
-    if kernel_class("cpu_avx512").cannot_run(spec, "linear", CPU, (256, 512), dtype) is None:
+@pytest.mark.parametrize("kind", ["linear", "experts"])
+def test_choose_kernel_prefers_fast_kernels(
+    spec: QuantSpec, dtype: torch.dtype, expected: str, kind: LayerKind
+) -> None:
+    """A routed expert's projection is a plain [N, K] linear: the same kernel serves it. The C++
+    kernel (tests/kernels/test_avx512_kernel.py) outranks these where it can run; the pure-torch
+    choice is what serves when it cannot."""
+    choice = choose_kernel(spec, kind, CPU, (256, 512), dtype)
+    if kernel_class("cpu_avx512").cannot_run(spec, kind, CPU, (256, 512), dtype) is None:
         assert choice.name == "cpu_avx512", choice.rejected
-        choice = choose_kernel(spec, "linear", CPU, (256, 512), dtype, prefer=expected)
+        choice = choose_kernel(spec, kind, CPU, (256, 512), dtype, prefer=expected)
     assert choice.name == expected, choice.rejected
 
 

@@ -27,14 +27,19 @@ ARGMAX_AGREE = 0.98
 
 # Known disagreements with a stored reference, investigated (see the fixtures' README): the reason
 # and the exception it shows as. Strict: the day anyquant changes and the test passes, the marker
-# has to go.
-KNOWN: dict[str, tuple[str, type[Exception]]] = {
+# has to go. None today: the W8A8 Qwen3-MoE fixture failed while its experts ran on the reference
+# kernel (fp32 matmul of fake-quantized activations); on the int8 GEMM kernel it is within bounds.
+KNOWN: dict[str, tuple[str, type[Exception]]] = {}
+
+# Fixtures whose multi-token last-position logits sit on activation rounding ties, so the tight
+# "activation quantization is applied" check cannot hold for them; test_int8_activation_scale_...
+# checks them on the 1-token prompt instead.
+TIE_SENSITIVE = {
     "qwen3moe-w8a8int8-gptq-llmc": (
         "dynamic int8 activations with compressed-tensors' amax / 127.5 put each row's largest-magnitude "
         "element exactly on a rounding tie (+-127.5), so last-bit arithmetic differences flip it between "
         "-127 and -128: the 1-token prompt matches the reference exactly, multi-token prompts differ by "
-        "4e-3 / 8e-3 relative L2 (argmax 97 % on the 33-token prompt). Bit-identical op order would be needed",
-        AssertionError,
+        "up to 8e-3 relative L2. Bit-identical op order would be needed"
     ),
 }
 
@@ -110,7 +115,9 @@ def test_int8_activation_scale_follows_the_reference_loader() -> None:
 ACTIVATION_QUANTIZED = [
     n
     for n in NAMES
-    if "wonly_last_logits_0" in load_file(str(FIXTURES / n / "reference.safetensors")) and n not in KNOWN
+    if "wonly_last_logits_0" in load_file(str(FIXTURES / n / "reference.safetensors"))
+    and n not in KNOWN
+    and n not in TIE_SENSITIVE
 ]
 
 

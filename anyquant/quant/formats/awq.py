@@ -365,8 +365,6 @@ class _AwqWriterBase(FormatWriter):
         if kind in ("lm_head", "embedding"):
             self._defaults.add(prefix)
             return f"AutoAWQ leaves the {kind} unquantized"
-        if kind == "experts":
-            return "AWQ stores experts one Linear at a time, not stacked"
         n, k = shape
         g = self.options.group_size
         if g != -1 and k % g:

@@ -585,8 +585,6 @@ class FbgemmFp8Writer(_Fp8Writer):
         reason = self._kind_reason(kind)
         if reason is not None:
             return reason
-        if kind == "experts":
-            return "fbgemm_fp8 stores experts transposed (Llama-4 layout), which anyquant does not write"
         return QuantSpec(
             "fp8_e4m3",
             "channel",

@@ -491,8 +491,6 @@ class GptqWriter(FormatWriter):
             if not self.lm_head:
                 self._defaults.add(prefix)
                 return "GPTQModel leaves lm_head unquantized unless lm_head is requested"
-        if kind == "experts":
-            return "GPTQ stores experts one Linear at a time, not stacked"
         n, k = shape
         g = self.options.group_size
         # AutoGPTQ sizes tensors as (K // 32) * b rows and (N // 32) * b zero words; keeping to

@@ -22,7 +22,7 @@ from anyquant.errors import TensorError, UnsupportedError
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import MATMUL_KINDS, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight, num_groups
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,8 +61,10 @@ def _common_reason(
         return f"runs on CPU only, the layer is on {device.type}"
     if spec is None:
         return "layer is unquantized (the dense kernel runs it)"
-    if kind not in ("linear", "lm_head"):
-        return f"{kind} layers use the experts path"
+    if kind == "router":
+        return "MoE routers keep the reference kernel's fp32 dequantize-then-matmul (routing flips on tiny differences)"
+    if kind not in MATMUL_KINDS:
+        return f"{kind} layers are not matrix multiplications"
     if compute_dtype not in _FLOAT_DTYPES:
         return f"compute dtype {compute_dtype} is not float32, bfloat16 or float16"
     if min(shape) <= 0:
@@ -81,7 +83,10 @@ def _check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWe
     if not isinstance(weight, QuantWeight):
         raise TypeError(f"{kernel.name} kernel expects a QuantWeight")
     if weight.num_experts is not None:
-        raise TypeError(f"{kernel.name} kernel serves one layer, got {weight.num_experts} experts")
+        raise TypeError(
+            f"{kernel.name} kernel serves one [N, K] weight, got {weight.num_experts} experts stacked "
+            "[E, N, K]; load each expert's slice into its own kernel"
+        )
     if tuple(weight.shape) != tuple(kernel.shape):
         raise TensorError(
             "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
