@@ -46,12 +46,14 @@ def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab - 16, (length,), generator=g).tolist() for _ in range(num)]
 
 
-def _median_time(run: Callable[[], Any], repeats: int) -> float:
-    run()  # warm-up of this shape
+def _median_time(run: Callable[[int], Any], repeats: int) -> float:
+    """Median seconds of `run(i)` over repeats, after a warm-up call; every call gets its own i, so
+    it can use prompts no earlier call used (a prefix cache would otherwise skip the prefill)."""
+    run(0)  # warm-up of this shape
     times = []
-    for _ in range(repeats):
+    for i in range(1, repeats + 1):
         t0 = time.perf_counter()
-        run()
+        run(i)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -88,14 +90,23 @@ def measure(engine: str, model: str, args: argparse.Namespace) -> dict[str, floa
     t0 = time.perf_counter()
     generate = _engine(engine, model)
     result = {"load_s": time.perf_counter() - t0}
-    long_prompt = _prompts(1, args.prompt_len, vocab, seed=1)
-    result["prefill_tok_s"] = args.prompt_len / _median_time(lambda: generate(long_prompt, 1), args.repeats)
+
+    # Fresh random prompts for every call (seeded by shape and call), so no call hits the prefix
+    # cache of an earlier one in either engine.
+    def prefill(i: int) -> Any:
+        return generate(_prompts(1, args.prompt_len, vocab, seed=1000 + i), 1)
+
+    result["prefill_tok_s"] = args.prompt_len / _median_time(prefill, args.repeats)
     for batch in args.batches:
-        prompts = _prompts(batch, 128, vocab, seed=batch)
-        first = _median_time(lambda p=prompts: generate(p, 1), args.repeats)
-        full = _median_time(lambda p=prompts: generate(p, 1 + args.decode_len), args.repeats)
+
+        def first(i: int, b: int = batch) -> Any:
+            return generate(_prompts(b, 128, vocab, seed=2000 * b + i), 1)
+
+        def full(i: int, b: int = batch) -> Any:
+            return generate(_prompts(b, 128, vocab, seed=2000 * b + 1000 + i), 1 + args.decode_len)
+
         # On a noisy machine a short decode can measure no longer than the prefill alone: no figure.
-        decode_s = full - first
+        decode_s = _median_time(full, args.repeats) - _median_time(first, args.repeats)
         result[f"decode_b{batch}_tok_s"] = (
             batch * args.decode_len / decode_s if decode_s > 0 else float("nan")
         )
