@@ -10,10 +10,10 @@ llama.cpp is not a dependency of this project: whatever needs it runs as a subpr
 throw-away install named by two environment variables:
 
     ANYQUANT_LLAMACPP_VENV  a venv with CPU torch, `llama-cpp-python[server]`, transformers and the
-                            `gguf` package (default /work/venvs/llamacpp)
+                            `gguf` package (default out/llamacpp/venv)
     ANYQUANT_LLAMACPP_BIN   a folder with the `llama-server` and `llama-quantize` binaries and, as
                             `llama.cpp/`, the source tree they were built from (for its
-                            convert_hf_to_gguf.py) (default /work/venvs/llamacpp-bin)
+                            convert_hf_to_gguf.py) (default out/llamacpp/bin)
 
 The tokenizer is synthetic but complete: byte-level BPE with Qwen2's pre-tokenizer regex and one
 token per embedding row (the 256 bytes, every byte pair, then three-letter words), so random token
@@ -67,8 +67,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-DEFAULT_VENV = Path("/work/venvs/llamacpp")
-DEFAULT_BIN = Path("/work/venvs/llamacpp-bin")
+DEFAULT_VENV = Path("out/llamacpp/venv")  # throw-away installs live in the ignored out/
+DEFAULT_BIN = Path("out/llamacpp/bin")
 KINDS = ("llama-server", "llama-cpp-python")
 BASE_TYPE = "F16"  # the unquantized GGUF: bf16 weights fit f16 exactly (up to f16 subnormals)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
