@@ -17,6 +17,10 @@ want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
   python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+  # The grammar engine for structured outputs, without its declared triton dependency (1 GB, used
+  # only by its GPU path); its other requirements are already installed above.
+  python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps \
+    xgrammar apache-tvm-ffi
   python - <<'PY'
 import torch, sys
 if "+cpu" not in torch.__version__ and not torch.cuda.is_available():
