@@ -13,6 +13,31 @@ from torch import Tensor
 
 
 @dataclass
+class GuidedDecodingParams:
+    """What the output must match (vLLM's names): exactly one of a JSON schema, any JSON object, a
+    regular expression, one of fixed strings, or an EBNF grammar. The grammar engine that enforces
+    it lives in the engine's structured-output module."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [
+            name
+            for name in ("json", "regex", "choice", "grammar", "json_object")
+            if getattr(self, name) not in (None, False)
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "guided decoding takes exactly one of json, regex, choice, grammar, json_object; "
+                f"got {chosen or 'none'}"
+            )
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -27,6 +52,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
