@@ -2,9 +2,9 @@
 
 Owns the layer's identity (checkpoint prefix, kind, shape), its bias and its tensor-parallel
 style: a row-parallel layer sums its ranks' partial outputs (and adds its bias once) and makes
-dynamic per-token / per-tensor activation scales span all ranks' input slices (one all-reduce MAX
-of the amax before quantizing, so TP N quantizes exactly as one device), a vocab-parallel head
-gathers its ranks' logits on rank 0. It never looks at what the kernel holds (only at its
+dynamic per-token / per-tensor activation scales (and per-group ones where the split cuts groups)
+span all ranks' input slices (one all-reduce MAX of the amax before quantizing, so TP N quantizes
+exactly as one device), a vocab-parallel head gathers its ranks' logits on rank 0. It never looks at what the kernel holds (only at its
 interface, e.g. `dynamic_act`): the loader hands it a ready kernel through `set_kernel`.
 """
 
@@ -56,6 +56,9 @@ class QuantLinear(nn.Module):
         self.reduce_output = reduce_output
         self.full_out_features = out_features  # vocab style: width of the gathered logits
         self.parallel: ParallelState | None = None  # set when this layer talks to other ranks
+        # Row shard whose split cut dynamic activation groups: the original group of each local
+        # group (-1: padding only) and how many original groups (`sharding.activation_group_map`).
+        self.act_groups: tuple[Tensor, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -89,21 +92,40 @@ class QuantLinear(nn.Module):
     @property
     def global_act(self) -> ActQuant | None:
         """The dynamic activation quantization whose amax must be taken over every rank's slice of
-        the input features: a row-parallel split whose kernel scales per token or per tensor.
+        the input features: a row-parallel split whose kernel scales per token or per tensor, or
+        per group where the split cut groups (`act_groups`).
 
         None on one device, for other styles (their input is whole), for static or no activation
-        quantization, and for per-group scales: sharding keeps each activation group whole on one
-        rank (`anyquant.loading.sharding.local_spec` refuses splits that would cut one), so a
+        quantization, and for per-group scales whose groups each lie whole on one rank: there a
         rank's own group amax is already the global one."""
         act = self.kernel.dynamic_act if self.kernel is not None else None
-        if self.parallel is None or self.style != "row" or act is None or act.granularity == "group":
+        if self.parallel is None or self.style != "row" or act is None:
+            return None
+        if act.granularity == "group" and self.act_groups is None:
             return None
         return act
 
     def local_act_amax(self, x: Tensor) -> Tensor | None:
-        """This rank's amax of `x` for `global_act` (to be max-reduced over ranks), or None."""
+        """This rank's amax of `x` for `global_act` (to be max-reduced over ranks), or None. Cut
+        activation groups: [T, original groups], each the max over this rank's part of it."""
         act = self.global_act
-        return None if act is None else activation_amax(x, act)
+        if act is None:
+            return None
+        amax = activation_amax(x, act)
+        if self.act_groups is None:
+            return amax
+        groups, count = self.act_groups
+        real = groups >= 0
+        whole = amax.new_zeros(amax.shape[0], count)  # amaxes are >= 0: zero is neutral
+        index = groups[real].expand(amax.shape[0], -1)
+        return whole.scatter_reduce_(1, index, amax[:, real], "amax")
+
+    def _local_groups_amax(self, reduced: Tensor) -> Tensor:
+        """The all-rank amax laid out as this rank's kernel quantizes (its local groups)."""
+        if self.act_groups is None:
+            return reduced
+        groups, _ = self.act_groups
+        return torch.where(groups >= 0, reduced[:, groups.clamp(min=0)], 0.0)
 
     def _parallel_forward(
         self, x: Tensor, kernel: LinearKernel, state: ParallelState, act_amax: Tensor | None
@@ -113,6 +135,8 @@ class QuantLinear(nn.Module):
         if act_amax is None:
             local = self.local_act_amax(x)
             act_amax = None if local is None else all_reduce_max(local, state)
+        if act_amax is not None:
+            act_amax = self._local_groups_amax(act_amax)
         y = kernel(x, None) if act_amax is None else kernel(x, None, act_amax=act_amax)
         if self.reduce_output:
             y = all_reduce(y, state)

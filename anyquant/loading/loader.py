@@ -32,7 +32,7 @@ from anyquant.loading.preflight import (
     spec_lookup,
 )
 from anyquant.loading.progress import LoadProgress
-from anyquant.loading.sharding import gather_segments, shard_quant, shard_vector
+from anyquant.loading.sharding import activation_group_map, gather_segments, shard_quant, shard_vector
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
 from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
@@ -217,6 +217,9 @@ def _load_linear(
     kernel = kernel_cls(plan.local_shape, dtype)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
+    if shard is not None and shard.style == "row" and isinstance(weight, QuantWeight):
+        groups = activation_group_map(plan.spec, weight.spec, shard.partition, rank)
+        layer.act_groups = None if groups is None else (groups[0].to(device), groups[1])
     if plan.bias is not None:
         bias = ckpt.read(plan.bias)
         if shard is not None and shard.style == "column":

@@ -144,7 +144,7 @@ def _risks(model: nn.Module, plan: TensorParallelPlan, spec_of: SpecOf) -> list[
     if plan.world == 1:
         return []
     # Dynamic activation scales are no risk: row-parallel layers max-reduce per-token / per-tensor
-    # amaxes over ranks (layers/linear.py) and sharding keeps activation groups whole.
+    # amaxes, and per-group ones where a split cuts groups, over ranks (layers/linear.py).
     act_order = []
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or layer.prefix not in plan.shards:

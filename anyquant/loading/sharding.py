@@ -227,6 +227,7 @@ def _common_block(partition: Partition, block: int, multiple_of: int) -> int | N
     return None
 
 
+@lru_cache(maxsize=4096)
 def _whole_groups(partition: Partition, group: int) -> bool:
     """Every original group of `group` entries lies wholly inside one local group of one rank."""
     for rank in range(partition.world):
@@ -284,13 +285,35 @@ def _local_spec(spec: QuantSpec, style: ShardStyle, partition: Partition) -> Qua
         out = replace(spec, block_shape=(bn, cols))
     act = spec.act
     if act is not None and act.granularity == "group" and not _whole_groups(partition, act.group_size):
-        return (
-            f"activations are quantized in groups of {act.group_size} input features, and splitting "
-            f"{partition.size} input features as {partition.describe()} cuts such groups across ranks, "
-            f"which changes their scales; choose a tensor-parallel size whose per-rank share is a "
-            f"multiple of {act.group_size}"
-        )
+        # A split through activation groups (attention heads that do not fill whole groups): each
+        # rank quantizes its columns in finer groups that never mix two original groups, and the
+        # ranks max-reduce every original group's amax (`activation_group_map`), so the scales are
+        # the unsplit layer's. Size 1 always qualifies, so this never refuses.
+        fine = _common_block(partition, act.group_size, 1)
+        assert fine is not None
+        out = replace(out, act=replace(act, group_size=fine))
     return out
+
+
+def activation_group_map(
+    stored: QuantSpec | None, local: QuantSpec | None, partition: Partition, rank: int
+) -> tuple[Tensor, int] | None:
+    """For a row shard of a split that cuts dynamic activation groups across ranks: the original
+    group of each of this rank's local groups (`local_spec` refined them so none mixes two;
+    [local groups] int64, -1 for groups of padding only) and the number of original groups. The
+    row-parallel layer max-reduces amaxes over the original groups through it. None when every
+    original group lies whole on one rank (a rank's own group amaxes are then the global ones)."""
+    if stored is None or local is None or stored.act is None or local.act is None:
+        return None
+    if stored.act.granularity != "group" or _whole_groups(partition, stored.act.group_size):
+        return None
+    fine, whole = local.act.group_size, stored.act.group_size
+    index = _index(partition, rank)
+    padded = torch.full((-(-index.numel() // fine) * fine,), -1, dtype=torch.long)
+    padded[: index.numel()] = index
+    # Every real entry of a local group lies in one original group (local_spec chose `fine` so).
+    first = padded.view(-1, fine).amax(dim=1)
+    return torch.where(first >= 0, first // whole, -1), -(-partition.size // whole)
 
 
 def _cut_error(what: str, size: int, partition: Partition) -> str:

@@ -2,9 +2,9 @@
 
 A row-parallel rank holds a slice of each token's input features; per-token (or per-tensor) scales
 must still come from the whole row. Checked three ways: the kernels given the ranks' max-reduced
-amax reproduce the unsplit layer (float64 oracle, in process); per-group scales need no exchange
-because every split sharding accepts keeps activation groups whole; and real gloo ranks at TP 2
-and 4 give the logits of one process for W8A8 int8 and FP8-dynamic checkpoints, dense and MoE,
+amax reproduce the unsplit layer (float64 oracle, in process); per-group scales too, where a split
+cuts activation groups across ranks (each original group's amax is max-reduced); and real gloo ranks
+at TP 2 and 4 give the logits of one process for W8A8 int8 and FP8-dynamic checkpoints, dense and MoE,
 written by `anyquant quantize` and by llm-compressor (committed fixtures).
 """
 
@@ -21,13 +21,12 @@ from torch import Tensor
 
 from anyquant import LLM
 from anyquant.engine.kv_cache import SequenceCache
-from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import load_model
 from anyquant.loading.sharding import (
     Partition,
-    local_spec,
+    activation_group_map,
     row_unit,
     shard_quant,
     split_regrouped,
@@ -40,6 +39,7 @@ from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.reference import activation_amax, fake_quantize_activations
 from anyquant.quant.registry import kernel_classes
 from anyquant.quant.spec import ActQuant, QuantSpec
+from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
 from tests.kernels.test_reference_kernel import oracle_linear, random_weight
 from tests.parallel.conftest import IDS
@@ -167,38 +167,56 @@ def test_static_activation_scales_are_already_global(name: str, spec: QuantSpec)
     assert _rel(got, oracle_linear(x, w)) < 1e-5
 
 
-def test_activation_groups_are_never_cut_so_local_group_scales_are_global() -> None:
-    """Per-group dynamic scales are exchanged by no rank: every row split that sharding accepts
-    keeps each activation group inside one rank, so a rank's own group amaxes are the global ones
-    (splits that would cut a group are refused, naming the group size)."""
+def _row_layer(piece: QuantWeight, stored: QuantSpec, partition: Partition, rank: int) -> QuantLinear:
+    """A loaded row-parallel layer of one rank, set up as the loader does (its collective is the
+    caller's: it takes every rank's `local_act_amax` max)."""
+    layer = QuantLinear("w", piece.shape[1], piece.shape[0], style="row")
+    kernel = _kernel("reference", piece.spec, piece.shape)(piece.shape, torch.float32)
+    kernel.load(piece)
+    layer.set_kernel(kernel)
+    layer.parallel = object()  # type: ignore[assignment]  # only "is parallel" is read here
+    layer.act_groups = activation_group_map(stored, piece.spec, partition, rank)
+    return layer
+
+
+def test_cut_activation_groups_take_the_scales_of_the_whole_layer() -> None:
+    """Per-group dynamic scales under every row split, including splits through groups (attention
+    heads that fill no whole group: 7 heads of 64 at TP 2 cut Qwen2.5-0.5B's FP8-block groups of
+    128): each rank quantizes in groups that never mix two original ones and max-reduces every
+    original group's amax, so the ranks' partial products sum to the unsplit layer's."""
     act = ActQuant("fp8_e4m3", dynamic=True, granularity="group", group_size=16)
     spec = QuantSpec("fp8_e4m3", "block", block_shape=(16, 16), act=act)
     gen = torch.Generator().manual_seed(3)
-    accepted = refused = 0
+    cut = 0
     for k in (96, 100, 136):
+        w = random_weight(spec, 24, k, seed=k)
         x = torch.randn(5, k, generator=gen) * torch.rand(1, k, generator=gen) * 10
-        whole = fake_quantize_activations(x, act)
+        x[2] = 0.0  # an all-zero token: clamped scales, no 0/0
+        want = oracle_linear(x, w)
         for world in (2, 3, 4):
-            candidates = [split_units(k, world, unit) for unit in (1, 8, 16, 32, row_unit(spec))]
+            candidates = [split_units(k, world, unit) for unit in (1, 8, 12, 16, 32, row_unit(spec))]
             candidates.append(split_regrouped(k, world, 16))
             for partition in candidates:
-                try:
-                    local = local_spec(spec, "row", partition, "w")
-                except UnsupportedError as exc:
-                    assert "groups of 16 input features" in str(exc)
-                    refused += 1
-                    continue
-                assert local is not None and local.act == act
-                accepted += 1
-                for rank in range(world):
-                    index = partition.index(rank)
-                    got = fake_quantize_activations(_rank_input(x, partition, rank), act)
-                    assert torch.equal(got[:, index >= 0], whole[:, index[index >= 0]])
-                    assert not bool(got[:, index < 0].any())
-        # The partition the tensor-parallel plan uses for these layers is always accepted.
-        for world in (2, 3, 4):
-            local_spec(spec, "row", split_units(k, world, row_unit(spec)), "w")
-    assert accepted and refused
+                pieces = [shard_quant(w, "row", partition, r, "w") for r in range(world)]
+                layers = [_row_layer(p, spec, partition, r) for r, p in enumerate(pieces)]
+                inputs = [_rank_input(x, partition, r) for r in range(world)]
+                if layers[0].act_groups is None:
+                    assert all(p.spec.act == act for p in pieces)  # whole groups: nothing exchanged
+                    got = sum(lay.kernel(xr, None) for lay, xr in zip(layers, inputs))
+                else:
+                    cut += 1
+                    local = [lay.local_act_amax(xr) for lay, xr in zip(layers, inputs)]
+                    reduced = torch.stack(local).amax(dim=0)  # what all_reduce_max gives each rank
+                    got = sum(
+                        lay.kernel(xr, None, act_amax=lay._local_groups_amax(reduced))
+                        for lay, xr in zip(layers, inputs)
+                    )
+                    # The test can tell: a rank's own (finer) groups scale differently.
+                    own = sum(lay.kernel(xr, None) for lay, xr in zip(layers, inputs))
+                    assert isinstance(own, Tensor) and _rel(own, want) > 1e-4
+                assert isinstance(got, Tensor)
+                assert _rel(got, want) < 1e-5, (k, world, partition.describe())
+    assert cut
 
 
 # -- real ranks --------------------------------------------------------------------------------
@@ -210,9 +228,11 @@ QUANTIZED = {
     "qwen3-moe-w8a8": ("qwen3-moe", WriteOptions(scheme="W8A8")),
     "qwen3-moe-fp8-dynamic": ("qwen3-moe", WriteOptions(scheme="FP8_DYNAMIC")),
     "qwen2-moe-fp8-dynamic": ("qwen2-moe", WriteOptions(scheme="FP8_DYNAMIC")),  # + shared expert
+    # Activation groups of 128 over o_proj's 4 heads of 32: every head split cuts the group.
+    "llama-fp8-block": ("llama128", WriteOptions(scheme="FP8_BLOCK")),
 }
-# TP 4 (slower: four ranks on the CI's two cores): int8 and FP8 dense, FP8 experts.
-AT_TP4 = ("llama-w8a8", "llama-fp8-dynamic", "qwen3-moe-fp8-dynamic")
+# TP 4 (slower: four ranks on the CI's two cores): int8 and FP8 dense, FP8 experts, cut FP8 groups.
+AT_TP4 = ("llama-w8a8", "llama-fp8-dynamic", "qwen3-moe-fp8-dynamic", "llama-fp8-block")
 # Written by llm-compressor (the third-party fixtures), served at TP 2.
 THIRD_PARTY = {
     "llmc-mixtral-fp8-dynamic": FIXTURES / "mixtral-fp8dynamic-llmc",
@@ -261,11 +281,9 @@ def _rank(rank: int, world: int, port: int, models: dict[str, Path], out: Path) 
 
 
 def _scales_whole_rows(layer: QuantLinear) -> bool:
-    """A row-parallel layer whose kernel scales activations per token or per tensor, dynamically."""
-    act = None if layer.kernel is None else layer.kernel.dynamic_act
-    return (
-        layer.parallel is not None and layer.style == "row" and act is not None and act.granularity != "group"
-    )
+    """A row-parallel layer whose kernel scales activations dynamically from more than its own
+    rank's columns: per token, per tensor, or per group where the split cut groups."""
+    return layer.parallel is not None and layer.style == "row" and layer.global_act is not None
 
 
 def _recorder(into: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
@@ -344,7 +362,7 @@ def test_tp_logits_equal_one_process(
     assert all(err < 1e-2 for err in errors.values()), (world, errors)
 
 
-@pytest.mark.parametrize("name", ["llama-w8a8", "qwen3-moe-fp8-dynamic"])
+@pytest.mark.parametrize("name", ["llama-w8a8", "qwen3-moe-fp8-dynamic", "llama-fp8-block"])
 def test_inspect_lists_no_activation_scale_risk(checkpoints: dict[str, Path], name: str) -> None:
     doc = describe_checkpoint(checkpoints[name], tp=2)
     assert doc["tensor_parallel"]["ok"], doc["tensor_parallel"]["reason"]
