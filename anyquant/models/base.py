@@ -197,7 +197,11 @@ class DecoderBody(nn.Module):
     ) -> None:
         super().__init__()
         self.rotary = rotary
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # An explicit (empty) weight skips nn.Embedding's random init: on the meta device that init
+        # runs a reference kernel whose first use imports torch._dynamo (~1 s per process).
+        self.embed_tokens = nn.Embedding(
+            args.vocab_size, args.hidden_size, _weight=torch.empty(args.vocab_size, args.hidden_size)
+        )
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
             DecoderLayer(args, i, rotary, make_mlp, make_attention) for i in range(args.num_layers)
