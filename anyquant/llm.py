@@ -21,6 +21,7 @@ from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
+from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
 from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
@@ -125,6 +126,9 @@ class LLM:
         """Teacher-forced fp32 logits [T, vocab] at every position."""
         ids = list(token_ids)
         self._check_length(len(ids))
+        bad = invalid_token_id(ids, self.engine.vocab_size)
+        if bad is not None:
+            raise AnyquantError(bad)
         logits = SequenceCache(self.model, len(ids), self.dtype, self.device).forward(ids, 0)
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):

@@ -127,6 +127,7 @@ class Engine:
         num_pages = kv_pages(config, per_page, device)
         self.config = config
         self.tokenizer = tokenizer
+        self.vocab_size = int(model.args.vocab_size)  # prompt ids are checked against it
         self.runner = ModelRunner(model, num_pages, config.page_size, dtype, device)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(
@@ -156,7 +157,7 @@ class Engine:
     ) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
-        request = Request(rid, prompt_token_ids, params, eos)
+        request = Request(rid, prompt_token_ids, params, eos, self.vocab_size)
         self.scheduler.add(request)  # raises ValueError naming the limits
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self._states[rid] = _State(request, IncrementalDetokenizer(self.tokenizer, params.stop), generator)

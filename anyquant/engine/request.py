@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from anyquant.engine.sampling import SamplingParams
 
 
+def invalid_token_id(token_ids: Iterable[int], vocab_size: int | None) -> str | None:
+    """What is wrong with the first prompt token id outside [0, vocab_size), or None (the
+    embedding lookup would otherwise fail with a bare IndexError)."""
+    for t in token_ids:
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative ids"
+            return f"prompt token id {t} is outside the vocabulary {limit}"
+    return None
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -51,14 +61,15 @@ class Request:
         prompt_token_ids: Iterable[int],
         sampling_params: SamplingParams,
         eos_token_ids: Iterable[int] = (),
+        vocab_size: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = [int(t) for t in prompt_token_ids]
         if not self.prompt_token_ids:
             raise ValueError(f"request {request_id!r}: empty prompt; at least one token is needed")
-        negative = [t for t in self.prompt_token_ids if t < 0]
-        if negative:
-            raise ValueError(f"request {request_id!r}: negative prompt token id {negative[0]}")
+        bad = invalid_token_id(self.prompt_token_ids, vocab_size)
+        if bad is not None:
+            raise ValueError(f"request {request_id!r}: {bad}")
         self.sampling_params = sampling_params
         # eos comes from the tokenizer, not from SamplingParams; ignore_eos switches it off.
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)

@@ -12,7 +12,7 @@ from anyquant import LLM, SamplingParams
 from anyquant.engine import engine as engine_module
 from anyquant.engine.engine import EngineConfig, kv_pages
 from anyquant.engine.kv_cache import PagedKVCache
-from anyquant.errors import EngineDeadError, NumericsError
+from anyquant.errors import AnyquantError, EngineDeadError, NumericsError
 from anyquant.utils.tiny_model import write_tiny_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -241,3 +241,14 @@ def test_kv_cache_fraction_takes_that_share_of_free_memory_up_to_what_is_needed(
 def test_free_memory_on_cpu_is_positive_and_below_physical_memory() -> None:
     free = engine_module.available_memory_bytes(torch.device("cpu"))
     assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_prompt_ids_outside_the_vocabulary_are_named_before_any_forward_pass(tiny: Path) -> None:
+    llm = LLM(tiny, dtype="float32")
+    vocab = llm.engine.vocab_size
+    with pytest.raises(AnyquantError, match=f"prompt token id {vocab} is outside the vocabulary"):
+        llm.logits([1, vocab])
+    with pytest.raises(ValueError, match=f"prompt token id {vocab + 5} is outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[1, vocab + 5]], sampling_params=SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished()
+    assert llm.logits([vocab - 1]).shape == (1, vocab)

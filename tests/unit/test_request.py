@@ -65,11 +65,14 @@ def test_finish_rejects_unfinished_status(status: RequestStatus) -> None:
         make([1]).finish(status)
 
 
-def test_empty_or_negative_prompt_is_rejected() -> None:
+def test_empty_negative_or_out_of_vocabulary_prompt_is_rejected() -> None:
     with pytest.raises(ValueError, match="empty prompt"):
         make([])
-    with pytest.raises(ValueError, match="negative prompt token id -3"):
+    with pytest.raises(ValueError, match="prompt token id -3 is outside"):
         make([1, -3])
+    with pytest.raises(ValueError, match=r"prompt token id 300 is outside the vocabulary \[0, 300\)"):
+        Request("r", [1, 299, 300], SamplingParams(), vocab_size=300)
+    assert Request("r", [0, 299], SamplingParams(), vocab_size=300).prompt_token_ids == [0, 299]
 
 
 def test_stop_tokens_eos_and_ignore_eos() -> None:
