@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anyquant import __version__
+from anyquant.chat import ChatInputError, render_chat
 from anyquant.engine.async_engine import (
     AsyncEngine,
     EngineUnavailableError,
@@ -38,15 +39,23 @@ from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     new_id,
     now,
     usage,
 )
 from anyquant.server.streaming import LogprobFormatter, StreamMeta, chat_events, completion_events
+from anyquant.server.tool_parsers import PARSERS, ToolCallStream
+from anyquant.server.tools import ToolChoiceError, ToolPlan, assistant_message, finish_reason, plan_tools
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,7 +67,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-_KNOWN_PATHS = frozenset({*_GENERATION_PATHS, "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"})
+# Outside /v1 but reading the model: behind the API key too.
+_TOKEN_PATHS = ("/tokenize", "/detokenize")
+_KNOWN_PATHS = frozenset(
+    {*_GENERATION_PATHS, *_TOKEN_PATHS, "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
+)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
@@ -83,8 +96,12 @@ class ServerConfig:
     # True: the engine loop gets a thread of its own. False: the caller runs it with
     # `app.state.server.engine.run_here()` (`anyquant serve` does, on the main thread).
     engine_thread: bool = True
+    # The model's tool-call format (vLLM's --tool-call-parser); None: tool_choice "none" only.
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser {self.tool_call_parser!r}: choose one of {sorted(PARSERS)}")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.max_body_bytes < 1024:
@@ -128,6 +145,7 @@ class _Choice:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -266,9 +284,24 @@ class Server:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body)
-        prompt = self.encode(self.render_chat(body), False)  # the template places any <s> itself
+        try:
+            plan = plan_tools(
+                body.tools, body.tool_choice, body.parallel_tool_calls, self.config.tool_call_parser
+            )
+        except ToolChoiceError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
+        text = self.render_chat(
+            body.messages,
+            plan.tools,
+            body.add_generation_prompt,
+            body.chat_template,
+            body.chat_template_kwargs,
+        )
+        prompt = self.encode(text, False)  # the template places any <s> itself
         requested = body.requested_max_tokens()
-        return await self._generate(body, request, [prompt], requested, body.logprobs_k(), "chat.completion")
+        return await self._generate(
+            body, request, [prompt], requested, body.logprobs_k(), "chat.completion", plan
+        )
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         self.check_model(body.model)
@@ -284,8 +317,11 @@ class Server:
         requested: int | None,
         logprobs: int | None,
         kind: str,
+        tools: ToolPlan | None = None,
     ) -> Response:
         prepared = self.prepare(body, prompts, requested, logprobs)
+        if tools is not None and tools.parser is not None:
+            prepared = _with_tools(prepared, tools)
         formatter = LogprobFormatter(self.tokenizer, logprobs) if logprobs is not None else None
         chat = kind == "chat.completion"
         response_id = new_id("chatcmpl" if chat else "cmpl")
@@ -297,40 +333,88 @@ class Server:
             len(prepared.items),
             prepared.num_prompt_tokens,
             body.include_usage,
+            body.n,
         )
+        parser = tools.parser if tools is not None else None
         if body.stream:
-            events = chat_events if chat else completion_events
-            return _sse_response(events(meta, stream, formatter), stream)
+            if chat:
+                make = (lambda: ToolCallStream(parser)) if parser is not None else None
+                return _sse_response(chat_events(meta, stream, formatter, make), stream)
+            return _sse_response(completion_events(meta, stream, formatter), stream)
         try:
             choices = await _collect(stream, len(prepared.items), request)
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; the status shows in logs and metrics
-        out = [_choice_json(chat, i, c, formatter) for i, c in enumerate(choices)]
+        out = [_choice_json(chat, i, c, formatter, tools) for i, c in enumerate(choices)]
         return self._respond(meta, kind, out, choices)
 
-    def render_chat(self, body: ChatCompletionRequest) -> str:
-        if not self.tokenizer.chat_template:
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+        chat_template: str | None,
+        template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        if not (chat_template or self.tokenizer.chat_templates):
             raise ApiError(
-                400, "this model has no chat template (tokenizer_config.json); use /v1/completions"
+                400,
+                "this model has no chat template (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json) and the server was started without --chat-template; use "
+                "/v1/completions or send chat_template",
             )
-        messages = []
-        for i, m in enumerate(body.messages):
-            try:
-                text = m.text()
-            except ValueError as exc:
-                raise ApiError(400, f"messages[{i}]: {exc}", param="messages") from exc
-            message = {"role": m.role, "content": text}
-            if m.name is not None:
-                message["name"] = m.name
-            messages.append(message)
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
+            return render_chat(
+                self.tokenizer,
+                [m.model_dump(exclude_none=True) for m in messages],
+                tools,
+                add_generation_prompt,
+                chat_template,
+                template_kwargs,
             )
+        except ChatInputError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
         except Exception as exc:  # the template is checkpoint data: any failure is this request's
             raise ApiError(
                 400, f"the chat template failed for these messages: {exc}", param="messages"
             ) from exc
+
+    # -- /tokenize, /detokenize ------------------------------------------------------------------
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
+        self.check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            text = self.render_chat(
+                body.messages,
+                body.tools,
+                body.add_generation_prompt,
+                body.chat_template,
+                body.chat_template_kwargs,
+            )
+        else:
+            text = body.prompt
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        except Exception as exc:  # e.g. lone surrogates
+            raise ApiError(400, f"the text cannot be tokenized: {exc}", param="prompt") from exc
+        strs = (
+            [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+            if body.return_token_strs
+            else None
+        )
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+        )
+
+    def detokenize(self, body: DetokenizeRequest) -> Response:
+        self.check_model(body.model)
+        bad = next((t for t in body.tokens if t >= self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"token id {bad} is outside the vocabulary [0, {self.tokenizer.vocab_size})",
+                param="tokens",
+            )
+        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
 
     def _respond(
         self, meta: StreamMeta, kind: str, out: list[dict[str, Any]], choices: list[_Choice]
@@ -342,13 +426,14 @@ class Server:
         if aborted is not None:
             raise ApiError(503, aborted.error or "the request was aborted", "service_unavailable")
         generated = sum(c.num_tokens for c in choices)
+        cached = sum(c.num_cached_tokens for i, c in enumerate(choices) if i % meta.choices_per_prompt == 0)
         body = {
             "id": meta.response_id,
             "object": kind,
             "created": meta.created,
             "model": meta.model,
             "choices": out,
-            "usage": usage(meta.num_prompt_tokens, generated),
+            "usage": usage(meta.num_prompt_tokens, generated, cached),
         }
         return JSONResponse(body)
 
@@ -378,6 +463,7 @@ async def _gather(stream: RequestStream, n: int) -> list[_Choice]:
         c.logprobs += d.logprobs
         if d.finished:
             c.finish_reason, c.error = d.finish_reason, d.error
+            c.num_cached_tokens = d.num_cached_tokens
     return choices
 
 
@@ -401,15 +487,36 @@ def _sse_response(events: AsyncIterator[str], stream: RequestStream) -> Streamin
     )
 
 
+def _with_tools(prepared: _Prepared, tools: ToolPlan) -> _Prepared:
+    """The items with what tool calling needs: the call grammar of `required` / named choices, and
+    special tokens kept in the text when the format's markers are special tokens."""
+    items = [
+        GenerationItem(
+            item.prompt_token_ids,
+            replace(
+                item.params,
+                guided_decoding=tools.guided or item.params.guided_decoding,
+                skip_special_tokens=item.params.skip_special_tokens and tools.skip_special_tokens,
+            ),
+        )
+        for item in prepared.items
+    ]
+    return _Prepared(items, prepared.num_prompt_tokens)
+
+
 def _choice_json(
-    chat: bool, index: int, choice: _Choice, formatter: LogprobFormatter | None
+    chat: bool, index: int, choice: _Choice, formatter: LogprobFormatter | None, tools: ToolPlan | None = None
 ) -> dict[str, Any]:
     if chat:
+        if tools is not None:
+            message, called = assistant_message(tools, choice.text)
+        else:
+            message, called = {"role": "assistant", "content": choice.text}, False
         return {
             "index": index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": formatter.chat(choice.logprobs) if formatter is not None else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason(called, choice.finish_reason),
         }
     logprobs = formatter.completion(choice.logprobs, 0)[0] if formatter is not None else None
     return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
@@ -450,7 +557,8 @@ class _Guard:
             await send(message)
 
         try:
-            if self._expected is not None and path.startswith("/v1/") and not self._authorized(scope):
+            protected = path.startswith("/v1/") or path in _TOKEN_PATHS
+            if self._expected is not None and protected and not self._authorized(scope):
                 await _UNAUTHORIZED.response()(scope, receive, send_and_record)
                 return
             replay = await self._read_body(scope, receive, send_and_record)
@@ -576,6 +684,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> Fa
             "max_model_len": server.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> Response:
+        return server.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return server.detokenize(body)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:

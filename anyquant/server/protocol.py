@@ -52,6 +52,10 @@ class _SamplingFields(_Body):
         Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=MAX_STOP)] | None
     ) = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    # OpenAI's shape: token id (as a string key) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -81,7 +85,21 @@ class _SamplingFields(_Body):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            min_tokens=self.min_tokens,
+            logit_bias=self.token_bias(),
+            skip_special_tokens=self.skip_special_tokens,
         )
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer keys; a key that is not a token id is a ValueError (a 400)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: key {key[:40]!r} is not a token id")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -127,6 +145,8 @@ class ChatMessage(_Body):
     role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         """The content as one string; only text parts are supported."""
@@ -156,6 +176,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    chat_template: str | None = None  # vLLM's: a template for this request instead of the model's
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (enable_thinking...)
     response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -167,8 +191,6 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
     def unsupported(self) -> str | None:
-        if self.tools:
-            return "tools are not supported by this server"
         if self.response_format is not None and self.response_format.type != "text":
             return f"response_format type {self.response_format.type!r} is not supported (only 'text')"
         if self.top_logprobs and not self.logprobs:
@@ -177,10 +199,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # -- responses (documented in the OpenAPI schema; built as plain dicts at run time) ---------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -199,9 +226,21 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -252,9 +291,45 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+# -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------------------------
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Body):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes any BOS itself
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from anyquant.chat import ChatInputError, check_tools
 from anyquant.engine.sampling import GuidedDecodingParams
 from anyquant.server.tool_parsers import Function, ToolCall, ToolParser, get_parser, parse
 
@@ -86,6 +87,10 @@ def plan_tools(
     parser_name: str | None,
 ) -> ToolPlan:
     """The plan for a request, or ToolChoiceError naming what is wrong (a 400)."""
+    try:
+        check_tools(tools)
+    except ChatInputError as exc:
+        raise ToolChoiceError(str(exc), "tools") from exc
     if not tools:
         if tool_choice not in (None, "none"):
             raise ToolChoiceError("tool_choice needs tools: this request declares none", "tool_choice")
@@ -133,6 +138,12 @@ def plan_tools(
     except Exception as exc:  # the grammar engine's refusal of a schema (its types vary)
         raise ToolChoiceError(f"a tool's parameters are not a usable JSON schema: {exc}", "tools") from exc
     return ToolPlan(parser, GuidedDecodingParams(grammar=grammar), tools)
+
+
+def finish_reason(called_tools: bool, reason: str | None) -> str | None:
+    """OpenAI's finish_reason for a choice: "tool_calls" when it called any (as vLLM reports it,
+    also when the output then ran into max_tokens)."""
+    return "tool_calls" if called_tools and reason in ("stop", "length") else reason
 
 
 def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -49,7 +49,12 @@ def test_completion_matches_offline_generation(app: FastAPI, ref: LLM) -> None:
     assert len(ids) == 6 and ids[0] == 256  # the byte tokenizer adds <s> (256)
     text, _ = _greedy(ref, ids, 8)
     assert body["choices"] == [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 8, "total_tokens": 14}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 8,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_several_prompts_and_n_use_openai_index_order(app: FastAPI, ref: LLM) -> None:
@@ -196,6 +201,25 @@ BAD_CHATS = [
     ({"messages": [{"role": "user"}], "n": "two"}, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
     ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, "tool_choice needs tools"),
+    (
+        {
+            "messages": [{"role": "user", "content": "a"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        "--tool-call-parser",
+    ),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+        "arguments is not valid JSON",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": {"messages": []}},
+        "must not set",
+    ),
+    ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"abc": 1}}, "not a token id"),
+    ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"5000": 1}}, "outside the vocabulary"),
+    ({"messages": [{"role": "user", "content": "a"}], "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"messages": [{"content": "a"}]}, "role"),
     ({"messages": "hello"}, "messages"),
 ]
@@ -242,7 +266,7 @@ def test_unknown_fields_are_ignored(app: FastAPI) -> None:
     chat = {
         "messages": [{"role": "user", "content": "a", "weird": 1}],
         "max_tokens": 2,
-        "parallel_tool_calls": 3,
+        "a_future_field": 3,
     }
     assert _post(app, "/v1/chat/completions", chat).status_code == 200
 
