@@ -103,7 +103,9 @@ def _check(args: argparse.Namespace) -> None:
         if getattr(args, name) < (1 if name == "max_num_seqs" else 0):
             raise AnyquantError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise AnyquantError("--enable-auto-tool-choice needs --tool-call-parser (the model's tool-call format)")
+        raise AnyquantError(
+            "--enable-auto-tool-choice needs --tool-call-parser (the model's tool-call format)"
+        )
     if args.max_body_mb <= 0:
         raise AnyquantError(f"--max-body-mb {args.max_body_mb}: must be positive")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
