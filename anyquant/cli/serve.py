@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="chat template file (or the template itself) used instead of the model's",
     )
     parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests send their own chat_template (it runs in a sandbox, but can still cost "
+        "the server time); refused by default",
+    )
+    parser.add_argument(
         "--tool-call-parser",
         default=None,
         choices=["hermes", "llama3_json", "mistral", "deepseek_v3"],
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         engine_thread=False,  # the engine loop runs on this, the main, thread: see _serve
         tool_call_parser=args.tool_call_parser,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     app = create_app(llm.engine, llm.tokenizer, config)
     if not _is_loopback(args.host) and api_key is None:

@@ -98,6 +98,8 @@ class ServerConfig:
     engine_thread: bool = True
     # The model's tool-call format (vLLM's --tool-call-parser); None: tool_choice "none" only.
     tool_call_parser: str | None = None
+    # A request's own `chat_template` runs code-like Jinja on the server: off unless trusted.
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
@@ -356,6 +358,13 @@ class Server:
         chat_template: str | None,
         template_kwargs: dict[str, Any] | None,
     ) -> str:
+        if chat_template is not None and not self.config.trust_request_chat_template:
+            raise ApiError(
+                400,
+                "this server does not take chat templates from requests (start it with "
+                "--trust-request-chat-template to allow them); it uses the model's or --chat-template",
+                param="chat_template",
+            )
         if not (chat_template or self.tokenizer.chat_templates):
             raise ApiError(
                 400,

@@ -365,3 +365,26 @@ def test_openapi_schema_documents_the_endpoints(app: FastAPI) -> None:
         assert path in schema["paths"]
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]
     assert {"200", "400", "401", "413", "429"} <= set(responses)
+
+
+def test_a_request_chat_template_needs_the_servers_trust(make_app: AppFactory) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": "<{{ messages[0].content }}>"}
+    refused = _post(make_app(), "/tokenize", body)
+    assert (
+        refused.status_code == 400 and "--trust-request-chat-template" in refused.json()["error"]["message"]
+    )
+    trusted = make_app(config={"trust_request_chat_template": True})
+    tokens = _post(trusted, "/tokenize", body).json()["tokens"]
+    assert tokens == trusted.state.llm.tokenizer.encode("<hi>", add_special_tokens=False)
+    assert _post(trusted, "/v1/chat/completions", {**body, "max_tokens": 2}).status_code == 200
+
+
+def test_tokenize_and_detokenize_refuse_bad_input(app: FastAPI) -> None:
+    for path, body, mentions in (
+        ("/tokenize", {"prompt": "x", "model": "other"}, "does not exist"),
+        ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ):
+        r = _post(app, path, body)
+        assert r.status_code in (400, 404), r.text
+        assert mentions in r.json()["error"]["message"] or mentions == r.json()["error"]["param"]

@@ -23,6 +23,8 @@ def test_tensor_parallel_size_below_one_is_a_clear_error(
     assert "--tensor-parallel-size 0: must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(tiny_model), "--kv-cache-fraction", "1.5"]) == 2
     assert "--kv-cache-fraction 1.5: must be in (0, 1]" in capsys.readouterr().err
+    assert main(["serve", str(tiny_model), "--enable-auto-tool-choice"]) == 2
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -73,6 +75,13 @@ def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> 
     for flag in ("--host", "--port", "--served-model-name", "--max-model-len", "--max-num-seqs", "--dtype"):
         assert flag in out
     for flag in ("--tensor-parallel-size", "--api-key", "--kv-cache-gb"):
+        assert flag in out
+    for flag in (
+        "--tool-call-parser",
+        "--enable-auto-tool-choice",
+        "--chat-template",
+        "--trust-request-chat-template",
+    ):
         assert flag in out
     args = build_parser().parse_args(["serve", "some/model"])
     assert args.host == "127.0.0.1"  # loopback unless asked otherwise
