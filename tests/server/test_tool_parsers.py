@@ -272,3 +272,53 @@ def test_bad_tool_choice_is_named(
 
     with pytest.raises(ToolChoiceError, match=message):
         plan_tools(tools, choice, True, parser)  # type: ignore[arg-type]
+
+
+def _grammar_walk(compiled: object, info: object, seed: int) -> str:
+    """One output the grammar allows, chosen at random byte by byte (ASCII where allowed), as an
+    engine enforcing it would sample it from a random model."""
+    import xgrammar
+    from xgrammar.testing import _get_masked_tokens_from_bitmask
+
+    rng = random.Random(seed)
+    matcher = xgrammar.GrammarMatcher(compiled)  # type: ignore[arg-type]
+    bitmask = xgrammar.allocate_token_bitmask(1, 257)
+    out = bytearray()
+    for _ in range(20_000):
+        if matcher.is_terminated():
+            break
+        matcher.fill_next_token_bitmask(bitmask)
+        allowed = sorted(set(range(257)) - set(_get_masked_tokens_from_bitmask(bitmask, 257)))
+        token = rng.choice([t for t in allowed if t < 128 or t == 256] or allowed)
+        assert matcher.accept_token(token)
+        if token < 256:
+            out.append(token)
+    assert matcher.is_terminated()
+    return out.decode("utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_every_output_the_required_grammar_allows_parses_into_declared_calls(name: str) -> None:
+    import jsonschema_rs
+    import xgrammar
+
+    from anyquant.server.tools import plan_tools
+
+    # A byte vocabulary and an end token: the grammar decides every byte.
+    info = xgrammar.TokenizerInfo([bytes([b]) for b in range(256)] + [b"</s>"], stop_token_ids=[256])
+    compiler = xgrammar.GrammarCompiler(info)
+    schemas = {t["function"]["name"]: jsonschema_rs.validator_for(t["function"]["parameters"]) for t in TOOLS}
+    for choice, names in (
+        ("required", set(schemas)),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ):
+        guided = plan_tools(TOOLS, choice, True, name).guided  # type: ignore[arg-type]
+        assert guided is not None and guided.grammar is not None
+        compiled = compiler.compile_grammar(guided.grammar)
+        for seed in range(8):
+            text = _grammar_walk(compiled, info, seed)
+            content, calls = parse(get_parser(name), text)
+            assert content is None and calls, text
+            for call in calls:
+                assert call.name in names
+                assert schemas[call.name].is_valid(json.loads(call.arguments)), text
