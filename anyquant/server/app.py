@@ -1,19 +1,17 @@
 """The OpenAI-compatible HTTP app: routes, limits, errors, auth, and the engine's lifecycle.
 
 Owns turning a validated body into engine requests (chat template, tokenization, the context and
-vocabulary limits, n and seeds), the non-streaming responses, the error shape every failure
-answers with (400 for bad input, never 500), bearer-token auth, the request-body size limit and
-starting / draining the `AsyncEngine`. Wire shapes of streams live in streaming.py.
+vocabulary limits, n and seeds), the non-streaming responses, turning failures into `ApiError`s
+(errors.py; 400 for bad input, never 500), and starting / draining the `AsyncEngine`. Auth and
+the body-size limit run before routing (guard.py); wire shapes of streams live in streaming.py,
+tool calling in tools.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,6 +33,8 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.server.errors import ApiError
+from anyquant.server.guard import Guard
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
@@ -60,18 +60,6 @@ from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-# Outside /v1 but reading the model: behind the API key too.
-_TOKEN_PATHS = ("/tokenize", "/detokenize")
-_KNOWN_PATHS = frozenset(
-    {*_GENERATION_PATHS, *_TOKEN_PATHS, "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
-)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
@@ -112,32 +100,6 @@ class ServerConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's `{"error": {...}}` with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param = param
-        self.headers = headers
-
-    def response(self) -> Response:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
-        # ASCII-escaped: a message may quote client input, which can hold lone surrogates that have
-        # no UTF-8 form (rendering them as UTF-8 would turn this 4xx into a 500).
-        content = json.dumps({"error": error}, ensure_ascii=True, allow_nan=False)
-        return Response(content, self.status, self.headers, media_type="application/json")
 
 
 @dataclass
@@ -531,95 +493,6 @@ def _choice_json(
     return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
-# -- ASGI guard: auth, body limit, per-path metrics -------------------------------------------------
-_UNAUTHORIZED = ApiError(
-    401,
-    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-    "authentication_error",
-    headers={"WWW-Authenticate": "Bearer"},
-)
-
-
-class _Guard:
-    """Runs before routing: bearer auth on /v1/*, the body size limit (413, checked on the header
-    and on the bytes actually received), request counts and latencies."""
-
-    def __init__(self, app: ASGIApp, server: Server) -> None:
-        self.app = app
-        self.server = server
-        key = server.config.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        label = path if path in _KNOWN_PATHS else "other"
-        start = time.monotonic()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            protected = path.startswith("/v1/") or path in _TOKEN_PATHS
-            if self._expected is not None and protected and not self._authorized(scope):
-                await _UNAUTHORIZED.response()(scope, receive, send_and_record)
-                return
-            replay = await self._read_body(scope, receive, send_and_record)
-            if replay is not None:
-                await self.app(scope, replay, send_and_record)
-        finally:
-            self.server.metrics.http_request(label, status)
-            if label in _GENERATION_PATHS:
-                self.server.metrics.request_latency(label, time.monotonic() - start)
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                return self._expected is not None and hmac.compare_digest(value, self._expected)
-        return False
-
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """Read the whole body within the limit; a receive that replays it, or None when the
-        request was answered here (413) or the client left."""
-        limit = self.server.config.max_body_bytes
-        too_large = ApiError(413, f"request body larger than {limit} bytes", param=None)
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
-                await too_large.response()(scope, receive, send)
-                return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await too_large.response()(scope, receive, send)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as the app expects
-
-        return replay
-
-
 # -- app ---------------------------------------------------------------------------------------------
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
@@ -710,5 +583,5 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(body, request)
 
-    app.add_middleware(_Guard, server=server)
+    app.add_middleware(Guard, server=server)
     return app
