@@ -268,6 +268,42 @@ class DeepSeekV3Parser(ToolParser):
         return "\n".join(lines)
 
 
+class BareJsonParser(ToolParser):
+    """No model format, as vLLM does `required` and named choices without a parser: the output is
+    only JSON, enforced by a JSON schema (`schema`): a list of {"name", "parameters"} calls, or
+    for a named function (`function` set) that function's arguments alone."""
+
+    name = "json"
+    markers = ()
+
+    def __init__(self, function: str | None = None) -> None:
+        self.function = function
+
+    def find_start(self, text: str, pos: int, in_calls: bool) -> int | None:
+        rest = text[pos:]
+        opener = "{" if self.function else "["
+        return pos + len(rest) - len(rest.lstrip()) if pos == 0 and rest.lstrip().startswith(opener) else None
+
+    def read_call(self, text: str, start: int) -> tuple[list[ToolCall] | None, int] | None:
+        found = _json_value(text, start)
+        if found is None:
+            return None
+        value, end = found
+        if self.function is not None:
+            call = _call(self.function, value)
+            return ([call] if call else None), end
+        items = value if isinstance(value, list) else []
+        calls = [_call(v.get("name"), v.get("parameters")) if isinstance(v, dict) else None for v in items]
+        good = [c for c in calls if c is not None]
+        return (good if good and len(good) == len(calls) else None), end
+
+    @staticmethod
+    def schema(tools: list[Function], function: str | None) -> dict[str, Any]:
+        if function is not None:
+            return next(t.parameters for t in tools if t.name == function)
+        return {"type": "array", "minItems": 1, "items": call_schema(tools, "parameters")}
+
+
 PARSERS: dict[str, type[ToolParser]] = {
     p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser, DeepSeekV3Parser)
 }
@@ -299,13 +335,29 @@ class ToolCallStream:
         self.in_calls = False  # only calls and separators since the last call
         self.content = ""
         self.calls: list[ToolCall] = []
+        self.broken = False  # the parser failed: everything from here on is content
 
     def feed(self, new_text: str) -> StreamDelta:
         self.text += new_text
-        return self._advance(final=False)
+        return self._guarded(final=False)
 
     def finish(self) -> StreamDelta:
-        return self._advance(final=True)
+        return self._guarded(final=True)
+
+    def _guarded(self, final: bool) -> StreamDelta:
+        """`_advance`, except that output the parser cannot cope with (e.g. JSON nested deeper
+        than Python's recursion limit) turns the rest of the output into plain content."""
+        if not self.broken:
+            saved = (self.pos, len(self.calls), self.content, self.in_calls)
+            try:
+                return self._advance(final)
+            except Exception:
+                self.pos, calls, self.content, self.in_calls = saved
+                del self.calls[calls:]
+                self.broken = True
+        out = StreamDelta()
+        self._emit(out, len(self.text))
+        return out
 
     def _advance(self, final: bool) -> StreamDelta:
         out = StreamDelta()

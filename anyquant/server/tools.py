@@ -1,10 +1,12 @@
 """Tool calling for /v1/chat/completions: `tools` and `tool_choice` -> how the output is decoded
 and parsed, and the parsed output -> the assistant message OpenAI clients expect.
 
-Owns the rules of `tool_choice` (`none`, `auto`, `required`, a named function), which need the
-server's `--tool-call-parser`, and the grammar that makes `required` and named choices always
-parse: the parser's own wrapper (e.g. Hermes `<tool_call>...</tool_call>`) around the JSON schema
-of the allowed calls, written as EBNF for the structured-output engine (`guided_decoding.grammar`).
+Owns the rules of `tool_choice` (`none`, `auto`, `required`, a named function; `auto` needs the
+server's `--tool-call-parser`) and what makes `required` and named choices always parse: with a
+parser, its own wrapper (e.g. Hermes `<tool_call>...</tool_call>`) around the JSON schema of the
+allowed calls, written as EBNF for the structured-output engine (`guided_decoding.grammar`);
+without one, vLLM's bare JSON (`guided_decoding.json`): a list of calls, or a named function's
+arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from anyquant.chat import ChatInputError, check_tools
 from anyquant.engine.sampling import GuidedDecodingParams
-from anyquant.server.tool_parsers import Function, ToolCall, ToolParser, get_parser, parse
+from anyquant.server.tool_parsers import BareJsonParser, Function, ToolCall, ToolParser, get_parser, parse
 
 _RULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*::=", re.MULTILINE)
 # EBNF pieces a rename must not touch: string literals and character classes.
@@ -116,12 +118,17 @@ def plan_tools(
             "tool_choice",
         )
     if parser_name is None:
-        raise ToolChoiceError(
-            f"tool_choice {choice if isinstance(choice, str) else 'naming a function'!r} needs the server to "
-            "be started with --tool-call-parser (hermes, llama3_json, mistral or deepseek_v3) for this "
-            "model's call format; tool_choice 'none' works without it",
-            "tool_choice",
-        )
+        if choice == "auto":
+            raise ToolChoiceError(
+                "tool_choice 'auto' needs the server to be started with --tool-call-parser (hermes, "
+                "llama3_json, mistral or deepseek_v3) for this model's call format; 'none', 'required' "
+                "and a named function work without it",
+                "tool_choice",
+            )
+        # vLLM's way without a format: the output is JSON only, held to a JSON schema.
+        named = choice["function"]["name"] if isinstance(choice, dict) else None
+        schema = BareJsonParser.schema(functions, named)
+        return ToolPlan(BareJsonParser(named), GuidedDecodingParams(json=schema), tools)
     parser = get_parser(parser_name)
     if choice == "auto":
         return ToolPlan(parser, None, tools)

@@ -322,3 +322,50 @@ def test_every_output_the_required_grammar_allows_parses_into_declared_calls(nam
             for call in calls:
                 assert call.name in names
                 assert schemas[call.name].is_valid(json.loads(call.arguments)), text
+
+
+def test_without_a_parser_required_and_named_choices_are_bare_json_as_in_vllm() -> None:
+    import jsonschema_rs
+
+    from anyquant.server.tools import assistant_message, plan_tools
+
+    required = plan_tools(TOOLS, "required", True, None)
+    assert required.guided is not None and isinstance(required.guided.json, dict)
+    text = '[{"name": "get_time", "parameters": {"zone": "UTC"}}, {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}]'
+    assert jsonschema_rs.validator_for(required.guided.json).is_valid(json.loads(text))
+    assert not jsonschema_rs.validator_for(required.guided.json).is_valid(
+        [{"name": "get_date", "parameters": {}}]
+    )
+    message, called = assistant_message(required, text)
+    assert called and message["content"] is None
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]
+    ] == [
+        ("get_time", {"zone": "UTC"}),
+        ("get_weather", {"city": "Oslo", "unit": "celsius"}),
+    ]
+    named = plan_tools(TOOLS, {"type": "function", "function": {"name": "get_time"}}, True, None)
+    assert named.guided is not None and named.guided.json == TOOLS[1]["function"]["parameters"]
+    message, called = assistant_message(named, ' {"zone": "UTC"}')
+    assert called and message["tool_calls"][0]["function"] == {
+        "name": "get_time",
+        "arguments": '{"zone": "UTC"}',
+    }
+    # Output that is not the enforced JSON (an engine that did not enforce it) stays content.
+    assert assistant_message(named, "hello") == ({"role": "assistant", "content": "hello"}, False)
+    for plan, whole in ((required, text), (named, '{"zone": "UTC"}')):
+        assert plan.parser is not None
+        stream = ToolCallStream(plan.parser)
+        pieces = [stream.feed(whole[i : i + 3]) for i in range(0, len(whole), 3)] + [stream.finish()]
+        assert "".join(p.content for p in pieces) == ""
+        assert [c.arguments for p in pieces for c in p.calls] == [
+            c.arguments for c in parse(plan.parser, whole)[1]
+        ]
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_output_the_parser_cannot_cope_with_becomes_content(name: str) -> None:
+    opener = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "deepseek_v3": "", "llama3_json": ""}[name]
+    text = "Hi " + opener + "[" * 100_000 + "]" * 100_000 + ("</tool_call>" if name == "hermes" else "")
+    content, calls = parse(get_parser(name), text)
+    assert calls == [] and content is not None and content.replace(" ", "") == text.replace(" ", "")
