@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response models (pydantic) and their translation to the engine.
 
 Owns what a valid body is: types, ranges and the fields we refuse rather than silently ignore
-(echo, suffix, tools, ...); unknown fields are ignored. Bounds are chosen so that no accepted value
+(echo, suffix, ...); unknown fields are ignored. Bounds are chosen so that no accepted value
 can make sampling produce NaN or overflow an integer (a 500); what the model's limits forbid
 (context length, vocabulary) is checked later, in app.py, where the limits are known.
 """
@@ -147,21 +147,6 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
-
-    def text(self) -> str:
-        """The content as one string; only text parts are supported."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        texts = []
-        for i, part in enumerate(self.content):
-            kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"content part {i} has type {kind!r}; this server supports only text parts "
-                    '({"type": "text", "text": "..."})'
-                )
-            texts.append(part["text"])
-        return "".join(texts)
 
 
 class ResponseFormat(_Body):
