@@ -23,6 +23,7 @@ from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.sampling import SamplingParams
+from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.tokenizer import Tokenizer
@@ -292,13 +293,7 @@ class LLM:
         teacher-forced model, then the top-k (one scoring pass over the prompt)."""
         if k is None:
             return None
-        lp = torch.log_softmax(self.logits(ids), dim=-1)
-        out: list[dict[int, float] | None] = [None]
-        for pos in range(1, len(ids)):
-            row = lp[pos - 1]
-            top = torch.topk(row, min(k, row.numel())).indices.tolist() if k else []
-            out.append({t: float(row[t]) for t in [ids[pos], *top]})
-        return out
+        return prompt_logprobs(self.logits(ids), ids, k).entries
 
     def chat(
         self,

@@ -33,6 +33,7 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
 from anyquant.server.errors import ApiError
 from anyquant.server.guard import Guard
 from anyquant.server.metrics import ServerMetrics
@@ -53,7 +54,13 @@ from anyquant.server.protocol import (
     now,
     usage,
 )
-from anyquant.server.streaming import LogprobFormatter, StreamMeta, chat_events, completion_events
+from anyquant.server.streaming import (
+    LogprobFormatter,
+    StreamMeta,
+    chat_events,
+    completion_events,
+    prompt_logprobs_json,
+)
 from anyquant.server.tool_parsers import PARSERS, ToolCallStream
 from anyquant.server.tools import ToolChoiceError, ToolPlan, assistant_message, finish_reason, plan_tools
 from anyquant.tokenizer import Tokenizer
@@ -286,6 +293,7 @@ class Server:
         prepared = self.prepare(body, prompts, requested, logprobs)
         if tools is not None and tools.parser is not None:
             prepared = _with_tools(prepared, tools)
+        scored = await self._score_prompts(body, prompts)
         formatter = LogprobFormatter(self.tokenizer, logprobs) if logprobs is not None else None
         chat = kind == "chat.completion"
         response_id = new_id("chatcmpl" if chat else "cmpl")
@@ -310,7 +318,46 @@ class Server:
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; the status shows in logs and metrics
         out = [_choice_json(chat, i, c, formatter, tools) for i, c in enumerate(choices)]
-        return self._respond(meta, kind, out, choices)
+        extra = {}
+        if scored is not None:
+            wire = [prompt_logprobs_json(self.tokenizer, s) for s in scored]
+            if chat:
+                extra["prompt_logprobs"] = wire[0]
+            else:
+                for i, choice in enumerate(out):
+                    choice["prompt_logprobs"] = wire[i // body.n]
+        return self._respond(meta, kind, out, choices, extra)
+
+    async def _score_prompts(
+        self, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]]
+    ) -> list[PromptLogprobs] | None:
+        """vLLM's prompt_logprobs: one teacher-forced pass per prompt, run on the engine thread
+        between steps (it owns the model)."""
+        k = body.prompt_logprobs
+        if k is None:
+            return None
+        if body.stream:
+            raise ApiError(400, "prompt_logprobs is not available with stream=true", param="prompt_logprobs")
+        if k > self.vocab_size:
+            raise ApiError(
+                400,
+                f"{k} prompt logprobs asked for a vocabulary of {self.vocab_size}",
+                param="prompt_logprobs",
+            )
+        scored = []
+        for ids in prompts:
+
+            def score(engine: Engine, ids: list[int] = ids) -> PromptLogprobs:
+                logits = prompt_logits(engine.runner.model, ids, engine.dtype, engine.runner.device)
+                return prompt_logprobs(logits, ids, k)
+
+            try:
+                scored.append(await self.engine.call(score))
+            except EngineUnavailableError as exc:
+                raise ApiError(503, str(exc), "service_unavailable") from exc
+            except ValueError as exc:  # non-finite logits: the model's numerics, not the request
+                raise ApiError(500, str(exc), "server_error") from exc
+        return scored
 
     def render_chat(
         self,
@@ -388,7 +435,12 @@ class Server:
         return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
 
     def _respond(
-        self, meta: StreamMeta, kind: str, out: list[dict[str, Any]], choices: list[_Choice]
+        self,
+        meta: StreamMeta,
+        kind: str,
+        out: list[dict[str, Any]],
+        choices: list[_Choice],
+        extra: dict[str, Any] | None = None,
     ) -> Response:
         failed = next((c for c in choices if c.finish_reason == "error"), None)
         if failed is not None:
@@ -405,6 +457,7 @@ class Server:
             "model": meta.model,
             "choices": out,
             "usage": usage(meta.num_prompt_tokens, generated, cached),
+            **(extra or {}),
         }
         return JSONResponse(body)
 

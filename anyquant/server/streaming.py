@@ -16,6 +16,7 @@ from typing import Any
 
 from anyquant.engine.async_engine import RequestStream
 from anyquant.engine.engine import RequestDelta
+from anyquant.engine.scoring import PromptLogprobs
 from anyquant.server.protocol import usage
 from anyquant.server.tool_parsers import ToolCallStream
 from anyquant.server.tools import finish_reason
@@ -90,6 +91,32 @@ class LogprobFormatter:
     def _token(self, token: int, logprob: float) -> dict[str, Any]:
         text = self._text(token)
         return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def prompt_logprobs_json(tokenizer: Tokenizer, scored: PromptLogprobs) -> list[dict[str, Any] | None]:
+    """vLLM's wire form of prompt_logprobs: per position None or {token id: {logprob, rank,
+    decoded_token}}, the prompt token first, then the top-k ranked 1..k."""
+    out: list[dict[str, Any] | None] = []
+    for entry, rank in zip(scored.entries, scored.ranks):
+        if entry is None:
+            out.append(None)
+            continue
+        token = next(iter(entry))
+        # Every token more likely than one of the top k is in the top k too, so counting within
+        # the entry ranks them; the prompt token's own rank comes from the whole vocabulary.
+        ranked = {t: 1 + sum(lp > entry[t] for lp in entry.values()) for t in entry}
+        ranked[token] = rank if rank is not None else ranked[token]
+        out.append(
+            {
+                str(t): {
+                    "logprob": _finite(entry[t]),
+                    "rank": ranked[t],
+                    "decoded_token": tokenizer.decode([t], skip_special_tokens=False),
+                }
+                for t in entry
+            }
+        )
+    return out
 
 
 @dataclass(frozen=True)

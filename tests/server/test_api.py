@@ -388,3 +388,28 @@ def test_tokenize_and_detokenize_refuse_bad_input(app: FastAPI) -> None:
         r = _post(app, path, body)
         assert r.status_code in (400, 404), r.text
         assert mentions in r.json()["error"]["message"] or mentions == r.json()["error"]["param"]
+
+
+def test_prompt_logprobs_on_both_endpoints(app: FastAPI, ref: LLM) -> None:
+    assert ref.tokenizer is not None
+    body = {"prompt": "Hello", "max_tokens": 1, "prompt_logprobs": 2, "n": 2}
+    choices = _post(app, "/v1/completions", body).json()["choices"]
+    ids = ref.tokenizer.encode("Hello")
+    lp = torch.log_softmax(ref.logits(ids).double(), dim=-1)
+    for choice in choices:
+        got = choice["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(ids)
+        for pos in range(1, len(ids)):
+            entry = got[pos][str(ids[pos])]
+            assert entry["logprob"] == pytest.approx(float(lp[pos - 1, ids[pos]]), abs=1e-4)
+            assert entry["rank"] == int((lp[pos - 1] > lp[pos - 1, ids[pos]]).sum()) + 1
+            assert entry["decoded_token"] == ref.tokenizer.decode([ids[pos]], skip_special_tokens=False)
+            best = int(torch.argmax(lp[pos - 1]))
+            assert got[pos][str(best)]["rank"] == 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    reply = _post(app, "/v1/chat/completions", chat).json()
+    assert reply["prompt_logprobs"][0] is None and reply["usage"]["prompt_tokens"] == len(
+        reply["prompt_logprobs"]
+    )
+    streamed = _post(app, "/v1/completions", {**body, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
