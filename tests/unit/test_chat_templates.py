@@ -179,7 +179,10 @@ def test_quantize_output_keeps_and_reads_chat_template_jinja(model: Path, tmp_pa
     from anyquant.quant.quantize import quantize_checkpoint
 
     (model / "chat_template.jinja").write_text(PLAIN)
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("tools: {{ tools | length }}")
     out = tmp_path / "q"
     quantize_checkpoint(model, out, "compressed-tensors", WriteOptions(bits=8, group_size=-1, scheme="W8A16"))
     assert (out / "chat_template.jinja").read_text() == PLAIN
     assert _render(out) == "[user] hi\n"
+    assert _render(out, tools=TOOLS) == "tools: 1"
