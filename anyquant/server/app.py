@@ -61,8 +61,8 @@ from anyquant.server.streaming import (
     completion_events,
     prompt_logprobs_json,
 )
-from anyquant.server.tool_parsers import PARSERS, ToolCallStream
-from anyquant.server.tools import ToolChoiceError, ToolPlan, assistant_message, finish_reason, plan_tools
+from anyquant.server.tool_parsers import PARSERS
+from anyquant.server.tools import ToolChoiceError, ToolPlan, assistant_message, plan_tools
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -307,11 +307,9 @@ class Server:
             body.include_usage,
             body.n,
         )
-        parser = tools.parser if tools is not None else None
         if body.stream:
             if chat:
-                make = (lambda: ToolCallStream(parser)) if parser is not None else None
-                return _sse_response(chat_events(meta, stream, formatter, make), stream)
+                return _sse_response(chat_events(meta, stream, formatter, tools), stream)
             return _sse_response(completion_events(meta, stream, formatter), stream)
         try:
             choices = await _collect(stream, len(prepared.items), request)
@@ -532,15 +530,17 @@ def _choice_json(
     chat: bool, index: int, choice: _Choice, formatter: LogprobFormatter | None, tools: ToolPlan | None = None
 ) -> dict[str, Any]:
     if chat:
+        reason = choice.finish_reason
         if tools is not None:
             message, called = assistant_message(tools, choice.text)
+            reason = tools.finish_reason(called, reason)
         else:
-            message, called = {"role": "assistant", "content": choice.text}, False
+            message = {"role": "assistant", "content": choice.text}
         return {
             "index": index,
             "message": message,
             "logprobs": formatter.chat(choice.logprobs) if formatter is not None else None,
-            "finish_reason": finish_reason(called, choice.finish_reason),
+            "finish_reason": reason,
         }
     logprobs = formatter.completion(choice.logprobs, 0)[0] if formatter is not None else None
     return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}

@@ -19,7 +19,7 @@ from anyquant.engine.engine import RequestDelta
 from anyquant.engine.scoring import PromptLogprobs
 from anyquant.server.protocol import usage
 from anyquant.server.tool_parsers import ToolCallStream
-from anyquant.server.tools import finish_reason
+from anyquant.server.tools import ToolPlan
 from anyquant.tokenizer import Tokenizer
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -201,10 +201,10 @@ def chat_events(
     meta: StreamMeta,
     stream: RequestStream,
     logprobs: LogprobFormatter | None,
-    tool_stream: Callable[[], ToolCallStream] | None = None,
+    tools: ToolPlan | None = None,
 ) -> AsyncIterator[str]:
     """SSE for /v1/chat/completions with stream=true: a role chunk per choice, then content. With
-    `tool_stream` (the request may call tools) each choice's text goes through its own parser
+    `tools` (the request may call tools) each choice's text goes through its own parser
     stream: content as it is known not to be a call, each call once complete (OpenAI's delta
     shape: index, id, name, then the arguments), and finish_reason "tool_calls" if it called any."""
     base = {
@@ -217,14 +217,15 @@ def chat_events(
         {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         for i in range(meta.num_choices)
     ]
-    parsers = [tool_stream() for _ in range(meta.num_choices)] if tool_stream is not None else None
+    parsers = [tools.stream() for _ in range(meta.num_choices)] if tools is not None else None
 
     def choice_for(index: int, delta: RequestDelta) -> list[dict[str, Any]]:
         if not _has_news(delta, logprobs):
             return []
         finish = delta.finish_reason if delta.finished else None
         lp = logprobs.chat(delta.logprobs) if logprobs is not None else None
-        if parsers is None:
+        parser = parsers[index] if parsers is not None else None
+        if tools is None or parser is None:
             return [
                 {
                     "index": index,
@@ -233,7 +234,7 @@ def chat_events(
                     "finish_reason": finish,
                 }
             ]
-        return _tool_choices(index, delta, parsers[index], lp, finish)
+        return _tool_choices(index, delta, parser, tools, lp, finish)
 
     return _event_stream(meta, stream, base, roles, choice_for)
 
@@ -242,6 +243,7 @@ def _tool_choices(
     index: int,
     delta: RequestDelta,
     parser: ToolCallStream,
+    tools: ToolPlan,
     lp: dict[str, Any] | None,
     finish: str | None,
 ) -> list[dict[str, Any]]:
@@ -252,7 +254,7 @@ def _tool_choices(
         rest = parser.finish()
         got.content += rest.content
         got.calls += rest.calls
-        finish = finish_reason(bool(parser.calls), finish)
+        finish = tools.finish_reason(bool(parser.calls), finish)
     deltas: list[dict[str, Any]] = []
     if got.content or (delta.new_token_ids and not got.calls):
         deltas.append({"content": got.content})  # an empty one still marks the token's arrival

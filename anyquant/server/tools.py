@@ -18,7 +18,15 @@ from typing import Any
 
 from anyquant.chat import ChatInputError, check_tools
 from anyquant.engine.sampling import GuidedDecodingParams
-from anyquant.server.tool_parsers import BareJsonParser, Function, ToolCall, ToolParser, get_parser, parse
+from anyquant.server.tool_parsers import (
+    BareJsonParser,
+    Function,
+    ToolCall,
+    ToolCallStream,
+    ToolParser,
+    get_parser,
+    parse,
+)
 
 _RULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*::=", re.MULTILINE)
 # EBNF pieces a rename must not touch: string literals and character classes.
@@ -62,6 +70,19 @@ class ToolPlan:
     parser: ToolParser | None  # None: the output is plain content
     guided: GuidedDecodingParams | None  # set for `required` and named choices
     tools: list[dict[str, Any]] | None  # what the chat template sees
+    named: bool = False  # tool_choice named one function
+
+    def finish_reason(self, called_tools: bool, reason: str | None) -> str | None:
+        """OpenAI's finish_reason for a choice: "tool_calls" when it called tools on its own
+        (`auto`, `required`; as vLLM, also when the output then reached max_tokens); a named
+        function's forced call finishes as "stop", as OpenAI reports it."""
+        if self.named or not called_tools:
+            return reason
+        return "tool_calls" if reason in ("stop", "length") else reason
+
+    def stream(self) -> ToolCallStream | None:
+        """A fresh parser stream for one streamed choice (None: the text is plain content)."""
+        return ToolCallStream(self.parser) if self.parser is not None else None
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -128,7 +149,7 @@ def plan_tools(
         # vLLM's way without a format: the output is JSON only, held to a JSON schema.
         named = choice["function"]["name"] if isinstance(choice, dict) else None
         schema = BareJsonParser.schema(functions, named)
-        return ToolPlan(BareJsonParser(named), GuidedDecodingParams(json=schema), tools)
+        return ToolPlan(BareJsonParser(named), GuidedDecodingParams(json=schema), tools, named is not None)
     parser = get_parser(parser_name)
     if choice == "auto":
         return ToolPlan(parser, None, tools)
@@ -144,13 +165,7 @@ def plan_tools(
         ) from exc
     except Exception as exc:  # the grammar engine's refusal of a schema (its types vary)
         raise ToolChoiceError(f"a tool's parameters are not a usable JSON schema: {exc}", "tools") from exc
-    return ToolPlan(parser, GuidedDecodingParams(grammar=grammar), tools)
-
-
-def finish_reason(called_tools: bool, reason: str | None) -> str | None:
-    """OpenAI's finish_reason for a choice: "tool_calls" when it called any (as vLLM reports it,
-    also when the output then ran into max_tokens)."""
-    return "tool_calls" if called_tools and reason in ("stop", "length") else reason
+    return ToolPlan(parser, GuidedDecodingParams(grammar=grammar), tools, isinstance(choice, dict))
 
 
 def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:

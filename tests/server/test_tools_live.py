@@ -184,6 +184,8 @@ def test_required_and_named_choices_send_the_call_grammar(live: Live) -> None:
         live.added.clear()
         response = _ask(live, tool_choice=choice)
         assert response.choices[0].message.tool_calls  # the forced output parses as calls
+        # OpenAI's finish_reason: "tool_calls" when the model chose to call, "stop" when forced.
+        assert response.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
         (params,) = live.added
         assert params.guided_decoding is not None and params.guided_decoding.grammar
         grammar = xgrammar.Grammar.from_ebnf(params.guided_decoding.grammar)
