@@ -114,17 +114,32 @@ def render_chat(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    continue_final_message: bool = False,
 ) -> str:
     """The prompt text of a chat request (ChatInputError for bad input, CheckpointError when the
-    template fails)."""
+    template fails). `continue_final_message`: end the prompt right after the last message's
+    content, so the model continues that message (transformers' rule), instead of starting a new
+    turn."""
     kwargs = dict(template_kwargs or {})
     reserved = sorted(set(kwargs) & _RESERVED)
     if reserved:
         raise ChatInputError(f"chat_template_kwargs must not set {reserved}; they have fields of their own")
-    return tokenizer.apply_chat_template(
-        template_messages(messages),
+    if continue_final_message and add_generation_prompt:
+        raise ChatInputError("continue_final_message and add_generation_prompt cannot both be true")
+    rendered = template_messages(messages)
+    text = tokenizer.apply_chat_template(
+        rendered,
         add_generation_prompt=add_generation_prompt,
         tools=check_tools(tools),
         chat_template=chat_template,
         **kwargs,
+    )
+    if not continue_final_message:
+        return text
+    final = rendered[-1]["content"] if rendered else ""
+    for piece in (final, final.strip()):
+        if piece and piece in text:
+            return text[: text.rindex(piece) + len(piece)]
+    raise ChatInputError(
+        "continue_final_message: the last message's content does not appear in the rendered prompt"
     )

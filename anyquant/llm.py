@@ -303,6 +303,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: render each conversation (OpenAI-style messages, optional `tools`)
         with the model's chat template, or `chat_template` (a template file or the template
@@ -322,7 +323,13 @@ class LLM:
         for conversation in conversations:
             try:
                 text = render_chat(
-                    self.tokenizer, conversation, tools, add_generation_prompt, template, chat_template_kwargs
+                    self.tokenizer,
+                    conversation,
+                    tools,
+                    add_generation_prompt,
+                    template,
+                    chat_template_kwargs,
+                    continue_final_message,
                 )
             except ChatInputError as exc:
                 raise AnyquantError(str(exc)) from exc

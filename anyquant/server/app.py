@@ -40,7 +40,6 @@ from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -261,13 +260,7 @@ class Server:
             )
         except ToolChoiceError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
-        text = self.render_chat(
-            body.messages,
-            plan.tools,
-            body.add_generation_prompt,
-            body.chat_template,
-            body.chat_template_kwargs,
-        )
+        text = self.render_chat(body, plan.tools)
         prompt = self.encode(text, False)  # the template places any <s> itself
         requested = body.requested_max_tokens()
         return await self._generate(
@@ -358,13 +351,9 @@ class Server:
         return scored
 
     def render_chat(
-        self,
-        messages: list[ChatMessage],
-        tools: list[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-        chat_template: str | None,
-        template_kwargs: dict[str, Any] | None,
+        self, body: ChatCompletionRequest | TokenizeChatRequest, tools: list[dict[str, Any]] | None
     ) -> str:
+        chat_template = body.chat_template
         if chat_template is not None and not self.config.trust_request_chat_template:
             raise ApiError(
                 400,
@@ -382,11 +371,12 @@ class Server:
         try:
             return render_chat(
                 self.tokenizer,
-                [m.model_dump(exclude_none=True) for m in messages],
+                [m.model_dump(exclude_none=True) for m in body.messages],
                 tools,
-                add_generation_prompt,
+                body.add_generation_prompt,
                 chat_template,
-                template_kwargs,
+                body.chat_template_kwargs,
+                body.continue_final_message,
             )
         except ChatInputError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
@@ -399,13 +389,7 @@ class Server:
     def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
         self.check_model(body.model)
         if isinstance(body, TokenizeChatRequest):
-            text = self.render_chat(
-                body.messages,
-                body.tools,
-                body.add_generation_prompt,
-                body.chat_template,
-                body.chat_template_kwargs,
-            )
+            text = self.render_chat(body, body.tools)
         else:
             text = body.prompt
         try:

@@ -186,3 +186,20 @@ def test_quantize_output_keeps_and_reads_chat_template_jinja(model: Path, tmp_pa
     assert (out / "chat_template.jinja").read_text() == PLAIN
     assert _render(out) == "[user] hi\n"
     assert _render(out, tools=TOOLS) == "tools: 1"
+
+
+def test_continue_final_message_cuts_as_transformers_does(model: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from anyquant.chat import ChatInputError
+
+    _config(model, chat_template=TOOL_TEMPLATE)
+    messages = [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "Once upon a"}]
+    ours = render_chat(Tokenizer(model), messages, add_generation_prompt=False, continue_final_message=True)
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(model / "tokenizer.json"), chat_template=TOOL_TEMPLATE
+    )
+    theirs = reference.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours == theirs and ours.endswith("<|im_start|>assistant\nOnce upon a")
+    with pytest.raises(ChatInputError, match="cannot both be true"):
+        render_chat(Tokenizer(model), messages, continue_final_message=True)
