@@ -96,6 +96,9 @@ class ToolParser(ABC):
     markers: ClassVar[tuple[str, ...]]  # strings that start a call (held back while incomplete)
     special_tokens: ClassVar[bool] = False
     separators: ClassVar[tuple[str, ...]] = ()  # text between calls that is dropped
+    # Characters a call can end on (JSON brackets, the `>` of end markers): an incomplete call is
+    # read again only once one of them has arrived, so a long call costs linear, not quadratic, time.
+    closers: ClassVar[str] = "}]>"
 
     def find_start(self, text: str, pos: int, in_calls: bool) -> int | None:
         """Index of the first call start at or after `pos`; `in_calls`: only calls and separators
@@ -336,6 +339,7 @@ class ToolCallStream:
         self.content = ""
         self.calls: list[ToolCall] = []
         self.broken = False  # the parser failed: everything from here on is content
+        self._incomplete = (-1, 0)  # (start, text length) of the last read of an incomplete call
 
     def feed(self, new_text: str) -> StreamDelta:
         self.text += new_text
@@ -371,10 +375,13 @@ class ToolCallStream:
             # Whitespace right before a call belongs to neither; it is text if the call fails.
             before = text[self.pos : start]
             self._emit(out, self.pos + len(before.rstrip()))
+            if not final and self._still_incomplete(start):
+                break
             read = self.parser.read_call(text, start)
             if read is None:  # the block is still incomplete
                 if final:
                     self._emit(out, len(text))
+                self._incomplete = (start, len(text))
                 break
             calls, end = read
             if calls is None:  # malformed: it stays text
@@ -385,6 +392,12 @@ class ToolCallStream:
             self.in_calls = True
             self.pos = end
         return out
+
+    def _still_incomplete(self, start: int) -> bool:
+        """Whether the call at `start` was incomplete when last read and nothing it could end on
+        has arrived since."""
+        last_start, last_len = self._incomplete
+        return last_start == start and not any(c in self.parser.closers for c in self.text[last_len:])
 
     def _skip_separators(self) -> None:
         if not self.in_calls:
