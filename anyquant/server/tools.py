@@ -122,8 +122,10 @@ def plan_tools(
     if choice == "none":
         return ToolPlan(None, None, tools)
     functions = _functions(tools)
+    named: str | None = None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         chosen = [f for f in functions if f.name == name]
         if not chosen:
             raise ToolChoiceError(
@@ -131,7 +133,7 @@ def plan_tools(
                 f"{[f.name for f in functions]}",
                 "tool_choice",
             )
-        functions = chosen
+        functions, named = chosen, chosen[0].name
     elif choice not in ("auto", "required"):
         raise ToolChoiceError(
             f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or "
@@ -147,7 +149,6 @@ def plan_tools(
                 "tool_choice",
             )
         # vLLM's way without a format: the output is JSON only, held to a JSON schema.
-        named = choice["function"]["name"] if isinstance(choice, dict) else None
         schema = BareJsonParser.schema(functions, named)
         return ToolPlan(BareJsonParser(named), GuidedDecodingParams(json=schema), tools, named is not None)
     parser = get_parser(parser_name)

@@ -369,3 +369,14 @@ def test_output_the_parser_cannot_cope_with_becomes_content(name: str) -> None:
     text = "Hi " + opener + "[" * 100_000 + "]" * 100_000 + ("</tool_call>" if name == "hermes" else "")
     content, calls = parse(get_parser(name), text)
     assert calls == [] and content is not None and content.replace(" ", "") == text.replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    "choice", [{"function": "get_time"}, {"type": "function"}, {"function": {"name": 3}}]
+)
+def test_malformed_named_choices_are_refused(choice: dict) -> None:
+    from anyquant.server.tools import ToolChoiceError, plan_tools
+
+    for parser in ("hermes", None):
+        with pytest.raises(ToolChoiceError, match="not among the request's tools"):
+            plan_tools(TOOLS, choice, True, parser)
