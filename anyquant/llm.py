@@ -17,19 +17,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anyquant.chat_template import load_override
 from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
+from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.tokenizer import Tokenizer
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a prompt (vLLM's name); `index` is its place among the prompt's n samples."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop token or stop string), "length", "abort" or "error"
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
 class RequestOutput:
+    """A prompt's result. `text`, `token_ids`, `finish_reason` and `logprobs` are those of its first
+    sample; `outputs` holds all n (vLLM's layout). `prompt_logprobs[i]` is the distribution that
+    predicted prompt token i (None for the first token), when asked for."""
+
     prompt: str | None
     prompt_token_ids: list[int]
     text: str
@@ -37,6 +54,9 @@ class RequestOutput:
     finish_reason: str  # "stop" (eos, stop token or stop string), "length", "abort" or "error"
     logprobs: list[dict[int, float]] | None = field(default=None)
     error: str | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0
 
 
 class LLM:
@@ -53,6 +73,7 @@ class LLM:
         kv_cache_gb: float | None = None,
         tp_timeout_s: float | None = None,
         kv_cache_fraction: float | None = None,
+        chat_template: str | None = None,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -66,7 +87,9 @@ class LLM:
         `tp_timeout_s`: how long a collective waits for a silent rank before failing (default 30).
         KV cache: `kv_cache_gb` GiB, or `kv_cache_fraction` of the memory free after loading
         (capped at what `max_num_seqs` full-length sequences need); default: room for those
-        sequences up to 2 GiB."""
+        sequences up to 2 GiB.
+        `chat_template`: a template file, or the template itself, used by `chat` instead of the
+        checkpoint's own (vLLM's `--chat-template`)."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -90,7 +113,9 @@ class LLM:
         self.max_model_len = max_model_len or limit
         self.tokenizer: Tokenizer | None = None
         if (Path(model) / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer(model, self.loaded.config)
+            self.tokenizer = Tokenizer(model, self.loaded.config, chat_template=chat_template)
+        elif chat_template is not None:
+            raise AnyquantError(f"{model}: chat_template given but the model directory has no tokenizer.json")
         self.engine = Engine(
             self.model,
             self.tokenizer,
@@ -174,7 +199,8 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt, batched continuously; outputs in the order of the prompts."""
+        """Generate for every prompt, batched continuously; outputs in the order of the prompts.
+        With `n > 1`, sample i of a seeded request uses seed + i (as the server does)."""
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -185,8 +211,32 @@ class LLM:
             requests = [(p, self._encode(p)) for p in prompts]
         else:
             raise AnyquantError("generate() needs prompts or prompt_token_ids")
-        ids_of: dict[str, int] = {}
-        for i, (_, ids) in enumerate(requests):
+        samples = self._run_requests([ids for _, ids in requests], params)
+        outputs = []
+        for i, (prompt, ids) in enumerate(requests):
+            mine = samples[i * params.n : (i + 1) * params.n]
+            first = mine[0][0]
+            outputs.append(
+                RequestOutput(
+                    prompt,
+                    ids,
+                    first.text,
+                    first.token_ids,
+                    first.finish_reason,
+                    first.logprobs,
+                    outputs=[out for out, _ in mine],
+                    prompt_logprobs=self._prompt_logprobs(ids, params.prompt_logprobs),
+                    num_cached_tokens=mine[0][1],
+                )
+            )
+        return outputs
+
+    def _run_requests(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> list[tuple[CompletionOutput, int]]:
+        """Every prompt's n samples (prompt-major) with the prompt tokens the prefix cache served."""
+        order: dict[str, int] = {}
+        for ids in prompts:
             self._check_length(len(ids))
             # Cap max_tokens at what the context leaves, as vLLM's offline API does.
             room = self.max_model_len - len(ids)
@@ -194,38 +244,106 @@ class LLM:
                 raise AnyquantError(
                     f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}"
                 )
-            capped = replace(params, max_tokens=min(params.max_tokens, room))
-            ids_of[self.engine.add_request(ids, capped)] = i
-        texts = [""] * len(requests)
-        tokens: list[list[int]] = [[] for _ in requests]
-        logprobs: list[list[dict[int, float]]] = [[] for _ in requests]
-        finish: list[tuple[str, str | None]] = [("length", None)] * len(requests)
+            max_tokens = min(params.max_tokens, room)
+            for k in range(params.n):
+                seed = None if params.seed is None else (params.seed + k) % 2**64
+                one = replace(
+                    params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens), seed=seed
+                )
+                try:
+                    rid = self.engine.add_request(ids, one)
+                except ValueError as exc:
+                    for added in order:
+                        self.engine.abort(added)
+                    raise AnyquantError(str(exc)) from exc
+                order[rid] = len(order)
+        texts = [""] * len(order)
+        tokens: list[list[int]] = [[] for _ in order]
+        logprobs: list[list[dict[int, float]]] = [[] for _ in order]
+        cached = [0] * len(order)
+        finish: list[tuple[str, str | None]] = [("length", None)] * len(order)
         while self.engine.has_unfinished():
             for delta in self.engine.step():
-                i = ids_of[delta.request_id]
+                i = order[delta.request_id]
                 texts[i] += delta.new_text
                 tokens[i] += delta.new_token_ids
                 logprobs[i] += delta.logprobs
                 if delta.finished:
                     finish[i] = (delta.finish_reason or "stop", delta.error)
+                    cached[i] = delta.num_cached_tokens
         failed = [i for i, (reason, _) in enumerate(finish) if reason == "error"]
         if failed:
             i = failed[0]
             error = finish[i][1] or "unknown error"
             if "non-finite" in error:
-                raise self._nonfinite_error(requests[i][1] + tokens[i])
-            raise AnyquantError(f"request {i} failed: {error}")
+                raise self._nonfinite_error(prompts[i // params.n] + tokens[i])
+            raise AnyquantError(f"request {i // params.n} failed: {error}")
         return [
-            RequestOutput(
-                prompt,
-                ids,
-                texts[i],
-                tokens[i],
-                finish[i][0],
-                logprobs[i] if params.logprobs is not None else None,
+            (
+                CompletionOutput(
+                    i % params.n,
+                    texts[i],
+                    tokens[i],
+                    finish[i][0],
+                    logprobs[i] if params.logprobs is not None else None,
+                ),
+                cached[i],
             )
-            for i, (prompt, ids) in enumerate(requests)
+            for i in range(len(order))
         ]
+
+    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list[dict[int, float] | None] | None:
+        """vLLM's prompt_logprobs: for each prompt token after the first, its logprob under the
+        teacher-forced model, then the top-k (one scoring pass over the prompt)."""
+        if k is None:
+            return None
+        return prompt_logprobs(self.logits(ids), ids, k).entries
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: render each conversation (OpenAI-style messages, optional `tools`)
+        with the model's chat template, or `chat_template` (a template file or the template
+        itself), and generate. The rendering is the server's: the same request gives the same
+        prompt, and with the same sampling parameters the same tokens."""
+        from anyquant.chat import ChatInputError, render_chat
+
+        if self.tokenizer is None:
+            raise AnyquantError("chat() needs tokenizer files (tokenizer.json) in the model directory")
+        conversations: list[list[dict[str, Any]]]
+        if messages and isinstance(messages[0], list):
+            conversations = [list(c) for c in messages if isinstance(c, list)]
+        else:
+            conversations = [[m for m in messages if isinstance(m, dict)]]
+        template = load_override(chat_template) if chat_template is not None else None
+        texts, prompts = [], []
+        for conversation in conversations:
+            try:
+                text = render_chat(
+                    self.tokenizer,
+                    conversation,
+                    tools,
+                    add_generation_prompt,
+                    template,
+                    chat_template_kwargs,
+                    continue_final_message,
+                )
+            except ChatInputError as exc:
+                raise AnyquantError(str(exc)) from exc
+            # The template writes any BOS itself, so none is added here (as the server does).
+            texts.append(text)
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        outputs = self.generate(prompt_token_ids=prompts, sampling_params=sampling_params)
+        for out, text in zip(outputs, texts):
+            out.prompt = text
+        return outputs
 
 
 def _start_tensor_parallel(

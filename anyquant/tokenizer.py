@@ -1,8 +1,7 @@
 """Tokenizer from tokenizer.json (the `tokenizers` library) and chat templates in a Jinja sandbox.
 
-Owns text <-> ids, the special-token ids generation stops on, and chat-template rendering. The
-template runs in jinja2's ImmutableSandboxedEnvironment: it comes from the checkpoint, so it is
-untrusted input.
+Owns text <-> ids, the special-token ids generation stops on, and the model's chat templates
+(found and rendered by chat_template.py).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from anyquant.chat_template import DEFAULT, find_templates, load_override, render, select
 from anyquant.config_fields import as_int
 from anyquant.errors import CheckpointError
 
@@ -25,18 +25,11 @@ def _read_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def _chat_template(path: Path, value: Any) -> str | None:
-    """The template string; some tokenizers list named templates, of which "default" is the chat one."""
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default")
-    if value is not None and not isinstance(value, str):
-        raise CheckpointError(f"{path}: chat_template is {type(value).__name__}; expected a string")
-    return value
-
-
 class Tokenizer:
-    def __init__(self, model_dir: str | Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, config: dict[str, Any] | None = None, chat_template: str | None = None
+    ) -> None:
+        """`chat_template`: a template file or the template itself, used instead of the model's."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(model_dir)
@@ -52,7 +45,12 @@ class Tokenizer:
         model_cfg = config or {}
         self.bos_token_id = self._special_id("bos_token", model_cfg.get("bos_token_id"))
         self.eos_token_ids = self._eos_ids(model_cfg)
-        self.chat_template: str | None = _chat_template(cfg_file, self.config.get("chat_template"))
+        if chat_template is not None:
+            self.chat_templates = {DEFAULT: load_override(chat_template)}
+            self.chat_template_source = "the given chat template"
+        else:
+            self.chat_templates, found = find_templates(path, self.config)
+            self.chat_template_source = found or "tokenizer_config.json"
 
     def _token_text(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -102,27 +100,36 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise CheckpointError("tokenizer_config.json has no chat_template; send a plain prompt instead")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    @property
+    def chat_template(self) -> str | None:
+        """The template used for requests without tools (None: the model has none)."""
+        return select(self.chat_templates, tools=False) if self.chat_templates else None
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._token_text("bos_token") or "",
-                eos_token=self._token_text("eos_token") or "",
-            )
-        except jinja2.TemplateError as exc:  # SecurityError (sandbox) is a TemplateError too
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render `messages` (and `tools`, OpenAI's function definitions) with the model's template,
+        or with `chat_template` (a template string) when given; `kwargs` reach the template as
+        variables (e.g. enable_thinking), as transformers passes them."""
+        template = chat_template or select(self.chat_templates, tools=bool(tools))
+        if not template:
             raise CheckpointError(
-                f"tokenizer_config.json chat_template failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-
-def _raise_template_error(message: str) -> None:
-    raise CheckpointError(f"chat template error: {message}")
+                "this model has no chat template (looked for chat_template.jinja, chat_template.json "
+                "and tokenizer_config.json's chat_template); send a plain prompt or pass a chat template"
+            )
+        variables = {
+            **kwargs,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self._token_text("bos_token") or "",
+            "eos_token": self._token_text("eos_token") or "",
+        }
+        if tools is not None:
+            variables["tools"] = tools
+        source = "the request's" if chat_template else self.chat_template_source
+        return render(template, source, **variables)

@@ -10,6 +10,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (config.json, *.safetensors, tokenizer.json)")
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="with --chat: a chat template file (or the template itself) instead of the model's",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         debug_numerics=args.debug_numerics,
         tensor_parallel_size=args.tensor_parallel_size,
+        chat_template=args.chat_template,
     )
     t1 = time.perf_counter()
     prompt = args.prompt

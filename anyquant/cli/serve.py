@@ -67,6 +67,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-waiting", type=int, default=256, help="requests queued beyond the batch before 429"
     )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="chat template file (or the template itself) used instead of the model's",
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests send their own chat_template (it runs in a sandbox, but can still cost "
+        "the server time); refused by default",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json", "mistral", "deepseek_v3"],
+        help="the model's tool-call format: enables tool_choice auto / required / named "
+        "(hermes: Qwen2.5, Qwen3, Hermes; llama3_json: Llama 3.x; mistral; deepseek_v3)",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM compatibility: tool_choice auto is on whenever --tool-call-parser is given",
+    )
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="request body size limit in MiB")
     parser.add_argument(
         "--shutdown-timeout",
@@ -84,6 +108,10 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("max_num_seqs", "max_waiting"):
         if getattr(args, name) < (1 if name == "max_num_seqs" else 0):
             raise AnyquantError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise AnyquantError(
+            "--enable-auto-tool-choice needs --tool-call-parser (the model's tool-call format)"
+        )
     if args.max_body_mb <= 0:
         raise AnyquantError(f"--max-body-mb {args.max_body_mb}: must be positive")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
@@ -127,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb,
         kv_cache_fraction=args.kv_cache_fraction,
         tensor_parallel_size=args.tensor_parallel_size,
+        chat_template=args.chat_template,
     )
     timings = llm.loaded.timings  # load_model logged reading and repacking as they ended
     engine_s = time.perf_counter() - t0 - timings.get("reading", 0.0) - timings.get("repacking", 0.0)
@@ -143,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         shutdown_timeout=args.shutdown_timeout,
         engine_thread=False,  # the engine loop runs on this, the main, thread: see _serve
+        tool_call_parser=args.tool_call_parser,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     app = create_app(llm.engine, llm.tokenizer, config)
     if not _is_loopback(args.host) and api_key is None:

@@ -18,8 +18,11 @@ _MAX_HELD_IDS = 4
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer | None, stop: list[str]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, stop: list[str], skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in stop if s]
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""  # final text so far (stop string excluded)
@@ -54,8 +57,9 @@ class IncrementalDetokenizer:
         assert self.tokenizer is not None
         if len(ids) <= self._read:
             return
-        before = self.tokenizer.decode(ids[self._prefix : self._read])
-        after = self.tokenizer.decode(ids[self._prefix :])
+        skip = self.skip_special_tokens
+        before = self.tokenizer.decode(ids[self._prefix : self._read], skip_special_tokens=skip)
+        after = self.tokenizer.decode(ids[self._prefix :], skip_special_tokens=skip)
         new = after[len(before) :]
         # A trailing replacement char may be half a UTF-8 sequence: keep the window and wait for
         # the next token, unless nothing more will come.

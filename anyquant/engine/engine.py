@@ -23,7 +23,7 @@ from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
 from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner, StepLogits
-from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
+from anyquant.engine.sampling import SamplingParams, apply_logit_processing, apply_penalties, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.errors import EngineDeadError
 from anyquant.tokenizer import Tokenizer
@@ -69,6 +69,7 @@ class RequestDelta:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served (set on the finished delta)
 
 
 @dataclass
@@ -77,11 +78,17 @@ class _State:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emitted_tokens: int = 0
+    num_cached_tokens: int | None = None  # at the first admission (a preempted request re-admits)
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 def _penalised(params: SamplingParams) -> bool:
     return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+
+
+def _edits_logits(params: SamplingParams) -> bool:
+    """Whether the row must be changed before choosing (so the step's shared argmax won't do)."""
+    return _penalised(params) or bool(params.logit_bias) or params.min_tokens > 0
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -156,11 +163,19 @@ class Engine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        vocab = int(self.runner.model.args.vocab_size)
+        outside = next((t for t in params.logit_bias or {} if t >= vocab), None)
+        if outside is not None:
+            raise ValueError(f"logit_bias: token id {outside} is outside the vocabulary [0, {vocab})")
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
         request = Request(rid, prompt_token_ids, params, eos, self.vocab_size)
         self.scheduler.add(request)  # raises ValueError naming the limits
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self._states[rid] = _State(request, IncrementalDetokenizer(self.tokenizer, params.stop), generator)
+        self._states[rid] = _State(
+            request,
+            IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens),
+            generator,
+        )
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -212,7 +227,7 @@ class Engine:
                 )
                 continue
             params = state.request.sampling_params
-            if params.greedy and params.logprobs is None and not _penalised(params):
+            if params.greedy and params.logprobs is None and not _edits_logits(params):
                 sampled[rid] = argmax[i]
             else:
                 sampled[rid] = self._sample(state, out.logits[i])
@@ -261,11 +276,17 @@ class Engine:
 
     def _sample(self, state: _State, row: Tensor) -> int:
         request, params = state.request, state.request.sampling_params
-        if _penalised(params):  # penalties edit the row in place
-            row = apply_penalties(row.clone(), params, request.output_token_ids, request.prompt_token_ids)
-        penalised = row
-        token = sample(penalised, params, state.generator)
+        processed = row
+        if _edits_logits(params):  # these edit the row in place
+            processed = row.clone()
+            stops = request.eos_token_ids if not params.ignore_eos else frozenset()
+            stops = stops | frozenset(params.stop_token_ids)
+            apply_logit_processing(processed, params, request.num_output_tokens, stops)
+            if _penalised(params):
+                apply_penalties(processed, params, request.output_token_ids, request.prompt_token_ids)
+        token = sample(processed, params, state.generator)
         if params.logprobs is not None:
+            # The model's own distribution, before bias and penalties (vLLM's default too).
             lp = torch.log_softmax(row, dim=-1)
             top = torch.topk(lp, params.logprobs).indices.tolist() if params.logprobs else []
             state.pending_logprobs.append({t: float(lp[t]) for t in [token, *top]})
@@ -275,6 +296,8 @@ class Engine:
         state = self._states.get(rid)
         if state is None:
             return None
+        if state.num_cached_tokens is None and request.num_computed_tokens:
+            state.num_cached_tokens = request.num_cached_tokens
         new_tokens = request.output_token_ids[state.emitted_tokens :]
         state.emitted_tokens = request.num_output_tokens
         finished = request.is_finished
@@ -295,4 +318,5 @@ class Engine:
             request.finish_reason if finished else None,
             request.error,
             logprobs,
+            (state.num_cached_tokens or 0) if finished else 0,
         )

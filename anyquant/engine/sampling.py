@@ -53,6 +53,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     guided_decoding: GuidedDecodingParams | None = None
+    n: int = 1  # LLM.generate: independent samples per prompt (seed + i for sample i when seeded)
+    min_tokens: int = 0  # eos and stop_token_ids are masked out until this many tokens exist
+    logit_bias: dict[int, float] | None = None  # added to the logits, before penalties
+    prompt_logprobs: int | None = None  # LLM.generate: top-k logprobs at every prompt position
+    skip_special_tokens: bool = True  # in the output text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,10 +74,36 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if self.logit_bias:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            bad = next((t for t in self.logit_bias if t < 0), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias: token id {bad} is negative")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def apply_logit_processing(
+    logits: Tensor, params: SamplingParams, num_generated: int, stop_ids: frozenset[int]
+) -> Tensor:
+    """logit_bias, then min_tokens (the stop tokens in `stop_ids` cannot be sampled yet); in place.
+    Bias ids outside the model's vocabulary are refused when the request is added."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if num_generated < params.min_tokens and stop_ids:
+        logits[torch.tensor(sorted(stop_ids), dtype=torch.long)] = float("-inf")
+    return logits
 
 
 def apply_penalties(

@@ -42,6 +42,7 @@ _COPIED_FILES = (
     "generation_config.json",
     "tokenizer.model",
     "chat_template.jinja",
+    "chat_template.json",
     "vocab.json",
     "merges.txt",
 )
@@ -291,3 +292,6 @@ def _write_configs(ckpt: Checkpoint, dst: Path, writer: FormatWriter, skipped: l
     for name in _COPIED_FILES:
         if (ckpt.path / name).is_file():
             shutil.copy2(ckpt.path / name, dst / name)
+    extra_templates = ckpt.path / "additional_chat_templates"  # transformers 5's named templates
+    if extra_templates.is_dir():
+        shutil.copytree(extra_templates, dst / extra_templates.name, dirs_exist_ok=True)

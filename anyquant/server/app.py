@@ -1,21 +1,19 @@
 """The OpenAI-compatible HTTP app: routes, limits, errors, auth, and the engine's lifecycle.
 
 Owns turning a validated body into engine requests (chat template, tokenization, the context and
-vocabulary limits, n and seeds), the non-streaming responses, the error shape every failure
-answers with (400 for bad input, never 500), bearer-token auth, the request-body size limit and
-starting / draining the `AsyncEngine`. Wire shapes of streams live in streaming.py.
+vocabulary limits, n and seeds), the non-streaming responses, turning failures into `ApiError`s
+(errors.py; 400 for bad input, never 500), and starting / draining the `AsyncEngine`. Auth and
+the body-size limit run before routing (guard.py); wire shapes of streams live in streaming.py,
+tool calling in tools.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anyquant import __version__
+from anyquant.chat import ChatInputError, render_chat
 from anyquant.engine.async_engine import (
     AsyncEngine,
     EngineUnavailableError,
@@ -34,31 +33,39 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
+from anyquant.server.errors import ApiError
+from anyquant.server.guard import Guard
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     new_id,
     now,
     usage,
 )
-from anyquant.server.streaming import LogprobFormatter, StreamMeta, chat_events, completion_events
+from anyquant.server.streaming import (
+    LogprobFormatter,
+    StreamMeta,
+    chat_events,
+    completion_events,
+    prompt_logprobs_json,
+)
+from anyquant.server.tool_parsers import PARSERS
+from anyquant.server.tools import ToolChoiceError, ToolPlan, assistant_message, plan_tools
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-_KNOWN_PATHS = frozenset({*_GENERATION_PATHS, "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
@@ -83,8 +90,14 @@ class ServerConfig:
     # True: the engine loop gets a thread of its own. False: the caller runs it with
     # `app.state.server.engine.run_here()` (`anyquant serve` does, on the main thread).
     engine_thread: bool = True
+    # The model's tool-call format (vLLM's --tool-call-parser); None: tool_choice "none" only.
+    tool_call_parser: str | None = None
+    # A request's own `chat_template` runs code-like Jinja on the server: off unless trusted.
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser {self.tool_call_parser!r}: choose one of {sorted(PARSERS)}")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.max_body_bytes < 1024:
@@ -95,32 +108,6 @@ class ServerConfig:
             raise ValueError("api_key must not be empty (omit it to disable auth)")
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI's `{"error": {...}}` with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param = param
-        self.headers = headers
-
-    def response(self) -> Response:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
-        # ASCII-escaped: a message may quote client input, which can hold lone surrogates that have
-        # no UTF-8 form (rendering them as UTF-8 would turn this 4xx into a 500).
-        content = json.dumps({"error": error}, ensure_ascii=True, allow_nan=False)
-        return Response(content, self.status, self.headers, media_type="application/json")
-
-
 @dataclass
 class _Choice:
     text: str = ""
@@ -128,6 +115,7 @@ class _Choice:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -266,9 +254,18 @@ class Server:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body)
-        prompt = self.encode(self.render_chat(body), False)  # the template places any <s> itself
+        try:
+            plan = plan_tools(
+                body.tools, body.tool_choice, body.parallel_tool_calls, self.config.tool_call_parser
+            )
+        except ToolChoiceError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
+        text = self.render_chat(body, plan.tools)
+        prompt = self.encode(text, False)  # the template places any <s> itself
         requested = body.requested_max_tokens()
-        return await self._generate(body, request, [prompt], requested, body.logprobs_k(), "chat.completion")
+        return await self._generate(
+            body, request, [prompt], requested, body.logprobs_k(), "chat.completion", plan
+        )
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         self.check_model(body.model)
@@ -284,8 +281,12 @@ class Server:
         requested: int | None,
         logprobs: int | None,
         kind: str,
+        tools: ToolPlan | None = None,
     ) -> Response:
         prepared = self.prepare(body, prompts, requested, logprobs)
+        if tools is not None and tools.parser is not None:
+            prepared = _with_tools(prepared, tools)
+        scored = await self._score_prompts(body, prompts)
         formatter = LogprobFormatter(self.tokenizer, logprobs) if logprobs is not None else None
         chat = kind == "chat.completion"
         response_id = new_id("chatcmpl" if chat else "cmpl")
@@ -297,43 +298,131 @@ class Server:
             len(prepared.items),
             prepared.num_prompt_tokens,
             body.include_usage,
+            body.n,
         )
         if body.stream:
-            events = chat_events if chat else completion_events
-            return _sse_response(events(meta, stream, formatter), stream)
+            if chat:
+                return _sse_response(chat_events(meta, stream, formatter, tools), stream)
+            return _sse_response(completion_events(meta, stream, formatter), stream)
         try:
             choices = await _collect(stream, len(prepared.items), request)
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; the status shows in logs and metrics
-        out = [_choice_json(chat, i, c, formatter) for i, c in enumerate(choices)]
-        return self._respond(meta, kind, out, choices)
+        out = [_choice_json(chat, i, c, formatter, tools) for i, c in enumerate(choices)]
+        extra = {}
+        if scored is not None:
+            wire = [prompt_logprobs_json(self.tokenizer, s) for s in scored]
+            if chat:
+                extra["prompt_logprobs"] = wire[0]
+            else:
+                for i, choice in enumerate(out):
+                    choice["prompt_logprobs"] = wire[i // body.n]
+        return self._respond(meta, kind, out, choices, extra)
 
-    def render_chat(self, body: ChatCompletionRequest) -> str:
-        if not self.tokenizer.chat_template:
+    async def _score_prompts(
+        self, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]]
+    ) -> list[PromptLogprobs] | None:
+        """vLLM's prompt_logprobs: one teacher-forced pass per prompt, run on the engine thread
+        between steps (it owns the model)."""
+        k = body.prompt_logprobs
+        if k is None:
+            return None
+        if body.stream:
+            raise ApiError(400, "prompt_logprobs is not available with stream=true", param="prompt_logprobs")
+        if k > self.vocab_size:
             raise ApiError(
-                400, "this model has no chat template (tokenizer_config.json); use /v1/completions"
+                400,
+                f"{k} prompt logprobs asked for a vocabulary of {self.vocab_size}",
+                param="prompt_logprobs",
             )
-        messages = []
-        for i, m in enumerate(body.messages):
+        scored = []
+        for ids in prompts:
+
+            def score(engine: Engine, ids: list[int] = ids) -> PromptLogprobs:
+                logits = prompt_logits(engine.runner.model, ids, engine.dtype, engine.runner.device)
+                return prompt_logprobs(logits, ids, k)
+
             try:
-                text = m.text()
-            except ValueError as exc:
-                raise ApiError(400, f"messages[{i}]: {exc}", param="messages") from exc
-            message = {"role": m.role, "content": text}
-            if m.name is not None:
-                message["name"] = m.name
-            messages.append(message)
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
+                scored.append(await self.engine.call(score))
+            except EngineUnavailableError as exc:
+                raise ApiError(503, str(exc), "service_unavailable") from exc
+            except ValueError as exc:  # non-finite logits: the model's numerics, not the request
+                raise ApiError(500, str(exc), "server_error") from exc
+        return scored
+
+    def render_chat(
+        self, body: ChatCompletionRequest | TokenizeChatRequest, tools: list[dict[str, Any]] | None
+    ) -> str:
+        chat_template = body.chat_template
+        if chat_template is not None and not self.config.trust_request_chat_template:
+            raise ApiError(
+                400,
+                "this server does not take chat templates from requests (start it with "
+                "--trust-request-chat-template to allow them); it uses the model's or --chat-template",
+                param="chat_template",
             )
+        if not (chat_template or self.tokenizer.chat_templates):
+            raise ApiError(
+                400,
+                "this model has no chat template (chat_template.jinja, chat_template.json or "
+                "tokenizer_config.json) and the server was started without --chat-template; use "
+                "/v1/completions or send chat_template",
+            )
+        try:
+            return render_chat(
+                self.tokenizer,
+                [m.model_dump(exclude_none=True) for m in body.messages],
+                tools,
+                body.add_generation_prompt,
+                chat_template,
+                body.chat_template_kwargs,
+                body.continue_final_message,
+            )
+        except ChatInputError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
         except Exception as exc:  # the template is checkpoint data: any failure is this request's
             raise ApiError(
                 400, f"the chat template failed for these messages: {exc}", param="messages"
             ) from exc
 
+    # -- /tokenize, /detokenize ------------------------------------------------------------------
+    def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
+        self.check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            text = self.render_chat(body, body.tools)
+        else:
+            text = body.prompt
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        except Exception as exc:  # e.g. lone surrogates
+            raise ApiError(400, f"the text cannot be tokenized: {exc}", param="prompt") from exc
+        strs = (
+            [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+            if body.return_token_strs
+            else None
+        )
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+        )
+
+    def detokenize(self, body: DetokenizeRequest) -> Response:
+        self.check_model(body.model)
+        bad = next((t for t in body.tokens if t >= self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"token id {bad} is outside the vocabulary [0, {self.tokenizer.vocab_size})",
+                param="tokens",
+            )
+        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+
     def _respond(
-        self, meta: StreamMeta, kind: str, out: list[dict[str, Any]], choices: list[_Choice]
+        self,
+        meta: StreamMeta,
+        kind: str,
+        out: list[dict[str, Any]],
+        choices: list[_Choice],
+        extra: dict[str, Any] | None = None,
     ) -> Response:
         failed = next((c for c in choices if c.finish_reason == "error"), None)
         if failed is not None:
@@ -342,13 +431,15 @@ class Server:
         if aborted is not None:
             raise ApiError(503, aborted.error or "the request was aborted", "service_unavailable")
         generated = sum(c.num_tokens for c in choices)
+        cached = sum(c.num_cached_tokens for i, c in enumerate(choices) if i % meta.choices_per_prompt == 0)
         body = {
             "id": meta.response_id,
             "object": kind,
             "created": meta.created,
             "model": meta.model,
             "choices": out,
-            "usage": usage(meta.num_prompt_tokens, generated),
+            "usage": usage(meta.num_prompt_tokens, generated, cached),
+            **(extra or {}),
         }
         return JSONResponse(body)
 
@@ -378,6 +469,7 @@ async def _gather(stream: RequestStream, n: int) -> list[_Choice]:
         c.logprobs += d.logprobs
         if d.finished:
             c.finish_reason, c.error = d.finish_reason, d.error
+            c.num_cached_tokens = d.num_cached_tokens
     return choices
 
 
@@ -401,106 +493,41 @@ def _sse_response(events: AsyncIterator[str], stream: RequestStream) -> Streamin
     )
 
 
+def _with_tools(prepared: _Prepared, tools: ToolPlan) -> _Prepared:
+    """The items with what tool calling needs: the call grammar of `required` / named choices, and
+    special tokens kept in the text when the format's markers are special tokens."""
+    items = [
+        GenerationItem(
+            item.prompt_token_ids,
+            replace(
+                item.params,
+                guided_decoding=tools.guided or item.params.guided_decoding,
+                skip_special_tokens=item.params.skip_special_tokens and tools.skip_special_tokens,
+            ),
+        )
+        for item in prepared.items
+    ]
+    return _Prepared(items, prepared.num_prompt_tokens)
+
+
 def _choice_json(
-    chat: bool, index: int, choice: _Choice, formatter: LogprobFormatter | None
+    chat: bool, index: int, choice: _Choice, formatter: LogprobFormatter | None, tools: ToolPlan | None = None
 ) -> dict[str, Any]:
     if chat:
+        reason = choice.finish_reason
+        if tools is not None:
+            message, called = assistant_message(tools, choice.text)
+            reason = tools.finish_reason(called, reason)
+        else:
+            message = {"role": "assistant", "content": choice.text}
         return {
             "index": index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": formatter.chat(choice.logprobs) if formatter is not None else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": reason,
         }
     logprobs = formatter.completion(choice.logprobs, 0)[0] if formatter is not None else None
     return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
-
-
-# -- ASGI guard: auth, body limit, per-path metrics -------------------------------------------------
-_UNAUTHORIZED = ApiError(
-    401,
-    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-    "authentication_error",
-    headers={"WWW-Authenticate": "Bearer"},
-)
-
-
-class _Guard:
-    """Runs before routing: bearer auth on /v1/*, the body size limit (413, checked on the header
-    and on the bytes actually received), request counts and latencies."""
-
-    def __init__(self, app: ASGIApp, server: Server) -> None:
-        self.app = app
-        self.server = server
-        key = server.config.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        label = path if path in _KNOWN_PATHS else "other"
-        start = time.monotonic()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            if self._expected is not None and path.startswith("/v1/") and not self._authorized(scope):
-                await _UNAUTHORIZED.response()(scope, receive, send_and_record)
-                return
-            replay = await self._read_body(scope, receive, send_and_record)
-            if replay is not None:
-                await self.app(scope, replay, send_and_record)
-        finally:
-            self.server.metrics.http_request(label, status)
-            if label in _GENERATION_PATHS:
-                self.server.metrics.request_latency(label, time.monotonic() - start)
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                return self._expected is not None and hmac.compare_digest(value, self._expected)
-        return False
-
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """Read the whole body within the limit; a receive that replays it, or None when the
-        request was answered here (413) or the client left."""
-        limit = self.server.config.max_body_bytes
-        too_large = ApiError(413, f"request body larger than {limit} bytes", param=None)
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
-                await too_large.response()(scope, receive, send)
-                return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await too_large.response()(scope, receive, send)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as the app expects
-
-        return replay
 
 
 # -- app ---------------------------------------------------------------------------------------------
@@ -577,6 +604,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> Fa
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> Response:
+        return server.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return server.detokenize(body)
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completions(body, request)
@@ -585,5 +620,5 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(body, request)
 
-    app.add_middleware(_Guard, server=server)
+    app.add_middleware(Guard, server=server)
     return app

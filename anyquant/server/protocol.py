@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response models (pydantic) and their translation to the engine.
 
 Owns what a valid body is: types, ranges and the fields we refuse rather than silently ignore
-(echo, suffix, tools, ...); unknown fields are ignored. Bounds are chosen so that no accepted value
+(echo, suffix, ...); unknown fields are ignored. Bounds are chosen so that no accepted value
 can make sampling produce NaN or overflow an integer (a 500); what the model's limits forbid
 (context length, vocabulary) is checked later, in app.py, where the limits are known.
 """
@@ -52,6 +52,11 @@ class _SamplingFields(_Body):
         Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=MAX_STOP)] | None
     ) = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    # OpenAI's shape: token id (as a string key) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's; not with stream
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -81,7 +86,21 @@ class _SamplingFields(_Body):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            min_tokens=self.min_tokens,
+            logit_bias=self.token_bias(),
+            skip_special_tokens=self.skip_special_tokens,
         )
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer keys; a key that is not a token id is a ValueError (a 400)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: key {key[:40]!r} is not a token id")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -127,21 +146,8 @@ class ChatMessage(_Body):
     role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-
-    def text(self) -> str:
-        """The content as one string; only text parts are supported."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        texts = []
-        for i, part in enumerate(self.content):
-            kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"content part {i} has type {kind!r}; this server supports only text parts "
-                    '({"type": "text", "text": "..."})'
-                )
-            texts.append(part["text"])
-        return "".join(texts)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ResponseFormat(_Body):
@@ -155,7 +161,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: continue the last (assistant) message
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    chat_template: str | None = None  # vLLM's: a template for this request instead of the model's
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (enable_thinking...)
     response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -167,8 +178,6 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
     def unsupported(self) -> str | None:
-        if self.tools:
-            return "tools are not supported by this server"
         if self.response_format is not None and self.response_format.type != "text":
             return f"response_format type {self.response_format.type!r} is not supported (only 'text')"
         if self.top_logprobs and not self.logprobs:
@@ -177,10 +186,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # -- responses (documented in the OpenAPI schema; built as plain dicts at run time) ---------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -188,6 +202,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -199,9 +214,21 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -218,6 +245,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class ModelCard(BaseModel):
@@ -252,9 +280,46 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+# -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------------------------
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Body):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # the template writes any BOS itself
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

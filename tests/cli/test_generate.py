@@ -45,3 +45,26 @@ def test_quantize_then_generate_a_story(stories: Path, tmp_path: Path) -> None:
 def test_generate_reports_errors_without_traceback(tmp_path: Path) -> None:
     g = _anyquant("generate", str(tmp_path), "--prompt", "x")
     assert g.returncode == 2 and "Traceback" not in g.stderr and "config.json" in g.stderr
+
+
+def test_generate_chat_uses_the_chat_template_file(tmp_path: Path) -> None:
+    from anyquant.utils.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m", "llama")
+    template = tmp_path / "mine.jinja"
+    template.write_text("{{ raise_exception('rendered by mine.jinja') }}")
+    g = _anyquant("generate", str(model), "--prompt", "x", "--chat", "--chat-template", str(template))
+    assert g.returncode == 2 and "rendered by mine.jinja" in g.stderr and "Traceback" not in g.stderr
+    template.write_text("[{{ messages[0].content }}]")
+    g = _anyquant(
+        "generate",
+        str(model),
+        "--prompt",
+        "x",
+        "--chat",
+        "--chat-template",
+        str(template),
+        "--max-tokens",
+        "2",
+    )
+    assert g.returncode == 0, g.stderr

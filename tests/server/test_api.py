@@ -49,7 +49,12 @@ def test_completion_matches_offline_generation(app: FastAPI, ref: LLM) -> None:
     assert len(ids) == 6 and ids[0] == 256  # the byte tokenizer adds <s> (256)
     text, _ = _greedy(ref, ids, 8)
     assert body["choices"] == [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 8, "total_tokens": 14}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 8,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_several_prompts_and_n_use_openai_index_order(app: FastAPI, ref: LLM) -> None:
@@ -196,6 +201,25 @@ BAD_CHATS = [
     ({"messages": [{"role": "user"}], "n": "two"}, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
     ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, "tool_choice needs tools"),
+    (
+        {
+            "messages": [{"role": "user", "content": "a"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        "--tool-call-parser",
+    ),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+        "arguments is not valid JSON",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": {"messages": []}},
+        "must not set",
+    ),
+    ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"abc": 1}}, "not a token id"),
+    ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"5000": 1}}, "outside the vocabulary"),
+    ({"messages": [{"role": "user", "content": "a"}], "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"messages": [{"content": "a"}]}, "role"),
     ({"messages": "hello"}, "messages"),
 ]
@@ -242,7 +266,7 @@ def test_unknown_fields_are_ignored(app: FastAPI) -> None:
     chat = {
         "messages": [{"role": "user", "content": "a", "weird": 1}],
         "max_tokens": 2,
-        "parallel_tool_calls": 3,
+        "a_future_field": 3,
     }
     assert _post(app, "/v1/chat/completions", chat).status_code == 200
 
@@ -341,3 +365,51 @@ def test_openapi_schema_documents_the_endpoints(app: FastAPI) -> None:
         assert path in schema["paths"]
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]
     assert {"200", "400", "401", "413", "429"} <= set(responses)
+
+
+def test_a_request_chat_template_needs_the_servers_trust(make_app: AppFactory) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": "<{{ messages[0].content }}>"}
+    refused = _post(make_app(), "/tokenize", body)
+    assert (
+        refused.status_code == 400 and "--trust-request-chat-template" in refused.json()["error"]["message"]
+    )
+    trusted = make_app(config={"trust_request_chat_template": True})
+    tokens = _post(trusted, "/tokenize", body).json()["tokens"]
+    assert tokens == trusted.state.llm.tokenizer.encode("<hi>", add_special_tokens=False)
+    assert _post(trusted, "/v1/chat/completions", {**body, "max_tokens": 2}).status_code == 200
+
+
+def test_tokenize_and_detokenize_refuse_bad_input(app: FastAPI) -> None:
+    for path, body, mentions in (
+        ("/tokenize", {"prompt": "x", "model": "other"}, "does not exist"),
+        ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ):
+        r = _post(app, path, body)
+        assert r.status_code in (400, 404), r.text
+        assert mentions in r.json()["error"]["message"] or mentions == r.json()["error"]["param"]
+
+
+def test_prompt_logprobs_on_both_endpoints(app: FastAPI, ref: LLM) -> None:
+    assert ref.tokenizer is not None
+    body = {"prompt": "Hello", "max_tokens": 1, "prompt_logprobs": 2, "n": 2}
+    choices = _post(app, "/v1/completions", body).json()["choices"]
+    ids = ref.tokenizer.encode("Hello")
+    lp = torch.log_softmax(ref.logits(ids).double(), dim=-1)
+    for choice in choices:
+        got = choice["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(ids)
+        for pos in range(1, len(ids)):
+            entry = got[pos][str(ids[pos])]
+            assert entry["logprob"] == pytest.approx(float(lp[pos - 1, ids[pos]]), abs=1e-4)
+            assert entry["rank"] == int((lp[pos - 1] > lp[pos - 1, ids[pos]]).sum()) + 1
+            assert entry["decoded_token"] == ref.tokenizer.decode([ids[pos]], skip_special_tokens=False)
+            best = int(torch.argmax(lp[pos - 1]))
+            assert got[pos][str(best)]["rank"] == 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    reply = _post(app, "/v1/chat/completions", chat).json()
+    assert reply["prompt_logprobs"][0] is None and reply["usage"]["prompt_tokens"] == len(
+        reply["prompt_logprobs"]
+    )
+    streamed = _post(app, "/v1/completions", {**body, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"

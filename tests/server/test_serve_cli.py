@@ -23,6 +23,8 @@ def test_tensor_parallel_size_below_one_is_a_clear_error(
     assert "--tensor-parallel-size 0: must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(tiny_model), "--kv-cache-fraction", "1.5"]) == 2
     assert "--kv-cache-fraction 1.5: must be in (0, 1]" in capsys.readouterr().err
+    assert main(["serve", str(tiny_model), "--enable-auto-tool-choice"]) == 2
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -73,6 +75,13 @@ def test_serve_help_lists_the_vllm_flags(capsys: pytest.CaptureFixture[str]) -> 
     for flag in ("--host", "--port", "--served-model-name", "--max-model-len", "--max-num-seqs", "--dtype"):
         assert flag in out
     for flag in ("--tensor-parallel-size", "--api-key", "--kv-cache-gb"):
+        assert flag in out
+    for flag in (
+        "--tool-call-parser",
+        "--enable-auto-tool-choice",
+        "--chat-template",
+        "--trust-request-chat-template",
+    ):
         assert flag in out
     args = build_parser().parse_args(["serve", "some/model"])
     assert args.host == "127.0.0.1"  # loopback unless asked otherwise
@@ -135,3 +144,36 @@ def test_the_cli_does_not_import_the_server_stack_until_serve_runs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_serve_tool_and_template_flags_reach_the_server(tiny_model: Path, tmp_path: Path) -> None:
+    template = tmp_path / "mine.jinja"
+    template.write_text(
+        "{% for m in messages %}({{ m.content }}){% endfor %}{{ tools | length if tools else 0 }}"
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "anyquant",
+        "serve",
+        str(tiny_model),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+    ]
+    cmd += ["--served-model-name", MODEL, "--chat-template", str(template), "--tool-call-parser", "hermes"]
+    cmd += ["--enable-auto-tool-choice"]
+    with ServerProcess(cmd, url, "anyquant serve", tmp_path / "serve.log"):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        messages = [{"role": "user", "content": "hi"}]
+        tokens = httpx.post(f"{url}/tokenize", json={"messages": messages, "tools": tools}).json()
+        detok = httpx.post(f"{url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+        assert detok["prompt"] == "(hi)1"  # the --chat-template file rendered it
+        body = {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 3}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text  # tool_choice auto: the parser is configured
+        assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")

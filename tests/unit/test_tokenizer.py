@@ -57,7 +57,7 @@ def test_chat_template_raise_exception(tiny: Path) -> None:
 
 def test_missing_template_is_a_clear_error(tiny: Path) -> None:
     tok = Tokenizer(tiny)
-    with pytest.raises(CheckpointError, match="no chat_template"):
+    with pytest.raises(CheckpointError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 

@@ -1,0 +1,145 @@
+"""OpenAI-style chat messages and tools -> the variables a checkpoint's chat template expects.
+
+Owns the one translation `LLM.chat` and the server's /v1/chat/completions share, so that the same
+request renders to the same prompt in both: content parts joined into text, assistant `tool_calls`
+with their JSON `arguments` string parsed into an object (templates `tojson` them; a string would
+be quoted twice, as transformers and vLLM also avoid), `tool` messages kept with their
+`tool_call_id`, and the tools list passed as OpenAI's function definitions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anyquant.tokenizer import Tokenizer
+
+
+# Template variables a request sets through their own fields, never through chat_template_kwargs.
+_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "chat_template"})
+
+
+class ChatInputError(ValueError):
+    """A message or tool that cannot be rendered; the text names the field."""
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as one string; only text parts are supported."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ChatInputError(f"{where}.content must be a string or a list of parts")
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ChatInputError(
+                f"{where}.content[{i}] has type {kind!r}; only text parts are supported "
+                '({"type": "text", "text": "..."})'
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise ChatInputError(f"{where} must be an object with a 'function' object")
+    function = call["function"]
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise ChatInputError(f"{where}.function.name must be a non-empty string")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ChatInputError(f"{where}.function.arguments is not valid JSON: {exc}") from exc
+    out: dict[str, Any] = {
+        "type": call.get("type", "function"),
+        "function": {"name": name, "arguments": arguments},
+    }
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalise OpenAI messages for a template; raises ChatInputError naming the bad field."""
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ChatInputError(f"{where} must be an object with a string 'role'")
+        rendered: dict[str, Any] = {
+            "role": message["role"],
+            "content": content_text(message.get("content"), where),
+        }
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                rendered[key] = message[key]
+        calls = message.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise ChatInputError(f"{where}.tool_calls must be a list")
+            rendered["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        out.append(rendered)
+    return out
+
+
+def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """OpenAI function tools, checked: each {"type": "function", "function": {"name", ...}}."""
+    if tools is None:
+        return None
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+        ):
+            raise ChatInputError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ChatInputError(f"tools[{i}].function.name must be a non-empty string")
+        params = function.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ChatInputError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return tools
+
+
+def render_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    continue_final_message: bool = False,
+) -> str:
+    """The prompt text of a chat request (ChatInputError for bad input, CheckpointError when the
+    template fails). `continue_final_message`: end the prompt right after the last message's
+    content, so the model continues that message (transformers' rule), instead of starting a new
+    turn."""
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(set(kwargs) & _RESERVED)
+    if reserved:
+        raise ChatInputError(f"chat_template_kwargs must not set {reserved}; they have fields of their own")
+    if continue_final_message and add_generation_prompt:
+        raise ChatInputError("continue_final_message and add_generation_prompt cannot both be true")
+    rendered = template_messages(messages)
+    text = tokenizer.apply_chat_template(
+        rendered,
+        add_generation_prompt=add_generation_prompt,
+        tools=check_tools(tools),
+        chat_template=chat_template,
+        **kwargs,
+    )
+    if not continue_final_message:
+        return text
+    final = rendered[-1]["content"] if rendered else ""
+    for piece in (final, final.strip()):
+        if piece and piece in text:
+            return text[: text.rindex(piece) + len(piece)]
+    raise ChatInputError(
+        "continue_final_message: the last message's content does not appear in the rendered prompt"
+    )
