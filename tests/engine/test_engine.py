@@ -248,7 +248,7 @@ def test_prompt_ids_outside_the_vocabulary_are_named_before_any_forward_pass(tin
     vocab = llm.engine.vocab_size
     with pytest.raises(AnyquantError, match=f"prompt token id {vocab} is outside the vocabulary"):
         llm.logits([1, vocab])
-    with pytest.raises(ValueError, match=f"prompt token id {vocab + 5} is outside the vocabulary"):
+    with pytest.raises(AnyquantError, match=f"prompt token id {vocab + 5} is outside the vocabulary"):
         llm.generate(prompt_token_ids=[[1, vocab + 5]], sampling_params=SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished()
     assert llm.logits([vocab - 1]).shape == (1, vocab)
