@@ -163,10 +163,11 @@ class Engine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        vocab = int(self.runner.model.args.vocab_size)
-        outside = next((t for t in params.logit_bias or {} if t >= vocab), None)
+        outside = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
         if outside is not None:
-            raise ValueError(f"logit_bias: token id {outside} is outside the vocabulary [0, {vocab})")
+            raise ValueError(
+                f"logit_bias: token id {outside} is outside the vocabulary [0, {self.vocab_size})"
+            )
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
         request = Request(rid, prompt_token_ids, params, eos, self.vocab_size)
         self.scheduler.add(request)  # raises ValueError naming the limits
