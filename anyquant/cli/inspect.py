@@ -62,6 +62,7 @@ def print_text(doc: dict[str, Any]) -> None:
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")
+    print_merges(doc["merged_projections"])
     if doc["notes"]:
         print("\nconfig and tensors disagree (tensors win):")
         for note in doc["notes"]:
@@ -71,6 +72,19 @@ def print_text(doc: dict[str, Any]) -> None:
         print("\nrisks:")
         for risk in doc["risks"]:
             print(f"  - {risk}")
+
+
+def print_merges(merges: list[dict[str, Any]]) -> None:
+    if merges:
+        print("\nmerged projections (one kernel call for several projections of the same input):")
+    for m in merges:
+        members = "+".join(m["members"])
+        shape = "x".join(map(str, m["local_shape"]))
+        if m["merged"]:
+            when = f", {m['reason']}" if m["reason"] else ""
+            print(f"  {m['pattern']}  ×{m['count']}  {members} -> [{shape}] on {m['kernel']}{when}")
+        else:
+            print(f"  {m['pattern']}  ×{m['count']}  {members} kept apart: {m['reason']}")
 
 
 def print_tensor_parallel(tp: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from anyquant.errors import AnyquantError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.loader import build_on_meta, resolve_dtype
+from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     TensorParallelPlan,
@@ -78,6 +79,7 @@ def describe_checkpoint(
     plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan)
     # Every header check the loader makes: a checkpoint inspect passes is one that loads.
     check_checkpoint(ckpt, fmt, model, plans)
+    merges = plan_merges(model, plans, dev, compute_dtype, kernel)
     source = ckpt.quant_config()
     groups: dict[tuple[str, str, str, str], list[LayerPlan]] = {}
     for plan in plans:
@@ -156,6 +158,7 @@ def describe_checkpoint(
         "risks": risks,
         "tensor_parallel": tp_doc,
         "groups": group_docs,
+        "merged_projections": merge_docs(merges),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
             "linear_layers": len(plans),
@@ -164,6 +167,32 @@ def describe_checkpoint(
             "checkpoint_tensors": len(ckpt.index),
         },
     }
+
+
+def merge_docs(merges: list[MergePlan]) -> list[dict[str, Any]]:
+    """Projection groups by pattern: merged into one kernel call, or kept apart and why. An
+    act-order group merges only if its members' group indices turn out equal when loaded."""
+    docs: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for m in merges:
+        key = (layer_pattern(m.prefix), m.kernel, m.refusal)
+        if key not in docs:
+            act_order = any(p.local_spec is not None and p.local_spec.act_order for p in m.members)
+            docs[key] = {
+                "pattern": key[0],
+                "members": [p.prefix.rsplit(".", 1)[-1] for p in m.members],
+                "count": 0,
+                "merged": m.refusal is None,
+                "kernel": m.kernel,
+                "local_shape": list(m.local_shape),
+                "reason": m.refusal
+                or (
+                    "if the members' act-order group indices are equal (checked at load)"
+                    if act_order
+                    else None
+                ),
+            }
+        docs[key]["count"] += 1
+    return list(docs.values())
 
 
 def memory_per_rank(
