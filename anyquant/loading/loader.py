@@ -23,6 +23,7 @@ from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import MergedLinear, QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
 from anyquant.loading.preflight import (
@@ -102,12 +103,15 @@ def load_model(
     parallel: ParallelState | None = None,
     progress: LoadProgress | None = None,
     merge_projections: bool = True,
+    lm_head_dtype: str = "auto",
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
     decoding and repacking every weight); by default a bar on a terminal, log lines otherwise.
     `merge_projections`: q/k/v and gate/up as one weight each where possible (loading/merge.py);
-    False keeps every projection apart (same logits, more kernel calls)."""
+    False keeps every projection apart (same logits, more kernel calls).
+    `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
+    row at load (loading/lm_head.py)."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
@@ -123,7 +127,8 @@ def load_model(
             if parallel.is_parallel
             else None
         )
-        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp)
+        head_as = lm_head_spec(lm_head_dtype)
+        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp, lm_head_as=head_as)
         if tp is not None:
             with torch.device("meta"):
                 apply_tensor_parallel(model, tp, parallel)
@@ -229,9 +234,11 @@ def _decode_linear(
     else:
         name = plan.stored.required[0]
         weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
+        if plan.load_as is not None:
+            weight = quantize_rows(weight, plan.load_as)
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
-    if isinstance(weight, QuantWeight) and weight.spec != plan.local_spec:
+    if isinstance(weight, QuantWeight) and weight.spec != plan.kernel_spec:
         # The plan's spec comes from headers; decode may refine it from the data (a g_idx that
         # turns out trivial, zero points that contradict `sym`). Choose again for what we hold.
         again = prefer
