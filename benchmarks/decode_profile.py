@@ -34,6 +34,7 @@ from anyquant.quant.kernels.base import LinearKernel
 VARIANTS: dict[str, dict[str, Any]] = {
     "unmerged": {"merge_projections": False},
     "merged": {},
+    "int8-head": {"lm_head_dtype": "int8"},
 }
 
 

@@ -21,9 +21,10 @@ from anyquant.engine.detokenizer import IncrementalDetokenizer
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
+from anyquant.engine.penalties import PenaltyTracker
 from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner, StepLogits
-from anyquant.engine.sampling import SamplingParams, apply_penalties, sample
+from anyquant.engine.sampling import SamplingParams, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.errors import EngineDeadError
 from anyquant.tokenizer import Tokenizer
@@ -78,6 +79,7 @@ class _State:
     generator: torch.Generator | None
     emitted_tokens: int = 0
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+    penalties: PenaltyTracker | None = None  # made at the first penalised sampling
 
 
 def _penalised(params: SamplingParams) -> bool:
@@ -261,7 +263,10 @@ class Engine:
     def _sample(self, state: _State, row: Tensor) -> int:
         request, params = state.request, state.request.sampling_params
         if _penalised(params):  # penalties edit the row in place
-            row = apply_penalties(row.clone(), params, request.output_token_ids, request.prompt_token_ids)
+            if state.penalties is None:
+                state.penalties = PenaltyTracker(params, request.prompt_token_ids)
+            state.penalties.update(request.output_token_ids)
+            row = state.penalties.apply(row.clone())
         penalised = row
         token = sample(penalised, params, state.generator)
         if params.logprobs is not None:
