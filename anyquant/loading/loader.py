@@ -129,6 +129,15 @@ def load_model(
         )
         head_as = lm_head_spec(lm_head_dtype)
         plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp, lm_head_as=head_as)
+        if head_as is not None:
+            for plan in plans:
+                if plan.kind == "lm_head" and plan.spec is not None:
+                    log.warning(
+                        "%s is stored quantized (%s): lm_head_dtype=%s keeps it as stored",
+                        plan.prefix,
+                        plan.spec.describe(),
+                        lm_head_dtype,
+                    )
         if tp is not None:
             with torch.device("meta"):
                 apply_tensor_parallel(model, tp, parallel)
