@@ -74,6 +74,8 @@ class LLM:
         tp_timeout_s: float | None = None,
         kv_cache_fraction: float | None = None,
         chat_template: str | None = None,
+        merge_projections: bool = True,
+        lm_head_dtype: str = "auto",
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -89,19 +91,37 @@ class LLM:
         (capped at what `max_num_seqs` full-length sequences need); default: room for those
         sequences up to 2 GiB.
         `chat_template`: a template file, or the template itself, used by `chat` instead of the
-        checkpoint's own (vLLM's `--chat-template`)."""
+        checkpoint's own (vLLM's `--chat-template`).
+        `merge_projections=False` keeps q/k/v and gate/up as separate kernel calls (same logits;
+        for measuring what merging gains).
+        `lm_head_dtype="int8"` quantizes an unquantized LM head per row at load: half its bytes per
+        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
         self._tp: Any = None
         if tensor_parallel_size > 1:
             self.loaded, self._tp = _start_tensor_parallel(
-                model, device, dtype, kernel, tensor_parallel_size, tp_timeout_s
+                model,
+                device,
+                dtype,
+                kernel,
+                tensor_parallel_size,
+                tp_timeout_s,
+                merge_projections,
+                lm_head_dtype,
             )
             self._closer = weakref.finalize(self, self._tp.close)
             self.model: Any = self._tp
         else:
-            self.loaded = load_model(model, device=device, dtype=dtype, kernel=kernel)
+            self.loaded = load_model(
+                model,
+                device=device,
+                dtype=dtype,
+                kernel=kernel,
+                merge_projections=merge_projections,
+                lm_head_dtype=lm_head_dtype,
+            )
             self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
@@ -347,13 +367,22 @@ class LLM:
 
 
 def _start_tensor_parallel(
-    model: str | Path, device: str, dtype: str, kernel: str | None, world: int, timeout_s: float | None
+    model: str | Path,
+    device: str,
+    dtype: str,
+    kernel: str | None,
+    world: int,
+    timeout_s: float | None,
+    merge_projections: bool,
+    lm_head_dtype: str,
 ) -> tuple[LoadedModel, Any]:
     """Check the split from headers first (a refusal needs no processes), then start the ranks."""
     from anyquant.loading.describe import check_tensor_parallel
+    from anyquant.loading.lm_head import lm_head_spec
     from anyquant.parallel.state import DEFAULT_TIMEOUT_S
     from anyquant.parallel.workers import LoadRequest, start_tensor_parallel
 
+    lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
     check_tensor_parallel(model, world)
     request = LoadRequest(
         str(Path(model).resolve()),
@@ -362,5 +391,7 @@ def _start_tensor_parallel(
         kernel,
         DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
         max(1, torch.get_num_threads() // world),
+        merge_projections,
+        lm_head_dtype,
     )
     return start_tensor_parallel(request, world)

@@ -4,12 +4,13 @@ Quantizes ../shared/models/stories260K/hf with `anyquant quantize` in several fo
 perplexity on the held-out protocol of ../shared/models/stories260K/expected_outputs.json (the
 reference's own fp32 / int8 / int4 numbers are printed beside ours).
 
-    python benchmarks/stories_quality.py
+    python benchmarks/stories_quality.py [--lm-head-only]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,10 @@ CASES = [
 
 
 def main() -> None:
+    if "--lm-head-only" in sys.argv:
+        expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
+        lm_head_costs((STORIES / expected["file"]).read_text())
+        return
     expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
     text = (STORIES / expected["file"]).read_text()
     print(
@@ -65,6 +70,26 @@ def main() -> None:
                 quantized = f"{n} / {len(report.layers)}"
             ppl = corpus_perplexity(LLM(path, dtype="float32"), text)
             print(f"| {label} | {quantized} | {ppl.perplexity:.4f} |")
+    lm_head_costs(text)
+
+
+def lm_head_costs(text: str) -> None:
+    """What the opt-in int8 LM head (--lm-head-dtype int8) costs, per compute dtype and with the
+    body quantized (W4A16 g32) or not. stories260K ties its head to the embedding table: the
+    head is quantized, the embedding lookup stays as stored."""
+    print("\n| body | compute dtype | LM head | perplexity | vs as stored |")
+    print("|---|---|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        w4 = Path(tmp) / "w4a16"
+        quantize_checkpoint(
+            STORIES / "hf", w4, "compressed-tensors", WriteOptions(scheme="W4A16", group_size=32)
+        )
+        for body, path in (("unquantized", STORIES / "hf"), ("W4A16 g32", w4)):
+            for dtype in ("float32", "bfloat16"):
+                base = corpus_perplexity(LLM(path, dtype=dtype), text).perplexity
+                int8 = corpus_perplexity(LLM(path, dtype=dtype, lm_head_dtype="int8"), text).perplexity
+                print(f"| {body} | {dtype} | as stored | {base:.4f} | |")
+                print(f"| {body} | {dtype} | int8 per row | {int8:.4f} | {int8 / base - 1:+.2%} |")
 
 
 if __name__ == "__main__":

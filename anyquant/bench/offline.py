@@ -59,9 +59,10 @@ def bench_offline(
     repeats: int = 3,
     kernel: str | None = None,
     seed: int = 0,
+    lm_head_dtype: str = "auto",
 ) -> OfflineResult:
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, kernel=kernel)
+    llm = LLM(model, dtype=dtype, kernel=kernel, lm_head_dtype=lm_head_dtype)
     load_s = time.perf_counter() - t0
     vocab = int(llm.loaded.config["vocab_size"])
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +90,10 @@ def bench_offline(
         decode_rates.append(run_decode(cache))
     from anyquant.loading.describe import describe_checkpoint
 
-    weights = describe_checkpoint(model, dtype=dtype)["totals"]["linear_weight_bytes"] / 2**20
+    weights = (
+        describe_checkpoint(model, dtype=dtype, lm_head_dtype=lm_head_dtype)["totals"]["linear_weight_bytes"]
+        / 2**20
+    )
     fmt = llm.loaded.format.describe() if llm.loaded.format else "unquantized"
     return OfflineResult(
         model=model,

@@ -42,6 +42,7 @@ class ServeBenchPlan:
     baselines: list[tuple[str, str]] = field(default_factory=list)  # (name, base url)
     sequential: bool = True
     dtype: str = "auto"
+    lm_head_dtype: str = "auto"
     server_args: list[str] = field(default_factory=list)
     log_dir: Path = Path("out/bench/logs")
 
@@ -103,7 +104,7 @@ def run_serve_bench(
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    extra = ["--dtype", plan.dtype, *plan.server_args]
+    extra = ["--dtype", plan.dtype, "--lm-head-dtype", plan.lm_head_dtype, *plan.server_args]
     if not any(arg.startswith("--max-model-len") for arg in plan.server_args):
         # The model's full context would size the KV cache for nothing this load uses.
         extra += ["--max-model-len", str(plan.prompt_len + plan.max_tokens)]
@@ -119,7 +120,12 @@ def run_serve_bench(
         from anyquant.engine.sampling import SamplingParams
         from anyquant.llm import LLM
 
-        llm = LLM(plan.model, dtype=plan.dtype, max_model_len=plan.prompt_len + plan.max_tokens)
+        llm = LLM(
+            plan.model,
+            dtype=plan.dtype,
+            max_model_len=plan.prompt_len + plan.max_tokens,
+            lm_head_dtype=plan.lm_head_dtype,
+        )
         # The same warm-up `anyquant serve` does before it reports ready.
         llm.generate(prompt_token_ids=[[token_range[0]]], sampling_params=SamplingParams(max_tokens=2))
         for clients, prompts in levels.items():

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
     parser.add_argument(
+        "--lm-head-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
+    )
+    parser.add_argument(
         "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
     )
     parser.add_argument(
@@ -45,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         kernel=args.kernel,
+        lm_head_dtype=args.lm_head_dtype,
         debug_numerics=args.debug_numerics,
         tensor_parallel_size=args.tensor_parallel_size,
         chat_template=args.chat_template,

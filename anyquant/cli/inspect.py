@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tp", type=int, default=1, metavar="N", help="plan N tensor-parallel ranks (per-rank view)"
     )
     parser.add_argument(
+        "--lm-head-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="plan an int8 LM head (quantized at load)",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -59,9 +65,12 @@ def print_text(doc: dict[str, Any]) -> None:
             print(f"    per rank: {g['split']} [{local}]{changed}")
         stored = ", ".join(f"{k} {v}" for k, v in g["stored"].items())
         print(f"    stored: {stored}  ({_mib(g['bytes'])})")
+        if g["quantized_at_load"]:
+            print(f"    quantized at load: {g['quantized_at_load']['description']} (--lm-head-dtype)")
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")
+    print_merges(doc["merged_projections"])
     if doc["notes"]:
         print("\nconfig and tensors disagree (tensors win):")
         for note in doc["notes"]:
@@ -71,6 +80,19 @@ def print_text(doc: dict[str, Any]) -> None:
         print("\nrisks:")
         for risk in doc["risks"]:
             print(f"  - {risk}")
+
+
+def print_merges(merges: list[dict[str, Any]]) -> None:
+    if merges:
+        print("\nmerged projections (one kernel call for several projections of the same input):")
+    for m in merges:
+        members = "+".join(m["members"])
+        shape = "x".join(map(str, m["local_shape"]))
+        if m["merged"]:
+            when = f", {m['reason']}" if m["reason"] else ""
+            print(f"  {m['pattern']}  ×{m['count']}  {members} -> [{shape}] on {m['kernel']}{when}")
+        else:
+            print(f"  {m['pattern']}  ×{m['count']}  {members} kept apart: {m['reason']}")
 
 
 def print_tensor_parallel(tp: dict[str, Any]) -> None:
@@ -103,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         tp=args.tp,
         max_model_len=args.max_model_len,
+        lm_head_dtype=args.lm_head_dtype,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

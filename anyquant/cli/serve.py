@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
     parser.add_argument(
+        "--lm-head-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
+    )
+    parser.add_argument(
         "--max-waiting", type=int, default=256, help="requests queued beyond the batch before 429"
     )
     parser.add_argument(
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         kernel=args.kernel,
+        lm_head_dtype=args.lm_head_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         kv_cache_gb=args.kv_cache_gb,

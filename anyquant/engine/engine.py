@@ -21,9 +21,10 @@ from anyquant.engine.detokenizer import IncrementalDetokenizer
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
+from anyquant.engine.penalties import PenaltyTracker
 from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner, StepLogits
-from anyquant.engine.sampling import SamplingParams, apply_logit_processing, apply_penalties, sample
+from anyquant.engine.sampling import SamplingParams, apply_logit_processing, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.errors import EngineDeadError
 from anyquant.tokenizer import Tokenizer
@@ -80,6 +81,7 @@ class _State:
     emitted_tokens: int = 0
     num_cached_tokens: int | None = None  # at the first admission (a preempted request re-admits)
     pending_logprobs: list[dict[int, float]] = field(default_factory=list)
+    penalties: PenaltyTracker | None = None  # made at the first penalised sampling
 
 
 def _penalised(params: SamplingParams) -> bool:
@@ -284,7 +286,10 @@ class Engine:
             stops = stops | frozenset(params.stop_token_ids)
             apply_logit_processing(processed, params, request.num_output_tokens, stops)
             if _penalised(params):
-                apply_penalties(processed, params, request.output_token_ids, request.prompt_token_ids)
+                if state.penalties is None:
+                    state.penalties = PenaltyTracker(params, request.prompt_token_ids)
+                state.penalties.update(request.output_token_ids)
+                processed = state.penalties.apply(processed)
         token = sample(processed, params, state.generator)
         if params.logprobs is not None:
             # The model's own distribution, before bias and penalties (vLLM's default too).

@@ -1,7 +1,8 @@
 """`SamplingParams` and the per-step token choice for one sequence.
 
 Owns the sampling knobs users pass (vLLM-compatible names), their validation, and turning one
-row of fp32 logits into a token with greedy, temperature, top-k, top-p, min-p and penalties.
+row of fp32 logits into a token with greedy, temperature, top-k, top-p and min-p (penalties:
+engine/penalties.py).
 """
 
 from __future__ import annotations
@@ -103,21 +104,6 @@ def apply_logit_processing(
         logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
     if num_generated < params.min_tokens and stop_ids:
         logits[torch.tensor(sorted(stop_ids), dtype=torch.long)] = float("-inf")
-    return logits
-
-
-def apply_penalties(
-    logits: Tensor, params: SamplingParams, generated: list[int], prompt: list[int]
-) -> Tensor:
-    if params.repetition_penalty != 1.0 and (generated or prompt):
-        seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long)
-        vals = logits[seen]
-        logits[seen] = torch.where(
-            vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
-        )
-    if (params.presence_penalty or params.frequency_penalty) and generated:
-        ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
-        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
     return logits
 
 

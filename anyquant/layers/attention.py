@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
-from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
+from anyquant.layers.linear import (
+    MergeableProjections,
+    MergedLinear,
+    ProjectionGroup,
+    QuantLinear,
+    SplitGroup,
+    TensorParallelLayer,
+)
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
 
@@ -207,7 +214,7 @@ def paged_attention(
     return out
 
 
-class Attention(nn.Module, TensorParallelLayer):
+class Attention(nn.Module, TensorParallelLayer, MergeableProjections):
     def __init__(
         self,
         prefix: str,
@@ -241,6 +248,8 @@ class Attention(nn.Module, TensorParallelLayer):
             f"{prefix}.v_proj", hidden_size, num_kv_heads * head_dim, qkv_bias, style="column"
         )
         self.o_proj = QuantLinear(f"{prefix}.o_proj", num_heads * head_dim, hidden_size, o_bias, style="row")
+        # q/k/v in one kernel call, when the loader could merge them (then the three hold nothing).
+        self.qkv_proj: MergedLinear | None = None
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.rotary = rotary
@@ -266,13 +275,20 @@ class Attention(nn.Module, TensorParallelLayer):
         self.num_heads = partitions["heads"].local_size
         self.num_kv_heads = partitions["kv_heads"].local_size
 
+    def projection_groups(self) -> list[ProjectionGroup]:
+        return [ProjectionGroup(self, "qkv_proj", (self.q_proj, self.k_proj, self.v_proj))]
+
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj.forward_parts(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin

@@ -178,3 +178,52 @@ class TensorParallelLayer:
 
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
         """Adopt this rank's share: `partitions` maps each of `split_groups()`' roles to its split."""
+
+
+class MergedLinear(QuantLinear):
+    """Column projections of the same input (q/k/v, gate/up) computed by one kernel call.
+
+    Built by the loader from this rank's shards of the members once their weights are
+    concatenated along out_features (`anyquant.quant.merge`); `parts` are the members' local
+    output sizes, in order. The members stay in the model (tensor-parallel splitting and the
+    checkpoint names refer to them) but hold no weight."""
+
+    def __init__(self, prefix: str, members: tuple[QuantLinear, ...]) -> None:
+        first = members[0]
+        has_bias = any(m.bias is not None for m in members)
+        super().__init__(
+            prefix, first.in_features, sum(m.out_features for m in members), has_bias, style="column"
+        )
+        self.parts = tuple(m.out_features for m in members)
+        self.members = tuple(m.prefix for m in members)
+
+    def forward_parts(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The members' outputs, as views of the one merged output."""
+        return self(x).split(self.parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, parts={list(self.parts)}"
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectionGroup:
+    """Projections of one input that the loader may merge into `MergedLinear` `attr` of `owner`."""
+
+    owner: MergeableProjections
+    attr: str  # e.g. "qkv_proj"
+    members: tuple[QuantLinear, ...]
+
+    @property
+    def prefix(self) -> str:
+        """The merged layer's name: the members' module path with `attr` as the last part."""
+        return f"{self.members[0].prefix.rsplit('.', 1)[0]}.{self.attr}"
+
+
+class MergeableProjections:
+    """Mixin of layers whose forward runs a merged projection when the loader installs one."""
+
+    def projection_groups(self) -> list[ProjectionGroup]:
+        return []
+
+    def adopt_merged(self, group: ProjectionGroup, merged: MergedLinear) -> None:
+        setattr(self, group.attr, merged)

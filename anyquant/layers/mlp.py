@@ -5,13 +5,20 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from anyquant.layers.activation import activation
-from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
+from anyquant.layers.linear import (
+    MergeableProjections,
+    MergedLinear,
+    ProjectionGroup,
+    QuantLinear,
+    SplitGroup,
+    TensorParallelLayer,
+)
 from anyquant.quant.spec import LayerKind
 
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-class GatedMLP(nn.Module, TensorParallelLayer):
+class GatedMLP(nn.Module, TensorParallelLayer, MergeableProjections):
     def __init__(
         self,
         prefix: str,
@@ -44,6 +51,8 @@ class GatedMLP(nn.Module, TensorParallelLayer):
             reduce_output=reduce_output,
         )
         self.act = activation(act)
+        # gate/up in one kernel call, when the loader could merge them (then the two hold nothing).
+        self.gate_up_proj: MergedLinear | None = None
 
     def split_groups(self) -> list[SplitGroup]:
         # The intermediate dimension may be zero-padded: padded gate/up rows give exact zeros.
@@ -58,8 +67,17 @@ class GatedMLP(nn.Module, TensorParallelLayer):
             )
         ]
 
+    def projection_groups(self) -> list[ProjectionGroup]:
+        # Routed experts are left to the MoE block, which decides how they are computed.
+        if self.gate_proj.kind != "linear":
+            return []
+        return [ProjectionGroup(self, "gate_up_proj", (self.gate_proj, self.up_proj))]
+
     def hidden(self, x: Tensor) -> Tensor:
         """The down projection's input: act(gate(x)) * up(x)."""
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj.forward_parts(x)
+            return self.act(gate) * up
         return self.act(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: Tensor) -> Tensor:

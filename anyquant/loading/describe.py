@@ -19,7 +19,9 @@ import torch
 from anyquant.errors import AnyquantError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.lm_head import lm_head_spec
 from anyquant.loading.loader import build_on_meta, resolve_dtype
+from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     TensorParallelPlan,
@@ -62,6 +64,7 @@ def describe_checkpoint(
     kernel: str | None = None,
     tp: int = 1,
     max_model_len: int | None = None,
+    lm_head_dtype: str = "auto",
 ) -> dict[str, Any]:
     ckpt = Checkpoint(path)
     config = ckpt.text_config()
@@ -75,9 +78,12 @@ def describe_checkpoint(
             tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp)
         except AnyquantError as exc:
             tp_error = str(exc)
-    plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan)
+    plans = plan_layers(
+        ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan, lm_head_as=lm_head_spec(lm_head_dtype)
+    )
     # Every header check the loader makes: a checkpoint inspect passes is one that loads.
     check_checkpoint(ckpt, fmt, model, plans)
+    merges = plan_merges(model, plans, dev, compute_dtype, kernel)
     source = ckpt.quant_config()
     groups: dict[tuple[str, str, str, str], list[LayerPlan]] = {}
     for plan in plans:
@@ -99,7 +105,11 @@ def describe_checkpoint(
                 info = ckpt.index.get(name)
                 if info is None:
                     continue
-                nbytes += info.numel * info.torch_dtype.itemsize
+                # A head quantized at load is held (and read per token) as int8 codes + fp32 scales.
+                held = (
+                    info.numel + 4 * plan.shape[0] if plan.load_as else info.numel * info.torch_dtype.itemsize
+                )
+                nbytes += held
                 if plan is first:
                     stored[name.removeprefix(plan.prefix + ".")] = f"{info.dtype}{list(info.shape)}"
         total_bytes += nbytes
@@ -120,6 +130,7 @@ def describe_checkpoint(
                 if all(p.local_shape == first.local_shape for p in members)
                 else None,
                 "local_scheme": spec_json(first.local_spec),
+                "quantized_at_load": spec_json(first.load_as),
             }
         )
     risks = []
@@ -156,6 +167,7 @@ def describe_checkpoint(
         "risks": risks,
         "tensor_parallel": tp_doc,
         "groups": group_docs,
+        "merged_projections": merge_docs(merges),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
             "linear_layers": len(plans),
@@ -164,6 +176,32 @@ def describe_checkpoint(
             "checkpoint_tensors": len(ckpt.index),
         },
     }
+
+
+def merge_docs(merges: list[MergePlan]) -> list[dict[str, Any]]:
+    """Projection groups by pattern: merged into one kernel call, or kept apart and why. An
+    act-order group merges only if its members' group indices turn out equal when loaded."""
+    docs: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for m in merges:
+        key = (layer_pattern(m.prefix), m.kernel, m.refusal)
+        if key not in docs:
+            act_order = any(p.local_spec is not None and p.local_spec.act_order for p in m.members)
+            docs[key] = {
+                "pattern": key[0],
+                "members": [p.prefix.rsplit(".", 1)[-1] for p in m.members],
+                "count": 0,
+                "merged": m.refusal is None,
+                "kernel": m.kernel,
+                "local_shape": list(m.local_shape),
+                "reason": m.refusal
+                or (
+                    "if the members' act-order group indices are equal (checked at load)"
+                    if act_order
+                    else None
+                ),
+            }
+        docs[key]["count"] += 1
+    return list(docs.values())
 
 
 def memory_per_rank(
@@ -181,7 +219,9 @@ def memory_per_rank(
     for plan in plans:
         out_l, in_l = plan.local_shape
         share = (out_l * in_l) / max(plan.shape[0] * plan.shape[1], 1)
-        if plan.spec is None:
+        if plan.load_as is not None:  # int8 codes and one fp32 scale per row
+            linear += out_l * in_l + 4 * out_l
+        elif plan.spec is None:
             linear += out_l * in_l * itemsize
         else:
             stored = sum(

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.linear import MergedLinear, QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.lm_head import lm_head_spec, quantize_rows
+from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
 from anyquant.loading.preflight import (
     LinearShard,
@@ -38,6 +40,8 @@ from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.merge import concat_out_features
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.weight import QuantWeight
 
@@ -58,6 +62,8 @@ class LoadedModel:
     timings: dict[str, float] = field(default_factory=dict)
     parallel: ParallelState = field(default_factory=ParallelState)
     tp_plan: TensorParallelPlan | None = None
+    # Projection groups: merged prefix -> None when merged, else why its members stayed apart.
+    merges: dict[str, str | None] = field(default_factory=dict)
 
 
 def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: torch.device) -> torch.dtype:
@@ -96,10 +102,16 @@ def load_model(
     kernel: str | None = None,
     parallel: ParallelState | None = None,
     progress: LoadProgress | None = None,
+    merge_projections: bool = True,
+    lm_head_dtype: str = "auto",
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
-    decoding and repacking every weight); by default a bar on a terminal, log lines otherwise."""
+    decoding and repacking every weight); by default a bar on a terminal, log lines otherwise.
+    `merge_projections`: q/k/v and gate/up as one weight each where possible (loading/merge.py);
+    False keeps every projection apart (same logits, more kernel calls).
+    `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
+    row at load (loading/lm_head.py)."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
@@ -115,19 +127,43 @@ def load_model(
             if parallel.is_parallel
             else None
         )
-        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp)
+        head_as = lm_head_spec(lm_head_dtype)
+        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp, lm_head_as=head_as)
+        if head_as is not None:
+            for plan in plans:
+                if plan.kind == "lm_head" and plan.spec is not None:
+                    log.warning(
+                        "%s is stored quantized (%s): lm_head_dtype=%s keeps it as stored",
+                        plan.prefix,
+                        plan.spec.describe(),
+                        lm_head_dtype,
+                    )
         if tp is not None:
             with torch.device("meta"):
                 apply_tensor_parallel(model, tp, parallel)
     with progress.phase("repacking"):
         used: set[str] = set()
         layers = {m.prefix: m for m in model.modules() if isinstance(m, QuantLinear)}
+        merges = plan_merges(model, plans, dev, compute_dtype, kernel, enabled=merge_projections)
+        merge_of = merged_layers(merges)
+        kept_apart: dict[str, str] = {}
         progress.start_weights(sum(_stored_bytes(ckpt, name) for name in ckpt.index))
         try:
             for plan in plans:
-                read = _load_linear(
-                    ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, kernel, parallel.rank
-                )
+                merge = merge_of.get(plan.prefix)
+                if merge is None:
+                    read = _load_linear(
+                        ckpt, fmt, layers[plan.prefix], plan, compute_dtype, dev, kernel, parallel.rank
+                    )
+                elif plan is merge.members[0]:  # the whole group loads with its first member
+                    read, reason = _load_merged(
+                        ckpt, fmt, merge, layers, compute_dtype, dev, kernel, parallel.rank
+                    )
+                    if reason is not None:
+                        kept_apart[merge.prefix] = reason
+                        log.info("%s: kept apart (%s)", merge.prefix, reason)
+                else:
+                    continue
                 used.update(read)
                 progress.advance(sum(_stored_bytes(ckpt, n) for n in read))
             before_plain = set(used)
@@ -159,6 +195,7 @@ def load_model(
         progress.timings,
         parallel,
         tp,
+        {m.prefix: kept_apart.get(m.prefix, m.refusal) for m in merges},
     )
 
 
@@ -167,18 +204,28 @@ def _stored_bytes(ckpt: Checkpoint, name: str) -> int:
     return info.numel * info.torch_dtype.itemsize
 
 
-def _load_linear(
+@dataclass
+class _Decoded:
+    """One linear layer's weight as this rank holds it, and the kernel class it gets."""
+
+    plan: LayerPlan
+    weight: QuantWeight | Tensor
+    kernel: type[LinearKernel]
+    dtype: torch.dtype
+    read: list[str]
+
+
+def _decode_linear(
     ckpt: Checkpoint,
     fmt: QuantFormat | None,
-    layer: QuantLinear,
     plan: LayerPlan,
     dtype: torch.dtype,
     device: torch.device,
     prefer: str | None = None,
     rank: int = 0,
-) -> list[str]:
-    """Load one linear layer; returns the checkpoint tensors it read. Its headers are checked
-    first (`check_linear`, as the preflight does), then the values as they are decoded."""
+) -> _Decoded:
+    """Read, decode and shard one linear layer's weight. Its headers are checked first
+    (`check_linear`, as the preflight does), then the values as they are decoded."""
     read = check_linear(ckpt, fmt, plan)
     weight: QuantWeight | Tensor
     shard = plan.shard
@@ -196,9 +243,11 @@ def _load_linear(
     else:
         name = plan.stored.required[0]
         weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
+        if plan.load_as is not None:
+            weight = quantize_rows(weight, plan.load_as)
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
-    if isinstance(weight, QuantWeight) and weight.spec != plan.local_spec:
+    if isinstance(weight, QuantWeight) and weight.spec != plan.kernel_spec:
         # The plan's spec comes from headers; decode may refine it from the data (a g_idx that
         # turns out trivial, zero points that contradict `sym`). Choose again for what we hold.
         again = prefer
@@ -214,18 +263,94 @@ def _load_linear(
             plan.local_spec.describe() if plan.local_spec else "unquantized",
             kernel_cls.name,
         )
-    kernel = kernel_cls(plan.local_shape, dtype)
+    return _Decoded(plan, weight, kernel_cls, dtype, read)
+
+
+def _install(
+    layer: QuantLinear,
+    kernel_cls: type[LinearKernel],
+    weight: QuantWeight | Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    bias: Tensor | None,
+) -> None:
+    kernel = kernel_cls(layer.shape, dtype)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
-    if shard is not None and shard.style == "row" and isinstance(weight, QuantWeight):
-        groups = activation_group_map(plan.spec, weight.spec, shard.partition, rank)
-        layer.act_groups = None if groups is None else (groups[0].to(device), groups[1])
-    if plan.bias is not None:
-        bias = ckpt.read(plan.bias)
-        if shard is not None and shard.style == "column":
-            bias = shard_vector(bias, shard.partition, rank)
+    if bias is not None:
         layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-    return read
+
+
+def _read_bias(ckpt: Checkpoint, plan: LayerPlan, rank: int) -> Tensor | None:
+    if plan.bias is None:
+        return None
+    bias = ckpt.read(plan.bias)
+    if plan.shard is not None and plan.shard.style == "column":
+        bias = shard_vector(bias, plan.shard.partition, rank)
+    return bias
+
+
+def _load_linear(
+    ckpt: Checkpoint,
+    fmt: QuantFormat | None,
+    layer: QuantLinear,
+    plan: LayerPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    prefer: str | None = None,
+    rank: int = 0,
+) -> list[str]:
+    """Load one linear layer; returns the checkpoint tensors it read."""
+    d = _decode_linear(ckpt, fmt, plan, dtype, device, prefer, rank)
+    _install(layer, d.kernel, d.weight, d.dtype, device, _read_bias(ckpt, plan, rank))
+    shard = plan.shard
+    if shard is not None and shard.style == "row" and isinstance(d.weight, QuantWeight):
+        # (Row layers are never merged: merging stacks output rows of column layers.)
+        groups = activation_group_map(plan.spec, d.weight.spec, shard.partition, rank)
+        layer.act_groups = None if groups is None else (groups[0].to(device), groups[1])
+    return d.read
+
+
+def _load_merged(
+    ckpt: Checkpoint,
+    fmt: QuantFormat | None,
+    merge: MergePlan,
+    layers: dict[str, QuantLinear],
+    dtype: torch.dtype,
+    device: torch.device,
+    prefer: str | None,
+    rank: int,
+) -> tuple[list[str], str | None]:
+    """Load a projection group as one merged layer (the read tensors, None), or, when the values
+    rule it out (act-order group indices, static activation scales, specs refined by decoding),
+    each member alone (the read tensors, why)."""
+    decoded = [_decode_linear(ckpt, fmt, p, dtype, device, prefer, rank) for p in merge.members]
+    names = [p.prefix for p in merge.members]
+    biases = [_read_bias(ckpt, p, rank) for p in merge.members]
+    read = [name for d in decoded for name in d.read]
+    weight, reason = concat_out_features(names, [d.weight for d in decoded])
+    kernel = decoded[0].kernel
+    if reason is None and any(d.kernel is not kernel for d in decoded):
+        reason = "decoding gave them different kernels"
+    if reason is None and isinstance(weight, QuantWeight):
+        again = choose_kernel(
+            weight.spec, merge.members[0].kind, device, weight.shape, decoded[0].dtype, prefer
+        )
+        if again.kernel is not kernel:
+            reason = f"the merged weight would run on {again.name}, each member on {kernel.name}"
+    if reason is not None or weight is None:
+        for d, bias in zip(decoded, biases):
+            _install(layers[d.plan.prefix], d.kernel, d.weight, d.dtype, device, bias)
+        return read, reason
+    merged = MergedLinear(merge.prefix, tuple(layers[n] for n in names))
+    bias = None
+    if merged.bias is not None:  # a member without a bias adds exact zeros
+        bias = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, merged.parts)])
+    _install(merged, kernel, weight, decoded[0].dtype, device, bias)
+    for name in names:  # the members hold nothing now (their bias lives in the merged layer)
+        layers[name].bias = None
+    merge.group.owner.adopt_merged(merge.group, merged)
+    return read, None
 
 
 def _read_dense_shard(ckpt: Checkpoint, name: str, shard: LinearShard, rank: int) -> Tensor:

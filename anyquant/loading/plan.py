@@ -36,6 +36,8 @@ class LayerPlan:
     kernel: KernelChoice  # chosen for this rank's shard (local_shape, local_spec)
     bias: str | None  # checkpoint name of the bias, when the layer has one
     shard: LinearShard | None = None  # tensor parallelism: how this rank's piece is cut; None: whole
+    # Stored unquantized, quantized at load to this spec (the int8 LM head); None: as stored.
+    load_as: QuantSpec | None = None
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -44,6 +46,11 @@ class LayerPlan:
     @property
     def local_spec(self) -> QuantSpec | None:
         return self.shard.local_spec if self.shard is not None else self.spec
+
+    @property
+    def kernel_spec(self) -> QuantSpec | None:
+        """The spec of the weight this rank's kernel receives."""
+        return self.load_as if self.load_as is not None else self.local_spec
 
 
 def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
@@ -65,8 +72,10 @@ def plan_layers(
     compute_dtype: torch.dtype,
     prefer_kernel: str | None = None,
     tp: TensorParallelPlan | None = None,
+    lm_head_as: QuantSpec | None = None,
 ) -> list[LayerPlan]:
-    """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards."""
+    """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards.
+    `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py)."""
     tied: dict[str, str] = getattr(model, "tied_weights", dict)()
     plans = []
     for layer in linear_layers(model):
@@ -90,12 +99,15 @@ def plan_layers(
         dtype = layer_compute_dtype(kind, compute_dtype)
         shard = tp.shards.get(prefix) if tp is not None else None
         shape, local = layer.shape, spec
+        load_as = lm_head_as if kind == "lm_head" and spec is None else None
         if shard is not None:
             shape, local = shard.local_shape, shard.local_spec
             if shard.style == "row" and local is not None and local.act_order and prefer is None:
                 # A row shard of an act-order layer keeps scattered groups (preflight's risks).
                 prefer = "reference"
+        if load_as is not None:
+            local, prefer = load_as, prefer_kernel
         kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)
         bias = f"{prefix}.bias" if layer.bias is not None else None
-        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard))
+        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard, load_as))
     return plans

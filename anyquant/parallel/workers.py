@@ -78,6 +78,8 @@ class LoadRequest:
     kernel: str | None
     timeout_s: float = DEFAULT_TIMEOUT_S
     threads: int = 1
+    merge_projections: bool = True
+    lm_head_dtype: str = "auto"
 
 
 # -- step messages -------------------------------------------------------------------------------
@@ -317,6 +319,8 @@ def _load(request: LoadRequest, rank: int, state: ParallelState) -> LoadedModel:
         dtype=request.dtype,
         kernel=request.kernel,
         parallel=state,
+        merge_projections=request.merge_projections,
+        lm_head_dtype=request.lm_head_dtype,
     )
 
 

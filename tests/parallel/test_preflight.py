@@ -15,9 +15,9 @@ from torch import nn
 
 from anyquant.cli.main import main
 from anyquant.errors import UnsupportedError
-from anyquant.layers.linear import QuantLinear
+from anyquant.layers.linear import MergedLinear, QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
-from anyquant.loading.describe import describe_checkpoint
+from anyquant.loading.describe import describe_checkpoint, layer_pattern
 from anyquant.loading.loader import build_on_meta, load_model
 from anyquant.loading.preflight import plan_tensor_parallel
 from anyquant.parallel.state import ParallelState
@@ -62,9 +62,20 @@ def test_world_size_one_keeps_the_single_process_model(tp_model: Callable[[str],
     assert all(m.parallel is None for m in loaded.model.modules() if isinstance(m, QuantLinear))
 
 
-def _rank_layers(path: Path, rank: int, world: int) -> tuple[dict[str, QuantLinear], Any]:
-    loaded = load_model(path, dtype="float32", kernel="reference", parallel=ParallelState(rank, world))
-    layers = {m.prefix: m for m in loaded.model.modules() if isinstance(m, QuantLinear)}
+def _rank_layers(
+    path: Path, rank: int, world: int, merge: bool = False
+) -> tuple[dict[str, QuantLinear], Any]:
+    """Each linear layer as this rank loads it (merge=False: every projection on its own)."""
+    loaded = load_model(
+        path,
+        dtype="float32",
+        kernel="reference",
+        parallel=ParallelState(rank, world),
+        merge_projections=merge,
+    )
+    layers = {
+        m.prefix: m for m in loaded.model.modules() if isinstance(m, QuantLinear) and m.kernel is not None
+    }
     return layers, loaded.model
 
 
@@ -106,6 +117,18 @@ def test_inspect_predicts_what_each_rank_loads(
         cache = model.cache_shape
         per_token = model.args.num_layers * cache.num_kv_heads * (cache.k_dim + cache.v_dim) * 4
         assert per_token == tp["memory_per_rank"]["kv_cache_per_token"]
+    # The merged projections each rank holds are the ones inspect predicts, with their shape and kernel.
+    merges = {
+        (m["pattern"], tuple(m["local_shape"]), m["kernel"]) for m in doc["merged_projections"] if m["merged"]
+    }
+    act_order = any(m["reason"] for m in doc["merged_projections"] if m["merged"])
+    for rank in range(world):
+        layers, _ = _rank_layers(path, rank, world, merge=True)
+        merged = {p: m for p, m in layers.items() if isinstance(m, MergedLinear)}
+        for prefix, layer in merged.items():
+            assert (layer_pattern(prefix), layer.shape, layer.kernel.name) in merges, prefix  # type: ignore[union-attr]
+        if not act_order:  # act-order groups merge only when their group indices agree
+            assert {layer_pattern(p) for p in merged} == {m[0] for m in merges}
 
 
 def test_padding_is_reported_for_a_3_group_intermediate(tp_model: Callable[[str], Path]) -> None:

@@ -1,0 +1,106 @@
+"""The opt-in int8 LM head (`lm_head_dtype="int8"`): per-row symmetric int8 weights quantized at
+load, within a stated error budget of the bf16 head, both measured against float64.
+
+Budget (relative L2 of the logits against the float64 product of the same hidden states with the
+checkpoint's head): the bf16 head is ~2e-3 off (bf16 inputs and output rounding); per-row int8
+adds rounding noise of (row amax / 127) / sqrt(12) per weight, ~1e-2 of the logits for normally
+distributed rows (amax ~ 4 sigma): the int8 head must stay under 2e-2, and within 10x of bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anyquant import LLM
+from anyquant.errors import AnyquantError
+from anyquant.loading.describe import describe_checkpoint
+from anyquant.loading.lm_head import INT8_HEAD, quantize_rows
+from anyquant.quant.algorithms.rtn import quantize_rtn
+from anyquant.utils.tiny_model import write_tiny_model
+
+IDS = [5, 99, 300, 17, 4, 1000, 250, 7, 42, 3]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(
+        tmp_path_factory.mktemp("head"), "llama", seed=11, hidden_size=128, head_dim=32, vocab_size=4096
+    )
+
+
+def _logits_and_exact(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the float64 product of the head's input with the stored head."""
+    head = llm.loaded.model.lm_head
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        logits = llm.logits(IDS)
+    finally:
+        hook.remove()
+    weight = llm.loaded.checkpoint.read("lm_head.weight").double()
+    return logits, seen[0].double() @ weight.T
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
+    bf16 = LLM(model, dtype="bfloat16")
+    int8 = LLM(model, dtype="bfloat16", lm_head_dtype="int8")
+    assert bf16.loaded.model.lm_head.kernel.name == "cpu_avx512_lm_head"
+    assert int8.loaded.model.lm_head.kernel.name == "cpu_avx512"
+    err_bf16 = _rel(*_logits_and_exact(bf16))
+    err_int8 = _rel(*_logits_and_exact(int8))
+    assert err_bf16 < 4e-3, err_bf16
+    assert err_int8 < 2e-2 and err_int8 < 10 * err_bf16, (err_int8, err_bf16)
+
+
+def test_int8_head_in_float32_is_the_float64_product_of_its_codes(model: Path) -> None:
+    """fp32 compute: the kernel is exact to fp32 rounding against dequantized int8 rows."""
+    llm = LLM(model, dtype="float32", lm_head_dtype="int8")
+    logits, _ = _logits_and_exact(llm)
+    head = llm.loaded.model.lm_head
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    llm.logits(IDS)
+    hook.remove()
+    q = quantize_rows(llm.loaded.checkpoint.read("lm_head.weight"), INT8_HEAD)
+    dense = q.data.double() * q.scale.double()[:, None]
+    assert _rel(logits, seen[0].double() @ dense.T) < 1e-6
+
+
+def test_rows_quantize_in_chunks_as_in_one_piece() -> None:
+    w = torch.randn(20000, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    chunked, whole = quantize_rows(w, INT8_HEAD), quantize_rtn(w, INT8_HEAD)
+    assert torch.equal(chunked.data, whole.data) and torch.equal(chunked.scale, whole.scale)
+
+
+def test_inspect_plans_the_int8_head_and_bad_values_fail(model: Path) -> None:
+    doc = describe_checkpoint(model, dtype="bfloat16", lm_head_dtype="int8")
+    head = next(g for g in doc["groups"] if g["pattern"] == "lm_head")
+    assert head["quantized_at_load"]["description"] == INT8_HEAD.describe()
+    assert head["kernel"] == "cpu_avx512"
+    auto = next(
+        g for g in describe_checkpoint(model, dtype="bfloat16")["groups"] if g["pattern"] == "lm_head"
+    )
+    assert head["bytes"] < auto["bytes"] * 0.55  # int8 codes + a scale per row vs bf16
+    with pytest.raises(AnyquantError, match="lm_head_dtype 'int4' is not supported"):
+        LLM(model, lm_head_dtype="int4")
+
+
+def test_a_head_stored_quantized_is_kept_as_stored(
+    model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from anyquant.quant.formats.base import WriteOptions
+    from anyquant.quant.quantize import quantize_checkpoint
+
+    q = tmp_path / "q"
+    quantize_checkpoint(model, q, "compressed-tensors", WriteOptions(scheme="W8A16"), quantize_lm_head=True)
+    with caplog.at_level("WARNING", logger="anyquant.loading.loader"):
+        llm = LLM(q, dtype="bfloat16", lm_head_dtype="int8")
+    assert "lm_head is stored quantized" in caplog.text
+    stored = LLM(q, dtype="bfloat16")
+    assert torch.equal(llm.logits(IDS), stored.logits(IDS))
