@@ -86,7 +86,7 @@ class QuantizeReport:
     files: list[str] = field(default_factory=list)
 
 
-class _ShardWriter:
+class ShardWriter:
     """Buffers output tensors and flushes safetensors shards of about `_SHARD_BYTES`."""
 
     def __init__(self, dst: Path) -> None:
@@ -161,7 +161,7 @@ def quantize_checkpoint(
         layer.prefix: layer for layer in linear_layers(model) if layer.kind != "lm_head" or quantize_lm_head
     }
     report = QuantizeReport()
-    out = _ShardWriter(dst_path)
+    out = ShardWriter(dst_path)
     mapped = 0
     for name in ckpt.index:
         info = ckpt.index.info(name)
@@ -210,10 +210,10 @@ def quantize_checkpoint(
         for tname, tensor in writer.encode(prefix, weight).items():
             out.add(tname, tensor)
         del dense, weight
-        _return_freed_memory()
+        return_freed_memory()
     ckpt.close()
     report.files = out.finish()
-    _write_configs(ckpt, dst_path, writer, report.skipped)
+    write_configs(ckpt, dst_path, writer, report.skipped)
     log.info(
         "quantized %s -> %s (%s): %d layers, %d skipped",
         src_path,
@@ -238,7 +238,7 @@ def _libc_malloc_trim() -> Any:
 _MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the freed heap pages of the last layer's temporaries back to the OS. glibc keeps freed
     blocks below its (adaptive) mmap threshold in the heap, and with long-lived output tensors
     interleaved the heap only grows: peak RSS measured 0.6-1.6 GB from run to run on a 480 MB
@@ -282,8 +282,16 @@ def _row_block(weight: QuantWeight, start: int, stop: int) -> QuantWeight:
     return replace(weight, shape=(stop - start, weight.shape[1]), data=data, scale=scale, zero=zero)
 
 
-def _write_configs(ckpt: Checkpoint, dst: Path, writer: FormatWriter, skipped: list[str]) -> None:
-    config: dict[str, Any] = dict(ckpt.config)
+def write_configs(
+    ckpt: Checkpoint,
+    dst: Path,
+    writer: FormatWriter,
+    skipped: list[str],
+    config: dict[str, Any] | None = None,
+) -> None:
+    """config.json (the source's, or `config`, with the writer's quantization_config), the
+    writer's side files and the tokenizer files."""
+    config = dict(ckpt.config if config is None else config)
     config["quantization_config"] = writer.quantization_config(skipped)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, content in writer.side_files(skipped).items():
