@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -234,13 +234,19 @@ def _make_writer(writer_cls: type[FormatWriter], specs: list[QuantSpec]) -> Form
     """The target writer configured for the most common layer spec (other layers fit or not)."""
     dominant = Counter(specs).most_common(1)[0][0]
     options = writer_cls.options_for(dominant)
-    try:
-        return writer_cls(options)
-    except UnsupportedError as first:
-        try:  # the format cannot take that scheme at all; its defaults let each layer say why
-            return writer_cls(WriteOptions())
-        except UnsupportedError:
-            raise first from None
+    candidates = [options]
+    if not options.act_order and any(s.act_order for s in specs):
+        # A format with act-order stores plain groups too (a trivial index), so some act-order
+        # layers are enough to ask for it; a format without it refuses them (or reorders).
+        candidates.insert(0, replace(options, act_order=True))
+    first: UnsupportedError | None = None
+    for candidate in (*candidates, WriteOptions()):  # defaults last: each layer then says why
+        try:
+            return writer_cls(candidate)
+        except UnsupportedError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
 
 
 def _choose_scale_dtype(
