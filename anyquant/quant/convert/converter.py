@@ -170,6 +170,13 @@ def convert_checkpoint(
     return report
 
 
+def checkpoint_padding(src: str | Path, world: int, tile: int = DEFAULT_TILE) -> PaddingPlan:
+    """What `--pad-for-tp world` would do to `src`, from its headers and config.json only."""
+    ckpt = Checkpoint(src)
+    model = build_on_meta(ckpt.text_config(), ckpt.index.names())
+    return plan_padding(model, spec_lookup(detect_format(ckpt)), ckpt.config, world, tile)
+
+
 # -- output directory --------------------------------------------------------------------------
 
 
