@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_memory import measure  # noqa: E402
+from quantize_memory import measure
 
 
 def main() -> None:

@@ -151,3 +151,26 @@ def test_qwen2_72b_shape_planned_from_headers(tmp_path: Path) -> None:
     tp = plan_tensor_parallel(model, lambda layer: spec, 2)
     (mlp,) = [s for s in tp.splits if s.group.role == "channels"]
     assert mlp.partition.local_size == 14848 and mlp.partition.padding(0) == mlp.partition.padding(1) == 0
+
+
+def test_moe_expert_and_shared_sizes_padded_with_equal_logits(tmp_path: Path) -> None:
+    from anyquant.utils.tiny_moe import write_tiny_moe_model
+
+    dense = write_tiny_moe_model(
+        tmp_path / "dense", "qwen2_moe", seed=4, moe_intermediate_size=96,
+        shared_expert_intermediate_size=160, intermediate_size=64,
+    )  # fmt: skip
+    src, dst = tmp_path / "gptq", tmp_path / "padded"
+    quantize_checkpoint(dense, src, "gptq", WriteOptions(bits=4, group_size=32, sym=True))
+    report = convert_checkpoint(src, dst, "gptq", ConvertOptions(pad_for_tp=2, tile=32))
+    cfg = config(dst)
+    # Per-rank shares of whole 32-feature tiles: 96 -> 2 x 64, 160 -> 2 x 96, 64 stays (2 x 32).
+    assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], cfg["intermediate_size"]) == (
+        128, 192, 64,
+    )  # fmt: skip
+    assert any("96 -> 128" in line for line in report.padding)
+    for size, local, pads in _mlp_splits(dst, 2):
+        assert local * 2 == size and local % 32 == 0 and pads == [0, 0]
+    ref = LLM(src, dtype="float32", kernel="reference").logits(IDS)
+    got = LLM(dst, dtype="float32", kernel="reference").logits(IDS)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))

@@ -249,9 +249,14 @@ def fit_exact(weight: QuantWeight, target: QuantSpec, scale_dtype: torch.dtype) 
         lo_code, hi_code = (0, (1 << target.bits) - 1) if target.is_uint else (-128, 127)
         qmin, qmax = q_lo.grid(), q_hi.grid()
         if target.has_zero:
-            zmin, zmax = lo_code - qmin, hi_code - qmax
+            # code = level + zero must be a code, and so must the zero point itself.
+            zmin = torch.clamp(lo_code - qmin, min=lo_code)
+            zmax = torch.clamp(hi_code - qmax, max=hi_code)
             if not bool((zmin <= zmax).all()):
-                return f"levels span more than the {target.bits}-bit code range within one {_describe_entry(target)}"
+                return (
+                    f"levels (code - zero) within one {_describe_entry(target)} need more than the "
+                    f"{target.bits}-bit codes around a zero point that is itself a code"
+                )
             zero_grid = torch.minimum(torch.maximum(z_pref.grid(), zmin), zmax).to(torch.int32)
         else:
             z = target.implicit_zero
