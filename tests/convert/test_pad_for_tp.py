@@ -74,6 +74,7 @@ def test_padded_checkpoint_splits_into_whole_groups_with_equal_logits(
     assert torch.allclose(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 def test_padded_compressed_tensors_loads_in_transformers_with_equal_logits(
     quantized: Path, tmp_path: Path
 ) -> None:

@@ -137,3 +137,25 @@ def test_output_directory_refusals(act_order: Path, tmp_path: Path) -> None:
         convert_checkpoint(act_order, partial, "gptq")
     convert_checkpoint(act_order, partial, "gptq", ConvertOptions(overwrite=True))
     assert (partial / "config.json").exists() and not (partial / PARTIAL_MARKER).exists()
+
+
+def test_cli_reports_each_layer(
+    down_only_act_order: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dst = tmp_path / "awq"
+    argv = [
+        "convert",
+        str(down_only_act_order),
+        str(dst),
+        "--format",
+        "awq",
+        "--allow-reorder",
+        "--pad-for-tp",
+        "2",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "padded: config.json intermediate_size: 160 -> 256" in out
+    assert "model.layers.0.mlp.down_proj" in out and "reordered" in out and "exact" in out
+    assert main(argv) == 2  # a second run refuses the now non-empty directory
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -59,6 +59,7 @@ def test_round_trip_is_byte_identical_and_dequantizes_equal(dense: Path, tmp_pat
             assert torch.equal(da[prefix], db[prefix]), prefix
 
 
+@pytest.mark.slow
 def test_converted_compressed_tensors_runs_in_transformers_like_the_gptq_source(
     dense: Path, tmp_path: Path
 ) -> None:
@@ -77,3 +78,26 @@ def test_converted_compressed_tensors_runs_in_transformers_like_the_gptq_source(
         theirs = model(torch.tensor([ids])).logits[0].float()
     ours = LLM(src, dtype="float32", kernel="reference").logits(ids)
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-5
+
+
+@pytest.mark.needs_shared
+@pytest.mark.parametrize(
+    ("fixture", "target"),
+    [
+        ("llama-gptq-4bit-g128-sym-gptqmodel", "compressed-tensors"),
+        ("llama-gptq-4bit-g128-sym-gptqmodel", "awq"),
+        ("llama-awq-gemm-4bit-g128-autoawq", "gptq-v2"),
+        ("llama-w4a16-g128-gptq-llmc", "gptq"),
+    ],
+)
+def test_real_tool_checkpoints_convert_exactly(
+    third_party: Path, tmp_path: Path, fixture: str, target: str
+) -> None:
+    """Files written by GPTQModel, AutoAWQ and llm-compressor convert with every layer exact."""
+    src, dst = third_party / fixture, tmp_path / target
+    report = convert_checkpoint(src, dst, target)
+    assert {r.how for r in report.layers} <= {"exact", "unquantized"}
+    da, db = dequantized_layers(src), dequantized_layers(dst)
+    for prefix, weight in da.items():
+        if weight is not None:
+            assert torch.equal(weight, db[prefix]), prefix
