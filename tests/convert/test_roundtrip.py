@@ -101,3 +101,12 @@ def test_real_tool_checkpoints_convert_exactly(
     for prefix, weight in da.items():
         if weight is not None:
             assert torch.equal(weight, db[prefix]), prefix
+
+
+def test_quantized_lm_head_round_trip(dense: Path, tmp_path: Path) -> None:
+    a, b, back = tmp_path / "a", tmp_path / "b", tmp_path / "back"
+    quantize_checkpoint(dense, a, "fp8-block", WriteOptions(block_size=(128, 128)), quantize_lm_head=True)
+    report = convert_checkpoint(a, b, "compressed-tensors")
+    assert {r.prefix: r.how for r in report.layers}["lm_head"] == "exact"
+    convert_checkpoint(b, back, "fp8-block")
+    assert_same_checkpoint(a, back)

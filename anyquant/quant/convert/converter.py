@@ -144,7 +144,7 @@ def convert_checkpoint(
     progress.start_weights(total, desc="surveying layers")
     specs, exact_dtypes = _survey(ckpt, source, plans, progress)
     progress.finish_weights()
-    writer = _make_writer(writer_cls, specs)
+    writer = _make_writer(writer_cls, specs, any(p.kind == "lm_head" and p.spec is not None for p in plans))
     scale_dtype = _choose_scale_dtype(writer, model_dtype, exact_dtypes)
     report = ConvertReport(target, scale_dtype=str(scale_dtype).removeprefix("torch."))
     if padding is not None:
@@ -237,10 +237,13 @@ def _survey(
     return specs, exact
 
 
-def _make_writer(writer_cls: type[FormatWriter], specs: list[QuantSpec]) -> FormatWriter:
-    """The target writer configured for the most common layer spec (other layers fit or not)."""
+def _make_writer(writer_cls: type[FormatWriter], specs: list[QuantSpec], lm_head: bool) -> FormatWriter:
+    """The target writer configured for the most common layer spec (other layers fit or not);
+    `lm_head`: the source quantizes its LM head, so writers that skip it by default are asked not to."""
     dominant = Counter(specs).most_common(1)[0][0]
     options = writer_cls.options_for(dominant)
+    if lm_head:
+        options = replace(options, extra={**options.extra, "lm_head": True})
     candidates = [options]
     if not options.act_order and any(s.act_order for s in specs):
         # A format with act-order stores plain groups too (a trivial index), so some act-order
