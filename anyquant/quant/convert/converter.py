@@ -22,6 +22,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,6 +145,7 @@ def convert_checkpoint(
     progress.start_weights(total, desc="surveying layers")
     specs, exact_dtypes = _survey(ckpt, source, plans, progress)
     progress.finish_weights()
+    ckpt.close()  # the survey's last maps would otherwise stay resident through the next pass
     writer = _make_writer(writer_cls, specs, any(p.kind == "lm_head" and p.spec is not None for p in plans))
     scale_dtype = _choose_scale_dtype(writer, model_dtype, exact_dtypes)
     report = ConvertReport(target, scale_dtype=str(scale_dtype).removeprefix("torch."))
@@ -164,10 +166,20 @@ def convert_checkpoint(
         raise ConversionRefused(target, refused)
     report.files = job.out.finish()
     new_config = padded_config(ckpt.config, padding) if padding is not None else ckpt.config
-    write_configs(ckpt, dst_path, writer, job.skipped, config=new_config)
+    write_configs(ckpt, dst_path, writer, job.skipped, config=_without_nested_quant_config(new_config))
     (dst_path / PARTIAL_MARKER).unlink()
     log.info("converted %s -> %s (%s)", src_path, dst_path, target)
     return report
+
+
+def _without_nested_quant_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The source's quantization_config nested in a multimodal text config would contradict the
+    new top-level one (readers look there too): drop it."""
+    out = dict(config)
+    for key, sub in config.items():
+        if isinstance(sub, dict) and "quantization_config" in sub:
+            out[key] = {k: v for k, v in sub.items() if k != "quantization_config"}
+    return out
 
 
 def checkpoint_padding(src: str | Path, world: int, tile: int = DEFAULT_TILE) -> PaddingPlan:
