@@ -45,7 +45,7 @@ def main() -> None:
         quantize = [sys.executable, "-m", "anyquant", "quantize", str(dense), str(gptq), "--format", "gptq",
                     "--bits", "4", "--group-size", "128", "--sym"]  # fmt: skip
         runs = {"quantize (dense -> gptq)": measure(quantize, root)}
-        floor = [sys.executable, "-c", "import torch, anyquant.quant.convert.converter"]
+        floor = [sys.executable, "-c", "import torch, anyquant.convert.converter"]
         runs["import only"] = measure(floor, root)
         for name, extra in (
             ("convert gptq -> ct", []),

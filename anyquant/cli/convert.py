@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anyquant.quant.convert.converter import ConvertOptions, convert_checkpoint
-    from anyquant.quant.convert.padding import DEFAULT_TILE
+    from anyquant.convert.converter import ConvertOptions, convert_checkpoint
+    from anyquant.convert.padding import DEFAULT_TILE
 
     options = ConvertOptions(
         requantize=args.requantize,

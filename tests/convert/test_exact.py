@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from anyquant.quant.convert.exact import fit_exact, minimal
+from anyquant.convert.exact import fit_exact, minimal
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from anyquant import LLM
+from anyquant.convert.converter import ConvertOptions, checkpoint_padding, convert_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.loader import build_on_meta
 from anyquant.loading.preflight import plan_tensor_parallel, spec_lookup
-from anyquant.quant.convert.converter import ConvertOptions, checkpoint_padding, convert_checkpoint
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint

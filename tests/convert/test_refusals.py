@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from anyquant import LLM
 from anyquant.cli.main import main
-from anyquant.errors import AnyquantError
-from anyquant.quant.convert.converter import (
+from anyquant.convert.converter import (
     PARTIAL_MARKER,
     ConversionRefused,
     ConvertOptions,
     convert_checkpoint,
 )
+from anyquant.errors import AnyquantError
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model

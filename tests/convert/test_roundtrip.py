@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anyquant.quant.convert.converter import convert_checkpoint
+from anyquant.convert.converter import convert_checkpoint
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model

@@ -27,17 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.errors import AnyquantError, UnsupportedError
-from anyquant.layers.linear import TensorParallelLayer
-from anyquant.loading.checkpoint import Checkpoint
-from anyquant.loading.loader import build_on_meta, resolve_dtype
-from anyquant.loading.plan import LayerPlan, plan_layers
-from anyquant.loading.preflight import spec_lookup
-from anyquant.loading.progress import LoadProgress
-from anyquant.loading.validate import check_linear
-from anyquant.quant.algorithms.rtn import quantize_rtn
-from anyquant.quant.convert.exact import dequantized_equal, drop_trivial_act_order, fit_exact, minimal
-from anyquant.quant.convert.padding import (
+from anyquant.convert.exact import dequantized_equal, drop_trivial_act_order, fit_exact, minimal
+from anyquant.convert.padding import (
     DEFAULT_TILE,
     PaddingPlan,
     pad_bias,
@@ -45,7 +36,21 @@ from anyquant.quant.convert.padding import (
     padded_config,
     plan_padding,
 )
-from anyquant.quant.convert.reorder import permute_inputs, permute_outputs, sorting_permutation
+from anyquant.convert.reorder import (
+    down_first,
+    mlp_producers,
+    permute_inputs,
+    permute_outputs,
+    sorting_permutation,
+)
+from anyquant.errors import AnyquantError, UnsupportedError
+from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.loader import build_on_meta, resolve_dtype
+from anyquant.loading.plan import LayerPlan, plan_layers
+from anyquant.loading.preflight import spec_lookup
+from anyquant.loading.progress import LoadProgress
+from anyquant.loading.validate import check_linear
+from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import FormatWriter, QuantFormat, WriteOptions
 from anyquant.quant.quantize import (
@@ -138,7 +143,7 @@ def convert_checkpoint(
         if options.pad_for_tp > 1
         else None
     )
-    producers = _producers(model)
+    producers = mlp_producers(model)
     progress = progress or LoadProgress(str(src_path))
     total = sum(ckpt.index.info(n).numel * ckpt.index.info(n).torch_dtype.itemsize for n in ckpt.index)
 
@@ -156,7 +161,7 @@ def convert_checkpoint(
     job = _Job(ckpt, source, writer, scale_dtype, model_dtype, options, padding, producers, report, dst_path)
     progress.start_weights(total, desc=f"converting to {target}")
     try:
-        job.run(_order(plans, producers), progress)
+        job.run(down_first(plans, producers), progress)
     finally:
         progress.finish_weights()
         ckpt.close()
@@ -282,39 +287,6 @@ def _choose_scale_dtype(
 
 def _stored_bytes(ckpt: Checkpoint, names: list[str]) -> int:
     return sum(ckpt.index.info(n).numel * ckpt.index.info(n).torch_dtype.itemsize for n in names)
-
-
-# -- which layers feed which: the permutable MLP intermediate dimensions -------------------------
-
-
-def _producers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """down projection prefix -> the gate/up prefixes producing its input (channel split groups)."""
-    out: dict[str, tuple[str, ...]] = {}
-    for module in model.modules():
-        if isinstance(module, TensorParallelLayer):
-            for group in module.split_groups():
-                if group.role == "channels":
-                    for layer, _ in group.rows:
-                        out[layer.prefix] = tuple(lay.prefix for lay, _ in group.columns)
-    return out
-
-
-def _order(plans: list[LayerPlan], producers: dict[str, tuple[str, ...]]) -> list[LayerPlan]:
-    """Model order, except that a down projection comes before its gate/up (its permutation, if
-    any, is known before their rows are written)."""
-    by_prefix = {p.prefix: p for p in plans}
-    consumer = {col: down for down, cols in producers.items() for col in cols}
-    done: set[str] = set()
-    ordered = []
-    for plan in plans:
-        down = consumer.get(plan.prefix)
-        if down is not None and down not in done and down in by_prefix:
-            ordered.append(by_prefix[down])
-            done.add(down)
-        if plan.prefix not in done:
-            ordered.append(plan)
-            done.add(plan.prefix)
-    return ordered
 
 
 # -- the conversion pass -----------------------------------------------------------------------

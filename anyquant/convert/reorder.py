@@ -12,11 +12,16 @@ the hidden state shared by the whole model and cannot be permuted on its own.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from anyquant.layers.linear import TensorParallelLayer
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:
+    from anyquant.loading.plan import LayerPlan
 
 
 def sorting_permutation(weight: QuantWeight) -> Tensor | str:
@@ -54,3 +59,36 @@ def permute_outputs(weight: QuantWeight | Tensor, perm: Tensor, name: str) -> Qu
         scale = scale.index_select(-2, perm)
         zero = None if zero is None else zero.index_select(-2, perm)
     return replace(weight, data=data, scale=scale, zero=zero)
+
+
+# -- which layers feed which: the permutable MLP intermediate dimensions -------------------------
+
+
+def mlp_producers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """down projection prefix -> the gate/up prefixes producing its input (channel split groups)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for module in model.modules():
+        if isinstance(module, TensorParallelLayer):
+            for group in module.split_groups():
+                if group.role == "channels":
+                    for layer, _ in group.rows:
+                        out[layer.prefix] = tuple(lay.prefix for lay, _ in group.columns)
+    return out
+
+
+def down_first(plans: list[LayerPlan], producers: dict[str, tuple[str, ...]]) -> list[LayerPlan]:
+    """Model order, except that a down projection comes before its gate/up (its permutation, if
+    any, is known before their rows are written)."""
+    by_prefix = {p.prefix: p for p in plans}
+    consumer = {col: down for down, cols in producers.items() for col in cols}
+    done: set[str] = set()
+    ordered = []
+    for plan in plans:
+        down = consumer.get(plan.prefix)
+        if down is not None and down not in done and down in by_prefix:
+            ordered.append(by_prefix[down])
+            done.add(down)
+        if plan.prefix not in done:
+            ordered.append(plan)
+            done.add(plan.prefix)
+    return ordered
