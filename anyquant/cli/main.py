@@ -16,6 +16,7 @@ from anyquant.errors import AnyquantError
 _COMMANDS = {
     "inspect": "describe a checkpoint's quantization per layer without reading tensor data",
     "quantize": "quantize an unquantized checkpoint into a format (round-to-nearest)",
+    "convert": "rewrite a quantized checkpoint in another format, exactly (or --requantize), optionally padded for TP",
     "generate": "generate text from a prompt",
     "bench": "measure throughput and memory (offline)",
     "serve": "serve an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",

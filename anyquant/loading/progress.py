@@ -49,14 +49,14 @@ class LoadProgress:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
             log.info("%s: phase %s took %.2fs", self.label, name, self.timings[name])
 
-    def start_weights(self, total_bytes: int) -> None:
+    def start_weights(self, total_bytes: int, desc: str = "loading weights") -> None:
         self._total, self._done, self._started = max(total_bytes, 1), 0, time.perf_counter()
         if self._show_bar:
             from tqdm import tqdm
 
             self._bar = tqdm(
                 total=self._total,
-                desc="loading weights",
+                desc=desc,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,

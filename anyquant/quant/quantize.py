@@ -2,7 +2,7 @@
 
 Owns the streaming rewrite: each linear weight is read, quantized (round-to-nearest), encoded by
 the target format's writer and written; everything else is copied unchanged. Memory stays at
-about one shard of output (the buffer, up to `_SHARD_BYTES`) plus one layer: the input's memory
+about one layer (output tensors go to disk as they are added, `ShardWriter`): the input's memory
 maps are dropped every `_MAPPED_BYTES` read, and the reported error is computed a block of rows
 at a time. What the save step imports is checked before any work starts. Used by `anyquant
 quantize` and by test fixtures.
@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import AnyquantError, CheckpointError
-from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.checkpoint import TORCH_TO_SAFETENSORS, Checkpoint
 from anyquant.loading.loader import build_on_meta
 from anyquant.loading.plan import linear_layers
 from anyquant.quant.algorithms.rtn import quantize_rtn
@@ -87,35 +88,60 @@ class QuantizeReport:
     files: list[str] = field(default_factory=list)
 
 
-class _ShardWriter:
-    """Buffers output tensors and flushes safetensors shards of about `_SHARD_BYTES`."""
+class ShardWriter:
+    """Streams output tensors into safetensors shards of about `_SHARD_BYTES`.
+
+    Each tensor's bytes go to a shard's temporary data file as soon as it is added, so nothing
+    written is held in memory (a buffered shard, serialized at the end, cost up to twice the shard
+    in RSS). The header, which needs every shape, is written when the shard closes, and the data
+    copied after it in chunks."""
 
     def __init__(self, dst: Path) -> None:
         self.dst = dst
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[dict[str, Tensor] | list[str]] = []
-        self.names: list[list[str]] = []
+        self.names: list[list[str]] = []  # per finished shard
         self._tmp: list[Path] = []
+        self._seen: set[str] = set()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._data: Any = None  # the open data file of the current shard
+        self._offset = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
-        if name in self.pending or any(name in names for names in self.names):
+        if name in self._seen:
             raise CheckpointError(f"output tensor {name!r} written twice")
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += tensor.numel() * tensor.element_size()
-        if self.pending_bytes >= _SHARD_BYTES:
+        self._seen.add(name)
+        if self._data is None:
+            self._data = open(self.dst / f".shard-{len(self._tmp)}.data", "wb")  # noqa: SIM115
+        flat = tensor.detach().contiguous().reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        if nbytes:
+            self._data.write(flat.view(torch.uint8).numpy().tobytes())  # one tensor's bytes at a time
+        dtype = TORCH_TO_SAFETENSORS.get(tensor.dtype)
+        if dtype is None:
+            raise CheckpointError(f"output tensor {name!r}: safetensors cannot store {tensor.dtype}")
+        self._entries[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+        if self._offset >= _SHARD_BYTES:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.pending:
+        if self._data is None:
             return
-        from safetensors.torch import save_file
-
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":"))
+        raw = header.encode() + b" " * (-len(header.encode()) % 8)  # data starts 8-byte aligned
         path = self.dst / f".shard-{len(self._tmp)}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        with open(path, "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data_path.unlink()
         self._tmp.append(path)
-        self.names.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        self.names.append(list(self._entries))
+        self._entries, self._data, self._offset = {}, None, 0
 
     def finish(self) -> list[str]:
         self._flush()
@@ -162,7 +188,7 @@ def quantize_checkpoint(
         layer.prefix: layer for layer in linear_layers(model) if layer.kind != "lm_head" or quantize_lm_head
     }
     report = QuantizeReport()
-    out = _ShardWriter(dst_path)
+    out = ShardWriter(dst_path)
     mapped = 0
     for name in ckpt.index:
         info = ckpt.index.info(name)
@@ -211,10 +237,10 @@ def quantize_checkpoint(
         for tname, tensor in writer.encode(prefix, weight).items():
             out.add(tname, tensor)
         del dense, weight
-        _return_freed_memory()
+        return_freed_memory()
     ckpt.close()
     report.files = out.finish()
-    _write_configs(ckpt, dst_path, writer, report.skipped)
+    write_configs(ckpt, dst_path, writer, report.skipped)
     log.info(
         "quantized %s -> %s (%s): %d layers, %d skipped",
         src_path,
@@ -239,7 +265,7 @@ def _libc_malloc_trim() -> Any:
 _MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the freed heap pages of the last layer's temporaries back to the OS. glibc keeps freed
     blocks below its (adaptive) mmap threshold in the heap, and with long-lived output tensors
     interleaved the heap only grows: peak RSS measured 0.6-1.6 GB from run to run on a 480 MB
@@ -283,8 +309,16 @@ def _row_block(weight: QuantWeight, start: int, stop: int) -> QuantWeight:
     return replace(weight, shape=(stop - start, weight.shape[1]), data=data, scale=scale, zero=zero)
 
 
-def _write_configs(ckpt: Checkpoint, dst: Path, writer: FormatWriter, skipped: list[str]) -> None:
-    config: dict[str, Any] = dict(ckpt.config)
+def write_configs(
+    ckpt: Checkpoint,
+    dst: Path,
+    writer: FormatWriter,
+    skipped: list[str],
+    config: dict[str, Any] | None = None,
+) -> None:
+    """config.json (the source's, or `config`, with the writer's quantization_config), the
+    writer's side files and the tokenizer files."""
+    config = dict(ckpt.config if config is None else config)
     config["quantization_config"] = writer.quantization_config(skipped)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name, content in writer.side_files(skipped).items():

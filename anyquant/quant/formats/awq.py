@@ -9,7 +9,7 @@ axis), translation into the canonical uint4 group weight with zero points, and t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -354,6 +354,12 @@ class _AwqWriterBase(FormatWriter):
                 f"--format {self.name}: group size {g}; use -1 or a positive multiple of 8"
             )
         self._defaults: set[str] = set()  # prefixes AutoAWQ never quantizes (lm_head, embeddings)
+
+    @classmethod
+    def options_for(cls, spec: QuantSpec) -> WriteOptions:
+        # AWQ files always hold 4-bit codes with zero points and no act-order; a symmetric layer is
+        # stored with its implicit zero written out.
+        return replace(super().options_for(spec), bits=4, sym=False, act_order=False, act=None)
 
     def _spec(self) -> QuantSpec:
         g = self.options.group_size

@@ -104,6 +104,25 @@ class FormatWriter(ABC):
     def __init__(self, options: WriteOptions) -> None:
         self.options = options
 
+    @classmethod
+    def options_for(cls, spec: QuantSpec) -> WriteOptions:
+        """Options under which this writer's `spec_for` gives `spec` where the format can store it
+        (`anyquant convert` configures the target this way from the source's layers). Writers whose
+        options mean more override it; one that cannot store part of `spec` returns the nearest
+        options it accepts, and the converter refuses per layer what then does not fit exactly."""
+        act = None
+        if spec.act is not None:
+            kind = "int8" if spec.act.type == "int8" else "fp8"
+            act = f"{kind}-{'dynamic' if spec.act.dynamic else 'static'}"
+        return WriteOptions(
+            bits=spec.bits,
+            group_size=spec.group_size if spec.granularity == "group" else -1,
+            sym=not spec.has_zero,
+            act_order=spec.act_order,
+            block_size=spec.block_shape if spec.granularity == "block" else (128, 128),
+            act=act,
+        )
+
     @abstractmethod
     def spec_for(self, prefix: str, shape: tuple[int, int], kind: LayerKind) -> QuantSpec | str:
         """The spec to quantize this layer with, or a reason why this format cannot store it

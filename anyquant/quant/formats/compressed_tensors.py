@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -1047,6 +1047,17 @@ class CompressedTensorsWriter(FormatWriter):
         )
         self._model_dtype = torch.bfloat16
         self._quantized_lm_head = False
+
+    @classmethod
+    def options_for(cls, spec: QuantSpec) -> WriteOptions:
+        # compressed-tensors 0.20.0 writes no act-order; FP8 block and static per-tensor FP8 exist
+        # only as presets.
+        options = replace(super().options_for(spec), act_order=False)
+        if spec.is_float and spec.granularity == "block":
+            return replace(options, scheme="FP8_BLOCK")
+        if spec.is_float and spec.granularity == "tensor" and spec.act is not None and not spec.act.dynamic:
+            return replace(options, scheme="FP8")
+        return options
 
     def _amax(self, prefix: str) -> float | None:
         table = self.options.extra.get("act_amax") or {}
