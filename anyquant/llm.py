@@ -4,6 +4,8 @@ Owns the user-facing offline API (vLLM-like names). Generation runs on the same 
 server (continuous batching over a paged KV cache); scoring runs one sequence through a private
 cache. Non-finite logits are never turned into tokens: they raise `NumericsError`. With
 `tensor_parallel_size=N` this process is rank 0 and drives N-1 worker ranks (parallel/workers.py).
+Vision-language models take images as vLLM does: a prompt `{"prompt": ..., "multi_modal_data":
+{"image": PIL image or list}}` with one placeholder per image in the text.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from torch import Tensor
 from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
+from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.sampling import SamplingParams
-from anyquant.errors import AnyquantError, NumericsError
+from anyquant.errors import AnyquantError, NumericsError, UnsupportedError
 from anyquant.loading.loader import LoadedModel, load_model
+from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import ImageInputError, ImageProcessor, MultimodalModel
 from anyquant.tokenizer import Tokenizer
+
+# A prompt: text, or vLLM's dict form {"prompt" | "prompt_token_ids": ..., "multi_modal_data": ...}.
+PromptType = str | dict[str, Any]
 
 
 @dataclass
@@ -87,6 +95,8 @@ class LLM:
                 f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}"
             )
         self.max_model_len = max_model_len or limit
+        self.path = Path(model)
+        self._image_processor: ImageProcessor | None = None
         self.tokenizer: Tokenizer | None = None
         if (Path(model) / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(model, self.loaded.config)
@@ -121,11 +131,18 @@ class LLM:
         if n == 0:
             raise AnyquantError("empty prompt: at least one token is needed")
 
-    def logits(self, token_ids: list[int]) -> Tensor:
-        """Teacher-forced fp32 logits [T, vocab] at every position."""
-        ids = list(token_ids)
+    def logits(self, token_ids: list[int], multi_modal_data: dict[str, Any] | None = None) -> Tensor:
+        """Teacher-forced fp32 logits [T, vocab] at every position. With images
+        (`multi_modal_data={"image": ...}`), at the prompt's expanded placeholders."""
+        ids, mm = self.prepare_multimodal(list(token_ids), multi_modal_data)
         self._check_length(len(ids))
-        logits = SequenceCache(self.model, len(ids), self.dtype, self.device).forward(ids, 0)
+        seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+        if mm is None:
+            logits = seq.forward(ids, 0)
+        else:
+            rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
+            values = torch.cat(self.loaded.model.embed_images(mm.images))
+            logits = seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):
             raise self._nonfinite_error(ids)
@@ -158,6 +175,33 @@ class LLM:
             count += len(chunk) - 1
         return math.exp(nll / max(count, 1))
 
+    # -- images ------------------------------------------------------------------------------
+    def image_processor(self) -> ImageProcessor:
+        """The checkpoint's image preprocessing; raises for a model that takes no images."""
+        if self._image_processor is None:
+            model = self.loaded.model
+            if not isinstance(model, MultimodalModel):
+                raise ImageInputError(f"this model ({type(model).__name__}) takes no images")
+            if self._tp is not None:
+                raise UnsupportedError(
+                    "images under tensor parallelism are not supported yet; use tensor_parallel_size=1"
+                )
+            self._image_processor = model.image_processor(self.path)
+        return self._image_processor
+
+    def prepare_multimodal(
+        self, token_ids: list[int], multi_modal_data: dict[str, Any] | None
+    ) -> tuple[list[int], MultimodalPrompt | None]:
+        """Preprocess the images of `multi_modal_data` and expand the prompt's placeholders."""
+        if not multi_modal_data:
+            return token_ids, None
+        unknown = sorted(set(multi_modal_data) - {"image"})
+        if unknown:
+            raise ImageInputError(f"multi_modal_data: {unknown} not supported; only 'image' is")
+        images = multi_modal_data["image"]
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        return prepare_prompt(self.image_processor(), token_ids, images)
+
     # -- generation --------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -166,23 +210,25 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | None = None,
+        prompts: PromptType | list[PromptType] | None = None,
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt, batched continuously; outputs in the order of the prompts."""
+        """Generate for every prompt, batched continuously; outputs in the order of the prompts.
+        A prompt is text or a dict `{"prompt": text | "prompt_token_ids": ids,
+        "multi_modal_data": {"image": PIL image or list}}`."""
         params = sampling_params or SamplingParams()
-        if isinstance(prompts, str):
+        if isinstance(prompts, str | dict):
             prompts = [prompts]
-        requests: list[tuple[str | None, list[int]]]
+        requests: list[tuple[str | None, list[int], MultimodalPrompt | None]]
         if prompt_token_ids is not None:
-            requests = [(None, list(ids)) for ids in prompt_token_ids]
+            requests = [(None, list(ids), None) for ids in prompt_token_ids]
         elif prompts is not None:
-            requests = [(p, self._encode(p)) for p in prompts]
+            requests = [self._request_of(p) for p in prompts]
         else:
             raise AnyquantError("generate() needs prompts or prompt_token_ids")
         ids_of: dict[str, int] = {}
-        for i, (_, ids) in enumerate(requests):
+        for i, (_, ids, mm) in enumerate(requests):
             self._check_length(len(ids))
             # Cap max_tokens at what the context leaves, as vLLM's offline API does.
             room = self.max_model_len - len(ids)
@@ -191,7 +237,7 @@ class LLM:
                     f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.max_model_len}"
                 )
             capped = replace(params, max_tokens=min(params.max_tokens, room))
-            ids_of[self.engine.add_request(ids, capped)] = i
+            ids_of[self.engine.add_request(ids, capped, multimodal=mm)] = i
         texts = [""] * len(requests)
         tokens: list[list[int]] = [[] for _ in requests]
         logprobs: list[list[dict[int, float]]] = [[] for _ in requests]
@@ -220,8 +266,26 @@ class LLM:
                 finish[i][0],
                 logprobs[i] if params.logprobs is not None else None,
             )
-            for i, (prompt, ids) in enumerate(requests)
+            for i, (prompt, ids, _) in enumerate(requests)
         ]
+
+    def _request_of(self, prompt: PromptType) -> tuple[str | None, list[int], MultimodalPrompt | None]:
+        if isinstance(prompt, str):
+            return prompt, self._encode(prompt), None
+        if not isinstance(prompt, dict):
+            raise AnyquantError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+        if unknown:
+            raise AnyquantError(f"prompt dict: unknown keys {unknown}")
+        text = prompt.get("prompt")
+        if text is not None:
+            ids = self._encode(str(text))
+        elif prompt.get("prompt_token_ids") is not None:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+        else:
+            raise AnyquantError("prompt dict: give 'prompt' or 'prompt_token_ids'")
+        ids, mm = self.prepare_multimodal(ids, prompt.get("multi_modal_data"))
+        return text, ids, mm
 
 
 def _start_tensor_parallel(
