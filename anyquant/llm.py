@@ -176,6 +176,10 @@ class LLM:
         return math.exp(nll / max(count, 1))
 
     # -- images ------------------------------------------------------------------------------
+    @property
+    def takes_images(self) -> bool:
+        return isinstance(self.loaded.model, MultimodalModel)
+
     def image_processor(self) -> ImageProcessor:
         """The checkpoint's image preprocessing; raises for a model that takes no images."""
         if self._image_processor is None:

@@ -34,6 +34,9 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
+from anyquant.models.multimodal import ImageInputError, ImageProcessor
+from anyquant.server.media import MediaLimits, image_url_of, load_image
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
@@ -83,6 +86,7 @@ class ServerConfig:
     # True: the engine loop gets a thread of its own. False: the caller runs it with
     # `app.state.server.engine.run_here()` (`anyquant serve` does, on the main thread).
     engine_thread: bool = True
+    media: MediaLimits = field(default_factory=MediaLimits)  # images in chat messages
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -145,9 +149,16 @@ class _ClientGone(Exception):
 class Server:
     """State shared by the routes of one app."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        config: ServerConfig,
+        image_processor: ImageProcessor | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.image_processor = image_processor  # None: the model takes no images
         self.max_model_len = engine.config.max_model_len
         self.vocab_size = int(engine.runner.model.args.vocab_size)
         self.num_pages = engine.allocator.num_pages
@@ -220,7 +231,9 @@ class Server:
         prompts: list[list[int]],
         requested: int | None,
         logprobs: int | None,
+        multimodal: MultimodalPrompt | None = None,
     ) -> _Prepared:
+        """`multimodal`: the images of the (single) prompt."""
         total = len(prompts) * body.n
         if total > self.engine.capacity:
             raise ApiError(
@@ -242,7 +255,7 @@ class Server:
                     params = body.sampling_params(max_tokens, index, logprobs)
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from exc
-                items.append(GenerationItem(ids, params))
+                items.append(GenerationItem(ids, params, multimodal))
         return _Prepared(items, sum(len(ids) for ids in prompts))
 
     async def submit(self, response_id: str, prepared: _Prepared) -> RequestStream:
@@ -266,9 +279,40 @@ class Server:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body)
+        images = self.chat_images(body)  # before rendering: refuse bad images cheaply
         prompt = self.encode(self.render_chat(body), False)  # the template places any <s> itself
+        multimodal = None
+        if images:
+            assert self.image_processor is not None  # chat_images checked it
+            try:
+                prompt, multimodal = prepare_prompt(self.image_processor, prompt, images)
+            except ImageInputError as exc:
+                raise ApiError(400, f"messages: {exc}", param="messages") from exc
         requested = body.requested_max_tokens()
-        return await self._generate(body, request, [prompt], requested, body.logprobs_k(), "chat.completion")
+        return await self._generate(
+            body, request, [prompt], requested, body.logprobs_k(), "chat.completion", multimodal
+        )
+
+    def chat_images(self, body: ChatCompletionRequest) -> list[Any]:
+        """The messages' images, decoded within the limits (400 for any problem)."""
+        parts = [(i, j, part) for i, m in enumerate(body.messages) for j, part in m.image_parts()]
+        if not parts:
+            return []
+        if self.image_processor is None:
+            raise ApiError(400, "this model takes no images; send text content only", param="messages")
+        limits = self.config.media
+        if len(parts) > limits.max_images:
+            raise ApiError(
+                400, f"{len(parts)} images in one request; the limit is {limits.max_images}", param="messages"
+            )
+        images = []
+        for i, j, part in parts:
+            where = f"messages[{i}].content[{j}]"
+            try:
+                images.append(load_image(image_url_of(part, where), limits, where))
+            except ImageInputError as exc:
+                raise ApiError(400, str(exc), param="messages") from exc
+        return images
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         self.check_model(body.model)
@@ -284,8 +328,9 @@ class Server:
         requested: int | None,
         logprobs: int | None,
         kind: str,
+        multimodal: MultimodalPrompt | None = None,
     ) -> Response:
-        prepared = self.prepare(body, prompts, requested, logprobs)
+        prepared = self.prepare(body, prompts, requested, logprobs, multimodal)
         formatter = LogprobFormatter(self.tokenizer, logprobs) if logprobs is not None else None
         chat = kind == "chat.completion"
         response_id = new_id("chatcmpl" if chat else "cmpl")
@@ -316,10 +361,10 @@ class Server:
         messages = []
         for i, m in enumerate(body.messages):
             try:
-                text = m.text()
+                content = m.template_content()
             except ValueError as exc:
                 raise ApiError(400, f"messages[{i}]: {exc}", param="messages") from exc
-            message = {"role": m.role, "content": text}
+            message: dict[str, Any] = {"role": m.role, "content": content}
             if m.name is not None:
                 message["name"] = m.name
             messages.append(message)
@@ -518,11 +563,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request body", param
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: Engine, tokenizer: Tokenizer, config: ServerConfig, image_processor: ImageProcessor | None = None
+) -> FastAPI:
     """The app; its engine thread starts now (unless `config.engine_thread` is False) and is
     drained by the app's lifespan shutdown (or `app.state.server.engine.close()` when no ASGI
-    server runs the lifespan)."""
-    server = Server(engine, tokenizer, config)
+    server runs the lifespan). `image_processor`: the model's, for chat messages with images."""
+    server = Server(engine, tokenizer, config, image_processor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -130,18 +130,39 @@ class ChatMessage(_Body):
 
     def text(self) -> str:
         """The content as one string; only text parts are supported."""
+        content = self.template_content()
+        if not isinstance(content, str):
+            raise ValueError("image content parts need a model that takes images")
+        return content
+
+    def template_content(self) -> str | list[dict[str, str]]:
+        """The content as the chat template takes it: one string when it is all text, else the
+        parts in order, text ones as {"type": "text", "text"} and images as {"type": "image"}
+        (their URLs come from `image_urls`)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        texts = []
+        parts: list[dict[str, str]] = []
         for i, part in enumerate(self.content):
             kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                parts.append({"type": "image"})
+            else:
                 raise ValueError(
-                    f"content part {i} has type {kind!r}; this server supports only text parts "
-                    '({"type": "text", "text": "..."})'
+                    f"content part {i} has type {kind!r}; supported: text parts "
+                    '({"type": "text", "text": "..."}) and image parts ({"type": "image_url", '
+                    '"image_url": {"url": "data:image/png;base64,..."}})'
                 )
-            texts.append(part["text"])
-        return "".join(texts)
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+
+    def image_parts(self) -> list[tuple[int, dict[str, Any]]]:
+        """(part index, part) of each image part, in order."""
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [(i, p) for i, p in enumerate(self.content) if p.get("type") == "image_url"]
 
 
 class ResponseFormat(_Body):
