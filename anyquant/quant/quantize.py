@@ -42,6 +42,8 @@ _COPIED_FILES = (
     "generation_config.json",
     "tokenizer.model",
     "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",  # image preprocessing of vision-language models
     "vocab.json",
     "merges.txt",
 )
