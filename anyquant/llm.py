@@ -25,7 +25,7 @@ from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.sampling import SamplingParams
-from anyquant.errors import AnyquantError, NumericsError, UnsupportedError
+from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.models.base import InputEmbeds
 from anyquant.models.multimodal import ImageInputError, ImageProcessor, MultimodalModel
@@ -186,10 +186,6 @@ class LLM:
             model = self.loaded.model
             if not isinstance(model, MultimodalModel):
                 raise ImageInputError(f"this model ({type(model).__name__}) takes no images")
-            if self._tp is not None:
-                raise UnsupportedError(
-                    "images under tensor parallelism are not supported yet; use tensor_parallel_size=1"
-                )
             self._image_processor = model.image_processor(self.path)
         return self._image_processor
 

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         ),
     )
-    processor = llm.image_processor() if llm.takes_images and args.tensor_parallel_size == 1 else None
+    processor = llm.image_processor() if llm.takes_images else None
     app = create_app(llm.engine, llm.tokenizer, config, processor)
     if not _is_loopback(args.host) and api_key is None:
         log.warning(
