@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+# Default budget of the engine's encoder-output cache (see engine/multimodal.py's EncoderCache).
+ENCODER_CACHE_BYTES = 256 << 20
+
+
 class ImageInputError(AnyquantError):
     """An image, or the prompt's image placeholders, cannot be used (a client error)."""
 
@@ -65,6 +69,15 @@ class ImageProcessor(ABC):
     @abstractmethod
     def process(self, image: Any) -> ImageInput:
         """A PIL image -> the encoder's input; raises ImageInputError for an unusable image."""
+
+    @abstractmethod
+    def num_tokens_for(self, width: int, height: int) -> int:
+        """Placeholder tokens (= encoder rows) an image of this size takes, without processing it."""
+
+    @property
+    @abstractmethod
+    def max_tokens_per_image(self) -> int:
+        """The most placeholder tokens one image can take (the prompt-length budget per image)."""
 
     def expand_placeholders(
         self, token_ids: list[int], images: list[ImageInput]

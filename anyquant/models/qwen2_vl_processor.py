@@ -128,6 +128,14 @@ class Qwen2VLImageProcessor(ImageProcessor):
             height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
         )
 
+    def num_tokens_for(self, width: int, height: int) -> int:
+        h, w = self.target_size(width, height)
+        return (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2
+
+    @property
+    def max_tokens_per_image(self) -> int:
+        return self.max_pixels // (self.patch_size * self.merge_size) ** 2
+
     def process(self, image: Any) -> ImageInput:
         from PIL import Image
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from anyquant import LLM
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
@@ -91,8 +92,13 @@ def check_against_reference(llm: LLM, source: Path, path: Path) -> float:
     return float((ours - ref).norm() / ref.norm())
 
 
-def test_quantized_lm_with_unquantized_vision_tower(source: Path, tmp_path: Path) -> None:
-    path = quantize(source, tmp_path / "gptq", skip=["visual"])
+@pytest.fixture(scope="module")
+def lm_only(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize(source, tmp_path_factory.mktemp("vlm-gptq") / "gptq", skip=["visual"])
+
+
+def test_quantized_lm_with_unquantized_vision_tower(source: Path, lm_only: Path) -> None:
+    path = lm_only
     llm = LLM(path, dtype="float32")
     quantized = {p.prefix for p in llm.loaded.plans if p.spec is not None}
     vision = [p.prefix for p in llm.loaded.plans if p.prefix.startswith("visual.")]
@@ -122,3 +128,14 @@ def test_quantized_vision_tower_too(source: Path, tmp_path: Path) -> None:
     quantized = {p.prefix for p in llm.loaded.plans if p.spec is not None}
     assert "visual.blocks.1.mlp.fc2" in quantized and "visual.merger.mlp.0" in quantized
     assert check_against_reference(llm, source, path) < 1e-4
+
+
+def test_inspect_reports_the_vision_parts(lm_only: Path) -> None:
+    doc = describe_checkpoint(lm_only, tp=2)
+    vision = doc["vision"]
+    assert (vision["linear_layers"], vision["quantized_layers"]) == (10, 0)  # 2 blocks x 4 + merger 2
+    assert vision["placeholder_token_id"] == IMAGE_PAD
+    reference = transformers.Qwen2VLImageProcessorPil.from_pretrained(lm_only)
+    assert vision["tokens_per_448x448_image"] == reference.get_number_of_image_patches(448, 448) // 4
+    memory = doc["tensor_parallel"]["memory_per_rank"]
+    assert memory["encoder_cache"] == vision["encoder_cache_bytes"] > 0
