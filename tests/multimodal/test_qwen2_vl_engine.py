@@ -127,3 +127,37 @@ def test_text_model_refuses_images(tmp_path: Path) -> None:
     llm = LLM(write_tiny_model(tmp_path / "llama"), dtype="float32")
     with pytest.raises(ImageInputError, match="takes no images"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"image": random_image(8, 8, 0)}})
+
+
+def test_chunked_prefill_cutting_images_equals_one_chunk(checkpoint: tuple[Path, bool]) -> None:
+    """Prefill chunks of 3 tokens cut both images (and their M-RoPE positions) mid-way."""
+    from anyquant.engine.engine import Engine, EngineConfig
+
+    path, _ = checkpoint
+    llm = LLM(path, dtype="float32")
+    assert llm.tokenizer is not None
+    images = [random_image(90, 60, 7), random_image(60, 60, 8)]
+    ids, mm = llm.prepare_multimodal(
+        llm.tokenizer.encode(f"q {PLACEHOLDER}{PLACEHOLDER} a"), {"image": images}
+    )
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+    want = llm.generate({"prompt_token_ids": ids, "multi_modal_data": None}, params)  # text-only baseline
+    config = EngineConfig(max_model_len=256, max_num_seqs=2, max_num_batched_tokens=3)
+    engine = Engine(llm.model, llm.tokenizer, config, torch.float32, llm.device)
+    rid = engine.add_request(ids, params, multimodal=mm)
+    tokens: list[int] = []
+    logprobs: list[dict[int, float]] = []
+    steps = 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            assert delta.request_id == rid
+            tokens += delta.new_token_ids
+            logprobs += delta.logprobs
+        steps += 1
+    assert steps >= len(ids) // 3  # the prompt really went in small chunks
+    whole = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, params)[0]
+    assert tokens == whole.token_ids
+    assert whole.logprobs is not None
+    for step, (got, ref) in enumerate(zip(logprobs, whole.logprobs, strict=True)):
+        assert abs(got[tokens[step]] - ref[tokens[step]]) < 1e-4
+    assert want[0].token_ids != whole.token_ids or want[0].logprobs != whole.logprobs  # images mattered
