@@ -279,19 +279,26 @@ class Server:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body)
-        images = self.chat_images(body)  # before rendering: refuse bad images cheaply
         prompt = self.encode(self.render_chat(body), False)  # the template places any <s> itself
         multimodal = None
-        if images:
-            assert self.image_processor is not None  # chat_images checked it
-            try:
-                prompt, multimodal = prepare_prompt(self.image_processor, prompt, images)
-            except ImageInputError as exc:
-                raise ApiError(400, f"messages: {exc}", param="messages") from exc
+        if any(m.image_parts() for m in body.messages):
+            # Decoding and resizing a large image takes a while: off the event loop, so that the
+            # other requests' streams keep flowing.
+            prompt, multimodal = await asyncio.to_thread(self.prepare_images, body, prompt)
         requested = body.requested_max_tokens()
         return await self._generate(
             body, request, [prompt], requested, body.logprobs_k(), "chat.completion", multimodal
         )
+
+    def prepare_images(
+        self, body: ChatCompletionRequest, prompt: list[int]
+    ) -> tuple[list[int], MultimodalPrompt]:
+        images = self.chat_images(body)
+        assert self.image_processor is not None  # chat_images checked it
+        try:
+            return prepare_prompt(self.image_processor, prompt, images)
+        except ImageInputError as exc:
+            raise ApiError(400, f"messages: {exc}", param="messages") from exc
 
     def chat_images(self, body: ChatCompletionRequest) -> list[Any]:
         """The messages' images, decoded within the limits (400 for any problem)."""
