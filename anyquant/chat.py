@@ -24,22 +24,39 @@ class ChatInputError(ValueError):
     """A message or tool that cannot be rendered; the text names the field."""
 
 
-def content_text(content: Any, where: str) -> str:
-    """A message's content as one string; only text parts are supported."""
+def content_text(content: Any, where: str) -> str | list[dict[str, str]]:
+    """A message's content as a chat template takes it: one string when it is all text, else the
+    parts in order, text ones as {"type": "text", "text"} and images as {"type": "image"} (the
+    images themselves travel beside the prompt: engine/multimodal.py)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise ChatInputError(f"{where}.content must be a string or a list of parts")
-    texts = []
+    parts: list[dict[str, str]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            parts.append({"type": "image"})
+        else:
             raise ChatInputError(
-                f"{where}.content[{i}] has type {kind!r}; only text parts are supported "
-                '({"type": "text", "text": "..."})'
+                f"{where}.content[{i}] has type {kind!r}; supported: text parts "
+                '({"type": "text", "text": "..."}) and image parts ({"type": "image_url", '
+                '"image_url": {"url": "data:image/png;base64,..."}})'
             )
-        texts.append(part["text"])
-    return "".join(texts)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def has_images(messages: list[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+        for m in messages
+    )
 
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
@@ -137,6 +154,8 @@ def render_chat(
     if not continue_final_message:
         return text
     final = rendered[-1]["content"] if rendered else ""
+    if isinstance(final, list):  # text after an image: continue from its last text part
+        final = next((p["text"] for p in reversed(final) if p["type"] == "text"), "")
     for piece in (final, final.strip()):
         if piece and piece in text:
             return text[: text.rindex(piece) + len(piece)]

@@ -4,6 +4,8 @@ Owns the user-facing offline API (vLLM-like names). Generation runs on the same 
 server (continuous batching over a paged KV cache); scoring runs one sequence through a private
 cache. Non-finite logits are never turned into tokens: they raise `NumericsError`. With
 `tensor_parallel_size=N` this process is rank 0 and drives N-1 worker ranks (parallel/workers.py).
+Vision-language models take images as vLLM does: a prompt `{"prompt": ..., "multi_modal_data":
+{"image": PIL image or list}}` with one placeholder per image in the text.
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ from anyquant.chat_template import load_override
 from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
+from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
 from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
+from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import ImageInputError, ImageProcessor, MultimodalModel
 from anyquant.tokenizer import Tokenizer
+
+# A prompt: text, or vLLM's dict form {"prompt" | "prompt_token_ids": ..., "multi_modal_data": ...}.
+PromptType = str | dict[str, Any]
 
 
 @dataclass
@@ -131,6 +139,8 @@ class LLM:
                 f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}"
             )
         self.max_model_len = max_model_len or limit
+        self.path = Path(model)
+        self._image_processor: ImageProcessor | None = None
         self.tokenizer: Tokenizer | None = None
         if (Path(model) / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(model, self.loaded.config, chat_template=chat_template)
@@ -167,18 +177,28 @@ class LLM:
         if n == 0:
             raise AnyquantError("empty prompt: at least one token is needed")
 
-    def logits(self, token_ids: list[int]) -> Tensor:
-        """Teacher-forced fp32 logits [T, vocab] at every position."""
-        ids = list(token_ids)
+    def logits(self, token_ids: list[int], multi_modal_data: dict[str, Any] | None = None) -> Tensor:
+        """Teacher-forced fp32 logits [T, vocab] at every position. With images
+        (`multi_modal_data={"image": ...}`), at the prompt's expanded placeholders."""
+        ids, mm = self.prepare_multimodal(list(token_ids), multi_modal_data)
         self._check_length(len(ids))
         bad = invalid_token_id(ids, self.engine.vocab_size)
         if bad is not None:
             raise AnyquantError(bad)
-        logits = SequenceCache(self.model, len(ids), self.dtype, self.device).forward(ids, 0)
+        logits = self._forward_prompt(ids, mm)
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):
             raise self._nonfinite_error(ids)
         return logits.cpu()
+
+    def _forward_prompt(self, ids: list[int], mm: MultimodalPrompt | None) -> Tensor:
+        """Teacher-forced logits of a prepared prompt (images already laid out in `mm`)."""
+        seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+        if mm is None:
+            return seq.forward(ids, 0)
+        rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
+        values = torch.cat(self.loaded.model.embed_images(mm.images))
+        return seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
 
     def _nonfinite_error(self, ids: list[int]) -> NumericsError:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -207,6 +227,33 @@ class LLM:
             count += len(chunk) - 1
         return math.exp(nll / max(count, 1))
 
+    # -- images ------------------------------------------------------------------------------
+    @property
+    def takes_images(self) -> bool:
+        return isinstance(self.loaded.model, MultimodalModel)
+
+    def image_processor(self) -> ImageProcessor:
+        """The checkpoint's image preprocessing; raises for a model that takes no images."""
+        if self._image_processor is None:
+            model = self.loaded.model
+            if not isinstance(model, MultimodalModel):
+                raise ImageInputError(f"this model ({type(model).__name__}) takes no images")
+            self._image_processor = model.image_processor(self.path)
+        return self._image_processor
+
+    def prepare_multimodal(
+        self, token_ids: list[int], multi_modal_data: dict[str, Any] | None
+    ) -> tuple[list[int], MultimodalPrompt | None]:
+        """Preprocess the images of `multi_modal_data` and expand the prompt's placeholders."""
+        if not multi_modal_data:
+            return token_ids, None
+        unknown = sorted(set(multi_modal_data) - {"image"})
+        if unknown:
+            raise ImageInputError(f"multi_modal_data: {unknown} not supported; only 'image' is")
+        images = multi_modal_data["image"]
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        return prepare_prompt(self.image_processor(), token_ids, images)
+
     # -- generation --------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -215,25 +262,27 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | None = None,
+        prompts: PromptType | list[PromptType] | None = None,
         sampling_params: SamplingParams | None = None,
         prompt_token_ids: list[list[int]] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt, batched continuously; outputs in the order of the prompts.
-        With `n > 1`, sample i of a seeded request uses seed + i (as the server does)."""
+        With `n > 1`, sample i of a seeded request uses seed + i (as the server does).
+        A prompt is text or a dict `{"prompt": text | "prompt_token_ids": ids,
+        "multi_modal_data": {"image": PIL image or list}}`."""
         params = sampling_params or SamplingParams()
-        if isinstance(prompts, str):
+        if isinstance(prompts, str | dict):
             prompts = [prompts]
-        requests: list[tuple[str | None, list[int]]]
+        requests: list[tuple[str | None, list[int], MultimodalPrompt | None]]
         if prompt_token_ids is not None:
-            requests = [(None, list(ids)) for ids in prompt_token_ids]
+            requests = [(None, list(ids), None) for ids in prompt_token_ids]
         elif prompts is not None:
-            requests = [(p, self._encode(p)) for p in prompts]
+            requests = [self._request_of(p) for p in prompts]
         else:
             raise AnyquantError("generate() needs prompts or prompt_token_ids")
-        samples = self._run_requests([ids for _, ids in requests], params)
+        samples = self._run_requests([(ids, mm) for _, ids, mm in requests], params)
         outputs = []
-        for i, (prompt, ids) in enumerate(requests):
+        for i, (prompt, ids, mm) in enumerate(requests):
             mine = samples[i * params.n : (i + 1) * params.n]
             first = mine[0][0]
             outputs.append(
@@ -245,18 +294,18 @@ class LLM:
                     first.finish_reason,
                     first.logprobs,
                     outputs=[out for out, _ in mine],
-                    prompt_logprobs=self._prompt_logprobs(ids, params.prompt_logprobs),
+                    prompt_logprobs=self._prompt_logprobs(ids, mm, params.prompt_logprobs),
                     num_cached_tokens=mine[0][1],
                 )
             )
         return outputs
 
     def _run_requests(
-        self, prompts: list[list[int]], params: SamplingParams
+        self, prompts: list[tuple[list[int], MultimodalPrompt | None]], params: SamplingParams
     ) -> list[tuple[CompletionOutput, int]]:
         """Every prompt's n samples (prompt-major) with the prompt tokens the prefix cache served."""
         order: dict[str, int] = {}
-        for ids in prompts:
+        for ids, mm in prompts:
             self._check_length(len(ids))
             # Cap max_tokens at what the context leaves, as vLLM's offline API does.
             room = self.max_model_len - len(ids)
@@ -271,7 +320,7 @@ class LLM:
                     params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens), seed=seed
                 )
                 try:
-                    rid = self.engine.add_request(ids, one)
+                    rid = self.engine.add_request(ids, one, multimodal=mm)
                 except ValueError as exc:
                     for added in order:
                         self.engine.abort(added)
@@ -296,7 +345,7 @@ class LLM:
             i = failed[0]
             error = finish[i][1] or "unknown error"
             if "non-finite" in error:
-                raise self._nonfinite_error(prompts[i // params.n] + tokens[i])
+                raise self._nonfinite_error(prompts[i // params.n][0] + tokens[i])
             raise AnyquantError(f"request {i // params.n} failed: {error}")
         return [
             (
@@ -312,12 +361,17 @@ class LLM:
             for i in range(len(order))
         ]
 
-    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list[dict[int, float] | None] | None:
+    def _prompt_logprobs(
+        self, ids: list[int], mm: MultimodalPrompt | None, k: int | None
+    ) -> list[dict[int, float] | None] | None:
         """vLLM's prompt_logprobs: for each prompt token after the first, its logprob under the
         teacher-forced model, then the top-k (one scoring pass over the prompt)."""
         if k is None:
             return None
-        return prompt_logprobs(self.logits(ids), ids, k).entries
+        logits = self._forward_prompt(ids, mm)
+        if not bool(torch.isfinite(logits).all()):
+            raise self._nonfinite_error(ids)
+        return prompt_logprobs(logits.cpu(), ids, k).entries
 
     def chat(
         self,
@@ -333,10 +387,16 @@ class LLM:
         with the model's chat template, or `chat_template` (a template file or the template
         itself), and generate. The rendering is the server's: the same request gives the same
         prompt, and with the same sampling parameters the same tokens."""
-        from anyquant.chat import ChatInputError, render_chat
+        from anyquant.chat import ChatInputError, has_images, render_chat
 
         if self.tokenizer is None:
             raise AnyquantError("chat() needs tokenizer files (tokenizer.json) in the model directory")
+        flat = [m for c in messages for m in (c if isinstance(c, list) else [c])]
+        if has_images(flat):
+            raise AnyquantError(
+                "chat() takes text messages; for images use generate() with "
+                '{"prompt": ..., "multi_modal_data": {"image": ...}} (the server takes image_url parts)'
+            )
         conversations: list[list[dict[str, Any]]]
         if messages and isinstance(messages[0], list):
             conversations = [list(c) for c in messages if isinstance(c, list)]
@@ -364,6 +424,24 @@ class LLM:
         for out, text in zip(outputs, texts):
             out.prompt = text
         return outputs
+
+    def _request_of(self, prompt: PromptType) -> tuple[str | None, list[int], MultimodalPrompt | None]:
+        if isinstance(prompt, str):
+            return prompt, self._encode(prompt), None
+        if not isinstance(prompt, dict):
+            raise AnyquantError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+        if unknown:
+            raise AnyquantError(f"prompt dict: unknown keys {unknown}")
+        text = prompt.get("prompt")
+        if text is not None:
+            ids = self._encode(str(text))
+        elif prompt.get("prompt_token_ids") is not None:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+        else:
+            raise AnyquantError("prompt dict: give 'prompt' or 'prompt_token_ids'")
+        ids, mm = self.prepare_multimodal(ids, prompt.get("multi_modal_data"))
+        return text, ids, mm
 
 
 def _start_tensor_parallel(

@@ -1,9 +1,10 @@
-"""`anyquant generate MODEL --prompt TEXT`: one-shot generation for demos and smoke tests."""
+"""`anyquant generate MODEL --prompt TEXT [--image FILE]`: one-shot generation for demos and smoke tests."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="with --chat: a chat template file (or the template itself) instead of the model's",
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image for a vision-language model (repeatable); with --chat the template places it "
+        "before the text, otherwise put one placeholder per image in --prompt",
     )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -61,7 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         if llm.tokenizer is None:
             raise AnyquantError("--chat needs tokenizer files in the model directory")
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        content: str | list[dict[str, str]] = prompt
+        if args.image:
+            content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": prompt}]
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": content}])
+    request: str | dict[str, Any] = prompt
+    if args.image:
+        request = {"prompt": prompt, "multi_modal_data": {"image": [_open_image(f) for f in args.image]}}
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -69,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    out = llm.generate([prompt], params)[0]
+    out = llm.generate([request], params)[0]
     t2 = time.perf_counter()
     print(args.prompt + out.text)
     fmt = llm.loaded.format.describe() if llm.loaded.format else "unquantized"
@@ -78,3 +93,16 @@ def run(args: argparse.Namespace) -> int:
         f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s, finish={out.finish_reason}]"
     )
     return 0
+
+
+def _open_image(path: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    from anyquant.errors import AnyquantError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise AnyquantError(f"--image {path}: cannot be read as an image: {exc}") from exc
+    return image

@@ -75,6 +75,14 @@ def print_text(doc: dict[str, Any]) -> None:
         print("\nconfig and tensors disagree (tensors win):")
         for note in doc["notes"]:
             print(f"  - {note}")
+    vision = doc.get("vision")
+    if vision:
+        print(
+            f"\nimages: vision layers {vision['quantized_layers']} of {vision['linear_layers']} quantized "
+            f"(kernels {', '.join(vision['kernels'])}); placeholder token {vision['placeholder_token_id']}; "
+            f"a 448x448 image takes {vision['tokens_per_448x448_image']} tokens, one image at most "
+            f"{vision['max_tokens_per_image']}; encoder cache up to {_mib(vision['encoder_cache_bytes'])}"
+        )
     print_tensor_parallel(tp)
     if doc["risks"]:
         print("\nrisks:")
@@ -112,6 +120,7 @@ def print_tensor_parallel(tp: dict[str, Any]) -> None:
         f"{_mib(mem['linear_weights'])} + other weights {_mib(mem['other_weights'])} + KV cache "
         f"{_mib(mem['kv_cache_at_max_model_len'])} at {mem['max_model_len']} tokens "
         f"({mem['kv_cache_per_token']} bytes per token)"
+        + (f" + encoder cache {_mib(mem['encoder_cache'])} (rank 0)" if "encoder_cache" in mem else "")
     )
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anyquant.errors import AnyquantError
@@ -99,6 +100,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="request body size limit in MiB")
     parser.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="let chat messages name images as file:// URLs below DIR (default: refused)",
+    )
+    parser.add_argument(
+        "--limit-images-per-request", type=int, default=8, help="images one chat request may carry"
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
@@ -118,6 +128,10 @@ def _check(args: argparse.Namespace) -> None:
         raise AnyquantError(
             "--enable-auto-tool-choice needs --tool-call-parser (the model's tool-call format)"
         )
+    if args.limit_images_per_request < 0:
+        raise AnyquantError(f"--limit-images-per-request {args.limit_images_per_request}: must be >= 0")
+    if args.allowed_local_media_path and not Path(args.allowed_local_media_path).is_dir():
+        raise AnyquantError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     if args.max_body_mb <= 0:
         raise AnyquantError(f"--max-body-mb {args.max_body_mb}: must be positive")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
@@ -141,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from anyquant.server.app import ServerConfig, create_app
+        from anyquant.server.media import MediaLimits
     except ImportError as exc:
         raise AnyquantError(
             f"the server needs its extra dependencies ({exc}); pip install 'anyquant[server]'"
@@ -181,8 +196,13 @@ def run(args: argparse.Namespace) -> int:
         engine_thread=False,  # the engine loop runs on this, the main, thread: see _serve
         tool_call_parser=args.tool_call_parser,
         trust_request_chat_template=args.trust_request_chat_template,
+        media=MediaLimits(
+            max_images=args.limit_images_per_request,
+            allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+        ),
     )
-    app = create_app(llm.engine, llm.tokenizer, config)
+    processor = llm.image_processor() if llm.takes_images else None
+    app = create_app(llm.engine, llm.tokenizer, config, processor)
     if not _is_loopback(args.host) and api_key is None:
         log.warning(
             "binding %s without --api-key: anyone who can reach this port can use the model", args.host

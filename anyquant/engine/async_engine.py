@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from anyquant.engine.engine import Engine, RequestDelta
+from anyquant.engine.multimodal import MultimodalPrompt
 from anyquant.engine.sampling import SamplingParams
 from anyquant.errors import EngineDeadError
 
@@ -56,6 +57,7 @@ class EngineObserver(Protocol):
 class GenerationItem:
     prompt_token_ids: list[int]
     params: SamplingParams
+    multimodal: MultimodalPrompt | None = None  # images, laid out by engine.multimodal.prepare_prompt
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,7 @@ class AsyncEngine:
         now = time.monotonic()
         try:
             for index, (rid, item) in enumerate(zip(command.ids, command.items)):
-                self.engine.add_request(item.prompt_token_ids, item.params, rid)
+                self.engine.add_request(item.prompt_token_ids, item.params, rid, item.multimodal)
                 added.append(rid)
                 self._routes[rid] = _Route(command.group, index, len(item.prompt_token_ids), now)
         except Exception as exc:

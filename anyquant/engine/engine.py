@@ -19,6 +19,7 @@ from torch import Tensor
 
 from anyquant.engine.detokenizer import IncrementalDetokenizer
 from anyquant.engine.kv_cache import PagedKVCache
+from anyquant.engine.multimodal import MultimodalPrompt
 from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
 from anyquant.engine.penalties import PenaltyTracker
@@ -162,8 +163,14 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        multimodal: MultimodalPrompt | None = None,
     ) -> str:
+        """`multimodal`: the request's images, laid out by `engine.multimodal.prepare_prompt`
+        (which also expanded `prompt_token_ids`' placeholders)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         outside = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
         if outside is not None:
@@ -171,7 +178,9 @@ class Engine:
                 f"logit_bias: token id {outside} is outside the vocabulary [0, {self.vocab_size})"
             )
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
-        request = Request(rid, prompt_token_ids, params, eos, self.vocab_size)
+        if multimodal is not None and self.runner.encoder_cache is None:
+            raise ValueError("this model takes no images")
+        request = Request(rid, prompt_token_ids, params, eos, self.vocab_size, multimodal)
         self.scheduler.add(request)  # raises ValueError naming the limits
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self._states[rid] = _State(

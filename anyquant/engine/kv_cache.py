@@ -16,7 +16,7 @@ from torch import Tensor
 from anyquant.layers.attention import AttentionContext, PagedPlan, paged_attention, plan_paged_attention
 
 if TYPE_CHECKING:
-    from anyquant.models.base import DecoderLM
+    from anyquant.models.base import DecoderLM, InputEmbeds
 
 
 class PagedKVCache:
@@ -179,9 +179,21 @@ class SequenceCache:
             raise ValueError(f"sequence of {start + length} tokens exceeds this cache's {self.max_len}")
         return PagedAttention.for_sequences(self.cache, [(self.page_ids, start, length)])
 
-    def forward(self, token_ids: list[int] | Tensor, start: int, logits_rows: Tensor | None = None) -> Tensor:
-        """fp32 logits for tokens at positions start..start+T-1 (rows `logits_rows`, default all)."""
+    def forward(
+        self,
+        token_ids: list[int] | Tensor,
+        start: int,
+        logits_rows: Tensor | None = None,
+        positions: Tensor | None = None,
+        input_embeds: InputEmbeds | None = None,
+    ) -> Tensor:
+        """fp32 logits for tokens at positions start..start+T-1 (rows `logits_rows`, default all);
+        `positions` / `input_embeds` for prompts with images (see `DecoderLM.forward`)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.cache.k.device)
-        positions = torch.arange(start, start + ids.shape[0], device=ids.device)
+        if positions is None:
+            positions = torch.arange(start, start + ids.shape[0], device=ids.device)
+        extra = {} if input_embeds is None else {"input_embeds": input_embeds}
         with torch.inference_mode():
-            return self.model(ids, positions, self.context(start, ids.shape[0]), logits_rows)
+            return self.model(
+                ids, positions.to(ids.device), self.context(start, ids.shape[0]), logits_rows, **extra
+            )

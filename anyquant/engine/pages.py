@@ -105,7 +105,7 @@ class PageAllocator:
         filled them ran, never before: a cached page must already hold its K/V."""
         chain = self._chains.setdefault(request.request_id, [])
         num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
-        tokens = request.all_token_ids
+        tokens = request.cache_key_ids
         for i in range(len(chain), num_full):
             digest = chain_digest(
                 chain[-1] if chain else None, tokens[i * self.page_size : (i + 1) * self.page_size]

@@ -3,7 +3,8 @@
 Owns the token ids (prompt and output), the status and finish reason, how many tokens are already
 in the KV cache and the request's page table (page ids only). It holds no tensors and imports no
 torch: the scheduler and the page allocator mutate it, the model runner only reads it. Sampling
-(including per-request seeds) and detokenization belong to other modules.
+(including per-request seeds) and detokenization belong to other modules. A request with images
+carries them as an opaque `MultimodalPrompt` (engine/multimodal.py), read by the runner.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     # Annotation only: sampling.py imports torch, which the engine core must not pull in.
+    from anyquant.engine.multimodal import MultimodalPrompt
     from anyquant.engine.sampling import SamplingParams
 
 
@@ -62,6 +64,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: Iterable[int] = (),
         vocab_size: int | None = None,
+        multimodal: MultimodalPrompt | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = [int(t) for t in prompt_token_ids]
@@ -84,6 +87,14 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at the last admission
         self.num_preemptions = 0
         self.page_ids: list[int] = []
+        self.multimodal = multimodal
+        if multimodal is not None and multimodal.num_prompt_tokens != len(self.prompt_token_ids):
+            raise ValueError(
+                f"request {request_id!r}: its images were laid out for {multimodal.num_prompt_tokens} "
+                f"prompt tokens, the prompt has {len(self.prompt_token_ids)}"
+            )
+        # Prefix-cache keys of the prompt when they differ from its ids (images: see multimodal.py).
+        self._prompt_keys = None if multimodal is None else multimodal.cache_key_ids(self.prompt_token_ids)
 
     def __repr__(self) -> str:
         return (
@@ -96,6 +107,14 @@ class Request:
     def all_token_ids(self) -> list[int]:
         """Prompt then output tokens. Read-only by convention: append through `append_token`."""
         return self._token_ids
+
+    @property
+    def cache_key_ids(self) -> list[int]:
+        """What the prefix cache hashes: the token ids, except that image placeholders stand for
+        their image's content. Read-only by convention."""
+        if self._prompt_keys is None:
+            return self._token_ids
+        return self._prompt_keys + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:

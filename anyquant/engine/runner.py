@@ -2,8 +2,10 @@
 
 Owns building the step's flat token batch and its attention metadata as tensors (slot mapping,
 block tables, query and context lengths), with work proportional to the step's new tokens: each
-request's block-table row lives across steps and grows by appending its new pages. Knows nothing
-about sampling policy or request lifecycles.
+request's block-table row lives across steps and grows by appending its new pages. Requests with
+images add their encoder rows (`InputEmbeds`, from the encoder cache) and, for families with
+multi-row positions (M-RoPE), their positions. Knows nothing about sampling policy or request
+lifecycles.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import torch
 from torch import Tensor
 
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.engine.multimodal import EncoderCache
 from anyquant.engine.request import Request
 from anyquant.engine.scheduler import StepPlan
+from anyquant.models.base import InputEmbeds
 
 if TYPE_CHECKING:
     from anyquant.models.base import DecoderLM
+    from anyquant.models.multimodal import ImageInput
 
 
 @dataclass
@@ -103,6 +108,8 @@ class ModelRunner:
         self.device = device
         self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
         self.tables = BlockTables()
+        embed_images = getattr(model, "embed_images", None)
+        self.encoder_cache = EncoderCache(embed_images) if embed_images is not None else None
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run the plan's tokens; return the logits of every request that samples this step."""
@@ -115,8 +122,31 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
+        # Rows of multi-row positions (M-RoPE: 3) when any request of the step has them, else 0.
+        multirow = max(
+            (
+                r.multimodal.positions.shape[0]
+                for r, _ in plan.scheduled
+                if r.multimodal is not None and r.multimodal.positions is not None
+            ),
+            default=0,
+        )
+        position_parts: list[Tensor] = []  # multi-row positions, request by request
+        embed_rows: list[Tensor] = []
+        embed_values: list[Tensor] = []
         for request, n in plan.scheduled:
             c = request.num_computed_tokens
+            mm = request.multimodal
+            if mm is not None and c < mm.num_prompt_tokens:
+                for offset, values in mm.step_embeddings(c, n, self._image_rows):
+                    first = len(ids) + offset
+                    embed_rows.append(torch.arange(first, first + values.shape[0]))
+                    embed_values.append(values)
+            if multirow:
+                if mm is not None and mm.positions is not None:
+                    position_parts.append(mm.step_positions(c, n))
+                else:
+                    position_parts.append(torch.arange(c, c + n).expand(multirow, -1))
             rows.append(self.tables.row_of(request))
             ids.extend(request.all_token_ids[c : c + n])
             positions.extend(range(c, c + n))
@@ -137,8 +167,19 @@ class ModelRunner:
         token_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         # Without a sampling row the step still needs one row of logits to run the LM head on.
         wanted = sample_rows or [len(ids) - 1]
+        model_pos = torch.cat(position_parts, dim=1) if multirow else pos
+        extra = {}
+        if embed_rows:
+            extra["input_embeds"] = InputEmbeds(
+                torch.cat(embed_rows).to(dev), torch.cat(embed_values).to(dev)
+            )
         with torch.inference_mode():
-            logits = self.model(token_ids, pos.to(dev), ctx, torch.tensor(wanted, device=dev))
+            logits = self.model(token_ids, model_pos.to(dev), ctx, torch.tensor(wanted, device=dev), **extra)
         if not sample_rows:
             return StepLogits.empty()
         return StepLogits(sample_ids, logits.cpu())
+
+    def _image_rows(self, image: ImageInput) -> Tensor:
+        if self.encoder_cache is None:
+            raise ValueError("this model takes no images")
+        return self.encoder_cache.embeddings(image)

@@ -180,7 +180,7 @@ class Scheduler:
             prefix: list[int] = []
             num_cached = 0
             if self.config.enable_prefix_caching:
-                prefix, num_cached = self.allocator.match_prefix(request.all_token_ids)
+                prefix, num_cached = self.allocator.match_prefix(request.cache_key_ids)
             num_new = request.num_tokens - num_cached
             if num_new > draft.budget:
                 if not self.config.enable_chunked_prefill:

@@ -15,6 +15,8 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     "relu": torch.nn.functional.relu,
+    # CLIP-style vision towers (Qwen2-VL): the sigmoid approximation of GELU.
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 

@@ -188,3 +188,33 @@ class RotaryEmbedding(nn.Module):
         else:
             partner = x.roll(self.dim // 2, dims=-1)  # (x[h:], x[:h])
         return torch.addcmul(x * cos, partner, sin)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary embedding (Qwen2-VL's M-RoPE): positions come as [3, T] (temporal,
+    height, width); the rotary frequencies are cut into `sections` (summing to dim / 2) and
+    section i turns with position row i % 3. Text tokens carry three equal rows, which is plain
+    RoPE, so 1-D positions [T] take the inherited table path."""
+
+    def __init__(self, dim: int, params: dict[str, Any], max_position: int, sections: list[int]) -> None:
+        super().__init__(dim, params, max_position)
+        if sum(sections) != dim // 2 or any(s < 0 for s in sections):
+            raise CheckpointError(
+                f"config.json: mrope_section {sections} must be non-negative and sum to head_dim / 2 = {dim // 2}"
+            )
+        # For each rotary frequency, the position row (0 temporal, 1 height, 2 width) that turns it.
+        rows = [i % 3 for i, n in enumerate(sections) for _ in range(n)]
+        self.section_rows = torch.tensor(rows, dtype=torch.long, device="cpu")
+
+    def cos_sin(
+        self, positions: Tensor, dtype: torch.dtype = torch.float32, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype, max_position)
+        # [3, T, dim/2] angles, then each frequency from its own row (fp32, as the reference does).
+        freqs = positions[:, :, None].float() * self.inv_freq.to(positions.device)
+        index = self.section_rows.to(positions.device)[None, None, :].expand(1, *freqs.shape[1:])
+        freqs = freqs.gather(0, index)[0]
+        cos, sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]

@@ -331,7 +331,14 @@ class Checkpoint:
         for key in _NESTED_CONFIG_KEYS:
             sub = self.config.get(key)
             if isinstance(sub, dict) and "hidden_size" in sub:
-                return {**sub, "architectures": self.config.get("architectures", sub.get("architectures"))}
+                # The top-level fields come along where the language model's config lacks them:
+                # multimodal families need vision_config and the image token ids.
+                outer = {k: v for k, v in self.config.items() if k not in _NESTED_CONFIG_KEYS}
+                return {
+                    **outer,
+                    **sub,
+                    "architectures": self.config.get("architectures", sub.get("architectures")),
+                }
         return self.config
 
     # -- data --------------------------------------------------------------------------------

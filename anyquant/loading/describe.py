@@ -31,6 +31,7 @@ from anyquant.loading.preflight import (
     tensor_parallel_sizes,
 )
 from anyquant.loading.validate import check_checkpoint
+from anyquant.models.multimodal import ENCODER_CACHE_BYTES, MultimodalModel
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
 from anyquant.quant.spec import QuantSpec
@@ -143,13 +144,18 @@ def describe_checkpoint(
     if tp_plan is not None:
         risks += tp_plan.risks
     length = max_model_len or int(config.get("max_position_embeddings", 2048))
+    memory = memory_per_rank(ckpt, model, plans, tp_plan, compute_dtype, length)
+    vision = vision_report(model, plans, ckpt.path)
+    if vision is not None:  # rank 0 keeps encoder outputs for images in flight and repeated ones
+        memory["encoder_cache"] = vision["encoder_cache_bytes"]
+        memory["total"] += vision["encoder_cache_bytes"]
     tp_doc = {
         "size": tp,
         "ok": tp_error is None,
         "reason": tp_error,
         "sizes": {str(k): v for k, v in tensor_parallel_sizes(model, spec_lookup(fmt)).items()},
         "padding": padding_report(tp_plan, layer_pattern) if tp_plan else [],
-        "memory_per_rank": memory_per_rank(ckpt, model, plans, tp_plan, compute_dtype, length),
+        "memory_per_rank": memory,
     }
     return {
         "model": str(ckpt.path),
@@ -166,6 +172,7 @@ def describe_checkpoint(
         "notes": list(fmt.notes) if fmt else [],
         "risks": risks,
         "tensor_parallel": tp_doc,
+        "vision": vision,
         "groups": group_docs,
         "merged_projections": merge_docs(merges),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
@@ -202,6 +209,25 @@ def merge_docs(merges: list[MergePlan]) -> list[dict[str, Any]]:
             }
         docs[key]["count"] += 1
     return list(docs.values())
+
+
+def vision_report(model: Any, plans: list[LayerPlan], path: Path) -> dict[str, Any] | None:
+    """For a model that takes images: its vision layers (every linear layer outside the decoder
+    body but the LM head), the placeholder token and the tokens an image takes, the encoder cache."""
+    if not isinstance(model, MultimodalModel):
+        return None
+    processor = model.image_processor(path)
+    body = getattr(model, "body_path", "model") + "."
+    vision = [p for p in plans if not p.prefix.startswith(body) and p.kind != "lm_head"]
+    return {
+        "linear_layers": len(vision),
+        "quantized_layers": sum(p.spec is not None for p in vision),
+        "kernels": sorted({p.kernel.name for p in vision}),
+        "placeholder_token_id": processor.image_token_id,
+        "tokens_per_448x448_image": processor.num_tokens_for(448, 448),
+        "max_tokens_per_image": processor.max_tokens_per_image,
+        "encoder_cache_bytes": ENCODER_CACHE_BYTES,
+    }
 
 
 def memory_per_rank(
@@ -241,7 +267,7 @@ def memory_per_rank(
     )
     vocab = next((s.partition for s in tp.splits if s.group.role == "vocab"), None) if tp else None
     if vocab is not None:  # the embedding table is vocab-parallel like the LM head
-        rows = model.model.embed_tokens.weight.shape[1] * itemsize
+        rows = model.body.embed_tokens.weight.shape[1] * itemsize
         other -= (vocab.size - vocab.local_size) * rows
     shape = model.cache_shape
     heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads

@@ -161,9 +161,10 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         make_mlp: MlpFactory,
         make_attention: AttentionFactory,
+        body_path: str = "model",
     ) -> None:
         super().__init__()
-        prefix = f"model.layers.{index}"
+        prefix = f"{body_path}.layers.{index}"
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = make_attention(args, index, f"{prefix}.self_attn", rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -186,7 +187,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderBody(nn.Module):
-    """`model.*` of a HF checkpoint: embed_tokens, layers, norm."""
+    """`model.*` of a HF checkpoint (`body_path`: where it sits, e.g. `model.language_model` in a
+    vision-language checkpoint): embed_tokens, layers, norm."""
 
     def __init__(
         self,
@@ -194,6 +196,7 @@ class DecoderBody(nn.Module):
         rotary: RotaryEmbedding,
         make_mlp: MlpFactory,
         make_attention: AttentionFactory,
+        body_path: str = "model",
     ) -> None:
         super().__init__()
         self.rotary = rotary
@@ -204,7 +207,7 @@ class DecoderBody(nn.Module):
         )
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, i, rotary, make_mlp, make_attention) for i in range(args.num_layers)
+            DecoderLayer(args, i, rotary, make_mlp, make_attention, body_path) for i in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -213,7 +216,11 @@ class DecoderLM(nn.Module, TensorParallelLayer):
     """Decoder-only causal LM: dense families as is, MoE / MLA families through the hooks.
 
     Under tensor parallelism the embedding and the LM head are vocab-parallel (the logits are
-    gathered on rank 0) and `cache_shape` holds this rank's KV heads."""
+    gathered on rank 0) and `cache_shape` holds this rank's KV heads.
+
+    `body_path` is where the decoder body sits in the checkpoint's names (`model` for text
+    models; vision-language checkpoints nest it, e.g. `model.language_model`): the module tree
+    mirrors it, since module paths are the checkpoint names."""
 
     def __init__(
         self,
@@ -222,15 +229,30 @@ class DecoderLM(nn.Module, TensorParallelLayer):
         make_attention: AttentionFactory = gqa_attention,
         rotary: RotaryEmbedding | None = None,
         cache_shape: CacheShape | None = None,
+        body_path: str = "model",
     ) -> None:
         super().__init__()
         self.args = args
+        self.body_path = body_path
         rotary = rotary or RotaryEmbedding(args.head_dim, args.rope, args.max_position)
-        self.model = DecoderBody(args, rotary, make_mlp, make_attention)
+        body = DecoderBody(args, rotary, make_mlp, make_attention, body_path)
+        parent: nn.Module = self
+        *outer, leaf = body_path.split(".")
+        for name in outer:  # containers for the nesting (e.g. `model` of `model.language_model`)
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        parent.add_module(leaf, body)
         self.lm_head = QuantLinear(
             "lm_head", args.hidden_size, args.vocab_size, kind="lm_head", style="vocab"
         )
         self.cache_shape = cache_shape or CacheShape(args.num_kv_heads, args.head_dim, args.head_dim)
+
+    @property
+    def body(self) -> DecoderBody:
+        body = self.get_submodule(self.body_path)
+        assert isinstance(body, DecoderBody)
+        return body
 
     # Checkpoint tensors the loader may leave unused (e.g. precomputed rotary tables of old exports).
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
@@ -240,24 +262,42 @@ class DecoderLM(nn.Module, TensorParallelLayer):
 
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
         if state.is_parallel:
-            self.model.embed_tokens = VocabParallelEmbedding(
-                partitions["vocab"], self.args.hidden_size, state
-            )  # type: ignore[assignment]
+            self.body.embed_tokens = VocabParallelEmbedding(partitions["vocab"], self.args.hidden_size, state)  # type: ignore[assignment]
 
     def tied_weights(self) -> dict[str, str]:
         """Checkpoint name -> name it falls back to when absent."""
-        return {"lm_head.weight": "model.embed_tokens.weight"} if self.args.tie_word_embeddings else {}
+        if not self.args.tie_word_embeddings:
+            return {}
+        return {"lm_head.weight": f"{self.body_path}.embed_tokens.weight"}
 
     def forward(
-        self, token_ids: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
+        self,
+        token_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        logits_rows: Tensor | None = None,
+        input_embeds: InputEmbeds | None = None,
     ) -> Tensor:
-        """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
-        [rows, vocab] for `logits_rows` (all rows by default)."""
-        dtype = self.model.embed_tokens.weight.dtype  # the compute dtype
-        cos_sin = self.model.rotary.cos_sin(positions, dtype, ctx.max_position)
-        x = self.model.embed_tokens(token_ids).float()
-        for layer in self.model.layers:
+        """token_ids [T] at `positions` [T] (or [3, T] for multimodal rotary positions; one or
+        many sequences, as `ctx` says) -> fp32 logits [rows, vocab] for `logits_rows` (all rows by
+        default). `input_embeds` replaces the embeddings of some rows (image placeholders)."""
+        body = self.body
+        dtype = body.embed_tokens.weight.dtype  # the compute dtype
+        cos_sin = body.rotary.cos_sin(positions, dtype, ctx.max_position)
+        x = body.embed_tokens(token_ids).float()
+        if input_embeds is not None:
+            x.index_copy_(0, input_embeds.rows, input_embeds.values.float())
+        for layer in body.layers:
             x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.lm_head(self.model.norm(x, dtype)).float()
+        return self.lm_head(body.norm(x, dtype)).float()
+
+
+@dataclass(frozen=True)
+class InputEmbeds:
+    """Embeddings that replace the token embeddings of some rows of a step (an encoder's output
+    at its placeholder tokens): `values[i]` goes to row `rows[i]`."""
+
+    rows: Tensor  # [N] long
+    values: Tensor  # [N, hidden]

@@ -20,6 +20,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("anyquant.models.mixtral", "build"),
     "Qwen2MoeForCausalLM": ("anyquant.models.qwen2_moe", "build"),
     "Qwen3MoeForCausalLM": ("anyquant.models.qwen3_moe", "build"),
+    "Qwen2VLForConditionalGeneration": ("anyquant.models.qwen2_vl", "build"),
+    "Qwen2_5_VLForConditionalGeneration": ("anyquant.models.qwen2_vl", "build_v25"),
 }
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
+from anyquant.models.base import InputEmbeds
 from anyquant.parallel.comm import (
     announce_joined,
     joined,
@@ -52,6 +53,7 @@ from anyquant.parallel.state import (
 if TYPE_CHECKING:
     from anyquant.loading.loader import LoadedModel
     from anyquant.models.base import DecoderLM
+    from anyquant.models.multimodal import ImageInput
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +105,28 @@ def unpack(message: Tensor) -> list[Tensor]:
 
 
 def encode_forward(
-    cache_id: int, token_ids: Tensor, positions: Tensor, ctx: PagedAttention, rows: Tensor | None
+    cache_id: int,
+    token_ids: Tensor,
+    positions: Tensor,
+    ctx: PagedAttention,
+    rows: Tensor | None,
+    input_embeds: InputEmbeds | None = None,
 ) -> Tensor:
-    """[kind, cache, T, B, R, P] + ids[T] + positions[T] + slot_mapping[T] + query_lens[B] +
-    context_lens[B] + block_tables[B * P] + rows[R]; R = -1 when all rows want logits."""
+    """[kind, cache, T, B, R, P, K, E, H] + ids[T] + positions[K * T] + slot_mapping[T] +
+    query_lens[B] + context_lens[B] + block_tables[B * P] + rows[R] + embed rows[E] + embed
+    values[E * H]; R = -1 when all rows want logits, K = 0 for 1-D positions (else their rows:
+    M-RoPE's 3), E = 0 without encoder rows. Embedding values travel as their fp32 bit patterns
+    (exact: the message is integers)."""
     b, p = ctx.block_tables.shape
-    head = torch.tensor([_FORWARD, cache_id, token_ids.numel(), b, -1 if rows is None else rows.numel(), p])
+    k = 0 if positions.dim() == 1 else positions.shape[0]
+    e, h = (0, 0) if input_embeds is None else tuple(input_embeds.values.shape)
+    head = torch.tensor(
+        [_FORWARD, cache_id, token_ids.numel(), b, -1 if rows is None else rows.numel(), p, k, e, h]
+    )
     parts = [
         head,
         token_ids.cpu().long(),
-        positions.cpu().long(),
+        positions.cpu().long().reshape(-1),
         ctx.slot_mapping.cpu().long(),
         torch.tensor(ctx.query_lens, dtype=torch.long),
         torch.tensor(ctx.context_lens, dtype=torch.long),
@@ -120,23 +134,43 @@ def encode_forward(
     ]
     if rows is not None:
         parts.append(rows.cpu().long())
+    if input_embeds is not None:
+        parts.append(input_embeds.rows.cpu().long())
+        parts.append(
+            input_embeds.values.detach().cpu().float().contiguous().view(torch.int32).long().reshape(-1)
+        )
     return torch.cat(parts)
 
 
 def decode_forward(
     msg: Tensor, device: torch.device, cache: PagedKVCache
-) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None]:
-    t, b, r, p = (int(v) for v in msg[2:6])
-    at = 6
-    token_ids, positions, slots = msg[at : at + t], msg[at + t : at + 2 * t], msg[at + 2 * t : at + 3 * t]
-    at += 3 * t
+) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None, InputEmbeds | None]:
+    t, b, r, p, k, e, h = (int(v) for v in msg[2:9])
+    at = 9
+    token_ids = msg[at : at + t]
+    at += t
+    positions = msg[at : at + max(k, 1) * t]
+    if k:
+        positions = positions.view(k, t)
+    at += max(k, 1) * t
+    slots = msg[at : at + t]
+    at += t
     query_lens, context_lens = msg[at : at + b].tolist(), msg[at + b : at + 2 * b].tolist()
     at += 2 * b
     tables = msg[at : at + b * p].view(b, p)
     at += b * p
-    rows = None if r < 0 else msg[at : at + r].to(device)
+    rows = None
+    if r >= 0:
+        rows = msg[at : at + r].to(device)
+        at += r
+    embeds = None
+    if e:
+        embed_rows = msg[at : at + e].to(device)
+        at += e
+        values = msg[at : at + e * h].to(torch.int32).view(torch.float32).view(e, h).to(device)
+        embeds = InputEmbeds(embed_rows, values)
     ctx = PagedAttention(cache, slots.to(device), tables.to(device), query_lens, context_lens)
-    return token_ids.to(device), positions.to(device), ctx, rows
+    return token_ids.to(device), positions.to(device), ctx, rows, embeds
 
 
 # -- rank 0 -------------------------------------------------------------------------------------
@@ -163,8 +197,20 @@ class TensorParallelModel(nn.Module):
         self._next_cache = 0
         self._dropped: list[int] = []
 
+    def embed_images(self, images: list[ImageInput]) -> list[Tensor]:
+        """Vision encoders are replicated: rank 0 runs its own; the rows travel with the step."""
+        embed = getattr(self.local, "embed_images", None)
+        if embed is None:
+            raise UnsupportedError("this model takes no images")
+        return embed(images)
+
     def forward(
-        self, token_ids: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
+        self,
+        token_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        logits_rows: Tensor | None = None,
+        input_embeds: InputEmbeds | None = None,
     ) -> Tensor:
         if self.failure is not None or self.closed:
             raise ParallelError(self.failure or "the tensor-parallel group was closed")
@@ -180,9 +226,9 @@ class TensorParallelModel(nn.Module):
             commands = [torch.tensor([_DROP_CACHE, cid]) for cid in self._dropped]
             self._dropped.clear()
             cache_id = self._cache_id(ctx.cache, commands)
-            commands.append(encode_forward(cache_id, token_ids, positions, ctx, logits_rows))
+            commands.append(encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds))
             self._publish(commands)
-            return self.local(token_ids, positions, ctx, logits_rows)
+            return self.local(token_ids, positions, ctx, logits_rows, input_embeds)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 self._mark_failed("interrupted in the middle of a step")
@@ -441,9 +487,9 @@ def _run_command(
     elif kind == _DROP_CACHE:
         caches.pop(int(msg[1]), None)
     elif kind == _FORWARD:
-        token_ids, positions, ctx, rows = decode_forward(msg, device, caches[int(msg[1])])
+        token_ids, positions, ctx, rows, embeds = decode_forward(msg, device, caches[int(msg[1])])
         with torch.inference_mode():
-            model(token_ids, positions, ctx, rows)
+            model(token_ids, positions, ctx, rows, embeds)
     else:
         raise ParallelError(f"rank {state.rank}: unknown message kind {kind} from rank 0")
     return True

@@ -44,6 +44,7 @@ _COPIED_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # image preprocessing of vision-language models
     "vocab.json",
     "merges.txt",
 )

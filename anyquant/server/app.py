@@ -33,9 +33,12 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
+from anyquant.models.multimodal import ImageInputError, ImageProcessor
 from anyquant.server.errors import ApiError
 from anyquant.server.guard import Guard
+from anyquant.server.media import MediaLimits, image_url_of, load_image
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
@@ -94,6 +97,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # A request's own `chat_template` runs code-like Jinja on the server: off unless trusted.
     trust_request_chat_template: bool = False
+    media: MediaLimits = field(default_factory=MediaLimits)  # images in chat messages
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
@@ -133,9 +137,16 @@ class _ClientGone(Exception):
 class Server:
     """State shared by the routes of one app."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        config: ServerConfig,
+        image_processor: ImageProcessor | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.image_processor = image_processor  # None: the model takes no images
         self.max_model_len = engine.config.max_model_len
         self.vocab_size = int(engine.runner.model.args.vocab_size)
         self.num_pages = engine.allocator.num_pages
@@ -208,7 +219,9 @@ class Server:
         prompts: list[list[int]],
         requested: int | None,
         logprobs: int | None,
+        multimodal: MultimodalPrompt | None = None,
     ) -> _Prepared:
+        """`multimodal`: the images of the (single) prompt."""
         total = len(prompts) * body.n
         if total > self.engine.capacity:
             raise ApiError(
@@ -230,7 +243,7 @@ class Server:
                     params = body.sampling_params(max_tokens, index, logprobs)
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from exc
-                items.append(GenerationItem(ids, params))
+                items.append(GenerationItem(ids, params, multimodal))
         return _Prepared(items, sum(len(ids) for ids in prompts))
 
     async def submit(self, response_id: str, prepared: _Prepared) -> RequestStream:
@@ -260,12 +273,47 @@ class Server:
             )
         except ToolChoiceError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
-        text = self.render_chat(body, plan.tools)
-        prompt = self.encode(text, False)  # the template places any <s> itself
+        prompt = self.encode(self.render_chat(body, plan.tools), False)  # the template places any <s>
+        multimodal = None
+        if any(m.image_parts() for m in body.messages):
+            # Decoding and resizing a large image takes a while: off the event loop, so that the
+            # other requests' streams keep flowing.
+            prompt, multimodal = await asyncio.to_thread(self.prepare_images, body, prompt)
         requested = body.requested_max_tokens()
         return await self._generate(
-            body, request, [prompt], requested, body.logprobs_k(), "chat.completion", plan
+            body, request, [prompt], requested, body.logprobs_k(), "chat.completion", plan, multimodal
         )
+
+    def prepare_images(
+        self, body: ChatCompletionRequest, prompt: list[int]
+    ) -> tuple[list[int], MultimodalPrompt]:
+        images = self.chat_images(body)
+        assert self.image_processor is not None  # chat_images checked it
+        try:
+            return prepare_prompt(self.image_processor, prompt, images)
+        except ImageInputError as exc:
+            raise ApiError(400, f"messages: {exc}", param="messages") from exc
+
+    def chat_images(self, body: ChatCompletionRequest) -> list[Any]:
+        """The messages' images, decoded within the limits (400 for any problem)."""
+        parts = [(i, j, part) for i, m in enumerate(body.messages) for j, part in m.image_parts()]
+        if not parts:
+            return []
+        if self.image_processor is None:
+            raise ApiError(400, "this model takes no images; send text parts only", param="messages")
+        limits = self.config.media
+        if len(parts) > limits.max_images:
+            raise ApiError(
+                400, f"{len(parts)} images in one request; the limit is {limits.max_images}", param="messages"
+            )
+        images = []
+        for i, j, part in parts:
+            where = f"messages[{i}].content[{j}]"
+            try:
+                images.append(load_image(image_url_of(part, where), limits, where))
+            except ImageInputError as exc:
+                raise ApiError(400, str(exc), param="messages") from exc
+        return images
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         self.check_model(body.model)
@@ -282,8 +330,11 @@ class Server:
         logprobs: int | None,
         kind: str,
         tools: ToolPlan | None = None,
+        multimodal: MultimodalPrompt | None = None,
     ) -> Response:
-        prepared = self.prepare(body, prompts, requested, logprobs)
+        if multimodal is not None and body.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs is not available with images", param="prompt_logprobs")
+        prepared = self.prepare(body, prompts, requested, logprobs, multimodal)
         if tools is not None and tools.parser is not None:
             prepared = _with_tools(prepared, tools)
         scored = await self._score_prompts(body, prompts)
@@ -353,6 +404,8 @@ class Server:
     def render_chat(
         self, body: ChatCompletionRequest | TokenizeChatRequest, tools: list[dict[str, Any]] | None
     ) -> str:
+        if self.image_processor is None and any(m.image_parts() for m in body.messages):
+            raise ApiError(400, "this model takes no images; send text parts only", param="messages")
         chat_template = body.chat_template
         if chat_template is not None and not self.config.trust_request_chat_template:
             raise ApiError(
@@ -545,11 +598,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request body", param
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: Engine, tokenizer: Tokenizer, config: ServerConfig, image_processor: ImageProcessor | None = None
+) -> FastAPI:
     """The app; its engine thread starts now (unless `config.engine_thread` is False) and is
     drained by the app's lifespan shutdown (or `app.state.server.engine.close()` when no ASGI
-    server runs the lifespan)."""
-    server = Server(engine, tokenizer, config)
+    server runs the lifespan). `image_processor`: the model's, for chat messages with images."""
+    server = Server(engine, tokenizer, config, image_processor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

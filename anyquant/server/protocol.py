@@ -149,6 +149,12 @@ class ChatMessage(_Body):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
+    def image_parts(self) -> list[tuple[int, dict[str, Any]]]:
+        """(part index, part) of each image part, in order."""
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [(i, p) for i, p in enumerate(self.content) if p.get("type") == "image_url"]
+
 
 class ResponseFormat(_Body):
     type: str = "text"

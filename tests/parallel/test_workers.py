@@ -196,7 +196,8 @@ def test_step_messages_round_trip() -> None:
     first, second = unpack(pack([torch.tensor([3, 9]), forward]))
     assert first.tolist() == [3, 9]
     assert int(second[1]) == 7  # the cache id
-    got_ids, got_pos, got_ctx, got_rows = decode_forward(second, torch.device("cpu"), cache)
+    got_ids, got_pos, got_ctx, got_rows, got_embeds = decode_forward(second, torch.device("cpu"), cache)
+    assert got_embeds is None
     assert torch.equal(got_ids, ids) and torch.equal(got_pos, positions)
     assert got_rows is not None and torch.equal(got_rows, rows)
     assert got_ctx.slot_mapping.tolist() == [8, 9, 10, 5]  # page 2 slots 0-2, then page 1 slot 1
@@ -206,3 +207,23 @@ def test_step_messages_round_trip() -> None:
         unpack(pack([encode_forward(0, ids, positions, ctx, None)]))[0], torch.device("cpu"), cache
     )
     assert no_rows[3] is None
+
+
+def test_step_messages_carry_multirow_positions_and_encoder_rows_exactly() -> None:
+    """M-RoPE positions [3, T] and image embeddings (fp32 bit patterns) reach the workers unchanged."""
+    from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+    from anyquant.models.base import InputEmbeds
+    from anyquant.parallel.workers import decode_forward, encode_forward, pack, unpack
+
+    cache = PagedKVCache(1, 4, 4, 1, 2, 2, torch.float32)
+    ctx = PagedAttention.for_sequences(cache, [([2], 0, 3), ([0, 1], 5, 1)])
+    ids = torch.tensor([5, 6, 7, 8])
+    positions = torch.tensor([[0, 1, 1, 4], [0, 0, 1, 4], [0, 1, 0, 4]])
+    values = torch.randn(2, 5) * 1e30  # extreme magnitudes survive too
+    values[0, 0] = float("-0.0")
+    embeds = InputEmbeds(torch.tensor([1, 2]), values)
+    message = unpack(pack([encode_forward(3, ids, positions, ctx, None, embeds)]))[0]
+    got_ids, got_pos, _, got_rows, got_embeds = decode_forward(message, torch.device("cpu"), cache)
+    assert torch.equal(got_ids, ids) and torch.equal(got_pos, positions) and got_rows is None
+    assert got_embeds is not None and torch.equal(got_embeds.rows, embeds.rows)
+    assert torch.equal(got_embeds.values.view(torch.int32), values.view(torch.int32))

@@ -1,0 +1,46 @@
+"""Qwen2-VL at tensor parallel 2 over real gloo ranks: a GPTQ language model whose MLP (3 groups of
+32) does not split into whole groups (zero-padded exactly), the vision tower replicated and run on
+rank 0, its rows and the M-RoPE positions shipped with each step; logits and greedy tokens with an
+image equal one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anyquant import LLM, SamplingParams
+from anyquant.loading.describe import describe_checkpoint
+from anyquant.quant.formats.base import WriteOptions
+from anyquant.quant.quantize import quantize_checkpoint
+from anyquant.utils.tiny_vlm import write_tiny_vlm
+
+pytestmark = pytest.mark.slow
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("transformers")
+
+PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def test_tp2_with_padding_equals_one_process(tmp_path: Path) -> None:
+    source = write_tiny_vlm(tmp_path / "src", seed=41)  # intermediate 96 = 3 groups of 32
+    path = tmp_path / "gptq"
+    quantize_checkpoint(source, path, "gptq", WriteOptions(bits=4, group_size=32, sym=True), skip=["visual"])
+    padding = describe_checkpoint(path, tp=2)["tensor_parallel"]["padding"]
+    assert any(p["pattern"] == "model.layers.*.mlp" and sum(p["padding_per_rank"]) for p in padding)
+
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(70, 110, 3, generator=g) * 255).byte().numpy())
+    prompt = {"prompt": f"a {PLACEHOLDER} b", "multi_modal_data": {"image": image}}
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    one = LLM(path, dtype="float32")
+    assert one.tokenizer is not None
+    ids = one.tokenizer.encode(f"a {PLACEHOLDER} b")
+    want_logits = one.logits(ids, {"image": image})
+    want_tokens = one.generate([prompt, "text only"], params)
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as two:
+        got_logits = two.logits(ids, {"image": image})
+        got_tokens = two.generate([prompt, "text only"], params)
+    assert float((got_logits - want_logits).norm() / want_logits.norm()) < 1e-5
+    assert [o.token_ids for o in got_tokens] == [o.token_ids for o in want_tokens]
