@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anyquant.config_fields import MULTIMODAL_ROOT
 from anyquant.errors import CheckpointError, TensorError
 
 # safetensors dtype names -> (torch dtype, bytes per element)
@@ -331,7 +332,9 @@ class Checkpoint:
         for key in _NESTED_CONFIG_KEYS:
             sub = self.config.get(key)
             if isinstance(sub, dict) and "hidden_size" in sub:
-                return {**sub, "architectures": self.config.get("architectures", sub.get("architectures"))}
+                archs = self.config.get("architectures", sub.get("architectures"))
+                # Multimodal builders also need the vision part: the whole config rides along.
+                return {**sub, "architectures": archs, MULTIMODAL_ROOT: self.config}
         return self.config
 
     # -- data --------------------------------------------------------------------------------
