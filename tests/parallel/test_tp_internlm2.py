@@ -15,6 +15,7 @@ from anyquant.loading.preflight import plan_tensor_parallel, spec_lookup
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from tests.models._internlm2 import internlm2_config, write_internlm2
+from tests.models._internvl import write_internvl
 from tests.parallel._spmd import tp_logits
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,11 @@ def test_tp2_equals_one_process(tmp_path: Path) -> None:
     ):
         quantize_checkpoint(src, tmp_path / name, writer, options)
         models[name] = tmp_path / name
+    # InternVL around an InternLM2 (vision replicated, the language model split), lmdeploy fp8.
+    vlm, _ = write_internvl(tmp_path / "internvl", "internlm2", seed=2)
+    skip = [r"^vision_model\.", r"^mlp1\."]
+    quantize_checkpoint(vlm, tmp_path / "internvl-fp8", "lmdeploy-fp8", WriteOptions(), skip=skip)
+    models["internvl-fp8"] = tmp_path / "internvl-fp8"
     got = tp_logits(2, models, IDS, tmp_path)
     for name, path in models.items():
         want = LLM(path, dtype="float32").logits(IDS)
