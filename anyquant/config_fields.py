@@ -14,9 +14,6 @@ from typing import Any
 from anyquant.errors import CheckpointError
 
 REQUIRED: Any = object()
-# The key under which the text config of a multimodal checkpoint (config.json's `llm_config` /
-# `text_config`) carries the whole config.json, for the builders that also need its vision part.
-MULTIMODAL_ROOT = "multimodal_root_config"
 
 
 def _bad(key: str, value: Any, expected: str, where: str) -> CheckpointError:

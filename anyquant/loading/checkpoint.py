@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.config_fields import MULTIMODAL_ROOT
 from anyquant.errors import CheckpointError, TensorError
 
 # safetensors dtype names -> (torch dtype, bytes per element)
@@ -332,9 +331,14 @@ class Checkpoint:
         for key in _NESTED_CONFIG_KEYS:
             sub = self.config.get(key)
             if isinstance(sub, dict) and "hidden_size" in sub:
-                archs = self.config.get("architectures", sub.get("architectures"))
-                # Multimodal builders also need the vision part: the whole config rides along.
-                return {**sub, "architectures": archs, MULTIMODAL_ROOT: self.config}
+                # The top-level fields come along where the language model's config lacks them:
+                # multimodal families need vision_config and the image token ids.
+                outer = {k: v for k, v in self.config.items() if k not in _NESTED_CONFIG_KEYS}
+                return {
+                    **outer,
+                    **sub,
+                    "architectures": self.config.get("architectures", sub.get("architectures")),
+                }
         return self.config
 
     # -- data --------------------------------------------------------------------------------

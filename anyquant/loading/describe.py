@@ -201,7 +201,7 @@ def memory_per_rank(
     )
     vocab = next((s.partition for s in tp.splits if s.group.role == "vocab"), None) if tp else None
     if vocab is not None:  # the embedding table is vocab-parallel like the LM head
-        rows = model.args.hidden_size * itemsize
+        rows = model.model.embed_tokens.weight.shape[1] * itemsize
         other -= (vocab.size - vocab.local_size) * rows
     shape = model.cache_shape
     heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads

@@ -249,18 +249,9 @@ class DecoderLM(nn.Module, TensorParallelLayer):
     ) -> Tensor:
         """token_ids [T] at `positions` [T] (one or many sequences, as `ctx` says) -> fp32 logits
         [rows, vocab] for `logits_rows` (all rows by default)."""
-        return self.forward_embeds(self.embed(token_ids), positions, ctx, logits_rows)
-
-    def embed(self, token_ids: Tensor) -> Tensor:
-        """token_ids [T] -> fp32 input embeddings [T, hidden] (multimodal callers merge into these)."""
-        return self.model.embed_tokens(token_ids).float()
-
-    def forward_embeds(
-        self, x: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
-    ) -> Tensor:
-        """forward, from input embeddings x [T, hidden] (fp32)."""
         dtype = self.model.embed_tokens.weight.dtype  # the compute dtype
         cos_sin = self.model.rotary.cos_sin(positions, dtype, ctx.max_position)
+        x = self.model.embed_tokens(token_ids).float()
         for layer in self.model.layers:
             x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:

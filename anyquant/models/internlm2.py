@@ -12,7 +12,7 @@ query heads. Config keys: InternLM2Config's (`bias` for wqkv/wo, `rope_scaling` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor, nn
 
@@ -67,25 +67,24 @@ class GroupedQKVAttention(nn.Module, TensorParallelLayer):
         self.scale = d**-0.5
 
     def split_groups(self) -> list[SplitGroup]:
+        # One unit = one KV head's group: its block of wqkv rows (its query heads, key and value)
+        # and the wo input columns of those query heads. Ranks hold whole groups, so KV heads are
+        # split, never replicated (replication would cut a block): sizes must divide them.
         d = self.head_dim
         return [
-            SplitGroup("heads", self.prefix, self.num_heads, (), ((self.wo, d),)),
-            # One unit = one KV head's block of wqkv rows (its queries, key and value). A rank must
-            # hold whole blocks, so KV heads are never replicated here: `query_heads` equal to the KV
-            # heads makes the planner refuse sizes that do not divide them, with the numbers.
             SplitGroup(
-                "kv_heads",
-                f"{self.prefix}.wqkv (grouped q/k/v rows: KV heads split, never replicated)",
+                "heads",
+                f"{self.prefix} (wqkv in groups of {self.group} query + 1 key + 1 value heads)",
                 self.num_kv_heads,
                 ((self.wqkv, (self.group + 2) * d),),
-                query_heads=self.num_kv_heads,
+                ((self.wo, self.group * d),),
                 cached=True,
-            ),
+            )
         ]
 
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
-        self.num_heads = partitions["heads"].local_size
-        self.num_kv_heads = partitions["kv_heads"].local_size
+        self.num_kv_heads = partitions["heads"].local_size
+        self.num_heads = self.num_kv_heads * self.group
 
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
@@ -135,10 +134,15 @@ class InternLM2Body(nn.Module):
         self.layers = nn.ModuleList(InternLM2Layer(args, i, rotary) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    @property
+    def embed_tokens(self) -> nn.Module:
+        """`tok_embeddings` under the name other families use (memory estimates read its width)."""
+        return self.tok_embeddings
+
 
 class InternLM2LM(nn.Module, TensorParallelLayer):
-    """The causal LM; same run-time interface as `models.base.DecoderLM` (forward, args,
-    cache_shape, tied_weights), plus `embed` / `forward_embeds` for multimodal callers."""
+    """The causal LM; the run-time interface of `models.base.DecoderLM` (forward, args,
+    cache_shape, tied_weights), `forward` taking image rows for multimodal callers."""
 
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
 
@@ -161,26 +165,40 @@ class InternLM2LM(nn.Module, TensorParallelLayer):
     def tied_weights(self) -> dict[str, str]:
         return {"output.weight": "model.tok_embeddings.weight"} if self.args.tie_word_embeddings else {}
 
-    def embed(self, token_ids: Tensor) -> Tensor:
-        """token_ids [T] -> fp32 input embeddings [T, hidden]."""
-        return self.model.tok_embeddings(token_ids).float()
-
-    def forward_embeds(
-        self, x: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
+    def forward(
+        self,
+        token_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        logits_rows: Tensor | None = None,
+        input_embeds: RowEmbeds | None = None,
     ) -> Tensor:
-        """Input embeddings x [T, hidden] (fp32) -> fp32 logits [rows, vocab]."""
-        dtype = self.model.tok_embeddings.weight.dtype  # the compute dtype
-        cos_sin = self.model.rotary.cos_sin(positions, dtype, ctx.max_position)
-        for layer in self.model.layers:
+        """token_ids [T] at `positions` [T] -> fp32 logits [rows, vocab] for `logits_rows` (all rows
+        by default); `input_embeds` replaces the embeddings of some rows (image placeholders)."""
+        body = self.model
+        dtype = body.tok_embeddings.weight.dtype  # the compute dtype
+        cos_sin = body.rotary.cos_sin(positions, dtype, ctx.max_position)
+        x = body.tok_embeddings(token_ids).float()
+        if input_embeds is not None:
+            x.index_copy_(0, input_embeds.rows, input_embeds.values.float())
+        for layer in body.layers:
             x = layer(x, positions, cos_sin, ctx)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.output(self.model.norm(x, dtype)).float()
+        return self.output(body.norm(x, dtype)).float()
 
-    def forward(
-        self, token_ids: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
-    ) -> Tensor:
-        return self.forward_embeds(self.embed(token_ids), positions, ctx, logits_rows)
+    @property
+    def body(self) -> InternLM2Body:
+        """The decoder body (the name other families' callers use)."""
+        return self.model
+
+
+class RowEmbeds(Protocol):
+    """Embeddings for some rows of a step: `values[i]` replaces row `rows[i]` (an encoder's output
+    at its placeholder tokens)."""
+
+    rows: Tensor  # [N] long
+    values: Tensor  # [N, hidden]
 
 
 def build(config: dict[str, Any]) -> InternLM2LM:

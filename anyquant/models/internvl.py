@@ -6,24 +6,28 @@ Checkpoint names: `vision_model.*` (anyquant.models.internvit), `mlp1.{0: LayerN
 `vision_config`, `llm_config`, `downsample_ratio`, `select_layer`, `ps_version`,
 `force_image_size`, `min/max_dynamic_patch`, `use_thumbnail`.
 
-The interface multimodal plumbing uses: `image_token` (`<IMG_CONTEXT>`, one per image embedding),
-`tokens_per_tile`, `image_pixels(image)` (tiles), `embed_images(pixels) -> [tiles * tokens_per_tile,
-hidden]`, `expand_image_prompt(prompt, tiles per image)` (the chat template's `<image>` markers ->
-`<img>` + N x `<IMG_CONTEXT>` + `</img>`), `embed(token_ids)`, `merge_image_embeddings` and
-`forward_embeds(embeddings, ...)`; text-only `forward(token_ids, ...)` is the language model's.
+What multimodal plumbing uses: `image_token` (`<IMG_CONTEXT>`: one per image embedding),
+`tokens_per_tile`, `image_pixels(image)` -> tiles, `embed_images(images)` -> [tiles *
+tokens_per_tile, hidden] per image (`encode_tiles` for one tensor of tiles), `expand_image_prompt`
+(the `<image>` markers -> `<img>` + N x `<IMG_CONTEXT>` + `</img>`) and
+`forward(token_ids, positions, ctx, logits_rows, input_embeds)`, whose `input_embeds` (rows,
+values) replace the placeholder rows' token embeddings.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from anyquant.config_fields import MULTIMODAL_ROOT, cfg_bool, cfg_dict, cfg_float, cfg_int, cfg_str
+from anyquant.config_fields import cfg_bool, cfg_dict, cfg_float, cfg_int, cfg_str
 from anyquant.errors import AnyquantError, CheckpointError
 from anyquant.layers.attention import AttentionContext
 from anyquant.layers.linear import QuantLinear
+from anyquant.models.internlm2 import RowEmbeds
 from anyquant.models.internvit import InternViT, VisionArgs
 
 if TYPE_CHECKING:
@@ -112,7 +116,14 @@ class InternVLChatModel(nn.Module):
             return pixel_values(image, self.tile_size, 1, 1, False)
         return pixel_values(image, self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail)
 
-    def embed_images(self, pixels: Tensor) -> Tensor:
+    def embed_images(self, images: Sequence[Any]) -> list[Tensor]:
+        """Images preprocessed into `tensors["pixel_values"]` [tiles, 3, S, S] -> per image, fp32
+        [tiles * tokens_per_tile, hidden]; all tiles go through the encoder in one batch."""
+        pixels = [image.tensors["pixel_values"] for image in images]
+        rows = self.encode_tiles(torch.cat(pixels)) if pixels else torch.empty(0)
+        return list(rows.split([p.shape[0] * self.tokens_per_tile for p in pixels]))
+
+    def encode_tiles(self, pixels: Tensor) -> Tensor:
         """pixels [tiles, 3, S, S] -> fp32 [tiles * tokens_per_tile, hidden], one row per
         `<IMG_CONTEXT>` token, tile by tile."""
         if pixels.dim() != 4 or pixels.shape[1:] != (3, self.tile_size, self.tile_size):
@@ -144,34 +155,43 @@ class InternVLChatModel(nn.Module):
             out.append(IMAGE_START + IMAGE_TOKEN * (tiles * self.tokens_per_tile) + IMAGE_END + rest)
         return "".join(out)
 
-    # -- language model -------------------------------------------------------------------------
-    def embed(self, token_ids: Tensor) -> Tensor:
-        lm: Any = self.language_model
-        return lm.embed(token_ids)
-
-    def forward_embeds(
-        self, x: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
-    ) -> Tensor:
-        lm: Any = self.language_model
-        return lm.forward_embeds(x, positions, ctx, logits_rows)
-
+    # -- language model ---------------------------------------------------------------------------
     def forward(
-        self, token_ids: Tensor, positions: Tensor, ctx: AttentionContext, logits_rows: Tensor | None = None
+        self,
+        token_ids: Tensor,
+        positions: Tensor,
+        ctx: AttentionContext,
+        logits_rows: Tensor | None = None,
+        input_embeds: RowEmbeds | None = None,
     ) -> Tensor:
-        return self.language_model(token_ids, positions, ctx, logits_rows)
+        """The language model's forward; `input_embeds` (rows, values) replace the token
+        embeddings of the image placeholder rows."""
+        lm: Any = self.language_model
+        if input_embeds is None:
+            return lm(token_ids, positions, ctx, logits_rows)
+        if "input_embeds" in inspect.signature(lm.forward).parameters:
+            return lm(token_ids, positions, ctx, logits_rows, input_embeds=input_embeds)
+        # A text family without an embeddings input: swap the rows in at its embedding's output.
+        rows, values = input_embeds.rows, input_embeds.values
 
+        def put_rows(_module: nn.Module, _args: Any, out: Tensor) -> Tensor:
+            return out.index_copy(0, rows, values.to(out.dtype))
 
-def merge_image_embeddings(text: Tensor, token_ids: Tensor, image_token_id: int, images: Tensor) -> Tensor:
-    """Put image embeddings [M, hidden] into the rows of `text` [T, hidden] whose token is the
-    image token, in order; their counts must agree."""
-    rows = (token_ids == image_token_id).nonzero().flatten()
-    if rows.numel() != images.shape[0]:
-        raise AnyquantError(
-            f"{rows.numel()} image tokens in the prompt for {images.shape[0]} image embeddings"
-        )
-    out = text.clone()
-    out[rows] = images.to(out.dtype)
-    return out
+        handle = lm.model.embed_tokens.register_forward_hook(put_rows)
+        try:
+            return lm(token_ids, positions, ctx, logits_rows)
+        finally:
+            handle.remove()
+
+    @property
+    def model(self) -> nn.Module:
+        """The language model's decoder body (what memory estimates read the embedding width from)."""
+        return self.language_model.model
+
+    @property
+    def body(self) -> nn.Module:
+        lm: Any = self.language_model
+        return lm.body if hasattr(lm, "body") else lm.model
 
 
 def _add_prefix(module: nn.Module, root: str) -> None:
@@ -183,17 +203,36 @@ def _add_prefix(module: nn.Module, root: str) -> None:
             m.prefix = root + prefix  # type: ignore[assignment]
 
 
+# llm_config.model_type -> the text family (the loader hands the language model's fields merged
+# with the top-level ones, so its own `architectures` is replaced by InternVLChatModel's).
+TEXT_FAMILIES = {
+    "internlm2": "InternLM2ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
 def build(config: dict[str, Any]) -> InternVLChatModel:
+    """From the loader's text config (the llm_config fields with the top-level ones beside them)
+    or from a whole config.json (with its `llm_config`)."""
     from anyquant.models.registry import build_model
 
-    root = config.get(MULTIMODAL_ROOT, config)
-    llm = cfg_dict(root, "llm_config")
-    if not llm:
-        raise CheckpointError("config.json: InternVLChatModel needs an 'llm_config' section")
+    nested = cfg_dict(config, "llm_config")
+    if nested:
+        llm = dict(nested)
+    else:
+        llm = dict(config)
+        model_type = config.get("model_type")
+        if model_type not in TEXT_FAMILIES:
+            raise CheckpointError(
+                f"config.json: llm_config.model_type = {model_type!r}; InternVL runs with the language "
+                f"models {', '.join(sorted(TEXT_FAMILIES))}"
+            )
+        llm["architectures"] = [TEXT_FAMILIES[model_type]]
     if not llm.get("architectures"):
         raise CheckpointError(
-            "config.json: llm_config.architectures is missing (e.g. ['InternLM2ForCausalLM'] or ['Qwen2ForCausalLM'])"
+            "config.json: llm_config.architectures is missing (e.g. ['InternLM2ForCausalLM'])"
         )
     language_model = build_model(llm)
     _add_prefix(language_model, _LM)
-    return InternVLChatModel(root, language_model)
+    return InternVLChatModel(config, language_model)

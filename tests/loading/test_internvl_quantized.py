@@ -16,12 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.loading.loader import load_model
-from anyquant.models.internvl import merge_image_embeddings
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from tests.loading.test_formats_end_to_end import fake_quant
 from tests.loading.test_third_party import dequantized_state_dict, rel_l2
-from tests.models._internvl import IMG_CONTEXT_ID, hf_model, original_to_hf, write_internvl
+from tests.models._internvl import IMG_CONTEXT_ID, hf_model, image_rows, original_to_hf, write_internvl
 
 pytest.importorskip("transformers")
 
@@ -54,9 +53,9 @@ def _logits(model: Any, hf: Any, act: Any) -> tuple[torch.Tensor, torch.Tensor]:
             if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.layers."):
                 module.register_forward_pre_hook(lambda _m, args: (fake_quant(args[0], act),))
     with torch.inference_mode():
-        x = merge_image_embeddings(model.embed(tokens), tokens, IMG_CONTEXT_ID, model.embed_images(pixels))
+        rows = image_rows(tokens, model.encode_tiles(pixels))
         ctx = SequenceCache(model, len(ids), torch.float32).context(0, len(ids))
-        ours = model.forward_embeds(x, torch.arange(len(ids)), ctx)
+        ours = model(tokens, torch.arange(len(ids)), ctx, input_embeds=rows)
         ref = hf(input_ids=tokens[None], pixel_values=pixels).logits[0]
     return ours, ref
 

@@ -12,6 +12,7 @@ language model is a Llama on the HF side (its weights moved by tests/models/_int
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,22 @@ from safetensors.torch import save_file
 
 from anyquant.utils.tiny_model import byte_tokenizer_json
 from tests.models._internlm2 import internlm2_config, llama_config_of, to_internlm2, to_llama
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Image embeddings for some rows of a step (what `input_embeds` takes)."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+
+
+def image_rows(token_ids: torch.Tensor, images: torch.Tensor) -> Rows:
+    """The rows holding the image token, in order, get the image embeddings [M, hidden]."""
+    rows = (token_ids == IMG_CONTEXT_ID).nonzero().flatten()
+    assert rows.numel() == images.shape[0], (rows.numel(), images.shape)
+    return Rows(rows, images)
+
 
 SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>"]  # ids 259, 260, 261 after the byte tokenizer's three
 IMG_CONTEXT_ID = 261

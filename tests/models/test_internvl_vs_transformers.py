@@ -5,6 +5,7 @@ RMSNorm one with q/k normalisation whose position table is resized (6B style).""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,9 +13,9 @@ import torch
 
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.loading.loader import load_model
-from anyquant.models.internvl import InternVLChatModel, merge_image_embeddings
+from anyquant.models.internvl import InternVLChatModel
 from tests.loading.test_third_party import rel_l2
-from tests.models._internvl import IMG_CONTEXT_ID, write_internvl
+from tests.models._internvl import IMG_CONTEXT_ID, image_rows, write_internvl
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
@@ -47,7 +48,7 @@ def _image(width: int, height: int, seed: int) -> Any:
 def test_image_embeddings_match(tiny: tuple[Any, Any]) -> None:
     model, hf = tiny
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
-    ours = model.embed_images(pixels)
+    ours = model.encode_tiles(pixels)
     with torch.no_grad():
         ref = hf.model.get_image_features(pixel_values=pixels).pooler_output
     assert ours.shape == (3 * model.tokens_per_tile, hf.config.text_config.hidden_size)
@@ -77,10 +78,10 @@ def test_logits_with_images_match(tiny: tuple[Any, Any], sizes: list[tuple[int, 
     ids = _ids(model, [p.shape[0] for p in pixels])
     tokens = torch.tensor(ids)
     with torch.inference_mode():
-        images = torch.cat([model.embed_images(p) for p in pixels])
-        x = merge_image_embeddings(model.embed(tokens), tokens, IMG_CONTEXT_ID, images)
+        images = torch.cat(model.embed_images([SimpleNamespace(tensors={"pixel_values": p}) for p in pixels]))
         seq = SequenceCache(model, len(ids), torch.float32)
-        ours = model.forward_embeds(x, torch.arange(len(ids)), seq.context(0, len(ids)))
+        ctx = seq.context(0, len(ids))
+        ours = model(tokens, torch.arange(len(ids)), ctx, input_embeds=image_rows(tokens, images))
         ref = hf(input_ids=tokens[None], pixel_values=torch.cat(pixels)).logits[0]
     assert rel_l2(ours, ref) < 1e-4
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

@@ -50,5 +50,8 @@ def test_tp2_equals_one_process(tmp_path: Path) -> None:
 def test_sizes_that_would_replicate_kv_heads_are_refused() -> None:
     model = build_on_meta(internlm2_config(num_attention_heads=4, num_key_value_heads=2))
     plan_tensor_parallel(model, spec_lookup(None), 2)
-    with pytest.raises(UnsupportedError, match="2 KV heads can neither be split over 4 ranks"):
+    with pytest.raises(
+        UnsupportedError,
+        match=r"wqkv in groups of 2 query .*: 2 attention heads cannot be split over 4 ranks",
+    ):
         plan_tensor_parallel(model, spec_lookup(None), 4)
