@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -115,6 +116,12 @@ class InternVLChatModel(nn.Module):
         if not self.dynamic_tiles:
             return pixel_values(image, self.tile_size, 1, 1, False)
         return pixel_values(image, self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail)
+
+    def image_processor(self, model_dir: Path) -> Any:
+        """The engine's `ImageProcessor` for this checkpoint (anyquant.models.internvl_processor)."""
+        from anyquant.models.internvl_processor import InternVLImageProcessor
+
+        return InternVLImageProcessor(self, Path(model_dir))
 
     def embed_images(self, images: Sequence[Any]) -> list[Tensor]:
         """Images preprocessed into `tensors["pixel_values"]` [tiles, 3, S, S] -> per image, fp32
