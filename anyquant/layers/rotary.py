@@ -121,9 +121,9 @@ def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> 
     elif kind == "dynamic":
         # Dynamic NTK (InternLM2, older Llama configs) rescales the base only for a forward whose
         # sequence is longer than max_position_embeddings, so within the trained length it is the
-        # plain rotation, as in transformers and InternLM2's own code. Past that length their result
-        # depends on the length of each forward call (keys cached earlier keep the old rotation);
-        # a paged cache has no such per-call state, so positions past it keep the base frequencies.
+        # plain rotation, as in transformers and InternLM2's own code; anyquant never runs past
+        # that length (max_model_len is capped at it). Beyond it their result would depend on the
+        # length of each forward call, which a paged cache cannot reproduce.
         pass
     elif kind == "linear":
         inv = inv / factor
