@@ -1,6 +1,6 @@
 """Rotary position embeddings (rotate-half convention, as in HF checkpoints) with scaling variants.
 
-Owns inverse frequencies for `default`, `linear`, `dynamic`-free `llama3` scaling and YaRN, and the
+Owns inverse frequencies for `default`, `linear`, `dynamic` (NTK), `llama3` scaling and YaRN, and the
 rotation itself. The attention layer decides which part of each head is rotated.
 """
 
@@ -118,6 +118,13 @@ def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> 
     attn_factor = 1.0
     if kind == "default":
         pass
+    elif kind == "dynamic":
+        # Dynamic NTK (InternLM2, older Llama configs) rescales the base only for a forward whose
+        # sequence is longer than max_position_embeddings, so within the trained length it is the
+        # plain rotation, as in transformers and InternLM2's own code; anyquant never runs past
+        # that length (max_model_len is capped at it). Beyond it their result would depend on the
+        # length of each forward call, which a paged cache cannot reproduce.
+        pass
     elif kind == "linear":
         inv = inv / factor
     elif kind == "llama3":
@@ -135,7 +142,7 @@ def inverse_frequencies(dim: int, params: dict[str, Any], max_position: int) -> 
         inv, attn_factor = _yarn(inv, dim, base, params, max_position)
     else:
         raise UnsupportedError(
-            f"config.json: rope type {kind!r} is not supported; supported: default, linear, llama3, yarn"
+            f"config.json: rope type {kind!r} is not supported; supported: default, linear, dynamic, llama3, yarn"
         )
     return inv.float(), attn_factor
 

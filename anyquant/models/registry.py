@@ -17,6 +17,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("anyquant.models.qwen3", "build"),
     "DeepseekV2ForCausalLM": ("anyquant.models.deepseek_v2", "build"),
     "DeepseekV3ForCausalLM": ("anyquant.models.deepseek_v2", "build_v3"),
+    "InternLM2ForCausalLM": ("anyquant.models.internlm2", "build"),
+    "InternVLChatModel": ("anyquant.models.internvl", "build"),
     "MixtralForCausalLM": ("anyquant.models.mixtral", "build"),
     "Qwen2MoeForCausalLM": ("anyquant.models.qwen2_moe", "build"),
     "Qwen3MoeForCausalLM": ("anyquant.models.qwen3_moe", "build"),
