@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear
+from anyquant.layers.moe import SparseMoE
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
 from anyquant.loading.preflight import (
@@ -136,6 +137,9 @@ def load_model(
         finally:
             progress.finish_weights()
         check_unused(ckpt, fmt, model, used)
+        for module in model.modules():
+            if isinstance(module, SparseMoE):
+                module.finish_loading()  # stacks the experts' repacked weights for the fused call
         model.to(dev)
         model.eval()
     log.info(

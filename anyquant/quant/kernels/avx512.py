@@ -1,6 +1,6 @@
 """AVX-512 (AVX512_BF16) weight-only kernels from the C++ extension: int4, int8 and fp8 weights.
 
-Owns the repacking of a canonical weight into the extension's layout (csrc/cpu_linear.cpp
+Owns the repacking of a canonical weight into the extension's layout (csrc/gemv.h
 describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
 or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
 per-call choice between the extension's two paths:
