@@ -301,8 +301,11 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         if tuple(weight.shape) != (n, k):
             raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
         self.k_pad, n_pad = _round_up(k, 8), _round_up(n, _ROWS)
-        words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
-        words[:n, :k] = weight
+        if (n_pad, self.k_pad) == (n, k) and weight.dtype == torch.bfloat16:
+            words = weight.contiguous()  # no padded copy: the LM head is the largest tensor loaded
+        else:
+            words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
+            words[:n, :k] = weight
         nb = n_pad // _ROWS
         pairs = words.view(torch.int16).view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)
         self.register_buffer("packed", pairs.contiguous().view(torch.uint8).reshape(-1), persistent=False)
