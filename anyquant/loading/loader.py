@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear
+from anyquant.layers.mla import MLAttention
 from anyquant.layers.moe import SparseMoE
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
@@ -159,9 +160,11 @@ def load_model(
         check_unused(ckpt, fmt, model, used)
         ckpt.close()
         for module in model.modules():
-            if isinstance(module, SparseMoE):
-                module.finish_loading()  # stacks the experts' repacked weights for the fused call
-                return_freed_memory()  # the per-expert buffers the stacks replace
+            # Layers that rearrange loaded weights once: MoE stacks its experts for the fused call
+            # (then the per-expert buffers it replaced are returned), MLA absorbs kv_b_proj.
+            if isinstance(module, (SparseMoE, MLAttention)):
+                module.finish_loading()
+                return_freed_memory()
         model.to(dev)
         model.eval()
     log.info(
