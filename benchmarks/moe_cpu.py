@@ -133,12 +133,15 @@ def bench_tree(tree: Path, model: Path, prompt_len: int, decode_len: int) -> dic
 
 
 def _seconds(fn: Callable[[], object], repeats: int) -> float:
-    best = []
+    """Median seconds of `fn`: CPU time of this process with one thread (what the work costs,
+    whatever else the shared machine runs), wall-clock time with more threads."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best.append(time.perf_counter() - t0)
-    return statistics.median(best)
+        runs.append(clock() - t0)
+    return statistics.median(runs)
 
 
 def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) -> None:
@@ -180,12 +183,11 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
         for _ in range(rounds):
             for mode, rates in results.items():
                 use(mode)
-                t0 = time.perf_counter()
-                seq = prefill()
-                rates.setdefault("prefill tok/s", []).append(prompt_len / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                decode(seq)
-                rates.setdefault("decode b1 tok/s", []).append(decode_len / (time.perf_counter() - t0))
+                seqs: list[SequenceCache] = []
+                s = _seconds(lambda seqs=seqs: seqs.append(prefill()), 1)
+                rates.setdefault("prefill tok/s", []).append(prompt_len / s)
+                s = _seconds(lambda seqs=seqs: decode(seqs[-1]), 1)
+                rates.setdefault("decode b1 tok/s", []).append(decode_len / s)
                 for t, x in inputs.items():
                     s = _seconds(lambda x=x: blocks[0](x), 1 if t == 512 else 5)
                     rates.setdefault(f"1 MoE layer, {t} tok: ms", []).append(s * 1e3)
@@ -193,7 +195,10 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
                 json.dumps({m: {k: round(v[-1], 2) for k, v in r.items()} for m, r in results.items()}),
                 flush=True,
             )
-    print(f"\n{torch.get_num_threads()} threads, {len(blocks)} MoE layers, medians of {rounds} rounds\n")
+    clock = "CPU time" if torch.get_num_threads() == 1 else "wall-clock time"
+    print(
+        f"\n{torch.get_num_threads()} threads ({clock}), {len(blocks)} MoE layers, medians of {rounds} rounds\n"
+    )
     print("| measure | per-expert | fused | speed-up |")
     print("|---|---:|---:|---:|")
     for key in results["fused"]:
