@@ -165,6 +165,8 @@ def load_model(
             if isinstance(module, (SparseMoE, MLAttention)):
                 module.finish_loading()
                 return_freed_memory()
+            if isinstance(module, SparseMoE) and module.fused_reason is not None:
+                log.info("%s: routed experts run one by one: %s", module.gate.prefix, module.fused_reason)
         model.to(dev)
         model.eval()
     log.info(
