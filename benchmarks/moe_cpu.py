@@ -10,6 +10,13 @@ commit before a change and after it), alternating between the trees `--rounds` t
 processes, and prints prefill / batch-1 decode tokens/s and peak RSS per tree.
 
     python benchmarks/moe_cpu.py --tree before=/tmp/base --tree after=. [--layers 3] [--rounds 2]
+
+`--ab` instead loads the model once and alternates, in the same process, between the fused MoE
+call (one C++ call per layer) and the per-expert path over the same kernels and the same weights:
+whole-model prefill / batch-1 decode, and one MoE layer alone at 1, 8, 32 and 512 tokens; it
+prints medians and fused / per-expert ratios.
+
+    python benchmarks/moe_cpu.py --ab [--layers 3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,6 +132,81 @@ def bench_tree(tree: Path, model: Path, prompt_len: int, decode_len: int) -> dic
     return json.loads(out[out.index("{") :])
 
 
+def _seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `fn`: CPU time of this process with one thread (what the work costs,
+    whatever else the shared machine runs), wall-clock time with more threads."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    runs = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        runs.append(clock() - t0)
+    return statistics.median(runs)
+
+
+def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) -> None:
+    """Fused vs per-expert MoE, alternating in one process on one loaded model (same weights)."""
+    from anyquant.engine.kv_cache import SequenceCache
+    from anyquant.layers.moe import SparseMoE
+    from anyquant.llm import LLM
+
+    llm = LLM(str(model), dtype="bfloat16")
+    blocks = [m for m in llm.model.modules() if isinstance(m, SparseMoE)]
+    fused = [b.fused for b in blocks]
+    if any(f is None for f in fused):
+        raise SystemExit(f"not fused: {blocks[0].fused_reason}")
+    g = torch.Generator().manual_seed(0)
+    vocab = int(llm.loaded.config["vocab_size"])
+    hidden = int(llm.loaded.config["hidden_size"])
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+    inputs = {t: torch.randn(t, hidden, generator=g).to(torch.bfloat16) for t in (1, 8, 32, 512)}
+
+    def use(mode: str) -> None:
+        for block, f in zip(blocks, fused):
+            block.fused = f if mode == "fused" else None
+
+    def prefill() -> SequenceCache:
+        seq = SequenceCache(llm.model, prompt_len + decode_len + 1, llm.dtype, llm.device)
+        seq.forward(prompt, 0, torch.tensor([prompt_len - 1]))
+        return seq
+
+    def decode(seq: SequenceCache) -> None:
+        token = prompt[-1]
+        for i in range(decode_len):
+            token = int(seq.forward([token], prompt_len + i)[-1].argmax())
+
+    results: dict[str, dict[str, list[float]]] = {"per-expert": {}, "fused": {}}
+    with torch.inference_mode():
+        for mode in results:  # warm-up
+            use(mode)
+            decode(prefill())
+        for _ in range(rounds):
+            for mode, rates in results.items():
+                use(mode)
+                seqs: list[SequenceCache] = []
+                s = _seconds(lambda seqs=seqs: seqs.append(prefill()), 1)
+                rates.setdefault("prefill tok/s", []).append(prompt_len / s)
+                s = _seconds(lambda seqs=seqs: decode(seqs[-1]), 1)
+                rates.setdefault("decode b1 tok/s", []).append(decode_len / s)
+                for t, x in inputs.items():
+                    s = _seconds(lambda x=x: blocks[0](x), 1 if t == 512 else 5)
+                    rates.setdefault(f"1 MoE layer, {t} tok: ms", []).append(s * 1e3)
+            print(
+                json.dumps({m: {k: round(v[-1], 2) for k, v in r.items()} for m, r in results.items()}),
+                flush=True,
+            )
+    clock = "CPU time" if torch.get_num_threads() == 1 else "wall-clock time"
+    print(
+        f"\n{torch.get_num_threads()} threads ({clock}), {len(blocks)} MoE layers, medians of {rounds} rounds\n"
+    )
+    print("| measure | per-expert | fused | speed-up |")
+    print("|---|---:|---:|---:|")
+    for key in results["fused"]:
+        before, after = (statistics.median(results[m][key]) for m in ("per-expert", "fused"))
+        speedup = before / after if key.endswith("ms") else after / before
+        print(f"| {key} | {before:.2f} | {after:.2f} | {speedup:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,10 +217,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-len", type=int, default=16)
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--ab", action="store_true", help="fused vs per-expert MoE in one process")
     args = parser.parse_args()
     model = build(args.layers)
     if args.build_only:
         return
+    if args.ab:
+        return ab_in_process(model, args.rounds, args.prompt_len, args.decode_len)
     trees = dict(t.split("=", 1) for t in args.tree) or {"here": "."}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for _ in range(args.rounds):

@@ -19,6 +19,9 @@ ANYQUANT_VLLM_PYTHON (its python), made as
     $VENV/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds that break its import
 
     ANYQUANT_VLLM_PYTHON=$VENV/bin/python python benchmarks/peers_cpu.py [--batches 1 8 32]
+
+`--checkpoint PATH` runs the same protocol on another checkpoint both engines read (e.g. the
+Qwen3-30B-A3B-shaped MoE of benchmarks/moe_cpu.py); the roofline is then not computed.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="run on this checkpoint instead")
     args = parser.parse_args()
     if args.engine:  # child process: one engine; its JSON goes to a file (engines print on stdout too)
         args.out.write_text(json.dumps(measure(args.engine, args.model, args)))
@@ -152,9 +156,9 @@ def main() -> None:
     assert spec is not None and spec.loader is not None
     decode_cpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode_cpu)
-    model = decode_cpu.build("dense", decode_cpu.DENSE)
+    model = args.checkpoint or decode_cpu.build("dense", decode_cpu.DENSE)
     bandwidth = measure_copy_bandwidth_gbs()
-    roofline = bandwidth * 1e9 / decode_cpu.bytes_per_token(model)
+    roofline = float("nan") if args.checkpoint else bandwidth * 1e9 / decode_cpu.bytes_per_token(model)
     pythons = {"anyquant": sys.executable, "vllm": os.environ.get("ANYQUANT_VLLM_PYTHON", "")}
     rows: dict[str, dict[str, float]] = {}
     for engine in args.engines:

@@ -57,13 +57,13 @@ from anyquant.quant.quantize import (
     ShardWriter,
     relative_error,
     require_save_modules,
-    return_freed_memory,
     write_configs,
 )
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import writer_class
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
+from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 

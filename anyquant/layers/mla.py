@@ -2,8 +2,9 @@
 
 Owns the low-rank query path (`q_proj`, or `q_a_proj` -> `q_a_layernorm` -> `q_b_proj`), the
 compressed key/value path (`kv_a_proj_with_mqa` -> latent + shared rope key, `kv_a_layernorm`,
-`kv_b_proj` -> per-head nope key and value), rotary on the rope slice only, and `o_proj`.
-It caches expanded per-head keys and values through the ordinary attention context; see `MLAttention`.
+`kv_b_proj` -> per-head nope key and value), rotary on the rope slice only, and `o_proj`, and
+the latent KV cache: one compressed vector per token instead of a key and a value per head; see
+`MLAttention`.
 """
 
 from __future__ import annotations
@@ -74,14 +75,20 @@ def mla_softmax_scale(qk_head_dim: int, rope: dict[str, Any]) -> float:
 
 
 class MLAttention(nn.Module, TensorParallelLayer):
-    """Latent attention with `Attention.forward`'s signature.
+    """Latent attention with `Attention.forward`'s signature, over a latent KV cache.
 
-    The cache holds expanded keys [T, H, nope + rope] and values [T, H, v] per layer (the cache
-    shape the family hands to `DecoderLM`). The planned memory optimisation is a compressed cache
-    of one latent [kv_lora_rank + qk_rope_head_dim] per token, with `kv_b_proj` absorbed into the
-    query and output sides at decode time; it needs a cache that stores one vector per token.
-    Tensor parallelism splits heads: the per-head projections (`q_proj` / `q_b_proj`,
-    `kv_b_proj`, `o_proj`) are cut by heads, the low-rank `*_a_proj` layers are replicated.
+    The cache holds, per token and layer, the normalised kv latent c (kv_lora_rank values) and the
+    rotated rope key k_r shared by all heads (qk_rope_head_dim values): `kv_cache_shape` declares it
+    as one "KV head" with key [c, k_r] and value c (DeepSeek-V3: 576 + 512 values per token and layer
+    instead of 128 heads x (192 + 128) = 40960 expanded). kv_b_proj is absorbed (weights taken
+    once after loading, `finish_loading`): per head, k_nope = W_UK c and v = W_UV c, so
+    q_nope . k_nope = (W_UK^T q_nope) . c and the attention output is W_UV (sum_j p_j c_j). The
+    queries become [W_UK^T q_nope, q_rope] against keys [c, k_r] (the same dot products, so the same
+    softmax scale), the attention returns a latent per head, and W_UV maps it to the head's value
+    width before `o_proj`. No step ever expands the cache to per-head keys and values.
+    Tensor parallelism splits heads: the per-head projections (`q_proj` / `q_b_proj`, `kv_b_proj`,
+    `o_proj`) are cut by heads, the low-rank `*_a_proj` layers are replicated, and every rank caches
+    the (replicated) latent.
     """
 
     def __init__(
@@ -130,6 +137,9 @@ class MLAttention(nn.Module, TensorParallelLayer):
         )
         self.rotary = rotary
         self.scale = scale
+        # kv_b_proj's weight split per head (set by `finish_loading`): W_UK [H, nope, r], W_UV [H, v, r].
+        self.w_uk: Tensor | None = None
+        self.w_uv: Tensor | None = None
 
     def split_groups(self) -> list[SplitGroup]:
         d = self.dims
@@ -137,10 +147,24 @@ class MLAttention(nn.Module, TensorParallelLayer):
         assert query is not None
         columns = ((query, d.qk_head_dim), (self.kv_b_proj, d.qk_nope_head_dim + d.v_head_dim))
         rows = ((self.o_proj, d.v_head_dim),)
-        return [SplitGroup("heads", self.prefix, d.num_heads, columns, rows, cached=True)]
+        return [SplitGroup("heads", self.prefix, d.num_heads, columns, rows)]
 
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
         self.dims = replace(self.dims, num_heads=partitions["heads"].local_size)
+
+    def finish_loading(self) -> None:
+        """Take kv_b_proj's weight, exactly as its kernel multiplies (whatever the format), by
+        applying the layer to the identity: row i of the output is column i of W."""
+        kernel = self.kv_b_proj.kernel
+        if kernel is None:
+            raise RuntimeError(f"{self.kv_b_proj.prefix}: no weight loaded")
+        d = self.dims
+        eye = torch.eye(d.kv_lora_rank, dtype=kernel.compute_dtype)
+        with torch.no_grad():
+            w = self.kv_b_proj(eye).T  # [H * (nope + v), r]
+        w = w.reshape(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        self.w_uk = w[:, : d.qk_nope_head_dim].contiguous()
+        self.w_uv = w[:, d.qk_nope_head_dim :].contiguous()
 
     def _query(self, x: Tensor) -> Tensor:
         if self.q_proj is not None:
@@ -152,16 +176,20 @@ class MLAttention(nn.Module, TensorParallelLayer):
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         d = self.dims
+        if self.w_uk is None or self.w_uv is None:
+            raise RuntimeError(f"{self.prefix}: latent attention runs only after finish_loading")
         t, h = x.shape[0], d.num_heads
         q = self._query(x).view(t, h, d.qk_head_dim)
         q_nope, q_rope = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
         compressed = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
         latent, k_rope = compressed.split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(t, h, d.qk_nope_head_dim + d.v_head_dim)
-        k_nope, v = kv.split([d.qk_nope_head_dim, d.v_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).to(q.dtype)
         cos, sin = cos_sin
         q_rope = self.rotary.rotate(q_rope, cos, sin)
         k_rope = self.rotary.rotate(k_rope[:, None, :], cos, sin)  # [T, 1, rope]: shared by all heads
-        q = torch.cat((q_nope, q_rope), dim=-1)  # [T, H, nope + rope]
-        k = torch.cat((k_nope, k_rope.expand(t, h, d.qk_rope_head_dim)), dim=-1)
-        return self.o_proj(ctx.attend(self.layer_index, q, k, v, self.scale))
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk.to(q.dtype)).transpose(0, 1)  # [T, H, r]
+        q = torch.cat((q_latent, q_rope), dim=-1)  # [T, H, r + rope]
+        k = torch.cat((latent[:, None, :], k_rope.to(q.dtype)), dim=-1)  # [T, 1, r + rope]
+        out = ctx.attend(self.layer_index, q, k, latent[:, None, :], self.scale).view(t, h, d.kv_lora_rank)
+        v = torch.bmm(out.transpose(0, 1), self.w_uv.to(out.dtype).transpose(1, 2))  # [H, T, v]
+        return self.o_proj(v.transpose(0, 1).reshape(t, h * d.v_head_dim))

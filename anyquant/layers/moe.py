@@ -24,6 +24,7 @@ from anyquant.parallel.comm import all_reduce, all_reduce_max
 if TYPE_CHECKING:
     from anyquant.loading.sharding import Partition
     from anyquant.parallel.state import ParallelState
+    from anyquant.quant.kernels.avx512_moe import FusedExperts
 
 Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
@@ -191,6 +192,10 @@ class SparseMoE(nn.Module, TensorParallelLayer):
                 "moe_intermediate_size", f"= {moe_intermediate_size}; expected a positive size"
             )
         self.routing = routing
+        self.act_name = act
+        # Set by `finish_loading`: all routed experts as one fused call, or why not.
+        self.fused: FusedExperts | None = None
+        self.fused_reason: str | None = "not loaded"
         self.gate = Router(f"{prefix}.gate", hidden_size, routing)
         self.experts = nn.ModuleList(
             expert_mlp(f"{prefix}.experts.{e}", hidden_size, moe_intermediate_size, act, expert_names)
@@ -225,7 +230,30 @@ class SparseMoE(nn.Module, TensorParallelLayer):
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
         self.parallel = state if state.is_parallel else None
 
+    def finish_loading(self) -> None:
+        """Once every expert's kernel is loaded: fuse the routed experts into one call per layer
+        when their kernels allow it (`fused_reason` says why not otherwise)."""
+        kernels = [(e.gate_proj.kernel, e.up_proj.kernel, e.down_proj.kernel) for e in self._expert_mlps()]
+        if any(
+            p.bias is not None for e in self._expert_mlps() for p in (e.gate_proj, e.up_proj, e.down_proj)
+        ):
+            self.fused_reason = "experts have biases"
+            return
+        from anyquant.quant.kernels import avx512_moe  # the C++ kernels' module: only when loading
+
+        self.fused_reason = avx512_moe.cannot_fuse(kernels, self.act_name)
+        if self.fused_reason is None:
+            self.fused = avx512_moe.FusedExperts(kernels)
+
+    def _expert_mlps(self) -> list[GatedMLP]:
+        return [cast(GatedMLP, e) for e in self.experts]
+
     def _routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        if self.fused is not None:
+            return self.fused(x, weights, ids)
+        return self._routed_per_expert(x, weights, ids)
+
+    def _routed_per_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """Sort the (token, slot) pairs by expert so each selected expert runs once on its tokens."""
         t, k = ids.shape
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from anyquant.errors import TensorError, UnsupportedError
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import MergedLinear, QuantLinear
+from anyquant.layers.mla import MLAttention
+from anyquant.layers.moe import SparseMoE
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
@@ -44,8 +46,19 @@ from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.merge import concat_out_features
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.weight import QuantWeight
+from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
+
+# Decoding and repacking a layer allocates temporaries of many times its stored size (codes
+# unpacked to a byte each, integer intermediates, padded copies: ~23 MB for one 768 x 2048 int4
+# expert projection of 0.8 MB). glibc cannot return them while the repacked weights are allocated
+# between them, so without a trim resident memory grows by all of them: loading a 1.5 GB
+# Qwen3-30B-A3B-shaped layer peaked at 8.7 GB. Trim after this many decoded bytes.
+_TRIM_EVERY_BYTES = 8 << 20
+# Read pages of the memory-mapped checkpoint count as resident memory while the map is open:
+# close the maps after this many bytes (they reopen on the next read) and once loading is done.
+_UNMAP_EVERY_BYTES = 512 << 20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +161,7 @@ def load_model(
         merge_of = merged_layers(merges)
         kept_apart: dict[str, str] = {}
         progress.start_weights(sum(_stored_bytes(ckpt, name) for name in ckpt.index))
+        since_trim = since_unmap = 0
         try:
             for plan in plans:
                 merge = merge_of.get(plan.prefix)
@@ -165,13 +179,30 @@ def load_model(
                 else:
                     continue
                 used.update(read)
-                progress.advance(sum(_stored_bytes(ckpt, n) for n in read))
+                nbytes = sum(_stored_bytes(ckpt, n) for n in read)
+                progress.advance(nbytes)
+                since_trim, since_unmap = since_trim + nbytes, since_unmap + nbytes
+                if since_unmap >= _UNMAP_EVERY_BYTES:
+                    ckpt.close()
+                    since_unmap = 0
+                if since_trim >= _TRIM_EVERY_BYTES:
+                    return_freed_memory()
+                    since_trim = 0
             before_plain = set(used)
             _load_plain(ckpt, model, compute_dtype, dev, used)
             progress.advance(sum(_stored_bytes(ckpt, n) for n in used - before_plain))
         finally:
             progress.finish_weights()
         check_unused(ckpt, fmt, model, used)
+        ckpt.close()
+        for module in model.modules():
+            # Layers that rearrange loaded weights once: MoE stacks its experts for the fused call
+            # (then the per-expert buffers it replaced are returned), MLA absorbs kv_b_proj.
+            if isinstance(module, (SparseMoE, MLAttention)):
+                module.finish_loading()
+                return_freed_memory()
+            if isinstance(module, SparseMoE) and module.fused_reason is not None:
+                log.info("%s: routed experts run one by one: %s", module.gate.prefix, module.fused_reason)
         model.to(dev)
         model.eval()
     log.info(

@@ -180,7 +180,8 @@ class DeepseekLM(DecoderLM):
             )
 
         m = ds.mla
-        cache = CacheShape(m.num_heads, m.qk_head_dim, m.v_head_dim)
+        # The latent cache (layers/mla.py): one "KV head" of key [latent, rope key], value latent.
+        cache = CacheShape(1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank)
         super().__init__(args, make_mlp, make_attention, rotary, cache)
         self.deepseek = ds
         # V3 checkpoints append the MTP block(s) as extra layers; they only serve speculative decoding.
@@ -193,7 +194,7 @@ def _build(config: dict[str, Any], v3: bool) -> DeepseekLM:
     ds = read_args(config, v3)
     args = DecoderArgs.from_hf(
         config,
-        # MLA keeps one key and value per query head; num_key_value_heads plays no part.
+        # Unused by MLA (its cache is the latent, see DeepseekLM); num_key_value_heads plays no part.
         num_kv_heads=ds.mla.num_heads,
         head_dim=ds.mla.qk_head_dim,
         qkv_bias=ds.attention_bias,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from anyquant.errors import CheckpointError
-from anyquant.models.internvl_image import pixel_values
+from anyquant.models.internvl_image import candidate_grids, closest_grid, pixel_values
 from anyquant.models.multimodal import ImageInput, ImageInputError, ImageProcessor, image_digest
 
 
@@ -64,6 +64,17 @@ class InternVLImageProcessor(ImageProcessor):
             pixels.shape[0] * self.tokens_per_tile,
             image_digest(image, self.settings),
         )
+
+    def num_tokens_for(self, width: int, height: int) -> int:
+        min_tiles, max_tiles, thumbnail = self.tiling
+        cols, rows = closest_grid(width, height, candidate_grids(min_tiles, max_tiles), self.tile)
+        tiles = cols * rows + (1 if thumbnail and cols * rows > 1 else 0)
+        return tiles * self.tokens_per_tile
+
+    @property
+    def max_tokens_per_image(self) -> int:
+        _, max_tiles, thumbnail = self.tiling
+        return (max_tiles + (1 if thumbnail and max_tiles > 1 else 0)) * self.tokens_per_tile
 
     def expand_placeholders(
         self, token_ids: list[int], images: list[ImageInput]

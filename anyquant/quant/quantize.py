@@ -15,7 +15,6 @@ import logging
 import re
 import shutil
 import struct
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from anyquant.quant.formats.base import FormatWriter, WriteOptions
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import writer_class
 from anyquant.quant.weight import QuantWeight
+from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ def quantize_checkpoint(
         for tname, tensor in writer.encode(prefix, weight).items():
             out.add(tname, tensor)
         del dense, weight
+        # The last layer's temporaries: 0.6-1.6 GB peak RSS on a 480 MB input without this, 0.5 GB with.
         return_freed_memory()
     ckpt.close()
     report.files = out.finish()
@@ -251,28 +252,6 @@ def quantize_checkpoint(
         len(report.skipped),
     )
     return report
-
-
-def _libc_malloc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to trim
-
-
-_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
-
-
-def return_freed_memory() -> None:
-    """Hand the freed heap pages of the last layer's temporaries back to the OS. glibc keeps freed
-    blocks below its (adaptive) mmap threshold in the heap, and with long-lived output tensors
-    interleaved the heap only grows: peak RSS measured 0.6-1.6 GB from run to run on a 480 MB
-    input, against a steady 0.5 GB with the trim."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def relative_error(dense: Tensor, weight: QuantWeight) -> float:

@@ -376,3 +376,32 @@ def test_gptq_quantized_matches_transformers_on_dequantized_weights(
     assert _rel(ours, ref) < 1e-5
     # The quantization is visible: the unquantized model is clearly further away.
     assert _rel(LLM(src, dtype="float32").logits(IDS), ref) > 1e-3
+
+
+def test_latent_cache_holds_one_latent_per_token(checkpoints: dict[str, Path]) -> None:
+    """The cache keeps [kv latent, rope key] and the latent per token and layer, never per-head keys
+    and values (the logits tests above check that it computes transformers' expanded attention),
+    and `inspect` reports that size."""
+    from anyquant.loading.describe import describe_checkpoint
+
+    path = checkpoints["v3"]
+    config = json.loads((path / "config.json").read_text())
+    r, rope, layers = config["kv_lora_rank"], config["qk_rope_head_dim"], config["num_hidden_layers"]
+    seq = SequenceCache(LLM(path, dtype="float32").model, 16, torch.float32)
+    assert seq.cache.k.shape[:2] == (layers, 1) and seq.cache.k.shape[-1] == r + rope
+    assert seq.cache.v.shape[:2] == (layers, 1) and seq.cache.v.shape[-1] == r
+    memory = describe_checkpoint(path, dtype="float32")["tensor_parallel"]["memory_per_rank"]
+    assert memory["kv_cache_per_token"] == layers * (2 * r + rope) * 4
+
+
+def test_latent_cache_is_a_tenth_of_the_expanded_one_at_v3_shapes() -> None:
+    """DeepSeek-V3's geometry: 576 + 512 cached values per token and layer against 128 heads x
+    (192 + 128) expanded, 2.7 %."""
+    v3 = dict(
+        num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, hidden_size=7168
+    )
+    model = build_on_meta(_config("v3", q_lora_rank=64, v_head_dim=128, n_group=1, topk_group=1, **v3))
+    shape = model.cache_shape
+    assert (shape.num_kv_heads, shape.k_dim, shape.v_dim) == (1, 576, 512)
+    expanded = 128 * ((128 + 64) + 128)
+    assert (shape.k_dim + shape.v_dim) * 10 <= expanded

@@ -55,3 +55,11 @@ def test_greedy_generation_with_images_equals_transformers(checkpoint: tuple[Pat
         seq.append(expected[-1])
     assert outs[0].token_ids == expected
     assert outs[1].token_ids == llm.generate("plain text", params)[0].token_ids
+
+
+def test_token_counts_from_the_size_alone_equal_the_processed_image(checkpoint: tuple[Path, Any]) -> None:
+    """What `inspect` and prompt budgets use (no pixels decoded) matches real processing."""
+    processor = LLM(checkpoint[0], dtype="float32").image_processor()
+    for i, (w, h) in enumerate([(120, 50), (40, 90), (448, 448), (1000, 200), (30, 30)]):
+        real = processor.process(random_image(w, h, i)).num_tokens
+        assert processor.num_tokens_for(w, h) == real <= processor.max_tokens_per_image

@@ -1,6 +1,6 @@
 """AVX-512 (AVX512_BF16) weight-only kernels from the C++ extension: int4, int8 and fp8 weights.
 
-Owns the repacking of a canonical weight into the extension's layout (csrc/cpu_linear.cpp
+Owns the repacking of a canonical weight into the extension's layout (csrc/gemv.h
 describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
 or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
 per-call choice between the extension's two paths:
@@ -301,8 +301,11 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         if tuple(weight.shape) != (n, k):
             raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
         self.k_pad, n_pad = _round_up(k, 8), _round_up(n, _ROWS)
-        words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
-        words[:n, :k] = weight
+        if (n_pad, self.k_pad) == (n, k) and weight.dtype == torch.bfloat16:
+            words = weight.contiguous()  # no padded copy: the LM head is the largest tensor loaded
+        else:
+            words = torch.zeros(n_pad, self.k_pad, dtype=torch.bfloat16)
+            words[:n, :k] = weight
         nb = n_pad // _ROWS
         pairs = words.view(torch.int16).view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)
         self.register_buffer("packed", pairs.contiguous().view(torch.uint8).reshape(-1), persistent=False)

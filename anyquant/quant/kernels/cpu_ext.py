@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("cpu_linear.cpp",)
+_SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp")
+_HEADERS = ("gemv.h",)  # not compiled on their own, but part of what a build is keyed on
 # No -march flags: the AVX-512 functions carry target attributes, so the library loads on any x86-64
 # CPU and the kernels refuse (with a reason) on CPUs without the instructions.
 _CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
@@ -34,7 +35,7 @@ _ENV_DIR = "ANYQUANT_EXTENSION_DIR"  # overrides where the build lives
 
 def _build_key() -> str:
     digest = hashlib.sha256()
-    for name in _SOURCES:
+    for name in (*_SOURCES, *_HEADERS):
         digest.update((_CSRC / name).read_bytes())
     digest.update(" ".join(_CFLAGS).encode())
     digest.update(torch.__version__.encode())

@@ -1,0 +1,135 @@
+"""One MoE layer's routed experts in one C++ call (`moe_experts` in csrc/cpu_moe.cpp).
+
+`FusedExperts` takes the experts' already-loaded `cpu_avx512` kernels (gate, up, down of every
+expert), stacks their repacked weights along a leading expert dimension once, gate and up of an
+expert side by side so both are one work item, and points every expert's kernel at its slice of
+the stack: the weights exist once, and each expert's own kernel still runs it alone (the per-expert
+path, kept for what the fused call does not serve). The call groups the token/slot pairs by expert
+in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
+over the threads and returns the weighted sum in fp32.
+
+`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, act-order,
+quantized activations); the caller then keeps the per-expert path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from anyquant.quant.kernels import cpu_ext
+from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.base import LinearKernel
+
+
+def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
+    """Why (gate, up, down) kernels of every expert cannot run as one fused call, or None."""
+    if not experts:
+        return "the layer has no experts"
+    if act not in ("silu", "swish"):
+        return f"activation {act} (the fused call computes silu)"
+    first = experts[0][0]
+    for e, kernels in enumerate(experts):
+        for kernel in kernels:
+            if not isinstance(kernel, Avx512WeightOnlyKernel):
+                name = "no kernel" if kernel is None else kernel.name
+                return f"expert {e} runs on {name}, not cpu_avx512"
+            assert isinstance(first, Avx512WeightOnlyKernel)
+            if kernel.spec != first.spec:
+                return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
+            if kernel.spec.act is not None:
+                return f"activations are quantized ({kernel.spec.act.describe()})"
+            if kernel.perm is not None:
+                return "act-order experts permute their inputs one by one"
+            if kernel.compute_dtype != first.compute_dtype:
+                return "experts differ in compute dtype"
+        gate, up, down = kernels
+        assert isinstance(gate, Avx512WeightOnlyKernel) and isinstance(up, Avx512WeightOnlyKernel)
+        assert isinstance(down, Avx512WeightOnlyKernel) and isinstance(first, Avx512WeightOnlyKernel)
+        inter, hidden = gate.shape
+        if up.shape != gate.shape or down.shape != (hidden, inter) or gate.shape != first.shape:
+            return f"expert {e} has gate {gate.shape}, up {up.shape}, down {down.shape}"
+        if up.group != gate.group or up.k_pad != gate.k_pad or (gate.zz is None) != (up.zz is None):
+            return f"expert {e}'s gate and up are packed differently"
+        if (down.zz is None) != (gate.zz is None):
+            return f"expert {e}'s down has zero points where gate has none, or the reverse"
+    return None
+
+
+class FusedExperts(nn.Module):
+    """All routed experts of one layer: x [T, H], router weights / ids [T, k] -> fp32 [T, H]."""
+
+    w13: Tensor
+    s13: Tensor
+    z13: Tensor | None
+    w2: Tensor
+    s2: Tensor
+    z2: Tensor | None
+    lut: Tensor
+
+    def __init__(self, experts: Sequence[tuple[LinearKernel | None, ...]]) -> None:
+        super().__init__()
+        kernels = [tuple(k for k in ks if isinstance(k, Avx512WeightOnlyKernel)) for ks in experts]
+        gate, _, down = kernels[0]
+        self.inter, self.hidden = gate.shape
+        self.k_pad = gate.k_pad
+        self.group13, self.group2, self.fmt = gate.group, down.group, gate.fmt
+        self.compute_dtype = gate.compute_dtype
+        # Gate then up: blocks [0, nb) are the gate's 16-row blocks, [nb, 2 nb) the up's.
+        w13 = torch.stack([torch.cat([g.packed.reshape(-1), u.packed.reshape(-1)]) for g, u, _ in kernels])
+        s13 = torch.stack([torch.cat([g.scale, u.scale]) for g, u, _ in kernels])
+        z13 = None
+        if gate.zz is not None:
+            z13 = torch.stack([torch.cat([g.zz, u.zz]) for g, u, _ in kernels])  # type: ignore[list-item]
+        w2 = torch.stack([d.packed.reshape(-1) for _, _, d in kernels])
+        s2 = torch.stack([d.scale for _, _, d in kernels])
+        z2 = None if down.zz is None else torch.stack([d.zz for _, _, d in kernels])  # type: ignore[misc]
+        # Every expert's own kernel now reads its slice of the stacks: one copy of the weights.
+        for e, (g, u, d) in enumerate(kernels):
+            half = g.packed.numel()
+            g.packed, u.packed = (w13[e, :half].view(g.packed.shape), w13[e, half:].view(u.packed.shape))
+            nb = g.scale.shape[0]
+            g.scale, u.scale = s13[e, :nb], s13[e, nb:]
+            if z13 is not None:
+                g.zz, u.zz = z13[e, :nb], z13[e, nb:]
+            d.packed, d.scale = w2[e].view(d.packed.shape), s2[e]
+            if z2 is not None:
+                d.zz = z2[e]
+        self.register_buffer("w13", w13, persistent=False)
+        self.register_buffer("s13", s13, persistent=False)
+        self.register_buffer("z13", z13, persistent=False)
+        self.register_buffer("w2", w2, persistent=False)
+        self.register_buffer("s2", s2, persistent=False)
+        self.register_buffer("z2", z2, persistent=False)
+        self.register_buffer("lut", gate.lut, persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.w13.shape[0])
+
+    def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        x = x.to(self.compute_dtype)
+        if self.k_pad != self.hidden:
+            x = torch.nn.functional.pad(x, (0, self.k_pad - self.hidden))
+        return cpu_ext.ops().moe_experts(
+            x,
+            ids.to(torch.int64),
+            weights.to(torch.float32),
+            self.w13,
+            self.s13,
+            self.z13,
+            self.w2,
+            self.s2,
+            self.z2,
+            self.lut,
+            self.fmt,
+            self.group13,
+            self.group2,
+            self.inter,
+            self.hidden,
+        )
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"

@@ -1,0 +1,219 @@
+// A whole MoE layer's routed experts in one call, on the repacked layout of gemv.h.
+//
+// Inputs: x [T, kp13] (bf16, or fp32 split into three bf16 parts as the linear kernel does), the
+// router's choice ids [T, k] int64 and weights [T, k] fp32, and every expert's weights stacked
+// along a leading expert dimension, repacked once at load:
+//   w13: per expert, the gate projection's blocks of 16 rows followed by the up projection's
+//        (2 * nb13 blocks, nb13 = ceil(inter / 16)); scales / zero points [E, 2 * nb13, ng, 16];
+//   w2:  per expert, the down projection (ceil(hidden / 16) blocks) over kp2 >= inter inputs.
+// out [T, hidden] fp32 = sum over a token's k slots of weight * down(silu(gate(x)) * up(x)).
+//
+// Steps, each one parallel region over the intra-op threads:
+//   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
+//      argsort would) and gather each pair's row of x in that order;
+//   2. gate and up: work items (expert, block j of 16 intermediate rows): gate block j and up
+//      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h;
+//   3. down: work items (expert, block of 16 output rows) -> y per pair, fp32;
+//   4. out[t] = sum over t's slots of weight * y.
+// With a few tokens (decode) every chosen expert contributes dozens of items, so all threads
+// stream weights; with many (prefill) an item's block is decoded once for all the expert's rows.
+// The gate / up / down activations stay in fp32 between the projections (h is rounded once, to the
+// bf16 parts the dot products take), so the result is at least as close to float64 as the
+// per-expert path, which rounds each projection's output to the compute dtype.
+
+#include "gemv.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+
+namespace {
+
+// One stacked weight: expert e's layout is the base layout shifted by e strides.
+struct Stacked {
+  Layout base;
+  int64_t packed_stride = 0;  // bytes per expert
+  int64_t scale_stride = 0;   // floats per expert (scales and zero points)
+
+  Layout expert(int64_t e) const {
+    Layout w = base;
+    w.packed += e * packed_stride;
+    w.scale += e * scale_stride;
+    if (w.zz != nullptr) w.zz += e * scale_stride;
+    return w;
+  }
+};
+
+Stacked make_stacked(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zz,
+                     const at::Tensor& lut, int64_t fmt, int64_t group, int64_t n, int64_t experts,
+                     const char* what) {
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == experts && packed.is_contiguous(), what,
+              ": packed weights must be contiguous [", experts, " experts, bytes]");
+  TORCH_CHECK(scale.dim() == 4 && scale.size(0) == experts && scale.is_contiguous(), what,
+              ": scales must be contiguous [", experts, " experts, blocks, groups, 16]");
+  c10::optional<at::Tensor> zz0;
+  if (zz.has_value()) {
+    TORCH_CHECK(zz->sizes() == scale.sizes() && zz->is_contiguous(), what, ": zero points must be shaped like the scales");
+    zz0 = (*zz)[0];
+  }
+  Stacked s;
+  s.base = make_layout(packed[0], scale[0], zz0, lut, fmt, group, n);
+  s.packed_stride = packed.size(1);
+  s.scale_stride = scale[0].numel();
+  return s;
+}
+
+// bf16 parts of v: one (rounded) for bf16 compute, three (hi + mid + lo, 24 significant bits) for fp32.
+inline void split_parts(float v, int parts, c10::BFloat16* dst, int64_t stride) {
+  c10::BFloat16 hi(v);
+  dst[0] = hi;
+  if (parts == 1) return;
+  const float r1 = v - static_cast<float>(hi);
+  const c10::BFloat16 mid(r1);
+  dst[stride] = mid;
+  dst[2 * stride] = c10::BFloat16(r1 - static_cast<float>(mid));
+}
+
+// Per row of `rows` bf16 rows of width kp: the fp32 sum of each group of `group` inputs.
+at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
+  return rows.to(at::kFloat).view({rows.size(0), -1, group}).sum(2).contiguous();
+}
+
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
+                       const at::Tensor& s13, const c10::optional<at::Tensor>& z13, const at::Tensor& w2,
+                       const at::Tensor& s2, const c10::optional<at::Tensor>& z2, const at::Tensor& lut, int64_t fmt,
+                       int64_t group13, int64_t group2, int64_t inter, int64_t hidden) {
+  TORCH_CHECK(inter > 0 && hidden > 0, "inter and hidden must be positive");
+  const int64_t experts = w13.size(0);
+  const int64_t nb13 = (inter + 15) / 16;
+  const Stacked gu = make_stacked(w13, s13, z13, lut, fmt, group13, 2 * nb13 * 16, experts, "gate/up");
+  TORCH_CHECK(gu.base.blocks == 2 * nb13, "gate/up: expected ", 2 * nb13, " blocks of 16 rows, got ", gu.base.blocks);
+  const Stacked dn = make_stacked(w2, s2, z2, lut, fmt, group2, hidden, experts, "down");
+  TORCH_CHECK(dn.base.kp >= inter, "down: ", dn.base.kp, " inputs cannot hold ", inter, " intermediate features");
+  const int64_t kp13 = gu.base.kp, kp2 = dn.base.kp;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == kp13, "x must be [T, ", kp13, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
+  const int64_t tokens = x.size(0);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == tokens && ids.scalar_type() == at::kLong, "ids must be int64 [T, k]");
+  TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat, "weights must be float32 like ids");
+  const int64_t k = ids.size(1), pairs = tokens * k;
+  const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
+  at::Tensor out = at::zeros({tokens, hidden}, x.options().dtype(at::kFloat));
+  if (pairs == 0) return out;
+
+  // 1. Counting sort of the pairs by expert; pos[p] = where pair p = t * k + j sits.
+  const at::Tensor idc = ids.contiguous(), wc = weights.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  std::vector<int64_t> start(experts + 1, 0), pos(pairs), token_of(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(id[p] >= 0 && id[p] < experts, "expert id ", id[p], " outside [0, ", experts, ")");
+    ++start[id[p] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) {
+    pos[p] = fill[id[p]]++;
+    token_of[pos[p]] = p / k;
+  }
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < experts; ++e)
+    if (start[e + 1] > start[e]) active.push_back(e);
+  const int64_t n_active = static_cast<int64_t>(active.size());
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor xg = at::empty({parts * pairs, kp13}, x.options().dtype(at::kBFloat16));
+  auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
+  at::parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      if (parts == 1) {
+        std::memcpy(xgp + q * kp13, static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13, kp13 * 2);
+        continue;
+      }
+      const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
+      for (int64_t c = 0; c < kp13; ++c) split_parts(src[c], parts, xgp + parts * q * kp13 + c, kp13);
+    }
+  });
+  at::Tensor xs13;
+  if (gu.base.zz != nullptr) xs13 = group_sums(xg, group13);
+
+  // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
+  //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
+  const int64_t hcols = std::min(kp2, nb13 * 16);
+  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * pairs, kp2}, xg.options()) : at::empty({parts * pairs, kp2}, xg.options());
+  auto* hp = reinterpret_cast<c10::BFloat16*>(h.data_ptr());
+  at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
+    std::vector<float> tmp;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = active[i / nb13], j = i % nb13;
+      const int64_t r0 = start[e], rows = start[e + 1] - r0;
+      tmp.resize(static_cast<size_t>(parts * rows * 32));
+      GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
+                 gu.base.zz ? xs13.data_ptr<float>() + parts * r0 * gu.base.ng : nullptr,
+                 nullptr, tmp.data(), false, 32, nullptr};
+      a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
+      block_rows(a, parts * rows, j, scratch.data());
+      a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
+      block_rows(a, parts * rows, nb13 + j, scratch.data());
+      const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) {
+          float g = 0.f, u = 0.f;
+          for (int s = 0; s < parts; ++s) {
+            g += tmp[(parts * r + s) * 32 + c];
+            u += tmp[(parts * r + s) * 32 + 16 + c];
+          }
+          const float v = g / (1.f + std::exp(-g)) * u;
+          split_parts(v, parts, hp + parts * (r0 + r) * kp2 + j * 16 + c, kp2);
+        }
+      }
+    }
+  });
+  at::Tensor xs2;
+  if (dn.base.zz != nullptr) xs2 = group_sums(h, group2);
+
+  // 3. down -> y [parts * pairs, hidden] fp32.
+  at::Tensor y = at::empty({parts * pairs, hidden}, out.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t nb2 = dn.base.blocks;
+  at::parallel_for(0, n_active * nb2, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(kp2 / 4 * bytes_per_4k(kDecoded)));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = active[i / nb2], b = i % nb2;
+      const int64_t r0 = start[e], rows = start[e + 1] - r0;
+      GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
+                 dn.base.zz ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
+                 nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
+      block_rows(a, parts * rows, b, scratch.data());
+    }
+  });
+
+  // 4. Weighted sum over each token's slots, in slot order.
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = op + t * hidden;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = t * k + j;
+        const float* yq = yp + parts * pos[p] * hidden;
+        for (int64_t c = 0; c < hidden; ++c) {
+          float v = yq[c];
+          for (int s = 1; s < parts; ++s) v += yq[s * hidden + c];
+          o[c] += wp[p] * v;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
+  m.def(
+      "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, Tensor s2, "
+      "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts", &moe_experts); }

@@ -1,0 +1,288 @@
+#pragma once
+
+// Shared internals of the C++ CPU kernels: the repacked weight layout, its decoders and the
+// matrix-vector core. Included by cpu_linear.cpp (linear layers) and cpu_moe.cpp (fused MoE).
+//
+// Weight-only quantized linear layers for AVX-512 CPUs with AVX512_BF16.
+//
+// One repacked layout serves every weight type (int4 nibbles, int8 bytes, fp8 bytes), built by
+// anyquant/quant/kernels/avx512.py at load:
+//   rows are taken 16 at a time (one 512-bit register of fp32 outputs = 16 output rows); inside
+//   a block of 16 rows the weights are ordered by k, and for each pair of inputs (k, k+1) the 32
+//   values (row i, k + t) sit at position 2i + t, which is exactly the operand layout of
+//   vdpbf16ps (16 fp32 lanes, each += a[2i]*b[2i] + a[2i+1]*b[2i+1]). A broadcast pair of
+//   activations (x[k], x[k+1]) is the other operand.
+//   int4: 32 bytes hold 4 inputs x 16 rows: byte 2i+t has (row i, k+t) in the low nibble and
+//         (row i, k+2+t) in the high nibble, so one zero-extension, a mask and a shift give the
+//         two word vectors, and a 16-entry table lookup (vpermw) turns codes into bf16 (code - 8).
+//   8-bit: 32 bytes hold 2 inputs x 16 rows, byte 2i+t = (row i, k+t). int8 goes through fp32
+//         (exact); fp8 through a 128-entry magnitude table (two vpermt2w) plus the sign bit.
+// Scales are per (row, group of G inputs), fp32, [blocks, groups, 16]; optional zero points are
+// stored as zz = zero - the table's offset (fp32, same layout), so w = (v - zz) * scale where v is
+// the table value. The matrix-vector path sums v * x over a group in fp32 and applies the scale
+// and zz * scale * sum(x) once per group; the tile path dequantizes (v - zz) * scale exactly like
+// the reference (the subtraction exact, one rounding) and hands the tile to at::mm.
+//
+// The file is compiled without -mavx512 flags: only functions marked AQ_TARGET contain AVX-512
+// code, so the library loads on any x86-64 CPU and the Python side refuses to call it where the
+// CPU lacks the instructions (`cannot_run`).
+
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define AQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
+
+namespace {
+
+// kDecoded: bf16 words in the same pair layout (two 64-byte vectors per 4 inputs): a dense bf16
+// weight repacked at load (the LM head), or one block decoded for many rows of x (see gemv).
+enum Fmt : int64_t { kInt4 = 0, kInt8 = 1, kFp8 = 2, kDecoded = 3 };
+
+// Bytes of one 16-row block per 4 inputs.
+constexpr int64_t bytes_per_4k(int64_t fmt) { return fmt == kInt4 ? 32 : fmt == kDecoded ? 128 : 64; }
+
+struct Layout {
+  const uint8_t* packed;  // [blocks, Kp * 16 * bits / 8]
+  const float* scale;     // [blocks, ng, 16]
+  const float* zz;        // [blocks, ng, 16] or nullptr
+  const int16_t* lut;     // 128 bf16 words: int4 code -> code - 8, fp8 magnitude -> value
+  int64_t fmt, kp, group, ng, blocks, n;
+};
+
+struct Tables {
+  __m512i t[4];
+};
+
+AQ_TARGET inline Tables load_tables(const int16_t* lut) {
+  Tables tb;
+  for (int i = 0; i < 4; ++i) tb.t[i] = _mm512_loadu_si512(lut + 32 * i);
+  return tb;
+}
+
+AQ_TARGET inline void decode_int4(const uint8_t* p, const Tables& tb, __m512i& w0, __m512i& w1) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  w0 = _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), tb.t[0]);
+  w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), tb.t[0]);
+}
+
+AQ_TARGET inline __m512i decode_int8(const uint8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // int8 values are exact in bf16
+}
+
+AQ_TARGET inline __m512i decode_fp8(const uint8_t* p, const Tables& tb) {
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i lo = _mm512_permutex2var_epi16(tb.t[0], w, tb.t[1]);  // magnitudes 0..63
+  const __m512i hi = _mm512_permutex2var_epi16(tb.t[2], w, tb.t[3]);  // magnitudes 64..127
+  const __mmask32 upper = _mm512_test_epi16_mask(w, _mm512_set1_epi16(0x40));
+  const __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8);
+  return _mm512_or_si512(mag, sign);
+}
+
+// Word vectors for inputs k..k+3 of one block: w0 holds pair (k, k+1), w1 pair (k+2, k+3).
+template <int64_t FMT>
+AQ_TARGET inline void decode4(const uint8_t* p, const Tables& tb, __m512i& w0, __m512i& w1) {
+  if constexpr (FMT == kInt4) {
+    decode_int4(p, tb, w0, w1);
+  } else if constexpr (FMT == kInt8) {
+    w0 = decode_int8(p);
+    w1 = decode_int8(p + 32);
+  } else if constexpr (FMT == kDecoded) {
+    w0 = _mm512_loadu_si512(p);
+    w1 = _mm512_loadu_si512(p + 64);
+  } else {
+    w0 = decode_fp8(p, tb);
+    w1 = decode_fp8(p + 32, tb);
+  }
+}
+
+// acc += w . (x[k], x[k+1]) broadcast to every lane. Measured on Zen 4: broadcasting the pair
+// through a general-purpose register is faster than vbroadcastss from memory (1.3-1.5x) or than
+// one 128-bit broadcast of 4 pairs and vpshufd per pair (1.3-1.7x).
+AQ_TARGET inline __m512 dot(__m512 acc, __m512i w, const int16_t* xpair) {
+  int32_t pair;
+  std::memcpy(&pair, xpair, 4);
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+}
+
+struct GemvArgs {
+  Layout w;
+  const int16_t* x;     // bf16 [rows, kp]
+  const float* xsum;    // [rows, ng] sums of x per group (only with zz)
+  const float* bias;    // fp32 [n] or nullptr
+  void* out;            // [rows, out_stride], fp32 or bf16
+  bool out_bf16;
+  int64_t out_stride;
+  const uint8_t* decoded;  // kDecoded only: the one block being multiplied, as bf16 words
+  int64_t col_shift = 0;   // block b's outputs are stored at columns b * 16 - col_shift
+};
+
+// Rows m0..m0+M of x against blocks b0..b1, 8 inputs per iteration. Up to 4 rows use four
+// accumulators per row (so consecutive dot products do not wait on each other); 8 rows use two
+// (16 chains in flight), which halves the decoding work per row against the 4-row version.
+template <int64_t FMT, int M>
+AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1) {
+  constexpr int U = M > 4 ? 2 : 4;
+  const Layout& w = a.w;
+  const Tables tb = load_tables(w.lut);
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const int64_t group_bytes = w.group / 4 * bytes_per_4k(FMT);
+  const int16_t* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* pb = (FMT == kDecoded && a.decoded) ? a.decoded : w.packed + b * block_bytes;
+    __m512 out[M];
+    for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w.ng; ++g) {
+      const uint8_t* p = pb + g * group_bytes;
+      __m512 acc[M][U];
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+      const int64_t k0 = g * w.group;
+      for (int64_t k = 0; k < w.group; k += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 16 * bytes_per_4k(FMT), _MM_HINT_T0);
+        __m512i w0, w1, w2, w3;
+        decode4<FMT>(p, tb, w0, w1);
+        decode4<FMT>(p + bytes_per_4k(FMT), tb, w2, w3);
+        p += 2 * bytes_per_4k(FMT);
+        for (int m = 0; m < M; ++m) {
+          const int16_t* xk = xr[m] + k0 + k;
+          acc[m][0] = dot(acc[m][0], w0, xk);
+          acc[m][1] = dot(acc[m][1], w1, xk + 2);
+          acc[m][2 % U] = dot(acc[m][2 % U], w2, xk + 4);
+          acc[m][3 % U] = dot(acc[m][3 % U], w3, xk + 6);
+        }
+      }
+      __m512 sums[M];
+      for (int m = 0; m < M; ++m) {
+        sums[m] = _mm512_add_ps(acc[m][0], acc[m][1]);
+        if constexpr (U == 4) sums[m] = _mm512_add_ps(sums[m], _mm512_add_ps(acc[m][2], acc[m][3]));
+      }
+      const __m512 s = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
+      for (int m = 0; m < M; ++m) out[m] = _mm512_fmadd_ps(sums[m], s, out[m]);
+      if (w.zz != nullptr) {
+        const __m512 zs = _mm512_mul_ps(s, _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16));
+        for (int m = 0; m < M; ++m)
+          out[m] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(a.xsum[(m0 + m) * w.ng + g]), out[m]);
+      }
+    }
+    const int64_t col = b * 16;
+    const int64_t valid = std::min<int64_t>(16, w.n - col);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + col) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      const __m512 y = _mm512_add_ps(out[m], bias);
+      if (a.out_bf16) {
+        auto* dst = static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + col - a.col_shift;
+        _mm256_mask_storeu_epi16(dst, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y)));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + col - a.col_shift, mask, y);
+      }
+    }
+  }
+}
+
+template <int64_t FMT>
+void gemv_rows(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  switch (rows) {
+    case 1: return gemv_blocks<FMT, 1>(a, m0, b0, b1);
+    case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
+    case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
+    case 4: return gemv_blocks<FMT, 4>(a, m0, b0, b1);
+    default: return gemv_blocks<FMT, 8>(a, m0, b0, b1);
+  }
+}
+
+// Block b decoded to bf16 words in kDecoded's layout: [kp / 4][2 vectors of 32 words].
+template <int64_t FMT>
+AQ_TARGET void decode_block(const Layout& w, int64_t b, uint8_t* dst) {
+  const Tables tb = load_tables(w.lut);
+  const uint8_t* p = w.packed + b * (w.kp / 4 * bytes_per_4k(FMT));
+  for (int64_t k = 0; k < w.kp; k += 4, p += bytes_per_4k(FMT), dst += 128) {
+    __m512i w0, w1;
+    decode4<FMT>(p, tb, w0, w1);
+    _mm512_storeu_si512(dst, w0);
+    _mm512_storeu_si512(dst + 64, w1);
+  }
+}
+
+void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
+  switch (w.fmt) {
+    case kInt4: return decode_block<kInt4>(w, b, dst);
+    case kInt8: return decode_block<kInt8>(w, b, dst);
+    default: return decode_block<kFp8>(w, b, dst);
+  }
+}
+
+void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
+  switch (a.w.fmt) {
+    case kDecoded: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
+    case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
+    case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
+    default: return gemv_rows<kFp8>(a, m0, rows, b0, b1);
+  }
+}
+
+Layout make_layout(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zz,
+                   const at::Tensor& lut, int64_t fmt, int64_t group, int64_t n) {
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "packed weights must be contiguous uint8");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(2) == 16,
+              "scales must be contiguous float32 [blocks, groups, 16]");
+  TORCH_CHECK(lut.is_contiguous() && lut.scalar_type() == at::kShort && lut.numel() == 128, "lut must be int16 [128]");
+  TORCH_CHECK(fmt >= kInt4 && fmt <= kDecoded, "unknown weight format ", fmt);
+  TORCH_CHECK(group > 0 && group % 8 == 0, "group must be a positive multiple of 8");
+  Layout w;
+  w.fmt = fmt;
+  w.blocks = scale.size(0);
+  w.ng = scale.size(1);
+  w.group = group;
+  w.kp = w.ng * group;
+  w.n = n;
+  TORCH_CHECK(n > 0 && n <= w.blocks * 16, "n out of range");
+  TORCH_CHECK(packed.numel() == w.blocks * w.kp / 4 * bytes_per_4k(fmt), "packed weights have the wrong size");
+  w.packed = packed.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.zz = nullptr;
+  if (zz.has_value()) {
+    TORCH_CHECK(zz->is_contiguous() && zz->scalar_type() == at::kFloat && zz->sizes() == scale.sizes(),
+                "zero points must be float32 shaped like the scales");
+    w.zz = zz->data_ptr<float>();
+  }
+  w.lut = lut.data_ptr<int16_t>();
+  return w;
+}
+
+
+// Rows 0..rows of a.x against block b. Up to 4 rows decode the block in registers; more rows
+// decode it once into `scratch` (kp / 4 * 128 bytes) as bf16 words and run 8 rows at a time.
+inline void block_rows(const GemvArgs& a, int64_t rows, int64_t b, uint8_t* scratch) {
+  if (rows <= 4) return gemv_dispatch(a, 0, rows, b, b + 1);
+  const Layout& w = a.w;
+  GemvArgs local = a;
+  if (w.fmt == kDecoded) {
+    local.decoded = w.packed + b * (w.kp / 4 * bytes_per_4k(kDecoded));
+  } else {
+    decode_dispatch(w, b, scratch);
+    local.decoded = scratch;
+  }
+  for (int64_t r = 0; r < rows;) {
+    const int64_t chunk = rows - r >= 8 ? 8 : std::min<int64_t>(4, rows - r);
+    gemv_dispatch(local, r, chunk, b, b + 1);
+    r += chunk;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,153 @@
+"""The fused MoE call (`moe_experts`, FusedExperts) against float64 and the per-expert path.
+
+The float64 truth: the same quantized weights dequantized in float64, the same (compute-dtype)
+activations, out[t] = sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) over the chosen experts.
+Budgets (relative L2 error): bfloat16 4e-3, and never worse than the per-expert path (which rounds
+every projection's output to bf16) by more than 1.5x; float32 2e-6 (x and h are split into three
+exact bf16 parts, so only summation order differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
+from anyquant.quant.reference import dequantize
+from anyquant.quant.spec import ActQuant, QuantSpec
+from anyquant.quant.weight import QuantWeight
+from tests.kernels.test_reference_kernel import random_weight
+
+F32, BF16 = torch.float32, torch.bfloat16
+CPU = torch.device("cpu")
+BUDGET = {BF16: 4e-3, F32: 2e-6}
+SPECS = [
+    QuantSpec("uint4", "group", group_size=32),
+    QuantSpec("uint4", "group", group_size=64, has_zero=True),
+    QuantSpec("uint4", "channel", has_zero=True),
+    QuantSpec("uint3", "group", group_size=32),
+    QuantSpec("uint2", "group", group_size=32, has_zero=True),
+    QuantSpec("int8", "channel"),
+    QuantSpec("uint8", "group", group_size=64, has_zero=True),
+    QuantSpec("fp8_e4m3", "tensor"),
+    QuantSpec("fp8_e4m3", "block", block_shape=(128, 128)),
+    QuantSpec("fp8_e5m2", "channel"),
+]
+# E = 11 experts (a multiple of nothing), hidden 200 and intermediate 88: neither a multiple of
+# 16 rows nor of the groups, so every padding path runs.
+EXPERTS, HIDDEN, INTER = 11, 200, 88
+
+UNAVAILABLE = Avx512WeightOnlyKernel.cannot_run(SPECS[0], "experts", CPU, (64, 64), BF16)
+needs_kernel = pytest.mark.skipif(
+    UNAVAILABLE is not None, reason=f"cpu_avx512 cannot run here: {UNAVAILABLE}"
+)
+
+
+def make_experts(
+    spec: QuantSpec, dtype: torch.dtype, seed: int = 0
+) -> list[list[tuple[QuantWeight, Tensor]]]:
+    """Per expert: [(weight, kernel)] for gate, up, down."""
+    experts = []
+    for e in range(EXPERTS):
+        row = []
+        for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
+            w = random_weight(spec, n, k, seed=seed + 3 * e + i)
+            kernel = Avx512WeightOnlyKernel((n, k), dtype)
+            kernel.load(w)
+            row.append((w, kernel))
+        experts.append(row)
+    return experts
+
+
+def float64_moe(x: Tensor, weights: Tensor, ids: Tensor, dense: list[list[Tensor]]) -> Tensor:
+    xd = x.double()
+    out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up, down = dense[int(ids[t, j])]
+            g, u = gate @ xd[t], up @ xd[t]
+            out[t] += float(weights[t, j]) * (down @ (torch.nn.functional.silu(g) * u))
+    return out
+
+
+def per_expert(x: Tensor, weights: Tensor, ids: Tensor, kernels: list[list[Tensor]]) -> Tensor:
+    """What the per-expert path computes: each projection rounded to the compute dtype."""
+    out = torch.zeros(x.shape[0], HIDDEN)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up, down = kernels[int(ids[t, j])]
+            xt = x[t : t + 1]
+            h = torch.nn.functional.silu(gate(xt)) * up(xt)
+            out[t] += float(weights[t, j]) * down(h)[0].float()
+    return out
+
+
+def routings(tokens: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """(weights, ids) for top-k 1, 2 and 8: random experts, only a few experts used (most receive no
+    token), and every token on one expert (that expert gets all of them)."""
+    out = []
+    for k in (1, 2, 8):
+        scores = torch.rand(tokens, EXPERTS, generator=gen)
+        ids = scores.topk(k, dim=-1).indices
+        out.append((torch.rand(tokens, k, generator=gen), ids))
+    few = torch.rand(tokens, 2, generator=gen)
+    few_ids = torch.stack([torch.full((tokens,), 3), torch.randint(8, 10, (tokens,), generator=gen)], dim=1)
+    out.append((few, few_ids))
+    return out
+
+
+def rel_err(y: Tensor, ref: Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+def test_fused_matches_float64(spec: QuantSpec) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (BF16, F32):
+        experts = make_experts(spec, dtype)
+        dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+        kernels = [[k for _, k in row] for row in experts]
+        assert cannot_fuse([tuple(ks) for ks in kernels], "silu") is None
+        fused = FusedExperts([tuple(ks) for ks in kernels])
+        for tokens in (1, 3, 17, 70):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            for weights, ids in routings(tokens, gen):
+                y = fused(x, weights, ids)
+                assert y.dtype == F32 and y.shape == (tokens, HIDDEN)
+                truth = float64_moe(x, weights, ids, dense)
+                err = rel_err(y, truth)
+                where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+                assert err <= BUDGET[dtype], f"{where}: {err:.2e}"
+                if dtype == BF16 and tokens <= 17:
+                    # The experts' own kernels read the stacked weights now: still their results.
+                    assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 1e-4, where
+
+
+@needs_kernel
+def test_no_tokens_and_bad_ids() -> None:
+    experts = make_experts(SPECS[0], BF16)
+    fused = FusedExperts([tuple(k for _, k in row) for row in experts])
+    empty = fused(torch.zeros(0, HIDDEN, dtype=BF16), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64))
+    assert empty.shape == (0, HIDDEN)
+    with pytest.raises(RuntimeError, match=r"expert id 11 outside \[0, 11\)"):
+        fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[11]]))
+
+
+@needs_kernel
+def test_what_cannot_be_fused_is_named() -> None:
+    def kernels(spec: QuantSpec) -> list[tuple[Avx512WeightOnlyKernel, ...]]:
+        return [tuple(k for _, k in row) for row in make_experts(spec, BF16)]
+
+    assert "act-order" in str(
+        cannot_fuse(kernels(QuantSpec("uint4", "group", group_size=32, act_order=True)), "silu")
+    )
+    assert "activation gelu" in str(cannot_fuse(kernels(SPECS[0]), "gelu"))
+    fp8_act = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
+    assert "activations are quantized" in str(cannot_fuse(kernels(fp8_act), "silu"))
+    mixed = kernels(SPECS[0])
+    mixed[4] = kernels(SPECS[5])[4]
+    assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
+    assert "no kernel" in str(cannot_fuse([(None, None, None)], "silu"))
