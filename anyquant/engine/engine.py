@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from anyquant.engine.detokenizer import IncrementalDetokenizer
+from anyquant.engine.grammar import GrammarCompiler
+from anyquant.engine.guided import GuidedDecoder, StepMasks
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.engine.numerics import finite_rows_and_argmax
 from anyquant.engine.pages import PageAllocator
@@ -139,6 +141,10 @@ class Engine:
             self.allocator,
         )
         self.dtype = dtype
+        # Guided decoding: compiled grammars (shared with the server, which compiles ahead on its
+        # own threads) and the running requests' matchers. Nothing is built until a request asks.
+        self.grammars = GrammarCompiler(tokenizer, int(model.args.vocab_size))
+        self.guided = GuidedDecoder(self.grammars)
         self._states: dict[str, _State] = {}
         self._ids = itertools.count()
         self.num_nonfinite_events = 0
@@ -157,7 +163,13 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
         request = Request(rid, prompt_token_ids, params, eos)
-        self.scheduler.add(request)  # raises ValueError naming the limits
+        if params.guided_decoding is not None:
+            self.guided.add(rid, params.guided_decoding)  # GuidedDecodingError (a ValueError)
+        try:
+            self.scheduler.add(request)  # raises ValueError naming the limits
+        except Exception:
+            self.guided.remove(rid)
+            raise
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self._states[rid] = _State(request, IncrementalDetokenizer(self.tokenizer, params.stop), generator)
         return rid
@@ -165,6 +177,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         self._states.pop(request_id, None)
+        self.guided.remove(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -172,6 +185,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
+        masks = self.guided.begin_step(plan)  # filled while the forward pass runs
         try:
             out = self.runner.execute(plan)
         except EngineDeadError as exc:
@@ -180,8 +194,10 @@ class Engine:
             raise
         except Exception as exc:
             out = self._isolate_failure(plan, exc)
-        sampled = self._sample_step(out)
+        sampled = self._sample_step(out, masks)
         self.scheduler.update(plan, sampled)
+        if masks is not None:
+            self._end_grammars(sampled)
         deltas = []
         touched = {r.request_id: r for r, _ in plan.scheduled} | {r.request_id: r for r in plan.finished}
         for rid, request in touched.items():
@@ -190,13 +206,19 @@ class Engine:
                 deltas.append(delta)
         return deltas
 
-    def _sample_step(self, out: StepLogits) -> dict[str, int | None]:
+    def _sample_step(self, out: StepLogits, masks: StepMasks | None = None) -> dict[str, int | None]:
         """One token per sampling request. The non-finite check and the greedy choice run once
         over the whole step's logits, with one transfer to the host; only requests that need more
-        (temperature, penalties, logprobs) are sampled row by row."""
+        (temperature, penalties, logprobs) are sampled row by row. Guided requests' rows are
+        masked in place between the non-finite check and the choice, and their matchers advance
+        by the chosen token."""
         if not out.request_ids:
+            if masks is not None:
+                masks.wait()
             return {}
-        finite, argmax = finite_rows_and_argmax(out.logits)
+        finite, argmax = finite_rows_and_argmax(
+            out.logits, lambda logits: self.guided.apply(masks, out.request_ids, logits)
+        )
         sampled: dict[str, int | None] = {}
         for i, rid in enumerate(out.request_ids):
             state = self._states[rid]
@@ -215,7 +237,24 @@ class Engine:
                 sampled[rid] = argmax[i]
             else:
                 sampled[rid] = self._sample(state, out.logits[i])
+            token = sampled[rid]
+            if token is not None and not self.guided.accept(rid, token):
+                del sampled[rid]
+                self.scheduler.finish(
+                    rid,
+                    RequestStatus.FINISHED_ERROR,
+                    f"guided decoding: the grammar allows no token of the vocabulary here (sampled {token})",
+                )
         return sampled
+
+    def _end_grammars(self, sampled: dict[str, int | None]) -> None:
+        """Finish the requests whose grammar ended this step. Usually the grammar's stop token
+        (EOS) already finished the request; with ignore_eos, or a stop token the tokenizer does
+        not list as EOS, the end of the grammar is the end of the request."""
+        for rid in sampled:
+            request = self.scheduler.get(rid)
+            if request is not None and not request.is_finished and self.guided.is_terminated(rid):
+                self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
 
     def _isolate_failure(self, plan: StepPlan, exc: Exception) -> StepLogits:
         """The batched forward raised: run each request of the step alone, so that only the ones
@@ -286,6 +325,7 @@ class Engine:
         logprobs, state.pending_logprobs = state.pending_logprobs, []
         if finished:
             self._states.pop(rid, None)
+            self.guided.remove(rid)
         return RequestDelta(
             rid,
             new_tokens,

@@ -34,6 +34,8 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.grammar import GuidedDecodingError
+from anyquant.engine.sampling import GuidedDecodingParams
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,
@@ -153,6 +155,7 @@ class Server:
         self.num_pages = engine.allocator.num_pages
         self.page_size = engine.allocator.page_size
         self.created = now()
+        self.grammars = engine.grammars  # thread-safe: requests' grammars compile off the event loop
         self.metrics = ServerMetrics(config.served_model_name, lambda: self.engine.stats)
         self.engine = AsyncEngine(engine, max_waiting=config.max_waiting, observer=self.metrics)
 
@@ -220,6 +223,7 @@ class Server:
         prompts: list[list[int]],
         requested: int | None,
         logprobs: int | None,
+        guided: GuidedDecodingParams | None = None,
     ) -> _Prepared:
         total = len(prompts) * body.n
         if total > self.engine.capacity:
@@ -239,11 +243,28 @@ class Server:
             max_tokens = self.max_tokens_for(len(ids), requested)
             for index in range(body.n):
                 try:
-                    params = body.sampling_params(max_tokens, index, logprobs)
+                    params = body.sampling_params(max_tokens, index, logprobs, guided)
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from exc
                 items.append(GenerationItem(ids, params))
         return _Prepared(items, sum(len(ids) for ids in prompts))
+
+    async def guided(self, body: CompletionRequest | ChatCompletionRequest) -> GuidedDecodingParams | None:
+        """The request's output constraint, compiled now on a worker thread (the engine then finds
+        it in the cache): a bad schema, regex or grammar is this request's 400, and compiling never
+        stalls the engine's steps."""
+        try:
+            asked = body.guided_decoding()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="response_format") from exc
+        if asked is None:
+            return None
+        params, name = asked
+        try:
+            await asyncio.to_thread(self.grammars.compile, params)
+        except GuidedDecodingError as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name) from exc
+        return params
 
     async def submit(self, response_id: str, prepared: _Prepared) -> RequestStream:
         ids = [f"{response_id}-{i}" for i in range(len(prepared.items))]
@@ -285,7 +306,7 @@ class Server:
         logprobs: int | None,
         kind: str,
     ) -> Response:
-        prepared = self.prepare(body, prompts, requested, logprobs)
+        prepared = self.prepare(body, prompts, requested, logprobs, await self.guided(body))
         formatter = LogprobFormatter(self.tokenizer, logprobs) if logprobs is not None else None
         chat = kind == "chat.completion"
         response_id = new_id("chatcmpl" if chat else "cmpl")
