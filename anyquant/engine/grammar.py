@@ -14,7 +14,11 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
 
 from anyquant.engine.sampling import GuidedDecodingParams
 
@@ -35,6 +39,15 @@ _LARK_START = re.compile(r"^\s*[?!]?start\s*:", re.MULTILINE)
 
 class GuidedDecodingError(ValueError):
     """The constraint cannot be compiled: names the field (json, regex, choice, grammar) and why."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled constraint. `allowed` (a packed bitmask row, or None) is ANDed into every mask of
+    the grammar: tokens it clears are never allowed, whatever the grammar engine says."""
+
+    compiled: Any  # xgrammar.CompiledGrammar
+    allowed: Tensor | None = None
 
 
 def constraint_key(params: GuidedDecodingParams) -> tuple[str, str]:
@@ -75,11 +88,12 @@ class GrammarCompiler:
         self.vocab_size = vocab_size  # the model's: the width of its logits and of the masks
         self._lock = threading.Lock()
         self._compiler: Any = None
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        self._no_control_chars: Tensor | None = None
         self.num_compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
-    def compile(self, params: GuidedDecodingParams) -> Any:
-        """The xgrammar CompiledGrammar for `params`, from the cache when seen before."""
+    def compile(self, params: GuidedDecodingParams) -> Grammar:
+        """The compiled grammar for `params`, from the cache when seen before."""
         key = constraint_key(params)
         if len(key[1]) > MAX_CONSTRAINT_CHARS:
             raise GuidedDecodingError(f"{key[0]}: {len(key[1])} characters; at most {MAX_CONSTRAINT_CHARS}")
@@ -91,12 +105,29 @@ class GrammarCompiler:
             compiler = self._xgrammar_compiler()
         compiled = self._compile(compiler, *key)
         _check_not_empty(compiled, key[0])
+        # JSON never holds a raw control character (strings escape them, and the compact layout
+        # puts only spaces between items), but xgrammar 0.2.9 lets them into strings that have a
+        # minLength or maxLength; json.loads and JSON.parse would then refuse the answer.
+        grammar = Grammar(
+            compiled, self._control_free(compiled) if key[0] in ("json", "json_object") else None
+        )
         with self._lock:
             self.num_compiled += 1
-            self._cache[key] = compiled
+            self._cache[key] = grammar
             while len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return compiled
+        return grammar
+
+    def _control_free(self, compiled: Any) -> Tensor:
+        """The bitmask row allowing every token whose text holds no byte below 0x20."""
+        if self._no_control_chars is None:
+            texts = compiled.tokenizer_info.decoded_vocab
+            ok = torch.ones(self.vocab_size, dtype=torch.bool)
+            for token_id, text in enumerate(texts[: self.vocab_size]):
+                if any(byte < 0x20 for byte in text):
+                    ok[token_id] = False
+            self._no_control_chars = pack_bits(ok)
+        return self._no_control_chars
 
     def _compile(self, compiler: Any, kind: str, text: str) -> Any:
         try:
@@ -166,6 +197,16 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> Any:
         stop_token_ids=detected.stop_token_ids,
         add_prefix_space=detected.add_prefix_space,
     )
+
+
+def pack_bits(allowed: Tensor) -> Tensor:
+    """bool [vocab] -> int32 [ceil(vocab / 32)], token 32 * w + b at bit b of word w (xgrammar's
+    bitmask layout)."""
+    words = -(-allowed.numel() // 32)
+    padded = torch.zeros(words * 32, dtype=torch.int64)
+    padded[: allowed.numel()] = allowed.long()
+    packed = (padded.view(words, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def _check_not_empty(compiled: Any, kind: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.engine.grammar import GrammarCompiler
+from anyquant.engine.grammar import Grammar, GrammarCompiler
 from anyquant.engine.sampling import GuidedDecodingParams
 from anyquant.engine.scheduler import StepPlan
 
@@ -44,6 +44,7 @@ class GuidedDecoder:
         # Fill the masks while the forward pass runs (True) or after it (False; for measuring).
         self.overlap = overlap
         self._matchers: dict[str, Any] = {}
+        self._grammars: dict[str, Grammar] = {}
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher, made with the first matcher
         self._pool: ThreadPoolExecutor | None = None
         self._buffer: Tensor | None = None
@@ -60,13 +61,15 @@ class GuidedDecoder:
         GuidedDecodingError naming the problem."""
         import xgrammar
 
-        compiled = self.compiler.compile(params)
-        self._matchers[request_id] = xgrammar.GrammarMatcher(compiled)
+        grammar = self.compiler.compile(params)
+        self._matchers[request_id] = xgrammar.GrammarMatcher(grammar.compiled)
+        self._grammars[request_id] = grammar
         if self._batch is None:
             self._batch = xgrammar.BatchGrammarMatcher(max_threads="auto")
 
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
+        self._grammars.pop(request_id, None)
 
     def accept(self, request_id: str, token: int) -> bool:
         """Advance the request's matcher by its sampled token; False if the grammar refused it
@@ -94,15 +97,24 @@ class GuidedDecoder:
         if not ids:
             return None
         bitmask = self._bitmask(len(ids))
+        # The worker gets its own lists: it never reads this object's dicts, which the engine
+        # thread may change (a request added) while the fill runs.
         matchers = [self._matchers[rid] for rid in ids]
+        allowed = [self._grammars[rid].allowed for rid in ids]
         masks = StepMasks(ids, bitmask)
         if self.overlap:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="anyquant-grammar")
-            masks.pending = self._pool.submit(self._batch.batch_fill_next_token_bitmask, matchers, bitmask)
+            masks.pending = self._pool.submit(self._fill, matchers, allowed, bitmask)
         else:
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            self._fill(matchers, allowed, bitmask)
         return masks
+
+    def _fill(self, matchers: list[Any], allowed: list[Tensor | None], bitmask: Tensor) -> None:
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        for i, row in enumerate(allowed):
+            if row is not None:
+                bitmask[i] &= row
 
     def apply(self, masks: StepMasks | None, request_ids: list[str], logits: Tensor) -> None:
         """Mask `logits` [R, vocab] (row i of `request_ids[i]`) in place for the guided rows."""

@@ -127,7 +127,14 @@ def test_grammars_compile_once_per_constraint(llm: LLM) -> None:
     before = compiler.num_compiled
     first = compiler.compile(GuidedDecodingParams(json=schema))
     assert compiler.compile(GuidedDecodingParams(json=dict(schema))) is first
-    assert compiler.compile(GuidedDecodingParams(json='{"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"]}')) is first  # fmt: skip
+    assert (
+        compiler.compile(
+            GuidedDecodingParams(
+                json='{"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"]}'
+            )
+        )
+        is first
+    )
     compiler.compile(GuidedDecodingParams(json={"type": "object"}))
     assert compiler.num_compiled == before + 2
     out = llm.generate(
