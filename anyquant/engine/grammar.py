@@ -169,22 +169,17 @@ class GrammarCompiler:
 
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> Any:
     """xgrammar's view of the vocabulary: each id's text, how texts are encoded (byte-level,
-    byte-fallback, raw; detected by xgrammar from tokenizer.json) and the stop tokens.
+    byte-fallback, raw: read by xgrammar from tokenizer.json's decoder) and the stop tokens.
 
     Special tokens (<s>, <pad>, chat markers flagged special) get an empty text, which xgrammar
     never allows: their literal text ("<s>") would otherwise match inside a JSON string, and the
     detokenizer, which drops special tokens, would then print a string the grammar never saw."""
     import xgrammar
-    from tokenizers import Tokenizer as HFTokenizer
-    from transformers import PreTrainedTokenizerFast
 
     backend = tokenizer.backend
-    # A copy: the transformers wrapper may set padding or truncation on the object it is given.
-    detected = xgrammar.TokenizerInfo.from_huggingface(
-        PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(backend.to_str())),
-        vocab_size=vocab_size,
-        stop_token_ids=sorted(tokenizer.eos_token_ids) or None,
-    )
+    # The detection xgrammar's from_huggingface runs on the same tokenizer.json text, without
+    # building a transformers tokenizer around it first (seconds for a 150k vocabulary).
+    detected = xgrammar.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
     special = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
     encoded = [""] * vocab_size
     for text, token_id in backend.get_vocab(with_added_tokens=True).items():
@@ -192,10 +187,11 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> Any:
             encoded[token_id] = text
     return xgrammar.TokenizerInfo(
         encoded,
-        detected.vocab_type,
+        detected["vocab_type"],
         vocab_size=vocab_size,
-        stop_token_ids=detected.stop_token_ids,
-        add_prefix_space=detected.add_prefix_space,
+        # None: xgrammar recognises the usual end tokens itself (a model config without eos)
+        stop_token_ids=sorted(tokenizer.eos_token_ids) or None,
+        add_prefix_space=bool(detected["add_prefix_space"]),
     )
 
 

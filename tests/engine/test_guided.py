@@ -3,7 +3,9 @@ mixing guided and unguided requests, stop strings, max_tokens, ignore_eos, the g
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +167,35 @@ def test_invalid_constraints_are_refused_before_anything_runs(
     with pytest.raises(GuidedDecodingError, match=re.escape(words)):
         llm.generate(prompt_token_ids=[[256, 2]], sampling_params=SamplingParams(guided_decoding=guided))
     assert not llm.engine.has_unfinished() and len(llm.engine.guided) == 0
+
+
+@pytest.mark.needs_shared
+def test_a_trained_sentencepiece_model_writes_what_the_grammar_says(stories: Path) -> None:
+    """stories260K: a byte-fallback vocabulary with "▁" word starts, where a grammar must see the
+    text the detokenizer prints (the leading space of a first word included)."""
+    llm = LLM(stories / "hf", dtype="float32")
+    sentence = r"[A-Z][a-z]+ (went|saw) [a-z ]{3,20}\."
+    regex = SamplingParams(
+        max_tokens=60, temperature=0.0, guided_decoding=GuidedDecodingParams(regex=sentence)
+    )
+    for out in llm.generate(["Once upon a time, there was a", "One day,"], regex):
+        assert re.fullmatch(sentence, out.text) and out.finish_reason == "stop", out.text
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    sampled = [
+        SamplingParams(
+            max_tokens=80, temperature=1.0, seed=s, guided_decoding=GuidedDecodingParams(json=schema)
+        )
+        for s in range(4)
+    ]
+    for params in sampled:
+        out = llm.generate(["Once upon a time"], params)[0]
+        value = json.loads(out.text)
+        assert set(value) == {"name", "age"} and isinstance(value["name"], str) and 0 <= value["age"] <= 99
