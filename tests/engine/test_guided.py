@@ -199,3 +199,16 @@ def test_a_trained_sentencepiece_model_writes_what_the_grammar_says(stories: Pat
         out = llm.generate(["Once upon a time"], params)[0]
         value = json.loads(out.text)
         assert set(value) == {"name", "age"} and isinstance(value["name"], str) and 0 <= value["age"] <= 99
+
+
+def test_packed_rows_use_the_grammar_engines_bit_layout() -> None:
+    import torch
+    import xgrammar
+
+    from anyquant.engine.grammar import pack_bits
+
+    allowed = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    allowed[31] = allowed[32] = True  # the sign bit of a word, and the next word's first
+    logits = torch.zeros(1, 1000)
+    xgrammar.apply_token_bitmask_inplace(logits, pack_bits(allowed)[None])
+    assert torch.equal(logits[0] == 0, allowed)
