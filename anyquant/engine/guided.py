@@ -112,8 +112,12 @@ class GuidedDecoder:
 
     def _fill(self, matchers: list[Any], allowed: list[Tensor | None], bitmask: Tensor) -> None:
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-        for i, row in enumerate(allowed):
-            if row is not None:
+        extra = {i: row for i, row in enumerate(allowed) if row is not None}
+        shared = next(iter(extra.values()), None)
+        if shared is not None and all(row is shared for row in extra.values()):
+            bitmask[list(extra)] &= shared  # one op: the JSON grammars share one row
+        else:
+            for i, row in extra.items():
                 bitmask[i] &= row
 
     def apply(self, masks: StepMasks | None, request_ids: list[str], logits: Tensor) -> None:
@@ -121,18 +125,20 @@ class GuidedDecoder:
         if masks is None:
             return
         masks.wait()
+        import xgrammar
+
+        vocab = min(self.compiler.vocab_size, logits.shape[-1])
+        if masks.request_ids == request_ids:  # every row guided, in order: no realignment
+            xgrammar.apply_token_bitmask_inplace(logits, masks.bitmask, vocab_size=vocab)
+            return
         where = {rid: i for i, rid in enumerate(request_ids)}
         pairs = [(where[rid], j) for j, rid in enumerate(masks.request_ids) if rid in where]
         if not pairs:
             return
-        import xgrammar
-
         rows = [i for i, _ in pairs]
         aligned = torch.full((len(request_ids), masks.bitmask.shape[1]), -1, dtype=torch.int32)
         aligned[rows] = masks.bitmask[[j for _, j in pairs]]
-        xgrammar.apply_token_bitmask_inplace(
-            logits, aligned, vocab_size=min(self.compiler.vocab_size, logits.shape[-1]), indices=rows
-        )
+        xgrammar.apply_token_bitmask_inplace(logits, aligned, vocab_size=vocab, indices=rows)
 
     def _bitmask(self, rows: int) -> Tensor:
         """A [rows, words] int32 view of a buffer reused across steps (each fill writes every bit
