@@ -9,7 +9,9 @@ Modes, alternated round by round so machine load hits them alike:
             arrays; it cannot end inside the window), masks filled while the forward pass runs
   json-seq  the same, masks filled after the forward pass (what the overlap saves)
 Each measurement: admit the batch, run prefill and a few warm-up steps, then time `--steps` decode
-steps in which every request decodes one token.
+steps in which every request decodes one token. Then the guided path alone (the engine's own
+GuidedDecoder: fill, apply to [batch, vocab] logits, accept the argmax), wall and CPU ms per step,
+which a loaded machine disturbs less than whole steps.
 
     python benchmarks/structured_decode.py [--model out/bench/dense-w4a16] [--batches 1 32] [--rounds 3]
 """
@@ -27,7 +29,9 @@ from pathlib import Path
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.engine.request import Request
 from anyquant.engine.sampling import GuidedDecodingParams
+from anyquant.engine.scheduler import StepPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -98,6 +102,34 @@ def measure(llm: LLM, mode: str, batch: int, steps: int, warmup: int) -> float:
     return tokens / seconds
 
 
+def mask_path_ms(llm: LLM, batch: int, steps: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of one step's guided work for `batch` requests."""
+    guided = llm.engine.guided
+    guided.overlap = False  # measured inline: the CPU time is this thread's and the pool's alike
+    params = SamplingParams(guided_decoding=GuidedDecodingParams(json=SCHEMA))
+    requests = [Request(f"mask-{batch}-{i}", [1, 2], params) for i in range(batch)]
+    for r in requests:
+        r.num_computed_tokens = 1  # one token left to compute: each samples this "step"
+        guided.add(r.request_id, params.guided_decoding)  # type: ignore[arg-type]
+    plan = StepPlan(scheduled=[(r, 1) for r in requests])
+    ids = [r.request_id for r in requests]
+    g = torch.Generator().manual_seed(0)
+    wall, cpu = [], []
+    for _ in range(steps):
+        logits = torch.randn(batch, guided.compiler.vocab_size, generator=g)
+        t0, c0 = time.perf_counter(), time.process_time()
+        guided.apply(guided.begin_step(plan), ids, logits)
+        for rid, token in zip(ids, logits.argmax(dim=-1).tolist()):
+            if not guided.accept(rid, token):
+                raise RuntimeError(f"{rid}: token {token} refused")
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    for rid in ids:
+        guided.remove(rid)
+    guided.overlap = True
+    return 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--mask-only", action="store_true", help="only the guided path alone")
     args = parser.parse_args()
     if not (args.model / "model.safetensors").exists():
         args.model = build("dense", DENSE)
@@ -116,7 +149,7 @@ def main() -> None:
     llm.engine.grammars.compile(GuidedDecodingParams(json=SCHEMA))
     print(f"vocabulary view + first compile: {time.perf_counter() - start:.2f} s")
     rows = []
-    for batch in args.batches:
+    for batch in [] if args.mask_only else args.batches:
         results: dict[str, list[float]] = {mode: [] for mode in MODES}
         measure(llm, "json", batch, 4, args.warmup)  # warm caches before the first timed round
         for r in range(args.rounds):
@@ -126,6 +159,9 @@ def main() -> None:
             print(f"batch {batch} round {r}: " + ", ".join(f"{m} {results[m][-1]:.2f}" for m in MODES))
         med = {m: statistics.median(v) for m, v in results.items()}
         rows.append((batch, med, results))
+    for batch in args.batches:
+        wall, cpu = mask_path_ms(llm, batch, 50)
+        print(f"guided path alone, batch {batch}: {wall:.2f} ms wall, {cpu:.2f} ms CPU per step")
     print(f"\n{torch.get_num_threads()} threads; medians of {args.rounds} interleaved rounds")
     print("| batch | plain tok/s | json tok/s | json / plain | json, masks after forward tok/s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")

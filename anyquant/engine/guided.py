@@ -112,12 +112,13 @@ class GuidedDecoder:
 
     def _fill(self, matchers: list[Any], allowed: list[Tensor | None], bitmask: Tensor) -> None:
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-        extra = {i: row for i, row in enumerate(allowed) if row is not None}
-        shared = next(iter(extra.values()), None)
-        if shared is not None and all(row is shared for row in extra.values()):
-            bitmask[list(extra)] &= shared  # one op: the JSON grammars share one row
-        else:
-            for i, row in extra.items():
+        shared = allowed[0]
+        if shared is not None and all(row is shared for row in allowed):
+            bitmask &= shared  # every row a JSON grammar: one op (they share one row)
+            return
+        # Row by row: indexing several rows at once (bitmask[[i, j]] &= row) costs milliseconds.
+        for i, row in enumerate(allowed):
+            if row is not None:
                 bitmask[i] &= row
 
     def apply(self, masks: StepMasks | None, request_ids: list[str], logits: Tensor) -> None:
