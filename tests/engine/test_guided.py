@@ -87,12 +87,13 @@ def test_sampled_outputs_match_the_regex_and_overlap_changes_nothing(llm: LLM) -
         for s in range(8)
     ]
     items = [([256, 7 + s], p) for s, p in enumerate(params)]
-    overlapped = _run(llm.engine, items)
-    llm.engine.guided.overlap = False
+    assert not llm.engine.guided.overlap  # the default on CPU: masks filled after the forward pass
+    inline = _run(llm.engine, items)
+    llm.engine.guided.overlap = True
     try:
-        inline = _run(llm.engine, items)
+        overlapped = _run(llm.engine, items)
     finally:
-        llm.engine.guided.overlap = True
+        llm.engine.guided.overlap = False
     assert overlapped == inline
     for _, text, reason in overlapped:
         assert re.fullmatch(pattern, text), text
