@@ -86,6 +86,11 @@ def _penalised(params: SamplingParams) -> bool:
     return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
 
 
+def _by_argmax(params: SamplingParams) -> bool:
+    """The token is the row's argmax: nothing else (sampling, penalties, logprobs) needs the row."""
+    return params.greedy and params.logprobs is None and not _penalised(params)
+
+
 def available_memory_bytes(device: torch.device) -> int:
     """Memory a KV cache could still take: free device memory on CUDA, MemAvailable on CPU."""
     if device.type == "cuda":
@@ -212,16 +217,18 @@ class Engine:
     def _sample_step(self, out: StepLogits, masks: StepMasks | None = None) -> dict[str, int | None]:
         """One token per sampling request. The non-finite check and the greedy choice run once
         over the whole step's logits, with one transfer to the host; only requests that need more
-        (temperature, penalties, logprobs) are sampled row by row. Guided requests' rows are
-        masked in place between the non-finite check and the choice, and their matchers advance
-        by the chosen token."""
+        (temperature, penalties, logprobs) are sampled row by row. Guided requests' choices are
+        constrained by their masks (guided.py), and their matchers advance by the chosen token."""
         if not out.request_ids:
             if masks is not None:
                 masks.wait()
             return {}
-        finite, argmax = finite_rows_and_argmax(
-            out.logits, lambda logits: self.guided.apply(masks, out.request_ids, logits)
-        )
+        finite, argmax = finite_rows_and_argmax(out.logits)
+        if masks is not None:
+            by_argmax = {
+                rid for rid in out.request_ids if _by_argmax(self._states[rid].request.sampling_params)
+            }
+            argmax = self.guided.apply(masks, out.request_ids, out.logits, argmax, by_argmax)
         sampled: dict[str, int | None] = {}
         for i, rid in enumerate(out.request_ids):
             state = self._states[rid]
@@ -236,7 +243,7 @@ class Engine:
                 )
                 continue
             params = state.request.sampling_params
-            if params.greedy and params.logprobs is None and not _penalised(params):
+            if _by_argmax(params):
                 sampled[rid] = argmax[i]
             else:
                 sampled[rid] = self._sample(state, out.logits[i])

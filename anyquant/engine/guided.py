@@ -121,25 +121,53 @@ class GuidedDecoder:
             if row is not None:
                 bitmask[i] &= row
 
-    def apply(self, masks: StepMasks | None, request_ids: list[str], logits: Tensor) -> None:
-        """Mask `logits` [R, vocab] (row i of `request_ids[i]`) in place for the guided rows."""
+    def apply(
+        self,
+        masks: StepMasks | None,
+        request_ids: list[str],
+        logits: Tensor,
+        argmax: list[int],
+        by_argmax: set[str],
+    ) -> list[int]:
+        """Constrain the step's choices: `logits` [R, vocab] (row i of `request_ids[i]`) and their
+        unconstrained `argmax` -> the argmax each row has under its mask. Rows of `by_argmax`
+        requests (greedy: only the argmax is read) whose argmax the grammar allows are left as they
+        are, since masking cannot change a choice that is allowed (masking only lowers the others);
+        the other guided rows are masked in place (sampling reads them) and their argmax redone."""
         if masks is None:
-            return
+            return argmax
         masks.wait()
+        where = {rid: i for i, rid in enumerate(request_ids)}
+        rows: list[int] = []  # logits rows to mask
+        sources: list[int] = []  # their bitmask rows
+        for j, rid in enumerate(masks.request_ids):
+            i = where.get(rid)
+            if i is None or (rid in by_argmax and self._allows(masks.bitmask[j], argmax[i])):
+                continue
+            rows.append(i)
+            sources.append(j)
+        if not rows:
+            return argmax
         import xgrammar
 
         vocab = min(self.compiler.vocab_size, logits.shape[-1])
-        if masks.request_ids == request_ids:  # every row guided, in order: no realignment
+        if rows == sources == list(range(len(request_ids))):  # every row, in order: no realignment
             xgrammar.apply_token_bitmask_inplace(logits, masks.bitmask, vocab_size=vocab)
-            return
-        where = {rid: i for i, rid in enumerate(request_ids)}
-        pairs = [(where[rid], j) for j, rid in enumerate(masks.request_ids) if rid in where]
-        if not pairs:
-            return
-        rows = [i for i, _ in pairs]
-        aligned = torch.full((len(request_ids), masks.bitmask.shape[1]), -1, dtype=torch.int32)
-        aligned[rows] = masks.bitmask[[j for _, j in pairs]]
-        xgrammar.apply_token_bitmask_inplace(logits, aligned, vocab_size=vocab, indices=rows)
+        else:
+            aligned = torch.full((len(request_ids), masks.bitmask.shape[1]), -1, dtype=torch.int32)
+            aligned[rows] = masks.bitmask[sources]
+            xgrammar.apply_token_bitmask_inplace(logits, aligned, vocab_size=vocab, indices=rows)
+        redo = [i for i in rows if request_ids[i] in by_argmax]
+        if redo:
+            argmax = list(argmax)
+            for i, token in zip(redo, logits[redo].argmax(dim=-1).tolist()):
+                argmax[i] = token
+        return argmax
+
+    def _allows(self, row: Tensor, token: int) -> bool:
+        if token >= self.compiler.vocab_size:
+            return False
+        return bool((int(row[token >> 5]) >> (token & 31)) & 1)
 
     def _bitmask(self, rows: int) -> Tensor:
         """A [rows, words] int32 view of a buffer reused across steps (each fill writes every bit

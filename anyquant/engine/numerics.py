@@ -40,16 +40,9 @@ def first_nonfinite_module(model: nn.Module, replay: Callable[[], Any]) -> str |
     return found[0] if found else None
 
 
-def finite_rows_and_argmax(
-    logits: Tensor, constrain: Callable[[Tensor], None] | None = None
-) -> tuple[list[bool], list[int]]:
+def finite_rows_and_argmax(logits: Tensor) -> tuple[list[bool], list[int]]:
     """For each row of a step's logits [R, vocab]: whether it is all finite, and its argmax (the
-    greedy token). Two reductions over the whole step and one transfer to the host. `constrain`
-    edits the logits in place between the two (guided decoding sets disallowed tokens to -inf,
-    which the finite check must not see)."""
-    finite = torch.isfinite(logits).all(dim=-1).long()
-    if constrain is not None:
-        constrain(logits)
-    both = torch.stack((finite, logits.argmax(dim=-1)))
+    greedy token). Two reductions over the whole step and one transfer to the host."""
+    both = torch.stack((torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)))
     finite, top = both.tolist()
     return [bool(f) for f in finite], top

@@ -213,3 +213,28 @@ def test_packed_rows_use_the_grammar_engines_bit_layout() -> None:
     logits = torch.zeros(1, 1000)
     xgrammar.apply_token_bitmask_inplace(logits, pack_bits(allowed)[None])
     assert torch.equal(logits[0] == 0, allowed)
+
+
+def test_greedy_rows_whose_argmax_is_allowed_are_not_masked(llm: LLM) -> None:
+    import torch
+
+    from anyquant.engine.guided import GuidedDecoder
+    from anyquant.engine.request import Request
+    from anyquant.engine.scheduler import StepPlan
+
+    assert llm.tokenizer is not None
+    a, z = (llm.tokenizer.encode(c, add_special_tokens=False)[0] for c in "az")
+    guided = GuidedDecoder(llm.engine.grammars)
+    params = SamplingParams(guided_decoding=GuidedDecodingParams(choice=["ab"]))  # first token: "a" only
+    requests = [Request(f"r{i}", [1, 2], params) for i in range(3)]
+    for r in requests:
+        r.num_computed_tokens = 1
+        guided.add(r.request_id, GuidedDecodingParams(choice=["ab"]))
+    logits = torch.zeros(3, 259)
+    logits[0, a] = logits[1, z] = logits[2, z] = 5.0
+    ids = [r.request_id for r in requests]
+    masks = guided.begin_step(StepPlan(scheduled=[(r, 1) for r in requests]))
+    chosen = guided.apply(masks, ids, logits, logits.argmax(dim=-1).tolist(), {"r0", "r1"})
+    assert chosen == [a, a, z]  # row 2 samples: its argmax is not redone, its row is masked instead
+    assert torch.isfinite(logits[0]).all()  # allowed argmax: row left alone
+    assert (torch.isfinite(logits[1:]).sum(dim=-1) == 1).all() and logits[2, a] == 0
