@@ -7,8 +7,8 @@ Modes, alternated round by round so machine load hits them alike:
   plain     no constraint (ignore_eos, so no request ends inside the window)
   json      a JSON schema (an array of >= 500 person objects: strings, integers, enums, nested
             arrays; it cannot end inside the window), masks filled on a worker thread while the
-            forward pass runs (the engine's default on accelerators)
-  json-seq  the same, masks filled after the forward pass (the engine's default on CPU)
+            forward pass runs (the engine's default)
+  json-seq  the same, masks filled after the forward pass (what filling during it saves)
 Each measurement: admit the batch, run prefill and a few warm-up steps, then time `--steps` decode
 steps in which every request decodes one token. Then the guided path alone (the engine's own
 GuidedDecoder: fill, mask [batch, vocab] logits, accept the masked argmax), wall and CPU ms per step,

@@ -148,11 +148,10 @@ class Engine:
         self.dtype = dtype
         # Guided decoding: compiled grammars (shared with the server, which compiles ahead on its
         # own threads) and the running requests' matchers. Nothing is built until a request asks.
-        # Masks are filled during the forward pass only when it runs on an accelerator: on CPU the
-        # forward already keeps every core busy, and a third thread slowed it down more than the
-        # fill (well under 1 % of a step) saved (benchmarks/RESULTS.md, structured outputs).
+        # Masks are filled on a worker thread while the forward pass runs (on CPU this measured
+        # the same as filling them after it, within noise: benchmarks/RESULTS.md).
         self.grammars = GrammarCompiler(tokenizer, int(model.args.vocab_size))
-        self.guided = GuidedDecoder(self.grammars, overlap=device.type != "cpu")
+        self.guided = GuidedDecoder(self.grammars)
         self._states: dict[str, _State] = {}
         self._ids = itertools.count()
         self.num_nonfinite_events = 0

@@ -1,7 +1,7 @@
 """Guided decoding during generation: one grammar matcher per request, one token mask per step.
 
 Owns the matchers of the running guided requests, filling the step's bitmask (on a worker thread
-while the forward pass runs, when `overlap` is on: the engine turns it on for accelerators), applying it to the step's logits in place (a
+while the forward pass runs, when `overlap` is on, as it is by default), applying it to the step's logits in place (a
 disallowed token's logit becomes -inf, so greedy and sampled choices alike pick only tokens the
 grammar allows; EOS only where the grammar may end) and advancing each matcher with the token its
 request accepted. Requests without a grammar in the same batch are untouched. Everything runs on

@@ -87,13 +87,13 @@ def test_sampled_outputs_match_the_regex_and_overlap_changes_nothing(llm: LLM) -
         for s in range(8)
     ]
     items = [([256, 7 + s], p) for s, p in enumerate(params)]
-    assert not llm.engine.guided.overlap  # the default on CPU: masks filled after the forward pass
-    inline = _run(llm.engine, items)
-    llm.engine.guided.overlap = True
+    assert llm.engine.guided.overlap  # the default: masks filled while the forward pass runs
+    overlapped = _run(llm.engine, items)
+    llm.engine.guided.overlap = False
     try:
-        overlapped = _run(llm.engine, items)
+        inline = _run(llm.engine, items)
     finally:
-        llm.engine.guided.overlap = False
+        llm.engine.guided.overlap = True
     assert overlapped == inline
     for _, text, reason in overlapped:
         assert re.fullmatch(pattern, text), text
