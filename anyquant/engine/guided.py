@@ -1,10 +1,10 @@
 """Guided decoding during generation: one grammar matcher per request, one token mask per step.
 
 Owns the matchers of the running guided requests, filling the step's bitmask (on a worker thread
-while the forward pass runs, when `overlap` is on, as it is by default), applying it to the step's logits in place (a
-disallowed token's logit becomes -inf, so greedy and sampled choices alike pick only tokens the
-grammar allows; EOS only where the grammar may end) and advancing each matcher with the token its
-request accepted. Requests without a grammar in the same batch are untouched. Everything runs on
+while the forward pass runs, when `overlap` is on, as by default), applying it to the step's
+logits in place (a disallowed token's logit becomes -inf, so greedy and sampled choices alike pick
+only tokens the grammar allows; EOS only where the grammar may end) and advancing each matcher
+with the token its request accepted. Requests without a grammar in the same batch are untouched. Everything runs on
 the host next to the sampler, with no transfer of its own: the masks are filled from matcher
 state, and the logits they apply to are already on the host. Compiling lives in grammar.py.
 """
@@ -59,9 +59,9 @@ class GuidedDecoder:
     def add(self, request_id: str, params: GuidedDecodingParams) -> None:
         """Compile (or find in the cache) the request's grammar and start its matcher; raises
         GuidedDecodingError naming the problem."""
+        grammar = self.compiler.compile(params)  # first: without xgrammar it says how to install it
         import xgrammar
 
-        grammar = self.compiler.compile(params)
         self._matchers[request_id] = xgrammar.GrammarMatcher(grammar.compiled)
         self._grammars[request_id] = grammar
         if self._batch is None:
