@@ -91,6 +91,11 @@ class Tokenizer:
         return ids
 
     @property
+    def backend(self) -> Any:
+        """The `tokenizers.Tokenizer` read from tokenizer.json (for grammar engines that need the vocabulary)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 

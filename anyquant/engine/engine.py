@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from anyquant.engine.detokenizer import IncrementalDetokenizer
+from anyquant.engine.grammar import GrammarCompiler
+from anyquant.engine.guided import GuidedDecoder, StepMasks
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.engine.multimodal import MultimodalPrompt
 from anyquant.engine.numerics import finite_rows_and_argmax
@@ -94,6 +96,11 @@ def _edits_logits(params: SamplingParams) -> bool:
     return _penalised(params) or bool(params.logit_bias) or params.min_tokens > 0
 
 
+def _by_argmax(params: SamplingParams) -> bool:
+    """The token is the row's argmax: nothing else (sampling, penalties, bias, logprobs) needs the row."""
+    return params.greedy and params.logprobs is None and not _edits_logits(params)
+
+
 def available_memory_bytes(device: torch.device) -> int:
     """Memory a KV cache could still take: free device memory on CUDA, MemAvailable on CPU."""
     if device.type == "cuda":
@@ -150,6 +157,12 @@ class Engine:
             self.allocator,
         )
         self.dtype = dtype
+        # Guided decoding: compiled grammars (shared with the server, which compiles ahead on its
+        # own threads) and the running requests' matchers. Nothing is built until a request asks.
+        # Masks are filled on a worker thread while the forward pass runs (on CPU this measured
+        # the same as filling them after it, within noise: benchmarks/RESULTS.md).
+        self.grammars = GrammarCompiler(tokenizer, int(model.args.vocab_size))
+        self.guided = GuidedDecoder(self.grammars)
         self._states: dict[str, _State] = {}
         self._ids = itertools.count()
         self.num_nonfinite_events = 0
@@ -181,7 +194,13 @@ class Engine:
         if multimodal is not None and self.runner.encoder_cache is None:
             raise ValueError("this model takes no images")
         request = Request(rid, prompt_token_ids, params, eos, self.vocab_size, multimodal)
-        self.scheduler.add(request)  # raises ValueError naming the limits
+        if params.guided_decoding is not None:
+            self.guided.add(rid, params.guided_decoding)  # GuidedDecodingError (a ValueError)
+        try:
+            self.scheduler.add(request)  # raises ValueError naming the limits
+        except Exception:
+            self.guided.remove(rid)
+            raise
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self._states[rid] = _State(
             request,
@@ -193,6 +212,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
         self._states.pop(request_id, None)
+        self.guided.remove(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -200,6 +220,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
+        masks = self.guided.begin_step(plan)  # filled while the forward pass runs
         try:
             out = self.runner.execute(plan)
         except EngineDeadError as exc:
@@ -208,8 +229,10 @@ class Engine:
             raise
         except Exception as exc:
             out = self._isolate_failure(plan, exc)
-        sampled = self._sample_step(out)
+        sampled = self._sample_step(out, masks)
         self.scheduler.update(plan, sampled)
+        if masks is not None:
+            self._end_grammars(sampled)
         deltas = []
         touched = {r.request_id: r for r, _ in plan.scheduled} | {r.request_id: r for r in plan.finished}
         for rid, request in touched.items():
@@ -218,13 +241,21 @@ class Engine:
                 deltas.append(delta)
         return deltas
 
-    def _sample_step(self, out: StepLogits) -> dict[str, int | None]:
+    def _sample_step(self, out: StepLogits, masks: StepMasks | None = None) -> dict[str, int | None]:
         """One token per sampling request. The non-finite check and the greedy choice run once
         over the whole step's logits, with one transfer to the host; only requests that need more
-        (temperature, penalties, logprobs) are sampled row by row."""
+        (temperature, penalties, logprobs) are sampled row by row. Guided requests' choices are
+        constrained by their masks (guided.py), and their matchers advance by the chosen token."""
         if not out.request_ids:
+            if masks is not None:
+                masks.wait()
             return {}
         finite, argmax = finite_rows_and_argmax(out.logits)
+        if masks is not None:
+            by_argmax = {
+                rid for rid in out.request_ids if _by_argmax(self._states[rid].request.sampling_params)
+            }
+            argmax = self.guided.apply(masks, out.request_ids, out.logits, argmax, by_argmax)
         sampled: dict[str, int | None] = {}
         for i, rid in enumerate(out.request_ids):
             state = self._states[rid]
@@ -239,11 +270,28 @@ class Engine:
                 )
                 continue
             params = state.request.sampling_params
-            if params.greedy and params.logprobs is None and not _edits_logits(params):
+            if _by_argmax(params):
                 sampled[rid] = argmax[i]
             else:
                 sampled[rid] = self._sample(state, out.logits[i])
+            token = sampled[rid]
+            if token is not None and not self.guided.accept(rid, token):
+                del sampled[rid]
+                self.scheduler.finish(
+                    rid,
+                    RequestStatus.FINISHED_ERROR,
+                    f"guided decoding: the grammar allows no token of the vocabulary here (sampled {token})",
+                )
         return sampled
+
+    def _end_grammars(self, sampled: dict[str, int | None]) -> None:
+        """Finish the requests whose grammar ended this step. Usually the grammar's stop token
+        (EOS) already finished the request; with ignore_eos, or a stop token the tokenizer does
+        not list as EOS, the end of the grammar is the end of the request."""
+        for rid in sampled:
+            request = self.scheduler.get(rid)
+            if request is not None and not request.is_finished and self.guided.is_terminated(rid):
+                self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
 
     def _isolate_failure(self, plan: StepPlan, exc: Exception) -> StepLogits:
         """The batched forward raised: run each request of the step alone, so that only the ones
@@ -325,6 +373,7 @@ class Engine:
         logprobs, state.pending_logprobs = state.pending_logprobs, []
         if finished:
             self._states.pop(rid, None)
+            self.guided.remove(rid)
         return RequestDelta(
             rid,
             new_tokens,

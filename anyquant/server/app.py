@@ -33,7 +33,9 @@ from anyquant.engine.async_engine import (
     RequestStream,
 )
 from anyquant.engine.engine import Engine
+from anyquant.engine.grammar import GuidedDecodingError
 from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
+from anyquant.engine.sampling import GuidedDecodingParams
 from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
 from anyquant.models.multimodal import ImageInputError, ImageProcessor
 from anyquant.server.errors import ApiError
@@ -152,6 +154,7 @@ class Server:
         self.num_pages = engine.allocator.num_pages
         self.page_size = engine.allocator.page_size
         self.created = now()
+        self.grammars = engine.grammars  # thread-safe: requests' grammars compile off the event loop
         self.metrics = ServerMetrics(config.served_model_name, lambda: self.engine.stats)
         self.engine = AsyncEngine(engine, max_waiting=config.max_waiting, observer=self.metrics)
 
@@ -220,6 +223,7 @@ class Server:
         requested: int | None,
         logprobs: int | None,
         multimodal: MultimodalPrompt | None = None,
+        guided: GuidedDecodingParams | None = None,
     ) -> _Prepared:
         """`multimodal`: the images of the (single) prompt."""
         total = len(prompts) * body.n
@@ -240,11 +244,28 @@ class Server:
             max_tokens = self.max_tokens_for(len(ids), requested)
             for index in range(body.n):
                 try:
-                    params = body.sampling_params(max_tokens, index, logprobs)
+                    params = body.sampling_params(max_tokens, index, logprobs, guided)
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from exc
                 items.append(GenerationItem(ids, params, multimodal))
         return _Prepared(items, sum(len(ids) for ids in prompts))
+
+    async def guided(self, body: CompletionRequest | ChatCompletionRequest) -> GuidedDecodingParams | None:
+        """The request's output constraint, compiled now on a worker thread (the engine then finds
+        it in the cache): a bad schema, regex or grammar is this request's 400, and compiling never
+        stalls the engine's steps."""
+        try:
+            asked = body.guided_decoding()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="response_format") from exc
+        if asked is None:
+            return None
+        params, name = asked
+        try:
+            await asyncio.to_thread(self.grammars.compile, params)
+        except GuidedDecodingError as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name) from exc
+        return params
 
     async def submit(self, response_id: str, prepared: _Prepared) -> RequestStream:
         ids = [f"{response_id}-{i}" for i in range(len(prepared.items))]
@@ -334,7 +355,15 @@ class Server:
     ) -> Response:
         if multimodal is not None and body.prompt_logprobs is not None:
             raise ApiError(400, "prompt_logprobs is not available with images", param="prompt_logprobs")
-        prepared = self.prepare(body, prompts, requested, logprobs, multimodal)
+        guided = await self.guided(body)
+        if guided is not None and tools is not None and tools.guided is not None:
+            raise ApiError(
+                400,
+                "response_format / guided_* cannot be combined with tool_choice 'required' or a named "
+                "function (both constrain the output)",
+                param="tool_choice",
+            )
+        prepared = self.prepare(body, prompts, requested, logprobs, multimodal, guided)
         if tools is not None and tools.parser is not None:
             prepared = _with_tools(prepared, tools)
         scored = await self._score_prompts(body, prompts)
@@ -557,6 +586,7 @@ def _with_tools(prepared: _Prepared, tools: ToolPlan) -> _Prepared:
                 guided_decoding=tools.guided or item.params.guided_decoding,
                 skip_special_tokens=item.params.skip_special_tokens and tools.skip_special_tokens,
             ),
+            item.multimodal,
         )
         for item in prepared.items
     ]

@@ -14,11 +14,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from anyquant.engine.sampling import SamplingParams
+from anyquant.engine.sampling import GuidedDecodingParams, SamplingParams
 
 MAX_N = 64  # choices per request; admission control bounds the total anyway
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20
+MAX_CHOICES = 1024  # guided_choice alternatives
 # Below this temperature, dividing logits by it can overflow fp32; such requests are treated as
 # greedy, which is what they ask for.
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -32,6 +33,19 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _SamplingFields(_Body):
@@ -60,13 +74,51 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    guided_grammar: str | None = None
+
+    def guided_decoding(self) -> tuple[GuidedDecodingParams, str] | None:
+        """What the output must match and the field that asked for it; raises ValueError when
+        several fields ask, or response_format is incomplete."""
+        asked: list[tuple[GuidedDecodingParams, str]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append((GuidedDecodingParams(json_object=True), "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError(
+                    "response_format: type 'json_schema' needs json_schema.schema (the JSON schema)"
+                )
+            asked.append((GuidedDecodingParams(json=fmt.json_schema.schema_), "response_format"))
+        for name, kind in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((GuidedDecodingParams(**{kind: value}), name))
+        if len(asked) > 1:
+            raise ValueError(f"give at most one of {', '.join(name for _, name in asked)}")
+        return asked[0] if asked else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self,
+        max_tokens: int,
+        index: int,
+        logprobs: int | None,
+        guided: GuidedDecodingParams | None = None,
+    ) -> SamplingParams:
         """Parameters of choice `index`. A seeded request with n > 1 seeds choice i with seed + i,
         so the choices differ from each other and each is reproducible."""
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -89,6 +141,7 @@ class _SamplingFields(_Body):
             min_tokens=self.min_tokens,
             logit_bias=self.token_bias(),
             skip_special_tokens=self.skip_special_tokens,
+            guided_decoding=guided,
         )
 
     def token_bias(self) -> dict[int, float] | None:
@@ -156,10 +209,6 @@ class ChatMessage(_Body):
         return [(i, p) for i, p in enumerate(self.content) if p.get("type") == "image_url"]
 
 
-class ResponseFormat(_Body):
-    type: str = "text"
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)
@@ -173,7 +222,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     chat_template: str | None = None  # vLLM's: a template for this request instead of the model's
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (enable_thinking...)
-    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -184,8 +232,6 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
     def unsupported(self) -> str | None:
-        if self.response_format is not None and self.response_format.type != "text":
-            return f"response_format type {self.response_format.type!r} is not supported (only 'text')"
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs needs logprobs=true"
         return None

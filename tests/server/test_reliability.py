@@ -105,10 +105,10 @@ def test_a_step_that_breaks_after_the_forward_pass_fails_its_plan_and_the_server
     engine = _engine(app)
     original = engine._sample_step
 
-    def sample(out: StepLogits) -> dict[str, int | None]:
+    def sample(out: StepLogits, *rest: Any) -> dict[str, int | None]:
         if any(engine._states[rid].request.prompt_token_ids == POISON for rid in out.request_ids):
             raise RuntimeError("sampler broke")
-        return original(out)
+        return original(out, *rest)
 
     monkeypatch.setattr(engine, "_sample_step", sample)
     normal = {"prompt": [256, 5, 6], "max_tokens": 4, **GREEDY}
