@@ -104,9 +104,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     added: list[EngineParams] = []
     original = llm.engine.add_request
 
-    def record(ids: list[int], params: EngineParams, request_id: str | None = None) -> str:
+    def record(ids: list[int], params: EngineParams, *rest: Any, **kwargs: Any) -> str:
         added.append(params)
-        return original(ids, params, request_id)
+        return original(ids, params, *rest, **kwargs)
 
     llm.engine.add_request = record  # type: ignore[method-assign]
     app = create_app(llm.engine, llm.tokenizer, ServerConfig(MODEL, tool_call_parser="hermes"))
