@@ -28,6 +28,7 @@ from anyquant.loading.preflight import (
     spec_lookup,
     tensor_parallel_sizes,
 )
+from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_checkpoint
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
@@ -50,7 +51,7 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
 
 def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
     return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
 
@@ -63,7 +64,7 @@ def describe_checkpoint(
     tp: int = 1,
     max_model_len: int | None = None,
 ) -> dict[str, Any]:
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     dev = torch.device(device)

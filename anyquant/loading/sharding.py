@@ -334,6 +334,11 @@ def shard_quant(
     spec = local_spec(weight.spec, style, partition, name)
     assert spec is not None
     index = _index(partition, rank)
+    if weight.offset is not None and style != "column":
+        raise UnsupportedError(
+            f"{name}: a row-parallel split of a weight with float offsets per group (GGUF minimums) is "
+            "not supported yet; run it with tensor_parallel_size=1"
+        )
     out = _shard_rows(weight, spec, index) if style == "column" else _shard_cols(weight, spec, index)
     return out.validate(name)
 
@@ -352,8 +357,10 @@ def _shard_rows(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
         bmap = _block_map(index, new)
         assert bmap is not None
         scale = _select(_refine(scale, -2, bn, new, n), -2, bmap, 1.0)
+    # Padded rows: code 0 times scale 1.0 plus offset 0.0 is exactly zero.
+    offset = None if w.offset is None else _select(w.offset, -2, index, 0.0)
     return QuantWeight(
-        spec, (index.numel(), k), data, scale, zero, w.group_index, w.input_scale, w.input_zero
+        spec, (index.numel(), k), data, scale, zero, w.group_index, w.input_scale, w.input_zero, offset
     )
 
 
