@@ -44,11 +44,29 @@ class Tokenizer:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (anyquant reads tokenizers from tokenizer.json)")
         try:
-            self._tok = HFTokenizer.from_file(str(file))
+            tok = HFTokenizer.from_file(str(file))
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be read by the tokenizers library: {exc}") from exc
         cfg_file = path / "tokenizer_config.json"
-        self.config: dict[str, Any] = _read_object(cfg_file) if cfg_file.is_file() else {}
+        self._setup(tok, _read_object(cfg_file) if cfg_file.is_file() else {}, cfg_file, config)
+
+    @classmethod
+    def from_gguf(
+        cls, metadata: dict[str, Any], path: Path, config: dict[str, Any] | None = None
+    ) -> Tokenizer:
+        """The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata (no other files)."""
+        from anyquant.gguf_tokenizer import build_gguf_tokenizer
+
+        built = build_gguf_tokenizer(metadata, str(path))
+        self = cls.__new__(cls)
+        self._setup(built.tokenizer, built.config, path, config)
+        return self
+
+    def _setup(
+        self, tok: Any, tok_config: dict[str, Any], cfg_file: Path, config: dict[str, Any] | None
+    ) -> None:
+        self._tok = tok
+        self.config: dict[str, Any] = tok_config
         model_cfg = config or {}
         self.bos_token_id = self._special_id("bos_token", model_cfg.get("bos_token_id"))
         self.eos_token_ids = self._eos_ids(model_cfg)

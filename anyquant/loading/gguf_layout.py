@@ -168,10 +168,14 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
         **_rope(file, arch),
     }
-    for key, field in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
-        value = file.get(f"tokenizer.ggml.{field}_token_id")
-        if isinstance(value, int):
-            config[key] = value
+    bos = file.get("tokenizer.ggml.bos_token_id")
+    if isinstance(bos, int):
+        config["bos_token_id"] = bos
+    # Generation stops at end of text and at end of turn / message (llama.cpp's end-of-generation set).
+    ends = [file.get(f"tokenizer.ggml.{f}_token_id") for f in ("eos", "eot", "eom")]
+    ends = list(dict.fromkeys(e for e in ends if isinstance(e, int)))
+    if ends:
+        config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return GgufLayout(config, tensors)
 
 
