@@ -59,6 +59,8 @@ def print_text(doc: dict[str, Any]) -> None:
             print(f"    per rank: {g['split']} [{local}]{changed}")
         stored = ", ".join(f"{k} {v}" for k, v in g["stored"].items())
         print(f"    stored: {stored}  ({_mib(g['bytes'])})")
+        if g["scheme"] and g["scheme"].get("extra"):
+            print("    format: " + ", ".join(f"{k} {v}" for k, v in g["scheme"]["extra"].items()))
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")

@@ -43,7 +43,7 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     if spec is None:
         return None
     out = asdict(spec)
-    out.pop("extra", None)
+    out["extra"] = dict(spec.extra)  # the format's own words, e.g. {"gguf type": "Q4_K"}
     out["bits"] = spec.bits
     out["description"] = spec.describe()
     return out

@@ -48,6 +48,12 @@ def _model_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.gguf") if not p.name.startswith("mmproj"))
 
 
+def _model_stem(name: str) -> str:
+    """The model a file belongs to: split parts share the name before `-0000i-of-0000N`."""
+    match = _SPLIT.match(name)
+    return match["stem"] if match else name
+
+
 def gguf_parts(path: str | os.PathLike[str]) -> list[Path]:
     """The files of one GGUF model, first part first."""
     p = Path(path)
@@ -55,7 +61,7 @@ def gguf_parts(path: str | os.PathLike[str]) -> list[Path]:
         files = _model_files(p)
         if not files:
             raise CheckpointError(f"{p}: no .gguf file in the directory")
-        groups = {(_SPLIT.match(f.name) or {"stem": f.name}).get("stem") for f in files}  # type: ignore[union-attr]
+        groups = {_model_stem(f.name) for f in files}
         if len(groups) > 1:
             names = ", ".join(f.name for f in files[:6])
             raise CheckpointError(f"{p}: holds several GGUF models ({names}); pass the file to load")

@@ -1,0 +1,41 @@
+"""Whole models stored in every GGML type: our logits equal a float32 model whose weights are
+gguf-py's own dequantization of the same blocks (kernels within float32 rounding of it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from anyquant import LLM
+from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES
+from tests.gguf.fixtures import write_pair
+
+IDS = [5, 77, 256, 3, 190, 41, 258, 12]
+
+
+def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_TYPES))
+def test_every_type_matches_its_dequantized_twin(tmp_path: Path, kind: str) -> None:
+    path, twin = write_pair(tmp_path, "qwen2", kind)
+    ours = LLM(str(path), dtype="float32")
+    want = LLM(str(twin)).logits(IDS)
+    got = ours.logits(IDS)
+    assert _max_rel_diff(got, want) < 2e-5
+    # The reference kernel dequantizes the canonical weight: the same bits as gguf-py's weights,
+    # so only the matmul order differs.
+    ref = LLM(str(path), dtype="float32", kernel="reference").logits(IDS)
+    assert _max_rel_diff(ref, want) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_architectures(tmp_path: Path, arch: str) -> None:
+    path, twin = write_pair(tmp_path, arch, "Q4_K")
+    got = LLM(str(path), dtype="float32").logits(IDS)
+    assert _max_rel_diff(got, LLM(str(twin)).logits(IDS)) < 2e-5
