@@ -41,9 +41,12 @@ class GgufCheckpoint(Checkpoint):
 
     def _info(self, m: MappedTensor) -> TensorInfo:
         t = m.gguf
+        nbytes, begin = t.nbytes, t.offset
+        if m.expert is not None:  # one expert's slice of a stacked tensor
+            nbytes //= t.shape[0]
+            begin += m.expert * nbytes
         if t.ggml_type in FLOAT_TYPES:
-            dtype = _SAFETENSORS_NAME[FLOAT_TYPES[t.ggml_type]]
-            shape = t.shape
+            dtype, shape = _SAFETENSORS_NAME[FLOAT_TYPES[t.ggml_type]], m.shape
         elif t.ggml_type not in BLOCK_TYPES:
             raise TensorError(
                 t.name,
@@ -52,10 +55,10 @@ class GgufCheckpoint(Checkpoint):
                 file=str(t.file),
             )
         elif m.linear:
-            dtype, shape = "U8", (*t.shape[:-1], t.nbytes // max(1, _rows(t.shape)))
+            dtype, shape = "U8", (*m.shape[:-1], nbytes // max(1, _rows(m.shape)))
         else:
-            dtype, shape = "F32", t.shape
-        return TensorInfo(m.name, t.file.name, dtype, tuple(shape), (t.offset, t.offset + t.nbytes))
+            dtype, shape = "F32", m.shape
+        return TensorInfo(m.name, t.file.name, dtype, tuple(shape), (begin, begin + nbytes))
 
     def quant_config(self) -> QuantConfigSource | None:
         """A `gguf` section naming each quantized linear weight's GGML type (detect_format then
@@ -83,13 +86,13 @@ class GgufCheckpoint(Checkpoint):
         m = self._mapped[name]
         t = m.gguf
         try:
-            data = torch.from_numpy(t.data.copy())
+            data = torch.from_numpy((t.data if m.expert is None else t.data[m.expert]).copy())
         except Exception as exc:  # the mapping fails on I/O errors of the underlying file
             raise TensorError(name, f"cannot read data: {exc}", file=str(t.file)) from exc
         if t.ggml_type == "BF16":
             data = data.view(torch.bfloat16)
         elif t.ggml_type in BLOCK_TYPES and not m.linear:
-            data = _dequantize(t.ggml_type, data.view(torch.uint8), t.shape)
+            data = _dequantize(t.ggml_type, data.view(torch.uint8), m.shape)
         data = data.reshape(info.shape)
         if m.interleaved_heads:
             data = rotate_half_rows(data, m.interleaved_heads, name)

@@ -26,7 +26,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+_MOE = frozenset(("qwen2moe", "qwen3moe"))
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -46,10 +49,24 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, the shared expert and its gate; stacked experts below.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# [experts, out, in] tensors, one transformers module per expert: mlp.experts.{e}.<name>.
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # Matrices multiplied by activations: their quantized blocks go to the quant format (kernels);
 # every other tensor (embedding, norms) is dequantized when read.
-_LINEAR = frozenset(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+_LINEAR = frozenset(
+    (
+        *("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
+        *("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp"),
+        *_EXPERT_NAMES,
+    )
+)
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
@@ -59,6 +76,13 @@ class MappedTensor:
     name: str  # transformers name
     linear: bool  # a linear layer's weight (quantized blocks stay quantized)
     interleaved_heads: int = 0  # Llama q/k: rows to restore to rotate_half order, in this many heads
+    expert: int | None = None  # one expert's [out, in] slice of a stacked [experts, out, in] tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The transformers shape (a router vector stored 1-D by llama.cpp becomes [1, in])."""
+        shape = self.gguf.shape if self.expert is None else self.gguf.shape[1:]
+        return (1, *shape) if self.linear and len(shape) == 1 else shape
 
 
 @dataclass(frozen=True)
@@ -153,7 +177,11 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": _require(file, f"{arch}.feed_forward_length", int),
+        "intermediate_size": _require(
+            file,
+            f"{arch}.feed_forward_length" if arch not in _MOE else f"{arch}.expert_feed_forward_length",
+            int,
+        ),
         "num_hidden_layers": _require(file, f"{arch}.block_count", int),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -167,6 +195,7 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "hidden_act": "silu",
         "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
         **_rope(file, arch),
+        **(_moe(file, arch) if arch in _MOE else {}),
     }
     bos = file.get("tokenizer.ggml.bos_token_id")
     if isinstance(bos, int):
@@ -179,6 +208,24 @@ def build_layout(file: GgufFile) -> GgufLayout:
     return GgufLayout(config, tensors)
 
 
+def _moe(file: GgufFile, arch: str) -> dict[str, Any]:
+    """Every layer sparse (llama.cpp's qwen MoE graphs have no dense layers); llama.cpp renormalizes
+    the top-k weights for Qwen3-MoE and not for Qwen2-MoE, as their transformers configs do."""
+    config: dict[str, Any] = {
+        "num_experts": _require(file, f"{arch}.expert_count", int),
+        "num_experts_per_tok": _require(file, f"{arch}.expert_used_count", int),
+        "moe_intermediate_size": _require(file, f"{arch}.expert_feed_forward_length", int),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": arch == "qwen3moe",
+    }
+    if arch == "qwen2moe":
+        config["shared_expert_intermediate_size"] = _require(
+            file, f"{arch}.expert_shared_feed_forward_length", int
+        )
+    return config
+
+
 def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
     heads = file.get(f"{arch}.attention.head_count")
     kv_heads = file.get(f"{arch}.attention.head_count_kv", heads)
@@ -188,6 +235,9 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
             out[_GLOBAL_NAMES[name]] = MappedTensor(t, _GLOBAL_NAMES[name], linear=name == "output.weight")
             continue
         match = _BLOCK.match(name)
+        if match is not None and match[2] in _EXPERT_NAMES:
+            _map_experts(file, t, int(match[1]), _EXPERT_NAMES[match[2]], out)
+            continue
         part = match and _LAYER_NAMES.get(match[2])
         if match is None or not part:
             raise UnsupportedError(
@@ -202,6 +252,16 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
             t, hf, linear=role in _LINEAR and kind == "weight", interleaved_heads=interleaved
         )
     return out
+
+
+def _map_experts(file: GgufFile, t: GgufTensor, layer: int, proj: str, out: dict[str, MappedTensor]) -> None:
+    if len(t.shape) != 3:
+        raise CheckpointError(
+            f"{file.path}: tensor {t.name!r} has shape {list(t.shape)}; expected [experts, out, in]"
+        )
+    for e in range(t.shape[0]):
+        hf = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+        out[hf] = MappedTensor(t, hf, linear=True, expert=e)
 
 
 def rotate_half_rows(rows: Tensor, heads: int, name: str) -> Tensor:

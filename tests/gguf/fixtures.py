@@ -80,6 +80,10 @@ CONFIG: dict[str, Any] = {
 }
 
 
+MOE = ("qwen2moe", "qwen3moe")
+EXPERTS, MOE_SIZE = 4, 256
+
+
 def write_pair(
     root: Path,
     arch: str,
@@ -146,6 +150,34 @@ def write_pair(
         w.add_tensor(gguf_name, values)
         hf[hf_name] = torch.from_numpy(values)
 
+    def stacked(gguf_name: str, proj: str, prefix: str, rows: int, cols: int) -> None:
+        """[experts, rows, cols] in the file, one transformers weight per expert."""
+        raws = [random_blocks(kind, rows, cols, rng) for _ in range(EXPERTS)]
+        w.add_tensor(gguf_name, np.stack(raws), raw_dtype=gguf.GGMLQuantizationType[kind])
+        for e, raw in enumerate(raws):
+            hf[f"{prefix}.experts.{e}.{proj}.weight"] = torch.from_numpy(dequantize(raw, kind).copy()).float()
+
+    def moe_layer(b: str, p: str) -> None:
+        router = (rng.standard_normal((EXPERTS, h)) * 0.5).astype(np.float32)
+        w.add_tensor(f"{b}.ffn_gate_inp.weight", router)
+        hf[f"{p}.mlp.gate.weight"] = torch.from_numpy(router)
+        stacked(f"{b}.ffn_gate_exps.weight", "gate_proj", f"{p}.mlp", MOE_SIZE, h)
+        stacked(f"{b}.ffn_up_exps.weight", "up_proj", f"{p}.mlp", MOE_SIZE, h)
+        stacked(f"{b}.ffn_down_exps.weight", "down_proj", f"{p}.mlp", h, MOE_SIZE)
+        if arch == "qwen2moe":
+            matrix(f"{b}.ffn_gate_shexp.weight", f"{p}.mlp.shared_expert.gate_proj.weight", inter, h)
+            matrix(f"{b}.ffn_up_shexp.weight", f"{p}.mlp.shared_expert.up_proj.weight", inter, h)
+            matrix(f"{b}.ffn_down_shexp.weight", f"{p}.mlp.shared_expert.down_proj.weight", h, inter)
+            gate = (rng.standard_normal(h) * 0.1).astype(np.float32)  # llama.cpp stores it 1-D
+            w.add_tensor(f"{b}.ffn_gate_inp_shexp.weight", gate)
+            hf[f"{p}.mlp.shared_expert_gate.weight"] = torch.from_numpy(gate).reshape(1, h)
+
+    if arch in MOE:
+        w.add_expert_count(EXPERTS)
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(MOE_SIZE)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(inter)
     matrix("token_embd.weight", "model.embed_tokens.weight", vocab, h)
     vector("output_norm.weight", "model.norm.weight", h)
     matrix("output.weight", "lm_head.weight", vocab, h)
@@ -158,12 +190,15 @@ def write_pair(
         matrix(f"{b}.attn_k.weight", f"{p}.self_attn.k_proj.weight", kv * hd, h, kv if permute else 0)
         matrix(f"{b}.attn_v.weight", f"{p}.self_attn.v_proj.weight", kv * hd, h)
         matrix(f"{b}.attn_output.weight", f"{p}.self_attn.o_proj.weight", h, heads * hd)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             for name, n in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
                 vector(f"{b}.attn_{name}.bias", f"{p}.self_attn.{name}_proj.bias", n, base=0.0)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3moe"):
             vector(f"{b}.attn_q_norm.weight", f"{p}.self_attn.q_norm.weight", hd)
             vector(f"{b}.attn_k_norm.weight", f"{p}.self_attn.k_norm.weight", hd)
+        if arch in MOE:
+            moe_layer(b, p)
+            continue
         matrix(f"{b}.ffn_gate.weight", f"{p}.mlp.gate_proj.weight", inter, h)
         matrix(f"{b}.ffn_up.weight", f"{p}.mlp.up_proj.weight", inter, h)
         matrix(f"{b}.ffn_down.weight", f"{p}.mlp.down_proj.weight", h, inter)
@@ -190,6 +225,15 @@ def write_pair(
         "eos_token_id": vocab - 1,
         "torch_dtype": "float32",
     }
+    if arch in MOE:
+        config.update(
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            moe_intermediate_size=MOE_SIZE,
+            norm_topk_prob=arch == "qwen3moe",
+            shared_expert_intermediate_size=inter,
+            intermediate_size=MOE_SIZE,
+        )
     (twin / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in hf.items()}, str(twin / "model.safetensors"))
     return path, twin

@@ -11,7 +11,9 @@ pytest.importorskip("gguf")
 
 from anyquant import LLM
 from anyquant.errors import AnyquantError, CheckpointError, TensorError, UnsupportedError
+from anyquant.loading.gguf_checkpoint import GgufCheckpoint
 from anyquant.loading.sources import open_checkpoint
+from anyquant.tokenizer import Tokenizer
 from tests.gguf.fixtures import write_pair
 
 
@@ -45,8 +47,10 @@ def test_unknown_architecture_is_named(tmp_path: Path) -> None:
 
 def test_unknown_pre_tokenizer_is_named(tmp_path: Path) -> None:
     path, _ = write_pair(tmp_path, "qwen2", "Q8_0", pre="made-up-pre")
+    ckpt = open_checkpoint(path)
+    assert isinstance(ckpt, GgufCheckpoint)
     with pytest.raises(UnsupportedError, match="pre-tokenizer 'made-up-pre'"):
-        LLM(str(path))
+        Tokenizer.from_gguf(ckpt.gguf.metadata, ckpt.path)
 
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path: Path) -> None:

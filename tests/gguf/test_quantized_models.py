@@ -34,7 +34,7 @@ def test_every_type_matches_its_dequantized_twin(tmp_path: Path, kind: str) -> N
     assert _max_rel_diff(ref, want) < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2moe", "qwen3moe"])
 def test_architectures(tmp_path: Path, arch: str) -> None:
     path, twin = write_pair(tmp_path, arch, "Q4_K")
     got = LLM(str(path), dtype="float32").logits(IDS)
