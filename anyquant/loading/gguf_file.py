@@ -38,8 +38,8 @@ def is_gguf_path(path: str | os.PathLike[str]) -> bool:
     """A .gguf file, or a directory with a .gguf file and no config.json (a transformers directory
     that also holds a GGUF export loads as the transformers checkpoint)."""
     p = Path(path)
-    if p.is_file():
-        return p.suffix == ".gguf"
+    if p.suffix == ".gguf":
+        return True  # a missing file is then reported as such, not as a missing directory
     return p.is_dir() and not (p / "config.json").exists() and any(_model_files(p))
 
 

@@ -83,3 +83,8 @@ def test_split_parts_load_like_one_file(tmp_path: Path) -> None:
     (first.parent / "qwen2-Q4_K-00002-of-00003.gguf").unlink()
     with pytest.raises(CheckpointError, match=r"00002-of-00003\.gguf"):
         open_checkpoint(first)
+
+
+def test_missing_file_is_reported_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"absent\.gguf: no such file"):
+        open_checkpoint(tmp_path / "absent.gguf")
