@@ -334,11 +334,6 @@ def shard_quant(
     spec = local_spec(weight.spec, style, partition, name)
     assert spec is not None
     index = _index(partition, rank)
-    if weight.offset is not None and style != "column":
-        raise UnsupportedError(
-            f"{name}: a row-parallel split of a weight with float offsets per group (GGUF minimums) is "
-            "not supported yet; run it with tensor_parallel_size=1"
-        )
     out = _shard_rows(weight, spec, index) if style == "column" else _shard_cols(weight, spec, index)
     return out.validate(name)
 
@@ -368,7 +363,7 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
     n, k = w.shape
     real = index >= 0
     data = w.data.index_select(-1, index.clamp(min=0))
-    scale, zero, group_index = w.scale, w.zero, w.group_index
+    scale, zero, group_index, offset = w.scale, w.zero, w.group_index, w.offset
     # Per local column, the zero point its padding code must equal so that it dequantizes to 0.
     col_zero: Tensor | int = _pad_zero(spec)
     if spec.granularity == "channel" and zero is not None:
@@ -382,6 +377,16 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
                 _refine(zero, -1, w.spec.group_size, spec.group_size, k), -1, bmap, _pad_zero(spec)
             )
             col_zero = zero.repeat_interleave(spec.group_size, dim=-1)[..., : index.numel()]
+        if offset is not None:
+            # Padding groups get offset 0 (code 0 * scale 1 + 0 = 0); a padding column inside a
+            # real group would add that group's offset, so such a split is refused, never inexact.
+            offset = _select(_refine(offset, -1, w.spec.group_size, spec.group_size, k), -1, bmap, 0.0)
+            col_offset = offset.repeat_interleave(spec.group_size, dim=-1)[..., : index.numel()]
+            if bool((col_offset[..., ~real] != 0).any()):
+                raise UnsupportedError(
+                    f"a row-parallel split would put padding inputs inside a group with a float offset "
+                    f"(group {spec.group_size}); choose a tensor-parallel size that splits whole groups"
+                )
     elif spec.granularity == "group":
         scale, zero, group_index = _act_order_cols(w, index)
         if zero is not None:
@@ -398,7 +403,9 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
             data[..., ~real] = col_zero[..., ~real].to(data.dtype)
         else:
             data[..., ~real] = col_zero
-    return QuantWeight(spec, (n, index.numel()), data, scale, zero, group_index, w.input_scale, w.input_zero)
+    return QuantWeight(
+        spec, (n, index.numel()), data, scale, zero, group_index, w.input_scale, w.input_zero, offset
+    )
 
 
 def _act_order_cols(w: QuantWeight, index: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -88,7 +88,9 @@ class QuantSpec:
             raise ValueError("act_order needs group granularity")
         if self.is_float and self.has_zero:
             raise ValueError("fp8 weights have no zero points")
-        if self.has_offset and (self.has_zero or not self.is_uint or self.granularity != "group"):
+        if self.has_offset and (
+            self.has_zero or self.act_order or not self.is_uint or self.granularity != "group"
+        ):
             raise ValueError("a float offset needs unsigned codes with group scales and no zero points")
         if self.is_uint and self.granularity not in ("channel", "group"):
             raise ValueError(f"{self.weight} weights need channel or group scales, not {self.granularity}")
