@@ -126,8 +126,55 @@ def architecture(file: GgufFile) -> str:
     return str(arch)
 
 
-def _rope(file: GgufFile, arch: str) -> dict[str, Any]:
+# Llama-3 rope scaling grid: llama.cpp stores only the resulting per-frequency divisors
+# (`rope_freqs.weight`); the published Llama 3.x models use the first of each.
+_LLAMA3_GRID = [
+    (low, high, old)
+    for old in (8192, 4096, 16384, 2048, 32768)
+    for low in (1.0, 2.0)
+    for high in (4.0, 8.0, 2.0)
+    if high > low
+]
+
+
+def _llama3_from_rope_freqs(file: GgufFile, head_dim: int, theta: float) -> dict[str, Any]:
+    """transformers' llama3 rope_scaling whose divisors equal the file's `rope_freqs.weight`
+    (llama.cpp's converter computes them from that rope_scaling); else an error naming it."""
+    from anyquant.layers.rotary import inverse_frequencies
+
+    t = file.tensors["rope_freqs.weight"]
+    if t.ggml_type != "F32" or t.shape != (head_dim // 2,):
+        raise CheckpointError(
+            f"{file.path}: tensor 'rope_freqs.weight' is {t.ggml_type} {list(t.shape)}; expected F32 [{head_dim // 2}]"
+        )
+    stored = torch.from_numpy(t.data.copy()).double()
+    factor = float(stored.max())
+    plain, _ = inverse_frequencies(head_dim, {"rope_theta": theta, "rope_type": "default"}, 0)
+    for low, high, old in _LLAMA3_GRID:
+        params = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": old,
+        }
+        scaled, _ = inverse_frequencies(head_dim, {"rope_theta": theta, **params}, 0)
+        if torch.allclose(plain.double() / scaled.double(), stored, rtol=1e-5, atol=0):
+            return {"rope_scaling": params}
+    raise UnsupportedError(
+        f"{file.path}: tensor 'rope_freqs.weight' (per-frequency rope divisors, max {factor:g}) matches no "
+        "Llama-3 rope scaling anyquant knows; not supported"
+    )
+
+
+def _rope(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, Any]:
     kind = file.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in file.tensors:
+        if kind not in (None, "none"):
+            raise UnsupportedError(
+                f"{file.path}: both rope_freqs.weight and {arch}.rope.scaling.type = {kind!r}"
+            )
+        return _llama3_from_rope_freqs(file, head_dim, theta)
     if kind in (None, "none"):
         return {}
     factor = _as_float(file, f"{arch}.rope.scaling.factor", 1.0)
@@ -170,6 +217,7 @@ def build_layout(file: GgufFile) -> GgufLayout:
             f"{file.path}: {arch}.rope.dimension_count = {rotary} rotates part of a head of {head_dim}; "
             "partial rotary embeddings are not supported for this architecture"
         )
+    theta = _as_float(file, f"{arch}.rope.freq_base", 10000.0)
     embed = tensors.get("model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError(f"{file.path}: tensor 'token_embd.weight' is missing")
@@ -189,12 +237,12 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "vocab_size": embed.gguf.shape[0],
         "max_position_embeddings": _optional(file, f"{arch}.context_length", int, 2048),
         "rms_norm_eps": _as_float(file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": _as_float(file, f"{arch}.rope.freq_base", 10000.0),
+        "rope_theta": theta,
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
         "hidden_act": "silu",
         "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
-        **_rope(file, arch),
+        **_rope(file, arch, head_dim, theta),
         **(_moe(file, arch) if arch in _MOE else {}),
     }
     bos = file.get("tokenizer.ggml.bos_token_id")
@@ -231,6 +279,8 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
     kv_heads = file.get(f"{arch}.attention.head_count_kv", heads)
     out: dict[str, MappedTensor] = {}
     for name, t in file.tensors.items():
+        if name == "rope_freqs.weight":  # read into the config's rope_scaling (_rope)
+            continue
         if name in _GLOBAL_NAMES:
             out[_GLOBAL_NAMES[name]] = MappedTensor(t, _GLOBAL_NAMES[name], linear=name == "output.weight")
             continue

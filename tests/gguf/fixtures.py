@@ -4,6 +4,7 @@ directories built from gguf-py's own dequantization (the independent reference).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,31 @@ CONFIG: dict[str, Any] = {
 }
 
 
+def llama3_divisors(
+    dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
+    """llama.cpp's converter's rope_freqs for Llama 3.x: per frequency, what it is divided by."""
+    out = []
+    for i in range(0, dim, 2):
+        freq = 1.0 / theta ** (i / dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < original_max_position_embeddings / high_freq_factor:
+            out.append(1.0)
+        elif wavelen > original_max_position_embeddings / low_freq_factor:
+            out.append(factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 MOE = ("qwen2moe", "qwen3moe")
 EXPERTS, MOE_SIZE = 4, 256
 
@@ -93,10 +119,12 @@ def write_pair(
     written_arch: str | None = None,
     pre: str = "qwen2",
     split_max_tensors: int = 0,
+    llama3_rope: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """A GGUF file whose every matrix (embedding and LM head included) is random `kind` blocks,
     and the transformers directory holding gguf-py's dequantization of the same blocks.
-    `split_max_tensors`: write `-0000i-of-0000N.gguf` parts instead (the first one is returned)."""
+    `split_max_tensors`: write `-0000i-of-0000N.gguf` parts instead (the first one is returned).
+    `llama3_rope`: transformers' llama3 rope_scaling, stored as llama.cpp does (rope_freqs.weight)."""
     rng = np.random.default_rng(seed)
     tokens, merges = _byte_vocab()
     vocab = len(tokens)
@@ -178,6 +206,8 @@ def write_pair(
         w.add_expert_feed_forward_length(MOE_SIZE)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(inter)
+    if llama3_rope is not None:
+        w.add_tensor("rope_freqs.weight", llama3_divisors(hd, c["rope_theta"], **llama3_rope))
     matrix("token_embd.weight", "model.embed_tokens.weight", vocab, h)
     vector("output_norm.weight", "model.norm.weight", h)
     matrix("output.weight", "lm_head.weight", vocab, h)
@@ -225,6 +255,8 @@ def write_pair(
         "eos_token_id": vocab - 1,
         "torch_dtype": "float32",
     }
+    if llama3_rope is not None:
+        config["rope_scaling"] = {"rope_type": "llama3", **llama3_rope}
     if arch in MOE:
         config.update(
             num_experts=EXPERTS,

@@ -39,3 +39,19 @@ def test_architectures(tmp_path: Path, arch: str) -> None:
     path, twin = write_pair(tmp_path, arch, "Q4_K")
     got = LLM(str(path), dtype="float32").logits(IDS)
     assert _max_rel_diff(got, LLM(str(twin)).logits(IDS)) < 2e-5
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.x files carry their rope scaling only as llama.cpp's per-frequency divisors (head
+    dim 64, theta 10000: frequencies fall in all three bands of the scaling)."""
+    rope = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    path, twin = write_pair(tmp_path, "llama", "Q8_0", llama3_rope=rope)
+    got = LLM(str(path), dtype="float32")
+    assert got.loaded.config["rope_scaling"] == {"rope_type": "llama3", **rope}
+    want = LLM(str(twin)).logits(IDS)
+    assert _max_rel_diff(got.logits(IDS), want) < 2e-5
