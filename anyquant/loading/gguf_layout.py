@@ -238,7 +238,7 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "max_position_embeddings": _optional(file, f"{arch}.context_length", int, 2048),
         "rms_norm_eps": _as_float(file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": theta,
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "tie_word_embeddings": False,  # a missing output.weight is aliased to the embedding (_map_tensors)
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
         "hidden_act": "silu",
         "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
@@ -301,6 +301,12 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
         out[hf] = MappedTensor(
             t, hf, linear=role in _LINEAR and kind == "weight", interleaved_heads=interleaved
         )
+    embed = out.get("model.embed_tokens.weight")
+    if "lm_head.weight" not in out and embed is not None:
+        # Tied embeddings (no output.weight): the LM head reads the same stored tensor as a linear
+        # weight, so a quantized table stays quantized for the matmul (the kernels repack their
+        # own copy of a tied head anyway) while the lookup table is dequantized.
+        out["lm_head.weight"] = MappedTensor(embed.gguf, "lm_head.weight", linear=True)
     return out
 
 

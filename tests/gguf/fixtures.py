@@ -120,6 +120,7 @@ def write_pair(
     pre: str = "qwen2",
     split_max_tensors: int = 0,
     llama3_rope: dict[str, float] | None = None,
+    tied: bool = False,
 ) -> tuple[Path, Path]:
     """A GGUF file whose every matrix (embedding and LM head included) is random `kind` blocks,
     and the transformers directory holding gguf-py's dequantization of the same blocks.
@@ -210,7 +211,8 @@ def write_pair(
         w.add_tensor("rope_freqs.weight", llama3_divisors(hd, c["rope_theta"], **llama3_rope))
     matrix("token_embd.weight", "model.embed_tokens.weight", vocab, h)
     vector("output_norm.weight", "model.norm.weight", h)
-    matrix("output.weight", "lm_head.weight", vocab, h)
+    if not tied:  # tied: no output.weight, the embedding is the LM head
+        matrix("output.weight", "lm_head.weight", vocab, h)
     permute = arch == "llama"
     for i in range(c["num_hidden_layers"]):
         p, b = f"model.layers.{i}", f"blk.{i}"
@@ -251,7 +253,7 @@ def write_pair(
         "architectures": [name],
         "model_type": model_type,
         "vocab_size": vocab,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "eos_token_id": vocab - 1,
         "torch_dtype": "float32",
     }

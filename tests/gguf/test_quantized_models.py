@@ -55,3 +55,11 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path: Path) -> None:
     assert got.loaded.config["rope_scaling"] == {"rope_type": "llama3", **rope}
     want = LLM(str(twin)).logits(IDS)
     assert _max_rel_diff(got.logits(IDS), want) < 2e-5
+
+
+def test_tied_quantized_embedding_is_a_quantized_lm_head(tmp_path: Path) -> None:
+    path, twin = write_pair(tmp_path, "qwen2", "Q6_K", tied=True)
+    got = LLM(str(path), dtype="float32")
+    head = next(p for p in got.loaded.plans if p.prefix == "lm_head")
+    assert head.spec is not None and head.kernel.name == "cpu_avx512"
+    assert _max_rel_diff(got.logits(IDS), LLM(str(twin)).logits(IDS)) < 2e-5
