@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from anyquant.errors import CheckpointError, TensorError
+from anyquant.errors import CheckpointError, TensorError, UnsupportedError
 
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -132,6 +132,10 @@ class GgufFile:
         reader_cls = _reader_class()
         for i, part in enumerate(self.parts):
             reader = self._open(reader_cls, part)
+            if reader.byte_order != "I":
+                raise UnsupportedError(
+                    f"{part}: a GGUF file of the other byte order (big-endian); anyquant reads little-endian files"
+                )
             if i == 0:
                 self.metadata = {
                     k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")
