@@ -23,7 +23,6 @@ from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.sampling import SamplingParams
 from anyquant.errors import AnyquantError, NumericsError
-from anyquant.loading.gguf_checkpoint import GgufCheckpoint
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.tokenizer import Tokenizer
 
@@ -89,6 +88,8 @@ class LLM:
             )
         self.max_model_len = max_model_len or limit
         self.tokenizer: Tokenizer | None = None
+        from anyquant.loading.gguf_checkpoint import GgufCheckpoint
+
         ckpt = self.loaded.checkpoint
         if isinstance(ckpt, GgufCheckpoint):  # a lone .gguf carries its tokenizer in its metadata
             self.tokenizer = Tokenizer.from_gguf(ckpt.gguf.metadata, ckpt.path, self.loaded.config)

@@ -14,12 +14,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from anyquant.errors import CheckpointError, TensorError, UnsupportedError
 
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy (and gguf) are imported where a GGUF file is read: checking whether a path is one must
+# not need them (a transformers checkpoint loads without the GGUF dependencies).
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -31,7 +34,7 @@ class GgufTensor:
     file: Path
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
-    data: np.ndarray  # memory-mapped: [rows, bytes per row] uint8 for block types, typed for floats
+    data: np.ndarray[Any, Any]  # memory-mapped: [rows, bytes per row] uint8 for block types, typed for floats
 
 
 def is_gguf_path(path: str | os.PathLike[str]) -> bool:
@@ -80,7 +83,12 @@ def gguf_parts(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _reader_class() -> type:
-    import gguf
+    try:
+        import gguf
+    except ImportError as exc:
+        raise UnsupportedError(
+            "reading GGUF files needs the gguf package (llama.cpp's reader): pip install 'anyquant[gguf]'"
+        ) from exc
 
     class CheckedReader(gguf.GGUFReader):
         """gguf's reader with each tensor's type and byte range checked before it is mapped, so a
@@ -91,6 +99,8 @@ def _reader_class() -> type:
             super().__init__(path)
 
         def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+            import numpy as np
+
             size = len(self.data)
             for field in fields:
                 _, name_data, _, dims, raw_type, rel = field.parts
@@ -178,6 +188,8 @@ class GgufFile:
 
 def _field_value(field: Any) -> Any:
     """A metadata value as Python (str, int, float, bool, or a list of them)."""
+    import numpy as np
+
     value = field.contents()
     if isinstance(value, np.generic):
         return value.item()

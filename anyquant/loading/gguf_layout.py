@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -112,6 +111,8 @@ def _as_float(file: GgufFile, key: str, default: float) -> float:
     value = file.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise CheckpointError(f"{file.path}: metadata key {key!r} = {value!r:.80}; expected a number")
+    import numpy as np
+
     # GGUF stores float32: 1e-5 arrives as 9.99999974738e-06. Take the shortest decimal that is
     # the same float32 (what the exporting config said).
     return float(str(np.float32(value)))
