@@ -85,6 +85,11 @@ def find_templates(model_dir: Path, tokenizer_config: dict[str, Any]) -> tuple[d
     return templates, "tokenizer_config.json" if templates else None
 
 
+def config_templates(source: str, tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """The named templates of a tokenizer config alone (a GGUF file's `tokenizer.chat_template`)."""
+    return _named(source, tokenizer_config.get("chat_template"))
+
+
 def load_override(value: str) -> str:
     """`--chat-template` / `LLM(chat_template=...)`: a file holding the template, or the template
     itself (as vLLM accepts both)."""

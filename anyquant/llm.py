@@ -142,7 +142,14 @@ class LLM:
         self.path = Path(model)
         self._image_processor: ImageProcessor | None = None
         self.tokenizer: Tokenizer | None = None
-        if (Path(model) / "tokenizer.json").is_file():
+        from anyquant.loading.gguf_checkpoint import GgufCheckpoint
+
+        ckpt = self.loaded.checkpoint
+        if isinstance(ckpt, GgufCheckpoint):  # a lone .gguf carries its tokenizer in its metadata
+            self.tokenizer = Tokenizer.from_gguf(
+                ckpt.gguf.metadata, ckpt.path, self.loaded.config, chat_template=chat_template
+            )
+        elif (Path(model) / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(model, self.loaded.config, chat_template=chat_template)
         elif chat_template is not None:
             raise AnyquantError(f"{model}: chat_template given but the model directory has no tokenizer.json")

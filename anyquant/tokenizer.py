@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from anyquant.chat_template import DEFAULT, find_templates, load_override, render, select
+from anyquant.chat_template import (
+    DEFAULT,
+    config_templates,
+    find_templates,
+    load_override,
+    render,
+    select,
+)
 from anyquant.config_fields import as_int
 from anyquant.errors import CheckpointError
 
@@ -37,20 +44,51 @@ class Tokenizer:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (anyquant reads tokenizers from tokenizer.json)")
         try:
-            self._tok = HFTokenizer.from_file(str(file))
+            tok = HFTokenizer.from_file(str(file))
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be read by the tokenizers library: {exc}") from exc
         cfg_file = path / "tokenizer_config.json"
-        self.config: dict[str, Any] = _read_object(cfg_file) if cfg_file.is_file() else {}
+        self._setup(tok, _read_object(cfg_file) if cfg_file.is_file() else {}, config, chat_template)
+        if chat_template is None:
+            self.chat_templates, found = find_templates(path, self.config)
+            self.chat_template_source = found or "tokenizer_config.json"
+
+    @classmethod
+    def from_gguf(
+        cls,
+        metadata: dict[str, Any],
+        path: Path,
+        config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+    ) -> Tokenizer:
+        """The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata (no other files),
+        its chat template included (`chat_template` replaces it)."""
+        from anyquant.gguf_tokenizer import build_gguf_tokenizer
+
+        built = build_gguf_tokenizer(metadata, str(path))
+        self = cls.__new__(cls)
+        self._setup(built.tokenizer, built.config, config, chat_template)
+        if chat_template is None:
+            self.chat_templates = config_templates(f"{path}: tokenizer.chat_template", self.config)
+            self.chat_template_source = path.name
+        return self
+
+    def _setup(
+        self,
+        tok: Any,
+        tok_config: dict[str, Any],
+        config: dict[str, Any] | None,
+        chat_template: str | None,
+    ) -> None:
+        """What both sources share; without an override the caller finds the model's templates."""
+        self._tok = tok
+        self.config: dict[str, Any] = tok_config
         model_cfg = config or {}
         self.bos_token_id = self._special_id("bos_token", model_cfg.get("bos_token_id"))
         self.eos_token_ids = self._eos_ids(model_cfg)
         if chat_template is not None:
             self.chat_templates = {DEFAULT: load_override(chat_template)}
             self.chat_template_source = "the given chat template"
-        else:
-            self.chat_templates, found = find_templates(path, self.config)
-            self.chat_template_source = found or "tokenizer_config.json"
 
     def _token_text(self, key: str) -> str | None:
         value = self.config.get(key)

@@ -67,6 +67,8 @@ def print_text(doc: dict[str, Any]) -> None:
         print(f"    stored: {stored}  ({_mib(g['bytes'])})")
         if g["quantized_at_load"]:
             print(f"    quantized at load: {g['quantized_at_load']['description']} (--lm-head-dtype)")
+        if g["scheme"] and g["scheme"].get("extra"):
+            print("    format: " + ", ".join(f"{k} {v}" for k, v in g["scheme"]["extra"].items()))
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")

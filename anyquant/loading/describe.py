@@ -30,6 +30,7 @@ from anyquant.loading.preflight import (
     spec_lookup,
     tensor_parallel_sizes,
 )
+from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_checkpoint
 from anyquant.models.multimodal import ENCODER_CACHE_BYTES, MultimodalModel
 from anyquant.models.registry import architecture_of
@@ -45,7 +46,7 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     if spec is None:
         return None
     out = asdict(spec)
-    out.pop("extra", None)
+    out["extra"] = dict(spec.extra)  # the format's own words, e.g. {"gguf type": "Q4_K"}
     out["bits"] = spec.bits
     out["description"] = spec.describe()
     return out
@@ -53,7 +54,7 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
 
 def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
     return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
 
@@ -67,7 +68,7 @@ def describe_checkpoint(
     max_model_len: int | None = None,
     lm_head_dtype: str = "auto",
 ) -> dict[str, Any]:
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     dev = torch.device(device)

@@ -37,6 +37,7 @@ from anyquant.loading.preflight import (
 )
 from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sharding import activation_group_map, gather_segments, shard_quant, shard_vector
+from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
 from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
@@ -130,7 +131,7 @@ def load_model(
     if progress is None:
         progress = LoadProgress(str(path), show_bar=None if parallel.rank == 0 else False)
     with progress.phase("reading"):
-        ckpt = Checkpoint(path)
+        ckpt = open_checkpoint(path)
         config = ckpt.text_config()
         fmt = detect_format(ckpt)
         compute_dtype = resolve_dtype(dtype, config, dev)

@@ -375,8 +375,10 @@ def _shard_rows(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
         bmap = _block_map(index, new)
         assert bmap is not None
         scale = _select(_refine(scale, -2, bn, new, n), -2, bmap, 1.0)
+    # Padded rows: code 0 times scale 1.0 plus offset 0.0 is exactly zero.
+    offset = None if w.offset is None else _select(w.offset, -2, index, 0.0)
     return QuantWeight(
-        spec, (index.numel(), k), data, scale, zero, w.group_index, w.input_scale, w.input_zero
+        spec, (index.numel(), k), data, scale, zero, w.group_index, w.input_scale, w.input_zero, offset
     )
 
 
@@ -384,7 +386,7 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
     n, k = w.shape
     real = index >= 0
     data = w.data.index_select(-1, index.clamp(min=0))
-    scale, zero, group_index = w.scale, w.zero, w.group_index
+    scale, zero, group_index, offset = w.scale, w.zero, w.group_index, w.offset
     # Per local column, the zero point its padding code must equal so that it dequantizes to 0.
     col_zero: Tensor | int = _pad_zero(spec)
     if spec.granularity == "channel" and zero is not None:
@@ -398,6 +400,16 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
                 _refine(zero, -1, w.spec.group_size, spec.group_size, k), -1, bmap, _pad_zero(spec)
             )
             col_zero = zero.repeat_interleave(spec.group_size, dim=-1)[..., : index.numel()]
+        if offset is not None:
+            # Padding groups get offset 0 (code 0 * scale 1 + 0 = 0); a padding column inside a
+            # real group would add that group's offset, so such a split is refused, never inexact.
+            offset = _select(_refine(offset, -1, w.spec.group_size, spec.group_size, k), -1, bmap, 0.0)
+            col_offset = offset.repeat_interleave(spec.group_size, dim=-1)[..., : index.numel()]
+            if bool((col_offset[..., ~real] != 0).any()):
+                raise UnsupportedError(
+                    f"a row-parallel split would put padding inputs inside a group with a float offset "
+                    f"(group {spec.group_size}); choose a tensor-parallel size that splits whole groups"
+                )
     elif spec.granularity == "group":
         scale, zero, group_index = _act_order_cols(w, index)
         if zero is not None:
@@ -414,7 +426,9 @@ def _shard_cols(w: QuantWeight, spec: QuantSpec, index: Tensor) -> QuantWeight:
             data[..., ~real] = col_zero[..., ~real].to(data.dtype)
         else:
             data[..., ~real] = col_zero
-    return QuantWeight(spec, (n, index.numel()), data, scale, zero, group_index, w.input_scale, w.input_zero)
+    return QuantWeight(
+        spec, (n, index.numel()), data, scale, zero, group_index, w.input_scale, w.input_zero, offset
+    )
 
 
 def _act_order_cols(w: QuantWeight, index: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -103,5 +103,10 @@ def concat_out_features(
         first.group_index,
         first.input_scale,
         first.input_zero,
+        offset=(
+            torch.cat([per_row(w, w.offset) for w in quant if w.offset is not None])
+            if first.offset is not None  # GGUF k-quant minimums, shaped like the scales
+            else None
+        ),
     )
     return merged.validate("+".join(names)), None

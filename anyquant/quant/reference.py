@@ -41,7 +41,8 @@ def _broadcast(values: Tensor, weight: QuantWeight) -> Tensor:
 
 
 def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Dense [E?, N, K] weight: (code - zero) * scale, the subtraction exact, one rounding to `dtype`."""
+    """Dense [E?, N, K] weight: (code - zero) * scale [+ offset], the subtraction exact, one
+    rounding to `dtype` (two in fp32 with an offset: product, then sum, exactly as GGUF defines it)."""
     spec = weight.spec
     work = torch.float64 if dtype == torch.float64 else torch.float32
     if spec.is_float:
@@ -53,7 +54,10 @@ def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32) -> Tenso
         elif spec.implicit_zero:
             codes = codes - spec.implicit_zero
         values = codes.to(work)
-    return (values * _broadcast(weight.scale.to(work), weight)).to(dtype)
+    scaled = values * _broadcast(weight.scale.to(work), weight)
+    if weight.offset is not None:  # after the product, as the formats with a float minimum define it
+        scaled = scaled + _broadcast(weight.offset.to(work), weight)
+    return scaled.to(dtype)
 
 
 def _act_qrange(act: ActQuant) -> tuple[float, float]:

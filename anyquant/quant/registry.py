@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "anyquant.quant.formats.compressed_tensors",
     "anyquant.quant.formats.fp8",
     "anyquant.quant.formats.lmdeploy",
+    "anyquant.quant.formats.gguf",
     "anyquant.quant.kernels.reference",
     "anyquant.quant.kernels.dense",
     "anyquant.quant.kernels.torch_cpu",

@@ -58,8 +58,9 @@ class ActQuant:
 class QuantSpec:
     """Canonical description of one quantized weight.
 
-    Dequantized value = (code - zero) * scale. Unsigned types without stored zero points use the
-    implicit zero 2^(bits-1); int8 without zero points uses 0; fp8 has no zero.
+    Dequantized value = (code - zero) * scale (+ offset, with has_offset). Unsigned types without
+    stored zero points use the implicit zero 2^(bits-1), except with a float offset (then 0: the
+    offset carries the minimum); int8 without zero points uses 0; fp8 has no zero.
     """
 
     weight: WeightType
@@ -67,6 +68,10 @@ class QuantSpec:
     group_size: int = 0  # only for "group"
     block_shape: tuple[int, int] = (0, 0)  # (out, in), only for "block"
     has_zero: bool = False  # asymmetric: zero points stored per scale entry
+    # A float offset added per scale entry after scaling: value = code * scale + offset. GGUF's
+    # k-quants (Q2_K, Q4_K, Q5_K) and Q4_1 / Q5_1 store a float minimum per sub-block (the product
+    # of two fp16/6-bit factors), which no integer zero point can express exactly.
+    has_offset: bool = False
     act: ActQuant | None = None  # None: weight-only
     act_order: bool = False  # GPTQ act-order: input columns map to groups through group_index
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # format notes for display
@@ -83,6 +88,10 @@ class QuantSpec:
             raise ValueError("act_order needs group granularity")
         if self.is_float and self.has_zero:
             raise ValueError("fp8 weights have no zero points")
+        if self.has_offset and (
+            self.has_zero or self.act_order or not self.is_uint or self.granularity != "group"
+        ):
+            raise ValueError("a float offset needs unsigned codes with group scales and no zero points")
         if self.is_uint and self.granularity not in ("channel", "group"):
             raise ValueError(f"{self.weight} weights need channel or group scales, not {self.granularity}")
 
@@ -101,7 +110,7 @@ class QuantSpec:
     @property
     def implicit_zero(self) -> int:
         """Zero point used when none is stored."""
-        return 1 << (self.bits - 1) if self.is_uint else 0
+        return 1 << (self.bits - 1) if self.is_uint and not self.has_offset else 0
 
     def describe(self) -> str:
         """Short human description, e.g. 'uint4 group128 asym act-order, w-only'."""
@@ -112,7 +121,9 @@ class QuantSpec:
         else:
             gran = f"per-{self.granularity}"
         parts = [self.weight, gran]
-        if not self.is_float:
+        if self.has_offset:
+            parts.append("offset")
+        elif not self.is_float:
             parts.append("asym" if self.has_zero else "sym")
         if self.act_order:
             parts.append("act-order")

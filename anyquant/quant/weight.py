@@ -16,7 +16,8 @@ act-order permutation become plain slicing on any bit width (3-bit included), ev
 extract codes anyway, and kernels repack once at load into whatever they like. Only one layer is
 ever held in this form at a time, so the extra transient memory is bounded.
 `zero` is int32 with the same shape as `scale`, in code units (the true zero point, never the
-GPTQ-v1 "minus one" or the compressed-tensors signed offset).
+GPTQ-v1 "minus one" or the compressed-tensors signed offset). `offset` (spec.has_offset only) is
+float32 shaped like `scale`, added after scaling: GGUF's per-sub-block minimums.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class QuantWeight:
     group_index: Tensor | None = None  # [E?, K] int32, act-order only
     input_scale: Tensor | None = None  # static activation scale, float32 [E?]
     input_zero: Tensor | None = None  # static asymmetric activation zero point, int32 [E?]
+    offset: Tensor | None = None  # float32 like scale, spec.has_offset only (added after scaling)
 
     @property
     def num_experts(self) -> int | None:
@@ -83,7 +85,7 @@ class QuantWeight:
     def nbytes(self) -> int:
         """Bytes this weight needs when bit-packed (what a packing kernel keeps in memory)."""
         codes = self.data.numel() * self.spec.bits // 8
-        extras = [self.scale, self.zero, self.group_index, self.input_scale, self.input_zero]
+        extras = [self.scale, self.zero, self.group_index, self.input_scale, self.input_zero, self.offset]
         return codes + sum(t.numel() * t.element_size() for t in extras if t is not None)
 
     def validate(self, name: str) -> QuantWeight:
@@ -118,6 +120,18 @@ class QuantWeight:
                 raise TensorError(name, f"zero points outside [{lo}, {hi}]")
         elif self.zero is not None:
             raise TensorError(name, "zero points present for a symmetric spec")
+        if spec.has_offset:
+            if (
+                self.offset is None
+                or tuple(self.offset.shape) != want_scale
+                or self.offset.dtype != torch.float32
+            ):
+                found = "absent" if self.offset is None else f"{self.offset.dtype} {list(self.offset.shape)}"
+                raise TensorError(name, f"offsets are {found}, expected float32 {list(want_scale)}")
+            if self.offset.numel() and not bool(torch.isfinite(self.offset).all()):
+                raise NumericsError(f"{name}: offsets are NaN or Inf")
+        elif self.offset is not None:
+            raise TensorError(name, "offsets present for a spec without has_offset")
         if spec.is_uint and self.data.numel() and int(self.data.max()) >= 1 << spec.bits:
             raise TensorError(name, f"codes exceed {spec.bits} bits")
         if spec.act_order:

@@ -108,6 +108,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
     perm: Tensor | None
     input_scale: Tensor | None
     input_zero: Tensor | None
+    offset_t: Tensor | None
 
     @classmethod
     def cannot_run(
@@ -132,6 +133,8 @@ class Avx512WeightOnlyKernel(LinearKernel):
             return f"weights are {spec.weight}; this kernel runs uint2/3/4, int8, uint8 and fp8"
         if spec.act is not None and not spec.is_float:
             return f"activations are quantized ({spec.act.describe()}); integer weights run weight-only here"
+        if spec.has_offset and spec.group_size % 8:
+            return f"float offsets per group of {spec.group_size} inputs; the per-group sums need a multiple of 8"
         if spec.granularity == "block" and spec.block_shape[1] % 8:
             return f"block scales {spec.block_shape} span a multiple of 8 inputs here"
         reason = _cpu_reason()
@@ -175,6 +178,13 @@ class Avx512WeightOnlyKernel(LinearKernel):
         self.register_buffer("lut", _lut(spec.weight).clone(), persistent=False)
         self.register_buffer("input_scale", weight.input_scale, persistent=False)
         self.register_buffer("input_zero", weight.input_zero, persistent=False)
+        # GGUF minimums (value = code * scale + offset): the extension multiplies code * scale;
+        # the offsets add sum over the group's inputs of x times the group's offset, one small
+        # [T, groups] x [groups, N] product per call (1/group of the main product's work).
+        offset_t = (
+            weight.offset.float().reshape(n, ng).t().contiguous() if weight.offset is not None else None
+        )
+        self.register_buffer("offset_t", offset_t, persistent=False)
         cpu_ext.ops()  # raises with the reason if the library cannot be loaded
 
     def _pack(self, codes: Tensor) -> Tensor:
@@ -227,6 +237,15 @@ class Avx512WeightOnlyKernel(LinearKernel):
             x = x.index_select(1, self.perm)
         if self.k_pad != k:
             x = torch.nn.functional.pad(x, (0, self.k_pad - k))
+        if self.offset_t is not None:
+            y = self._codes_times_scales(x, None).float()
+            xsum = x.float().view(x.shape[0], -1, self.group).sum(-1)
+            y = torch.addmm(y, xsum, self.offset_t)
+            return (y if bias is None else y + bias.float()).to(self.compute_dtype)
+        return self._codes_times_scales(x, bias)
+
+    def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        n = self.shape[0]
         if self.path(x.shape[0]) == "gemv":
             return cpu_ext.ops().gemv(
                 x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
@@ -247,6 +266,9 @@ class Avx512WeightOnlyKernel(LinearKernel):
         dense = cpu_ext.ops().dequantize(
             self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, n, dtype
         )
+        if self.offset_t is not None:
+            offsets = self.offset_t.t().repeat_interleave(self.group, dim=1)
+            dense = (dense.float() + offsets).to(dtype)
         return dense[:, :k]
 
     def extra_repr(self) -> str:

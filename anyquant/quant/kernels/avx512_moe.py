@@ -43,6 +43,8 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
                 return f"activations are quantized ({kernel.spec.act.describe()})"
             if kernel.perm is not None:
                 return "act-order experts permute their inputs one by one"
+            if kernel.offset_t is not None:
+                return "float offsets per group (GGUF k-quant minimums) are added outside the C++ call"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels

@@ -49,7 +49,7 @@ class ReferenceKernel(LinearKernel):
         super()._apply(fn, recurse)
         device = fn(torch.empty(0)).device
         w = self.weight
-        for attr in ("data", "scale", "zero", "group_index", "input_scale", "input_zero"):
+        for attr in ("data", "scale", "zero", "group_index", "input_scale", "input_zero", "offset"):
             t = getattr(w, attr)
             if t is not None:
                 setattr(w, attr, t.to(device))

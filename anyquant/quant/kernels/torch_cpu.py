@@ -69,6 +69,8 @@ def _common_reason(
         return f"compute dtype {compute_dtype} is not float32, bfloat16 or float16"
     if min(shape) <= 0:
         return f"layer shape {list(shape)} has no weights"
+    if spec.has_offset:
+        return "float offsets per group (GGUF minimums) are not applied by these torch ops"
     return None
 
 
