@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from anyquant import LLM
+from anyquant.bench.evaluate import corpus_perplexity
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
-from anyquant.utils.evaluate import corpus_perplexity
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260K"
 CASES = [

@@ -25,14 +25,16 @@ from torch import Tensor, nn
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
 from anyquant.loading.sharding import (
-    Partition,
-    Segment,
     ShardStyle,
     column_unit,
     row_unit,
     shard_dense,
     shard_quant,
     shard_vector,
+)
+from anyquant.parallel.partition import (
+    Partition,
+    Segment,
 )
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight

@@ -30,7 +30,7 @@ from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from anyquant.parallel.comm import all_reduce
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 

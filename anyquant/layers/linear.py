@@ -23,7 +23,7 @@ from anyquant.quant.reference import activation_amax
 from anyquant.quant.spec import ActQuant, LayerKind
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 # replicated: every rank holds the whole weight; column: output features split; row: input

@@ -23,7 +23,7 @@ from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding, yarn_mscale
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 # The two latent norms are built without the config's rms_norm_eps in both the reference DeepSeek

@@ -22,7 +22,7 @@ from anyquant.layers.mlp import PROJ_NAMES, GatedMLP
 from anyquant.parallel.comm import all_reduce, all_reduce_max
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
     from anyquant.quant.kernels.avx512_moe import FusedExperts
 

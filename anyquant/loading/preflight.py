@@ -18,12 +18,14 @@ from torch import nn
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.loading.sharding import (
-    Partition,
     ShardStyle,
     column_unit,
-    divisors,
     local_spec,
     row_unit,
+)
+from anyquant.parallel.partition import (
+    Partition,
+    divisors,
     split_heads,
     split_kv_heads,
     split_units,

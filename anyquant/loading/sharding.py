@@ -1,8 +1,7 @@
 """Shard rules on canonical weights: which rows or columns of a layer each tensor-parallel rank holds.
 
-Owns `Partition` (one split dimension: per rank, which global entries it holds and where zero
-padding goes), the partition builders (whole units with padding, heads with KV-head replication,
-the regrouped split of formats.md §10.4), and cutting `QuantWeight`s and dense tensors by a
+Owns what a quantization spec needs from a split (`Partition`, in parallel/partition.py, owns the
+arithmetic of the split itself), and cutting `QuantWeight`s and dense tensors by a
 partition with exact zero padding. Knows nothing about modules or processes: the preflight plan
 decides which layer is split which way.
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import Literal
 
@@ -19,155 +18,12 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import UnsupportedError
+from anyquant.parallel.partition import Partition, divisors, rank_index
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
 
 # column: the output features (weight rows) are split; row: the input features (weight columns).
 ShardStyle = Literal["column", "row"]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """`length` consecutive global entries from `start`, followed by `pad` zero entries."""
-
-    start: int
-    length: int
-    pad: int = 0
-
-
-@dataclass(frozen=True)
-class Partition:
-    """How one dimension of `size` entries is laid out on each rank (every rank the same length)."""
-
-    size: int
-    shards: tuple[tuple[Segment, ...], ...]  # per rank, in local order
-
-    def __post_init__(self) -> None:
-        lengths = {sum(s.length + s.pad for s in segs) for segs in self.shards}
-        if len(lengths) != 1:
-            raise ValueError(f"ranks of a partition must hold equally many entries, got {sorted(lengths)}")
-
-    @property
-    def world(self) -> int:
-        return len(self.shards)
-
-    @property
-    def local_size(self) -> int:
-        return sum(s.length + s.pad for s in self.shards[0])
-
-    def padding(self, rank: int) -> int:
-        return sum(s.pad for s in self.shards[rank])
-
-    def index(self, rank: int) -> Tensor:
-        """[local_size] int64: the global entry at each local position, -1 for padding."""
-        return _index(self, rank).clone()
-
-    def scaled(self, width: int) -> Partition:
-        """The same split with every entry widened to `width` entries (heads -> channels)."""
-        return Partition(
-            self.size * width,
-            tuple(
-                tuple(Segment(s.start * width, s.length * width, s.pad * width) for s in segs)
-                for segs in self.shards
-            ),
-        )
-
-    def describe(self) -> str:
-        pads = [self.padding(r) for r in range(self.world)]
-        text = f"{self.size} -> {self.local_size} per rank"
-        if any(pads):
-            text += f" (zero padding per rank: {pads})"
-        return text
-
-
-@lru_cache(maxsize=4096)
-def _index(partition: Partition, rank: int) -> Tensor:
-    parts = []
-    for s in partition.shards[rank]:
-        parts.append(torch.arange(s.start, s.start + s.length, dtype=torch.long))
-        parts.append(torch.full((s.pad,), -1, dtype=torch.long))
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-
-
-# -- partition builders ------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1024)
-def split_units(size: int, world: int, unit: int = 1) -> Partition:
-    """Contiguous whole `unit`s per rank, zero-padded at the end to ceil(units / world) units.
-
-    The smallest equal per-rank length made of whole units: e.g. 231 groups of 128 at world 2 give
-    116 groups per rank, the second rank padded with one zero group (formats.md §10.4).
-    """
-    if world < 1 or unit < 1:
-        raise ValueError(f"world ({world}) and unit ({unit}) must be positive")
-    units = -(-size // unit)
-    local = -(-units // world) * unit
-    shards = []
-    for rank in range(world):
-        start = min(rank * local, size)
-        length = max(0, min(size, start + local) - start)
-        shards.append((Segment(start, length, local - length),))
-    return Partition(size, tuple(shards))
-
-
-@lru_cache(maxsize=1024)
-def split_regrouped(size: int, world: int, group: int) -> Partition:
-    """formats.md §10.4 regrouping: channels split evenly, each group a rank touches padded to whole.
-
-    Rank r holds channels [r*size/world, (r+1)*size/world); every original group it touches
-    becomes one local group (its real channels, then padding), so a group cut by a rank boundary
-    keeps its scale on both sides. Ranks are padded to the longest with whole zero groups.
-    """
-    if world < 1 or group < 1:
-        raise ValueError(f"world ({world}) and group ({group}) must be positive")
-    shards: list[list[Segment]] = []
-    for rank in range(world):
-        begin, end = rank * size // world, (rank + 1) * size // world
-        segs = []
-        g = begin // group
-        while g * group < end:
-            lo, hi = max(begin, g * group), min(end, (g + 1) * group)
-            segs.append(Segment(lo, hi - lo, group - (hi - lo)))
-            g += 1
-        shards.append(segs)
-    local = max(sum(s.length + s.pad for s in segs) for segs in shards)
-    for segs in shards:
-        missing = local - sum(s.length + s.pad for s in segs)
-        if missing:
-            last = segs[-1] if segs else Segment(0, 0, 0)
-            segs[-1:] = [replace(last, pad=last.pad + missing)]
-    return Partition(size, tuple(tuple(segs) for segs in shards))
-
-
-def split_heads(num_heads: int, world: int, what: str) -> Partition:
-    """Whole heads per rank; heads cannot be padded away, so they must divide evenly."""
-    if num_heads % world:
-        raise UnsupportedError(
-            f"{what}: {num_heads} attention heads cannot be split over {world} ranks "
-            f"(tensor-parallel sizes that divide them: {', '.join(map(str, divisors(num_heads)))})"
-        )
-    return split_units(num_heads, world)
-
-
-def split_kv_heads(num_kv_heads: int, num_heads: int, world: int, what: str) -> Partition:
-    """KV heads split evenly, or replicated when there are fewer than ranks (formats.md §10.1).
-
-    Replication gives rank r the KV head its query heads use: head r * num_kv_heads // world.
-    """
-    if num_kv_heads % world == 0:
-        return split_units(num_kv_heads, world)
-    if world % num_kv_heads == 0 and num_heads % world == 0:
-        return Partition(num_kv_heads, tuple((Segment(r * num_kv_heads // world, 1),) for r in range(world)))
-    raise UnsupportedError(
-        f"{what}: {num_kv_heads} KV heads can neither be split over {world} ranks nor replicated "
-        f"({world} is not a multiple of {num_kv_heads}); with {num_heads} query heads, tensor-parallel "
-        f"sizes must divide {num_kv_heads} or be a multiple of it that divides {num_heads}"
-    )
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else [1]
 
 
 # -- what a spec needs from a split --------------------------------------------------------------
@@ -222,7 +78,7 @@ def _common_block(partition: Partition, block: int, multiple_of: int) -> int | N
     for size in sorted(divisors(block), reverse=True):
         if size % multiple_of:
             continue
-        if all(_block_map(_index(partition, r), size) is not None for r in range(partition.world)):
+        if all(_block_map(rank_index(partition, r), size) is not None for r in range(partition.world)):
             return size
     return None
 
@@ -231,7 +87,7 @@ def _common_block(partition: Partition, block: int, multiple_of: int) -> int | N
 def _whole_groups(partition: Partition, group: int) -> bool:
     """Every original group of `group` entries lies wholly inside one local group of one rank."""
     for rank in range(partition.world):
-        index = _index(partition, rank)
+        index = rank_index(partition, rank)
         bmap = _block_map(index, group)
         if bmap is None:
             return False
@@ -308,7 +164,7 @@ def activation_group_map(
     if stored.act.granularity != "group" or _whole_groups(partition, stored.act.group_size):
         return None
     fine, whole = local.act.group_size, stored.act.group_size
-    index = _index(partition, rank)
+    index = rank_index(partition, rank)
     padded = torch.full((-(-index.numel() // fine) * fine,), -1, dtype=torch.long)
     padded[: index.numel()] = index
     # Every real entry of a local group lies in one original group (local_spec chose `fine` so).
@@ -356,7 +212,7 @@ def shard_quant(
     """This rank's piece of `weight`, padded with entries that dequantize to exactly zero."""
     spec = local_spec(weight.spec, style, partition, name)
     assert spec is not None
-    index = _index(partition, rank)
+    index = rank_index(partition, rank)
     out = _shard_rows(weight, spec, index) if style == "column" else _shard_cols(weight, spec, index)
     return out.validate(name)
 
@@ -452,12 +308,12 @@ def _act_order_cols(w: QuantWeight, index: Tensor) -> tuple[Tensor, Tensor | Non
 
 def shard_dense(tensor: Tensor, style: ShardStyle, partition: Partition, rank: int) -> Tensor:
     """Rows (column style) or columns (row style) of a dense [N, K] weight, zero-padded."""
-    return _select(tensor, 0 if style == "column" else 1, _index(partition, rank), 0)
+    return _select(tensor, 0 if style == "column" else 1, rank_index(partition, rank), 0)
 
 
 def shard_vector(vector: Tensor, partition: Partition, rank: int) -> Tensor:
     """A column-parallel bias (or any per-output vector), zero-padded."""
-    return _select(vector, 0, _index(partition, rank), 0)
+    return _select(vector, 0, rank_index(partition, rank), 0)
 
 
 def gather_segments(

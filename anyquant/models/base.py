@@ -24,7 +24,7 @@ from anyquant.layers.norm import RMSNorm, add_rms_norm
 from anyquant.layers.rotary import RotaryEmbedding, rope_parameters
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 

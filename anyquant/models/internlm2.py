@@ -27,7 +27,7 @@ from anyquant.layers.rotary import RotaryEmbedding
 from anyquant.models.base import CacheShape, DecoderArgs
 
 if TYPE_CHECKING:
-    from anyquant.loading.sharding import Partition
+    from anyquant.parallel.partition import Partition
     from anyquant.parallel.state import ParallelState
 
 # The checkpoint's names of the gate / up / down projections.

@@ -6,10 +6,14 @@ checkpoint that declares no quantization. Used by the loader and by `inspect` al
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from anyquant.errors import QuantConfigError
-from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import QuantFormat
 from anyquant.quant.registry import format_class, known_quant_methods
+
+if TYPE_CHECKING:  # annotation only: the loader and `inspect` pass the checkpoint in
+    from anyquant.loading.checkpoint import Checkpoint
 
 # Tensor-name suffixes and dtypes that only quantized checkpoints contain.
 _QUANT_SUFFIXES = (".qweight", ".weight_packed", ".weight_scale_inv", ".weight_scale", ".qzeros")

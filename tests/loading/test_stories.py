@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from anyquant import LLM, SamplingParams
+from anyquant.bench.evaluate import corpus_perplexity
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
-from anyquant.utils.evaluate import corpus_perplexity
 
 pytestmark = pytest.mark.slow
 

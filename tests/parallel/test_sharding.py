@@ -11,13 +11,15 @@ from torch import Tensor
 
 from anyquant.errors import UnsupportedError
 from anyquant.loading.sharding import (
-    Partition,
-    Segment,
     gather_segments,
     local_spec,
     shard_dense,
     shard_quant,
     shard_vector,
+)
+from anyquant.parallel.partition import (
+    Partition,
+    Segment,
     split_heads,
     split_kv_heads,
     split_regrouped,

@@ -25,10 +25,12 @@ from anyquant.layers.linear import QuantLinear
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import load_model
 from anyquant.loading.sharding import (
-    Partition,
     activation_group_map,
     row_unit,
     shard_quant,
+)
+from anyquant.parallel.partition import (
+    Partition,
     split_regrouped,
     split_units,
 )

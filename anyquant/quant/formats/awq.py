@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.formats.base import (
     FormatWriter,
     QuantFormat,
@@ -30,6 +29,9 @@ from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 Layout = Literal["gemm", "gemv"]
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import TensorError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,12 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.formats.base import (
     FormatWriter,
     QuantFormat,
@@ -32,6 +31,9 @@ from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, Granularity, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight, expected_scale_shape, num_groups
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 # The `version` the writer stamps: the compressed-tensors release whose byte layout it reproduces and
 # was checked against, not whatever library happens to be installed (the writer does not use the

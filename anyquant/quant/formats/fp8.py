@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.formats.base import (
     FormatWriter,
     QuantFormat,
@@ -31,6 +30,9 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import FP8_MAX, ActQuant, Granularity, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 # Scales are dequantization multipliers in every dtype below (formats.md §11.10).
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

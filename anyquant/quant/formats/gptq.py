@@ -12,14 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from anyquant import __version__
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.formats.base import (
     FormatWriter,
     QuantFormat,
@@ -33,6 +32,9 @@ from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 _BITS = (2, 3, 4, 8)
 _WEIGHT: dict[int, WeightType] = {2: "uint2", 3: "uint3", 4: "uint4", 8: "uint8"}

@@ -9,13 +9,12 @@ lmdeploy's `lite auto_awq` output (`quant_method: "awq"`) belongs to the AWQ for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import TensorIndex
 from anyquant.quant.formats.base import (
     FormatWriter,
     QuantFormat,
@@ -36,6 +35,9 @@ from anyquant.quant.formats.fp8 import (
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight
+
+if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
+    from anyquant.loading.checkpoint import TensorIndex
 
 # quant_dtype -> (canonical weight type, activation type, safetensors dtype, torch dtype)
 _QUANT_DTYPES: dict[str, tuple[WeightType, ActType, str, torch.dtype]] = {
