@@ -442,7 +442,7 @@ class _Job:
                     raise AnyquantError(f"{prefix}: the exact translation changed dequantized values (a bug)")
                 else:
                     converted = fitted
-        if converted is None and plan.kind == "lm_head" and not weight.spec.act_order:
+        if converted is None and plan.kind == "lm_head":
             # An LM head of its own type (GGUF files keep it at Q6_K) that the target does not
             # quantize or cannot hold exactly: float32 holds its dequantized values exactly, so it
             # is written unquantized rather than refusing the whole model over it.

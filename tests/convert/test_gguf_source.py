@@ -91,6 +91,12 @@ def test_tokenizer_files_come_from_the_gguf_metadata(tmp_path: Path) -> None:
     assert llm.tokenizer is not None
     text = "Hello, world! 123 héllo\n\tend"
     assert written.encode(text) == llm.tokenizer.encode(text)
+    # transformers reads the same files and tokenizes the same way.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(dst))
+    assert hf(text, add_special_tokens=False).input_ids == written.encode(text)
+    assert hf.chat_template == meta.fields["tokenizer.chat_template"].contents()
     config = json.loads((dst / "tokenizer_config.json").read_text())
     eos = meta.fields["tokenizer.ggml.eos_token_id"].parts[-1][0]
     assert config["eos_token"] == tokens[int(eos)]
