@@ -234,7 +234,7 @@ def _prepare_output(dst: Path, overwrite: bool) -> None:
 # -- survey: what the layers really are ------------------------------------------------------
 
 
-def _decode(ckpt: Checkpoint, source: QuantFormat, plan: LayerPlan, read: list[str]) -> QuantWeight:
+def decode_layer(ckpt: Checkpoint, source: QuantFormat, plan: LayerPlan, read: list[str]) -> QuantWeight:
     assert plan.spec is not None
     stored = ckpt.read_many(n for n in read if n != plan.bias)
     weight = source.decode(plan.prefix, plan.spec, stored).validate(plan.prefix)
@@ -251,7 +251,7 @@ def _survey(
         read = check_linear(ckpt, source, plan)
         nbytes = _stored_bytes(ckpt, read)
         if plan.spec is not None:
-            weight = _decode(ckpt, source, plan, read)
+            weight = decode_layer(ckpt, source, plan, read)
             exact = {d for d in _SCALE_DTYPES if bool((weight.scale.to(d).float() == weight.scale).all())}
             specs.append((plan.kind, weight.spec, exact))
             del weight
@@ -404,7 +404,7 @@ class _Job:
 
     def _quantized(self, plan: LayerPlan, read: list[str]) -> None:
         prefix, target = plan.prefix, self.report.target
-        weight = _decode(self.ckpt, self.source, plan, read)
+        weight = decode_layer(self.ckpt, self.source, plan, read)
         source_desc = weight.spec.describe()
         shape = self.padding.padded_shape(prefix, plan.shape) if self.padding else plan.shape
         tspec = self.writer.spec_for(prefix, shape, plan.kind)

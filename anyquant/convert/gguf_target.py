@@ -19,8 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.convert.converter import ConversionRefused, ConvertOptions, ConvertReport, LayerOutcome
-from anyquant.convert.exact import dequantized_equal, drop_trivial_act_order, fit_exact, minimal
+from anyquant.convert.converter import (
+    ConversionRefused,
+    ConvertOptions,
+    ConvertReport,
+    LayerOutcome,
+    decode_layer,
+)
+from anyquant.convert.exact import dequantized_equal, fit_exact
 from anyquant.convert.gguf_vocab import gguf_vocab
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.loading.gguf_layout import gguf_tensor_name, interleave_half_rows
@@ -98,15 +104,22 @@ def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | 
         return rows
 
     report = ConvertReport("gguf", scale_dtype="float16")
-    out: dict[str, tuple[Any, Any]] = {}  # GGUF name -> (array, raw type or None)
+    # Tensors are spooled to a temporary file as each layer is converted (one layer in memory);
+    # nothing reaches DST before every layer converted, and then under a temporary name first.
+    writer = gguf.GGUFWriter(None, arch, use_temp_file=True)
+    _tokenizer(writer, ckpt, src_path)  # an unsupported tokenizer is refused before any work
+
+    def add(name: str, array: Any, raw: Any = None) -> None:
+        if not any(r.how == "refused" for r in report.layers):  # after a refusal only check
+            writer.add_tensor(_name(name), np.ascontiguousarray(array), raw_dtype=raw)
+
     consumed: set[str] = set()
     counts: dict[str, int] = {}
     for plan in plans:
         consumed.update(check_linear(ckpt, source, plan))
         if plan.spec is None:
             continue  # copied with the other float tensors below
-        weight = minimal(drop_trivial_act_order(source.decode(plan.prefix, plan.spec, ckpt.read_many(
-            n for n in check_linear(ckpt, source, plan) if n != plan.bias)).validate(plan.prefix)))  # fmt: skip
+        weight = decode_layer(ckpt, source, plan, check_linear(ckpt, source, plan))
         desc = weight.spec.describe()
         fitted = _to_ggml(plan.prefix, weight)
         if isinstance(fitted, str):
@@ -126,9 +139,11 @@ def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | 
         counts[kind] = counts.get(kind, 0) + 1
         name = f"{plan.prefix}.weight"
         blocks = gguf_rows(name, _block_bytes(kind, new))
-        out[_name(name)] = (blocks.numpy(), gguf.GGMLQuantizationType[kind])
+        add(name, blocks.numpy(), gguf.GGMLQuantizationType[kind])
     refused = [r for r in report.layers if r.how == "refused"]
     if refused:
+        if writer.temp_file is not None:
+            writer.temp_file.close()  # the spooled tensors
         raise ConversionRefused("gguf", refused)
     if not counts:
         raise AnyquantError(f"{src_path}: no quantized layer found to convert")
@@ -137,16 +152,12 @@ def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | 
         if name in consumed and any(name.startswith(f"{p}.") and name != f"{p}.bias" for p in quantized):
             continue  # a quantized layer's stored tensors (written above), not its bias
         tensor = gguf_rows(name, ckpt.read(name).float())
-        out[_name(name)] = (tensor.numpy(), None)
+        add(name, tensor.numpy())
 
     # Written under a temporary name: an interrupted run never leaves a file that looks finished.
     partial = dst_path.with_name(dst_path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch, use_temp_file=True)
     _metadata(writer, gguf, arch, config, src_path, max(counts, key=counts.__getitem__))
-    _tokenizer(writer, ckpt, src_path)
-    for name, (array, raw) in out.items():
-        writer.add_tensor(name, np.ascontiguousarray(array), raw_dtype=raw)
-    writer.write_header_to_file()
+    writer.write_header_to_file(path=partial)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
