@@ -79,6 +79,12 @@ def test_llama_q_k_rows_go_back_to_llamacpp_order(tmp_path: Path) -> None:
     a, b = _tensors(src), _tensors(out)
     for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight"):
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name  # type: ignore[attr-defined]
+    # The tokenizer went through tokenizer.json and back: same pre-tokenizer name, same tokens.
+    assert gguf.GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    original, written = LLM(str(src)).tokenizer, LLM(str(out)).tokenizer
+    assert original is not None and written is not None
+    text = "Hello, world! 12345 it's\n"
+    assert original.encode(text) == written.encode(text)
 
 
 def test_asymmetric_4bit_groups_of_128_fit_q8_0_exactly(tmp_path: Path) -> None:
