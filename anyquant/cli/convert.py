@@ -9,7 +9,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="quantized model directory")
     parser.add_argument("dst", help="output directory (new or empty)")
     parser.add_argument(
-        "--format", required=True, help="output format (the values `quantize --format` takes)"
+        "--format",
+        required=True,
+        help="output format (the values `quantize --format` takes, or gguf: Q4_0 / Q8_0 where exact)",
     )
     parser.add_argument(
         "--requantize",
@@ -48,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         tile=args.tile or DEFAULT_TILE,
         overwrite=args.overwrite,
     )
-    report = convert_checkpoint(args.src, args.dst, args.format, options)
+    if args.format == "gguf":  # one file with its own metadata, not a checkpoint directory
+        from anyquant.convert.gguf_target import convert_to_gguf
+
+        report = convert_to_gguf(args.src, args.dst, options)
+    else:
+        report = convert_checkpoint(args.src, args.dst, args.format, options)
     counts: dict[str, int] = {}
     for layer in report.layers:
         counts[layer.how] = counts.get(layer.how, 0) + 1

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from anyquant.convert.exact import dequantized_equal, drop_trivial_act_order, fit_exact, minimal
+from anyquant.convert.gguf_source import write_gguf_side_files
 from anyquant.convert.padding import (
     DEFAULT_TILE,
     PaddingPlan,
@@ -49,6 +50,7 @@ from anyquant.loading.loader import build_on_meta, resolve_dtype
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import spec_lookup
 from anyquant.loading.progress import LoadProgress
+from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.detect import detect_format
@@ -90,7 +92,7 @@ class LayerOutcome:
     prefix: str
     source: str  # the source spec, or "unquantized"
     target: str  # the written spec, or "unquantized"
-    how: str  # exact | reordered | requantized | unquantized | refused
+    how: str  # exact | reordered | dequantized (lossless, float32) | requantized | unquantized | refused
     rel_error: float | None = None  # requantized layers: ||deq(src) - deq(dst)|| / ||deq(src)||
     reason: str | None = None
 
@@ -127,7 +129,7 @@ def convert_checkpoint(
     require_save_modules()
     src_path, dst_path = Path(src), Path(dst)
     writer_cls = writer_class(target)
-    ckpt = Checkpoint(src_path)
+    ckpt = open_checkpoint(src_path)  # a model directory, or a GGUF file read as one
     source = detect_format(ckpt)
     if source is None:
         raise AnyquantError(f"{src_path} is not quantized; `anyquant quantize` writes a first quantized copy")
@@ -148,10 +150,19 @@ def convert_checkpoint(
     total = sum(ckpt.index.info(n).numel * ckpt.index.info(n).torch_dtype.itemsize for n in ckpt.index)
 
     progress.start_weights(total, desc="surveying layers")
-    specs, exact_dtypes = _survey(ckpt, source, plans, progress)
+    surveyed = _survey(ckpt, source, plans, progress)
     progress.finish_weights()
     ckpt.close()  # the survey's last maps would otherwise stay resident through the next pass
-    writer = _make_writer(writer_cls, specs, any(p.kind == "lm_head" and p.spec is not None for p in plans))
+    dominant = Counter(spec for _, spec, _ in surveyed).most_common(1)[0][0]
+    # A quantized LM head goes to the target quantized when it has the other layers' spec; one of
+    # its own type (GGUF files keep it at Q6_K) is left to the target's default, which writes it
+    # unquantized (dequantized losslessly) rather than refusing the whole model over it.
+    lm_head = any(kind == "lm_head" and spec == dominant for kind, spec, _ in surveyed)
+    writer = _make_writer(writer_cls, dominant, lm_head, [spec for _, spec, _ in surveyed])
+    exact_dtypes = set(_SCALE_DTYPES)
+    for kind, _spec, exact in surveyed:
+        if kind != "lm_head" or lm_head:
+            exact_dtypes &= exact
     scale_dtype = _choose_scale_dtype(writer, model_dtype, exact_dtypes)
     report = ConvertReport(target, scale_dtype=str(scale_dtype).removeprefix("torch."))
     if padding is not None:
@@ -172,6 +183,7 @@ def convert_checkpoint(
     report.files = job.out.finish()
     new_config = padded_config(ckpt.config, padding) if padding is not None else ckpt.config
     write_configs(ckpt, dst_path, writer, job.skipped, config=_without_nested_quant_config(new_config))
+    write_gguf_side_files(ckpt, dst_path)
     (dst_path / PARTIAL_MARKER).unlink()
     log.info("converted %s -> %s (%s)", src_path, dst_path, target)
     return report
@@ -189,7 +201,7 @@ def _without_nested_quant_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_padding(src: str | Path, world: int, tile: int = DEFAULT_TILE) -> PaddingPlan:
     """What `--pad-for-tp world` would do to `src`, from its headers and config.json only."""
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
     return plan_padding(model, spec_lookup(detect_format(ckpt)), ckpt.config, world, tile)
 
@@ -222,7 +234,7 @@ def _prepare_output(dst: Path, overwrite: bool) -> None:
 # -- survey: what the layers really are ------------------------------------------------------
 
 
-def _decode(ckpt: Checkpoint, source: QuantFormat, plan: LayerPlan, read: list[str]) -> QuantWeight:
+def decode_layer(ckpt: Checkpoint, source: QuantFormat, plan: LayerPlan, read: list[str]) -> QuantWeight:
     assert plan.spec is not None
     stored = ckpt.read_many(n for n in read if n != plan.bias)
     weight = source.decode(plan.prefix, plan.spec, stored).validate(plan.prefix)
@@ -231,18 +243,17 @@ def _decode(ckpt: Checkpoint, source: QuantFormat, plan: LayerPlan, read: list[s
 
 def _survey(
     ckpt: Checkpoint, source: QuantFormat, plans: list[LayerPlan], progress: LoadProgress
-) -> tuple[list[QuantSpec], set[torch.dtype]]:
-    """Each quantized layer's simplest spec, and the float dtypes that hold every scale exactly."""
-    specs: list[QuantSpec] = []
-    exact = set(_SCALE_DTYPES)
+) -> list[tuple[str, QuantSpec, set[torch.dtype]]]:
+    """Each quantized layer's kind, simplest spec and the float dtypes that hold its scales exactly."""
+    specs: list[tuple[str, QuantSpec, set[torch.dtype]]] = []
     mapped = 0
     for plan in plans:
         read = check_linear(ckpt, source, plan)
         nbytes = _stored_bytes(ckpt, read)
         if plan.spec is not None:
-            weight = _decode(ckpt, source, plan, read)
-            specs.append(weight.spec)
-            exact = {d for d in exact if bool((weight.scale.to(d).float() == weight.scale).all())}
+            weight = decode_layer(ckpt, source, plan, read)
+            exact = {d for d in _SCALE_DTYPES if bool((weight.scale.to(d).float() == weight.scale).all())}
+            specs.append((plan.kind, weight.spec, exact))
             del weight
         mapped += nbytes
         if mapped > _MAPPED_BYTES:
@@ -251,13 +262,14 @@ def _survey(
         progress.advance(nbytes)
     if not specs:
         raise AnyquantError(f"{ckpt.path}: no quantized layer found to convert")
-    return specs, exact
+    return specs
 
 
-def _make_writer(writer_cls: type[FormatWriter], specs: list[QuantSpec], lm_head: bool) -> FormatWriter:
+def _make_writer(
+    writer_cls: type[FormatWriter], dominant: QuantSpec, lm_head: bool, specs: list[QuantSpec]
+) -> FormatWriter:
     """The target writer configured for the most common layer spec (other layers fit or not);
     `lm_head`: the source quantizes its LM head, so writers that skip it by default are asked not to."""
-    dominant = Counter(specs).most_common(1)[0][0]
     options = writer_cls.options_for(dominant)
     if lm_head:
         options = replace(options, extra={**options.extra, "lm_head": True})
@@ -392,7 +404,7 @@ class _Job:
 
     def _quantized(self, plan: LayerPlan, read: list[str]) -> None:
         prefix, target = plan.prefix, self.report.target
-        weight = _decode(self.ckpt, self.source, plan, read)
+        weight = decode_layer(self.ckpt, self.source, plan, read)
         source_desc = weight.spec.describe()
         shape = self.padding.padded_shape(prefix, plan.shape) if self.padding else plan.shape
         tspec = self.writer.spec_for(prefix, shape, plan.kind)
@@ -430,7 +442,16 @@ class _Job:
                     raise AnyquantError(f"{prefix}: the exact translation changed dequantized values (a bug)")
                 else:
                     converted = fitted
-        if converted is not None:
+        if converted is None and plan.kind == "lm_head":
+            # An LM head of its own type (GGUF files keep it at Q6_K) that the target does not
+            # quantize or cannot hold exactly: float32 holds its dequantized values exactly, so it
+            # is written unquantized rather than refusing the whole model over it.
+            self._add(f"{prefix}.weight", dequantize(weight, torch.float32))
+            self.skipped.append(prefix)
+            self.report.layers.append(
+                LayerOutcome(prefix, source_desc, "unquantized (float32)", "dequantized", reason=reason)
+            )
+        elif converted is not None:
             self._write(prefix, converted)
             self.report.layers.append(LayerOutcome(prefix, source_desc, converted.spec.describe(), how))
         elif not self.options.requantize:

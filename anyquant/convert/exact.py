@@ -195,6 +195,11 @@ def fit_exact(weight: QuantWeight, target: QuantSpec, scale_dtype: torch.dtype) 
         src_act = source.act.describe() if source.act else "none (weight-only)"
         tgt_act = target.act.describe() if target.act else "none (weight-only)"
         return f"activation quantization differs: the source layer uses {src_act}, the target {tgt_act}"
+    if source.has_offset and not target.has_offset and not _offsets_zero(weight):
+        return (
+            "it has a float offset per group (value = code * scale + offset, GGUF's k-quant and "
+            f"Q4_1 / Q5_1 minimums); {target.weight} codes have only integer zero points"
+        )
     if source.act_order and not target.act_order and not trivial_group_index(weight):
         return "non-trivial act-order g_idx (input columns reach their groups out of order)"
     if target.act_order and source.act_order and source.group_size != target.group_size:
@@ -288,6 +293,10 @@ def fit_exact(weight: QuantWeight, target: QuantSpec, scale_dtype: torch.dtype) 
             )
             out.data[..., start:stop, :] = (levels.to(torch.int32) + zeros).to(out.data.dtype)
     return out.validate("converted weight")
+
+
+def _offsets_zero(weight: QuantWeight) -> bool:
+    return weight.offset is None or not bool((weight.offset != 0).any())
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:

@@ -330,3 +330,26 @@ def rotate_half_rows(rows: Tensor, heads: int, name: str) -> Tensor:
         raise CheckpointError(f"tensor {name!r}: {n} rows do not split into {heads} heads of rotary pairs")
     order = torch.arange(n).view(heads, n // heads // 2, 2).transpose(1, 2).reshape(-1)
     return rows.index_select(0, order)
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    """The GGUF name llama.cpp's converter gives a transformers tensor (dense models), or None."""
+    for gguf_name, hf in _GLOBAL_NAMES.items():
+        if hf == name:
+            return gguf_name
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if match is None:
+        return None
+    for role, part in _LAYER_NAMES.items():
+        if part == match[2]:
+            return f"blk.{match[1]}.{role}.{match[3]}"
+    return None
+
+
+def interleave_half_rows(rows: Tensor, heads: int, name: str) -> Tensor:
+    """The inverse of `rotate_half_rows`: transformers' q/k rows in llama.cpp's order."""
+    n = rows.shape[0]
+    if heads <= 0 or n % (2 * heads):
+        raise CheckpointError(f"tensor {name!r}: {n} rows do not split into {heads} heads of rotary pairs")
+    order = torch.arange(n).view(heads, 2, n // heads // 2).transpose(1, 2).reshape(-1)
+    return rows.index_select(0, order)
