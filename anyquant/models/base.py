@@ -7,7 +7,7 @@ loads weights (the loader does) or knows about quantization (QuantLinear kernels
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -282,16 +282,37 @@ class DecoderLM(nn.Module, TensorParallelLayer):
         many sequences, as `ctx` says) -> fp32 logits [rows, vocab] for `logits_rows` (all rows by
         default). `input_embeds` replaces the embeddings of some rows (image placeholders)."""
         body = self.body
-        dtype = body.embed_tokens.weight.dtype  # the compute dtype
-        cos_sin = body.rotary.cos_sin(positions, dtype, ctx.max_position)
-        x = body.embed_tokens(token_ids).float()
-        if input_embeds is not None:
-            x.index_copy_(0, input_embeds.rows, input_embeds.values.float())
-        for layer in body.layers:
-            x = layer(x, positions, cos_sin, ctx)
-        if logits_rows is not None:
-            x = x[logits_rows]
-        return self.lm_head(body.norm(x, dtype)).float()
+        return run_decoder(
+            body.embed_tokens, body.rotary, body.layers, body.norm, self.lm_head,
+            token_ids, positions, ctx, logits_rows, input_embeds,
+        )  # fmt: skip
+
+
+def run_decoder(
+    embed_tokens: nn.Embedding,
+    rotary: RotaryEmbedding,
+    layers: Iterable[nn.Module],
+    norm: nn.Module,
+    head: nn.Module,
+    token_ids: Tensor,
+    positions: Tensor,
+    ctx: AttentionContext,
+    logits_rows: Tensor | None,
+    input_embeds: InputEmbeds | None,
+) -> Tensor:
+    """The decoder step every family shares, whatever its modules are named: embed (some rows
+    replaced by `input_embeds`), the layers on an fp32 residual stream, the final norm and the head
+    on `logits_rows` only."""
+    dtype = embed_tokens.weight.dtype  # the compute dtype
+    cos_sin = rotary.cos_sin(positions, dtype, ctx.max_position)
+    x = embed_tokens(token_ids).float()
+    if input_embeds is not None:
+        x.index_copy_(0, input_embeds.rows, input_embeds.values.float())
+    for layer in layers:
+        x = layer(x, positions, cos_sin, ctx)
+    if logits_rows is not None:
+        x = x[logits_rows]
+    return head(norm(x, dtype)).float()
 
 
 @dataclass(frozen=True)

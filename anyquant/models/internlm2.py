@@ -12,7 +12,7 @@ query heads. Config keys: InternLM2Config's (`bias` for wqkv/wo, `rope_scaling` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -24,7 +24,7 @@ from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
 from anyquant.layers.norm import RMSNorm, add_rms_norm
 from anyquant.layers.rotary import RotaryEmbedding
-from anyquant.models.base import CacheShape, DecoderArgs
+from anyquant.models.base import CacheShape, DecoderArgs, InputEmbeds, run_decoder
 
 if TYPE_CHECKING:
     from anyquant.parallel.partition import Partition
@@ -171,34 +171,20 @@ class InternLM2LM(nn.Module, TensorParallelLayer):
         positions: Tensor,
         ctx: AttentionContext,
         logits_rows: Tensor | None = None,
-        input_embeds: RowEmbeds | None = None,
+        input_embeds: InputEmbeds | None = None,
     ) -> Tensor:
         """token_ids [T] at `positions` [T] -> fp32 logits [rows, vocab] for `logits_rows` (all rows
         by default); `input_embeds` replaces the embeddings of some rows (image placeholders)."""
         body = self.model
-        dtype = body.tok_embeddings.weight.dtype  # the compute dtype
-        cos_sin = body.rotary.cos_sin(positions, dtype, ctx.max_position)
-        x = body.tok_embeddings(token_ids).float()
-        if input_embeds is not None:
-            x.index_copy_(0, input_embeds.rows, input_embeds.values.float())
-        for layer in body.layers:
-            x = layer(x, positions, cos_sin, ctx)
-        if logits_rows is not None:
-            x = x[logits_rows]
-        return self.output(body.norm(x, dtype)).float()
+        return run_decoder(
+            body.tok_embeddings, body.rotary, body.layers, body.norm, self.output,
+            token_ids, positions, ctx, logits_rows, input_embeds,
+        )  # fmt: skip
 
     @property
     def body(self) -> InternLM2Body:
         """The decoder body (the name other families' callers use)."""
         return self.model
-
-
-class RowEmbeds(Protocol):
-    """Embeddings for some rows of a step: `values[i]` replaces row `rows[i]` (an encoder's output
-    at its placeholder tokens)."""
-
-    rows: Tensor  # [N] long
-    values: Tensor  # [N, hidden]
 
 
 def build(config: dict[str, Any]) -> InternLM2LM:

@@ -16,7 +16,6 @@ values) replace the placeholder rows' token embeddings.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,7 +27,7 @@ from anyquant.config_fields import cfg_bool, cfg_dict, cfg_float, cfg_int, cfg_s
 from anyquant.errors import AnyquantError, CheckpointError
 from anyquant.layers.attention import AttentionContext
 from anyquant.layers.linear import QuantLinear
-from anyquant.models.internlm2 import RowEmbeds
+from anyquant.models.base import InputEmbeds
 from anyquant.models.internvit import InternViT, VisionArgs
 
 if TYPE_CHECKING:
@@ -169,26 +168,12 @@ class InternVLChatModel(nn.Module):
         positions: Tensor,
         ctx: AttentionContext,
         logits_rows: Tensor | None = None,
-        input_embeds: RowEmbeds | None = None,
+        input_embeds: InputEmbeds | None = None,
     ) -> Tensor:
         """The language model's forward; `input_embeds` (rows, values) replace the token
         embeddings of the image placeholder rows."""
-        lm: Any = self.language_model
-        if input_embeds is None:
-            return lm(token_ids, positions, ctx, logits_rows)
-        if "input_embeds" in inspect.signature(lm.forward).parameters:
-            return lm(token_ids, positions, ctx, logits_rows, input_embeds=input_embeds)
-        # A text family without an embeddings input: swap the rows in at its embedding's output.
-        rows, values = input_embeds.rows, input_embeds.values
-
-        def put_rows(_module: nn.Module, _args: Any, out: Tensor) -> Tensor:
-            return out.index_copy(0, rows, values.to(out.dtype))
-
-        handle = lm.model.embed_tokens.register_forward_hook(put_rows)
-        try:
-            return lm(token_ids, positions, ctx, logits_rows)
-        finally:
-            handle.remove()
+        lm: Any = self.language_model  # every text family here takes `input_embeds`
+        return lm(token_ids, positions, ctx, logits_rows, input_embeds)
 
     @property
     def model(self) -> nn.Module:
