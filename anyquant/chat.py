@@ -24,7 +24,14 @@ class ChatInputError(ValueError):
     """A message or tool that cannot be rendered; the text names the field."""
 
 
-def content_text(content: Any, where: str) -> str | list[dict[str, str]]:
+# Image content parts: OpenAI's URL form, and vLLM's offline-only PIL form (`LLM.chat`).
+SERVER_IMAGE_PARTS = ("image_url",)
+OFFLINE_IMAGE_PARTS = ("image_url", "image_pil")
+
+
+def content_text(
+    content: Any, where: str, image_parts: tuple[str, ...] = SERVER_IMAGE_PARTS
+) -> str | list[dict[str, str]]:
     """A message's content as a chat template takes it: one string when it is all text, else the
     parts in order, text ones as {"type": "text", "text"} and images as {"type": "image"} (the
     images themselves travel beside the prompt: engine/multimodal.py)."""
@@ -37,7 +44,7 @@ def content_text(content: Any, where: str) -> str | list[dict[str, str]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
+        elif kind in image_parts:
             parts.append({"type": "image"})
         else:
             raise ChatInputError(
@@ -50,13 +57,18 @@ def content_text(content: Any, where: str) -> str | list[dict[str, str]]:
     return parts
 
 
-def has_images(messages: list[dict[str, Any]]) -> bool:
-    return any(
-        isinstance(m, dict)
-        and isinstance(m.get("content"), list)
-        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
-        for m in messages
-    )
+def image_parts_of(
+    messages: list[dict[str, Any]], kinds: tuple[str, ...] = OFFLINE_IMAGE_PARTS
+) -> list[tuple[str, dict[str, Any]]]:
+    """(where, part) of every image part of the messages, in order."""
+    found = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") in kinds:
+                    found.append((f"messages[{i}].content[{j}]", part))
+    return found
 
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
@@ -81,7 +93,9 @@ def _tool_call(call: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def template_messages(
+    messages: list[dict[str, Any]], image_parts: tuple[str, ...] = SERVER_IMAGE_PARTS
+) -> list[dict[str, Any]]:
     """Normalise OpenAI messages for a template; raises ChatInputError naming the bad field."""
     out = []
     for i, message in enumerate(messages):
@@ -90,7 +104,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ChatInputError(f"{where} must be an object with a string 'role'")
         rendered: dict[str, Any] = {
             "role": message["role"],
-            "content": content_text(message.get("content"), where),
+            "content": content_text(message.get("content"), where, image_parts),
         }
         for key in ("name", "tool_call_id"):
             if message.get(key) is not None:
@@ -132,6 +146,7 @@ def render_chat(
     chat_template: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
     continue_final_message: bool = False,
+    image_parts: tuple[str, ...] = SERVER_IMAGE_PARTS,
 ) -> str:
     """The prompt text of a chat request (ChatInputError for bad input, CheckpointError when the
     template fails). `continue_final_message`: end the prompt right after the last message's
@@ -143,7 +158,7 @@ def render_chat(
         raise ChatInputError(f"chat_template_kwargs must not set {reserved}; they have fields of their own")
     if continue_final_message and add_generation_prompt:
         raise ChatInputError("continue_final_message and add_generation_prompt cannot both be true")
-    rendered = template_messages(messages)
+    rendered = template_messages(messages, image_parts)
     text = tokenizer.apply_chat_template(
         rendered,
         add_generation_prompt=add_generation_prompt,

@@ -394,23 +394,18 @@ class LLM:
         with the model's chat template, or `chat_template` (a template file or the template
         itself), and generate. The rendering is the server's: the same request gives the same
         prompt, and with the same sampling parameters the same tokens."""
-        from anyquant.chat import ChatInputError, has_images, render_chat
+        from anyquant.chat import OFFLINE_IMAGE_PARTS, ChatInputError, image_parts_of, render_chat
 
         if self.tokenizer is None:
             raise AnyquantError("chat() needs tokenizer files (tokenizer.json) in the model directory")
-        flat = [m for c in messages for m in (c if isinstance(c, list) else [c])]
-        if has_images(flat):
-            raise AnyquantError(
-                "chat() takes text messages; for images use generate() with "
-                '{"prompt": ..., "multi_modal_data": {"image": ...}} (the server takes image_url parts)'
-            )
         conversations: list[list[dict[str, Any]]]
         if messages and isinstance(messages[0], list):
             conversations = [list(c) for c in messages if isinstance(c, list)]
         else:
             conversations = [[m for m in messages if isinstance(m, dict)]]
         template = load_override(chat_template) if chat_template is not None else None
-        texts, prompts = [], []
+        texts: list[str] = []
+        prompts: list[PromptType] = []
         for conversation in conversations:
             try:
                 text = render_chat(
@@ -421,16 +416,35 @@ class LLM:
                     template,
                     chat_template_kwargs,
                     continue_final_message,
+                    OFFLINE_IMAGE_PARTS,
                 )
             except ChatInputError as exc:
                 raise AnyquantError(str(exc)) from exc
             # The template writes any BOS itself, so none is added here (as the server does).
             texts.append(text)
-            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
-        outputs = self.generate(prompt_token_ids=prompts, sampling_params=sampling_params)
+            prompt: dict[str, Any] = {
+                "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)
+            }
+            images = [self._chat_image(part, where) for where, part in image_parts_of(conversation)]
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+        outputs = self.generate(prompts, sampling_params=sampling_params)
         for out, text in zip(outputs, texts):
             out.prompt = text
         return outputs
+
+    def _chat_image(self, part: dict[str, Any], where: str) -> Any:
+        """A chat image part as a PIL image: vLLM's `image_pil` as given, an `image_url` (data: URL
+        or file://, which offline use may read anywhere) decoded within the server's size limits."""
+        from anyquant.models.media import MediaLimits, image_url_of, load_image
+
+        if part.get("type") == "image_pil":
+            return part.get("image_pil")
+        try:
+            return load_image(image_url_of(part, where), MediaLimits(allowed_local_path=Path("/")), where)
+        except ImageInputError as exc:
+            raise AnyquantError(str(exc)) from exc
 
     def _request_of(self, prompt: PromptType) -> tuple[str | None, list[int], MultimodalPrompt | None]:
         if isinstance(prompt, str):

@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from anyquant.models.media import MediaLimits
         from anyquant.server.app import ServerConfig, create_app
-        from anyquant.server.media import MediaLimits
     except ImportError as exc:
         raise AnyquantError(
             f"the server needs its extra dependencies ({exc}); pip install 'anyquant[server]'"

@@ -37,10 +37,10 @@ from anyquant.engine.grammar import GuidedDecodingError
 from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.sampling import GuidedDecodingParams
 from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
+from anyquant.models.media import MediaLimits, image_url_of, load_image
 from anyquant.models.multimodal import ImageInputError, ImageProcessor
 from anyquant.server.errors import ApiError
 from anyquant.server.guard import Guard
-from anyquant.server.media import MediaLimits, image_url_of, load_image
 from anyquant.server.metrics import ServerMetrics
 from anyquant.server.protocol import (
     ChatCompletionRequest,

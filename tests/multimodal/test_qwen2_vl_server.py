@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.models.media import MediaLimits
 from anyquant.server import ServerConfig, create_app
-from anyquant.server.media import MediaLimits
 from anyquant.utils.tiny_vlm import write_tiny_vlm
 from tests.server.conftest import LiveServer, call
 
@@ -71,6 +71,14 @@ def test_openai_client_streams_a_chat_about_an_image(app: Any, llm: LLM) -> None
     )[0]
     assert text == expected.text
     assert expected.token_ids  # the comparison saw generated tokens
+    # vLLM's offline LLM.chat: the same request (image as the URL, or as vLLM's PIL part) gives the
+    # same tokens.
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    as_pil = [
+        {"role": "user", "content": [{"type": "image_pil", "image_pil": image}, messages[0]["content"][1]]}
+    ]
+    for chat_messages in (messages, as_pil):
+        assert llm.chat(chat_messages, params)[0].token_ids == expected.token_ids
 
 
 def test_local_file_inside_the_allowed_directory(app: Any, tmp_path: Path) -> None:

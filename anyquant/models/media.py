@@ -1,7 +1,8 @@
-"""Images in chat messages: `image_url` content parts -> PIL images, within the server's limits.
+"""Images in chat messages: `image_url` content parts -> PIL images, within limits (the server's,
+and `LLM.chat`'s).
 
 Accepted: `data:image/...;base64,...` URLs; `file://` paths inside the directory the operator
-allowed (`--allowed-local-media-path`). Remote http(s) URLs are refused: the server assumes no
+allowed (`--allowed-local-media-path`; `LLM.chat` allows any, the caller owns the process). Remote http(s) URLs are refused: the server assumes no
 network and never fetches on a client's behalf. Every refusal is an `ImageInputError` (the app
 answers 400): too many images, an encoded image over the byte limit, a decoded one over the
 pixel limit (checked from the header, before decoding: no decompression bombs), a corrupt one.
