@@ -192,20 +192,22 @@ class LLM:
         bad = invalid_token_id(ids, self.engine.vocab_size)
         if bad is not None:
             raise AnyquantError(bad)
-        logits = self._forward_prompt(ids, mm)
+        return self._forward_prompt(ids, mm)
+
+    def _forward_prompt(self, ids: list[int], mm: MultimodalPrompt | None) -> Tensor:
+        """Teacher-forced fp32 logits (on the CPU) of a prepared prompt (images already laid out
+        in `mm`); non-finite logits are a NumericsError."""
+        seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+        if mm is None:
+            logits = seq.forward(ids, 0)
+        else:
+            rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
+            values = torch.cat(self.loaded.model.embed_images(mm.images))
+            logits = seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):
             raise self._nonfinite_error(ids)
         return logits.cpu()
-
-    def _forward_prompt(self, ids: list[int], mm: MultimodalPrompt | None) -> Tensor:
-        """Teacher-forced logits of a prepared prompt (images already laid out in `mm`)."""
-        seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
-        if mm is None:
-            return seq.forward(ids, 0)
-        rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
-        values = torch.cat(self.loaded.model.embed_images(mm.images))
-        return seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
 
     def _nonfinite_error(self, ids: list[int]) -> NumericsError:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -375,10 +377,7 @@ class LLM:
         teacher-forced model, then the top-k (one scoring pass over the prompt)."""
         if k is None:
             return None
-        logits = self._forward_prompt(ids, mm)
-        if not bool(torch.isfinite(logits).all()):
-            raise self._nonfinite_error(ids)
-        return prompt_logprobs(logits.cpu(), ids, k).entries
+        return prompt_logprobs(self._forward_prompt(ids, mm), ids, k).entries
 
     def chat(
         self,

@@ -309,7 +309,7 @@ class Server:
         self, body: ChatCompletionRequest, prompt: list[int]
     ) -> tuple[list[int], MultimodalPrompt]:
         images = self.chat_images(body)
-        assert self.image_processor is not None  # chat_images checked it
+        assert self.image_processor is not None  # render_chat refused image parts for a text model
         try:
             return prepare_prompt(self.image_processor, prompt, images)
         except ImageInputError as exc:
@@ -320,8 +320,6 @@ class Server:
         parts = [(i, j, part) for i, m in enumerate(body.messages) for j, part in m.image_parts()]
         if not parts:
             return []
-        if self.image_processor is None:
-            raise ApiError(400, "this model takes no images; send text parts only", param="messages")
         limits = self.config.media
         if len(parts) > limits.max_images:
             raise ApiError(
