@@ -8,12 +8,26 @@ floats (`32.0`, as some exporters write) are accepted as integers.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from anyquant.errors import CheckpointError
 
 REQUIRED: Any = object()
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object (config.json and its siblings); anything else is a
+    CheckpointError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    return value
 
 
 def _bad(key: str, value: Any, expected: str, where: str) -> CheckpointError:

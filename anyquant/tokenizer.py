@@ -6,7 +6,6 @@ Owns text <-> ids, the special-token ids generation stops on, and the model's ch
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,8 @@ from anyquant.chat_template import (
     render,
     select,
 )
-from anyquant.config_fields import as_int
+from anyquant.config_fields import as_int, read_json_object
 from anyquant.errors import CheckpointError
-
-
-def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
-    return value
 
 
 class Tokenizer:
@@ -48,7 +37,7 @@ class Tokenizer:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be read by the tokenizers library: {exc}") from exc
         cfg_file = path / "tokenizer_config.json"
-        self._setup(tok, _read_object(cfg_file) if cfg_file.is_file() else {}, config, chat_template)
+        self._setup(tok, read_json_object(cfg_file) if cfg_file.is_file() else {}, config, chat_template)
         if chat_template is None:
             self.chat_templates, found = find_templates(path, self.config)
             self.chat_template_source = found or "tokenizer_config.json"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anyquant.config_fields import read_json_object
 from anyquant.errors import CheckpointError, TensorError
 
 # safetensors dtype names -> (torch dtype, bytes per element)
@@ -248,13 +249,7 @@ class Checkpoint:
             if required:
                 raise CheckpointError(f"{path}: missing (every model directory needs a config.json)")
             return {}
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{path}: expected a JSON object at the top level")
-        return value
+        return read_json_object(path)
 
     def _weight_files(self) -> list[str]:
         index = self._read_json("model.safetensors.index.json")

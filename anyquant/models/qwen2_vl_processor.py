@@ -10,7 +10,6 @@ travels with the pixels; an image yields t * h * w / merge_size^2 embeddings.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.config_fields import cfg_float, cfg_int
+from anyquant.config_fields import cfg_float, cfg_int, read_json_object
 from anyquant.errors import CheckpointError
 from anyquant.models.multimodal import ImageInput, ImageInputError, ImageProcessor, image_digest
 
@@ -49,15 +48,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def _read_preprocessor_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
-    return value
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _triple(cfg: dict[str, Any], key: str, default: tuple[float, ...], where: str) -> tuple[float, ...]:
