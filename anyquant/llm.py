@@ -3,7 +3,7 @@
 Owns the user-facing offline API (vLLM-like names). Generation runs on the same `Engine` as the
 server (continuous batching over a paged KV cache); scoring runs one sequence through a private
 cache. Non-finite logits are never turned into tokens: they raise `NumericsError`. With
-`tensor_parallel_size=N` this process is rank 0 and drives N-1 worker ranks (parallel/workers.py).
+`tensor_parallel_size=N` this process is rank 0 and drives N-1 worker ranks (workers/).
 Vision-language models take images as vLLM does: a prompt `{"prompt": ..., "multi_modal_data":
 {"image": PIL image or list}}` with one placeholder per image in the text.
 """
@@ -478,7 +478,8 @@ def _start_tensor_parallel(
     from anyquant.loading.describe import check_tensor_parallel
     from anyquant.loading.lm_head import lm_head_spec
     from anyquant.parallel.state import DEFAULT_TIMEOUT_S
-    from anyquant.parallel.workers import LoadRequest, start_tensor_parallel
+    from anyquant.workers.rank_zero import start_tensor_parallel
+    from anyquant.workers.worker import LoadRequest
 
     lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
     check_tensor_parallel(model, world)

@@ -1,4 +1,4 @@
-"""Worker ranks on this machine: start them as `python -m anyquant.parallel.worker_main`, watch
+"""Worker ranks on this machine: start them as `python -m anyquant.workers.main`, watch
 them, stop them.
 
 Why not multiprocessing: its spawn start method re-imports the user's main module in every child,
@@ -40,8 +40,9 @@ from anyquant.parallel.state import ParallelError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# The module every worker runs (`python -m`); tests substitute one that fails on purpose.
-WORKER_MODULE = "anyquant.parallel.worker_main"
+# The module every worker runs (`python -m`); tests substitute one that fails on purpose. Named,
+# not imported: the worker loop runs a model, so it lives above this package.
+WORKER_MODULE = "anyquant.workers.main"
 TAIL_LINES = 20
 _POLL_S = 0.05
 

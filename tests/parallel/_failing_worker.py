@@ -27,24 +27,25 @@ def die(*_: Any, **__: Any) -> NoReturn:
 if STAGE == "start":
     die()
 
-from anyquant.parallel import workers  # noqa: E402 - after the cheap stage above
-from anyquant.parallel.worker_main import main  # noqa: E402
+from anyquant.parallel import wire  # noqa: E402 - after the cheap stage above
+from anyquant.workers import worker  # noqa: E402
+from anyquant.workers.main import main  # noqa: E402
 
 if STAGE == "rendezvous":
-    workers.form_groups = die  # type: ignore[assignment]
+    worker.form_groups = die  # type: ignore[assignment]
 elif STAGE == "load":
-    workers._load = die  # type: ignore[assignment]
+    worker.load_shard = die  # type: ignore[assignment]
 elif STAGE == "step":
-    real = workers._run_command
+    real = worker._run_command
     forwards = [0]
 
     def run_command(model: Any, state: Any, device: Any, caches: Any, msg: Any) -> bool:
-        if int(msg[0]) == workers._FORWARD:
+        if int(msg[0]) == wire.FORWARD:
             forwards[0] += 1
             if forwards[0] == 3:
                 die()
         return real(model, state, device, caches, msg)
 
-    workers._run_command = run_command  # type: ignore[assignment]
+    worker._run_command = run_command  # type: ignore[assignment]
 
 main(sys.argv[1:])

@@ -187,7 +187,9 @@ def test_torchrun_starts_the_same_llm_on_every_rank(tp_model: Callable[[str], Pa
 def test_step_messages_round_trip() -> None:
     """What rank 0 publishes is what every worker rebuilds: ids, positions, attention metadata, rows."""
     from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
-    from anyquant.parallel.workers import decode_forward, encode_forward, pack, unpack
+    from anyquant.parallel.wire import pack, unpack
+    from anyquant.workers.rank_zero import encode_forward
+    from anyquant.workers.worker import decode_forward
 
     cache = PagedKVCache(1, 4, 4, 1, 2, 2, torch.float32)
     ctx = PagedAttention.for_sequences(cache, [([2], 0, 3), ([0, 1], 5, 1)])
@@ -213,7 +215,9 @@ def test_step_messages_carry_multirow_positions_and_encoder_rows_exactly() -> No
     """M-RoPE positions [3, T] and image embeddings (fp32 bit patterns) reach the workers unchanged."""
     from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
     from anyquant.models.base import InputEmbeds
-    from anyquant.parallel.workers import decode_forward, encode_forward, pack, unpack
+    from anyquant.parallel.wire import pack, unpack
+    from anyquant.workers.rank_zero import encode_forward
+    from anyquant.workers.worker import decode_forward
 
     cache = PagedKVCache(1, 4, 4, 1, 2, 2, torch.float32)
     ctx = PagedAttention.for_sequences(cache, [([2], 0, 3), ([0, 1], 5, 1)])

@@ -36,8 +36,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("anyquant",),
     # `LLM`: the offline facade that wires loading, parallel workers and the engine together.
     ("llm",),
-    # Chat message rendering, shared by `LLM.chat` and the server's chat route.
-    ("chat",),
+    # Chat message rendering, shared by `LLM.chat` and the server's chat route; the tensor-parallel
+    # ranks as processes (rank 0's model proxy and the worker loop: each rank loads its shard,
+    # sizes KV caches and runs the model, so they sit above the engine and the loader).
+    ("chat", "workers"),
     ("engine",),
     # The loader builds a model from the registry and fills its layers from a checkpoint, so it
     # sits above models; the engine only receives a built model, so it need not import loading.
@@ -45,9 +47,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("layers",),
     ("quant",),
-    # Process-group state, collectives and partition arithmetic: layers call them, they know
-    # nothing about layers. (The worker processes in parallel/workers.py run a model and belong
-    # above the engine: see KNOWN_RUNTIME.)
+    # Process-group state, collectives, partition arithmetic, the step messages' wire format and
+    # the launch of worker processes: layers call them, they know nothing about layers.
     ("parallel",),
     # Text in and out: the engine detokenizes, nothing below the engine needs a tokenizer.
     ("tokenizer",),
@@ -65,11 +66,6 @@ ROOT_LEAF_NAMES = {"__version__"}
 
 # (importing module, imported unit) -> why it is still there. Runtime imports.
 KNOWN_RUNTIME: dict[tuple[str, str], str] = {
-    ("anyquant.parallel.workers", "engine"): "worker processes run a model with a KV cache; "
-    "the worker loop belongs above the engine (split workers.py out of parallel/)",
-    ("anyquant.parallel.workers", "layers"): "same: the worker loop sizes attention caches",
-    ("anyquant.parallel.workers", "loading"): "same: each worker loads its shard",
-    ("anyquant.parallel.workers", "models"): "same: the worker loop calls the model",
     ("anyquant.quant.quantize", "loading"): "quantize streams an unquantized checkpoint through "
     "the loader's meta model and plan: it is a converter (its home is convert/)",
 }

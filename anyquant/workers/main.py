@@ -1,4 +1,4 @@
-"""`python -m anyquant.parallel.worker_main SPEC`: one worker rank started by `launch.py`.
+"""`python -m anyquant.workers.main SPEC`: one worker rank started by `parallel/launch.py`.
 
 SPEC is one JSON object: the `LoadRequest` fields, rank, world, the store's address and port, the
 pid of rank 0 and two inherited file descriptors (the read end of rank 0's liveness pipe, the
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     progress = _counters(spec["progress_fd"], spec["world"])
     code = 1
     try:
-        from anyquant.parallel.workers import LoadRequest, run_worker
+        from anyquant.workers.worker import LoadRequest, run_worker
 
         fields = {f: spec[f] for f in LoadRequest.__dataclass_fields__}
         code = run_worker(

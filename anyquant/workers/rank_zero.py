@@ -1,22 +1,20 @@
-"""Tensor-parallel ranks: start them, mirror rank 0's forward passes on them, and fail loudly.
+"""Tensor-parallel rank 0: start the ranks, mirror its forward passes on them, and fail loudly.
 
-Owns the process model of architecture.md §7. Rank 0 (the caller's process) runs the engine; its
-model is wrapped in `TensorParallelModel`, which before each forward publishes a compact step
-message (token ids, positions, the step's attention metadata, logits rows) so that every
-worker runs the same forward on its shard and joins the same collectives. Workers are started by
-`launch.py` (the package's own entry point, gloo on CPU) or by torchrun (RANK / WORLD_SIZE /
-MASTER_ADDR / MASTER_PORT, one machine or several). A rank that dies, hangs or fails makes rank 0
-raise `ParallelError` naming it.
+Owns the process model of architecture.md §7 on rank 0's side. Rank 0 (the caller's process) runs
+the engine; its model is wrapped in `TensorParallelModel`, which before each forward publishes a
+compact step message (`parallel/wire.py`: token ids, positions, the step's attention metadata,
+logits rows) so that every worker (`worker.py`) runs the same forward on its shard and joins the
+same collectives. Workers are started by `parallel/launch.py` (the package's own entry point, gloo
+on CPU) or by torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, one machine or several). A
+rank that dies, hangs or fails makes rank 0 raise `ParallelError` naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,20 +24,17 @@ from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
 from anyquant.models.base import InputEmbeds
+from anyquant.parallel import wire
 from anyquant.parallel.comm import (
-    announce_joined,
     joined,
-    post_error,
     post_status,
     posted_errors,
     publish,
-    receive,
     statuses_posted,
     wait_statuses,
 )
 from anyquant.parallel.launch import LocalWorkers, start_workers, wait_for_abandoned_starts
 from anyquant.parallel.state import (
-    DEFAULT_TIMEOUT_S,
     ParallelError,
     ParallelState,
     anyquant_keys,
@@ -49,6 +44,7 @@ from anyquant.parallel.state import (
     host_store,
     torchrun_environment,
 )
+from anyquant.workers.worker import LOAD_TIMEOUT_S, LoadRequest, device_for, load_shard, run_worker
 
 if TYPE_CHECKING:
     from anyquant.loading.loader import LoadedModel
@@ -57,10 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Command kinds (first entry of every command).
-_FORWARD, _NEW_CACHE, _DROP_CACHE, _SHUTDOWN = 1, 2, 3, 4
-_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOAD_TIMEOUT_S = 3600.0
 # Workers started here have all reached the store before the group forms, so the rendezvous that
 # follows takes well under a second. When a worker dies inside it, rank 0 fails at once but cannot
 # interrupt the rendezvous: it ends on this timeout, and a later start in this process waits for it.
@@ -68,40 +60,6 @@ LOAD_TIMEOUT_S = 3600.0
 _LOCAL_RENDEZVOUS_S = 30.0
 # A worker process needs this long at most to start Python, import torch and reach the store.
 _START_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    """What every rank loads (picklable: it travels to spawned ranks)."""
-
-    path: str
-    device: str
-    dtype: str
-    kernel: str | None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    threads: int = 1
-    merge_projections: bool = True
-    lm_head_dtype: str = "auto"
-
-
-# -- step messages -------------------------------------------------------------------------------
-
-
-def pack(commands: list[Tensor]) -> Tensor:
-    """Several commands as one message: [n, len_1 .. len_n, command_1 .. command_n]; one message
-    per step (cache announcements ride along with the forward that needs them)."""
-    lengths = torch.tensor([len(commands), *(c.numel() for c in commands)], dtype=torch.long)
-    return torch.cat([lengths, *(c.long() for c in commands)])
-
-
-def unpack(message: Tensor) -> list[Tensor]:
-    n = int(message[0])
-    lengths = message[1 : 1 + n].tolist()
-    out, at = [], 1 + n
-    for length in lengths:
-        out.append(message[at : at + length])
-        at += length
-    return out
 
 
 def encode_forward(
@@ -112,65 +70,21 @@ def encode_forward(
     rows: Tensor | None,
     input_embeds: InputEmbeds | None = None,
 ) -> Tensor:
-    """[kind, cache, T, B, R, P, K, E, H] + ids[T] + positions[K * T] + slot_mapping[T] +
-    query_lens[B] + context_lens[B] + block_tables[B * P] + rows[R] + embed rows[E] + embed
-    values[E * H]; R = -1 when all rows want logits, K = 0 for 1-D positions (else their rows:
-    M-RoPE's 3), E = 0 without encoder rows. Embedding values travel as their fp32 bit patterns
-    (exact: the message is integers)."""
-    b, p = ctx.block_tables.shape
-    k = 0 if positions.dim() == 1 else positions.shape[0]
-    e, h = (0, 0) if input_embeds is None else tuple(input_embeds.values.shape)
-    head = torch.tensor(
-        [_FORWARD, cache_id, token_ids.numel(), b, -1 if rows is None else rows.numel(), p, k, e, h]
-    )
-    parts = [
-        head,
-        token_ids.cpu().long(),
-        positions.cpu().long().reshape(-1),
-        ctx.slot_mapping.cpu().long(),
-        torch.tensor(ctx.query_lens, dtype=torch.long),
-        torch.tensor(ctx.context_lens, dtype=torch.long),
-        ctx.block_tables.cpu().long().reshape(-1),
-    ]
-    if rows is not None:
-        parts.append(rows.cpu().long())
-    if input_embeds is not None:
-        parts.append(input_embeds.rows.cpu().long())
-        parts.append(
-            input_embeds.values.detach().cpu().float().contiguous().view(torch.int32).long().reshape(-1)
+    """One forward as a FORWARD command (`wire.encode_step`)."""
+    return wire.encode_step(
+        wire.ForwardStep(
+            cache_id,
+            token_ids,
+            positions,
+            ctx.slot_mapping,
+            list(ctx.query_lens),
+            list(ctx.context_lens),
+            ctx.block_tables,
+            rows,
+            None if input_embeds is None else input_embeds.rows,
+            None if input_embeds is None else input_embeds.values,
         )
-    return torch.cat(parts)
-
-
-def decode_forward(
-    msg: Tensor, device: torch.device, cache: PagedKVCache
-) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None, InputEmbeds | None]:
-    t, b, r, p, k, e, h = (int(v) for v in msg[2:9])
-    at = 9
-    token_ids = msg[at : at + t]
-    at += t
-    positions = msg[at : at + max(k, 1) * t]
-    if k:
-        positions = positions.view(k, t)
-    at += max(k, 1) * t
-    slots = msg[at : at + t]
-    at += t
-    query_lens, context_lens = msg[at : at + b].tolist(), msg[at + b : at + 2 * b].tolist()
-    at += 2 * b
-    tables = msg[at : at + b * p].view(b, p)
-    at += b * p
-    rows = None
-    if r >= 0:
-        rows = msg[at : at + r].to(device)
-        at += r
-    embeds = None
-    if e:
-        embed_rows = msg[at : at + e].to(device)
-        at += e
-        values = msg[at : at + e * h].to(torch.int32).view(torch.float32).view(e, h).to(device)
-        embeds = InputEmbeds(embed_rows, values)
-    ctx = PagedAttention(cache, slots.to(device), tables.to(device), query_lens, context_lens)
-    return token_ids.to(device), positions.to(device), ctx, rows, embeds
+    )
 
 
 # -- rank 0 -------------------------------------------------------------------------------------
@@ -223,7 +137,7 @@ class TensorParallelModel(nn.Module):
             self._mark_failed("; ".join(w.describe_exit("between steps") for w in dead))
             raise ParallelError(self.failure)
         try:
-            commands = [torch.tensor([_DROP_CACHE, cid]) for cid in self._dropped]
+            commands = [wire.drop_cache(cid) for cid in self._dropped]
             self._dropped.clear()
             cache_id = self._cache_id(ctx.cache, commands)
             commands.append(encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds))
@@ -236,7 +150,7 @@ class TensorParallelModel(nn.Module):
             raise self._fail(exc) from exc
 
     def _publish(self, commands: list[Tensor]) -> None:
-        publish(self.state, self._seq, pack(commands))
+        publish(self.state, self._seq, wire.pack(commands))
         self._seq += 1
 
     def _cache_id(self, cache: PagedKVCache, commands: list[Tensor]) -> int:
@@ -246,8 +160,7 @@ class TensorParallelModel(nn.Module):
             return known
         cid = self._next_cache
         self._next_cache += 1
-        dtype = _CACHE_DTYPES.index(cache.k.dtype)
-        commands.append(torch.tensor([_NEW_CACHE, cid, cache.num_pages, cache.page_size, dtype]))
+        commands.append(wire.new_cache(cid, cache.num_pages, cache.page_size, cache.k.dtype))
         self._cache_ids[cache] = cid
         # Dropped with the next message (never from inside a step: finalizers run anywhere).
         weakref.finalize(cache, self._dropped.append, cid)
@@ -270,7 +183,7 @@ class TensorParallelModel(nn.Module):
             return
         if self.failure is None:
             try:
-                self._publish([torch.tensor([_SHUTDOWN])])
+                self._publish([wire.shutdown()])
             except Exception as exc:  # rank 0's own store: only fails when torn down already
                 log.warning("tensor-parallel shutdown message failed: %s", exc)
         self.workers.stop(kill=self.failure is not None)
@@ -349,27 +262,6 @@ def start_tensor_parallel(request: LoadRequest, world: int) -> tuple[LoadedModel
         raise
 
 
-def _device_for(request: LoadRequest, rank: int) -> str:
-    dev = torch.device(request.device)
-    if dev.type == "cuda" and dev.index is None:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    return str(dev)
-
-
-def _load(request: LoadRequest, rank: int, state: ParallelState) -> LoadedModel:
-    from anyquant.loading.loader import load_model
-
-    return load_model(
-        request.path,
-        device=_device_for(request, rank),
-        dtype=request.dtype,
-        kernel=request.kernel,
-        parallel=state,
-        merge_projections=request.merge_projections,
-        lm_head_dtype=request.lm_head_dtype,
-    )
-
-
 def _rank_zero(
     request: LoadRequest, world: int, store: Any, workers: LocalWorkers
 ) -> tuple[LoadedModel, TensorParallelModel]:
@@ -377,7 +269,7 @@ def _rank_zero(
     while starting, forming the group or loading fails this call at once, naming it."""
     ranks = list(range(1, world))
     torch.set_num_threads(request.threads)
-    device = torch.device(_device_for(request, 0))
+    device = torch.device(device_for(request, 0))
     state: ParallelState | None = None
     try:
         if workers.processes:
@@ -394,7 +286,7 @@ def _rank_zero(
         group = state
         try:
             loaded = workers.run_watched(
-                lambda: _load(request, 0, group), "while loading the model", lambda _: None
+                lambda: load_shard(request, 0, group), "while loading the model", lambda _: None
             )
         except ParallelError:  # a worker exited: nobody to tell
             raise
@@ -428,68 +320,3 @@ def _form_groups(
         raise
     except Exception as exc:
         raise ParallelError(f"the tensor-parallel process group did not form: {exc}") from exc
-
-
-def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any) -> int:
-    """A worker rank from start to shutdown; returns its exit code. A failure after the group
-    formed is posted for rank 0 (which names this rank with it) and raised."""
-    # The loader's imports take seconds; done before joining, they overlap rank 0's own start.
-    import anyquant.loading.loader  # noqa: F401
-
-    store = connect_store(rank, world, address, port)
-    announce_joined(anyquant_keys(store), rank)
-    torch.set_num_threads(request.threads)
-    device = torch.device(_device_for(request, rank))
-    state = form_groups(store, rank, world, device, request.timeout_s)
-    state.progress = progress
-    try:
-        try:
-            loaded = _load(request, rank, state)
-            problem = None
-        except Exception as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        post_status(state, problem)
-        (verdict,) = wait_statuses(state, [0], LOAD_TIMEOUT_S)
-        if problem is not None or verdict is not None:
-            return 1
-        serve(loaded.model, state, device)
-    except BaseException as exc:
-        post_error(state, f"{type(exc).__name__}: {exc}")
-        raise
-    destroy_groups()
-    return 0
-
-
-# -- workers ------------------------------------------------------------------------------------
-
-
-def serve(model: DecoderLM, state: ParallelState, device: torch.device) -> None:
-    """The worker loop: receive rank 0's messages and mirror its forward passes until shutdown."""
-    caches: dict[int, PagedKVCache] = {}
-    seq = 0
-    while True:
-        for command in unpack(receive(state, seq)):
-            if not _run_command(model, state, device, caches, command):
-                return
-        seq += 1
-
-
-def _run_command(
-    model: DecoderLM, state: ParallelState, device: torch.device, caches: dict[int, PagedKVCache], msg: Tensor
-) -> bool:
-    """Carry out one command from rank 0; False on shutdown."""
-    kind = int(msg[0])
-    if kind == _SHUTDOWN:
-        return False
-    if kind == _NEW_CACHE:
-        cid, pages, page_size, dtype = (int(v) for v in msg[1:5])
-        caches[cid] = PagedKVCache.for_model(model, pages, page_size, _CACHE_DTYPES[dtype], device)
-    elif kind == _DROP_CACHE:
-        caches.pop(int(msg[1]), None)
-    elif kind == _FORWARD:
-        token_ids, positions, ctx, rows, embeds = decode_forward(msg, device, caches[int(msg[1])])
-        with torch.inference_mode():
-            model(token_ids, positions, ctx, rows, embeds)
-    else:
-        raise ParallelError(f"rank {state.rank}: unknown message kind {kind} from rank 0")
-    return True
