@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import queue
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from anyquant.engine.engine import Engine, RequestDelta
+from anyquant.engine.engine import Engine, EngineStats, RequestDelta
 from anyquant.engine.multimodal import MultimodalPrompt
 from anyquant.engine.sampling import SamplingParams
 from anyquant.errors import EngineDeadError
@@ -66,19 +67,6 @@ class Event:
 
     index: int
     delta: RequestDelta
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot the engine thread publishes after every step (read by metrics and /health)."""
-
-    num_waiting: int = 0
-    num_running: int = 0
-    kv_pages_used: int = 0
-    kv_pages_total: int = 0
-    num_nonfinite_events: int = 0
-    num_preemptions: int = 0
-    num_step_failures: int = 0
 
 
 @dataclass
@@ -182,7 +170,7 @@ class AsyncEngine:
         self.engine = engine
         self.capacity = engine.config.max_num_seqs + max_waiting
         self.observer = observer
-        self.stats = EngineStats(kv_pages_total=engine.allocator.num_pages)
+        self.stats = EngineStats(kv_pages_total=engine.num_kv_pages)
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # engine thread only
         self._lock = threading.Lock()  # guards the counters below
@@ -401,17 +389,11 @@ class AsyncEngine:
             f"the engine step running this request failed ({type(exc).__name__}: {exc}); the requests "
             "of that step were stopped, the server goes on serving the others"
         )
-        scheduler = self.engine.scheduler
-        plan = scheduler.open_plan
-        affected = {r.request_id for r, _ in plan.scheduled} if plan is not None else set()
-        if plan is not None:
-            scheduler.abandon(plan, message)
-        if not affected:
-            affected = {r.request_id for r in scheduler.running}
+        affected = self.engine.abandon_step(message)
         if isinstance(exc, EngineDeadError):
             affected = set(self._routes)  # every later step would fail the same way
         # Requests the engine finished on its way out (an abandoned plan) are told here too.
-        affected |= {rid for rid in self._routes if scheduler.get(rid) is None}
+        affected |= {rid for rid in self._routes if not self.engine.has_request(rid)}
         ids = sorted(affected & set(self._routes)) or sorted(self._routes)
         for rid in ids:
             self._abort_quietly(rid)
@@ -454,15 +436,9 @@ class AsyncEngine:
                 self._release(1)
 
     def _publish_stats(self) -> None:
-        engine = self.engine
-        self.stats = EngineStats(
-            num_waiting=engine.scheduler.num_waiting,
-            num_running=engine.scheduler.num_running,
-            kv_pages_used=engine.allocator.num_used,
-            kv_pages_total=engine.allocator.num_pages,
-            num_nonfinite_events=engine.num_nonfinite_events,
-            num_preemptions=engine.scheduler.num_preemptions,
-            num_step_failures=engine.num_step_failures + self._loop_failures,
+        stats = self.engine.stats()
+        self.stats = dataclasses.replace(
+            stats, num_step_failures=stats.num_step_failures + self._loop_failures
         )
 
 

@@ -29,6 +29,7 @@ from anyquant.engine.request import Request, RequestStatus
 from anyquant.engine.runner import ModelRunner, StepLogits
 from anyquant.engine.sampling import SamplingParams, apply_logit_processing, sample
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from anyquant.engine.scoring import prompt_logits
 from anyquant.errors import EngineDeadError
 from anyquant.tokenizer import Tokenizer
 
@@ -74,6 +75,20 @@ class RequestDelta:
     error: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served (set on the finished delta)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and counters (the async engine publishes one after every
+    step, read by metrics and /health)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    num_nonfinite_events: int = 0
+    num_preemptions: int = 0
+    num_step_failures: int = 0
 
 
 @dataclass
@@ -216,6 +231,48 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is still waiting or running (False once finished or aborted)."""
+        return self.scheduler.get(request_id) is not None
+
+    # -- what callers read (the server, the async engine): scheduler, allocator and runner stay
+    # behind these --------------------------------------------------------------------------------
+    @property
+    def num_kv_pages(self) -> int:
+        return self.allocator.num_pages
+
+    @property
+    def page_size(self) -> int:
+        return self.allocator.page_size
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_pages_used=self.allocator.num_used,
+            kv_pages_total=self.allocator.num_pages,
+            num_nonfinite_events=self.num_nonfinite_events,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_step_failures=self.num_step_failures,
+        )
+
+    def prompt_logits(self, ids: list[int]) -> Tensor:
+        """fp32 logits [len(ids), vocab] of a teacher-forced pass over `ids`, in a cache of its own
+        (the paged cache and the running requests are untouched). Call between steps."""
+        return prompt_logits(self.runner.model, ids, self.dtype, self.runner.device)
+
+    def abandon_step(self, error: str) -> set[str]:
+        """A step broke outside the forward pass (which `step` isolates itself): finish the
+        requests of its open plan with `error` and return their ids. With no open plan (the
+        failure came before or after one) nothing is finished here and the running requests' ids
+        are returned, for the caller to abort."""
+        plan = self.scheduler.open_plan
+        if plan is None:
+            return {r.request_id for r in self.scheduler.running}
+        affected = {r.request_id for r, _ in plan.scheduled}
+        self.scheduler.abandon(plan, error)
+        return affected or {r.request_id for r in self.scheduler.running}
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:

@@ -36,7 +36,7 @@ from anyquant.engine.engine import Engine
 from anyquant.engine.grammar import GuidedDecodingError
 from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
 from anyquant.engine.sampling import GuidedDecodingParams
-from anyquant.engine.scoring import PromptLogprobs, prompt_logits, prompt_logprobs
+from anyquant.engine.scoring import PromptLogprobs, prompt_logprobs
 from anyquant.models.media import MediaLimits, image_url_of, load_image
 from anyquant.models.multimodal import ImageInputError, ImageProcessor
 from anyquant.server.errors import ApiError
@@ -150,9 +150,9 @@ class Server:
         self.tokenizer = tokenizer
         self.image_processor = image_processor  # None: the model takes no images
         self.max_model_len = engine.config.max_model_len
-        self.vocab_size = int(engine.runner.model.args.vocab_size)
-        self.num_pages = engine.allocator.num_pages
-        self.page_size = engine.allocator.page_size
+        self.vocab_size = engine.vocab_size
+        self.num_pages = engine.num_kv_pages
+        self.page_size = engine.page_size
         self.created = now()
         self.grammars = engine.grammars  # thread-safe: requests' grammars compile off the event loop
         self.metrics = ServerMetrics(config.served_model_name, lambda: self.engine.stats)
@@ -417,8 +417,7 @@ class Server:
         for ids in prompts:
 
             def score(engine: Engine, ids: list[int] = ids) -> PromptLogprobs:
-                logits = prompt_logits(engine.runner.model, ids, engine.dtype, engine.runner.device)
-                return prompt_logprobs(logits, ids, k)
+                return prompt_logprobs(engine.prompt_logits(ids), ids, k)
 
             try:
                 scored.append(await self.engine.call(score))
