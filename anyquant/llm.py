@@ -31,7 +31,8 @@ from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.models.base import InputEmbeds
-from anyquant.models.multimodal import ImageInputError, ImageProcessor, MultimodalModel
+from anyquant.models.multimodal import ImageEncoder, ImageInputError, ImageProcessor, MultimodalModel
+from anyquant.models.protocol import EngineModel
 from anyquant.tokenizer import Tokenizer
 
 # A prompt: text, or vLLM's dict form {"prompt" | "prompt_token_ids": ..., "multi_modal_data": ...}.
@@ -120,7 +121,7 @@ class LLM:
                 lm_head_dtype,
             )
             self._closer = weakref.finalize(self, self._tp.close)
-            self.model: Any = self._tp
+            self.model: EngineModel = self._tp
         else:
             self.loaded = load_model(
                 model,
@@ -202,7 +203,9 @@ class LLM:
             logits = seq.forward(ids, 0)
         else:
             rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
-            values = torch.cat(self.loaded.model.embed_images(mm.images))
+            model = self.loaded.model
+            assert isinstance(model, ImageEncoder), "a prompt with images reached a model that takes none"
+            values = torch.cat(model.embed_images(mm.images))
             logits = seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):

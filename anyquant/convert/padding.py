@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
@@ -32,6 +32,7 @@ from anyquant.loading.sharding import (
     shard_quant,
     shard_vector,
 )
+from anyquant.models.protocol import CausalLM
 from anyquant.parallel.partition import (
     Partition,
     Segment,
@@ -86,7 +87,7 @@ class PaddingPlan:
 
 
 def plan_padding(
-    model: nn.Module, spec_of: SpecOf, config: dict[str, Any], world: int, tile: int
+    model: CausalLM, spec_of: SpecOf, config: dict[str, Any], world: int, tile: int
 ) -> PaddingPlan:
     """The padding that makes every MLP / expert intermediate dimension split into `world` equal
     shares of whole units. Raises UnsupportedError when a padded size has no config.json field."""

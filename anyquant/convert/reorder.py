@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from anyquant.layers.linear import TensorParallelLayer
+from anyquant.models.protocol import CausalLM
 from anyquant.quant.weight import QuantWeight
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def permute_outputs(weight: QuantWeight | Tensor, perm: Tensor, name: str) -> Qu
 # -- which layers feed which: the permutable MLP intermediate dimensions -------------------------
 
 
-def mlp_producers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+def mlp_producers(model: CausalLM) -> dict[str, tuple[str, ...]]:
     """down projection prefix -> the gate/up prefixes producing its input (channel split groups)."""
     out: dict[str, tuple[str, ...]] = {}
     for module in model.modules():

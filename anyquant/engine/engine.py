@@ -36,7 +36,7 @@ from anyquant.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from anyquant.models.base import DecoderLM
+    from anyquant.models.protocol import EngineModel
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def kv_pages(config: EngineConfig, bytes_per_page: int, device: torch.device | N
 class Engine:
     def __init__(
         self,
-        model: DecoderLM,
+        model: EngineModel,
         tokenizer: Tokenizer | None,
         config: EngineConfig,
         dtype: torch.dtype,

@@ -16,7 +16,8 @@ from torch import Tensor
 from anyquant.layers.attention import AttentionContext, PagedPlan, paged_attention, plan_paged_attention
 
 if TYPE_CHECKING:
-    from anyquant.models.base import DecoderLM, InputEmbeds
+    from anyquant.models.base import InputEmbeds
+    from anyquant.models.protocol import EngineModel
 
 
 class PagedKVCache:
@@ -46,7 +47,7 @@ class PagedKVCache:
     @classmethod
     def for_model(
         cls,
-        model: DecoderLM,
+        model: EngineModel,
         num_pages: int,
         page_size: int,
         dtype: torch.dtype,
@@ -66,7 +67,7 @@ class PagedKVCache:
         )
 
     @staticmethod
-    def page_bytes_for_model(model: DecoderLM, page_size: int, dtype: torch.dtype) -> int:
+    def page_bytes_for_model(model: EngineModel, page_size: int, dtype: torch.dtype) -> int:
         shape = model.cache_shape
         return PagedKVCache.bytes_per_page(
             model.args.num_layers, page_size, shape.num_kv_heads, shape.k_dim, shape.v_dim, dtype
@@ -162,7 +163,7 @@ class SequenceCache:
 
     def __init__(
         self,
-        model: DecoderLM,
+        model: EngineModel,
         max_len: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
@@ -188,7 +189,7 @@ class SequenceCache:
         input_embeds: InputEmbeds | None = None,
     ) -> Tensor:
         """fp32 logits for tokens at positions start..start+T-1 (rows `logits_rows`, default all);
-        `positions` / `input_embeds` for prompts with images (see `DecoderLM.forward`)."""
+        `positions` / `input_embeds` for prompts with images (see `EngineModel.__call__`)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.cache.k.device)
         if positions is None:
             positions = torch.arange(start, start + ids.shape[0], device=ids.device)

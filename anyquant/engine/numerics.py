@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.norm import RMSNorm
+from anyquant.models.protocol import CausalLM
 
 
-def first_nonfinite_module(model: nn.Module, replay: Callable[[], Any]) -> str | None:
+def first_nonfinite_module(model: CausalLM, replay: Callable[[], Any]) -> str | None:
     """Run `replay()` with hooks and return the name of the first module with a non-finite output."""
     found: list[str] = []
     names = {m: n for n, m in model.named_modules()}
@@ -28,7 +29,9 @@ def first_nonfinite_module(model: nn.Module, replay: Callable[[], Any]) -> str |
         if not bool(torch.isfinite(output).all()):
             found.append(names.get(module, type(module).__name__))
 
-    watched = [m for m in model.modules() if isinstance(m, (QuantLinear, RMSNorm, nn.Embedding))]
+    watched: list[nn.Module] = [
+        m for m in model.modules() if isinstance(m, (QuantLinear, RMSNorm, nn.Embedding))
+    ]
     watched += [m for n, m in model.named_modules() if n.endswith(("self_attn", ".mlp"))]
     handles = [m.register_forward_hook(hook) for m in watched]
     try:

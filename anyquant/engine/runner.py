@@ -21,10 +21,11 @@ from anyquant.engine.multimodal import EncoderCache
 from anyquant.engine.request import Request
 from anyquant.engine.scheduler import StepPlan
 from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import ImageEncoder
 
 if TYPE_CHECKING:
-    from anyquant.models.base import DecoderLM
     from anyquant.models.multimodal import ImageInput
+    from anyquant.models.protocol import EngineModel
 
 
 @dataclass
@@ -102,14 +103,13 @@ class BlockTables:
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderLM, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
+        self, model: EngineModel, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.model = model
         self.device = device
         self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
         self.tables = BlockTables()
-        embed_images = getattr(model, "embed_images", None)
-        self.encoder_cache = EncoderCache(embed_images) if embed_images is not None else None
+        self.encoder_cache = EncoderCache(model.embed_images) if isinstance(model, ImageEncoder) else None
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run the plan's tokens; return the logits of every request that samples this step."""

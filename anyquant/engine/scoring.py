@@ -16,7 +16,7 @@ from torch import Tensor
 from anyquant.engine.kv_cache import SequenceCache
 
 if TYPE_CHECKING:
-    from anyquant.models.base import DecoderLM
+    from anyquant.models.protocol import EngineModel
 
 
 @dataclass
@@ -28,7 +28,7 @@ class PromptLogprobs:
     ranks: list[int | None]
 
 
-def prompt_logits(model: DecoderLM, ids: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+def prompt_logits(model: EngineModel, ids: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """fp32 logits [len(ids), vocab] of a teacher-forced pass."""
     return SequenceCache(model, len(ids), dtype, device).forward(ids, 0).cpu()
 

@@ -33,6 +33,7 @@ from anyquant.loading.preflight import (
 from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_checkpoint
 from anyquant.models.multimodal import ENCODER_CACHE_BYTES, MultimodalModel
+from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
 from anyquant.quant.spec import QuantSpec
@@ -233,7 +234,7 @@ def vision_report(model: Any, plans: list[LayerPlan], path: Path) -> dict[str, A
 
 def memory_per_rank(
     ckpt: Checkpoint,
-    model: Any,
+    model: CausalLM,
     plans: list[LayerPlan],
     tp: TensorParallelPlan | None,
     compute_dtype: torch.dtype,
@@ -268,7 +269,7 @@ def memory_per_rank(
     )
     vocab = next((s.partition for s in tp.splits if s.group.role == "vocab"), None) if tp else None
     if vocab is not None:  # the embedding table is vocab-parallel like the LM head
-        rows = model.body.embed_tokens.weight.shape[1] * itemsize
+        rows = model.args.hidden_size * itemsize  # the embedding table's width
         other -= (vocab.size - vocab.local_size) * rows
     shape = model.cache_shape
     heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads

@@ -39,6 +39,7 @@ from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sharding import activation_group_map, gather_segments, shard_quant, shard_vector
 from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
+from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import build_model
 from anyquant.parallel.state import ParallelState
 from anyquant.quant.detect import detect_format
@@ -66,7 +67,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LoadedModel:
-    model: Any
+    model: CausalLM
     checkpoint: Checkpoint
     format: QuantFormat | None
     config: dict[str, Any]
@@ -104,7 +105,7 @@ def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: 
     return chosen
 
 
-def build_on_meta(config: dict[str, Any], tensor_names: Collection[str] = ()) -> nn.Module:
+def build_on_meta(config: dict[str, Any], tensor_names: Collection[str] = ()) -> CausalLM:
     with torch.device("meta"):
         return build_model(config, tensor_names)
 
@@ -206,6 +207,7 @@ def load_model(
                 log.info("%s: routed experts run one by one: %s", module.gate.prefix, module.fused_reason)
         model.to(dev)
         model.eval()
+        model.set_compute_dtype(compute_dtype)
     log.info(
         "loaded %s: %d linear layers, format %s, %s on %s (reading %.2fs, repacking %.2fs)",
         ckpt.path,
@@ -396,7 +398,7 @@ def _read_dense_shard(ckpt: Checkpoint, name: str, shard: LinearShard, rank: int
 
 
 def _load_plain(
-    ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype, device: torch.device, used: set[str]
+    ckpt: Checkpoint, model: CausalLM, dtype: torch.dtype, device: torch.device, used: set[str]
 ) -> None:
     """Norms, embeddings and other non-linear parameters, by their module path = checkpoint name.
 

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import MergeableProjections, ProjectionGroup
 from anyquant.loading.plan import LayerPlan, layer_compute_dtype
+from anyquant.models.protocol import CausalLM
 from anyquant.quant.merge import merged_spec, spec_refusal
 from anyquant.quant.registry import choose_kernel
 
@@ -40,7 +40,7 @@ class MergePlan:
 
 
 def plan_merges(
-    model: nn.Module,
+    model: CausalLM,
     plans: Sequence[LayerPlan],
     device: torch.device,
     compute_dtype: torch.dtype,

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from anyquant.errors import TensorError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.models.protocol import CausalLM
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
 from anyquant.quant.spec import LayerKind, QuantSpec
@@ -58,7 +58,7 @@ def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtyp
     return torch.float32 if kind == "router" else model_dtype
 
 
-def linear_layers(model: nn.Module) -> Iterator[QuantLinear]:
+def linear_layers(model: CausalLM) -> Iterator[QuantLinear]:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             yield module
@@ -67,7 +67,7 @@ def linear_layers(model: nn.Module) -> Iterator[QuantLinear]:
 def plan_layers(
     ckpt: Checkpoint,
     fmt: QuantFormat | None,
-    model: nn.Module,
+    model: CausalLM,
     device: torch.device,
     compute_dtype: torch.dtype,
     prefer_kernel: str | None = None,
@@ -76,7 +76,7 @@ def plan_layers(
 ) -> list[LayerPlan]:
     """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards.
     `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py)."""
-    tied: dict[str, str] = getattr(model, "tied_weights", dict)()
+    tied = model.tied_weights()
     plans = []
     for layer in linear_layers(model):
         prefix, kind = layer.prefix, layer.kind

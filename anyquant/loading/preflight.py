@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import nn
-
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.loading.sharding import (
@@ -23,6 +21,7 @@ from anyquant.loading.sharding import (
     local_spec,
     row_unit,
 )
+from anyquant.models.protocol import CausalLM
 from anyquant.parallel.partition import (
     Partition,
     divisors,
@@ -105,7 +104,7 @@ def _layer_shard(
     return LinearShard(style, part, shape, spec, group.name)
 
 
-def plan_tensor_parallel(model: nn.Module, spec_of: SpecOf, world: int) -> TensorParallelPlan:
+def plan_tensor_parallel(model: CausalLM, spec_of: SpecOf, world: int) -> TensorParallelPlan:
     """Plan world ranks for a model built on the meta device (global shapes, before any shard).
 
     Raises UnsupportedError, with the numbers, when the model cannot be split exactly."""
@@ -142,7 +141,7 @@ def plan_tensor_parallel(model: nn.Module, spec_of: SpecOf, world: int) -> Tenso
     return plan
 
 
-def _risks(model: nn.Module, plan: TensorParallelPlan, spec_of: SpecOf) -> list[str]:
+def _risks(model: CausalLM, plan: TensorParallelPlan, spec_of: SpecOf) -> list[str]:
     if plan.world == 1:
         return []
     # Dynamic activation scales are no risk: row-parallel layers max-reduce per-token / per-tensor
@@ -164,7 +163,7 @@ def _risks(model: nn.Module, plan: TensorParallelPlan, spec_of: SpecOf) -> list[
     return risks
 
 
-def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, state: ParallelState) -> None:
+def apply_tensor_parallel(model: CausalLM, plan: TensorParallelPlan, state: ParallelState) -> None:
     """Turn the (meta) model into this rank's shard: local layer shapes, heads and embedding."""
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.prefix in plan.shards:
@@ -175,12 +174,11 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, state: Par
     for module in model.modules():
         if isinstance(module, TensorParallelLayer):
             module.set_parallel(own.get(id(module), {}), state)
-    shape = getattr(model, "cache_shape", None)
-    if plan.cache_heads is not None and shape is not None:
-        model.cache_shape = replace(shape, num_kv_heads=plan.cache_heads)
+    if plan.cache_heads is not None:
+        model.cache_shape = replace(model.cache_shape, num_kv_heads=plan.cache_heads)
 
 
-def query_heads(model: nn.Module) -> int | None:
+def query_heads(model: CausalLM) -> int | None:
     for module in model.modules():
         if isinstance(module, TensorParallelLayer):
             for group in module.split_groups():
@@ -189,7 +187,7 @@ def query_heads(model: nn.Module) -> int | None:
     return None
 
 
-def tensor_parallel_sizes(model: nn.Module, spec_of: SpecOf, limit: int = 64) -> dict[int, str | None]:
+def tensor_parallel_sizes(model: CausalLM, spec_of: SpecOf, limit: int = 64) -> dict[int, str | None]:
     """Candidate sizes (divisors of the query-head count, up to `limit`) -> None if it works, else why."""
     heads = query_heads(model) or 1
     result: dict[int, str | None] = {}

@@ -21,6 +21,7 @@ from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint, TensorIndex, TensorInfo
 from anyquant.loading.plan import LayerPlan
+from anyquant.models.protocol import CausalLM
 from anyquant.quant.formats.base import QuantFormat
 
 
@@ -84,10 +85,10 @@ class PlainParameter:
     shape: tuple[int, ...]  # the whole tensor as stored (a vocab-parallel rank reads a slice of it)
 
 
-def plain_parameters(model: nn.Module, index: TensorIndex) -> Iterator[PlainParameter]:
+def plain_parameters(model: CausalLM, index: TensorIndex) -> Iterator[PlainParameter]:
     """Norms, embeddings and other non-linear parameters, including extra parameters that a
     QuantLinear subclass declares (e.g. a router's score-correction bias); raises for a missing one."""
-    tied: dict[str, str] = getattr(model, "tied_weights", dict)()
+    tied = model.tied_weights()
     for module_name, module in model.named_modules():
         if module_name.endswith(".kernel") or ".kernel." in module_name:
             continue
@@ -104,11 +105,11 @@ def plain_parameters(model: nn.Module, index: TensorIndex) -> Iterator[PlainPara
             yield PlainParameter(module, attr, name, source, shape)
 
 
-def check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, used: set[str]) -> None:
+def check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: CausalLM, used: set[str]) -> None:
     """Every stored tensor with data must be used: a leftover means config and checkpoint disagree."""
-    ignorable: tuple[str, ...] = getattr(model, "ignorable_suffixes", ())
+    ignorable = model.ignorable_suffixes
     # Whole stored sub-trees a family does not run (e.g. DeepSeek-V3's multi-token-prediction layer).
-    ignorable_prefixes: tuple[str, ...] = getattr(model, "ignorable_prefixes", ())
+    ignorable_prefixes = model.ignorable_prefixes
     ignored_by_format = getattr(fmt, "ignored_tensor", None)
     # Zero-element tensors carry nothing (tools write empty quantization tensors for layers they
     # left unquantized), so they never make a checkpoint "disagree" with the model.
@@ -130,7 +131,7 @@ def check_unused(ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, us
 
 
 def check_checkpoint(
-    ckpt: Checkpoint, fmt: QuantFormat | None, model: nn.Module, plans: list[LayerPlan]
+    ckpt: Checkpoint, fmt: QuantFormat | None, model: CausalLM, plans: list[LayerPlan]
 ) -> None:
     """The preflight: every header check the loader makes, in the loader's order, reading no data.
     `model` is the (meta) model the plans were made for."""

@@ -169,6 +169,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = make_attention(args, index, f"{prefix}.self_attn", rotary)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = make_mlp(args, index, f"{prefix}.mlp")
+        # What the norms cast into (the sublayers' input dtype); the loader sets it with the
+        # weights (`DecoderLM.set_compute_dtype`).
+        self.compute_dtype = torch.float32
 
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
@@ -176,14 +179,10 @@ class DecoderLayer(nn.Module):
         # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it;
         # sublayer outputs join it through type promotion inside the add (no separate cast), and
         # each norm casts into the compute dtype once.
-        dtype = self.dtype
+        dtype = self.compute_dtype
         attn = self.self_attn(self.input_layernorm(x, dtype), positions, cos_sin, ctx)
         x, h = add_rms_norm(x, attn, self.post_attention_layernorm, dtype)
         return x + self.mlp(h)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.input_layernorm.weight.dtype
 
 
 class DecoderBody(nn.Module):
@@ -256,6 +255,12 @@ class DecoderLM(nn.Module, TensorParallelLayer):
 
     # Checkpoint tensors the loader may leave unused (e.g. precomputed rotary tables of old exports).
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+    ignorable_prefixes: tuple[str, ...] = ()
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        for layer in self.body.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.compute_dtype = dtype
 
     def split_groups(self) -> list[SplitGroup]:
         return [SplitGroup("vocab", "lm_head", self.args.vocab_size, ((self.lm_head, 1),))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from anyquant.config_fields import cfg_bool
@@ -112,12 +113,13 @@ class InternLM2Layer(nn.Module):
             args.hidden_act,
             names=FFN_NAMES,
         )
+        self.compute_dtype = torch.float32  # set by the loader (`InternLM2LM.set_compute_dtype`)
 
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
         # Residual stream in fp32, norms cast into the compute dtype (as models.base.DecoderLayer).
-        dtype = self.attention_norm.weight.dtype
+        dtype = self.compute_dtype
         attn = self.attention(self.attention_norm(x, dtype), positions, cos_sin, ctx)
         x, h = add_rms_norm(x, attn, self.ffn_norm, dtype)
         return x + self.feed_forward(h)
@@ -141,10 +143,11 @@ class InternLM2Body(nn.Module):
 
 
 class InternLM2LM(nn.Module, TensorParallelLayer):
-    """The causal LM; the run-time interface of `models.base.DecoderLM` (forward, args,
-    cache_shape, tied_weights), `forward` taking image rows for multimodal callers."""
+    """The causal LM; meets `models.protocol.CausalLM` as `models.base.DecoderLM` does, `forward`
+    taking image rows for multimodal callers."""
 
     ignorable_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+    ignorable_prefixes: tuple[str, ...] = ()
 
     def __init__(self, args: DecoderArgs) -> None:
         super().__init__()
@@ -164,6 +167,11 @@ class InternLM2LM(nn.Module, TensorParallelLayer):
 
     def tied_weights(self) -> dict[str, str]:
         return {"output.weight": "model.tok_embeddings.weight"} if self.args.tie_word_embeddings else {}
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        for layer in self.model.layers:
+            assert isinstance(layer, InternLM2Layer)
+            layer.compute_dtype = dtype
 
     def forward(
         self,

@@ -33,6 +33,8 @@ from anyquant.models.internvit import InternViT, VisionArgs
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from anyquant.models.protocol import CausalLM
+
 IMAGE_MARKER = "<image>"  # what chat templates and users write where an image goes
 IMAGE_START, IMAGE_TOKEN, IMAGE_END = "<img>", "<IMG_CONTEXT>", "</img>"
 _LM = "language_model."
@@ -74,7 +76,7 @@ class Projector(nn.Sequential):
 
 
 class InternVLChatModel(nn.Module):
-    def __init__(self, root: dict[str, Any], language_model: Any) -> None:
+    def __init__(self, root: dict[str, Any], language_model: CausalLM) -> None:
         super().__init__()
         vision = cfg_dict(root, "vision_config")
         if not vision:
@@ -101,11 +103,14 @@ class InternVLChatModel(nn.Module):
         self.mlp1 = Projector(vision_width, self.args.hidden_size)
         self.cache_shape = language_model.cache_shape
         self.image_token = IMAGE_TOKEN
-        self.ignorable_suffixes: tuple[str, ...] = getattr(language_model, "ignorable_suffixes", ())
+        self.ignorable_suffixes = language_model.ignorable_suffixes
+        self.ignorable_prefixes = tuple(_LM + p for p in language_model.ignorable_prefixes)
 
     def tied_weights(self) -> dict[str, str]:
-        tied: dict[str, str] = getattr(self.language_model, "tied_weights", dict)()
-        return {_LM + k: _LM + v for k, v in tied.items()}
+        return {_LM + k: _LM + v for k, v in self.language_model.tied_weights().items()}
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        self.language_model.set_compute_dtype(dtype)
 
     # -- images ---------------------------------------------------------------------------------
     def image_pixels(self, image: Image) -> Tensor:
@@ -172,13 +177,13 @@ class InternVLChatModel(nn.Module):
     ) -> Tensor:
         """The language model's forward; `input_embeds` (rows, values) replace the token
         embeddings of the image placeholder rows."""
-        lm: Any = self.language_model  # every text family here takes `input_embeds`
-        return lm(token_ids, positions, ctx, logits_rows, input_embeds)
+        return self.language_model(token_ids, positions, ctx, logits_rows, input_embeds)
 
     @property
     def model(self) -> nn.Module:
         """The language model's decoder body (what memory estimates read the embedding width from)."""
-        return self.language_model.model
+        lm: Any = self.language_model
+        return lm.model
 
     @property
     def body(self) -> nn.Module:
@@ -186,7 +191,7 @@ class InternVLChatModel(nn.Module):
         return lm.body if hasattr(lm, "body") else lm.model
 
 
-def _add_prefix(module: nn.Module, root: str) -> None:
+def _add_prefix(module: CausalLM, root: str) -> None:
     """Move a text family built with top-level names under `root` (its checkpoint prefix): the
     prefixes layers use to find their tensors and name their split groups."""
     for m in module.modules():

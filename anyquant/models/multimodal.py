@@ -126,9 +126,14 @@ class ImageProcessor(ABC):
 
 
 @runtime_checkable
-class MultimodalModel(Protocol):
-    """What the engine calls on a model that takes images."""
-
-    def image_processor(self, model_dir: Path) -> ImageProcessor: ...
+class ImageEncoder(Protocol):
+    """What the engine calls on a model that takes images (rank 0's tensor-parallel proxy too)."""
 
     def embed_images(self, images: list[ImageInput]) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class MultimodalModel(ImageEncoder, Protocol):
+    """A model family that takes images: its encoder, and the processor the front ends use."""
+
+    def image_processor(self, model_dir: Path) -> ImageProcessor: ...

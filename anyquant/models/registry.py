@@ -8,6 +8,7 @@ from collections.abc import Collection
 from typing import Any
 
 from anyquant.errors import CheckpointError, UnsupportedError
+from anyquant.models.protocol import CausalLM, check_causal_lm
 
 # architecture -> (module, builder function name)
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -42,7 +43,7 @@ def architecture_of(config: dict[str, Any]) -> str:
     return archs[0]
 
 
-def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> Any:
+def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> CausalLM:
     """Instantiate the family for `config` (callers wrap this in a meta-device context).
 
     Families whose checkpoints come in more than one naming layout (Mixtral) also take the
@@ -55,5 +56,5 @@ def build_model(config: dict[str, Any], tensor_names: Collection[str] = ()) -> A
     module, fn = _ARCHITECTURES[arch]
     builder = getattr(importlib.import_module(module), fn)
     if "tensor_names" in inspect.signature(builder).parameters:
-        return builder(config, tensor_names=tensor_names)
-    return builder(config)
+        return check_causal_lm(builder(config, tensor_names=tensor_names), arch)
+    return check_causal_lm(builder(config), arch)

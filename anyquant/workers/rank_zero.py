@@ -24,6 +24,7 @@ from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
 from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import ImageEncoder
 from anyquant.parallel import wire
 from anyquant.parallel.comm import (
     joined,
@@ -48,8 +49,8 @@ from anyquant.workers.worker import LOAD_TIMEOUT_S, LoadRequest, device_for, loa
 
 if TYPE_CHECKING:
     from anyquant.loading.loader import LoadedModel
-    from anyquant.models.base import DecoderLM
     from anyquant.models.multimodal import ImageInput
+    from anyquant.models.protocol import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,13 @@ def encode_forward(
 
 
 class TensorParallelModel(nn.Module):
-    """Rank 0's model under tensor parallelism: same call as `DecoderLM`, workers mirror each call.
+    """Rank 0's model under tensor parallelism: same call as the model (`models.protocol.EngineModel`), workers mirror each call.
 
     `local` is rank 0's shard; `args` and `cache_shape` (this rank's KV heads) are the engine's
     contract. After any failure the group is unusable and every call raises the same error.
     """
 
-    def __init__(self, local: DecoderLM, state: ParallelState, workers: LocalWorkers) -> None:
+    def __init__(self, local: CausalLM, state: ParallelState, workers: LocalWorkers) -> None:
         super().__init__()
         self.local = local
         self.args = local.args
@@ -113,10 +114,9 @@ class TensorParallelModel(nn.Module):
 
     def embed_images(self, images: list[ImageInput]) -> list[Tensor]:
         """Vision encoders are replicated: rank 0 runs its own; the rows travel with the step."""
-        embed = getattr(self.local, "embed_images", None)
-        if embed is None:
+        if not isinstance(self.local, ImageEncoder):
             raise UnsupportedError("this model takes no images")
-        return embed(images)
+        return self.local.embed_images(images)
 
     def forward(
         self,

@@ -31,7 +31,7 @@ from anyquant.parallel.state import (
 
 if TYPE_CHECKING:
     from anyquant.loading.loader import LoadedModel
-    from anyquant.models.base import DecoderLM
+    from anyquant.models.protocol import CausalLM
 
 LOAD_TIMEOUT_S = 3600.0
 
@@ -113,7 +113,7 @@ def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: 
     return 0
 
 
-def serve(model: DecoderLM, state: ParallelState, device: torch.device) -> None:
+def serve(model: CausalLM, state: ParallelState, device: torch.device) -> None:
     """The worker loop: receive rank 0's messages and mirror its forward passes until shutdown."""
     caches: dict[int, PagedKVCache] = {}
     seq = 0
@@ -125,7 +125,7 @@ def serve(model: DecoderLM, state: ParallelState, device: torch.device) -> None:
 
 
 def _run_command(
-    model: DecoderLM, state: ParallelState, device: torch.device, caches: dict[int, PagedKVCache], msg: Tensor
+    model: CausalLM, state: ParallelState, device: torch.device, caches: dict[int, PagedKVCache], msg: Tensor
 ) -> bool:
     """Carry out one command from rank 0; False on shutdown."""
     kind = int(msg[0])
