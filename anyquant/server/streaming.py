@@ -160,7 +160,7 @@ async def _event_stream(
                 yield sse({**base, "choices": [built], **extra})
         else:
             if meta.include_usage:
-                totals = usage(meta.num_prompt_tokens, generated, cached)
+                totals = usage(meta.num_prompt_tokens, generated, cached).model_dump()
                 yield sse({**base, "choices": [], "usage": totals})
         yield SSE_DONE
     finally:
