@@ -85,15 +85,14 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "serve":
         return _run_serve(args)
     from anyquant.bench.offline import bench_offline, measure_copy_bandwidth_gbs
+    from anyquant.cli.llm_options import llm_options
 
     result = bench_offline(
         args.model,
-        args.dtype,
-        args.prompt_len,
-        args.decode_len,
-        args.repeats,
-        args.kernel,
-        lm_head_dtype=args.lm_head_dtype,
+        prompt_len=args.prompt_len,
+        decode_len=args.decode_len,
+        repeats=args.repeats,
+        **llm_options(args),  # the flags bench_offline passes on to LLM(...)
     )
     bandwidth = measure_copy_bandwidth_gbs()
     limit = bandwidth * 1e9 / (result.linear_weight_mib * 2**20)

@@ -50,21 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anyquant.cli.llm_options import load_llm
     from anyquant.engine.sampling import SamplingParams
     from anyquant.errors import AnyquantError
-    from anyquant.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        kernel=args.kernel,
-        lm_head_dtype=args.lm_head_dtype,
-        debug_numerics=args.debug_numerics,
-        tensor_parallel_size=args.tensor_parallel_size,
-        chat_template=args.chat_template,
-    )
+    llm = load_llm(args)
     t1 = time.perf_counter()
     prompt = args.prompt
     if args.chat:

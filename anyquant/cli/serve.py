@@ -160,25 +160,13 @@ def run(args: argparse.Namespace) -> int:
         raise AnyquantError(
             f"the server needs its extra dependencies ({exc}); pip install 'anyquant[server]'"
         ) from exc
-    from anyquant.llm import LLM
+    from anyquant.cli.llm_options import load_llm
 
     logging.getLogger("anyquant").setLevel(logging.INFO)
     api_key = args.api_key or os.environ.get("ANYQUANT_API_KEY") or None
     log.info("loading %s", args.model)
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        kernel=args.kernel,
-        lm_head_dtype=args.lm_head_dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_gb=args.kv_cache_gb,
-        kv_cache_fraction=args.kv_cache_fraction,
-        tensor_parallel_size=args.tensor_parallel_size,
-        chat_template=args.chat_template,
-    )
+    llm = load_llm(args)
     timings = llm.loaded.timings  # load_model logged reading and repacking as they ended
     engine_s = time.perf_counter() - t0 - timings.get("reading", 0.0) - timings.get("repacking", 0.0)
     log.info("%s: phase KV cache and engine took %.2fs", args.model, max(engine_s, 0.0))
