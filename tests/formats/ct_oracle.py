@@ -18,6 +18,12 @@ from torch import Tensor
 from anyquant.loading.checkpoint import TORCH_TO_SAFETENSORS, TensorIndex, TensorInfo
 from anyquant.quant.weight import QuantWeight
 
+# formats.md §12.0 (one home: tests/helpers/spec_vectors.py), under the names the tests use here.
+from tests.helpers.spec_vectors import checksums as checksums
+from tests.helpers.spec_vectors import hcode as hcode
+from tests.helpers.spec_vectors import scale as vec_scale  # noqa: F401 - used as oc.vec_scale
+from tests.helpers.spec_vectors import word_rows as words
+
 
 def library() -> tuple[SimpleNamespace | None, str]:
     """The compressed-tensors pieces the tests drive, or (None, why not)."""
@@ -52,34 +58,6 @@ def library() -> tuple[SimpleNamespace | None, str]:
         ),
         "",
     )
-
-
-# -- formats.md §12.0 ---------------------------------------------------------------------------
-
-
-def hcode(n: int, k: int, maxq: int) -> int:
-    h = (n * 0x9E3779B1 + k * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
-    h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-    h ^= h >> 12
-    return h & maxq
-
-
-def vec_scale(n: int, g: int) -> float:
-    return (1 + (5 * n + 3 * g) % 7) / 32
-
-
-def words(rows: list[list[int]]) -> Tensor:
-    """Unsigned 32-bit literals -> the int32 bit patterns a checkpoint stores."""
-    return torch.tensor([[v - (1 << 32) if v >= 1 << 31 else v for v in r] for r in rows], dtype=torch.int32)
-
-
-def checksums(w: Tensor) -> tuple[float, float]:
-    n, k = w.shape
-    weight = (
-        1 + torch.arange(n, dtype=torch.float64)[:, None] + 2 * torch.arange(k, dtype=torch.float64)[None]
-    )
-    return float(w.sum()), float((w * weight).sum())
 
 
 # -- bit layouts, written as bit matrices (not shifts of windows) ------------------------------

@@ -17,7 +17,8 @@ from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.registry import format_class, writer_class
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
-from tests.formats._vectors import (
+from tests.helpers import quant_weights
+from tests.helpers.spec_vectors import (
     checksums,
     hcode,
     index_of,
@@ -206,19 +207,11 @@ def test_gemv_writer_reproduces_vector_words() -> None:
 
 # -- random grid: writer -> reader -> independent dequantizer -------------------------------------
 def random_weight(n: int, k: int, group: int, seed: int, sym: bool = False) -> QuantWeight:
-    gen = torch.Generator().manual_seed(seed)
-    g = group if group != -1 else k
-    ng = k // g
-    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    # Scales exactly representable in F16: small integers times a power of two.
-    scales = torch.randint(1, 2048, (n, ng), generator=gen).float() * 2.0**-14
-    zeros = torch.randint(0, 16, (n, ng), generator=gen, dtype=torch.int32)
     if group == -1:
         spec = QuantSpec("uint4", "channel", has_zero=not sym)
-        scales, zeros = scales[:, 0], zeros[:, 0]
     else:
         spec = QuantSpec("uint4", "group", group_size=group, has_zero=not sym)
-    return QuantWeight(spec, (n, k), codes, scales, None if sym else zeros).validate("random")
+    return quant_weights.random_weight(spec, n, k, seed, f16_exact=True)  # AWQ stores F16 scales
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, -1])

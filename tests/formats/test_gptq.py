@@ -18,7 +18,8 @@ from anyquant.quant.formats.gptq import GptqFormat, GptqV2Writer, GptqWriter
 from anyquant.quant.registry import format_class, writer_class
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
-from tests.formats._vectors import (
+from tests.helpers import quant_weights
+from tests.helpers.spec_vectors import (
     checksums,
     hcode,
     index_of,
@@ -257,30 +258,16 @@ def test_symmetric_zero_words(bits: int) -> None:
 
 
 # -- random grid: writer -> reader -> independent dequantizer -------------------------------------
-def random_gidx(k: int, group: int, gen: torch.Generator) -> Tensor:
-    gidx = torch.empty(k, dtype=torch.int32)
-    gidx[torch.randperm(k, generator=gen)] = (torch.arange(k) // group).to(torch.int32)
-    return gidx
-
-
 def random_weight(
     bits: int, group: int, sym: bool, act_order: bool, seed: int, n: int = 64, k: int = 256
 ) -> QuantWeight:
-    gen = torch.Generator().manual_seed(seed)
-    maxq = (1 << bits) - 1
-    g = group if group != -1 else k
-    ng = k // g
-    codes = torch.randint(0, maxq + 1, (n, k), generator=gen, dtype=torch.uint8)
-    scales = torch.randint(1, 2048, (n, ng), generator=gen).float() * 2.0**-14  # exact in F16
-    zeros = torch.randint(0, maxq + 1, (n, ng), generator=gen, dtype=torch.int32)  # includes 0 (borrows)
-    gidx = random_gidx(k, g, gen) if act_order else None
     weight = f"uint{bits}"
     if group == -1:
         spec = QuantSpec(weight, "channel", has_zero=not sym)  # type: ignore[arg-type]
-        scales, zeros = scales[:, 0], zeros[:, 0]
     else:
         spec = QuantSpec(weight, "group", group_size=group, has_zero=not sym, act_order=act_order)  # type: ignore[arg-type]
-    return QuantWeight(spec, (n, k), codes, scales, None if sym else zeros, gidx).validate("random")
+    # Zero points include 0 (GPTQ v1 stores zero - 1, which borrows); F16 scales round-trip exactly.
+    return quant_weights.random_weight(spec, n, k, seed, f16_exact=True)
 
 
 GRID = [

@@ -28,7 +28,7 @@ from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
-from tests.kernels.test_reference_kernel import random_weight
+from tests.helpers.quant_weights import random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")

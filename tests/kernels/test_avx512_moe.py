@@ -18,7 +18,7 @@ from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
-from tests.kernels.test_reference_kernel import random_weight
+from tests.helpers.quant_weights import random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")

@@ -24,13 +24,9 @@ from anyquant.quant.registry import choose_kernel, kernel_classes
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
-from tests.kernels.test_reference_kernel import (
-    GPTQ_DESCACT_EXPECTED,
-    checksums,
-    dense_through,
-    gptq_descact_weight,
-    random_weight,
-)
+from tests.helpers.quant_weights import random_weight
+from tests.helpers.spec_vectors import checksums
+from tests.kernels.test_reference_kernel import GPTQ_DESCACT_EXPECTED, dense_through, gptq_descact_weight
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -340,7 +336,7 @@ import torch
 from anyquant.quant.kernels import torch_cpu
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.spec import QuantSpec
-from tests.kernels.test_reference_kernel import random_weight
+from tests.helpers.quant_weights import random_weight
 
 print(torch.backends.cpu.get_cpu_capability(), torch_cpu._int4pack_layout())
 cases = [

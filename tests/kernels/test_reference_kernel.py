@@ -14,6 +14,9 @@ from torch import Tensor
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.spec import FP8_MAX, ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.quant_weights import random_weight
+from tests.helpers.spec_vectors import checksums, hcode
+from tests.helpers.spec_vectors import scale as spec_scale
 
 # Max relative L2 error of the reference kernel vs the float64 oracle, per compute dtype.
 REFERENCE_BUDGET = {
@@ -27,19 +30,7 @@ REFERENCE_BUDGET = {
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-# --- formats.md §12.0 generator, written from the spec text -------------------------------------
-
-
-def hcode(n: int, k: int, maxq: int) -> int:
-    h = (n * 0x9E3779B1 + k * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
-    h ^= h >> 15
-    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-    h ^= h >> 12
-    return h & maxq
-
-
-def spec_scale(n: int, g: int) -> float:
-    return (1 + (5 * n + 3 * g) % 7) / 32
+# --- formats.md §12.0 vectors (the generator: tests/helpers/spec_vectors.py) ------------------------
 
 
 GPTQ_DESCACT_GIDX = [3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 1, 2, 2, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # fmt: skip
@@ -81,13 +72,6 @@ GPTQ_DESCACT_EXPECTED = {
         (-2.78125, 109.34375),
     ),
 }
-
-
-def checksums(w: Tensor) -> tuple[float, float]:
-    """(S1, S2) of §12.0: sum W and sum W * (1 + n + 2k), float64."""
-    n, k = w.shape
-    weight = 1 + torch.arange(n, dtype=torch.float64)[:, None] + 2 * torch.arange(k, dtype=torch.float64)
-    return float(w.double().sum()), float((w.double() * weight).sum())
 
 
 def dense_through(kernel_cls: type, w: QuantWeight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -167,47 +151,6 @@ def oracle_linear(x: Tensor, w: QuantWeight) -> Tensor:
     if w.spec.act is not None:
         xq = oracle_activations(x, w.spec.act, w.input_scale, w.input_zero)
     return xq @ oracle_dequantize(w).T
-
-
-# --- random weights for any spec ------------------------------------------------------------------
-
-
-def random_weight(spec: QuantSpec, n: int, k: int, seed: int) -> QuantWeight:
-    """Random codes, scales ~0.01, zero points and act-order index for `spec` (deterministic)."""
-    gen = torch.Generator().manual_seed(seed)
-    if spec.granularity == "group":
-        scale_shape: tuple[int, ...] = (n, -(-k // spec.group_size))
-    elif spec.granularity == "block":
-        scale_shape = (-(-n // spec.block_shape[0]), -(-k // spec.block_shape[1]))
-    elif spec.granularity == "channel":
-        scale_shape = (n,)
-    else:
-        scale_shape = ()
-    scale = 0.005 + 0.01 * torch.rand(scale_shape, generator=gen)
-    zero = group_index = input_scale = input_zero = None
-    if spec.is_uint:
-        top = 1 << spec.bits
-        data = torch.randint(0, top, (n, k), generator=gen, dtype=torch.uint8)
-        if spec.has_zero:
-            zero = torch.randint(0, top, scale_shape, generator=gen, dtype=torch.int32)
-        if spec.act_order:
-            columns = torch.arange(k) // spec.group_size
-            group_index = columns[torch.randperm(k, generator=gen)].to(torch.int32)
-    elif spec.weight == "int8":
-        data = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    else:
-        top = FP8_MAX[spec.weight]
-        data = (torch.randn(n, k, generator=gen) * top / 4).clamp(-top, top).to(_FP8[spec.weight])
-        scale = scale * 100 / top
-    act = spec.act
-    if act is not None and not act.dynamic:
-        # Static scale: |x| of a few units spans most of the code range without much clipping.
-        qmax = 127.0 if act.type == "int8" else FP8_MAX[act.type]
-        input_scale = torch.tensor([3.0 / qmax])
-        if not act.symmetric:
-            input_zero = torch.tensor([-7], dtype=torch.int32)
-    weight = QuantWeight(spec, (n, k), data, scale.float(), zero, group_index, input_scale, input_zero)
-    return weight.validate("random")
 
 
 SPECS = [

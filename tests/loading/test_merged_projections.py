@@ -21,6 +21,7 @@ from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.tiny_model import write_tiny_model
+from tests.helpers.quant_weights import random_weight
 
 IDS = [3, 17, 99, 4, 250, 7, 7, 31, 64, 2, 128, 5]
 
@@ -109,20 +110,6 @@ def test_inspect_shows_merges_and_reasons(dense_model: Path) -> None:
     assert merges["model.layers.*.mlp.gate_up_proj"]["kernel"] == "dense"
 
 
-def _weight(spec: QuantSpec, n: int, k: int = 64, seed: int = 0) -> QuantWeight:
-    g = torch.Generator().manual_seed(seed)
-    groups = k // spec.group_size if spec.granularity == "group" else 0
-    scale_shape = {"tensor": (), "channel": (n,), "group": (n, groups)}[spec.granularity]
-    return QuantWeight(
-        spec,
-        (n, k),
-        torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        if spec.is_uint
-        else torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g),
-        torch.rand(scale_shape, generator=g) + 0.5,
-    )
-
-
 def test_refusals_name_the_reason() -> None:
     g32 = QuantSpec("uint4", "group", group_size=32)
     g64 = QuantSpec("uint4", "group", group_size=64)
@@ -133,7 +120,7 @@ def test_refusals_name_the_reason() -> None:
     assert "not a multiple of the 32-row" in (spec_refusal(names, [block, block], [48, 64]) or "")
     assert spec_refusal(names, [block, block], [64, 48]) is None  # only the last may end a block early
     act = QuantSpec("uint4", "group", group_size=32, act_order=True)
-    a, b = _weight(act, 32), _weight(act, 32, seed=1)
+    a, b = random_weight(act, 32, 64), random_weight(act, 32, 64, seed=1)
     a.group_index = torch.arange(64, dtype=torch.int32) // 32
     b.group_index = a.group_index.flip(0).contiguous()
     merged, reason = concat_out_features(names, [a, b])
@@ -148,7 +135,7 @@ def test_per_tensor_scales_become_per_channel_values_unchanged() -> None:
     from anyquant.quant.reference import dequantize
 
     spec = QuantSpec("int8", "tensor")
-    parts = [_weight(spec, n, seed=i) for i, n in enumerate((32, 16, 16))]
+    parts = [random_weight(spec, n, 64, seed=i) for i, n in enumerate((32, 16, 16))]
     merged, reason = concat_out_features(("q_proj", "k_proj", "v_proj"), parts)
     assert reason is None and isinstance(merged, QuantWeight)
     assert merged.spec.granularity == "channel" and merged.shape == (64, 64)

@@ -27,6 +27,7 @@ from anyquant.parallel.partition import (
 )
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.quant_weights import random_weight
 
 
 def oracle(w: QuantWeight) -> Tensor:
@@ -50,36 +51,6 @@ def oracle(w: QuantWeight) -> Tensor:
     if zero is None:
         zero = torch.full((n, k), float(spec.implicit_zero), dtype=torch.float64)
     return (codes - zero) * scale
-
-
-def random_weight(spec: QuantSpec, shape: tuple[int, int], seed: int = 0) -> QuantWeight:
-    g = torch.Generator().manual_seed(seed)
-    n, k = shape
-    if spec.granularity == "group":
-        ng = -(-k // spec.group_size)
-        scale_shape: tuple[int, ...] = (n, ng)
-    elif spec.granularity == "channel":
-        scale_shape = (n,)
-    elif spec.granularity == "block":
-        bn, bk = spec.block_shape
-        scale_shape = (-(-n // bn), -(-k // bk))
-    else:
-        scale_shape = ()
-    scale = torch.rand(scale_shape, generator=g) + 0.5
-    if spec.is_float:
-        data = (torch.randn(n, k, generator=g) * 50).clamp(-400, 400).to(torch.float8_e4m3fn)
-    elif spec.weight == "int8":
-        data = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-    else:
-        data = torch.randint(0, 1 << spec.bits, (n, k), generator=g).to(torch.uint8)
-    zero = torch.randint(0, 1 << spec.bits, scale_shape, generator=g).int() if spec.has_zero else None
-    gidx = None
-    if spec.act_order:
-        gidx = (torch.randperm(k, generator=g) // spec.group_size).int()
-    static = spec.act is not None and not spec.act.dynamic
-    return QuantWeight(spec, shape, data, scale, zero, gidx, torch.tensor(0.02) if static else None).validate(
-        "w"
-    )
 
 
 SPECS = {
@@ -128,7 +99,7 @@ def _check_pieces(full: QuantWeight, pieces: list[QuantWeight], part: Partition,
 @pytest.mark.parametrize("spec_name", sorted(SPECS))
 def test_column_shards_reassemble_and_pad_with_zeros(spec_name: str, part_name: str) -> None:
     spec = SPECS[spec_name]
-    full = random_weight(spec, SHAPE)
+    full = random_weight(spec, *SHAPE)
     part = partitions(SHAPE[0])[part_name]
     try:
         pieces = [shard_quant(full, "column", part, r, "w") for r in range(part.world)]
@@ -144,7 +115,7 @@ def test_column_shards_reassemble_and_pad_with_zeros(spec_name: str, part_name: 
 @pytest.mark.parametrize("spec_name", sorted(SPECS))
 def test_row_shards_reassemble_and_pad_with_zeros(spec_name: str, part_name: str) -> None:
     spec = SPECS[spec_name]
-    full = random_weight(spec, SHAPE, seed=1)
+    full = random_weight(spec, *SHAPE, seed=1)
     part = partitions(SHAPE[1])[part_name]
     pieces = [shard_quant(full, "row", part, r, "w") for r in range(part.world)]
     for piece in pieces:
@@ -155,7 +126,7 @@ def test_row_shards_reassemble_and_pad_with_zeros(spec_name: str, part_name: str
 
 def test_row_parallel_partial_products_sum_to_the_whole() -> None:
     """sum over ranks of x_r @ W_r.T == x @ W.T, x_r = this rank's input columns (zeros at padding)."""
-    full = random_weight(SPECS["uint4-g16-asym"], SHAPE, seed=2)
+    full = random_weight(SPECS["uint4-g16-asym"], *SHAPE, seed=2)
     part = split_regrouped(SHAPE[1], 4, 16)
     x = torch.randn(5, SHAPE[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     total = torch.zeros(5, SHAPE[0], dtype=torch.float64)
@@ -183,7 +154,7 @@ def test_fp8_block_rows_refine_to_finer_blocks() -> None:
 
 
 def test_act_order_row_shard_keeps_only_used_groups() -> None:
-    full = random_weight(SPECS["uint4-g16-act-order"], (8, 64), seed=3)
+    full = random_weight(SPECS["uint4-g16-act-order"], 8, 64, seed=3)
     part = split_units(64, 2)
     piece = shard_quant(full, "row", part, 0, "w")
     used = torch.unique(full.group_index[:32].long())

@@ -43,7 +43,8 @@ from anyquant.quant.registry import kernel_classes
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
-from tests.kernels.test_reference_kernel import oracle_linear, random_weight
+from tests.helpers.quant_weights import random_weight
+from tests.kernels.test_reference_kernel import oracle_linear
 from tests.parallel.conftest import IDS
 
 CPU = torch.device("cpu")

@@ -43,8 +43,9 @@ def word_rows(rows: list[list[int]]) -> Tensor:
 
 
 def checksums(w: Tensor) -> tuple[float, float]:
-    """(S1, S2) of §12.0 for a dense [N, K] float64 weight."""
+    """(S1, S2) of §12.0 for a dense [N, K] weight: sum W and sum W * (1 + n + 2k), in float64."""
     n, k = w.shape
+    w = w.double()
     weight = (
         1 + torch.arange(n, dtype=torch.float64)[:, None] + 2 * torch.arange(k, dtype=torch.float64)[None]
     )
