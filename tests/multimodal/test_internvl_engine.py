@@ -14,15 +14,11 @@ import torch
 pytest.importorskip("anyquant.models.multimodal")  # the engine's image plumbing
 
 from anyquant import LLM, SamplingParams
+from tests.helpers.images import random_image
 from tests.models._internvl import IMG_CONTEXT_ID, write_internvl
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-
-
-def random_image(width: int, height: int, seed: int) -> Any:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
 
 
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])

@@ -12,16 +12,10 @@ import torch
 from anyquant import LLM, SamplingParams
 from anyquant.models.multimodal import ImageInputError
 from anyquant.utils.tiny_vlm import IMAGE_PAD, write_tiny_vlm
+from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-
-PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def random_image(width: int, height: int, seed: int) -> object:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
 
 
 @pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
@@ -60,7 +54,7 @@ def test_greedy_generation_with_images_equals_transformers(checkpoint: tuple[Pat
     path, v25 = checkpoint
     llm = LLM(path, dtype="float32")
     images = [random_image(100, 60, 1), random_image(50, 90, 2)]
-    prompt = f"look {PLACEHOLDER} and {PLACEHOLDER} then"
+    prompt = f"look {QWEN2_VL_PLACEHOLDER} and {QWEN2_VL_PLACEHOLDER} then"
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     # A text-only request in the same batch: mixed steps (1-D and M-RoPE positions) stay exact.
     outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": images}}, "plain text"], params)
@@ -74,7 +68,7 @@ def test_prefix_cache_keys_include_the_image(checkpoint: tuple[Path, bool]) -> N
     path, _ = checkpoint
     llm = LLM(path, dtype="float32")
     a, b = random_image(112, 112, 3), random_image(112, 112, 4)  # same size: identical placeholder ids
-    prompt = "x" * 20 + PLACEHOLDER + "describe it " * 3
+    prompt = "x" * 20 + QWEN2_VL_PLACEHOLDER + "describe it " * 3
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
     first_a = llm.generate({"prompt": prompt, "multi_modal_data": {"image": a}}, params)[0]
     scheduler = llm.engine.scheduler
@@ -100,10 +94,10 @@ def test_logits_api_with_image_match_generation_logprobs(checkpoint: tuple[Path,
     llm = LLM(path, dtype="float32")
     image = random_image(80, 80, 5)
     out = llm.generate(
-        {"prompt": f"a {PLACEHOLDER} b", "multi_modal_data": {"image": image}},
+        {"prompt": f"a {QWEN2_VL_PLACEHOLDER} b", "multi_modal_data": {"image": image}},
         SamplingParams(max_tokens=1, temperature=0.0, logprobs=0),
     )[0]
-    logits = llm.logits(llm.tokenizer.encode(f"a {PLACEHOLDER} b"), {"image": image})
+    logits = llm.logits(llm.tokenizer.encode(f"a {QWEN2_VL_PLACEHOLDER} b"), {"image": image})
     expected = torch.log_softmax(logits[-1], dim=-1)[out.token_ids[0]]
     assert out.logprobs is not None
     assert abs(out.logprobs[0][out.token_ids[0]] - float(expected)) < 1e-4
@@ -114,9 +108,9 @@ def test_bad_image_inputs_are_refused_clearly(checkpoint: tuple[Path, bool], tmp
     llm = LLM(path, dtype="float32")
     image = random_image(64, 64, 6)
     with pytest.raises(ImageInputError, match="1 image placeholder"):
-        llm.generate({"prompt": f"{PLACEHOLDER}", "multi_modal_data": {"image": [image, image]}})
+        llm.generate({"prompt": f"{QWEN2_VL_PLACEHOLDER}", "multi_modal_data": {"image": [image, image]}})
     with pytest.raises(ImageInputError, match="PIL"):
-        llm.generate({"prompt": f"{PLACEHOLDER}", "multi_modal_data": {"image": b"not an image"}})
+        llm.generate({"prompt": f"{QWEN2_VL_PLACEHOLDER}", "multi_modal_data": {"image": b"not an image"}})
     with pytest.raises(ImageInputError, match="only 'image'"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"video": image}})
 
@@ -138,7 +132,7 @@ def test_chunked_prefill_cutting_images_equals_one_chunk(checkpoint: tuple[Path,
     assert llm.tokenizer is not None
     images = [random_image(90, 60, 7), random_image(60, 60, 8)]
     ids, mm = llm.prepare_multimodal(
-        llm.tokenizer.encode(f"q {PLACEHOLDER}{PLACEHOLDER} a"), {"image": images}
+        llm.tokenizer.encode(f"q {QWEN2_VL_PLACEHOLDER}{QWEN2_VL_PLACEHOLDER} a"), {"image": images}
     )
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
     want = llm.generate({"prompt_token_ids": ids, "multi_modal_data": None}, params)  # text-only baseline

@@ -14,16 +14,10 @@ from anyquant.models.base import InputEmbeds
 from anyquant.models.multimodal import ImageInputError
 from anyquant.models.qwen2_vl_processor import Qwen2VLImageProcessor
 from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START, write_tiny_vlm
+from tests.helpers.images import random_image
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-
-
-def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> object:
-    g = torch.Generator().manual_seed(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    data = (torch.rand(height, width, channels, generator=g) * 255).byte().numpy()
-    return Image.fromarray(data[..., 0] if mode == "L" else data, mode)
 
 
 VISION = {"patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}
@@ -37,7 +31,7 @@ def test_preprocessing_equals_transformers(tmp_path: Path, width: int, height: i
     reference = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
     reference.save_pretrained(tmp_path)
     ours = Qwen2VLImageProcessor(tmp_path, {}, VISION)
-    image = random_image(width, height, mode)
+    image = random_image(width, height, mode=mode)
     expected = reference([image], return_tensors="pt")
     got = ours.process(image)
     assert got.tensors["grid_thw"].tolist() == expected["image_grid_thw"][0].tolist()

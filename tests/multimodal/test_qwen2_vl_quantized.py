@@ -19,16 +19,10 @@ from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.reference import dequantize
 from anyquant.utils.tiny_vlm import IMAGE_PAD, write_tiny_vlm
+from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-
-PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def random_image(width: int, height: int, seed: int) -> object:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def reference_logits(
 def check_against_reference(llm: LLM, source: Path, path: Path) -> float:
     image = random_image(90, 70, 7)
     assert llm.tokenizer is not None
-    prompt = llm.tokenizer.encode(f"see {PLACEHOLDER} here")
+    prompt = llm.tokenizer.encode(f"see {QWEN2_VL_PLACEHOLDER} here")
     ours = llm.logits(prompt, {"image": image})
     ids, _ = llm.prepare_multimodal(prompt, {"image": image})
     ref = reference_logits(source, dequantized_state(path), ids, image)

@@ -11,24 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from anyquant import LLM, SamplingParams
 from anyquant.models.media import MediaLimits
 from anyquant.server import ServerConfig, create_app
 from anyquant.utils.tiny_vlm import write_tiny_vlm
+from tests.helpers.images import png_data_url
 from tests.server.conftest import LiveServer, call
 
 openai = pytest.importorskip("openai")
 Image = pytest.importorskip("PIL.Image")
-
-
-def png_data_url(width: int, height: int, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    image = Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def image_part(url: str) -> dict[str, Any]:

@@ -8,19 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from anyquant import LLM, SamplingParams
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_vlm import write_tiny_vlm
+from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
 
 pytestmark = pytest.mark.slow
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("transformers")
-
-PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def test_tp2_with_padding_equals_one_process(tmp_path: Path) -> None:
@@ -30,13 +28,12 @@ def test_tp2_with_padding_equals_one_process(tmp_path: Path) -> None:
     padding = describe_checkpoint(path, tp=2)["tensor_parallel"]["padding"]
     assert any(p["pattern"] == "model.layers.*.mlp" and sum(p["padding_per_rank"]) for p in padding)
 
-    g = torch.Generator().manual_seed(0)
-    image = Image.fromarray((torch.rand(70, 110, 3, generator=g) * 255).byte().numpy())
-    prompt = {"prompt": f"a {PLACEHOLDER} b", "multi_modal_data": {"image": image}}
+    image = random_image(110, 70, seed=0)
+    prompt = {"prompt": f"a {QWEN2_VL_PLACEHOLDER} b", "multi_modal_data": {"image": image}}
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     one = LLM(path, dtype="float32")
     assert one.tokenizer is not None
-    ids = one.tokenizer.encode(f"a {PLACEHOLDER} b")
+    ids = one.tokenizer.encode(f"a {QWEN2_VL_PLACEHOLDER} b")
     want_logits = one.logits(ids, {"image": image})
     want_tokens = one.generate([prompt, "text only"], params)
     with LLM(path, dtype="float32", tensor_parallel_size=2) as two:
