@@ -17,6 +17,7 @@ format/kernel and model-family registries do that, each within its own unit.
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -289,3 +290,24 @@ def test_a_fixed_exception_must_be_removed_from_the_list(
         f"fixed {kind} exception: {module} no longer imports {unit}; remove it from the known list"
         in problems
     )
+
+
+def readme_layers() -> list[tuple[str, ...]]:
+    """The layer diagram of README.md's "Package layers" section, as LAYERS spells it: one line
+    per level or chain of levels (`a -> b`), siblings joined by `|`, the description after two
+    spaces, continuation lines indented."""
+    text = (PACKAGE_DIR.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Package layers") :]
+    block = section[section.index("```\n") + 4 :]
+    block = block[: block.index("```")]
+    levels: list[tuple[str, ...]] = []
+    for line in block.splitlines():
+        if not line.strip() or line[0].isspace():
+            continue
+        units = re.sub(r"\s*\(.*?\)", "", re.split(r"\s{2,}", line.strip())[0])
+        levels.extend(tuple(u.strip() for u in part.split("|")) for part in units.split("->"))
+    return levels
+
+
+def test_the_readme_diagram_is_the_declared_order() -> None:
+    assert readme_layers() == LAYERS
