@@ -78,8 +78,8 @@ def encode_forward(
             token_ids,
             positions,
             ctx.slot_mapping,
-            list(ctx.query_lens),
-            list(ctx.context_lens),
+            ctx.query_lens,
+            ctx.context_lens,
             ctx.block_tables,
             rows,
             None if input_embeds is None else input_embeds.rows,
@@ -92,7 +92,8 @@ def encode_forward(
 
 
 class TensorParallelModel(nn.Module):
-    """Rank 0's model under tensor parallelism: same call as the model (`models.protocol.EngineModel`), workers mirror each call.
+    """Rank 0's model under tensor parallelism: an `EngineModel` (models/protocol.py) whose every
+    call the workers mirror.
 
     `local` is rank 0's shard; `args` and `cache_shape` (this rank's KV heads) are the engine's
     contract. After any failure the group is unusable and every call raises the same error.
