@@ -26,6 +26,7 @@ from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
 from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import CrossAttentionStep
 from anyquant.parallel.comm import (
     announce_joined,
     joined,
@@ -111,12 +112,14 @@ def encode_forward(
     ctx: PagedAttention,
     rows: Tensor | None,
     input_embeds: InputEmbeds | None = None,
+    cross: CrossAttentionStep | None = None,
 ) -> Tensor:
     """[kind, cache, T, B, R, P, K, E, H] + ids[T] + positions[K * T] + slot_mapping[T] +
     query_lens[B] + context_lens[B] + block_tables[B * P] + rows[R] + embed rows[E] + embed
-    values[E * H]; R = -1 when all rows want logits, K = 0 for 1-D positions (else their rows:
-    M-RoPE's 3), E = 0 without encoder rows. Embedding values travel as their fp32 bit patterns
-    (exact: the message is integers)."""
+    values[E * H] (+ the cross-attention step, to the end, when there is one); R = -1 when all
+    rows want logits, K = 0 for 1-D positions (else their rows: M-RoPE's 3), E = 0 without
+    encoder rows. Embedding values travel as their fp32 bit patterns (exact: the message is
+    integers)."""
     b, p = ctx.block_tables.shape
     k = 0 if positions.dim() == 1 else positions.shape[0]
     e, h = (0, 0) if input_embeds is None else tuple(input_embeds.values.shape)
@@ -139,6 +142,8 @@ def encode_forward(
         parts.append(
             input_embeds.values.detach().cpu().float().contiguous().view(torch.int32).long().reshape(-1)
         )
+    if cross is not None:
+        parts.append(cross.to_message())
     return torch.cat(parts)
 
 
@@ -173,6 +178,13 @@ def decode_forward(
     return token_ids.to(device), positions.to(device), ctx, rows, embeds
 
 
+def decode_cross(msg: Tensor, device: torch.device) -> CrossAttentionStep | None:
+    """The cross-attention step that follows a forward message's fields, if any."""
+    t, b, r, p, k, e, h = (int(v) for v in msg[2:9])
+    end = 9 + t + max(k, 1) * t + t + 2 * b + b * p + max(r, 0) + e + e * h
+    return CrossAttentionStep.from_message(msg[end:], device) if end < msg.numel() else None
+
+
 # -- rank 0 -------------------------------------------------------------------------------------
 
 
@@ -188,6 +200,7 @@ class TensorParallelModel(nn.Module):
         self.local = local
         self.args = local.args
         self.cache_shape = local.cache_shape
+        self.prompt_vocab_size = getattr(local, "prompt_vocab_size", local.args.vocab_size)
         self.state = state
         self.workers = workers
         self.failure: str | None = None
@@ -211,7 +224,10 @@ class TensorParallelModel(nn.Module):
         ctx: AttentionContext,
         logits_rows: Tensor | None = None,
         input_embeds: InputEmbeds | None = None,
+        cross: CrossAttentionStep | None = None,
     ) -> Tensor:
+        """`cross`: a cross-attention family's step (models/multimodal.py); every rank builds and
+        keeps its own share of the requests' cross-attention keys and values."""
         if self.failure is not None or self.closed:
             raise ParallelError(self.failure or "the tensor-parallel group was closed")
         if not isinstance(ctx, PagedAttention):
@@ -226,9 +242,12 @@ class TensorParallelModel(nn.Module):
             commands = [torch.tensor([_DROP_CACHE, cid]) for cid in self._dropped]
             self._dropped.clear()
             cache_id = self._cache_id(ctx.cache, commands)
-            commands.append(encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds))
+            commands.append(
+                encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds, cross)
+            )
             self._publish(commands)
-            return self.local(token_ids, positions, ctx, logits_rows, input_embeds)
+            extra = {} if cross is None else {"cross": cross}
+            return self.local(token_ids, positions, ctx, logits_rows, input_embeds, **extra)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 self._mark_failed("interrupted in the middle of a step")
@@ -488,8 +507,10 @@ def _run_command(
         caches.pop(int(msg[1]), None)
     elif kind == _FORWARD:
         token_ids, positions, ctx, rows, embeds = decode_forward(msg, device, caches[int(msg[1])])
+        cross = decode_cross(msg, device)
+        extra = {} if cross is None else {"cross": cross}
         with torch.inference_mode():
-            model(token_ids, positions, ctx, rows, embeds)
+            model(token_ids, positions, ctx, rows, embeds, **extra)
     else:
         raise ParallelError(f"rank {state.rank}: unknown message kind {kind} from rank 0")
     return True
