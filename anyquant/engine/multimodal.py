@@ -21,6 +21,7 @@ image attend all of them), so the first key already stands for all of the prompt
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,6 +149,10 @@ class EncoderCache:
         return rows
 
 
+# Keys are unique in the process: engines that share a model never confuse their requests' states.
+_CROSS_KEYS = itertools.count()
+
+
 class CrossAttentionRequests:
     """The running requests whose cross-attention state lives in the model, by key.
 
@@ -157,10 +162,13 @@ class CrossAttentionRequests:
 
     def __init__(self) -> None:
         self._keys: dict[str, tuple[Request, int]] = {}
-        self._next = 0
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def keys(self) -> set[int]:
+        return {key for _, key in self._keys.values()}
 
     def sequence(
         self, request: Request, first_row: int, count: int, embed: Callable[[ImageInput], Tensor]
@@ -171,8 +179,7 @@ class CrossAttentionRequests:
         entry = self._keys.get(request.request_id)
         if entry is not None:
             return CrossSequence(entry[1], first_row, count, start)
-        key = self._next
-        self._next += 1
+        key = next(_CROSS_KEYS)
         self._keys[request.request_id] = (request, key)
         states = torch.cat([embed(image) for image in mm.images])
         return CrossSequence(key, first_row, count, start, mm.cross, states)

@@ -154,6 +154,9 @@ class CrossStates:
     def __len__(self) -> int:
         return len(self._states)
 
+    def __contains__(self, key: int) -> bool:
+        return key in self._states
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._states.values())
