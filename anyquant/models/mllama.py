@@ -154,7 +154,8 @@ class MllamaForConditionalGeneration(nn.Module, TensorParallelLayer):
         num_tiles = torch.stack([im.tensors["num_tiles"] for im in images]).to(dev)
         with torch.inference_mode():
             states = tower(pixels, ratio_ids, num_tiles)
-            out = self.projector(states.to(tower.conv_weight.dtype)).float()
+            rows = states.reshape(-1, states.shape[-1]).to(tower.conv_weight.dtype)
+            out = self.projector(rows).float().view(len(images), states.shape[1], -1)
         return list(out.unbind(0))
 
     def forward(

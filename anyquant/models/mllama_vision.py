@@ -170,21 +170,21 @@ class VisionLayer(nn.Module):
         return layer
 
     def forward(self, x: Tensor, attend: Tensor, dtype: torch.dtype) -> Tensor:
-        """x [B, S, width] fp32; attend [B, 1, S, S] bool."""
-        b, s, _ = x.shape
-        h = self.input_layernorm(x, dtype)
+        """x [B, S, width] fp32; attend [B, 1, S, S] bool. Linear layers see 2-D rows."""
+        b, s, w = x.shape
+        h = self.input_layernorm(x, dtype).view(b * s, w)
         attn = self.self_attn
         q, k, v = (
             self._linear(attn, n)(h).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
             for n in ("q_proj", "k_proj", "v_proj")
         )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-        out = self._linear(attn, "o_proj")(out.transpose(1, 2).reshape(b, s, -1))
+        out = self._linear(attn, "o_proj")(out.transpose(1, 2).reshape(b * s, -1)).view(b, s, w)
         if self.gated:
             out = out * self.gate_attn.float().tanh()
         x = x + out
-        h = self.post_attention_layernorm(x, dtype)
-        out = self._linear(self.mlp, "fc2")(self.act(self._linear(self.mlp, "fc1")(h)))
+        h = self.post_attention_layernorm(x, dtype).view(b * s, w)
+        out = self._linear(self.mlp, "fc2")(self.act(self._linear(self.mlp, "fc1")(h))).view(b, s, w)
         if self.gated:
             out = out * self.gate_ffn.float().tanh()
         return x + out
