@@ -155,7 +155,8 @@ class MllamaForConditionalGeneration(nn.Module, TensorParallelLayer):
         with torch.inference_mode():
             states = tower(pixels, ratio_ids, num_tiles)
             rows = states.reshape(-1, states.shape[-1]).to(tower.conv_weight.dtype)
-            out = self.projector(rows).float().view(len(images), states.shape[1], -1)
+            # In the compute dtype: the encoder cache keeps these rows, the K/V are built from them.
+            out = self.projector(rows).view(len(images), states.shape[1], -1)
         return list(out.unbind(0))
 
     def forward(
