@@ -9,17 +9,18 @@ Tensor layouts: the hub's (`language_model.model.*`, `language_model.lm_head`, `
 (`model.language_model.*`, `model.vision_model.*`, `model.multi_modal_projector.*`, `lm_head`),
 which some export tools write. Configs: `text_config` / `vision_config` with rope in
 `rope_scaling` + `rope_theta` (4.45+) or `rope_parameters` (5). The token embedding has 8 rows more
-than the vocabulary (the `<|image|>` token's row is one of them); it stays whole on every rank
-under tensor parallelism, while the decoder splits as for text models and the vision tower is
-replicated (run on rank 0; its states travel with the request's first step).
+than the vocabulary (the `<|image|>` token's row is one of them): under tensor parallelism it is
+split evenly on its own (the LM head's vocab split has 8 rows fewer), the decoder splits as for
+text models (cross-attention by heads) and the vision tower is replicated (run on rank 0; its
+states travel with the request's first step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from anyquant.config_fields import cfg_dict, cfg_int_list
 from anyquant.errors import CheckpointError
 from anyquant.layers.attention import AttentionContext
+from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
@@ -35,6 +37,11 @@ from anyquant.models.mllama_processor import MllamaImageProcessor
 from anyquant.models.mllama_text import CrossStates, MllamaCrossLayer
 from anyquant.models.mllama_vision import MllamaVisionArgs, MllamaVisionModel
 from anyquant.models.multimodal import CrossAttentionStep, ImageInput, ImageProcessor
+from anyquant.parallel.partition import split_units
+
+if TYPE_CHECKING:
+    from anyquant.parallel.partition import Partition
+    from anyquant.parallel.state import ParallelState
 
 # transformers sizes the token embedding 8 rows past the vocabulary (the image token and spares).
 EXTRA_EMBEDDING_ROWS = 8
@@ -135,6 +142,11 @@ class MllamaForConditionalGeneration(nn.Module, TensorParallelLayer):
 
     def split_groups(self) -> list[SplitGroup]:
         return [SplitGroup("vocab", self.lm_head.prefix, self.args.vocab_size, ((self.lm_head, 1),))]
+
+    def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
+        if state.is_parallel:  # the embedding's own even split: it has 8 rows more than the head
+            rows = split_units(self.prompt_vocab_size, state.world_size)
+            self.body.embed_tokens = VocabParallelEmbedding(rows, self.args.hidden_size, state)  # type: ignore[assignment]
 
     def tied_weights(self) -> dict[str, str]:
         # The embedding has more rows than the head: a tied head would not be this model's.
