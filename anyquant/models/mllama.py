@@ -152,6 +152,19 @@ class MllamaForConditionalGeneration(nn.Module, TensorParallelLayer):
         # The embedding has more rows than the head: a tied head would not be this model's.
         return {}
 
+    def cross_attention_summary(self, itemsize: int, kv_heads: int | None = None) -> dict[str, Any]:
+        """For `inspect`: the cross-attention layers and the keys and values one image adds to a
+        running request (per rank: `kv_heads` of them; default this model's)."""
+        v = self.vision_args
+        keys = v.max_num_tiles * v.patches_per_tile
+        heads = kv_heads or self.cache_shape.num_kv_heads
+        per_image = len(self.cross_layer_indices) * 2 * keys * heads * self.args.head_dim * itemsize
+        return {
+            "layers": list(self.cross_layer_indices),
+            "keys_per_image": keys,
+            "kv_bytes_per_image": per_image,
+        }
+
     def image_processor(self, model_dir: Path) -> ImageProcessor:
         v = self.vision_args
         return MllamaImageProcessor(Path(model_dir), self.config, v.image_size, v.max_num_tiles, v.patch_size)

@@ -141,6 +141,12 @@ def test_inspect_reports_the_vision_parts(source: Path, tmp_path: Path) -> None:
     # 3 vision layers x 6 linears + the projector; the cross-attention layer belongs to the LM.
     assert (vision["linear_layers"], vision["quantized_layers"]) == (19, 0)
     assert vision["placeholder_token_id"] == IMAGE
+    # 4 tiles x (16 patches + class token) keys; 1 layer x (k, v) x 1 KV head per rank x 16 x fp32
+    assert vision["cross_attention"] == {
+        "layers": [1],
+        "keys_per_image": 68,
+        "kv_bytes_per_image": 2 * 68 * 16 * 4,
+    }
     memory = doc["tensor_parallel"]["memory_per_rank"]
     assert memory["encoder_cache"] == vision["encoder_cache_bytes"] > 0
 
