@@ -188,3 +188,13 @@ def test_chat_and_server_take_image_parts(llm: LLM) -> None:
         assert response.json()["choices"][0]["message"]["content"] == expected.text
     finally:
         app.state.server.engine.close()
+
+
+def test_image_count_must_match_the_image_tokens(llm: LLM) -> None:
+    from anyquant.models.multimodal import ImageInputError
+
+    image = random_image(40, 40, 9)
+    with pytest.raises(ImageInputError, match=r"0 image token\(s\) \(272\) but 1 image"):
+        llm.generate({"prompt": "no image token here", "multi_modal_data": {"image": image}})
+    with pytest.raises(ImageInputError, match=r"2 image token\(s\) \(272\) but 1 image"):
+        llm.generate({"prompt": "<|image|><|image|>", "multi_modal_data": {"image": [image]}})
