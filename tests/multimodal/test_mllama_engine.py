@@ -198,3 +198,16 @@ def test_image_count_must_match_the_image_tokens(llm: LLM) -> None:
         llm.generate({"prompt": "no image token here", "multi_modal_data": {"image": image}})
     with pytest.raises(ImageInputError, match=r"2 image token\(s\) \(272\) but 1 image"):
         llm.generate({"prompt": "<|image|><|image|>", "multi_modal_data": {"image": [image]}})
+
+
+def test_bfloat16_runs_close_to_float32(llm: LLM, path: Path) -> None:
+    """The 16-bit paths (matrix-vector kernels, bf16 cross-attention keys and values) run."""
+    image = random_image(60, 45, 10)
+    assert llm.tokenizer is not None
+    ids = llm.tokenizer.encode("a <|image|> b c")
+    half = LLM(path, dtype="bfloat16", max_model_len=256)
+    want = llm.logits(ids, {"image": image})
+    got = half.logits(ids, {"image": image})
+    assert float((got - want).norm() / want.norm()) < 0.05
+    out = half.generate({"prompt": "a <|image|> b c", "multi_modal_data": {"image": image}}, GREEDY)[0]
+    assert len(out.token_ids) == GREEDY.max_tokens
