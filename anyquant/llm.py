@@ -23,7 +23,7 @@ from anyquant.chat_template import load_override
 from anyquant.config_fields import cfg_int
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
-from anyquant.engine.multimodal import MultimodalPrompt, prepare_prompt
+from anyquant.engine.multimodal import MultimodalPrompt, one_off_cross_step, prepare_prompt
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
@@ -190,7 +190,7 @@ class LLM:
         (`multi_modal_data={"image": ...}`), at the prompt's expanded placeholders."""
         ids, mm = self.prepare_multimodal(list(token_ids), multi_modal_data)
         self._check_length(len(ids))
-        bad = invalid_token_id(ids, self.engine.vocab_size)
+        bad = invalid_token_id(ids, self.engine.prompt_vocab_size)
         if bad is not None:
             raise AnyquantError(bad)
         return self._forward_prompt(ids, mm)
@@ -202,11 +202,14 @@ class LLM:
         if mm is None:
             logits = seq.forward(ids, 0)
         else:
-            rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
             model = self.loaded.model
             assert isinstance(model, ImageEncoder), "a prompt with images reached a model that takes none"
             values = torch.cat(model.embed_images(mm.images))
-            logits = seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
+            if mm.cross is not None:  # a cross-attention family: images are no prompt rows
+                logits = seq.forward(ids, 0, cross=one_off_cross_step(mm, values, len(ids)))
+            else:
+                rows = torch.cat([torch.arange(start, start + n) for start, n in mm.spans])
+                logits = seq.forward(ids, 0, None, mm.positions, InputEmbeds(rows.to(values.device), values))
         # One reduction: all-NaN logits would otherwise make argmax answer token 0 forever.
         if not bool(torch.isfinite(logits).all()):
             raise self._nonfinite_error(ids)

@@ -85,6 +85,12 @@ def print_text(doc: dict[str, Any]) -> None:
             f"a 448x448 image takes {vision['tokens_per_448x448_image']} tokens, one image at most "
             f"{vision['max_tokens_per_image']}; encoder cache up to {_mib(vision['encoder_cache_bytes'])}"
         )
+        cross = vision.get("cross_attention")
+        if cross:
+            print(
+                f"  cross-attention layers {cross['layers']}: each image adds {cross['keys_per_image']} keys, "
+                f"{_mib(cross['kv_bytes_per_image'])} of keys/values per running request (outside the KV cache)"
+            )
     print_tensor_parallel(tp)
     if doc["risks"]:
         print("\nrisks:")

@@ -159,7 +159,10 @@ class Engine:
         num_pages = kv_pages(config, per_page, device)
         self.config = config
         self.tokenizer = tokenizer
-        self.vocab_size = int(model.args.vocab_size)  # prompt ids are checked against it
+        self.vocab_size = int(model.args.vocab_size)  # the logits' width
+        # Prompt ids are checked against it: the embedding may hold ids the head never yields
+        # (mllama's <|image|> token).
+        self.prompt_vocab_size = int(getattr(model, "prompt_vocab_size", self.vocab_size))
         self.runner = ModelRunner(model, num_pages, config.page_size, dtype, device)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(
@@ -208,7 +211,7 @@ class Engine:
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
         if multimodal is not None and self.runner.encoder_cache is None:
             raise ValueError("this model takes no images")
-        request = Request(rid, prompt_token_ids, params, eos, self.vocab_size, multimodal)
+        request = Request(rid, prompt_token_ids, params, eos, self.prompt_vocab_size, multimodal)
         if params.guided_decoding is not None:
             self.guided.add(rid, params.guided_decoding)  # GuidedDecodingError (a ValueError)
         try:

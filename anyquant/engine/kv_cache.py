@@ -8,7 +8,7 @@ sees slot indices. `SequenceCache` is the one-sequence convenience used by `LLM.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from anyquant.layers.attention import AttentionContext, PagedPlan, paged_attenti
 
 if TYPE_CHECKING:
     from anyquant.models.base import InputEmbeds
+    from anyquant.models.multimodal import CrossAttentionStep
     from anyquant.models.protocol import EngineModel
 
 
@@ -187,13 +188,17 @@ class SequenceCache:
         logits_rows: Tensor | None = None,
         positions: Tensor | None = None,
         input_embeds: InputEmbeds | None = None,
+        cross: CrossAttentionStep | None = None,
     ) -> Tensor:
         """fp32 logits for tokens at positions start..start+T-1 (rows `logits_rows`, default all);
-        `positions` / `input_embeds` for prompts with images (see `EngineModel.__call__`)."""
+        `positions` / `input_embeds` for prompts with images (see `EngineModel.__call__`), `cross`
+        for cross-attention families (models/mllama.py)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.cache.k.device)
         if positions is None:
             positions = torch.arange(start, start + ids.shape[0], device=ids.device)
-        extra = {} if input_embeds is None else {"input_embeds": input_embeds}
+        extra: dict[str, Any] = {} if input_embeds is None else {"input_embeds": input_embeds}
+        if cross is not None:
+            extra["cross"] = cross
         with torch.inference_mode():
             return self.model(
                 ids, positions.to(ids.device), self.context(start, ids.shape[0]), logits_rows, **extra

@@ -4,24 +4,25 @@ Owns building the step's flat token batch and its attention metadata as tensors 
 block tables, query and context lengths), with work proportional to the step's new tokens: each
 request's block-table row lives across steps and grows by appending its new pages. Requests with
 images add their encoder rows (`InputEmbeds`, from the encoder cache) and, for families with
-multi-row positions (M-RoPE), their positions. Knows nothing about sampling policy or request
-lifecycles.
+multi-row positions (M-RoPE), their positions; requests of cross-attention families (mllama)
+add their sequence to the step's `CrossAttentionStep` (their images' rows on their first step),
+and finished ones release their state. Knows nothing about sampling policy or request lifecycles.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
-from anyquant.engine.multimodal import EncoderCache
+from anyquant.engine.multimodal import CrossAttentionRequests, EncoderCache
 from anyquant.engine.request import Request
 from anyquant.engine.scheduler import StepPlan
 from anyquant.models.base import InputEmbeds
-from anyquant.models.multimodal import ImageEncoder
+from anyquant.models.multimodal import CrossAttentionStep, CrossSequence, ImageEncoder
 
 if TYPE_CHECKING:
     from anyquant.models.multimodal import ImageInput
@@ -110,6 +111,7 @@ class ModelRunner:
         self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
         self.tables = BlockTables()
         self.encoder_cache = EncoderCache(model.embed_images) if isinstance(model, ImageEncoder) else None
+        self.cross_requests = CrossAttentionRequests()
 
     def execute(self, plan: StepPlan) -> StepLogits:
         """Run the plan's tokens; return the logits of every request that samples this step."""
@@ -134,9 +136,12 @@ class ModelRunner:
         position_parts: list[Tensor] = []  # multi-row positions, request by request
         embed_rows: list[Tensor] = []
         embed_values: list[Tensor] = []
+        cross: list[CrossSequence] = []
         for request, n in plan.scheduled:
             c = request.num_computed_tokens
             mm = request.multimodal
+            if mm is not None and mm.cross is not None:
+                cross.append(self.cross_requests.sequence(request, len(ids), n, self._image_rows))
             if mm is not None and c < mm.num_prompt_tokens:
                 for offset, values in mm.step_embeddings(c, n, self._image_rows):
                     first = len(ids) + offset
@@ -168,7 +173,10 @@ class ModelRunner:
         # Without a sampling row the step still needs one row of logits to run the LM head on.
         wanted = sample_rows or [len(ids) - 1]
         model_pos = torch.cat(position_parts, dim=1) if multirow else pos
-        extra = {}
+        extra: dict[str, Any] = {}
+        released = self.cross_requests.take_finished()
+        if cross or released:
+            extra["cross"] = CrossAttentionStep(tuple(cross), released)
         if embed_rows:
             extra["input_embeds"] = InputEmbeds(
                 torch.cat(embed_rows).to(dev), torch.cat(embed_values).to(dev)

@@ -151,6 +151,10 @@ def describe_checkpoint(
     if vision is not None:  # rank 0 keeps encoder outputs for images in flight and repeated ones
         memory["encoder_cache"] = vision["encoder_cache_bytes"]
         memory["total"] += vision["encoder_cache_bytes"]
+        cross = getattr(model, "cross_attention_summary", None)
+        if cross is not None:  # kept per running request with images, outside the KV cache
+            heads = tp_plan.cache_heads if tp_plan is not None and tp_plan.cache_heads else None
+            vision["cross_attention"] = cross(compute_dtype.itemsize, heads)
     tp_doc = {
         "size": tp,
         "ok": tp_error is None,

@@ -12,9 +12,13 @@ A family that takes images provides two things:
 
 The engine expands each placeholder to `num_tokens` copies (`expand_placeholders`), runs the
 encoder when a prefill step first reaches an image, and puts its rows into the input embeddings
-at the placeholder positions (`models.base.InputEmbeds`). Families whose language model attends
-to images through cross-attention instead of placeholder rows would add their own hook beside
-`embed_images`; nothing here assumes every image becomes prompt rows beyond these two methods.
+at the placeholder positions (`models.base.InputEmbeds`).
+
+Families whose language model attends to images through cross-attention (Llama-3.2-Vision) keep
+one placeholder token per image and put no rows into the prompt: their processor's
+`cross_images` says which prompt tokens attend which image (`CrossImage`), `embed_images` yields
+the rows the cross-attention layers read (`ImageInput.encoder_rows` of them), and the engine hands
+them to the model once per request with each step's `CrossAttentionStep`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ class ImageInput:
     tensors: dict[str, Tensor]  # what the family's encoder reads (e.g. pixel_values, grid_thw)
     num_tokens: int  # embeddings the encoder yields = placeholder tokens it takes in the prompt
     digest: bytes  # hash of the pixels and the preprocessing settings (encoder and prefix caches)
+    # Rows `embed_images` yields when they are not placeholder rows (cross-attention families).
+    encoder_rows: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the encoder's output for this image."""
+        return self.encoder_rows or self.num_tokens
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +70,16 @@ def image_digest(image: Any, settings: str) -> bytes:
     h.update(f"{image.mode}:{image.size}:{settings}".encode())
     h.update(image.tobytes())
     return h.digest()
+
+
+@dataclass(frozen=True)
+class CrossImage:
+    """How the tokens of a request attend one image through cross-attention."""
+
+    first_token: int  # the first token (index in the prompt) that attends the image
+    end_token: int  # one past the last; -1: every later token, generated ones included
+    num_keys: int  # the image's encoder rows (keys of the cross-attention)
+    valid_keys: int  # the first `valid_keys` may be attended (the rest pad the image's tiles)
 
 
 class ImageProcessor(ABC):
@@ -117,6 +138,11 @@ class ImageProcessor(ABC):
         out.extend(token_ids[at:])
         return out, spans
 
+    def cross_images(self, token_ids: list[int], images: list[ImageInput]) -> list[CrossImage] | None:
+        """Cross-attention families: which tokens of the (expanded) prompt attend which image.
+        None (the default): the images are placeholder rows of the prompt."""
+        return None
+
     def prompt_positions(
         self, token_ids: list[int], images: list[ImageInput], spans: list[tuple[int, int]]
     ) -> tuple[Tensor | None, int]:
@@ -137,3 +163,64 @@ class MultimodalModel(ImageEncoder, Protocol):
     """A model family that takes images: its encoder, and the processor the front ends use."""
 
     def image_processor(self, model_dir: Path) -> ImageProcessor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class CrossSequence:
+    """One sequence of a step whose tokens cross-attend images (a cross-attention family)."""
+
+    key: int  # the request's cross-attention state in the model; -1: this step only, not kept
+    first_row: int  # its rows of the step are first_row .. first_row + num_rows - 1
+    num_rows: int
+    first_position: int  # the token index (in its request) of its first row
+    # Given when the model must build the request's state this step (its first step, or a
+    # one-off forward): the images' ranges and their encoder rows [sum of num_keys, hidden].
+    images: tuple[CrossImage, ...] = ()
+    states: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class CrossAttentionStep:
+    """The cross-attention inputs of one forward step: the sequences that attend images (every
+    other row of the step skips the cross-attention layers) and the states to free."""
+
+    sequences: tuple[CrossSequence, ...]
+    release: tuple[int, ...] = ()  # keys of finished requests
+
+    def to_message(self) -> Tensor:
+        """int64 [n, r, release[r], then per sequence: key, first_row, num_rows, first_position,
+        images, S, H, 4 ints per image, S * H state values as their fp32 bit patterns] (exact)."""
+        import torch
+
+        parts = [torch.tensor([len(self.sequences), len(self.release), *self.release], dtype=torch.long)]
+        for s in self.sequences:
+            rows, width = (0, 0) if s.states is None else tuple(s.states.shape)
+            head = [s.key, s.first_row, s.num_rows, s.first_position, len(s.images), rows, width]
+            for im in s.images:
+                head += [im.first_token, im.end_token, im.num_keys, im.valid_keys]
+            parts.append(torch.tensor(head, dtype=torch.long))
+            if s.states is not None:
+                bits = s.states.detach().cpu().float().contiguous().view(torch.int32).long()
+                parts.append(bits.reshape(-1))
+        return torch.cat(parts)
+
+    @staticmethod
+    def from_message(msg: Tensor, device: Any) -> CrossAttentionStep:
+        import torch
+
+        n, r = int(msg[0]), int(msg[1])
+        release = tuple(int(v) for v in msg[2 : 2 + r])
+        at = 2 + r
+        sequences = []
+        for _ in range(n):
+            key, first_row, num_rows, first_pos, k, rows, width = (int(v) for v in msg[at : at + 7])
+            at += 7
+            images = tuple(CrossImage(*(int(v) for v in msg[at + 4 * i : at + 4 * i + 4])) for i in range(k))
+            at += 4 * k
+            states = None
+            if rows:
+                states = msg[at : at + rows * width].to(torch.int32).view(torch.float32).view(rows, width)
+                states = states.to(device)
+                at += rows * width
+            sequences.append(CrossSequence(key, first_row, num_rows, first_pos, images, states))
+        return CrossAttentionStep(tuple(sequences), release)

@@ -21,6 +21,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "InternLM2ForCausalLM": ("anyquant.models.internlm2", "build"),
     "InternVLChatModel": ("anyquant.models.internvl", "build"),
     "MixtralForCausalLM": ("anyquant.models.mixtral", "build"),
+    "MllamaForConditionalGeneration": ("anyquant.models.mllama", "build"),
     "Qwen2MoeForCausalLM": ("anyquant.models.qwen2_moe", "build"),
     "Qwen3MoeForCausalLM": ("anyquant.models.qwen3_moe", "build"),
     "Qwen2VLForConditionalGeneration": ("anyquant.models.qwen2_vl", "build"),

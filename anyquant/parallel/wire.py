@@ -68,14 +68,17 @@ class ForwardStep:
     logits_rows: Tensor | None = None  # None: every row wants logits
     embed_rows: Tensor | None = None  # encoder rows (image embeddings) replacing token embeddings
     embed_values: Tensor | None = None  # [E, H]
+    # Opaque int64 tail a model family adds to its steps (mllama's cross-attention step, built
+    # and read by models/multimodal.py): it runs to the end of the command.
+    extra: Tensor | None = None
 
 
 def encode_step(step: ForwardStep) -> Tensor:
     """[kind, cache, T, B, R, P, K, E, H] + ids[T] + positions[K * T] + slot_mapping[T] +
     query_lens[B] + context_lens[B] + block_tables[B * P] + rows[R] + embed rows[E] + embed
-    values[E * H]; R = -1 when all rows want logits, K = 0 for 1-D positions (else their rows:
-    M-RoPE's 3), E = 0 without encoder rows. Embedding values travel as their fp32 bit patterns
-    (exact: the message is integers)."""
+    values[E * H] (+ `extra`, to the end); R = -1 when all rows want logits, K = 0 for 1-D
+    positions (else their rows: M-RoPE's 3), E = 0 without encoder rows. Embedding values travel
+    as their fp32 bit patterns (exact: the message is integers)."""
     b, p = step.block_tables.shape
     positions, rows = step.positions, step.logits_rows
     k = 0 if positions.dim() == 1 else positions.shape[0]
@@ -99,6 +102,8 @@ def encode_step(step: ForwardStep) -> Tensor:
         assert step.embed_rows is not None, "embedding values travel with their rows"
         parts.append(step.embed_rows.cpu().long())
         parts.append(values.detach().cpu().float().contiguous().view(torch.int32).long().reshape(-1))
+    if step.extra is not None:
+        parts.append(step.extra.cpu().long())
     return torch.cat(parts)
 
 
@@ -127,6 +132,8 @@ def decode_step(msg: Tensor, device: torch.device) -> ForwardStep:
         embed_rows = msg[at : at + e].to(device)
         at += e
         embed_values = msg[at : at + e * h].to(torch.int32).view(torch.float32).view(e, h).to(device)
+        at += e * h
+    extra = msg[at:] if at < msg.numel() else None
     return ForwardStep(
         int(msg[1]),
         token_ids.to(device),
@@ -138,4 +145,5 @@ def decode_step(msg: Tensor, device: torch.device) -> ForwardStep:
         rows,
         embed_rows,
         embed_values,
+        extra,
     )

@@ -53,6 +53,7 @@ class Admission:
         self.image_processor = image_processor  # None: the model takes no images
         self.max_model_len = engine.config.max_model_len
         self.vocab_size = engine.vocab_size
+        self.prompt_vocab_size = engine.prompt_vocab_size  # may exceed it (mllama's <|image|>)
         self.num_pages = engine.num_kv_pages
         self.page_size = engine.page_size
         self.capacity = capacity  # sequences admitted at once (running + waiting)
@@ -79,10 +80,11 @@ class Admission:
         return ids
 
     def check_ids(self, ids: list[int]) -> None:
-        bad = next((t for t in ids if t >= self.vocab_size), None)
+        limit = self.prompt_vocab_size
+        bad = next((t for t in ids if t >= limit), None)
         if bad is not None:
             raise ApiError(
-                400, f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+                400, f"prompt token id {bad} is outside the vocabulary [0, {limit})", param="prompt"
             )
 
     def max_tokens_for(self, num_prompt: int, requested: int | None) -> int:

@@ -24,7 +24,7 @@ from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.attention import AttentionContext
 from anyquant.models.base import InputEmbeds
-from anyquant.models.multimodal import ImageEncoder
+from anyquant.models.multimodal import CrossAttentionStep, ImageEncoder
 from anyquant.parallel import wire
 from anyquant.parallel.comm import (
     joined,
@@ -70,6 +70,7 @@ def encode_forward(
     ctx: PagedAttention,
     rows: Tensor | None,
     input_embeds: InputEmbeds | None = None,
+    cross: CrossAttentionStep | None = None,
 ) -> Tensor:
     """One forward as a FORWARD command (`wire.encode_step`)."""
     return wire.encode_step(
@@ -84,6 +85,7 @@ def encode_forward(
             rows,
             None if input_embeds is None else input_embeds.rows,
             None if input_embeds is None else input_embeds.values,
+            None if cross is None else cross.to_message(),
         )
     )
 
@@ -104,6 +106,7 @@ class TensorParallelModel(nn.Module):
         self.local = local
         self.args = local.args
         self.cache_shape = local.cache_shape
+        self.prompt_vocab_size = getattr(local, "prompt_vocab_size", local.args.vocab_size)
         self.state = state
         self.workers = workers
         self.failure: str | None = None
@@ -126,7 +129,10 @@ class TensorParallelModel(nn.Module):
         ctx: AttentionContext,
         logits_rows: Tensor | None = None,
         input_embeds: InputEmbeds | None = None,
+        cross: CrossAttentionStep | None = None,
     ) -> Tensor:
+        """`cross`: a cross-attention family's step (models/multimodal.py); every rank builds and
+        keeps its own share of the requests' cross-attention keys and values."""
         if self.failure is not None or self.closed:
             raise ParallelError(self.failure or "the tensor-parallel group was closed")
         if not isinstance(ctx, PagedAttention):
@@ -141,9 +147,12 @@ class TensorParallelModel(nn.Module):
             commands = [wire.drop_cache(cid) for cid in self._dropped]
             self._dropped.clear()
             cache_id = self._cache_id(ctx.cache, commands)
-            commands.append(encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds))
+            commands.append(
+                encode_forward(cache_id, token_ids, positions, ctx, logits_rows, input_embeds, cross)
+            )
             self._publish(commands)
-            return self.local(token_ids, positions, ctx, logits_rows, input_embeds)
+            extra = {} if cross is None else {"cross": cross}
+            return self.local(token_ids, positions, ctx, logits_rows, input_embeds, **extra)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 self._mark_failed("interrupted in the middle of a step")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.models.base import InputEmbeds
+from anyquant.models.multimodal import CrossAttentionStep
 from anyquant.parallel import wire
 from anyquant.parallel.comm import announce_joined, post_error, post_status, receive, wait_statuses
 from anyquant.parallel.state import (
@@ -71,16 +72,21 @@ def load_shard(request: LoadRequest, rank: int, state: ParallelState) -> LoadedM
     )
 
 
-def decode_forward(
-    msg: Tensor, device: torch.device, cache: PagedKVCache
+def forward_arguments(
+    step: wire.ForwardStep, cache: PagedKVCache
 ) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None, InputEmbeds | None]:
     """A FORWARD command as the model's arguments, its attention context over `cache`."""
-    step = wire.decode_step(msg, device)
     ctx = PagedAttention(cache, step.slot_mapping, step.block_tables, step.query_lens, step.context_lens)
     embeds = None
     if step.embed_rows is not None and step.embed_values is not None:
         embeds = InputEmbeds(step.embed_rows, step.embed_values)
     return step.token_ids, step.positions, ctx, step.logits_rows, embeds
+
+
+def decode_forward(
+    msg: Tensor, device: torch.device, cache: PagedKVCache
+) -> tuple[Tensor, Tensor, PagedAttention, Tensor | None, InputEmbeds | None]:
+    return forward_arguments(wire.decode_step(msg, device), cache)
 
 
 def run_worker(request: LoadRequest, rank: int, world: int, address: str, port: int, progress: Any) -> int:
@@ -137,9 +143,12 @@ def _run_command(
     elif kind == wire.DROP_CACHE:
         caches.pop(int(msg[1]), None)
     elif kind == wire.FORWARD:
-        token_ids, positions, ctx, rows, embeds = decode_forward(msg, device, caches[int(msg[1])])
+        step = wire.decode_step(msg, device)
+        token_ids, positions, ctx, rows, embeds = forward_arguments(step, caches[step.cache_id])
+        # A cross-attention family's step rides at the end (`wire.ForwardStep.extra`).
+        extra = {} if step.extra is None else {"cross": CrossAttentionStep.from_message(step.extra, device)}
         with torch.inference_mode():
-            model(token_ids, positions, ctx, rows, embeds)
+            model(token_ids, positions, ctx, rows, embeds, **extra)
     else:
         raise ParallelError(f"rank {state.rank}: unknown message kind {kind} from rank 0")
     return True
