@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_vlm import write_tiny_vlm
 
 pytestmark = pytest.mark.slow

@@ -70,8 +70,6 @@ KNOWN_RUNTIME: dict[tuple[str, str], str] = {
     ("anyquant.parallel.workers", "layers"): "same: the worker loop sizes attention caches",
     ("anyquant.parallel.workers", "loading"): "same: each worker loads its shard",
     ("anyquant.parallel.workers", "models"): "same: the worker loop calls the model",
-    ("anyquant.quant.quantize", "loading"): "quantize streams an unquantized checkpoint through "
-    "the loader's meta model and plan: it is a converter (its home is convert/)",
 }
 
 # Annotation-only imports (under TYPE_CHECKING): no runtime cycle, but still a dependency in the
