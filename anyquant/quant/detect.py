@@ -6,21 +6,43 @@ checkpoint that declares no quantization. Used by the loader and by `inspect` al
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from anyquant.errors import QuantConfigError
-from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.formats.base import HeaderIndex, QuantFormat
 from anyquant.quant.registry import format_class, known_quant_methods
 
-if TYPE_CHECKING:  # annotation only: the loader and `inspect` pass the checkpoint in
-    from anyquant.loading.checkpoint import Checkpoint
+
+class FoundQuantConfig(Protocol):
+    @property
+    def config(self) -> dict[str, Any]:
+        """The quantization section's fields."""
+
+    @property
+    def where(self) -> str:
+        """Where it was found, for messages, e.g. "config.json: quantization_config"."""
+
+
+class QuantizedCheckpoint(Protocol):
+    """What detection reads of a checkpoint: its headers and where it keeps its quantization
+    section. The loader's `Checkpoint` (loading/checkpoint.py) is one."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def index(self) -> HeaderIndex: ...
+
+    def quant_config(self) -> FoundQuantConfig | None: ...
+
 
 # Tensor-name suffixes and dtypes that only quantized checkpoints contain.
 _QUANT_SUFFIXES = (".qweight", ".weight_packed", ".weight_scale_inv", ".weight_scale", ".qzeros")
 _QUANT_DTYPES = ("I8", "F8_E4M3", "F8_E5M2")
 
 
-def detect_format(ckpt: Checkpoint) -> QuantFormat | None:
+def detect_format(ckpt: QuantizedCheckpoint) -> QuantFormat | None:
     """The checkpoint's format reader, or None for an unquantized checkpoint."""
     found = ckpt.quant_config()
     if found is None:
@@ -45,7 +67,7 @@ def detect_format(ckpt: Checkpoint) -> QuantFormat | None:
     return cls.from_checkpoint(qc, ckpt.index, f"{ckpt.path.name}/{found.where}")
 
 
-def _refuse_undeclared_quantization(ckpt: Checkpoint) -> None:
+def _refuse_undeclared_quantization(ckpt: QuantizedCheckpoint) -> None:
     for name in ckpt.index:
         info = ckpt.index.info(name)
         if name.endswith(_QUANT_SUFFIXES) or (name.endswith(".weight") and info.dtype in _QUANT_DTYPES):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from torch import Tensor
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -29,9 +30,6 @@ from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 Layout = Literal["gemm", "gemv"]
 
@@ -199,7 +197,7 @@ class AwqFormat(QuantFormat):
 
     name = "awq"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         self.config = parse_awq_config(qconfig, source)
 

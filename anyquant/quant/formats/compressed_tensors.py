@@ -12,7 +12,7 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch import Tensor
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -31,9 +32,6 @@ from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, Granularity, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight, expected_scale_shape, num_groups
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 # The `version` the writer stamps: the compressed-tensors release whose byte layout it reproduces and
 # was checked against, not whatever library happens to be installed (the writer does not use the
@@ -380,7 +378,7 @@ class _Layer:
 class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         try:
             self._parse(qconfig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch import Tensor
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -30,9 +31,6 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import FP8_MAX, ActQuant, Granularity, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 # Scales are dequantization multipliers in every dtype below (formats.md §11.10).
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -146,7 +144,7 @@ class _Fp8Reader(QuantFormat):
 
     skip_keys: ClassVar[tuple[str, ...]] = ("modules_to_not_convert",)
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         self.skip = skip_list(qconfig, self.skip_keys)
 
@@ -198,7 +196,7 @@ class Fp8Format(_Fp8Reader):
     name = "fp8"
     skip_keys = ("modules_to_not_convert", "ignored_layers", "not_convert")
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         fmt = qconfig.get("fmt", "e4m3")
         if not isinstance(fmt, str) or fmt.lower() not in _FMT_E4M3:
@@ -383,7 +381,7 @@ class FbgemmFp8Format(_Fp8Reader):
 
     name = "fbgemm_fp8"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         ub = qconfig.get("activation_scale_ub", 1200.0)  # transformers' FbgemmFp8Config default
         if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub) or ub <= 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from anyquant import __version__
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -32,9 +33,6 @@ from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 _BITS = (2, 3, 4, 8)
 _WEIGHT: dict[int, WeightType] = {2: "uint2", 3: "uint3", 4: "uint4", 8: "uint8"}
@@ -280,7 +278,7 @@ class GptqFormat(QuantFormat):
 
     name = "gptq"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         notes: list[str] = []
         self.config = parse_gptq_config(qconfig, source, notes)

@@ -9,7 +9,7 @@ lmdeploy's `lite auto_awq` output (`quant_method: "awq"`) belongs to the AWQ for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from torch import Tensor
 from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -35,9 +36,6 @@ from anyquant.quant.formats.fp8 import (
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 # quant_dtype -> (canonical weight type, activation type, safetensors dtype, torch dtype)
 _QUANT_DTYPES: dict[str, tuple[WeightType, ActType, str, torch.dtype]] = {
@@ -63,7 +61,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
 
     name = "smooth_quant"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         quant_dtype = qconfig.get("quant_dtype")
         if quant_dtype is None:
