@@ -29,7 +29,7 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, require_finite
 
 Layout = Literal["gemm", "gemv"]
 
@@ -284,7 +284,7 @@ class AwqFormat(QuantFormat):
             codes, zeros, scales = _unpack_gemm(tensors, geo)
         else:
             codes, zeros, scales = _unpack_gemv(tensors, geo)
-        _require_finite(f"{prefix}.scales", scales)
+        require_finite(f"{prefix}.scales", scales)
         if want.granularity == "channel":
             zeros, scales = zeros[:, 0], scales[:, 0]
         weight = QuantWeight(
@@ -306,12 +306,6 @@ def _unpack_gemv(t: dict[str, Tensor], geo: Geometry) -> tuple[Tensor, Tensor, T
     zeros = unpack_bits(t["qzeros"], 4, geo.num_groups, dim=1).to(torch.int32)  # [N, ng]
     scales = t["scales"][:, : geo.num_groups].float()  # [N, ng]; columns beyond ng are padding
     return codes, zeros, scales
-
-
-def _require_finite(name: str, scales: Tensor) -> None:
-    if scales.numel() and not bool(torch.isfinite(scales).all()):
-        bad = int((~torch.isfinite(scales)).sum())
-        raise NumericsError(f"{name}: {bad} of {scales.numel()} scales are NaN or Inf")
 
 
 def to_float16_scales(name: str, scales: Tensor) -> Tensor:

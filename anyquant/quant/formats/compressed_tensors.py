@@ -31,7 +31,13 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, Granularity, LayerKind, QuantSpec, WeightType
-from anyquant.quant.weight import QuantWeight, expected_scale_shape, num_groups
+from anyquant.quant.weight import (
+    QuantWeight,
+    expected_scale_shape,
+    num_groups,
+    require_finite,
+    require_finite_codes,
+)
 
 # The `version` the writer stamps: the compressed-tensors release whose byte layout it reproduces and
 # was checked against, not whatever library happens to be installed (the writer does not use the
@@ -762,7 +768,7 @@ class CompressedTensorsFormat(QuantFormat):
         if n == 0 or k == 0:
             raise TensorError(name, f"zero-size weight {list(data.shape)}")
         if layer.layout == "fp8":
-            _require_no_fp8_nan(name, data)
+            require_finite_codes(name, data)
         scale_name = f"{prefix}.weight_scale"
         scale = _canonical_scale(scale_name, _get(stored, scale_name), spec, (n, k), lead)
         zero = None
@@ -864,21 +870,8 @@ def _canonical_scale(
     name: str, scale: Tensor, spec: QuantSpec, shape: tuple[int, int], lead: tuple[int, ...]
 ) -> Tensor:
     require_dtype(name, scale, *_FLOAT_DTYPES)
-    _require_finite(name, scale)
+    require_finite(name, scale)
     return _match_scale_layout(name, scale.to(torch.float32), spec, shape, lead)
-
-
-def _require_finite(name: str, values: Tensor) -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise NumericsError(f"tensor {name!r}: {bad} of {values.numel()} values are NaN or Inf")
-
-
-def _require_no_fp8_nan(name: str, data: Tensor) -> None:
-    # e4m3fn has no infinity; its only non-finite codes are NaN (S.1111.111).
-    nan = (data.view(torch.uint8) & 0x7F) == 0x7F
-    if bool(nan.any()):
-        raise NumericsError(f"tensor {name!r}: {int(nan.sum())} of {data.numel()} fp8 codes are NaN")
 
 
 def _group_index(
@@ -915,7 +908,7 @@ def _input_scalar_layout(
 def _input_scalar(name: str, stored: dict[str, Tensor], lead: tuple[int, ...], float_value: bool) -> Tensor:
     t = _input_scalar_layout(name, stored, lead, float_value)
     if float_value:
-        _require_finite(name, t)
+        require_finite(name, t, "values")
         return t.to(torch.float32).reshape(lead)
     if t.numel() and (int(t.min()) < -128 or int(t.max()) > 127):
         raise TensorError(name, "input zero point outside the int8 range")

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
+from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
     HeaderIndex,
@@ -30,7 +30,7 @@ from anyquant.quant.formats.base import (
 )
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import FP8_MAX, ActQuant, Granularity, LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
 
 # Scales are dequantization multipliers in every dtype below (formats.md §11.10).
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,29 +55,12 @@ def split_lead(name: str, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[
     return tuple(shape[:-2]), (int(shape[-2]), int(shape[-1]))
 
 
-def check_finite(name: str, values: Tensor, what: str = "scales") -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise NumericsError(f"tensor {name!r}: {bad} of {values.numel()} {what} are NaN or Inf")
-
-
-def check_fp8_codes(name: str, data: Tensor) -> None:
-    """Reject NaN (e4m3fn: exponent and mantissa all ones) and Inf/NaN (e5m2) weight codes."""
-    if not data.numel():
-        return
-    bits = data.view(torch.uint8)
-    mask = 0x7F if data.dtype == torch.float8_e4m3fn else 0x7C
-    bad = int(((bits & mask) == mask).sum())
-    if bad:
-        raise NumericsError(f"tensor {name!r}: {bad} of {data.numel()} fp8 weight codes are NaN or Inf")
-
-
 def float_scale(name: str, tensor: Tensor, *, ue8m0: bool = False) -> Tensor:
     """A stored scale as float32; `ue8m0` also accepts F8_E8M0 and U8 exponent bytes."""
     allowed = _FLOAT_SCALE_DTYPES + (_UE8M0_DTYPES if ue8m0 else ())
     require_dtype(name, tensor, *allowed)
     if tensor.dtype == torch.uint8:
-        # The byte is the E8M0 bit pattern: 2^(e - 127), 255 = NaN (caught by check_finite).
+        # The byte is the E8M0 bit pattern: 2^(e - 127), 255 = NaN (caught by require_finite).
         tensor = tensor.view(torch.float8_e8m0fnu)
     return tensor.to(torch.float32)
 
@@ -309,10 +292,10 @@ class Fp8Format(_Fp8Reader):
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
         data, scale, sname, input_scale, iname = self._layout(prefix, spec, stored)
         wname = f"{prefix}.weight"
-        check_finite(sname, scale)
-        check_fp8_codes(wname, data)
+        require_finite(sname, scale)
+        require_finite_codes(wname, data)
         if input_scale is not None and iname is not None:
-            check_finite(iname, input_scale, "input scales")
+            require_finite(iname, input_scale, "input scales")
         shape = split_lead(wname, data.shape)[1]
         return QuantWeight(spec, shape, data, scale, input_scale=input_scale).validate(wname)
 
@@ -443,8 +426,8 @@ class FbgemmFp8Format(_Fp8Reader):
         data, scale = self._layout(prefix, stored)
         n, k = data.shape
         scale = scale.reshape(n)
-        check_finite(sname, scale)
-        check_fp8_codes(wname, data)
+        require_finite(sname, scale)
+        require_finite_codes(wname, data)
         return QuantWeight(spec, (n, k), data, scale).validate(wname)
 
 
@@ -542,7 +525,7 @@ class Fp8TensorWriter(_Fp8Writer):
         if prefix not in amax_by_prefix:
             return None
         amax = torch.as_tensor(amax_by_prefix[prefix], dtype=torch.float32).reshape(())
-        check_finite(f"act_amax[{prefix!r}]", amax, "calibration amax values")
+        require_finite(f"act_amax[{prefix!r}]", amax, "calibration amax values")
         # An input that was always zero gets scale 1: any positive scale reproduces it exactly.
         return torch.where(amax > 0, amax / FP8_MAX["fp8_e4m3"], torch.ones_like(amax))
 

@@ -32,7 +32,7 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec, WeightType
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, require_finite
 
 _BITS = (2, 3, 4, 8)
 _WEIGHT: dict[int, WeightType] = {2: "uint2", 3: "uint3", 4: "uint4", 8: "uint8"}
@@ -380,9 +380,7 @@ class GptqFormat(QuantFormat):
         self._check_v1_fields(prefix, t["qzeros"], b, n)
         zeros = decode_zeros(t["qzeros"], b, n, self.config.v2).T.contiguous()  # [ng, N] -> [N, ng]
         scales = t["scales"].float().T.contiguous()  # [ng, N] -> [N, ng]
-        if scales.numel() and not bool(torch.isfinite(scales).all()):
-            bad = int((~torch.isfinite(scales)).sum())
-            raise NumericsError(f"{prefix}.scales: {bad} of {scales.numel()} scales are NaN or Inf")
+        require_finite(f"{prefix}.scales", scales)
         group_index = self._group_index(prefix, t.get("g_idx"), k, spec, geo.num_groups)
         has_zero = self._has_zero(prefix, spec, zeros)
         final = replace(spec, has_zero=has_zero, act_order=group_index is not None)

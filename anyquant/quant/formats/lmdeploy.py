@@ -25,8 +25,6 @@ from anyquant.quant.formats.base import (
     require_shape,
 )
 from anyquant.quant.formats.fp8 import (
-    check_finite,
-    check_fp8_codes,
     float_scale,
     get_stored,
     note_listed_but_quantized,
@@ -35,7 +33,7 @@ from anyquant.quant.formats.fp8 import (
 )
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, LayerKind, QuantSpec, WeightType
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
 
 # quant_dtype -> (canonical weight type, activation type, safetensors dtype, torch dtype)
 _QUANT_DTYPES: dict[str, tuple[WeightType, ActType, str, torch.dtype]] = {
@@ -145,9 +143,9 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         data, scale = self._layout(prefix, stored)
         lead, shape = split_lead(wname, data.shape)
         scale = scale.reshape(*lead, shape[0])
-        check_finite(f"{prefix}.scale", scale)
+        require_finite(f"{prefix}.scale", scale)
         if data.is_floating_point():
-            check_fp8_codes(wname, data)
+            require_finite_codes(wname, data)
         return QuantWeight(spec, shape, data, scale).validate(wname)
 
 
