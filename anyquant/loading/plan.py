@@ -20,6 +20,7 @@ from anyquant.layers.linear import QuantLinear
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
+from anyquant.quant.shard_rules import shard_kernel
 from anyquant.quant.spec import LayerKind, QuantSpec
 
 if TYPE_CHECKING:
@@ -102,9 +103,7 @@ def plan_layers(
         load_as = lm_head_as if kind == "lm_head" and spec is None else None
         if shard is not None:
             shape, local = shard.local_shape, shard.local_spec
-            if shard.style == "row" and local is not None and local.act_order and prefer is None:
-                # A row shard of an act-order layer keeps scattered groups (preflight's risks).
-                prefer = "reference"
+            prefer = shard_kernel(shard.style, local, prefer)
         if load_as is not None:
             local, prefer = load_as, prefer_kernel
         kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)

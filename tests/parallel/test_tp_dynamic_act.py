@@ -25,11 +25,6 @@ from anyquant.engine.kv_cache import SequenceCache
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import load_model
-from anyquant.loading.sharding import (
-    activation_group_map,
-    row_unit,
-    shard_quant,
-)
 from anyquant.parallel.partition import (
     Partition,
     split_regrouped,
@@ -40,6 +35,11 @@ from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.reference import activation_amax, fake_quantize_activations
 from anyquant.quant.registry import kernel_classes
+from anyquant.quant.shard_rules import (
+    activation_group_map,
+    row_unit,
+    shard_quant,
+)
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
