@@ -31,6 +31,7 @@ from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import FormatWriter, WriteOptions
 from anyquant.quant.quant_error import relative_error
 from anyquant.quant.registry import writer_class
+from anyquant.quant.spec import ROUTER_UNQUANTIZED
 from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def quantize_checkpoint(
         dense = ckpt.read(name)
         reason: str | None = None
         if layer.kind == "router":
-            reason = "MoE routers stay unquantized (expert selection flips on small logit errors)"
+            reason = ROUTER_UNQUANTIZED
         elif any(r.search(prefix) for r in skip_res):
             reason = "matches --skip"
         elif dense.dim() != 2:

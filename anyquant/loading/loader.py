@@ -27,7 +27,7 @@ from anyquant.layers.moe import SparseMoE
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
-from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
+from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     LinearShard,
     TensorParallelPlan,
@@ -47,6 +47,7 @@ from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.merge import concat_out_features
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.shard_rules import activation_group_map, shard_kernel, shard_quant, shard_vector
+from anyquant.quant.spec import layer_compute_dtype
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.memory import return_freed_memory
 

@@ -18,9 +18,10 @@ from torch import nn
 
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import MergeableProjections, ProjectionGroup
-from anyquant.loading.plan import LayerPlan, layer_compute_dtype
+from anyquant.loading.plan import LayerPlan
 from anyquant.quant.merge import merged_spec, spec_refusal
 from anyquant.quant.registry import choose_kernel
+from anyquant.quant.spec import layer_compute_dtype
 
 
 @dataclass(frozen=True)

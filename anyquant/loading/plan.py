@@ -21,7 +21,7 @@ from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
 from anyquant.quant.shard_rules import shard_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import LayerKind, QuantSpec, layer_compute_dtype
 
 if TYPE_CHECKING:
     from anyquant.loading.preflight import LinearShard, TensorParallelPlan
@@ -52,11 +52,6 @@ class LayerPlan:
     def kernel_spec(self) -> QuantSpec | None:
         """The spec of the weight this rank's kernel receives."""
         return self.load_as if self.load_as is not None else self.local_spec
-
-
-def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
-    """Routers run in fp32: expert selection flips on tiny logit differences."""
-    return torch.float32 if kind == "router" else model_dtype
 
 
 def linear_layers(model: nn.Module) -> Iterator[QuantLinear]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
 Granularity = Literal["tensor", "channel", "group", "block"]
 # A layer's ROLE in the model, never its tensor layout. experts: one routed expert's projection,
@@ -18,6 +20,13 @@ Granularity = Literal["tensor", "channel", "group", "block"]
 LayerKind = Literal["linear", "experts", "router", "embedding", "lm_head"]
 # The roles whose weight is multiplied by activations in the compute dtype: what matmul kernels serve.
 MATMUL_KINDS: frozenset[str] = frozenset(("linear", "experts", "lm_head"))
+# MoE routers (kind "router": the gate, Qwen2-MoE's shared_expert_gate) are computed in fp32 from
+# an fp32 weight: expert selection flips on tiny logit differences. The loader gives them fp32
+# kernels and parameters (`layer_compute_dtype`), the MoE block feeds them fp32 inputs, `anyquant
+# quantize` writes them unquantized (`ROUTER_UNQUANTIZED`), and one a checkpoint stores quantized
+# runs on the reference kernel's fp32 dequantize-then-matmul (routers are not in MATMUL_KINDS).
+ROUTER_DTYPE = torch.float32
+ROUTER_UNQUANTIZED = "MoE routers stay unquantized (expert selection flips on small logit errors)"
 ActType = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
 ActGranularity = Literal["tensor", "token", "group"]
 
@@ -129,3 +138,8 @@ class QuantSpec:
             parts.append("act-order")
         parts.append(f"act {self.act.describe()}" if self.act else "weight-only")
         return " ".join(parts)
+
+
+def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer of role `kind` computes in: ROUTER_DTYPE for routers, else the model's."""
+    return ROUTER_DTYPE if kind == "router" else model_dtype
