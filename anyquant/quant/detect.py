@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from anyquant.errors import QuantConfigError
 from anyquant.quant.formats.base import HeaderIndex, QuantFormat
-from anyquant.quant.registry import format_class, known_quant_methods
+from anyquant.quant.registry import format_class, format_classes, known_quant_methods
+from anyquant.quant.weight_types import WEIGHT_TYPES
 
 
 class FoundQuantConfig(Protocol):
@@ -35,11 +36,6 @@ class QuantizedCheckpoint(Protocol):
     def index(self) -> HeaderIndex: ...
 
     def quant_config(self) -> FoundQuantConfig | None: ...
-
-
-# Tensor-name suffixes and dtypes that only quantized checkpoints contain.
-_QUANT_SUFFIXES = (".qweight", ".weight_packed", ".weight_scale_inv", ".weight_scale", ".qzeros")
-_QUANT_DTYPES = ("I8", "F8_E4M3", "F8_E5M2")
 
 
 def detect_format(ckpt: QuantizedCheckpoint) -> QuantFormat | None:
@@ -68,9 +64,13 @@ def detect_format(ckpt: QuantizedCheckpoint) -> QuantFormat | None:
 
 
 def _refuse_undeclared_quantization(ckpt: QuantizedCheckpoint) -> None:
+    # What only quantized checkpoints contain: each format's marker tensors, and weights in the
+    # dtype a weight type stores unpacked codes in (I8, F8_E4M3, ...).
+    suffixes = tuple(sorted({s for cls in format_classes() for s in cls.marker_suffixes}))
+    dtypes = {t.stored_dtype for t in WEIGHT_TYPES.values() if t.stored_dtype is not None}
     for name in ckpt.index:
         info = ckpt.index.info(name)
-        if name.endswith(_QUANT_SUFFIXES) or (name.endswith(".weight") and info.dtype in _QUANT_DTYPES):
+        if name.endswith(suffixes) or (name.endswith(".weight") and info.dtype in dtypes):
             raise QuantConfigError(
                 f"{ckpt.path}: tensor {name!r} ({info.dtype} {list(info.shape)}) looks quantized but neither "
                 "config.json nor quantize_config.json / quant_config.json has a quantization_config; "

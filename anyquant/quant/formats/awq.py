@@ -196,6 +196,7 @@ class AwqFormat(QuantFormat):
     """Reader for `quant_method: "awq"` checkpoints (GEMM and GEMV layouts)."""
 
     name = "awq"
+    marker_suffixes = (".qweight", ".qzeros")
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)

@@ -72,6 +72,10 @@ class QuantFormat(ABC):
     """Reads one family of quantized checkpoints. One instance per checkpoint."""
 
     name: ClassVar[str]
+    # Tensor-name suffixes (".qweight") that only this format's quantized layers have: a checkpoint
+    # holding one while declaring no quantization is refused by detection, not loaded as garbage.
+    # (Unpacked codes are recognised by their dtype instead: `WeightTypeTraits.stored_dtype`.)
+    marker_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         self.qconfig = qconfig

@@ -383,6 +383,7 @@ class _Layer:
 @register_format("compressed-tensors")
 class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
+    marker_suffixes = (".weight_packed", ".weight_scale")
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)

@@ -178,6 +178,7 @@ class Fp8Format(_Fp8Reader):
 
     name = "fp8"
     skip_keys = ("modules_to_not_convert", "ignored_layers", "not_convert")
+    marker_suffixes = (".weight_scale_inv", ".weight_scale")
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
@@ -363,6 +364,7 @@ class FbgemmFp8Format(_Fp8Reader):
     clamp semantics are UNVERIFIED, formats.md §6)."""
 
     name = "fbgemm_fp8"
+    marker_suffixes = (".weight_scale",)
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)

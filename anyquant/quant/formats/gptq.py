@@ -277,6 +277,7 @@ class GptqFormat(QuantFormat):
     """Reader for GPTQ checkpoints (v1 and v2 zero points, act-order, dynamic overrides)."""
 
     name = "gptq"
+    marker_suffixes = (".qweight", ".qzeros")
 
     def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
