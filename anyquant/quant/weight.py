@@ -31,16 +31,6 @@ from anyquant.errors import NumericsError, TensorError
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight_types import traits_of_dtype
 
-_CODE_DTYPE = {
-    "uint2": torch.uint8,
-    "uint3": torch.uint8,
-    "uint4": torch.uint8,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
-
 
 def require_finite(name: str, values: Tensor, what: str = "scales") -> None:
     """Refuse NaN or Inf among float `values` (scales, offsets, input scales) of tensor `name`."""
@@ -63,7 +53,7 @@ def require_finite_codes(name: str, data: Tensor) -> None:
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:
-    return _CODE_DTYPE[spec.weight]
+    return spec.traits.code_dtype
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -134,7 +124,7 @@ class QuantWeight:
             if self.zero is None or tuple(self.zero.shape) != want_scale:
                 got = None if self.zero is None else list(self.zero.shape)
                 raise TensorError(name, f"zero points have shape {got}, expected {list(want_scale)}")
-            lo, hi = (0, (1 << spec.bits) - 1) if spec.is_uint else (-128, 127)
+            lo, hi = int(spec.traits.code_min), int(spec.traits.code_max)
             if self.zero.numel() and (int(self.zero.min()) < lo or int(self.zero.max()) > hi):
                 raise TensorError(name, f"zero points outside [{lo}, {hi}]")
         elif self.zero is not None:
@@ -150,7 +140,7 @@ class QuantWeight:
             require_finite(name, self.offset, "offsets")
         elif self.offset is not None:
             raise TensorError(name, "offsets present for a spec without has_offset")
-        if spec.is_uint and self.data.numel() and int(self.data.max()) >= 1 << spec.bits:
+        if spec.is_uint and self.data.numel() and int(self.data.max()) > spec.traits.code_max:
             raise TensorError(name, f"codes exceed {spec.bits} bits")
         if spec.act_order:
             gi = self.group_index

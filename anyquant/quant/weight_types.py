@@ -18,6 +18,10 @@ from typing import Literal
 
 import torch
 
+from anyquant.errors import UnsupportedError
+
+# The canonical weight types: one row of WEIGHT_TYPES each (activation types are a subset).
+WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
 # uint: unsigned codes, dequantized as (code - zero) * scale with a stored or implicit zero;
 # int: two's complement codes, zero 0 unless stored; float: fp8 values, multiplied by the scale.
 CodeFamily = Literal["uint", "int", "float"]
@@ -30,7 +34,7 @@ _ALL_GRANULARITIES = frozenset(("tensor", "channel", "group", "block"))
 
 @dataclass(frozen=True)
 class WeightTypeTraits:
-    name: str
+    name: WeightType
     family: CodeFamily
     bits: int  # bits per code when bit-packed (what a packing kernel or format keeps per weight)
     code_dtype: torch.dtype  # `QuantWeight.data`: one code per element, never bit-packed
@@ -68,9 +72,9 @@ class WeightTypeTraits:
         return self.code_max
 
 
-def _uint(bits: int) -> WeightTypeTraits:
+def _uint(name: WeightType, bits: int) -> WeightTypeTraits:
     return WeightTypeTraits(
-        name=f"uint{bits}",
+        name=name,
         family="uint",
         bits=bits,
         code_dtype=torch.uint8,
@@ -84,7 +88,7 @@ def _uint(bits: int) -> WeightTypeTraits:
     )
 
 
-def _fp8(name: str, dtype: torch.dtype, largest: float, stored: str, mask: int) -> WeightTypeTraits:
+def _fp8(name: WeightType, dtype: torch.dtype, largest: float, stored: str, mask: int) -> WeightTypeTraits:
     return WeightTypeTraits(
         name=name,
         family="float",
@@ -102,10 +106,10 @@ def _fp8(name: str, dtype: torch.dtype, largest: float, stored: str, mask: int) 
 WEIGHT_TYPES: dict[str, WeightTypeTraits] = {
     t.name: t
     for t in (
-        _uint(2),
-        _uint(3),
-        _uint(4),
-        _uint(8),
+        _uint("uint2", 2),
+        _uint("uint3", 3),
+        _uint("uint4", 4),
+        _uint("uint8", 8),
         WeightTypeTraits(
             name="int8",
             family="int",
@@ -136,3 +140,11 @@ def weight_traits(name: str) -> WeightTypeTraits:
 def traits_of_dtype(dtype: torch.dtype) -> WeightTypeTraits | None:
     """The fp8 type whose codes are stored as `dtype` (the integer dtypes hold several types)."""
     return next((t for t in WEIGHT_TYPES.values() if t.is_float and t.code_dtype == dtype), None)
+
+
+def canonical_uint(bits: int) -> WeightType:
+    """The narrowest unsigned type holding `bits`-bit codes (5- to 7-bit codes go to uint8)."""
+    fits = [t for t in WEIGHT_TYPES.values() if t.is_uint and t.bits >= bits]
+    if not fits:
+        raise UnsupportedError(f"{bits}-bit codes do not fit the canonical layout")
+    return min(fits, key=lambda t: t.bits).name

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyquant.errors import NumericsError
+from anyquant.errors import NumericsError, UnsupportedError
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import require_finite, require_finite_codes
-from anyquant.quant.weight_types import WEIGHT_TYPES, traits_of_dtype, weight_traits
+from anyquant.quant.weight_types import WEIGHT_TYPES, canonical_uint, traits_of_dtype, weight_traits
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -97,3 +97,19 @@ def test_require_finite_counts_and_names(values: torch.Tensor, bad: int) -> None
         require_finite("x.scales", values)
     require_finite("x.scales", torch.zeros(0))
     require_finite("x.scales", torch.tensor([1e30, -1e-30]))
+
+
+def test_canonical_uint_is_the_narrowest_that_holds_the_codes() -> None:
+    got = {bits: canonical_uint(bits) for bits in range(1, 9)}
+    assert got == {
+        1: "uint2",
+        2: "uint2",
+        3: "uint3",
+        4: "uint4",
+        5: "uint8",
+        6: "uint8",
+        7: "uint8",
+        8: "uint8",
+    }
+    with pytest.raises(UnsupportedError, match="9-bit codes"):
+        canonical_uint(9)

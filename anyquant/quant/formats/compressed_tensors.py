@@ -38,6 +38,7 @@ from anyquant.quant.weight import (
     require_finite,
     require_finite_codes,
 )
+from anyquant.quant.weight_types import canonical_uint
 
 # The `version` the writer stamps: the compressed-tensors release whose byte layout it reproduces and
 # was checked against, not whatever library happens to be installed (the writer does not use the
@@ -290,17 +291,6 @@ def _compile_target(target: str, where: str) -> re.Pattern[str] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Mapping config groups to canonical specs
-
-
-_UINT_WIDTHS: tuple[tuple[int, WeightType], ...] = ((2, "uint2"), (3, "uint3"), (4, "uint4"), (8, "uint8"))
-
-
-def canonical_uint(bits: int) -> WeightType:
-    """Smallest canonical unsigned width holding `bits`-bit codes (5..7-bit codes go to uint8)."""
-    for width, name in _UINT_WIDTHS:
-        if bits <= width:
-            return name
-    raise UnsupportedError(f"{bits}-bit codes do not fit the canonical layout")
 
 
 def _granularity(w: QuantArgs, layout: str) -> tuple[Granularity, int, tuple[int, int]]:

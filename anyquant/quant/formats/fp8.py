@@ -29,8 +29,9 @@ from anyquant.quant.formats.base import (
     require_shape,
 )
 from anyquant.quant.registry import register_format, register_writer
-from anyquant.quant.spec import FP8_MAX, ActQuant, Granularity, LayerKind, QuantSpec
+from anyquant.quant.spec import ActQuant, Granularity, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
+from anyquant.quant.weight_types import weight_traits
 
 # Scales are dequantization multipliers in every dtype below (formats.md §11.10).
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -529,7 +530,7 @@ class Fp8TensorWriter(_Fp8Writer):
         amax = torch.as_tensor(amax_by_prefix[prefix], dtype=torch.float32).reshape(())
         require_finite(f"act_amax[{prefix!r}]", amax, "calibration amax values")
         # An input that was always zero gets scale 1: any positive scale reproduces it exactly.
-        return torch.where(amax > 0, amax / FP8_MAX["fp8_e4m3"], torch.ones_like(amax))
+        return torch.where(amax > 0, amax / weight_traits("fp8_e4m3").code_max, torch.ones_like(amax))
 
     def encode(self, prefix: str, weight: QuantWeight) -> dict[str, Tensor]:
         self._check(prefix, weight, "tensor")

@@ -31,11 +31,11 @@ from anyquant.quant.formats.base import (
 )
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
-from anyquant.quant.spec import LayerKind, QuantSpec, WeightType
+from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight, require_finite
+from anyquant.quant.weight_types import canonical_uint
 
 _BITS = (2, 3, 4, 8)
-_WEIGHT: dict[int, WeightType] = {2: "uint2", 3: "uint3", 4: "uint4", 8: "uint8"}
 # v1 files store zero-1; GPTQModel subtracts this constant from each packed word (mod 2^32), so
 # the decoder adds it back word-level (formats.md §3.3). 3-bit is handled per field instead.
 _V1_WORD_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
@@ -231,7 +231,7 @@ def gptq_geometry(prefix: str, shapes: dict[str, tuple[int, ...]], layer: LayerC
 
 def gptq_spec(layer: LayerConfig, act_order: bool, v2: bool) -> QuantSpec:
     extra = (("format", "gptq_v2" if v2 else "gptq v1"),)
-    weight = _WEIGHT[layer.bits]
+    weight = canonical_uint(layer.bits)
     if layer.group_size == -1:
         return QuantSpec(weight, "channel", has_zero=not layer.sym, extra=extra)
     return QuantSpec(

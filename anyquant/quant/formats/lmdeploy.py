@@ -34,20 +34,22 @@ from anyquant.quant.formats.fp8 import (
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, LayerKind, QuantSpec, WeightType
 from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
+from anyquant.quant.weight_types import weight_traits
 
-# quant_dtype -> (canonical weight type, activation type, safetensors dtype, torch dtype)
-_QUANT_DTYPES: dict[str, tuple[WeightType, ActType, str, torch.dtype]] = {
-    "int8": ("int8", "int8", "I8", torch.int8),
-    "float8_e4m3fn": ("fp8_e4m3", "fp8_e4m3", "F8_E4M3", torch.float8_e4m3fn),
-    "float8_e5m2": ("fp8_e5m2", "fp8_e5m2", "F8_E5M2", torch.float8_e5m2),
+# quant_dtype -> (canonical weight type, activation type); how each is stored (safetensors and
+# torch dtype) is the weight type's (weight_types.py).
+_QUANT_DTYPES: dict[str, tuple[WeightType, ActType]] = {
+    "int8": ("int8", "int8"),
+    "float8_e4m3fn": ("fp8_e4m3", "fp8_e4m3"),
+    "float8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
 }
-_QUANT_STORAGE = tuple(v[2] for v in _QUANT_DTYPES.values())
+_QUANT_STORAGE = tuple(str(weight_traits(w).stored_dtype) for w, _ in _QUANT_DTYPES.values())
 # MoE routers lmdeploy keeps in float (formats.md §9.3).
 _ROUTER_SUFFIXES = (".mlp.gate", ".block_sparse_moe.gate", ".shared_expert_gate")
 
 
 def _spec(quant_dtype: str) -> QuantSpec:
-    weight, act, _, _ = _QUANT_DTYPES[quant_dtype]
+    weight, act = _QUANT_DTYPES[quant_dtype]
     # lmdeploy: per-token s = max(amax_row, 1e-7) / qmax, same type as the weights.
     return QuantSpec(weight, "channel", act=ActQuant(act, dynamic=True, granularity="token"))
 
@@ -75,7 +77,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         self.skip = skip_list(qconfig, ("modules_to_not_convert",))
 
     def describe(self) -> str:
-        weight, act, _, _ = _QUANT_DTYPES[self.quant_dtype]
+        weight, act = _QUANT_DTYPES[self.quant_dtype]
         return f"lmdeploy smooth_quant: {weight} per-channel, dynamic per-token {act} activations"
 
     def spec_for(self, prefix: str, kind: LayerKind) -> QuantSpec | None:
@@ -90,7 +92,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
                     scale_name, f"present but {weight.name} is {weight.dtype}, not a quantized dtype"
                 )
             return None
-        want_dtype = _QUANT_DTYPES[self.quant_dtype][2]
+        want_dtype = weight_traits(_QUANT_DTYPES[self.quant_dtype][0]).stored_dtype
         if weight.dtype != want_dtype:
             raise TensorError(
                 weight.name, f"dtype {weight.dtype}, but quant_dtype {self.quant_dtype!r} stores {want_dtype}"
@@ -126,7 +128,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         with `model`, the weight must be exactly [out, in] = model."""
         wname, sname = f"{prefix}.weight", f"{prefix}.scale"
         data = get_stored(stored, wname)
-        torch_dtype = _QUANT_DTYPES[self.quant_dtype][3]
+        torch_dtype = weight_traits(_QUANT_DTYPES[self.quant_dtype][0]).code_dtype
         if data.dtype != torch_dtype:
             raise TensorError(
                 wname, f"dtype {data.dtype}, expected {torch_dtype} for quant_dtype {self.quant_dtype!r}"

@@ -268,7 +268,7 @@ class CpuInt4Kernel(LinearKernel):
         reason = _common_reason(spec, kind, device, shape, compute_dtype)
         if reason is not None or spec is None:
             return reason
-        if spec.weight not in ("uint4", "uint3", "uint2"):
+        if spec.traits.cpu_layout != "int4":
             return f"weights are {spec.weight}; this kernel runs uint4 (and uint2/uint3) codes"
         if spec.act is not None:
             return f"activations are quantized ({spec.act.describe()}); this kernel is weight-only"
@@ -462,7 +462,7 @@ class CpuInt8WeightKernel(LinearKernel):
         reason = _common_reason(spec, kind, device, shape, compute_dtype)
         if reason is not None or spec is None:
             return reason
-        if spec.weight not in ("int8", "uint8"):
+        if spec.traits.cpu_layout != "int8":
             return f"weights are {spec.weight}; this kernel runs int8 and uint8"
         if spec.act is not None:
             return f"activations are quantized ({spec.act.describe()}); this kernel is weight-only"
@@ -694,7 +694,7 @@ class CpuFp8DequantKernel(LinearKernel):
         reason = _common_reason(spec, kind, device, shape, compute_dtype)
         if reason is not None or spec is None:
             return reason
-        if not spec.is_float:
+        if spec.traits.cpu_layout != "fp8":
             return f"weights are {spec.weight}; this kernel runs fp8 weights"
         return None
 
