@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from anyquant.bench.offline import bench_offline, measure_copy_bandwidth_gbs
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 
 OUT = Path("out/bench")
 

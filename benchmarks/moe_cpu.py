@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 
 OUT = Path("out/bench")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from anyquant import LLM
 from anyquant.bench.evaluate import corpus_perplexity
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260K"
 CASES = [

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anyquant.convert.quantize import quantize_checkpoint
     from anyquant.quant.formats.base import WriteOptions
-    from anyquant.quant.quantize import quantize_checkpoint
 
     options = WriteOptions(
         bits=args.bits,

@@ -1,5 +1,6 @@
-"""`anyquant convert`: rewrite quantized checkpoints between formats (converter.py drives it).
+"""Offline checkpoint rewriters: `anyquant convert` (converter.py: quantized formats into each
+other) and `anyquant quantize` (quantize.py: an unquantized checkpoint into a quantized format).
 
-A tool over `loading` (checkpoints, the meta model, load plans) and `quant` (formats, the canonical
-weight), like `quant/quantize.py`; only the command line imports it.
+Tools over `loading` (checkpoints, the meta model, load plans) and `quant` (formats, the canonical
+weight, the quantization math); only the command line, tests and benchmarks import them.
 """

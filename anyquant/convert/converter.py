@@ -37,6 +37,11 @@ from anyquant.convert.padding import (
     padded_config,
     plan_padding,
 )
+from anyquant.convert.quantize import (
+    ShardWriter,
+    require_save_modules,
+    write_configs,
+)
 from anyquant.convert.reorder import (
     down_first,
     mlp_producers,
@@ -55,12 +60,7 @@ from anyquant.loading.validate import check_linear
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import FormatWriter, QuantFormat, WriteOptions
-from anyquant.quant.quantize import (
-    ShardWriter,
-    relative_error,
-    require_save_modules,
-    write_configs,
-)
+from anyquant.quant.quant_error import relative_error
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import writer_class
 from anyquant.quant.spec import QuantSpec

@@ -25,9 +25,8 @@ from torch import Tensor
 
 from anyquant.quant.reference import dequantize, expand_to_columns
 from anyquant.quant.spec import QuantSpec
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, code_dtype
 
-_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # Elements per block of rows for the temporaries (float32 / int32 copies of the block).
 _BLOCK_ELEMENTS = 1 << 21
 
@@ -274,14 +273,14 @@ def fit_exact(weight: QuantWeight, target: QuantSpec, scale_dtype: torch.dtype) 
     # Pass 2: the codes.
     scale = _to_canonical_scale(stored, target)
     zero = None if zero_grid is None else _to_canonical_scale(zero_grid, target)
-    out = QuantWeight(target, weight.shape, torch.empty(weight.data.shape, dtype=_code_dtype(target)),
+    out = QuantWeight(target, weight.shape, torch.empty(weight.data.shape, dtype=code_dtype(target)),
                       scale, zero, gidx, weight.input_scale, weight.input_zero)  # fmt: skip
     for start, stop in _row_blocks(weight, step):
         block = row_slice(weight, start, stop)
         levels = _levels(block)
         target_block = row_slice(out, start, stop)
         if target.is_float:
-            codes = levels.float().to(_FP8[target.weight])
+            codes = levels.float().to(target.traits.code_dtype)
             if not bool((codes.float() == levels.float()).all()):
                 return f"values are not exactly representable as {target.weight}"
             out.data[..., start:stop, :] = codes
@@ -297,12 +296,6 @@ def fit_exact(weight: QuantWeight, target: QuantSpec, scale_dtype: torch.dtype) 
 
 def _offsets_zero(weight: QuantWeight) -> bool:
     return weight.offset is None or not bool((weight.offset != 0).any())
-
-
-def _code_dtype(spec: QuantSpec) -> torch.dtype:
-    if spec.is_float:
-        return _FP8[spec.weight]
-    return torch.uint8 if spec.is_uint else torch.int8
 
 
 def _preferred_zero(block: QuantWeight, target: QuantSpec) -> Tensor:

@@ -37,7 +37,7 @@ from anyquant.loading.validate import check_linear
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES
-from anyquant.quant.quantize import relative_error
+from anyquant.quant.quant_error import relative_error
 from anyquant.quant.reference import dequantize
 from anyquant.quant.weight import QuantWeight
 

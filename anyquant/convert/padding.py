@@ -9,7 +9,7 @@ groups (and FP8 blocks, activation groups) of every member layer, and a multiple
 features, so neither our kernels nor tile-based GPU kernels (whose thread tiles span 64 output
 and 128 input features) need padding of their own at that tensor-parallel size.
 
-The cutting itself is `loading/sharding.py`'s exact zero padding (one home for it), applied with
+The cutting itself is `quant/shard_rules.py`'s exact zero padding (one home for it), applied with
 a one-rank partition whose only segment is followed by the padding.
 """
 
@@ -24,18 +24,18 @@ from torch import Tensor
 
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
-from anyquant.loading.sharding import (
+from anyquant.models.protocol import CausalLM
+from anyquant.parallel.partition import (
+    Partition,
+    Segment,
+)
+from anyquant.quant.shard_rules import (
     ShardStyle,
     column_unit,
     row_unit,
     shard_dense,
     shard_quant,
     shard_vector,
-)
-from anyquant.models.protocol import CausalLM
-from anyquant.parallel.partition import (
-    Partition,
-    Segment,
 )
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight

@@ -57,7 +57,7 @@ class QuantLinear(nn.Module):
         self.full_out_features = out_features  # vocab style: width of the gathered logits
         self.parallel: ParallelState | None = None  # set when this layer talks to other ranks
         # Row shard whose split cut dynamic activation groups: the original group of each local
-        # group (-1: padding only) and how many original groups (`sharding.activation_group_map`).
+        # group (-1: padding only) and how many original groups (`shard_rules.activation_group_map`).
         self.act_groups: tuple[Tensor, int] | None = None
 
     @property

@@ -20,6 +20,7 @@ from anyquant.errors import CheckpointError
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
 from anyquant.layers.mlp import PROJ_NAMES, GatedMLP
 from anyquant.parallel.comm import all_reduce, all_reduce_max
+from anyquant.quant.spec import ROUTER_DTYPE
 
 if TYPE_CHECKING:
     from anyquant.parallel.partition import Partition
@@ -145,7 +146,7 @@ class Router(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> fp32 logits [T, E]."""
-        return super().forward(x.float()).float()
+        return super().forward(x.to(ROUTER_DTYPE)).to(ROUTER_DTYPE)
 
     def select(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, H] -> (weights [T, K] fp32, ids [T, K])."""
@@ -220,7 +221,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         if self.shared_expert is not None:
             shared = self.shared_expert(x).float()
             if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(x.float()).float())
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x.to(ROUTER_DTYPE)).float())
             out = out + shared
         if self.parallel is not None:
             # Routed and shared experts' row-parallel partial sums, reduced once for the block.

@@ -11,7 +11,7 @@ naming it; the header checks live in validate.py, shared with the preflight (`in
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from anyquant.layers.moe import SparseMoE
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
-from anyquant.loading.plan import LayerPlan, layer_compute_dtype, plan_layers
+from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     LinearShard,
     TensorParallelPlan,
@@ -36,17 +36,19 @@ from anyquant.loading.preflight import (
     spec_lookup,
 )
 from anyquant.loading.progress import LoadProgress
-from anyquant.loading.sharding import activation_group_map, gather_segments, shard_quant, shard_vector
 from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
 from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import build_model
+from anyquant.parallel.partition import Partition
 from anyquant.parallel.state import ParallelState
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import QuantFormat
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.merge import concat_out_features
 from anyquant.quant.registry import choose_kernel
+from anyquant.quant.shard_rules import activation_group_map, shard_kernel, shard_quant, shard_vector
+from anyquant.quant.spec import layer_compute_dtype
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.memory import return_freed_memory
 
@@ -284,9 +286,7 @@ def _decode_linear(
     if isinstance(weight, QuantWeight) and weight.spec != plan.kernel_spec:
         # The plan's spec comes from headers; decode may refine it from the data (a g_idx that
         # turns out trivial, zero points that contradict `sym`). Choose again for what we hold.
-        again = prefer
-        if again is None and shard is not None and shard.style == "row" and weight.spec.act_order:
-            again = "reference"  # as plan_layers decides for act-order row shards
+        again = prefer if shard is None else shard_kernel(shard.style, weight.spec, prefer)
         kernel_cls = choose_kernel(
             weight.spec, plan.kind, device, plan.local_shape, dtype, prefer=again
         ).kernel
@@ -426,3 +426,24 @@ def _read_vocab_rows(ckpt: Checkpoint, name: str, module: VocabParallelEmbedding
     return gather_segments(
         module.partition, module.rank, lambda start, stop: ckpt.read_slice(name, 0, start, stop), 0, like
     )
+
+
+def gather_segments(
+    partition: Partition, rank: int, read: Callable[[int, int], Tensor], dim: int, like: Tensor
+) -> Tensor:
+    """Assemble this rank's slice from `read(start, stop)` reads of only the entries it holds.
+
+    `like`: a zero-size tensor with the full tensor's dtype and the other dimensions' sizes."""
+    parts = []
+    for s in partition.shards[rank]:
+        if s.length:
+            parts.append(read(s.start, s.start + s.length))
+        if s.pad:
+            shape = list(like.shape)
+            shape[dim] = s.pad
+            parts.append(torch.zeros(shape, dtype=like.dtype))
+    if not parts:
+        shape = list(like.shape)
+        shape[dim] = 0
+        return torch.zeros(shape, dtype=like.dtype)
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]

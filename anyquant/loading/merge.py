@@ -17,10 +17,11 @@ import torch
 
 from anyquant.errors import UnsupportedError
 from anyquant.layers.linear import MergeableProjections, ProjectionGroup
-from anyquant.loading.plan import LayerPlan, layer_compute_dtype
+from anyquant.loading.plan import LayerPlan
 from anyquant.models.protocol import CausalLM
 from anyquant.quant.merge import merged_spec, spec_refusal
 from anyquant.quant.registry import choose_kernel
+from anyquant.quant.spec import layer_compute_dtype
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from anyquant.loading.checkpoint import Checkpoint
 from anyquant.models.protocol import CausalLM
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.shard_rules import shard_kernel
+from anyquant.quant.spec import LayerKind, QuantSpec, layer_compute_dtype
 
 if TYPE_CHECKING:
     from anyquant.loading.preflight import LinearShard, TensorParallelPlan
@@ -51,11 +52,6 @@ class LayerPlan:
     def kernel_spec(self) -> QuantSpec | None:
         """The spec of the weight this rank's kernel receives."""
         return self.load_as if self.load_as is not None else self.local_spec
-
-
-def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
-    """Routers run in fp32: expert selection flips on tiny logit differences."""
-    return torch.float32 if kind == "router" else model_dtype
 
 
 def linear_layers(model: CausalLM) -> Iterator[QuantLinear]:
@@ -102,9 +98,7 @@ def plan_layers(
         load_as = lm_head_as if kind == "lm_head" and spec is None else None
         if shard is not None:
             shape, local = shard.local_shape, shard.local_spec
-            if shard.style == "row" and local is not None and local.act_order and prefer is None:
-                # A row shard of an act-order layer keeps scattered groups (preflight's risks).
-                prefer = "reference"
+            prefer = shard_kernel(shard.style, local, prefer)
         if load_as is not None:
             local, prefer = load_as, prefer_kernel
         kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)

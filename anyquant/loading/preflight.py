@@ -15,12 +15,6 @@ from typing import Any
 
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
-from anyquant.loading.sharding import (
-    ShardStyle,
-    column_unit,
-    local_spec,
-    row_unit,
-)
 from anyquant.models.protocol import CausalLM
 from anyquant.parallel.partition import (
     Partition,
@@ -31,6 +25,13 @@ from anyquant.parallel.partition import (
 )
 from anyquant.parallel.state import ParallelState
 from anyquant.quant.formats.base import QuantFormat
+from anyquant.quant.shard_rules import (
+    ShardStyle,
+    column_unit,
+    local_spec,
+    needs_reference_kernel,
+    row_unit,
+)
 from anyquant.quant.spec import QuantSpec
 
 SpecOf = Callable[[QuantLinear], "QuantSpec | None"]
@@ -151,7 +152,7 @@ def _risks(model: CausalLM, plan: TensorParallelPlan, spec_of: SpecOf) -> list[s
         if not isinstance(layer, QuantLinear) or layer.prefix not in plan.shards:
             continue
         spec = spec_of(layer)
-        if plan.shards[layer.prefix].style == "row" and spec is not None and spec.act_order:
+        if needs_reference_kernel(plan.shards[layer.prefix].style, spec):
             act_order.append(layer.prefix)
     risks = []
     if act_order:

@@ -4,7 +4,7 @@ Owns `Partition` (per rank, which global entries it holds and where zero padding
 builders: whole units with padding, heads with KV-head replication, and the regrouped split of
 formats.md §10.4. Pure integer arithmetic on sizes: it knows nothing about weights, formats or
 modules, so layers and models can name a `Partition` without depending on the loader. Cutting
-weights by a partition is `loading/sharding.py`.
+weights by a partition is `quant/shard_rules.py`.
 """
 
 from __future__ import annotations

@@ -6,21 +6,39 @@ checkpoint that declares no quantization. Used by the loader and by `inspect` al
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from anyquant.errors import QuantConfigError
-from anyquant.quant.formats.base import QuantFormat
-from anyquant.quant.registry import format_class, known_quant_methods
-
-if TYPE_CHECKING:  # annotation only: the loader and `inspect` pass the checkpoint in
-    from anyquant.loading.checkpoint import Checkpoint
-
-# Tensor-name suffixes and dtypes that only quantized checkpoints contain.
-_QUANT_SUFFIXES = (".qweight", ".weight_packed", ".weight_scale_inv", ".weight_scale", ".qzeros")
-_QUANT_DTYPES = ("I8", "F8_E4M3", "F8_E5M2")
+from anyquant.quant.formats.base import HeaderIndex, QuantFormat
+from anyquant.quant.registry import format_class, format_classes, known_quant_methods
+from anyquant.quant.weight_types import WEIGHT_TYPES
 
 
-def detect_format(ckpt: Checkpoint) -> QuantFormat | None:
+class FoundQuantConfig(Protocol):
+    @property
+    def config(self) -> dict[str, Any]:
+        """The quantization section's fields."""
+
+    @property
+    def where(self) -> str:
+        """Where it was found, for messages, e.g. "config.json: quantization_config"."""
+
+
+class QuantizedCheckpoint(Protocol):
+    """What detection reads of a checkpoint: its headers and where it keeps its quantization
+    section. The loader's `Checkpoint` (loading/checkpoint.py) is one."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def index(self) -> HeaderIndex: ...
+
+    def quant_config(self) -> FoundQuantConfig | None: ...
+
+
+def detect_format(ckpt: QuantizedCheckpoint) -> QuantFormat | None:
     """The checkpoint's format reader, or None for an unquantized checkpoint."""
     found = ckpt.quant_config()
     if found is None:
@@ -45,10 +63,14 @@ def detect_format(ckpt: Checkpoint) -> QuantFormat | None:
     return cls.from_checkpoint(qc, ckpt.index, f"{ckpt.path.name}/{found.where}")
 
 
-def _refuse_undeclared_quantization(ckpt: Checkpoint) -> None:
+def _refuse_undeclared_quantization(ckpt: QuantizedCheckpoint) -> None:
+    # What only quantized checkpoints contain: each format's marker tensors, and weights in the
+    # dtype a weight type stores unpacked codes in (I8, F8_E4M3, ...).
+    suffixes = tuple(sorted({s for cls in format_classes() for s in cls.marker_suffixes}))
+    dtypes = {t.stored_dtype for t in WEIGHT_TYPES.values() if t.stored_dtype is not None}
     for name in ckpt.index:
         info = ckpt.index.info(name)
-        if name.endswith(_QUANT_SUFFIXES) or (name.endswith(".weight") and info.dtype in _QUANT_DTYPES):
+        if name.endswith(suffixes) or (name.endswith(".weight") and info.dtype in dtypes):
             raise QuantConfigError(
                 f"{ckpt.path}: tensor {name!r} ({info.dtype} {list(info.shape)}) looks quantized but neither "
                 "config.json nor quantize_config.json / quant_config.json has a quantization_config; "

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anyquant.quant.spec import FP8_MAX, ActQuant, QuantSpec
+from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
-
-_FP8_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+from anyquant.quant.weight_types import weight_traits
 
 
 def expand_to_columns(
@@ -61,10 +60,8 @@ def dequantize(weight: QuantWeight, dtype: torch.dtype = torch.float32) -> Tenso
 
 
 def _act_qrange(act: ActQuant) -> tuple[float, float]:
-    if act.type == "int8":
-        return -128.0, 127.0
-    top = FP8_MAX[act.type]
-    return -top, top
+    traits = weight_traits(act.type)
+    return float(traits.code_min), float(traits.code_max)
 
 
 def activation_amax(x: Tensor, act: ActQuant) -> Tensor:
@@ -121,7 +118,7 @@ def fake_quantize_activations(
             q = q - zero
         return q * scale
     # fp8: clamp before the cast, out-of-range casts do not saturate reliably.
-    q = (x / scale).clamp(lo, hi).to(_FP8_DTYPE[act.type]).float()
+    q = (x / scale).clamp(lo, hi).to(weight_traits(act.type).code_dtype).float()
     return q * scale
 
 

@@ -82,6 +82,12 @@ def format_class(quant_method: str) -> type[QuantFormat]:
     return _FORMATS[quant_method]
 
 
+def format_classes() -> list[type[QuantFormat]]:
+    """Every registered reader class once (a class may serve several quant_method names)."""
+    _load_builtin()
+    return list(dict.fromkeys(_FORMATS.values()))
+
+
 def known_quant_methods() -> list[str]:
     _load_builtin()
     return sorted(_FORMATS)

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-WeightType = Literal["uint2", "uint3", "uint4", "uint8", "int8", "fp8_e4m3", "fp8_e5m2"]
+import torch
+
+from anyquant.quant.weight_types import WEIGHT_TYPES, WeightType, WeightTypeTraits, weight_traits
+
 Granularity = Literal["tensor", "channel", "group", "block"]
 # A layer's ROLE in the model, never its tensor layout. experts: one routed expert's projection,
 # a plain [N, K] linear like any other (served by the same kernels; the MoE block only decides
@@ -18,11 +21,19 @@ Granularity = Literal["tensor", "channel", "group", "block"]
 LayerKind = Literal["linear", "experts", "router", "embedding", "lm_head"]
 # The roles whose weight is multiplied by activations in the compute dtype: what matmul kernels serve.
 MATMUL_KINDS: frozenset[str] = frozenset(("linear", "experts", "lm_head"))
+# MoE routers (kind "router": the gate, Qwen2-MoE's shared_expert_gate) are computed in fp32 from
+# an fp32 weight: expert selection flips on tiny logit differences. The loader gives them fp32
+# kernels and parameters (`layer_compute_dtype`), the MoE block feeds them fp32 inputs, `anyquant
+# quantize` writes them unquantized (`ROUTER_UNQUANTIZED`), and one a checkpoint stores quantized
+# runs on the reference kernel's fp32 dequantize-then-matmul (routers are not in MATMUL_KINDS).
+ROUTER_DTYPE = torch.float32
+ROUTER_UNQUANTIZED = "MoE routers stay unquantized (expert selection flips on small logit errors)"
 ActType = Literal["int8", "fp8_e4m3", "fp8_e5m2"]
 ActGranularity = Literal["tensor", "token", "group"]
 
-UINT_BITS: dict[str, int] = {"uint2": 2, "uint3": 3, "uint4": 4, "uint8": 8}
-FP8_MAX: dict[str, float] = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+# Views of the weight-type table (weight_types.py declares every type's traits).
+UINT_BITS: dict[str, int] = {name: t.bits for name, t in WEIGHT_TYPES.items() if t.is_uint}
+FP8_MAX: dict[str, float] = {name: t.code_max for name, t in WEIGHT_TYPES.items() if t.is_float}
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class QuantSpec:
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # format notes for display
 
     def __post_init__(self) -> None:
+        traits = self.traits  # an unknown weight type fails here, naming the known ones
         if self.granularity == "group":
             if self.group_size <= 0 or self.group_size % 8:
                 raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
@@ -92,25 +104,30 @@ class QuantSpec:
             self.has_zero or self.act_order or not self.is_uint or self.granularity != "group"
         ):
             raise ValueError("a float offset needs unsigned codes with group scales and no zero points")
-        if self.is_uint and self.granularity not in ("channel", "group"):
-            raise ValueError(f"{self.weight} weights need channel or group scales, not {self.granularity}")
+        if self.granularity not in traits.granularities:
+            allowed = " or ".join(sorted(traits.granularities))
+            raise ValueError(f"{self.weight} weights need {allowed} scales, not {self.granularity}")
+
+    @property
+    def traits(self) -> WeightTypeTraits:
+        return weight_traits(self.weight)
 
     @property
     def is_uint(self) -> bool:
-        return self.weight in UINT_BITS
+        return self.traits.is_uint
 
     @property
     def is_float(self) -> bool:
-        return self.weight in FP8_MAX
+        return self.traits.is_float
 
     @property
     def bits(self) -> int:
-        return UINT_BITS.get(self.weight, 8)
+        return self.traits.bits
 
     @property
     def implicit_zero(self) -> int:
-        """Zero point used when none is stored."""
-        return 1 << (self.bits - 1) if self.is_uint and not self.has_offset else 0
+        """Zero point used when none is stored (0 with a float offset: the offset holds the minimum)."""
+        return 0 if self.has_offset else self.traits.implicit_zero
 
     def describe(self) -> str:
         """Short human description, e.g. 'uint4 group128 asym act-order, w-only'."""
@@ -129,3 +146,8 @@ class QuantSpec:
             parts.append("act-order")
         parts.append(f"act {self.act.describe()}" if self.act else "weight-only")
         return " ".join(parts)
+
+
+def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer of role `kind` computes in: ROUTER_DTYPE for routers, else the model's."""
+    return ROUTER_DTYPE if kind == "router" else model_dtype

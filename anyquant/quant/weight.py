@@ -29,20 +29,31 @@ from torch import Tensor
 
 from anyquant.errors import NumericsError, TensorError
 from anyquant.quant.spec import QuantSpec
+from anyquant.quant.weight_types import traits_of_dtype
 
-_CODE_DTYPE = {
-    "uint2": torch.uint8,
-    "uint3": torch.uint8,
-    "uint4": torch.uint8,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
+
+def require_finite(name: str, values: Tensor, what: str = "scales") -> None:
+    """Refuse NaN or Inf among float `values` (scales, offsets, input scales) of tensor `name`."""
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise NumericsError(f"tensor {name!r}: {bad} of {values.numel()} {what} are NaN or Inf")
+
+
+def require_finite_codes(name: str, data: Tensor) -> None:
+    """Refuse fp8 weight codes that are NaN or Inf, told by their bit pattern (no float copy of a
+    whole weight); the pattern of each fp8 type is its `nonfinite_mask` (weight_types.py).
+    Integer codes are always finite."""
+    traits = traits_of_dtype(data.dtype)
+    if traits is None or traits.nonfinite_mask is None or not data.numel():
+        return
+    mask = traits.nonfinite_mask
+    bad = int(((data.view(torch.uint8) & mask) == mask).sum())
+    if bad:
+        raise NumericsError(f"tensor {name!r}: {bad} of {data.numel()} fp8 weight codes are NaN or Inf")
 
 
 def code_dtype(spec: QuantSpec) -> torch.dtype:
-    return _CODE_DTYPE[spec.weight]
+    return spec.traits.code_dtype
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -108,14 +119,12 @@ class QuantWeight:
             )
         if self.scale.dtype != torch.float32:
             raise TensorError(name, f"canonical scale must be float32, got {self.scale.dtype}")
-        if self.scale.numel() and not bool(torch.isfinite(self.scale).all()):
-            bad = int((~torch.isfinite(self.scale)).sum())
-            raise NumericsError(f"{name}: {bad} of {self.scale.numel()} scales are NaN or Inf")
+        require_finite(name, self.scale)
         if spec.has_zero:
             if self.zero is None or tuple(self.zero.shape) != want_scale:
                 got = None if self.zero is None else list(self.zero.shape)
                 raise TensorError(name, f"zero points have shape {got}, expected {list(want_scale)}")
-            lo, hi = (0, (1 << spec.bits) - 1) if spec.is_uint else (-128, 127)
+            lo, hi = int(spec.traits.code_min), int(spec.traits.code_max)
             if self.zero.numel() and (int(self.zero.min()) < lo or int(self.zero.max()) > hi):
                 raise TensorError(name, f"zero points outside [{lo}, {hi}]")
         elif self.zero is not None:
@@ -128,11 +137,10 @@ class QuantWeight:
             ):
                 found = "absent" if self.offset is None else f"{self.offset.dtype} {list(self.offset.shape)}"
                 raise TensorError(name, f"offsets are {found}, expected float32 {list(want_scale)}")
-            if self.offset.numel() and not bool(torch.isfinite(self.offset).all()):
-                raise NumericsError(f"{name}: offsets are NaN or Inf")
+            require_finite(name, self.offset, "offsets")
         elif self.offset is not None:
             raise TensorError(name, "offsets present for a spec without has_offset")
-        if spec.is_uint and self.data.numel() and int(self.data.max()) >= 1 << spec.bits:
+        if spec.is_uint and self.data.numel() and int(self.data.max()) > spec.traits.code_max:
             raise TensorError(name, f"codes exceed {spec.bits} bits")
         if spec.act_order:
             gi = self.group_index
@@ -143,8 +151,8 @@ class QuantWeight:
                 raise TensorError(name, f"group index values outside [0, {ng})")
         if spec.act is not None and not spec.act.dynamic and self.input_scale is None:
             raise TensorError(name, "static activation quantization needs an input scale")
-        if self.input_scale is not None and not bool(torch.isfinite(self.input_scale).all()):
-            raise NumericsError(f"{name}: input scale is NaN or Inf")
+        if self.input_scale is not None:
+            require_finite(name, self.input_scale, "input scales")
         return self
 
     def with_spec(self, spec: QuantSpec) -> QuantWeight:

@@ -12,9 +12,9 @@ import pytest
 from anyquant import LLM
 from anyquant.convert.converter import ConversionRefused, ConvertOptions, convert_checkpoint
 from anyquant.convert.gguf_target import convert_to_gguf
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.errors import UnsupportedError
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 
 from ..gguf.fixtures import write_pair

@@ -13,12 +13,12 @@ import torch
 
 from anyquant import LLM
 from anyquant.convert.converter import ConvertOptions, checkpoint_padding, convert_checkpoint
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.loader import build_on_meta
 from anyquant.loading.preflight import plan_tensor_parallel, spec_lookup
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.spec import QuantSpec
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.convert._helpers import config, dequantized_layers

@@ -18,9 +18,9 @@ from anyquant.convert.converter import (
     ConvertOptions,
     convert_checkpoint,
 )
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.errors import AnyquantError
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.convert._helpers import dequantized_layers, tensors
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from anyquant.convert.converter import convert_checkpoint
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.convert._helpers import assert_same_checkpoint, dequantized_layers
 

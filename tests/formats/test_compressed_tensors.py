@@ -20,7 +20,8 @@ from anyquant.errors import NumericsError, QuantConfigError, TensorError, Unsupp
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.formats.base import QuantFormat, WriteOptions
-from anyquant.quant.formats.compressed_tensors import WRITTEN_VERSION, _parse_version
+from anyquant.quant.formats.compressed_tensors import WRITTEN_VERSION
+from anyquant.quant.formats.compressed_tensors.config import _parse_version
 from anyquant.quant.registry import format_class, writer_class
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
+from anyquant.errors import QuantConfigError
+from anyquant.loading.checkpoint import TensorIndex, TensorInfo
 from anyquant.loading.describe import describe_checkpoint
+from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 
 
@@ -108,3 +111,41 @@ def test_empty_quantization_tensors_mean_unquantized(tiny_dense: Path, tmp_path:
     assert prefix in doc["unquantized_layers"]
     logits = LLM(q, dtype="float32").logits([1, 2, 3])
     assert torch.isfinite(logits).all()
+
+
+class _Headers:
+    """A checkpoint as detection sees it (`QuantizedCheckpoint`): headers and no quantization section."""
+
+    def __init__(self, tensors: dict[str, str]) -> None:
+        self.path = Path("undeclared")
+        self.index = TensorIndex(
+            TensorInfo(n, "model.safetensors", d, (4, 4), (0, 0)) for n, d in tensors.items()
+        )
+
+    def quant_config(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        # every format's marker tensors (each format declares its own `marker_suffixes`) ...
+        ("model.layers.0.mlp.up_proj.qweight", "I32"),  # gptq, awq
+        ("model.layers.0.mlp.up_proj.qzeros", "I32"),
+        ("model.layers.0.mlp.up_proj.weight_packed", "I32"),  # compressed-tensors
+        ("model.layers.0.mlp.up_proj.weight_scale", "F32"),  # compressed-tensors, fp8, fbgemm_fp8
+        ("model.layers.0.mlp.up_proj.weight_scale_inv", "F32"),  # fp8 blocks
+        # ... and weights in a weight type's unpacked dtype
+        ("model.layers.0.mlp.up_proj.weight", "I8"),
+        ("model.layers.0.mlp.up_proj.weight", "F8_E4M3"),
+        ("model.layers.0.mlp.up_proj.weight", "F8_E5M2"),
+    ],
+)
+def test_quantized_tensors_without_a_declaration_are_refused(name: str, dtype: str) -> None:
+    with pytest.raises(QuantConfigError, match=rf"tensor '{name}' \({dtype} \[4, 4\]\) looks quantized"):
+        detect_format(_Headers({"model.embed_tokens.weight": "BF16", name: dtype}))
+
+
+def test_a_plain_checkpoint_is_unquantized() -> None:
+    plain = {"model.layers.0.mlp.up_proj.weight": "BF16", "model.layers.0.mlp.up_proj.bias": "F32"}
+    assert detect_format(_Headers(plain)) is None

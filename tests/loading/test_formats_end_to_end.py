@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.registry import writer_names
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.loading.test_third_party import dequantized_state_dict, rel_l2

@@ -94,8 +94,8 @@ def test_inspect_plans_the_int8_head_and_bad_values_fail(model: Path) -> None:
 def test_a_head_stored_quantized_is_kept_as_stored(
     model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from anyquant.convert.quantize import quantize_checkpoint
     from anyquant.quant.formats.base import WriteOptions
-    from anyquant.quant.quantize import quantize_checkpoint
 
     q = tmp_path / "q"
     quantize_checkpoint(model, q, "compressed-tensors", WriteOptions(scheme="W8A16"), quantize_lm_head=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from tests.loading.test_formats_end_to_end import fake_quant
 from tests.loading.test_third_party import dequantized_state_dict, rel_l2
 from tests.models._internlm2 import llama_reference, to_llama, write_internlm2

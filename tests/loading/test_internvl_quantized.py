@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.loading.loader import load_model
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from tests.loading.test_formats_end_to_end import fake_quant
 from tests.loading.test_third_party import dequantized_state_dict, rel_l2
 from tests.models._internvl import IMG_CONTEXT_ID, hf_model, image_rows, original_to_hf, write_internvl

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.layers.linear import MergedLinear
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import LoadedModel, load_model
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.merge import concat_out_features, spec_refusal
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.tiny_model import write_tiny_model

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyquant.cli.main import main
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.errors import AnyquantError
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import load_model
 from anyquant.loading.progress import LoadProgress
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 
 Tensors = dict[str, torch.Tensor]

@@ -27,8 +27,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.loading.properties import (
     EDGE_INTS,

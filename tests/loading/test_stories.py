@@ -9,8 +9,8 @@ import pytest
 
 from anyquant import LLM, SamplingParams
 from anyquant.bench.evaluate import corpus_perplexity
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -343,7 +343,7 @@ def _gptq_dequantize(tensors: dict[str, torch.Tensor], prefix: str, bits: int, v
 def test_gptq_quantized_matches_transformers_on_dequantized_weights(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    quantize = pytest.importorskip("anyquant.quant.quantize")
+    quantize = pytest.importorskip("anyquant.convert.quantize")
     from anyquant.quant.formats.base import WriteOptions
 
     src, dst = checkpoints["v3"], tmp_path / "gptq"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from tests.loading.test_third_party import dequantized_state_dict, rel_l2
 from tests.models._internlm2 import llama_reference, llama_weights, to_llama, write_internlm2
 

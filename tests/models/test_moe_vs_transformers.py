@@ -137,7 +137,7 @@ FORMATS: dict[str, dict[str, Any]] = {
 
 
 def _quantize(src: Path, dst: Path, fmt: str) -> Any:
-    quantize = pytest.importorskip("anyquant.quant.quantize")
+    quantize = pytest.importorskip("anyquant.convert.quantize")
     from anyquant.quant.formats.base import WriteOptions
     from anyquant.quant.registry import writer_class
 

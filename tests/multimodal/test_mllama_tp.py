@@ -14,7 +14,7 @@ import torch
 from anyquant import LLM, SamplingParams
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.utils.tiny_mllama import write_tiny_mllama
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.reference import dequantize
 from anyquant.utils.tiny_vlm import IMAGE_PAD, write_tiny_vlm
 from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from anyquant import LLM, SamplingParams
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_vlm import write_tiny_vlm
 from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 
 IDS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 65, 66]

@@ -10,13 +10,7 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import UnsupportedError
-from anyquant.loading.sharding import (
-    gather_segments,
-    local_spec,
-    shard_dense,
-    shard_quant,
-    shard_vector,
-)
+from anyquant.loading.loader import gather_segments
 from anyquant.parallel.partition import (
     Partition,
     Segment,
@@ -24,6 +18,14 @@ from anyquant.parallel.partition import (
     split_kv_heads,
     split_regrouped,
     split_units,
+)
+from anyquant.quant.shard_rules import (
+    local_spec,
+    needs_reference_kernel,
+    shard_dense,
+    shard_kernel,
+    shard_quant,
+    shard_vector,
 )
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
@@ -208,3 +210,15 @@ def test_dense_shards_and_segment_reads_agree() -> None:
         assert torch.equal(shard_vector(dense[:, 0], part, rank), cut[:, 0])
     assert torch.equal(shard_dense(dense, "row", split_units(6, 4), 2), dense[:, 4:6])
     assert torch.equal(shard_dense(dense, "row", split_units(6, 4), 3), torch.zeros(10, 2))
+
+
+def test_an_act_order_row_shard_asks_for_the_reference_kernel() -> None:
+    act_order = QuantSpec("uint4", "group", group_size=32, has_zero=True, act_order=True)
+    plain = QuantSpec("uint4", "group", group_size=32, has_zero=True)
+    assert needs_reference_kernel("row", act_order)
+    assert shard_kernel("row", act_order, None) == "reference"
+    assert shard_kernel("row", act_order, "cpu_int4") == "cpu_int4"  # a kernel the user named wins
+    assert not needs_reference_kernel("column", act_order)  # column shards keep whole rows
+    assert shard_kernel("column", act_order, None) is None
+    assert shard_kernel("row", plain, None) is None
+    assert shard_kernel("row", None, None) is None

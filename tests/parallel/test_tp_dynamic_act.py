@@ -20,15 +20,11 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.loader import load_model
-from anyquant.loading.sharding import (
-    activation_group_map,
-    row_unit,
-    shard_quant,
-)
 from anyquant.parallel.partition import (
     Partition,
     split_regrouped,
@@ -37,9 +33,13 @@ from anyquant.parallel.partition import (
 from anyquant.parallel.state import destroy_groups, free_port, init_groups
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.kernels.base import LinearKernel
-from anyquant.quant.quantize import quantize_checkpoint
 from anyquant.quant.reference import activation_amax, fake_quantize_activations
 from anyquant.quant.registry import kernel_classes
+from anyquant.quant.shard_rules import (
+    activation_group_map,
+    row_unit,
+    shard_quant,
+)
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.errors import UnsupportedError
 from anyquant.loading.loader import build_on_meta
 from anyquant.loading.preflight import plan_tensor_parallel, spec_lookup
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.quant.quantize import quantize_checkpoint
 from tests.models._internlm2 import internlm2_config, write_internlm2
 from tests.models._internvl import write_internvl
 from tests.parallel._spmd import tp_logits

@@ -175,8 +175,8 @@ def test_tools_conversation_renders_as_transformers_does(model: Path) -> None:
 
 
 def test_quantize_output_keeps_and_reads_chat_template_jinja(model: Path, tmp_path: Path) -> None:
+    from anyquant.convert.quantize import quantize_checkpoint
     from anyquant.quant.formats.base import WriteOptions
-    from anyquant.quant.quantize import quantize_checkpoint
 
     (model / "chat_template.jinja").write_text(PLAIN)
     (model / "additional_chat_templates").mkdir()

@@ -66,30 +66,11 @@ LAYERS: list[tuple[str, ...]] = [
 ROOT_LEAF_NAMES = {"__version__"}
 
 # (importing module, imported unit) -> why it is still there. Runtime imports.
-KNOWN_RUNTIME: dict[tuple[str, str], str] = {
-    ("anyquant.quant.quantize", "loading"): "quantize streams an unquantized checkpoint through "
-    "the loader's meta model and plan: it is a converter (its home is convert/)",
-}
+KNOWN_RUNTIME: dict[tuple[str, str], str] = {}
 
 # Annotation-only imports (under TYPE_CHECKING): no runtime cycle, but still a dependency in the
 # wrong direction that a reader has to know about.
-KNOWN_TYPE_ONLY: dict[tuple[str, str], str] = {
-    **{
-        (f"anyquant.quant.{name}", "loading"): "annotates the reader's input with `TensorIndex` / "
-        "`Checkpoint` (loading/checkpoint.py); a header-index protocol in quant/formats/base.py "
-        "would remove it"
-        for name in (
-            "detect",
-            "formats.awq",
-            "formats.base",
-            "formats.compressed_tensors",
-            "formats.fp8",
-            "formats.gguf",
-            "formats.gptq",
-            "formats.lmdeploy",
-        )
-    },
-}
+KNOWN_TYPE_ONLY: dict[tuple[str, str], str] = {}
 
 
 def _rank() -> dict[str, int]:

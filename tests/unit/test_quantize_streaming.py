@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import anyquant.quant.quantize as quantize_module
+import anyquant.convert.quantize as quantize_module
+import anyquant.quant.quant_error as quant_error_module
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.algorithms.rtn import act_order_group_index, quantize_rtn
 from anyquant.quant.formats.base import WriteOptions
@@ -32,8 +33,8 @@ def test_blockwise_error_equals_whole_tensor_float64(name: str, monkeypatch: pyt
     gidx = act_order_group_index(dense, 32) if spec.act_order else None
     weight = quantize_rtn(dense, spec, torch.float32, gidx)
     whole = float((dequantize(weight, torch.float64) - dense.double()).norm() / dense.double().norm())
-    monkeypatch.setattr(quantize_module, "_ERROR_BLOCK", 96 * 40)  # 40 rows (32 for blocks): 5-7 blocks
-    assert quantize_module.relative_error(dense, weight) == pytest.approx(whole, rel=1e-12)
+    monkeypatch.setattr(quant_error_module, "_ERROR_BLOCK", 96 * 40)  # 40 rows (32 for blocks): 5-7 blocks
+    assert quant_error_module.relative_error(dense, weight) == pytest.approx(whole, rel=1e-12)
 
 
 def test_dropping_input_maps_changes_no_output_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,10 +11,8 @@ import torch
 from torch import Tensor
 
 from anyquant.quant.reference import expand_to_columns
-from anyquant.quant.spec import FP8_MAX, QuantSpec
+from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight, num_groups
-
-_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def act_order_group_index(dense: Tensor, group_size: int) -> Tensor:
@@ -92,17 +90,18 @@ def quantize_rtn(
         return s.to(scale_dtype).float()
 
     zero: Tensor | None = None
+    traits = spec.traits
     if spec.is_float:
-        scale = rounded(_reduce(w, spec, gidx, "amax") / FP8_MAX[spec.weight])
-        top = FP8_MAX[spec.weight]
-        data = (w / _expand(scale, spec, shape, gidx)).clamp(-top, top).to(_FP8[spec.weight])
-    elif spec.weight == "int8" and not spec.has_zero:
-        scale = rounded(_reduce(w, spec, gidx, "amax") / 127.0)
-        data = torch.round(w / _expand(scale, spec, shape, gidx)).clamp(-128, 127).to(torch.int8)
+        top = traits.code_max
+        scale = rounded(_reduce(w, spec, gidx, "amax") / top)
+        data = (w / _expand(scale, spec, shape, gidx)).clamp(-top, top).to(traits.code_dtype)
+    elif not spec.is_uint and not spec.has_zero:
+        scale = rounded(_reduce(w, spec, gidx, "amax") / traits.symmetric_max)
+        codes = torch.round(w / _expand(scale, spec, shape, gidx))
+        data = codes.clamp(int(traits.code_min), int(traits.code_max)).to(traits.code_dtype)
     else:
-        bits = spec.bits
-        qmax = (1 << bits) - 1 if spec.is_uint else 255
-        lo_code = 0 if spec.is_uint else -128
+        lo_code = int(traits.code_min)
+        qmax = int(traits.code_max) - lo_code
         if spec.has_zero:
             # GPTQ/AWQ convention: the range always includes 0 so that 0 is exactly representable.
             xmin = _reduce(w, spec, gidx, "amin").clamp(max=0)
@@ -114,5 +113,5 @@ def quantize_rtn(
             scale = rounded(_reduce(w, spec, gidx, "amax") / (qmax / 2))
             z = torch.tensor(spec.implicit_zero)
         codes = torch.round(w / _expand(scale, spec, shape, gidx)) + z
-        data = codes.clamp(lo_code, lo_code + qmax).to(torch.uint8 if spec.is_uint else torch.int8)
+        data = codes.clamp(lo_code, lo_code + qmax).to(traits.code_dtype)
     return QuantWeight(spec, shape, data, scale, zero, gidx if spec.act_order else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from torch import Tensor
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -28,10 +29,7 @@ from anyquant.quant.formats.base import (
 from anyquant.quant.packing import awq_pack, awq_unpack, pack_bits, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
+from anyquant.quant.weight import QuantWeight, require_finite
 
 Layout = Literal["gemm", "gemv"]
 
@@ -198,8 +196,9 @@ class AwqFormat(QuantFormat):
     """Reader for `quant_method: "awq"` checkpoints (GEMM and GEMV layouts)."""
 
     name = "awq"
+    marker_suffixes = (".qweight", ".qzeros")
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         self.config = parse_awq_config(qconfig, source)
 
@@ -286,7 +285,7 @@ class AwqFormat(QuantFormat):
             codes, zeros, scales = _unpack_gemm(tensors, geo)
         else:
             codes, zeros, scales = _unpack_gemv(tensors, geo)
-        _require_finite(f"{prefix}.scales", scales)
+        require_finite(f"{prefix}.scales", scales)
         if want.granularity == "channel":
             zeros, scales = zeros[:, 0], scales[:, 0]
         weight = QuantWeight(
@@ -308,12 +307,6 @@ def _unpack_gemv(t: dict[str, Tensor], geo: Geometry) -> tuple[Tensor, Tensor, T
     zeros = unpack_bits(t["qzeros"], 4, geo.num_groups, dim=1).to(torch.int32)  # [N, ng]
     scales = t["scales"][:, : geo.num_groups].float()  # [N, ng]; columns beyond ng are padding
     return codes, zeros, scales
-
-
-def _require_finite(name: str, scales: Tensor) -> None:
-    if scales.numel() and not bool(torch.isfinite(scales).all()):
-        bad = int((~torch.isfinite(scales)).sum())
-        raise NumericsError(f"{name}: {bad} of {scales.numel()} scales are NaN or Inf")
 
 
 def to_float16_scales(name: str, scales: Tensor) -> Tensor:

@@ -9,9 +9,9 @@ It never touches modules, devices, ranks or kernels. Writing is a separate small
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -20,8 +20,41 @@ from anyquant.errors import TensorError
 from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
+
+class TensorHeader(Protocol):
+    """What a reader may know of one stored tensor before reading it: its header."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dtype(self) -> str:
+        """The safetensors dtype name, e.g. "I32", "F8_E4M3"."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def numel(self) -> int: ...
+
+
+class HeaderIndex(Protocol):
+    """The tensors of one checkpoint by full name, headers only: what every reader is handed.
+
+    The loader's `TensorIndex` (loading/checkpoint.py) is one; readers depend on this shape only,
+    so `quant/` never imports the loader."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def get(self, name: str) -> TensorHeader | None: ...
+
+    def info(self, name: str) -> TensorHeader:
+        """The header of `name`; raises TensorError naming it when it is absent."""
+
+    def has_data(self, name: str) -> bool:
+        """Present with at least one element (zero-size quantization tensors mean 'not quantized')."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +72,19 @@ class QuantFormat(ABC):
     """Reads one family of quantized checkpoints. One instance per checkpoint."""
 
     name: ClassVar[str]
+    # Tensor-name suffixes (".qweight") that only this format's quantized layers have: a checkpoint
+    # holding one while declaring no quantization is refused by detection, not loaded as garbage.
+    # (Unpacked codes are recognised by their dtype instead: `WeightTypeTraits.stored_dtype`.)
+    marker_suffixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         self.qconfig = qconfig
         self.index = index
         self.source = source  # where the quantization config came from, for messages
         self.notes: list[str] = []  # config/tensor disagreements found while resolving specs
 
     @classmethod
-    def from_checkpoint(cls, qconfig: dict[str, Any], index: TensorIndex, source: str) -> QuantFormat:
+    def from_checkpoint(cls, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> QuantFormat:
         """Validate the config section (raise QuantConfigError naming the field) and build."""
         return cls(qconfig, index, source)
 
@@ -178,7 +215,7 @@ def require_layer_shape(
         )
 
 
-def refuse_partial_layer(index: TensorIndex, prefix: str, marker: str, companions: tuple[str, ...]) -> None:
+def refuse_partial_layer(index: HeaderIndex, prefix: str, marker: str, companions: tuple[str, ...]) -> None:
     """A layer whose marker tensor is absent or empty but whose companions hold data, with no plain
     weight to fall back on, is broken, not skipped: say so instead of loading it as unquantized."""
     if index.has_data(f"{prefix}.weight"):

@@ -12,14 +12,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
+from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -28,11 +29,9 @@ from anyquant.quant.formats.base import (
     require_shape,
 )
 from anyquant.quant.registry import register_format, register_writer
-from anyquant.quant.spec import FP8_MAX, ActQuant, Granularity, LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
+from anyquant.quant.spec import ActQuant, Granularity, LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
+from anyquant.quant.weight_types import weight_traits
 
 # Scales are dequantization multipliers in every dtype below (formats.md §11.10).
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,29 +56,12 @@ def split_lead(name: str, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[
     return tuple(shape[:-2]), (int(shape[-2]), int(shape[-1]))
 
 
-def check_finite(name: str, values: Tensor, what: str = "scales") -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise NumericsError(f"tensor {name!r}: {bad} of {values.numel()} {what} are NaN or Inf")
-
-
-def check_fp8_codes(name: str, data: Tensor) -> None:
-    """Reject NaN (e4m3fn: exponent and mantissa all ones) and Inf/NaN (e5m2) weight codes."""
-    if not data.numel():
-        return
-    bits = data.view(torch.uint8)
-    mask = 0x7F if data.dtype == torch.float8_e4m3fn else 0x7C
-    bad = int(((bits & mask) == mask).sum())
-    if bad:
-        raise NumericsError(f"tensor {name!r}: {bad} of {data.numel()} fp8 weight codes are NaN or Inf")
-
-
 def float_scale(name: str, tensor: Tensor, *, ue8m0: bool = False) -> Tensor:
     """A stored scale as float32; `ue8m0` also accepts F8_E8M0 and U8 exponent bytes."""
     allowed = _FLOAT_SCALE_DTYPES + (_UE8M0_DTYPES if ue8m0 else ())
     require_dtype(name, tensor, *allowed)
     if tensor.dtype == torch.uint8:
-        # The byte is the E8M0 bit pattern: 2^(e - 127), 255 = NaN (caught by check_finite).
+        # The byte is the E8M0 bit pattern: 2^(e - 127), 255 = NaN (caught by require_finite).
         tensor = tensor.view(torch.float8_e8m0fnu)
     return tensor.to(torch.float32)
 
@@ -146,7 +128,7 @@ class _Fp8Reader(QuantFormat):
 
     skip_keys: ClassVar[tuple[str, ...]] = ("modules_to_not_convert",)
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         self.skip = skip_list(qconfig, self.skip_keys)
 
@@ -197,8 +179,9 @@ class Fp8Format(_Fp8Reader):
 
     name = "fp8"
     skip_keys = ("modules_to_not_convert", "ignored_layers", "not_convert")
+    marker_suffixes = (".weight_scale_inv", ".weight_scale")
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         fmt = qconfig.get("fmt", "e4m3")
         if not isinstance(fmt, str) or fmt.lower() not in _FMT_E4M3:
@@ -311,10 +294,10 @@ class Fp8Format(_Fp8Reader):
     def decode(self, prefix: str, spec: QuantSpec, stored: dict[str, Tensor]) -> QuantWeight:
         data, scale, sname, input_scale, iname = self._layout(prefix, spec, stored)
         wname = f"{prefix}.weight"
-        check_finite(sname, scale)
-        check_fp8_codes(wname, data)
+        require_finite(sname, scale)
+        require_finite_codes(wname, data)
         if input_scale is not None and iname is not None:
-            check_finite(iname, input_scale, "input scales")
+            require_finite(iname, input_scale, "input scales")
         shape = split_lead(wname, data.shape)[1]
         return QuantWeight(spec, shape, data, scale, input_scale=input_scale).validate(wname)
 
@@ -382,8 +365,9 @@ class FbgemmFp8Format(_Fp8Reader):
     clamp semantics are UNVERIFIED, formats.md §6)."""
 
     name = "fbgemm_fp8"
+    marker_suffixes = (".weight_scale",)
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         ub = qconfig.get("activation_scale_ub", 1200.0)  # transformers' FbgemmFp8Config default
         if isinstance(ub, bool) or not isinstance(ub, (int, float)) or not math.isfinite(ub) or ub <= 0:
@@ -445,8 +429,8 @@ class FbgemmFp8Format(_Fp8Reader):
         data, scale = self._layout(prefix, stored)
         n, k = data.shape
         scale = scale.reshape(n)
-        check_finite(sname, scale)
-        check_fp8_codes(wname, data)
+        require_finite(sname, scale)
+        require_finite_codes(wname, data)
         return QuantWeight(spec, (n, k), data, scale).validate(wname)
 
 
@@ -544,9 +528,9 @@ class Fp8TensorWriter(_Fp8Writer):
         if prefix not in amax_by_prefix:
             return None
         amax = torch.as_tensor(amax_by_prefix[prefix], dtype=torch.float32).reshape(())
-        check_finite(f"act_amax[{prefix!r}]", amax, "calibration amax values")
+        require_finite(f"act_amax[{prefix!r}]", amax, "calibration amax values")
         # An input that was always zero gets scale 1: any positive scale reproduces it exactly.
-        return torch.where(amax > 0, amax / FP8_MAX["fp8_e4m3"], torch.ones_like(amax))
+        return torch.where(amax > 0, amax / weight_traits("fp8_e4m3").code_max, torch.ones_like(amax))
 
     def encode(self, prefix: str, weight: QuantWeight) -> dict[str, Tensor]:
         self._check(prefix, weight, "tensor")

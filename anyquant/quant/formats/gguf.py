@@ -10,27 +10,24 @@ parallel planning and `inspect` as every other format.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from anyquant.errors import QuantConfigError, TensorError
-from anyquant.quant.formats.base import QuantFormat, StoredNames, require_dtype
+from anyquant.quant.formats.base import HeaderIndex, QuantFormat, StoredNames, require_dtype
 from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES, BlockType, decode_rows
 from anyquant.quant.registry import register_format
 from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
 
 
 @register_format("gguf")
 class GgufFormat(QuantFormat):
     name = "gguf"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         types = qconfig.get("tensor_types")
         if not isinstance(types, dict):

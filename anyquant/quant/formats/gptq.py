@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from anyquant import __version__
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -30,14 +31,11 @@ from anyquant.quant.formats.base import (
 )
 from anyquant.quant.packing import pack_bits, packed_len, unpack_bits
 from anyquant.quant.registry import register_format, register_writer
-from anyquant.quant.spec import LayerKind, QuantSpec, WeightType
-from anyquant.quant.weight import QuantWeight
-
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
+from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight, require_finite
+from anyquant.quant.weight_types import canonical_uint
 
 _BITS = (2, 3, 4, 8)
-_WEIGHT: dict[int, WeightType] = {2: "uint2", 3: "uint3", 4: "uint4", 8: "uint8"}
 # v1 files store zero-1; GPTQModel subtracts this constant from each packed word (mod 2^32), so
 # the decoder adds it back word-level (formats.md §3.3). 3-bit is handled per field instead.
 _V1_WORD_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
@@ -233,7 +231,7 @@ def gptq_geometry(prefix: str, shapes: dict[str, tuple[int, ...]], layer: LayerC
 
 def gptq_spec(layer: LayerConfig, act_order: bool, v2: bool) -> QuantSpec:
     extra = (("format", "gptq_v2" if v2 else "gptq v1"),)
-    weight = _WEIGHT[layer.bits]
+    weight = canonical_uint(layer.bits)
     if layer.group_size == -1:
         return QuantSpec(weight, "channel", has_zero=not layer.sym, extra=extra)
     return QuantSpec(
@@ -279,8 +277,9 @@ class GptqFormat(QuantFormat):
     """Reader for GPTQ checkpoints (v1 and v2 zero points, act-order, dynamic overrides)."""
 
     name = "gptq"
+    marker_suffixes = (".qweight", ".qzeros")
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         notes: list[str] = []
         self.config = parse_gptq_config(qconfig, source, notes)
@@ -382,9 +381,7 @@ class GptqFormat(QuantFormat):
         self._check_v1_fields(prefix, t["qzeros"], b, n)
         zeros = decode_zeros(t["qzeros"], b, n, self.config.v2).T.contiguous()  # [ng, N] -> [N, ng]
         scales = t["scales"].float().T.contiguous()  # [ng, N] -> [N, ng]
-        if scales.numel() and not bool(torch.isfinite(scales).all()):
-            bad = int((~torch.isfinite(scales)).sum())
-            raise NumericsError(f"{prefix}.scales: {bad} of {scales.numel()} scales are NaN or Inf")
+        require_finite(f"{prefix}.scales", scales)
         group_index = self._group_index(prefix, t.get("g_idx"), k, spec, geo.num_groups)
         has_zero = self._has_zero(prefix, spec, zeros)
         final = replace(spec, has_zero=has_zero, act_order=group_index is not None)

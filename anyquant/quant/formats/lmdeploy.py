@@ -9,7 +9,7 @@ lmdeploy's `lite auto_awq` output (`quant_method: "awq"`) belongs to the AWQ for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from torch import Tensor
 from anyquant.errors import QuantConfigError, TensorError, UnsupportedError
 from anyquant.quant.formats.base import (
     FormatWriter,
+    HeaderIndex,
     QuantFormat,
     StoredNames,
     WriteOptions,
@@ -24,8 +25,6 @@ from anyquant.quant.formats.base import (
     require_shape,
 )
 from anyquant.quant.formats.fp8 import (
-    check_finite,
-    check_fp8_codes,
     float_scale,
     get_stored,
     note_listed_but_quantized,
@@ -34,24 +33,23 @@ from anyquant.quant.formats.fp8 import (
 )
 from anyquant.quant.registry import register_format, register_writer
 from anyquant.quant.spec import ActQuant, ActType, LayerKind, QuantSpec, WeightType
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, require_finite, require_finite_codes
+from anyquant.quant.weight_types import weight_traits
 
-if TYPE_CHECKING:  # annotation only: the loader hands each reader its checkpoint's header index
-    from anyquant.loading.checkpoint import TensorIndex
-
-# quant_dtype -> (canonical weight type, activation type, safetensors dtype, torch dtype)
-_QUANT_DTYPES: dict[str, tuple[WeightType, ActType, str, torch.dtype]] = {
-    "int8": ("int8", "int8", "I8", torch.int8),
-    "float8_e4m3fn": ("fp8_e4m3", "fp8_e4m3", "F8_E4M3", torch.float8_e4m3fn),
-    "float8_e5m2": ("fp8_e5m2", "fp8_e5m2", "F8_E5M2", torch.float8_e5m2),
+# quant_dtype -> (canonical weight type, activation type); how each is stored (safetensors and
+# torch dtype) is the weight type's (weight_types.py).
+_QUANT_DTYPES: dict[str, tuple[WeightType, ActType]] = {
+    "int8": ("int8", "int8"),
+    "float8_e4m3fn": ("fp8_e4m3", "fp8_e4m3"),
+    "float8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
 }
-_QUANT_STORAGE = tuple(v[2] for v in _QUANT_DTYPES.values())
+_QUANT_STORAGE = tuple(str(weight_traits(w).stored_dtype) for w, _ in _QUANT_DTYPES.values())
 # MoE routers lmdeploy keeps in float (formats.md §9.3).
 _ROUTER_SUFFIXES = (".mlp.gate", ".block_sparse_moe.gate", ".shared_expert_gate")
 
 
 def _spec(quant_dtype: str) -> QuantSpec:
-    weight, act, _, _ = _QUANT_DTYPES[quant_dtype]
+    weight, act = _QUANT_DTYPES[quant_dtype]
     # lmdeploy: per-token s = max(amax_row, 1e-7) / qmax, same type as the weights.
     return QuantSpec(weight, "channel", act=ActQuant(act, dynamic=True, granularity="token"))
 
@@ -63,7 +61,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
 
     name = "smooth_quant"
 
-    def __init__(self, qconfig: dict[str, Any], index: TensorIndex, source: str) -> None:
+    def __init__(self, qconfig: dict[str, Any], index: HeaderIndex, source: str) -> None:
         super().__init__(qconfig, index, source)
         quant_dtype = qconfig.get("quant_dtype")
         if quant_dtype is None:
@@ -79,7 +77,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         self.skip = skip_list(qconfig, ("modules_to_not_convert",))
 
     def describe(self) -> str:
-        weight, act, _, _ = _QUANT_DTYPES[self.quant_dtype]
+        weight, act = _QUANT_DTYPES[self.quant_dtype]
         return f"lmdeploy smooth_quant: {weight} per-channel, dynamic per-token {act} activations"
 
     def spec_for(self, prefix: str, kind: LayerKind) -> QuantSpec | None:
@@ -94,7 +92,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
                     scale_name, f"present but {weight.name} is {weight.dtype}, not a quantized dtype"
                 )
             return None
-        want_dtype = _QUANT_DTYPES[self.quant_dtype][2]
+        want_dtype = weight_traits(_QUANT_DTYPES[self.quant_dtype][0]).stored_dtype
         if weight.dtype != want_dtype:
             raise TensorError(
                 weight.name, f"dtype {weight.dtype}, but quant_dtype {self.quant_dtype!r} stores {want_dtype}"
@@ -130,7 +128,7 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         with `model`, the weight must be exactly [out, in] = model."""
         wname, sname = f"{prefix}.weight", f"{prefix}.scale"
         data = get_stored(stored, wname)
-        torch_dtype = _QUANT_DTYPES[self.quant_dtype][3]
+        torch_dtype = weight_traits(_QUANT_DTYPES[self.quant_dtype][0]).code_dtype
         if data.dtype != torch_dtype:
             raise TensorError(
                 wname, f"dtype {data.dtype}, expected {torch_dtype} for quant_dtype {self.quant_dtype!r}"
@@ -147,9 +145,9 @@ class LmdeploySmoothQuantFormat(QuantFormat):
         data, scale = self._layout(prefix, stored)
         lead, shape = split_lead(wname, data.shape)
         scale = scale.reshape(*lead, shape[0])
-        check_finite(f"{prefix}.scale", scale)
+        require_finite(f"{prefix}.scale", scale)
         if data.is_floating_point():
-            check_fp8_codes(wname, data)
+            require_finite_codes(wname, data)
         return QuantWeight(spec, shape, data, scale).validate(wname)
 
 

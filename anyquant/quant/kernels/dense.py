@@ -7,7 +7,6 @@ from torch import Tensor
 
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
 
@@ -16,16 +15,8 @@ class DenseKernel(LinearKernel):
     name = "dense"
     priority = 100
 
-    @classmethod
-    def cannot_run(
-        cls,
-        spec: QuantSpec | None,
-        kind: LayerKind,
-        device: torch.device,
-        shape: tuple[int, int],
-        compute_dtype: torch.dtype,
-    ) -> str | None:
-        return None if spec is None else "layer is quantized"
+    serves = "dense"
+    kinds = frozenset(("linear", "experts", "router", "embedding", "lm_head"))
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         if isinstance(weight, QuantWeight):

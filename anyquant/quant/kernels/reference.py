@@ -12,7 +12,6 @@ from torch import Tensor
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
 
@@ -21,20 +20,9 @@ class ReferenceKernel(LinearKernel):
     name = "reference"
     priority = 0
 
-    @classmethod
-    def cannot_run(
-        cls,
-        spec: QuantSpec | None,
-        kind: LayerKind,
-        device: torch.device,
-        shape: tuple[int, int],
-        compute_dtype: torch.dtype,
-    ) -> str | None:
-        if spec is None:
-            return "layer is unquantized (the dense kernel runs it)"
-        if kind == "embedding":
-            return "embeddings are looked up, not multiplied (dequantized at load)"
-        return None
+    # Every quantized layer on any device in any dtype, routers included; not embeddings.
+    kinds = frozenset(("linear", "experts", "lm_head", "router"))
+    empty_shapes = True
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         if not isinstance(weight, QuantWeight):

@@ -1,15 +1,15 @@
 """Shard rules on canonical weights: which rows or columns of a layer each tensor-parallel rank holds.
 
 Owns what a quantization spec needs from a split (`Partition`, in parallel/partition.py, owns the
-arithmetic of the split itself), and cutting `QuantWeight`s and dense tensors by a
-partition with exact zero padding. Knows nothing about modules or processes: the preflight plan
-decides which layer is split which way.
+arithmetic of the split itself): the group, block, act-order, zero-point and fp8-byte rules, which
+kernel a shard needs, and cutting `QuantWeight`s and dense tensors by a partition with exact zero
+padding. Knows nothing about modules, checkpoints or processes: the loader's preflight plan
+decides which layer is split which way, and the loader and `anyquant convert` call these rules.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from typing import Literal
@@ -172,6 +172,21 @@ def activation_group_map(
     return torch.where(first >= 0, first // whole, -1), -(-partition.size // whole)
 
 
+def needs_reference_kernel(style: ShardStyle, spec: QuantSpec | None) -> bool:
+    """A row shard of an act-order layer keeps, per rank, the scattered global groups its columns
+    use (`_act_order_cols`); the fast kernels need whole contiguous groups, so it runs on the
+    reference kernel."""
+    return style == "row" and spec is not None and spec.act_order
+
+
+def shard_kernel(style: ShardStyle, spec: QuantSpec | None, prefer: str | None) -> str | None:
+    """The kernel to ask for a shard holding `spec`: `prefer` when the user named one, else the
+    reference kernel where `needs_reference_kernel`, else None (the registry's choice)."""
+    if prefer is None and needs_reference_kernel(style, spec):
+        return "reference"
+    return prefer
+
+
 def _cut_error(what: str, size: int, partition: Partition) -> str:
     return (
         f"splitting {partition.size} features as {partition.describe()} cuts {what} of {size} so that "
@@ -314,24 +329,3 @@ def shard_dense(tensor: Tensor, style: ShardStyle, partition: Partition, rank: i
 def shard_vector(vector: Tensor, partition: Partition, rank: int) -> Tensor:
     """A column-parallel bias (or any per-output vector), zero-padded."""
     return _select(vector, 0, rank_index(partition, rank), 0)
-
-
-def gather_segments(
-    partition: Partition, rank: int, read: Callable[[int, int], Tensor], dim: int, like: Tensor
-) -> Tensor:
-    """Assemble this rank's slice from `read(start, stop)` reads of only the entries it holds.
-
-    `like`: a zero-size tensor with the full tensor's dtype and the other dimensions' sizes."""
-    parts = []
-    for s in partition.shards[rank]:
-        if s.length:
-            parts.append(read(s.start, s.start + s.length))
-        if s.pad:
-            shape = list(like.shape)
-            shape[dim] = s.pad
-            parts.append(torch.zeros(shape, dtype=like.dtype))
-    if not parts:
-        shape = list(like.shape)
-        shape[dim] = 0
-        return torch.zeros(shape, dtype=like.dtype)
-    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]

@@ -15,7 +15,7 @@ import logging
 import re
 import shutil
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from anyquant.loading.plan import linear_layers
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import FormatWriter, WriteOptions
-from anyquant.quant.reference import dequantize
+from anyquant.quant.quant_error import relative_error
 from anyquant.quant.registry import writer_class
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.spec import ROUTER_UNQUANTIZED
 from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ _SHARD_BYTES = 2 << 30
 # Input read through memory maps stays resident (counted in RSS) while the map is open; dropping
 # the maps this often bounds it. Reopening a file only re-reads its header.
 _MAPPED_BYTES = 128 << 20
-# Elements per block of rows when measuring the quantization error (float64 temporaries).
-_ERROR_BLOCK = 1 << 20
 # Modules the save step imports: safetensors writes through numpy (safetensors.torch.save_file).
 _SAVE_MODULES = {"safetensors.torch": "safetensors", "numpy": "numpy"}
 
@@ -206,7 +204,7 @@ def quantize_checkpoint(
         dense = ckpt.read(name)
         reason: str | None = None
         if layer.kind == "router":
-            reason = "MoE routers stay unquantized (expert selection flips on small logit errors)"
+            reason = ROUTER_UNQUANTIZED
         elif any(r.search(prefix) for r in skip_res):
             reason = "matches --skip"
         elif dense.dim() != 2:
@@ -252,41 +250,6 @@ def quantize_checkpoint(
         len(report.skipped),
     )
     return report
-
-
-def relative_error(dense: Tensor, weight: QuantWeight) -> float:
-    """||W - deq(Q(W))|| / ||W|| in float64, a block of rows at a time: the float64 temporaries
-    of a whole large layer (an LM head) would be eight times its bf16 size, three times over."""
-    n, k = weight.shape
-    step = weight.spec.block_shape[0] if weight.spec.granularity == "block" else 1
-    rows = max(step, _ERROR_BLOCK // max(k, 1) // step * step)
-    diff = total = 0.0
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        part = dense[..., start:stop, :].double()
-        deq = dequantize(_row_block(weight, start, stop), torch.float64)
-        diff += float((deq - part).square().sum())
-        total += float(part.square().sum())
-    return (diff / max(total, 1e-60)) ** 0.5
-
-
-def _row_block(weight: QuantWeight, start: int, stop: int) -> QuantWeight:
-    """Rows [start, stop) of a weight (`start` a multiple of the block height for block scales)."""
-    spec = weight.spec
-    if spec.granularity == "tensor":
-        scale, zero = weight.scale, weight.zero
-    elif spec.granularity == "block":
-        bn = spec.block_shape[0]
-        scale = weight.scale[..., start // bn : -(-stop // bn), :]
-        zero = None if weight.zero is None else weight.zero[..., start // bn : -(-stop // bn), :]
-    elif spec.granularity == "channel":
-        scale = weight.scale[..., start:stop]
-        zero = None if weight.zero is None else weight.zero[..., start:stop]
-    else:
-        scale = weight.scale[..., start:stop, :]
-        zero = None if weight.zero is None else weight.zero[..., start:stop, :]
-    data = weight.data[..., start:stop, :]
-    return replace(weight, shape=(stop - start, weight.shape[1]), data=data, scale=scale, zero=zero)
 
 
 def write_configs(
