@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "int8"],
         help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
     )
+    offline.add_argument(
+        "--activation-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: per-token int8 activations for weight-only layers (int8 dot products)",
+    )
     offline.add_argument("--json", action="store_true")
 
     serve = sub.add_parser(
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.repeats,
         args.kernel,
         lm_head_dtype=args.lm_head_dtype,
+        activation_dtype=args.activation_dtype,
     )
     bandwidth = measure_copy_bandwidth_gbs()
     limit = bandwidth * 1e9 / (result.linear_weight_mib * 2**20)

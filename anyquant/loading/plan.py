@@ -17,10 +17,11 @@ from torch import nn
 
 from anyquant.errors import TensorError
 from anyquant.layers.linear import QuantLinear
+from anyquant.loading.activations import with_activations
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 
 if TYPE_CHECKING:
     from anyquant.loading.preflight import LinearShard, TensorParallelPlan
@@ -38,6 +39,8 @@ class LayerPlan:
     shard: LinearShard | None = None  # tensor parallelism: how this rank's piece is cut; None: whole
     # Stored unquantized, quantized at load to this spec (the int8 LM head); None: as stored.
     load_as: QuantSpec | None = None
+    # Weight-only, run with activations quantized at load time (`--activation-dtype`); None: as stored.
+    act_as: ActQuant | None = None
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -50,7 +53,8 @@ class LayerPlan:
     @property
     def kernel_spec(self) -> QuantSpec | None:
         """The spec of the weight this rank's kernel receives."""
-        return self.load_as if self.load_as is not None else self.local_spec
+        spec = self.load_as if self.load_as is not None else self.local_spec
+        return with_activations(spec, self.kind, self.act_as)
 
 
 def layer_compute_dtype(kind: LayerKind, model_dtype: torch.dtype) -> torch.dtype:
@@ -73,9 +77,11 @@ def plan_layers(
     prefer_kernel: str | None = None,
     tp: TensorParallelPlan | None = None,
     lm_head_as: QuantSpec | None = None,
+    activations: ActQuant | None = None,
 ) -> list[LayerPlan]:
     """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards.
-    `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py)."""
+    `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py).
+    `activations`: quantize the activations of weight-only layers so (loading/activations.py)."""
     tied: dict[str, str] = getattr(model, "tied_weights", dict)()
     plans = []
     for layer in linear_layers(model):
@@ -107,7 +113,9 @@ def plan_layers(
                 prefer = "reference"
         if load_as is not None:
             local, prefer = load_as, prefer_kernel
-        kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)
+        with_act = with_activations(local, kind, activations)
+        act_as = activations if with_act is not local else None
+        kernel = choose_kernel(with_act, kind, device, shape, dtype, prefer=prefer)
         bias = f"{prefix}.bias" if layer.bias is not None else None
-        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard, load_as))
+        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard, load_as, act_as))
     return plans
