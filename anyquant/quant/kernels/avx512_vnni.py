@@ -59,8 +59,8 @@ def activation_reason(spec: QuantSpec) -> str | None:
     act = spec.act
     if act is None:
         return (
-            "activations are not quantized: weight-only layers run on cpu_avx512 (bf16 dot products) "
-            "unless loaded with activation_dtype='int8'"
+            "activations are not quantized (weight-only: cpu_avx512 runs it with bf16 dot products); "
+            "--activation-dtype int8 / activation_dtype='int8' runs it here with int8 activations"
         )
     if act.type != "int8":
         return f"activations are {act.type}; this kernel quantizes them to int8"
