@@ -129,6 +129,21 @@ def test_given_amax_is_used(act: ActQuant) -> None:
 
 
 @needs_kernel
+def test_non_finite_inputs_stay_visible() -> None:
+    """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
+    garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
+    spec = QuantSpec("uint4", "group", group_size=32, act=TOKEN)
+    w = weight_for(spec, 48, 96, seed=3)
+    kernel = Avx512VnniKernel((48, 96), BF16)
+    kernel.load(w)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
+    x[0, 7], x[2, 50] = float("inf"), float("nan")
+    y = kernel(x)
+    assert not y[0].isfinite().any() and not y[2].isfinite().any()
+    assert rel_err(y[1:2], float64_linear(x[1:2], w, None)) <= BUDGET[BF16]
+
+
+@needs_kernel
 def test_zero_rows_and_packed_memory() -> None:
     spec = QuantSpec("uint4", "group", group_size=32, has_zero=True, act=TOKEN)
     kernel = Avx512VnniKernel((256, 512), BF16)

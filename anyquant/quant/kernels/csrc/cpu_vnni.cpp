@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #define AQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,avx2")))
@@ -229,19 +230,24 @@ AQ_VNNI void quantize_row(const T* x, int64_t K, int64_t kp, int64_t group, doub
       xf[k] = x[k];
     }
   }
+  float mx = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(xf[k]);
+    finite = finite && a <= 3.4e38f;  // false for inf and NaN
+    mx = std::max(mx, a);
+  }
   float scale;
   if (static_scale > 0) {
     scale = static_scale;
   } else {
-    float mx = 0.0f;
-    if (amax) {
-      mx = *amax;
-    } else {
-      for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(xf[k]));
-    }
+    if (amax) mx = *amax;
     scale = std::max(mx, 1e-10f) / static_cast<float>(divisor);
   }
-  *sx = scale;
+  // A non-finite input makes the whole output row NaN (the reference's is too, except that with a
+  // static scale it clamps inf to the largest code), so the engine's non-finite checks still see
+  // an overflow upstream instead of quantized garbage.
+  *sx = finite ? scale : std::numeric_limits<float>::quiet_NaN();
   const __m512 vs = _mm512_set1_ps(scale);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {  // x / s rounded half to even (the MXCSR default), as torch.round
