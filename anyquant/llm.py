@@ -85,6 +85,7 @@ class LLM:
         chat_template: str | None = None,
         merge_projections: bool = True,
         lm_head_dtype: str = "auto",
+        activation_dtype: str = "auto",
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -104,7 +105,10 @@ class LLM:
         `merge_projections=False` keeps q/k/v and gate/up as separate kernel calls (same logits;
         for measuring what merging gains).
         `lm_head_dtype="int8"` quantizes an unquantized LM head per row at load: half its bytes per
-        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored."""
+        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored.
+        `activation_dtype="int8"` quantizes the activations of weight-only (W4A16, W8A16) layers per
+        token, so they run on int8 dot products (AVX512-VNNI); it changes results slightly
+        (benchmarks/RESULTS.md); "auto" runs every layer as its checkpoint specifies."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -119,6 +123,7 @@ class LLM:
                 tp_timeout_s,
                 merge_projections,
                 lm_head_dtype,
+                activation_dtype,
             )
             self._closer = weakref.finalize(self, self._tp.close)
             self.model: EngineModel = self._tp
@@ -130,6 +135,7 @@ class LLM:
                 kernel=kernel,
                 merge_projections=merge_projections,
                 lm_head_dtype=lm_head_dtype,
+                activation_dtype=activation_dtype,
             )
             self.model = self.loaded.model
         self.device = self.loaded.device
@@ -479,8 +485,10 @@ def _start_tensor_parallel(
     timeout_s: float | None,
     merge_projections: bool,
     lm_head_dtype: str,
+    activation_dtype: str,
 ) -> tuple[LoadedModel, Any]:
     """Check the split from headers first (a refusal needs no processes), then start the ranks."""
+    from anyquant.loading.activations import activation_quant
     from anyquant.loading.describe import check_tensor_parallel
     from anyquant.loading.lm_head import lm_head_spec
     from anyquant.parallel.state import DEFAULT_TIMEOUT_S
@@ -488,6 +496,7 @@ def _start_tensor_parallel(
     from anyquant.workers.worker import LoadRequest
 
     lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
+    activation_quant(activation_dtype)
     check_tensor_parallel(model, world)
     request = LoadRequest(
         str(Path(model).resolve()),
@@ -498,5 +507,6 @@ def _start_tensor_parallel(
         max(1, torch.get_num_threads() // world),
         merge_projections,
         lm_head_dtype,
+        activation_dtype,
     )
     return start_tensor_parallel(request, world)

@@ -1,13 +1,18 @@
 """Kernel micro-benchmark: every CPU kernel that can run a spec, against dense F.linear, per shape.
 
-For each quantization spec, layer shape and token count T it times the C++ kernel (cpu_avx512),
-the pure-torch kernel (cpu_int4 / cpu_int8_weight / cpu_fp8_dequant / cpu_w8a8_int8) and a dense
-F.linear of the same shape in the compute dtype, and prints one markdown row with µs, GB/s (bytes
-the kernel keeps: packed codes + scales + zero points; 2 bytes per weight for dense bf16), GFLOP/s
-and the error of each kernel against the reference kernel. The machine's read bandwidth is measured
-in the same run (a sum over a 256 MiB tensor), so GB/s can be read as a fraction of it.
+For each quantization spec, layer shape and token count T it times the C++ kernels (cpu_avx512;
+cpu_avx512_vnni, for weight-only specs as "(A8)": the same weights with per-token int8 activations,
+what `--activation-dtype int8` runs), the pure-torch kernel (cpu_int4 / cpu_int8_weight /
+cpu_fp8_dequant / cpu_w8a8_int8), a dense F.linear of the same shape in the compute dtype, and
+"read": the extension's plain 64-byte-load streaming read over buffers of the quantized kernel's
+size, timed by the same protocol, which is the bandwidth roofline each row's "% of read" uses. It
+prints one markdown row per engine with µs, GB/s (bytes the kernel keeps: packed codes + scales +
+zero points; 2 bytes per weight for dense bf16), GFLOP/s, speed against dense, and the error
+against the reference kernel of the spec as stored (for "(A8)" rows that includes the activations'
+quantization). `--csv` writes throughput against T per engine; `--plot` a PNG of it (needs
+matplotlib, which is not a dependency: without it the plot is skipped with a note).
 
-    python benchmarks/linear_kernels.py [--tokens 1,4,16,64,512] [--dtype bfloat16] [--threads N]
+    python benchmarks/linear_kernels.py [--tokens 1,2,3,4,16,64,512] [--dtype bfloat16] [--threads N]
 
 Every engine cycles through copies of its layer totalling more than the last-level cache, so a
 one-token call streams its weights from memory as a real decode step does (one layer's weights
@@ -21,33 +26,45 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.registry import kernel_classes
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight, num_groups
 
-# (name, out_features N, in_features K): the linear layers of Qwen2.5-0.5B (hidden 896,
-# intermediate 4864, 14 query / 2 KV heads of 64) and one Qwen3-30B-A3B expert (hidden 2048,
-# expert intermediate 768).
+# (name, out_features N, in_features K) as the engine runs them (q/k/v and gate/up merged):
+# Qwen2.5-0.5B (hidden 896, intermediate 4864, 14 query / 2 KV heads of 64, vocabulary 151936),
+# Llama-3.2-1B (hidden 2048, intermediate 8192, 32 / 8 heads of 64) and one Qwen3-30B-A3B expert
+# (hidden 2048, expert intermediate 768). The LM head runs only for int8 per-channel specs (the
+# `--lm-head-dtype int8` head), unless --layers names it.
 LAYERS = (
-    ("q/o_proj", 896, 896),
-    ("k/v_proj", 128, 896),
-    ("gate/up_proj", 4864, 896),
-    ("down_proj", 896, 4864),
-    ("expert gate/up", 768, 2048),
-    ("expert down", 2048, 768),
+    ("qwen0.5b qkv", 1152, 896),
+    ("qwen0.5b o", 896, 896),
+    ("qwen0.5b gate/up", 9728, 896),
+    ("qwen0.5b down", 896, 4864),
+    ("llama1b qkv", 3072, 2048),
+    ("llama1b gate/up", 16384, 2048),
+    ("llama1b down", 2048, 8192),
+    ("a3b expert gate/up", 1536, 2048),
+    ("a3b expert down", 2048, 768),
+    ("qwen0.5b lm_head", 151936, 896),
 )
+_HEAD = len(LAYERS) - 1
 
 SPECS = (
     QuantSpec("uint4", "group", group_size=128),
+    QuantSpec("uint4", "group", group_size=32),
+    QuantSpec("uint4", "group", group_size=64, has_zero=True),
     QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True),
     QuantSpec("uint4", "group", group_size=32, has_zero=True),
     QuantSpec("int8", "channel"),
@@ -56,6 +73,8 @@ SPECS = (
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
 )
 FAST, FALLBACKS = "cpu_avx512", ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
+VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
+INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
 
@@ -104,10 +123,21 @@ def time_us(fn: Callable[[], object], min_time: float) -> float:
 
 
 def read_bandwidth_gbs(min_time: float) -> float:
-    """GB/s of a vectorized sum over 256 MiB (read-only, all threads): the weights' ceiling."""
-    big = torch.ones(64 << 20, dtype=torch.float32)
-    us = time_us(lambda: big.sum(), max(min_time, 0.5))
-    return big.numel() * 4 / us / 1e3
+    """GB/s of the extension's streaming read over 256 MiB (torch's threads)."""
+    big = torch.ones(256 << 20, dtype=torch.uint8)
+    us = time_us(lambda: cpu_ext.ops().read_bytes(big), max(min_time, 0.5))
+    return big.numel() / us / 1e3
+
+
+class ReadBytes(nn.Module):
+    """Reads `nbytes` with 64-byte loads and nothing else: the bandwidth a kernel's bytes allow."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.register_buffer("data", torch.ones(max(256, nbytes // 256 * 256), dtype=torch.uint8))
+
+    def forward(self, x: Tensor) -> int:
+        return int(cpu_ext.ops().read_bytes(self.data))
 
 
 def rel_err(y: Tensor, ref: Tensor) -> float:
@@ -181,63 +211,123 @@ def make_cases(
     reference = build("reference", w, dtype)
     assert reference is not None
     layers: dict[str, nn.Module] = {}
-    for engine in (FAST, *FALLBACKS):
+    for engine in (FAST, VNNI, *FALLBACKS):
         kernel = build(engine, w, dtype)
         if kernel is not None:
             layers[engine] = kernel
+    if spec.act is None and (spec.is_uint or spec.weight == "int8"):
+        kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
+        if kernel is not None:
+            layers[A8] = kernel
     layers["dense"] = DenseLinear(torch.randn(n, k, generator=gen).mul(0.02).to(dtype))
     nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
+    quantized = next(e for e in nbytes if e != "dense")
+    layers["read"] = ReadBytes(nbytes[quantized])
+    nbytes["read"] = held_bytes(layers["read"])
     rotations = {engine: Rotation(layer, nbytes[engine]) for engine, layer in layers.items()}
     cases = []
     for t in tokens:
         x = torch.randn(t, k, generator=gen).to(dtype)
         ref = reference(x)
-        err = {e: rel_err(layer(x), ref) for e, layer in layers.items() if e != "dense"}
+        err = {e: rel_err(layer(x), ref) for e, layer in layers.items() if e not in ("dense", "read")}
         engines = {e: (lambda r=r, x=x: r(x)) for e, r in rotations.items()}
         cases.append(Case(spec.describe(), f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
     return cases
 
 
-def markdown(cases: list[Case], bandwidth: float) -> str:
+def markdown(cases: list[Case]) -> str:
     lines = [
-        "| spec | layer | T | engine | µs | GB/s | % of read BW | GFLOP/s | vs dense | rel. err vs ref |",
+        "| spec | layer | T | engine | µs | GB/s | % of read | GFLOP/s | vs dense | rel. err vs ref |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         n, k = c.shape
         dense_us = c.best_us["dense"]
+        read_gbs = c.nbytes["read"] / c.best_us["read"] / 1e3
         for engine, us in c.best_us.items():
+            if engine == "read" and c.tokens > 1:
+                continue
             gbs = c.nbytes[engine] / us / 1e3
-            gflops = 2 * c.tokens * n * k / us / 1e3
+            gflops = 2 * c.tokens * n * k / us / 1e3 if engine != "read" else 0
             err = f"{c.err[engine]:.1e}" if engine in c.err else "-"
             lines.append(
                 f"| {c.spec} | {c.layer} | {c.tokens} | {engine} | {us:.0f} | {gbs:.1f} | "
-                f"{100 * gbs / bandwidth:.0f} | {gflops:.0f} | {dense_us / us:.2f}x | {err} |"
+                f"{100 * gbs / read_gbs:.0f} | {gflops:.0f} | {dense_us / us:.2f}x | {err} |"
             )
     return "\n".join(lines)
 
 
+def write_csv(cases: list[Case], path: Path) -> None:
+    rows = ["spec,layer,tokens,engine,us,gbs,gflops"]
+    for c in cases:
+        n, k = c.shape
+        for engine, us in c.best_us.items():
+            gflops = 2 * c.tokens * n * k / us / 1e3
+            rows.append(
+                f"{c.spec},{c.layer},{c.tokens},{engine},{us:.1f},{c.nbytes[engine] / us / 1e3:.2f},{gflops:.1f}"
+            )
+    path.write_text("\n".join(rows) + "\n")
+
+
+def plot(cases: list[Case], path: Path) -> str:
+    """GFLOP/s against T, one panel per (spec, layer), one line per engine; or why not."""
+    try:
+        import matplotlib  # type: ignore[import-not-found]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+    except ImportError:
+        return "matplotlib is not installed: no plot (the CSV has the same numbers)"
+    panels: dict[tuple[str, str], list[Case]] = {}
+    for c in cases:
+        panels.setdefault((c.spec, c.layer), []).append(c)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
+    for ax, ((spec, layer), group) in zip(axes[:, 0], panels.items()):
+        for engine in group[0].best_us:
+            if engine == "read":
+                continue
+            ts = [c.tokens for c in group]
+            ax.plot(
+                ts,
+                [2 * c.tokens * c.shape[0] * c.shape[1] / c.best_us[engine] / 1e3 for c in group],
+                "o-",
+                label=engine,
+            )
+        ax.set(xscale="log", yscale="log", xlabel="rows of x (T)", ylabel="GFLOP/s", title=f"{spec}, {layer}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return f"plot written to {path}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="1,4,16,64,512", help="comma-separated token counts")
+    parser.add_argument("--tokens", default="1,2,3,4,16,64,512", help="comma-separated token counts")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="compute dtype")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of timing per measurement")
     parser.add_argument("--passes", type=int, default=2, help="sweeps over all cases; the best time is kept")
     parser.add_argument("--specs", default="", help="comma-separated indices into SPECS (default: all)")
     parser.add_argument("--layers", default="", help="comma-separated indices into LAYERS (default: all)")
+    parser.add_argument("--csv", type=Path, default=None, help="write throughput against T here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of GFLOP/s against T here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = _DTYPES[args.dtype]
     specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
-    layers = [LAYERS[int(i)] for i in args.layers.split(",")] if args.layers else list(LAYERS)
+    chosen = [int(i) for i in args.layers.split(",")] if args.layers else None
     cases: list[Case] = []
     with torch.inference_mode():
         bandwidth = read_bandwidth_gbs(args.min_time)
         for spec in specs:
-            for layer in layers:
+            for index, layer in enumerate(LAYERS):
+                head_spec = spec.weight == "int8" and spec.granularity == "channel"
+                if (chosen is not None and index not in chosen) or (
+                    chosen is None and index == _HEAD and not head_spec
+                ):
+                    continue
                 # One (spec, shape) at a time: its rotated copies take ~100 MB per engine.
                 group = make_cases(spec, layer, tokens, dtype)
                 # Several sweeps, keeping each cell's best: on a shared machine a busy spell then
@@ -252,9 +342,14 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, best of {args.passes} sweeps; "
-        f"read bandwidth (sum over 256 MiB) {bandwidth:.1f} GB/s\n"
+        f"streaming read over 256 MiB {bandwidth:.1f} GB/s; '% of read' is against the 'read' row "
+        "of the same case (the same bytes, the same timing)\n"
     )
-    print(markdown(cases, bandwidth))
+    print(markdown(cases))
+    if args.csv:
+        write_csv(cases, args.csv)
+    if args.plot:
+        print(plot(cases, args.plot))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,12 @@ def bench_offline(
     kernel: str | None = None,
     seed: int = 0,
     lm_head_dtype: str = "auto",
+    activation_dtype: str = "auto",
 ) -> OfflineResult:
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, kernel=kernel, lm_head_dtype=lm_head_dtype)
+    llm = LLM(
+        model, dtype=dtype, kernel=kernel, lm_head_dtype=lm_head_dtype, activation_dtype=activation_dtype
+    )
     load_s = time.perf_counter() - t0
     vocab = int(llm.loaded.config["vocab_size"])
     g = torch.Generator().manual_seed(seed)

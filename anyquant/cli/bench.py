@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "int8"],
         help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
     )
+    offline.add_argument(
+        "--activation-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: per-token int8 activations for weight-only layers (int8 dot products)",
+    )
     offline.add_argument("--json", action="store_true")
 
     serve = sub.add_parser(

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="plan an int8 LM head (quantized at load)",
     )
     parser.add_argument(
+        "--activation-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="plan int8 per-token activations for weight-only layers",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -67,6 +73,8 @@ def print_text(doc: dict[str, Any]) -> None:
         print(f"    stored: {stored}  ({_mib(g['bytes'])})")
         if g["quantized_at_load"]:
             print(f"    quantized at load: {g['quantized_at_load']['description']} (--lm-head-dtype)")
+        if g.get("activations_at_load"):
+            print(f"    activations: {g['activations_at_load']} (--activation-dtype)")
         if g["scheme"] and g["scheme"].get("extra"):
             print("    format: " + ", ".join(f"{k} {v}" for k, v in g["scheme"]["extra"].items()))
         print(f"    kernel: {g['kernel']}")
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         tp=args.tp,
         max_model_len=args.max_model_len,
         lm_head_dtype=args.lm_head_dtype,
+        activation_dtype=args.activation_dtype,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

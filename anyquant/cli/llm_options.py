@@ -19,6 +19,7 @@ LLM_FLAGS = (
     "dtype",
     "kernel",
     "lm_head_dtype",
+    "activation_dtype",
     "max_model_len",
     "max_num_seqs",
     "kv_cache_gb",

@@ -18,6 +18,7 @@ import torch
 
 from anyquant.errors import AnyquantError
 from anyquant.layers.linear import QuantLinear
+from anyquant.loading.activations import activation_quant
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.lm_head import lm_head_spec
 from anyquant.loading.loader import build_on_meta, resolve_dtype
@@ -68,6 +69,7 @@ def describe_checkpoint(
     tp: int = 1,
     max_model_len: int | None = None,
     lm_head_dtype: str = "auto",
+    activation_dtype: str = "auto",
 ) -> dict[str, Any]:
     ckpt = open_checkpoint(path)
     config = ckpt.text_config()
@@ -82,7 +84,15 @@ def describe_checkpoint(
         except AnyquantError as exc:
             tp_error = str(exc)
     plans = plan_layers(
-        ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan, lm_head_as=lm_head_spec(lm_head_dtype)
+        ckpt,
+        fmt,
+        model,
+        dev,
+        compute_dtype,
+        kernel,
+        tp=tp_plan,
+        lm_head_as=lm_head_spec(lm_head_dtype),
+        activations=activation_quant(activation_dtype),
     )
     # Every header check the loader makes: a checkpoint inspect passes is one that loads.
     check_checkpoint(ckpt, fmt, model, plans)
@@ -134,6 +144,7 @@ def describe_checkpoint(
                 else None,
                 "local_scheme": spec_json(first.local_spec),
                 "quantized_at_load": spec_json(first.load_as),
+                "activations_at_load": first.act_as.describe() if first.act_as else None,
             }
         )
     risks = []

@@ -24,6 +24,7 @@ from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import MergedLinear, QuantLinear
 from anyquant.layers.mla import MLAttention
 from anyquant.layers.moe import SparseMoE
+from anyquant.loading.activations import activation_quant, with_activations
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
@@ -121,6 +122,7 @@ def load_model(
     progress: LoadProgress | None = None,
     merge_projections: bool = True,
     lm_head_dtype: str = "auto",
+    activation_dtype: str = "auto",
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
@@ -128,7 +130,9 @@ def load_model(
     `merge_projections`: q/k/v and gate/up as one weight each where possible (loading/merge.py);
     False keeps every projection apart (same logits, more kernel calls).
     `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
-    row at load (loading/lm_head.py)."""
+    row at load (loading/lm_head.py).
+    `activation_dtype`: "auto" runs weight-only layers as stored; "int8" quantizes their
+    activations per token at run time (loading/activations.py)."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
@@ -145,7 +149,17 @@ def load_model(
             else None
         )
         head_as = lm_head_spec(lm_head_dtype)
-        plans = plan_layers(ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp, lm_head_as=head_as)
+        plans = plan_layers(
+            ckpt,
+            fmt,
+            model,
+            dev,
+            compute_dtype,
+            kernel,
+            tp=tp,
+            lm_head_as=head_as,
+            activations=activation_quant(activation_dtype),
+        )
         if head_as is not None:
             for plan in plans:
                 if plan.kind == "lm_head" and plan.spec is not None:
@@ -281,6 +295,9 @@ def _decode_linear(
         weight = ckpt.read(name) if shard is None else _read_dense_shard(ckpt, name, shard, rank)
         if plan.load_as is not None:
             weight = quantize_rows(weight, plan.load_as)
+    if plan.act_as is not None and isinstance(weight, QuantWeight):
+        spec = with_activations(weight.spec, plan.kind, plan.act_as)
+        weight = weight.with_spec(spec) if spec is not None else weight
     dtype = layer_compute_dtype(plan.kind, dtype)
     kernel_cls = plan.kernel.kernel
     if isinstance(weight, QuantWeight) and weight.spec != plan.kernel_spec:

@@ -74,7 +74,7 @@ def _refusal(
     if len(kernels) > 1:
         chosen = ", ".join(f"{n}: {p.kernel.name}" for n, p in zip(names, members))
         return f"they run on different kernels ({chosen})"
-    specs = [p.local_spec for p in members]
+    specs = [p.kernel_spec for p in members]  # with activations quantized at load, if any
     reason = spec_refusal(names, specs, [p.local_shape[0] for p in members])
     if reason is not None:
         return reason

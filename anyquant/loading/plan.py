@@ -16,12 +16,13 @@ import torch
 
 from anyquant.errors import TensorError
 from anyquant.layers.linear import QuantLinear
+from anyquant.loading.activations import with_activations
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.models.protocol import CausalLM
 from anyquant.quant.formats.base import QuantFormat, StoredNames
 from anyquant.quant.registry import KernelChoice, choose_kernel
 from anyquant.quant.shard_rules import shard_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec, layer_compute_dtype
+from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec, layer_compute_dtype
 
 if TYPE_CHECKING:
     from anyquant.loading.preflight import LinearShard, TensorParallelPlan
@@ -39,6 +40,8 @@ class LayerPlan:
     shard: LinearShard | None = None  # tensor parallelism: how this rank's piece is cut; None: whole
     # Stored unquantized, quantized at load to this spec (the int8 LM head); None: as stored.
     load_as: QuantSpec | None = None
+    # Weight-only, run with activations quantized at load time (`--activation-dtype`); None: as stored.
+    act_as: ActQuant | None = None
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -51,7 +54,8 @@ class LayerPlan:
     @property
     def kernel_spec(self) -> QuantSpec | None:
         """The spec of the weight this rank's kernel receives."""
-        return self.load_as if self.load_as is not None else self.local_spec
+        spec = self.load_as if self.load_as is not None else self.local_spec
+        return with_activations(spec, self.kind, self.act_as)
 
 
 def linear_layers(model: CausalLM) -> Iterator[QuantLinear]:
@@ -69,9 +73,11 @@ def plan_layers(
     prefer_kernel: str | None = None,
     tp: TensorParallelPlan | None = None,
     lm_head_as: QuantSpec | None = None,
+    activations: ActQuant | None = None,
 ) -> list[LayerPlan]:
     """One plan per linear layer; with `tp`, kernels are chosen for the per-rank shards.
-    `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py)."""
+    `lm_head_as`: quantize an unquantized LM head to this spec at load (loading/lm_head.py).
+    `activations`: quantize the activations of weight-only layers so (loading/activations.py)."""
     tied = model.tied_weights()
     plans = []
     for layer in linear_layers(model):
@@ -101,7 +107,9 @@ def plan_layers(
             prefer = shard_kernel(shard.style, local, prefer)
         if load_as is not None:
             local, prefer = load_as, prefer_kernel
-        kernel = choose_kernel(local, kind, device, shape, dtype, prefer=prefer)
+        with_act = with_activations(local, kind, activations)
+        act_as = activations if with_act is not local else None
+        kernel = choose_kernel(with_act, kind, device, shape, dtype, prefer=prefer)
         bias = f"{prefix}.bias" if layer.bias is not None else None
-        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard, load_as))
+        plans.append(LayerPlan(prefix, kind, layer.shape, spec, stored, kernel, bias, shard, load_as, act_as))
     return plans

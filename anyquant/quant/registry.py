@@ -37,6 +37,7 @@ _BUILTIN_MODULES = (
     "anyquant.quant.kernels.dense",
     "anyquant.quant.kernels.torch_cpu",
     "anyquant.quant.kernels.avx512",
+    "anyquant.quant.kernels.avx512_vnni",
 )
 _loaded = False
 

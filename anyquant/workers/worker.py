@@ -49,6 +49,7 @@ class LoadRequest:
     threads: int = 1
     merge_projections: bool = True
     lm_head_dtype: str = "auto"
+    activation_dtype: str = "auto"
 
 
 def device_for(request: LoadRequest, rank: int) -> str:
@@ -69,6 +70,7 @@ def load_shard(request: LoadRequest, rank: int, state: ParallelState) -> LoadedM
         parallel=state,
         merge_projections=request.merge_projections,
         lm_head_dtype=request.lm_head_dtype,
+        activation_dtype=request.activation_dtype,
     )
 
 

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.reference import dequantize
 from anyquant.utils.tiny_mllama import IMAGE, nested_name, write_tiny_mllama
 

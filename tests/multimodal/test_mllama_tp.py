@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
-from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.utils.tiny_mllama import write_tiny_mllama
 
 pytestmark = pytest.mark.slow
