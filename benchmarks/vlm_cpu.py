@@ -1,0 +1,219 @@
+"""Quantized VLMs on CPU: time to first token for one 448x448 image plus 32 text tokens, and batch-1
+decode tokens/s; anyquant (int4 GPTQ language model, unquantized vision tower) against transformers
+(the bf16 original) on the same shapes, interleaved in one process.
+
+Random-weight, reduced-depth models at real widths (built once under out/bench/vlm/):
+- Qwen2-VL: Qwen2-VL-2B's vision tower (1280 wide, 16 heads, MLP 5120, merger into 1536) with
+  `--vision-depth` of its 32 blocks, and a Qwen2-VL-2B-wide language model (1536, 12 heads / 2 KV,
+  MLP 8960) with `--text-layers` of its 28 layers; a 448x448 image is 256 tokens.
+- InternVL2.5-1B: InternViT-300M (1024 wide, 16 heads, MLP 4096, 448 tiles, pixel shuffle 0.5)
+  with `--vision-depth` of its 24 layers, and a Qwen2.5-0.5B language model (896, 14 heads / 2 KV,
+  MLP 4864) with `--text-layers` of its 24; a 448x448 image is one tile, 256 tokens.
+Vocabularies are cut to 32000 (embedding size is not what this measures).
+
+Each repetition uses a new random image, so neither side reuses an encoder output or a prefix.
+
+    python benchmarks/vlm_cpu.py [--families qwen2_vl internvl] [--reps 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OUT = Path("out/bench/vlm")
+VOCAB = 32000
+TEXT_TOKENS = 32
+DECODE = 32
+
+
+def image(seed: int) -> Any:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(448, 448, 3, generator=g) * 255).byte().numpy())
+
+
+def text_ids(seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (TEXT_TOKENS,), generator=g).tolist()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def build_qwen2_vl(out: Path, text_layers: int, vision_depth: int) -> tuple[Path, Any]:
+    import transformers
+
+    from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START, tokenizer_json
+
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=1536, intermediate_size=8960, num_hidden_layers=text_layers,
+            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
+        ),
+        vision_config=dict(depth=vision_depth, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16),
+        image_token_id=IMAGE_PAD, video_token_id=VOCAB - 1, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # never an fp32 copy (memory)
+    try:
+        model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    src = out / "qwen2_vl-bf16"
+    if not (src / "config.json").is_file():
+        model.save_pretrained(src)
+        transformers.Qwen2VLImageProcessorPil().save_pretrained(src)
+        (src / "tokenizer.json").write_text(tokenizer_json())
+    return src, model
+
+
+def build_internvl(out: Path, text_layers: int, vision_depth: int) -> tuple[Path, Any]:
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from anyquant.utils.tiny_model import byte_tokenizer_json
+    from tests.models._internvl import SPECIAL, hf_model, hf_to_original, internvl_config
+
+    config = internvl_config(
+        "qwen2", hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
+        num_hidden_layers=vision_depth, image_size=448, force_image_size=448,
+    )  # fmt: skip
+    config["llm_config"].update(
+        vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=text_layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
+    )  # fmt: skip
+    model = hf_model(config, seed=0).to(torch.bfloat16)
+    src = out / "internvl-bf16"
+    if not (src / "config.json").is_file():
+        src.mkdir(parents=True, exist_ok=True)
+        config["torch_dtype"] = config["llm_config"]["torch_dtype"] = "bfloat16"
+        (src / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(hf_to_original(state, config), str(src / "model.safetensors"))
+        tok = Tokenizer.from_str(byte_tokenizer_json())
+        tok.add_special_tokens(SPECIAL)
+        (src / "tokenizer.json").write_text(tok.to_str())
+        (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return src, model
+
+
+def quantized(src: Path, skip: list[str]) -> Path:
+    from anyquant.quant.formats.base import WriteOptions
+    from anyquant.quant.quantize import quantize_checkpoint
+
+    dst = src.with_name(src.name.replace("-bf16", "-gptq-int4"))
+    if not (dst / "config.json").is_file():
+        quantize_checkpoint(src, dst, "gptq", WriteOptions(bits=4, group_size=128, sym=True), skip=skip)
+    return dst
+
+
+# -- one measurement each -------------------------------------------------------------------------
+def anyquant_run(llm: Any, prompt_ids: list[int], seed: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s over DECODE more tokens)."""
+    from anyquant import SamplingParams
+
+    def run(tokens: int, s: int) -> float:
+        request = {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": image(s)}}
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate([request], params)
+        return time.perf_counter() - t0
+
+    ttft = run(1, seed)
+    total = run(1 + DECODE, seed + 1000)
+    return ttft, DECODE / max(total - ttft, 1e-9)
+
+
+def transformers_run(family: str, model: Any, src: Path, seed: int) -> tuple[float, float]:
+    def inputs(s: int) -> dict[str, Any]:
+        if family == "qwen2_vl":
+            import transformers
+
+            from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START
+
+            proc = transformers.Qwen2VLImageProcessorPil.from_pretrained(src)
+            feats = proc([image(s)], return_tensors="pt")
+            n = int(feats["image_grid_thw"].prod()) // 4
+            ids = torch.tensor([[VISION_START, *[IMAGE_PAD] * n, VISION_END, *text_ids(s)]])
+            kinds = (ids == IMAGE_PAD).long()
+            return {"input_ids": ids, "mm_token_type_ids": kinds, **feats}
+        from anyquant.models.internvl_image import pixel_values
+        from tests.models._internvl import IMG_CONTEXT_ID
+
+        pixels = pixel_values(image(s), 448, 1, 12, True).to(torch.bfloat16)
+        ids = torch.tensor([[259, *[IMG_CONTEXT_ID] * (256 * pixels.shape[0]), 260, *text_ids(s)]])
+        return {"input_ids": ids, "pixel_values": pixels}
+
+    def run(tokens: int, s: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs(s), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return time.perf_counter() - t0
+
+    ttft = run(1, seed)
+    total = run(1 + DECODE, seed + 1000)
+    return ttft, DECODE / max(total - ttft, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--families", nargs="+", default=["qwen2_vl", "internvl"])
+    parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument("--vision-depth", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from anyquant import LLM
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = []
+    for family in args.families:
+        build = build_qwen2_vl if family == "qwen2_vl" else build_internvl
+        src, hf = build(OUT, args.text_layers, args.vision_depth)
+        path = quantized(src, skip=["visual"] if family == "qwen2_vl" else ["vision_model", "mlp1"])
+        llm = LLM(path, dtype="bfloat16")
+        if family == "qwen2_vl":
+            from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START
+
+            marker = [VISION_START, IMAGE_PAD, VISION_END]
+        else:
+            from tests.models._internvl import IMG_CONTEXT_ID
+
+            marker = [IMG_CONTEXT_ID]  # anyquant expands it to the tiles' tokens inside <img>...</img>
+        anyquant_run(llm, marker + text_ids(0), 99)  # warm-up (kernel repacking, allocators)
+        transformers_run(family, hf, src, 99)
+        ours, theirs = [], []
+        for rep in range(args.reps):  # interleaved
+            ours.append(anyquant_run(llm, marker + text_ids(rep), rep))
+            theirs.append(transformers_run(family, hf, src, rep))
+        row = {
+            "family": family,
+            "text_layers": args.text_layers,
+            "vision_depth": args.vision_depth,
+            "threads": args.threads,
+            "anyquant_int4": {
+                "ttft_s": statistics.median(t for t, _ in ours),
+                "decode_tok_s": statistics.median(d for _, d in ours),
+            },
+            "transformers_bf16": {
+                "ttft_s": statistics.median(t for t, _ in theirs),
+                "decode_tok_s": statistics.median(d for _, d in theirs),
+            },
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del llm, hf
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Quantized vision-language checkpoints written by the real tools (llm-compressor, GPT-QModel,
+AutoAWQ), against the logits their own loaders compute on prompts with 0, 1 and 2 images.
+
+The fixtures are committed under tests/fixtures/third_party_vlm (its README gives the tool, the
+recipe and the reference loader of each); tests/fixtures/generate made them. The images are stored
+as pixels and preprocessed by anyquant; the placeholder expansion is checked against the ids
+transformers' processor produced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anyquant import LLM, SamplingParams
+from anyquant.loading.describe import describe_checkpoint
+
+pytestmark = pytest.mark.slow
+Image = pytest.importorskip("PIL.Image")
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "third_party_vlm"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.safetensors").is_file())
+PROMPTS = 3  # 0, 1 and 2 images
+# The MoE fixtures' policy (tests/loading/test_third_party_moe.py): the reference runs the tool's
+# loader, anyquant its own kernels; both compute in fp32.
+REL_L2 = 2e-2
+ARGMAX_AGREE = 0.98
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def images(ref: dict[str, torch.Tensor], i: int) -> list[Any]:
+    out, k = [], 0
+    while f"image_{i}_{k}" in ref:
+        out.append(Image.fromarray(ref[f"image_{i}_{k}"].numpy()))
+        k += 1
+    return out
+
+
+def mm_data(ref: dict[str, torch.Tensor], i: int) -> dict[str, Any] | None:
+    ims = images(ref, i)
+    return {"image": ims} if ims else None
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fixture(request: pytest.FixtureRequest) -> tuple[str, LLM, dict[str, torch.Tensor]]:
+    name = request.param
+    ref = load_file(str(FIXTURES / name / "reference.safetensors"))
+    return name, LLM(FIXTURES / name, dtype="float32"), ref
+
+
+def test_fixtures_are_present_and_documented() -> None:
+    assert len(NAMES) >= 9, NAMES
+    readme = (FIXTURES / "README.md").read_text()
+    for name in NAMES:
+        assert f"`{name}`" in readme, name
+        report = json.loads((FIXTURES / name / "reference.json").read_text())
+        assert report["checkpoint"] == name and report["compute_dtype"] == "float32"
+
+
+def test_placeholders_expand_as_the_reference_processor_did(
+    fixture: tuple[str, LLM, dict[str, torch.Tensor]],
+) -> None:
+    _, llm, ref = fixture
+    for i in range(PROMPTS):
+        ids, _ = llm.prepare_multimodal(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+        assert ids == ref[f"ids_{i}"].tolist(), i
+
+
+def test_logits_and_greedy_tokens_reproduce_reference(
+    fixture: tuple[str, LLM, dict[str, torch.Tensor]],
+) -> None:
+    name, llm, ref = fixture
+    for i in range(PROMPTS):
+        ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+        theirs = ref[f"logits_{i}"]
+        assert ours.shape == theirs.shape, (name, i, ours.shape, theirs.shape)
+        assert rel_l2(ours, theirs) <= REL_L2, (name, i, rel_l2(ours, theirs))
+        agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+        assert agree >= ARGMAX_AGREE, (name, i, agree)
+    report = json.loads((FIXTURES / name / "reference.json").read_text())
+    index = report["greedy"]["prompt_index"]
+    tokens = ref["greedy_tokens"].tolist()
+    prompt = {"prompt_token_ids": ref[f"prompt_{index}"].tolist(), "multi_modal_data": mm_data(ref, index)}
+    # The reference never picks image/video placeholder ids (transformers would read them as image rows).
+    banned = {t: -1e9 for t in report["greedy"]["banned_token_ids"]}
+    params = SamplingParams(max_tokens=len(tokens), temperature=0.0, ignore_eos=True, logit_bias=banned)
+    assert llm.generate([prompt], params)[0].token_ids == tokens
+
+
+ACTIVATION_QUANTIZED = [
+    n for n in NAMES if "wonly_logits_0" in load_file(str(FIXTURES / n / "reference.safetensors"))
+]
+
+
+@pytest.mark.parametrize("name", ACTIVATION_QUANTIZED)
+def test_activation_quantization_is_applied(name: str) -> None:
+    """Activation-quantized fixtures: our logits are much nearer the reference than the reference's
+    own weight-only run is (a path that skipped activation quantization would not be)."""
+    ref = load_file(str(FIXTURES / name / "reference.safetensors"))
+    llm = LLM(FIXTURES / name, dtype="float32")
+    for i in range(PROMPTS):
+        ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+        gap = rel_l2(ref[f"wonly_logits_{i}"], ref[f"logits_{i}"])
+        assert rel_l2(ours, ref[f"logits_{i}"]) < gap / 4, (name, i, rel_l2(ours, ref[f"logits_{i}"]), gap)
+
+
+def test_inspect_shows_the_vision_tower_unquantized(
+    fixture: tuple[str, LLM, dict[str, torch.Tensor]],
+) -> None:
+    name, llm, _ = fixture
+    vision = describe_checkpoint(FIXTURES / name)["vision"]
+    assert vision["linear_layers"] > 0 and vision["quantized_layers"] == 0, vision
+    quantized = {p.prefix for p in llm.loaded.plans if p.spec is not None}
+    assert quantized and all("visual" not in p for p in quantized), sorted(quantized)
+
+
+def test_tp2_pads_the_mlp_and_reproduces_the_reference() -> None:
+    """GPT-QModel's group-64 Qwen2-VL at tensor parallel 2: its 192-wide MLP is 1.5 groups per rank,
+    zero-padded exactly; logits with images and greedy tokens equal the reference as at TP 1."""
+    name = "qwen2vl-gptq-4bit-g64-sym-gptqmodel"
+    path = FIXTURES / name
+    padding = describe_checkpoint(path, tp=2)["tensor_parallel"]["padding"]
+    assert any(p["pattern"].endswith("layers.*.mlp") and sum(p["padding_per_rank"]) for p in padding), padding
+    ref = load_file(str(path / "reference.safetensors"))
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        for i in range(PROMPTS):
+            ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+            assert rel_l2(ours, ref[f"logits_{i}"]) <= 1e-5, (i, rel_l2(ours, ref[f"logits_{i}"]))
