@@ -17,8 +17,9 @@ from torch import Tensor
 
 from anyquant.errors import TensorError
 from anyquant.loading.checkpoint import Checkpoint, QuantConfigSource, TensorIndex, TensorInfo
-from anyquant.loading.gguf_file import GgufFile
-from anyquant.loading.gguf_layout import MappedTensor, build_layout, rotate_half_rows
+from anyquant.loading.gguf_deepseek import deepseek_layout, join_kv_b
+from anyquant.loading.gguf_file import GgufFile, GgufTensor
+from anyquant.loading.gguf_layout import MappedTensor, architecture, build_layout, rotate_half_rows
 from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES, FLOAT_TYPES, decode_rows
 
 _SAFETENSORS_NAME = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -31,7 +32,7 @@ class GgufCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.gguf = GgufFile(path)
         self.path = self.gguf.path
-        layout = build_layout(self.gguf)
+        layout = (deepseek_layout if architecture(self.gguf) == "deepseek2" else build_layout)(self.gguf)
         self.config = layout.config
         self._mapped = layout.tensors
         self.files = [p.name for p in self.gguf.parts]
@@ -42,6 +43,8 @@ class GgufCheckpoint(Checkpoint):
     def _info(self, m: MappedTensor) -> TensorInfo:
         t = m.gguf
         nbytes, begin = t.nbytes, t.offset
+        if m.mla_values is not None:  # two stored tensors, joined in float32 when read
+            return TensorInfo(m.name, t.file.name, "F32", m.shape, (begin, begin + nbytes))
         if m.expert is not None:  # one expert's slice of a stacked tensor
             nbytes //= t.shape[0]
             begin += m.expert * nbytes
@@ -85,6 +88,8 @@ class GgufCheckpoint(Checkpoint):
         info = self.index.info(name)
         m = self._mapped[name]
         t = m.gguf
+        if m.mla_values is not None:
+            return join_kv_b(_float32(name, t), _float32(name, m.mla_values))
         try:
             data = torch.from_numpy((t.data if m.expert is None else t.data[m.expert]).copy())
         except Exception as exc:  # the mapping fails on I/O errors of the underlying file
@@ -109,6 +114,19 @@ class GgufCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _float32(name: str, t: GgufTensor) -> Tensor:
+    """One stored tensor of any type as float32 in its PyTorch shape."""
+    try:
+        data = torch.from_numpy(t.data.copy())
+    except Exception as exc:
+        raise TensorError(name, f"cannot read {t.name}: {exc}", file=str(t.file)) from exc
+    if t.ggml_type in BLOCK_TYPES:
+        return _dequantize(t.ggml_type, data.view(torch.uint8), t.shape)
+    if t.ggml_type == "BF16":
+        data = data.view(torch.bfloat16)
+    return data.float().reshape(t.shape)
 
 
 def _rows(shape: tuple[int, ...]) -> int:

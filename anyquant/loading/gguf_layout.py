@@ -27,6 +27,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    # DeepSeek-V2 / V3 latent attention: laid out by gguf_deepseek.py (V3 when routed by sigmoid).
+    "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
 }
 _MOE = frozenset(("qwen2moe", "qwen3moe"))
 
@@ -76,10 +78,17 @@ class MappedTensor:
     linear: bool  # a linear layer's weight (quantized blocks stay quantized)
     interleaved_heads: int = 0  # Llama q/k: rows to restore to rotate_half order, in this many heads
     expert: int | None = None  # one expert's [out, in] slice of a stacked [experts, out, in] tensor
+    # DeepSeek MLA's kv_b_proj, split by llama.cpp's converter: `gguf` is attn_k_b (W_UK transposed
+    # per head, [heads, kv_lora_rank, nope]) and this is attn_v_b ([heads, v, kv_lora_rank]);
+    # read as the float32 [heads * (nope + v), kv_lora_rank] transformers stores (gguf_deepseek.py).
+    mla_values: GgufTensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The transformers shape (a router vector stored 1-D by llama.cpp becomes [1, in])."""
+        if self.mla_values is not None:
+            heads, rank, nope = self.gguf.shape
+            return (heads * (nope + self.mla_values.shape[1]), rank)
         shape = self.gguf.shape if self.expert is None else self.gguf.shape[1:]
         return (1, *shape) if self.linear and len(shape) == 1 else shape
 
@@ -183,13 +192,15 @@ def _rope(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, A
         return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
     if kind == "yarn":
         original = _require(file, f"{arch}.rope.scaling.original_context_length", int)
-        return {
-            "rope_scaling": {
-                "rope_type": "yarn",
-                "factor": factor,
-                "original_max_position_embeddings": original,
-            }
+        scaling: dict[str, Any] = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
         }
+        for key in ("beta_fast", "beta_slow"):
+            if file.get(f"{arch}.rope.scaling.yarn_{key}") is not None:
+                scaling[key] = _as_float(file, f"{arch}.rope.scaling.yarn_{key}", 0.0)
+        return {"rope_scaling": scaling}
     raise UnsupportedError(f"{file.path}: metadata {arch}.rope.scaling.type = {kind!r} is not supported")
 
 
@@ -207,7 +218,7 @@ def _torch_dtype(types: set[str]) -> str:
 def build_layout(file: GgufFile) -> GgufLayout:
     arch = architecture(file)
     hf_arch, model_type = ARCHITECTURES[arch]
-    tensors = _map_tensors(file, arch)
+    tensors = map_tensors(file, arch)
     hidden = _require(file, f"{arch}.embedding_length", int)
     heads = _require(file, f"{arch}.attention.head_count", int)
     kv_heads = _optional(file, f"{arch}.attention.head_count_kv", int, heads)
@@ -246,6 +257,12 @@ def build_layout(file: GgufFile) -> GgufLayout:
         **_rope(file, arch, head_dim, theta),
         **(_moe(file, arch) if arch in _MOE else {}),
     }
+    config.update(special_token_config(file))
+    return GgufLayout(config, tensors)
+
+
+def special_token_config(file: GgufFile) -> dict[str, Any]:
+    config: dict[str, Any] = {}
     bos = file.get("tokenizer.ggml.bos_token_id")
     if isinstance(bos, int):
         config["bos_token_id"] = bos
@@ -254,7 +271,7 @@ def build_layout(file: GgufFile) -> GgufLayout:
     ends = list(dict.fromkeys(e for e in ends if isinstance(e, int)))
     if ends:
         config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
-    return GgufLayout(config, tensors)
+    return config
 
 
 def _moe(file: GgufFile, arch: str) -> dict[str, Any]:
@@ -275,7 +292,15 @@ def _moe(file: GgufFile, arch: str) -> dict[str, Any]:
     return config
 
 
-def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
+def map_tensors(
+    file: GgufFile,
+    arch: str,
+    layer_names: dict[str, str] = _LAYER_NAMES,
+    linear_roles: frozenset[str] = _LINEAR,
+    num_layers: int | None = None,
+) -> dict[str, MappedTensor]:
+    """GGUF tensors under transformers names; `num_layers`: blocks from there on are skipped
+    (DeepSeek's multi-token-prediction blocks serve only speculative decoding)."""
     heads = file.get(f"{arch}.attention.head_count")
     kv_heads = file.get(f"{arch}.attention.head_count_kv", heads)
     out: dict[str, MappedTensor] = {}
@@ -286,10 +311,12 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
             out[_GLOBAL_NAMES[name]] = MappedTensor(t, _GLOBAL_NAMES[name], linear=name == "output.weight")
             continue
         match = _BLOCK.match(name)
+        if match is not None and num_layers is not None and int(match[1]) >= num_layers:
+            continue
         if match is not None and match[2] in _EXPERT_NAMES:
             _map_experts(file, t, int(match[1]), _EXPERT_NAMES[match[2]], out)
             continue
-        part = match and _LAYER_NAMES.get(match[2])
+        part = match and layer_names.get(match[2])
         if match is None or not part:
             raise UnsupportedError(
                 f"{file.path}: tensor {name!r} has no place in a {arch} model (unknown GGUF tensor name)"
@@ -300,7 +327,7 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
             interleaved = int(heads if role == "attn_q" else kv_heads)
         hf = f"model.layers.{layer}.{part}.{kind}"
         out[hf] = MappedTensor(
-            t, hf, linear=role in _LINEAR and kind == "weight", interleaved_heads=interleaved
+            t, hf, linear=role in linear_roles and kind == "weight", interleaved_heads=interleaved
         )
     embed = out.get("model.embed_tokens.weight")
     if "lm_head.weight" not in out and embed is not None:
