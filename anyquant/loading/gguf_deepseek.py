@@ -88,9 +88,7 @@ def deepseek_layout(file: GgufFile) -> GgufLayout:
 def _attention(file: GgufFile, tensors: dict[str, MappedTensor]) -> dict[str, Any]:
     heads = _require(file, f"{ARCH}.attention.head_count", int)
     rope = _require(file, f"{ARCH}.rope.dimension_count", int)
-    split = "model.layers.0.self_attn.k_b_proj.weight" in tensors or any(
-        m.mla_values is not None for m in tensors.values()
-    )
+    split = any(m.join is not None for m in tensors.values())
     if file.get(f"{ARCH}.attention.key_length_mla") is not None:
         key = _require(file, f"{ARCH}.attention.key_length_mla", int)
         value = _require(file, f"{ARCH}.attention.value_length_mla", int)
@@ -184,7 +182,7 @@ def _moe(file: GgufFile) -> dict[str, Any]:
 
 
 def _join_kv_b(file: GgufFile, tensors: dict[str, MappedTensor], prefix: str) -> None:
-    """attn_k_b + attn_v_b -> one kv_b_proj entry read by `join_kv_b`; the selection bias gets
+    """attn_k_b + attn_v_b -> one kv_b_proj entry, joined when read; the selection bias gets
     its transformers name."""
     bias = tensors.pop(f"{prefix}.mlp.gate.e_score_correction.bias", None)
     if bias is not None:
@@ -205,10 +203,18 @@ def _join_kv_b(file: GgufFile, tensors: dict[str, MappedTensor], prefix: str) ->
     name = f"{prefix}.self_attn.kv_b_proj.weight"
     if name in tensors:
         raise CheckpointError(f"{file.path}: {prefix}: both attn_kv_b and attn_k_b / attn_v_b")
-    tensors[name] = MappedTensor(k_b.gguf, name, linear=False, mla_values=v_b.gguf)
+    heads, rank, nope = ks
+    tensors[name] = MappedTensor(
+        k_b.gguf,
+        name,
+        False,
+        joined=(v_b.gguf,),
+        join=_join_kv_b_parts,
+        joined_shape=(heads * (nope + vs[1]), rank),
+    )
 
 
-def join_kv_b(k_b: Tensor, v_b: Tensor) -> Tensor:
+def _join_kv_b_parts(parts: list[Tensor]) -> Tensor:
     """W_UK^T [H, r, nope] and W_UV [H, v, r] (float) -> kv_b_proj's [H * (nope + v), r]."""
-    rank = k_b.shape[1]
-    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, rank).contiguous()
+    k_b, v_b = parts
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, k_b.shape[1]).contiguous()

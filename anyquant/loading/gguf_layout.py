@@ -11,6 +11,7 @@ transformers'. Architectures by `general.architecture`; anything else is an erro
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    # Qwen2-VL / Qwen2.5-VL's language model: alone, a Qwen2 (text positions turn M-RoPE's three
+    # sections alike, so it is plain RoPE); with its vision projector, see gguf_mmproj.py.
+    "qwen2vl": ("Qwen2ForCausalLM", "qwen2"),
     # DeepSeek-V2 / V3 latent attention: laid out by gguf_deepseek.py (V3 when routed by sigmoid).
     "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
 }
@@ -78,17 +82,18 @@ class MappedTensor:
     linear: bool  # a linear layer's weight (quantized blocks stay quantized)
     interleaved_heads: int = 0  # Llama q/k: rows to restore to rotate_half order, in this many heads
     expert: int | None = None  # one expert's [out, in] slice of a stacked [experts, out, in] tensor
-    # DeepSeek MLA's kv_b_proj, split by llama.cpp's converter: `gguf` is attn_k_b (W_UK transposed
-    # per head, [heads, kv_lora_rank, nope]) and this is attn_v_b ([heads, v, kv_lora_rank]);
-    # read as the float32 [heads * (nope + v), kv_lora_rank] transformers stores (gguf_deepseek.py).
-    mla_values: GgufTensor | None = None
+    # One transformers tensor that llama.cpp's converter split into several (DeepSeek's kv_b_proj,
+    # a vision tower's qkv and temporal patch kernels): read as `join([gguf, *joined])` of the
+    # parts in float32, in shape `joined_shape`.
+    joined: tuple[GgufTensor, ...] = ()
+    join: Callable[[list[Tensor]], Tensor] | None = None
+    joined_shape: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The transformers shape (a router vector stored 1-D by llama.cpp becomes [1, in])."""
-        if self.mla_values is not None:
-            heads, rank, nope = self.gguf.shape
-            return (heads * (nope + self.mla_values.shape[1]), rank)
+        if self.join is not None:
+            return self.joined_shape
         shape = self.gguf.shape if self.expert is None else self.gguf.shape[1:]
         return (1, *shape) if self.linear and len(shape) == 1 else shape
 
@@ -206,13 +211,11 @@ def _rope(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, A
 
 def _torch_dtype(types: set[str]) -> str:
     """The compute dtype `auto` picks: float32 for float32 files (stories-size models, tests),
-    bfloat16 for bf16 files and quantized ones (the fast CPU kernels' vector path), float32 for
-    fp16 files (fp16 weights do not round-trip through bfloat16)."""
-    if types <= {"F32"}:
-        return "float32"
-    if types <= {"F32", "F16"}:
-        return "float32"
-    return "bfloat16"
+    bfloat16 for everything else: quantized files (the fast CPU kernels' vector path), BF16 files,
+    and F16 files, which llama.cpp's converter usually writes from a bfloat16 model, so that their
+    values are bfloat16 values exactly (GgufCheckpoint warns about any that are not; dtype=float32
+    keeps them as they are, at twice the memory and half the speed)."""
+    return "float32" if types <= {"F32"} else "bfloat16"
 
 
 def build_layout(file: GgufFile) -> GgufLayout:
