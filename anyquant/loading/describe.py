@@ -52,9 +52,11 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     return out
 
 
-def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
+def check_tensor_parallel(
+    path: str | Path, world: int, mmproj: str | Path | None = None
+) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, mmproj)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
     return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
 

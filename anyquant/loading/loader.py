@@ -118,6 +118,7 @@ def load_model(
     progress: LoadProgress | None = None,
     merge_projections: bool = True,
     lm_head_dtype: str = "auto",
+    mmproj: str | Path | None = None,
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
@@ -125,13 +126,14 @@ def load_model(
     `merge_projections`: q/k/v and gate/up as one weight each where possible (loading/merge.py);
     False keeps every projection apart (same logits, more kernel calls).
     `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
-    row at load (loading/lm_head.py)."""
+    row at load (loading/lm_head.py).
+    `mmproj`: llama.cpp's vision projector for a GGUF language model (loading/gguf_mmproj.py)."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
         progress = LoadProgress(str(path), show_bar=None if parallel.rank == 0 else False)
     with progress.phase("reading"):
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, mmproj)
         config = ckpt.text_config()
         fmt = detect_format(ckpt)
         compute_dtype = resolve_dtype(dtype, config, dev)
