@@ -112,7 +112,9 @@ def test_gguf_to_gguf_keeps_llamacpp_blocks(kind: str, tmp_path: Path) -> None:
         assert np.array_equal(want.view(np.uint32), got.view(np.uint32)), name
     assert same >= 1
     ids = PROMPT
-    assert (LLM(str(src), dtype="float32").logits(ids) - LLM(str(out), dtype="float32").logits(ids)).abs().max() == 0
+    assert (
+        LLM(str(src), dtype="float32").logits(ids) - LLM(str(out), dtype="float32").logits(ids)
+    ).abs().max() == 0
 
 
 def test_asymmetric_4bit_groups_of_128_fit_a_5bit_type_exactly(tmp_path: Path) -> None:
