@@ -116,3 +116,42 @@ def test_latent_cache_and_decode_equal_prefill() -> None:
     seq = SequenceCache(llm.model, len(PROMPT), torch.float32)
     steps = torch.stack([seq.forward([tok], pos)[0] for pos, tok in enumerate(PROMPT)])
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+
+
+def _rewrite(src: Path, dst: Path, set_keys: dict[str, int], drop_tensors: set[str] = frozenset()) -> Path:
+    """A copy of a fixture with some uint32 metadata set and some tensors left out."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, "deepseek2")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in set_keys:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for key, value in set_keys.items():
+        writer.add_uint32(key, value)
+    for t in reader.tensors:
+        if t.name not in drop_tensors:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_bad_deepseek_files_name_the_problem(tmp_path: Path) -> None:
+    from anyquant.errors import AnyquantError
+
+    src = _path("deepseek2-lite", "Q8_0")
+    cases = [
+        ({"deepseek2.expert_gating_func": 3}, set(), "expert_gating_func = 3"),
+        ({"deepseek2.attention.q_lora_rank": 16}, set(), "q_lora_rank = 16 but attn_q_a tensors are missing"),
+        ({}, {"blk.1.attn_v_b.weight"}, "attn_k_b and attn_v_b come in pairs"),
+    ]
+    for i, (keys, dropped, message) in enumerate(cases):
+        bad = _rewrite(src, tmp_path / f"bad{i}.gguf", keys, dropped)
+        with pytest.raises(AnyquantError, match=message):
+            GgufCheckpoint(bad)
