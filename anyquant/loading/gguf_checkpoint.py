@@ -139,7 +139,7 @@ class GgufCheckpoint(Checkpoint):
         return data.reshape(shape)
 
     def _check_bfloat16_exact(self, name: str, data: Tensor) -> None:
-        """`auto` runs F16 files in bfloat16 (gguf_layout._torch_dtype): say so, once per file,
+        """`auto` runs F16 files in bfloat16 (gguf_layout.auto_dtype): say so, once per file,
         where an F16 value is not a bfloat16 value (it is then rounded, unless dtype=float32)."""
         if self._warned_f16:
             return

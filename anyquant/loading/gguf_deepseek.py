@@ -24,17 +24,17 @@ from torch import Tensor
 from anyquant.errors import CheckpointError, UnsupportedError
 from anyquant.loading.gguf_file import GgufFile
 from anyquant.loading.gguf_layout import (
-    _EXPERT_NAMES,
-    _LAYER_NAMES,
-    _LINEAR,
+    EXPERT_NAMES,
+    LAYER_NAMES,
+    LINEAR_ROLES,
     GgufLayout,
     MappedTensor,
-    _as_float,
-    _optional,
-    _require,
-    _rope,
-    _torch_dtype,
+    auto_dtype,
+    float_key,
     map_tensors,
+    optional_key,
+    require_key,
+    rope_config,
     special_token_config,
 )
 
@@ -55,13 +55,15 @@ _MLA_NAMES = {
     "ffn_down_shexp": "mlp.shared_experts.down_proj",
     "exp_probs_b": "mlp.gate.e_score_correction",  # DeepSeek-V3's selection bias (renamed below)
 }
-_LINEAR_ROLES = frozenset((*_LINEAR, "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", *_EXPERT_NAMES))
+_DEEPSEEK_LINEAR = frozenset(
+    (*LINEAR_ROLES, "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", *EXPERT_NAMES)
+)
 _GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE
 
 
 def deepseek_layout(file: GgufFile) -> GgufLayout:
-    layers = _require(file, f"{ARCH}.block_count", int)
-    tensors = map_tensors(file, ARCH, {**_LAYER_NAMES, **_MLA_NAMES}, _LINEAR_ROLES, num_layers=layers)
+    layers = require_key(file, f"{ARCH}.block_count", int)
+    tensors = map_tensors(file, ARCH, {**LAYER_NAMES, **_MLA_NAMES}, _DEEPSEEK_LINEAR, num_layers=layers)
     for i in range(layers):
         _join_kv_b(file, tensors, f"model.layers.{i}")
     embed = tensors.get("model.embed_tokens.weight")
@@ -70,58 +72,58 @@ def deepseek_layout(file: GgufFile) -> GgufLayout:
     config = {
         **_attention(file, tensors),
         **_moe(file),
-        "hidden_size": _require(file, f"{ARCH}.embedding_length", int),
-        "intermediate_size": _optional(file, f"{ARCH}.feed_forward_length", int, 0),
+        "hidden_size": require_key(file, f"{ARCH}.embedding_length", int),
+        "intermediate_size": optional_key(file, f"{ARCH}.feed_forward_length", int, 0),
         "num_hidden_layers": layers,
         "vocab_size": embed.gguf.shape[0],
-        "max_position_embeddings": _optional(file, f"{ARCH}.context_length", int, 2048),
-        "rms_norm_eps": _as_float(file, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": optional_key(file, f"{ARCH}.context_length", int, 2048),
+        "rms_norm_eps": float_key(file, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6),
         "tie_word_embeddings": False,  # a missing output.weight is aliased to the embedding
         "attention_bias": False,
         "hidden_act": "silu",
-        "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
+        "torch_dtype": auto_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
         **special_token_config(file),
     }
     return GgufLayout(config, tensors)
 
 
 def _attention(file: GgufFile, tensors: dict[str, MappedTensor]) -> dict[str, Any]:
-    heads = _require(file, f"{ARCH}.attention.head_count", int)
-    rope = _require(file, f"{ARCH}.rope.dimension_count", int)
+    heads = require_key(file, f"{ARCH}.attention.head_count", int)
+    rope = require_key(file, f"{ARCH}.rope.dimension_count", int)
     split = any(m.join is not None for m in tensors.values())
     if file.get(f"{ARCH}.attention.key_length_mla") is not None:
-        key = _require(file, f"{ARCH}.attention.key_length_mla", int)
-        value = _require(file, f"{ARCH}.attention.value_length_mla", int)
+        key = require_key(file, f"{ARCH}.attention.key_length_mla", int)
+        value = require_key(file, f"{ARCH}.attention.value_length_mla", int)
     else:  # written before the kv_b split: key/value lengths are the expanded per-head widths
         if split:
             raise CheckpointError(
                 f"{file.path}: attn_k_b / attn_v_b tensors but no {ARCH}.attention.key_length_mla"
             )
-        key = _require(file, f"{ARCH}.attention.key_length", int)
-        value = _require(file, f"{ARCH}.attention.value_length", int)
+        key = require_key(file, f"{ARCH}.attention.key_length", int)
+        value = require_key(file, f"{ARCH}.attention.value_length", int)
     if key <= rope:
         raise CheckpointError(
             f"{file.path}: key length {key} leaves no room beside {ARCH}.rope.dimension_count = {rope}"
         )
     # llama.cpp reads a missing q_lora_rank as 0 (a full-rank attn_q, as in DeepSeek-V2-Lite).
-    q_lora = _optional(file, f"{ARCH}.attention.q_lora_rank", int, 0)
+    q_lora = optional_key(file, f"{ARCH}.attention.q_lora_rank", int, 0)
     has_q_a = "model.layers.0.self_attn.q_a_proj.weight" in tensors
     if has_q_a != (q_lora > 0):
         raise CheckpointError(
             f"{file.path}: {ARCH}.attention.q_lora_rank = {q_lora} but attn_q_a tensors are "
             f"{'present' if has_q_a else 'missing'}"
         )
-    theta = _as_float(file, f"{ARCH}.rope.freq_base", 10000.0)
+    theta = float_key(file, f"{ARCH}.rope.freq_base", 10000.0)
     return {
         "num_attention_heads": heads,
         "num_key_value_heads": heads,
         "q_lora_rank": q_lora or None,
-        "kv_lora_rank": _require(file, f"{ARCH}.attention.kv_lora_rank", int),
+        "kv_lora_rank": require_key(file, f"{ARCH}.attention.kv_lora_rank", int),
         "qk_nope_head_dim": key - rope,
         "qk_rope_head_dim": rope,
         "v_head_dim": value,
         "rope_theta": theta,
-        **_yarn_mscale(file, _rope(file, ARCH, rope, theta)),
+        **_yarn_mscale(file, rope_config(file, ARCH, rope, theta)),
     }
 
 
@@ -135,30 +137,30 @@ def _yarn_mscale(file: GgufFile, rope: dict[str, Any]) -> dict[str, Any]:
         return rope
     if scaling["rope_type"] != "yarn":
         raise UnsupportedError(f"{file.path}: {key} with rope scaling {scaling['rope_type']!r}")
-    mscale = float(f"{_as_float(file, key, 0.0) / 0.1:.6g}")
+    mscale = float(f"{float_key(file, key, 0.0) / 0.1:.6g}")
     return {"rope_scaling": {**scaling, "mscale": mscale, "mscale_all_dim": mscale}}
 
 
 def _moe(file: GgufFile) -> dict[str, Any]:
-    experts = _optional(file, f"{ARCH}.expert_count", int, 0)
-    dense = _optional(file, f"{ARCH}.leading_dense_block_count", int, 0)
+    experts = optional_key(file, f"{ARCH}.expert_count", int, 0)
+    dense = optional_key(file, f"{ARCH}.leading_dense_block_count", int, 0)
     config: dict[str, Any] = {"first_k_dense_replace": dense, "moe_layer_freq": 1}
     if experts == 0:
         return {**config, "n_routed_experts": None}
-    gating = _optional(file, f"{ARCH}.expert_gating_func", int, 1)  # absent: V2's softmax
+    gating = optional_key(file, f"{ARCH}.expert_gating_func", int, 1)  # absent: V2's softmax
     if gating not in _GATING:
         raise UnsupportedError(
             f"{file.path}: {ARCH}.expert_gating_func = {gating}; supported: 1 (softmax), 2 (sigmoid)"
         )
-    groups = _optional(file, f"{ARCH}.expert_group_count", int, 1)
-    used_groups = _optional(file, f"{ARCH}.expert_group_used_count", int, groups)
-    norm = _optional(file, f"{ARCH}.expert_weights_norm", bool, False)
+    groups = optional_key(file, f"{ARCH}.expert_group_count", int, 1)
+    used_groups = optional_key(file, f"{ARCH}.expert_group_used_count", int, groups)
+    norm = optional_key(file, f"{ARCH}.expert_weights_norm", bool, False)
     config.update(
         n_routed_experts=experts,
-        num_experts_per_tok=_require(file, f"{ARCH}.expert_used_count", int),
-        moe_intermediate_size=_require(file, f"{ARCH}.expert_feed_forward_length", int),
-        n_shared_experts=_optional(file, f"{ARCH}.expert_shared_count", int, 0),
-        routed_scaling_factor=_as_float(file, f"{ARCH}.expert_weights_scale", 1.0) or 1.0,
+        num_experts_per_tok=require_key(file, f"{ARCH}.expert_used_count", int),
+        moe_intermediate_size=require_key(file, f"{ARCH}.expert_feed_forward_length", int),
+        n_shared_experts=optional_key(file, f"{ARCH}.expert_shared_count", int, 0),
+        routed_scaling_factor=float_key(file, f"{ARCH}.expert_weights_scale", 1.0) or 1.0,
         norm_topk_prob=norm,
         n_group=groups,
         topk_group=used_groups,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from anyquant.errors import CheckpointError, UnsupportedError
 from anyquant.loading.gguf_file import GgufFile, GgufTensor
-from anyquant.loading.gguf_layout import MappedTensor, _optional, _require
+from anyquant.loading.gguf_layout import MappedTensor, optional_key, require_key
 
 # clip.projector_type -> (transformers architecture, model_type, Qwen2.5-VL)
 PROJECTORS = {
@@ -43,7 +43,9 @@ _GLOBAL_NAMES = {
     "mm.0": "visual.merger.mlp.0",
     "mm.2": "visual.merger.mlp.2",
 }
-_LINEAR = frozenset(("attn.proj", "mlp.fc1", "mlp.fc2", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"))
+_VISION_LINEAR = frozenset(
+    ("attn.proj", "mlp.fc1", "mlp.fc2", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj")
+)
 _IMAGE_TOKENS = {
     "image_token_id": "<|image_pad|>",
     "video_token_id": "<|video_pad|>",
@@ -86,7 +88,7 @@ def add_vision(text: GgufFile, config: dict[str, Any], tensors: dict[str, Mapped
         )
     hf_arch, model_type, v25 = PROJECTORS[kind]
     vision = _vision_config(clip, v25, config["hidden_size"])
-    sections = _require(text, "qwen2vl.rope.dimension_sections", list)
+    sections = require_key(text, "qwen2vl.rope.dimension_sections", list)
     config.update(
         architectures=[hf_arch],
         model_type=model_type,
@@ -99,19 +101,19 @@ def add_vision(text: GgufFile, config: dict[str, Any], tensors: dict[str, Mapped
 
 
 def _vision_config(clip: GgufFile, v25: bool, lm_hidden: int) -> dict[str, Any]:
-    width = _require(clip, "clip.vision.embedding_length", int)
-    ffn = _require(clip, "clip.vision.feed_forward_length", int)
-    depth = _require(clip, "clip.vision.block_count", int)
-    projection = _require(clip, "clip.vision.projection_dim", int)
+    width = require_key(clip, "clip.vision.embedding_length", int)
+    ffn = require_key(clip, "clip.vision.feed_forward_length", int)
+    depth = require_key(clip, "clip.vision.block_count", int)
+    projection = require_key(clip, "clip.vision.projection_dim", int)
     if projection != lm_hidden:
         raise CheckpointError(
             f"{clip.path}: clip.vision.projection_dim = {projection} but the language model's width is {lm_hidden}"
         )
     common: dict[str, Any] = {
         "depth": depth,
-        "num_heads": _require(clip, "clip.vision.attention.head_count", int),
-        "patch_size": _require(clip, "clip.vision.patch_size", int),
-        "spatial_merge_size": _optional(clip, "clip.vision.spatial_merge_size", int, 2),
+        "num_heads": require_key(clip, "clip.vision.attention.head_count", int),
+        "patch_size": require_key(clip, "clip.vision.patch_size", int),
+        "spatial_merge_size": optional_key(clip, "clip.vision.spatial_merge_size", int, 2),
         "temporal_patch_size": 2,
         "in_chans": 3,
     }
@@ -123,28 +125,28 @@ def _vision_config(clip: GgufFile, v25: bool, lm_hidden: int) -> dict[str, Any]:
             "hidden_size": projection,
             "hidden_act": "quick_gelu",
         }
-    pattern = _require(clip, "clip.vision.n_wa_pattern", int)
+    pattern = require_key(clip, "clip.vision.n_wa_pattern", int)
     return {
         **common,
         "hidden_size": width,
         "intermediate_size": ffn,
         "out_hidden_size": projection,
         "hidden_act": "silu",
-        "window_size": _optional(clip, "clip.vision.window_size", int, 112),
+        "window_size": optional_key(clip, "clip.vision.window_size", int, 112),
         # llama.cpp stores the period of Qwen2.5-VL's full-attention blocks (every n-th is full).
         "fullatt_block_indexes": list(range(pattern - 1, depth, pattern)) if pattern > 0 else [],
     }
 
 
 def _preprocessor(clip: GgufFile, vision: dict[str, Any]) -> dict[str, Any]:
-    mean = _require(clip, "clip.vision.image_mean", list)
-    std = _require(clip, "clip.vision.image_std", list)
+    mean = require_key(clip, "clip.vision.image_mean", list)
+    std = require_key(clip, "clip.vision.image_std", list)
     return {
         # float32 in the file: the shortest decimal of each float32 (what the exporter wrote)
         "image_mean": [_float32_decimal(v) for v in mean],
         "image_std": [_float32_decimal(v) for v in std],
-        "min_pixels": _optional(clip, "clip.vision.image_min_pixels", int, _DEFAULT_MIN_PIXELS),
-        "max_pixels": _optional(clip, "clip.vision.image_max_pixels", int, _DEFAULT_MAX_PIXELS),
+        "min_pixels": optional_key(clip, "clip.vision.image_min_pixels", int, _DEFAULT_MIN_PIXELS),
+        "max_pixels": optional_key(clip, "clip.vision.image_max_pixels", int, _DEFAULT_MAX_PIXELS),
         "patch_size": vision["patch_size"],
         "temporal_patch_size": vision["temporal_patch_size"],
         "merge_size": vision["spatial_merge_size"],
@@ -188,7 +190,7 @@ def _map_tensors(clip: GgufFile, depth: int, v25: bool) -> dict[str, MappedTenso
         add(gguf_name, hf_name, gguf_name.startswith("mm."))
     for i in range(depth):
         for role, part in {**_BLOCK_NAMES, **_MLP_NAMES[v25]}.items():
-            add(f"v.blk.{i}.{role}", f"visual.blocks.{i}.{part}", part in _LINEAR)
+            add(f"v.blk.{i}.{role}", f"visual.blocks.{i}.{part}", part in _VISION_LINEAR)
         for kind in ("weight", "bias"):
             q, k, v = (take(f"v.blk.{i}.attn_{x}.{kind}") for x in "qkv")
             hf = f"visual.blocks.{i}.attn.qkv.{kind}"
