@@ -155,3 +155,14 @@ def test_bad_deepseek_files_name_the_problem(tmp_path: Path) -> None:
         bad = _rewrite(src, tmp_path / f"bad{i}.gguf", keys, dropped)
         with pytest.raises(AnyquantError, match=message):
             GgufCheckpoint(bad)
+
+
+def test_softmax_routing_with_expert_groups_is_deepseek_v2s_group_limited_greedy(tmp_path: Path) -> None:
+    """DeepSeek-V2's own rule (groups ranked by their best expert), as transformers runs it."""
+    keys = {"deepseek2.expert_group_count": 2, "deepseek2.expert_group_used_count": 1}
+    config = GgufCheckpoint(_rewrite(_path("deepseek2-lite", "Q8_0"), tmp_path / "g.gguf", keys)).config
+    assert (config["topk_method"], config["n_group"], config["topk_group"]) == ("group_limited_greedy", 2, 1)
+    from anyquant.loading.loader import build_on_meta
+
+    routers = [m.gate for m in build_on_meta(config).modules() if isinstance(m, SparseMoE)]
+    assert routers and routers[0].cfg.group_score == "max"
