@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="plan an int8 LM head (quantized at load)",
     )
     parser.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="a GGUF model's vision projector (llama.cpp's mmproj file)",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         tp=args.tp,
         max_model_len=args.max_model_len,
         lm_head_dtype=args.lm_head_dtype,
+        mmproj=args.mmproj,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

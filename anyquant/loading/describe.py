@@ -69,8 +69,9 @@ def describe_checkpoint(
     tp: int = 1,
     max_model_len: int | None = None,
     lm_head_dtype: str = "auto",
+    mmproj: str | Path | None = None,
 ) -> dict[str, Any]:
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, mmproj)
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     dev = torch.device(device)

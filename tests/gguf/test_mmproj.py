@@ -118,3 +118,13 @@ def test_projector_errors(tmp_path: Path) -> None:
         GgufCheckpoint(stories, mmproj=source / "mmproj-tiny-qwen2vl-F16.gguf")
     with pytest.raises(AnyquantError, match="not a vision projector"):
         GgufCheckpoint(source / "tiny-qwen2vl-F16.gguf", mmproj=stories)
+
+
+def test_inspect_takes_the_projector() -> None:
+    from anyquant.loading.describe import describe_checkpoint
+
+    source = _directory("qwen2vl", "F16")
+    text = source / "tiny-qwen2vl-F16.gguf"
+    assert describe_checkpoint(text)["architecture"] == "Qwen2ForCausalLM"
+    doc = describe_checkpoint(text, mmproj=source / "mmproj-tiny-qwen2vl-F16.gguf")
+    assert doc["architecture"] == "Qwen2VLForConditionalGeneration"
