@@ -142,9 +142,9 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], source: str) -> Any
             f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
             f"supported: {', '.join(sorted(PRE_TOKENIZERS))}"
         )
-    merges_raw = _get(meta, "tokenizer.ggml.merges", list, source)
-    if not merges_raw:
-        raise CheckpointError(f"{source}: a gpt2 tokenizer needs 'tokenizer.ggml.merges'")
+    # No merges: every token is a byte or a special token (llama.cpp's converter writes none for a
+    # byte-level vocabulary without merges, as tiny test models have).
+    merges_raw = _get(meta, "tokenizer.ggml.merges", list, source, [])
     merges = []
     for entry in merges_raw:
         parts = entry.split(" ") if isinstance(entry, str) else []

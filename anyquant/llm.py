@@ -86,6 +86,7 @@ class LLM:
         merge_projections: bool = True,
         lm_head_dtype: str = "auto",
         activation_dtype: str = "auto",
+        mmproj: str | Path | None = None,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -108,7 +109,10 @@ class LLM:
         decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored.
         `activation_dtype="int8"` quantizes the activations of weight-only (W4A16, W8A16) layers per
         token, so they run on int8 dot products (AVX512-VNNI); it changes results slightly
-        (benchmarks/RESULTS.md); "auto" runs every layer as its checkpoint specifies."""
+        (benchmarks/RESULTS.md); "auto" runs every layer as its checkpoint specifies.
+
+        `mmproj`: llama.cpp's vision projector file for a GGUF language model (llama.cpp's
+        `--mmproj`); a directory holding the model and one `mmproj*.gguf` finds it alone."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -124,6 +128,7 @@ class LLM:
                 merge_projections,
                 lm_head_dtype,
                 activation_dtype,
+                mmproj,
             )
             self._closer = weakref.finalize(self, self._tp.close)
             self.model: EngineModel = self._tp
@@ -136,6 +141,7 @@ class LLM:
                 merge_projections=merge_projections,
                 lm_head_dtype=lm_head_dtype,
                 activation_dtype=activation_dtype,
+                mmproj=mmproj,
             )
             self.model = self.loaded.model
         self.device = self.loaded.device
@@ -486,6 +492,7 @@ def _start_tensor_parallel(
     merge_projections: bool,
     lm_head_dtype: str,
     activation_dtype: str,
+    mmproj: str | Path | None,
 ) -> tuple[LoadedModel, Any]:
     """Check the split from headers first (a refusal needs no processes), then start the ranks."""
     from anyquant.loading.activations import activation_quant
@@ -497,7 +504,7 @@ def _start_tensor_parallel(
 
     lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
     activation_quant(activation_dtype)
-    check_tensor_parallel(model, world)
+    check_tensor_parallel(model, world, mmproj)
     request = LoadRequest(
         str(Path(model).resolve()),
         device,
@@ -508,5 +515,6 @@ def _start_tensor_parallel(
         merge_projections,
         lm_head_dtype,
         activation_dtype,
+        None if mmproj is None else str(Path(mmproj).resolve()),
     )
     return start_tensor_parallel(request, world)

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from anyquant.convert.quantize import quantize_checkpoint
 
 from anyquant import LLM, SamplingParams
 from anyquant.bench.evaluate import corpus_perplexity
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.quant.formats.base import WriteOptions
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260K"

@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="plan int8 per-token activations for weight-only layers",
     )
     parser.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="a GGUF model's vision projector (llama.cpp's mmproj file)",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         lm_head_dtype=args.lm_head_dtype,
         activation_dtype=args.activation_dtype,
+        mmproj=args.mmproj,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

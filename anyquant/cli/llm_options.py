@@ -20,6 +20,7 @@ LLM_FLAGS = (
     "kernel",
     "lm_head_dtype",
     "activation_dtype",
+    "mmproj",
     "max_model_len",
     "max_num_seqs",
     "kv_cache_gb",

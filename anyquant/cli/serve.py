@@ -66,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
     parser.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="a GGUF model's vision projector (llama.cpp's mmproj file); a directory holding the model "
+        "and one mmproj*.gguf finds it alone",
+    )
+    parser.add_argument(
         "--lm-head-dtype",
         default="auto",
         choices=["auto", "int8"],

@@ -1,10 +1,10 @@
-"""`anyquant convert SRC out.gguf --format gguf`: a llama.cpp GGUF file, Q8_0 / Q4_0 where exact.
+"""`anyquant convert SRC out.gguf --format gguf`: a llama.cpp GGUF file, Q4_0 ... Q8_0 where exact.
 
-Each quantized layer is decoded to the canonical weight and fitted exactly (exact.py) to the
-canonical spec of Q4_0 (4-bit layers) or Q8_0, scales in fp16 as GGML stores them, then packed
-into GGML blocks (the inverse of gguf_blocks.py's decoding). A layer neither type holds exactly
-(float offsets, groups other than 32, scales that are not fp16) is refused with its reason, or
-re-quantized with --requantize (its error reported). Unquantized tensors are written as F32.
+Each quantized layer is decoded to the canonical weight and fitted exactly to the smallest of
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 that holds it (gguf_blocks_out.py: scales and minimums in fp16 as
+GGML stores them), then packed into GGML blocks. A layer no type holds exactly (k-quant sub-block
+scales, groups other than 32, scales or minimums that are not fp16) is refused with every type's
+reason, or re-quantized with --requantize (its error reported). Unquantized tensors are written as F32.
 Tensor names, the Llama q/k row order and the metadata keys follow llama.cpp's converter
 (loading/gguf_layout.py maps them the other way); the tokenizer comes from tokenizer.json
 (gguf_vocab.py), or is copied from a GGUF source. Llama and Qwen2 dense models.
@@ -26,7 +26,7 @@ from anyquant.convert.converter import (
     LayerOutcome,
     decode_layer,
 )
-from anyquant.convert.exact import dequantized_equal, fit_exact
+from anyquant.convert.gguf_blocks_out import block_bytes, fit_ggml
 from anyquant.convert.gguf_vocab import gguf_vocab
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.loading.gguf_layout import gguf_tensor_name, interleave_half_rows
@@ -39,35 +39,8 @@ from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES
 from anyquant.quant.quant_error import relative_error
 from anyquant.quant.reference import dequantize
-from anyquant.quant.weight import QuantWeight
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # model_type -> general.architecture
-
-
-def _block_bytes(kind: str, weight: QuantWeight) -> Tensor:
-    """Canonical Q4_0 / Q8_0 weight [N, K] -> GGML blocks [N, K / 32 * bytes per block] (uint8)."""
-    n, k = weight.shape
-    d = weight.scale.to(torch.float16).reshape(n, k // 32, 1).view(torch.uint8)  # little-endian fp16
-    codes = weight.data.reshape(n, k // 32, 32)
-    if kind == "Q8_0":
-        qs = codes.view(torch.uint8)
-    else:  # Q4_0: elements 0..15 in the low nibbles, 16..31 in the high ones
-        qs = codes[..., :16] | (codes[..., 16:] << 4)
-    return torch.cat((d, qs), dim=-1).reshape(n, -1)
-
-
-def _to_ggml(prefix: str, weight: QuantWeight) -> tuple[str, QuantWeight] | str:
-    order = ("Q4_0", "Q8_0") if weight.spec.bits <= 4 else ("Q8_0",)
-    reasons = []
-    for kind in order:
-        fitted = fit_exact(weight, BLOCK_TYPES[kind].spec, torch.float16)
-        if isinstance(fitted, str):
-            reasons.append(f"{kind}: {fitted}")
-        elif not dequantized_equal(weight, fitted):
-            raise AnyquantError(f"{prefix}: the exact translation changed dequantized values (a bug)")
-        else:
-            return kind, fitted
-    return "; ".join(reasons)
 
 
 def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | None = None) -> ConvertReport:
@@ -121,7 +94,16 @@ def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | 
             continue  # copied with the other float tensors below
         weight = decode_layer(ckpt, source, plan, check_linear(ckpt, source, plan))
         desc = weight.spec.describe()
-        fitted = _to_ggml(plan.prefix, weight)
+        fitted = fit_ggml(plan.prefix, weight)
+        if isinstance(fitted, str) and plan.kind == "lm_head":
+            # As the other targets do: an LM head no type holds (llama-quantize's Q6_K) is written
+            # as F32, which holds its dequantized values exactly, rather than refusing the model.
+            name = f"{plan.prefix}.weight"
+            add(name, gguf_rows(name, dequantize(weight, torch.float32)).numpy())
+            report.layers.append(
+                LayerOutcome(plan.prefix, desc, "unquantized (float32)", "dequantized", reason=fitted)
+            )
+            continue
         if isinstance(fitted, str):
             if not options.requantize:
                 report.layers.append(LayerOutcome(plan.prefix, desc, "gguf", "refused", reason=fitted))
@@ -138,7 +120,7 @@ def convert_to_gguf(src: str | Path, dst: str | Path, options: ConvertOptions | 
         kind, new = fitted
         counts[kind] = counts.get(kind, 0) + 1
         name = f"{plan.prefix}.weight"
-        blocks = gguf_rows(name, _block_bytes(kind, new))
+        blocks = gguf_rows(name, block_bytes(kind, new))
         add(name, blocks.numpy(), gguf.GGMLQuantizationType[kind])
     refused = [r for r in report.layers if r.how == "refused"]
     if refused:

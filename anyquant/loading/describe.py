@@ -54,9 +54,11 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     return out
 
 
-def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
+def check_tensor_parallel(
+    path: str | Path, world: int, mmproj: str | Path | None = None
+) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, mmproj)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
     return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
 
@@ -70,8 +72,9 @@ def describe_checkpoint(
     max_model_len: int | None = None,
     lm_head_dtype: str = "auto",
     activation_dtype: str = "auto",
+    mmproj: str | Path | None = None,
 ) -> dict[str, Any]:
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, mmproj)
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     dev = torch.device(device)

@@ -11,6 +11,7 @@ transformers'. Architectures by `general.architecture`; anything else is an erro
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    # Qwen2-VL / Qwen2.5-VL's language model: alone, a Qwen2 (text positions turn M-RoPE's three
+    # sections alike, so it is plain RoPE); with its vision projector, see gguf_mmproj.py.
+    "qwen2vl": ("Qwen2ForCausalLM", "qwen2"),
+    # DeepSeek-V2 / V3 latent attention: laid out by gguf_deepseek.py (V3 when routed by sigmoid).
+    "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
 }
 _MOE = frozenset(("qwen2moe", "qwen3moe"))
 
@@ -36,7 +42,7 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 # blk.{i}.<gguf> -> model.layers.{i}.<transformers>
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -56,14 +62,14 @@ _LAYER_NAMES = {
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # [experts, out, in] tensors, one transformers module per expert: mlp.experts.{e}.<name>.
-_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # Matrices multiplied by activations: their quantized blocks go to the quant format (kernels);
 # every other tensor (embedding, norms) is dequantized when read.
-_LINEAR = frozenset(
+LINEAR_ROLES = frozenset(
     (
         *("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
         *("ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp"),
-        *_EXPERT_NAMES,
+        *EXPERT_NAMES,
     )
 )
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -76,10 +82,18 @@ class MappedTensor:
     linear: bool  # a linear layer's weight (quantized blocks stay quantized)
     interleaved_heads: int = 0  # Llama q/k: rows to restore to rotate_half order, in this many heads
     expert: int | None = None  # one expert's [out, in] slice of a stacked [experts, out, in] tensor
+    # One transformers tensor that llama.cpp's converter split into several (DeepSeek's kv_b_proj,
+    # a vision tower's qkv and temporal patch kernels): read as `join([gguf, *joined])` of the
+    # parts in float32, in shape `joined_shape`.
+    joined: tuple[GgufTensor, ...] = ()
+    join: Callable[[list[Tensor]], Tensor] | None = None
+    joined_shape: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The transformers shape (a router vector stored 1-D by llama.cpp becomes [1, in])."""
+        if self.join is not None:
+            return self.joined_shape
         shape = self.gguf.shape if self.expert is None else self.gguf.shape[1:]
         return (1, *shape) if self.linear and len(shape) == 1 else shape
 
@@ -90,7 +104,7 @@ class GgufLayout:
     tensors: dict[str, MappedTensor]  # by transformers name
 
 
-def _require(file: GgufFile, key: str, kind: type) -> Any:
+def require_key(file: GgufFile, key: str, kind: type) -> Any:
     value = file.get(key)
     if value is None:
         raise CheckpointError(f"{file.path}: metadata key {key!r} is missing")
@@ -103,11 +117,11 @@ def _require(file: GgufFile, key: str, kind: type) -> Any:
     return value
 
 
-def _optional(file: GgufFile, key: str, kind: type, default: Any) -> Any:
-    return default if file.get(key) is None else _require(file, key, kind)
+def optional_key(file: GgufFile, key: str, kind: type, default: Any) -> Any:
+    return default if file.get(key) is None else require_key(file, key, kind)
 
 
-def _as_float(file: GgufFile, key: str, default: float) -> float:
+def float_key(file: GgufFile, key: str, default: float) -> float:
     value = file.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise CheckpointError(f"{file.path}: metadata key {key!r} = {value!r:.80}; expected a number")
@@ -119,7 +133,7 @@ def _as_float(file: GgufFile, key: str, default: float) -> float:
 
 
 def architecture(file: GgufFile) -> str:
-    arch = _require(file, "general.architecture", str)
+    arch = require_key(file, "general.architecture", str)
     if arch not in ARCHITECTURES:
         raise UnsupportedError(
             f"{file.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
@@ -168,7 +182,7 @@ def _llama3_from_rope_freqs(file: GgufFile, head_dim: int, theta: float) -> dict
     )
 
 
-def _rope(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, Any]:
+def rope_config(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, Any]:
     kind = file.get(f"{arch}.rope.scaling.type")
     if "rope_freqs.weight" in file.tensors:
         if kind not in (None, "none"):
@@ -178,47 +192,47 @@ def _rope(file: GgufFile, arch: str, head_dim: int, theta: float) -> dict[str, A
         return _llama3_from_rope_freqs(file, head_dim, theta)
     if kind in (None, "none"):
         return {}
-    factor = _as_float(file, f"{arch}.rope.scaling.factor", 1.0)
+    factor = float_key(file, f"{arch}.rope.scaling.factor", 1.0)
     if kind == "linear":
         return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
     if kind == "yarn":
-        original = _require(file, f"{arch}.rope.scaling.original_context_length", int)
-        return {
-            "rope_scaling": {
-                "rope_type": "yarn",
-                "factor": factor,
-                "original_max_position_embeddings": original,
-            }
+        original = require_key(file, f"{arch}.rope.scaling.original_context_length", int)
+        scaling: dict[str, Any] = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
         }
+        for key in ("beta_fast", "beta_slow"):
+            if file.get(f"{arch}.rope.scaling.yarn_{key}") is not None:
+                scaling[key] = float_key(file, f"{arch}.rope.scaling.yarn_{key}", 0.0)
+        return {"rope_scaling": scaling}
     raise UnsupportedError(f"{file.path}: metadata {arch}.rope.scaling.type = {kind!r} is not supported")
 
 
-def _torch_dtype(types: set[str]) -> str:
+def auto_dtype(types: set[str]) -> str:
     """The compute dtype `auto` picks: float32 for float32 files (stories-size models, tests),
-    bfloat16 for bf16 files and quantized ones (the fast CPU kernels' vector path), float32 for
-    fp16 files (fp16 weights do not round-trip through bfloat16)."""
-    if types <= {"F32"}:
-        return "float32"
-    if types <= {"F32", "F16"}:
-        return "float32"
-    return "bfloat16"
+    bfloat16 for everything else: quantized files (the fast CPU kernels' vector path), BF16 files,
+    and F16 files, which llama.cpp's converter usually writes from a bfloat16 model, so that their
+    values are bfloat16 values exactly (GgufCheckpoint warns about any that are not; dtype=float32
+    keeps them as they are, at twice the memory and half the speed)."""
+    return "float32" if types <= {"F32"} else "bfloat16"
 
 
 def build_layout(file: GgufFile) -> GgufLayout:
     arch = architecture(file)
     hf_arch, model_type = ARCHITECTURES[arch]
-    tensors = _map_tensors(file, arch)
-    hidden = _require(file, f"{arch}.embedding_length", int)
-    heads = _require(file, f"{arch}.attention.head_count", int)
-    kv_heads = _optional(file, f"{arch}.attention.head_count_kv", int, heads)
-    head_dim = _optional(file, f"{arch}.attention.key_length", int, hidden // max(heads, 1))
-    rotary = _optional(file, f"{arch}.rope.dimension_count", int, head_dim)
+    tensors = map_tensors(file, arch)
+    hidden = require_key(file, f"{arch}.embedding_length", int)
+    heads = require_key(file, f"{arch}.attention.head_count", int)
+    kv_heads = optional_key(file, f"{arch}.attention.head_count_kv", int, heads)
+    head_dim = optional_key(file, f"{arch}.attention.key_length", int, hidden // max(heads, 1))
+    rotary = optional_key(file, f"{arch}.rope.dimension_count", int, head_dim)
     if rotary != head_dim:
         raise UnsupportedError(
             f"{file.path}: {arch}.rope.dimension_count = {rotary} rotates part of a head of {head_dim}; "
             "partial rotary embeddings are not supported for this architecture"
         )
-    theta = _as_float(file, f"{arch}.rope.freq_base", 10000.0)
+    theta = float_key(file, f"{arch}.rope.freq_base", 10000.0)
     embed = tensors.get("model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError(f"{file.path}: tensor 'token_embd.weight' is missing")
@@ -226,26 +240,32 @@ def build_layout(file: GgufFile) -> GgufLayout:
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": _require(
+        "intermediate_size": require_key(
             file,
             f"{arch}.feed_forward_length" if arch not in _MOE else f"{arch}.expert_feed_forward_length",
             int,
         ),
-        "num_hidden_layers": _require(file, f"{arch}.block_count", int),
+        "num_hidden_layers": require_key(file, f"{arch}.block_count", int),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": embed.gguf.shape[0],
-        "max_position_embeddings": _optional(file, f"{arch}.context_length", int, 2048),
-        "rms_norm_eps": _as_float(file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": optional_key(file, f"{arch}.context_length", int, 2048),
+        "rms_norm_eps": float_key(file, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": theta,
         "tie_word_embeddings": False,  # a missing output.weight is aliased to the embedding (_map_tensors)
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
         "hidden_act": "silu",
-        "torch_dtype": _torch_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
-        **_rope(file, arch, head_dim, theta),
+        "torch_dtype": auto_dtype({t.gguf.ggml_type for t in tensors.values() if t.linear}),
+        **rope_config(file, arch, head_dim, theta),
         **(_moe(file, arch) if arch in _MOE else {}),
     }
+    config.update(special_token_config(file))
+    return GgufLayout(config, tensors)
+
+
+def special_token_config(file: GgufFile) -> dict[str, Any]:
+    config: dict[str, Any] = {}
     bos = file.get("tokenizer.ggml.bos_token_id")
     if isinstance(bos, int):
         config["bos_token_id"] = bos
@@ -254,42 +274,52 @@ def build_layout(file: GgufFile) -> GgufLayout:
     ends = list(dict.fromkeys(e for e in ends if isinstance(e, int)))
     if ends:
         config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
-    return GgufLayout(config, tensors)
+    return config
 
 
 def _moe(file: GgufFile, arch: str) -> dict[str, Any]:
     """Every layer sparse (llama.cpp's qwen MoE graphs have no dense layers); llama.cpp renormalizes
     the top-k weights for Qwen3-MoE and not for Qwen2-MoE, as their transformers configs do."""
     config: dict[str, Any] = {
-        "num_experts": _require(file, f"{arch}.expert_count", int),
-        "num_experts_per_tok": _require(file, f"{arch}.expert_used_count", int),
-        "moe_intermediate_size": _require(file, f"{arch}.expert_feed_forward_length", int),
+        "num_experts": require_key(file, f"{arch}.expert_count", int),
+        "num_experts_per_tok": require_key(file, f"{arch}.expert_used_count", int),
+        "moe_intermediate_size": require_key(file, f"{arch}.expert_feed_forward_length", int),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "norm_topk_prob": arch == "qwen3moe",
     }
     if arch == "qwen2moe":
-        config["shared_expert_intermediate_size"] = _require(
+        config["shared_expert_intermediate_size"] = require_key(
             file, f"{arch}.expert_shared_feed_forward_length", int
         )
     return config
 
 
-def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
+def map_tensors(
+    file: GgufFile,
+    arch: str,
+    layer_names: dict[str, str] = LAYER_NAMES,
+    linear_roles: frozenset[str] = LINEAR_ROLES,
+    num_layers: int | None = None,
+) -> dict[str, MappedTensor]:
+    """GGUF tensors under transformers names; `num_layers`: blocks from there on are skipped
+    (DeepSeek's multi-token-prediction blocks serve only speculative decoding)."""
     heads = file.get(f"{arch}.attention.head_count")
     kv_heads = file.get(f"{arch}.attention.head_count_kv", heads)
     out: dict[str, MappedTensor] = {}
     for name, t in file.tensors.items():
-        if name == "rope_freqs.weight":  # read into the config's rope_scaling (_rope)
+        if name == "rope_freqs.weight":  # read into the config's rope_scaling (rope_config)
             continue
         if name in _GLOBAL_NAMES:
             out[_GLOBAL_NAMES[name]] = MappedTensor(t, _GLOBAL_NAMES[name], linear=name == "output.weight")
             continue
         match = _BLOCK.match(name)
-        if match is not None and match[2] in _EXPERT_NAMES:
-            _map_experts(file, t, int(match[1]), _EXPERT_NAMES[match[2]], out)
+        if match is not None and num_layers is not None and int(match[1]) >= num_layers:
             continue
-        part = match and _LAYER_NAMES.get(match[2])
+        if match is not None and match[2] in EXPERT_NAMES:
+            _map_experts(file, t, int(match[1]), EXPERT_NAMES[match[2]], out)
+            continue
+        part = match and layer_names.get(match[2])
         if match is None or not part:
             raise UnsupportedError(
                 f"{file.path}: tensor {name!r} has no place in a {arch} model (unknown GGUF tensor name)"
@@ -300,7 +330,7 @@ def _map_tensors(file: GgufFile, arch: str) -> dict[str, MappedTensor]:
             interleaved = int(heads if role == "attn_q" else kv_heads)
         hf = f"model.layers.{layer}.{part}.{kind}"
         out[hf] = MappedTensor(
-            t, hf, linear=role in _LINEAR and kind == "weight", interleaved_heads=interleaved
+            t, hf, linear=role in linear_roles and kind == "weight", interleaved_heads=interleaved
         )
     embed = out.get("model.embed_tokens.weight")
     if "lm_head.weight" not in out and embed is not None:
@@ -340,7 +370,7 @@ def gguf_tensor_name(name: str) -> str | None:
     match = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
     if match is None:
         return None
-    for role, part in _LAYER_NAMES.items():
+    for role, part in LAYER_NAMES.items():
         if part == match[2]:
             return f"blk.{match[1]}.{role}.{match[3]}"
     return None

@@ -123,6 +123,7 @@ def load_model(
     merge_projections: bool = True,
     lm_head_dtype: str = "auto",
     activation_dtype: str = "auto",
+    mmproj: str | Path | None = None,
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
@@ -132,13 +133,15 @@ def load_model(
     `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
     row at load (loading/lm_head.py).
     `activation_dtype`: "auto" runs weight-only layers as stored; "int8" quantizes their
-    activations per token at run time (loading/activations.py)."""
+    activations per token at run time (loading/activations.py).
+
+    `mmproj`: llama.cpp's vision projector for a GGUF language model (loading/gguf_mmproj.py)."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
         progress = LoadProgress(str(path), show_bar=None if parallel.rank == 0 else False)
     with progress.phase("reading"):
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, mmproj)
         config = ckpt.text_config()
         fmt = detect_format(ckpt)
         compute_dtype = resolve_dtype(dtype, config, dev)

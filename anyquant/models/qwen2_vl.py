@@ -88,6 +88,7 @@ class Qwen2VLForConditionalGeneration(DecoderLM):
                 "temporal_patch_size": v.temporal_patch_size,
                 "spatial_merge_size": v.spatial_merge_size,
             },
+            cfg_dict(self.config, "preprocessor_config") or None,  # set by a GGUF projector
         )
 
     def embed_images(self, images: list[ImageInput]) -> list[Tensor]:

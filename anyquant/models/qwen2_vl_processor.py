@@ -63,9 +63,21 @@ def _triple(cfg: dict[str, Any], key: str, default: tuple[float, ...], where: st
 
 
 class Qwen2VLImageProcessor(ImageProcessor):
-    def __init__(self, model_dir: Path, config: dict[str, Any], vision: dict[str, Any]) -> None:
-        pre = _read_preprocessor_config(model_dir)
-        where = str(model_dir / "preprocessor_config.json")
+    def __init__(
+        self,
+        model_dir: Path,
+        config: dict[str, Any],
+        vision: dict[str, Any],
+        pre: dict[str, Any] | None = None,
+    ) -> None:
+        """`pre`: the preprocessor settings when they do not come from preprocessor_config.json
+        (a GGUF vision projector's metadata)."""
+        where = (
+            "the vision projector's metadata"
+            if pre is not None
+            else str(model_dir / "preprocessor_config.json")
+        )
+        pre = _read_preprocessor_config(model_dir) if pre is None else pre
         size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
         assert isinstance(size, dict)
         # Older files give min/max_pixels, newer ones size.shortest_edge / longest_edge (pixels).

@@ -33,7 +33,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_vlm_config(v25: bool = False, **text_overrides: Any) -> Any:
+def tiny_vlm_config(
+    v25: bool = False, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
+) -> Any:
     import transformers
 
     text = dict(
@@ -77,6 +79,7 @@ def tiny_vlm_config(v25: bool = False, **text_overrides: Any) -> Any:
             spatial_merge_size=2,
         )
         cls = transformers.Qwen2VLConfig
+    vision.update(vision_overrides or {})
     return cls(
         text_config=text,
         vision_config=vision,
@@ -108,6 +111,7 @@ def write_tiny_vlm(
     flat_config: bool = False,
     min_pixels: int = 28 * 28 * 4,
     max_pixels: int = 28 * 28 * 24,
+    vision_overrides: dict[str, Any] | None = None,
     **text_overrides: Any,
 ) -> Path:
     """Write the checkpoint; returns its directory. Pixel bounds keep images to a few tokens."""
@@ -115,7 +119,7 @@ def write_tiny_vlm(
     from safetensors.torch import load_file, save_file
 
     out = Path(path)
-    config = tiny_vlm_config(v25, **text_overrides)
+    config = tiny_vlm_config(v25, vision_overrides, **text_overrides)
     torch.manual_seed(seed)
     cls: Any = (
         transformers.Qwen2_5_VLForConditionalGeneration

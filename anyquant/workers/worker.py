@@ -50,6 +50,7 @@ class LoadRequest:
     merge_projections: bool = True
     lm_head_dtype: str = "auto"
     activation_dtype: str = "auto"
+    mmproj: str | None = None  # a GGUF language model's vision projector
 
 
 def device_for(request: LoadRequest, rank: int) -> str:
@@ -71,6 +72,7 @@ def load_shard(request: LoadRequest, rank: int, state: ParallelState) -> LoadedM
         merge_projections=request.merge_projections,
         lm_head_dtype=request.lm_head_dtype,
         activation_dtype=request.activation_dtype,
+        mmproj=request.mmproj,
     )
 
 

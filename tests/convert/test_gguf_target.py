@@ -87,8 +87,40 @@ def test_llama_q_k_rows_go_back_to_llamacpp_order(tmp_path: Path) -> None:
     assert original.encode(text) == written.encode(text)
 
 
-def test_asymmetric_4bit_groups_of_128_fit_q8_0_exactly(tmp_path: Path) -> None:
-    """Zero points outside Q4_0's fixed 8 need 8-bit codes; 128-groups split into 32-blocks."""
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_to_gguf_keeps_llamacpp_blocks(kind: str, tmp_path: Path) -> None:
+    """llama.cpp's own Q4_1 / Q5_0 / Q5_1 layers come back as the same blocks (a layer may also
+    land in a smaller type that holds it exactly: then its values are GGML's, bit for bit)."""
+    src = FIXTURES / f"tiny-qwen2-{kind}.gguf"
+    out = tmp_path / "back.gguf"
+    report = convert_to_gguf(src, out)
+    how = {r.prefix: r.how for r in report.layers}
+    assert how.pop("lm_head") == "dequantized"  # llama-quantize's Q6_K head: written as F32
+    assert set(how.values()) == {"exact"}, report.layers
+    a, b = _tensors(src), _tensors(out)
+    same = 0
+    for name, x in a.items():
+        if "blk" not in name or x.tensor_type.name != kind:  # type: ignore[attr-defined]
+            continue
+        y = b[name]
+        xd, yd = np.asarray(x.data), np.asarray(y.data)  # type: ignore[attr-defined]
+        if y.tensor_type == x.tensor_type:  # type: ignore[attr-defined]
+            assert np.array_equal(xd, yd), name
+            same += 1
+        want = gguf.quants.dequantize(xd, x.tensor_type)  # type: ignore[attr-defined]
+        got = gguf.quants.dequantize(yd, y.tensor_type)  # type: ignore[attr-defined]
+        assert np.array_equal(want.view(np.uint32), got.view(np.uint32)), name
+    assert same >= 1
+    ids = PROMPT
+    assert (
+        LLM(str(src), dtype="float32").logits(ids) - LLM(str(out), dtype="float32").logits(ids)
+    ).abs().max() == 0
+
+
+def test_asymmetric_4bit_groups_of_128_fit_a_5bit_type_exactly(tmp_path: Path) -> None:
+    """Zero points outside Q4_0's fixed 8: levels code - zero span 16 values within [-15, 15],
+    which Q5_0's symmetric 5-bit levels hold (or Q4_1 where the minimum -zero * scale is an fp16
+    value); no 8-bit Q8_0 needed. 128-groups split into 32-blocks."""
     dense = write_tiny_model(
         tmp_path / "dense", "llama", seed=5, hidden_size=128, intermediate_size=256,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -96,12 +128,16 @@ def test_asymmetric_4bit_groups_of_128_fit_q8_0_exactly(tmp_path: Path) -> None:
     mid = tmp_path / "mid"
     quantize_checkpoint(dense, mid, "gptq", WriteOptions(bits=4, group_size=128, sym=False))
     report = convert_to_gguf(mid, tmp_path / "x.gguf")
-    assert {r.target for r in report.layers} == {"Q8_0"}
+    assert {r.target for r in report.layers} <= {"Q4_1", "Q5_0"}
     assert all(r.how == "exact" for r in report.layers)
-    down = _tensors(tmp_path / "x.gguf")["blk.0.ffn_down.weight"]
-    got = gguf.quants.dequantize(np.asarray(down.data), down.tensor_type)  # type: ignore[attr-defined]
-    want = dequantized_layers(mid)["model.layers.0.mlp.down_proj"]
-    assert want is not None and np.array_equal(got.astype(np.float64), want.numpy())
+    written = _tensors(tmp_path / "x.gguf")
+    want_all = dequantized_layers(mid)
+    for prefix, gguf_name in (("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"),
+                              ("model.layers.1.mlp.gate_proj", "blk.1.ffn_gate.weight")):  # fmt: skip
+        t = written[gguf_name]
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # type: ignore[attr-defined]
+        want = want_all[prefix]
+        assert want is not None and np.array_equal(got.astype(np.float64), want.numpy()), prefix
     with pytest.raises(UnsupportedError, match="pad-for-tp"):
         convert_to_gguf(mid, tmp_path / "y.gguf", ConvertOptions(pad_for_tp=2))
 

@@ -54,8 +54,8 @@ def q8_k_dequantize(raw: np.ndarray, rows: int) -> np.ndarray:
 
 
 def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "F32":
-        return raw
+    if kind in ("F32", "F16"):
+        return raw.astype(np.float32)
     if kind == "Q8_K":
         return q8_k_dequantize(raw, raw.shape[0])
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
@@ -162,8 +162,10 @@ def write_pair(
 
     def matrix(gguf_name: str, hf_name: str, rows: int, cols: int, heads_to_restore: int = 0) -> None:
         qkind = kind
-        if kind == "F32":
-            raw = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        if kind in ("F32", "F16"):
+            raw = (rng.standard_normal((rows, cols)) * 0.05).astype(
+                np.float32 if kind == "F32" else np.float16
+            )
             w.add_tensor(gguf_name, raw)
         else:
             raw = random_blocks(kind, rows, cols, rng)

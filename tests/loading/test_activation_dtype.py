@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from anyquant.convert.quantize import quantize_checkpoint
 
 from anyquant import LLM
+from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.errors import AnyquantError
 from anyquant.loading.activations import activation_quant, with_activations
 from anyquant.loading.describe import describe_checkpoint
