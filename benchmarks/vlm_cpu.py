@@ -108,7 +108,6 @@ def build_internvl(out: Path, text_layers: int, vision_depth: int) -> tuple[Path
 
 def quantized(src: Path, skip: list[str]) -> Path:
     from anyquant.convert.quantize import quantize_checkpoint
-
     from anyquant.quant.formats.base import WriteOptions
 
     dst = src.with_name(src.name.replace("-bf16", "-gptq-int4"))
