@@ -165,7 +165,7 @@ def test_cpu_reason_matches_cpuinfo() -> None:
         (SPECS[0], "linear", "meta", BF16, "CPU only"),
         (None, "linear", "cpu", BF16, "unquantized"),
         (SPECS[0], "embedding", "cpu", BF16, "embedding layers"),
-        (SPECS[0], "router", "cpu", F32, "router layers"),
+        (SPECS[0], "router", "cpu", F32, "MoE routers keep the reference kernel"),
         (SPECS[0], "linear", "cpu", torch.float16, "not bfloat16 or float32"),
         (
             QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),

@@ -29,11 +29,17 @@ from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.torch_cpu import _act_order_permutation
 from anyquant.quant.reference import activation_amax
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight, num_groups
+from anyquant.quant.weight_types import WEIGHT_TYPES
 
-_V4, _V8 = 0, 1
-_FORMAT = {"uint2": _V4, "uint3": _V4, "uint4": _V4, "int8": _V8, "uint8": _V8}
+_V4, _V8 = 0, 1  # the extension's integer weight layouts
+# Integer weight types by their layout in the weight-type table (quant/weight_types.py).
+_FORMAT = {
+    name: {"int4": _V4, "int8": _V8}[traits.cpu_layout]
+    for name, traits in WEIGHT_TYPES.items()
+    if traits.cpu_layout in ("int4", "int8")
+}
 _ROWS = 16  # output rows per block: 16 int32 lanes of vpdpbusd
 _MAX_GROUP = 32768  # int32 sums stay exact (255 * 128 * 65536 < 2^31); half of that for margin
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -85,25 +91,11 @@ class Avx512VnniKernel(LinearKernel):
     offset: Tensor | None
     perm: Tensor | None
 
+    device_types = ("cpu",)
+    compute_dtypes = _DTYPES
+
     @classmethod
-    def cannot_run(
-        cls,
-        spec: QuantSpec | None,
-        kind: LayerKind,
-        device: torch.device,
-        shape: tuple[int, int],
-        compute_dtype: torch.dtype,
-    ) -> str | None:
-        if device.type != "cpu":
-            return f"runs on CPU only, the layer is on {device.type}"
-        if spec is None:
-            return "layer is unquantized (the dense kernel runs it)"
-        if kind not in ("linear", "experts", "lm_head"):
-            return f"{kind} layers are not matrix multiplications this kernel runs"
-        if compute_dtype not in _DTYPES:
-            return f"compute dtype {compute_dtype} is not bfloat16 or float32"
-        if min(shape) <= 0:
-            return f"layer shape {list(shape)} has no weights"
+    def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
         if spec.weight not in _FORMAT:
             return f"weights are {spec.weight}; this kernel runs uint2/3/4, int8 and uint8"
         reason = activation_reason(spec)
