@@ -11,7 +11,7 @@ per-call choice between the extension's two paths:
     into three bf16 parts, so fp32 keeps fp32 accuracy;
   - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
     fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
-The pure-torch kernels in torch_cpu.py serve whatever is refused here, with the reason shown by
+The pure-torch kernels in torch_cpu/ serve whatever is refused here, with the reason shown by
 `anyquant inspect`.
 """
 
