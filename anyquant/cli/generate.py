@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+from anyquant.cli.flags import ENFORCE_EAGER_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (config.json, *.safetensors, tokenizer.json)")
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
     )
+    parser.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     parser.add_argument(
         "--debug-numerics",
         action="store_true",
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         debug_numerics=args.debug_numerics,
         tensor_parallel_size=args.tensor_parallel_size,
         chat_template=args.chat_template,
+        enforce_eager=True if args.enforce_eager else None,
     )
     t1 = time.perf_counter()
     prompt = args.prompt
@@ -90,9 +94,16 @@ def run(args: argparse.Namespace) -> int:
     fmt = llm.loaded.format.describe() if llm.loaded.format else "unquantized"
     print(
         f"\n[{fmt}; {len(out.token_ids)} tokens in {t2 - t1:.2f}s "
-        f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s, finish={out.finish_reason}]"
+        f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s ({_step_mode(llm)}), finish={out.finish_reason}]"
     )
     return 0
+
+
+def _step_mode(llm: Any) -> str:
+    """How decode steps ran, for the load report: compiled (and the compile time) or eager (why)."""
+    if llm.eager_reason is None:
+        return f"decode compiled in {llm.loaded.timings.get('compiling', 0.0):.2f}s"
+    return f"eager decode: {llm.eager_reason}"
 
 
 def _open_image(path: str) -> Any:

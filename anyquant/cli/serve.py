@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anyquant.cli.flags import ENFORCE_EAGER_HELP
 from anyquant.errors import AnyquantError
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
+    parser.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     parser.add_argument(
         "--lm-head-dtype",
         default="auto",
@@ -178,9 +180,12 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_fraction=args.kv_cache_fraction,
         tensor_parallel_size=args.tensor_parallel_size,
         chat_template=args.chat_template,
+        enforce_eager=True if args.enforce_eager else None,
     )
-    timings = llm.loaded.timings  # load_model logged reading and repacking as they ended
-    engine_s = time.perf_counter() - t0 - timings.get("reading", 0.0) - timings.get("repacking", 0.0)
+    timings = llm.loaded.timings  # reading, repacking and compiling were logged as they ended
+    engine_s = (
+        time.perf_counter() - t0 - sum(timings.get(p, 0.0) for p in ("reading", "repacking", "compiling"))
+    )
     log.info("%s: phase KV cache and engine took %.2fs", args.model, max(engine_s, 0.0))
     if llm.tokenizer is None:
         raise AnyquantError(f"{args.model}: no tokenizer.json; the server needs a tokenizer")

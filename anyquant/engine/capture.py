@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,7 @@ def _moe_output(args: Any) -> Tensor:
     return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
 
 
-def compile_unavailable_reason(model: object, device: torch.device) -> str | None:
+def compile_unavailable_reason(model: object, device: torch.device, backend: str = "inductor") -> str | None:
     """Why this process cannot compile a decode step, or None."""
     from anyquant.models.base import DecoderLM
 
@@ -90,9 +90,15 @@ def compile_unavailable_reason(model: object, device: torch.device) -> str | Non
         return "tensor-parallel models run eagerly (their ranks step in lockstep outside torch.compile)"
     if device.type != "cpu":
         return f"the captured step is built for CPU; the model is on {device.type}"
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
-        return f"Inductor needs a C++ compiler and {compiler!r} was not found"
+    if backend == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()  # runs `<compiler> --version` for each candidate
+        except Exception:
+            candidates = [c for c in inductor_config.cpp.cxx if c]
+            return f"Inductor needs a working C++ compiler; tried {candidates} (set CXX to one)"
     return None
 
 
@@ -111,6 +117,20 @@ def prepare_model(model: DecoderLM, max_position: int) -> None:
             module.opaque_handle = register_opaque(module, "_routed_per_expert", _moe_output)
         elif isinstance(module, RotaryEmbedding):
             module.cos_sin(torch.zeros(1, dtype=torch.long), max_position=max_position)
+
+
+def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`method` over a copy of its code object. Dynamo keeps compiled graphs and their guards per
+    code object: without a copy every model of a process would share one cache (and its
+    recompile limit, which a test session with many models reaches) and keep the others' graphs."""
+    fn = method.__func__  # type: ignore[attr-defined]
+    _own_code.count += 1  # type: ignore[attr-defined]
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{_own_code.count}")  # type: ignore[attr-defined]
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
+
+
+_own_code.count = 0  # type: ignore[attr-defined]
 
 
 class CapturedContext(AttentionContext):
@@ -151,8 +171,15 @@ class CapturedDecode:
     bucket of decoding sequences."""
 
     def __init__(
-        self, model: DecoderLM, cache: PagedKVCache, max_position: int, buckets: tuple[int, ...]
+        self,
+        model: DecoderLM,
+        cache: PagedKVCache,
+        max_position: int,
+        buckets: tuple[int, ...],
+        backend: str = "inductor",
     ) -> None:
+        """`backend`: torch.compile's; "aot_eager" traces the same graph without Inductor's code
+        generation (tests use it to check the capture of every family in seconds)."""
         self.model = model
         self.cache = cache
         self.max_position = max_position
@@ -163,7 +190,11 @@ class CapturedDecode:
             key=lambda w: -1 if w is None else w,
         )
         prepare_model(model, max_position)
-        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self.steps_run = 0  # steps that took this path (tests and stats)
+        # fullgraph: a graph break is an error (then the steps stay eager), never a silent split.
+        self._compiled = torch.compile(
+            _own_code(self._forward), fullgraph=True, dynamic=False, backend=backend
+        )
 
     @property
     def max_batch(self) -> int:
@@ -206,10 +237,15 @@ class CapturedDecode:
             block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])
             context_lens = context_lens + [1] * pad
         self._set_plans(block_tables, context_lens)
+        inputs = (torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots)
+        if size > 1:
+            # One graph for every bucket above 1, the batch size symbolic (Dynamo specializes
+            # size 1, and compiling once instead of once per bucket is most of the warm-up).
+            for tensor in inputs:
+                torch._dynamo.mark_dynamic(tensor, 0)
         with torch.inference_mode():
-            logits = self._compiled(
-                torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots
-            )
+            logits = self._compiled(*inputs)
+        self.steps_run += 1
         return logits[:real]
 
     def warm_up(self) -> float:

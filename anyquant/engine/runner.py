@@ -195,13 +195,14 @@ class ModelRunner:
             return StepLogits.empty()
         return StepLogits(sample_ids, logits.cpu())
 
-    def capture(self, max_position: int, max_num_seqs: int) -> str | None:
+    def capture(self, max_position: int, max_num_seqs: int, backend: str = "inductor") -> str | None:
         """Compile the decode step of every bucket up to `max_num_seqs` sequences (the warm-up);
         None, or why the steps stay eager (logged; never raised: eager always works)."""
-        reason = compile_unavailable_reason(self.model, self.device)
+        reason = compile_unavailable_reason(self.model, self.device, backend)
         if reason is None:
             try:
-                captured = CapturedDecode(self.model, self.cache, max_position, bucket_sizes(max_num_seqs))
+                buckets = bucket_sizes(max_num_seqs)
+                captured = CapturedDecode(self.model, self.cache, max_position, buckets, backend)
                 captured.warm_up()
             except Exception as error:  # a trace or an Inductor build that fails: stay eager
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
