@@ -192,8 +192,13 @@ class CapturedDecode:
         prepare_model(model, max_position)
         self.steps_run = 0  # steps that took this path (tests and stats)
         # fullgraph: a graph break is an error (then the steps stay eager), never a silent split.
+        # No size/stride asserts on the outputs of the C++ and anyquant ops at every call (~3000
+        # Python checks per step); the tests run the same options.
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = None
+        if backend == "inductor":
+            options = {"size_asserts": False}
         self._compiled = torch.compile(
-            _own_code(self._forward), fullgraph=True, dynamic=False, backend=backend
+            _own_code(self._forward), fullgraph=True, dynamic=False, backend=backend, options=options
         )
 
     @property
