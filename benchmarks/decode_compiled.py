@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     budget = 2 * args.rounds * args.steps + args.profile_steps + 8
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     llm = LLM(
         args.model,
         dtype="bfloat16",
@@ -48,12 +49,25 @@ def main() -> None:
         max_num_seqs=max(args.batches),
         enforce_eager=False,
     )
-    load_s = time.perf_counter() - t0
+    load_s, cpu1 = time.perf_counter() - t0, os.times()
+    # CPU seconds of the load, Inductor's compiler subprocesses included (the wall time of a
+    # shared machine is mostly waiting).
+    load_cpu_s = sum(cpu1[:4]) - sum(cpu0[:4])
     runner = llm.engine.runner
     captured = runner.captured
     if captured is None:
         raise SystemExit(f"no compiled step: {llm.eager_reason}")
-    print(json.dumps({"load_s": load_s, **llm.loaded.timings, "buckets": list(captured.buckets)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "load_cpu_s": load_cpu_s,
+                **llm.loaded.timings,
+                "buckets": list(captured.buckets),
+            }
+        ),
+        flush=True,
+    )
     vocab = int(llm.loaded.config["vocab_size"])
     rows = []
     for context in args.contexts:
