@@ -17,6 +17,7 @@ Owns three things, registered with `torch.library` when a captured step is prepa
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -99,7 +100,7 @@ def _paged_decode_attention(
         slot_mapping, k, v = slot_mapping[real], k[real], v[real]
     key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(key_cache.dtype))
     value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(value_cache.dtype))
-    group = _DecodePlans.plans[plan]
+    group = _PLANS.plans[plan]
     return paged_attention(q, key_cache, value_cache, PagedPlan(group, None), page_size, scale)
 
 
@@ -159,13 +160,19 @@ def paged_decode_attention(
     )
 
 
-class _DecodePlans:
+class _DecodePlans(threading.local):
+    """Per thread: a compiled step runs its ops on the thread that called it, so engines stepping
+    on different threads each see their own plans."""
+
     plans: list[PagedGroup] = []
+
+
+_PLANS = _DecodePlans()
 
 
 def set_decode_plans(plans: list[PagedGroup]) -> None:
     """The current decode step's page plans, read by every `paged_decode_attention` of the step."""
-    _DecodePlans.plans = plans
+    _PLANS.plans = plans
 
 
 @functools.cache
