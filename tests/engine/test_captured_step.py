@@ -81,6 +81,26 @@ def test_inductor_step_picks_the_eager_tokens(tmp_path: Path) -> None:
     _compare(FAMILIES["qwen2"](tmp_path / "qwen2"), "inductor")
 
 
+@pytest.mark.slow
+def test_long_context_with_a_shared_prefix_matches_transformers(tmp_path: Path) -> None:
+    """Captured decode steps over 4200+ tokens of context (263+ pages, the matmul attention form,
+    a prefix shared through the prefix cache) pick transformers' greedy tokens."""
+    from tests.engine.test_paged_attention import _hf_choices
+
+    path = write_tiny_model(tmp_path / "long", "qwen2", seed=5, max_position_embeddings=8192)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 256, (4200,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17)]
+    llm = LLM(path, dtype="float32", max_model_len=4300, max_num_seqs=2, enforce_eager=True)
+    assert llm.engine.runner.capture(4299, 2, backend="aot_eager") is None
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert llm.engine.scheduler.num_prefix_hit_tokens >= 4096
+    captured = llm.engine.runner.captured
+    assert captured is not None and captured.steps_run >= 5
+    assert [_hf_choices(path, p, out) for p, out in zip(prompts, outs)] == outs
+
+
 def test_no_compiler_falls_back_to_eager_with_a_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
