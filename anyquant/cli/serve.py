@@ -1,7 +1,7 @@
 """`anyquant serve MODEL`: load a checkpoint and serve the OpenAI-compatible API with uvicorn.
 
 Owns the vLLM-compatible flags, logging load progress with the time of each phase (reading,
-repacking, KV cache, warm-up), and running uvicorn, whose SIGTERM / Ctrl-C handling drains the
+repacking, compiling, KV cache, warm-up), and running uvicorn, whose SIGTERM / Ctrl-C handling drains the
 server gracefully. Server modules are imported only here, inside `run`.
 """
 
