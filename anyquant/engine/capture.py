@@ -246,8 +246,10 @@ class CapturedDecode:
         if size > 1:
             # One graph for every bucket above 1, the batch size symbolic (Dynamo specializes
             # size 1, and compiling once instead of once per bucket is most of the warm-up).
+            # "maybe": a kernel that picks its path by row count (fp32 `cpu_avx512`) specializes
+            # the sizes it branches on, which then get their own graph instead of an error.
             for tensor in inputs:
-                torch._dynamo.mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         with torch.inference_mode():
             logits = self._compiled(*inputs)
         self.steps_run += 1

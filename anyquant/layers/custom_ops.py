@@ -175,12 +175,15 @@ def set_decode_plans(plans: list[PagedGroup]) -> None:
     _PLANS.plans = plans
 
 
-@functools.cache
 def register_extension_fakes() -> None:
-    """Shape-only implementations of the C++ extension's ops (after the extension is loaded)."""
-    if not hasattr(torch.ops, "anyquant_cpu") or not hasattr(torch.ops.anyquant_cpu, "gemv"):
-        return  # the extension is not loaded in this process: no kernel calls it
+    """Shape-only implementations of the C++ extension's ops, once the extension is loaded (a
+    model without C++ kernels may be prepared first: then nothing is registered yet)."""
+    if hasattr(torch.ops.anyquant_cpu, "gemv"):
+        _register_extension_fakes()
 
+
+@functools.cache
+def _register_extension_fakes() -> None:
     def linear_out(x: Tensor, n: int) -> Tensor:
         # gemv / tiled_mm return [T, n] in x's dtype (bf16 or fp32).
         return x.new_empty(x.shape[0], n)
