@@ -176,8 +176,15 @@ class ModelRunner:
             and not embed_rows
             and len(sample_rows) == len(rows)
         ):  # every sequence decodes one token and samples from it
-            logits = captured.run(ids, positions, slot_mapping, block_tables, context_lens)
-            return StepLogits(sample_ids, logits)
+            try:
+                logits = captured.run(ids, positions, slot_mapping, block_tables, context_lens)
+            except Exception as error:  # e.g. a guard that fails and a recompile that cannot work
+                # The eager step below stores the same keys/values again: nothing is lost.
+                log.error("the compiled decode step failed (%s: %s); steps run eagerly from now on",
+                          type(error).__name__, error)  # fmt: skip
+                self.captured = None
+            else:
+                return StepLogits(sample_ids, logits)
         dev = self.device
         ctx = PagedAttention(self.cache, slot_mapping.to(dev), block_tables.to(dev), query_lens, context_lens)
         token_ids = torch.tensor(ids, dtype=torch.long, device=dev)

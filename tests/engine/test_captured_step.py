@@ -179,6 +179,24 @@ def test_cli_takes_enforce_eager(argv: list[str]) -> None:
     assert build_parser().parse_args(argv).enforce_eager is True
 
 
+def test_a_failing_compiled_step_falls_back_to_eager(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_tiny_model(tmp_path / "m", "llama")
+    want = _greedy(LLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True))
+    llm = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True)
+    runner = llm.engine.runner
+    assert runner.capture(127, 4, backend="aot_eager") is None
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("recompile failed")
+
+    runner.captured.run = broken  # type: ignore[union-attr, method-assign]
+    with caplog.at_level(logging.ERROR, logger="anyquant.engine"):
+        assert _greedy(llm) == want
+    assert runner.captured is None and "recompile failed" in caplog.text
+
+
 def test_buckets_cover_max_num_seqs() -> None:
     assert capture.bucket_sizes(1) == (1,)
     assert capture.bucket_sizes(5) == (1, 2, 4, 8)
