@@ -179,6 +179,7 @@ def test_cli_takes_enforce_eager(argv: list[str]) -> None:
     assert build_parser().parse_args(argv).enforce_eager is True
 
 
+@pytest.mark.slow
 def test_a_failing_compiled_step_falls_back_to_eager(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,6 +204,7 @@ def test_buckets_cover_max_num_seqs() -> None:
     assert capture.bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
 
 
+@pytest.mark.slow
 def test_padding_rows_store_nothing(tmp_path: Path) -> None:
     """The captured forward is fed host tensors of the bucket's size: token ids, positions and
     slots (-1 for padding rows, which store nothing)."""
