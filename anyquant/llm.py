@@ -10,7 +10,9 @@ Vision-language models take images as vLLM does: a prompt `{"prompt": ..., "mult
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from anyquant.chat_template import load_override
 from anyquant.config_fields import cfg_int
+from anyquant.engine.capture import eager_by_environment
 from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.multimodal import MultimodalPrompt, one_off_cross_step, prepare_prompt
@@ -34,6 +37,8 @@ from anyquant.models.base import InputEmbeds
 from anyquant.models.multimodal import ImageEncoder, ImageInputError, ImageProcessor, MultimodalModel
 from anyquant.models.protocol import EngineModel
 from anyquant.tokenizer import Tokenizer
+
+log = logging.getLogger("anyquant")
 
 # A prompt: text, or vLLM's dict form {"prompt" | "prompt_token_ids": ..., "multi_modal_data": ...}.
 PromptType = str | dict[str, Any]
@@ -87,6 +92,7 @@ class LLM:
         lm_head_dtype: str = "auto",
         activation_dtype: str = "auto",
         mmproj: str | Path | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -178,6 +184,16 @@ class LLM:
             self.dtype,
             self.device,
         )
+        if enforce_eager is None:
+            enforce_eager = eager_by_environment()
+        self.enforce_eager = enforce_eager
+        # Why decode steps run eagerly ("enforce_eager" when asked), or None when compiled.
+        self.eager_reason: str | None = "enforce_eager" if enforce_eager else None
+        if not enforce_eager:
+            start = time.perf_counter()
+            self.eager_reason = self.engine.runner.capture(self.max_model_len - 1, max_num_seqs)
+            self.loaded.timings["compiling"] = time.perf_counter() - start
+            log.info("%s: phase compiling took %.2fs", model, self.loaded.timings["compiling"])
 
     def close(self) -> None:
         """Stop tensor-parallel workers now (otherwise when this object is collected); no-op at N=1."""

@@ -121,6 +121,7 @@ def main() -> None:
             dtype="bfloat16",
             max_model_len=args.context + budget + 16,
             max_num_seqs=max(args.batches),
+            enforce_eager=True,  # the hooks time kernel modules, which a compiled step does not call
             **VARIANTS[name],
         )
         for name in args.variants

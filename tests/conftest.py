@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# The one switch that runs the suite eagerly: compiling a decode step costs tens of seconds of
+# Inductor per model on the CI's two cores, and the suite builds hundreds of models. Set here,
+# at import, so that CLI subprocesses inherit it; the tests of the compiled step
+# (tests/engine/test_captured_step.py) ask for it explicitly with enforce_eager=False.
+os.environ.setdefault("ANYQUANT_ENFORCE_EAGER", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ANYQUANT_SHARED", REPO.parent / "shared"))
 THIRD_PARTY = SHARED / "fixtures" / "third_party"

@@ -44,6 +44,7 @@ class ServeBenchPlan:
     dtype: str = "auto"
     lm_head_dtype: str = "auto"
     server_args: list[str] = field(default_factory=list)
+    enforce_eager: bool = False  # the server and the sequential run skip compiling the decode step
     log_dir: Path = Path("out/bench/logs")
 
     def __post_init__(self) -> None:
@@ -105,6 +106,8 @@ def run_serve_bench(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     extra = ["--dtype", plan.dtype, "--lm-head-dtype", plan.lm_head_dtype, *plan.server_args]
+    if plan.enforce_eager:
+        extra.append("--enforce-eager")
     if not any(arg.startswith("--max-model-len") for arg in plan.server_args):
         # The model's full context would size the KV cache for nothing this load uses.
         extra += ["--max-model-len", str(plan.prompt_len + plan.max_tokens)]
@@ -125,6 +128,7 @@ def run_serve_bench(
             dtype=plan.dtype,
             max_model_len=plan.prompt_len + plan.max_tokens,
             lm_head_dtype=plan.lm_head_dtype,
+            enforce_eager=True if plan.enforce_eager else None,
         )
         # The same warm-up `anyquant serve` does before it reports ready.
         llm.generate(prompt_token_ids=[[token_range[0]]], sampling_params=SamplingParams(max_tokens=2))

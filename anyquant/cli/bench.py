@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from anyquant.cli.flags import ENFORCE_EAGER_HELP
 from anyquant.errors import AnyquantError
 
 
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "int8"],
         help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
     )
+    serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     serve.add_argument(
         "--server-arg",
         action="append",
@@ -139,6 +141,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         lm_head_dtype=args.lm_head_dtype,
         server_args=args.server_arg,
+        enforce_eager=args.enforce_eager,
         log_dir=args.log_dir,
     )
     results, notes = run_serve_bench(plan)

@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+from anyquant.cli.flags import ENFORCE_EAGER_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory (config.json, *.safetensors, tokenizer.json)")
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
     )
+    parser.add_argument("--enforce-eager", action="store_true", default=None, help=ENFORCE_EAGER_HELP)
     parser.add_argument(
         "--debug-numerics",
         action="store_true",
@@ -95,9 +98,16 @@ def run(args: argparse.Namespace) -> int:
     fmt = llm.loaded.format.describe() if llm.loaded.format else "unquantized"
     print(
         f"\n[{fmt}; {len(out.token_ids)} tokens in {t2 - t1:.2f}s "
-        f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s, finish={out.finish_reason}]"
+        f"({len(out.token_ids) / max(t2 - t1, 1e-9):.1f} tok/s), load {t1 - t0:.2f}s ({_step_mode(llm)}), finish={out.finish_reason}]"
     )
     return 0
+
+
+def _step_mode(llm: Any) -> str:
+    """How decode steps ran, for the load report: compiled (and the compile time) or eager (why)."""
+    if llm.eager_reason is None:
+        return f"decode compiled in {llm.loaded.timings.get('compiling', 0.0):.2f}s"
+    return f"eager decode: {llm.eager_reason}"
 
 
 def _open_image(path: str) -> Any:

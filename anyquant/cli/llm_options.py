@@ -28,6 +28,8 @@ LLM_FLAGS = (
     "tensor_parallel_size",
     "chat_template",
     "debug_numerics",
+    # store_true with default None: absent leaves the choice to LLM (the environment variable).
+    "enforce_eager",
 )
 
 

@@ -1,7 +1,7 @@
 """`anyquant serve MODEL`: load a checkpoint and serve the OpenAI-compatible API with uvicorn.
 
 Owns the vLLM-compatible flags, logging load progress with the time of each phase (reading,
-repacking, KV cache, warm-up), and running uvicorn, whose SIGTERM / Ctrl-C handling drains the
+repacking, compiling, KV cache, warm-up), and running uvicorn, whose SIGTERM / Ctrl-C handling drains the
 server gracefully. Server modules are imported only here, inside `run`.
 """
 
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anyquant.cli.flags import ENFORCE_EAGER_HELP
 from anyquant.errors import AnyquantError
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None, help=ENFORCE_EAGER_HELP)
     parser.add_argument(
         "--mmproj",
         default=None,
@@ -181,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
     log.info("loading %s", args.model)
     t0 = time.perf_counter()
     llm = load_llm(args)
-    timings = llm.loaded.timings  # load_model logged reading and repacking as they ended
-    engine_s = time.perf_counter() - t0 - timings.get("reading", 0.0) - timings.get("repacking", 0.0)
+    timings = llm.loaded.timings  # reading, repacking and compiling were logged as they ended
+    engine_s = (
+        time.perf_counter() - t0 - sum(timings.get(p, 0.0) for p in ("reading", "repacking", "compiling"))
+    )
     log.info("%s: phase KV cache and engine took %.2fs", args.model, max(engine_s, 0.0))
     if llm.tokenizer is None:
         raise AnyquantError(f"{args.model}: no tokenizer.json; the server needs a tokenizer")

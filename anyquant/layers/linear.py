@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from anyquant.layers.custom_ops import opaque_call
 from anyquant.parallel.comm import all_reduce, all_reduce_max, gather_last_dim
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.reference import activation_amax
@@ -59,6 +60,9 @@ class QuantLinear(nn.Module):
         # Row shard whose split cut dynamic activation groups: the original group of each local
         # group (-1: padding only) and how many original groups (`shard_rules.activation_group_map`).
         self.act_groups: tuple[Tensor, int] | None = None
+        # Set when a captured step is prepared for a kernel Dynamo cannot trace: inside a
+        # torch.compile trace the kernel then runs as one opaque op (layers/custom_ops.py).
+        self.opaque_handle: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,6 +83,8 @@ class QuantLinear(nn.Module):
         if self.kernel is None:
             raise RuntimeError(f"{self.prefix}: no weight loaded")
         if self.parallel is None:
+            if self.opaque_handle is not None and torch.compiler.is_compiling():
+                return opaque_call(self.opaque_handle, *((x,) if self.bias is None else (x, self.bias)))
             return self.kernel(x, self.bias)
         return self._parallel_forward(x, self.kernel, self.parallel, None)
 

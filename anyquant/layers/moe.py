@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
+from anyquant.layers.custom_ops import opaque_call
 from anyquant.layers.linear import QuantLinear, TensorParallelLayer
 from anyquant.layers.mlp import PROJ_NAMES, GatedMLP
 from anyquant.parallel.comm import all_reduce, all_reduce_max
@@ -205,6 +206,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: QuantLinear | None = None
         self.parallel: ParallelState | None = None
+        self.opaque_handle: int | None = None  # see `QuantLinear.opaque_handle`
         if shared_name is not None and shared_size > 0:
             self.shared_expert = GatedMLP(
                 f"{prefix}.{shared_name}", hidden_size, shared_size, act, reduce_output=False
@@ -252,6 +254,9 @@ class SparseMoE(nn.Module, TensorParallelLayer):
     def _routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         if self.fused is not None:
             return self.fused(x, weights, ids)
+        if self.opaque_handle is not None and torch.compiler.is_compiling():
+            # Grouping tokens by expert needs the counts on the host: one opaque op in a graph.
+            return opaque_call(self.opaque_handle, x, weights, ids)
         return self._routed_per_expert(x, weights, ids)
 
     def _routed_per_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:

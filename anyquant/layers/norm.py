@@ -20,6 +20,10 @@ class RMSNorm(nn.Module):
         self._weight_key: tuple[int, int, torch.dtype] | None = None  # what `_weight_f32` was made from
 
     def weight_f32(self) -> Tensor:
+        if torch.compiler.is_compiling():
+            # Traced: the cast is one node that Inductor folds into the norm's kernel (the cache
+            # below reads data_ptr(), which a trace cannot).
+            return self.weight.float()
         # Loading, `.to()` and in-place edits change the storage, its version or the dtype.
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype)

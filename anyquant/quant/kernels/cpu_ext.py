@@ -110,6 +110,10 @@ def unavailable_reason() -> str | None:
 
 def ops() -> Any:
     """The loaded ops (`torch.ops.anyquant_cpu`); raises RuntimeError with the reason if unavailable."""
+    if torch.compiler.is_compiling():
+        # Inside a torch.compile trace (a captured decode step): the kernels loaded the library
+        # before, and the build check hashes files, which a trace cannot follow.
+        return torch.ops.anyquant_cpu
     namespace, reason = _load()
     if namespace is None:
         raise RuntimeError(reason)

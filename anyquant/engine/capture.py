@@ -1,0 +1,270 @@
+"""A captured decode step: the model's forward for B decoding sequences compiled by `torch.compile`.
+
+Owns when a step can take the captured path (every sequence decodes one token, plain 1-D positions,
+no image rows, at most the largest bucket), padding the batch to a bucket size (1, 2, 4, 8, ...),
+building the step's page plans as tensors, compiling every bucket at warm-up (timed for the load
+report) and falling back to the eager step, with a logged reason, where compiling cannot work
+(no C++ compiler for Inductor, tensor parallelism, a failed trace). Inside the graph the attention
+layers reach the cache through `anyquant::paged_decode_attention` and data-dependent modules
+run as `anyquant::opaque` ops (layers/custom_ops.py), so a step is one graph, no break.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from anyquant.layers.attention import AttentionContext, plan_paged_attention
+from anyquant.layers.custom_ops import (
+    paged_decode_attention,
+    register_extension_fakes,
+    register_opaque,
+    register_ops,
+    set_decode_plans,
+)
+from anyquant.layers.linear import QuantLinear
+from anyquant.layers.moe import SparseMoE
+from anyquant.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from anyquant.engine.kv_cache import PagedKVCache
+    from anyquant.models.base import DecoderLM
+    from anyquant.quant.kernels.base import LinearKernel
+
+log = logging.getLogger("anyquant.engine")
+
+# Set to 1 to run every step eagerly where the caller does not say (the test suite sets it).
+ENFORCE_EAGER_ENV = "ANYQUANT_ENFORCE_EAGER"
+# Batch sizes compiled at warm-up; a step of B sequences runs the smallest bucket >= B.
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def eager_by_environment() -> bool:
+    return os.environ.get(ENFORCE_EAGER_ENV, "") not in ("", "0")
+
+
+def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """Buckets up to the first that holds `max_num_seqs` sequences."""
+    sizes = []
+    for size in DEFAULT_BUCKETS:
+        sizes.append(size)
+        if size >= max_num_seqs:
+            break
+    return tuple(sizes)
+
+
+def _traceable_kernel(kernel: LinearKernel) -> bool:
+    """Kernels whose forward Dynamo traces as is (shape-static Python around aten or C++ ops with
+    fake implementations). The others (the pure-torch CPU kernels check alignment with
+    `data_ptr()`, the reference dequantizes with Python loops) run as opaque ops."""
+    from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightOnlyKernel
+    from anyquant.quant.kernels.dense import DenseKernel
+
+    if isinstance(kernel, Avx512WeightOnlyKernel):
+        return kernel.spec.act is None and kernel.perm is None and kernel.offset_t is None
+    return isinstance(kernel, (Avx512DenseLmHeadKernel, DenseKernel))
+
+
+def _kernel_output(kernel: LinearKernel) -> Callable[[Any], Tensor]:
+    n, dtype = kernel.shape[0], kernel.compute_dtype
+    return lambda args: args[0].new_empty(args[0].shape[0], n, dtype=dtype)
+
+
+def _moe_output(args: Any) -> Tensor:
+    x = args[0]
+    return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
+def compile_unavailable_reason(model: object, device: torch.device, backend: str = "inductor") -> str | None:
+    """Why this process cannot compile a decode step, or None."""
+    from anyquant.models.base import DecoderLM
+
+    if not isinstance(model, DecoderLM):
+        return "tensor-parallel models run eagerly (their ranks step in lockstep outside torch.compile)"
+    if device.type != "cpu":
+        return f"the captured step is built for CPU; the model is on {device.type}"
+    if backend == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()  # runs `<compiler> --version` for each candidate
+        except Exception:
+            candidates = [c for c in inductor_config.cpp.cxx if c]
+            return f"Inductor needs a working C++ compiler; tried {candidates} (set CXX to one)"
+    return None
+
+
+def prepare_model(model: DecoderLM, max_position: int) -> None:
+    """What a trace needs from the loaded model: fake implementations of the C++ ops, opaque
+    handles for modules Dynamo cannot trace, rotary tables covering every position up front."""
+    register_ops()
+    register_extension_fakes()
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.kernel is not None:
+            if module.parallel is None and not _traceable_kernel(module.kernel):
+                module.opaque_handle = register_opaque(
+                    module.kernel, "forward", _kernel_output(module.kernel)
+                )
+        elif isinstance(module, SparseMoE) and module.fused is None:
+            module.opaque_handle = register_opaque(module, "_routed_per_expert", _moe_output)
+        elif isinstance(module, RotaryEmbedding):
+            module.cos_sin(torch.zeros(1, dtype=torch.long), max_position=max_position)
+
+
+def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`method` over a copy of its code object. Dynamo keeps compiled graphs and their guards per
+    code object: without a copy every model of a process would share one cache (and its
+    recompile limit, which a test session with many models reaches) and keep the others' graphs."""
+    fn = method.__func__  # type: ignore[attr-defined]
+    _own_code.count += 1  # type: ignore[attr-defined]
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{_own_code.count}")  # type: ignore[attr-defined]
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)  # type: ignore[attr-defined]
+
+
+_own_code.count = 0  # type: ignore[attr-defined]
+
+
+class CapturedContext(AttentionContext):
+    """A captured step's attention: every sequence decodes one token; the page plan of each
+    window size is the `plans`-th given to `set_decode_plans` for the step."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        slot_mapping: Tensor,
+        plans: dict[int | None, int],
+        max_position: int,
+    ) -> None:
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.plans = plans
+        # Rotary tables were grown to this position by `prepare_model`: no size check per step.
+        self.max_position = max_position
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
+    ) -> Tensor:
+        return paged_decode_attention(
+            q,
+            k,
+            v,
+            self.cache.k[layer],
+            self.cache.v[layer],
+            self.slot_mapping,
+            self.plans[window],
+            self.cache.page_size,
+            scale,
+        )
+
+
+class CapturedDecode:
+    """The compiled decode step of one model and cache; `run` takes a step of up to the largest
+    bucket of decoding sequences."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        cache: PagedKVCache,
+        max_position: int,
+        buckets: tuple[int, ...],
+        backend: str = "inductor",
+    ) -> None:
+        """`backend`: torch.compile's; "aot_eager" traces the same graph without Inductor's code
+        generation (tests use it to check the capture of every family in seconds)."""
+        self.model = model
+        self.cache = cache
+        self.max_position = max_position
+        self.buckets = buckets
+        self.windows = sorted(
+            {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "sliding_window")}
+            or {None},
+            key=lambda w: -1 if w is None else w,
+        )
+        prepare_model(model, max_position)
+        self.steps_run = 0  # steps that took this path (tests and stats)
+        # fullgraph: a graph break is an error (then the steps stay eager), never a silent split.
+        # No size/stride asserts on the outputs of the C++ and anyquant ops at every call (~3000
+        # Python checks per step); the tests run the same options.
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = None
+        if backend == "inductor":
+            options = {"size_asserts": False}
+        self._compiled = torch.compile(
+            _own_code(self._forward), fullgraph=True, dynamic=False, backend=backend, options=options
+        )
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _forward(self, token_ids: Tensor, positions: Tensor, slot_mapping: Tensor) -> Tensor:
+        plans = {w: i for i, w in enumerate(self.windows)}
+        ctx = CapturedContext(self.cache, slot_mapping, plans, self.max_position)
+        return self.model(token_ids, positions, ctx)
+
+    def _set_plans(self, block_tables: Tensor, context_lens: list[int]) -> None:
+        page = self.cache.page_size
+        ones = [1] * len(context_lens)
+        groups = []
+        for window in self.windows:
+            group = plan_paged_attention(block_tables, ones, context_lens, page, window).decode
+            assert group is not None
+            groups.append(group)
+        set_decode_plans(groups)
+
+    def run(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: Tensor,
+        block_tables: Tensor,
+        context_lens: list[int],
+    ) -> Tensor:
+        """Logits [B, vocab] of a step of B decoding sequences (B <= max_batch), fp32."""
+        real = len(token_ids)
+        size = self.bucket(real)
+        pad = size - real
+        if pad:
+            token_ids = token_ids + [0] * pad
+            positions = positions + [0] * pad
+            slots = torch.cat([slots, slots.new_full((pad,), -1)])
+            block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])
+            context_lens = context_lens + [1] * pad
+        self._set_plans(block_tables, context_lens)
+        inputs = (torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots)
+        if size > 1:
+            # One graph for every bucket above 1, the batch size symbolic (Dynamo specializes
+            # size 1, and compiling once instead of once per bucket is most of the warm-up).
+            # "maybe": a kernel that picks its path by row count (fp32 `cpu_avx512`) specializes
+            # the sizes it branches on, which then get their own graph instead of an error.
+            for tensor in inputs:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        with torch.inference_mode():
+            logits = self._compiled(*inputs)
+        self.steps_run += 1
+        return logits[:real]
+
+    def warm_up(self) -> float:
+        """Compile every bucket (a step over page 0, which is written and then left to the
+        allocator as it was); seconds spent."""
+        start = time.perf_counter()
+        page = self.cache.page_size
+        saved_k = self.cache.k[:, :, :page].clone()
+        saved_v = self.cache.v[:, :, :page].clone()
+        for size in self.buckets:
+            tables = torch.zeros(size, 1, dtype=torch.long)
+            self.run([0] * size, [0] * size, torch.zeros(size, dtype=torch.long), tables, [1] * size)
+        self.cache.k[:, :, :page] = saved_k
+        self.cache.v[:, :, :page] = saved_v
+        return time.perf_counter() - start

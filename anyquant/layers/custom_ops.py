@@ -1,0 +1,203 @@
+"""Custom ops that let `torch.compile` trace a whole decode step without a graph break.
+
+Owns three things, registered with `torch.library` when a captured step is prepared (never at
+`import anyquant`):
+- fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`, `tiled_mm`,
+  `moe_experts`), so Dynamo traces the kernels that call them and Inductor calls them in place;
+- `anyquant::paged_decode_attention`: stores one decode step's keys/values in a layer's cache
+  and attends through the step's page plan; the cache is declared mutated, so the graph keeps the
+  write before every later read. The plan (pages read, mask) is step metadata set by the runner
+  before the graph runs (`set_decode_plans`): its shapes grow with the context, and passing it
+  through the graph would recompile at every new page count or make every shape symbolic;
+- `anyquant::opaque`: a callable whose Python depends on data (the per-expert MoE path sorts
+  tokens with a host sync; the pure-torch kernels look at `data_ptr()`) runs as one op of the
+  graph, which sees only its output's shape and dtype (`register_opaque`).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from anyquant.layers.attention import PagedGroup
+
+# What an opaque op's output looks like, from its inputs (run on fake tensors while tracing).
+OutputSpec = Callable[[Sequence[Tensor]], Tensor]
+
+
+class _Opaque:
+    """The callables behind `anyquant::opaque`, by handle. Held weakly: a model that is dropped
+    frees its modules, and a handle of a dropped callable fails loudly instead of running."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Callable[[], Callable[..., Tensor] | None], OutputSpec]] = []
+
+    def add(self, owner: object, method: str, spec: OutputSpec) -> int:
+        ref = weakref.ref(owner)
+
+        def bound() -> Callable[..., Tensor] | None:
+            target = ref()
+            return None if target is None else getattr(target, method)
+
+        self.entries.append((bound, spec))
+        return len(self.entries) - 1
+
+    def call(self, handle: int, args: Sequence[Tensor]) -> Tensor:
+        fn = self.entries[handle][0]()
+        if fn is None:
+            raise RuntimeError(f"anyquant::opaque handle {handle}: its module no longer exists")
+        return fn(*args)
+
+
+_OPAQUE = _Opaque()
+
+
+def register_opaque(owner: object, method: str, spec: OutputSpec) -> int:
+    """A handle under which `opaque_call` runs `owner.<method>(*tensors)` as one graph op."""
+    register_ops()
+    return _OPAQUE.add(owner, method, spec)
+
+
+def opaque_call(handle: int, *args: Tensor) -> Tensor:
+    return torch.ops.anyquant.opaque(list(args), handle)
+
+
+def _opaque(args: list[Tensor], handle: int) -> Tensor:
+    out = _OPAQUE.call(handle, args)
+    # An op's output may not alias its inputs: a callable that returned one is copied.
+    return out.clone() if any(out.data_ptr() == a.data_ptr() for a in args) else out
+
+
+def _opaque_fake(args: list[Tensor], handle: int) -> Tensor:
+    return _OPAQUE.entries[handle][1](args)
+
+
+def _paged_decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+    plan: int,
+    page_size: int,
+    scale: float,
+) -> Tensor:
+    """One query row per sequence (padding rows have slot -1: nothing stored, their output is
+    dropped by the caller) -> [B, H * Dv]."""
+    # Imported here: attention imports linear, which imports this module.
+    from anyquant.layers.attention import PagedPlan, paged_attention
+
+    if bool(slot_mapping[-1] < 0):  # padding rows sit at the end
+        real = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[real], k[real], v[real]
+    key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(key_cache.dtype))
+    value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(value_cache.dtype))
+    group = _PLANS.plans[plan]
+    return paged_attention(q, key_cache, value_cache, PagedPlan(group, None), page_size, scale)
+
+
+def _paged_decode_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+    plan: int,
+    page_size: int,
+    scale: float,
+) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * value_cache.shape[-1])
+
+
+_SCHEMAS: dict[str, tuple[str, Callable[..., Tensor], Callable[..., Tensor]]] = {
+    "opaque": ("opaque(Tensor[] args, int handle) -> Tensor", _opaque, _opaque_fake),
+    "paged_decode_attention": (
+        "paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping, int plan, int page_size, float scale) -> Tensor",
+        _paged_decode_attention,
+        _paged_decode_attention_fake,
+    ),
+}
+
+
+@functools.cache
+def register_ops() -> torch.library.Library:
+    """Define the anyquant:: ops (once per process). Through the low-level `Library` API, with
+    CPU kernels only: `torch.library.custom_op` adds Python autograd and view-tracking layers
+    around every call, measured at ~0.17 ms per attention call (4 ms of a 24-layer batch-1 step);
+    a captured step runs under inference mode and needs neither."""
+    lib = torch.library.Library("anyquant", "FRAGMENT")
+    for name, (schema, kernel, fake) in _SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, kernel, "CPU")
+        torch.library.register_fake(f"anyquant::{name}", fake, lib=lib)
+    return lib
+
+
+def paged_decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+    plan: int,
+    page_size: int,
+    scale: float,
+) -> Tensor:
+    """`plan`: which of the plans given to `set_decode_plans` (one per sliding-window size)."""
+    return torch.ops.anyquant.paged_decode_attention(
+        q, k, v, key_cache, value_cache, slot_mapping, plan, page_size, scale
+    )
+
+
+class _DecodePlans(threading.local):
+    """Per thread: a compiled step runs its ops on the thread that called it, so engines stepping
+    on different threads each see their own plans."""
+
+    plans: list[PagedGroup] = []
+
+
+_PLANS = _DecodePlans()
+
+
+def set_decode_plans(plans: list[PagedGroup]) -> None:
+    """The current decode step's page plans, read by every `paged_decode_attention` of the step."""
+    _PLANS.plans = plans
+
+
+def register_extension_fakes() -> None:
+    """Shape-only implementations of the C++ extension's ops, once the extension is loaded (a
+    model without C++ kernels may be prepared first: then nothing is registered yet)."""
+    if hasattr(torch.ops.anyquant_cpu, "gemv"):
+        _register_extension_fakes()
+
+
+@functools.cache
+def _register_extension_fakes() -> None:
+    def linear_out(x: Tensor, n: int) -> Tensor:
+        # gemv / tiled_mm return [T, n] in x's dtype (bf16 or fp32).
+        return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("anyquant_cpu::gemv")
+    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
+        return linear_out(x, n)
+
+    @torch.library.register_fake("anyquant_cpu::tiled_mm")
+    def _(x, packed, scale, zz, lut, bias, fmt, group, n, tile_blocks):
+        return linear_out(x, n)
+
+    if hasattr(torch.ops.anyquant_cpu, "moe_experts"):
+
+        @torch.library.register_fake("anyquant_cpu::moe_experts")
+        def _(x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden):
+            return x.new_empty(x.shape[0], hidden, dtype=torch.float32)

@@ -1,0 +1,118 @@
+"""Eager vs compiled decode steps (`torch.compile`, Inductor on CPU) in one process, alternating.
+
+Loads the Qwen2.5-0.5B-shaped W4A16 checkpoint (`benchmarks/decode_cpu.py` builds it) once with
+its decode step compiled (the load's "compiling" phase is the compile time), brings `batch`
+requests to their decode steps (`decode_step._ready`: no prefill), then in rounds runs engine
+steps eagerly (the runner's captured step switched off) and compiled, in turn, timing this
+thread's CPU time (OMP_NUM_THREADS=1). The heavy kernels (LM head, the other linear kernels,
+paged attention) are the same calls in both modes; their time is measured in the eager step
+(`decode_profile._breakdown`), and each mode's "other" (Python, dispatch, small ops: what
+compiling can remove) is its step time minus those kernels.
+
+    python benchmarks/decode_compiled.py [--batches 1 32] [--contexts 128] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+from decode_profile import _breakdown, _steps_cpu_ms  # type: ignore[import-not-found]
+from decode_step import _drain, _ready  # type: ignore[import-not-found]
+
+from anyquant import LLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="out/bench/dense-w4a16")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per mode per round")
+    parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    budget = 2 * args.rounds * args.steps + args.profile_steps + 8
+    t0, cpu0 = time.perf_counter(), os.times()
+    llm = LLM(
+        args.model,
+        dtype="bfloat16",
+        max_model_len=max(args.contexts) + budget + 16,
+        max_num_seqs=max(args.batches),
+        enforce_eager=False,
+    )
+    load_s, cpu1 = time.perf_counter() - t0, os.times()
+    # CPU seconds of the load, Inductor's compiler subprocesses included (the wall time of a
+    # shared machine is mostly waiting).
+    load_cpu_s = sum(cpu1[:4]) - sum(cpu0[:4])
+    runner = llm.engine.runner
+    captured = runner.captured
+    if captured is None:
+        raise SystemExit(f"no compiled step: {llm.eager_reason}")
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "load_cpu_s": load_cpu_s,
+                **llm.loaded.timings,
+                "buckets": list(captured.buckets),
+            }
+        ),
+        flush=True,
+    )
+    vocab = int(llm.loaded.config["vocab_size"])
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            _ready(llm, batch, context, vocab, max_tokens=budget)
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for mode in times:  # one untimed step each
+                runner.captured = captured if mode == "compiled" else None
+                llm.engine.step()
+            gc.collect()
+            for _ in range(args.rounds):
+                for mode in times:
+                    runner.captured = captured if mode == "compiled" else None
+                    times[mode] += _steps_cpu_ms(llm, args.steps)
+            runner.captured = None
+            prof = _breakdown(llm, args.profile_steps)
+            runner.captured = captured
+            _drain(llm)
+            kernels = prof["lm_head_ms"] + prof["linear_ms"] + prof["attention_ms"]
+            row: dict[str, float] = {"context": context, "batch": batch, **prof, "kernels_ms": kernels}
+            for mode, values in times.items():
+                step = statistics.median(values)
+                row[f"{mode}_ms"] = step
+                row[f"{mode}_other_ms"] = max(step - kernels, 0.0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| context | batch | eager ms | compiled ms | speed-up | eager tok/s | compiled tok/s "
+        "| kernels ms (LM head / linear / attention) | other ms eager (share) | other ms compiled (share) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        e, c = r["eager_ms"], r["compiled_ms"]
+        print(
+            f"| {r['context']} | {r['batch']} | {e:.1f} | {c:.1f} | {e / c:.3f}x | "
+            f"{r['batch'] / e * 1e3:.1f} | {r['batch'] / c * 1e3:.1f} | "
+            f"{r['kernels_ms']:.1f} ({r['lm_head_ms']:.1f} / {r['linear_ms']:.1f} / {r['attention_ms']:.1f}) | "
+            f"{r['eager_other_ms']:.1f} ({r['eager_other_ms'] / e:.0%}) | "
+            f"{r['compiled_other_ms']:.1f} ({r['compiled_other_ms'] / c:.0%}) |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
