@@ -84,6 +84,7 @@ class LLM:
         chat_template: str | None = None,
         merge_projections: bool = True,
         lm_head_dtype: str = "auto",
+        enable_expert_parallel: bool = False,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -103,7 +104,10 @@ class LLM:
         `merge_projections=False` keeps q/k/v and gate/up as separate kernel calls (same logits;
         for measuring what merging gains).
         `lm_head_dtype="int8"` quantizes an unquantized LM head per row at load: half its bytes per
-        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored."""
+        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored.
+        `enable_expert_parallel=True` (vLLM's name): with `tensor_parallel_size=N`, each rank holds
+        whole routed experts (about E/N of them) instead of a slice of every expert; attention, dense
+        and shared-expert layers stay tensor-parallel. Refused for a model without MoE layers."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -118,6 +122,7 @@ class LLM:
                 tp_timeout_s,
                 merge_projections,
                 lm_head_dtype,
+                enable_expert_parallel,
             )
             self._closer = weakref.finalize(self, self._tp.close)
             self.model: Any = self._tp
@@ -129,6 +134,7 @@ class LLM:
                 kernel=kernel,
                 merge_projections=merge_projections,
                 lm_head_dtype=lm_head_dtype,
+                expert_parallel=enable_expert_parallel,
             )
             self.model = self.loaded.model
         self.device = self.loaded.device
@@ -473,6 +479,7 @@ def _start_tensor_parallel(
     timeout_s: float | None,
     merge_projections: bool,
     lm_head_dtype: str,
+    expert_parallel: bool,
 ) -> tuple[LoadedModel, Any]:
     """Check the split from headers first (a refusal needs no processes), then start the ranks."""
     from anyquant.loading.describe import check_tensor_parallel
@@ -481,7 +488,7 @@ def _start_tensor_parallel(
     from anyquant.parallel.workers import LoadRequest, start_tensor_parallel
 
     lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
-    check_tensor_parallel(model, world)
+    check_tensor_parallel(model, world, expert_parallel)
     request = LoadRequest(
         str(Path(model).resolve()),
         device,
@@ -491,5 +498,6 @@ def _start_tensor_parallel(
         max(1, torch.get_num_threads() // world),
         merge_projections,
         lm_head_dtype,
+        expert_parallel,
     )
     return start_tensor_parallel(request, world)

@@ -60,9 +60,18 @@ def bench_offline(
     kernel: str | None = None,
     seed: int = 0,
     lm_head_dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    enable_expert_parallel: bool = False,
 ) -> OfflineResult:
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, kernel=kernel, lm_head_dtype=lm_head_dtype)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        kernel=kernel,
+        lm_head_dtype=lm_head_dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        enable_expert_parallel=enable_expert_parallel,
+    )
     load_s = time.perf_counter() - t0
     vocab = int(llm.loaded.config["vocab_size"])
     g = torch.Generator().manual_seed(seed)

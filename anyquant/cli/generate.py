@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
     )
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+    )
+    parser.add_argument(
         "--debug-numerics",
         action="store_true",
         help="on non-finite logits, name the first layer whose output overflowed",
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         lm_head_dtype=args.lm_head_dtype,
         debug_numerics=args.debug_numerics,
         tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         chat_template=args.chat_template,
     )
     t1 = time.perf_counter()

@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tp", type=int, default=1, metavar="N", help="plan N tensor-parallel ranks (per-rank view)"
     )
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: plan whole routed experts per rank instead of a slice of every expert",
+    )
+    parser.add_argument(
         "--lm-head-dtype",
         default="auto",
         choices=["auto", "int8"],
@@ -116,6 +121,8 @@ def print_tensor_parallel(tp: dict[str, Any]) -> None:
             f"padding: {pad['pattern']} ({pad['role']}, ×{pad['count']}): {pad['size']} -> {pad['local_size']} "
             f"per rank in units of {pad['unit']}, zero entries per rank {pad['padding_per_rank']}"
         )
+    for place in tp["expert_parallel"]["placement"]:
+        print(f"expert parallel: {place['pattern']} (×{place['count']}): {place['description']}")
     mem = tp["memory_per_rank"]
     print(
         f"memory per rank (estimate, tp={tp['size']}): {_mib(mem['total'])} = linear weights "
@@ -137,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         tp=args.tp,
         max_model_len=args.max_model_len,
         lm_head_dtype=args.lm_head_dtype,
+        expert_parallel=args.enable_expert_parallel,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N tensor-parallel ranks (gloo on CPU)",
     )
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+    )
+    parser.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1/* (or set ANYQUANT_API_KEY)",
@@ -177,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb,
         kv_cache_fraction=args.kv_cache_fraction,
         tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         chat_template=args.chat_template,
     )
     timings = llm.loaded.timings  # load_model logged reading and repacking as they ended

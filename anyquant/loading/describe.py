@@ -25,6 +25,7 @@ from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     TensorParallelPlan,
+    check_expert_parallel,
     padding_report,
     plan_tensor_parallel,
     spec_lookup,
@@ -52,11 +53,11 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     return out
 
 
-def check_tensor_parallel(path: str | Path, world: int) -> TensorParallelPlan:
+def check_tensor_parallel(path: str | Path, world: int, expert_parallel: bool = False) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
     ckpt = open_checkpoint(path)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
-    return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
+    return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world, expert_parallel)
 
 
 def describe_checkpoint(
@@ -67,6 +68,7 @@ def describe_checkpoint(
     tp: int = 1,
     max_model_len: int | None = None,
     lm_head_dtype: str = "auto",
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     ckpt = open_checkpoint(path)
     config = ckpt.text_config()
@@ -75,11 +77,13 @@ def describe_checkpoint(
     compute_dtype = resolve_dtype(dtype, config, dev)
     model = build_on_meta(config, ckpt.index.names())
     tp_plan, tp_error = None, None
-    if tp != 1:
-        try:
-            tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp)
-        except AnyquantError as exc:
-            tp_error = str(exc)
+    try:
+        if expert_parallel:
+            check_expert_parallel(model)
+        if tp != 1:
+            tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp, expert_parallel)
+    except AnyquantError as exc:
+        tp_error = str(exc)
     plans = plan_layers(
         ckpt, fmt, model, dev, compute_dtype, kernel, tp=tp_plan, lm_head_as=lm_head_spec(lm_head_dtype)
     )
@@ -93,7 +97,7 @@ def describe_checkpoint(
             layer_pattern(plan.prefix),
             plan.spec.describe() if plan.spec else "unquantized",
             plan.kernel.name,
-            plan.shard.style if plan.shard else "replicated",
+            split_label(plan, tp_plan),
         )
         groups.setdefault(key, []).append(plan)
     group_docs = []
@@ -157,6 +161,7 @@ def describe_checkpoint(
         "sizes": {str(k): v for k, v in tensor_parallel_sizes(model, spec_lookup(fmt)).items()},
         "padding": padding_report(tp_plan, layer_pattern) if tp_plan else [],
         "memory_per_rank": memory,
+        "expert_parallel": expert_placement_report(tp_plan, expert_parallel),
     }
     return {
         "model": str(ckpt.path),
@@ -184,6 +189,34 @@ def describe_checkpoint(
             "checkpoint_tensors": len(ckpt.index),
         },
     }
+
+
+def split_label(plan: LayerPlan, tp: TensorParallelPlan | None) -> str:
+    """column / row (split), whole experts on their owner rank (expert parallelism), or replicated."""
+    if plan.shard is not None:
+        return plan.shard.style
+    if tp is not None and plan.prefix in tp.expert_owner:
+        return "whole expert on one rank"
+    return "replicated"
+
+
+def expert_placement_report(plan: TensorParallelPlan | None, enabled: bool) -> dict[str, Any]:
+    """Which routed experts each rank holds, by MoE block pattern (blocks alike share one line)."""
+    rows: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+    for prefix, placement in (plan.experts if plan is not None else {}).items():
+        key = (layer_pattern(prefix), (*placement.starts, placement.num_experts))
+        entry = rows.setdefault(
+            key,
+            {
+                "pattern": key[0],
+                "count": 0,
+                "experts": placement.num_experts,
+                "per_rank": [[r.start, r.stop] for r in map(placement.experts, range(placement.world))],
+                "description": placement.describe(),
+            },
+        )
+        entry["count"] += 1
+    return {"enabled": enabled, "placement": list(rows.values())}
 
 
 def merge_docs(merges: list[MergePlan]) -> list[dict[str, Any]]:
@@ -239,11 +272,13 @@ def memory_per_rank(
     compute_dtype: torch.dtype,
     max_model_len: int,
 ) -> dict[str, int]:
-    """Estimated bytes one rank holds: its share of the linear weights (quantized layers at their
+    """Estimated bytes rank 0 (the largest share) holds: its share of the linear weights (quantized layers at their
     stored size, dense ones in the compute dtype), other parameters, and the KV cache."""
     itemsize = compute_dtype.itemsize
     linear = 0
     for plan in plans:
+        if tp is not None and not tp.holds(plan.prefix, 0):
+            continue  # expert parallelism: a routed expert rank 0 (which holds the most) leaves out
         out_l, in_l = plan.local_shape
         share = (out_l * in_l) / max(plan.shape[0] * plan.shape[1], 1)
         if plan.load_as is not None:  # int8 codes and one fp32 scale per row

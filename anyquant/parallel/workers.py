@@ -82,6 +82,7 @@ class LoadRequest:
     threads: int = 1
     merge_projections: bool = True
     lm_head_dtype: str = "auto"
+    expert_parallel: bool = False
 
 
 # -- step messages -------------------------------------------------------------------------------
@@ -367,6 +368,7 @@ def _load(request: LoadRequest, rank: int, state: ParallelState) -> LoadedModel:
         parallel=state,
         merge_projections=request.merge_projections,
         lm_head_dtype=request.lm_head_dtype,
+        expert_parallel=request.expert_parallel,
     )
 
 

@@ -62,10 +62,13 @@ def make_experts(
 
 
 def float64_moe(x: Tensor, weights: Tensor, ids: Tensor, dense: list[list[Tensor]]) -> Tensor:
+    """Slots with id -1 (an expert another rank holds) contribute nothing."""
     xd = x.double()
     out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
+            if int(ids[t, j]) < 0:
+                continue
             gate, up, down = dense[int(ids[t, j])]
             g, u = gate @ xd[t], up @ xd[t]
             out[t] += float(weights[t, j]) * (down @ (torch.nn.functional.silu(g) * u))
@@ -134,6 +137,29 @@ def test_no_tokens_and_bad_ids() -> None:
     assert empty.shape == (0, HIDDEN)
     with pytest.raises(RuntimeError, match=r"expert id 11 outside \[0, 11\)"):
         fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[11]]))
+    with pytest.raises(RuntimeError, match=r"expert id -2 outside"):
+        fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[-2]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
+    """Expert parallelism passes -1 for experts another rank holds: those slots add nothing,
+    including tokens with no slot here at all and calls where no slot is held."""
+    experts = make_experts(SPECS[1], dtype)
+    dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+    fused = FusedExperts([tuple(k for _, k in row) for row in experts])
+    gen = torch.Generator().manual_seed(3)
+    for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+        weights = torch.rand(tokens, k, generator=gen)
+        ids = torch.rand(tokens, EXPERTS, generator=gen).topk(k, dim=-1).indices
+        ids = torch.where(ids >= 6, -1, ids)  # experts 6..10 live on another rank
+        y = fused(x, weights, ids)
+        assert rel_err(y, float64_moe(x, weights, ids, dense)) <= BUDGET[dtype], (tokens, k)
+        assert torch.equal(y[(ids < 0).all(dim=1)], torch.zeros_like(y[(ids < 0).all(dim=1)]))
+    none = fused(x, weights, torch.full_like(ids, -1))
+    assert torch.equal(none, torch.zeros_like(none))
 
 
 @needs_kernel

@@ -7,6 +7,8 @@
 //        (2 * nb13 blocks, nb13 = ceil(inter / 16)); scales / zero points [E, 2 * nb13, ng, 16];
 //   w2:  per expert, the down projection (ceil(hidden / 16) blocks) over kp2 >= inter inputs.
 // out [T, hidden] fp32 = sum over a token's k slots of weight * down(silu(gate(x)) * up(x)).
+// An id of -1 marks a slot whose expert this call does not hold (expert parallelism: another rank
+// holds it); such slots contribute nothing and cost nothing.
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
@@ -104,26 +106,30 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   // 1. Counting sort of the pairs by expert; pos[p] = where pair p = t * k + j sits.
   const at::Tensor idc = ids.contiguous(), wc = weights.contiguous();
   const int64_t* id = idc.data_ptr<int64_t>();
-  std::vector<int64_t> start(experts + 1, 0), pos(pairs), token_of(pairs);
+  std::vector<int64_t> start(experts + 1, 0), pos(pairs, -1), token_of(pairs);
   for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(id[p] >= 0 && id[p] < experts, "expert id ", id[p], " outside [0, ", experts, ")");
-    ++start[id[p] + 1];
+    TORCH_CHECK((id[p] >= 0 && id[p] < experts) || id[p] == -1, "expert id ", id[p], " outside [0, ", experts,
+                ") (-1: held elsewhere)");
+    if (id[p] >= 0) ++start[id[p] + 1];
   }
   for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t p = 0; p < pairs; ++p) {
+    if (id[p] < 0) continue;
     pos[p] = fill[id[p]]++;
     token_of[pos[p]] = p / k;
   }
+  const int64_t held = start[experts];  // pairs this call computes
+  if (held == 0) return out;
   std::vector<int64_t> active;
   for (int64_t e = 0; e < experts; ++e)
     if (start[e + 1] > start[e]) active.push_back(e);
   const int64_t n_active = static_cast<int64_t>(active.size());
 
   const at::Tensor xc = x.contiguous();
-  at::Tensor xg = at::empty({parts * pairs, kp13}, x.options().dtype(at::kBFloat16));
+  at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
   auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
-  at::parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       if (parts == 1) {
         std::memcpy(xgp + q * kp13, static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13, kp13 * 2);
@@ -139,7 +145,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
   const int64_t hcols = std::min(kp2, nb13 * 16);
-  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * pairs, kp2}, xg.options()) : at::empty({parts * pairs, kp2}, xg.options());
+  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * held, kp2}, xg.options()) : at::empty({parts * held, kp2}, xg.options());
   auto* hp = reinterpret_cast<c10::BFloat16*>(h.data_ptr());
   at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
@@ -173,7 +179,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   if (dn.base.zz != nullptr) xs2 = group_sums(h, group2);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
-  at::Tensor y = at::empty({parts * pairs, hidden}, out.options());
+  at::Tensor y = at::empty({parts * held, hidden}, out.options());
   float* yp = y.data_ptr<float>();
   const int64_t nb2 = dn.base.blocks;
   at::parallel_for(0, n_active * nb2, 1, [&](int64_t i0, int64_t i1) {
@@ -196,6 +202,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       float* o = op + t * hidden;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = t * k + j;
+        if (pos[p] < 0) continue;
         const float* yq = yp + parts * pos[p] * hidden;
         for (int64_t c = 0; c < hidden; ++c) {
           float v = yq[c];
