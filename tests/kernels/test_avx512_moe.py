@@ -9,6 +9,8 @@ exact bf16 parts, so only summation order differs).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import Tensor
@@ -45,15 +47,37 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+# Fused since act-order orders and float offsets are passed to the call: GPTQ act-order (gate and
+# up share their expert's g_idx, as GPTQ tools write them; down has its own) and GGUF-style float
+# offsets per group (code * scale + offset).
+FUSED_EXTRA = [
+    QuantSpec("uint4", "group", group_size=32, act_order=True),
+    QuantSpec("uint4", "group", group_size=40, has_zero=True, act_order=True),
+    QuantSpec("uint4", "group", group_size=32, has_offset=True),
+    QuantSpec("uint8", "group", group_size=64, has_offset=True),
+]
+
+
+def expert_weight(spec: QuantSpec, n: int, k: int, seed: int, like: QuantWeight | None = None) -> QuantWeight:
+    """random_weight, with float offsets where the spec has them, and `like`'s act-order g_idx."""
+    w = random_weight(replace(spec, has_offset=False), n, k, seed=seed)
+    if spec.has_offset:
+        gen = torch.Generator().manual_seed(seed + 1000)
+        w = replace(w, spec=spec, offset=0.02 * torch.randn(w.scale.shape, generator=gen))
+    if like is not None and spec.act_order:
+        w = replace(w, group_index=like.group_index)
+    return w.validate("random")
+
+
 def make_experts(
     spec: QuantSpec, dtype: torch.dtype, seed: int = 0
 ) -> list[list[tuple[QuantWeight, Tensor]]]:
     """Per expert: [(weight, kernel)] for gate, up, down."""
     experts = []
     for e in range(EXPERTS):
-        row = []
+        row: list[tuple[QuantWeight, Tensor]] = []
         for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
-            w = random_weight(spec, n, k, seed=seed + 3 * e + i)
+            w = expert_weight(spec, n, k, seed + 3 * e + i, like=row[0][0] if i == 1 else None)
             kernel = Avx512WeightOnlyKernel((n, k), dtype)
             kernel.load(w)
             row.append((w, kernel))
@@ -106,7 +130,7 @@ def rel_err(y: Tensor, ref: Tensor) -> float:
 
 
 @needs_kernel
-@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+@pytest.mark.parametrize("spec", SPECS + FUSED_EXTRA, ids=QuantSpec.describe)
 def test_fused_matches_float64(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(7)
     for dtype in (BF16, F32):
@@ -167,9 +191,12 @@ def test_what_cannot_be_fused_is_named() -> None:
     def kernels(spec: QuantSpec) -> list[tuple[Avx512WeightOnlyKernel, ...]]:
         return [tuple(k for _, k in row) for row in make_experts(spec, BF16)]
 
-    assert "act-order" in str(
-        cannot_fuse(kernels(QuantSpec("uint4", "group", group_size=32, act_order=True)), "silu")
-    )
+    act_order = QuantSpec("uint4", "group", group_size=32, act_order=True)
+    differ = [tuple(k for _, k in row) for row in make_experts(act_order, BF16)]
+    up = Avx512WeightOnlyKernel((INTER, HIDDEN), BF16)
+    up.load(random_weight(act_order, INTER, HIDDEN, seed=99))  # its own g_idx, unlike the gate's
+    differ[2] = (differ[2][0], up, differ[2][2])
+    assert "expert 2's gate and up order their inputs differently" in str(cannot_fuse(differ, "silu"))
     assert "activation gelu" in str(cannot_fuse(kernels(SPECS[0]), "gelu"))
     fp8_act = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
     assert "activations are quantized" in str(cannot_fuse(kernels(fp8_act), "silu"))

@@ -8,8 +8,13 @@ path, kept for what the fused call does not serve). The call groups the token/sl
 in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
 over the threads and returns the weighted sum in fp32.
 
-`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, act-order,
-quantized activations); the caller then keeps the per-expert path.
+Act-order (GPTQ g_idx) experts pass their input orders (gate and up share one, as GPTQ tools
+write them: both see the same inputs) and the down projection's as where each intermediate feature
+goes; float-offset experts (GGUF k-quant minimums) pass their offsets, stacked so that each
+expert's own kernel reads its slice of them as well.
+
+`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, quantized
+activations); the caller then keeps the per-expert path.
 """
 
 from __future__ import annotations
@@ -41,10 +46,6 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
             if kernel.spec.act is not None:
                 return f"activations are quantized ({kernel.spec.act.describe()})"
-            if kernel.perm is not None:
-                return "act-order experts permute their inputs one by one"
-            if kernel.offset_t is not None:
-                return "float offsets per group (GGUF k-quant minimums) are added outside the C++ call"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels
@@ -57,7 +58,28 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             return f"expert {e}'s gate and up are packed differently"
         if (down.zz is None) != (gate.zz is None):
             return f"expert {e}'s down has zero points where gate has none, or the reverse"
+        if not _same_order(gate.perm, up.perm, gate.shape[1]):
+            return f"expert {e}'s gate and up order their inputs differently (act-order g_idx)"
+        if (gate.offset_t is None) != (up.offset_t is None):
+            return f"expert {e}'s gate and up differ in float offsets"
     return None
+
+
+def _same_order(a: Tensor | None, b: Tensor | None, k: int) -> bool:
+    if a is None and b is None:
+        return True
+    ident = torch.arange(k)
+    return torch.equal(ident if a is None else a, ident if b is None else b)
+
+
+def _stack_offsets(kernels: Sequence[Avx512WeightOnlyKernel | None]) -> Tensor | None:
+    """The kernels' offsets [groups, N] stacked (an expert without offsets gets zeros), or None."""
+    if all(k is None or k.offset_t is None for k in kernels):
+        return None
+    like = next(k.offset_t for k in kernels if k is not None and k.offset_t is not None)
+    return torch.stack(
+        [k.offset_t if k is not None and k.offset_t is not None else torch.zeros_like(like) for k in kernels]
+    )
 
 
 class FusedExperts(nn.Module):
@@ -70,6 +92,10 @@ class FusedExperts(nn.Module):
     s2: Tensor
     z2: Tensor | None
     lut: Tensor
+    perm13: Tensor | None
+    pos2: Tensor | None
+    off13: Tensor | None
+    off2: Tensor | None
 
     def __init__(self, experts: Sequence[tuple[LinearKernel | None, ...]]) -> None:
         super().__init__()
@@ -88,8 +114,26 @@ class FusedExperts(nn.Module):
         w2 = torch.stack([d.packed.reshape(-1) for _, _, d in kernels])
         s2 = torch.stack([d.scale for _, _, d in kernels])
         z2 = None if down.zz is None else torch.stack([d.zz for _, _, d in kernels])  # type: ignore[misc]
+        # Act-order: packed column c of gate / up reads input perm[c]; intermediate feature i
+        # sits at the down projection's packed column argsort(perm)[i].
+        perm13 = pos2 = None
+        if any(g.perm is not None for g, _, _ in kernels):
+            perm13 = torch.stack([_order(g.perm, self.hidden) for g, _, _ in kernels])
+        if any(d.perm is not None for _, _, d in kernels):
+            pos2 = torch.stack([torch.argsort(_order(d.perm, self.inter)) for _, _, d in kernels])
+        gate_off = _stack_offsets([g for g, _, _ in kernels])
+        off13 = None
+        if gate_off is not None:
+            up_off = _stack_offsets([u for _, u, _ in kernels])
+            assert up_off is not None
+            off13 = torch.stack([gate_off, up_off], dim=1)  # [E, 2, groups, inter]
+        off2 = _stack_offsets([d for _, _, d in kernels])
         # Every expert's own kernel now reads its slice of the stacks: one copy of the weights.
         for e, (g, u, d) in enumerate(kernels):
+            if off13 is not None and g.offset_t is not None and u.offset_t is not None:
+                g.offset_t, u.offset_t = off13[e, 0], off13[e, 1]
+            if off2 is not None and d.offset_t is not None:
+                d.offset_t = off2[e]
             half = g.packed.numel()
             g.packed, u.packed = (w13[e, :half].view(g.packed.shape), w13[e, half:].view(u.packed.shape))
             nb = g.scale.shape[0]
@@ -106,6 +150,10 @@ class FusedExperts(nn.Module):
         self.register_buffer("s2", s2, persistent=False)
         self.register_buffer("z2", z2, persistent=False)
         self.register_buffer("lut", gate.lut, persistent=False)
+        self.register_buffer("perm13", perm13, persistent=False)
+        self.register_buffer("pos2", pos2, persistent=False)
+        self.register_buffer("off13", off13, persistent=False)
+        self.register_buffer("off2", off2, persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -131,7 +179,17 @@ class FusedExperts(nn.Module):
             self.group2,
             self.inter,
             self.hidden,
+            self.perm13,
+            self.pos2,
+            self.off13,
+            self.off2,
         )
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
+        extras = [n for n in ("perm13", "pos2", "off13", "off2") if getattr(self, n) is not None]
+        text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
+        return text + "".join(f", {n}" for n in extras)
+
+
+def _order(perm: Tensor | None, k: int) -> Tensor:
+    return torch.arange(k) if perm is None else perm.to(torch.int64)

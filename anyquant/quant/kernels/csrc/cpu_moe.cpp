@@ -9,6 +9,13 @@
 // out [T, hidden] fp32 = sum over a token's k slots of weight * down(silu(gate(x)) * up(x)).
 // An id of -1 marks a slot whose expert this call does not hold (expert parallelism: another rank
 // holds it); such slots contribute nothing and cost nothing.
+// Optional per expert:
+//   perm13 [E, hidden] int64: act-order (GPTQ g_idx) gate / up, packed with their inputs sorted by
+//        group: packed column c multiplies x column perm13[e, c] (gate and up share the order);
+//   pos2 [E, inter] int64: act-order down, intermediate feature i sits at packed column pos2[e, i];
+//   off13 [E, 2, ng13, inter] (gate, up) / off2 [E, ng2, hidden] fp32: float offsets per (group,
+//        row) (GGUF k-quant minimums, value = code * scale + offset), added as offset * (sum of
+//        the group's inputs); the layout of each expert's own kernel, so the two share one copy.
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
@@ -81,10 +88,39 @@ at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
   return rows.to(at::kFloat).view({rows.size(0), -1, group}).sum(2).contiguous();
 }
 
+// Float offsets of `cols` output rows (off[g * gstride + c]: group g, row c) times the rows' group
+// sums xs [rows, ng] (one row per bf16 part row), added to out [rows, out_stride] at columns col0...
+void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t rows, float* out,
+                 int64_t out_stride, int64_t col0, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xs + r * ng;
+    float* o = out + r * out_stride + col0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* og = off + g * gstride;
+      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xr[g];
+    }
+  }
+}
+
+void check_expert_table(const c10::optional<at::Tensor>& t, int64_t experts, int64_t width, const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == experts && t->size(1) == width && t->scalar_type() == at::kLong &&
+                  t->is_contiguous(),
+              what, " must be contiguous int64 [", experts, ", ", width, "]");
+}
+
+void check_offsets(const c10::optional<at::Tensor>& off, at::IntArrayRef shape, const char* what) {
+  if (!off.has_value()) return;
+  TORCH_CHECK(off->sizes() == shape && off->scalar_type() == at::kFloat && off->is_contiguous(), what,
+              ": offsets must be contiguous float32 ", shape);
+}
+
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
                        const at::Tensor& s13, const c10::optional<at::Tensor>& z13, const at::Tensor& w2,
                        const at::Tensor& s2, const c10::optional<at::Tensor>& z2, const at::Tensor& lut, int64_t fmt,
-                       int64_t group13, int64_t group2, int64_t inter, int64_t hidden) {
+                       int64_t group13, int64_t group2, int64_t inter, int64_t hidden,
+                       const c10::optional<at::Tensor>& perm13, const c10::optional<at::Tensor>& pos2,
+                       const c10::optional<at::Tensor>& off13, const c10::optional<at::Tensor>& off2) {
   TORCH_CHECK(inter > 0 && hidden > 0, "inter and hidden must be positive");
   const int64_t experts = w13.size(0);
   const int64_t nb13 = (inter + 15) / 16;
@@ -98,6 +134,14 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t tokens = x.size(0);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == tokens && ids.scalar_type() == at::kLong, "ids must be int64 [T, k]");
   TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat, "weights must be float32 like ids");
+  check_expert_table(perm13, experts, hidden, "perm13");
+  check_expert_table(pos2, experts, inter, "pos2");
+  check_offsets(off13, {experts, 2, gu.base.ng, inter}, "gate/up");
+  check_offsets(off2, {experts, dn.base.ng, hidden}, "down");
+  const int64_t* perm = perm13.has_value() ? perm13->data_ptr<int64_t>() : nullptr;
+  const int64_t* hpos = pos2.has_value() ? pos2->data_ptr<int64_t>() : nullptr;
+  const float* o13 = off13.has_value() ? off13->data_ptr<float>() : nullptr;
+  const float* o2 = off2.has_value() ? off2->data_ptr<float>() : nullptr;
   const int64_t k = ids.size(1), pairs = tokens * k;
   const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
   at::Tensor out = at::zeros({tokens, hidden}, x.options().dtype(at::kFloat));
@@ -121,9 +165,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t held = start[experts];  // pairs this call computes
   if (held == 0) return out;
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < experts; ++e)
+  std::vector<int64_t> active, expert_of(perm != nullptr ? held : 0);
+  for (int64_t e = 0; e < experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
+    if (perm != nullptr) std::fill(expert_of.begin() + start[e], expert_of.begin() + start[e + 1], e);
+  }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
   const at::Tensor xc = x.contiguous();
@@ -131,16 +177,26 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
   at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
+      // Act-order: packed column c reads input perm[c]; columns past `hidden` are x's zero padding.
+      const int64_t* order = perm != nullptr ? perm + expert_of[q] * hidden : nullptr;
       if (parts == 1) {
-        std::memcpy(xgp + q * kp13, static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13, kp13 * 2);
+        const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
+        if (order == nullptr) {
+          std::memcpy(xgp + q * kp13, src, kp13 * 2);
+        } else {
+          for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
+        }
         continue;
       }
       const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
-      for (int64_t c = 0; c < kp13; ++c) split_parts(src[c], parts, xgp + parts * q * kp13 + c, kp13);
+      for (int64_t c = 0; c < kp13; ++c) {
+        const int64_t from = order != nullptr && c < hidden ? order[c] : c;
+        split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
+      }
     }
   });
   at::Tensor xs13;
-  if (gu.base.zz != nullptr) xs13 = group_sums(xg, group13);
+  if (gu.base.zz != nullptr || o13 != nullptr) xs13 = group_sums(xg, group13);
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
@@ -161,6 +217,13 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       block_rows(a, parts * rows, j, scratch.data());
       a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
       block_rows(a, parts * rows, nb13 + j, scratch.data());
+      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
+        const int64_t ng = gu.base.ng, live = std::min<int64_t>(16, inter - j * 16);
+        const float* oe = o13 + e * 2 * ng * inter + j * 16;
+        const float* xs = xs13.data_ptr<float>() + parts * r0 * ng;
+        add_offsets(oe, inter, ng, xs, parts * rows, tmp.data(), 32, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xs, parts * rows, tmp.data(), 32, 16, live);
+      }
       const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < cols; ++c) {
@@ -170,13 +233,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
             u += tmp[(parts * r + s) * 32 + 16 + c];
           }
           const float v = g / (1.f + std::exp(-g)) * u;
-          split_parts(v, parts, hp + parts * (r0 + r) * kp2 + j * 16 + c, kp2);
+          const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
+          const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
+          split_parts(v, parts, hp + parts * (r0 + r) * kp2 + col, kp2);
         }
       }
     }
   });
   at::Tensor xs2;
-  if (dn.base.zz != nullptr) xs2 = group_sums(h, group2);
+  if (dn.base.zz != nullptr || o2 != nullptr) xs2 = group_sums(h, group2);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
   at::Tensor y = at::empty({parts * held, hidden}, out.options());
@@ -191,6 +256,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                  dn.base.zz ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
                  nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
       block_rows(a, parts * rows, b, scratch.data());
+      if (o2 != nullptr) {
+        const int64_t ng = dn.base.ng;
+        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * ng,
+                    parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+      }
     }
   });
 
@@ -220,7 +290,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
 TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def(
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, Tensor s2, "
-      "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden) -> Tensor");
+      "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden, Tensor? perm13=None, "
+      "Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts", &moe_experts); }
