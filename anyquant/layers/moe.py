@@ -265,6 +265,10 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         ):
             self.fused_reason = "experts have biases"
             return
+        if any(e.down_proj.global_act for e in self._expert_mlps()):
+            # The call quantizes h from the rank's own slice; the scale must span every rank's.
+            self.fused_reason = "row-parallel experts take dynamic activation scales over all ranks"
+            return
         from anyquant.quant.kernels import avx512_moe  # the C++ kernels' module: only when loading
 
         self.fused_reason = avx512_moe.cannot_fuse(kernels, self.act_name)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
-from anyquant.quant.reference import dequantize
+from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.kernels.test_reference_kernel import random_weight
@@ -85,17 +85,33 @@ def make_experts(
     return experts
 
 
-def float64_moe(x: Tensor, weights: Tensor, ids: Tensor, dense: list[list[Tensor]]) -> Tensor:
-    """Slots with id -1 (an expert another rank holds) contribute nothing."""
+def float64_moe(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    dense: list[list[Tensor]],
+    quantized: list[list[QuantWeight]] | None = None,
+) -> Tensor:
+    """Slots with id -1 (an expert another rank holds) contribute nothing. With `quantized` weights
+    whose spec quantizes activations, x and h pass the reference's activation quantization."""
+
+    def act_q(v: Tensor, w: QuantWeight | None) -> Tensor:
+        if w is None or w.spec.act is None:
+            return v
+        return fake_quantize_activations(v.float().unsqueeze(0), w.spec.act, w.input_scale)[0].double()
+
     xd = x.double()
     out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
-            if int(ids[t, j]) < 0:
+            e = int(ids[t, j])
+            if e < 0:
                 continue
-            gate, up, down = dense[int(ids[t, j])]
-            g, u = gate @ xd[t], up @ xd[t]
-            out[t] += float(weights[t, j]) * (down @ (torch.nn.functional.silu(g) * u))
+            gate, up, down = dense[e]
+            ws = quantized[e] if quantized is not None else [None, None, None]
+            xt = act_q(xd[t], ws[0])
+            h = torch.nn.functional.silu(gate @ xt) * (up @ xt)
+            out[t] += float(weights[t, j]) * (down @ act_q(h, ws[2]))
     return out
 
 
@@ -153,6 +169,39 @@ def test_fused_matches_float64(spec: QuantSpec) -> None:
                     assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 1e-4, where
 
 
+# fp8 activations: dynamic per token, per group (FP8 block checkpoints) and static per tensor.
+FP8_ACT = [
+    QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True)),
+    QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
+    QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor")),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", FP8_ACT, ids=QuantSpec.describe)
+def test_fused_fp8_activations(spec: QuantSpec) -> None:
+    """Against float64 with the reference's activation quantization of x and h. float32 compute
+    quantizes the same values (only summation order differs); bfloat16 rounds h, so a value near an
+    fp8 rounding boundary may round the other way: the budget is the per-expert path's (which
+    rounds more: up to 4e-2 here), and the fused call must never be much worse than it."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (BF16, F32):
+        experts = make_experts(spec, dtype)
+        dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+        quantized = [[w for w, _ in row] for row in experts]
+        kernels = [[k for _, k in row] for row in experts]
+        assert cannot_fuse([tuple(ks) for ks in kernels], "silu") is None
+        fused = FusedExperts([tuple(ks) for ks in kernels])
+        for tokens in (1, 17):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            for weights, ids in routings(tokens, gen):
+                truth = float64_moe(x, weights, ids, dense, quantized)
+                err = rel_err(fused(x, weights, ids), truth)
+                where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+                assert err <= (5e-2 if dtype == BF16 else 1e-5), f"{where}: {err:.2e}"
+                assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 5e-3, where
+
+
 @needs_kernel
 def test_no_tokens_and_bad_ids() -> None:
     experts = make_experts(SPECS[0], BF16)
@@ -198,8 +247,14 @@ def test_what_cannot_be_fused_is_named() -> None:
     differ[2] = (differ[2][0], up, differ[2][2])
     assert "expert 2's gate and up order their inputs differently" in str(cannot_fuse(differ, "silu"))
     assert "activation gelu" in str(cannot_fuse(kernels(SPECS[0]), "gelu"))
-    fp8_act = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
-    assert "activations are quantized" in str(cannot_fuse(kernels(fp8_act), "silu"))
+    per_tensor = QuantSpec(
+        "fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True, granularity="tensor")
+    )
+    assert "per-tensor dynamic scales" in str(cannot_fuse(kernels(per_tensor), "silu"))
+    static = QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor"))
+    rows = kernels(static)
+    rows[3][1].input_scale = rows[3][1].input_scale * 2
+    assert "input scales that differ by expert" in str(cannot_fuse(rows, "silu"))
     mixed = kernels(SPECS[0])
     mixed[4] = kernels(SPECS[5])[4]
     assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.reference import fake_quantize_activations
+from anyquant.quant.spec import FP8_MAX
+
+_FP8_ACT = {"fp8_e4m3": 1, "fp8_e5m2": 2}  # the call's act2 codes
 
 
 def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
@@ -44,8 +48,6 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             assert isinstance(first, Avx512WeightOnlyKernel)
             if kernel.spec != first.spec:
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
-            if kernel.spec.act is not None:
-                return f"activations are quantized ({kernel.spec.act.describe()})"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels
@@ -62,6 +64,36 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             return f"expert {e}'s gate and up order their inputs differently (act-order g_idx)"
         if (gate.offset_t is None) != (up.offset_t is None):
             return f"expert {e}'s gate and up differ in float offsets"
+    return _cannot_fuse_activations(experts)
+
+
+def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]]) -> str | None:
+    """Quantized activations the call reproduces: fp8, dynamic per token or per group, or static
+    per tensor where every expert's gate and up share one input scale (x is quantized once)."""
+    first = experts[0][0]
+    assert isinstance(first, Avx512WeightOnlyKernel)
+    act = first.spec.act
+    if act is None:
+        return None
+    if act.type not in _FP8_ACT:
+        return f"activations are quantized ({act.describe()}); the call takes fp8 activations only"
+    if act.dynamic and act.granularity not in ("token", "group"):
+        return f"activations are quantized ({act.describe()}); per-tensor dynamic scales span each expert's tokens"
+    if not act.dynamic:
+        scales = [k.input_scale for ks in experts for k in ks[:2] if isinstance(k, Avx512WeightOnlyKernel)]
+        known = [s for s in scales if s is not None and s.numel() == 1]
+        if len(known) != len(scales) or any(not torch.equal(s, known[0]) for s in known):
+            return f"activations are quantized ({act.describe()}) with gate / up input scales that differ by expert"
+        if any(
+            k.input_zero is not None for ks in experts for k in ks if isinstance(k, Avx512WeightOnlyKernel)
+        ):
+            return f"activations are quantized ({act.describe()}) with input zero points"
+        downs = [ks[2] for ks in experts]
+        if any(
+            not isinstance(d, Avx512WeightOnlyKernel) or d.input_scale is None or d.input_scale.numel() != 1
+            for d in downs
+        ):
+            return f"activations are quantized ({act.describe()}); down projections need one input scale each"
     return None
 
 
@@ -92,6 +124,8 @@ class FusedExperts(nn.Module):
     s2: Tensor
     z2: Tensor | None
     lut: Tensor
+    act_scale13: Tensor | None
+    act_scale2: Tensor | None
     perm13: Tensor | None
     pos2: Tensor | None
     off13: Tensor | None
@@ -154,12 +188,25 @@ class FusedExperts(nn.Module):
         self.register_buffer("pos2", pos2, persistent=False)
         self.register_buffer("off13", off13, persistent=False)
         self.register_buffer("off2", off2, persistent=False)
+        # fp8 activations: x quantized once here for every expert's gate and up (a dynamic scale
+        # depends on x alone; a static one is shared, cannot_fuse checked), h inside the call.
+        self.act = gate.spec.act
+        self.register_buffer(
+            "act_scale13", gate.input_scale if self.act is not None else None, persistent=False
+        )
+        scale2 = None
+        if self.act is not None and not self.act.dynamic:
+            scale2 = torch.stack([d.input_scale.float().reshape(()) for _, _, d in kernels])  # type: ignore[union-attr]
+        self.register_buffer("act_scale2", scale2, persistent=False)
 
     @property
     def num_experts(self) -> int:
         return int(self.w13.shape[0])
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        act = self.act
+        if act is not None:
+            x = fake_quantize_activations(x, act, self.act_scale13)
         x = x.to(self.compute_dtype)
         if self.k_pad != self.hidden:
             x = torch.nn.functional.pad(x, (0, self.k_pad - self.hidden))
@@ -183,6 +230,11 @@ class FusedExperts(nn.Module):
             self.pos2,
             self.off13,
             self.off2,
+            0 if act is None else _FP8_ACT[act.type],
+            0.0 if act is None else float(act.scale_divisor or FP8_MAX[act.type]),
+            0.0 if act is None else float(FP8_MAX[act.type]),
+            act.group_size if act is not None and act.granularity == "group" else 0,
+            self.act_scale2,
         )
 
     def extra_repr(self) -> str:

@@ -16,6 +16,10 @@
 //   off13 [E, 2, ng13, inter] (gate, up) / off2 [E, ng2, hidden] fp32: float offsets per (group,
 //        row) (GGUF k-quant minimums, value = code * scale + offset), added as offset * (sum of
 //        the group's inputs); the layout of each expert's own kernel, so the two share one copy.
+// fp8 activations of the down projection (act2 = 1: e4m3, 2: e5m2): h is quantized as the
+// reference's fake_quantize_activations does (scale = max(amax, 1e-10) / act_qmax per pair row,
+// or per group of act_group features; or the expert's static act_scale2[e]), then rounded to the
+// bf16 parts. The gate / up input is quantized by the caller (one quantization for all experts).
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
@@ -33,6 +37,8 @@
 #include "gemv.h"
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <cmath>
 
@@ -120,7 +126,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                        const at::Tensor& s2, const c10::optional<at::Tensor>& z2, const at::Tensor& lut, int64_t fmt,
                        int64_t group13, int64_t group2, int64_t inter, int64_t hidden,
                        const c10::optional<at::Tensor>& perm13, const c10::optional<at::Tensor>& pos2,
-                       const c10::optional<at::Tensor>& off13, const c10::optional<at::Tensor>& off2) {
+                       const c10::optional<at::Tensor>& off13, const c10::optional<at::Tensor>& off2,
+                       int64_t act2, double act_qmax, double act_top, int64_t act_group,
+                       const c10::optional<at::Tensor>& act_scale2) {
   TORCH_CHECK(inter > 0 && hidden > 0, "inter and hidden must be positive");
   const int64_t experts = w13.size(0);
   const int64_t nb13 = (inter + 15) / 16;
@@ -142,6 +150,14 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t* hpos = pos2.has_value() ? pos2->data_ptr<int64_t>() : nullptr;
   const float* o13 = off13.has_value() ? off13->data_ptr<float>() : nullptr;
   const float* o2 = off2.has_value() ? off2->data_ptr<float>() : nullptr;
+  TORCH_CHECK(act2 >= 0 && act2 <= 2, "act2 must be 0 (none), 1 (fp8_e4m3) or 2 (fp8_e5m2)");
+  TORCH_CHECK(act2 == 0 || act_qmax > 0, "act_qmax must be positive");
+  TORCH_CHECK(act_group >= 0, "act_group must be >= 0");
+  if (act_scale2.has_value())
+    TORCH_CHECK(act_scale2->dim() == 1 && act_scale2->size(0) == experts && act_scale2->scalar_type() == at::kFloat &&
+                    act_scale2->is_contiguous(),
+                "act_scale2 must be contiguous float32 [", experts, "]");
+  const bool quant2 = act2 != 0;
   const int64_t k = ids.size(1), pairs = tokens * k;
   const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
   at::Tensor out = at::zeros({tokens, hidden}, x.options().dtype(at::kFloat));
@@ -165,10 +181,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t held = start[experts];  // pairs this call computes
   if (held == 0) return out;
-  std::vector<int64_t> active, expert_of(perm != nullptr ? held : 0);
+  const bool need_expert_of = perm != nullptr || act_scale2.has_value();
+  std::vector<int64_t> active, expert_of(need_expert_of ? held : 0);
   for (int64_t e = 0; e < experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
-    if (perm != nullptr) std::fill(expert_of.begin() + start[e], expert_of.begin() + start[e + 1], e);
+    if (need_expert_of) std::fill(expert_of.begin() + start[e], expert_of.begin() + start[e + 1], e);
   }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
@@ -203,6 +220,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t hcols = std::min(kp2, nb13 * 16);
   at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * held, kp2}, xg.options()) : at::empty({parts * held, kp2}, xg.options());
   auto* hp = reinterpret_cast<c10::BFloat16*>(h.data_ptr());
+  // With fp8 activations h stays fp32 until every feature of a row is known (amax per row).
+  at::Tensor hf = quant2 ? at::zeros({held, kp2}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* hfp = quant2 ? hf.data_ptr<float>() : nullptr;
   at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
     std::vector<float> tmp;
@@ -235,11 +255,40 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
           const float v = g / (1.f + std::exp(-g)) * u;
           const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
           const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
-          split_parts(v, parts, hp + parts * (r0 + r) * kp2 + col, kp2);
+          if (quant2) {
+            hfp[(r0 + r) * kp2 + col] = v;
+          } else {
+            split_parts(v, parts, hp + parts * (r0 + r) * kp2 + col, kp2);
+          }
         }
       }
     }
   });
+  if (quant2) {
+    const int64_t width = act_group > 0 ? act_group : kp2;
+    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        float* row = hfp + q * kp2;
+        for (int64_t c0 = 0; c0 < kp2; c0 += width) {
+          const int64_t c1 = std::min(kp2, c0 + width);
+          float scale;
+          if (act_scale2.has_value()) {
+            scale = act_scale2->data_ptr<float>()[expert_of[q]];
+          } else {
+            float amax = 0.f;
+            for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(row[c]));
+            scale = std::max(amax, 1e-10f) / static_cast<float>(act_qmax);
+          }
+          const float top = static_cast<float>(act_top);
+          for (int64_t c = c0; c < c1; ++c) {
+            const float z = std::min(std::max(row[c] / scale, -top), top);
+            const float fq = act2 == 1 ? static_cast<float>(c10::Float8_e4m3fn(z)) : static_cast<float>(c10::Float8_e5m2(z));
+            split_parts(fq * scale, parts, hp + parts * q * kp2 + c, kp2);
+          }
+        }
+      }
+    });
+  }
   at::Tensor xs2;
   if (dn.base.zz != nullptr || o2 != nullptr) xs2 = group_sums(h, group2);
 
@@ -291,7 +340,8 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def(
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, Tensor s2, "
       "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden, Tensor? perm13=None, "
-      "Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None) -> Tensor");
+      "Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None, int act2=0, float act_qmax=0., float act_top=0., "
+      "int act_group=0, Tensor? act_scale2=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts", &moe_experts); }
