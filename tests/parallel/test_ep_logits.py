@@ -108,3 +108,20 @@ def test_inspect_shows_the_placement(tp_model: Callable[[str], Path]) -> None:
     # Rank 0 holds 2 of 7 whole experts instead of a quarter of every one: less expert memory
     # than a split only where the split pads, never more than its share plus one expert.
     assert doc["memory_per_rank"]["linear_weights"] <= plain["memory_per_rank"]["linear_weights"] * 1.2
+
+
+@pytest.mark.slow
+def test_llm_workers_take_expert_parallel(
+    tp_model: Callable[[str], Path], reference: dict[str, torch.Tensor]
+) -> None:
+    """The option reaches ranks that LLM starts itself (the worker processes' load request)."""
+    from anyquant.layers.moe import SparseMoE
+
+    with LLM(
+        tp_model("qwen2-moe-e5"), dtype="float32", tensor_parallel_size=2, enable_expert_parallel=True
+    ) as llm:
+        got = llm.logits(IDS)
+        held = [m.local_experts for m in llm.loaded.model.modules() if isinstance(m, SparseMoE)]
+    assert held and all(r == range(0, 3) for r in held)  # rank 0 of 5 experts over 2 ranks
+    want = reference["qwen2-moe-e5"]
+    assert float((got - want).norm() / want.norm()) < 1e-5
