@@ -8,9 +8,8 @@ path, kept for what the fused call does not serve). The call groups the token/sl
 in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
 over the threads and returns the weighted sum in fp32.
 
-Act-order (GPTQ g_idx) experts pass their input orders (gate and up share one, as GPTQ tools
-write them: both see the same inputs) and the down projection's as where each intermediate feature
-goes; float-offset experts (GGUF k-quant minimums) pass their offsets, stacked so that each
+Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
+the down projection's as where each intermediate feature goes; float-offset experts (GGUF k-quant minimums) pass their offsets, stacked so that each
 expert's own kernel reads its slice of them as well.
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, quantized
@@ -60,8 +59,6 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             return f"expert {e}'s gate and up are packed differently"
         if (down.zz is None) != (gate.zz is None):
             return f"expert {e}'s down has zero points where gate has none, or the reverse"
-        if not _same_order(gate.perm, up.perm, gate.shape[1]):
-            return f"expert {e}'s gate and up order their inputs differently (act-order g_idx)"
         if (gate.offset_t is None) != (up.offset_t is None):
             return f"expert {e}'s gate and up differ in float offsets"
     return _cannot_fuse_activations(experts)
@@ -95,13 +92,6 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
         ):
             return f"activations are quantized ({act.describe()}); down projections need one input scale each"
     return None
-
-
-def _same_order(a: Tensor | None, b: Tensor | None, k: int) -> bool:
-    if a is None and b is None:
-        return True
-    ident = torch.arange(k)
-    return torch.equal(ident if a is None else a, ident if b is None else b)
 
 
 def _stack_offsets(kernels: Sequence[Avx512WeightOnlyKernel | None]) -> Tensor | None:
@@ -151,8 +141,13 @@ class FusedExperts(nn.Module):
         # Act-order: packed column c of gate / up reads input perm[c]; intermediate feature i
         # sits at the down projection's packed column argsort(perm)[i].
         perm13 = pos2 = None
-        if any(g.perm is not None for g, _, _ in kernels):
-            perm13 = torch.stack([_order(g.perm, self.hidden) for g, _, _ in kernels])
+        if any(g.perm is not None or u.perm is not None for g, u, _ in kernels):
+            perm13 = torch.stack(
+                [
+                    torch.stack([_order(g.perm, self.hidden), _order(u.perm, self.hidden)])
+                    for g, u, _ in kernels
+                ]
+            )
         if any(d.perm is not None for _, _, d in kernels):
             pos2 = torch.stack([torch.argsort(_order(d.perm, self.inter)) for _, _, d in kernels])
         gate_off = _stack_offsets([g for g, _, _ in kernels])

@@ -10,8 +10,9 @@
 // An id of -1 marks a slot whose expert this call does not hold (expert parallelism: another rank
 // holds it); such slots contribute nothing and cost nothing.
 // Optional per expert:
-//   perm13 [E, hidden] int64: act-order (GPTQ g_idx) gate / up, packed with their inputs sorted by
-//        group: packed column c multiplies x column perm13[e, c] (gate and up share the order);
+//   perm13 [E, 2, hidden] int64: act-order (GPTQ g_idx) gate / up, packed with their inputs sorted
+//        by group: packed column c of the gate (up) multiplies x column perm13[e, 0 (1), c]; x is
+//        gathered once per order;
 //   pos2 [E, inter] int64: act-order down, intermediate feature i sits at packed column pos2[e, i];
 //   off13 [E, 2, ng13, inter] (gate, up) / off2 [E, ng2, hidden] fp32: float offsets per (group,
 //        row) (GGUF k-quant minimums, value = code * scale + offset), added as offset * (sum of
@@ -108,11 +109,10 @@ void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs,
   }
 }
 
-void check_expert_table(const c10::optional<at::Tensor>& t, int64_t experts, int64_t width, const char* what) {
+void check_expert_table(const c10::optional<at::Tensor>& t, at::IntArrayRef shape, const char* what) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 2 && t->size(0) == experts && t->size(1) == width && t->scalar_type() == at::kLong &&
-                  t->is_contiguous(),
-              what, " must be contiguous int64 [", experts, ", ", width, "]");
+  TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kLong && t->is_contiguous(), what,
+              " must be contiguous int64 ", shape);
 }
 
 void check_offsets(const c10::optional<at::Tensor>& off, at::IntArrayRef shape, const char* what) {
@@ -142,8 +142,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t tokens = x.size(0);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == tokens && ids.scalar_type() == at::kLong, "ids must be int64 [T, k]");
   TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat, "weights must be float32 like ids");
-  check_expert_table(perm13, experts, hidden, "perm13");
-  check_expert_table(pos2, experts, inter, "pos2");
+  check_expert_table(perm13, {experts, 2, hidden}, "perm13");
+  check_expert_table(pos2, {experts, inter}, "pos2");
   check_offsets(off13, {experts, 2, gu.base.ng, inter}, "gate/up");
   check_offsets(off2, {experts, dn.base.ng, hidden}, "down");
   const int64_t* perm = perm13.has_value() ? perm13->data_ptr<int64_t>() : nullptr;
@@ -189,36 +189,45 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
+  // x's rows in pair order; with act-order, once in the gate's input order and once in the up's.
   const at::Tensor xc = x.contiguous();
-  at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
-  auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
-  at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      // Act-order: packed column c reads input perm[c]; columns past `hidden` are x's zero padding.
-      const int64_t* order = perm != nullptr ? perm + expert_of[q] * hidden : nullptr;
-      if (parts == 1) {
-        const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
-        if (order == nullptr) {
-          std::memcpy(xgp + q * kp13, src, kp13 * 2);
-        } else {
-          for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
+  auto gather = [&](int which) {
+    at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
+    auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
+    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
+        const int64_t* order = perm != nullptr ? perm + (expert_of[q] * 2 + which) * hidden : nullptr;
+        if (parts == 1) {
+          const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
+          if (order == nullptr) {
+            std::memcpy(xgp + q * kp13, src, kp13 * 2);
+          } else {
+            for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
+          }
+          continue;
         }
-        continue;
+        const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
+        for (int64_t c = 0; c < kp13; ++c) {
+          const int64_t from = order != nullptr && c < hidden ? order[c] : c;
+          split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
+        }
       }
-      const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
-      for (int64_t c = 0; c < kp13; ++c) {
-        const int64_t from = order != nullptr && c < hidden ? order[c] : c;
-        split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
-      }
-    }
-  });
-  at::Tensor xs13;
-  if (gu.base.zz != nullptr || o13 != nullptr) xs13 = group_sums(xg, group13);
+    });
+    return xg;
+  };
+  const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
+  const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
+  const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
+  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr;
+  const at::Tensor xs13 = sums13 ? group_sums(xg, group13) : at::Tensor();
+  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, group13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
   const int64_t hcols = std::min(kp2, nb13 * 16);
-  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * held, kp2}, xg.options()) : at::empty({parts * held, kp2}, xg.options());
+  const auto hopt = x.options().dtype(at::kBFloat16);
+  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * held, kp2}, hopt) : at::empty({parts * held, kp2}, hopt);
   auto* hp = reinterpret_cast<c10::BFloat16*>(h.data_ptr());
   // With fp8 activations h stays fp32 until every feature of a row is known (amax per row).
   at::Tensor hf = quant2 ? at::zeros({held, kp2}, x.options().dtype(at::kFloat)) : at::Tensor();
@@ -230,19 +239,22 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t e = active[i / nb13], j = i % nb13;
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       tmp.resize(static_cast<size_t>(parts * rows * 32));
+      const int64_t ng = gu.base.ng;
+      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * ng : nullptr;
+      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * ng : nullptr;
       GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 gu.base.zz ? xs13.data_ptr<float>() + parts * r0 * gu.base.ng : nullptr,
-                 nullptr, tmp.data(), false, 32, nullptr};
+                 gu.base.zz ? xs : nullptr, nullptr, tmp.data(), false, 32, nullptr};
       a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
       block_rows(a, parts * rows, j, scratch.data());
+      a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
+      a.xsum = gu.base.zz ? xsu : nullptr;
       a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
       block_rows(a, parts * rows, nb13 + j, scratch.data());
       if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
-        const int64_t ng = gu.base.ng, live = std::min<int64_t>(16, inter - j * 16);
+        const int64_t live = std::min<int64_t>(16, inter - j * 16);
         const float* oe = o13 + e * 2 * ng * inter + j * 16;
-        const float* xs = xs13.data_ptr<float>() + parts * r0 * ng;
         add_offsets(oe, inter, ng, xs, parts * rows, tmp.data(), 32, 0, live);
-        add_offsets(oe + ng * inter, inter, ng, xs, parts * rows, tmp.data(), 32, 16, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, parts * rows, tmp.data(), 32, 16, live);
       }
       const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
       for (int64_t r = 0; r < rows; ++r) {
