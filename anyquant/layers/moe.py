@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from anyquant.parallel.partition import ExpertPlacement, Partition
     from anyquant.parallel.state import ParallelState
     from anyquant.quant.kernels.avx512_moe import FusedExperts
+    from anyquant.quant.kernels.base import LinearKernel
 
 Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
@@ -259,7 +260,9 @@ class SparseMoE(nn.Module, TensorParallelLayer):
     def finish_loading(self) -> None:
         """Once every expert's kernel is loaded: fuse the routed experts into one call per layer
         when their kernels allow it (`fused_reason` says why not otherwise)."""
-        kernels = [(e.gate_proj.kernel, e.up_proj.kernel, e.down_proj.kernel) for e in self._expert_mlps()]
+        kernels: list[tuple[LinearKernel | None, ...]] = [
+            (e.gate_proj.kernel, e.up_proj.kernel, e.down_proj.kernel) for e in self._expert_mlps()
+        ]
         if any(
             p.bias is not None for e in self._expert_mlps() for p in (e.gate_proj, e.up_proj, e.down_proj)
         ):
@@ -271,6 +274,19 @@ class SparseMoE(nn.Module, TensorParallelLayer):
             return
         from anyquant.quant.kernels import avx512_moe  # the C++ kernels' module: only when loading
 
+        twins = avx512_moe.weight_only_twins(kernels)
+        if twins is not None and avx512_moe.cannot_fuse(twins, self.act_name) is None:
+            # W8A8 int8 experts: the AVX-512 kernels over the same codes replace the int8 GEMM ones
+            # (one copy of the weights), so that the layer runs as one call.
+            for expert, (gate, up, down) in zip(self._expert_mlps(), twins):
+                for layer, kernel in (
+                    (expert.gate_proj, gate),
+                    (expert.up_proj, up),
+                    (expert.down_proj, down),
+                ):
+                    assert kernel is not None
+                    layer.set_kernel(kernel)
+            kernels = twins
         self.fused_reason = avx512_moe.cannot_fuse(kernels, self.act_name)
         if self.fused_reason is None:
             self.fused = avx512_moe.FusedExperts(kernels)

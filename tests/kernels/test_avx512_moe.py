@@ -255,3 +255,56 @@ def test_what_cannot_be_fused_is_named() -> None:
     mixed[4] = kernels(SPECS[5])[4]
     assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
     assert "no kernel" in str(cannot_fuse([(None, None, None)], "silu"))
+
+
+W8A8 = [
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
+    QuantSpec("int8", "tensor", act=ActQuant("int8", dynamic=False, granularity="tensor")),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", W8A8, ids=lambda s: f"{s.describe()} /{s.act.scale_divisor}")
+def test_w8a8_int8_experts_are_fused(spec: QuantSpec) -> None:
+    """W8A8 int8 experts (cpu_w8a8_int8: exact int32 GEMMs, one expert at a time) run fused on
+    AVX-512 twins over the same codes: against float64 with the reference's activation
+    quantization, and the int8 per-expert path itself."""
+    from anyquant.quant.kernels.avx512_moe import weight_only_twins
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
+
+    if CpuW8A8Int8Kernel.cannot_run(spec, "experts", CPU, (INTER, HIDDEN), BF16) is not None:
+        pytest.skip("cpu_w8a8_int8 cannot run here")
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (BF16, F32):
+        weights_q, int8 = [], []
+        for e in range(EXPERTS):
+            row_w, row_k = [], []
+            for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
+                w = random_weight(spec, n, k, seed=3 * e + i)
+                kernel = CpuW8A8Int8Kernel((n, k), dtype)
+                kernel.load(w)
+                row_w.append(w)
+                row_k.append(kernel)
+            weights_q.append(row_w)
+            int8.append(tuple(row_k))
+        twins = weight_only_twins(int8)
+        assert twins is not None and cannot_fuse(twins, "silu") is None
+        fused = FusedExperts(twins)
+        dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
+        for tokens in (1, 17):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            for weights, ids in routings(tokens, gen):
+                truth = float64_moe(x, weights, ids, dense, weights_q)
+                err = rel_err(fused(x, weights, ids), truth)
+                where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+                assert err <= (3e-2 if dtype == BF16 else 1e-5), f"{where}: {err:.2e}"
+                ref = rel_err(per_expert(x, weights, ids, [list(ks) for ks in int8]), truth)
+                assert err <= 1.5 * ref + 5e-3, f"{where}: {err:.2e} vs per-expert {ref:.2e}"
+
+
+def test_w8a8_twins_only_for_int8_gemm_experts() -> None:
+    from anyquant.quant.kernels.avx512_moe import weight_only_twins
+
+    assert weight_only_twins([]) is None
+    assert weight_only_twins([tuple(k for _, k in make_experts(SPECS[0], BF16)[0])]) is None

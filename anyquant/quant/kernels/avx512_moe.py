@@ -19,6 +19,7 @@ activations); the caller then keeps the per-expert path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +27,47 @@ from torch import Tensor, nn
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.spec import FP8_MAX
 
-_FP8_ACT = {"fp8_e4m3": 1, "fp8_e5m2": 2}  # the call's act2 codes
+_ACT_CODES = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3}  # the call's act2 codes
+
+
+def weight_only_twins(
+    experts: Sequence[tuple[LinearKernel | None, ...]],
+) -> list[tuple[LinearKernel | None, ...]] | None:
+    """W8A8 int8 experts (`cpu_w8a8_int8`, torch._int_mm one expert at a time) as `cpu_avx512`
+    kernels over the same int8 codes and scales, with the same activation quantization, so the
+    fused call can run them; None unless every projection is such a kernel the twin can serve.
+    Numerics: the activations are quantized exactly as before, then enter the dot products as
+    bf16 (or exact fp32 parts); the int32 product becomes an fp32 one (the per-expert path's
+    result up to rounding)."""
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
+    from anyquant.quant.spec import ActQuant, QuantSpec
+    from anyquant.quant.weight import QuantWeight
+
+    if not experts or not all(isinstance(k, CpuW8A8Int8Kernel) for ks in experts for k in ks):
+        return None
+    twins = []
+    for ks in experts:
+        row: list[LinearKernel | None] = []
+        for k in ks:
+            assert isinstance(k, CpuW8A8Int8Kernel)
+            act = k.dynamic_act or ActQuant(
+                "int8", dynamic=False, granularity="tensor", symmetric=k.input_zero is None
+            )
+            spec = QuantSpec("int8", "channel", act=act)
+            if Avx512WeightOnlyKernel.cannot_run(
+                replace(spec, act=None), "experts", k.codes.device, k.shape, k.compute_dtype
+            ):
+                return None
+            weight = QuantWeight(spec, k.shape, k.codes, k.scale, None, None, k.input_scale, k.input_zero)
+            twin = Avx512WeightOnlyKernel(k.shape, k.compute_dtype)
+            twin.load(weight.validate("expert"))
+            row.append(twin)
+        twins.append(tuple(row))
+    return twins
 
 
 def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
@@ -72,8 +110,10 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
     act = first.spec.act
     if act is None:
         return None
-    if act.type not in _FP8_ACT:
-        return f"activations are quantized ({act.describe()}); the call takes fp8 activations only"
+    if act.type not in _ACT_CODES:
+        return f"activations are quantized ({act.describe()}); the call takes fp8 or int8 activations"
+    if act.type == "int8" and act.granularity == "group":
+        return f"activations are quantized ({act.describe()}); int8 takes one scale per row"
     if act.dynamic and act.granularity not in ("token", "group"):
         return f"activations are quantized ({act.describe()}); per-tensor dynamic scales span each expert's tokens"
     if not act.dynamic:
@@ -200,7 +240,14 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         act = self.act
-        if act is not None:
+        x_scale = None
+        if act is not None and act.type == "int8":
+            # The integer codes (exact in bf16) go in; their scale multiplies the gate / up outputs.
+            codes, scale, _ = _quantize_int8_activations(
+                x, act.dynamic, self.act_scale13, None, act.scale_divisor or 127.0
+            )
+            x, x_scale = codes, scale.float().reshape(-1).expand(x.shape[0]).contiguous()
+        elif act is not None:
             x = fake_quantize_activations(x, act, self.act_scale13)
         x = x.to(self.compute_dtype)
         if self.k_pad != self.hidden:
@@ -225,17 +272,22 @@ class FusedExperts(nn.Module):
             self.pos2,
             self.off13,
             self.off2,
-            0 if act is None else _FP8_ACT[act.type],
-            0.0 if act is None else float(act.scale_divisor or FP8_MAX[act.type]),
-            0.0 if act is None else float(FP8_MAX[act.type]),
+            0 if act is None else _ACT_CODES[act.type],
+            0.0 if act is None else float(act.scale_divisor or _act_top(act.type)),
+            0.0 if act is None else _act_top(act.type),
             act.group_size if act is not None and act.granularity == "group" else 0,
             self.act_scale2,
+            x_scale,
         )
 
     def extra_repr(self) -> str:
         extras = [n for n in ("perm13", "pos2", "off13", "off2") if getattr(self, n) is not None]
         text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
         return text + "".join(f", {n}" for n in extras)
+
+
+def _act_top(act_type: str) -> float:
+    return 127.0 if act_type == "int8" else float(FP8_MAX[act_type])
 
 
 def _order(perm: Tensor | None, k: int) -> Tensor:

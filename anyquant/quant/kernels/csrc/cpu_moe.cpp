@@ -17,10 +17,14 @@
 //   off13 [E, 2, ng13, inter] (gate, up) / off2 [E, ng2, hidden] fp32: float offsets per (group,
 //        row) (GGUF k-quant minimums, value = code * scale + offset), added as offset * (sum of
 //        the group's inputs); the layout of each expert's own kernel, so the two share one copy.
-// fp8 activations of the down projection (act2 = 1: e4m3, 2: e5m2): h is quantized as the
+// Quantized activations of the down projection (act2 = 1: fp8 e4m3, 2: fp8 e5m2, 3: int8): h is
+// quantized as the
 // reference's fake_quantize_activations does (scale = max(amax, 1e-10) / act_qmax per pair row,
 // or per group of act_group features; or the expert's static act_scale2[e]), then rounded to the
 // bf16 parts. The gate / up input is quantized by the caller (one quantization for all experts).
+// int8 keeps the integer codes (exact in bf16) in the dot products and scales the results instead:
+// x_scale [T] fp32 multiplies token t's gate and up outputs (x holds the codes), and each pair's
+// down output is multiplied by its h scale; the per-expert int8 GEMM path rounds the same way.
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
@@ -128,7 +132,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                        const c10::optional<at::Tensor>& perm13, const c10::optional<at::Tensor>& pos2,
                        const c10::optional<at::Tensor>& off13, const c10::optional<at::Tensor>& off2,
                        int64_t act2, double act_qmax, double act_top, int64_t act_group,
-                       const c10::optional<at::Tensor>& act_scale2) {
+                       const c10::optional<at::Tensor>& act_scale2, const c10::optional<at::Tensor>& x_scale) {
   TORCH_CHECK(inter > 0 && hidden > 0, "inter and hidden must be positive");
   const int64_t experts = w13.size(0);
   const int64_t nb13 = (inter + 15) / 16;
@@ -150,7 +154,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t* hpos = pos2.has_value() ? pos2->data_ptr<int64_t>() : nullptr;
   const float* o13 = off13.has_value() ? off13->data_ptr<float>() : nullptr;
   const float* o2 = off2.has_value() ? off2->data_ptr<float>() : nullptr;
-  TORCH_CHECK(act2 >= 0 && act2 <= 2, "act2 must be 0 (none), 1 (fp8_e4m3) or 2 (fp8_e5m2)");
+  TORCH_CHECK(act2 >= 0 && act2 <= 3, "act2 must be 0 (none), 1 (fp8_e4m3), 2 (fp8_e5m2) or 3 (int8)");
   TORCH_CHECK(act2 == 0 || act_qmax > 0, "act_qmax must be positive");
   TORCH_CHECK(act_group >= 0, "act_group must be >= 0");
   if (act_scale2.has_value())
@@ -158,6 +162,12 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                     act_scale2->is_contiguous(),
                 "act_scale2 must be contiguous float32 [", experts, "]");
   const bool quant2 = act2 != 0;
+  TORCH_CHECK(act2 != 3 || act_group == 0, "int8 activations take one scale per row");
+  if (x_scale.has_value())
+    TORCH_CHECK(x_scale->dim() == 1 && x_scale->size(0) == x.size(0) && x_scale->scalar_type() == at::kFloat &&
+                    x_scale->is_contiguous(),
+                "x_scale must be contiguous float32 [T]");
+  const float* xscale = x_scale.has_value() ? x_scale->data_ptr<float>() : nullptr;
   const int64_t k = ids.size(1), pairs = tokens * k;
   const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
   at::Tensor out = at::zeros({tokens, hidden}, x.options().dtype(at::kFloat));
@@ -264,6 +274,10 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
             g += tmp[(parts * r + s) * 32 + c];
             u += tmp[(parts * r + s) * 32 + 16 + c];
           }
+          if (xscale != nullptr) {
+            g *= xscale[token_of[r0 + r]];
+            u *= xscale[token_of[r0 + r]];
+          }
           const float v = g / (1.f + std::exp(-g)) * u;
           const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
           const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
@@ -276,6 +290,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       }
     }
   });
+  std::vector<float> hscale(act2 == 3 ? held : 0);  // int8: each pair row's h scale
   if (quant2) {
     const int64_t width = act_group > 0 ? act_group : kp2;
     at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
@@ -293,8 +308,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
           }
           const float top = static_cast<float>(act_top);
           for (int64_t c = c0; c < c1; ++c) {
-            const float z = std::min(std::max(row[c] / scale, -top), top);
-            const float fq = act2 == 1 ? static_cast<float>(c10::Float8_e4m3fn(z)) : static_cast<float>(c10::Float8_e5m2(z));
+            float fq;
+            if (act2 == 3) {  // int8: round half to even (torch.round), clamp; the code itself
+              fq = std::min(std::max(std::nearbyint(row[c] / scale), -128.f), 127.f);
+              hscale[q] = scale;
+              split_parts(fq, parts, hp + parts * q * kp2 + c, kp2);
+              continue;
+            }
+            const float z = std::min(std::max(row[c] / scale, -top), top);  // fp8: clamp, then cast
+            fq = act2 == 1 ? static_cast<float>(c10::Float8_e4m3fn(z)) : static_cast<float>(c10::Float8_e5m2(z));
             split_parts(fq * scale, parts, hp + parts * q * kp2 + c, kp2);
           }
         }
@@ -321,6 +343,14 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
         const int64_t ng = dn.base.ng;
         add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * ng,
                     parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+      }
+      if (act2 == 3) {  // the codes' product times each pair's h scale
+        const int64_t cols = std::min<int64_t>(16, hidden - b * 16);
+        for (int64_t r = 0; r < parts * rows; ++r) {
+          float* yr = yp + (parts * r0 + r) * hidden + b * 16;
+          const float sc = hscale[r0 + r / parts];
+          for (int64_t c = 0; c < cols; ++c) yr[c] *= sc;
+        }
       }
     }
   });
@@ -353,7 +383,7 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, Tensor s2, "
       "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden, Tensor? perm13=None, "
       "Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None, int act2=0, float act_qmax=0., float act_top=0., "
-      "int act_group=0, Tensor? act_scale2=None) -> Tensor");
+      "int act_group=0, Tensor? act_scale2=None, Tensor? x_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts", &moe_experts); }
