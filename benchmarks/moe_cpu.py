@@ -217,7 +217,7 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
         print(f"| {key} | {before:.2f} | {after:.2f} | {speedup:.2f}x |")
 
 
-OP_FORMATS = ("w4a16-g128", "act-order-g128", "offset-g32", "fp8-dynamic")
+OP_FORMATS = ("w4a16-g128", "act-order-g128", "offset-g32", "fp8-dynamic", "w8a8-int8")
 
 
 def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
@@ -225,6 +225,10 @@ def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
     from anyquant.quant.spec import ActQuant, QuantSpec
     from anyquant.quant.weight import QuantWeight
 
+    if fmt == "w8a8-int8":
+        spec = QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True))
+        data = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        return QuantWeight(spec, (n, k), data, 1e-4 + 1e-4 * torch.rand(n, generator=g)).validate(fmt)
     if fmt == "fp8-dynamic":
         spec = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
         data = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -245,7 +249,8 @@ def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
 def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, list[tuple[object, ...]]]:
     """(FusedExperts, per-expert (gate, up, down) kernels) of one synthetic MoE layer."""
     from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
-    from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
+    from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, weight_only_twins
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
 
     g = torch.Generator().manual_seed(1)
     kernels = []
@@ -260,14 +265,17 @@ def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, 
             (up, (inter, hidden)),
             (_op_weight(fmt, hidden, inter, g), (hidden, inter)),
         ):
-            kernel = Avx512WeightOnlyKernel(shape, torch.bfloat16)
+            kind = CpuW8A8Int8Kernel if fmt == "w8a8-int8" else Avx512WeightOnlyKernel
+            kernel = kind(shape, torch.bfloat16)
             kernel.load(w)  # type: ignore[arg-type]
             row.append(kernel)
         kernels.append(tuple(row))
-    reason = cannot_fuse(kernels, "silu")
-    if reason is not None:
+    # W8A8 int8: the per-expert path runs torch._int_mm kernels, the fused call their AVX-512 twins.
+    fusable = weight_only_twins(kernels) if fmt == "w8a8-int8" else kernels
+    reason = "no AVX-512 twins" if fusable is None else cannot_fuse(fusable, "silu")
+    if reason is not None or fusable is None:
         raise SystemExit(f"{fmt}: not fused: {reason}")
-    return FusedExperts(kernels), kernels
+    return FusedExperts(fusable), kernels
 
 
 def _per_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, kernels: list) -> torch.Tensor:

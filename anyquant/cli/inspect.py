@@ -77,6 +77,9 @@ def print_text(doc: dict[str, Any]) -> None:
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")
+    for moe in doc["moe_layers"]:
+        how = "one fused call per layer" if moe["fused"] else f"one expert at a time: {moe['reason']}"
+        print(f"routed experts: {moe['pattern']} (×{moe['count']}, {moe['experts']} experts): {how}")
     print_merges(doc["merged_projections"])
     if doc["notes"]:
         print("\nconfig and tensors disagree (tensors win):")

@@ -180,6 +180,7 @@ def describe_checkpoint(
         "tensor_parallel": tp_doc,
         "vision": vision,
         "groups": group_docs,
+        "moe_layers": moe_docs(model, plans),
         "merged_projections": merge_docs(merges),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
@@ -189,6 +190,41 @@ def describe_checkpoint(
             "checkpoint_tensors": len(ckpt.index),
         },
     }
+
+
+def moe_docs(model: Any, plans: list[LayerPlan]) -> list[dict[str, Any]]:
+    """Per MoE block pattern: its routed experts as one fused call per layer, or per expert and why
+    (the loader's decision, predicted from the plan; static input scales are checked at load)."""
+    from anyquant.layers.moe import SparseMoE
+    from anyquant.quant.kernels.avx512_moe import fusion_from_plan
+
+    by_prefix = {p.prefix: p for p in plans}
+    docs: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for block in model.modules():
+        if not isinstance(block, SparseMoE):
+            continue
+        mine = [p for name, p in by_prefix.items() if name.startswith(f"{block.prefix}.experts.")]
+        if not mine:
+            continue
+        reason = fusion_from_plan(
+            {p.kernel.name for p in mine},
+            {p.local_spec for p in mine},
+            block.act_name,
+            any(p.bias is not None for p in mine),
+        )
+        key = (layer_pattern(block.prefix), reason)
+        doc = docs.setdefault(
+            key,
+            {
+                "pattern": key[0],
+                "count": 0,
+                "experts": block.routing.num_experts,
+                "fused": reason is None,
+                "reason": reason,
+            },
+        )
+        doc["count"] += 1
+    return list(docs.values())
 
 
 def split_label(plan: LayerPlan, tp: TensorParallelPlan | None) -> str:

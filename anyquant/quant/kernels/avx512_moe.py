@@ -29,7 +29,7 @@ from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.reference import fake_quantize_activations
-from anyquant.quant.spec import FP8_MAX
+from anyquant.quant.spec import FP8_MAX, QuantSpec
 
 _ACT_CODES = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3}  # the call's act2 codes
 
@@ -100,6 +100,33 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
         if (gate.offset_t is None) != (up.offset_t is None):
             return f"expert {e}'s gate and up differ in float offsets"
     return _cannot_fuse_activations(experts)
+
+
+def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, biases: bool) -> str | None:
+    """From the load plan alone (inspect): why a block's routed experts will not run as one fused
+    call, or None. The loader decides on the loaded kernels (`cannot_fuse`); the checks that need
+    weights (act-order orders, offsets) never refuse, so the two agree."""
+    if biases:
+        return "experts have biases"
+    if act not in ("silu", "swish"):
+        return f"activation {act} (the fused call computes silu)"
+    if len(specs) != 1 or len(kernels) != 1:
+        return f"experts differ in kernel or scheme ({', '.join(sorted(kernels))})"
+    (kernel,), (spec,) = kernels, specs
+    if spec is None or kernel not in (Avx512WeightOnlyKernel.name, "cpu_w8a8_int8"):
+        return f"experts run on {kernel}, not cpu_avx512"
+    a = spec.act
+    if a is None:
+        return None
+    if a.type not in _ACT_CODES or (a.type == "int8" and a.granularity == "group"):
+        return f"activations are quantized ({a.describe()})"
+    if a.dynamic and a.granularity == "tensor":
+        return (
+            f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
+        )
+    if not a.symmetric:
+        return f"activations are quantized ({a.describe()}) with input zero points"
+    return None
 
 
 def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]]) -> str | None:
