@@ -9,11 +9,15 @@ in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of 
 over the threads and returns the weighted sum in fp32.
 
 Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
-the down projection's as where each intermediate feature goes; float-offset experts (GGUF k-quant minimums) pass their offsets, stacked so that each
-expert's own kernel reads its slice of them as well.
+the down projection's as where each intermediate feature goes; float-offset experts (GGUF k-quant
+minimums) pass their offsets, stacked so that each expert's own kernel reads its slice of them as
+well. Quantized activations (fp8 dynamic per token / group or static; int8 W8A8, whose experts
+first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are quantized as the
+reference does: x once for all experts here, h per (token, expert) row inside the call.
 
-`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, quantized
-activations); the caller then keeps the per-expert path.
+`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
+dynamic activation scales); the caller then keeps the per-expert path. `fusion_from_plan` predicts
+the same from the load plan, for `inspect`.
 """
 
 from __future__ import annotations
