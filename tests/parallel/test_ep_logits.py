@@ -125,3 +125,21 @@ def test_llm_workers_take_expert_parallel(
     assert held and all(r == range(0, 3) for r in held)  # rank 0 of 5 experts over 2 ranks
     want = reference["qwen2-moe-e5"]
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_ep_gguf_k_quant_experts(tmp_path: Path) -> None:
+    """A GGUF Qwen3-MoE with Q5_K experts (float offsets: the fused call adds them) at 2 ranks with
+    expert parallelism: stacked [experts, out, in] tensors, each rank reading only its experts."""
+    pytest.importorskip("gguf")
+    from tests.gguf.fixtures import write_pair
+
+    path = write_pair(tmp_path, "qwen3moe", "Q5_K")[0]
+    ids = [5, 77, 256, 3, 190, 41, 258, 12]
+    got = tp_logits(2, {"gguf": path}, ids, tmp_path, expert_parallel=True)["gguf"]
+    want = LLM(str(path), dtype="float32").logits(ids)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    ranks = [held_experts(tmp_path, "gguf", r) for r in range(2)]
+    assert all(fused for held in ranks for *_, fused in held) or not FUSED_AVAILABLE
+    placement = place_experts(ranks[-1][0][2], 2, "gguf")  # the last rank holds up to E
+    assert [held[0][1:3] for held in ranks] == [(r.start, r.stop) for r in map(placement.experts, range(2))]
