@@ -93,6 +93,7 @@ class LLM:
         activation_dtype: str = "auto",
         mmproj: str | Path | None = None,
         enforce_eager: bool | None = None,
+        enable_expert_parallel: bool = False,
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -118,7 +119,11 @@ class LLM:
         (benchmarks/RESULTS.md); "auto" runs every layer as its checkpoint specifies.
 
         `mmproj`: llama.cpp's vision projector file for a GGUF language model (llama.cpp's
-        `--mmproj`); a directory holding the model and one `mmproj*.gguf` finds it alone."""
+        `--mmproj`); a directory holding the model and one `mmproj*.gguf` finds it alone.
+
+        `enable_expert_parallel=True` (vLLM's name): with `tensor_parallel_size=N`, each rank holds
+        whole routed experts (about E/N of them) instead of a slice of every expert; attention, dense
+        and shared-expert layers stay tensor-parallel. Refused for a model without MoE layers."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         self.debug_numerics = debug_numerics
@@ -135,6 +140,7 @@ class LLM:
                 lm_head_dtype,
                 activation_dtype,
                 mmproj,
+                enable_expert_parallel,
             )
             self._closer = weakref.finalize(self, self._tp.close)
             self.model: EngineModel = self._tp
@@ -148,6 +154,7 @@ class LLM:
                 lm_head_dtype=lm_head_dtype,
                 activation_dtype=activation_dtype,
                 mmproj=mmproj,
+                expert_parallel=enable_expert_parallel,
             )
             self.model = self.loaded.model
         self.device = self.loaded.device
@@ -509,6 +516,7 @@ def _start_tensor_parallel(
     lm_head_dtype: str,
     activation_dtype: str,
     mmproj: str | Path | None,
+    expert_parallel: bool,
 ) -> tuple[LoadedModel, Any]:
     """Check the split from headers first (a refusal needs no processes), then start the ranks."""
     from anyquant.loading.activations import activation_quant
@@ -520,7 +528,7 @@ def _start_tensor_parallel(
 
     lm_head_spec(lm_head_dtype)  # a bad value fails before any process starts
     activation_quant(activation_dtype)
-    check_tensor_parallel(model, world, mmproj)
+    check_tensor_parallel(model, world, mmproj, expert_parallel)
     request = LoadRequest(
         str(Path(model).resolve()),
         device,
@@ -532,5 +540,6 @@ def _start_tensor_parallel(
         lm_head_dtype,
         activation_dtype,
         None if mmproj is None else str(Path(mmproj).resolve()),
+        expert_parallel,
     )
     return start_tensor_parallel(request, world)

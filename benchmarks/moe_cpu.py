@@ -17,11 +17,21 @@ whole-model prefill / batch-1 decode, and one MoE layer alone at 1, 8, 32 and 51
 prints medians and fused / per-expert ratios.
 
     python benchmarks/moe_cpu.py --ab [--layers 3] [--rounds 3]
+
+`--op` needs no checkpoint: one synthetic MoE layer of Qwen3-30B-A3B's shape (128 experts,
+hidden 2048, intermediate 768, top-8, random routing) per expert format (W4A16 g128, GPTQ
+act-order g128, GGUF-style uint4 g32 with float offsets, FP8 with dynamic per-token activations),
+fused call vs the same kernels one expert at a time, alternating, at 1, 32 and 512 tokens; and the
+roofline of the bytes the call reads (the distinct chosen experts' packed weights, scales, zero
+points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
+
+    python benchmarks/moe_cpu.py --op [--rounds 3] [--formats w4a16-g128 act-order-g128 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -207,6 +217,146 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
         print(f"| {key} | {before:.2f} | {after:.2f} | {speedup:.2f}x |")
 
 
+OP_FORMATS = ("w4a16-g128", "act-order-g128", "offset-g32", "fp8-dynamic", "w8a8-int8")
+
+
+def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
+    """A random canonical weight of `fmt` for one [n, k] expert projection."""
+    from anyquant.quant.spec import ActQuant, QuantSpec
+    from anyquant.quant.weight import QuantWeight
+
+    if fmt == "w8a8-int8":
+        spec = QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True))
+        data = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        return QuantWeight(spec, (n, k), data, 1e-4 + 1e-4 * torch.rand(n, generator=g)).validate(fmt)
+    if fmt == "fp8-dynamic":
+        spec = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
+        data = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return QuantWeight(spec, (n, k), data, 1e-4 + 1e-4 * torch.rand(n, generator=g)).validate(fmt)
+    group = 32 if fmt == "offset-g32" else 128
+    spec = QuantSpec(
+        "uint4", "group", group_size=group, act_order=fmt == "act-order-g128", has_offset=fmt == "offset-g32"
+    )
+    data = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = 0.005 + 0.01 * torch.rand(n, k // group, generator=g)
+    g_idx = (
+        (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(torch.int32) if spec.act_order else None
+    )
+    offset = -0.08 * torch.rand(n, k // group, generator=g) if spec.has_offset else None
+    return QuantWeight(spec, (n, k), data, scale, None, g_idx, offset=offset).validate(fmt)
+
+
+def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, list[tuple[object, ...]]]:
+    """(FusedExperts, per-expert (gate, up, down) kernels) of one synthetic MoE layer."""
+    from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+    from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, weight_only_twins
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
+
+    g = torch.Generator().manual_seed(1)
+    kernels = []
+    for _ in range(experts):
+        gate = _op_weight(fmt, inter, hidden, g)
+        up = _op_weight(fmt, inter, hidden, g)
+        if fmt == "act-order-g128":  # gate and up see the same inputs: one g_idx (as GPTQ writes)
+            up = dataclasses.replace(up, group_index=gate.group_index)  # type: ignore[type-var]
+        row = []
+        for w, shape in (
+            (gate, (inter, hidden)),
+            (up, (inter, hidden)),
+            (_op_weight(fmt, hidden, inter, g), (hidden, inter)),
+        ):
+            kind = CpuW8A8Int8Kernel if fmt == "w8a8-int8" else Avx512WeightOnlyKernel
+            kernel = kind(shape, torch.bfloat16)
+            kernel.load(w)  # type: ignore[arg-type]
+            row.append(kernel)
+        kernels.append(tuple(row))
+    # W8A8 int8: the per-expert path runs torch._int_mm kernels, the fused call their AVX-512 twins.
+    fusable = weight_only_twins(kernels) if fmt == "w8a8-int8" else kernels
+    reason = "no AVX-512 twins" if fusable is None else cannot_fuse(fusable, "silu")
+    if reason is not None or fusable is None:
+        raise SystemExit(f"{fmt}: not fused: {reason}")
+    return FusedExperts(fusable), kernels
+
+
+def _per_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, kernels: list) -> torch.Tensor:
+    """The per-expert path (SparseMoE._routed_per_expert) over the same kernels, without modules."""
+    t, k = ids.shape
+    out = torch.zeros(t, x.shape[1])
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens, w = order // k, weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=len(kernels)).tolist()):
+        if n:
+            rows, wr = tokens[start : start + n], w[start : start + n]
+            gate, up, down = kernels[e]
+            xr = x[rows]
+            y = down(torch.nn.functional.silu(gate(xr)) * up(xr))
+            out.index_add_(0, rows, y.float() * wr[:, None])
+            start += n
+    return out
+
+
+def read_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Read-only bandwidth (GB/s, 1e9 bytes): the best of `repeats` fp32 amax passes over a large
+    buffer, timed like the kernels (CPU time with one thread: the shared machine's other load
+    would otherwise count as slow memory)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.amax()
+    return nbytes / min(_seconds(buf.amax, 1) for _ in range(repeats)) / 1e9
+
+
+def op_ab(formats: list[str], rounds: int) -> None:
+    cfg = QWEN3_30B_A3B
+    experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for t in (1, 32, 512):
+        x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+        ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
+        weights = torch.rand(t, top_k, generator=g).softmax(-1)
+        cases[t] = (x, weights, ids)
+    bandwidth = read_bandwidth_gbs()
+    rows = []
+    for fmt in formats:
+        fused, kernels = _op_layer(fmt, experts, hidden, inter)
+        per_e = {n: b for n, b in fused.named_buffers() if b is not None and n != "lut"}
+        per_expert_bytes = sum(
+            b[0].numel() * b.element_size() for n, b in per_e.items() if not n.startswith("act_")
+        )
+        times: dict[tuple[str, int], list[float]] = {}
+        with torch.inference_mode():
+            for t, (x, w, ids) in cases.items():  # warm-up and agreement
+                a, b = fused(x, w, ids), _per_expert(x, w, ids, kernels)
+                err = float((a - b).norm() / b.norm())
+                assert err < 3e-2, (fmt, t, err)
+            for _ in range(rounds):
+                for t, case in cases.items():
+                    reps = 1 if t == 512 else 5
+                    runs = {
+                        "per-expert": lambda c=case, ks=kernels: _per_expert(*c, ks),
+                        "fused": lambda c=case, f=fused: f(*c),
+                    }
+                    for mode, fn in runs.items():
+                        times.setdefault((mode, t), []).append(_seconds(fn, reps))
+        for t, (_, _, ids) in cases.items():
+            pe, fu = (statistics.median(times[(m, t)]) for m in ("per-expert", "fused"))
+            read = per_expert_bytes * int(ids.unique().numel())
+            roof = read / (bandwidth * 1e9)
+            rows.append((fmt, t, pe * 1e3, fu * 1e3, pe / fu, read / 2**20, roof * 1e3, roof / fu))
+    print(
+        f"\n1 thread, CPU time, medians of {rounds} rounds; read bandwidth {bandwidth:.1f} GB/s (fp32 amax)\n"
+    )
+    print(
+        "| experts | tokens | per-expert ms | fused ms | speed-up | MiB read | roofline ms | fused / roofline |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for fmt, t, pe, fu, sp, mib, roof, frac in rows:
+        print(
+            f"| {fmt} | {t} | {pe:.2f} | {fu:.2f} | {sp:.2f}x | {mib:.1f} | {roof:.2f} | {100 * frac:.0f} % |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,8 +368,13 @@ def main() -> None:
     parser.add_argument("--decode-len", type=int, default=16)
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--ab", action="store_true", help="fused vs per-expert MoE in one process")
+    parser.add_argument("--op", action="store_true", help="one synthetic MoE layer per expert format")
+    parser.add_argument("--model", type=Path, default=None, help="--ab on this checkpoint instead")
+    parser.add_argument("--formats", nargs="+", default=list(OP_FORMATS), choices=OP_FORMATS)
     args = parser.parse_args()
-    model = build(args.layers)
+    if args.op:
+        return op_ab(args.formats, args.rounds)
+    model = args.model or build(args.layers)
     if args.build_only:
         return
     if args.ab:

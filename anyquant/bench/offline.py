@@ -61,6 +61,8 @@ def bench_offline(
     seed: int = 0,
     lm_head_dtype: str = "auto",
     activation_dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    enable_expert_parallel: bool = False,
 ) -> OfflineResult:
     t0 = time.perf_counter()
     # Eager: this benchmark runs the model's forward itself (SequenceCache), not the engine's
@@ -72,6 +74,8 @@ def bench_offline(
         lm_head_dtype=lm_head_dtype,
         activation_dtype=activation_dtype,
         enforce_eager=True,
+        tensor_parallel_size=tensor_parallel_size,
+        enable_expert_parallel=enable_expert_parallel,
     )
     load_s = time.perf_counter() - t0
     vocab = int(llm.loaded.config["vocab_size"])

@@ -22,6 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument("--repeats", type=int, default=3)
     offline.add_argument("--kernel", default=None, help="force a kernel for quantized layers")
     offline.add_argument(
+        "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
+    )
+    offline.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+    )
+    offline.add_argument(
         "--lm-head-dtype",
         default="auto",
         choices=["auto", "int8"],

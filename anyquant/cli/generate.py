@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--enforce-eager", action="store_true", default=None, help=ENFORCE_EAGER_HELP)
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+    )
+    parser.add_argument(
         "--debug-numerics",
         action="store_true",
         help="on non-finite logits, name the first layer whose output overflowed",

@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tp", type=int, default=1, metavar="N", help="plan N tensor-parallel ranks (per-rank view)"
     )
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: plan whole routed experts per rank instead of a slice of every expert",
+    )
+    parser.add_argument(
         "--lm-head-dtype",
         default="auto",
         choices=["auto", "int8"],
@@ -86,6 +91,9 @@ def print_text(doc: dict[str, Any]) -> None:
         print(f"    kernel: {g['kernel']}")
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")
+    for moe in doc["moe_layers"]:
+        how = "one fused call per layer" if moe["fused"] else f"one expert at a time: {moe['reason']}"
+        print(f"routed experts: {moe['pattern']} (×{moe['count']}, {moe['experts']} experts): {how}")
     print_merges(doc["merged_projections"])
     if doc["notes"]:
         print("\nconfig and tensors disagree (tensors win):")
@@ -136,6 +144,8 @@ def print_tensor_parallel(tp: dict[str, Any]) -> None:
             f"padding: {pad['pattern']} ({pad['role']}, ×{pad['count']}): {pad['size']} -> {pad['local_size']} "
             f"per rank in units of {pad['unit']}, zero entries per rank {pad['padding_per_rank']}"
         )
+    for place in tp["expert_parallel"]["placement"]:
+        print(f"expert parallel: {place['pattern']} (×{place['count']}): {place['description']}")
     mem = tp["memory_per_rank"]
     print(
         f"memory per rank (estimate, tp={tp['size']}): {_mib(mem['total'])} = linear weights "
@@ -159,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         lm_head_dtype=args.lm_head_dtype,
         activation_dtype=args.activation_dtype,
         mmproj=args.mmproj,
+        expert_parallel=args.enable_expert_parallel,
     )
     if args.json:
         print(json.dumps(doc, indent=2))

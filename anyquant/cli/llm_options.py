@@ -26,6 +26,7 @@ LLM_FLAGS = (
     "kv_cache_gb",
     "kv_cache_fraction",
     "tensor_parallel_size",
+    "enable_expert_parallel",
     "chat_template",
     "debug_numerics",
     # store_true with default None: absent leaves the choice to LLM (the environment variable).

@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run N tensor-parallel ranks (gloo on CPU)",
     )
     parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+    )
+    parser.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1/* (or set ANYQUANT_API_KEY)",

@@ -5,6 +5,11 @@ top-k renormalisation, DeepSeek grouped top-k and score-correction bias, routed 
 (logits -> top-k ids and weights, in fp32), `Router` (the gate, a fp32 QuantLinear) and `SparseMoE`.
 Each expert is its own small gated MLP of QuantLinears at the checkpoint's per-expert prefixes,
 so every format and every linear kernel applies to experts unchanged.
+
+Under tensor parallelism every rank holds a slice of every expert; with expert parallelism
+(`hold_experts`) a rank holds whole experts, a contiguous range of them, instead. Either way every
+rank routes every token (the router is replicated and its input is the same on all ranks), computes
+what its weights allow and the block's output is one sum over ranks: the same single collective.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from anyquant.parallel.comm import all_reduce, all_reduce_max
 from anyquant.quant.spec import ROUTER_DTYPE
 
 if TYPE_CHECKING:
-    from anyquant.parallel.partition import Partition
+    from anyquant.parallel.partition import ExpertPlacement, Partition
     from anyquant.parallel.state import ParallelState
     from anyquant.quant.kernels.avx512_moe import FusedExperts
+    from anyquant.quant.kernels.base import LinearKernel
 
 Scoring = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
@@ -193,8 +199,12 @@ class SparseMoE(nn.Module, TensorParallelLayer):
             raise _config_error(
                 "moe_intermediate_size", f"= {moe_intermediate_size}; expected a positive size"
             )
+        self.prefix = prefix
         self.routing = routing
         self.act_name = act
+        # Global ids of the routed experts this rank holds (`self.experts[i]` is expert
+        # `local_experts[i]`): all of them unless expert parallelism gave it a range.
+        self.local_experts = range(routing.num_experts)
         # Set by `finish_loading`: all routed experts as one fused call, or why not.
         self.fused: FusedExperts | None = None
         self.fused_reason: str | None = "not loaded"
@@ -233,17 +243,53 @@ class SparseMoE(nn.Module, TensorParallelLayer):
     def set_parallel(self, partitions: Mapping[str, Partition], state: ParallelState) -> None:
         self.parallel = state if state.is_parallel else None
 
+    def hold_experts(self, placement: ExpertPlacement, rank: int) -> None:
+        """Expert parallelism: keep only this rank's whole experts (before loading: the others are
+        never read). Tokens routed elsewhere contribute zero here; the block's sum over ranks adds
+        the owners' outputs."""
+        held = placement.experts(rank)
+        self.experts = nn.ModuleList(self.experts[e] for e in held)
+        self.local_experts = held
+
+    def _local_ids(self, ids: Tensor) -> Tensor:
+        """Global expert ids -> this rank's expert index, -1 for experts held by another rank
+        (no host sync: a compiled decode step keeps the whole block)."""
+        held = self.local_experts
+        if len(held) == self.routing.num_experts:
+            return ids
+        local = ids - held.start
+        return torch.where((local >= 0) & (local < len(held)), local, -1)
+
     def finish_loading(self) -> None:
         """Once every expert's kernel is loaded: fuse the routed experts into one call per layer
         when their kernels allow it (`fused_reason` says why not otherwise)."""
-        kernels = [(e.gate_proj.kernel, e.up_proj.kernel, e.down_proj.kernel) for e in self._expert_mlps()]
+        kernels: list[tuple[LinearKernel | None, ...]] = [
+            (e.gate_proj.kernel, e.up_proj.kernel, e.down_proj.kernel) for e in self._expert_mlps()
+        ]
         if any(
             p.bias is not None for e in self._expert_mlps() for p in (e.gate_proj, e.up_proj, e.down_proj)
         ):
             self.fused_reason = "experts have biases"
             return
+        if any(e.down_proj.global_act for e in self._expert_mlps()):
+            # The call quantizes h from the rank's own slice; the scale must span every rank's.
+            self.fused_reason = "row-parallel experts take dynamic activation scales over all ranks"
+            return
         from anyquant.quant.kernels import avx512_moe  # the C++ kernels' module: only when loading
 
+        twins = avx512_moe.weight_only_twins(kernels)
+        if twins is not None and avx512_moe.cannot_fuse(twins, self.act_name) is None:
+            # W8A8 int8 experts: the AVX-512 kernels over the same codes replace the int8 GEMM ones
+            # (one copy of the weights), so that the layer runs as one call.
+            for expert, (gate, up, down) in zip(self._expert_mlps(), twins):
+                for layer, kernel in (
+                    (expert.gate_proj, gate),
+                    (expert.up_proj, up),
+                    (expert.down_proj, down),
+                ):
+                    assert kernel is not None
+                    layer.set_kernel(kernel)
+            kernels = twins
         self.fused_reason = avx512_moe.cannot_fuse(kernels, self.act_name)
         if self.fused_reason is None:
             self.fused = avx512_moe.FusedExperts(kernels)
@@ -252,6 +298,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         return [cast(GatedMLP, e) for e in self.experts]
 
     def _routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        ids = self._local_ids(ids)
         if self.fused is not None:
             return self.fused(x, weights, ids)
         if self.opaque_handle is not None and torch.compiler.is_compiling():
@@ -260,14 +307,16 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         return self._routed_per_expert(x, weights, ids)
 
     def _routed_per_expert(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """Sort the (token, slot) pairs by expert so each selected expert runs once on its tokens."""
+        """Sort the (token, slot) pairs by expert so each selected expert runs once on its tokens.
+        `ids` are local expert indices, -1 for experts another rank holds (sorted last, skipped)."""
         t, k = ids.shape
+        n = len(self.experts)
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        flat = ids.reshape(-1)
+        flat = torch.where(ids >= 0, ids, n).reshape(-1)
         order = torch.argsort(flat, stable=True)
         tokens = order // k
         slot_weights = weights.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=self.routing.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=n + 1)[:n].tolist()
         picked: list[tuple[GatedMLP, Tensor, Tensor]] = []  # (expert, its tokens, their weights)
         start = 0
         for expert, n in zip(self.experts, counts):

@@ -26,6 +26,7 @@ from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
     TensorParallelPlan,
+    check_expert_parallel,
     padding_report,
     plan_tensor_parallel,
     spec_lookup,
@@ -55,12 +56,12 @@ def spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
 
 
 def check_tensor_parallel(
-    path: str | Path, world: int, mmproj: str | Path | None = None
+    path: str | Path, world: int, mmproj: str | Path | None = None, expert_parallel: bool = False
 ) -> TensorParallelPlan:
     """The tensor-parallel plan for `world` ranks from headers; UnsupportedError says why not."""
     ckpt = open_checkpoint(path, mmproj)
     model = build_on_meta(ckpt.text_config(), ckpt.index.names())
-    return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world)
+    return plan_tensor_parallel(model, spec_lookup(detect_format(ckpt)), world, expert_parallel)
 
 
 def describe_checkpoint(
@@ -73,6 +74,7 @@ def describe_checkpoint(
     lm_head_dtype: str = "auto",
     activation_dtype: str = "auto",
     mmproj: str | Path | None = None,
+    expert_parallel: bool = False,
 ) -> dict[str, Any]:
     ckpt = open_checkpoint(path, mmproj)
     config = ckpt.text_config()
@@ -81,11 +83,13 @@ def describe_checkpoint(
     compute_dtype = resolve_dtype(dtype, config, dev)
     model = build_on_meta(config, ckpt.index.names())
     tp_plan, tp_error = None, None
-    if tp != 1:
-        try:
-            tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp)
-        except AnyquantError as exc:
-            tp_error = str(exc)
+    try:
+        if expert_parallel:
+            check_expert_parallel(model)
+        if tp != 1:
+            tp_plan = plan_tensor_parallel(model, spec_lookup(fmt), tp, expert_parallel)
+    except AnyquantError as exc:
+        tp_error = str(exc)
     plans = plan_layers(
         ckpt,
         fmt,
@@ -107,7 +111,7 @@ def describe_checkpoint(
             layer_pattern(plan.prefix),
             plan.spec.describe() if plan.spec else "unquantized",
             plan.kernel.name,
-            plan.shard.style if plan.shard else "replicated",
+            split_label(plan, tp_plan),
         )
         groups.setdefault(key, []).append(plan)
     group_docs = []
@@ -176,6 +180,7 @@ def describe_checkpoint(
         "sizes": {str(k): v for k, v in tensor_parallel_sizes(model, spec_lookup(fmt)).items()},
         "padding": padding_report(tp_plan, layer_pattern) if tp_plan else [],
         "memory_per_rank": memory,
+        "expert_parallel": expert_placement_report(tp_plan, expert_parallel),
     }
     return {
         "model": str(ckpt.path),
@@ -194,6 +199,7 @@ def describe_checkpoint(
         "tensor_parallel": tp_doc,
         "vision": vision,
         "groups": group_docs,
+        "moe_layers": moe_docs(model, plans),
         "merged_projections": merge_docs(merges),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
@@ -203,6 +209,69 @@ def describe_checkpoint(
             "checkpoint_tensors": len(ckpt.index),
         },
     }
+
+
+def moe_docs(model: Any, plans: list[LayerPlan]) -> list[dict[str, Any]]:
+    """Per MoE block pattern: its routed experts as one fused call per layer, or per expert and why
+    (the loader's decision, predicted from the plan; static input scales are checked at load)."""
+    from anyquant.layers.moe import SparseMoE
+    from anyquant.quant.kernels.avx512_moe import fusion_from_plan
+
+    by_prefix = {p.prefix: p for p in plans}
+    docs: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for block in model.modules():
+        if not isinstance(block, SparseMoE):
+            continue
+        mine = [p for name, p in by_prefix.items() if name.startswith(f"{block.prefix}.experts.")]
+        if not mine:
+            continue
+        reason = fusion_from_plan(
+            {p.kernel.name for p in mine},
+            {p.local_spec for p in mine},
+            block.act_name,
+            any(p.bias is not None for p in mine),
+        )
+        key = (layer_pattern(block.prefix), reason)
+        doc = docs.setdefault(
+            key,
+            {
+                "pattern": key[0],
+                "count": 0,
+                "experts": block.routing.num_experts,
+                "fused": reason is None,
+                "reason": reason,
+            },
+        )
+        doc["count"] += 1
+    return list(docs.values())
+
+
+def split_label(plan: LayerPlan, tp: TensorParallelPlan | None) -> str:
+    """column / row (split), whole experts on their owner rank (expert parallelism), or replicated."""
+    if plan.shard is not None:
+        return plan.shard.style
+    if tp is not None and plan.prefix in tp.expert_owner:
+        return "whole expert on one rank"
+    return "replicated"
+
+
+def expert_placement_report(plan: TensorParallelPlan | None, enabled: bool) -> dict[str, Any]:
+    """Which routed experts each rank holds, by MoE block pattern (blocks alike share one line)."""
+    rows: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+    for prefix, placement in (plan.experts if plan is not None else {}).items():
+        key = (layer_pattern(prefix), (*placement.starts, placement.num_experts))
+        entry = rows.setdefault(
+            key,
+            {
+                "pattern": key[0],
+                "count": 0,
+                "experts": placement.num_experts,
+                "per_rank": [[r.start, r.stop] for r in map(placement.experts, range(placement.world))],
+                "description": placement.describe(),
+            },
+        )
+        entry["count"] += 1
+    return {"enabled": enabled, "placement": list(rows.values())}
 
 
 def merge_docs(merges: list[MergePlan]) -> list[dict[str, Any]]:
@@ -258,11 +327,13 @@ def memory_per_rank(
     compute_dtype: torch.dtype,
     max_model_len: int,
 ) -> dict[str, int]:
-    """Estimated bytes one rank holds: its share of the linear weights (quantized layers at their
+    """Estimated bytes rank 0 (the largest share) holds: its share of the linear weights (quantized layers at their
     stored size, dense ones in the compute dtype), other parameters, and the KV cache."""
     itemsize = compute_dtype.itemsize
     linear = 0
     for plan in plans:
+        if tp is not None and not tp.holds(plan.prefix, 0):
+            continue  # expert parallelism: a routed expert rank 0 (which holds the most) leaves out
         out_l, in_l = plan.local_shape
         share = (out_l * in_l) / max(plan.shape[0] * plan.shape[1], 1)
         if plan.load_as is not None:  # int8 codes and one fp32 scale per row

@@ -33,6 +33,7 @@ from anyquant.loading.preflight import (
     LinearShard,
     TensorParallelPlan,
     apply_tensor_parallel,
+    check_expert_parallel,
     plan_tensor_parallel,
     spec_lookup,
 )
@@ -124,6 +125,7 @@ def load_model(
     lm_head_dtype: str = "auto",
     activation_dtype: str = "auto",
     mmproj: str | Path | None = None,
+    expert_parallel: bool = False,
 ) -> LoadedModel:
     """Load `path`; with `parallel` (world size > 1), only this rank's shard of every split layer.
     `progress` receives the phases "reading" (headers, config, plan) and "repacking" (reading,
@@ -135,7 +137,10 @@ def load_model(
     `activation_dtype`: "auto" runs weight-only layers as stored; "int8" quantizes their
     activations per token at run time (loading/activations.py).
 
-    `mmproj`: llama.cpp's vision projector for a GGUF language model (loading/gguf_mmproj.py)."""
+    `mmproj`: llama.cpp's vision projector for a GGUF language model (loading/gguf_mmproj.py).
+
+    `expert_parallel`: under tensor parallelism, each rank loads whole routed experts (its share
+    of them) instead of a slice of every expert; refused for a model without MoE layers."""
     dev = torch.device(device)
     parallel = parallel or ParallelState()
     if progress is None:
@@ -146,8 +151,10 @@ def load_model(
         fmt = detect_format(ckpt)
         compute_dtype = resolve_dtype(dtype, config, dev)
         model = build_on_meta(config, ckpt.index.names())
+        if expert_parallel:
+            check_expert_parallel(model)
         tp = (
-            plan_tensor_parallel(model, spec_lookup(fmt), parallel.world_size)
+            plan_tensor_parallel(model, spec_lookup(fmt), parallel.world_size, expert_parallel)
             if parallel.is_parallel
             else None
         )
@@ -163,6 +170,10 @@ def load_model(
             lm_head_as=head_as,
             activations=activation_quant(activation_dtype),
         )
+        # Expert parallelism: other ranks' experts are checked from their headers, never read.
+        elsewhere = [p for p in plans if tp is not None and not tp.holds(p.prefix, parallel.rank)]
+        if elsewhere:
+            plans = [p for p in plans if tp is None or tp.holds(p.prefix, parallel.rank)]
         if head_as is not None:
             for plan in plans:
                 if plan.kind == "lm_head" and plan.spec is not None:
@@ -184,6 +195,10 @@ def load_model(
         progress.start_weights(sum(_stored_bytes(ckpt, name) for name in ckpt.index))
         since_trim = since_unmap = 0
         try:
+            for plan in elsewhere:
+                read = check_linear(ckpt, fmt, plan)
+                used.update(read)
+                progress.advance(sum(_stored_bytes(ckpt, n) for n in read))
             for plan in plans:
                 merge = merge_of.get(plan.prefix)
                 if merge is None:

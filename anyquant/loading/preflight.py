@@ -2,7 +2,8 @@
 
 Owns turning the layers' declared split groups (heads, KV heads, MLP/expert channels, vocab) and
 the stored specs into partitions, each layer's local shape and spec, the padding applied, the
-checks that refuse what cannot be split exactly, and the known numerical risks. The loader
+checks that refuse what cannot be split exactly, and the known numerical risks. With expert
+parallelism, routed experts are not split but placed whole on ranks (`experts`, `expert_owner`). The loader
 executes this plan; `inspect --tp N` prints it, so both say the same thing.
 """
 
@@ -15,10 +16,13 @@ from typing import Any
 
 from anyquant.errors import AnyquantError, UnsupportedError
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
+from anyquant.layers.moe import SparseMoE
 from anyquant.models.protocol import CausalLM
 from anyquant.parallel.partition import (
+    ExpertPlacement,
     Partition,
     divisors,
+    place_experts,
     split_heads,
     split_kv_heads,
     split_units,
@@ -63,6 +67,15 @@ class TensorParallelPlan:
     shards: dict[str, LinearShard]  # by layer prefix; absent: replicated
     cache_heads: int | None  # KV-cache heads per rank
     risks: list[str] = field(default_factory=list)
+    # Expert parallelism: MoE block prefix -> where its routed experts live, and each routed
+    # expert's linear layer prefix -> the one rank that holds it whole. Empty without it.
+    experts: dict[str, ExpertPlacement] = field(default_factory=dict)
+    expert_owner: dict[str, int] = field(default_factory=dict)
+
+    def holds(self, prefix: str, rank: int) -> bool:
+        """Whether `rank` loads linear layer `prefix` (every rank does, but for placed experts)."""
+        owner = self.expert_owner.get(prefix)
+        return owner is None or owner == rank
 
     def padded_splits(self) -> list[SplitPlan]:
         return [s for s in self.splits if any(s.partition.padding(r) for r in range(self.world))]
@@ -105,18 +118,58 @@ def _layer_shard(
     return LinearShard(style, part, shape, spec, group.name)
 
 
-def plan_tensor_parallel(model: CausalLM, spec_of: SpecOf, world: int) -> TensorParallelPlan:
+def check_expert_parallel(model: CausalLM) -> None:
+    """Expert parallelism needs routed experts: a dense model is refused, naming why."""
+    if not any(isinstance(m, SparseMoE) for m in model.modules()):
+        name = type(model).__name__
+        raise UnsupportedError(
+            f"expert parallelism was asked for, but {name} has no mixture-of-experts layers (a dense "
+            "model); leave --enable-expert-parallel off (tensor parallelism splits every layer)"
+        )
+
+
+def place_model_experts(model: CausalLM, world: int) -> tuple[dict[str, ExpertPlacement], dict[str, int]]:
+    """Every MoE block's expert placement, and the owner rank of each routed expert's linears."""
+    check_expert_parallel(model)
+    placements: dict[str, ExpertPlacement] = {}
+    owner: dict[str, int] = {}
+    for module in model.modules():
+        if not isinstance(module, SparseMoE):
+            continue
+        placement = place_experts(module.routing.num_experts, world, module.prefix)
+        placements[module.prefix] = placement
+        for e, expert in enumerate(module.experts):
+            rank = placement.owner(e)
+            for layer in expert.modules():
+                if isinstance(layer, QuantLinear):
+                    owner[layer.prefix] = rank
+    return placements, owner
+
+
+def plan_tensor_parallel(
+    model: CausalLM, spec_of: SpecOf, world: int, expert_parallel: bool = False
+) -> TensorParallelPlan:
     """Plan world ranks for a model built on the meta device (global shapes, before any shard).
+    `expert_parallel`: routed experts are placed whole on ranks instead of split inside.
 
     Raises UnsupportedError, with the numbers, when the model cannot be split exactly."""
     if world < 1:
         raise UnsupportedError(f"tensor_parallel_size must be at least 1, got {world}")
+    placements, owner = place_model_experts(model, world) if expert_parallel else ({}, {})
+    placed = {
+        id(e)
+        for m in model.modules()
+        if isinstance(m, SparseMoE) and m.prefix in placements
+        for e in m.experts
+    }
     splits: list[SplitPlan] = []
     shards: dict[str, LinearShard] = {}
     cache_heads: set[int] = set()
     for module in model.modules():
         if not isinstance(module, TensorParallelLayer):
             continue
+        if id(module) in placed:
+            continue  # a routed expert placed whole on its owner: never split
         for group in module.split_groups():
             units, unit = _partition(group, world, spec_of)
             splits.append(SplitPlan(module, group, units, unit))
@@ -131,13 +184,18 @@ def plan_tensor_parallel(model: CausalLM, spec_of: SpecOf, world: int) -> Tensor
                     raise AnyquantError(f"{layer.prefix} belongs to two tensor-parallel split groups")
                 shards[layer.prefix] = _layer_shard(layer, style, width, units, group, spec_of)
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.style != "replicated" and module.prefix not in shards:
+        if (
+            isinstance(module, QuantLinear)
+            and module.style != "replicated"
+            and module.prefix not in shards
+            and module.prefix not in owner
+        ):
             raise AnyquantError(f"{module.prefix}: {module.style}-parallel layer outside any split group")
     if len(cache_heads) > 1:
         raise UnsupportedError(
             f"layers keep different numbers of KV-cache heads per rank: {sorted(cache_heads)}"
         )
-    plan = TensorParallelPlan(world, splits, shards, next(iter(cache_heads), None))
+    plan = TensorParallelPlan(world, splits, shards, next(iter(cache_heads), None), [], placements, owner)
     plan.risks = _risks(model, plan, spec_of)
     return plan
 
@@ -175,6 +233,9 @@ def apply_tensor_parallel(model: CausalLM, plan: TensorParallelPlan, state: Para
     for module in model.modules():
         if isinstance(module, TensorParallelLayer):
             module.set_parallel(own.get(id(module), {}), state)
+    for module in list(model.modules()):
+        if isinstance(module, SparseMoE) and module.prefix in plan.experts:
+            module.hold_experts(plan.experts[module.prefix], state.rank)
     if plan.cache_heads is not None:
         model.cache_shape = replace(model.cache_shape, num_kv_heads=plan.cache_heads)
 

@@ -161,3 +161,53 @@ def split_kv_heads(num_kv_heads: int, num_heads: int, world: int, what: str) -> 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else [1]
+
+
+# -- expert parallelism --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Expert parallelism: which whole routed experts each rank holds, as contiguous ranges.
+
+    The first `num_experts % world` ranks hold one more: 60 experts at 4 ranks are 15 each, 11 at 4
+    are 3, 3, 3, 2. Contiguous ranges keep a rank's experts one slice of the stacked layout and make
+    "global id -> local id" a subtraction."""
+
+    num_experts: int
+    starts: tuple[int, ...]  # per rank, its first expert; rank r holds [starts[r], starts[r+1])
+
+    @property
+    def world(self) -> int:
+        return len(self.starts)
+
+    def experts(self, rank: int) -> range:
+        stop = self.starts[rank + 1] if rank + 1 < self.world else self.num_experts
+        return range(self.starts[rank], stop)
+
+    def owner(self, expert: int) -> int:
+        return max(r for r in range(self.world) if self.starts[r] <= expert)
+
+    def describe(self) -> str:
+        parts = []
+        for r in range(self.world):
+            held = self.experts(r)
+            parts.append(
+                f"rank {r}: {held.start}-{held.stop - 1}" if len(held) > 1 else f"rank {r}: {held.start}"
+            )
+        return f"{self.num_experts} experts over {self.world} ranks ({', '.join(parts)})"
+
+
+def place_experts(num_experts: int, world: int, what: str) -> ExpertPlacement:
+    """Whole experts per rank, as even as possible; every rank must hold at least one."""
+    if world < 1:
+        raise ValueError(f"world ({world}) must be positive")
+    if num_experts < world:
+        raise UnsupportedError(
+            f"{what}: expert parallelism over {world} ranks needs at least one routed expert per rank, "
+            f"the layer has {num_experts}; use a tensor-parallel size of at most {num_experts} or leave "
+            "expert parallelism off (experts are then split inside)"
+        )
+    base, extra = divmod(num_experts, world)
+    starts = tuple(r * base + min(r, extra) for r in range(world))
+    return ExpertPlacement(num_experts, starts)

@@ -51,6 +51,7 @@ class LoadRequest:
     lm_head_dtype: str = "auto"
     activation_dtype: str = "auto"
     mmproj: str | None = None  # a GGUF language model's vision projector
+    expert_parallel: bool = False
 
 
 def device_for(request: LoadRequest, rank: int) -> str:
@@ -73,6 +74,7 @@ def load_shard(request: LoadRequest, rank: int, state: ParallelState) -> LoadedM
         lm_head_dtype=request.lm_head_dtype,
         activation_dtype=request.activation_dtype,
         mmproj=request.mmproj,
+        expert_parallel=request.expert_parallel,
     )
 
 

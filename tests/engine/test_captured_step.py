@@ -39,7 +39,7 @@ def _moe(arch: str) -> Callable[[Path], Path]:
 def _quantized_mixtral(path: Path) -> Path:
     """GPTQ int4 (groups of 32): the C++ kernels (traced through their fake implementations) and,
     for the experts, the fused MoE call."""
-    from anyquant.quant.quantize import quantize_checkpoint
+    from anyquant.convert.quantize import quantize_checkpoint
 
     from anyquant.quant.formats.base import WriteOptions
     from anyquant.utils.tiny_moe import write_tiny_moe_model

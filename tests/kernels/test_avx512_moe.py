@@ -9,13 +9,15 @@ exact bf16 parts, so only summation order differs).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import Tensor
 
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
-from anyquant.quant.reference import dequantize
+from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.quant_weights import random_weight
@@ -45,15 +47,39 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+# Fused since act-order orders and float offsets are passed to the call: GPTQ act-order (group 32:
+# gate and up share their expert's g_idx, as GPTQ tools write them; group 40: each projection has
+# its own, as anyquant's own quantizer writes them) and GGUF-style float offsets per group
+# (code * scale + offset).
+FUSED_EXTRA = [
+    QuantSpec("uint4", "group", group_size=32, act_order=True),
+    QuantSpec("uint4", "group", group_size=40, has_zero=True, act_order=True),
+    QuantSpec("uint4", "group", group_size=32, has_offset=True),
+    QuantSpec("uint8", "group", group_size=64, has_offset=True),
+]
+
+
+def expert_weight(spec: QuantSpec, n: int, k: int, seed: int, like: QuantWeight | None = None) -> QuantWeight:
+    """random_weight, with float offsets where the spec has them, and `like`'s act-order g_idx."""
+    w = random_weight(replace(spec, has_offset=False), n, k, seed=seed)
+    if spec.has_offset:
+        gen = torch.Generator().manual_seed(seed + 1000)
+        w = replace(w, spec=spec, offset=0.02 * torch.randn(w.scale.shape, generator=gen))
+    if like is not None and spec.act_order:
+        w = replace(w, group_index=like.group_index)
+    return w.validate("random")
+
+
 def make_experts(
     spec: QuantSpec, dtype: torch.dtype, seed: int = 0
 ) -> list[list[tuple[QuantWeight, Tensor]]]:
     """Per expert: [(weight, kernel)] for gate, up, down."""
     experts = []
     for e in range(EXPERTS):
-        row = []
+        row: list[tuple[QuantWeight, Tensor]] = []
         for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
-            w = random_weight(spec, n, k, seed=seed + 3 * e + i)
+            shared = i == 1 and spec.act_order and spec.group_size == 32
+            w = expert_weight(spec, n, k, seed + 3 * e + i, like=row[0][0] if shared else None)
             kernel = Avx512WeightOnlyKernel((n, k), dtype)
             kernel.load(w)
             row.append((w, kernel))
@@ -61,14 +87,33 @@ def make_experts(
     return experts
 
 
-def float64_moe(x: Tensor, weights: Tensor, ids: Tensor, dense: list[list[Tensor]]) -> Tensor:
+def float64_moe(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    dense: list[list[Tensor]],
+    quantized: list[list[QuantWeight]] | None = None,
+) -> Tensor:
+    """Slots with id -1 (an expert another rank holds) contribute nothing. With `quantized` weights
+    whose spec quantizes activations, x and h pass the reference's activation quantization."""
+
+    def act_q(v: Tensor, w: QuantWeight | None) -> Tensor:
+        if w is None or w.spec.act is None:
+            return v
+        return fake_quantize_activations(v.float().unsqueeze(0), w.spec.act, w.input_scale)[0].double()
+
     xd = x.double()
     out = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
-            gate, up, down = dense[int(ids[t, j])]
-            g, u = gate @ xd[t], up @ xd[t]
-            out[t] += float(weights[t, j]) * (down @ (torch.nn.functional.silu(g) * u))
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            gate, up, down = dense[e]
+            ws = quantized[e] if quantized is not None else [None, None, None]
+            xt = act_q(xd[t], ws[0])
+            h = torch.nn.functional.silu(gate @ xt) * (up @ xt)
+            out[t] += float(weights[t, j]) * (down @ act_q(h, ws[2]))
     return out
 
 
@@ -103,7 +148,7 @@ def rel_err(y: Tensor, ref: Tensor) -> float:
 
 
 @needs_kernel
-@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+@pytest.mark.parametrize("spec", SPECS + FUSED_EXTRA, ids=QuantSpec.describe)
 def test_fused_matches_float64(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(7)
     for dtype in (BF16, F32):
@@ -126,6 +171,39 @@ def test_fused_matches_float64(spec: QuantSpec) -> None:
                     assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 1e-4, where
 
 
+# fp8 activations: dynamic per token, per group (FP8 block checkpoints) and static per tensor.
+FP8_ACT = [
+    QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True)),
+    QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
+    QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor")),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", FP8_ACT, ids=QuantSpec.describe)
+def test_fused_fp8_activations(spec: QuantSpec) -> None:
+    """Against float64 with the reference's activation quantization of x and h. float32 compute
+    quantizes the same values (only summation order differs); bfloat16 rounds h, so a value near an
+    fp8 rounding boundary may round the other way: the budget is the per-expert path's (which
+    rounds more: up to 4e-2 here), and the fused call must never be much worse than it."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (BF16, F32):
+        experts = make_experts(spec, dtype)
+        dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+        quantized = [[w for w, _ in row] for row in experts]
+        kernels = [[k for _, k in row] for row in experts]
+        assert cannot_fuse([tuple(ks) for ks in kernels], "silu") is None
+        fused = FusedExperts([tuple(ks) for ks in kernels])
+        for tokens in (1, 17):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            for weights, ids in routings(tokens, gen):
+                truth = float64_moe(x, weights, ids, dense, quantized)
+                err = rel_err(fused(x, weights, ids), truth)
+                where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+                assert err <= (5e-2 if dtype == BF16 else 1e-5), f"{where}: {err:.2e}"
+                assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 5e-3, where
+
+
 @needs_kernel
 def test_no_tokens_and_bad_ids() -> None:
     experts = make_experts(SPECS[0], BF16)
@@ -134,6 +212,29 @@ def test_no_tokens_and_bad_ids() -> None:
     assert empty.shape == (0, HIDDEN)
     with pytest.raises(RuntimeError, match=r"expert id 11 outside \[0, 11\)"):
         fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[11]]))
+    with pytest.raises(RuntimeError, match=r"expert id -2 outside"):
+        fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[-2]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
+    """Expert parallelism passes -1 for experts another rank holds: those slots add nothing,
+    including tokens with no slot here at all and calls where no slot is held."""
+    experts = make_experts(SPECS[1], dtype)
+    dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+    fused = FusedExperts([tuple(k for _, k in row) for row in experts])
+    gen = torch.Generator().manual_seed(3)
+    for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+        weights = torch.rand(tokens, k, generator=gen)
+        ids = torch.rand(tokens, EXPERTS, generator=gen).topk(k, dim=-1).indices
+        ids = torch.where(ids >= 6, -1, ids)  # experts 6..10 live on another rank
+        y = fused(x, weights, ids)
+        assert rel_err(y, float64_moe(x, weights, ids, dense)) <= BUDGET[dtype], (tokens, k)
+        assert torch.equal(y[(ids < 0).all(dim=1)], torch.zeros_like(y[(ids < 0).all(dim=1)]))
+    none = fused(x, weights, torch.full_like(ids, -1))
+    assert torch.equal(none, torch.zeros_like(none))
 
 
 @needs_kernel
@@ -141,13 +242,69 @@ def test_what_cannot_be_fused_is_named() -> None:
     def kernels(spec: QuantSpec) -> list[tuple[Avx512WeightOnlyKernel, ...]]:
         return [tuple(k for _, k in row) for row in make_experts(spec, BF16)]
 
-    assert "act-order" in str(
-        cannot_fuse(kernels(QuantSpec("uint4", "group", group_size=32, act_order=True)), "silu")
-    )
     assert "activation gelu" in str(cannot_fuse(kernels(SPECS[0]), "gelu"))
-    fp8_act = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
-    assert "activations are quantized" in str(cannot_fuse(kernels(fp8_act), "silu"))
+    per_tensor = QuantSpec(
+        "fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True, granularity="tensor")
+    )
+    assert "per-tensor dynamic scales" in str(cannot_fuse(kernels(per_tensor), "silu"))
+    static = QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor"))
+    rows = kernels(static)
+    rows[3][1].input_scale = rows[3][1].input_scale * 2
+    assert "input scales that differ by expert" in str(cannot_fuse(rows, "silu"))
     mixed = kernels(SPECS[0])
     mixed[4] = kernels(SPECS[5])[4]
     assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
     assert "no kernel" in str(cannot_fuse([(None, None, None)], "silu"))
+
+
+W8A8 = [
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
+    QuantSpec("int8", "tensor", act=ActQuant("int8", dynamic=False, granularity="tensor")),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", W8A8, ids=lambda s: f"{s.describe()} /{s.act.scale_divisor}")
+def test_w8a8_int8_experts_are_fused(spec: QuantSpec) -> None:
+    """W8A8 int8 experts (cpu_w8a8_int8: exact int32 GEMMs, one expert at a time) run fused on
+    AVX-512 twins over the same codes: against float64 with the reference's activation
+    quantization, and the int8 per-expert path itself."""
+    from anyquant.quant.kernels.avx512_moe import weight_only_twins
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
+
+    if CpuW8A8Int8Kernel.cannot_run(spec, "experts", CPU, (INTER, HIDDEN), BF16) is not None:
+        pytest.skip("cpu_w8a8_int8 cannot run here")
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (BF16, F32):
+        weights_q, int8 = [], []
+        for e in range(EXPERTS):
+            row_w, row_k = [], []
+            for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
+                w = random_weight(spec, n, k, seed=3 * e + i)
+                kernel = CpuW8A8Int8Kernel((n, k), dtype)
+                kernel.load(w)
+                row_w.append(w)
+                row_k.append(kernel)
+            weights_q.append(row_w)
+            int8.append(tuple(row_k))
+        twins = weight_only_twins(int8)
+        assert twins is not None and cannot_fuse(twins, "silu") is None
+        fused = FusedExperts(twins)
+        dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
+        for tokens in (1, 17):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            for weights, ids in routings(tokens, gen):
+                truth = float64_moe(x, weights, ids, dense, weights_q)
+                err = rel_err(fused(x, weights, ids), truth)
+                where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+                assert err <= (3e-2 if dtype == BF16 else 1e-5), f"{where}: {err:.2e}"
+                ref = rel_err(per_expert(x, weights, ids, [list(ks) for ks in int8]), truth)
+                assert err <= 1.5 * ref + 5e-3, f"{where}: {err:.2e} vs per-expert {ref:.2e}"
+
+
+def test_w8a8_twins_only_for_int8_gemm_experts() -> None:
+    from anyquant.quant.kernels.avx512_moe import weight_only_twins
+
+    assert weight_only_twins([]) is None
+    assert weight_only_twins([tuple(k for _, k in make_experts(SPECS[0], BF16)[0])]) is None

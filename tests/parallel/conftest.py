@@ -21,10 +21,10 @@ from anyquant.utils.tiny_model import write_tiny_model
 IDS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 65, 66]
 
 
-def _deepseek(path: Path) -> Path:
+def _deepseek(path: Path, **overrides: Any) -> Path:
     """DeepSeek-V2 with q_lora, attention biases, a shared expert and group-limited routing."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.DeepseekV2Config(
+    fields: dict[str, Any] = dict(
         vocab_size=300,
         hidden_size=64,
         intermediate_size=96,
@@ -48,6 +48,7 @@ def _deepseek(path: Path) -> Path:
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
+    config = transformers.DeepseekV2Config(**{**fields, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -60,12 +61,12 @@ def _deepseek(path: Path) -> Path:
     return path
 
 
-def _moe(arch: str, seed: int) -> Callable[[Path], Path]:
+def _moe(arch: str, seed: int, **overrides: Any) -> Callable[[Path], Path]:
     def build(path: Path) -> Path:
         pytest.importorskip("transformers")
         from anyquant.utils.tiny_moe import write_tiny_moe_model
 
-        return write_tiny_moe_model(path, arch, seed=seed)
+        return write_tiny_moe_model(path, arch, seed=seed, **overrides)
 
     return build
 
@@ -91,6 +92,11 @@ SOURCES: dict[str, Callable[[Path], Path]] = {
     "qwen3-moe": _moe("qwen3_moe", 5),
     "qwen2-moe": _moe("qwen2_moe", 7),
     "deepseek-v2": _deepseek,
+    # Expert parallelism: expert counts that 2 and 4 ranks cannot divide (uneven placements).
+    "mixtral-e5": _moe("mixtral", 8, num_local_experts=5),
+    "qwen3-moe-e7": _moe("qwen3_moe", 9, num_experts=7, num_experts_per_tok=3),
+    "qwen2-moe-e5": _moe("qwen2_moe", 10, num_experts=5),
+    "deepseek-v2-e9": lambda path: _deepseek(path, n_routed_experts=9, n_group=3, topk_group=2),
 }
 QUANTIZED: dict[str, tuple[str, str, WriteOptions, bool]] = {
     "awq": _quantized("llama", "awq", WriteOptions(bits=4, group_size=32)),
@@ -100,6 +106,7 @@ QUANTIZED: dict[str, tuple[str, str, WriteOptions, bool]] = {
     ),
     "fp8-block": _quantized("llama128", "fp8-block", WriteOptions(block_size=(32, 32))),
     "qwen3-moe-gptq": _quantized("qwen3-moe", "gptq", WriteOptions(bits=4, group_size=32, sym=True)),
+    "qwen3-moe-e7-gptq": _quantized("qwen3-moe-e7", "gptq", WriteOptions(bits=4, group_size=32, sym=True)),
 }
 
 

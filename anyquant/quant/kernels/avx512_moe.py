@@ -8,13 +8,22 @@ path, kept for what the fused call does not serve). The call groups the token/sl
 in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
 over the threads and returns the weighted sum in fp32.
 
-`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, act-order,
-quantized activations); the caller then keeps the per-expert path.
+Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
+the down projection's as where each intermediate feature goes; float-offset experts (GGUF k-quant
+minimums) pass their offsets, stacked so that each expert's own kernel reads its slice of them as
+well. Quantized activations (fp8 dynamic per token / group or static; int8 W8A8, whose experts
+first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are quantized as the
+reference does: x once for all experts here, h per (token, expert) row inside the call.
+
+`cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
+dynamic activation scales); the caller then keeps the per-expert path. `fusion_from_plan` predicts
+the same from the load plan, for `inspect`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +31,47 @@ from torch import Tensor, nn
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
+from anyquant.quant.reference import fake_quantize_activations
+from anyquant.quant.spec import FP8_MAX, QuantSpec
+
+_ACT_CODES = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3}  # the call's act2 codes
+
+
+def weight_only_twins(
+    experts: Sequence[tuple[LinearKernel | None, ...]],
+) -> list[tuple[LinearKernel | None, ...]] | None:
+    """W8A8 int8 experts (`cpu_w8a8_int8`, torch._int_mm one expert at a time) as `cpu_avx512`
+    kernels over the same int8 codes and scales, with the same activation quantization, so the
+    fused call can run them; None unless every projection is such a kernel the twin can serve.
+    Numerics: the activations are quantized exactly as before, then enter the dot products as
+    bf16 (or exact fp32 parts); the int32 product becomes an fp32 one (the per-expert path's
+    result up to rounding)."""
+    from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
+    from anyquant.quant.spec import ActQuant, QuantSpec
+    from anyquant.quant.weight import QuantWeight
+
+    if not experts or not all(isinstance(k, CpuW8A8Int8Kernel) for ks in experts for k in ks):
+        return None
+    twins = []
+    for ks in experts:
+        row: list[LinearKernel | None] = []
+        for k in ks:
+            assert isinstance(k, CpuW8A8Int8Kernel)
+            act = k.dynamic_act or ActQuant(
+                "int8", dynamic=False, granularity="tensor", symmetric=k.input_zero is None
+            )
+            spec = QuantSpec("int8", "channel", act=act)
+            if Avx512WeightOnlyKernel.cannot_run(
+                replace(spec, act=None), "experts", k.codes.device, k.shape, k.compute_dtype
+            ):
+                return None
+            weight = QuantWeight(spec, k.shape, k.codes, k.scale, None, None, k.input_scale, k.input_zero)
+            twin = Avx512WeightOnlyKernel(k.shape, k.compute_dtype)
+            twin.load(weight.validate("expert"))
+            row.append(twin)
+        twins.append(tuple(row))
+    return twins
 
 
 def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
@@ -39,12 +89,6 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             assert isinstance(first, Avx512WeightOnlyKernel)
             if kernel.spec != first.spec:
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
-            if kernel.spec.act is not None:
-                return f"activations are quantized ({kernel.spec.act.describe()})"
-            if kernel.perm is not None:
-                return "act-order experts permute their inputs one by one"
-            if kernel.offset_t is not None:
-                return "float offsets per group (GGUF k-quant minimums) are added outside the C++ call"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels
@@ -57,7 +101,78 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
             return f"expert {e}'s gate and up are packed differently"
         if (down.zz is None) != (gate.zz is None):
             return f"expert {e}'s down has zero points where gate has none, or the reverse"
+        if (gate.offset_t is None) != (up.offset_t is None):
+            return f"expert {e}'s gate and up differ in float offsets"
+    return _cannot_fuse_activations(experts)
+
+
+def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, biases: bool) -> str | None:
+    """From the load plan alone (inspect): why a block's routed experts will not run as one fused
+    call, or None. The loader decides on the loaded kernels (`cannot_fuse`); the checks that need
+    weights (act-order orders, offsets) never refuse, so the two agree."""
+    if biases:
+        return "experts have biases"
+    if act not in ("silu", "swish"):
+        return f"activation {act} (the fused call computes silu)"
+    if len(specs) != 1 or len(kernels) != 1:
+        return f"experts differ in kernel or scheme ({', '.join(sorted(kernels))})"
+    (kernel,), (spec,) = kernels, specs
+    if spec is None or kernel not in (Avx512WeightOnlyKernel.name, "cpu_w8a8_int8"):
+        return f"experts run on {kernel}, not cpu_avx512"
+    a = spec.act
+    if a is None:
+        return None
+    if a.type not in _ACT_CODES or (a.type == "int8" and a.granularity == "group"):
+        return f"activations are quantized ({a.describe()})"
+    if a.dynamic and a.granularity == "tensor":
+        return (
+            f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
+        )
+    if not a.symmetric:
+        return f"activations are quantized ({a.describe()}) with input zero points"
     return None
+
+
+def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]]) -> str | None:
+    """Quantized activations the call reproduces: fp8, dynamic per token or per group, or static
+    per tensor where every expert's gate and up share one input scale (x is quantized once)."""
+    first = experts[0][0]
+    assert isinstance(first, Avx512WeightOnlyKernel)
+    act = first.spec.act
+    if act is None:
+        return None
+    if act.type not in _ACT_CODES:
+        return f"activations are quantized ({act.describe()}); the call takes fp8 or int8 activations"
+    if act.type == "int8" and act.granularity == "group":
+        return f"activations are quantized ({act.describe()}); int8 takes one scale per row"
+    if act.dynamic and act.granularity not in ("token", "group"):
+        return f"activations are quantized ({act.describe()}); per-tensor dynamic scales span each expert's tokens"
+    if not act.dynamic:
+        scales = [k.input_scale for ks in experts for k in ks[:2] if isinstance(k, Avx512WeightOnlyKernel)]
+        known = [s for s in scales if s is not None and s.numel() == 1]
+        if len(known) != len(scales) or any(not torch.equal(s, known[0]) for s in known):
+            return f"activations are quantized ({act.describe()}) with gate / up input scales that differ by expert"
+        if any(
+            k.input_zero is not None for ks in experts for k in ks if isinstance(k, Avx512WeightOnlyKernel)
+        ):
+            return f"activations are quantized ({act.describe()}) with input zero points"
+        downs = [ks[2] for ks in experts]
+        if any(
+            not isinstance(d, Avx512WeightOnlyKernel) or d.input_scale is None or d.input_scale.numel() != 1
+            for d in downs
+        ):
+            return f"activations are quantized ({act.describe()}); down projections need one input scale each"
+    return None
+
+
+def _stack_offsets(kernels: Sequence[Avx512WeightOnlyKernel | None]) -> Tensor | None:
+    """The kernels' offsets [groups, N] stacked (an expert without offsets gets zeros), or None."""
+    if all(k is None or k.offset_t is None for k in kernels):
+        return None
+    like = next(k.offset_t for k in kernels if k is not None and k.offset_t is not None)
+    return torch.stack(
+        [k.offset_t if k is not None and k.offset_t is not None else torch.zeros_like(like) for k in kernels]
+    )
 
 
 class FusedExperts(nn.Module):
@@ -70,6 +185,12 @@ class FusedExperts(nn.Module):
     s2: Tensor
     z2: Tensor | None
     lut: Tensor
+    act_scale13: Tensor | None
+    act_scale2: Tensor | None
+    perm13: Tensor | None
+    pos2: Tensor | None
+    off13: Tensor | None
+    off2: Tensor | None
 
     def __init__(self, experts: Sequence[tuple[LinearKernel | None, ...]]) -> None:
         super().__init__()
@@ -88,8 +209,31 @@ class FusedExperts(nn.Module):
         w2 = torch.stack([d.packed.reshape(-1) for _, _, d in kernels])
         s2 = torch.stack([d.scale for _, _, d in kernels])
         z2 = None if down.zz is None else torch.stack([d.zz for _, _, d in kernels])  # type: ignore[misc]
+        # Act-order: packed column c of gate / up reads input perm[c]; intermediate feature i
+        # sits at the down projection's packed column argsort(perm)[i].
+        perm13 = pos2 = None
+        if any(g.perm is not None or u.perm is not None for g, u, _ in kernels):
+            perm13 = torch.stack(
+                [
+                    torch.stack([_order(g.perm, self.hidden), _order(u.perm, self.hidden)])
+                    for g, u, _ in kernels
+                ]
+            )
+        if any(d.perm is not None for _, _, d in kernels):
+            pos2 = torch.stack([torch.argsort(_order(d.perm, self.inter)) for _, _, d in kernels])
+        gate_off = _stack_offsets([g for g, _, _ in kernels])
+        off13 = None
+        if gate_off is not None:
+            up_off = _stack_offsets([u for _, u, _ in kernels])
+            assert up_off is not None
+            off13 = torch.stack([gate_off, up_off], dim=1)  # [E, 2, groups, inter]
+        off2 = _stack_offsets([d for _, _, d in kernels])
         # Every expert's own kernel now reads its slice of the stacks: one copy of the weights.
         for e, (g, u, d) in enumerate(kernels):
+            if off13 is not None and g.offset_t is not None and u.offset_t is not None:
+                g.offset_t, u.offset_t = off13[e, 0], off13[e, 1]
+            if off2 is not None and d.offset_t is not None:
+                d.offset_t = off2[e]
             half = g.packed.numel()
             g.packed, u.packed = (w13[e, :half].view(g.packed.shape), w13[e, half:].view(u.packed.shape))
             nb = g.scale.shape[0]
@@ -106,12 +250,36 @@ class FusedExperts(nn.Module):
         self.register_buffer("s2", s2, persistent=False)
         self.register_buffer("z2", z2, persistent=False)
         self.register_buffer("lut", gate.lut, persistent=False)
+        self.register_buffer("perm13", perm13, persistent=False)
+        self.register_buffer("pos2", pos2, persistent=False)
+        self.register_buffer("off13", off13, persistent=False)
+        self.register_buffer("off2", off2, persistent=False)
+        # fp8 activations: x quantized once here for every expert's gate and up (a dynamic scale
+        # depends on x alone; a static one is shared, cannot_fuse checked), h inside the call.
+        self.act = gate.spec.act
+        self.register_buffer(
+            "act_scale13", gate.input_scale if self.act is not None else None, persistent=False
+        )
+        scale2 = None
+        if self.act is not None and not self.act.dynamic:
+            scale2 = torch.stack([d.input_scale.float().reshape(()) for _, _, d in kernels])  # type: ignore[union-attr]
+        self.register_buffer("act_scale2", scale2, persistent=False)
 
     @property
     def num_experts(self) -> int:
         return int(self.w13.shape[0])
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        act = self.act
+        x_scale = None
+        if act is not None and act.type == "int8":
+            # The integer codes (exact in bf16) go in; their scale multiplies the gate / up outputs.
+            codes, scale, _ = _quantize_int8_activations(
+                x, act.dynamic, self.act_scale13, None, act.scale_divisor or 127.0
+            )
+            x, x_scale = codes, scale.float().reshape(-1).expand(x.shape[0]).contiguous()
+        elif act is not None:
+            x = fake_quantize_activations(x, act, self.act_scale13)
         x = x.to(self.compute_dtype)
         if self.k_pad != self.hidden:
             x = torch.nn.functional.pad(x, (0, self.k_pad - self.hidden))
@@ -131,7 +299,27 @@ class FusedExperts(nn.Module):
             self.group2,
             self.inter,
             self.hidden,
+            self.perm13,
+            self.pos2,
+            self.off13,
+            self.off2,
+            0 if act is None else _ACT_CODES[act.type],
+            0.0 if act is None else float(act.scale_divisor or _act_top(act.type)),
+            0.0 if act is None else _act_top(act.type),
+            act.group_size if act is not None and act.granularity == "group" else 0,
+            self.act_scale2,
+            x_scale,
         )
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
+        extras = [n for n in ("perm13", "pos2", "off13", "off2") if getattr(self, n) is not None]
+        text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
+        return text + "".join(f", {n}" for n in extras)
+
+
+def _act_top(act_type: str) -> float:
+    return 127.0 if act_type == "int8" else float(FP8_MAX[act_type])
+
+
+def _order(perm: Tensor | None, k: int) -> Tensor:
+    return torch.arange(k) if perm is None else perm.to(torch.int64)

@@ -7,6 +7,24 @@
 //        (2 * nb13 blocks, nb13 = ceil(inter / 16)); scales / zero points [E, 2 * nb13, ng, 16];
 //   w2:  per expert, the down projection (ceil(hidden / 16) blocks) over kp2 >= inter inputs.
 // out [T, hidden] fp32 = sum over a token's k slots of weight * down(silu(gate(x)) * up(x)).
+// An id of -1 marks a slot whose expert this call does not hold (expert parallelism: another rank
+// holds it); such slots contribute nothing and cost nothing.
+// Optional per expert:
+//   perm13 [E, 2, hidden] int64: act-order (GPTQ g_idx) gate / up, packed with their inputs sorted
+//        by group: packed column c of the gate (up) multiplies x column perm13[e, 0 (1), c]; x is
+//        gathered once per order;
+//   pos2 [E, inter] int64: act-order down, intermediate feature i sits at packed column pos2[e, i];
+//   off13 [E, 2, ng13, inter] (gate, up) / off2 [E, ng2, hidden] fp32: float offsets per (group,
+//        row) (GGUF k-quant minimums, value = code * scale + offset), added as offset * (sum of
+//        the group's inputs); the layout of each expert's own kernel, so the two share one copy.
+// Quantized activations of the down projection (act2 = 1: fp8 e4m3, 2: fp8 e5m2, 3: int8): h is
+// quantized as the
+// reference's fake_quantize_activations does (scale = max(amax, 1e-10) / act_qmax per pair row,
+// or per group of act_group features; or the expert's static act_scale2[e]), then rounded to the
+// bf16 parts. The gate / up input is quantized by the caller (one quantization for all experts).
+// int8 keeps the integer codes (exact in bf16) in the dot products and scales the results instead:
+// x_scale [T] fp32 multiplies token t's gate and up outputs (x holds the codes), and each pair's
+// down output is multiplied by its h scale; the per-expert int8 GEMM path rounds the same way.
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
@@ -24,6 +42,8 @@
 #include "gemv.h"
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <cmath>
 
@@ -79,10 +99,40 @@ at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
   return rows.to(at::kFloat).view({rows.size(0), -1, group}).sum(2).contiguous();
 }
 
+// Float offsets of `cols` output rows (off[g * gstride + c]: group g, row c) times the rows' group
+// sums xs [rows, ng] (one row per bf16 part row), added to out [rows, out_stride] at columns col0...
+void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t rows, float* out,
+                 int64_t out_stride, int64_t col0, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xs + r * ng;
+    float* o = out + r * out_stride + col0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* og = off + g * gstride;
+      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xr[g];
+    }
+  }
+}
+
+void check_expert_table(const c10::optional<at::Tensor>& t, at::IntArrayRef shape, const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kLong && t->is_contiguous(), what,
+              " must be contiguous int64 ", shape);
+}
+
+void check_offsets(const c10::optional<at::Tensor>& off, at::IntArrayRef shape, const char* what) {
+  if (!off.has_value()) return;
+  TORCH_CHECK(off->sizes() == shape && off->scalar_type() == at::kFloat && off->is_contiguous(), what,
+              ": offsets must be contiguous float32 ", shape);
+}
+
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
                        const at::Tensor& s13, const c10::optional<at::Tensor>& z13, const at::Tensor& w2,
                        const at::Tensor& s2, const c10::optional<at::Tensor>& z2, const at::Tensor& lut, int64_t fmt,
-                       int64_t group13, int64_t group2, int64_t inter, int64_t hidden) {
+                       int64_t group13, int64_t group2, int64_t inter, int64_t hidden,
+                       const c10::optional<at::Tensor>& perm13, const c10::optional<at::Tensor>& pos2,
+                       const c10::optional<at::Tensor>& off13, const c10::optional<at::Tensor>& off2,
+                       int64_t act2, double act_qmax, double act_top, int64_t act_group,
+                       const c10::optional<at::Tensor>& act_scale2, const c10::optional<at::Tensor>& x_scale) {
   TORCH_CHECK(inter > 0 && hidden > 0, "inter and hidden must be positive");
   const int64_t experts = w13.size(0);
   const int64_t nb13 = (inter + 15) / 16;
@@ -96,6 +146,28 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t tokens = x.size(0);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == tokens && ids.scalar_type() == at::kLong, "ids must be int64 [T, k]");
   TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat, "weights must be float32 like ids");
+  check_expert_table(perm13, {experts, 2, hidden}, "perm13");
+  check_expert_table(pos2, {experts, inter}, "pos2");
+  check_offsets(off13, {experts, 2, gu.base.ng, inter}, "gate/up");
+  check_offsets(off2, {experts, dn.base.ng, hidden}, "down");
+  const int64_t* perm = perm13.has_value() ? perm13->data_ptr<int64_t>() : nullptr;
+  const int64_t* hpos = pos2.has_value() ? pos2->data_ptr<int64_t>() : nullptr;
+  const float* o13 = off13.has_value() ? off13->data_ptr<float>() : nullptr;
+  const float* o2 = off2.has_value() ? off2->data_ptr<float>() : nullptr;
+  TORCH_CHECK(act2 >= 0 && act2 <= 3, "act2 must be 0 (none), 1 (fp8_e4m3), 2 (fp8_e5m2) or 3 (int8)");
+  TORCH_CHECK(act2 == 0 || act_qmax > 0, "act_qmax must be positive");
+  TORCH_CHECK(act_group >= 0, "act_group must be >= 0");
+  if (act_scale2.has_value())
+    TORCH_CHECK(act_scale2->dim() == 1 && act_scale2->size(0) == experts && act_scale2->scalar_type() == at::kFloat &&
+                    act_scale2->is_contiguous(),
+                "act_scale2 must be contiguous float32 [", experts, "]");
+  const bool quant2 = act2 != 0;
+  TORCH_CHECK(act2 != 3 || act_group == 0, "int8 activations take one scale per row");
+  if (x_scale.has_value())
+    TORCH_CHECK(x_scale->dim() == 1 && x_scale->size(0) == x.size(0) && x_scale->scalar_type() == at::kFloat &&
+                    x_scale->is_contiguous(),
+                "x_scale must be contiguous float32 [T]");
+  const float* xscale = x_scale.has_value() ? x_scale->data_ptr<float>() : nullptr;
   const int64_t k = ids.size(1), pairs = tokens * k;
   const int parts = x.scalar_type() == at::kFloat ? 3 : 1;
   at::Tensor out = at::zeros({tokens, hidden}, x.options().dtype(at::kFloat));
@@ -104,43 +176,72 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   // 1. Counting sort of the pairs by expert; pos[p] = where pair p = t * k + j sits.
   const at::Tensor idc = ids.contiguous(), wc = weights.contiguous();
   const int64_t* id = idc.data_ptr<int64_t>();
-  std::vector<int64_t> start(experts + 1, 0), pos(pairs), token_of(pairs);
+  std::vector<int64_t> start(experts + 1, 0), pos(pairs, -1), token_of(pairs);
   for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK(id[p] >= 0 && id[p] < experts, "expert id ", id[p], " outside [0, ", experts, ")");
-    ++start[id[p] + 1];
+    TORCH_CHECK((id[p] >= 0 && id[p] < experts) || id[p] == -1, "expert id ", id[p], " outside [0, ", experts,
+                ") (-1: held elsewhere)");
+    if (id[p] >= 0) ++start[id[p] + 1];
   }
   for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t p = 0; p < pairs; ++p) {
+    if (id[p] < 0) continue;
     pos[p] = fill[id[p]]++;
     token_of[pos[p]] = p / k;
   }
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < experts; ++e)
+  const int64_t held = start[experts];  // pairs this call computes
+  if (held == 0) return out;
+  const bool need_expert_of = perm != nullptr || act_scale2.has_value();
+  std::vector<int64_t> active, expert_of(need_expert_of ? held : 0);
+  for (int64_t e = 0; e < experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
+    if (need_expert_of) std::fill(expert_of.begin() + start[e], expert_of.begin() + start[e + 1], e);
+  }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
+  // x's rows in pair order; with act-order, once in the gate's input order and once in the up's.
   const at::Tensor xc = x.contiguous();
-  at::Tensor xg = at::empty({parts * pairs, kp13}, x.options().dtype(at::kBFloat16));
-  auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
-  at::parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      if (parts == 1) {
-        std::memcpy(xgp + q * kp13, static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13, kp13 * 2);
-        continue;
+  auto gather = [&](int which) {
+    at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
+    auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
+    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
+        const int64_t* order = perm != nullptr ? perm + (expert_of[q] * 2 + which) * hidden : nullptr;
+        if (parts == 1) {
+          const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
+          if (order == nullptr) {
+            std::memcpy(xgp + q * kp13, src, kp13 * 2);
+          } else {
+            for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
+          }
+          continue;
+        }
+        const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
+        for (int64_t c = 0; c < kp13; ++c) {
+          const int64_t from = order != nullptr && c < hidden ? order[c] : c;
+          split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
+        }
       }
-      const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
-      for (int64_t c = 0; c < kp13; ++c) split_parts(src[c], parts, xgp + parts * q * kp13 + c, kp13);
-    }
-  });
-  at::Tensor xs13;
-  if (gu.base.zz != nullptr) xs13 = group_sums(xg, group13);
+    });
+    return xg;
+  };
+  const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
+  const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
+  const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
+  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr;
+  const at::Tensor xs13 = sums13 ? group_sums(xg, group13) : at::Tensor();
+  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, group13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
   const int64_t hcols = std::min(kp2, nb13 * 16);
-  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * pairs, kp2}, xg.options()) : at::empty({parts * pairs, kp2}, xg.options());
+  const auto hopt = x.options().dtype(at::kBFloat16);
+  at::Tensor h = kp2 > nb13 * 16 ? at::zeros({parts * held, kp2}, hopt) : at::empty({parts * held, kp2}, hopt);
   auto* hp = reinterpret_cast<c10::BFloat16*>(h.data_ptr());
+  // With fp8 activations h stays fp32 until every feature of a row is known (amax per row).
+  at::Tensor hf = quant2 ? at::zeros({held, kp2}, x.options().dtype(at::kFloat)) : at::Tensor();
+  float* hfp = quant2 ? hf.data_ptr<float>() : nullptr;
   at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
     std::vector<float> tmp;
@@ -148,13 +249,23 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t e = active[i / nb13], j = i % nb13;
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       tmp.resize(static_cast<size_t>(parts * rows * 32));
+      const int64_t ng = gu.base.ng;
+      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * ng : nullptr;
+      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * ng : nullptr;
       GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 gu.base.zz ? xs13.data_ptr<float>() + parts * r0 * gu.base.ng : nullptr,
-                 nullptr, tmp.data(), false, 32, nullptr};
+                 gu.base.zz ? xs : nullptr, nullptr, tmp.data(), false, 32, nullptr};
       a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
       block_rows(a, parts * rows, j, scratch.data());
+      a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
+      a.xsum = gu.base.zz ? xsu : nullptr;
       a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
       block_rows(a, parts * rows, nb13 + j, scratch.data());
+      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
+        const int64_t live = std::min<int64_t>(16, inter - j * 16);
+        const float* oe = o13 + e * 2 * ng * inter + j * 16;
+        add_offsets(oe, inter, ng, xs, parts * rows, tmp.data(), 32, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, parts * rows, tmp.data(), 32, 16, live);
+      }
       const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < cols; ++c) {
@@ -163,17 +274,60 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
             g += tmp[(parts * r + s) * 32 + c];
             u += tmp[(parts * r + s) * 32 + 16 + c];
           }
+          if (xscale != nullptr) {
+            g *= xscale[token_of[r0 + r]];
+            u *= xscale[token_of[r0 + r]];
+          }
           const float v = g / (1.f + std::exp(-g)) * u;
-          split_parts(v, parts, hp + parts * (r0 + r) * kp2 + j * 16 + c, kp2);
+          const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
+          const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
+          if (quant2) {
+            hfp[(r0 + r) * kp2 + col] = v;
+          } else {
+            split_parts(v, parts, hp + parts * (r0 + r) * kp2 + col, kp2);
+          }
         }
       }
     }
   });
+  std::vector<float> hscale(act2 == 3 ? held : 0);  // int8: each pair row's h scale
+  if (quant2) {
+    const int64_t width = act_group > 0 ? act_group : kp2;
+    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        float* row = hfp + q * kp2;
+        for (int64_t c0 = 0; c0 < kp2; c0 += width) {
+          const int64_t c1 = std::min(kp2, c0 + width);
+          float scale;
+          if (act_scale2.has_value()) {
+            scale = act_scale2->data_ptr<float>()[expert_of[q]];
+          } else {
+            float amax = 0.f;
+            for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(row[c]));
+            scale = std::max(amax, 1e-10f) / static_cast<float>(act_qmax);
+          }
+          const float top = static_cast<float>(act_top);
+          for (int64_t c = c0; c < c1; ++c) {
+            float fq;
+            if (act2 == 3) {  // int8: round half to even (torch.round), clamp; the code itself
+              fq = std::min(std::max(std::nearbyint(row[c] / scale), -128.f), 127.f);
+              hscale[q] = scale;
+              split_parts(fq, parts, hp + parts * q * kp2 + c, kp2);
+              continue;
+            }
+            const float z = std::min(std::max(row[c] / scale, -top), top);  // fp8: clamp, then cast
+            fq = act2 == 1 ? static_cast<float>(c10::Float8_e4m3fn(z)) : static_cast<float>(c10::Float8_e5m2(z));
+            split_parts(fq * scale, parts, hp + parts * q * kp2 + c, kp2);
+          }
+        }
+      }
+    });
+  }
   at::Tensor xs2;
-  if (dn.base.zz != nullptr) xs2 = group_sums(h, group2);
+  if (dn.base.zz != nullptr || o2 != nullptr) xs2 = group_sums(h, group2);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
-  at::Tensor y = at::empty({parts * pairs, hidden}, out.options());
+  at::Tensor y = at::empty({parts * held, hidden}, out.options());
   float* yp = y.data_ptr<float>();
   const int64_t nb2 = dn.base.blocks;
   at::parallel_for(0, n_active * nb2, 1, [&](int64_t i0, int64_t i1) {
@@ -185,6 +339,19 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                  dn.base.zz ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
                  nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
       block_rows(a, parts * rows, b, scratch.data());
+      if (o2 != nullptr) {
+        const int64_t ng = dn.base.ng;
+        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * ng,
+                    parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+      }
+      if (act2 == 3) {  // the codes' product times each pair's h scale
+        const int64_t cols = std::min<int64_t>(16, hidden - b * 16);
+        for (int64_t r = 0; r < parts * rows; ++r) {
+          float* yr = yp + (parts * r0 + r) * hidden + b * 16;
+          const float sc = hscale[r0 + r / parts];
+          for (int64_t c = 0; c < cols; ++c) yr[c] *= sc;
+        }
+      }
     }
   });
 
@@ -196,6 +363,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       float* o = op + t * hidden;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = t * k + j;
+        if (pos[p] < 0) continue;
         const float* yq = yp + parts * pos[p] * hidden;
         for (int64_t c = 0; c < hidden; ++c) {
           float v = yq[c];
@@ -213,7 +381,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
 TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def(
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, Tensor s2, "
-      "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden) -> Tensor");
+      "Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden, Tensor? perm13=None, "
+      "Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None, int act2=0, float act_qmax=0., float act_top=0., "
+      "int act_group=0, Tensor? act_scale2=None, Tensor? x_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts", &moe_experts); }
