@@ -136,10 +136,13 @@ def test_inspect_shows_the_vision_tower_unquantized(
         assert indices and not indices & cross, (sorted(indices), cross)
 
 
-def test_tp2_pads_the_mlp_and_reproduces_the_reference() -> None:
-    """GPT-QModel's group-64 Qwen2-VL at tensor parallel 2: its 192-wide MLP is 1.5 groups per rank,
-    zero-padded exactly; logits with images and greedy tokens equal the reference as at TP 1."""
-    name = "qwen2vl-gptq-4bit-g64-sym-gptqmodel"
+@pytest.mark.parametrize(
+    "name", ["qwen2vl-gptq-4bit-g64-sym-gptqmodel", "mllama-gptq-4bit-g32-sym-gptqmodel"]
+)
+def test_tp2_pads_the_mlp_and_reproduces_the_reference(name: str) -> None:
+    """GPT-QModel's group-64 Qwen2-VL (MLP 192) and group-32 Llama-3.2-Vision (MLP 96) at tensor
+    parallel 2: 1.5 groups per rank, zero-padded exactly; logits with images equal the reference
+    as at TP 1 (mllama: its float cross-attention layer and cached image K/V split by heads too)."""
     path = FIXTURES / name
     padding = describe_checkpoint(path, tp=2)["tensor_parallel"]["padding"]
     assert any(p["pattern"].endswith("layers.*.mlp") and sum(p["padding_per_rank"]) for p in padding), padding
