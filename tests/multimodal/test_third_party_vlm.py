@@ -74,8 +74,14 @@ def test_placeholders_expand_as_the_reference_processor_did(
 ) -> None:
     _, llm, ref = fixture
     for i in range(PROMPTS):
-        ids, _ = llm.prepare_multimodal(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+        ids, mm = llm.prepare_multimodal(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
         assert ids == ref[f"ids_{i}"].tolist(), i
+        if f"num_tiles_{i}" in ref:  # mllama: each image tiled as transformers' processor tiled it
+            assert mm is not None
+            tiles = [int(im.tensors["num_tiles"]) for im in mm.images]
+            ratios = [int(im.tensors["aspect_ratio_id"]) for im in mm.images]
+            assert tiles == ref[f"num_tiles_{i}"].tolist(), (i, tiles)
+            assert ratios == ref[f"aspect_ratio_ids_{i}"][: len(ratios)].tolist(), (i, ratios)
 
 
 def test_logits_and_greedy_tokens_reproduce_reference(
