@@ -1,15 +1,17 @@
-"""Quantized vision-language checkpoints written by the real tools (llm-compressor, GPT-QModel,
-AutoAWQ), against the logits their own loaders compute on prompts with 0, 1 and 2 images.
+"""Quantized vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Llama-3.2-Vision) written by the
+real tools (llm-compressor, GPT-QModel, AutoAWQ, lmdeploy), against the logits their own loaders
+compute on prompts with 0, 1 and 2 images.
 
 The fixtures are committed under tests/fixtures/third_party_vlm (its README gives the tool, the
 recipe and the reference loader of each); tests/fixtures/generate made them. The images are stored
 as pixels and preprocessed by anyquant; the placeholder expansion is checked against the ids
-transformers' processor produced.
+transformers' processor produced (mllama's `<|image|>` is not expanded: the ids stay as sent).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ PROMPTS = 3  # 0, 1 and 2 images
 # loader, anyquant its own kernels; both compute in fp32.
 REL_L2 = 2e-2
 ARGMAX_AGREE = 0.98
+# Left unquantized by every tool here: Qwen2-VL's vision tower; mllama's tower, projector, cross-attention.
+FLOAT_PARTS = re.compile(r"visual|vision_model|multi_modal_projector|cross_attn")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +61,7 @@ def fixture(request: pytest.FixtureRequest) -> tuple[str, LLM, dict[str, torch.T
 
 
 def test_fixtures_are_present_and_documented() -> None:
-    assert len(NAMES) >= 9, NAMES
+    assert len(NAMES) >= 11, NAMES
     readme = (FIXTURES / "README.md").read_text()
     for name in NAMES:
         assert f"`{name}`" in readme, name
@@ -70,8 +74,14 @@ def test_placeholders_expand_as_the_reference_processor_did(
 ) -> None:
     _, llm, ref = fixture
     for i in range(PROMPTS):
-        ids, _ = llm.prepare_multimodal(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
+        ids, mm = llm.prepare_multimodal(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
         assert ids == ref[f"ids_{i}"].tolist(), i
+        if f"num_tiles_{i}" in ref:  # mllama: each image tiled as transformers' processor tiled it
+            assert mm is not None
+            tiles = [int(im.tensors["num_tiles"]) for im in mm.images]
+            ratios = [int(im.tensors["aspect_ratio_id"]) for im in mm.images]
+            assert tiles == ref[f"num_tiles_{i}"].tolist(), (i, tiles)
+            assert ratios == ref[f"aspect_ratio_ids_{i}"][: len(ratios)].tolist(), (i, ratios)
 
 
 def test_logits_and_greedy_tokens_reproduce_reference(
@@ -119,13 +129,26 @@ def test_inspect_shows_the_vision_tower_unquantized(
     vision = describe_checkpoint(FIXTURES / name)["vision"]
     assert vision["linear_layers"] > 0 and vision["quantized_layers"] == 0, vision
     quantized = {p.prefix for p in llm.loaded.plans if p.spec is not None}
-    assert quantized and all("visual" not in p for p in quantized), sorted(quantized)
+    assert quantized and not any(FLOAT_PARTS.search(p) for p in quantized), sorted(quantized)
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    if config["model_type"] == "mllama":
+        # Llama-3.2-Vision: the cross-attention decoder layers (projections and MLP) are plain float
+        # tensors, loaded as float layers; the self-attention layers around them are quantized.
+        cross = set(config["text_config"]["cross_attention_layers"])
+        floats = {p.prefix for p in llm.loaded.plans if p.spec is None}
+        assert all(any(f"layers.{i}.cross_attn.k_proj" in p for p in floats) for i in cross), sorted(floats)
+        layer = re.compile(r"layers\.(\d+)\.")
+        indices = {int(m.group(1)) for p in quantized if (m := layer.search(p))}
+        assert indices and not indices & cross, (sorted(indices), cross)
 
 
-def test_tp2_pads_the_mlp_and_reproduces_the_reference() -> None:
-    """GPT-QModel's group-64 Qwen2-VL at tensor parallel 2: its 192-wide MLP is 1.5 groups per rank,
-    zero-padded exactly; logits with images and greedy tokens equal the reference as at TP 1."""
-    name = "qwen2vl-gptq-4bit-g64-sym-gptqmodel"
+@pytest.mark.parametrize(
+    "name", ["qwen2vl-gptq-4bit-g64-sym-gptqmodel", "mllama-gptq-4bit-g32-sym-gptqmodel"]
+)
+def test_tp2_pads_the_mlp_and_reproduces_the_reference(name: str) -> None:
+    """GPT-QModel's group-64 Qwen2-VL (MLP 192) and group-32 Llama-3.2-Vision (MLP 96) at tensor
+    parallel 2: 1.5 groups per rank, zero-padded exactly; logits with images equal the reference
+    as at TP 1 (mllama: its float cross-attention layer and cached image K/V split by heads too)."""
     path = FIXTURES / name
     padding = describe_checkpoint(path, tp=2)["tensor_parallel"]["padding"]
     assert any(p["pattern"].endswith("layers.*.mlp") and sum(p["padding_per_rank"]) for p in padding), padding
