@@ -40,7 +40,6 @@ def _quantized_mixtral(path: Path) -> Path:
     """GPTQ int4 (groups of 32): the C++ kernels (traced through their fake implementations) and,
     for the experts, the fused MoE call."""
     from anyquant.convert.quantize import quantize_checkpoint
-
     from anyquant.quant.formats.base import WriteOptions
     from anyquant.utils.tiny_moe import write_tiny_moe_model
 
