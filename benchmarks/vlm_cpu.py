@@ -249,6 +249,10 @@ def quantized_checkpoints(families: list[str], text_layers: int = 4, vision_dept
     """Build (once) and quantize each family's benchmark checkpoint; the GPTQ int4 folders."""
     paths = []
     for family in families:
+        done = OUT / f"{family}-gptq-int4"
+        if (done / "config.json").is_file():
+            paths.append(done)
+            continue
         layers = 2 if family == "mllama" else text_layers
         src, model = BUILDERS[family](OUT, layers, vision_depth)
         del model
@@ -278,7 +282,7 @@ def main() -> None:
         else:
             src, hf = BUILDERS[family](OUT, layers, args.vision_depth)
         path = quantized(src, skip=SKIPS[family](layers))
-        llm = LLM(path, dtype="bfloat16")
+        llm = LLM(path, dtype="bfloat16", kv_cache_gb=0.5)  # memory: the default reserves up to 2 GiB
         if family == "qwen2_vl":
             from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START
 

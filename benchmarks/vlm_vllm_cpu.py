@@ -92,7 +92,7 @@ def _vllm_generate(model: Path) -> Any:
 def _anyquant_generate(model: Path) -> Any:
     from anyquant import LLM, SamplingParams
 
-    llm = LLM(model, dtype="bfloat16", max_model_len=_max_len(model))
+    llm = LLM(model, dtype="bfloat16", max_model_len=_max_len(model), kv_cache_gb=1.0)  # = vLLM's
     tokenizer = json.loads((model / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
     family = _family(model)
@@ -172,7 +172,7 @@ def _checkpoints(args: argparse.Namespace) -> list[Path]:
         assert spec is not None and spec.loader is not None
         vlm_cpu = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(vlm_cpu)
-        paths += vlm_cpu.quantized_checkpoints(args.bench)
+        paths += [p.resolve() for p in vlm_cpu.quantized_checkpoints(args.bench)]
     if args.only:
         paths = [p for p in paths if any(s in p.name for s in args.only)]
     return paths
