@@ -9,11 +9,20 @@ Random-weight, reduced-depth models at real widths (built once under out/bench/v
 - InternVL2.5-1B: InternViT-300M (1024 wide, 16 heads, MLP 4096, 448 tiles, pixel shuffle 0.5)
   with `--vision-depth` of its 24 layers, and a Qwen2.5-0.5B language model (896, 14 heads / 2 KV,
   MLP 4864) with `--text-layers` of its 24; a 448x448 image is one tile, 256 tokens.
+- Llama-3.2-11B-Vision (mllama): its vision tower (1280 wide, 16 heads, MLP 5120, 560-pixel tiles of
+  patch 14, up to 4 tiles) with `--vision-depth` of its 32 local and `--mllama-global-layers` of its 8
+  gated global layers, and its language model's width (4096, 32 heads / 8 KV, MLP 14336) with
+  `--mllama-text-layers` of its 40 layers, the last one a cross-attention layer (memory: 2 layers
+  already make 1.4 GB in bf16); a 448x448 image is one tile of 1601 patches, one `<|image|>` token.
+  As in the published GPTQ checkpoints, the vision tower, the projector and the cross-attention
+  layer stay unquantized.
 Vocabularies are cut to 32000 (embedding size is not what this measures).
 
-Each repetition uses a new random image, so neither side reuses an encoder output or a prefix.
+Each repetition times the first token with a new random image (nothing cached on either side);
+decode: transformers from the arrival times of its tokens in that call (a streamer), anyquant from
+33 minus 1 tokens on that image again (both calls find its encoder output and prefix cached).
 
-    python benchmarks/vlm_cpu.py [--families qwen2_vl internvl] [--reps 3] [--threads 2]
+    python benchmarks/vlm_cpu.py [--families qwen2_vl internvl mllama] [--reps 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -106,6 +115,59 @@ def build_internvl(out: Path, text_layers: int, vision_depth: int) -> tuple[Path
     return src, model
 
 
+def build_mllama(out: Path, text_layers: int, vision_depth: int, global_layers: int = 2) -> tuple[Path, Any]:
+    import transformers
+
+    from anyquant.utils.tiny_mllama import BOS, CHAT_TEMPLATE, EOT, IMAGE, PAD, tokenizer_json
+
+    indices = sorted({max(0, vision_depth // 2 - 1), vision_depth - 1})  # the 11B taps 5 of its 32
+    config = transformers.MllamaConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=text_layers,
+            num_attention_heads=32, num_key_value_heads=8, cross_attention_layers=[text_layers - 1],
+            max_position_embeddings=4096, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            bos_token_id=BOS, eos_token_id=EOT, pad_token_id=PAD, tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=vision_depth,
+            num_global_layers=global_layers, attention_heads=16, image_size=560, patch_size=14,
+            max_num_tiles=4, intermediate_layers_indices=indices, vision_output_dim=1280 * (1 + len(indices)),
+        ),
+        image_token_index=IMAGE,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # never an fp32 copy (memory)
+    try:
+        model = transformers.MllamaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # the gates start at 0 (tanh(0) switches a branch off): open them
+        for name, p in model.named_parameters():
+            if "gate" in name and p.dim() <= 1:
+                p.fill_(0.5)
+    src = out / "mllama-bf16"
+    if not (src / "config.json").is_file():
+        model.save_pretrained(src)
+        transformers.MllamaImageProcessorPil(
+            size={"height": 560, "width": 560}, max_image_tiles=4
+        ).save_pretrained(src)
+        (src / "tokenizer.json").write_text(tokenizer_json())
+        (src / "tokenizer_config.json").write_text(
+            json.dumps({"bos_token": "<s>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE})
+        )
+    return src, model
+
+
+BUILDERS = {"qwen2_vl": build_qwen2_vl, "internvl": build_internvl, "mllama": build_mllama}
+# What stays unquantized: the vision parts (and mllama's cross-attention layer, the last one).
+SKIPS = {
+    "qwen2_vl": lambda layers: ["visual"],
+    "internvl": lambda layers: ["vision_model", "mlp1"],
+    "mllama": lambda layers: ["vision_model", "multi_modal_projector", rf"layers\.{layers - 1}\."],
+}
+
+
 def quantized(src: Path, skip: list[str]) -> Path:
     from anyquant.convert.quantize import quantize_checkpoint
     from anyquant.quant.formats.base import WriteOptions
@@ -128,9 +190,26 @@ def anyquant_run(llm: Any, prompt_ids: list[int], seed: int) -> tuple[float, flo
         llm.generate([request], params)
         return time.perf_counter() - t0
 
-    ttft = run(1, seed)
-    total = run(1 + DECODE, seed + 1000)
-    return ttft, DECODE / max(total - ttft, 1e-9)
+    ttft = run(1, seed)  # a new image: encoded, nothing cached
+    # Decode: the same image again, 1 and 1 + DECODE tokens; both calls find the same encoder output
+    # and prefix cached, so their difference is the DECODE steps alone (a difference of two cold
+    # calls drowns them in the encoder's run-to-run noise on a loaded machine).
+    first = run(1, seed)
+    total = run(1 + DECODE, seed)
+    return ttft, DECODE / max(total - first, 1e-9)
+
+
+class _Clock:
+    """A transformers streamer that notes when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())  # the first call is the prompt
+
+    def end(self) -> None:
+        pass
 
 
 def transformers_run(family: str, model: Any, src: Path, seed: int) -> tuple[float, float]:
@@ -146,6 +225,27 @@ def transformers_run(family: str, model: Any, src: Path, seed: int) -> tuple[flo
             ids = torch.tensor([[VISION_START, *[IMAGE_PAD] * n, VISION_END, *text_ids(s)]])
             kinds = (ids == IMAGE_PAD).long()
             return {"input_ids": ids, "mm_token_type_ids": kinds, **feats}
+        if family == "mllama":
+            import transformers
+            from transformers.models.mllama import processing_mllama
+
+            from anyquant.utils.tiny_mllama import BOS, IMAGE
+
+            feats = transformers.MllamaImageProcessorPil.from_pretrained(src)(
+                [[image(s)]], return_tensors="pt"
+            )
+            ids_list = [BOS, IMAGE, *text_ids(s)]
+            sparse = processing_mllama.get_cross_attention_token_mask(ids_list, IMAGE)
+            dense = processing_mllama.convert_sparse_cross_attention_mask_to_dense(
+                [sparse], feats["num_tiles"], 4, len(ids_list)
+            )
+            return {
+                "input_ids": torch.tensor([ids_list]),
+                "pixel_values": feats["pixel_values"].to(torch.bfloat16),
+                "aspect_ratio_ids": feats["aspect_ratio_ids"],
+                "aspect_ratio_mask": feats["aspect_ratio_mask"],
+                "cross_attention_mask": torch.as_tensor(dense),
+            }
         from anyquant.models.internvl_image import pixel_values
         from tests.models._internvl import IMG_CONTEXT_ID
 
@@ -153,22 +253,43 @@ def transformers_run(family: str, model: Any, src: Path, seed: int) -> tuple[flo
         ids = torch.tensor([[259, *[IMG_CONTEXT_ID] * (256 * pixels.shape[0]), 260, *text_ids(s)]])
         return {"input_ids": ids, "pixel_values": pixels}
 
-    def run(tokens: int, s: int) -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(**inputs(s), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        return time.perf_counter() - t0
+    # One call: the first token's arrival gives the TTFT, the next DECODE tokens' the decode rate.
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            **inputs(seed),
+            max_new_tokens=1 + DECODE,
+            min_new_tokens=1 + DECODE,
+            do_sample=False,
+            streamer=clock,
+        )
+    first, last = clock.times[1], clock.times[-1]
+    return first - t0, DECODE / max(last - first, 1e-9)
 
-    ttft = run(1, seed)
-    total = run(1 + DECODE, seed + 1000)
-    return ttft, DECODE / max(total - ttft, 1e-9)
+
+def quantized_checkpoints(families: list[str], text_layers: int = 4, vision_depth: int = 4) -> list[Path]:
+    """Build (once) and quantize each family's benchmark checkpoint; the GPTQ int4 folders."""
+    paths = []
+    for family in families:
+        done = OUT / f"{family}-gptq-int4"
+        if (done / "config.json").is_file():
+            paths.append(done)
+            continue
+        layers = 2 if family == "mllama" else text_layers
+        src, model = BUILDERS[family](OUT, layers, vision_depth)
+        del model
+        paths.append(quantized(src, skip=SKIPS[family](layers)))
+    return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--families", nargs="+", default=["qwen2_vl", "internvl"])
+    parser.add_argument("--families", nargs="+", default=["qwen2_vl", "internvl", "mllama"])
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--vision-depth", type=int, default=4)
+    parser.add_argument("--mllama-text-layers", type=int, default=2, help="the last is cross-attention")
+    parser.add_argument("--mllama-global-layers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -178,14 +299,21 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     results = []
     for family in args.families:
-        build = build_qwen2_vl if family == "qwen2_vl" else build_internvl
-        src, hf = build(OUT, args.text_layers, args.vision_depth)
-        path = quantized(src, skip=["visual"] if family == "qwen2_vl" else ["vision_model", "mlp1"])
-        llm = LLM(path, dtype="bfloat16")
+        layers = args.mllama_text_layers if family == "mllama" else args.text_layers
+        if family == "mllama":
+            src, hf = build_mllama(OUT, layers, args.vision_depth, args.mllama_global_layers)
+        else:
+            src, hf = BUILDERS[family](OUT, layers, args.vision_depth)
+        path = quantized(src, skip=SKIPS[family](layers))
+        llm = LLM(path, dtype="bfloat16", kv_cache_gb=0.5)  # memory: the default reserves up to 2 GiB
         if family == "qwen2_vl":
             from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START
 
             marker = [VISION_START, IMAGE_PAD, VISION_END]
+        elif family == "mllama":
+            from anyquant.utils.tiny_mllama import BOS, IMAGE
+
+            marker = [BOS, IMAGE]
         else:
             from tests.models._internvl import IMG_CONTEXT_ID
 
@@ -198,7 +326,7 @@ def main() -> None:
             theirs.append(transformers_run(family, hf, src, rep))
         row = {
             "family": family,
-            "text_layers": args.text_layers,
+            "text_layers": layers,
             "vision_depth": args.vision_depth,
             "threads": args.threads,
             "anyquant_int4": {
