@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from anyquant.cli.flags import ENFORCE_EAGER_HELP
+from anyquant.cli.flags import ENFORCE_EAGER_HELP, EXPERT_PARALLEL_HELP
 from anyquant.errors import AnyquantError
 
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument(
         "--enable-expert-parallel",
         action="store_true",
-        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
+        help=EXPERT_PARALLEL_HELP,
     )
     offline.add_argument(
         "--lm-head-dtype",

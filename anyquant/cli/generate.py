@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from anyquant.cli.flags import ENFORCE_EAGER_HELP
+from anyquant.cli.flags import add_weight_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,34 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", default=None, help="force a kernel for quantized layers (e.g. reference)")
-    parser.add_argument(
-        "--mmproj",
-        default=None,
-        metavar="FILE",
-        help="a GGUF model's vision projector (llama.cpp's mmproj file); a directory holding the model "
-        "and one mmproj*.gguf finds it alone",
-    )
-    parser.add_argument(
-        "--lm-head-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
-    )
-    parser.add_argument(
-        "--activation-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: quantize the activations of weight-only (W4A16/W8A16) layers per token, so they "
-        "run on int8 dot products (faster on AVX512-VNNI CPUs; small accuracy cost); auto: as stored",
-    )
+    add_weight_options(parser)
     parser.add_argument(
         "--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", help="run N tensor-parallel ranks"
-    )
-    parser.add_argument("--enforce-eager", action="store_true", default=None, help=ENFORCE_EAGER_HELP)
-    parser.add_argument(
-        "--enable-expert-parallel",
-        action="store_true",
-        help="with --tp N: each rank holds whole routed experts (about E/N) instead of a slice of every expert (MoE models)",
     )
     parser.add_argument(
         "--debug-numerics",
