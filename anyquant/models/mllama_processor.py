@@ -24,8 +24,16 @@ import torch
 
 from anyquant.config_fields import cfg_float, cfg_int, read_json_object
 from anyquant.errors import CheckpointError
-from anyquant.models.multimodal import CrossImage, ImageInput, ImageInputError, ImageProcessor, image_digest
-from anyquant.models.qwen2_vl_processor import _to_rgb, _triple
+from anyquant.models.multimodal import (
+    CrossImage,
+    ImageInput,
+    ImageInputError,
+    ImageProcessor,
+    image_digest,
+    require_image,
+    to_rgb,
+)
+from anyquant.models.qwen2_vl_processor import _triple
 
 _IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 _BILINEAR = 2
@@ -105,13 +113,9 @@ class MllamaImageProcessor(ImageProcessor):
     def process(self, image: Any) -> ImageInput:
         from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            raise ImageInputError(f"an image must be a PIL.Image.Image, got {type(image).__name__}")
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageInputError(f"image of {width}x{height} pixels: empty")
+        width, height = require_image(image)
         digest = image_digest(image, self._settings)
-        rgb = image if image.mode == "RGB" or not self.do_convert_rgb else _to_rgb(image)
+        rgb = image if image.mode == "RGB" or not self.do_convert_rgb else to_rgb(image)
         if rgb.mode != "RGB":
             raise ImageInputError(f"an image of mode {rgb.mode} needs do_convert_rgb")
         rows, cols = best_canvas(height, width, self.max_tiles, self.tile)

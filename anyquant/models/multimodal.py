@@ -64,6 +64,29 @@ class ImageInput:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def require_image(image: Any) -> tuple[int, int]:
+    """`image`'s (width, height) once it is a non-empty PIL image; else an ImageInputError."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise ImageInputError(f"an image must be a PIL.Image.Image, got {type(image).__name__}")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageInputError(f"image of {width}x{height} pixels: empty")
+    return width, height
+
+
+def to_rgb(image: Any) -> Any:
+    """RGB as the reference processors convert: transparent pixels over white, other modes by PIL."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def image_digest(image: Any, settings: str) -> bytes:
     """128-bit hash of a PIL image's mode, size and pixels plus the processor's `settings`."""
     h = hashlib.blake2b(digest_size=16)

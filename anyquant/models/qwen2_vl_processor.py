@@ -19,7 +19,14 @@ from torch import Tensor
 
 from anyquant.config_fields import cfg_float, cfg_int, read_json_object
 from anyquant.errors import CheckpointError
-from anyquant.models.multimodal import ImageInput, ImageInputError, ImageProcessor, image_digest
+from anyquant.models.multimodal import (
+    ImageInput,
+    ImageInputError,
+    ImageProcessor,
+    image_digest,
+    require_image,
+    to_rgb,
+)
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,13 +149,9 @@ class Qwen2VLImageProcessor(ImageProcessor):
     def process(self, image: Any) -> ImageInput:
         from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            raise ImageInputError(f"an image must be a PIL.Image.Image, got {type(image).__name__}")
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageInputError(f"image of {width}x{height} pixels: empty")
+        width, height = require_image(image)
         digest = image_digest(image, self._settings)
-        rgb = image if image.mode == "RGB" else _to_rgb(image)
+        rgb = image if image.mode == "RGB" else to_rgb(image)
         h, w = self.target_size(width, height)
         factor = self.patch_size * self.merge_size
         if h % factor or w % factor:
@@ -208,14 +211,3 @@ class Qwen2VLImageProcessor(ImageProcessor):
             pos += len(token_ids) - at
         positions = torch.cat(rows, dim=1)
         return positions, int(positions.max()) + 1 - len(token_ids)
-
-
-def _to_rgb(image: Any) -> Any:
-    """RGB as the reference converts: transparent pixels over white, other modes by PIL."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
