@@ -25,6 +25,7 @@ from anyquant.chat_template import load_override
 from anyquant.config_fields import cfg_int
 from anyquant.engine.capture import eager_by_environment
 from anyquant.engine.engine import Engine, EngineConfig
+from anyquant.engine.fp16_guard import Fp16Report, warm_up_fp16
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.multimodal import MultimodalPrompt, one_off_cross_step, prepare_prompt
 from anyquant.engine.numerics import first_nonfinite_module
@@ -32,11 +33,13 @@ from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
 from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
-from anyquant.loading.loader import LoadedModel, load_model
+from anyquant.loading.dtype_policy import needs_fp16_guard
+from anyquant.loading.loader import LoadedModel, load_model, trained_dtype
 from anyquant.models.base import InputEmbeds
 from anyquant.models.multimodal import ImageEncoder, ImageInputError, ImageProcessor, MultimodalModel
 from anyquant.models.protocol import EngineModel
 from anyquant.tokenizer import Tokenizer
+from anyquant.utils.devices import resolve_device
 
 log = logging.getLogger("anyquant")
 
@@ -126,6 +129,7 @@ class LLM:
         and shared-expert layers stay tensor-parallel. Refused for a model without MoE layers."""
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        resolve_device(device)  # CUDA asked for but unusable: fail before reading or starting anything
         self.debug_numerics = debug_numerics
         self._tp: Any = None
         if tensor_parallel_size > 1:
@@ -159,6 +163,10 @@ class LLM:
             self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
+        # The fp16 policy (engine/fp16_guard.py): range guards and an overflow check at warm-up.
+        self.fp16_report: Fp16Report | None = None
+        if tensor_parallel_size == 1 and needs_fp16_guard(self.dtype, trained_dtype(self.loaded.config)):
+            self.fp16_report = warm_up_fp16(self.loaded, debug_numerics)
         limit = cfg_int(self.loaded.config, "max_position_embeddings", 2048)
         if max_model_len is not None and max_model_len > limit:
             raise AnyquantError(

@@ -13,6 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--device", default="cpu", help="device the kernel choice is made for")
+    parser.add_argument(
+        "--compute-capability",
+        default=None,
+        metavar="X.Y",
+        help="with --device cuda: plan for a GPU of this compute capability (e.g. 7.5 for a T4), "
+        "without one present",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--kernel", default=None, help="pretend this kernel is forced for quantized layers")
     parser.add_argument(
@@ -157,9 +164,31 @@ def print_tensor_parallel(tp: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anyquant.loading.describe import describe_checkpoint
+    import contextlib
 
-    doc = describe_checkpoint(
+    from anyquant.errors import AnyquantError
+    from anyquant.loading.describe import describe_checkpoint
+    from anyquant.utils.devices import parse_capability, simulated_cuda
+
+    device: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if args.compute_capability is not None:
+        if not args.device.startswith("cuda"):
+            raise AnyquantError(f"--compute-capability describes a CUDA device; --device is {args.device}")
+        try:
+            device = simulated_cuda(parse_capability(args.compute_capability))
+        except ValueError as exc:
+            raise AnyquantError(f"--compute-capability: {exc}") from None
+    with device:
+        doc = _describe(args, describe_checkpoint)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_text(doc)
+    return 0 if doc["tensor_parallel"]["ok"] else 1
+
+
+def _describe(args: argparse.Namespace, describe_checkpoint: Any) -> dict[str, Any]:
+    return describe_checkpoint(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -171,8 +200,3 @@ def run(args: argparse.Namespace) -> int:
         mmproj=args.mmproj,
         expert_parallel=args.enable_expert_parallel,
     )
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print_text(doc)
-    return 0 if doc["tensor_parallel"]["ok"] else 1

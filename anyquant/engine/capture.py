@@ -73,7 +73,11 @@ def _traceable_kernel(kernel: LinearKernel) -> bool:
 
 
 def _kernel_output(kernel: LinearKernel) -> Callable[[Any], Tensor]:
-    n, dtype = kernel.shape[0], kernel.compute_dtype
+    from anyquant.engine.fp16_guard import RangeGuardKernel
+
+    # The fp16 policy's guard returns fp32 (its output only meets fp32: engine/fp16_guard.py).
+    n = kernel.shape[0]
+    dtype = torch.float32 if isinstance(kernel, RangeGuardKernel) else kernel.compute_dtype
     return lambda args: args[0].new_empty(args[0].shape[0], n, dtype=dtype)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from anyquant.layers.activation import activation
@@ -53,6 +54,9 @@ class GatedMLP(nn.Module, TensorParallelLayer, MergeableProjections):
         self.act = activation(act)
         # gate/up in one kernel call, when the loader could merge them (then the two hold nothing).
         self.gate_up_proj: MergedLinear | None = None
+        # Set by the fp16 policy (engine/fp16_guard.py): act(gate) * up formed in this dtype, since
+        # the product of two fp16 values below 65504 can exceed it.
+        self.hidden_dtype: torch.dtype | None = None
 
     def split_groups(self) -> list[SplitGroup]:
         # The intermediate dimension may be zero-padded: padded gate/up rows give exact zeros.
@@ -77,8 +81,11 @@ class GatedMLP(nn.Module, TensorParallelLayer, MergeableProjections):
         """The down projection's input: act(gate(x)) * up(x)."""
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj.forward_parts(x)
-            return self.act(gate) * up
-        return self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.hidden_dtype is not None:
+            gate, up = gate.to(self.hidden_dtype), up.to(self.hidden_dtype)
+        return self.act(gate) * up
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.hidden(x))

@@ -20,8 +20,9 @@ from anyquant.errors import AnyquantError
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.activations import activation_quant
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.dtype_policy import dtype_risks
 from anyquant.loading.lm_head import lm_head_spec
-from anyquant.loading.loader import build_on_meta, resolve_dtype
+from anyquant.loading.loader import build_on_meta, resolve_dtype, trained_dtype
 from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
 from anyquant.loading.preflight import (
@@ -39,6 +40,7 @@ from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import architecture_of
 from anyquant.quant.detect import detect_format
 from anyquant.quant.spec import QuantSpec
+from anyquant.utils.devices import check_cuda_available, describe_device
 
 
 def layer_pattern(prefix: str) -> str:
@@ -80,6 +82,8 @@ def describe_checkpoint(
     config = ckpt.text_config()
     fmt = detect_format(ckpt)
     dev = torch.device(device)
+    if dev.type == "cuda":
+        check_cuda_available(dev)  # a simulated device (inspect --compute-capability) passes
     compute_dtype = resolve_dtype(dtype, config, dev)
     model = build_on_meta(config, ckpt.index.names())
     tp_plan, tp_error = None, None
@@ -154,13 +158,7 @@ def describe_checkpoint(
                 "activations_at_load": first.act_as.describe() if first.act_as else None,
             }
         )
-    risks = []
-    trained = str(config.get("torch_dtype") or config.get("dtype") or "")
-    if compute_dtype == torch.float16 and trained == "bfloat16":
-        risks.append(
-            "bfloat16-trained model asked to run in float16: activations beyond 65504 overflow to inf "
-            "(non-finite logits fail the request); prefer --dtype bfloat16 or float32"
-        )
+    risks = dtype_risks(compute_dtype, trained_dtype(config), dev)
     if tp_plan is not None:
         risks += tp_plan.risks
     length = max_model_len or int(config.get("max_position_embeddings", 2048))
@@ -192,7 +190,7 @@ def describe_checkpoint(
             "description": fmt.describe(),
             "config_source": source.where if source else None,
         },
-        "device": str(dev),
+        "device": describe_device(dev),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "notes": list(fmt.notes) if fmt else [],
         "risks": risks,

@@ -26,6 +26,7 @@ from anyquant.layers.mla import MLAttention
 from anyquant.layers.moe import SparseMoE
 from anyquant.loading.activations import activation_quant, with_activations
 from anyquant.loading.checkpoint import Checkpoint
+from anyquant.loading.dtype_policy import device_compute_dtype
 from anyquant.loading.lm_head import lm_head_spec, quantize_rows
 from anyquant.loading.merge import MergePlan, merged_layers, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
@@ -51,7 +52,8 @@ from anyquant.quant.merge import concat_out_features
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.shard_rules import activation_group_map, shard_kernel, shard_quant, shard_vector
 from anyquant.quant.spec import layer_compute_dtype
-from anyquant.quant.weight import QuantWeight
+from anyquant.quant.weight import QuantWeight, weight_to_device
+from anyquant.utils.devices import configure_cuda_numerics, resolve_device
 from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
@@ -85,13 +87,19 @@ class LoadedModel:
     merges: dict[str, str | None] = field(default_factory=dict)
 
 
+def trained_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype config.json says the model was trained / saved in (float32 when unknown)."""
+    return _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+
+
 def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: torch.device) -> torch.dtype:
     """`auto` = the checkpoint's dtype (torch_dtype / dtype in config.json), float32 when unknown.
 
     Asking for float16 on a model trained in bfloat16 is allowed but warned about: its activations
-    may exceed fp16's 65504. The residual stream and norms stay in fp32 either way.
+    may exceed fp16's 65504. The residual stream and norms stay in fp32 either way. On a GPU
+    without bf16, `auto` gives float16 instead of bfloat16 (loading/dtype_policy.py).
     """
-    trained = _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+    trained = trained_dtype(config)
     if isinstance(requested, torch.dtype):
         chosen = requested
     elif requested == "auto":
@@ -100,7 +108,9 @@ def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: 
         chosen = _DTYPES[requested]
     else:
         raise UnsupportedError(f"dtype {requested!r} is not supported; choose auto, {', '.join(_DTYPES)}")
-    if chosen == torch.float16 and trained == torch.bfloat16:
+    auto = requested == "auto"
+    chosen = device_compute_dtype(chosen, trained, auto, device)
+    if chosen == torch.float16 and trained == torch.bfloat16 and not (auto and device.type == "cuda"):
         log.warning(
             "running a bfloat16-trained model in float16: activations beyond 65504 overflow to inf; "
             "the residual stream and accumulations stay in float32, and non-finite logits fail the request "
@@ -141,7 +151,9 @@ def load_model(
 
     `expert_parallel`: under tensor parallelism, each rank loads whole routed experts (its share
     of them) instead of a slice of every expert; refused for a model without MoE layers."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        configure_cuda_numerics()
     parallel = parallel or ParallelState()
     if progress is None:
         progress = LoadProgress(str(path), show_bar=None if parallel.rank == 0 else False)
@@ -344,6 +356,8 @@ def _install(
     bias: Tensor | None,
 ) -> None:
     kernel = kernel_cls(layer.shape, dtype)
+    if kernel_cls.load_on_device:
+        weight = weight_to_device(weight, device)
     kernel.load(weight)
     layer.set_kernel(kernel.to(device))
     if bias is not None:

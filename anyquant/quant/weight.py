@@ -157,3 +157,14 @@ class QuantWeight:
 
     def with_spec(self, spec: QuantSpec) -> QuantWeight:
         return replace(self, spec=spec)
+
+
+_WEIGHT_TENSORS = ("data", "scale", "zero", "group_index", "input_scale", "input_zero", "offset")
+
+
+def weight_to_device(weight: QuantWeight | Tensor, device: torch.device) -> QuantWeight | Tensor:
+    """The same weight with every tensor on `device`; dtypes unchanged (codes stay codes)."""
+    if isinstance(weight, Tensor):
+        return weight.to(device)
+    moved = {a: getattr(weight, a).to(device) for a in _WEIGHT_TENSORS if getattr(weight, a) is not None}
+    return replace(weight, **moved)

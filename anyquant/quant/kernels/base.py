@@ -43,6 +43,9 @@ class LinearKernel(nn.Module, ABC):
     compute_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None  # None: any
     empty_shapes: ClassVar[bool] = False  # serves layers with no weights ([0, K] or [N, 0])
     applies_offsets: ClassVar[bool] = True  # applies float offsets per group (spec.has_offset)
+    # `load` receives the weight already on the layer's device (its repacking op runs there, e.g.
+    # a CUDA-only packing op); otherwise it loads on the host and the module is moved after.
+    load_on_device: ClassVar[bool] = False
 
     @classmethod
     def cannot_run(
