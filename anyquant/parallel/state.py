@@ -110,6 +110,16 @@ def anyquant_keys(store: Any) -> Any:
     return dist.PrefixStore("anyquant/", store)
 
 
+def collective_backend(device: torch.device) -> str:
+    """NCCL for CUDA ranks (each bound to its own GPU first: NCCL takes the current device as the
+    rank's, and two ranks on one GPU fail), gloo on CPU."""
+    if device.type != "cuda":
+        return "gloo"
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    return "nccl"
+
+
 def form_groups(
     store: Any,
     rank: int,
@@ -128,7 +138,7 @@ def form_groups(
             "a tensor-parallel group already exists in this process; close the other LLM first "
             "(one tensor-parallel model per process)"
         )
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = collective_backend(device)
     rendezvous = (
         _STORE_TIMEOUT if rendezvous_timeout_s is None else datetime.timedelta(seconds=rendezvous_timeout_s)
     )

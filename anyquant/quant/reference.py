@@ -22,7 +22,7 @@ def expand_to_columns(
         if group_index.dim() == 1:
             return per_group[..., group_index.long()]
         return torch.gather(per_group, -1, group_index.long().unsqueeze(-2).expand(*per_group.shape[:-1], -1))
-    idx = torch.arange(in_features) // spec.group_size
+    idx = torch.arange(in_features, device=per_group.device) // spec.group_size
     return per_group[..., idx]
 
 

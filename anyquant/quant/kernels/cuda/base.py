@@ -1,0 +1,89 @@
+"""What the CUDA kernels share: the capability check and the weight checks.
+
+`cannot_run` is the shared pre-check (device, role, dtype: kernels/base.py) followed by the
+device's compute capability (`min_capability`, from `utils/devices.cuda_properties`, which a
+simulated device answers on machines without a GPU) and the kernel's own `rejects_on`, which
+also sees the device's properties (fp8 row-wise scales need sm90, say). Every reason is a
+sentence, because `anyquant inspect` prints it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from anyquant.errors import TensorError
+from anyquant.quant.kernels.base import LinearKernel, precheck
+from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight
+from anyquant.utils.devices import CudaProperties, cuda_properties, cuda_unavailable_reason
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class CudaKernel(LinearKernel):
+    """Base of the kernels in this package: CUDA only, repacked on the GPU (`load_on_device`)."""
+
+    device_types = ("cuda",)
+    load_on_device = True
+    compute_dtypes: ClassVar[tuple[torch.dtype, ...] | None] = FLOAT_DTYPES
+    applies_offsets = False
+    min_capability: ClassVar[tuple[int, int]] = (7, 0)
+    why_capability: ClassVar[str] = ""  # what the minimum is for, for the rejection sentence
+
+    @classmethod
+    def cannot_run(
+        cls,
+        spec: QuantSpec | None,
+        kind: LayerKind,
+        device: torch.device,
+        shape: tuple[int, int],
+        compute_dtype: torch.dtype,
+    ) -> str | None:
+        reason = precheck(cls, spec, kind, device, shape, compute_dtype)
+        if reason is not None or spec is None:
+            return reason
+        unavailable = cuda_unavailable_reason(device)
+        if unavailable is not None:
+            return unavailable
+        return cls.rejects_on(spec, shape, compute_dtype, cuda_properties(device))
+
+    @classmethod
+    def rejects_on(
+        cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype, props: CudaProperties
+    ) -> str | None:
+        """Why this kernel cannot serve the layer on a device with `props`, or None."""
+        if props.capability < cls.min_capability:
+            need = f"{cls.min_capability[0]}.{cls.min_capability[1]}"
+            why = f" ({cls.why_capability})" if cls.why_capability else ""
+            return f"needs compute capability {need} or newer{why}; {props.describe()}"
+        return cls.rejects(spec, shape, compute_dtype)
+
+
+def check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWeight:
+    if not isinstance(weight, QuantWeight):
+        raise TypeError(f"{kernel.name} kernel expects a QuantWeight")
+    if weight.num_experts is not None:
+        raise TypeError(
+            f"{kernel.name} kernel serves one [N, K] weight, got {weight.num_experts} experts stacked"
+        )
+    if tuple(weight.shape) != tuple(kernel.shape):
+        raise TensorError(
+            "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
+        )
+    return weight
+
+
+def finish(y: Tensor, n: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Drop padded output columns, add the bias once (in fp32 when y is fp32), cast to `dtype`."""
+    if y.shape[1] != n:
+        y = y[:, :n]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(dtype).contiguous()

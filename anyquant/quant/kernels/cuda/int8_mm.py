@@ -1,0 +1,95 @@
+"""cuda_w8a8_int8: int8 weights x int8 activations with exact int32 accumulation (`torch._int_mm`,
+cuBLASLt int8 tensor cores), activations quantized exactly as the reference does.
+
+cuBLASLt's int8 GEMM takes more than 16 rows and inner / output sizes that are multiples of 8:
+the activation rows are padded up to 24 at least (decode steps of a few tokens), K and N with
+zeros at load (a zero column adds nothing to the int32 sum)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from anyquant.errors import TensorError
+from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
+from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
+from anyquant.quant.registry import register_kernel
+from anyquant.quant.spec import QuantSpec
+from anyquant.quant.weight import QuantWeight
+
+MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+ALIGN = 8
+
+
+@register_kernel
+class CudaW8A8Int8Kernel(CudaKernel):
+    name = "cuda_w8a8_int8"
+    priority = 60
+    min_capability = (7, 5)
+    why_capability = "int8 tensor cores"
+    codes: Tensor  # int8 [Npad, Kpad]
+    scale: Tensor  # fp32 [N]
+    input_scale: Tensor | None
+    input_zero: Tensor | None
+    colsum: Tensor | None  # int32 [Npad]: each row's code sum, with an activation zero point only
+
+    @classmethod
+    def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
+        if spec.weight != "int8" or spec.has_zero:
+            what = f"{spec.weight} {'asym' if spec.has_zero else 'sym'}"
+            return f"weights are {what}; this kernel runs symmetric int8"
+        if spec.granularity not in ("channel", "tensor"):
+            return f"{spec.granularity} weight scales; this kernel takes per-channel or per-tensor scales"
+        act = spec.act
+        if act is None:
+            return "activations are not quantized (weight-only int8 runs on cuda_dequant)"
+        if act.type != "int8":
+            return f"activations are {act.type}; this kernel quantizes them to int8"
+        if act.granularity == "group":
+            return f"per-group activation scales (group {act.group_size}) need one int32 sum per group"
+        if not act.dynamic and act.granularity != "tensor":
+            return f"static per-{act.granularity} activation scales; static scales must be per-tensor"
+        if shape[1] >= 1 << 17:
+            return f"in_features {shape[1]} could overflow the int32 accumulator (limit 131072)"
+        return None
+
+    def load(self, weight: QuantWeight | Tensor) -> None:
+        w = check_weight(weight, self)
+        n, k = self.shape
+        act = w.spec.act
+        if act is None:
+            raise TypeError("cuda_w8a8_int8 needs an activation-quantized spec")
+        self.k_pad, n_pad = round_up(k, ALIGN), round_up(n, ALIGN)
+        codes = F.pad(w.data, (0, self.k_pad - k, 0, n_pad - n))
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.register_buffer("scale", w.scale.float().reshape(-1).expand(n).contiguous(), persistent=False)
+        self.token = act.dynamic and act.granularity == "token"
+        self.dynamic_act = act if act.dynamic else None
+        self.divisor = act.scale_divisor or 127.0
+        input_scale = input_zero = None
+        if not act.dynamic:
+            if w.input_scale is None:
+                raise TensorError("input_scale", "static activation quantization needs an input scale")
+            input_scale, input_zero = w.input_scale.float(), w.input_zero
+        self.register_buffer("input_scale", input_scale, persistent=False)
+        self.register_buffer("input_zero", input_zero, persistent=False)
+        # With an activation zero point z: sum (q - z) c = sum q c - z * sum c, all in int32.
+        colsum = codes.to(torch.int32).sum(dim=1) if input_zero is not None else None
+        self.register_buffer("colsum", colsum, persistent=False)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
+        n, k = self.shape
+        t = x.shape[0]
+        if t == 0:
+            return x.new_zeros(0, n)
+        q, s_x, zero = _quantize_int8_activations(
+            x, self.token, self.input_scale, self.input_zero, self.divisor, act_amax
+        )
+        rows = round_up(max(t, MIN_ROWS), ALIGN)
+        q = F.pad(q, (0, self.k_pad - k, 0, rows - t))
+        acc = torch._int_mm(q, self.codes.T)[:t, :n]  # [T, N] int32, exact
+        if zero is not None and self.colsum is not None:
+            acc = acc - zero.to(torch.int32) * self.colsum[:n]
+        y = acc.to(torch.float32) * s_x * self.scale  # scales applied once, in fp32
+        return finish(y, n, None if bias is None else bias.float(), self.compute_dtype)
