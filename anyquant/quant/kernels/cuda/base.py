@@ -87,3 +87,9 @@ def finish(y: Tensor, n: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(dtype).contiguous()
+
+
+def on_host(t: Tensor | None) -> Tensor | None:
+    """A small index tensor on the CPU, for host-side checks (act-order permutations) that compare
+    it with CPU tensors; the result goes back to the device."""
+    return None if t is None else t.cpu()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, round_up
+from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, on_host, round_up
 from anyquant.quant.kernels.torch_cpu.int4 import _act_order_permutation
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.registry import register_kernel
@@ -59,7 +59,7 @@ class CudaDequantKernel(CudaKernel):
         codes = w.data
         perm = None
         if spec.act_order:
-            perm = _act_order_permutation(w.group_index, self.group, k).to(codes.device)
+            perm = _act_order_permutation(on_host(w.group_index), self.group, k).to(codes.device)
             codes = codes[:, perm]
         self.register_buffer("perm", perm, persistent=False)
         raw = codes.view(torch.uint8) if spec.is_float else codes  # fp8 bytes pad with +0.0

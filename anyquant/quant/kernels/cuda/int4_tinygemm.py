@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
+from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, on_host, round_up
 from anyquant.quant.kernels.torch_cpu.int4 import _act_order_permutation, _recenter
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import QuantSpec
@@ -60,7 +60,7 @@ def tinygemm_operands(w: QuantWeight) -> TinygemmOperands:
     codes = w.data.to(torch.int32)
     perm = None
     if spec.act_order:
-        perm = _act_order_permutation(w.group_index, group, k).to(dev)
+        perm = _act_order_permutation(on_host(w.group_index), group, k).to(dev)
         codes = codes[:, perm]
     zero = w.zero.reshape(n, ng).to(torch.int32) if w.zero is not None else None
     if zero is None:
