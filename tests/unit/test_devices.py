@@ -152,3 +152,16 @@ def test_kernels_that_repack_on_their_device_get_the_weight_there() -> None:
     assert isinstance(moved, QuantWeight) and moved.data.dtype == weight.data.dtype
     assert moved.zero is not None and moved.zero.device.type == "meta" and weight.zero is not None
     assert weight.data.device.type == "cpu"  # the original is untouched
+
+
+def test_host_loaded_kernels_move_to_the_device_at_install() -> None:
+    # Layer by layer: each kernel is on the target device as soon as it is installed, so the host
+    # holds about one layer at a time (the meta device stands in for a GPU: placement only).
+    from anyquant.quant.kernels.dense import DenseKernel
+
+    layer = QuantLinear("layer", 64, 16, bias=True)
+    _install(layer, DenseKernel, torch.randn(16, 64), torch.bfloat16, torch.device("meta"), torch.randn(16))
+    assert layer.kernel is not None
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    assert layer.kernel.weight.dtype == torch.bfloat16 and layer.bias is not None
+    assert layer.bias.dtype == torch.bfloat16
