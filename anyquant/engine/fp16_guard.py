@@ -182,18 +182,22 @@ def guard_fp16(
         for _, _, guard in guards:
             guard.calibrating = False
     report = Fp16Report(checked_tokens=len(calibration_ids))
-    kept_mlps: set[int] = set()
+    # An MLP with any shifted projection forms its product in fp32 (a shifted gate/up returns
+    # fp32), so its down projection keeps a guard even at shift 0: the guard is what casts that
+    # fp32 input to the compute dtype.
+    kept = {id(guard) for _, _, guard in guards if guard.shift > 0}
+    fp32_mlps = {id(mlp) for _, mlp, guard in guards if mlp is not None and id(guard) in kept}
     for layer, mlp, guard in guards:
-        if guard.shift == 0:
-            layer.set_kernel(guard.inner)  # fits as it is: plain fp16 output
-            continue
-        report.shifts[layer.prefix] = guard.shift
-        report.amax[layer.prefix] = (guard.amax_in, guard.amax_out)
-        if mlp is not None:
-            kept_mlps.add(id(mlp))
-    for _, mlp, _ in guards:
-        if mlp is not None and id(mlp) not in kept_mlps:
+        if mlp is not None and id(mlp) in fp32_mlps and layer is mlp.down_proj:
+            kept.add(id(guard))
+    for layer, mlp, guard in guards:
+        if mlp is not None and id(mlp) not in fp32_mlps:
             mlp.hidden_dtype = None
+        if id(guard) not in kept:
+            layer.set_kernel(guard.inner)  # fits as it is: plain fp16 output
+        elif guard.shift:
+            report.shifts[layer.prefix] = guard.shift
+            report.amax[layer.prefix] = (guard.amax_in, guard.amax_out)
     for prefix, shift in report.shifts.items():
         amax_in, amax_out = report.amax[prefix]
         log.info(

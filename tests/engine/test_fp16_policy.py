@@ -93,6 +93,26 @@ def test_guard_keeps_the_mlp_overflow_finite_and_close_to_float64(mlp_overflow: 
     assert rel_l2(logits, _float64_logits(mlp_overflow)) < 1e-2
 
 
+def test_a_shifted_gate_up_keeps_the_down_projection_guarded(tmp_path: Path) -> None:
+    # Only gate_proj comes near fp16's limit (outputs up to ~19000, inside the headroom; up_proj
+    # scaled down so the down projection's output stays ~600). The gate/up guard returns fp32, so
+    # the MLP product is fp32 and the down projection must keep a guard (at shift 0) to cast it
+    # back to the compute dtype.
+    path = _scaled_model(
+        tmp_path / "gate",
+        {"model.layers.0.mlp.gate_proj.weight": 8000.0, "model.layers.0.mlp.up_proj.weight": 0.05},
+    )
+    llm = LLM(str(path), dtype="float16", max_num_seqs=2)
+    assert llm.fp16_report is not None
+    assert set(llm.fp16_report.shifts) == {"model.layers.0.mlp.gate_up_proj"}
+    guards = {n: m.shift for n, m in llm.model.named_modules() if isinstance(m, RangeGuardKernel)}
+    assert guards.keys() == {"model.layers.0.mlp.gate_up_proj.kernel", "model.layers.0.mlp.down_proj.kernel"}
+    assert guards["model.layers.0.mlp.down_proj.kernel"] == 0
+    logits = llm.logits(IDS)
+    assert bool(torch.isfinite(logits).all())
+    assert rel_l2(logits, _float64_logits(path)) < 1e-2
+
+
 def test_guard_names_a_key_value_overflow_it_cannot_rescale(tmp_path: Path) -> None:
     # Layer 1's keys/values: a norm weight of 600 and v_proj x100 put v beyond 65504; keys and
     # values are stored in the fp16 KV cache, so no rescaling of a projection's output helps.
