@@ -14,6 +14,9 @@ mkdir -p "$OUTDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export ANYQUANT_EXTENSION_DIR=${ANYQUANT_EXTENSION_DIR:-/tmp/anyquant-ext-cuda-check}
 export ANYQUANT_ENFORCE_EAGER=1  # CUDA graphs / compiled steps are not built for CUDA yet
+# The tests' conftest sets torch's CPU threads from OMP_NUM_THREADS (1 by default, for CI): the CPU
+# references and the quantization of the benchmark model want every core here.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 8)}
 
 PY=""
 for cand in ${PYTHON:-} python3 .venv/bin/python; do
