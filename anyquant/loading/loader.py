@@ -113,8 +113,9 @@ def resolve_dtype(requested: str | torch.dtype, config: dict[str, Any], device: 
     if chosen == torch.float16 and trained == torch.bfloat16 and not (auto and device.type == "cuda"):
         log.warning(
             "running a bfloat16-trained model in float16: activations beyond 65504 overflow to inf; "
-            "the residual stream and accumulations stay in float32, and non-finite logits fail the request "
-            "(prefer dtype=bfloat16 or float32)"
+            "the residual stream, norms and accumulations stay in float32, the warm-up rescales the MLP "
+            "and attention-output projections that come near the limit and fails on a layer that still "
+            "overflows (prefer dtype=bfloat16 or float32)"
         )
     return chosen
 

@@ -72,7 +72,7 @@ def parse_capability(text: str) -> tuple[int, int]:
 @contextlib.contextmanager
 def simulated_cuda(capability: tuple[int, int], name: str | None = None) -> Iterator[CudaProperties]:
     """Within the block, every CUDA device reports `capability` (no GPU needed)."""
-    props = CudaProperties(name or f"simulated sm{capability[0]}{capability[1]}", capability, simulated=True)
+    props = CudaProperties(name or "GPU", capability, simulated=True)
     token = _SIMULATED.set(props)
     try:
         yield props
