@@ -63,12 +63,14 @@ def bench_offline(
     activation_dtype: str = "auto",
     tensor_parallel_size: int = 1,
     enable_expert_parallel: bool = False,
+    device: str = "cpu",
 ) -> OfflineResult:
     t0 = time.perf_counter()
     # Eager: this benchmark runs the model's forward itself (SequenceCache), not the engine's
     # steps, so a compiled decode step would only add its compile time to the load.
     llm = LLM(
         model,
+        device=device,
         dtype=dtype,
         kernel=kernel,
         lm_head_dtype=lm_head_dtype,
@@ -85,7 +87,8 @@ def bench_offline(
 
     def prefill() -> Any:
         seq = SequenceCache(net, prompt_len + decode_len + 1, llm.dtype, llm.device)
-        logits = seq.forward(prompt, 0, torch.tensor([prompt_len - 1]))
+        logits = seq.forward(prompt, 0, torch.tensor([prompt_len - 1], device=llm.device))
+        _sync(llm.device)  # GPU work is asynchronous: the prefill ends when its kernels do
         return seq, logits
 
     def run_decode(seq: SequenceCache) -> float:
@@ -124,14 +127,23 @@ def bench_offline(
     )
 
 
-def measure_copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Achievable memory bandwidth: read + write of a large buffer (GB/s, 1e9 bytes)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5, device: str = "cpu") -> float:
+    """Achievable memory bandwidth: read + write of a large buffer (GB/s, 1e9 bytes), in host
+    memory or, for a CUDA device, in device memory."""
+    dev = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    _sync(dev)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync(dev)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     offline = sub.add_parser("offline", help="prompt tokens/s and batch-1 decode tokens/s of one model")
     offline.add_argument("model")
     offline.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    offline.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     offline.add_argument("--prompt-len", type=int, default=128)
     offline.add_argument("--decode-len", type=int, default=32)
     offline.add_argument("--repeats", type=int, default=3)
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         **llm_options(args),  # the flags bench_offline passes on to LLM(...)
     )
-    bandwidth = measure_copy_bandwidth_gbs()
+    bandwidth = measure_copy_bandwidth_gbs(device=args.device)
     limit = bandwidth * 1e9 / (result.linear_weight_mib * 2**20)
     doc = {**result.as_dict(), "copy_bandwidth_gbs": bandwidth, "decode_bandwidth_limit_tok_s": limit}
     if args.json:

@@ -67,6 +67,7 @@ def test_every_flag_is_an_llm_keyword() -> None:
         (
             ["bench", "offline", "M", "--lm-head-dtype", "int8", "--activation-dtype", "int8"],
             {
+                "device": "cpu",
                 "dtype": "auto",
                 "kernel": None,
                 "lm_head_dtype": "int8",
