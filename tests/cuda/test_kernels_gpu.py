@@ -10,13 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.base import precheck
 from anyquant.quant.kernels.cuda import (
     CudaDequantKernel,
     CudaFp8ScaledMMKernel,
     CudaInt4TinygemmKernel,
     CudaW8A8Int8Kernel,
 )
+from anyquant.quant.kernels.cuda.base import CudaKernel
+from anyquant.quant.kernels.cuda.self_check import self_check
 from anyquant.quant.reference import reference_linear
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, QuantSpec
@@ -34,10 +36,17 @@ def _props():  # type: ignore[no-untyped-def]
     return cuda_properties(CUDA)
 
 
-def _check(cls: type[LinearKernel], spec: QuantSpec, dtype: torch.dtype, budget: float | None = None) -> None:
-    reason = cls.cannot_run(spec, "linear", CUDA, (256, 512), dtype)
+def _check(cls: type[CudaKernel], spec: QuantSpec, dtype: torch.dtype, budget: float | None = None) -> None:
+    if CUDA.type != "cuda":
+        pytest.skip("the CUDA ops themselves (their CPU math: tests/kernels/test_cuda_kernels.py)")
+    # Skipped only where the table rules the kernel out by capability or dtype; its self-check on
+    # this GPU must pass (a failing one would make the table fall back silently in real use).
+    reason = precheck(cls, spec, "linear", CUDA, (256, 512), dtype) or cls.rejects_on(
+        spec, (256, 512), dtype, _props()
+    )
     if reason is not None:
-        pytest.skip(f"{cls.name} cannot run here: {reason}")
+        pytest.skip(f"{cls.name} is not for this GPU / dtype: {reason}")
+    assert self_check(cls, spec, dtype, CUDA) is None
     for t, n, k in SHAPES:
         weight = random_weight(spec, n, k, seed=n + k)
         kernel = cls((n, k), dtype)

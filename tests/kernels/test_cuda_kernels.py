@@ -17,6 +17,7 @@ from anyquant.quant.kernels.cuda import (
     CudaW8A8Int8Kernel,
 )
 from anyquant.quant.kernels.cuda.int4_tinygemm import tinygemm_operands
+from anyquant.quant.kernels.cuda.self_check import self_check
 from anyquant.quant.reference import dequantize, expand_to_columns, reference_linear
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, QuantSpec
@@ -230,3 +231,52 @@ def test_tinygemm_operands_decode_to_the_reference(spec: QuantSpec) -> None:
         assert bool(((got - want).abs() <= 2**-8 * 8 * scale.abs() + 1e-12).all())
     # Padded rows decode to exact zeros (scale 0); padded columns meet zero inputs.
     assert bool((_tinygemm_dequant(ops.codes_u8, ops.scales_and_zeros, ops.op_group)[n:] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("kernel", "spec", "dtype"),
+    [
+        (CudaDequantKernel, W4_SYM_ACTORDER, torch.float32),
+        (CudaDequantKernel, FP8_BLOCK, torch.bfloat16),
+        (
+            CudaW8A8Int8Kernel,
+            QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor", symmetric=False)),
+            torch.float16,
+        ),
+        (CudaFp8ScaledMMKernel, FP8_TENSOR, torch.float32),
+        (CudaFp8ScaledMMKernel, FP8_DYN, torch.bfloat16),
+    ],
+)
+def test_self_check_passes_correct_kernels(
+    kernel: type[LinearKernel], spec: QuantSpec, dtype: torch.dtype
+) -> None:
+    # On CPU tensors (the ops' CPU implementations): the check's own plumbing, for every spec form.
+    assert self_check(kernel, spec, dtype, torch.device("cpu")) is None
+
+
+class _WrongLayout(CudaDequantKernel):
+    """A kernel whose packing went wrong (as a changed torch op layout would): columns swapped."""
+
+    name = "test_wrong_layout"
+
+    def dense(self) -> torch.Tensor:
+        return super().dense().flip(1)
+
+
+class _Crashing(CudaDequantKernel):
+    name = "test_crashing"
+
+    def load(self, weight):  # type: ignore[no-untyped-def]
+        raise RuntimeError("expected mat2 to be column-major\nmore lines")
+
+
+def test_self_check_refuses_wrong_or_failing_kernels() -> None:
+    cpu = torch.device("cpu")
+    reason = self_check(_WrongLayout, W4, torch.float32, cpu)
+    assert (
+        reason is not None
+        and reason.startswith("failed its self-check on this device")
+        and "relative error" in reason
+    )
+    reason = self_check(_Crashing, W4, torch.float32, cpu)
+    assert reason is not None and reason.endswith("RuntimeError: expected mat2 to be column-major")

@@ -11,7 +11,9 @@ layer (highest priority first, each rejection a sentence for `inspect`):
 | cuda_dequant | every integer and fp8 spec but GGUF offsets | any (reference quantization) | any | 7.0 |
 
 cuda_dequant is the fallback of older cards and fp16 (a T4): it keeps the codes packed and
-dequantizes per call. The reference kernel still answers everything, on any device.
+dequantizes per call. On a real GPU each kernel must also pass a self-check on a small layer of
+the same spec (self_check.py) before the table picks it. The reference kernel still answers
+everything, on any device.
 """
 
 from anyquant.quant.kernels.cuda.dequant import CudaDequantKernel

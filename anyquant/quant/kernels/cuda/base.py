@@ -3,8 +3,9 @@
 `cannot_run` is the shared pre-check (device, role, dtype: kernels/base.py) followed by the
 device's compute capability (`min_capability`, from `utils/devices.cuda_properties`, which a
 simulated device answers on machines without a GPU) and the kernel's own `rejects_on`, which
-also sees the device's properties (fp8 row-wise scales need sm90, say). Every reason is a
-sentence, because `anyquant inspect` prints it.
+also sees the device's properties (fp8 row-wise scales need sm90, say), then, on a real GPU, the
+kernel's self-check for the layer's spec (self_check.py: torch's private ops may change). Every
+reason is a sentence, because `anyquant inspect` prints it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ class CudaKernel(LinearKernel):
         unavailable = cuda_unavailable_reason(device)
         if unavailable is not None:
             return unavailable
-        return cls.rejects_on(spec, shape, compute_dtype, cuda_properties(device))
+        props = cuda_properties(device)
+        reason = cls.rejects_on(spec, shape, compute_dtype, props)
+        if reason is None and not props.simulated:
+            from anyquant.quant.kernels.cuda.self_check import self_check
+
+            reason = self_check(cls, spec, compute_dtype, device)
+        return reason
 
     @classmethod
     def rejects_on(
