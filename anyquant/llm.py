@@ -33,7 +33,7 @@ from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
 from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
-from anyquant.loading.dtype_policy import needs_fp16_guard
+from anyquant.loading.dtype_policy import needs_fp16_guard, overflow_advice
 from anyquant.loading.loader import LoadedModel, load_model, trained_dtype
 from anyquant.models.base import InputEmbeds
 from anyquant.models.multimodal import ImageEncoder, ImageInputError, ImageProcessor, MultimodalModel
@@ -268,7 +268,7 @@ class LLM:
             where = "; run with debug_numerics=True (--debug-numerics) to name the first overflowing layer"
         return NumericsError(
             f"non-finite logits for a sequence of {len(ids)} tokens with compute dtype {dtype}{where}. "
-            f"The activations overflowed {dtype}; use dtype='float32' or 'bfloat16'"
+            f"The activations overflowed {dtype}; use dtype {overflow_advice(self.device)}"
         )
 
     def perplexity(self, text_or_ids: str | list[int]) -> float:

@@ -31,6 +31,7 @@ from anyquant.engine.sampling import SamplingParams, apply_logit_processing, sam
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.engine.scoring import prompt_logits
 from anyquant.errors import EngineDeadError
+from anyquant.loading.dtype_policy import overflow_advice
 from anyquant.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ class Engine:
                     rid,
                     RequestStatus.FINISHED_ERROR,
                     f"non-finite logits with compute dtype {dtype}: the activations overflowed "
-                    f"{dtype}; use dtype float32 or bfloat16",
+                    f"{dtype}; use dtype {overflow_advice(self.runner.device)}",
                 )
                 continue
             params = state.request.sampling_params

@@ -69,3 +69,10 @@ def dtype_risks(compute_dtype: torch.dtype, trained: torch.dtype, device: torch.
             "float32 avoids the risk"
         )
     return risks
+
+
+def overflow_advice(device: torch.device) -> str:
+    """The dtypes to suggest after an overflow: bfloat16 only where the device has it."""
+    if device.type == "cuda" and not cuda_properties(device).has_bf16:
+        return "float32"
+    return "float32 or bfloat16"

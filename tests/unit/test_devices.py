@@ -165,3 +165,13 @@ def test_host_loaded_kernels_move_to_the_device_at_install() -> None:
     assert {p.device.type for p in layer.parameters()} == {"meta"}
     assert layer.kernel.weight.dtype == torch.bfloat16 and layer.bias is not None
     assert layer.bias.dtype == torch.bfloat16
+
+
+def test_overflow_advice_offers_bf16_only_where_it_runs() -> None:
+    from anyquant.loading.dtype_policy import overflow_advice
+
+    assert overflow_advice(torch.device("cpu")) == "float32 or bfloat16"
+    with simulated_cuda((7, 5)):
+        assert overflow_advice(torch.device("cuda")) == "float32"
+    with simulated_cuda((8, 6)):
+        assert overflow_advice(torch.device("cuda")) == "float32 or bfloat16"
