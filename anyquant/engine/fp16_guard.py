@@ -162,8 +162,14 @@ def guard_fp16(
     with the first module that still overflows. `static_act_prefixes`: layers with static
     activation scales, never guarded (scaling their input would change their quantization)."""
     guards: list[tuple[QuantLinear, GatedMLP | None, RangeGuardKernel]] = []
-    for layer, mlp in guarded_layers(model):
-        if layer.prefix in static_act_prefixes or layer.kernel is None:
+    candidates = guarded_layers(model)
+    # An MLP is guarded whole or not at all: a guarded gate/up returns fp32, which only a guarded
+    # down projection takes.
+    static_mlps = {
+        id(mlp) for layer, mlp in candidates if mlp is not None and layer.prefix in static_act_prefixes
+    }
+    for layer, mlp in candidates:
+        if layer.prefix in static_act_prefixes or id(mlp) in static_mlps or layer.kernel is None:
             continue
         guard = RangeGuardKernel(layer.kernel)
         guard.calibrating = True

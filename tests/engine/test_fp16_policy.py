@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyquant import LLM
-from anyquant.engine.fp16_guard import RangeGuardKernel, needed_shift
+from anyquant.engine.fp16_guard import RangeGuardKernel, guard_fp16, needed_shift
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.errors import NumericsError
@@ -138,3 +138,18 @@ def test_needed_shift_leaves_headroom() -> None:
     assert needed_shift(5000.0) == 1
     assert needed_shift(1e6) == 8  # 1e6 / 2^8 = 3906 <= 65504 / 16
     assert needed_shift(float("inf")) == 40
+
+
+def test_an_mlp_with_static_activation_scales_is_not_guarded(mlp_overflow: Path) -> None:
+    # Scaling a layer's input would change its quantization against a fixed scale: such an MLP is
+    # left alone (whole: a guarded gate/up would hand its down projection fp32), so its overflow
+    # is named instead of fixed.
+    loaded = load_model(mlp_overflow, dtype="float16")
+    static = frozenset({"model.layers.0.mlp.down_proj"})
+    with pytest.raises(NumericsError, match=r"model\.layers\.0\.mlp\.down_proj overflowed float16"):
+        guard_fp16(loaded.model, IDS, loaded.device, static)
+    assert not any(
+        isinstance(m, RangeGuardKernel)
+        for n, m in loaded.model.named_modules()
+        if n.startswith("model.layers.0.mlp")
+    )
