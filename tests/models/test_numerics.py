@@ -1,4 +1,11 @@
-"""A model that overflows fp16 must fail loudly, naming the dtype (and the layer in debug mode)."""
+"""A model that overflows fp16 must fail loudly, naming the dtype (and the layer in debug mode).
+
+The fp16 policy's warm-up (engine/fp16_guard.py, tests/engine/test_fp16_policy.py) rescales what it
+can and fails the load on what it cannot, for what its calibration prompt reaches. Here the
+overflow is one the warm-up cannot see: token 10 alone overflows layer 0's values (its embedding
+is one-hot, so after the norm its channel 0 is sqrt(64) = 8 where other tokens' are ~1, and
+v_proj's column 0 is x12000), so only a prompt holding it fails, at run time.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +21,22 @@ from anyquant import LLM, SamplingParams
 from anyquant.errors import NumericsError
 from anyquant.utils.tiny_model import write_tiny_model
 
+TRIGGER = 10
+
 
 @pytest.fixture(scope="module")
 def overflowing(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bf16-'trained' tiny Llama whose layer-1 MLP products exceed fp16's 65504 (fine in bf16/fp32)."""
+    """A bf16-'trained' tiny Llama whose layer-0 values exceed fp16's 65504 for one token only
+    (fine in bf16/fp32)."""
     path = write_tiny_model(tmp_path_factory.mktemp("overflow"), "llama", seed=5, torch_dtype="bfloat16")
     tensors = load_file(str(path / "model.safetensors"))
-    for name in ("gate_proj", "up_proj"):
-        key = f"model.layers.1.mlp.{name}.weight"
-        tensors[key] = (tensors[key].float() * 400).to(torch.bfloat16)
+    embed = tensors["model.embed_tokens.weight"].float()
+    embed[TRIGGER] = 0.0
+    embed[TRIGGER, 0] = 1.0
+    tensors["model.embed_tokens.weight"] = embed.to(torch.bfloat16)
+    v = tensors["model.layers.0.self_attn.v_proj.weight"].float()
+    v[:, 0] *= 12000 / v[:, 0].abs().max()  # the largest weight of column 0 becomes 12000
+    tensors["model.layers.0.self_attn.v_proj.weight"] = v.to(torch.bfloat16)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
@@ -33,6 +47,8 @@ IDS = [256, 10, 20, 30, 40, 50]
 def test_float32_and_bfloat16_are_finite(overflowing: Path) -> None:
     for dtype in ("float32", "bfloat16"):
         assert torch.isfinite(LLM(overflowing, dtype=dtype).logits(IDS)).all()
+    # float16 too, without the trigger token (and it passed the warm-up to get here).
+    assert torch.isfinite(LLM(overflowing, dtype="float16").logits([t for t in IDS if t != TRIGGER])).all()
 
 
 def test_float16_overflow_fails_naming_the_dtype(overflowing: Path) -> None:
@@ -47,7 +63,7 @@ def test_float16_overflow_fails_naming_the_dtype(overflowing: Path) -> None:
 def test_debug_mode_names_the_first_overflowing_layer(overflowing: Path) -> None:
     llm = LLM(overflowing, dtype="float16", debug_numerics=True)
     with pytest.raises(
-        NumericsError, match=r"first non-finite output: model\.layers\.1\.mlp\.(down_proj|up_proj|gate_proj)"
+        NumericsError, match=r"first non-finite output: model\.layers\.0\.self_attn\.qkv_proj"
     ):
         llm.logits(IDS)
 
