@@ -158,7 +158,7 @@ def describe_checkpoint(
                 "activations_at_load": first.act_as.describe() if first.act_as else None,
             }
         )
-    risks = dtype_risks(compute_dtype, trained_dtype(config), dev)
+    risks = dtype_risks(compute_dtype, trained_dtype(config), dev, tp)
     if tp_plan is not None:
         risks += tp_plan.risks
     length = max_model_len or int(config.get("max_position_embeddings", 2048))

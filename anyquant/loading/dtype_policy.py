@@ -54,19 +54,30 @@ def needs_fp16_guard(compute_dtype: torch.dtype, trained: torch.dtype) -> bool:
     return compute_dtype == torch.float16 and trained != torch.float16
 
 
-def dtype_risks(compute_dtype: torch.dtype, trained: torch.dtype, device: torch.device) -> list[str]:
+def dtype_risks(
+    compute_dtype: torch.dtype, trained: torch.dtype, device: torch.device, tensor_parallel: int = 1
+) -> list[str]:
     """What `inspect` warns about before loading, for this compute dtype on this device."""
     risks: list[str] = []
     if needs_fp16_guard(compute_dtype, trained):
-        why = ""
+        what = f"{str(trained).removeprefix('torch.')}-trained model"
         if device.type == "cuda" and not cuda_properties(device).has_bf16:
-            why = f" on {cuda_properties(device).describe()}, which has no bf16,"
+            what += f" runs in float16 on {cuda_properties(device).describe()}, which has no bf16,"
+        else:
+            what += " asked to run in float16"
+        if tensor_parallel == 1:
+            guard = (
+                "the residual projections (o_proj, down_proj) and the MLP are range-guarded; warm-up names the "
+                "first layer that still overflows (--debug-numerics shows every guarded layer's headroom)"
+            )
+        else:
+            guard = (
+                "under tensor parallelism only the per-step check runs: non-finite logits fail the request "
+                "(--debug-numerics names the first overflowing layer)"
+            )
         risks.append(
-            f"{str(trained).removeprefix('torch.')}-trained model runs in float16{why}: activations beyond "
-            f"{FP16_MAX:.0f} overflow. The residual stream, norms and accumulation stay fp32 and the "
-            "residual projections (o_proj, down_proj) are range-guarded; warm-up names the first layer "
-            "that still overflows (--debug-numerics shows every guarded layer's headroom); "
-            "float32 avoids the risk"
+            f"{what}: activations beyond {FP16_MAX:.0f} overflow. The residual stream, norms and accumulation "
+            f"stay fp32; {guard}; float32 avoids the risk"
         )
     return risks
 

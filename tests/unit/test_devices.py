@@ -91,8 +91,13 @@ def test_auto_dtype_on_a_gpu_without_bf16_is_float16() -> None:
 def test_float16_risk_names_the_gpu() -> None:
     with simulated_cuda((7, 5), "Tesla T4"):
         (risk,) = dtype_risks(torch.float16, torch.bfloat16, torch.device("cuda"))
-    assert "float16 on Tesla T4 (compute capability 7.5, simulated), which has no bf16," in risk
+    assert risk.startswith(
+        "bfloat16-trained model runs in float16 on Tesla T4 (compute capability 7.5, simulated)"
+    )
     assert "warm-up names the first layer" in risk
+    (risk,) = dtype_risks(torch.float16, torch.bfloat16, torch.device("cpu"), tensor_parallel=2)
+    assert risk.startswith("bfloat16-trained model asked to run in float16")
+    assert "only the per-step check runs" in risk and "warm-up" not in risk
     assert dtype_risks(torch.float16, torch.float16, torch.device("cpu")) == []
     assert dtype_risks(torch.bfloat16, torch.bfloat16, torch.device("cpu")) == []
 
