@@ -159,6 +159,8 @@ def bench_model(path: Path, prompt_len: int, decode_len: int, device: torch.devi
     from anyquant import LLM, SamplingParams
     from anyquant.engine.kv_cache import SequenceCache
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     llm = LLM(
         str(path),
@@ -187,6 +189,13 @@ def bench_model(path: Path, prompt_len: int, decode_len: int, device: torch.devi
         prefill()
     sync(device)
     prefill_tok_s = 3 * prompt_len / (time.perf_counter() - t1)
+    # The model alone at batch 1 (no scheduler, no sampler): greedy steps through a private cache.
+    seq = SequenceCache(llm.model, prompt_len + decode_len + 1, llm.dtype, llm.device)
+    token = int(seq.forward(prompt, 0, last)[-1].argmax())
+    t2 = time.perf_counter()
+    for i in range(decode_len):
+        token = int(seq.forward([token], prompt_len + i)[-1].argmax())  # int(): one sync per step
+    model_only_tok_s = decode_len / (time.perf_counter() - t2)
     decode: dict[int, float] = {}
     for batch in BATCHES:
         prompts = [
@@ -204,8 +213,16 @@ def bench_model(path: Path, prompt_len: int, decode_len: int, device: torch.devi
         run(4)  # warm-up at this batch size
         first, full = run(1), run(1 + decode_len)
         decode[batch] = batch * decode_len / max(full - first, 1e-9)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     llm.close()
-    return {"load_s": load_s, "kernels": kernels, "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode}
+    return {
+        "load_s": load_s,
+        "kernels": kernels,
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode,
+        "model_only_b1_tok_s": model_only_tok_s,
+        "peak_gpu_mib": peak / 2**20,
+    }
 
 
 def bench_layers(device: torch.device) -> list[dict[str, Any]]:
@@ -272,14 +289,15 @@ def main() -> int:
     )
     print(
         f"| model | kernels | prefill tok/s (1 x {args.prompt_len}) | decode tok/s b1 | b8 | b32 | "
-        "b1 limit tok/s | MiB read/token |"
+        "model alone b1 | b1 limit tok/s | MiB read/token | peak GPU MiB |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         d = r["decode_tok_s"]
         print(
             f"| {name} | {', '.join(r['kernels'])} | {r['prefill_tok_s']:.0f} | {d[1]:.1f} | {d[8]:.1f} | "
-            f"{d[32]:.1f} | {r['batch1_limit_tok_s']:.0f} | {r['decode_bytes'] / 2**20:.0f} |"
+            f"{d[32]:.1f} | {r['model_only_b1_tok_s']:.1f} | {r['batch1_limit_tok_s']:.0f} | "
+            f"{r['decode_bytes'] / 2**20:.0f} | {r['peak_gpu_mib']:.0f} |"
         )
     print("\n| layer | rows | int4 tinygemm us | bf16 dense us | int4 / dense |")
     print("|---|---:|---:|---:|---:|")
