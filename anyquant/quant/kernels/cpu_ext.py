@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_vnni.cpp")
+_SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_vnni.cpp", "cpu_attention.cpp")
 _HEADERS = ("gemv.h",)  # not compiled on their own, but part of what a build is keyed on
 # No -march flags: the AVX-512 functions carry target attributes, so the library loads on any x86-64
 # CPU and the kernels refuse (with a reason) on CPUs without the instructions.
