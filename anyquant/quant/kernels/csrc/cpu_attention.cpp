@@ -188,6 +188,12 @@ struct Slots {
   }
 };
 
+// prefetcht1 (into L2) as an asm statement: GCC dropped the _mm_prefetch intrinsic from the
+// inlined loop below (none were left in the object code). Into L2 rather than L1: measured ~25 %
+// faster over a 24-layer cache that does not fit in the caches (a burst of 128 L1 prefetches per
+// block competes with the block's own loads).
+inline void prefetch_line(const char* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
+
 // Ask for the rows of the block starting at key j (if any) while this one is computed: pages are
 // scattered, so the hardware prefetcher loses the stream at every page boundary.
 template <typename T>
@@ -201,8 +207,8 @@ AQ_ATTN_TARGET inline void prefetch_block(const Problem& p, const int64_t* table
     const int64_t slot = slots.next();
     const char* k = reinterpret_cast<const char*>(kbase + slot * p.k_slot);
     const char* v = reinterpret_cast<const char*>(vbase + slot * p.v_slot);
-    for (int64_t o = 0; o < kbytes; o += 64) _mm_prefetch(k + o, _MM_HINT_T0);
-    for (int64_t o = 0; o < vbytes; o += 64) _mm_prefetch(v + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < kbytes; o += 64) prefetch_line(k + o);
+    for (int64_t o = 0; o < vbytes; o += 64) prefetch_line(v + o);
   }
 }
 
