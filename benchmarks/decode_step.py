@@ -39,6 +39,11 @@ HEAVY_OPS = (
     "aten::_int_mm",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_attention_math",
+    "anyquant_cpu::gemv",
+    "anyquant_cpu::tiled_mm",
+    "anyquant_cpu::vnni_linear",
+    "anyquant_cpu::moe_experts",
+    "anyquant_cpu::paged_decode_attention",
 )
 
 
@@ -114,10 +119,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "torch"])
-    parser.add_argument("--rounds", type=int, default=1, help="rounds alternating the --attention modes")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds over every context, batch and --attention mode"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    budget = args.rounds * len(args.attention) * args.steps + args.profile_steps + 4
+    budget = len(args.attention) * args.steps + args.profile_steps + 4
     llm = LLM(
         str(args.model),
         dtype="bfloat16",
@@ -125,35 +132,41 @@ def main() -> None:
         max_num_seqs=max(args.batches),
     )
     vocab = int(llm.loaded.config["vocab_size"])
-    rows = []
-    for context in args.contexts:
-        for batch in args.batches:
-            _ready(llm, batch, context, vocab, max_tokens=budget)
-            walls: dict[str, list[float]] = {mode: [] for mode in args.attention}
-            cpus: dict[str, list[float]] = {mode: [] for mode in args.attention}
-            for _ in range(args.rounds):  # interleaved: the machine's load hits every mode alike
+    cases = [(c, b, m) for c in args.contexts for b in args.batches for m in args.attention]
+    walls: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
+    cpus: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
+    profiles: dict[tuple[int, int], dict[str, float]] = {}
+    # Rounds over every (context, batch, attention): the ratios compare steps timed minutes, not
+    # tens of minutes, apart on a machine whose load changes.
+    for round_ in range(args.rounds):
+        for context in args.contexts:
+            for batch in args.batches:
+                _ready(llm, batch, context, vocab, max_tokens=budget)
                 for mode in args.attention:
                     set_decode_kernel(mode)
                     wall_s, cpu_s = time_steps(llm, args.steps)
-                    walls[mode].append(wall_s)
-                    cpus[mode].append(cpu_s)
-            set_decode_kernel(args.attention[0])
-            prof = profile_steps(llm, args.profile_steps)
-            _drain(llm)
-            for mode in args.attention:
-                wall_s, cpu_s = sorted(walls[mode])[args.rounds // 2], sorted(cpus[mode])[args.rounds // 2]
-                row = {
-                    "context": context,
-                    "batch": batch,
-                    "attention": mode,
-                    "step_ms": wall_s * 1e3,
-                    "cpu_step_ms": cpu_s * 1e3,
-                    "tok_s_cpu": batch / cpu_s,
-                    "cpu_step_ms_rounds": [c * 1e3 for c in cpus[mode]],
-                    **(prof if mode == args.attention[0] else {}),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                    walls[(context, batch, mode)].append(wall_s)
+                    cpus[(context, batch, mode)].append(cpu_s)
+                if round_ == 0:
+                    set_decode_kernel(args.attention[0])
+                    profiles[(context, batch)] = profile_steps(llm, args.profile_steps)
+                _drain(llm)
+    rows = []
+    for context, batch, mode in cases:
+        wall_s = sorted(walls[(context, batch, mode)])[args.rounds // 2]
+        cpu_s = sorted(cpus[(context, batch, mode)])[args.rounds // 2]
+        row = {
+            "context": context,
+            "batch": batch,
+            "attention": mode,
+            "step_ms": wall_s * 1e3,
+            "cpu_step_ms": cpu_s * 1e3,
+            "tok_s_cpu": batch / cpu_s,
+            "cpu_step_ms_rounds": [c * 1e3 for c in cpus[(context, batch, mode)]],
+            **(profiles[(context, batch)] if mode == args.attention[0] else {}),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     set_decode_kernel("auto")
     print(
         "\n| context | batch | attention | step ms (CPU) | tok/s (CPU) | step ms (wall) | overhead share "
