@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,6 +75,19 @@ def _cpu_reason() -> str | None:
     from anyquant.quant.kernels import cpu_ext
 
     return cpu_ext.unavailable_reason()
+
+
+def describe_decode_attention(
+    device: torch.device, dtype: torch.dtype, k_dim: int, v_dim: int
+) -> dict[str, Any]:
+    """For `inspect`: what a decode step's attention runs on a cache of `dtype` with these widths
+    (the cache takes the compute dtype), and why not the C++ kernel."""
+    if _Setting.mode == "torch":
+        reason: str | None = f"{KERNEL_ENV}=torch"
+    else:
+        reason = _reason(device.type, dtype, dtype, dtype, k_dim, v_dim)
+    kernel = "torch" if reason is not None else "cpu_avx512 (anyquant_cpu::paged_decode_attention)"
+    return {"kernel": kernel, "reason": reason}
 
 
 def paged_decode(

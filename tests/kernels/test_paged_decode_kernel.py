@@ -160,3 +160,14 @@ def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, wi
     want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
     assert calls == [1]  # the torch path did not call the kernel
     assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_inspect_names_the_decode_attention(monkeypatch):
+    _ops()
+    cpu = torch.device("cpu")
+    chosen = decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 576, 512)  # MLA latent cache
+    assert chosen == {"kernel": "cpu_avx512 (anyquant_cpu::paged_decode_attention)", "reason": None}
+    fallback = decode_kernel.describe_decode_attention(cpu, torch.float16, 64, 64)
+    assert fallback["kernel"] == "torch" and "float16" in fallback["reason"]
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    assert decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 64, 64)["kernel"] == "torch"
