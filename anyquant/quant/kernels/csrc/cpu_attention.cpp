@@ -269,7 +269,8 @@ AQ_ATTN_TARGET void attend_item(const Problem& p, int64_t item, std::vector<floa
       const float block_max =
           _mm512_mask_reduce_max_ps(valid, scores);  // finite: every block has at least one key
       const float m_new = std::max(m_old, block_max);
-      const float a = std::exp(m_old - m_new);  // 0 for the first block (m_old = -inf)
+      // 0 for the first block (m_old = -inf); 1 (no exp) while the running max holds
+      const float a = m_new == m_old ? 1.f : std::exp(m_old - m_new);
       const __m512 e = _mm512_maskz_mov_ps(valid, exp_neg(_mm512_sub_ps(scores, _mm512_set1_ps(m_new))));
       _mm512_storeu_ps(probs + g * kBlock, e);
       ml[2 * g] = m_new;
@@ -456,7 +457,8 @@ AQ_ATTN_BF16 void attend_item_bf16(const Problem& p, int64_t item, std::vector<f
       const __m512 both = _mm512_max_ps(_mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid0, s0),
                                         _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid1, s1));
       const float m_new = std::max(m_old, _mm512_reduce_max_ps(both));
-      const float a = std::exp(m_old - m_new);  // 0 for the first block (m_old = -inf)
+      // 0 for the first block (m_old = -inf); 1 (no exp) while the running max holds
+      const float a = m_new == m_old ? 1.f : std::exp(m_old - m_new);
       const __m512 m = _mm512_set1_ps(m_new);
       const __m512 e0 = _mm512_maskz_mov_ps(valid0, exp_neg(_mm512_sub_ps(s0, m)));
       const __m512 e1 = _mm512_maskz_mov_ps(valid1, exp_neg(_mm512_sub_ps(s1, m)));
