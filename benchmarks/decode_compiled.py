@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "torch"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    budget = 2 * len(args.attention) * args.rounds * args.steps + args.profile_steps + 8
+    budget = 2 * len(args.attention) * (args.steps + 1) + len(args.attention) * args.profile_steps + 8
     t0, cpu0 = time.perf_counter(), os.times()
     llm = LLM(
         args.model,
@@ -74,43 +74,53 @@ def main() -> None:
         flush=True,
     )
     vocab = int(llm.loaded.config["vocab_size"])
-    rows = []
-    for context in args.contexts:
-        for batch in args.batches:
+    modes = [(m, a) for a in args.attention for m in ("eager", "compiled")]
+    cases = [(c, b) for c in args.contexts for b in args.batches]
+    times: dict[tuple[int, int, str, str], list[float]] = {
+        (*case, *mode): [] for case in cases for mode in modes
+    }
+    profiles: dict[tuple[int, int, str], dict[str, float]] = {}
+    # Rounds over every context and batch (requests admitted again each round, no prefill), so
+    # the 4096-vs-128 ratios compare steps timed minutes apart on a machine whose load changes.
+    for round_ in range(args.rounds):
+        for context, batch in cases:
             _ready(llm, batch, context, vocab, max_tokens=budget)
-            modes = [(m, a) for a in args.attention for m in ("eager", "compiled")]
-            times: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
-            for mode, attention in modes:  # one untimed step each
-                set_decode_kernel(attention)
-                runner.captured = captured if mode == "compiled" else None
-                llm.engine.step()
-            gc.collect()
-            for _ in range(args.rounds):
-                for mode, attention in modes:
+            if round_ == 0:
+                for mode, attention in modes:  # one untimed step each
                     set_decode_kernel(attention)
                     runner.captured = captured if mode == "compiled" else None
-                    times[(mode, attention)] += _steps_cpu_ms(llm, args.steps)
-            for attention in args.attention:
+                    llm.engine.step()
+            gc.collect()
+            for mode, attention in modes:
                 set_decode_kernel(attention)
-                runner.captured = None
-                prof = _breakdown(llm, args.profile_steps)
-                kernels = prof["lm_head_ms"] + prof["linear_ms"] + prof["attention_ms"]
-                row: dict[str, float | str] = {
-                    "context": context,
-                    "batch": batch,
-                    "attention": attention,
-                    **prof,
-                    "kernels_ms": kernels,
-                }
-                for mode in ("eager", "compiled"):
-                    step = statistics.median(times[(mode, attention)])
-                    row[f"{mode}_ms"] = step
-                    row[f"{mode}_other_ms"] = max(step - kernels, 0.0)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                runner.captured = captured if mode == "compiled" else None
+                times[(context, batch, mode, attention)] += _steps_cpu_ms(llm, args.steps)
+            if round_ == 0:
+                for attention in args.attention:
+                    set_decode_kernel(attention)
+                    runner.captured = None
+                    profiles[(context, batch, attention)] = _breakdown(llm, args.profile_steps)
             set_decode_kernel("auto")
             runner.captured = captured
             _drain(llm)
+    rows = []
+    for context, batch in cases:
+        for attention in args.attention:
+            prof = profiles[(context, batch, attention)]
+            kernels = prof["lm_head_ms"] + prof["linear_ms"] + prof["attention_ms"]
+            row: dict[str, float | str] = {
+                "context": context,
+                "batch": batch,
+                "attention": attention,
+                **prof,
+                "kernels_ms": kernels,
+            }
+            for mode in ("eager", "compiled"):
+                step = statistics.median(times[(context, batch, mode, attention)])
+                row[f"{mode}_ms"] = step
+                row[f"{mode}_other_ms"] = max(step - kernels, 0.0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print(
         "\n| context | batch | attention | eager ms | compiled ms | speed-up | eager tok/s | compiled tok/s "
         "| kernels ms (LM head / linear / attention) | other ms eager (share) | other ms compiled (share) |"
@@ -125,6 +135,17 @@ def main() -> None:
             f"{r['eager_other_ms']:.1f} ({r['eager_other_ms'] / e:.0%}) | "
             f"{r['compiled_other_ms']:.1f} ({r['compiled_other_ms'] / c:.0%}) |"
         )
+    lo, hi = min(args.contexts), max(args.contexts)
+    if lo != hi:
+        by = {(r["context"], r["batch"], r["attention"]): r for r in rows}
+        print(f"\n| batch | attention | tok/s at {hi} / at {lo}, eager | compiled |")
+        print("|---:|---|---:|---:|")
+        for batch in args.batches:
+            for attention in args.attention:
+                a, b = by[(hi, batch, attention)], by[(lo, batch, attention)]
+                eager = float(b["eager_ms"]) / float(a["eager_ms"])
+                compiled = float(b["compiled_ms"]) / float(a["compiled_ms"])
+                print(f"| {batch} | {attention} | {eager:.0%} | {compiled:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
