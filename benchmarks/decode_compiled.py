@@ -9,7 +9,10 @@ paged attention) are the same calls in both modes; their time is measured in the
 (`decode_profile._breakdown`), and each mode's "other" (Python, dispatch, small ops: what
 compiling can remove) is its step time minus those kernels.
 
-    python benchmarks/decode_compiled.py [--batches 1 32] [--contexts 128] [--rounds 5]
+`--attention auto torch` also alternates the decode attention's implementations (the C++ kernel
+and the pure-torch path, layers/decode_kernel.py) inside each round; the rows then name both.
+
+    python benchmarks/decode_compiled.py [--batches 1 32] [--contexts 128] [--rounds 5] [--attention auto torch]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from decode_profile import _breakdown, _steps_cpu_ms  # type: ignore[import-not-
 from decode_step import _drain, _ready  # type: ignore[import-not-found]
 
 from anyquant import LLM
+from anyquant.layers.decode_kernel import set_decode_kernel
 
 
 def main() -> None:
@@ -38,9 +42,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode per round")
     parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "torch"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    budget = 2 * args.rounds * args.steps + args.profile_steps + 8
+    budget = 2 * len(args.attention) * (args.steps + 1) + len(args.attention) * args.profile_steps + 8
     t0, cpu0 = time.perf_counter(), os.times()
     llm = LLM(
         args.model,
@@ -69,45 +74,78 @@ def main() -> None:
         flush=True,
     )
     vocab = int(llm.loaded.config["vocab_size"])
-    rows = []
-    for context in args.contexts:
-        for batch in args.batches:
+    modes = [(m, a) for a in args.attention for m in ("eager", "compiled")]
+    cases = [(c, b) for c in args.contexts for b in args.batches]
+    times: dict[tuple[int, int, str, str], list[float]] = {
+        (*case, *mode): [] for case in cases for mode in modes
+    }
+    profiles: dict[tuple[int, int, str], dict[str, float]] = {}
+    # Rounds over every context and batch (requests admitted again each round, no prefill), so
+    # the 4096-vs-128 ratios compare steps timed minutes apart on a machine whose load changes.
+    for round_ in range(args.rounds):
+        for context, batch in cases:
             _ready(llm, batch, context, vocab, max_tokens=budget)
-            times: dict[str, list[float]] = {"eager": [], "compiled": []}
-            for mode in times:  # one untimed step each
-                runner.captured = captured if mode == "compiled" else None
-                llm.engine.step()
-            gc.collect()
-            for _ in range(args.rounds):
-                for mode in times:
+            if round_ == 0:
+                for mode, attention in modes:  # one untimed step each
+                    set_decode_kernel(attention)
                     runner.captured = captured if mode == "compiled" else None
-                    times[mode] += _steps_cpu_ms(llm, args.steps)
-            runner.captured = None
-            prof = _breakdown(llm, args.profile_steps)
+                    llm.engine.step()
+            gc.collect()
+            for mode, attention in modes:
+                set_decode_kernel(attention)
+                runner.captured = captured if mode == "compiled" else None
+                times[(context, batch, mode, attention)] += _steps_cpu_ms(llm, args.steps)
+            if round_ == 0:
+                for attention in args.attention:
+                    set_decode_kernel(attention)
+                    runner.captured = None
+                    profiles[(context, batch, attention)] = _breakdown(llm, args.profile_steps)
+            set_decode_kernel("auto")
             runner.captured = captured
             _drain(llm)
+    rows = []
+    for context, batch in cases:
+        for attention in args.attention:
+            prof = profiles[(context, batch, attention)]
             kernels = prof["lm_head_ms"] + prof["linear_ms"] + prof["attention_ms"]
-            row: dict[str, float] = {"context": context, "batch": batch, **prof, "kernels_ms": kernels}
-            for mode, values in times.items():
-                step = statistics.median(values)
+            row: dict[str, float | str] = {
+                "context": context,
+                "batch": batch,
+                "attention": attention,
+                **prof,
+                "kernels_ms": kernels,
+            }
+            for mode in ("eager", "compiled"):
+                step = statistics.median(times[(context, batch, mode, attention)])
                 row[f"{mode}_ms"] = step
                 row[f"{mode}_other_ms"] = max(step - kernels, 0.0)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(
-        "\n| context | batch | eager ms | compiled ms | speed-up | eager tok/s | compiled tok/s "
+        "\n| context | batch | attention | eager ms | compiled ms | speed-up | eager tok/s | compiled tok/s "
         "| kernels ms (LM head / linear / attention) | other ms eager (share) | other ms compiled (share) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         e, c = r["eager_ms"], r["compiled_ms"]
         print(
-            f"| {r['context']} | {r['batch']} | {e:.1f} | {c:.1f} | {e / c:.3f}x | "
+            f"| {r['context']} | {r['batch']} | {r['attention']} | {e:.1f} | {c:.1f} | {e / c:.3f}x | "
             f"{r['batch'] / e * 1e3:.1f} | {r['batch'] / c * 1e3:.1f} | "
             f"{r['kernels_ms']:.1f} ({r['lm_head_ms']:.1f} / {r['linear_ms']:.1f} / {r['attention_ms']:.1f}) | "
             f"{r['eager_other_ms']:.1f} ({r['eager_other_ms'] / e:.0%}) | "
             f"{r['compiled_other_ms']:.1f} ({r['compiled_other_ms'] / c:.0%}) |"
         )
+    lo, hi = min(args.contexts), max(args.contexts)
+    if lo != hi:
+        by = {(r["context"], r["batch"], r["attention"]): r for r in rows}
+        print(f"\n| batch | attention | tok/s at {hi} / at {lo}, eager | compiled |")
+        print("|---:|---|---:|---:|")
+        for batch in args.batches:
+            for attention in args.attention:
+                a, b = by[(hi, batch, attention)], by[(lo, batch, attention)]
+                eager = float(b["eager_ms"]) / float(a["eager_ms"])
+                compiled = float(b["compiled_ms"]) / float(a["compiled_ms"])
+                print(f"| {batch} | {attention} | {eager:.0%} | {compiled:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -6,7 +6,12 @@ Prompts are recorded as computed without running their prefill (see `_ready`). T
 into the heavy kernels (matmuls, quantized matmuls, attention) and everything else (Python,
 dispatch, small ops): the engine's own overhead.
 
+`--attention auto torch` times the decode attention's two implementations (the C++ kernel and
+the pure-torch path, layers/decode_kernel.py) in the same process, alternating in rounds, and
+prints each one's 4096-vs-128 ratio.
+
     python benchmarks/decode_step.py [--model out/bench/dense-w4a16] [--contexts 128 4096] [--batches 1 8]
+        [--attention auto torch] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from anyquant import LLM, SamplingParams
+from anyquant.layers.decode_kernel import set_decode_kernel
 
 # Ops that do the arithmetic of a step; the rest of a step's time is the engine's overhead.
 HEAVY_OPS = (
@@ -33,6 +39,11 @@ HEAVY_OPS = (
     "aten::_int_mm",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_attention_math",
+    "anyquant_cpu::gemv",
+    "anyquant_cpu::tiled_mm",
+    "anyquant_cpu::vnni_linear",
+    "anyquant_cpu::moe_experts",
+    "anyquant_cpu::paged_decode_attention",
 )
 
 
@@ -107,43 +118,80 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--profile-steps", type=int, default=4)
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "torch"])
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds over every context, batch and --attention mode"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    budget = len(args.attention) * args.steps + args.profile_steps + 4
     llm = LLM(
         str(args.model),
         dtype="bfloat16",
-        max_model_len=max(args.contexts) + 64,
+        max_model_len=max(args.contexts) + budget + 16,
         max_num_seqs=max(args.batches),
     )
     vocab = int(llm.loaded.config["vocab_size"])
+    cases = [(c, b, m) for c in args.contexts for b in args.batches for m in args.attention]
+    walls: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
+    cpus: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
+    profiles: dict[tuple[int, int], dict[str, float]] = {}
+    # Rounds over every (context, batch, attention): the ratios compare steps timed minutes, not
+    # tens of minutes, apart on a machine whose load changes.
+    for round_ in range(args.rounds):
+        for context in args.contexts:
+            for batch in args.batches:
+                _ready(llm, batch, context, vocab, max_tokens=budget)
+                for mode in args.attention:
+                    set_decode_kernel(mode)
+                    wall_s, cpu_s = time_steps(llm, args.steps)
+                    walls[(context, batch, mode)].append(wall_s)
+                    cpus[(context, batch, mode)].append(cpu_s)
+                if round_ == 0:
+                    set_decode_kernel(args.attention[0])
+                    profiles[(context, batch)] = profile_steps(llm, args.profile_steps)
+                _drain(llm)
     rows = []
-    for context in args.contexts:
-        for batch in args.batches:
-            _ready(llm, batch, context, vocab, max_tokens=args.steps + args.profile_steps + 4)
-            wall_s, cpu_s = time_steps(llm, args.steps)
-            prof = profile_steps(llm, args.profile_steps)
-            _drain(llm)
-            row = {
-                "context": context,
-                "batch": batch,
-                "step_ms": wall_s * 1e3,
-                "cpu_step_ms": cpu_s * 1e3,
-                "tok_s_cpu": batch / cpu_s,
-                **prof,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for context, batch, mode in cases:
+        wall_s = sorted(walls[(context, batch, mode)])[args.rounds // 2]
+        cpu_s = sorted(cpus[(context, batch, mode)])[args.rounds // 2]
+        row = {
+            "context": context,
+            "batch": batch,
+            "attention": mode,
+            "step_ms": wall_s * 1e3,
+            "cpu_step_ms": cpu_s * 1e3,
+            "tok_s_cpu": batch / cpu_s,
+            "cpu_step_ms_rounds": [c * 1e3 for c in cpus[(context, batch, mode)]],
+            **(profiles[(context, batch)] if mode == args.attention[0] else {}),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    set_decode_kernel("auto")
     print(
-        "\n| context | batch | step ms (CPU) | tok/s (CPU) | step ms (wall) | overhead share "
+        "\n| context | batch | attention | step ms (CPU) | tok/s (CPU) | step ms (wall) | overhead share "
         "| aten ops/step | _to_copy/step |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        profiled = "wall_ms" in r
         print(
-            f"| {r['context']} | {r['batch']} | {r['cpu_step_ms']:.1f} | {r['tok_s_cpu']:.1f} | "
-            f"{r['step_ms']:.1f} | {r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} | "
-            f"{r['to_copy_per_step']:.0f} |"
+            f"| {r['context']} | {r['batch']} | {r['attention']} | {r['cpu_step_ms']:.1f} | {r['tok_s_cpu']:.1f} | "
+            f"{r['step_ms']:.1f} | "
+            + (
+                f"{r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} | {r['to_copy_per_step']:.0f} |"
+                if profiled
+                else "| | |"
+            )
         )
+    lo, hi = min(args.contexts), max(args.contexts)
+    if lo != hi:
+        print(f"\n| batch | attention | tok/s at {hi} / tok/s at {lo} (CPU) |")
+        print("|---:|---|---:|")
+        by = {(r["context"], r["batch"], r["attention"]): r["tok_s_cpu"] for r in rows}
+        for batch in args.batches:
+            for mode in args.attention:
+                print(f"| {batch} | {mode} | {by[(hi, batch, mode)] / by[(lo, batch, mode)]:.0%} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,7 +1,8 @@
 """One layer's decode attention over a paged cache: the candidate implementations, interleaved.
 
-Qwen2.5-0.5B geometry (14 query heads, 2 KV heads, head dim 64, bf16, pages of 16), pages
-scattered over the cache. Candidates:
+Qwen2.5-0.5B geometry (14 query heads, 2 KV heads, head dim 64, bf16, pages of 16), or with
+`--mla` DeepSeek-V3's absorbed latent decode (128 query heads on one latent "KV head", key width
+576 = latent 512 + rope 64, value width 512), pages scattered over the cache. Candidates:
 
 - `per-sequence` (the engine's previous implementation): per sequence, index_select its slots,
   repeat K/V for GQA, build a mask, SDPA;
@@ -9,10 +10,14 @@ scattered over the cache. Candidates:
   (pages scattered: a real gather), one fused SDPA with a mask, queries as [Hkv, B, group] rows;
 - `paged matmul`: same reads, scores / softmax / values as two matmuls and an fp32 softmax.
 
-The engine picks `paged sdpa` below `MATMUL_DECODE_MIN_KEYS` keys and `paged matmul` above.
-Times are CPU time of the (single) thread: wall time on a loaded shared machine is mostly waiting.
+- `C++ kernel`: `anyquant_cpu::paged_decode_attention` (layers/decode_kernel.py), K/V read in place
+  through the block tables, all sequences in one call.
 
-    python benchmarks/paged_attention.py [--contexts 128 4096] [--batches 1 8]
+Without the C++ kernel the engine picks `paged sdpa` below `MATMUL_DECODE_MIN_KEYS` keys and
+`paged matmul` above; with it, the kernel. Times are CPU time of the (single) thread: wall time on
+a loaded shared machine is mostly waiting.
+
+    python benchmarks/paged_attention.py [--contexts 128 4096] [--batches 1 8] [--mla]
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import torch.nn.functional as F
 
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers.attention import PagedPlan, paged_attention, plan_paged_attention
+from anyquant.layers.decode_kernel import decode_kernel_mode, set_decode_kernel
 
-H, HKV, D, PAGE = 14, 2, 64, 16
+H, HKV, D, DV, PAGE = 14, 2, 64, 64, 16
 DTYPE = torch.bfloat16
 
 
@@ -41,13 +47,16 @@ def per_sequence(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
         k = keys.index_select(1, slots).repeat_interleave(H // HKV, dim=0)  # [H, S, D]
         v = values.index_select(1, slots).repeat_interleave(H // HKV, dim=0)
         mask = torch.arange(total)[None, :] <= (total - n + torch.arange(n))[:, None]
-        o = F.scaled_dot_product_attention(q[at : at + n].transpose(0, 1), k, v, attn_mask=mask)
+        o = F.scaled_dot_product_attention(
+            q[at : at + n].transpose(0, 1), k, v, attn_mask=mask, scale=D**-0.5
+        )
         out.append(o.transpose(0, 1).reshape(n, -1))
         at += n
     return torch.cat(out)
 
 
-def paged(matmul_min_keys: int) -> Callable[[PagedAttention, torch.Tensor], torch.Tensor]:
+def paged(matmul_min_keys: int, mode: str) -> Callable[[PagedAttention, torch.Tensor], torch.Tensor]:
+    """`mode`: "auto" runs the C++ kernel, "torch" the pure-torch decode (layers/decode_kernel.py)."""
     plans: dict[int, PagedPlan] = {}  # the engine plans once per step, not per layer
 
     def run(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
@@ -56,7 +65,12 @@ def paged(matmul_min_keys: int) -> Callable[[PagedAttention, torch.Tensor], torc
             plan = plans[id(ctx)] = plan_paged_attention(
                 ctx.block_tables, ctx.query_lens, ctx.context_lens, PAGE, None, matmul_min_keys
             )
-        return paged_attention(q, ctx.cache.k[0], ctx.cache.v[0], plan, PAGE, D**-0.5)
+        before = decode_kernel_mode()
+        set_decode_kernel(mode)
+        try:
+            return paged_attention(q, ctx.cache.k[0], ctx.cache.v[0], plan, PAGE, D**-0.5)
+        finally:
+            set_decode_kernel(before)
 
     return run
 
@@ -77,15 +91,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mla", action="store_true", help="DeepSeek-V3 latent decode shapes")
     args = parser.parse_args()
-    candidates = {"per-sequence": per_sequence, "paged sdpa": paged(1 << 30), "paged matmul": paged(0)}
+    global H, HKV, D, DV
+    if args.mla:
+        H, HKV, D, DV = 128, 1, 576, 512
+    candidates = {
+        "per-sequence": per_sequence,
+        "paged sdpa": paged(1 << 30, "torch"),
+        "paged matmul": paged(0, "torch"),
+        "C++ kernel": paged(0, "auto"),
+    }
+    if args.mla:
+        del candidates["per-sequence"]  # 128 heads x 4096 keys repeated: slow and says nothing new
     print("| context | batch | " + " | ".join(f"{n} ms" for n in candidates) + " |")
     print("|---:|---:|" + "---:|" * len(candidates))
     for context in args.contexts:
         for batch in args.batches:
             pages_per_seq = -(-context // PAGE)
             num_pages = batch * pages_per_seq + 1
-            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, D, DTYPE)
+            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE)
             cache.k.normal_()
             cache.v.normal_()
             order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
@@ -94,9 +119,9 @@ def main() -> None:
             ]
             ctx = PagedAttention.for_sequences(cache, seqs)
             q = torch.randn(batch, H, D, dtype=DTYPE)
-            ref = per_sequence(ctx, q).float()
-            for fn in candidates.values():  # all agree before any is timed
-                assert torch.allclose(fn(ctx, q).float(), ref, atol=2e-2), fn.__name__
+            ref = per_sequence(ctx, q).float() if not args.mla else paged(1 << 30, "torch")(ctx, q).float()
+            for name, fn in candidates.items():  # all agree before any is timed
+                assert torch.allclose(fn(ctx, q).float(), ref, atol=2e-2), name
             best = {name: float("inf") for name in candidates}
             for _ in range(args.rounds):  # interleaved rounds: the machine's load hits all alike
                 for name, fn in candidates.items():

@@ -101,6 +101,8 @@ def print_text(doc: dict[str, Any]) -> None:
     for moe in doc["moe_layers"]:
         how = "one fused call per layer" if moe["fused"] else f"one expert at a time: {moe['reason']}"
         print(f"routed experts: {moe['pattern']} (×{moe['count']}, {moe['experts']} experts): {how}")
+    attn = doc["decode_attention"]
+    print(f"decode attention: {attn['kernel']}" + (f" ({attn['reason']})" if attn["reason"] else ""))
     print_merges(doc["merged_projections"])
     if doc["notes"]:
         print("\nconfig and tensors disagree (tensors win):")

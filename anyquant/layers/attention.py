@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
+from anyquant.layers.decode_kernel import decode_kernel_reason, paged_decode
 from anyquant.layers.linear import (
     MergeableProjections,
     MergedLinear,
@@ -72,6 +73,11 @@ class PagedGroup:
     rows: Tensor  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
     valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
     covers_step: bool  # the group holds every token of the step, in step order
+    # decode, for the C++ kernel (layers/decode_kernel.py): each sequence's whole block table
+    # [B, pages] and key count [B] (int64), and the window (None: all keys)
+    tables: Tensor | None = None
+    lens: Tensor | None = None
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,10 @@ def plan_paged_attention(
             bias = None
             if num_pages * page_size >= matmul_min_keys:
                 bias = torch.zeros(decode_mask.shape, device=device).masked_fill_(~decode_mask, float("-inf"))
-            groups.append(PagedGroup(pages, run, decode_mask, bias, rows, None, step_order))
+            tables = block_tables if step_order else block_tables.index_select(0, idx)
+            groups.append(
+                PagedGroup(pages, run, decode_mask, bias, rows, None, step_order, tables, ctx_t, window)
+            )
             continue
         real = torch.arange(t_max, device=device)[None, :] < torch.tensor(qlen, device=device)[:, None]
         # A padding row must still see a key, or its softmax is 0/0; its output is dropped.
@@ -160,18 +169,38 @@ def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
     return flat.view(hkv, b, p * page_size, d)
 
 
+def _decode_torch(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, g: PagedGroup, page_size: int, scale: float
+) -> Tensor:
+    """The pure-torch decode: q [B, H, D] -> [B, H * Dv] through SDPA or two matmuls."""
+    b, h, d = q.shape
+    hkv, dv = key_cache.shape[0], value_cache.shape[-1]
+    keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
+    values = read_pages(value_cache, g, page_size)
+    qh = q.view(b, hkv, h // hkv, d).transpose(0, 1)  # [Hkv, B, group, D]
+    # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
+    if g.bias is None or q.dtype == torch.float16:
+        o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=g.mask, scale=scale)
+    else:
+        scores = torch.add(g.bias, torch.matmul(qh, keys.transpose(-1, -2)), alpha=scale)  # fp32
+        o = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+    return o.transpose(0, 1).reshape(b, h * dv)
+
+
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedPlan, page_size: int, scale: float
 ) -> Tensor:
     """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv].
 
-    Only the pages the step's sequences reach are read, in place for one run of consecutive
-    pages, else gathered into one padded batch per group. GQA never repeats K/V: a decode step's
+    Decode rows run the C++ kernel where it can (layers/decode_kernel.py: K/V read in place through
+    the block tables, whatever the pages' order). Otherwise, and for prefill, only the pages the
+    step's sequences reach are read, in place for one run of consecutive pages, else gathered into
+    one padded batch per group. GQA never repeats K/V: a decode step's
     H queries are [Hkv, B, H / Hkv] rows against [Hkv, B, S] keys; prefill uses SDPA's
     grouped-query mode. Decode runs SDPA's fused kernel or, for long contexts, two matmuls and a
     softmax in fp32 (see MATMUL_DECODE_MIN_KEYS); prefill runs SDPA, which never materialises the
     scores."""
-    t, h, d = q.shape
+    t, h, _ = q.shape
     hkv, dv = key_cache.shape[0], value_cache.shape[-1]
     group = h // hkv
     out: Tensor | None = None
@@ -179,16 +208,14 @@ def paged_attention(
         g = plan.decode
         qd = q if g.covers_step else q.index_select(0, g.rows)
         b = qd.shape[0]
-        keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
-        values = read_pages(value_cache, g, page_size)
-        qh = qd.view(b, hkv, group, d).transpose(0, 1)  # [Hkv, B, group, D]
-        # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
-        if g.bias is None or q.dtype == torch.float16:
-            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=g.mask, scale=scale)
+        if (
+            g.tables is not None
+            and g.lens is not None
+            and decode_kernel_reason(q, key_cache, value_cache) is None
+        ):
+            o = paged_decode(qd, key_cache, value_cache, g.tables, g.lens, page_size, scale, g.window)
         else:
-            scores = torch.add(g.bias, torch.matmul(qh, keys.transpose(-1, -2)), alpha=scale)  # fp32
-            o = torch.matmul(scores.softmax(-1).to(values.dtype), values)
-        o = o.transpose(0, 1).reshape(b, h * dv)
+            o = _decode_torch(qd, key_cache, value_cache, g, page_size, scale)
         if g.covers_step:
             return o
         out = q.new_empty(t, h * dv)

@@ -3,9 +3,11 @@
 Owns three things, registered with `torch.library` when a captured step is prepared (never at
 `import anyquant`):
 - fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`, `tiled_mm`,
-  `moe_experts`), so Dynamo traces the kernels that call them and Inductor calls them in place;
+  `moe_experts`, `paged_decode_attention`), so Dynamo traces the kernels that call them and
+  Inductor calls them in place;
 - `anyquant::paged_decode_attention`: stores one decode step's keys/values in a layer's cache
-  and attends through the step's page plan; the cache is declared mutated, so the graph keeps the
+  and attends through the step's page plan (the C++ decode kernel where it runs, see
+  layers/decode_kernel.py); the cache is declared mutated, so the graph keeps the
   write before every later read. The plan (pages read, mask) is step metadata set by the runner
   before the graph runs (`set_decode_plans`): its shapes grow with the context, and passing it
   through the graph would recompile at every new page count or make every shape symbolic;
@@ -195,6 +197,23 @@ def _register_extension_fakes() -> None:
     @torch.library.register_fake("anyquant_cpu::tiled_mm")
     def _(x, packed, scale, zz, lut, bias, fmt, group, n, tile_blocks):
         return linear_out(x, n)
+
+    if hasattr(torch.ops.anyquant_cpu, "paged_decode_attention"):
+
+        @torch.library.register_fake("anyquant_cpu::paged_decode_attention")
+        def _paged_decode_fake(
+            q,
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            page_size,
+            scale,
+            window=0,
+            splits=0,
+            force_fp32=False,
+        ):
+            return q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
 
     if hasattr(torch.ops.anyquant_cpu, "moe_experts"):
 

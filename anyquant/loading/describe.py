@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from anyquant.errors import AnyquantError
+from anyquant.layers.decode_kernel import describe_decode_attention
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.activations import activation_quant
 from anyquant.loading.checkpoint import Checkpoint
@@ -199,6 +200,9 @@ def describe_checkpoint(
         "groups": group_docs,
         "moe_layers": moe_docs(model, plans),
         "merged_projections": merge_docs(merges),
+        "decode_attention": describe_decode_attention(
+            dev, compute_dtype, model.cache_shape.k_dim, model.cache_shape.v_dim
+        ),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
             "linear_layers": len(plans),

@@ -1,0 +1,110 @@
+"""Which implementation a decode step's paged attention runs, and the call into the C++ kernel.
+
+The C++ kernel (`anyquant_cpu::paged_decode_attention`, quant/kernels/csrc/cpu_attention.cpp)
+attends one query row per sequence for all the step's sequences in one call, reading K/V in place
+through the block tables: GQA without repeating K/V, an online softmax in fp32, bf16 dot products
+(vdpbf16ps) for bf16 queries on a bf16 cache and fp32 arithmetic otherwise, sliding windows, and
+key and value widths that differ (latent attention's absorbed decode: 576 / 512). It serves a
+decode step where `decode_kernel_reason` returns None; elsewhere (no AVX-512, a float16 cache,
+widths not a multiple of 16, the extension not built, or `set_decode_kernel("torch")`) the
+pure-torch path of layers/attention.py runs. The choice is per (dtypes, widths), so it is made once
+and cached, not re-checked per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# "auto": the C++ kernel wherever it can run; "torch": always the pure-torch path.
+KERNEL_ENV = "ANYQUANT_DECODE_ATTENTION"
+_CHOICES = ("auto", "torch")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class _Setting:
+    mode: str = os.environ.get(KERNEL_ENV, "auto") or "auto"
+
+
+def set_decode_kernel(mode: str) -> None:
+    """ "auto" (default; also from the ANYQUANT_DECODE_ATTENTION environment variable) or "torch"."""
+    if mode not in _CHOICES:
+        raise ValueError(f"{KERNEL_ENV}: expected one of {list(_CHOICES)}, got {mode!r}")
+    _Setting.mode = mode
+
+
+def decode_kernel_mode() -> str:
+    return _Setting.mode
+
+
+def decode_kernel_reason(q: Tensor, key_cache: Tensor, value_cache: Tensor) -> str | None:
+    """Why a decode step with these queries and caches runs the pure-torch path, or None when the
+    C++ kernel runs it."""
+    if _Setting.mode not in _CHOICES:
+        raise ValueError(f"{KERNEL_ENV}: expected one of {list(_CHOICES)}, got {_Setting.mode!r}")
+    if _Setting.mode == "torch":
+        return f"{KERNEL_ENV}=torch"
+    return _reason(
+        q.device.type, q.dtype, key_cache.dtype, value_cache.dtype, key_cache.shape[-1], value_cache.shape[-1]
+    )
+
+
+@functools.cache
+def _reason(
+    device: str, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype, dk: int, dv: int
+) -> str | None:
+    if device != "cpu":
+        return f"the C++ decode attention runs on CPU, not {device}"
+    if q_dtype not in _KERNEL_DTYPES or k_dtype not in _KERNEL_DTYPES or k_dtype != v_dtype:
+        return (
+            f"the C++ decode attention takes bfloat16 / float32, got q {q_dtype}, cache {k_dtype} / {v_dtype}"
+        )
+    if dk % 16 or dv % 16:
+        return f"the C++ decode attention needs key / value widths that are multiples of 16, got {dk} / {dv}"
+    return _cpu_reason()
+
+
+@functools.cache
+def _cpu_reason() -> str | None:
+    if not torch.cpu._is_avx512_supported():
+        return "CPU lacks AVX-512 (F/BW/VL/DQ)"
+    from anyquant.quant.kernels import cpu_ext
+
+    return cpu_ext.unavailable_reason()
+
+
+def describe_decode_attention(
+    device: torch.device, dtype: torch.dtype, k_dim: int, v_dim: int
+) -> dict[str, Any]:
+    """For `inspect`: what a decode step's attention runs on a cache of `dtype` with these widths
+    (the cache takes the compute dtype), and why not the C++ kernel."""
+    if _Setting.mode == "torch":
+        reason: str | None = f"{KERNEL_ENV}=torch"
+    else:
+        reason = _reason(device.type, dtype, dtype, dtype, k_dim, v_dim)
+    kernel = "torch" if reason is not None else "cpu_avx512 (anyquant_cpu::paged_decode_attention)"
+    return {"kernel": kernel, "reason": reason}
+
+
+def paged_decode(
+    q: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    page_size: int,
+    scale: float,
+    window: int | None,
+) -> Tensor:
+    """q [B, H, Dk] (one row per sequence) against the cache [Hkv, slots, D*] through each
+    sequence's block table [B, P] and key count [B] -> [B, H * Dv]."""
+    from anyquant.quant.kernels import cpu_ext
+
+    out = cpu_ext.ops().paged_decode_attention(
+        q, key_cache, value_cache, block_tables, context_lens, page_size, scale, window or 0
+    )
+    return out.view(q.shape[0], -1)

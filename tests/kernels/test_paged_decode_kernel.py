@@ -1,0 +1,173 @@
+"""The C++ paged decode attention kernel against float64 attention computed by its definition.
+
+Each case builds a paged cache with sequences whose pages are scattered over it, runs the kernel
+once over the whole batch, and compares every sequence's output with softmax(q K^T * scale) V
+over that sequence's gathered keys in float64 (repeated per query head, so GQA is checked
+against plain multi-head attention). Also: the choice between the kernel and the pure-torch path,
+both ways, and the errors for bad block tables.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.layers import attention, decode_kernel
+from anyquant.quant.kernels import cpu_ext
+
+PAGE = 16
+
+
+def _ops():
+    reason = decode_kernel._cpu_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return cpu_ext.ops()
+
+
+def _reference(q, kc, vc, tables, lens, scale, window):
+    """float64 [B, H, Dv]: per sequence, its keys gathered slot by slot, K/V repeated per head."""
+    b_count, h, _ = q.shape
+    group = h // kc.shape[0]
+    out = torch.zeros(b_count, h, vc.shape[-1], dtype=torch.float64)
+    for b in range(b_count):
+        n = int(lens[b])
+        first = max(n - window, 0) if window else 0
+        if n == first:
+            continue
+        pos = torch.arange(first, n)
+        slots = tables[b][pos // PAGE] * PAGE + pos % PAGE
+        k = kc[:, slots].double().repeat_interleave(group, 0)  # [H, S, Dk]
+        v = vc[:, slots].double().repeat_interleave(group, 0)
+        p = (torch.einsum("hd,hsd->hs", q[b].double(), k) * scale).softmax(-1)
+        out[b] = torch.einsum("hs,hsd->hd", p, v)
+    return out
+
+
+def _case(hkv, group, dk, dv, lens, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // PAGE) for n in lens) + 1
+    num_pages = len(lens) * width + 3
+    kc = torch.randn(hkv, num_pages * PAGE, dk, generator=g).to(dtype)
+    vc = torch.randn(hkv, num_pages * PAGE, dv, generator=g).to(dtype)
+    order = torch.randperm(num_pages, generator=g)  # pages scattered over the cache
+    tables = order[: len(lens) * width].view(len(lens), width).contiguous()
+    q = (torch.randn(len(lens), hkv * group, dk, generator=g) * 2).to(dtype)
+    return q, kc, vc, tables, torch.tensor(lens, dtype=torch.long)
+
+
+# bf16 outputs are rounded to bf16 (2^-9 relative) and the bf16 path multiplies the probabilities
+# in bf16 as the torch path does; fp32 is fp32 arithmetic throughout.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("hkv", "group", "dk", "dv"),
+    [(2, 7, 64, 64), (4, 1, 128, 128), (2, 2, 80, 80), (1, 16, 576, 512)],
+    ids=["gqa7-d64", "mha-d128", "gqa2-d80", "mla-576-512"],
+)
+@pytest.mark.parametrize("window", [None, 37])
+def test_matches_float64(dtype, hkv, group, dk, dv, window):
+    ops = _ops()
+    lens = [1, 15, 16, 17, 300, 33]  # page boundaries either side, mixed lengths in one batch
+    q, kc, vc, tables, lens_t = _case(hkv, group, dk, dv, lens, dtype)
+    scale = dk**-0.5
+    want = _reference(q, kc, vc, tables, lens_t, scale, window)
+    for splits in (0, 1, 3):  # 3: partial chunks merged by their log-sum-exp weights
+        out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0, splits)
+        assert out.dtype == dtype and out.shape == (len(lens), hkv * group, dv)
+        err = (out.double() - want).abs().max().item()
+        assert err < TOL[dtype], (splits, err)
+
+
+def test_bf16_inputs_on_the_fp32_path_and_two_threads():
+    ops = _ops()
+    q, kc, vc, tables, lens = _case(2, 7, 64, 64, [700, 5, 1200], torch.bfloat16, seed=1)
+    want = _reference(q, kc, vc, tables, lens, 0.125, None)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):  # 2 threads: the kernel splits the keys itself (splits=0)
+            torch.set_num_threads(n)
+            for force_fp32 in (False, True):
+                out = ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 0.125, 0, 0, force_fp32)
+                assert (out.double() - want).abs().max().item() < TOL[torch.bfloat16], (n, force_fp32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fp32_queries_on_a_bf16_cache_and_an_empty_context():
+    ops = _ops()
+    q, kc, vc, tables, lens = _case(1, 4, 64, 64, [0, 40], torch.bfloat16, seed=2)
+    q = q.float()
+    out = ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 0.125)
+    assert out.dtype == torch.float32
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # no keys: nothing to attend to
+    assert (out.double() - _reference(q, kc, vc, tables, lens, 0.125, None)).abs().max() < 2e-5
+
+
+def test_bad_block_tables_are_refused_with_a_reason():
+    ops = _ops()
+    q, kc, vc, tables, lens = _case(2, 2, 64, 64, [20, 20], torch.float32)
+    bad = tables.clone()
+    bad[1, 1] = kc.shape[1] // PAGE  # one past the last page
+    with pytest.raises(RuntimeError, match=r"sequence 1: page id .* outside the cache"):
+        ops.paged_decode_attention(q, kc, vc, bad, lens, PAGE, 0.125)
+    with pytest.raises(RuntimeError, match=r"context of .* keys but"):
+        ops.paged_decode_attention(q, kc, vc, tables[:, :1], lens, PAGE, 0.125)
+    with pytest.raises(RuntimeError, match="not a multiple of KV heads"):
+        ops.paged_decode_attention(q[:, :3], kc, vc, tables, lens, PAGE, 0.125)
+    with pytest.raises(RuntimeError, match="block_tables must be int64"):
+        ops.paged_decode_attention(q, kc, vc, tables.int(), lens, PAGE, 0.125)
+
+
+def test_kernel_choice_is_pinned_both_ways(monkeypatch):
+    _ops()
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 32, 64, dtype=torch.bfloat16)
+    assert decode_kernel.decode_kernel_reason(q, cache, cache) is None  # this CPU has AVX-512
+    assert "multiples of 16" in str(
+        decode_kernel.decode_kernel_reason(q[..., :8], cache[..., :8], cache[..., :8])
+    )
+    half = cache.half()
+    assert "bfloat16 / float32" in str(decode_kernel.decode_kernel_reason(q.half(), half, half))
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    assert decode_kernel.decode_kernel_reason(q, cache, cache) == "ANYQUANT_DECODE_ATTENTION=torch"
+    with pytest.raises(ValueError, match="ANYQUANT_DECODE_ATTENTION"):
+        decode_kernel.set_decode_kernel("fast")
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, window):
+    """A step with decode rows and a prefill chunk: decode rows go through the kernel (spied), and
+    the step's output equals the pure-torch path's (float32 cache, same plan)."""
+    _ops()
+    torch.manual_seed(3)
+    cache = PagedKVCache(1, 40, PAGE, 2, 64, 64, torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    # (pages, cached tokens, new tokens): two decoding sequences on scattered pages, one prefill
+    seqs = [([7, 3, 30, 12], 50, 1), ([1, 2], 9, 1), ([20, 5, 8], 18, 6)]
+    t = sum(n for _, _, n in seqs)
+    q, k, v = torch.randn(t, 14, 64), torch.randn(t, 2, 64), torch.randn(t, 2, 64)
+    calls = []
+    real = attention.paged_decode
+    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    out = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
+    assert calls == [1]
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
+    assert calls == [1]  # the torch path did not call the kernel
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_inspect_names_the_decode_attention(monkeypatch):
+    _ops()
+    cpu = torch.device("cpu")
+    chosen = decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 576, 512)  # MLA latent cache
+    assert chosen == {"kernel": "cpu_avx512 (anyquant_cpu::paged_decode_attention)", "reason": None}
+    fallback = decode_kernel.describe_decode_attention(cpu, torch.float16, 64, 64)
+    assert fallback["kernel"] == "torch" and "float16" in fallback["reason"]
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    assert decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 64, 64)["kernel"] == "torch"
