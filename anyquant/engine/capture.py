@@ -162,7 +162,7 @@ class CapturedContext(AttentionContext):
             k,
             v,
             self.cache.k[layer],
-            self.cache.v[layer],
+            None if self.cache.value_in_key else self.cache.v[layer],
             self.slot_mapping,
             self.plans[window],
             self.cache.page_size,
@@ -265,10 +265,11 @@ class CapturedDecode:
         start = time.perf_counter()
         page = self.cache.page_size
         saved_k = self.cache.k[:, :, :page].clone()
-        saved_v = self.cache.v[:, :, :page].clone()
+        saved_v = None if self.cache.value_in_key else self.cache.v[:, :, :page].clone()
         for size in self.buckets:
             tables = torch.zeros(size, 1, dtype=torch.long)
             self.run([0] * size, [0] * size, torch.zeros(size, dtype=torch.long), tables, [1] * size)
         self.cache.k[:, :, :page] = saved_k
-        self.cache.v[:, :, :page] = saved_v
+        if saved_v is not None:
+            self.cache.v[:, :, :page] = saved_v
         return time.perf_counter() - start

@@ -1,6 +1,7 @@
 """The paged KV cache and the attention context that reads and writes it.
 
-Owns the per-layer key/value slot tensors (allocated once: [Hkv, pages * page_size, D] per layer),
+Owns the per-layer key/value slot tensors (allocated once: [Hkv, pages * page_size, D] per layer;
+for latent attention the values are a view of the keys),
 writing a step's keys/values to their slots, and the step's attention metadata (`PagedAttention`).
 Which pages a request owns is the page allocator's business (engine/pages.py); this module only
 sees slot indices. `SequenceCache` is the one-sequence convenience used by `LLM.logits` and tests.
@@ -32,7 +33,10 @@ class PagedKVCache:
         v_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        value_in_key: bool = False,
     ) -> None:
+        """`value_in_key`: the value is the key's first `v_dim` values (models.base.CacheShape),
+        stored once: `v` is a strided view of `k` and `write` stores the key alone."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"KV cache needs at least one page of at least one slot, got {num_pages}x{page_size}"
@@ -43,7 +47,15 @@ class PagedKVCache:
         # a page of one head is one contiguous block and the keys read for attention keep their
         # last two dims contiguous (matmuls take them without a copy).
         self.k = torch.zeros(num_layers, num_kv_heads, slots, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
+        self.value_in_key = value_in_key
+        if value_in_key:
+            if v_dim > k_dim:
+                raise ValueError(f"a value inside the key needs v_dim {v_dim} <= k_dim {k_dim}")
+            # Rows stay contiguous (stride 1 in the last dim, k_dim between slots): the C++ decode
+            # kernel and the torch paths read it in place (layers/attention.py).
+            self.v = self.k[..., :v_dim]
+        else:
+            self.v = torch.zeros(num_layers, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
 
     @classmethod
     def for_model(
@@ -65,25 +77,26 @@ class PagedKVCache:
             shape.v_dim,
             dtype,
             device,
+            shape.value_in_key,
         )
 
     @staticmethod
     def page_bytes_for_model(model: EngineModel, page_size: int, dtype: torch.dtype) -> int:
         shape = model.cache_shape
-        return PagedKVCache.bytes_per_page(
-            model.args.num_layers, page_size, shape.num_kv_heads, shape.k_dim, shape.v_dim, dtype
-        )
+        return model.args.num_layers * page_size * shape.num_kv_heads * shape.stored_width * dtype.itemsize
 
     @staticmethod
     def bytes_per_page(
         num_layers: int, page_size: int, num_kv_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype
     ) -> int:
+        """A cache with separate keys and values (see `page_bytes_for_model` for any family)."""
         return num_layers * page_size * num_kv_heads * (k_dim + v_dim) * dtype.itemsize
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store this step's keys/values [T, Hkv, D*] of `layer` at their slots [T]."""
         self.k[layer].index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.k.dtype))
-        self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
+        if not self.value_in_key:  # else `v` is the key's prefix, stored with it
+            self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
 
 
 class PagedAttention(AttentionContext):

@@ -165,8 +165,32 @@ def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
     if group.run is not None:
         return cache[:, group.run[0] : group.run[1]].unsqueeze(1)
     b, p = group.pages.shape
+    if cache.stride(1) != d:  # a strided view (a value inside the key): pages of [page, d] rows
+        paged = cache.unflatten(1, (slots // page_size, page_size)).index_select(1, group.pages.reshape(-1))
+        return paged.view(hkv, b, p * page_size, d)
     flat = cache.view(hkv, slots // page_size, page_size * d).index_select(1, group.pages.reshape(-1))
     return flat.view(hkv, b, p * page_size, d)
+
+
+def value_in_key(key_cache: Tensor, value_cache: Tensor) -> bool:
+    """Whether the value cache is a view of the key cache's first values (the latent cache of
+    engine/kv_cache.py): then the pages read for the keys hold the values too."""
+    return (
+        value_cache.data_ptr() == key_cache.data_ptr()
+        and value_cache.stride() == key_cache.stride()
+        and value_cache.shape[:-1] == key_cache.shape[:-1]
+    )
+
+
+def read_key_value_pages(
+    key_cache: Tensor, value_cache: Tensor, group: PagedGroup, page_size: int
+) -> tuple[Tensor, Tensor]:
+    """`read_pages` of both caches ([Hkv, B, S, Dk], [Hkv, B, S, Dv]); a value inside the key is
+    sliced from the keys read, never gathered a second time."""
+    keys = read_pages(key_cache, group, page_size)
+    if value_in_key(key_cache, value_cache):
+        return keys, keys[..., : value_cache.shape[-1]]
+    return keys, read_pages(value_cache, group, page_size)
 
 
 def _decode_torch(
@@ -175,8 +199,7 @@ def _decode_torch(
     """The pure-torch decode: q [B, H, D] -> [B, H * Dv] through SDPA or two matmuls."""
     b, h, d = q.shape
     hkv, dv = key_cache.shape[0], value_cache.shape[-1]
-    keys = read_pages(key_cache, g, page_size)  # [Hkv, B, S, D]
-    values = read_pages(value_cache, g, page_size)
+    keys, values = read_key_value_pages(key_cache, value_cache, g, page_size)  # [Hkv, B, S, D*]
     qh = q.view(b, hkv, h // hkv, d).transpose(0, 1)  # [Hkv, B, group, D]
     # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
     if g.bias is None or q.dtype == torch.float16:
@@ -225,8 +248,8 @@ def paged_attention(
         assert g.valid is not None
         b, tq = g.rows.shape
         qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
-        keys = read_pages(key_cache, g, page_size).transpose(0, 1)  # [B, Hkv, S, D]
-        values = read_pages(value_cache, g, page_size).transpose(0, 1)
+        keys, values = read_key_value_pages(key_cache, value_cache, g, page_size)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [B, Hkv, S, D*]
         o = F.scaled_dot_product_attention(
             qp, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=group > 1
         )  # [B, H, Tq, Dv]

@@ -8,7 +8,8 @@ Owns three things, registered with `torch.library` when a captured step is prepa
 - `anyquant::paged_decode_attention`: stores one decode step's keys/values in a layer's cache
   and attends through the step's page plan (the C++ decode kernel where it runs, see
   layers/decode_kernel.py); the cache is declared mutated, so the graph keeps the
-  write before every later read. The plan (pages read, mask) is step metadata set by the runner
+  write before every later read. A cache whose value is the key's prefix passes no value cache
+  (two mutated arguments may not alias). The plan (pages read, mask) is step metadata set by the runner
   before the graph runs (`set_decode_plans`): its shapes grow with the context, and passing it
   through the graph would recompile at every new page count or make every shape symbolic;
 - `anyquant::opaque`: a callable whose Python depends on data (the per-expert MoE path sorts
@@ -86,14 +87,15 @@ def _paged_decode_attention(
     k: Tensor,
     v: Tensor,
     key_cache: Tensor,
-    value_cache: Tensor,
+    value_cache: Tensor | None,
     slot_mapping: Tensor,
     plan: int,
     page_size: int,
     scale: float,
 ) -> Tensor:
     """One query row per sequence (padding rows have slot -1: nothing stored, their output is
-    dropped by the caller) -> [B, H * Dv]."""
+    dropped by the caller) -> [B, H * Dv]. `value_cache` None: the value is the key's first Dv
+    values (a latent cache, engine/kv_cache.py), stored with the key."""
     # Imported here: attention imports linear, which imports this module.
     from anyquant.layers.attention import PagedPlan, paged_attention
 
@@ -101,7 +103,10 @@ def _paged_decode_attention(
         real = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[real], k[real], v[real]
     key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(key_cache.dtype))
-    value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(value_cache.dtype))
+    if value_cache is None:
+        value_cache = key_cache[..., : v.shape[-1]]
+    else:
+        value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(value_cache.dtype))
     group = _PLANS.plans[plan]
     return paged_attention(q, key_cache, value_cache, PagedPlan(group, None), page_size, scale)
 
@@ -111,19 +116,19 @@ def _paged_decode_attention_fake(
     k: Tensor,
     v: Tensor,
     key_cache: Tensor,
-    value_cache: Tensor,
+    value_cache: Tensor | None,
     slot_mapping: Tensor,
     plan: int,
     page_size: int,
     scale: float,
 ) -> Tensor:
-    return q.new_empty(q.shape[0], q.shape[1] * value_cache.shape[-1])
+    return q.new_empty(q.shape[0], q.shape[1] * v.shape[-1])
 
 
 _SCHEMAS: dict[str, tuple[str, Callable[..., Tensor], Callable[..., Tensor]]] = {
     "opaque": ("opaque(Tensor[] args, int handle) -> Tensor", _opaque, _opaque_fake),
     "paged_decode_attention": (
-        "paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!)? value_cache, "
         "Tensor slot_mapping, int plan, int page_size, float scale) -> Tensor",
         _paged_decode_attention,
         _paged_decode_attention_fake,
@@ -150,7 +155,7 @@ def paged_decode_attention(
     k: Tensor,
     v: Tensor,
     key_cache: Tensor,
-    value_cache: Tensor,
+    value_cache: Tensor | None,
     slot_mapping: Tensor,
     plan: int,
     page_size: int,

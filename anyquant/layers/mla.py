@@ -59,6 +59,12 @@ class MLADims:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def cache_key_dim(self) -> int:
+        """The latent cache's key per token: [latent c, rope key k_r]. Its value is c, the key's
+        first kv_lora_rank values, stored once (models.base.CacheShape.value_in_key)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
 
 def mla_softmax_scale(qk_head_dim: int, rope: dict[str, Any]) -> float:
     """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 for scaled rotary with mscale_all_dim.
@@ -78,9 +84,10 @@ class MLAttention(nn.Module, TensorParallelLayer):
     """Latent attention with `Attention.forward`'s signature, over a latent KV cache.
 
     The cache holds, per token and layer, the normalised kv latent c (kv_lora_rank values) and the
-    rotated rope key k_r shared by all heads (qk_rope_head_dim values): `kv_cache_shape` declares it
-    as one "KV head" with key [c, k_r] and value c (DeepSeek-V3: 576 + 512 values per token and layer
-    instead of 128 heads x (192 + 128) = 40960 expanded). kv_b_proj is absorbed (weights taken
+    rotated rope key k_r shared by all heads (qk_rope_head_dim values): the family's cache shape
+    declares it as one "KV head" with key [c, k_r] and value c read as the key's first values
+    (`MLADims.cache_key_dim`; DeepSeek-V3: 576 values per token and layer, stored once, instead of
+    128 heads x (192 + 128) = 40960 expanded). kv_b_proj is absorbed (weights taken
     once after loading, `finish_loading`): per head, k_nope = W_UK c and v = W_UV c, so
     q_nope . k_nope = (W_UK^T q_nope) . c and the attention output is W_UV (sum_j p_j c_j). The
     queries become [W_UK^T q_nope, q_rope] against keys [c, k_r] (the same dot products, so the same
@@ -190,6 +197,8 @@ class MLAttention(nn.Module, TensorParallelLayer):
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk.to(q.dtype)).transpose(0, 1)  # [T, H, r]
         q = torch.cat((q_latent, q_rope), dim=-1)  # [T, H, r + rope]
         k = torch.cat((latent[:, None, :], k_rope.to(q.dtype)), dim=-1)  # [T, 1, r + rope]
-        out = ctx.attend(self.layer_index, q, k, latent[:, None, :], self.scale).view(t, h, d.kv_lora_rank)
+        # The value is the key's latent part: a cache with `value_in_key` stores it once.
+        v_latent = k[..., : d.kv_lora_rank]
+        out = ctx.attend(self.layer_index, q, k, v_latent, self.scale).view(t, h, d.kv_lora_rank)
         v = torch.bmm(out.transpose(0, 1), self.w_uv.to(out.dtype).transpose(1, 2))  # [H, T, v]
         return self.o_proj(v.transpose(0, 1).reshape(t, h * d.v_head_dim))

@@ -364,7 +364,7 @@ def memory_per_rank(
         other -= (vocab.size - vocab.local_size) * rows
     shape = model.cache_shape
     heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads
-    per_token = model.args.num_layers * heads * (shape.k_dim + shape.v_dim) * itemsize
+    per_token = model.args.num_layers * heads * shape.stored_width * itemsize
     kv = per_token * max_model_len
     return {
         "linear_weights": linear,

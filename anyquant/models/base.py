@@ -146,11 +146,24 @@ def gqa_attention(args: DecoderArgs, index: int, prefix: str, rotary: RotaryEmbe
 
 @dataclass(frozen=True)
 class CacheShape:
-    """Per-token, per-layer KV cache geometry of a family."""
+    """Per-token, per-layer KV cache geometry of a family.
+
+    `value_in_key`: the value is the key's first `v_dim` values (latent attention, layers/mla.py),
+    so the cache stores the key alone and reads the value as a view of it."""
 
     num_kv_heads: int
     k_dim: int
     v_dim: int
+    value_in_key: bool = False
+
+    def __post_init__(self) -> None:
+        if self.value_in_key and self.v_dim > self.k_dim:
+            raise ValueError(f"a value inside the key needs v_dim {self.v_dim} <= k_dim {self.k_dim}")
+
+    @property
+    def stored_width(self) -> int:
+        """Values stored per token, layer and KV head."""
+        return self.k_dim if self.value_in_key else self.k_dim + self.v_dim
 
 
 class DecoderLayer(nn.Module):

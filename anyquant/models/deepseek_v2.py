@@ -180,8 +180,9 @@ class DeepseekLM(DecoderLM):
             )
 
         m = ds.mla
-        # The latent cache (layers/mla.py): one "KV head" of key [latent, rope key], value latent.
-        cache = CacheShape(1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank)
+        # The latent cache (layers/mla.py): one "KV head" of key [latent, rope key], whose first
+        # kv_lora_rank values are the value (stored once).
+        cache = CacheShape(1, m.cache_key_dim, m.kv_lora_rank, value_in_key=True)
         super().__init__(args, make_mlp, make_attention, rotary, cache)
         self.deepseek = ds
         # V3 checkpoints append the MTP block(s) as extra layers; they only serve speculative decoding.

@@ -379,9 +379,9 @@ def test_gptq_quantized_matches_transformers_on_dequantized_weights(
 
 
 def test_latent_cache_holds_one_latent_per_token(checkpoints: dict[str, Path]) -> None:
-    """The cache keeps [kv latent, rope key] and the latent per token and layer, never per-head keys
-    and values (the logits tests above check that it computes transformers' expanded attention),
-    and `inspect` reports that size."""
+    """The cache keeps [kv latent, rope key] per token and layer, the value being a view of the
+    key's latent (stored once), never per-head keys and values (the logits tests above check that
+    it computes transformers' expanded attention), and `inspect` reports that size."""
     from anyquant.loading.describe import describe_checkpoint
 
     path = checkpoints["v3"]
@@ -390,18 +390,69 @@ def test_latent_cache_holds_one_latent_per_token(checkpoints: dict[str, Path]) -
     seq = SequenceCache(LLM(path, dtype="float32").model, 16, torch.float32)
     assert seq.cache.k.shape[:2] == (layers, 1) and seq.cache.k.shape[-1] == r + rope
     assert seq.cache.v.shape[:2] == (layers, 1) and seq.cache.v.shape[-1] == r
+    assert seq.cache.v.untyped_storage().data_ptr() == seq.cache.k.untyped_storage().data_ptr()
+    assert seq.cache.k.untyped_storage().nbytes() == seq.cache.k.numel() * 4  # nothing else allocated
     memory = describe_checkpoint(path, dtype="float32")["tensor_parallel"]["memory_per_rank"]
-    assert memory["kv_cache_per_token"] == layers * (2 * r + rope) * 4
+    assert memory["kv_cache_per_token"] == layers * (r + rope) * 4
+
+
+@pytest.mark.parametrize("decode", ["auto", "torch"])
+def test_latent_cache_over_scattered_pages_matches_transformers(
+    checkpoints: dict[str, Path], decode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill in two chunks (the second over a cached prefix, pages gathered out of order), then
+    token-by-token decode (the C++ kernel where it runs, or the torch path), on the latent cache
+    stored once: transformers' logits for every row."""
+    from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+    from anyquant.layers import decode_kernel
+
+    monkeypatch.setattr(decode_kernel._Setting, "mode", decode)
+
+    path = checkpoints["v3-yarn"]
+    model = LLM(path, dtype="float32").model
+    cache = PagedKVCache.for_model(model, 8, 4, torch.float32)
+    assert cache.value_in_key
+    pages = [5, 2, 7, 0, 3]
+    ids = list(range(30, 47))
+    rows = []
+    with torch.inference_mode():
+        for start, n in ((0, 6), (6, 7), (13, 1), (14, 1), (15, 1), (16, 1)):
+            ctx = PagedAttention.for_sequences(cache, [(pages, start, n)])
+            positions = torch.arange(start, start + n)
+            rows.append(model(torch.tensor(ids[start : start + n]), positions, ctx))
+    ours = torch.cat(rows)
+    hf = _hf_logits(path, ids)
+    assert _rel(ours, hf) < 1e-4, _rel(ours, hf)
+
+
+def test_latent_cache_bytes_and_pages_at_v3_shapes() -> None:
+    """(kv_lora_rank + rope) x dtype size per token and layer, and a KV budget buys that many more
+    pages than a cache storing the latent twice."""
+    from anyquant.engine.engine import EngineConfig, kv_pages
+    from anyquant.engine.kv_cache import PagedKVCache
+
+    v3 = dict(
+        num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, hidden_size=7168
+    )
+    model = build_on_meta(_config("v3", q_lora_rank=64, v_head_dim=128, n_group=1, topk_group=1, **v3))
+    layers = model.args.num_layers
+    per_page = PagedKVCache.page_bytes_for_model(model, 16, torch.bfloat16)
+    assert per_page == layers * 16 * 576 * 2  # 1152 bytes per token and layer
+    twice = PagedKVCache.bytes_per_page(layers, 16, 1, 576, 512, torch.bfloat16)  # 2176 per token and layer
+    config = EngineConfig(max_model_len=4096, kv_cache_gb=1.0)
+    pages, pages_twice = kv_pages(config, per_page), kv_pages(config, twice)
+    assert pages == 2**30 // per_page and pages_twice == 2**30 // twice
+    assert pages >= 1.88 * pages_twice  # 2176 / 1152 = 1.89
 
 
 def test_latent_cache_is_a_tenth_of_the_expanded_one_at_v3_shapes() -> None:
-    """DeepSeek-V3's geometry: 576 + 512 cached values per token and layer against 128 heads x
-    (192 + 128) expanded, 2.7 %."""
+    """DeepSeek-V3's geometry: 576 cached values per token and layer (the value is the key's first
+    512) against 128 heads x (192 + 128) expanded, 1.4 %."""
     v3 = dict(
         num_attention_heads=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, hidden_size=7168
     )
     model = build_on_meta(_config("v3", q_lora_rank=64, v_head_dim=128, n_group=1, topk_group=1, **v3))
     shape = model.cache_shape
-    assert (shape.num_kv_heads, shape.k_dim, shape.v_dim) == (1, 576, 512)
+    assert (shape.num_kv_heads, shape.k_dim, shape.v_dim, shape.value_in_key) == (1, 576, 512, True)
     expanded = 128 * ((128 + 64) + 128)
-    assert (shape.k_dim + shape.v_dim) * 10 <= expanded
+    assert shape.stored_width == 576 and shape.stored_width * 70 <= expanded
