@@ -13,7 +13,7 @@ safetensors, then quantized with `anyquant quantize --format compressed-tensors 
 Then runs `decode_step.py`'s measurement on it: `Engine.step()` tok/s (CPU time of the one
 thread) at each context and batch, for each decode attention implementation given (the C++
 kernel "auto" and the pure-torch path "torch", alternating in rounds), and the 4096 / 128 ratio.
-The latent cache holds 576 + 512 values per token and layer; decode absorbs kv_b_proj into the
+The latent cache holds 576 values per token and layer (the value is the key's first 512); decode absorbs kv_b_proj into the
 query and output (layers/mla.py), so one latent "KV head" serves all 128 query heads.
 
     python benchmarks/mla_decode.py [--layers 2] [--contexts 128 4096] [--batches 1]

@@ -425,6 +425,41 @@ def test_latent_cache_over_scattered_pages_matches_transformers(
     assert _rel(ours, hf) < 1e-4, _rel(ours, hf)
 
 
+def test_engine_prefix_hit_and_chunked_prefill_match_transformers(checkpoints: dict[str, Path]) -> None:
+    """The engine on the latent cache: prompts prefilled in 8-token chunks beside other requests'
+    decode rows, the second and third reusing the first's cached prefix pages, pick transformers'
+    greedy tokens (teacher-forced on our sequence)."""
+    from anyquant.engine.engine import Engine, EngineConfig
+
+    path = checkpoints["v3-yarn"]
+    llm = LLM(path, dtype="float32")
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 300, (37,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, 300, (n,), generator=g).tolist() for n in (2, 11, 5)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=8)
+    engine = Engine(llm.model, None, config, torch.float32, torch.device("cpu"))
+    tokens: dict[str, list[int]] = {}
+    first = engine.add_request(prompts[0], params)
+    tokens[first] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.new_token_ids
+    ids = [first] + [engine.add_request(p, params) for p in prompts[1:]]
+    for rid in ids[1:]:
+        tokens[rid] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.new_token_ids
+    assert engine.scheduler.num_prefix_hit_tokens >= 2 * 32  # two full 16-token pages, twice
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, rid in zip(prompts, ids):
+        out = tokens[rid]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out[:-1]])).logits[0]
+        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == out
+
+
 def test_latent_cache_bytes_and_pages_at_v3_shapes() -> None:
     """(kv_lora_rank + rope) x dtype size per token and layer, and a KV budget buys that many more
     pages than a cache storing the latent twice."""

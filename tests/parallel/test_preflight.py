@@ -115,7 +115,7 @@ def test_inspect_predicts_what_each_rank_loads(
                 dim = 1 if layer.style == "row" else 0
                 assert _zero_rows(layer, dim) >= pads[prefix]["padding_per_rank"][rank], prefix
         cache = model.cache_shape
-        per_token = model.args.num_layers * cache.num_kv_heads * (cache.k_dim + cache.v_dim) * 4
+        per_token = model.args.num_layers * cache.num_kv_heads * cache.stored_width * 4
         assert per_token == tp["memory_per_rank"]["kv_cache_per_token"]
     # The merged projections each rank holds are the ones inspect predicts, with their shape and kernel.
     merges = {
