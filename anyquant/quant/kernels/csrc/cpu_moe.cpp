@@ -96,7 +96,14 @@ inline void split_parts(float v, int parts, c10::BFloat16* dst, int64_t stride) 
 
 // Per row of `rows` bf16 rows of width kp: the fp32 sum of each group of `group` inputs.
 at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
-  return rows.to(at::kFloat).view({rows.size(0), -1, group}).sum(2).contiguous();
+  const int64_t n = rows.size(0), kp = rows.size(1);
+  at::Tensor sums = at::empty({n, kp / group}, rows.options().dtype(at::kFloat));
+  const auto* x = reinterpret_cast<const int16_t*>(rows.data_ptr());
+  float* dst = sums.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    group_sums_bf16(x + r0 * kp, r1 - r0, kp, group, dst + r0 * (kp / group));
+  });
+  return sums;
 }
 
 // Float offsets of `cols` output rows (off[g * gstride + c]: group g, row c) times the rows' group
@@ -229,7 +236,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
   const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
   const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
-  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr;
+  // Group sums: for zero points and offsets, and for int4's offset decoder (bf16 x).
+  const bool offset_decoder = fmt == kInt4 && parts == 1;
+  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
   const at::Tensor xs13 = sums13 ? group_sums(xg, group13) : at::Tensor();
   const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, group13) : xs13;
 
@@ -253,11 +262,12 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * ng : nullptr;
       const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * ng : nullptr;
       GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 gu.base.zz ? xs : nullptr, nullptr, tmp.data(), false, 32, nullptr};
+                 xs, nullptr, tmp.data(), false, 32, nullptr};
+      a.exact = parts > 1;
       a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
       block_rows(a, parts * rows, j, scratch.data());
       a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
-      a.xsum = gu.base.zz ? xsu : nullptr;
+      a.xsum = xsu;
       a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
       block_rows(a, parts * rows, nb13 + j, scratch.data());
       if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
@@ -324,7 +334,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
     });
   }
   at::Tensor xs2;
-  if (dn.base.zz != nullptr || o2 != nullptr) xs2 = group_sums(h, group2);
+  if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, group2);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
   at::Tensor y = at::empty({parts * held, hidden}, out.options());
@@ -336,8 +346,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t e = active[i / nb2], b = i % nb2;
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
-                 dn.base.zz ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
+                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
                  nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
+      a.exact = parts > 1;
       block_rows(a, parts * rows, b, scratch.data());
       if (o2 != nullptr) {
         const int64_t ng = dn.base.ng;

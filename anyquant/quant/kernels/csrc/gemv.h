@@ -12,9 +12,16 @@
 //   values (row i, k + t) sit at position 2i + t, which is exactly the operand layout of
 //   vdpbf16ps (16 fp32 lanes, each += a[2i]*b[2i] + a[2i+1]*b[2i+1]). A broadcast pair of
 //   activations (x[k], x[k+1]) is the other operand.
-//   int4: 32 bytes hold 4 inputs x 16 rows: byte 2i+t has (row i, k+t) in the low nibble and
-//         (row i, k+2+t) in the high nibble, so one zero-extension, a mask and a shift give the
-//         two word vectors, and a 16-entry table lookup (vpermw) turns codes into bf16 (code - 8).
+//   int4: 64 bytes hold 8 inputs x 16 rows as 32 16-bit words: word 2i+t holds the codes of
+//         (row i, k+t), (row i, k+2+t), (row i, k+4+t), (row i, k+6+t) in its nibbles 0..3, so
+//         in-lane shifts by 0/4/8/12 and a mask give the four word vectors of pairs (k, k+1) ..
+//         (k+6, k+7) from one 64-byte load (no cross-lane zero-extension). Two decoders:
+//         - exact (prompts, fp32 compute, the tile path): a 16-entry table lookup (vpermw) turns
+//           codes into bf16 (code - 8);
+//         - offset (the few-row bf16 vector path): (word & 0xF) | 0x4300 is exactly the bf16
+//           value 128 + code, one vpternlogd per vector; the extra 136 per weight against the
+//           table's value comes off once per group as 136 * scale * (sum of the group's x), which
+//           the zero-point path already uses (kOffsetShift).
 //   8-bit: 32 bytes hold 2 inputs x 16 rows, byte 2i+t = (row i, k+t). int8 goes through fp32
 //         (exact); fp8 through a 128-entry magnitude table (two vpermt2w) plus the sign bit.
 // Scales are per (row, group of G inputs), fp32, [blocks, groups, 16]; optional zero points are
@@ -22,6 +29,11 @@
 // the table value. The matrix-vector path sums v * x over a group in fp32 and applies the scale
 // and zz * scale * sum(x) once per group; the tile path dequantizes (v - zz) * scale exactly like
 // the reference (the subtraction exact, one rounding) and hands the tile to at::mm.
+// Error of the offset decoder: the products (128 + c) * x are exact in fp32 like (c - 8) * x, but
+// the running sums are up to ~17x larger (136 against |c - 8| <= 8), so fp32 rounding adds about
+// 17 * 2^-24 * sqrt(G) relative to the group's terms (~1e-5 for G = 128): far below a bf16
+// output's 2^-9, but not fp32 accuracy, so fp32 compute (x split into three bf16 parts) keeps the
+// exact decoder.
 //
 // The file is compiled without -mavx512 flags: only functions marked AQ_TARGET contain AVX-512
 // code, so the library loads on any x86-64 CPU and the Python side refuses to call it where the
@@ -68,10 +80,27 @@ AQ_TARGET inline Tables load_tables(const int16_t* lut) {
   return tb;
 }
 
-AQ_TARGET inline void decode_int4(const uint8_t* p, const Tables& tb, __m512i& w0, __m512i& w1) {
-  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  w0 = _mm512_permutexvar_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), tb.t[0]);
-  w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), tb.t[0]);
+// What the offset decoder's value (128 + code) exceeds the table's (code - 8) by.
+constexpr float kOffsetShift = 136.f;
+
+// int4, 8 inputs: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET: bf16 128 + code, else code - 8.
+template <bool OFFSET>
+AQ_TARGET inline void decode_int4(const uint8_t* p, const Tables& tb, __m512i w[4]) {
+  const __m512i v = _mm512_loadu_si512(p);
+  const __m512i nib = _mm512_set1_epi16(15);
+  if constexpr (OFFSET) {
+    const __m512i exp = _mm512_set1_epi16(0x4300);  // bf16 128.0: mantissa bits 0..3 add the code
+    constexpr int kAndOr = 0xEA;                     // vpternlogd: (a & b) | c
+    w[0] = _mm512_ternarylogic_epi32(v, nib, exp, kAndOr);
+    w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, exp, kAndOr);
+    w[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, exp, kAndOr);
+    w[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), exp);
+  } else {
+    w[0] = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), tb.t[0]);
+    w[1] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), tb.t[0]);
+    w[2] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 8), nib), tb.t[0]);
+    w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tb.t[0]);
+  }
 }
 
 AQ_TARGET inline __m512i decode_int8(const uint8_t* p) {
@@ -91,20 +120,18 @@ AQ_TARGET inline __m512i decode_fp8(const uint8_t* p, const Tables& tb) {
   return _mm512_or_si512(mag, sign);
 }
 
-// Word vectors for inputs k..k+3 of one block: w0 holds pair (k, k+1), w1 pair (k+2, k+3).
-template <int64_t FMT>
-AQ_TARGET inline void decode4(const uint8_t* p, const Tables& tb, __m512i& w0, __m512i& w1) {
+// Word vectors for inputs k..k+7 of one block: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET
+// (int4 only) selects the offset decoder.
+template <int64_t FMT, bool OFFSET = false>
+AQ_TARGET inline void decode8(const uint8_t* p, const Tables& tb, __m512i w[4]) {
   if constexpr (FMT == kInt4) {
-    decode_int4(p, tb, w0, w1);
+    decode_int4<OFFSET>(p, tb, w);
   } else if constexpr (FMT == kInt8) {
-    w0 = decode_int8(p);
-    w1 = decode_int8(p + 32);
+    for (int j = 0; j < 4; ++j) w[j] = decode_int8(p + 32 * j);
   } else if constexpr (FMT == kDecoded) {
-    w0 = _mm512_loadu_si512(p);
-    w1 = _mm512_loadu_si512(p + 64);
+    for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(p + 64 * j);
   } else {
-    w0 = decode_fp8(p, tb);
-    w1 = decode_fp8(p + 32, tb);
+    for (int j = 0; j < 4; ++j) w[j] = decode_fp8(p + 32 * j, tb);
   }
 }
 
@@ -120,19 +147,27 @@ AQ_TARGET inline __m512 dot(__m512 acc, __m512i w, const int16_t* xpair) {
 struct GemvArgs {
   Layout w;
   const int16_t* x;     // bf16 [rows, kp]
-  const float* xsum;    // [rows, ng] sums of x per group (only with zz)
+  const float* xsum;    // [rows, ng] sums of x per group (group_sums): needed with zz, and for
+                        // int4's offset decoder, which the vector path uses only when it is given
   const float* bias;    // fp32 [n] or nullptr
   void* out;            // [rows, out_stride], fp32 or bf16
   bool out_bf16;
   int64_t out_stride;
   const uint8_t* decoded;  // kDecoded only: the one block being multiplied, as bf16 words
   int64_t col_shift = 0;   // block b's outputs are stored at columns b * 16 - col_shift
+  bool exact = false;      // int4: keep the exact decoder (fp32 compute: x in three bf16 parts)
 };
+
+// Bytes ahead of the current load that the vector path prefetches (measured on Zen 4 with
+// benchmarks/linear_kernels.py; the hardware prefetcher does most of the work, this covers the
+// start of each block's stream).
+constexpr int64_t kPrefetchBytes = 1024;
 
 // Rows m0..m0+M of x against blocks b0..b1, 8 inputs per iteration. Up to 4 rows use four
 // accumulators per row (so consecutive dot products do not wait on each other); 8 rows use two
 // (16 chains in flight), which halves the decoding work per row against the 4-row version.
-template <int64_t FMT, int M>
+// OFFSET (int4): the offset decoder; a.xsum must be given.
+template <int64_t FMT, int M, bool OFFSET>
 AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1) {
   constexpr int U = M > 4 ? 2 : 4;
   const Layout& w = a.w;
@@ -152,17 +187,16 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
         for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
       const int64_t k0 = g * w.group;
       for (int64_t k = 0; k < w.group; k += 8) {
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 16 * bytes_per_4k(FMT), _MM_HINT_T0);
-        __m512i w0, w1, w2, w3;
-        decode4<FMT>(p, tb, w0, w1);
-        decode4<FMT>(p + bytes_per_4k(FMT), tb, w2, w3);
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+        __m512i wv[4];
+        decode8<FMT, OFFSET>(p, tb, wv);
         p += 2 * bytes_per_4k(FMT);
         for (int m = 0; m < M; ++m) {
           const int16_t* xk = xr[m] + k0 + k;
-          acc[m][0] = dot(acc[m][0], w0, xk);
-          acc[m][1] = dot(acc[m][1], w1, xk + 2);
-          acc[m][2 % U] = dot(acc[m][2 % U], w2, xk + 4);
-          acc[m][3 % U] = dot(acc[m][3 % U], w3, xk + 6);
+          acc[m][0] = dot(acc[m][0], wv[0], xk);
+          acc[m][1] = dot(acc[m][1], wv[1], xk + 2);
+          acc[m][2 % U] = dot(acc[m][2 % U], wv[2], xk + 4);
+          acc[m][3 % U] = dot(acc[m][3 % U], wv[3], xk + 6);
         }
       }
       __m512 sums[M];
@@ -172,8 +206,11 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
       }
       const __m512 s = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
       for (int m = 0; m < M; ++m) out[m] = _mm512_fmadd_ps(sums[m], s, out[m]);
-      if (w.zz != nullptr) {
-        const __m512 zs = _mm512_mul_ps(s, _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16));
+      if (OFFSET || w.zz != nullptr) {
+        // w = (v - zz) * scale with v the table value; the offset decoder's v is kOffsetShift more.
+        __m512 zc = w.zz != nullptr ? _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16) : _mm512_setzero_ps();
+        if constexpr (OFFSET) zc = _mm512_add_ps(zc, _mm512_set1_ps(kOffsetShift));
+        const __m512 zs = _mm512_mul_ps(s, zc);
         for (int m = 0; m < M; ++m)
           out[m] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(a.xsum[(m0 + m) * w.ng + g]), out[m]);
       }
@@ -194,14 +231,14 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
   }
 }
 
-template <int64_t FMT>
+template <int64_t FMT, bool OFFSET = false>
 void gemv_rows(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   switch (rows) {
-    case 1: return gemv_blocks<FMT, 1>(a, m0, b0, b1);
-    case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
-    case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
-    case 4: return gemv_blocks<FMT, 4>(a, m0, b0, b1);
-    default: return gemv_blocks<FMT, 8>(a, m0, b0, b1);
+    case 1: return gemv_blocks<FMT, 1, OFFSET>(a, m0, b0, b1);
+    case 2: return gemv_blocks<FMT, 2, OFFSET>(a, m0, b0, b1);
+    case 3: return gemv_blocks<FMT, 3, OFFSET>(a, m0, b0, b1);
+    case 4: return gemv_blocks<FMT, 4, OFFSET>(a, m0, b0, b1);
+    default: return gemv_blocks<FMT, 8, false>(a, m0, b0, b1);
   }
 }
 
@@ -210,11 +247,10 @@ template <int64_t FMT>
 AQ_TARGET void decode_block(const Layout& w, int64_t b, uint8_t* dst) {
   const Tables tb = load_tables(w.lut);
   const uint8_t* p = w.packed + b * (w.kp / 4 * bytes_per_4k(FMT));
-  for (int64_t k = 0; k < w.kp; k += 4, p += bytes_per_4k(FMT), dst += 128) {
-    __m512i w0, w1;
-    decode4<FMT>(p, tb, w0, w1);
-    _mm512_storeu_si512(dst, w0);
-    _mm512_storeu_si512(dst + 64, w1);
+  for (int64_t k = 0; k < w.kp; k += 8, p += 2 * bytes_per_4k(FMT), dst += 256) {
+    __m512i wv[4];
+    decode8<FMT>(p, tb, wv);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(dst + 64 * j, wv[j]);
   }
 }
 
@@ -226,13 +262,38 @@ void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
   }
 }
 
+// Few rows (<= 4) of int4 with group sums and bf16 x take the offset decoder.
 void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   switch (a.w.fmt) {
     case kDecoded: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
-    case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
+    case kInt4:
+      if (a.xsum != nullptr && !a.exact) return gemv_rows<kInt4, true>(a, m0, rows, b0, b1);
+      return gemv_rows<kInt4>(a, m0, rows, b0, b1);
     case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
     default: return gemv_rows<kFp8>(a, m0, rows, b0, b1);
+  }
+}
+
+// sums[r * ng + g] = fp32 sum of bf16 row r's inputs g * group .. (g + 1) * group (group % 8 == 0).
+AQ_TARGET inline void group_sums_bf16(const int16_t* x, int64_t rows, int64_t kp, int64_t group, float* sums) {
+  const int64_t ng = kp / group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int16_t* xr = x + r * kp;
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      int64_t k = g * group;
+      const int64_t end = k + group;
+      for (; k + 16 <= end; k += 16) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
+      }
+      if (k < end) {  // a last 8 inputs
+        const __m256i words = _mm256_maskz_loadu_epi16(0xFF, xr + k);
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
+      }
+      sums[r * ng + g] = _mm512_reduce_add_ps(acc);
+    }
   }
 }
 
