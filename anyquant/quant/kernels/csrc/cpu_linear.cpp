@@ -34,8 +34,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const bool offset_decoder = w.fmt == kInt4 && !split && rows <= 4;
   std::vector<float> xsum;
   if (w.zz != nullptr || offset_decoder) {
-    xsum.resize(static_cast<size_t>(rows * w.ng));
-    group_sums_bf16(xw, rows, w.kp, w.group, xsum.data());
+    xsum.resize(static_cast<size_t>(rows * w.nspans));
+    group_sums_bf16(xw, rows, w.kp, w.span, xsum.data());
   }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();

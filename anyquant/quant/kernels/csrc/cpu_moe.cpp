@@ -107,15 +107,18 @@ at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
 }
 
 // Float offsets of `cols` output rows (off[g * gstride + c]: group g, row c) times the rows' group
-// sums xs [rows, ng] (one row per bf16 part row), added to out [rows, out_stride] at columns col0...
-void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t rows, float* out,
-                 int64_t out_stride, int64_t col0, int64_t cols) {
+// sums, added to out [rows, out_stride] at columns col0... xs [rows, ng * spg] holds the sums per
+// span of the vector path (spg spans per group; one row per bf16 part row).
+void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t spg, int64_t rows,
+                 float* out, int64_t out_stride, int64_t col0, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xs + r * ng;
+    const float* xr = xs + r * ng * spg;
     float* o = out + r * out_stride + col0;
     for (int64_t g = 0; g < ng; ++g) {
+      float xg = 0.f;
+      for (int64_t q = 0; q < spg; ++q) xg += xr[g * spg + q];
       const float* og = off + g * gstride;
-      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xr[g];
+      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xg;
     }
   }
 }
@@ -239,8 +242,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   // Group sums: for zero points and offsets, and for int4's offset decoder (bf16 x).
   const bool offset_decoder = fmt == kInt4 && parts == 1;
   const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
-  const at::Tensor xs13 = sums13 ? group_sums(xg, group13) : at::Tensor();
-  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, group13) : xs13;
+  const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
+  const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();
+  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, span13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
@@ -259,8 +263,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       tmp.resize(static_cast<size_t>(parts * rows * 32));
       const int64_t ng = gu.base.ng;
-      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * ng : nullptr;
-      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * ng : nullptr;
+      const int64_t nspans = gu.base.nspans;
+      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * nspans : nullptr;
+      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * nspans : nullptr;
       GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
                  xs, nullptr, tmp.data(), false, 32, nullptr};
       a.exact = parts > 1;
@@ -273,8 +278,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
         const int64_t live = std::min<int64_t>(16, inter - j * 16);
         const float* oe = o13 + e * 2 * ng * inter + j * 16;
-        add_offsets(oe, inter, ng, xs, parts * rows, tmp.data(), 32, 0, live);
-        add_offsets(oe + ng * inter, inter, ng, xsu, parts * rows, tmp.data(), 32, 16, live);
+        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), 32, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), 32, 16, live);
       }
       const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
       for (int64_t r = 0; r < rows; ++r) {
@@ -334,7 +339,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
     });
   }
   at::Tensor xs2;
-  if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, group2);
+  if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, dn.base.span);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
   at::Tensor y = at::empty({parts * held, hidden}, out.options());
@@ -346,14 +351,14 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t e = active[i / nb2], b = i % nb2;
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
-                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
+                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.nspans : nullptr,
                  nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
       a.exact = parts > 1;
       block_rows(a, parts * rows, b, scratch.data());
       if (o2 != nullptr) {
         const int64_t ng = dn.base.ng;
-        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * ng,
-                    parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * dn.base.nspans,
+                    dn.base.nspans / ng, parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
       }
       if (act2 == 3) {  // the codes' product times each pair's h scale
         const int64_t cols = std::min<int64_t>(16, hidden - b * 16);

@@ -30,10 +30,12 @@
 // and zz * scale * sum(x) once per group; the tile path dequantizes (v - zz) * scale exactly like
 // the reference (the subtraction exact, one rounding) and hands the tile to at::mm.
 // Error of the offset decoder: the products (128 + c) * x are exact in fp32 like (c - 8) * x, but
-// the running sums are up to ~17x larger (136 against |c - 8| <= 8), so fp32 rounding adds about
-// 17 * 2^-24 * sqrt(G) relative to the group's terms (~1e-5 for G = 128): far below a bf16
-// output's 2^-9, but not fp32 accuracy, so fp32 compute (x split into three bf16 parts) keeps the
-// exact decoder.
+// the running sums are larger (terms of 128 + c instead of c - 8, |c - 8| ~ 4.6 on average), and
+// fp32 rounds each addition to 2^-24 of the running sum. So the sums are flushed (scaled and the
+// offset removed) every `span` <= 128 inputs whatever the group (a per-channel group spans all
+// of K): the worst case, x all equal, then loses 2^-24 * 136 * 128 / 4.6 ~ 2.3e-4 of the result,
+// random x ~1e-6; both below a bf16 output's rounding (2^-9), but not fp32 accuracy, so fp32
+// compute (x split into three bf16 parts) keeps the exact decoder.
 //
 // The file is compiled without -mavx512 flags: only functions marked AQ_TARGET contain AVX-512
 // code, so the library loads on any x86-64 CPU and the Python side refuses to call it where the
@@ -68,7 +70,15 @@ struct Layout {
   const float* zz;        // [blocks, ng, 16] or nullptr
   const int16_t* lut;     // 128 bf16 words: int4 code -> code - 8, fp8 magnitude -> value
   int64_t fmt, kp, group, ng, blocks, n;
+  int64_t span, nspans;   // the vector path's flush interval (divides group, <= 128) and kp / span
 };
+
+// The largest multiple of 8 that divides `group` and is at most 128 (group % 8 == 0).
+inline int64_t flush_span(int64_t group) {
+  for (int64_t s = std::min<int64_t>(group, 128); s > 8; s -= 8)
+    if (group % s == 0) return s;
+  return 8;
+}
 
 struct Tables {
   __m512i t[4];
@@ -147,8 +157,8 @@ AQ_TARGET inline __m512 dot(__m512 acc, __m512i w, const int16_t* xpair) {
 struct GemvArgs {
   Layout w;
   const int16_t* x;     // bf16 [rows, kp]
-  const float* xsum;    // [rows, ng] sums of x per group (group_sums): needed with zz, and for
-                        // int4's offset decoder, which the vector path uses only when it is given
+  const float* xsum;    // [rows, nspans] sums of x per span (group_sums_bf16): needed with zz,
+                        // and for int4's offset decoder, which the vector path uses only when given
   const float* bias;    // fp32 [n] or nullptr
   void* out;            // [rows, out_stride], fp32 or bf16
   bool out_bf16;
@@ -173,20 +183,23 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
   const Layout& w = a.w;
   const Tables tb = load_tables(w.lut);
   const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
-  const int64_t group_bytes = w.group / 4 * bytes_per_4k(FMT);
+  const int64_t span_bytes = w.span / 4 * bytes_per_4k(FMT);
   const int16_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* pb = (FMT == kDecoded && a.decoded) ? a.decoded : w.packed + b * block_bytes;
     __m512 out[M];
     for (int m = 0; m < M; ++m) out[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < w.ng; ++g) {
-      const uint8_t* p = pb + g * group_bytes;
+    // Spans of inputs (the group, or a part of it): the sums are scaled and flushed per span.
+    const int64_t spans_per_group = w.group / w.span;
+    for (int64_t q = 0; q < w.nspans; ++q) {
+      const int64_t g = q / spans_per_group;
+      const uint8_t* p = pb + q * span_bytes;
       __m512 acc[M][U];
       for (int m = 0; m < M; ++m)
         for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-      const int64_t k0 = g * w.group;
-      for (int64_t k = 0; k < w.group; k += 8) {
+      const int64_t k0 = q * w.span;
+      for (int64_t k = 0; k < w.span; k += 8) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
         __m512i wv[4];
         decode8<FMT, OFFSET>(p, tb, wv);
@@ -212,7 +225,7 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
         if constexpr (OFFSET) zc = _mm512_add_ps(zc, _mm512_set1_ps(kOffsetShift));
         const __m512 zs = _mm512_mul_ps(s, zc);
         for (int m = 0; m < M; ++m)
-          out[m] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(a.xsum[(m0 + m) * w.ng + g]), out[m]);
+          out[m] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(a.xsum[(m0 + m) * w.nspans + q]), out[m]);
       }
     }
     const int64_t col = b * 16;
@@ -275,7 +288,8 @@ void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int6
   }
 }
 
-// sums[r * ng + g] = fp32 sum of bf16 row r's inputs g * group .. (g + 1) * group (group % 8 == 0).
+// sums[r * ng + g] = fp32 sum of bf16 row r's inputs g * group .. (g + 1) * group (group % 8 == 0),
+// ng = kp / group. With group = Layout::span: the vector path's xsum.
 AQ_TARGET inline void group_sums_bf16(const int16_t* x, int64_t rows, int64_t kp, int64_t group, float* sums) {
   const int64_t ng = kp / group;
   for (int64_t r = 0; r < rows; ++r) {
@@ -311,6 +325,8 @@ Layout make_layout(const at::Tensor& packed, const at::Tensor& scale, const c10:
   w.ng = scale.size(1);
   w.group = group;
   w.kp = w.ng * group;
+  w.span = flush_span(group);
+  w.nspans = w.kp / w.span;
   w.n = n;
   TORCH_CHECK(n > 0 && n <= w.blocks * 16, "n out of range");
   TORCH_CHECK(packed.numel() == w.blocks * w.kp / 4 * bytes_per_4k(fmt), "packed weights have the wrong size");
