@@ -1,8 +1,9 @@
-"""The int4 vector path of cpu_avx512 (csrc/gemv.h): its repacked layout and its offset decoder.
+"""The int4 / int8 vector path of cpu_avx512 (csrc/gemv.h): repacked layouts and offset decoders.
 
 The few-row bf16 path decodes int4 codes c as the bf16 value 128 + c (no table lookup) and removes
-136 * scale * sum(x) per span of at most 128 inputs. Its fp32 sums carry larger terms than the
-exact decoder's (c - 8), so the budget here is stricter than the bf16 output's: the kernel's error
+136 * scale * sum(x) per span of at most 128 inputs; 8-bit codes as two such nibbles (u + 2176,
+2304 removed). Its fp32 sums carry larger terms than the exact decoders' (c - 8, u - 128), so the
+budget here is stricter than the bf16 output's: the kernel's error
 against float64 must stay within 0.1 % of the error that rounding the float64 result to bf16 alone
 makes (what a perfect fp32 sum would give; measured: equal to 4 digits), for random activations and
 for activations with a large common mean (the offsets' sums add up, the case the flush every 128
@@ -33,6 +34,9 @@ SPECS = [
     QuantSpec("uint4", "group", group_size=128, has_zero=True),
     QuantSpec("uint4", "channel", has_zero=True),  # one group over all of K: flushed per span
     QuantSpec("uint3", "group", group_size=64),
+    QuantSpec("int8", "channel"),
+    QuantSpec("int8", "group", group_size=128),
+    QuantSpec("uint8", "group", group_size=64, has_zero=True),
 ]
 # (N, K): N not a multiple of 16; K not a multiple of the group; K = 1000 per channel is a group
 # of 1000 (spans of 40); 4864 per channel (spans of 128).
@@ -85,10 +89,10 @@ def test_bf16_vector_path_is_as_good_as_rounding_float64(spec: QuantSpec, thread
 
 
 @needs_kernel
-def test_fp32_keeps_fp32_accuracy_with_a_common_mean(threads: int) -> None:
-    """fp32 compute keeps the exact decoder: the offsets' large sums would cost fp32 accuracy."""
+@pytest.mark.parametrize("spec", [SPECS[4], SPECS[6]], ids=QuantSpec.describe)
+def test_fp32_keeps_fp32_accuracy_with_a_common_mean(spec: QuantSpec, threads: int) -> None:
+    """fp32 compute keeps the exact decoders: the offsets' large sums would cost fp32 accuracy."""
     gen = torch.Generator().manual_seed(12)
-    spec = QuantSpec("uint4", "channel", has_zero=True)
     w = random_weight(spec, 40, 4864, seed=3)
     kernel = Avx512WeightOnlyKernel((40, 4864), F32)
     kernel.load(w)
@@ -119,3 +123,27 @@ def test_int4_layout_is_the_documented_one() -> None:
                     for j in range(4):
                         got = (int(words[2 * i + t]) >> (4 * j)) & 0xF
                         assert got == int(codes[16 * b + i, 8 * c + 2 * j + t]), (b, c, i, t, j)
+
+
+def test_int8_layout_is_the_documented_one() -> None:
+    """gemv.h's 8-bit layout for int8 / uint8: per block of 16 rows and 4 inputs, 64 bytes = 32
+    words; byte h of word 2i+t holds u(row i, input k + 2h + t), u = code + 128 (int8) or code."""
+    if UNAVAILABLE is not None:
+        pytest.skip(f"cpu_avx512 cannot run here: {UNAVAILABLE}")
+    n, k = 32, 16
+    gen = torch.Generator().manual_seed(0)
+    for name in ("int8", "uint8"):
+        codes = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
+        data = codes.view(torch.int8) if name == "int8" else codes
+        w = QuantWeight(QuantSpec(name, "channel"), (n, k), data, torch.ones(n)).validate("layout")
+        kernel = Avx512WeightOnlyKernel((n, k), BF16)
+        kernel.load(w)
+        u = codes ^ 0x80 if name == "int8" else codes
+        packed = kernel.packed.reshape(n // 16, k // 4, 64)
+        for b in range(n // 16):
+            for c in range(k // 4):
+                for i in range(16):
+                    for t in range(2):
+                        for h in range(2):
+                            got = int(packed[b, c, 2 * (2 * i + t) + h])
+                            assert got == int(u[16 * b + i, 4 * c + 2 * h + t]), (name, b, c, i, t, h)

@@ -30,8 +30,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   }
   const int64_t rows = xb.size(0);
   const auto* xw = reinterpret_cast<const int16_t*>(xb.data_ptr());
-  // Group sums of x: for the zero points, and for int4's offset decoder (bf16 x, up to 4 rows).
-  const bool offset_decoder = w.fmt == kInt4 && !split && rows <= 4;
+  // Group sums of x: for the zero points, and for the offset decoders (bf16 x, up to 4 rows).
+  const bool offset_decoder = has_offset_decoder(w.fmt) && !split && rows <= 4;
   std::vector<float> xsum;
   if (w.zz != nullptr || offset_decoder) {
     xsum.resize(static_cast<size_t>(rows * w.nspans));

@@ -239,8 +239,8 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
   const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
   const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
-  // Group sums: for zero points and offsets, and for int4's offset decoder (bf16 x).
-  const bool offset_decoder = fmt == kInt4 && parts == 1;
+  // Group sums: for zero points and offsets, and for the offset decoders (bf16 x).
+  const bool offset_decoder = has_offset_decoder(fmt) && parts == 1;
   const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
   const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
   const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();

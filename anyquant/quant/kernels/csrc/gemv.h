@@ -21,9 +21,16 @@
 //         - offset (the few-row bf16 vector path): (word & 0xF) | 0x4300 is exactly the bf16
 //           value 128 + code, one vpternlogd per vector; the extra 136 per weight against the
 //           table's value comes off once per group as 136 * scale * (sum of the group's x), which
-//           the zero-point path already uses (kOffsetShift).
-//   8-bit: 32 bytes hold 2 inputs x 16 rows, byte 2i+t = (row i, k+t). int8 goes through fp32
-//         (exact); fp8 through a 128-entry magnitude table (two vpermt2w) plus the sign bit.
+//           the zero-point path already uses (offset_shift).
+//   int8 / uint8: 64 bytes hold 4 inputs x 16 rows as 32 words: word 2i+t holds u(row i, k+t) in
+//         its low byte and u(row i, k+2+t) in its high byte, u = the code + 128 (int8) or the
+//         code (uint8), whose table value is u - 128. Exact decoder: each byte plane through fp32
+//         (2^23 + u, in-lane). Offset decoder: the four nibbles of each word decoded as for int4
+//         (128 + nibble), the high nibbles' dot products summed apart and multiplied by 16 at the
+//         span's end: the value used is (128 + lo) + 16 * (128 + hi) = u + 2176, the table's
+//         value + 2304.
+//   fp8: 32 bytes hold 2 inputs x 16 rows, byte 2i+t = (row i, k+t), through a 128-entry
+//         magnitude table (two vpermt2w) plus the sign bit.
 // Scales are per (row, group of G inputs), fp32, [blocks, groups, 16]; optional zero points are
 // stored as zz = zero - the table's offset (fp32, same layout), so w = (v - zz) * scale where v is
 // the table value. The matrix-vector path sums v * x over a group in fp32 and applies the scale
@@ -33,8 +40,8 @@
 // the running sums are larger (terms of 128 + c instead of c - 8, |c - 8| ~ 4.6 on average), and
 // fp32 rounds each addition to 2^-24 of the running sum. So the sums are flushed (scaled and the
 // offset removed) every `span` <= 128 inputs whatever the group (a per-channel group spans all
-// of K): the worst case, x all equal, then loses 2^-24 * 136 * 128 / 4.6 ~ 2.3e-4 of the result,
-// random x ~1e-6; both below a bf16 output's rounding (2^-9), but not fp32 accuracy, so fp32
+// of K): the worst case, x all equal, then loses 2^-24 * 136 * 128 / 4.6 ~ 2.3e-4 of the result
+// (8-bit: 2^-24 * 2304 * 128 / 74, the same), random x ~1e-6; both below a bf16 output's rounding (2^-9), but not fp32 accuracy, so fp32
 // compute (x split into three bf16 parts) keeps the exact decoder.
 //
 // The file is compiled without -mavx512 flags: only functions marked AQ_TARGET contain AVX-512
@@ -90,8 +97,12 @@ AQ_TARGET inline Tables load_tables(const int16_t* lut) {
   return tb;
 }
 
-// What the offset decoder's value (128 + code) exceeds the table's (code - 8) by.
-constexpr float kOffsetShift = 136.f;
+// What the offset decoder's value exceeds the table's by: int4 (128 + code) - (code - 8); 8-bit
+// (u + 2176) - (u - 128).
+template <int64_t FMT>
+constexpr float offset_shift() {
+  return FMT == kInt4 ? 136.f : 2304.f;
+}
 
 // int4, 8 inputs: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET: bf16 128 + code, else code - 8.
 template <bool OFFSET>
@@ -113,11 +124,18 @@ AQ_TARGET inline void decode_int4(const uint8_t* p, const Tables& tb, __m512i w[
   }
 }
 
-AQ_TARGET inline __m512i decode_int8(const uint8_t* p) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  const __m512 hi =
-      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // int8 values are exact in bf16
+// One byte plane of an 8-bit chunk (shift 0: the low bytes, pair (k, k+1); 8: the high bytes,
+// pair (k+2, k+3)) as bf16 u - 128: each byte through the fp32 2^23 + u, exact, and the top half
+// of the fp32 result is its bf16 value (8 significant bits at most).
+AQ_TARGET inline __m512i int8_pair(__m512i v, int shift) {
+  const __m512i byte = _mm512_set1_epi32(0xFF), magic = _mm512_set1_epi32(0x4B000000);
+  const __m512 bias = _mm512_set1_ps(8388736.f);  // 2^23 + 128
+  constexpr int kAndOr = 0xEA;                    // vpternlogd: (a & b) | c
+  const __m512i lo = _mm512_srli_epi32(v, shift), hi = _mm512_srli_epi32(v, shift + 16);
+  const __m512 f0 = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(lo, byte, magic, kAndOr)), bias);
+  const __m512 f1 = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(hi, byte, magic, kAndOr)), bias);
+  return _mm512_ternarylogic_epi32(_mm512_castps_si512(f1), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)),
+                                   _mm512_srli_epi32(_mm512_castps_si512(f0), 16), kAndOr);
 }
 
 AQ_TARGET inline __m512i decode_fp8(const uint8_t* p, const Tables& tb) {
@@ -131,13 +149,17 @@ AQ_TARGET inline __m512i decode_fp8(const uint8_t* p, const Tables& tb) {
 }
 
 // Word vectors for inputs k..k+7 of one block: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET
-// (int4 only) selects the offset decoder.
+// selects int4's offset decoder (int8's needs two accumulators per pair: step8).
 template <int64_t FMT, bool OFFSET = false>
 AQ_TARGET inline void decode8(const uint8_t* p, const Tables& tb, __m512i w[4]) {
   if constexpr (FMT == kInt4) {
     decode_int4<OFFSET>(p, tb, w);
-  } else if constexpr (FMT == kInt8) {
-    for (int j = 0; j < 4; ++j) w[j] = decode_int8(p + 32 * j);
+  } else if constexpr (FMT == kInt8) {  // exact: the offset decoder runs in step8
+    for (int c = 0; c < 2; ++c) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * c);
+      w[2 * c] = int8_pair(v, 0);
+      w[2 * c + 1] = int8_pair(v, 8);
+    }
   } else if constexpr (FMT == kDecoded) {
     for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(p + 64 * j);
   } else {
@@ -158,14 +180,14 @@ struct GemvArgs {
   Layout w;
   const int16_t* x;     // bf16 [rows, kp]
   const float* xsum;    // [rows, nspans] sums of x per span (group_sums_bf16): needed with zz,
-                        // and for int4's offset decoder, which the vector path uses only when given
+                        // and for the offset decoders, which the vector path uses only when given
   const float* bias;    // fp32 [n] or nullptr
   void* out;            // [rows, out_stride], fp32 or bf16
   bool out_bf16;
   int64_t out_stride;
   const uint8_t* decoded;  // kDecoded only: the one block being multiplied, as bf16 words
   int64_t col_shift = 0;   // block b's outputs are stored at columns b * 16 - col_shift
-  bool exact = false;      // int4: keep the exact decoder (fp32 compute: x in three bf16 parts)
+  bool exact = false;      // keep the exact decoders (fp32 compute: x in three bf16 parts)
 };
 
 // Bytes ahead of the current load that the vector path prefetches (measured on Zen 4 with
@@ -173,13 +195,45 @@ struct GemvArgs {
 // start of each block's stream).
 constexpr int64_t kPrefetchBytes = 1024;
 
-// Rows m0..m0+M of x against blocks b0..b1, 8 inputs per iteration. Up to 4 rows use four
-// accumulators per row (so consecutive dot products do not wait on each other); 8 rows use two
-// (16 chains in flight), which halves the decoding work per row against the 4-row version.
-// OFFSET (int4): the offset decoder; a.xsum must be given.
+// 8 inputs (k .. k+7) of rows xr[0..M) against one block at p: the dot products go into acc.
+template <int64_t FMT, int M, int U, bool OFFSET>
+AQ_TARGET inline void step8(const uint8_t* p, const Tables& tb, const int16_t* const* xr, int64_t k,
+                            __m512 (&acc)[M][U]) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+  __m512i wv[4];
+  if constexpr (FMT == kInt8 && OFFSET) {
+    static_assert(U == 4, "int8's offset decoder keeps the high nibbles in accumulators 1 and 3");
+    for (int c = 0; c < 2; ++c) {  // per 64-byte chunk, inputs k + 4c .. k + 4c + 3
+      decode_int4<true>(p + 64 * c, tb, wv);
+      for (int m = 0; m < M; ++m) {
+        const int16_t* xk = xr[m] + k + 4 * c;
+        acc[m][0] = dot(acc[m][0], wv[0], xk);      // low nibbles of pair (k, k+1)
+        acc[m][1] = dot(acc[m][1], wv[1], xk);      // their high nibbles (x 16 at the end)
+        acc[m][2] = dot(acc[m][2], wv[2], xk + 2);  // pair (k+2, k+3)
+        acc[m][3] = dot(acc[m][3], wv[3], xk + 2);
+      }
+    }
+    return;
+  }
+  decode8<FMT, OFFSET>(p, tb, wv);
+  for (int m = 0; m < M; ++m) {
+    const int16_t* xk = xr[m] + k;
+    acc[m][0] = dot(acc[m][0], wv[0], xk);
+    acc[m][1] = dot(acc[m][1], wv[1], xk + 2);
+    acc[m][2 % U] = dot(acc[m][2 % U], wv[2], xk + 4);
+    acc[m][3 % U] = dot(acc[m][3 % U], wv[3], xk + 6);
+  }
+}
+
+// Rows m0..m0+M of x against blocks b0..b1, 8 inputs per step. Up to 4 rows use four
+// accumulators per row (so consecutive dot products do not wait on each other); one row
+// alternates two sets of four between steps (a step's 4 dot products take less time than one
+// vdpbf16ps's latency); 8 rows use two (16 chains in flight), which halves the decoding work per
+// row against the 4-row version. OFFSET (int4): the offset decoder; a.xsum must be given.
 template <int64_t FMT, int M, bool OFFSET>
 AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1) {
   constexpr int U = M > 4 ? 2 : 4;
+  constexpr int64_t step_bytes = 2 * bytes_per_4k(FMT);
   const Layout& w = a.w;
   const Tables tb = load_tables(w.lut);
   const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
@@ -195,34 +249,36 @@ AQ_TARGET void gemv_blocks(const GemvArgs& a, int64_t m0, int64_t b0, int64_t b1
     for (int64_t q = 0; q < w.nspans; ++q) {
       const int64_t g = q / spans_per_group;
       const uint8_t* p = pb + q * span_bytes;
-      __m512 acc[M][U];
+      __m512 acc[M][U], acc2[M][U];
       for (int m = 0; m < M; ++m)
-        for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+        for (int u = 0; u < U; ++u) acc[m][u] = acc2[m][u] = _mm512_setzero_ps();
       const int64_t k0 = q * w.span;
-      for (int64_t k = 0; k < w.span; k += 8) {
-        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-        __m512i wv[4];
-        decode8<FMT, OFFSET>(p, tb, wv);
-        p += 2 * bytes_per_4k(FMT);
-        for (int m = 0; m < M; ++m) {
-          const int16_t* xk = xr[m] + k0 + k;
-          acc[m][0] = dot(acc[m][0], wv[0], xk);
-          acc[m][1] = dot(acc[m][1], wv[1], xk + 2);
-          acc[m][2 % U] = dot(acc[m][2 % U], wv[2], xk + 4);
-          acc[m][3 % U] = dot(acc[m][3 % U], wv[3], xk + 6);
+      int64_t k = 0;
+      if constexpr (M == 1) {
+        for (; k + 16 <= w.span; k += 16, p += 2 * step_bytes) {
+          step8<FMT, M, U, OFFSET>(p, tb, xr, k0 + k, acc);
+          step8<FMT, M, U, OFFSET>(p + step_bytes, tb, xr, k0 + k + 8, acc2);
         }
       }
+      for (; k < w.span; k += 8, p += step_bytes) step8<FMT, M, U, OFFSET>(p, tb, xr, k0 + k, acc);
       __m512 sums[M];
       for (int m = 0; m < M; ++m) {
+        if constexpr (M == 1)
+          for (int u = 0; u < U; ++u) acc[m][u] = _mm512_add_ps(acc[m][u], acc2[m][u]);
+        if constexpr (FMT == kInt8 && OFFSET) {
+          sums[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][1], acc[m][3]), _mm512_set1_ps(16.f),
+                                    _mm512_add_ps(acc[m][0], acc[m][2]));
+          continue;
+        }
         sums[m] = _mm512_add_ps(acc[m][0], acc[m][1]);
         if constexpr (U == 4) sums[m] = _mm512_add_ps(sums[m], _mm512_add_ps(acc[m][2], acc[m][3]));
       }
       const __m512 s = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
       for (int m = 0; m < M; ++m) out[m] = _mm512_fmadd_ps(sums[m], s, out[m]);
       if (OFFSET || w.zz != nullptr) {
-        // w = (v - zz) * scale with v the table value; the offset decoder's v is kOffsetShift more.
+        // w = (v - zz) * scale with v the table value; the offset decoder's v is offset_shift more.
         __m512 zc = w.zz != nullptr ? _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16) : _mm512_setzero_ps();
-        if constexpr (OFFSET) zc = _mm512_add_ps(zc, _mm512_set1_ps(kOffsetShift));
+        if constexpr (OFFSET) zc = _mm512_add_ps(zc, _mm512_set1_ps(offset_shift<FMT>()));
         const __m512 zs = _mm512_mul_ps(s, zc);
         for (int m = 0; m < M; ++m)
           out[m] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(a.xsum[(m0 + m) * w.nspans + q]), out[m]);
@@ -275,7 +331,7 @@ void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
   }
 }
 
-// Few rows (<= 4) of int4 with group sums and bf16 x take the offset decoder.
+// Few rows (<= 4) of int4 / int8 with group sums and bf16 x take the offset decoder.
 void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   switch (a.w.fmt) {
@@ -283,10 +339,15 @@ void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int6
     case kInt4:
       if (a.xsum != nullptr && !a.exact) return gemv_rows<kInt4, true>(a, m0, rows, b0, b1);
       return gemv_rows<kInt4>(a, m0, rows, b0, b1);
-    case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
+    case kInt8:
+      if (a.xsum != nullptr && !a.exact) return gemv_rows<kInt8, true>(a, m0, rows, b0, b1);
+      return gemv_rows<kInt8>(a, m0, rows, b0, b1);
     default: return gemv_rows<kFp8>(a, m0, rows, b0, b1);
   }
 }
+
+// Whether the few-row vector path has an offset decoder for `fmt` (it then needs group sums).
+inline bool has_offset_decoder(int64_t fmt) { return fmt == kInt4 || fmt == kInt8; }
 
 // sums[r * ng + g] = fp32 sum of bf16 row r's inputs g * group .. (g + 1) * group (group % 8 == 0),
 // ng = kp / group. With group = Layout::span: the vector path's xsum.
