@@ -30,8 +30,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   }
   const int64_t rows = xb.size(0);
   const auto* xw = reinterpret_cast<const int16_t*>(xb.data_ptr());
-  // Group sums of x: for the zero points, and for the offset decoders (bf16 x, up to 4 rows).
-  const bool offset_decoder = has_offset_decoder(w.fmt) && !split && rows <= 4;
+  // Group sums of x: for the zero points, and for the offset decoders (bf16 x, few rows).
+  const bool offset_decoder = !split && rows <= offset_decoder_rows(w.fmt);
   std::vector<float> xsum;
   if (w.zz != nullptr || offset_decoder) {
     xsum.resize(static_cast<size_t>(rows * w.nspans));
@@ -103,10 +103,12 @@ AQ_TARGET void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t t
       const __m512 s = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
       const __m512 z = w.zz ? _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16) : _mm512_setzero_ps();
       for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 8) {
-        __m512i wv[4];
-        decode8<FMT>(p, tb, wv);
+        const Words wv = decode8<FMT>(p, tb);
         p += 2 * bytes_per_4k(FMT);
-        for (int j = 0; j < 4; ++j) store_pair(wv[j], s, z, col + (k + 2 * j) * ld, ld);
+        store_pair(wv.w0, s, z, col + k * ld, ld);
+        store_pair(wv.w1, s, z, col + (k + 2) * ld, ld);
+        store_pair(wv.w2, s, z, col + (k + 4) * ld, ld);
+        store_pair(wv.w3, s, z, col + (k + 6) * ld, ld);
       }
     }
   }

@@ -240,7 +240,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
   const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
   // Group sums: for zero points and offsets, and for the offset decoders (bf16 x).
-  const bool offset_decoder = has_offset_decoder(fmt) && parts == 1;
+  const bool offset_decoder = offset_decoder_rows(fmt) > 0 && parts == 1;
   const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
   const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
   const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();
@@ -357,8 +357,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       block_rows(a, parts * rows, b, scratch.data());
       if (o2 != nullptr) {
         const int64_t ng = dn.base.ng;
-        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * dn.base.nspans,
-                    dn.base.nspans / ng, parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+        const float* xs = xs2.data_ptr<float>() + parts * r0 * dn.base.nspans;
+        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs, dn.base.nspans / ng, parts * rows,
+                    yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
       }
       if (act2 == 3) {  // the codes' product times each pair's h scale
         const int64_t cols = std::min<int64_t>(16, hidden - b * 16);

@@ -20,8 +20,8 @@
 //           codes into bf16 (code - 8);
 //         - offset (the few-row bf16 vector path): (word & 0xF) | 0x4300 is exactly the bf16
 //           value 128 + code, one vpternlogd per vector; the extra 136 per weight against the
-//           table's value comes off once per group as 136 * scale * (sum of the group's x), which
-//           the zero-point path already uses (offset_shift).
+//           table's value comes off once per span of inputs as 136 * scale * (sum of the span's
+//           x), as the zero points do (offset_shift).
 //   int8 / uint8: 64 bytes hold 4 inputs x 16 rows as 32 words: word 2i+t holds u(row i, k+t) in
 //         its low byte and u(row i, k+2+t) in its high byte, u = the code + 128 (int8) or the
 //         code (uint8), whose table value is u - 128. Exact decoder: each byte plane through fp32
@@ -33,16 +33,17 @@
 //         magnitude table (two vpermt2w) plus the sign bit.
 // Scales are per (row, group of G inputs), fp32, [blocks, groups, 16]; optional zero points are
 // stored as zz = zero - the table's offset (fp32, same layout), so w = (v - zz) * scale where v is
-// the table value. The matrix-vector path sums v * x over a group in fp32 and applies the scale
-// and zz * scale * sum(x) once per group; the tile path dequantizes (v - zz) * scale exactly like
-// the reference (the subtraction exact, one rounding) and hands the tile to at::mm.
+// the table value. The matrix-vector path sums v * x over a span of the group in fp32 and applies
+// the scale and zz * scale * sum(x) once per span; the tile path dequantizes (v - zz) * scale
+// exactly like the reference (the subtraction exact, one rounding) and hands the tile to at::mm.
 // Error of the offset decoder: the products (128 + c) * x are exact in fp32 like (c - 8) * x, but
 // the running sums are larger (terms of 128 + c instead of c - 8, |c - 8| ~ 4.6 on average), and
 // fp32 rounds each addition to 2^-24 of the running sum. So the sums are flushed (scaled and the
 // offset removed) every `span` <= 128 inputs whatever the group (a per-channel group spans all
-// of K): the worst case, x all equal, then loses 2^-24 * 136 * 128 / 4.6 ~ 2.3e-4 of the result
-// (8-bit: 2^-24 * 2304 * 128 / 74, the same), random x ~1e-6; both below a bf16 output's rounding (2^-9), but not fp32 accuracy, so fp32
-// compute (x split into three bf16 parts) keeps the exact decoder.
+// of K): the bound for x all equal is 2^-24 * 136 * 128 / 4.6 ~ 2.3e-4 of the result (8-bit:
+// 2^-24 * 2304 * 128 / 74, the same); measured (tests/kernels/test_avx512_gemv.py) the bf16
+// outputs equal float64 rounded to bf16 to 4 digits of the L2 error. Not fp32 accuracy, so fp32
+// compute (x split into three bf16 parts) keeps the exact decoders.
 //
 // The file is compiled without -mavx512 flags: only functions marked AQ_TARGET contain AVX-512
 // code, so the library loads on any x86-64 CPU and the Python side refuses to call it where the
@@ -104,23 +105,30 @@ constexpr float offset_shift() {
   return FMT == kInt4 ? 136.f : 2304.f;
 }
 
-// int4, 8 inputs: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET: bf16 128 + code, else code - 8.
+// Four word vectors of one block: w[j] holds pair (k + 2j, k + 2j + 1) of 8 inputs, or for
+// int8's offset decoder the nibbles j of 4 inputs. Named members, not an array: GCC kept an
+// array of them in memory (spills measured 1.25x slower at 4 rows).
+struct Words {
+  __m512i w0, w1, w2, w3;
+};
+
+// int4, 8 inputs. OFFSET: bf16 128 + code, else code - 8.
 template <bool OFFSET>
-AQ_TARGET inline void decode_int4(const uint8_t* p, const Tables& tb, __m512i w[4]) {
+AQ_TARGET inline Words decode_int4(const uint8_t* p, const Tables& tb) {
   const __m512i v = _mm512_loadu_si512(p);
   const __m512i nib = _mm512_set1_epi16(15);
   if constexpr (OFFSET) {
     const __m512i exp = _mm512_set1_epi16(0x4300);  // bf16 128.0: mantissa bits 0..3 add the code
     constexpr int kAndOr = 0xEA;                     // vpternlogd: (a & b) | c
-    w[0] = _mm512_ternarylogic_epi32(v, nib, exp, kAndOr);
-    w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, exp, kAndOr);
-    w[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, exp, kAndOr);
-    w[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), exp);
+    return {_mm512_ternarylogic_epi32(v, nib, exp, kAndOr),
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, exp, kAndOr),
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, exp, kAndOr),
+            _mm512_or_si512(_mm512_srli_epi16(v, 12), exp)};
   } else {
-    w[0] = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), tb.t[0]);
-    w[1] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), tb.t[0]);
-    w[2] = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 8), nib), tb.t[0]);
-    w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tb.t[0]);
+    return {_mm512_permutexvar_epi16(_mm512_and_si512(v, nib), tb.t[0]),
+            _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), tb.t[0]),
+            _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 8), nib), tb.t[0]),
+            _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), tb.t[0])};
   }
 }
 
@@ -148,22 +156,20 @@ AQ_TARGET inline __m512i decode_fp8(const uint8_t* p, const Tables& tb) {
   return _mm512_or_si512(mag, sign);
 }
 
-// Word vectors for inputs k..k+7 of one block: w[j] holds pair (k + 2j, k + 2j + 1). OFFSET
+// Word vectors for inputs k..k+7 of one block: w_j holds pair (k + 2j, k + 2j + 1). OFFSET
 // selects int4's offset decoder (int8's needs two accumulators per pair: step8).
 template <int64_t FMT, bool OFFSET = false>
-AQ_TARGET inline void decode8(const uint8_t* p, const Tables& tb, __m512i w[4]) {
+AQ_TARGET inline Words decode8(const uint8_t* p, const Tables& tb) {
   if constexpr (FMT == kInt4) {
-    decode_int4<OFFSET>(p, tb, w);
+    return decode_int4<OFFSET>(p, tb);
   } else if constexpr (FMT == kInt8) {  // exact: the offset decoder runs in step8
-    for (int c = 0; c < 2; ++c) {
-      const __m512i v = _mm512_loadu_si512(p + 64 * c);
-      w[2 * c] = int8_pair(v, 0);
-      w[2 * c + 1] = int8_pair(v, 8);
-    }
+    const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 64);
+    return {int8_pair(v0, 0), int8_pair(v0, 8), int8_pair(v1, 0), int8_pair(v1, 8)};
   } else if constexpr (FMT == kDecoded) {
-    for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_si512(p + 64 * j);
+    return {_mm512_loadu_si512(p), _mm512_loadu_si512(p + 64), _mm512_loadu_si512(p + 128),
+            _mm512_loadu_si512(p + 192)};
   } else {
-    for (int j = 0; j < 4; ++j) w[j] = decode_fp8(p + 32 * j, tb);
+    return {decode_fp8(p, tb), decode_fp8(p + 32, tb), decode_fp8(p + 64, tb), decode_fp8(p + 96, tb)};
   }
 }
 
@@ -200,28 +206,27 @@ template <int64_t FMT, int M, int U, bool OFFSET>
 AQ_TARGET inline void step8(const uint8_t* p, const Tables& tb, const int16_t* const* xr, int64_t k,
                             __m512 (&acc)[M][U]) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-  __m512i wv[4];
   if constexpr (FMT == kInt8 && OFFSET) {
     static_assert(U == 4, "int8's offset decoder keeps the high nibbles in accumulators 1 and 3");
     for (int c = 0; c < 2; ++c) {  // per 64-byte chunk, inputs k + 4c .. k + 4c + 3
-      decode_int4<true>(p + 64 * c, tb, wv);
+      const Words wv = decode_int4<true>(p + 64 * c, tb);
       for (int m = 0; m < M; ++m) {
         const int16_t* xk = xr[m] + k + 4 * c;
-        acc[m][0] = dot(acc[m][0], wv[0], xk);      // low nibbles of pair (k, k+1)
-        acc[m][1] = dot(acc[m][1], wv[1], xk);      // their high nibbles (x 16 at the end)
-        acc[m][2] = dot(acc[m][2], wv[2], xk + 2);  // pair (k+2, k+3)
-        acc[m][3] = dot(acc[m][3], wv[3], xk + 2);
+        acc[m][0] = dot(acc[m][0], wv.w0, xk);      // low nibbles of pair (k, k+1)
+        acc[m][1] = dot(acc[m][1], wv.w1, xk);      // their high nibbles (x 16 at the end)
+        acc[m][2] = dot(acc[m][2], wv.w2, xk + 2);  // pair (k+2, k+3)
+        acc[m][3] = dot(acc[m][3], wv.w3, xk + 2);
       }
     }
     return;
   }
-  decode8<FMT, OFFSET>(p, tb, wv);
+  const Words wv = decode8<FMT, OFFSET>(p, tb);
   for (int m = 0; m < M; ++m) {
     const int16_t* xk = xr[m] + k;
-    acc[m][0] = dot(acc[m][0], wv[0], xk);
-    acc[m][1] = dot(acc[m][1], wv[1], xk + 2);
-    acc[m][2 % U] = dot(acc[m][2 % U], wv[2], xk + 4);
-    acc[m][3 % U] = dot(acc[m][3 % U], wv[3], xk + 6);
+    acc[m][0] = dot(acc[m][0], wv.w0, xk);
+    acc[m][1] = dot(acc[m][1], wv.w1, xk + 2);
+    acc[m][2 % U] = dot(acc[m][2 % U], wv.w2, xk + 4);
+    acc[m][3 % U] = dot(acc[m][3 % U], wv.w3, xk + 6);
   }
 }
 
@@ -317,9 +322,11 @@ AQ_TARGET void decode_block(const Layout& w, int64_t b, uint8_t* dst) {
   const Tables tb = load_tables(w.lut);
   const uint8_t* p = w.packed + b * (w.kp / 4 * bytes_per_4k(FMT));
   for (int64_t k = 0; k < w.kp; k += 8, p += 2 * bytes_per_4k(FMT), dst += 256) {
-    __m512i wv[4];
-    decode8<FMT>(p, tb, wv);
-    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(dst + 64 * j, wv[j]);
+    const Words wv = decode8<FMT>(p, tb);
+    _mm512_storeu_si512(dst, wv.w0);
+    _mm512_storeu_si512(dst + 64, wv.w1);
+    _mm512_storeu_si512(dst + 128, wv.w2);
+    _mm512_storeu_si512(dst + 192, wv.w3);
   }
 }
 
@@ -331,23 +338,27 @@ void decode_dispatch(const Layout& w, int64_t b, uint8_t* dst) {
   }
 }
 
-// Few rows (<= 4) of int4 / int8 with group sums and bf16 x take the offset decoder.
+// Up to how many rows of x the offset decoder runs (0: none). Measured on Zen 4 (one thread, an
+// L2-resident layer, both decoders in one build): int4 1.10x / 1.09x faster at 1 / 2 rows, level
+// at 3, 1.23x slower at 4 (more live registers: GCC spills); int8 (twice the dot products, half
+// the decoding) 1.36x / 1.19x / 1.01x faster at 1 / 2 / 3 rows, 1.07x slower at 4.
+inline int64_t offset_decoder_rows(int64_t fmt) { return fmt == kInt4 ? 2 : fmt == kInt8 ? 3 : 0; }
+
+// Few rows of int4 / int8 with group sums and bf16 x take the offset decoder.
 void gemv_dispatch(const GemvArgs& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   if (a.decoded != nullptr) return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
+  const bool offset = a.xsum != nullptr && !a.exact && rows <= offset_decoder_rows(a.w.fmt);
   switch (a.w.fmt) {
     case kDecoded: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
     case kInt4:
-      if (a.xsum != nullptr && !a.exact) return gemv_rows<kInt4, true>(a, m0, rows, b0, b1);
+      if (offset) return gemv_rows<kInt4, true>(a, m0, rows, b0, b1);
       return gemv_rows<kInt4>(a, m0, rows, b0, b1);
     case kInt8:
-      if (a.xsum != nullptr && !a.exact) return gemv_rows<kInt8, true>(a, m0, rows, b0, b1);
+      if (offset) return gemv_rows<kInt8, true>(a, m0, rows, b0, b1);
       return gemv_rows<kInt8>(a, m0, rows, b0, b1);
     default: return gemv_rows<kFp8>(a, m0, rows, b0, b1);
   }
 }
-
-// Whether the few-row vector path has an offset decoder for `fmt` (it then needs group sums).
-inline bool has_offset_decoder(int64_t fmt) { return fmt == kInt4 || fmt == kInt8; }
 
 // sums[r * ng + g] = fp32 sum of bf16 row r's inputs g * group .. (g + 1) * group (group % 8 == 0),
 // ng = kp / group. With group = Layout::span: the vector path's xsum.
