@@ -60,6 +60,20 @@ LAYERS = (
     ("qwen0.5b lm_head", 151936, 896),
 )
 _HEAD = len(LAYERS) - 1
+# `--gemv-shapes`: every projection on its own (unmerged), the decode GEMV shapes of the kernels
+# issue: Qwen2.5-0.5B q/o, k/v, gate or up, down; the same for Llama-3.2-1B; a Qwen3-30B-A3B expert.
+GEMV_SHAPES = (
+    ("qwen0.5b q/o", 896, 896),
+    ("qwen0.5b k/v", 128, 896),
+    ("qwen0.5b gate, up", 4864, 896),
+    ("qwen0.5b down", 896, 4864),
+    ("llama1b q/o", 2048, 2048),
+    ("llama1b k/v", 512, 2048),
+    ("llama1b gate, up", 8192, 2048),
+    ("llama1b down", 2048, 8192),
+    ("a3b expert gate, up", 768, 2048),
+    ("a3b expert down", 2048, 768),
+)
 
 SPECS = (
     QuantSpec("uint4", "group", group_size=128),
@@ -203,7 +217,11 @@ def build(name: str, w: QuantWeight, dtype: torch.dtype) -> LinearKernel | None:
 
 
 def make_cases(
-    spec: QuantSpec, layer: tuple[str, int, int], tokens: list[int], dtype: torch.dtype
+    spec: QuantSpec,
+    layer: tuple[str, int, int],
+    tokens: list[int],
+    dtype: torch.dtype,
+    engines: tuple[str, ...] = (FAST, VNNI, *FALLBACKS, A8),
 ) -> list[Case]:
     name, n, k = layer
     gen = torch.Generator().manual_seed(n * 7919 + k)
@@ -212,10 +230,12 @@ def make_cases(
     assert reference is not None
     layers: dict[str, nn.Module] = {}
     for engine in (FAST, VNNI, *FALLBACKS):
+        if engine not in engines:
+            continue
         kernel = build(engine, w, dtype)
         if kernel is not None:
             layers[engine] = kernel
-    if spec.act is None and (spec.is_uint or spec.weight == "int8"):
+    if A8 in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
         kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
         if kernel is not None:
             layers[A8] = kernel
@@ -309,6 +329,14 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="sweeps over all cases; the best time is kept")
     parser.add_argument("--specs", default="", help="comma-separated indices into SPECS (default: all)")
     parser.add_argument("--layers", default="", help="comma-separated indices into LAYERS (default: all)")
+    parser.add_argument(
+        "--gemv-shapes",
+        action="store_true",
+        help="the unmerged decode shapes (GEMV_SHAPES) instead of LAYERS",
+    )
+    parser.add_argument(
+        "--engines", default="", help=f"comma-separated quantized engines to time (default: all; e.g. {FAST})"
+    )
     parser.add_argument("--csv", type=Path, default=None, help="write throughput against T here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of GFLOP/s against T here")
     args = parser.parse_args()
@@ -318,18 +346,20 @@ def main() -> None:
     dtype = _DTYPES[args.dtype]
     specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else None
+    layers = GEMV_SHAPES if args.gemv_shapes else LAYERS
+    engines = tuple(args.engines.split(",")) if args.engines else (FAST, VNNI, *FALLBACKS, A8)
     cases: list[Case] = []
     with torch.inference_mode():
         bandwidth = read_bandwidth_gbs(args.min_time)
         for spec in specs:
-            for index, layer in enumerate(LAYERS):
+            for index, layer in enumerate(layers):
                 head_spec = spec.weight == "int8" and spec.granularity == "channel"
                 if (chosen is not None and index not in chosen) or (
-                    chosen is None and index == _HEAD and not head_spec
+                    chosen is None and layers is LAYERS and index == _HEAD and not head_spec
                 ):
                     continue
                 # One (spec, shape) at a time: its rotated copies take ~100 MB per engine.
-                group = make_cases(spec, layer, tokens, dtype)
+                group = make_cases(spec, layer, tokens, dtype, engines)
                 # Several sweeps, keeping each cell's best: on a shared machine a busy spell then
                 # only spoils the sweeps it overlaps, not a whole row.
                 for _ in range(args.passes):

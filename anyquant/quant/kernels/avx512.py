@@ -1,8 +1,8 @@
 """AVX-512 (AVX512_BF16) weight-only kernels from the C++ extension: int4, int8 and fp8 weights.
 
 Owns the repacking of a canonical weight into the extension's layout (csrc/gemv.h
-describes it: blocks of 16 output rows, inputs in pairs, one 32-byte chunk per 4 inputs of int4
-or 2 inputs of 8-bit weights; per-(row, group) fp32 scales and optional zero points) and the
+describes it: blocks of 16 output rows, inputs in pairs, one 64-byte chunk per 8 inputs of int4,
+4 inputs of int8 or 2 x 2 inputs of fp8; per-(row, group) fp32 scales and optional zero points) and the
 per-call choice between the extension's two paths:
   - the vector kernel (every bf16 call, and fp32 with few rows): up to 4 rows of x, it streams
     the packed weights once, decodes them in registers to bf16 and multiplies with vdpbf16ps;
@@ -82,7 +82,7 @@ def _lut(weight: str) -> Tensor:
 def _table_offset(spec: QuantSpec) -> int:
     """What the decoded value v is relative to the code: v = code - offset."""
     if spec.weight == "uint8":
-        return 128  # stored as code ^ 0x80, i.e. the int8 code - 128
+        return 128  # stored as is: the 8-bit decoders yield the byte - 128
     return 8 if _FORMAT[spec.weight] == _INT4 else 0
 
 
@@ -169,18 +169,25 @@ class Avx512WeightOnlyKernel(LinearKernel):
         cpu_ext.ops()  # raises with the reason if the library cannot be loaded
 
     def _pack(self, codes: Tensor) -> Tensor:
-        """[N, K] codes -> the extension's bytes [N/16, K/4 (int4) or K/2 (8-bit), 32]."""
+        """[N, K] codes -> the extension's bytes [N/16, K/8, 64] (int4), [N/16, K/4, 64] (int8 /
+        uint8) or [N/16, K/2, 32] (fp8)."""
         n, k = self.shape
         raw = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
-        if self.spec.weight == "uint8":
-            raw = raw ^ 0x80  # the int8 decoder then yields code - 128
+        if self.spec.weight == "int8":
+            raw = raw ^ 0x80  # u = code + 128: the 8-bit decoders yield u - 128
         padded = torch.zeros(self.n_pad, self.k_pad, dtype=torch.uint8)
         padded[:n, :k] = raw  # padded inputs meet zero activations; padded rows are cut off
         nb = self.n_pad // _ROWS
         if self.fmt == _INT4:
-            c = padded.view(nb, _ROWS, self.k_pad // 4, 4).permute(0, 2, 1, 3)  # [nb, k/4, 16, 4]
-            lo, hi = c[..., 0:2], c[..., 2:4]  # byte 2i+t: (row i, k+t) low, (row i, k+2+t) high
-            return (lo | (hi << 4)).reshape(nb, self.k_pad // 4, 32).contiguous()
+            # [nb, k/8, row i, t, j]: code of (row i, input k + 2j + t); word 2i+t holds j = 0..3
+            # in its nibbles, i.e. its low byte j = 0 | 1 << 4, its high byte j = 2 | 3 << 4.
+            c = padded.view(nb, _ROWS, self.k_pad // 8, 4, 2).permute(0, 2, 1, 4, 3)
+            words = c[..., 0::2] | (c[..., 1::2] << 4)  # [nb, k/8, 16, 2, 2 bytes]
+            return words.reshape(nb, self.k_pad // 8, 64).contiguous()
+        if self.fmt == _INT8:
+            # [nb, k/4, row i, t, byte h]: byte h of word 2i+t is (row i, input k + 2h + t).
+            c = padded.view(nb, _ROWS, self.k_pad // 4, 2, 2).permute(0, 2, 1, 4, 3)
+            return c.reshape(nb, self.k_pad // 4, 64).contiguous()
         c = padded.view(nb, _ROWS, self.k_pad // 2, 2).permute(0, 2, 1, 3)  # byte 2i+t: (row i, k+t)
         return c.reshape(nb, self.k_pad // 2, 32).contiguous()
 

@@ -29,8 +29,12 @@ _SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_vnni.cpp", "cpu_attention.cpp"
 # Not compiled on their own, but part of what a build is keyed on.
 _HEADERS = ("gemv.h", "attention.h", "attention_fp32.h", "attention_bf16.h")
 # No -march flags: the AVX-512 functions carry target attributes, so the library loads on any x86-64
-# CPU and the kernels refuse (with a reason) on CPUs without the instructions.
-_CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
+# CPU and the kernels refuse (with a reason) on CPUs without the instructions. -fopenmp: ATen's
+# at::parallel_for is a header template that splits work only where the including file is compiled
+# with OpenMP (else it runs the whole range on the calling thread); the library then links the
+# libgomp.so.1 that torch has already loaded, so torch.set_num_threads governs it.
+_CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 _ENV_DIR = "ANYQUANT_EXTENSION_DIR"  # overrides where the build lives
 
 
@@ -85,6 +89,7 @@ def build_library(name: str, sources: list[Path], build_dir: Path) -> str | None
             name=name,
             sources=[str(path) for path in sources],
             extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,

@@ -29,14 +29,21 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     xb = x.contiguous();
   }
   const int64_t rows = xb.size(0);
-  at::Tensor xsum;
-  if (w.zz != nullptr) xsum = xb.to(at::kFloat).view({rows, w.ng, w.group}).sum(2).contiguous();
+  const auto* xw = reinterpret_cast<const int16_t*>(xb.data_ptr());
+  // Group sums of x: for the zero points, and for the offset decoders (bf16 x, few rows).
+  const bool offset_decoder = !split && rows <= offset_decoder_rows(w.fmt);
+  std::vector<float> xsum;
+  if (w.zz != nullptr || offset_decoder) {
+    xsum.resize(static_cast<size_t>(rows * w.nspans));
+    group_sums_bf16(xw, rows, w.kp, w.span, xsum.data());
+  }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   at::Tensor out = split ? at::empty({rows, n}, x.options()) : at::empty({m, n}, x.options());
-  GemvArgs a{w, reinterpret_cast<const int16_t*>(xb.data_ptr()), w.zz ? xsum.data_ptr<float>() : nullptr,
+  GemvArgs a{w, xw, xsum.empty() ? nullptr : xsum.data(),
              (bias.has_value() && !split) ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), !split, n,
              nullptr};
+  a.exact = split;
   // Blocks of 16 output rows are split among threads. Up to 4 rows of x: each block is decoded
   // in registers once per call. More rows: rows of x go in tiles of kRowTile; per tile, each block
   // is decoded once to bf16 words in a per-thread buffer (16 x kp x 2 bytes, L1/L2-resident) and
@@ -95,12 +102,13 @@ AQ_TARGET void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t t
     for (int64_t g = 0; g < w.ng; ++g) {
       const __m512 s = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
       const __m512 z = w.zz ? _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16) : _mm512_setzero_ps();
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 4) {
-        __m512i w0, w1;
-        decode4<FMT>(p, tb, w0, w1);
-        p += bytes_per_4k(FMT);
-        store_pair(w0, s, z, col + k * ld, ld);
-        store_pair(w1, s, z, col + (k + 2) * ld, ld);
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 8) {
+        const Words wv = decode8<FMT>(p, tb);
+        p += 2 * bytes_per_4k(FMT);
+        store_pair(wv.w0, s, z, col + k * ld, ld);
+        store_pair(wv.w1, s, z, col + (k + 2) * ld, ld);
+        store_pair(wv.w2, s, z, col + (k + 4) * ld, ld);
+        store_pair(wv.w3, s, z, col + (k + 6) * ld, ld);
       }
     }
   }

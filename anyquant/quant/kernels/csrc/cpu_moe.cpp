@@ -96,19 +96,29 @@ inline void split_parts(float v, int parts, c10::BFloat16* dst, int64_t stride) 
 
 // Per row of `rows` bf16 rows of width kp: the fp32 sum of each group of `group` inputs.
 at::Tensor group_sums(const at::Tensor& rows, int64_t group) {
-  return rows.to(at::kFloat).view({rows.size(0), -1, group}).sum(2).contiguous();
+  const int64_t n = rows.size(0), kp = rows.size(1);
+  at::Tensor sums = at::empty({n, kp / group}, rows.options().dtype(at::kFloat));
+  const auto* x = reinterpret_cast<const int16_t*>(rows.data_ptr());
+  float* dst = sums.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    group_sums_bf16(x + r0 * kp, r1 - r0, kp, group, dst + r0 * (kp / group));
+  });
+  return sums;
 }
 
 // Float offsets of `cols` output rows (off[g * gstride + c]: group g, row c) times the rows' group
-// sums xs [rows, ng] (one row per bf16 part row), added to out [rows, out_stride] at columns col0...
-void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t rows, float* out,
-                 int64_t out_stride, int64_t col0, int64_t cols) {
+// sums, added to out [rows, out_stride] at columns col0... xs [rows, ng * spg] holds the sums per
+// span of the vector path (spg spans per group; one row per bf16 part row).
+void add_offsets(const float* off, int64_t gstride, int64_t ng, const float* xs, int64_t spg, int64_t rows,
+                 float* out, int64_t out_stride, int64_t col0, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xs + r * ng;
+    const float* xr = xs + r * ng * spg;
     float* o = out + r * out_stride + col0;
     for (int64_t g = 0; g < ng; ++g) {
+      float xg = 0.f;
+      for (int64_t q = 0; q < spg; ++q) xg += xr[g * spg + q];
       const float* og = off + g * gstride;
-      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xr[g];
+      for (int64_t c = 0; c < cols; ++c) o[c] += og[c] * xg;
     }
   }
 }
@@ -229,9 +239,12 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
   const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
   const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
-  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr;
-  const at::Tensor xs13 = sums13 ? group_sums(xg, group13) : at::Tensor();
-  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, group13) : xs13;
+  // Group sums: for zero points and offsets, and for the offset decoders (bf16 x).
+  const bool offset_decoder = offset_decoder_rows(fmt) > 0 && parts == 1;
+  const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
+  const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
+  const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();
+  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, span13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
@@ -250,21 +263,23 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       tmp.resize(static_cast<size_t>(parts * rows * 32));
       const int64_t ng = gu.base.ng;
-      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * ng : nullptr;
-      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * ng : nullptr;
+      const int64_t nspans = gu.base.nspans;
+      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * nspans : nullptr;
+      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * nspans : nullptr;
       GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 gu.base.zz ? xs : nullptr, nullptr, tmp.data(), false, 32, nullptr};
+                 xs, nullptr, tmp.data(), false, 32, nullptr};
+      a.exact = parts > 1;
       a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
       block_rows(a, parts * rows, j, scratch.data());
       a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
-      a.xsum = gu.base.zz ? xsu : nullptr;
+      a.xsum = xsu;
       a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
       block_rows(a, parts * rows, nb13 + j, scratch.data());
       if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
         const int64_t live = std::min<int64_t>(16, inter - j * 16);
         const float* oe = o13 + e * 2 * ng * inter + j * 16;
-        add_offsets(oe, inter, ng, xs, parts * rows, tmp.data(), 32, 0, live);
-        add_offsets(oe + ng * inter, inter, ng, xsu, parts * rows, tmp.data(), 32, 16, live);
+        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), 32, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), 32, 16, live);
       }
       const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
       for (int64_t r = 0; r < rows; ++r) {
@@ -324,7 +339,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
     });
   }
   at::Tensor xs2;
-  if (dn.base.zz != nullptr || o2 != nullptr) xs2 = group_sums(h, group2);
+  if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, dn.base.span);
 
   // 3. down -> y [parts * pairs, hidden] fp32.
   at::Tensor y = at::empty({parts * held, hidden}, out.options());
@@ -336,13 +351,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       const int64_t e = active[i / nb2], b = i % nb2;
       const int64_t r0 = start[e], rows = start[e + 1] - r0;
       GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
-                 dn.base.zz ? xs2.data_ptr<float>() + parts * r0 * dn.base.ng : nullptr,
+                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.nspans : nullptr,
                  nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
+      a.exact = parts > 1;
       block_rows(a, parts * rows, b, scratch.data());
       if (o2 != nullptr) {
         const int64_t ng = dn.base.ng;
-        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs2.data_ptr<float>() + parts * r0 * ng,
-                    parts * rows, yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
+        const float* xs = xs2.data_ptr<float>() + parts * r0 * dn.base.nspans;
+        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs, dn.base.nspans / ng, parts * rows,
+                    yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
       }
       if (act2 == 3) {  // the codes' product times each pair's h scale
         const int64_t cols = std::min<int64_t>(16, hidden - b * 16);
