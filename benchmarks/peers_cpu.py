@@ -99,7 +99,8 @@ def measure(engine: str, model: str, args: argparse.Namespace) -> dict[str, floa
     def prefill(i: int) -> Any:
         return generate(_prompts(1, args.prompt_len, vocab, seed=1000 + i), 1)
 
-    result["prefill_tok_s"] = args.prompt_len / _median_time(prefill, args.repeats)
+    if args.prompt_len > 0:  # 0: no prefill row
+        result["prefill_tok_s"] = args.prompt_len / _median_time(prefill, args.repeats)
     for batch in args.batches:
 
         def first(i: int, b: int = batch) -> Any:
@@ -137,9 +138,9 @@ def main() -> None:
     parser.add_argument("--model", help="(internal) the checkpoint")
     parser.add_argument("--out", type=Path, help="(internal) where the child writes its JSON")
     parser.add_argument("--engines", nargs="+", default=["anyquant", "vllm"])
-    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=512, help="0: no prefill row")
     parser.add_argument("--decode-len", type=int, default=32)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--checkpoint", type=Path, default=None, help="run on this checkpoint instead")
@@ -174,9 +175,11 @@ def main() -> None:
     )
     print("|---|" + "---:|" * len(keys))
     for engine, r in rows.items():
-        print(f"| {engine} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+        print(f"| {engine} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in keys) + " |")
     if "anyquant" in rows and "vllm" in rows:
-        ratios = " | ".join(f"{rows['anyquant'][k] / rows['vllm'][k]:.2f}x" for k in keys)
+        ratios = " | ".join(
+            f"{rows['anyquant'].get(k, float('nan')) / rows['vllm'].get(k, float('nan')):.2f}x" for k in keys
+        )
         print(f"| anyquant / vllm | {ratios} |")
     print(f"\ncopy bandwidth {bandwidth:.1f} GB/s; batch-1 decode roofline {roofline:.1f} tok/s; {model}")
     if args.json:
