@@ -170,9 +170,7 @@ def peers_child(engine: str, python: str, model: Path, rows: list[str], repeats:
     try:
         return peers_cpu._run_engine(engine, python, model, args)
     except SystemExit as failed:
-        text = str(failed)
-        errors = [line.strip() for line in text.splitlines() if re.search(r"\w+(Error|Exception):", line)]
-        return {"error": errors[-1] if errors else text[-500:]}
+        return {"error": str(failed).splitlines()[0]}
 
 
 def read_bandwidth_gbs(threads: int) -> float:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -126,7 +127,11 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
         out = Path(tmp) / "result.json"
         done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"{engine} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            # The first exception named in the log is the cause (a refusal in a worker process is
+            # re-raised by its parents under other names); the tail shows where it ended.
+            causes = re.findall(r"\b(\w+(?:Error|Exception): .*)", done.stderr)
+            cause = causes[0] if causes else "(no exception in its log)"
+            raise SystemExit(f"{engine} failed ({done.returncode}): {cause}\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
