@@ -131,7 +131,12 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
             # re-raised by its parents under other names); the tail shows where it ended.
             causes = re.findall(r"\b(\w+(?:Error|Exception): .*)", done.stderr)
             cause = causes[0] if causes else "(no exception in its log)"
-            raise SystemExit(f"{engine} failed ({done.returncode}): {cause}\n{done.stderr[-3000:]}")
+            log = Path("out/bench/logs") / f"peers-{engine}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(done.stderr)
+            raise SystemExit(
+                f"{engine} failed ({done.returncode}): {cause} (log: {log})\n{done.stderr[-3000:]}"
+            )
         return json.loads(out.read_text())
 
 
