@@ -111,6 +111,8 @@ def vllm_results(plan: ServeBenchPlan, notes: list[str]) -> list[LoadResult]:
 def llamacpp_results(
     plan: ServeBenchPlan, kinds: list[str], quant: str, gguf: Path | None, notes: list[str]
 ) -> list[LoadResult]:
+    if not kinds:
+        return []
     if gguf is None:
         reason = llamacpp_baseline.available()
         if reason is not None:
