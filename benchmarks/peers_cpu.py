@@ -129,11 +129,12 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
         if done.returncode != 0 or not out.exists():
             # The first exception named in the log is the cause (a refusal in a worker process is
             # re-raised by its parents under other names); the tail shows where it ended.
-            causes = re.findall(r"\b(\w+(?:Error|Exception): .*)", done.stderr)
+            output = done.stdout + done.stderr  # vLLM logs its workers' errors on stdout
+            causes = re.findall(r"\b(\w+(?:Error|Exception): .*)", output)
             cause = causes[0] if causes else "(no exception in its log)"
             log = Path("out/bench/logs") / f"peers-{engine}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(done.stderr)
+            log.write_text(output)
             raise SystemExit(
                 f"{engine} failed ({done.returncode}): {cause} (log: {log})\n{done.stderr[-3000:]}"
             )
