@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def measure(engine: str, model: str, args: argparse.Namespace) -> dict[str, floa
     def prefill(i: int) -> Any:
         return generate(_prompts(1, args.prompt_len, vocab, seed=1000 + i), 1)
 
-    result["prefill_tok_s"] = args.prompt_len / _median_time(prefill, args.repeats)
+    if args.prompt_len > 0:  # 0: no prefill row
+        result["prefill_tok_s"] = args.prompt_len / _median_time(prefill, args.repeats)
     for batch in args.batches:
 
         def first(i: int, b: int = batch) -> Any:
@@ -125,7 +127,17 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
         out = Path(tmp) / "result.json"
         done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"{engine} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            # The first exception named in the log is the cause (a refusal in a worker process is
+            # re-raised by its parents under other names); the tail shows where it ended.
+            output = done.stdout + done.stderr  # vLLM logs its workers' errors on stdout
+            causes = re.findall(r"\b(\w+(?:Error|Exception): .*)", output)
+            cause = causes[0] if causes else "(no exception in its log)"
+            log = Path("out/bench/logs") / f"peers-{engine}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(output)
+            raise SystemExit(
+                f"{engine} failed ({done.returncode}): {cause} (log: {log})\n{done.stderr[-3000:]}"
+            )
         return json.loads(out.read_text())
 
 
@@ -137,9 +149,9 @@ def main() -> None:
     parser.add_argument("--model", help="(internal) the checkpoint")
     parser.add_argument("--out", type=Path, help="(internal) where the child writes its JSON")
     parser.add_argument("--engines", nargs="+", default=["anyquant", "vllm"])
-    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=512, help="0: no prefill row")
     parser.add_argument("--decode-len", type=int, default=32)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--checkpoint", type=Path, default=None, help="run on this checkpoint instead")
@@ -174,9 +186,11 @@ def main() -> None:
     )
     print("|---|" + "---:|" * len(keys))
     for engine, r in rows.items():
-        print(f"| {engine} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+        print(f"| {engine} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in keys) + " |")
     if "anyquant" in rows and "vllm" in rows:
-        ratios = " | ".join(f"{rows['anyquant'][k] / rows['vllm'][k]:.2f}x" for k in keys)
+        ratios = " | ".join(
+            f"{rows['anyquant'].get(k, float('nan')) / rows['vllm'].get(k, float('nan')):.2f}x" for k in keys
+        )
         print(f"| anyquant / vllm | {ratios} |")
     print(f"\ncopy bandwidth {bandwidth:.1f} GB/s; batch-1 decode roofline {roofline:.1f} tok/s; {model}")
     if args.json:

@@ -71,6 +71,7 @@ class LoadResult:
             "requests_per_s": len(self.requests) / self.wall_s if self.wall_s > 0 else 0.0,
             "ttft_p50_s": _quantile(ttft, 0.5),
             "ttft_p90_s": _quantile(ttft, 0.9),
+            "ttft_p99_s": _quantile(ttft, 0.99),
             "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else 0.0,
             "latency_p50_s": _quantile(sorted(r.latency_s for r in self.requests), 0.5),
         }
@@ -291,6 +292,11 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id once started (for memory sampling), else None."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (the server drains), SIGKILL after `timeout_s`; the exit status."""
         process = self._process
@@ -335,15 +341,16 @@ def anyquant_server_command(model: str | Path, port: int, max_num_seqs: int, ext
 def results_table(results: list[LoadResult]) -> str:
     """A markdown table, one row per (system, concurrency)."""
     rows = [
-        "| system | clients | requests | output tok/s | req/s | TTFT p50 (s) | TTFT p90 (s) | ITL mean (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | clients | requests | output tok/s | req/s | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) "
+        "| ITL mean (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         s = result.summary()
         rows.append(
             f"| {s['system']} | {s['concurrency']} | {s['requests']} | {s['output_tok_s']:.1f} | "
             f"{s['requests_per_s']:.2f} | {s['ttft_p50_s']:.2f} | {s['ttft_p90_s']:.2f} | "
-            f"{s['itl_mean_ms']:.0f} |"
+            f"{s['ttft_p99_s']:.2f} | {s['itl_mean_ms']:.0f} |"
         )
     return "\n".join(rows)
 

@@ -68,6 +68,8 @@ def test_every_system_serves_the_same_load_and_the_figures_add_up(
         assert r["output_tokens"] == 4 * MAX_TOKENS
         assert all(0 < t["ttft_s"] <= t["latency_s"] for t in r["per_request"])
         assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"])
+        # Of 4 requests the 99th percentile is the slowest first token.
+        assert r["ttft_p50_s"] <= r["ttft_p99_s"] == max(t["ttft_s"] for t in r["per_request"])
     sequential = [r for r in doc["results"] if r["system"] == "sequential LLM.generate"]
     three = next(r for r in sequential if r["concurrency"] == 3)["per_request"]
     # Three clients arrive together at a one-at-a-time engine: the second waits for the first.
