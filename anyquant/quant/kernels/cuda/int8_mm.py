@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from anyquant.errors import TensorError
 from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
+from anyquant.quant.kernels.torch_cpu.w8a8 import int_mm_rejects
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
@@ -36,23 +37,7 @@ class CudaW8A8Int8Kernel(CudaKernel):
 
     @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
-        if spec.weight != "int8" or spec.has_zero:
-            what = f"{spec.weight} {'asym' if spec.has_zero else 'sym'}"
-            return f"weights are {what}; this kernel runs symmetric int8"
-        if spec.granularity not in ("channel", "tensor"):
-            return f"{spec.granularity} weight scales; this kernel takes per-channel or per-tensor scales"
-        act = spec.act
-        if act is None:
-            return "activations are not quantized (weight-only int8 runs on cuda_dequant)"
-        if act.type != "int8":
-            return f"activations are {act.type}; this kernel quantizes them to int8"
-        if act.granularity == "group":
-            return f"per-group activation scales (group {act.group_size}) need one int32 sum per group"
-        if not act.dynamic and act.granularity != "tensor":
-            return f"static per-{act.granularity} activation scales; static scales must be per-tensor"
-        if shape[1] >= 1 << 17:
-            return f"in_features {shape[1]} could overflow the int32 accumulator (limit 131072)"
-        return None
+        return int_mm_rejects(spec, shape, weight_only_kernel="cuda_dequant")
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         w = check_weight(weight, self)

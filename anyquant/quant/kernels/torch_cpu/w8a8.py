@@ -43,6 +43,29 @@ def _quantize_int8_activations(
     return q.clamp_(-128.0, 127.0).to(torch.int8), scale, zero
 
 
+def int_mm_rejects(spec: QuantSpec, shape: tuple[int, int], weight_only_kernel: str) -> str | None:
+    """Why `torch._int_mm` (int8 x int8 -> int32, one scale per token and per output row) cannot
+    run `spec` at `shape` on any device, or None. `weight_only_kernel` is named for int8 weights
+    whose activations stay in floating point."""
+    if spec.weight != "int8" or spec.has_zero:
+        what = f"{spec.weight} {'asym' if spec.has_zero else 'sym'}"
+        return f"weights are {what}; this kernel runs symmetric int8"
+    if spec.granularity not in ("channel", "tensor"):
+        return f"{spec.granularity} weight scales; this kernel takes per-channel or per-tensor scales"
+    act = spec.act
+    if act is None:
+        return f"activations are not quantized (weight-only int8 runs on {weight_only_kernel})"
+    if act.type != "int8":
+        return f"activations are {act.type}; this kernel quantizes them to int8"
+    if act.granularity == "group":
+        return f"per-group activation scales (group {act.group_size}) need one int32 sum per group"
+    if not act.dynamic and act.granularity != "tensor":
+        return f"static per-{act.granularity} activation scales; static scales must be per-tensor"
+    if shape[1] >= 1 << 17:
+        return f"in_features {shape[1]} could overflow the int32 accumulator (limit 131072)"
+    return None
+
+
 @register_kernel
 class CpuW8A8Int8Kernel(TorchCpuKernel):
     """int8 symmetric per-channel/per-tensor weights with int8 activations, via `torch._int_mm`.
@@ -63,22 +86,9 @@ class CpuW8A8Int8Kernel(TorchCpuKernel):
 
     @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
-        if spec.weight != "int8" or spec.has_zero:
-            what = f"{spec.weight} {'asym' if spec.has_zero else 'sym'}"
-            return f"weights are {what}; this kernel runs symmetric int8"
-        if spec.granularity not in ("channel", "tensor"):
-            return f"{spec.granularity} weight scales; this kernel takes per-channel or per-tensor scales"
-        act = spec.act
-        if act is None:
-            return "activations are not quantized (weight-only int8 runs on cpu_int8_weight)"
-        if act.type != "int8":
-            return f"activations are {act.type}; this kernel quantizes them to int8"
-        if act.granularity == "group":
-            return f"per-group activation scales (group {act.group_size}) need one int32 sum per group"
-        if not act.dynamic and act.granularity != "tensor":
-            return f"static per-{act.granularity} activation scales; static scales must be per-tensor"
-        if shape[1] >= 1 << 17:
-            return f"in_features {shape[1]} could overflow the int32 accumulator (limit 131072)"
+        reason = int_mm_rejects(spec, shape, weight_only_kernel="cpu_int8_weight")
+        if reason is not None:
+            return reason
         if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return "oneDNN is unavailable or disabled; torch._int_mm would use its scalar loop"
         if not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
