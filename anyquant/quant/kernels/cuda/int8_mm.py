@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.errors import TensorError
 from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
-from anyquant.quant.kernels.torch_cpu.w8a8 import int_mm_rejects
+from anyquant.quant.kernels.torch_cpu.w8a8 import int_mm_rejects, load_int8_activations
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
@@ -49,19 +48,7 @@ class CudaW8A8Int8Kernel(CudaKernel):
         codes = F.pad(w.data, (0, self.k_pad - k, 0, n_pad - n))
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scale", w.scale.float().reshape(-1).expand(n).contiguous(), persistent=False)
-        self.token = act.dynamic and act.granularity == "token"
-        self.dynamic_act = act if act.dynamic else None
-        self.divisor = act.scale_divisor or 127.0
-        input_scale = input_zero = None
-        if not act.dynamic:
-            if w.input_scale is None:
-                raise TensorError("input_scale", "static activation quantization needs an input scale")
-            input_scale, input_zero = w.input_scale.float(), w.input_zero
-        self.register_buffer("input_scale", input_scale, persistent=False)
-        self.register_buffer("input_zero", input_zero, persistent=False)
-        # With an activation zero point z: sum (q - z) c = sum q c - z * sum c, all in int32.
-        colsum = codes.to(torch.int32).sum(dim=1) if input_zero is not None else None
-        self.register_buffer("colsum", colsum, persistent=False)
+        self.token, self.dynamic_act, self.divisor = load_int8_activations(self, w, codes)
 
     def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         n, k = self.shape

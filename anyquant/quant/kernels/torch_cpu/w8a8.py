@@ -8,7 +8,7 @@ from torch import Tensor
 from anyquant.errors import TensorError
 from anyquant.quant.kernels.torch_cpu.chunking import TorchCpuKernel, _check_weight
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import QuantSpec
+from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
 
@@ -66,6 +66,32 @@ def int_mm_rejects(spec: QuantSpec, shape: tuple[int, int], weight_only_kernel: 
     return None
 
 
+def load_int8_activations(
+    kernel: torch.nn.Module, w: QuantWeight, codes: Tensor
+) -> tuple[bool, ActQuant | None, float]:
+    """The activation side of a `torch._int_mm` kernel (CPU or CUDA), from an activation-quantized
+    int8 spec: registers the static input scale / zero point and, with a zero point, each row's
+    code sum (`codes` as the kernel stores them, padding included) on `kernel`; returns (per-token
+    scales, the dynamic activation spec or None, the scale divisor)."""
+    act = w.spec.act
+    assert act is not None  # the kernels' load refuses weight-only specs first
+    input_scale = input_zero = None
+    if not act.dynamic:
+        if w.input_scale is None:
+            raise TensorError("input_scale", "static activation quantization needs an input scale")
+        input_scale, input_zero = w.input_scale.float(), w.input_zero
+    kernel.register_buffer("input_scale", input_scale, persistent=False)
+    kernel.register_buffer("input_zero", input_zero, persistent=False)
+    # With an activation zero point z: sum (q - z) c = sum q c - z * sum c, all in int32.
+    colsum = codes.to(torch.int32).sum(dim=1) if input_zero is not None else None
+    kernel.register_buffer("colsum", colsum, persistent=False)
+    return (
+        act.dynamic and act.granularity == "token",
+        act if act.dynamic else None,
+        act.scale_divisor or 127.0,
+    )
+
+
 @register_kernel
 class CpuW8A8Int8Kernel(TorchCpuKernel):
     """int8 symmetric per-channel/per-tensor weights with int8 activations, via `torch._int_mm`.
@@ -103,19 +129,7 @@ class CpuW8A8Int8Kernel(TorchCpuKernel):
             raise TypeError("cpu_w8a8_int8 needs an activation-quantized spec")
         self.register_buffer("codes", w.data.contiguous(), persistent=False)  # [N, K] int8
         self.register_buffer("scale", w.scale.float().reshape(-1).expand(n).contiguous(), persistent=False)
-        self.token = act.dynamic and act.granularity == "token"
-        self.dynamic_act = act if act.dynamic else None
-        self.divisor = act.scale_divisor or 127.0
-        input_scale = input_zero = None
-        if not act.dynamic:
-            if w.input_scale is None:
-                raise TensorError("input_scale", "static activation quantization needs an input scale")
-            input_scale, input_zero = w.input_scale.float(), w.input_zero
-        self.register_buffer("input_scale", input_scale, persistent=False)
-        self.register_buffer("input_zero", input_zero, persistent=False)
-        # With an activation zero point z: sum (q - z) c = sum q c - z * sum c, all in int32.
-        colsum = w.data.to(torch.int32).sum(dim=1) if input_zero is not None else None
-        self.register_buffer("colsum", colsum, persistent=False)
+        self.token, self.dynamic_act, self.divisor = load_int8_activations(self, w, self.codes)
 
     def forward(self, x: Tensor, bias: Tensor | None = None, act_amax: Tensor | None = None) -> Tensor:
         n = self.shape[0]
