@@ -30,26 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decode_cpu import DENSE as QWEN_0_5B
 
-DENSE = {  # Qwen2.5-0.5B geometry
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "hidden_act": "silu",
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-}
+# The Qwen2.5-0.5B geometry of the CPU decode benchmark (run from benchmarks/), with its token ids.
+DENSE = {**QWEN_0_5B, "bos_token_id": 151643, "eos_token_id": 151645}
 TINY = {**DENSE, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "bos_token_id": 256, "eos_token_id": 257}  # fmt: skip
 BATCHES = (1, 8, 32)
