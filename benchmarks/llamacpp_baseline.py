@@ -9,11 +9,12 @@ the command lines that start llama.cpp's two servers on the result.
 llama.cpp is not a dependency of this project: whatever needs it runs as a subprocess from a
 throw-away install named by two environment variables:
 
-    ANYQUANT_LLAMACPP_VENV  a venv with CPU torch, `llama-cpp-python[server]`, transformers and the
-                            `gguf` package (default out/llamacpp/venv)
-    ANYQUANT_LLAMACPP_BIN   a folder with the `llama-server` and `llama-quantize` binaries and, as
-                            `llama.cpp/`, the source tree they were built from (for its
-                            convert_hf_to_gguf.py) (default out/llamacpp/bin)
+    ANYQUANT_LLAMACPP_BIN   what `build` writes (default out/llamacpp/bin): the llama-server,
+                            llama-bench, llama-batched-bench and llama-quantize binaries, and as
+                            `llama.cpp/` the converter of the same source (convert_hf_to_gguf.py,
+                            conversion/, gguf-py/), which runs in this project's python
+    ANYQUANT_LLAMACPP_VENV  only for `verify` and the `llama-cpp-python` server kind: a venv with
+                            CPU torch and `llama-cpp-python[server]` (default out/llamacpp/venv)
 
 The tokenizer is synthetic but complete: byte-level BPE with Qwen2's pre-tokenizer regex and one
 token per embedding row (the 256 bytes, every byte pair, then three-letter words), so random token
@@ -22,7 +23,9 @@ and <|im_end|>. llama.cpp's converter recognizes a pre-tokenizer by hashing the 
 tokenizers give a test string, which a new vocabulary cannot match, so the conversion names the
 type instead: "qwen2", the same regex.
 
-    python benchmarks/llamacpp_baseline.py prepare out/bench/dense-bf16 --tokenizer-to out/bench/dense-w4a16
+    python benchmarks/llamacpp_baseline.py build
+    python benchmarks/llamacpp_baseline.py prepare out/bench/dense-bf16 --tokenizer-to out/bench/dense-w4a16 \
+        --types Q4_0 --head-type BF16 --base-type BF16
     python benchmarks/llamacpp_baseline.py command out/bench/dense-gguf/dense-Q4_0.gguf --kind llama-server
     python benchmarks/llamacpp_baseline.py verify out/bench/dense-bf16
 
@@ -33,24 +36,28 @@ at a time, takes text prompts only (see `text_prompts`), ignores "ignore_eos" (s
 `eos_logit_bias`) and streams no usage. Both end a stream with one more chunk than tokens (empty
 text, with finish_reason), so counting chunks overcounts by one per request.
 
-The throw-away install (2 cores: 4-7 minutes of compiling each):
+The throw-away install. `build` makes every llama.cpp binary the benchmarks use in ONE build and
+ships them with the converter into one ANYQUANT_LLAMACPP_BIN (2 cores: ~10-15 minutes):
+
+    python benchmarks/llamacpp_baseline.py build [--sdist llama_cpp_python-0.3.36.tar.gz] [--jobs 2]
+
+It downloads llama-cpp-python 0.3.36's sdist (`pip download`, unless given), configures its
+vendored llama.cpp (b11312, commit 0c1e57098) statically linked, with the server, without AMX
+(below), builds llama-server, llama-bench, llama-batched-bench and llama-quantize, and copies them
+plus the converter (convert_hf_to_gguf.py, conversion/, gguf-py/) into out/llamacpp/bin
+(`--out`). The converter runs in this project's python (torch, transformers, numpy and the
+shipped gguf-py). llama-cpp-python itself (for `verify` and the `llama-cpp-python` server kind)
+is a separate venv (ANYQUANT_LLAMACPP_VENV):
 
     python3 -m venv $VENV && $VENV/bin/pip install torch==2.13.0   # resolves to the +cpu wheel here
-    $VENV/bin/pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36   # the sdist
     NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DCMAKE_C_FLAGS='$NOAMX' -DCMAKE_CXX_FLAGS='$NOAMX'" \
         $VENV/bin/pip install './llama_cpp_python-0.3.36.tar.gz[server]'
     $VENV/bin/pip install transformers==4.57.6 sentencepiece 'protobuf<5' $SRC/gguf-py
-    cmake -S $SRC -B build -DCMAKE_BUILD_TYPE=Release "-DCMAKE_C_FLAGS=$NOAMX" "-DCMAKE_CXX_FLAGS=$NOAMX" \
-        -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_COMMIT=0c1e57098 -DLLAMA_BUILD_NUMBER=11312
-    cmake --build build -j 2 --target llama-server llama-quantize
-    cp build/bin/llama-server build/bin/llama-quantize $BIN/ && cp -a $SRC $BIN/llama.cpp
 
-where $SRC is the sdist's vendor/llama.cpp. Without -mno-amx-*, -march=native on a CPU with AMX
-compiles ggml's AMX kernels, which GCC 12 miscompiles here (the tile configuration on the stack is
-optimized away; ldtilecfg faults: SIGSEGV in ggml_backend_amx_mul_mat on any Q4_0/Q4_K prompt).
+Without -mno-amx-*, -march=native on a CPU with AMX compiles ggml's AMX kernels, which GCC 12
+miscompiles here (the tile configuration on the stack is optimized away; ldtilecfg faults:
+SIGSEGV in ggml_backend_amx_mul_mat on any Q4_0/Q4_K prompt).
 """
 
 from __future__ import annotations
@@ -82,12 +89,16 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Run by the throw-away venv's python: llama.cpp's converter, told the pre-tokenizer type.
+# Run by this project's python: llama.cpp's converter with the gguf-py shipped next to it, told the
+# pre-tokenizer type and that there is no sentencepiece model (the vocabulary is BPE).
 _CONVERT = """
 import sys
 source, model_dir, outfile, outtype = sys.argv[1:5]
-sys.path.insert(0, source)
+sys.path[:0] = [source, source + "/gguf-py"]
 import conversion
+def no_sentencepiece(self):
+    raise FileNotFoundError("tokenizer.model")
+conversion.TextModel._set_vocab_sentencepiece = no_sentencepiece
 conversion.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outfile", outfile, "--outtype", outtype]
@@ -123,25 +134,87 @@ def _python() -> Path:
 
 
 def available() -> str | None:
-    """None when llama.cpp can be used here, else why not (for "skipped: <reason>")."""
-    needs = {
-        "python": _python(),
-        "llama-server": bin_dir() / "llama-server",
-        "llama-quantize": bin_dir() / "llama-quantize",
-        "convert_hf_to_gguf.py": bin_dir() / "llama.cpp" / "convert_hf_to_gguf.py",
-    }
+    """None when llama.cpp's tools and converter can be used here, else why not."""
+    needs = {tool: bin_dir() / tool for tool in TOOLS}
+    needs["convert_hf_to_gguf.py"] = bin_dir() / "llama.cpp" / "convert_hf_to_gguf.py"
     missing = [f"{what} ({path})" for what, path in needs.items() if not path.exists()]
     if missing:
-        return "llama.cpp is not installed: missing " + ", ".join(missing)
+        return (
+            "llama.cpp is not installed (python benchmarks/llamacpp_baseline.py build): missing "
+            + ", ".join(missing)
+        )
+    return None
+
+
+def venv_available() -> str | None:
+    """None when the llama-cpp-python venv (`verify`, the llama-cpp-python server) works, else why not."""
+    if not _python().exists():
+        return f"no llama-cpp-python venv at {venv_dir()} (ANYQUANT_LLAMACPP_VENV)"
     probe = subprocess.run(
-        [str(_python()), "-c", "import llama_cpp, llama_cpp.server, gguf, transformers"],
-        capture_output=True,
-        text=True,
+        [str(_python()), "-c", "import llama_cpp, llama_cpp.server"], capture_output=True, text=True
     )
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"{venv_dir()}: cannot import llama-cpp-python's server, gguf or transformers: {last}"
+        return f"{venv_dir()}: cannot import llama-cpp-python's server: {last}"
     return None
+
+
+# -- build ---------------------------------------------------------------------------------------
+SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp b11312 (commit 0c1e57098)
+BUILD_NUMBER, BUILD_COMMIT = "11312", "0c1e57098"
+TOOLS = ("llama-server", "llama-bench", "llama-batched-bench", "llama-quantize")
+CONVERTER = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+NOAMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # see the module docstring
+
+
+def cmake_configure(source: Path, build: Path) -> list[str]:
+    """One static Release build with the server and tools, no AMX, nothing fetched at build time."""
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    return [
+        "cmake", "-S", str(source), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_C_FLAGS={NOAMX}", f"-DCMAKE_CXX_FLAGS={NOAMX}", "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+        f"-DLLAMA_BUILD_NUMBER={BUILD_NUMBER}", f"-DLLAMA_BUILD_COMMIT={BUILD_COMMIT}",
+    ]  # fmt: skip
+
+
+def build(out: Path, sdist: Path | None = None, jobs: int = 2) -> Path:
+    """Build TOOLS from the sdist's vendored llama.cpp and ship them and the converter to out/bin."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if sdist is None:
+        sdist = out / "llama_cpp_python-0.3.36.tar.gz"
+        if not sdist.exists():
+            pip = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+            _run([*pip, SDIST, "-d", str(out)])
+    unpacked = out / Path(sdist).name.removesuffix(".tar.gz")
+    if not (unpacked / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        import tarfile
+
+        with tarfile.open(sdist) as tar:
+            tar.extractall(out, filter="data")
+    source = unpacked / "vendor" / "llama.cpp"
+    build_dir = out / "build"
+    _run(cmake_configure(source, build_dir))
+    # nice: the build shares the cores with whatever else runs; a benchmark should not.
+    _run(["nice", "-n", "10", "cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TOOLS])
+    target = out / "bin"
+    (target / "llama.cpp").mkdir(parents=True, exist_ok=True)
+    for tool in TOOLS:
+        shutil.copy2(build_dir / "bin" / tool, target / tool)
+    for item in CONVERTER:
+        src, dst = source / item, target / "llama.cpp" / item
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    for tool in TOOLS:  # a static build runs from anywhere: start each shipped copy once
+        done = subprocess.run([str(target / tool), "--help"], capture_output=True, text=True)
+        if "usage" not in (done.stdout + done.stderr).lower():
+            raise RuntimeError(f"{target / tool} does not start:\n{done.stderr[-2000:]}")
+    return target
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -238,10 +311,14 @@ def ensure_tokenizer(model_dirs: Iterable[Path], vocab_size: int) -> None:
 
 
 # -- GGUF ------------------------------------------------------------------------------------------
-def gguf_path(bf16_dir: Path, quant_type: str = "Q4_0", token_embedding_type: str | None = None) -> Path:
-    """Where ensure_gguf writes: <parent>/<name>-gguf/<name>-<TYPE>[-emb<TYPE>].gguf."""
+def gguf_path(
+    bf16_dir: Path, quant_type: str = "Q4_0", head_type: str | None = None, base_type: str = BASE_TYPE
+) -> Path:
+    """Where ensure_gguf writes: <parent>/<name>-gguf/<name>-<TYPE>[-head<TYPE>][-from<BASE>].gguf."""
     name = bf16_dir.name.removesuffix("-bf16")
-    suffix = f"-emb{token_embedding_type.upper()}" if token_embedding_type else ""
+    suffix = f"-head{head_type.upper()}" if head_type else ""
+    if quant_type.upper() != base_type.upper() and base_type.upper() != BASE_TYPE:
+        suffix += f"-from{base_type.upper()}"
     return bf16_dir.parent / f"{name}-gguf" / f"{name}-{quant_type.upper()}{suffix}.gguf"
 
 
@@ -250,18 +327,23 @@ def ensure_gguf(
     quant_type: str = "Q4_0",
     *,
     tokenizer_to: Iterable[Path] = (),
-    token_embedding_type: str | None = None,
+    head_type: str | None = None,
+    base_type: str = BASE_TYPE,
     threads: int = 2,
 ) -> Path:
-    """The GGUF of a transformers checkpoint (F16 or any llama-quantize type), built if missing.
+    """The GGUF of a transformers checkpoint (F16, BF16 or any llama-quantize type), built if missing.
 
     Copies config.json next to a symlink of the weights into <bf16_dir>-gguf-src with the tokenizer,
     and writes the same tokenizer into each `tokenizer_to` directory (the quantized checkpoints our
-    engine serves). `token_embedding_type` (e.g. "F16") keeps the tied embedding / LM head out of
-    the quantization, as a compressed-tensors W4A16 checkpoint does (its `ignore: [lm_head]`).
+    engine serves). llama.cpp's converter writes the `base_type` GGUF (F16, or BF16: the bf16
+    checkpoint's exact values), which llama-quantize quantizes to `quant_type`. `head_type` (e.g.
+    "BF16", "F16", "Q8_0") sets both the token embedding and the output (LM head) tensor's type,
+    which llama-quantize otherwise picks itself (Q4_0: Q6_K or Q8_0); for a tied model they are
+    one tensor. "BF16" keeps the head as the checkpoint stores it, as a compressed-tensors W4A16
+    checkpoint does (its `ignore: [lm_head]`).
     """
     bf16_dir = Path(bf16_dir)
-    target = gguf_path(bf16_dir, quant_type, token_embedding_type)
+    target = gguf_path(bf16_dir, quant_type, head_type, base_type)
     vocab_size = int(json.loads((bf16_dir / "config.json").read_text())["vocab_size"])
     ensure_tokenizer(tokenizer_to, vocab_size)
     if target.exists():
@@ -280,19 +362,41 @@ def ensure_gguf(
     ensure_tokenizer([source], vocab_size)
 
     target.parent.mkdir(exist_ok=True)
-    base = gguf_path(bf16_dir, BASE_TYPE)
+    base = gguf_path(bf16_dir, base_type, base_type=base_type)
     if not base.exists():
         partial = base.with_suffix(".partial")
         paths = [str(bin_dir() / "llama.cpp"), str(source), str(partial)]
-        _run([str(_python()), "-c", _CONVERT, *paths, BASE_TYPE.lower()])
+        _run([sys.executable, "-c", _CONVERT, *paths, base_type.lower()])
         partial.rename(base)
     if target != base:
         partial = target.with_suffix(".partial")
-        embedding = ["--token-embedding-type", token_embedding_type] if token_embedding_type else []
+        head = ["--token-embedding-type", head_type, "--output-tensor-type", head_type] if head_type else []
         paths = [str(base), str(partial)]
-        _run([str(bin_dir() / "llama-quantize"), *embedding, *paths, quant_type.upper(), str(threads)])
+        _run([str(bin_dir() / "llama-quantize"), *head, *paths, quant_type.upper(), str(threads)])
         partial.rename(target)
     return target
+
+
+def gguf_bytes_per_token(path: Path, active_experts: float = 1.0) -> dict[str, float]:
+    """Bytes one batch-1 decode step reads from a GGUF file, by part: "head" (the output tensor,
+    or the tied token embedding read in full as the LM head), "embedding row" (one row of an untied
+    token embedding), "experts" (`active_experts`, the top-k / E fraction, of every stacked
+    blk.N.ffn_*_exps tensor) and "rest" (every other tensor, in full). KV reads are left out."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    parts = {"head": 0.0, "embedding row": 0.0, "experts": 0.0, "rest": 0.0}
+    for name, t in tensors.items():
+        n = float(t.n_bytes)
+        if name == "output.weight" or (name == "token_embd.weight" and "output.weight" not in tensors):
+            parts["head"] += n
+        elif name == "token_embd.weight":
+            parts["embedding row"] += n / int(t.shape[-1])  # GGUF shapes are reversed: rows last
+        elif "_exps." in name:
+            parts["experts"] += n * active_experts
+        else:
+            parts["rest"] += n
+    return parts
 
 
 def _run(cmd: list[str]) -> None:
@@ -367,6 +471,9 @@ def compare_logits(bf16_dir: Path, gguf: Path, prompts: list[list[int]]) -> dict
     import torch
     import transformers
 
+    reason = venv_available()
+    if reason:
+        raise RuntimeError(reason)
     model = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         ref = torch.cat([model(torch.tensor([p])).logits[0] for p in prompts]).numpy()
@@ -392,7 +499,10 @@ def main() -> None:
     prep = sub.add_parser("prepare", help="tokenizer + GGUF files for a transformers checkpoint")
     prep.add_argument("bf16_dir", type=Path)
     prep.add_argument("--types", nargs="+", default=["Q4_0"], help="llama-quantize types (and F16)")
-    prep.add_argument("--token-embedding-type", default=None, help="e.g. F16: keep the LM head unquantized")
+    prep.add_argument("--head-type", default=None, help="LM head / embedding type, e.g. BF16, F16, Q8_0")
+    prep.add_argument(
+        "--base-type", default=BASE_TYPE, choices=["F16", "BF16"], help="the converter's output"
+    )
     prep.add_argument("--tokenizer-to", nargs="*", type=Path, default=[], help="also give these dirs it")
     cmd = sub.add_parser("command", help="print the command that starts a server")
     cmd.add_argument("gguf", type=Path)
@@ -401,6 +511,10 @@ def main() -> None:
     cmd.add_argument("--threads", type=int, default=2)
     cmd.add_argument("--parallel", type=int, default=32)
     cmd.add_argument("--ctx-per-slot", type=int, default=256)
+    bld = sub.add_parser("build", help="build llama.cpp's server and tools + ship the converter")
+    bld.add_argument("--out", type=Path, default=DEFAULT_BIN.parent, help="bin/ is written here")
+    bld.add_argument("--sdist", type=Path, default=None, help="llama-cpp-python 0.3.36's sdist")
+    bld.add_argument("--jobs", type=int, default=2)
     ver = sub.add_parser("verify", help="compare GGUF logits with transformers (run in the project venv)")
     ver.add_argument("bf16_dir", type=Path)
     ver.add_argument("ggufs", nargs="*", type=Path, help="default: the F16 and Q4_0 GGUFs of bf16_dir")
@@ -408,9 +522,16 @@ def main() -> None:
 
     if args.cmd == "prepare":
         for quant_type in args.types:
-            print(ensure_gguf(args.bf16_dir, quant_type, tokenizer_to=args.tokenizer_to))
-            if args.token_embedding_type and quant_type.upper() != BASE_TYPE:
-                print(ensure_gguf(args.bf16_dir, quant_type, token_embedding_type=args.token_embedding_type))
+            path = ensure_gguf(
+                args.bf16_dir,
+                quant_type,
+                tokenizer_to=args.tokenizer_to,
+                head_type=args.head_type,
+                base_type=args.base_type,
+            )
+            print(path)
+    elif args.cmd == "build":
+        print(build(args.out, args.sdist, args.jobs))
     elif args.cmd == "command":
         print(
             shlex.join(

