@@ -20,7 +20,7 @@ before the next one starts, so no two engines share the cores or the memory:
 
     python benchmarks/serve_cpu.py [--concurrency 1 8 32] [--prompt-len 128] [--max-tokens 128]
         [--model DIR] [--gguf FILE] [--vllm] [--llamacpp llama-server llama-cpp-python]
-        [--no-anyquant] [--no-sequential] [--quant Q4_0] [--head-type BF16]
+        [--no-anyquant] [--no-sequential] [--quant Q4_0] [--head-type BF16] [--lm-head-dtype int8]
 """
 
 from __future__ import annotations
@@ -161,6 +161,9 @@ def main() -> None:
     parser.add_argument("--llamacpp", nargs="*", default=["llama-server"], choices=llamacpp_baseline.KINDS)
     parser.add_argument("--quant", default="Q4_0", help="llama-quantize type for a built GGUF")
     parser.add_argument("--head-type", default="BF16", help="its LM head / embedding type (BF16, Q8_0...)")
+    parser.add_argument(
+        "--lm-head-dtype", default="auto", choices=["auto", "int8"], help="anyquant's LM head"
+    )
     parser.add_argument("--no-anyquant", action="store_true", help="baselines only")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT / "serve_cpu.json")
@@ -178,6 +181,7 @@ def main() -> None:
         max_tokens=args.max_tokens,
         sequential=not args.no_sequential,
         dtype="bfloat16",
+        lm_head_dtype=args.lm_head_dtype,
         log_dir=OUT / "logs",
     )
 
