@@ -82,6 +82,40 @@ def test_matches_float64(dtype, hkv, group, dk, dv, window):
         assert err < TOL[dtype], (splits, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [3, 5, 8])
+def test_running_max_rising_block_after_block(dtype, group):
+    """Scores that grow along the context: every block of keys raises the running max, so the
+    earlier blocks' sums and outputs are rescaled each time (the common case, a max that holds,
+    skips that); 70 and 333 keys end in partial blocks and straddle pages."""
+    ops = _ops()
+    q, kc, vc, tables, lens = _case(2, group, 64, 64, [333, 70], dtype, seed=4)
+    q = torch.ones_like(q)
+    ramp = torch.zeros(kc.shape[1])
+    for b, n in enumerate(lens.tolist()):  # key position i of sequence b scores ~ i / 8
+        pos = torch.arange(n)
+        ramp[tables[b][pos // PAGE] * PAGE + pos % PAGE] = pos / (8.0 * kc.shape[-1])
+    kc = (kc.float() * 0.05 + ramp[None, :, None]).to(dtype)
+    want = _reference(q, kc, vc, tables, lens, 1.0, None)
+    for splits in (1, 2):
+        out = ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 1.0, 0, splits)
+        assert (out.double() - want).abs().max().item() < TOL[dtype], splits
+
+
+def test_value_stored_inside_the_key():
+    """The latent cache stores the value once, as the key's first 512 of 576 (a strided view):
+    the kernel reads it in place, with the same results as from a separate value cache."""
+    ops = _ops()
+    q, kc, _, tables, lens = _case(1, 16, 576, 512, [90, 41], torch.bfloat16, seed=5)
+    inside = kc[..., :512]
+    want = _reference(q, kc, inside, tables, lens, 576**-0.5, None)
+    out = ops.paged_decode_attention(q, kc, inside, tables, lens, PAGE, 576**-0.5)
+    assert torch.equal(
+        out, ops.paged_decode_attention(q, kc, inside.contiguous(), tables, lens, PAGE, 576**-0.5)
+    )
+    assert (out.double() - want).abs().max().item() < TOL[torch.bfloat16]
+
+
 def test_bf16_inputs_on_the_fp32_path_and_two_threads():
     ops = _ops()
     q, kc, vc, tables, lens = _case(2, 7, 64, 64, [700, 5, 1200], torch.bfloat16, seed=1)
@@ -120,6 +154,8 @@ def test_bad_block_tables_are_refused_with_a_reason():
         ops.paged_decode_attention(q[:, :3], kc, vc, tables, lens, PAGE, 0.125)
     with pytest.raises(RuntimeError, match="block_tables must be int64"):
         ops.paged_decode_attention(q, kc, vc, tables.int(), lens, PAGE, 0.125)
+    with pytest.raises(RuntimeError, match="scale must be a positive"):
+        ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 0.0)
 
 
 def test_kernel_choice_is_pinned_both_ways(monkeypatch):
