@@ -175,8 +175,10 @@ def test_kernel_choice_is_pinned_both_ways(monkeypatch):
 
 
 @pytest.mark.parametrize("window", [None, 20])
-def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, window):
-    """A step with decode rows and a prefill chunk: decode rows go through the kernel (spied), and
+@pytest.mark.parametrize("chunk", [6, 40])  # 14 / 2 heads: rows up to 4 x 7 = 28 take the kernel
+def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, window, chunk):
+    """A step with decode rows and a prefill chunk on a cached prefix: decode rows go through the
+    kernel (spied), a short chunk too (as one decode row per new token), a longer one through SDPA;
     the step's output equals the pure-torch path's (float32 cache, same plan)."""
     _ops()
     torch.manual_seed(3)
@@ -184,18 +186,47 @@ def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, wi
     cache.k.normal_()
     cache.v.normal_()
     # (pages, cached tokens, new tokens): two decoding sequences on scattered pages, one prefill
-    seqs = [([7, 3, 30, 12], 50, 1), ([1, 2], 9, 1), ([20, 5, 8], 18, 6)]
+    seqs = [([7, 3, 30, 12], 50, 1), ([1, 2], 9, 1), ([20, 5, 8, 9], 18, chunk)]
     t = sum(n for _, _, n in seqs)
     q, k, v = torch.randn(t, 14, 64), torch.randn(t, 2, 64), torch.randn(t, 2, 64)
     calls = []
     real = attention.paged_decode
-    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     out = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
-    assert calls == [1]
+    assert calls == ([2, chunk] if chunk <= 28 else [2])  # rows per call
     monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
     want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
-    assert calls == [1]  # the torch path did not call the kernel
+    assert len(calls) <= 2  # the torch path did not call the kernel
     assert torch.allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_chunks_on_cached_prefixes_match_float64(window):
+    """Two sequences, each a chunk of new tokens after a cached prefix (the last page part full,
+    pages scattered), only prefill in the step: every new token attends causally (its own key
+    included, within the window) to the cache in place, as in float64 over the gathered keys."""
+    _ops()
+    torch.manual_seed(4)
+    cache = PagedKVCache(1, 24, PAGE, 2, 64, 64, torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    seqs = [([11, 4, 17], 30, 7), ([2, 19], 13, 3)]
+    t = sum(n for _, _, n in seqs)
+    q, k, v = torch.randn(t, 8, 64), torch.randn(t, 2, 64), torch.randn(t, 2, 64)
+    out = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
+    at = 0
+    for pages, cached, n in seqs:
+        pos = torch.arange(cached + n)
+        slots = torch.tensor(pages)[pos // PAGE] * PAGE + pos % PAGE
+        keys = cache.k[0][:, slots].double().repeat_interleave(4, 0)  # [H, S, D], after the store
+        values = cache.v[0][:, slots].double().repeat_interleave(4, 0)
+        for i in range(n):
+            p = cached + i  # the query's position
+            seen = (pos <= p) & ((pos > p - window) if window else True)
+            scores = torch.einsum("hd,hsd->hs", q[at + i].double(), keys[:, seen]) * 0.125
+            want = torch.einsum("hs,hsd->hd", scores.softmax(-1), values[:, seen]).reshape(-1)
+            assert (out[at + i].double() - want).abs().max() < 2e-5, (pages, i)
+        at += n
 
 
 def test_inspect_names_the_decode_attention(monkeypatch):
