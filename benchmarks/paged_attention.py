@@ -113,12 +113,12 @@ def main() -> None:
         "(the context counts them), SDPA over the gathered pages vs the kernel's decode rows",
     )
     args = parser.parse_args()
-    if args.prefill:
-        prefill(args)
-        return
     global H, HKV, D, DV
     if args.mla:
         H, HKV, D, DV = 128, 1, 576, 512
+    if args.prefill:
+        prefill(args)
+        return
     candidates = {
         "per-sequence": per_sequence,
         "paged sdpa": paged(1 << 30, "torch"),

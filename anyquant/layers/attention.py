@@ -67,9 +67,10 @@ MATMUL_DECODE_MIN_KEYS = 2048
 # core, bf16 (benchmarks/paged_attention.py --prefill; RESULTS.md, "Prefill chunks on a cached
 # prefix"): the rows win while n <= 4 x the query heads per KV head (GQA-7 at n = 2..512: 0.12-
 # 0.62x of SDPA's time; GQA-4 at n = 8..32: 0.44-0.73x; MHA at n = 4: 0.5-0.75x, at n = 16:
-# 1.35x), as each K/V block serves n x group query rows. The plan builds the per-row metadata
-# for chunks up to KERNEL_PREFILL_MAX_ROWS; the attention picks by its group size.
-KERNEL_PREFILL_MAX_ROWS = 64
+# 1.35x; DeepSeek's latent heads, 128 on one, at n = 4..256: 0.01-0.23x), as each K/V block
+# serves n x group query rows. The plan builds the per-row metadata for chunks up to
+# KERNEL_PREFILL_MAX_ROWS; the attention picks by its group size.
+KERNEL_PREFILL_MAX_ROWS = 512
 KERNEL_PREFILL_ROWS_PER_GROUP = 4
 
 
