@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
+from anyquant.layers import attention
 from anyquant.layers.attention import PagedPlan, paged_attention, plan_paged_attention
 from anyquant.layers.decode_kernel import decode_kernel_mode, set_decode_kernel
 
@@ -58,22 +59,30 @@ def per_sequence(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def paged(matmul_min_keys: int, mode: str) -> Callable[[PagedAttention, torch.Tensor], torch.Tensor]:
-    """`mode`: "auto" runs the C++ kernel, "torch" the pure-torch decode (layers/decode_kernel.py)."""
-    plans: dict[int, PagedPlan] = {}  # the engine plans once per step, not per layer
+def paged(
+    matmul_min_keys: int, mode: str, prefill_rows: int = 0
+) -> Callable[[PagedAttention, torch.Tensor], torch.Tensor]:
+    """`mode`: "auto" runs the C++ kernel, "torch" the pure-torch decode (layers/decode_kernel.py);
+    prefill chunks of at most `prefill_rows` tokens run as decode rows through the kernel."""
+    # the engine plans once per step, not per layer; the context is kept so that its id is not reused
+    plans: dict[int, tuple[PagedAttention, PagedPlan]] = {}
 
     def run(ctx: PagedAttention, q: torch.Tensor) -> torch.Tensor:
-        plan = plans.get(id(ctx))
-        if plan is None:
-            plan = plans[id(ctx)] = plan_paged_attention(
-                ctx.block_tables, ctx.query_lens, ctx.context_lens, PAGE, None, matmul_min_keys
+        if id(ctx) in plans:
+            plan = plans[id(ctx)][1]
+        else:
+            plan = plan_paged_attention(
+                ctx.block_tables, ctx.query_lens, ctx.context_lens, PAGE, None, matmul_min_keys, prefill_rows
             )
-        before = decode_kernel_mode()
+            plans[id(ctx)] = (ctx, plan)
+        before = decode_kernel_mode(), attention.KERNEL_PREFILL_ROWS_PER_GROUP
         set_decode_kernel(mode)
+        attention.KERNEL_PREFILL_ROWS_PER_GROUP = prefill_rows  # the rows taken whatever the group
         try:
             return paged_attention(q, ctx.cache.k[0], ctx.cache.v[0], plan, PAGE, D**-0.5)
         finally:
-            set_decode_kernel(before)
+            set_decode_kernel(before[0])
+            attention.KERNEL_PREFILL_ROWS_PER_GROUP = before[1]
 
     return run
 
@@ -95,10 +104,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mla", action="store_true", help="DeepSeek-V3 latent decode shapes")
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of decode: chunks of these many new tokens per sequence on a cached prefix "
+        "(the context counts them), SDPA over the gathered pages vs the kernel's decode rows",
+    )
     args = parser.parse_args()
     global H, HKV, D, DV
     if args.mla:
         H, HKV, D, DV = 128, 1, 576, 512
+    if args.prefill:
+        prefill(args)
+        return
     candidates = {
         "per-sequence": per_sequence,
         "paged sdpa": paged(1 << 30, "torch"),
@@ -143,6 +163,44 @@ def main() -> None:
                 for name, (fn, c) in runs.items():
                     best[name] = min(best[name], _time(functools.partial(fn, c, q), args.repeats))
             print(f"| {context} | {batch} | " + " | ".join(f"{best[n] * 1e3:.3f}" for n in runs) + " |")
+
+
+def prefill(args: argparse.Namespace) -> None:
+    """Prefill chunks of n new tokens whose prefix is cached: the engine's SDPA over the gathered
+    pages vs n decode rows per sequence through the C++ kernel (K/V read in place, per row)."""
+    runs = {
+        "sdpa (gathered pages)": paged(1 << 30, "auto", 0),
+        "C++ decode rows": paged(1 << 30, "auto", 1 << 30),
+    }
+    print("| context | batch | new tokens | " + " | ".join(f"{n} ms" for n in runs) + " | kernel / sdpa |")
+    print("|---:|---:|---:|" + "---:|" * (len(runs) + 1))
+    for context in args.contexts:
+        for batch in args.batches:
+            pages_per_seq = -(-context // PAGE)
+            num_pages = batch * pages_per_seq + 1
+            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE)
+            cache.k.normal_()
+            cache.v.normal_()
+            order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+            for n in args.prefill:
+                seqs = [
+                    (order[b * pages_per_seq : (b + 1) * pages_per_seq], context - n, n) for b in range(batch)
+                ]
+                ctx = PagedAttention.for_sequences(cache, seqs)
+                q = torch.randn(batch * n, H, D, dtype=DTYPE)
+                ref = per_sequence(ctx, q).float()
+                for name, fn in runs.items():
+                    assert torch.allclose(fn(ctx, q).float(), ref, atol=2e-2), name
+                best = {name: float("inf") for name in runs}
+                for _ in range(args.rounds):
+                    for name, fn in runs.items():
+                        best[name] = min(best[name], _time(functools.partial(fn, ctx, q), args.repeats))
+                times = list(best.values())
+                print(
+                    f"| {context} | {batch} | {n} | "
+                    + " | ".join(f"{t * 1e3:.3f}" for t in times)
+                    + f" | {times[1] / times[0]:.2f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -60,6 +60,19 @@ class AttentionContext(ABC):
 # (0.77 vs 0.52 ms at 4096); see benchmarks/paged_attention.py.
 MATMUL_DECODE_MIN_KEYS = 2048
 
+# A prefill chunk on a cached prefix (a prefix-cache hit with a short new part, a chunked
+# prefill's remainder) of n new tokens per sequence can run as n decode rows through the C++
+# kernel, row i attending to the keys up to its own position, K/V read in place (re-read per row,
+# from the caches after the first), instead of SDPA over the gathered pages. Measured on one
+# core, bf16 (benchmarks/paged_attention.py --prefill; RESULTS.md, "Prefill chunks on a cached
+# prefix"): the rows win while n <= 4 x the query heads per KV head (GQA-7 at n = 2..512: 0.12-
+# 0.62x of SDPA's time; GQA-4 at n = 8..32: 0.44-0.73x; MHA at n = 4: 0.5-0.75x, at n = 16:
+# 1.35x; DeepSeek's latent heads, 128 on one, at n = 4..256: 0.01-0.23x), as each K/V block
+# serves n x group query rows. The plan builds the per-row metadata for chunks up to
+# KERNEL_PREFILL_MAX_ROWS; the attention picks by its group size.
+KERNEL_PREFILL_MAX_ROWS = 512
+KERNEL_PREFILL_ROWS_PER_GROUP = 4
+
 
 @dataclass(frozen=True)
 class PagedGroup:
@@ -73,8 +86,10 @@ class PagedGroup:
     rows: Tensor  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
     valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
     covers_step: bool  # the group holds every token of the step, in step order
-    # decode, for the C++ kernel (layers/decode_kernel.py): each sequence's whole block table
-    # [B, pages] and key count [B] (int64), and the window (None: all keys)
+    # for the C++ kernel (layers/decode_kernel.py), one entry per query row: its sequence's whole
+    # block table [R, pages] and the keys it attends to [R] (int64), and the window (None: all
+    # keys). Decode: R = B. Prefill (chunks of at most KERNEL_PREFILL_MAX_ROWS): each real query
+    # row of `rows`, in order, attends to the keys up to its position.
     tables: Tensor | None = None
     lens: Tensor | None = None
     window: int | None = None
@@ -93,6 +108,7 @@ def plan_paged_attention(
     page_size: int,
     window: int | None = None,
     matmul_min_keys: int | None = None,
+    kernel_prefill_max_rows: int | None = None,
 ) -> PagedPlan:
     """The page reads and masks of one step, built once per step (per window size) and shared by
     every layer. Sequence b has `query_lens[b]` new tokens, the last ones of its `context_lens[b]`
@@ -101,6 +117,8 @@ def plan_paged_attention(
     device = block_tables.device
     if matmul_min_keys is None:
         matmul_min_keys = MATMUL_DECODE_MIN_KEYS
+    if kernel_prefill_max_rows is None:
+        kernel_prefill_max_rows = KERNEL_PREFILL_MAX_ROWS
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -153,7 +171,28 @@ def plan_paged_attention(
             torch.tensor([starts[b] for b in members], device=device)[:, None]
             + torch.arange(t_max, device=device)
         ) * real
-        groups.append(PagedGroup(pages, run, mask[:, None], None, rows, real.reshape(-1), step_order))
+        row_tables: Tensor | None = None
+        row_lens: Tensor | None = None
+        if t_max <= kernel_prefill_max_rows:  # query row i of b: keys up to context - n + i
+            per_row = [b for b, n in zip(members, qlen) for _ in range(n)]
+            row_tables = block_tables.index_select(0, torch.tensor(per_row, device=device))
+            row_lens = torch.tensor(
+                [c - n + i + 1 for c, n in zip(ctx, qlen) for i in range(n)], device=device
+            )
+        groups.append(
+            PagedGroup(
+                pages,
+                run,
+                mask[:, None],
+                None,
+                rows,
+                real.reshape(-1),
+                step_order,
+                row_tables,
+                row_lens,
+                window,
+            )
+        )
     return PagedPlan(groups[0], groups[1])
 
 
@@ -216,7 +255,9 @@ def paged_attention(
     """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv].
 
     Decode rows run the C++ kernel where it can (layers/decode_kernel.py: K/V read in place through
-    the block tables, whatever the pages' order). Otherwise, and for prefill, only the pages the
+    the block tables, whatever the pages' order), and so do short prefill chunks (see
+    KERNEL_PREFILL_ROWS_PER_GROUP), one decode row per token. Otherwise, and for longer prefill
+    chunks, only the pages the
     step's sequences reach are read, in place for one run of consecutive pages, else gathered into
     one padded batch per group. GQA never repeats K/V: a decode step's
     H queries are [Hkv, B, H / Hkv] rows against [Hkv, B, S] keys; prefill uses SDPA's
@@ -247,6 +288,22 @@ def paged_attention(
         g = plan.prefill
         assert g.valid is not None
         b, tq = g.rows.shape
+        if (
+            g.tables is not None
+            and g.lens is not None
+            and tq <= KERNEL_PREFILL_ROWS_PER_GROUP * group
+            and decode_kernel_reason(q, key_cache, value_cache) is None
+        ):
+            flat = g.rows.reshape(-1)[g.valid]  # the real query rows, sequence by sequence
+            o = paged_decode(
+                q.index_select(0, flat), key_cache, value_cache, g.tables, g.lens, page_size, scale, g.window
+            )
+            if g.covers_step and out is None:
+                return o
+            if out is None:
+                out = q.new_empty(t, h * dv)
+            out.index_copy_(0, flat, o)
+            return out
         qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
         keys, values = read_key_value_pages(key_cache, value_cache, g, page_size)
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [B, Hkv, S, D*]

@@ -82,6 +82,40 @@ def test_matches_float64(dtype, hkv, group, dk, dv, window):
         assert err < TOL[dtype], (splits, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [3, 5, 8])
+def test_running_max_rising_block_after_block(dtype, group):
+    """Scores that grow along the context: every block of keys raises the running max, so the
+    earlier blocks' sums and outputs are rescaled each time (the common case, a max that holds,
+    skips that); 70 and 333 keys end in partial blocks and straddle pages."""
+    ops = _ops()
+    q, kc, vc, tables, lens = _case(2, group, 64, 64, [333, 70], dtype, seed=4)
+    q = torch.ones_like(q)
+    ramp = torch.zeros(kc.shape[1])
+    for b, n in enumerate(lens.tolist()):  # key position i of sequence b scores ~ i / 8
+        pos = torch.arange(n)
+        ramp[tables[b][pos // PAGE] * PAGE + pos % PAGE] = pos / (8.0 * kc.shape[-1])
+    kc = (kc.float() * 0.05 + ramp[None, :, None]).to(dtype)
+    want = _reference(q, kc, vc, tables, lens, 1.0, None)
+    for splits in (1, 2):
+        out = ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 1.0, 0, splits)
+        assert (out.double() - want).abs().max().item() < TOL[dtype], splits
+
+
+def test_value_stored_inside_the_key():
+    """The latent cache stores the value once, as the key's first 512 of 576 (a strided view):
+    the kernel reads it in place, with the same results as from a separate value cache."""
+    ops = _ops()
+    q, kc, _, tables, lens = _case(1, 16, 576, 512, [90, 41], torch.bfloat16, seed=5)
+    inside = kc[..., :512]
+    want = _reference(q, kc, inside, tables, lens, 576**-0.5, None)
+    out = ops.paged_decode_attention(q, kc, inside, tables, lens, PAGE, 576**-0.5)
+    assert torch.equal(
+        out, ops.paged_decode_attention(q, kc, inside.contiguous(), tables, lens, PAGE, 576**-0.5)
+    )
+    assert (out.double() - want).abs().max().item() < TOL[torch.bfloat16]
+
+
 def test_bf16_inputs_on_the_fp32_path_and_two_threads():
     ops = _ops()
     q, kc, vc, tables, lens = _case(2, 7, 64, 64, [700, 5, 1200], torch.bfloat16, seed=1)
@@ -120,6 +154,8 @@ def test_bad_block_tables_are_refused_with_a_reason():
         ops.paged_decode_attention(q[:, :3], kc, vc, tables, lens, PAGE, 0.125)
     with pytest.raises(RuntimeError, match="block_tables must be int64"):
         ops.paged_decode_attention(q, kc, vc, tables.int(), lens, PAGE, 0.125)
+    with pytest.raises(RuntimeError, match="scale must be a positive"):
+        ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 0.0)
 
 
 def test_kernel_choice_is_pinned_both_ways(monkeypatch):
@@ -139,8 +175,10 @@ def test_kernel_choice_is_pinned_both_ways(monkeypatch):
 
 
 @pytest.mark.parametrize("window", [None, 20])
-def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, window):
-    """A step with decode rows and a prefill chunk: decode rows go through the kernel (spied), and
+@pytest.mark.parametrize("chunk", [6, 40])  # 14 / 2 heads: rows up to 4 x 7 = 28 take the kernel
+def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, window, chunk):
+    """A step with decode rows and a prefill chunk on a cached prefix: decode rows go through the
+    kernel (spied), a short chunk too (as one decode row per new token), a longer one through SDPA;
     the step's output equals the pure-torch path's (float32 cache, same plan)."""
     _ops()
     torch.manual_seed(3)
@@ -148,18 +186,47 @@ def test_engine_step_takes_the_kernel_and_matches_the_torch_path(monkeypatch, wi
     cache.k.normal_()
     cache.v.normal_()
     # (pages, cached tokens, new tokens): two decoding sequences on scattered pages, one prefill
-    seqs = [([7, 3, 30, 12], 50, 1), ([1, 2], 9, 1), ([20, 5, 8], 18, 6)]
+    seqs = [([7, 3, 30, 12], 50, 1), ([1, 2], 9, 1), ([20, 5, 8, 9], 18, chunk)]
     t = sum(n for _, _, n in seqs)
     q, k, v = torch.randn(t, 14, 64), torch.randn(t, 2, 64), torch.randn(t, 2, 64)
     calls = []
     real = attention.paged_decode
-    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "paged_decode", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     out = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
-    assert calls == [1]
+    assert calls == ([2, chunk] if chunk <= 28 else [2])  # rows per call
     monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
     want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
-    assert calls == [1]  # the torch path did not call the kernel
+    assert len(calls) <= 2  # the torch path did not call the kernel
     assert torch.allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_chunks_on_cached_prefixes_match_float64(window):
+    """Two sequences, each a chunk of new tokens after a cached prefix (the last page part full,
+    pages scattered), only prefill in the step: every new token attends causally (its own key
+    included, within the window) to the cache in place, as in float64 over the gathered keys."""
+    _ops()
+    torch.manual_seed(4)
+    cache = PagedKVCache(1, 24, PAGE, 2, 64, 64, torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    seqs = [([11, 4, 17], 30, 7), ([2, 19], 13, 3)]
+    t = sum(n for _, _, n in seqs)
+    q, k, v = torch.randn(t, 8, 64), torch.randn(t, 2, 64), torch.randn(t, 2, 64)
+    out = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125, window)
+    at = 0
+    for pages, cached, n in seqs:
+        pos = torch.arange(cached + n)
+        slots = torch.tensor(pages)[pos // PAGE] * PAGE + pos % PAGE
+        keys = cache.k[0][:, slots].double().repeat_interleave(4, 0)  # [H, S, D], after the store
+        values = cache.v[0][:, slots].double().repeat_interleave(4, 0)
+        for i in range(n):
+            p = cached + i  # the query's position
+            seen = (pos <= p) & ((pos > p - window) if window else True)
+            scores = torch.einsum("hd,hsd->hs", q[at + i].double(), keys[:, seen]) * 0.125
+            want = torch.einsum("hs,hsd->hd", scores.softmax(-1), values[:, seen]).reshape(-1)
+            assert (out[at + i].double() - want).abs().max() < 2e-5, (pages, i)
+        at += n
 
 
 def test_inspect_names_the_decode_attention(monkeypatch):

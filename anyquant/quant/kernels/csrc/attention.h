@@ -25,6 +25,7 @@ namespace {
 
 constexpr int kBlock = 16;          // keys per block (fp32 path): one vector of scores per query head
 constexpr int kKeys = 32;           // keys per block (bf16 path): two vectors of scores per query head
+constexpr int kAhead = 2;           // blocks between the one computed and the one prefetched (bf16 path)
 constexpr int64_t kMinChunk = 256;  // fewest keys worth a chunk of its own (merge cost, cache reuse)
 
 bool bf16_supported() {
@@ -104,21 +105,38 @@ struct Slots {
 // block competes with the block's own loads).
 inline void prefetch_line(const char* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
 
-// Ask for the rows of the block starting at key j (if any) while this one is computed: pages are
-// scattered, so the hardware prefetcher loses the stream at every page boundary.
+// The line of `p` and, when the 64 bytes from `p` straddle two lines, the next one.
+inline void prefetch_span(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  prefetch_line(c);
+  if (reinterpret_cast<uintptr_t>(c) & 63) prefetch_line(c + 63);
+}
+
+// The lines of `rows` rows of `bytes` each, `stride` bytes apart: one run when the rows are
+// contiguous (the engine's cache: a page of one KV head is one block of memory).
+inline void prefetch_rows(const char* first, int64_t rows, int64_t bytes, int64_t stride) {
+  if (stride == bytes) {
+    bytes *= rows;
+    rows = 1;
+  }
+  for (int64_t r = 0; r < rows; ++r, first += stride)
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(first + o);
+}
+
+// Ask for the rows of the keys [j, min(j + count, hi)) while this block is computed, page by page:
+// pages are scattered, so the hardware prefetcher loses the stream at every page boundary.
 template <typename T>
 AQ_ATTN_TARGET inline void prefetch_block(const Problem& p, const int64_t* table, const T* kbase, const T* vbase,
                                           int64_t j, int64_t count, int64_t hi) {
   const int64_t end = std::min<int64_t>(j + count, hi);
-  const int64_t kbytes = p.dk * static_cast<int64_t>(sizeof(T)), vbytes = p.dv * static_cast<int64_t>(sizeof(T));
-  if (j >= end) return;
-  Slots slots(p, table, j);
-  for (int64_t pos = j; pos < end; ++pos) {
-    const int64_t slot = slots.next();
-    const char* k = reinterpret_cast<const char*>(kbase + slot * p.k_slot);
-    const char* v = reinterpret_cast<const char*>(vbase + slot * p.v_slot);
-    for (int64_t o = 0; o < kbytes; o += 64) prefetch_line(k + o);
-    for (int64_t o = 0; o < vbytes; o += 64) prefetch_line(v + o);
+  constexpr int64_t size = sizeof(T);
+  int64_t index = j / p.page, offset = j % p.page;
+  for (int64_t pos = j; pos < end; ++index, offset = 0) {
+    const int64_t slot = table[index] * p.page + offset;
+    const int64_t n = std::min<int64_t>(p.page - offset, end - pos);
+    if (kbase) prefetch_rows(reinterpret_cast<const char*>(kbase + slot * p.k_slot), n, p.dk * size, p.k_slot * size);
+    if (vbase) prefetch_rows(reinterpret_cast<const char*>(vbase + slot * p.v_slot), n, p.dv * size, p.v_slot * size);
+    pos += n;
   }
 }
 

@@ -99,6 +99,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.scalar_type() == at::kLong,
               "context_lens must be int64 [", B, "]");
   TORCH_CHECK(window >= 0 && splits >= 0, "window and splits must be >= 0");
+  // the kernels take a block's max before scaling its scores
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "scale must be a positive finite number, got ", scale);
 
   const at::Tensor tables = block_tables.contiguous();
   const at::Tensor contexts = context_lens.contiguous();
