@@ -3,24 +3,28 @@
 // The many-rows path (prompts, batches) of the weight-only linear kernel: a register-blocked
 // GEMM over the repacked weights of gemv.h, for bf16 x.
 //
-// Blocking (Zen 4: 32 KiB L1d, 1 MiB L2 per core; vdpbf16ps zmm at one per cycle per core):
+// Blocking (Zen 4: 32 KiB L1d, 1 MiB L2 per core; vdpbf16ps zmm at one per cycle per core,
+// 64 flops: 235 GFLOP/s per core at 3.67 GHz, measured):
 //   - work units: a panel of kNB blocks of 16 outputs (64 columns) x a chunk of kMC rows of x;
 //     the threads share the units (N split first, rows too when N is small);
-//   - per unit and K-block of `kc` inputs (about 128), the panel's weights are decoded once with
-//     the exact decoders into a bf16 buffer in vdpbf16ps's pair layout, [kc / 2 pairs][kNB
-//     blocks][32 words] = kc * 128 bytes (16 KiB: stays in L1 while every row tile of the chunk
-//     runs over it), so decoding costs 1 / kMC of the multiplications;
+//   - per unit and K-block of `kc` inputs, the panel's weights are decoded once with the exact
+//     decoders into a bf16 buffer in vdpbf16ps's pair layout, [kc / 2 pairs][kNB blocks][32
+//     words] = kc * 128 bytes, so decoding costs 1 / kMC of the multiplications (~1.5 %);
+//   - the K-block is cut into segments (gemm_segment: the group, or up to 512 inputs for one
+//     scale per row); per segment every row tile of the chunk runs over the same seg * 128 bytes
+//     of weights (16 KiB for groups of 128: L1), with the segment's scales loaded once;
 //   - the micro-kernel keeps kMR rows x kNB blocks = 24 fp32 accumulators in zmm registers; per
 //     pair of inputs it loads kNB weight vectors and broadcasts each row's (x[k], x[k+1]) from x
-//     itself (rows read in place, sequentially: no packing pass), then runs 24 vdpbf16ps.
-//     Loads per pair: 4 vectors + 6 broadcasts for 24 dot products, so the dot products are the
-//     bound, not the loads or the broadcasts (the vector path's 8-row core broadcasts one pair per
-//     dot product, which is what kept it at ~0.9x oneDNN);
-//   - the scales are applied per segment of `span` inputs (Layout::span, which divides the group):
-//     the running result, in an fp32 buffer of the unit ([kMC rows][64], L2), gets scale * sum
-//     minus zz * scale * sum(x over the segment), like the vector path; the last segment adds the
-//     bias and stores bf16. The weights are never rounded: numerics are the vector path's
-//     (exact weight values times bf16 x in fp32, one rounding of the output).
+//     itself (rows read in place: no packing pass; the next tile's rows are prefetched), then
+//     runs 24 vdpbf16ps. 4 vector loads + 6 broadcasts per 24 dot products: alone in a loop this
+//     runs at the measured peak (the vector path's 8-row core broadcasts one pair per 4 dot
+//     products and decodes into a buffer per block of 16 outputs: ~0.9x oneDNN at 512 rows);
+//   - at the end of a segment each tile's sums are scaled into the running result, an fp32
+//     buffer of the unit ([kMC rows][64], L2): + scale * sum - zz * scale * sum(x over the
+//     segment), as the vector path does; the last segment adds the bias and stores bf16. Each
+//     segment restarts the accumulators and costs 24 loads and stores: the reason segments are
+//     as long as the scales allow. The weights are never rounded: exact weight values times bf16
+//     x summed in fp32, one rounding of the output (the vector path's numerics).
 // fp32 x stays on the vector path and the tile path (three bf16 passes would triple the work).
 
 #include "gemv.h"
@@ -31,7 +35,7 @@ constexpr int kMR = 6;              // rows of x per micro-tile
 constexpr int kNB = 4;              // blocks of 16 outputs per micro-tile
 constexpr int64_t kKC = 128;        // least inputs per K-block (whole segments)
 constexpr int64_t kMaxSegment = 512;  // longest segment between scalings (one scale per row)
-constexpr int64_t kMC = 256;        // rows of x per work unit
+constexpr int64_t kMC = 256;         // rows of x per work unit
 constexpr int64_t kPairBytes = 64;  // one block's 32 bf16 words for one pair of inputs
 
 struct GemmArgs {
@@ -47,9 +51,9 @@ struct GemmArgs {
 
 // The segment: the longest multiple of 8 that divides the group, up to 128 inputs for groups of
 // several per row (AWQ/GPTQ's 32..128: the group itself) and kMaxSegment for one group per row
-// (per-channel / per-tensor scales), where only the accumulators' reach bounds it. Measured on
-// Zen 4 (int8 per-channel 896 x 896, M = 512, one thread): segments of 448 inputs 1.05x faster
-// than 128 (each segment restarts the accumulators and scales them into the running result).
+// (per-channel / per-tensor scales), where nothing else bounds it (the K-block's weights then
+// take up to 64 KiB: L2). Measured on Zen 4 (int8 per-channel 896 x 896, M = 512, one thread):
+// segments of 448 inputs 1.05x faster than 128.
 inline int64_t gemm_segment(const Layout& w) {
   const int64_t limit = std::min(w.group, w.ng == 1 ? kMaxSegment : int64_t{128});
   for (int64_t s = limit / 8 * 8; s > 8; s -= 8)
@@ -72,10 +76,41 @@ struct Tile {
   bool first, last;        // the first / last K-block of the layer
 };
 
+// The segment's per-block constants: scales, zero points times scales, bias, output masks.
+template <int NB>
+struct SegmentConsts {
+  __m512 s[NB], zs[NB], bias[NB];
+  __mmask16 mask[NB];
+};
+
+// One tile's segment sums into the running result (fp32 buffer) or, for the layer's last
+// segment, plus bias into the bf16 output. A template per case so that the 24 accumulators stay
+// in registers and the loop carries no per-element branches.
+template <int MR, int NB, bool ZZ, bool FIRST, bool LAST>
+AQ_TARGET __attribute__((always_inline)) inline void flush(const __m512 (&acc)[MR][NB], const SegmentConsts<NB>& k,
+                                                           const float* xsum, int64_t nseg, float* c, int16_t* out,
+                                                           int64_t n) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xs = ZZ ? _mm512_set1_ps(xsum[m * nseg]) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      __m512 r = FIRST ? k.bias[j] : _mm512_add_ps(_mm512_loadu_ps(c + m * (kNB * 16) + j * 16), k.bias[j]);
+      r = _mm512_fmadd_ps(acc[m][j], k.s[j], r);
+      if constexpr (ZZ) r = _mm512_fnmadd_ps(k.zs[j], xs, r);
+      if constexpr (LAST) {
+        _mm256_mask_storeu_epi16(out + m * n + j * 16, k.mask[j], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
+      } else {
+        _mm512_storeu_ps(c + m * (kNB * 16) + j * 16, r);
+      }
+    }
+  }
+}
+
 // Rows m0 .. m0 + tiles * MR against NB blocks over the K-block, one segment at a time: per
 // segment every row tile runs over the same 16 KiB of weights (L1), with the segment's scales,
 // zero points, bias and masks loaded once.
-template <int MR, int NB>
+template <int MR, int NB, bool ZZ>
 AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_t tiles) {
   const Layout& w = a.w;
   const int64_t kp2 = w.kp / 2, nseg = w.kp / a.seg;
@@ -83,16 +118,15 @@ AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_
   for (int64_t seg = t.k0; seg < t.k0 + t.klen; seg += a.seg) {
     const int64_t g = seg / w.group, q = seg / a.seg;
     const bool first = t.first && seg == t.k0, last = t.last && seg + a.seg == t.k0 + t.klen;
-    __m512 s[NB], zs[NB], bias[NB];
-    __mmask16 mask[NB];
+    SegmentConsts<NB> k;
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       const int64_t b = t.blk0 + j;
-      s[j] = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
-      zs[j] = w.zz ? _mm512_mul_ps(s[j], _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16)) : _mm512_setzero_ps();
+      k.s[j] = _mm512_loadu_ps(w.scale + (b * w.ng + g) * 16);
+      k.zs[j] = ZZ ? _mm512_mul_ps(k.s[j], _mm512_loadu_ps(w.zz + (b * w.ng + g) * 16)) : _mm512_setzero_ps();
       const int64_t valid = std::min<int64_t>(16, w.n - b * 16);
-      mask[j] = static_cast<__mmask16>((1u << valid) - 1u);
-      bias[j] = (last && a.bias) ? _mm512_maskz_loadu_ps(mask[j], a.bias + b * 16) : _mm512_setzero_ps();
+      k.mask[j] = static_cast<__mmask16>((1u << valid) - 1u);
+      k.bias[j] = (last && a.bias) ? _mm512_maskz_loadu_ps(k.mask[j], a.bias + b * 16) : _mm512_setzero_ps();
     }
     const uint8_t* b_seg = t.b + (seg - t.k0) / 2 * t.pair_stride;
     const int64_t p0 = seg / 2, p1 = (seg + a.seg) / 2;
@@ -107,7 +141,16 @@ AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
       const uint8_t* bp = b_seg;
+      // The next tile's rows of x are prefetched as this tile runs, one cache line (16 pairs) of
+      // each row per 16 pairs: six short runs of x that the hardware prefetcher does not catch
+      // in time when x comes from L3 (large K; measured 1.02-1.03x on Llama-3.2-1B's down
+      // projection, level elsewhere).
+      const bool prefetch = tile + 1 < tiles;
       for (int64_t p = p0; p < p1; ++p, bp += t.pair_stride) {
+        if (prefetch && (p & 15) == 0) {
+#pragma GCC unroll 8
+          for (int m = 0; m < MR; ++m) _mm_prefetch(reinterpret_cast<const char*>(xr[m] + MR * kp2 + p), _MM_HINT_T0);
+        }
         __m512i bw[NB];
 #pragma GCC unroll 4
         for (int j = 0; j < NB; ++j) bw[j] = _mm512_loadu_si512(bp + j * t.block_stride);
@@ -120,34 +163,35 @@ AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_
         }
       }
       // Segment done: scale it into the running result, or (last) into the output.
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m512 xs = w.zz ? _mm512_set1_ps(a.xsum[(mt + m) * nseg + q]) : _mm512_setzero_ps();
-        float* crow = t.c + (mt + m - t.r0) * (kNB * 16);
-        int16_t* orow = a.out + (mt + m) * w.n + t.blk0 * 16;
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) {
-          __m512 c = first ? bias[j] : _mm512_add_ps(_mm512_loadu_ps(crow + j * 16), bias[j]);
-          c = _mm512_fmadd_ps(acc[m][j], s[j], c);
-          if (w.zz) c = _mm512_fnmadd_ps(zs[j], xs, c);
-          if (last) {
-            _mm256_mask_storeu_epi16(orow + j * 16, mask[j], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(c)));
-          } else {
-            _mm512_storeu_ps(crow + j * 16, c);
-          }
-        }
+      const float* xs = ZZ ? a.xsum + mt * nseg + q : nullptr;
+      float* c = t.c + (mt - t.r0) * (kNB * 16);
+      int16_t* out = a.out + mt * w.n + t.blk0 * 16;
+      if (first && last) {
+        flush<MR, NB, ZZ, true, true>(acc, k, xs, nseg, c, out, w.n);
+      } else if (first) {
+        flush<MR, NB, ZZ, true, false>(acc, k, xs, nseg, c, out, w.n);
+      } else if (last) {
+        flush<MR, NB, ZZ, false, true>(acc, k, xs, nseg, c, out, w.n);
+      } else {
+        flush<MR, NB, ZZ, false, false>(acc, k, xs, nseg, c, out, w.n);
       }
     }
   }
 }
 
+template <int MR, int NB>
+void micro_zz(const GemmArgs& a, const Tile& t, int64_t m0, int64_t tiles) {
+  if (a.w.zz != nullptr) return micro_kernel<MR, NB, true>(a, t, m0, tiles);
+  return micro_kernel<MR, NB, false>(a, t, m0, tiles);
+}
+
 template <int MR>
 void micro_blocks(const GemmArgs& a, const Tile& t, int64_t m0, int64_t tiles, int64_t nb) {
   switch (nb) {
-    case 1: return micro_kernel<MR, 1>(a, t, m0, tiles);
-    case 2: return micro_kernel<MR, 2>(a, t, m0, tiles);
-    case 3: return micro_kernel<MR, 3>(a, t, m0, tiles);
-    default: return micro_kernel<MR, 4>(a, t, m0, tiles);
+    case 1: return micro_zz<MR, 1>(a, t, m0, tiles);
+    case 2: return micro_zz<MR, 2>(a, t, m0, tiles);
+    case 3: return micro_zz<MR, 3>(a, t, m0, tiles);
+    default: return micro_zz<MR, 4>(a, t, m0, tiles);
   }
 }
 
