@@ -95,8 +95,14 @@ AQ_TARGET __attribute__((always_inline)) inline void flush(const __m512 (&acc)[M
     const __m512 xs = ZZ ? _mm512_set1_ps(xsum[m * nseg]) : _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      __m512 r = FIRST ? k.bias[j] : _mm512_add_ps(_mm512_loadu_ps(c + m * (kNB * 16) + j * 16), k.bias[j]);
-      r = _mm512_fmadd_ps(acc[m][j], k.s[j], r);
+      __m512 r;
+      if constexpr (FIRST) {
+        r = LAST ? _mm512_fmadd_ps(acc[m][j], k.s[j], k.bias[j]) : _mm512_mul_ps(acc[m][j], k.s[j]);
+      } else {
+        r = _mm512_loadu_ps(c + m * (kNB * 16) + j * 16);
+        if constexpr (LAST) r = _mm512_add_ps(r, k.bias[j]);
+        r = _mm512_fmadd_ps(acc[m][j], k.s[j], r);
+      }
       if constexpr (ZZ) r = _mm512_fnmadd_ps(k.zs[j], xs, r);
       if constexpr (LAST) {
         _mm256_mask_storeu_epi16(out + m * n + j * 16, k.mask[j], reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r)));
