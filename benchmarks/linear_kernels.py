@@ -88,6 +88,9 @@ SPECS = (
 )
 FAST, FALLBACKS = "cpu_avx512", ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
 VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
+# cpu_avx512 held to its vector path at every row count (the many-rows path before the GEMM):
+# an A/B of the GEMM in the same run. Timed only when --engines names it.
+VECTOR = "cpu_avx512 (vector)"
 INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
@@ -242,6 +245,11 @@ def make_cases(
         kernel = build(engine, w, dtype)
         if kernel is not None:
             layers[engine] = kernel
+    if VECTOR in engines:
+        kernel = build(FAST, w, dtype)
+        if kernel is not None:
+            kernel.path = lambda rows: "gemv"  # type: ignore[method-assign]
+            layers[VECTOR] = kernel
     if A8 in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
         kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
         if kernel is not None:
