@@ -43,9 +43,9 @@ _FORMAT = {
 _ROWS = 16  # output rows per block: one 512-bit register of fp32 outputs
 _DTYPES = (torch.bfloat16, torch.float32)
 # bfloat16: up to this many rows the vector kernel (each weight decoded once in registers for
-# every row), beyond it the GEMM, which at 512 rows reaches 0.96-1.02x oneDNN's bf16 GEMM of the
-# same shape on one Zen 4 core (no AMX; the vector kernel's 8-row core 0.91-1.0x) and from 5 rows
-# on is level with or faster than the vector kernel's decoded-block tiles (benchmarks/RESULTS.md).
+# every row), beyond it the GEMM, which at 512 rows reaches 0.98-1.05x oneDNN's bf16 GEMM of the
+# same shape on a Zen 4 core (no AMX; the vector kernel's 8-row core 0.86-1.01x), at 64 rows is
+# level with the vector kernel and at 5 faster (benchmarks/RESULTS.md).
 _BF16_GEMV_MAX_ROWS = 4
 # float32 x costs the vector kernel three bf16 passes; beyond this many rows at::mm's fp32 GEMM
 # on dequantized tiles is faster (benchmarks/linear_kernels.py).
