@@ -35,9 +35,10 @@ SPECS = [
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128)),
 ]
 # (N, K): 72 = one full panel + a panel of one block cut to 8 outputs; 200 = 3 panels + 2 blocks of
-# 16 and 8; 16 one block. K = 328 is 2 groups of 128 + a 72-input group; 1000 per channel makes
-# segments of 200 (1000 = 8 * 125); 1040 per channel segments of 520 -> 208 (not a power of 2).
-SHAPES = [(72, 328), (200, 1000), (16, 1040)]
+# 16 and 8; 16 / 40 one / three blocks. K = 328 is 2 groups of 128 + a 72-input group; per
+# channel, segments of 512 inputs with a shorter last one: 1000 = 512 + 488, 1040 = 2 * 512 + 16,
+# 536 = 512 + 24.
+SHAPES = [(72, 328), (200, 1000), (16, 1040), (40, 536)]
 # 5: one tile of 5; 6 / 7 / 11: full tiles and tails; 300: crosses the 256-row chunk.
 TOKENS = (5, 6, 7, 11, 300)
 

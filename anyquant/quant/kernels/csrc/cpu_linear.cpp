@@ -89,8 +89,8 @@ at::Tensor gemm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const int64_t seg = gemm_segment(w);
   std::vector<float> xsum;
   if (w.zz != nullptr) {
-    xsum.resize(static_cast<size_t>(m * (w.kp / seg)));
-    group_sums_bf16(xw, m, w.kp, seg, xsum.data());
+    xsum.resize(static_cast<size_t>(m * w.ng));
+    group_sums_bf16(xw, m, w.kp, w.group, xsum.data());
   }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();

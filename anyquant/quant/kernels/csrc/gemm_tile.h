@@ -11,7 +11,7 @@
 //     decoders into a bf16 buffer in vdpbf16ps's pair layout, [kc / 2 pairs][kNB blocks][32
 //     words] = kc * 128 bytes, so decoding costs 1 / kMC of the multiplications (~1.5 %);
 //   - the K-block is cut into segments (gemm_segment: the group, or up to 512 inputs for one
-//     scale per row); per segment every row tile of the chunk runs over the same seg * 128 bytes
+//     scale per row, the last shorter); per segment every row tile of the chunk runs over the same seg * 128 bytes
 //     of weights (16 KiB for groups of 128: L1), with the segment's scales loaded once;
 //   - the micro-kernel keeps kMR rows x kNB blocks = 24 fp32 accumulators in zmm registers; per
 //     pair of inputs it loads kNB weight vectors and broadcasts each row's (x[k], x[k+1]) from x
@@ -20,8 +20,8 @@
 //     runs at the measured peak (the vector path's 8-row core broadcasts one pair per 4 dot
 //     products and decodes into a buffer per block of 16 outputs: ~0.9x oneDNN at 512 rows);
 //   - at the end of a segment each tile's sums are scaled into the running result, an fp32
-//     buffer of the unit ([kMC rows][64], L2): + scale * sum - zz * scale * sum(x over the
-//     segment), as the vector path does; the last segment adds the bias and stores bf16. Each
+//     buffer of the unit ([kMC rows][64], L2): + scale * sum, and at a group's first segment
+//     - zz * scale * sum(x over the group), as the vector path does; the last segment adds the bias and stores bf16. Each
 //     segment restarts the accumulators and costs 24 loads and stores: the reason segments are
 //     as long as the scales allow. The weights are never rounded: exact weight values times bf16
 //     x summed in fp32, one rounding of the output (the vector path's numerics).
@@ -42,21 +42,21 @@ struct GemmArgs {
   Layout w;
   const int16_t* x;    // bf16 [m, kp]
   int64_t m;
-  const float* xsum;   // [m, kp / seg] sums of x per segment: with zero points only
+  const float* xsum;   // [m, ng] sums of x per group: with zero points only
   const float* bias;   // fp32 [n] or nullptr
   int16_t* out;        // bf16 [m, n]
-  int64_t seg;         // inputs summed between scalings: divides the group (gemm_segment)
+  int64_t seg;         // inputs summed between scalings (gemm_segment)
   int64_t kc;          // inputs per K-block, a multiple of seg
 };
 
-// The segment: the longest multiple of 8 that divides the group, up to 128 inputs for groups of
-// several per row (AWQ/GPTQ's 32..128: the group itself) and kMaxSegment for one group per row
-// (per-channel / per-tensor scales), where nothing else bounds it (the K-block's weights then
-// take up to 64 KiB: L2). Measured on Zen 4 (int8 per-channel 896 x 896, M = 512, one thread):
-// segments of 448 inputs 1.05x faster than 128.
+// The segment: for groups of several per row (AWQ/GPTQ's 32..128) the longest multiple of 8 that
+// divides the group, up to 128 inputs (the group itself); for one group per row (per-channel /
+// per-tensor scales) kMaxSegment inputs, the row's last segment shorter (the K-block's weights
+// then take up to 64 KiB: L2). Measured on Zen 4 (int8 per-channel 896 x 896, M = 512, one
+// thread): segments of 448 inputs 1.05x faster than 128.
 inline int64_t gemm_segment(const Layout& w) {
-  const int64_t limit = std::min(w.group, w.ng == 1 ? kMaxSegment : int64_t{128});
-  for (int64_t s = limit / 8 * 8; s > 8; s -= 8)
+  if (w.ng == 1) return std::min(w.kp, kMaxSegment);
+  for (int64_t s = std::min<int64_t>(w.group, 128) / 8 * 8; s > 8; s -= 8)
     if (w.group % s == 0) return s;
   return 8;
 }
@@ -84,15 +84,16 @@ struct SegmentConsts {
 };
 
 // One tile's segment sums into the running result (fp32 buffer) or, for the layer's last
-// segment, plus bias into the bf16 output. A template per case so that the 24 accumulators stay
+// segment, plus bias into the bf16 output; ZZ (the first segment of a group with zero points):
+// minus zz * scale * the group's sum of x. A template per case so that the 24 accumulators stay
 // in registers and the loop carries no per-element branches.
 template <int MR, int NB, bool ZZ, bool FIRST, bool LAST>
 AQ_TARGET __attribute__((always_inline)) inline void flush(const __m512 (&acc)[MR][NB], const SegmentConsts<NB>& k,
-                                                           const float* xsum, int64_t nseg, float* c, int16_t* out,
+                                                           const float* xsum, int64_t ng, float* c, int16_t* out,
                                                            int64_t n) {
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
-    const __m512 xs = ZZ ? _mm512_set1_ps(xsum[m * nseg]) : _mm512_setzero_ps();
+    const __m512 xs = ZZ ? _mm512_set1_ps(xsum[m * ng]) : _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       __m512 r;
@@ -119,11 +120,12 @@ AQ_TARGET __attribute__((always_inline)) inline void flush(const __m512 (&acc)[M
 template <int MR, int NB, bool ZZ>
 AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_t tiles) {
   const Layout& w = a.w;
-  const int64_t kp2 = w.kp / 2, nseg = w.kp / a.seg;
+  const int64_t kp2 = w.kp / 2, end = t.k0 + t.klen;
   const auto* x32 = reinterpret_cast<const int32_t*>(a.x);
-  for (int64_t seg = t.k0; seg < t.k0 + t.klen; seg += a.seg) {
-    const int64_t g = seg / w.group, q = seg / a.seg;
-    const bool first = t.first && seg == t.k0, last = t.last && seg + a.seg == t.k0 + t.klen;
+  for (int64_t seg = t.k0; seg < end; seg += a.seg) {
+    const int64_t g = seg / w.group, len = std::min(a.seg, end - seg);
+    const bool first = t.first && seg == t.k0, last = t.last && seg + len == end;
+    const bool zz_now = ZZ && seg % w.group == 0;  // segments never straddle groups
     SegmentConsts<NB> k;
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
@@ -135,7 +137,7 @@ AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_
       k.bias[j] = (last && a.bias) ? _mm512_maskz_loadu_ps(k.mask[j], a.bias + b * 16) : _mm512_setzero_ps();
     }
     const uint8_t* b_seg = t.b + (seg - t.k0) / 2 * t.pair_stride;
-    const int64_t p0 = seg / 2, p1 = (seg + a.seg) / 2;
+    const int64_t p0 = seg / 2, p1 = (seg + len) / 2;
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t mt = m0 + tile * MR;
       const int32_t* xr[MR];
@@ -169,17 +171,19 @@ AQ_TARGET void micro_kernel(const GemmArgs& a, const Tile& t, int64_t m0, int64_
         }
       }
       // Segment done: scale it into the running result, or (last) into the output.
-      const float* xs = ZZ ? a.xsum + mt * nseg + q : nullptr;
+      const float* xs = ZZ ? a.xsum + mt * w.ng + g : nullptr;
       float* c = t.c + (mt - t.r0) * (kNB * 16);
       int16_t* out = a.out + mt * w.n + t.blk0 * 16;
-      if (first && last) {
-        flush<MR, NB, ZZ, true, true>(acc, k, xs, nseg, c, out, w.n);
-      } else if (first) {
-        flush<MR, NB, ZZ, true, false>(acc, k, xs, nseg, c, out, w.n);
-      } else if (last) {
-        flush<MR, NB, ZZ, false, true>(acc, k, xs, nseg, c, out, w.n);
-      } else {
-        flush<MR, NB, ZZ, false, false>(acc, k, xs, nseg, c, out, w.n);
+      const int which = (zz_now ? 4 : 0) | (first ? 2 : 0) | (last ? 1 : 0);
+      switch (which) {
+        case 0: flush<MR, NB, false, false, false>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 1: flush<MR, NB, false, false, true>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 2: flush<MR, NB, false, true, false>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 3: flush<MR, NB, false, true, true>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 4: flush<MR, NB, ZZ, false, false>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 5: flush<MR, NB, ZZ, false, true>(acc, k, xs, w.ng, c, out, w.n); break;
+        case 6: flush<MR, NB, ZZ, true, false>(acc, k, xs, w.ng, c, out, w.n); break;
+        default: flush<MR, NB, ZZ, true, true>(acc, k, xs, w.ng, c, out, w.n); break;
       }
     }
   }
