@@ -88,6 +88,9 @@ SPECS = (
 )
 FAST, FALLBACKS = "cpu_avx512", ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
 VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
+# cpu_avx512 held to its vector path at every row count (the many-rows path before the GEMM):
+# an A/B of the GEMM in the same run. Timed only when --engines names it.
+VECTOR = "cpu_avx512 (vector)"
 INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
@@ -120,18 +123,25 @@ def random_weight(spec: QuantSpec, n: int, k: int, gen: torch.Generator) -> Quan
     return QuantWeight(spec, (n, k), data, scale.float(), zero, group_index).validate("bench")
 
 
+# What time_us reads: wall time, or with `--cpu-time` (one thread) the calling thread's CPU time,
+# which a process preempted on a shared machine does not accumulate (cache evictions by other
+# processes still count).
+_CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def time_us(fn: Callable[[], object], min_time: float) -> float:
     """Fastest call in µs over at least `min_time` seconds (and 3 calls), after a warm-up call.
 
     The minimum, not the median: on a shared machine other processes only ever add time.
     """
+    clock = _CLOCK[0]
     fn()
     best = float("inf")
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_time or calls < 3:
-        t0 = time.perf_counter()
+    calls, start = 0, clock()
+    while clock() - start < min_time or calls < 3:
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
         calls += 1
     return best * 1e6
 
@@ -235,6 +245,11 @@ def make_cases(
         kernel = build(engine, w, dtype)
         if kernel is not None:
             layers[engine] = kernel
+    if VECTOR in engines:
+        kernel = build(FAST, w, dtype)
+        if kernel is not None:
+            kernel.path = lambda rows: "gemv"  # type: ignore[method-assign]
+            layers[VECTOR] = kernel
     if A8 in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
         kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
         if kernel is not None:
@@ -337,11 +352,20 @@ def main() -> None:
     parser.add_argument(
         "--engines", default="", help=f"comma-separated quantized engines to time (default: all; e.g. {FAST})"
     )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the thread's CPU time, not wall time (needs --threads 1; for a shared machine)",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="write throughput against T here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of GFLOP/s against T here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if torch.get_num_threads() != 1:
+            parser.error("--cpu-time measures the calling thread only: give --threads 1")
+        _CLOCK[0] = time.thread_time
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = _DTYPES[args.dtype]
     specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
@@ -371,7 +395,8 @@ def main() -> None:
         bandwidth = max(bandwidth, read_bandwidth_gbs(args.min_time))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, best of {args.passes} sweeps; "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, best of {args.passes} sweeps"
+        f"{' (thread CPU time)' if args.cpu_time else ''}; "
         f"streaming read over 256 MiB {bandwidth:.1f} GB/s; '% of read' is against the 'read' row "
         "of the same case (the same bytes, the same timing)\n"
     )

@@ -192,10 +192,14 @@ def register_extension_fakes() -> None:
 @functools.cache
 def _register_extension_fakes() -> None:
     def linear_out(x: Tensor, n: int) -> Tensor:
-        # gemv / tiled_mm return [T, n] in x's dtype (bf16 or fp32).
+        # gemv / gemm / tiled_mm return [T, n] in x's dtype (bf16 or fp32).
         return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("anyquant_cpu::gemv")
+    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
+        return linear_out(x, n)
+
+    @torch.library.register_fake("anyquant_cpu::gemm")
     def _(x, packed, scale, zz, lut, bias, fmt, group, n):
         return linear_out(x, n)
 

@@ -3,12 +3,13 @@
 Owns the repacking of a canonical weight into the extension's layout (csrc/gemv.h
 describes it: blocks of 16 output rows, inputs in pairs, one 64-byte chunk per 8 inputs of int4,
 4 inputs of int8 or 2 x 2 inputs of fp8; per-(row, group) fp32 scales and optional zero points) and the
-per-call choice between the extension's two paths:
-  - the vector kernel (every bf16 call, and fp32 with few rows): up to 4 rows of x, it streams
-    the packed weights once, decodes them in registers to bf16 and multiplies with vdpbf16ps;
-    more rows, it decodes each block of 16 output rows once per tile of 64 rows of x into a
-    cache-resident bf16 buffer and runs the same dot products 8 rows at a time. fp32 x is split
-    into three bf16 parts, so fp32 keeps fp32 accuracy;
+per-call choice between the extension's three paths:
+  - the vector kernel (bf16 and fp32 with few rows): it streams the packed weights once,
+    decodes them in registers to bf16 and multiplies with vdpbf16ps. fp32 x is split into three
+    bf16 parts, so fp32 keeps fp32 accuracy;
+  - the GEMM (bf16 with more rows, csrc/gemm_tile.h): weights decoded once per panel of 64
+    output rows x ~128 inputs into an L1-resident bf16 buffer, multiplied by a register-blocked
+    micro-kernel (6 rows x 64 outputs in 24 accumulators), scales applied per group in fp32;
   - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
     fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
 The pure-torch kernels in torch_cpu/ serve whatever is refused here, with the reason shown by
@@ -41,9 +42,11 @@ _FORMAT = {
 }
 _ROWS = 16  # output rows per block: one 512-bit register of fp32 outputs
 _DTYPES = (torch.bfloat16, torch.float32)
-# bfloat16 runs every row count on the vector kernel: at 64 rows it beats oneDNN's bf16 GEMM of
-# the same shape and at 512 it is level with it (no AMX on the AVX512_BF16 CPU measured), while
-# dequantizing tiles for at::mm was slower at every row count (benchmarks/RESULTS.md).
+# bfloat16: up to this many rows the vector kernel (each weight decoded once in registers for
+# every row), beyond it the GEMM, which at 512 rows reaches 0.98-1.05x oneDNN's bf16 GEMM of the
+# same shape on a Zen 4 core (no AMX; the vector kernel's 8-row core 0.86-1.01x), at 64 rows is
+# level with the vector kernel and at 5 faster (benchmarks/RESULTS.md).
+_BF16_GEMV_MAX_ROWS = 4
 # float32 x costs the vector kernel three bf16 passes; beyond this many rows at::mm's fp32 GEMM
 # on dequantized tiles is faster (benchmarks/linear_kernels.py).
 _FP32_GEMV_MAX_ROWS = 2
@@ -234,8 +237,13 @@ class Avx512WeightOnlyKernel(LinearKernel):
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
         n = self.shape[0]
-        if self.path(x.shape[0]) == "gemv":
+        path = self.path(x.shape[0])
+        if path == "gemv":
             return cpu_ext.ops().gemv(
+                x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
+            )
+        if path == "gemm":
+            return cpu_ext.ops().gemm(
                 x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
             )
         return cpu_ext.ops().tiled_mm(
@@ -243,10 +251,10 @@ class Avx512WeightOnlyKernel(LinearKernel):
         )
 
     def path(self, rows: int) -> str:
-        """Which of the extension's paths `rows` rows of x take: "gemv" or "tiled"."""
-        if self.compute_dtype == torch.bfloat16 or rows <= _FP32_GEMV_MAX_ROWS:
-            return "gemv"
-        return "tiled"
+        """Which of the extension's paths `rows` rows of x take: "gemv", "gemm" or "tiled"."""
+        if self.compute_dtype == torch.bfloat16:
+            return "gemv" if rows <= _BF16_GEMV_MAX_ROWS else "gemm"
+        return "gemv" if rows <= _FP32_GEMV_MAX_ROWS else "tiled"
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense [N, K] weight the tile path multiplies (columns in act-order's permuted order)."""
@@ -332,4 +340,5 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         x = x.to(torch.bfloat16)
         if self.k_pad != k:
             x = torch.nn.functional.pad(x, (0, self.k_pad - k))
-        return cpu_ext.ops().gemv(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)
+        op = cpu_ext.ops().gemv if x.shape[0] <= _BF16_GEMV_MAX_ROWS else cpu_ext.ops().gemm
+        return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)

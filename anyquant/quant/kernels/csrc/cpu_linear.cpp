@@ -1,8 +1,9 @@
 // Weight-only quantized linear layers for AVX-512 CPUs with AVX512_BF16: the matrix-vector
-// path, the dequantized-tile path and a whole-layer dequantization. The weight layout and the
-// vector core are described and defined in gemv.h.
+// path, the register-blocked GEMM path (many rows of bf16 x), the dequantized-tile path and a
+// whole-layer dequantization. The weight layout and the vector core are described and defined in
+// gemv.h, the GEMM in gemm_tile.h.
 
-#include "gemv.h"
+#include "gemm_tile.h"
 
 namespace {
 
@@ -71,6 +72,32 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   at::Tensor y = out.view({m, 3, n}).sum(1);
   if (bias.has_value()) y.add_(bias_f);
   return y;
+}
+
+// x (bf16) [M, kp] -> y [M, n] bf16 on the register-blocked GEMM (gemm_tile.h): many rows.
+at::Tensor gemm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& zz, const at::Tensor& lut, const c10::optional<at::Tensor>& bias,
+                   int64_t fmt, int64_t group, int64_t n) {
+  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.kp, "x must be [M, ", w.kp, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "the GEMM path takes bfloat16 x");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0) return out;
+  const auto* xw = reinterpret_cast<const int16_t*>(xc.data_ptr());
+  const int64_t seg = gemm_segment(w);
+  std::vector<float> xsum;
+  if (w.zz != nullptr) {
+    xsum.resize(static_cast<size_t>(m * w.ng));
+    group_sums_bf16(xw, m, w.kp, w.group, xsum.data());
+  }
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  GemmArgs a{w, xw, m, xsum.empty() ? nullptr : xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr,
+             reinterpret_cast<int16_t*>(out.data_ptr()), seg, gemm_kc(seg)};
+  gemm(a);
+  return out;
 }
 
 // Deinterleave a word vector of pairs (row i, k + t) into [k: rows 0..15 | k+1: rows 0..15],
@@ -190,6 +217,7 @@ bool cpu_supported() {
 
 TORCH_LIBRARY(anyquant_cpu, m) {
   m.def("gemv(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
+  m.def("gemm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
   m.def("tiled_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n, int tile_blocks) -> Tensor");
   m.def("dequantize(Tensor packed, Tensor scale, Tensor? zz, Tensor lut, int fmt, int group, int n, ScalarType dtype) -> Tensor");
   m.def("cpu_supported() -> bool", &cpu_supported);
@@ -197,6 +225,7 @@ TORCH_LIBRARY(anyquant_cpu, m) {
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
   m.impl("gemv", &gemv);
+  m.impl("gemm", &gemm_op);
   m.impl("tiled_mm", &tiled_mm);
   m.impl("dequantize", &dequantize);
 }
