@@ -86,16 +86,17 @@ at::Tensor gemm_op(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const auto* xw = reinterpret_cast<const int16_t*>(xc.data_ptr());
-  const int64_t seg = gemm_segment(w);
+  const bool fold = gemm_folds(w, m);
+  const int64_t seg = gemm_segment(w, fold);
   std::vector<float> xsum;
-  if (w.zz != nullptr) {
+  if (w.zz != nullptr && !fold) {
     xsum.resize(static_cast<size_t>(m * w.ng));
     group_sums_bf16(xw, m, w.kp, w.group, xsum.data());
   }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   GemmArgs a{w, xw, m, xsum.empty() ? nullptr : xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr,
-             reinterpret_cast<int16_t*>(out.data_ptr()), seg, gemm_kc(seg)};
+             reinterpret_cast<int16_t*>(out.data_ptr()), seg, gemm_kc(seg), fold};
   gemm(a);
   return out;
 }
