@@ -31,8 +31,8 @@
 //      argsort would) and gather each pair's row of x in that order;
 //   2. gate and up: work items (expert, block j of 16 intermediate rows): gate block j and up
 //      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h;
-//   3. down: work items (expert, block of 16 output rows) -> y per pair, fp32;
-//   4. out[t] = sum over t's slots of weight * y.
+//   3. down: each thread owns a range of blocks of 16 output columns and adds, expert by expert,
+//      weight * down(h) of every pair into out (no per-pair result buffer, no write conflicts).
 // With a few tokens (decode) every chosen expert contributes dozens of items, so all threads
 // stream weights; with many (prefill) an item's block is decoded once for all the expert's rows.
 // The gate / up / down activations stay in fp32 between the projections (h is rounded once, to the
@@ -341,51 +341,48 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor xs2;
   if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, dn.base.span);
 
-  // 3. down -> y [parts * pairs, hidden] fp32.
-  at::Tensor y = at::empty({parts * held, hidden}, out.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t nb2 = dn.base.blocks;
-  at::parallel_for(0, n_active * nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> scratch(static_cast<size_t>(kp2 / 4 * bytes_per_4k(kDecoded)));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = active[i / nb2], b = i % nb2;
-      const int64_t r0 = start[e], rows = start[e + 1] - r0;
-      GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
-                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.nspans : nullptr,
-                 nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
-      a.exact = parts > 1;
-      block_rows(a, parts * rows, b, scratch.data());
-      if (o2 != nullptr) {
-        const int64_t ng = dn.base.ng;
-        const float* xs = xs2.data_ptr<float>() + parts * r0 * dn.base.nspans;
-        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs, dn.base.nspans / ng, parts * rows,
-                    yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
-      }
-      if (act2 == 3) {  // the codes' product times each pair's h scale
-        const int64_t cols = std::min<int64_t>(16, hidden - b * 16);
-        for (int64_t r = 0; r < parts * rows; ++r) {
-          float* yr = yp + (parts * r0 + r) * hidden + b * 16;
-          const float sc = hscale[r0 + r / parts];
-          for (int64_t c = 0; c < cols; ++c) yr[c] *= sc;
-        }
-      }
-    }
-  });
-
-  // 4. Weighted sum over each token's slots, in slot order.
+  // 3. down, summed straight into out: each thread owns a range of output blocks (columns of out),
+  //    so no element has two writers and no [pairs, hidden] buffer of per-pair results exists (at a
+  //    2048-token prefill chunk with 8 slots that buffer was 128 MiB of fp32, kept resident by the
+  //    allocator between steps). Per thread, expert by expert (in id order, as the per-expert path
+  //    adds them) and kDownRows pair rows at a time: the rows' h stays in cache across the thread's
+  //    blocks, and the thread's scratch is bounded whatever the routing.
   const float* wp = wc.data_ptr<float>();
+  std::vector<float> wsorted(held);  // each pair's router weight, in pair (sorted) order
+  for (int64_t p = 0; p < pairs; ++p)
+    if (pos[p] >= 0) wsorted[pos[p]] = wp[p];
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* o = op + t * hidden;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = t * k + j;
-        if (pos[p] < 0) continue;
-        const float* yq = yp + parts * pos[p] * hidden;
-        for (int64_t c = 0; c < hidden; ++c) {
-          float v = yq[c];
-          for (int s = 1; s < parts; ++s) v += yq[s * hidden + c];
-          o[c] += wp[p] * v;
+  const int64_t nb2 = dn.base.blocks, ng2 = dn.base.ng, nspans2 = dn.base.nspans;
+  int64_t most = 0;  // the most pair rows one expert holds
+  for (int64_t e : active) most = std::max(most, start[e + 1] - start[e]);
+  constexpr int64_t kDownRows = 64;
+  at::parallel_for(0, nb2, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(kp2 / 4 * bytes_per_4k(kDecoded)));
+    const int64_t col0 = b0 * 16, width = std::min(hidden, b1 * 16) - col0, wstride = (b1 - b0) * 16;
+    std::vector<float> tmp(static_cast<size_t>(parts * std::min(kDownRows, most) * wstride));
+    for (const int64_t e : active) {
+      for (int64_t r0 = start[e]; r0 < start[e + 1]; r0 += kDownRows) {
+        const int64_t rows = std::min(kDownRows, start[e + 1] - r0);
+        const float* xs = xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * nspans2 : nullptr;
+        GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
+                   xs, nullptr, tmp.data(), false, wstride, nullptr};
+        a.exact = parts > 1;
+        a.col_shift = col0;  // block b -> columns b * 16 - col0 of tmp
+        for (int64_t b = b0; b < b1; ++b) block_rows(a, parts * rows, b, scratch.data());
+        if (o2 != nullptr)
+          add_offsets(o2 + e * ng2 * hidden + col0, hidden, ng2, xs, nspans2 / ng2, parts * rows, tmp.data(),
+                      wstride, 0, width);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = op + token_of[r0 + r] * hidden + col0;
+          const float* tr = tmp.data() + parts * r * wstride;
+          const float w = wsorted[r0 + r];
+          const float sc = act2 == 3 ? hscale[r0 + r] : 1.f;  // int8: the codes' product times h's scale
+          for (int64_t c = 0; c < width; ++c) {
+            float v = tr[c];
+            for (int s = 1; s < parts; ++s) v += tr[s * wstride + c];
+            if (act2 == 3) v *= sc;
+            o[c] += w * v;
+          }
         }
       }
     }
