@@ -243,24 +243,36 @@ def test_fused_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> No
     """Each thread owns a range of output columns of the down projection and adds the experts in
     id order, 64 pair rows at a time: the same operations per output element at any thread count
     (bit for bit), including experts that receive more than one pass of rows (150 tokens on
-    expert 3) and column ranges that are not whole blocks per thread (3 threads)."""
+    expert 3), thread ranges that start inside an expert's gate / up blocks, and one token (the
+    few-row path: one kernel call per run of blocks)."""
     gen = torch.Generator().manual_seed(11)
-    before = torch.get_num_threads()
     for dtype in (BF16, F32):
         experts = make_experts(spec, dtype)
         dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
         fused = FusedExperts([tuple(k for _, k in row) for row in experts])
-        x = torch.randn(150, HIDDEN, generator=gen).to(dtype)
-        for weights, ids in routings(150, gen)[2:]:  # top-8, and two experts for every token
-            results = []
-            try:
-                for threads in (1, 2, 3):
-                    torch.set_num_threads(threads)
-                    results.append(fused(x, weights, ids))
-            finally:
-                torch.set_num_threads(before)
-            assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-            assert rel_err(results[0], float64_moe(x, weights, ids, dense)) <= BUDGET[dtype]
+        for tokens in (1, 150):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            _same_at_every_thread_count(fused, x, routings(tokens, gen)[2:], dense, BUDGET[dtype])
+
+
+def _same_at_every_thread_count(
+    fused: FusedExperts,
+    x: Tensor,
+    cases: list[tuple[Tensor, Tensor]],
+    dense: list[list[Tensor]],
+    budget: float,
+) -> None:
+    before = torch.get_num_threads()
+    for weights, ids in cases:  # top-8, and two experts for every token
+        results = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(fused(x, weights, ids))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+        assert rel_err(results[0], float64_moe(x, weights, ids, dense)) <= budget
 
 
 @needs_kernel

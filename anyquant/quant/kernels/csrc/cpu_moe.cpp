@@ -30,7 +30,8 @@
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
 //      argsort would) and gather each pair's row of x in that order;
 //   2. gate and up: work items (expert, block j of 16 intermediate rows): gate block j and up
-//      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h;
+//      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h; a thread's
+//      consecutive items of one expert run together (one kernel call per run at few rows);
 //   3. down: each thread owns a range of blocks of 16 output columns and adds, expert by expert,
 //      weight * down(h) of every pair into out (no per-pair result buffer, no write conflicts).
 // With a few tokens (decode) every chosen expert contributes dozens of items, so all threads
@@ -258,44 +259,57 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
     std::vector<float> tmp;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = active[i / nb13], j = i % nb13;
-      const int64_t r0 = start[e], rows = start[e + 1] - r0;
-      tmp.resize(static_cast<size_t>(parts * rows * 32));
-      const int64_t ng = gu.base.ng;
-      const int64_t nspans = gu.base.nspans;
+    const int64_t ng = gu.base.ng;
+    const int64_t nspans = gu.base.nspans;
+    // The thread's items as runs of consecutive blocks j0..j1 of one expert: gate blocks j0..j1
+    // go to columns [0, width) of tmp, up blocks to [width, 2 width).
+    for (int64_t i = i0; i < i1;) {
+      const int64_t e = active[i / nb13], j0 = i % nb13, j1 = std::min(nb13, j0 + (i1 - i));
+      i += j1 - j0;
+      const int64_t r0 = start[e], rows = start[e + 1] - r0, width = (j1 - j0) * 16, tw = 2 * width;
+      tmp.resize(static_cast<size_t>(parts * rows * tw));
       const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * nspans : nullptr;
       const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * nspans : nullptr;
-      GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 xs, nullptr, tmp.data(), false, 32, nullptr};
-      a.exact = parts > 1;
-      a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
-      block_rows(a, parts * rows, j, scratch.data());
-      a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
-      a.xsum = xsu;
-      a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
-      block_rows(a, parts * rows, nb13 + j, scratch.data());
-      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
-        const int64_t live = std::min<int64_t>(16, inter - j * 16);
-        const float* oe = o13 + e * 2 * ng * inter + j * 16;
-        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), 32, 0, live);
-        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), 32, 16, live);
+      GemvArgs gate{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
+                    xs, nullptr, tmp.data(), false, tw, nullptr};
+      gate.exact = parts > 1;
+      gate.col_shift = j0 * 16;  // gate block j -> column (j - j0) * 16
+      GemvArgs up = gate;
+      up.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
+      up.xsum = xsu;
+      up.col_shift = (nb13 + j0) * 16 - width;  // up block nb13 + j -> column width + (j - j0) * 16
+      if (parts * rows <= 4) {
+        // Few rows (decode): one kernel call streams the whole run (per-block calls cost ~10 %
+        // at one token: each restarts the kernel's loop and its prefetch distance).
+        gemv_dispatch(gate, 0, parts * rows, j0, j1);
+        gemv_dispatch(up, 0, parts * rows, nb13 + j0, nb13 + j1);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          block_rows(gate, parts * rows, j, scratch.data());
+          block_rows(up, parts * rows, nb13 + j, scratch.data());
+        }
       }
-      const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
+      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
+        const int64_t live = std::min<int64_t>(width, inter - j0 * 16);
+        const float* oe = o13 + e * 2 * ng * inter + j0 * 16;
+        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), tw, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), tw, width, live);
+      }
+      const int64_t cols = std::min<int64_t>(width, hcols - j0 * 16);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < cols; ++c) {
           float g = 0.f, u = 0.f;
           for (int s = 0; s < parts; ++s) {
-            g += tmp[(parts * r + s) * 32 + c];
-            u += tmp[(parts * r + s) * 32 + 16 + c];
+            g += tmp[(parts * r + s) * tw + c];
+            u += tmp[(parts * r + s) * tw + width + c];
           }
           if (xscale != nullptr) {
             g *= xscale[token_of[r0 + r]];
             u *= xscale[token_of[r0 + r]];
           }
           const float v = g / (1.f + std::exp(-g)) * u;
-          const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
-          const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
+          const int64_t f = j0 * 16 + c;  // intermediate feature; act-order down reads it elsewhere
+          const int64_t col = hpos != nullptr && f < inter ? hpos[e * inter + f] : f;
           if (quant2) {
             hfp[(r0 + r) * kp2 + col] = v;
           } else {
@@ -368,7 +382,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
                    xs, nullptr, tmp.data(), false, wstride, nullptr};
         a.exact = parts > 1;
         a.col_shift = col0;  // block b -> columns b * 16 - col0 of tmp
-        for (int64_t b = b0; b < b1; ++b) block_rows(a, parts * rows, b, scratch.data());
+        if (parts * rows <= 4) {
+          gemv_dispatch(a, 0, parts * rows, b0, b1);  // few rows: one call streams the range
+        } else {
+          for (int64_t b = b0; b < b1; ++b) block_rows(a, parts * rows, b, scratch.data());
+        }
         if (o2 != nullptr)
           add_offsets(o2 + e * ng2 * hidden + col0, hidden, ng2, xs, nspans2 / ng2, parts * rows, tmp.data(),
                       wstride, 0, width);
