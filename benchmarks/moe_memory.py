@@ -102,7 +102,7 @@ def serve(args: argparse.Namespace, weight_mib: float) -> None:
     command = anyquant_server_command(model, port, max(args.concurrency), extra)
     log = Path(args.log_dir) / "moe-memory-serve.log"
     rows = []
-    with ServerProcess(command, url, "anyquant serve", log) as server:
+    with ServerProcess(command, url, "anyquant serve", log, startup_timeout_s=args.startup_timeout) as server:
         assert server.pid is not None
         loaded = status_mib(server.pid)
         found = re.search(r"KV cache: \d+ pages of \d+ tokens \(([\d.]+) MiB\)", log.read_text())
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="--serve: output tokens per request")
     parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="--serve: the server's KV budget")
     parser.add_argument("--log-dir", default="out/bench/logs")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=1800.0, help="--serve: seconds to wait for the server (load)"
+    )
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 128 if args.serve else 512
