@@ -28,7 +28,7 @@
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
-//      argsort would) and gather each pair's row of x in that order;
+//      argsort would); each expert's rows of x are gathered by the thread that runs it (step 2);
 //   2. gate and up: work items (expert, block j of 16 intermediate rows): gate block j and up
 //      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h; a thread's
 //      consecutive items of one expert run together (one kernel call per run at few rows);
@@ -202,7 +202,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t held = start[experts];  // pairs this call computes
   if (held == 0) return out;
-  const bool need_expert_of = perm != nullptr || act_scale2.has_value();
+  const bool need_expert_of = act_scale2.has_value();
   std::vector<int64_t> active, expert_of(need_expert_of ? held : 0);
   for (int64_t e = 0; e < experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
@@ -210,42 +210,36 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
-  // x's rows in pair order; with act-order, once in the gate's input order and once in the up's.
+  // Expert e's rows of x (its pairs' tokens, in pair order) as bf16 parts into dst [parts * rows,
+  // kp13]; with act-order in the gate's (which = 0) or the up's (1) input order. Gathered per
+  // expert by the thread that runs it, not for all pairs at once: at a 2048-token prefill chunk
+  // with 8 slots the whole gather was 64 MiB of bf16 rows.
   const at::Tensor xc = x.contiguous();
-  auto gather = [&](int which) {
-    at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
-    auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
-    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
-        const int64_t* order = perm != nullptr ? perm + (expert_of[q] * 2 + which) * hidden : nullptr;
-        if (parts == 1) {
-          const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
-          if (order == nullptr) {
-            std::memcpy(xgp + q * kp13, src, kp13 * 2);
-          } else {
-            for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
-          }
-          continue;
+  auto gather = [&](int64_t e, int which, c10::BFloat16* dst) {
+    // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
+    const int64_t* order = perm != nullptr ? perm + (e * 2 + which) * hidden : nullptr;
+    for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+      c10::BFloat16* row = dst + parts * (q - start[e]) * kp13;
+      if (parts == 1) {
+        const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
+        if (order == nullptr) {
+          std::memcpy(row, src, kp13 * 2);
+        } else {
+          for (int64_t c = 0; c < kp13; ++c) row[c] = src[c < hidden ? order[c] : c];
         }
-        const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
-        for (int64_t c = 0; c < kp13; ++c) {
-          const int64_t from = order != nullptr && c < hidden ? order[c] : c;
-          split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
-        }
+        continue;
       }
-    });
-    return xg;
+      const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
+      for (int64_t c = 0; c < kp13; ++c) {
+        const int64_t from = order != nullptr && c < hidden ? order[c] : c;
+        split_parts(src[from], parts, row + c, kp13);
+      }
+    }
   };
-  const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
-  const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
-  const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
   // Group sums: for zero points and offsets, and for the offset decoders (bf16 x).
   const bool offset_decoder = offset_decoder_rows(fmt) > 0 && parts == 1;
   const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
   const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
-  const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();
-  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, span13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
@@ -261,6 +255,10 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
     std::vector<float> tmp;
     const int64_t ng = gu.base.ng;
     const int64_t nspans = gu.base.nspans;
+    // The expert whose rows of x (and their group sums) the thread holds: gate's order, up's order.
+    int64_t held_expert = -1;
+    std::vector<c10::BFloat16> xe, xeu;
+    std::vector<float> se, seu;
     // The thread's items as runs of consecutive blocks j0..j1 of one expert: gate blocks j0..j1
     // go to columns [0, width) of tmp, up blocks to [width, 2 width).
     for (int64_t i = i0; i < i1;) {
@@ -268,14 +266,32 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       i += j1 - j0;
       const int64_t r0 = start[e], rows = start[e + 1] - r0, width = (j1 - j0) * 16, tw = 2 * width;
       tmp.resize(static_cast<size_t>(parts * rows * tw));
-      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * nspans : nullptr;
-      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * nspans : nullptr;
-      GemvArgs gate{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
+      if (e != held_expert) {
+        held_expert = e;
+        xe.resize(static_cast<size_t>(parts * rows * kp13));
+        gather(e, 0, xe.data());
+        if (perm != nullptr) {
+          xeu.resize(xe.size());
+          gather(e, 1, xeu.data());
+        }
+        if (sums13) {
+          se.resize(static_cast<size_t>(parts * rows * nspans));
+          group_sums_bf16(reinterpret_cast<const int16_t*>(xe.data()), parts * rows, kp13, span13, se.data());
+          if (perm != nullptr) {
+            seu.resize(se.size());
+            group_sums_bf16(reinterpret_cast<const int16_t*>(xeu.data()), parts * rows, kp13, span13, seu.data());
+          }
+        }
+      }
+      const c10::BFloat16* xu = perm != nullptr ? xeu.data() : xe.data();
+      const float* xs = sums13 ? se.data() : nullptr;
+      const float* xsu = sums13 ? (perm != nullptr ? seu.data() : se.data()) : nullptr;
+      GemvArgs gate{gu.expert(e), reinterpret_cast<const int16_t*>(xe.data()),
                     xs, nullptr, tmp.data(), false, tw, nullptr};
       gate.exact = parts > 1;
       gate.col_shift = j0 * 16;  // gate block j -> column (j - j0) * 16
       GemvArgs up = gate;
-      up.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
+      up.x = reinterpret_cast<const int16_t*>(xu);
       up.xsum = xsu;
       up.col_shift = (nb13 + j0) * 16 - width;  // up block nb13 + j -> column width + (j - j0) * 16
       if (parts * rows <= 4) {
