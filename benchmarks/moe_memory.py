@@ -10,11 +10,13 @@ dequantized copies of experts at any point.
     python benchmarks/moe_memory.py out/bench/qwen3moe-a3b-3l-w4a16 [--prompt-len 512]
 
 `--serve`: starts `anyquant serve` on the checkpoint with a fixed KV cache budget (`--kv-cache-gb`),
-streams the closed-loop load of `anyquant bench serve` at each concurrency level (default 1 and
+streams the closed-loop load of `anyquant bench serve` at each concurrency level (default 1, 8 and
 32 clients, 128-token prompts, `--max-tokens` outputs) and samples the server's /proc/PID/status
 every 50 ms. Per level it reports the largest resident set seen while serving against the issue's
 bound, 1.2 x the checkpoint's tensor bytes + the KV cache budget (the server logs the budget it
-allocated). A checkpoint without a tokenizer gets the benchmark one (benchmarks/llamacpp_baseline.py).
+allocated), split into anonymous memory and file pages (the token embedding is read from the
+checkpoint's memory map: its pages count once each token's rows were read), and what the server
+keeps once the level is over. A checkpoint without a tokenizer gets the benchmark one (benchmarks/llamacpp_baseline.py).
 
     python benchmarks/moe_memory.py out/bench/qwen3moe-a3b-3l-w4a16 --serve [--concurrency 1 32]
 """
@@ -64,7 +66,7 @@ class PeakSampler:
 
     def __init__(self, pid: int, every_s: float = 0.05) -> None:
         self.pid, self.every_s = pid, every_s
-        self.peak = {"VmRSS": 0.0, "RssAnon": 0.0}
+        self.peak = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -100,7 +102,7 @@ def serve(args: argparse.Namespace, weight_mib: float) -> None:
     command = anyquant_server_command(model, port, max(args.concurrency), extra)
     log = Path(args.log_dir) / "moe-memory-serve.log"
     rows = []
-    with ServerProcess(command, url, "anyquant serve", log) as server:
+    with ServerProcess(command, url, "anyquant serve", log, startup_timeout_s=args.startup_timeout) as server:
         assert server.pid is not None
         loaded = status_mib(server.pid)
         found = re.search(r"KV cache: \d+ pages of \d+ tokens \(([\d.]+) MiB\)", log.read_text())
@@ -109,7 +111,10 @@ def serve(args: argparse.Namespace, weight_mib: float) -> None:
             prompts = make_prompts(max(clients, 4), args.prompt_len, (100, vocab - 16), seed=7 + clients)
             with PeakSampler(server.pid) as sampler:
                 asyncio.run(run_load(url, "anyquant serve", prompts, clients, args.max_tokens))
-            rows.append((clients, sampler.peak["VmRSS"], sampler.peak["RssAnon"]))
+            idle = status_mib(server.pid)  # between levels: what the server keeps
+            rows.append(
+                (clients, sampler.peak["VmRSS"], sampler.peak["RssAnon"], sampler.peak["RssFile"], idle)
+            )
         hwm = status_mib(server.pid)["VmHWM"]
     bound = 1.2 * weight_mib + kv_mib
     print(f"checkpoint tensors {weight_mib:.0f} MiB, KV cache budget {kv_mib:.0f} MiB (server log), ")
@@ -117,10 +122,16 @@ def serve(args: argparse.Namespace, weight_mib: float) -> None:
     print(
         f"(anonymous {loaded['RssAnon']:.0f}, file pages {loaded['RssFile']:.0f}); peak of the process {hwm:.0f}\n"
     )
-    print("| clients | max RSS while serving, MiB | max anonymous, MiB | RSS / bound |")
-    print("|---:|---:|---:|---:|")
-    for clients, rss, anon in rows:
-        print(f"| {clients} | {rss:.0f} | {anon:.0f} | {rss / bound:.2f} |")
+    print(
+        "| clients | max RSS while serving, MiB | max anonymous | max file pages | RSS / bound "
+        "| RSS after the level | anonymous after |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for clients, rss, anon, file_pages, idle in rows:
+        print(
+            f"| {clients} | {rss:.0f} | {anon:.0f} | {file_pages:.0f} | {rss / bound:.2f} "
+            f"| {idle['VmRSS']:.0f} | {idle['RssAnon']:.0f} |"
+        )
 
 
 def main() -> None:
@@ -132,10 +143,13 @@ def main() -> None:
     parser.add_argument("--decode-len", type=int, default=8)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help="measure `anyquant serve` under load")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=32, help="--serve: output tokens per request")
     parser.add_argument("--kv-cache-gb", type=float, default=0.25, help="--serve: the server's KV budget")
     parser.add_argument("--log-dir", default="out/bench/logs")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=1800.0, help="--serve: seconds to wait for the server (load)"
+    )
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 128 if args.serve else 512

@@ -33,8 +33,15 @@ from anyquant.engine.scoring import prompt_logits
 from anyquant.errors import EngineDeadError
 from anyquant.loading.dtype_policy import overflow_advice
 from anyquant.tokenizer import Tokenizer
+from anyquant.utils.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
+
+# After a step of at least this many tokens the heap's free pages go back to the OS. A prefill
+# chunk's activations (hundreds of MiB at 2048 tokens) are freed into glibc's heap, which keeps
+# them resident: serving 32 clients held ~650 MiB more than serving one (benchmarks/RESULTS.md,
+# MoE memory). Below this size a step's temporaries are small and trimming would only cost time.
+TRIM_AFTER_TOKENS = 256
 
 if TYPE_CHECKING:
     from anyquant.models.protocol import EngineModel
@@ -291,6 +298,8 @@ class Engine:
         except Exception as exc:
             out = self._isolate_failure(plan, exc)
         sampled = self._sample_step(out, masks)
+        if plan.num_tokens >= TRIM_AFTER_TOKENS:
+            return_freed_memory()
         self.scheduler.update(plan, sampled)
         if masks is not None:
             self._end_grammars(sampled)

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Inputs larger than this many elements are normalised a slice of rows at a time (RMSNorm.forward).
+_SLICE_ELEMENTS = 1 << 20
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -34,8 +37,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         """Normalise in fp32; the result in `out_dtype` (default: x's dtype)."""
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight_f32(), self.eps)
-        return y.to(out_dtype or x.dtype)
+        dtype = out_dtype or x.dtype
+        if x.numel() <= _SLICE_ELEMENTS or x.dim() < 2 or torch.compiler.is_compiling():
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight_f32(), self.eps).to(dtype)
+        # A prefill chunk: a slice of rows at a time, so that the fp32 copy and the norm's own
+        # fp32 temporaries stay a few MiB (whole, q_norm over a 2048-token chunk of 32 heads held
+        # ~128 MiB at once, which the heap then kept). Each row is normalised alone: same result.
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        rows = max(1, _SLICE_ELEMENTS * x.shape[0] // x.numel())
+        weight = self.weight_f32()
+        for r in range(0, x.shape[0], rows):
+            out[r : r + rows] = F.rms_norm(x[r : r + rows].float(), (x.shape[-1],), weight, self.eps)
+        return out
 
 
 def add_rms_norm(residual: Tensor, delta: Tensor, norm: RMSNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

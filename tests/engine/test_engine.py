@@ -252,3 +252,17 @@ def test_prompt_ids_outside_the_vocabulary_are_named_before_any_forward_pass(tin
         llm.generate(prompt_token_ids=[[1, vocab + 5]], sampling_params=SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished()
     assert llm.logits([vocab - 1]).shape == (1, vocab)
+
+
+def test_freed_heap_is_returned_after_large_steps_only(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill step's freed activations go back to the OS (glibc keeps them resident otherwise);
+    decode steps and small prompts do not pay for a trim."""
+    trims: list[int] = []
+    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: trims.append(1))
+    llm = LLM(tiny, dtype="float32")
+    few = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=[[5] * 20], sampling_params=few)
+    assert trims == []
+    half = engine_module.TRIM_AFTER_TOKENS // 2  # two prompts prefilled in one step
+    llm.generate(prompt_token_ids=[[6] * half, [7] * half], sampling_params=few)  # no cached prefix
+    assert trims == [1]  # the prefill step, not the two decode steps after it

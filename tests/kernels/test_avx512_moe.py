@@ -238,6 +238,44 @@ def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("spec", [SPECS[1], FUSED_EXTRA[2]], ids=QuantSpec.describe)
+def test_fused_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
+    """Each thread owns a range of output columns of the down projection and adds the experts in
+    id order, 64 pair rows at a time: the same operations per output element at any thread count
+    (bit for bit), including experts that receive more than one pass of rows (150 tokens on
+    expert 3), thread ranges that start inside an expert's gate / up blocks, and one token (the
+    few-row path: one kernel call per run of blocks)."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (BF16, F32):
+        experts = make_experts(spec, dtype)
+        dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
+        fused = FusedExperts([tuple(k for _, k in row) for row in experts])
+        for tokens in (1, 150):
+            x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+            _same_at_every_thread_count(fused, x, routings(tokens, gen)[2:], dense, BUDGET[dtype])
+
+
+def _same_at_every_thread_count(
+    fused: FusedExperts,
+    x: Tensor,
+    cases: list[tuple[Tensor, Tensor]],
+    dense: list[list[Tensor]],
+    budget: float,
+) -> None:
+    before = torch.get_num_threads()
+    for weights, ids in cases:  # top-8, and two experts for every token
+        results = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(fused(x, weights, ids))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+        assert rel_err(results[0], float64_moe(x, weights, ids, dense)) <= budget
+
+
+@needs_kernel
 def test_what_cannot_be_fused_is_named() -> None:
     def kernels(spec: QuantSpec) -> list[tuple[Avx512WeightOnlyKernel, ...]]:
         return [tuple(k for _, k in row) for row in make_experts(spec, BF16)]

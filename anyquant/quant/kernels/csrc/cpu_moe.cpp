@@ -28,11 +28,12 @@
 //
 // Steps, each one parallel region over the intra-op threads:
 //   1. group the (token, slot) pairs by expert with a counting sort (in token order, as a stable
-//      argsort would) and gather each pair's row of x in that order;
+//      argsort would); each expert's rows of x are gathered by the thread that runs it (step 2);
 //   2. gate and up: work items (expert, block j of 16 intermediate rows): gate block j and up
-//      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h;
-//   3. down: work items (expert, block of 16 output rows) -> y per pair, fp32;
-//   4. out[t] = sum over t's slots of weight * y.
+//      block j against all of the expert's rows, then silu(gate) * up in fp32 -> h; a thread's
+//      consecutive items of one expert run together (one kernel call per run at few rows);
+//   3. down: each thread owns a range of blocks of 16 output columns and adds, expert by expert,
+//      weight * down(h) of every pair into out (no per-pair result buffer, no write conflicts).
 // With a few tokens (decode) every chosen expert contributes dozens of items, so all threads
 // stream weights; with many (prefill) an item's block is decoded once for all the expert's rows.
 // The gate / up / down activations stay in fp32 between the projections (h is rounded once, to the
@@ -201,7 +202,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t held = start[experts];  // pairs this call computes
   if (held == 0) return out;
-  const bool need_expert_of = perm != nullptr || act_scale2.has_value();
+  const bool need_expert_of = act_scale2.has_value();
   std::vector<int64_t> active, expert_of(need_expert_of ? held : 0);
   for (int64_t e = 0; e < experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
@@ -209,42 +210,36 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
-  // x's rows in pair order; with act-order, once in the gate's input order and once in the up's.
+  // Expert e's rows of x (its pairs' tokens, in pair order) as bf16 parts into dst [parts * rows,
+  // kp13]; with act-order in the gate's (which = 0) or the up's (1) input order. Gathered per
+  // expert by the thread that runs it, not for all pairs at once: at a 2048-token prefill chunk
+  // with 8 slots the whole gather was 64 MiB of bf16 rows.
   const at::Tensor xc = x.contiguous();
-  auto gather = [&](int which) {
-    at::Tensor xg = at::empty({parts * held, kp13}, x.options().dtype(at::kBFloat16));
-    auto* xgp = reinterpret_cast<c10::BFloat16*>(xg.data_ptr());
-    at::parallel_for(0, held, 16, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
-        const int64_t* order = perm != nullptr ? perm + (expert_of[q] * 2 + which) * hidden : nullptr;
-        if (parts == 1) {
-          const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
-          if (order == nullptr) {
-            std::memcpy(xgp + q * kp13, src, kp13 * 2);
-          } else {
-            for (int64_t c = 0; c < kp13; ++c) xgp[q * kp13 + c] = src[c < hidden ? order[c] : c];
-          }
-          continue;
+  auto gather = [&](int64_t e, int which, c10::BFloat16* dst) {
+    // Packed column c reads input order[c]; columns past `hidden` are x's zero padding.
+    const int64_t* order = perm != nullptr ? perm + (e * 2 + which) * hidden : nullptr;
+    for (int64_t q = start[e]; q < start[e + 1]; ++q) {
+      c10::BFloat16* row = dst + parts * (q - start[e]) * kp13;
+      if (parts == 1) {
+        const auto* src = static_cast<const c10::BFloat16*>(xc.data_ptr()) + token_of[q] * kp13;
+        if (order == nullptr) {
+          std::memcpy(row, src, kp13 * 2);
+        } else {
+          for (int64_t c = 0; c < kp13; ++c) row[c] = src[c < hidden ? order[c] : c];
         }
-        const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
-        for (int64_t c = 0; c < kp13; ++c) {
-          const int64_t from = order != nullptr && c < hidden ? order[c] : c;
-          split_parts(src[from], parts, xgp + parts * q * kp13 + c, kp13);
-        }
+        continue;
       }
-    });
-    return xg;
+      const float* src = xc.data_ptr<float>() + token_of[q] * kp13;
+      for (int64_t c = 0; c < kp13; ++c) {
+        const int64_t from = order != nullptr && c < hidden ? order[c] : c;
+        split_parts(src[from], parts, row + c, kp13);
+      }
+    }
   };
-  const at::Tensor xg = gather(0), xgu = perm != nullptr ? gather(1) : xg;
-  const auto* xgp = reinterpret_cast<const c10::BFloat16*>(xg.data_ptr());
-  const auto* xgup = reinterpret_cast<const c10::BFloat16*>(xgu.data_ptr());
   // Group sums: for zero points and offsets, and for the offset decoders (bf16 x).
   const bool offset_decoder = offset_decoder_rows(fmt) > 0 && parts == 1;
   const bool sums13 = gu.base.zz != nullptr || o13 != nullptr || offset_decoder;
   const int64_t span13 = gu.base.span, spg13 = group13 / span13;  // sums per span (gemv.h)
-  const at::Tensor xs13 = sums13 ? group_sums(xg, span13) : at::Tensor();
-  const at::Tensor xs13u = sums13 && perm != nullptr ? group_sums(xgu, span13) : xs13;
 
   // 2. gate and up -> h = silu(gate) * up, as bf16 parts [parts * pairs, kp2]; columns past the
   //    intermediate size stay zero (padded gate / up rows give exact zeros, the rest is cleared).
@@ -258,44 +253,79 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::parallel_for(0, n_active * nb13, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint8_t> scratch(static_cast<size_t>(kp13 / 4 * bytes_per_4k(kDecoded)));
     std::vector<float> tmp;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = active[i / nb13], j = i % nb13;
-      const int64_t r0 = start[e], rows = start[e + 1] - r0;
-      tmp.resize(static_cast<size_t>(parts * rows * 32));
-      const int64_t ng = gu.base.ng;
-      const int64_t nspans = gu.base.nspans;
-      const float* xs = sums13 ? xs13.data_ptr<float>() + parts * r0 * nspans : nullptr;
-      const float* xsu = sums13 ? xs13u.data_ptr<float>() + parts * r0 * nspans : nullptr;
-      GemvArgs a{gu.expert(e), reinterpret_cast<const int16_t*>(xgp + parts * r0 * kp13),
-                 xs, nullptr, tmp.data(), false, 32, nullptr};
-      a.exact = parts > 1;
-      a.col_shift = j * 16;  // gate block j -> columns 0..15 of tmp
-      block_rows(a, parts * rows, j, scratch.data());
-      a.x = reinterpret_cast<const int16_t*>(xgup + parts * r0 * kp13);
-      a.xsum = xsu;
-      a.col_shift = (nb13 + j) * 16 - 16;  // up block j -> columns 16..31
-      block_rows(a, parts * rows, nb13 + j, scratch.data());
-      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
-        const int64_t live = std::min<int64_t>(16, inter - j * 16);
-        const float* oe = o13 + e * 2 * ng * inter + j * 16;
-        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), 32, 0, live);
-        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), 32, 16, live);
+    const int64_t ng = gu.base.ng;
+    const int64_t nspans = gu.base.nspans;
+    // The expert whose rows of x (and their group sums) the thread holds: gate's order, up's order.
+    int64_t held_expert = -1;
+    std::vector<c10::BFloat16> xe, xeu;
+    std::vector<float> se, seu;
+    // The thread's items as runs of consecutive blocks j0..j1 of one expert: gate blocks j0..j1
+    // go to columns [0, width) of tmp, up blocks to [width, 2 width).
+    for (int64_t i = i0; i < i1;) {
+      const int64_t e = active[i / nb13], j0 = i % nb13, j1 = std::min(nb13, j0 + (i1 - i));
+      i += j1 - j0;
+      const int64_t r0 = start[e], rows = start[e + 1] - r0, width = (j1 - j0) * 16, tw = 2 * width;
+      tmp.resize(static_cast<size_t>(parts * rows * tw));
+      if (e != held_expert) {
+        held_expert = e;
+        xe.resize(static_cast<size_t>(parts * rows * kp13));
+        gather(e, 0, xe.data());
+        if (perm != nullptr) {
+          xeu.resize(xe.size());
+          gather(e, 1, xeu.data());
+        }
+        if (sums13) {
+          se.resize(static_cast<size_t>(parts * rows * nspans));
+          group_sums_bf16(reinterpret_cast<const int16_t*>(xe.data()), parts * rows, kp13, span13, se.data());
+          if (perm != nullptr) {
+            seu.resize(se.size());
+            group_sums_bf16(reinterpret_cast<const int16_t*>(xeu.data()), parts * rows, kp13, span13, seu.data());
+          }
+        }
       }
-      const int64_t cols = std::min<int64_t>(16, hcols - j * 16);
+      const c10::BFloat16* xu = perm != nullptr ? xeu.data() : xe.data();
+      const float* xs = sums13 ? se.data() : nullptr;
+      const float* xsu = sums13 ? (perm != nullptr ? seu.data() : se.data()) : nullptr;
+      GemvArgs gate{gu.expert(e), reinterpret_cast<const int16_t*>(xe.data()),
+                    xs, nullptr, tmp.data(), false, tw, nullptr};
+      gate.exact = parts > 1;
+      gate.col_shift = j0 * 16;  // gate block j -> column (j - j0) * 16
+      GemvArgs up = gate;
+      up.x = reinterpret_cast<const int16_t*>(xu);
+      up.xsum = xsu;
+      up.col_shift = (nb13 + j0) * 16 - width;  // up block nb13 + j -> column width + (j - j0) * 16
+      if (parts * rows <= 4) {
+        // Few rows (decode): one kernel call streams the whole run (per-block calls cost ~10 %
+        // at one token: each restarts the kernel's loop and its prefetch distance).
+        gemv_dispatch(gate, 0, parts * rows, j0, j1);
+        gemv_dispatch(up, 0, parts * rows, nb13 + j0, nb13 + j1);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          block_rows(gate, parts * rows, j, scratch.data());
+          block_rows(up, parts * rows, nb13 + j, scratch.data());
+        }
+      }
+      if (o13 != nullptr) {  // padded rows past `inter` keep their exact zeros
+        const int64_t live = std::min<int64_t>(width, inter - j0 * 16);
+        const float* oe = o13 + e * 2 * ng * inter + j0 * 16;
+        add_offsets(oe, inter, ng, xs, spg13, parts * rows, tmp.data(), tw, 0, live);
+        add_offsets(oe + ng * inter, inter, ng, xsu, spg13, parts * rows, tmp.data(), tw, width, live);
+      }
+      const int64_t cols = std::min<int64_t>(width, hcols - j0 * 16);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < cols; ++c) {
           float g = 0.f, u = 0.f;
           for (int s = 0; s < parts; ++s) {
-            g += tmp[(parts * r + s) * 32 + c];
-            u += tmp[(parts * r + s) * 32 + 16 + c];
+            g += tmp[(parts * r + s) * tw + c];
+            u += tmp[(parts * r + s) * tw + width + c];
           }
           if (xscale != nullptr) {
             g *= xscale[token_of[r0 + r]];
             u *= xscale[token_of[r0 + r]];
           }
           const float v = g / (1.f + std::exp(-g)) * u;
-          const int64_t i = j * 16 + c;  // intermediate feature; act-order down reads it elsewhere
-          const int64_t col = hpos != nullptr && i < inter ? hpos[e * inter + i] : i;
+          const int64_t f = j0 * 16 + c;  // intermediate feature; act-order down reads it elsewhere
+          const int64_t col = hpos != nullptr && f < inter ? hpos[e * inter + f] : f;
           if (quant2) {
             hfp[(r0 + r) * kp2 + col] = v;
           } else {
@@ -341,51 +371,52 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor xs2;
   if (dn.base.zz != nullptr || o2 != nullptr || offset_decoder) xs2 = group_sums(h, dn.base.span);
 
-  // 3. down -> y [parts * pairs, hidden] fp32.
-  at::Tensor y = at::empty({parts * held, hidden}, out.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t nb2 = dn.base.blocks;
-  at::parallel_for(0, n_active * nb2, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> scratch(static_cast<size_t>(kp2 / 4 * bytes_per_4k(kDecoded)));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t e = active[i / nb2], b = i % nb2;
-      const int64_t r0 = start[e], rows = start[e + 1] - r0;
-      GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
-                 xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * dn.base.nspans : nullptr,
-                 nullptr, yp + parts * r0 * hidden, false, hidden, nullptr};
-      a.exact = parts > 1;
-      block_rows(a, parts * rows, b, scratch.data());
-      if (o2 != nullptr) {
-        const int64_t ng = dn.base.ng;
-        const float* xs = xs2.data_ptr<float>() + parts * r0 * dn.base.nspans;
-        add_offsets(o2 + e * ng * hidden + b * 16, hidden, ng, xs, dn.base.nspans / ng, parts * rows,
-                    yp + parts * r0 * hidden, hidden, b * 16, std::min<int64_t>(16, hidden - b * 16));
-      }
-      if (act2 == 3) {  // the codes' product times each pair's h scale
-        const int64_t cols = std::min<int64_t>(16, hidden - b * 16);
-        for (int64_t r = 0; r < parts * rows; ++r) {
-          float* yr = yp + (parts * r0 + r) * hidden + b * 16;
-          const float sc = hscale[r0 + r / parts];
-          for (int64_t c = 0; c < cols; ++c) yr[c] *= sc;
-        }
-      }
-    }
-  });
-
-  // 4. Weighted sum over each token's slots, in slot order.
+  // 3. down, summed straight into out: each thread owns a range of output blocks (columns of out),
+  //    so no element has two writers and no [pairs, hidden] buffer of per-pair results exists (at a
+  //    2048-token prefill chunk with 8 slots that buffer was 128 MiB of fp32, kept resident by the
+  //    allocator between steps). Per thread, expert by expert (in id order, as the per-expert path
+  //    adds them) and kDownRows pair rows at a time: the rows' h stays in cache across the thread's
+  //    blocks, and the thread's scratch is bounded whatever the routing.
   const float* wp = wc.data_ptr<float>();
+  std::vector<float> wsorted(held);  // each pair's router weight, in pair (sorted) order
+  for (int64_t p = 0; p < pairs; ++p)
+    if (pos[p] >= 0) wsorted[pos[p]] = wp[p];
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* o = op + t * hidden;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = t * k + j;
-        if (pos[p] < 0) continue;
-        const float* yq = yp + parts * pos[p] * hidden;
-        for (int64_t c = 0; c < hidden; ++c) {
-          float v = yq[c];
-          for (int s = 1; s < parts; ++s) v += yq[s * hidden + c];
-          o[c] += wp[p] * v;
+  const int64_t nb2 = dn.base.blocks, ng2 = dn.base.ng, nspans2 = dn.base.nspans;
+  int64_t most = 0;  // the most pair rows one expert holds
+  for (int64_t e : active) most = std::max(most, start[e + 1] - start[e]);
+  constexpr int64_t kDownRows = 64;
+  at::parallel_for(0, nb2, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> scratch(static_cast<size_t>(kp2 / 4 * bytes_per_4k(kDecoded)));
+    const int64_t col0 = b0 * 16, width = std::min(hidden, b1 * 16) - col0, wstride = (b1 - b0) * 16;
+    std::vector<float> tmp(static_cast<size_t>(parts * std::min(kDownRows, most) * wstride));
+    for (const int64_t e : active) {
+      for (int64_t r0 = start[e]; r0 < start[e + 1]; r0 += kDownRows) {
+        const int64_t rows = std::min(kDownRows, start[e + 1] - r0);
+        const float* xs = xs2.defined() ? xs2.data_ptr<float>() + parts * r0 * nspans2 : nullptr;
+        GemvArgs a{dn.expert(e), reinterpret_cast<const int16_t*>(hp + parts * r0 * kp2),
+                   xs, nullptr, tmp.data(), false, wstride, nullptr};
+        a.exact = parts > 1;
+        a.col_shift = col0;  // block b -> columns b * 16 - col0 of tmp
+        if (parts * rows <= 4) {
+          gemv_dispatch(a, 0, parts * rows, b0, b1);  // few rows: one call streams the range
+        } else {
+          for (int64_t b = b0; b < b1; ++b) block_rows(a, parts * rows, b, scratch.data());
+        }
+        if (o2 != nullptr)
+          add_offsets(o2 + e * ng2 * hidden + col0, hidden, ng2, xs, nspans2 / ng2, parts * rows, tmp.data(),
+                      wstride, 0, width);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = op + token_of[r0 + r] * hidden + col0;
+          const float* tr = tmp.data() + parts * r * wstride;
+          const float w = wsorted[r0 + r];
+          const float sc = act2 == 3 ? hscale[r0 + r] : 1.f;  // int8: the codes' product times h's scale
+          for (int64_t c = 0; c < width; ++c) {
+            float v = tr[c];
+            for (int s = 1; s < parts; ++s) v += tr[s * wstride + c];
+            if (act2 == 3) v *= sc;
+            o[c] += w * v;
+          }
         }
       }
     }
