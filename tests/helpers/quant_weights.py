@@ -52,3 +52,10 @@ def random_weight(spec: QuantSpec, n: int, k: int, seed: int = 0, *, f16_exact: 
             input_zero = torch.tensor([-7], dtype=torch.int32)
     weight = QuantWeight(spec, (n, k), data, scale.float(), zero, group_index, input_scale, input_zero)
     return weight.validate("random")
+
+
+def avx512_gemm_folds(spec: QuantSpec, rows: int) -> bool:
+    """Whether cpu_avx512's GEMM folds the scales into bf16 weights for bf16 x (csrc/gemm_tile.h,
+    gemm_folds): groups of at most 64 over at least 64 rows. Its weights are then the reference
+    kernel's, bf16((v - zz) * scale), instead of the exact values."""
+    return spec.granularity == "group" and (spec.group_size or 0) <= 64 and rows >= 64

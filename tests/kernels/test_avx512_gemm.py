@@ -24,7 +24,7 @@ from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightO
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
-from tests.helpers.quant_weights import random_weight
+from tests.helpers.quant_weights import avx512_gemm_folds, random_weight
 
 BF16, F32 = torch.bfloat16, torch.float32
 CPU = torch.device("cpu")
@@ -70,11 +70,6 @@ def assert_as_good_as_rounding(y: Tensor, truth: Tensor, where: str) -> None:
     assert err <= 1.001 * floor + 1e-7, f"{where}: {err:.3e} against bf16 rounding {floor:.3e}"
 
 
-def folds(spec: QuantSpec, rows: int) -> bool:
-    """Whether the GEMM folds the scales into bf16 weights (gemm_tile.h's gemm_folds)."""
-    return spec.granularity == "group" and (spec.group_size or 0) <= 64 and rows >= 64
-
-
 @needs_kernel
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_gemm_edges_match_float64(spec: QuantSpec, threads: int) -> None:
@@ -89,7 +84,7 @@ def test_gemm_edges_match_float64(spec: QuantSpec, threads: int) -> None:
             assert kernel.path(t) == "gemm"
             x = (torch.randn(t, k, generator=gen) + (3.0 if t % 2 else 0.0)).to(BF16)  # odd t: a common mean
             bias = torch.randn(n, generator=gen).to(BF16) if t != 6 else None
-            weights = dense_bf16 if folds(spec, t) else dense
+            weights = dense_bf16 if avx512_gemm_folds(spec, t) else dense
             truth = x.double() @ weights.T + (bias.double() if bias is not None else 0.0)
             where = f"{spec.describe()} {n}x{k} T={t} bias={bias is not None}, {threads} threads"
             assert_as_good_as_rounding(kernel(x, bias), truth, where)
