@@ -12,8 +12,6 @@ inputs bounds), at 1 and 2 threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import Tensor
@@ -22,6 +20,7 @@ from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import avx512_gemm_folds, random_weight
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -46,18 +45,6 @@ UNAVAILABLE = Avx512WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64
 needs_kernel = pytest.mark.skipif(
     UNAVAILABLE is not None, reason=f"cpu_avx512 cannot run here: {UNAVAILABLE}"
 )
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 def activations(kind: str, t: int, k: int, gen: torch.Generator) -> Tensor:

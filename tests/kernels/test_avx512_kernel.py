@@ -28,6 +28,7 @@ from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
+from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -68,10 +69,6 @@ def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None, dtype: torch.
     xq = x if w.spec.act is None else fake_quantize_activations(x, w.spec.act).to(dtype)
     y = xq.double() @ dequantize(w, torch.float64).T
     return y + bias.double() if bias is not None else y
-
-
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @needs_kernel

@@ -20,6 +20,7 @@ from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -141,10 +142,6 @@ def routings(tokens: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
     few_ids = torch.stack([torch.full((tokens,), 3), torch.randint(8, 10, (tokens,), generator=gen)], dim=1)
     out.append((few, few_ids))
     return out
-
-
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @needs_kernel

@@ -22,6 +22,7 @@ from anyquant.quant.reference import activation_amax, dequantize, fake_quantize_
 from anyquant.quant.registry import choose_kernel, kernel_classes
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
 from tests.kernels.test_reference_kernel import random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -70,10 +71,6 @@ def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None, amax: Tensor 
     xq = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, amax)
     y = xq.double() @ dequantize(w, torch.float64).T
     return y + bias.double() if bias is not None else y
-
-
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @needs_kernel

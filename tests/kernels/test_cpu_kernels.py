@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from torch import Tensor
 
 from anyquant.errors import UnsupportedError
 from anyquant.quant.kernels import torch_cpu
@@ -24,6 +23,7 @@ from anyquant.quant.registry import choose_kernel, kernel_classes
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
+from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
 from tests.helpers.spec_vectors import checksums
 from tests.kernels.test_reference_kernel import GPTQ_DESCACT_EXPECTED, dense_through, gptq_descact_weight
@@ -110,10 +110,6 @@ def build(cls: type[LinearKernel], w: QuantWeight, dtype: torch.dtype) -> Linear
     kernel = cls(w.shape, dtype)
     kernel.load(w)
     return kernel
-
-
-def rel_err(y: Tensor, ref: Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 def grid() -> list[tuple[str, QuantSpec, tuple[int, int]]]:
