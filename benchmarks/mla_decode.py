@@ -23,15 +23,13 @@ query and output (layers/mla.py), so one latent "KV head" serves all 128 query h
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from anyquant.convert.quantize import quantize_checkpoint
-from anyquant.quant.formats.base import WriteOptions
+sys.path.insert(0, str(Path(__file__).parent))
+from random_checkpoint import ShardedCheckpoint, build_w4a16, randn  # type: ignore[import-not-found]
 
 OUT = Path("out/bench")
 
@@ -71,10 +69,6 @@ DEEPSEEK_V3_SHAPES = {
 }
 
 
-def _randn(g: torch.Generator, *shape: int, std: float = 0.02) -> torch.Tensor:
-    return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
-
-
 def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
     """The bf16 checkpoint: two safetensors shards per decoder layer (attention, MoE), one for the rest."""
     cfg = {**DEEPSEEK_V3_SHAPES, "num_hidden_layers": layers}
@@ -82,12 +76,8 @@ def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
     qr, kvr, nope, rope, vd = (cfg[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))  # fmt: skip
     experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
     g = torch.Generator().manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-
-    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
+    ckpt = ShardedCheckpoint(path)
+    shard = ckpt.shard
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bfloat16)
@@ -95,8 +85,8 @@ def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
     shard(
         "model-embed.safetensors",
         {
-            "model.embed_tokens.weight": _randn(g, vocab, h),
-            "lm_head.weight": _randn(g, vocab, h),
+            "model.embed_tokens.weight": randn(g, vocab, h),
+            "lm_head.weight": randn(g, vocab, h),
             "model.norm.weight": ones(h),
         },
     )
@@ -107,42 +97,34 @@ def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
             {
                 f"{p}.input_layernorm.weight": ones(h),
                 f"{p}.post_attention_layernorm.weight": ones(h),
-                f"{p}.self_attn.q_a_proj.weight": _randn(g, qr, h),
+                f"{p}.self_attn.q_a_proj.weight": randn(g, qr, h),
                 f"{p}.self_attn.q_a_layernorm.weight": ones(qr),
-                f"{p}.self_attn.q_b_proj.weight": _randn(g, heads * (nope + rope), qr),
-                f"{p}.self_attn.kv_a_proj_with_mqa.weight": _randn(g, kvr + rope, h),
+                f"{p}.self_attn.q_b_proj.weight": randn(g, heads * (nope + rope), qr),
+                f"{p}.self_attn.kv_a_proj_with_mqa.weight": randn(g, kvr + rope, h),
                 f"{p}.self_attn.kv_a_layernorm.weight": ones(kvr),
-                f"{p}.self_attn.kv_b_proj.weight": _randn(g, heads * (nope + vd), kvr),
-                f"{p}.self_attn.o_proj.weight": _randn(g, h, heads * vd),
+                f"{p}.self_attn.kv_b_proj.weight": randn(g, heads * (nope + vd), kvr),
+                f"{p}.self_attn.o_proj.weight": randn(g, h, heads * vd),
             },
         )
         t = {
-            f"{p}.mlp.gate.weight": _randn(g, experts, h, std=0.5),
+            f"{p}.mlp.gate.weight": randn(g, experts, h, std=0.5),
             f"{p}.mlp.gate.e_score_correction_bias": torch.zeros(experts, dtype=torch.float32),
-            f"{p}.mlp.shared_experts.gate_proj.weight": _randn(g, inter, h),
-            f"{p}.mlp.shared_experts.up_proj.weight": _randn(g, inter, h),
-            f"{p}.mlp.shared_experts.down_proj.weight": _randn(g, h, inter),
+            f"{p}.mlp.shared_experts.gate_proj.weight": randn(g, inter, h),
+            f"{p}.mlp.shared_experts.up_proj.weight": randn(g, inter, h),
+            f"{p}.mlp.shared_experts.down_proj.weight": randn(g, h, inter),
         }
         for e in range(experts):
-            t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = _randn(g, inter, h)
-            t[f"{p}.mlp.experts.{e}.up_proj.weight"] = _randn(g, inter, h)
-            t[f"{p}.mlp.experts.{e}.down_proj.weight"] = _randn(g, h, inter)
+            t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = randn(g, inter, h)
+            t[f"{p}.mlp.experts.{e}.up_proj.weight"] = randn(g, inter, h)
+            t[f"{p}.mlp.experts.{e}.down_proj.weight"] = randn(g, h, inter)
         shard(f"model-layer{i:02d}-moe.safetensors", t)
         del t
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-    )
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    return path
+    return ckpt.finish(cfg)
 
 
 def build(layers: int) -> Path:
     dense, quant = OUT / f"deepseek-v3-shapes-{layers}l-bf16", OUT / f"deepseek-v3-shapes-{layers}l-w4a16"
-    if not (quant / "config.json").exists():
-        if not (dense / "config.json").exists():
-            write_dense(dense, layers)
-        quantize_checkpoint(dense, quant, "compressed-tensors", WriteOptions(scheme="W4A16"), overwrite=True)
-    return quant
+    return build_w4a16(dense, quant, lambda path: write_dense(path, layers))
 
 
 def main() -> None:

@@ -42,10 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from anyquant.convert.quantize import quantize_checkpoint
-from anyquant.quant.formats.base import WriteOptions
+sys.path.insert(0, str(Path(__file__).parent))
+from random_checkpoint import ShardedCheckpoint, build_w4a16, randn  # type: ignore[import-not-found]
 
 OUT = Path("out/bench")
 
@@ -73,29 +72,21 @@ QWEN3_30B_A3B = {
 }
 
 
-def _randn(g: torch.Generator, *shape: int, std: float = 0.02) -> torch.Tensor:
-    return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
-
-
 def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
     """The bf16 checkpoint: one safetensors shard per decoder layer (plus one for the rest)."""
     cfg = {**QWEN3_30B_A3B, "num_hidden_layers": layers}
     h, v, heads, kv, hd = (cfg[k] for k in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
     experts, inter = cfg["num_experts"], cfg["moe_intermediate_size"]
     g = torch.Generator().manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-
-    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
+    ckpt = ShardedCheckpoint(path)
+    shard = ckpt.shard
 
     ones = torch.ones(h, dtype=torch.bfloat16)
     shard(
         "model-embed.safetensors",
         {
-            "model.embed_tokens.weight": _randn(g, v, h),
-            "lm_head.weight": _randn(g, v, h),
+            "model.embed_tokens.weight": randn(g, v, h),
+            "lm_head.weight": randn(g, v, h),
             "model.norm.weight": ones,
         },
     )
@@ -104,33 +95,25 @@ def write_dense(path: Path, layers: int, seed: int = 0) -> Path:
         t = {
             f"{p}.input_layernorm.weight": ones.clone(),
             f"{p}.post_attention_layernorm.weight": ones.clone(),
-            f"{p}.self_attn.q_proj.weight": _randn(g, heads * hd, h),
-            f"{p}.self_attn.k_proj.weight": _randn(g, kv * hd, h),
-            f"{p}.self_attn.v_proj.weight": _randn(g, kv * hd, h),
-            f"{p}.self_attn.o_proj.weight": _randn(g, h, heads * hd),
+            f"{p}.self_attn.q_proj.weight": randn(g, heads * hd, h),
+            f"{p}.self_attn.k_proj.weight": randn(g, kv * hd, h),
+            f"{p}.self_attn.v_proj.weight": randn(g, kv * hd, h),
+            f"{p}.self_attn.o_proj.weight": randn(g, h, heads * hd),
             f"{p}.self_attn.q_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
             f"{p}.self_attn.k_norm.weight": torch.ones(hd, dtype=torch.bfloat16),
-            f"{p}.mlp.gate.weight": _randn(g, experts, h, std=0.5),
+            f"{p}.mlp.gate.weight": randn(g, experts, h, std=0.5),
         }
         for e in range(experts):
-            t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = _randn(g, inter, h)
-            t[f"{p}.mlp.experts.{e}.up_proj.weight"] = _randn(g, inter, h)
-            t[f"{p}.mlp.experts.{e}.down_proj.weight"] = _randn(g, h, inter)
+            t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = randn(g, inter, h)
+            t[f"{p}.mlp.experts.{e}.up_proj.weight"] = randn(g, inter, h)
+            t[f"{p}.mlp.experts.{e}.down_proj.weight"] = randn(g, h, inter)
         shard(f"model-layer{i:02d}.safetensors", t)
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-    )
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    return path
+    return ckpt.finish(cfg)
 
 
 def build(layers: int) -> Path:
     dense, quant = OUT / f"qwen3moe-a3b-{layers}l-bf16", OUT / f"qwen3moe-a3b-{layers}l-w4a16"
-    if not (quant / "config.json").exists():
-        if not (dense / "config.json").exists():
-            write_dense(dense, layers)
-        quantize_checkpoint(dense, quant, "compressed-tensors", WriteOptions(scheme="W4A16"), overwrite=True)
-    return quant
+    return build_w4a16(dense, quant, lambda path: write_dense(path, layers))
 
 
 def bench_tree(tree: Path, model: Path, prompt_len: int, decode_len: int) -> dict[str, float]:
