@@ -83,6 +83,25 @@ inline void chunk_range(const Problem& p, int64_t b, int64_t s, int64_t& lo, int
   hi = std::min(lo + chunk, ctx);
 }
 
+// One work item (sequence b, KV head kh, key chunk s) with its results [G, dv] / (max, sum) [G]
+// cleared to the empty softmax, and its key range [lo, hi); empty() when the chunk has no key.
+struct Item {
+  int64_t b, kh, s, lo, hi;
+  float* acc;
+  float* ml;
+  Item(const Problem& p, int64_t item)
+      : b(item / (p.splits * p.kv_heads)), kh((item / p.splits) % p.kv_heads), s(item % p.splits),
+        acc(p.acc + item * p.group * p.dv), ml(p.ml + item * p.group * 2) {
+    std::fill(acc, acc + p.group * p.dv, 0.f);
+    for (int64_t g = 0; g < p.group; ++g) {
+      ml[2 * g] = -std::numeric_limits<float>::infinity();
+      ml[2 * g + 1] = 0.f;
+    }
+    chunk_range(p, b, s, lo, hi);
+  }
+  bool empty() const { return lo >= hi; }
+};
+
 // The cache slots of consecutive keys from `pos` on: one division per block, not per key.
 struct Slots {
   const int64_t* table;

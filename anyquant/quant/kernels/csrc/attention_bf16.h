@@ -281,18 +281,12 @@ AQ_ATTN_BF16 inline void block_rows(const Problem& p, const int64_t* table, cons
 }
 
 AQ_ATTN_BF16 void attend_item_bf16(const Problem& p, int64_t item, std::vector<float>& scratch) {
-  const int64_t s = item % p.splits, kh = (item / p.splits) % p.kv_heads, b = item / (p.splits * p.kv_heads);
+  const Item it(p, item);
+  if (it.empty()) return;
+  const int64_t b = it.b, kh = it.kh, lo = it.lo, hi = it.hi;
   const int64_t G = p.group, dk = p.dk, dv = p.dv;
-  float* acc = p.acc + item * G * dv;
-  float* ml = p.ml + item * G * 2;
-  std::fill(acc, acc + G * dv, 0.f);
-  for (int64_t g = 0; g < G; ++g) {
-    ml[2 * g] = -std::numeric_limits<float>::infinity();
-    ml[2 * g + 1] = 0.f;
-  }
-  int64_t lo, hi;
-  chunk_range(p, b, s, lo, hi);
-  if (lo >= hi) return;
+  float* acc = it.acc;
+  float* ml = it.ml;
 
   // scratch: value pairs [16, dv] dwords (more than 8 heads only), probability pairs [G, 16]
   // dwords, alpha [G], scores [2, G, 16], sums [G, 16]

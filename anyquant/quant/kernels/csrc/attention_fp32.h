@@ -84,18 +84,12 @@ AQ_ATTN_TARGET inline void float_rows(const T* const* src, int nb, int64_t d, fl
 // One work item: sequence b, KV head kh, key chunk s -> acc / ml of the item.
 template <typename T>
 AQ_ATTN_TARGET void attend_item(const Problem& p, int64_t item, std::vector<float>& scratch) {
-  const int64_t s = item % p.splits, kh = (item / p.splits) % p.kv_heads, b = item / (p.splits * p.kv_heads);
+  const Item it(p, item);
+  if (it.empty()) return;
+  const int64_t b = it.b, kh = it.kh, lo = it.lo, hi = it.hi;
   const int64_t G = p.group, dk = p.dk, dv = p.dv;
-  float* acc = p.acc + item * G * dv;
-  float* ml = p.ml + item * G * 2;
-  std::fill(acc, acc + G * dv, 0.f);
-  for (int64_t g = 0; g < G; ++g) {
-    ml[2 * g] = -std::numeric_limits<float>::infinity();
-    ml[2 * g + 1] = 0.f;
-  }
-  int64_t lo, hi;
-  chunk_range(p, b, s, lo, hi);
-  if (lo >= hi) return;
+  float* acc = it.acc;
+  float* ml = it.ml;
 
   scratch.resize(kBlock * (dk + dv) + G * (kBlock + 1));
   float* kbuf = scratch.data();
