@@ -132,21 +132,14 @@ def main() -> None:
     print("|---:|---:|" + "---:|" * len(names))
     for context in args.contexts:
         for batch in args.batches:
-            pages_per_seq = -(-context // PAGE)
-            num_pages = batch * pages_per_seq + 1
-            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE)
-            cache.k.normal_()
-            cache.v.normal_()
+            cache, tables = _random_cache(context, batch)
             if args.mla:
                 cache.v.copy_(cache.k[..., :DV])  # the value is the latent, the key's first DV values
-            order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
-            seqs = [
-                (order[b * pages_per_seq : (b + 1) * pages_per_seq], context - 1, 1) for b in range(batch)
-            ]
+            seqs = [(pages, context - 1, 1) for pages in tables]
             ctx = PagedAttention.for_sequences(cache, seqs)
             runs = {name: (fn, ctx) for name, fn in candidates.items()}
             if args.mla:
-                once = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE, value_in_key=True)
+                once = PagedKVCache(1, cache.num_pages, PAGE, HKV, D, DV, DTYPE, value_in_key=True)
                 once.k.copy_(cache.k)
                 ctx_once = PagedAttention.for_sequences(once, seqs)
                 runs = {
@@ -165,6 +158,18 @@ def main() -> None:
             print(f"| {context} | {batch} | " + " | ".join(f"{best[n] * 1e3:.3f}" for n in runs) + " |")
 
 
+def _random_cache(context: int, batch: int) -> tuple[PagedKVCache, list[list[int]]]:
+    """A one-layer cache of random K/V and each of `batch` sequences' pages for `context` tokens,
+    the pages shuffled over the cache (as a long-running server's are)."""
+    pages_per_seq = -(-context // PAGE)
+    num_pages = batch * pages_per_seq + 1
+    cache = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE)
+    cache.k.normal_()
+    cache.v.normal_()
+    order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+    return cache, [order[b * pages_per_seq : (b + 1) * pages_per_seq] for b in range(batch)]
+
+
 def prefill(args: argparse.Namespace) -> None:
     """Prefill chunks of n new tokens whose prefix is cached: the engine's SDPA over the gathered
     pages vs n decode rows per sequence through the C++ kernel (K/V read in place, per row)."""
@@ -176,16 +181,9 @@ def prefill(args: argparse.Namespace) -> None:
     print("|---:|---:|---:|" + "---:|" * (len(runs) + 1))
     for context in args.contexts:
         for batch in args.batches:
-            pages_per_seq = -(-context // PAGE)
-            num_pages = batch * pages_per_seq + 1
-            cache = PagedKVCache(1, num_pages, PAGE, HKV, D, DV, DTYPE)
-            cache.k.normal_()
-            cache.v.normal_()
-            order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+            cache, tables = _random_cache(context, batch)
             for n in args.prefill:
-                seqs = [
-                    (order[b * pages_per_seq : (b + 1) * pages_per_seq], context - n, n) for b in range(batch)
-                ]
+                seqs = [(pages, context - n, n) for pages in tables]
                 ctx = PagedAttention.for_sequences(cache, seqs)
                 q = torch.randn(batch * n, H, D, dtype=DTYPE)
                 ref = per_sequence(ctx, q).float()
