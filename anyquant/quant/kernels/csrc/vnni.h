@@ -2,8 +2,6 @@
 // Included by cpu_vnni.cpp (linear layers) and cpu_moe_vnni.cpp (fused MoE experts on int8
 // activations), so both run the same kernels on the same layout.
 //
-// Integer weights times int8 activations on AVX512-VNNI (vpdpbusd): W4A8 / W8A8 linear layers.
-//
 // Layout, built by anyquant/quant/kernels/avx512_vnni.py at load. Weights are unsigned byte codes
 // c (int4 nibbles 0..15, uint8 as stored, int8 as code + 128) with w = (c - zero) * scale per
 // (row, group of G inputs). Rows go 16 to a block; inside a block the inputs run in chunks of 64
@@ -26,7 +24,6 @@
 // Few rows (<= 4): each block is streamed from memory once per call and unpacked in registers.
 // More rows: each block is unpacked once per 64 rows of x into an 8-bit chunk buffer (L1), and
 // rows run 8 at a time: one 64-byte weight load feeds 8 vpdpbusd with broadcast activations.
-
 
 #pragma once
 
