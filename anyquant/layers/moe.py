@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from anyquant.parallel.partition import ExpertPlacement, Partition
     from anyquant.parallel.state import ParallelState
     from anyquant.quant.kernels.avx512_moe import FusedExperts
+    from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts
     from anyquant.quant.kernels.base import LinearKernel
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -206,7 +207,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         # `local_experts[i]`): all of them unless expert parallelism gave it a range.
         self.local_experts = range(routing.num_experts)
         # Set by `finish_loading`: all routed experts as one fused call, or why not.
-        self.fused: FusedExperts | None = None
+        self.fused: FusedExperts | FusedVnniExperts | None = None
         self.fused_reason: str | None = "not loaded"
         self.gate = Router(f"{prefix}.gate", hidden_size, routing)
         self.experts = nn.ModuleList(
@@ -290,9 +291,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
                     assert kernel is not None
                     layer.set_kernel(kernel)
             kernels = twins
-        self.fused_reason = avx512_moe.cannot_fuse(kernels, self.act_name)
-        if self.fused_reason is None:
-            self.fused = avx512_moe.FusedExperts(kernels)
+        self.fused, self.fused_reason = avx512_moe.fuse(kernels, self.act_name)
 
     def _expert_mlps(self) -> list[GatedMLP]:
         return [cast(GatedMLP, e) for e in self.experts]

@@ -6,8 +6,9 @@ per token at run time (dynamic symmetric int8, scale = amax / 127, as vLLM's and
 activation paths do), so integer weights multiply on the CPU's int8 dot-product units (AVX512-VNNI,
 twice the multiply-adds per instruction). It changes results: the error budget and perplexity
 cost are in benchmarks/RESULTS.md, which is why it is opt-in. It applies to integer weight-only
-linear layers and a quantized (or `--lm-head-dtype int8`) LM head; layers whose checkpoint already
-quantizes activations, fp8 weights, routed experts and unquantized layers keep their own numerics.
+linear layers, routed experts (then one fused int8 call per MoE layer, avx512_moe_vnni.py) and a
+quantized (or `--lm-head-dtype int8`) LM head; layers whose checkpoint already quantizes
+activations, fp8 weights and unquantized layers keep their own numerics.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 
 ACTIVATION_DTYPES = ("auto", "int8")
 INT8_PER_TOKEN = ActQuant("int8", dynamic=True)
-_KINDS = ("linear", "lm_head")
+_KINDS = ("linear", "experts", "lm_head")
 
 
 def activation_quant(activation_dtype: str) -> ActQuant | None:
@@ -32,7 +33,7 @@ def activation_quant(activation_dtype: str) -> ActQuant | None:
 
 
 def with_activations(spec: QuantSpec | None, kind: LayerKind, act: ActQuant | None) -> QuantSpec | None:
-    """`spec` with `act` where it applies (an integer weight-only linear or LM head layer), else `spec`."""
+    """`spec` with `act` where it applies (an integer weight-only linear, expert or LM head layer), else `spec`."""
     if act is None or spec is None or spec.act is not None or kind not in _KINDS:
         return spec
     if not (spec.is_uint or spec.weight == "int8"):

@@ -217,7 +217,7 @@ def moe_docs(model: Any, plans: list[LayerPlan]) -> list[dict[str, Any]]:
     """Per MoE block pattern: its routed experts as one fused call per layer, or per expert and why
     (the loader's decision, predicted from the plan; static input scales are checked at load)."""
     from anyquant.layers.moe import SparseMoE
-    from anyquant.quant.kernels.avx512_moe import fusion_from_plan
+    from anyquant.quant.kernels.avx512_moe import FUSED_CALLS, fusion_from_plan
 
     by_prefix = {p.prefix: p for p in plans}
     docs: dict[tuple[str, str | None], dict[str, Any]] = {}
@@ -227,8 +227,9 @@ def moe_docs(model: Any, plans: list[LayerPlan]) -> list[dict[str, Any]]:
         mine = [p for name, p in by_prefix.items() if name.startswith(f"{block.prefix}.experts.")]
         if not mine:
             continue
+        kernels = {p.kernel.name for p in mine}
         reason = fusion_from_plan(
-            {p.kernel.name for p in mine},
+            kernels,
             {p.local_spec for p in mine},
             block.act_name,
             any(p.bias is not None for p in mine),
@@ -241,6 +242,7 @@ def moe_docs(model: Any, plans: list[LayerPlan]) -> list[dict[str, Any]]:
                 "count": 0,
                 "experts": block.routing.num_experts,
                 "fused": reason is None,
+                "call": FUSED_CALLS[next(iter(kernels))] if reason is None else None,
                 "reason": reason,
             },
         )

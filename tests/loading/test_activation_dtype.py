@@ -55,8 +55,9 @@ def test_spec_transform() -> None:
     assert activation_quant("auto") is None
     assert with_activations(W4, "linear", act) == QuantSpec("uint4", "group", group_size=32, act=act)
     assert with_activations(QuantSpec("int8", "channel"), "lm_head", act) is not None
+    assert with_activations(W4, "experts", act) == QuantSpec("uint4", "group", group_size=32, act=act)
     for spec, kind in [
-        (W4, "experts"),  # the fused MoE path keeps its own numerics
+        (W4, "router"),
         (QuantSpec("fp8_e4m3", "channel"), "linear"),
         (QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor")), "linear"),
         (None, "linear"),

@@ -16,8 +16,11 @@ first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are qu
 reference does: x once for all experts here, h per (token, expert) row inside the call.
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
-dynamic activation scales); the caller then keeps the per-expert path. `fusion_from_plan` predicts
-the same from the load plan, for `inspect`.
+dynamic activation scales); the caller then keeps the per-expert path. `fuse` picks the call for the
+loaded kernels: this one, or for `cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only
+loaded with `activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
+`fusion_from_plan` predicts the same from the load plan, and `FUSED_CALLS` names the call, for
+`inspect`.
 """
 
 from __future__ import annotations
@@ -30,12 +33,32 @@ from torch import Tensor, nn
 
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.spec import FP8_MAX, QuantSpec
 
 _ACT_CODES = {"fp8_e4m3": 1, "fp8_e5m2": 2, "int8": 3}  # the call's act2 codes
+# The fused call that the experts' (per-expert) kernel leads to, as `inspect` names it.
+FUSED_CALLS = {
+    Avx512WeightOnlyKernel.name: "moe_experts (bf16 dot products)",
+    "cpu_w8a8_int8": "moe_experts (bf16 dot products over the int8 codes)",
+    Avx512VnniKernel.name: "moe_experts_vnni (int8 dot products, AVX512-VNNI)",
+}
+
+
+def fuse(
+    experts: Sequence[tuple[LinearKernel | None, ...]], act: str
+) -> tuple[FusedExperts | FusedVnniExperts | None, str | None]:
+    """The fused call for the loaded experts' kernels (int8 dot products for cpu_avx512_vnni
+    experts, bf16 for cpu_avx512 ones), or None and why not."""
+    if any(isinstance(k, Avx512VnniKernel) for ks in experts for k in ks):
+        reason = cannot_fuse_vnni(experts, act)
+        return (FusedVnniExperts(experts) if reason is None else None), reason
+    reason = cannot_fuse(experts, act)
+    return (FusedExperts(experts) if reason is None else None), reason
 
 
 def weight_only_twins(
@@ -117,9 +140,13 @@ def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, 
     if len(specs) != 1 or len(kernels) != 1:
         return f"experts differ in kernel or scheme ({', '.join(sorted(kernels))})"
     (kernel,), (spec,) = kernels, specs
-    if spec is None or kernel not in (Avx512WeightOnlyKernel.name, "cpu_w8a8_int8"):
-        return f"experts run on {kernel}, not cpu_avx512"
+    if spec is None or kernel not in FUSED_CALLS:
+        return f"experts run on {kernel}, not cpu_avx512 or cpu_avx512_vnni"
     a = spec.act
+    if kernel == Avx512VnniKernel.name and a is not None and a.dynamic and a.granularity != "token":
+        return (
+            f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
+        )
     if a is None:
         return None
     if a.type not in _ACT_CODES or (a.type == "int8" and a.granularity == "group"):

@@ -5,11 +5,13 @@ or per tensor (static, symmetric), over uint2/3/4 (groups, with or without zero 
 float offsets), int8 and uint8 weights: W8A8 checkpoints (their own numerics: the int32 dot
 products are exact, scales applied once in fp32) and weight-only checkpoints loaded with
 `activation_dtype="int8"` (their spec then carries per-token int8 activations; see
-loading/activations.py). Weights are repacked at load into the layout csrc/cpu_vnni.cpp
+loading/activations.py). Weights are repacked at load into the layout csrc/vnni.h
 describes (16 output rows per block, 4-bit codes laid out so `& 0x0F` / `& 0xF0` unpack them in
 registers); activations are quantized inside the same call, exactly as the reference's
 `fake_quantize_activations` does, so the result equals the reference's definition up to fp32
-rounding of the scales and the output.
+rounding of the scales and the output. A MoE layer's routed experts on this kernel run as one
+fused call over their stacked packed tensors (avx512_moe_vnni.py); each expert's kernel keeps
+working on its slice.
 
 Why int8 activations: vpdpbusd does 64 multiply-adds per instruction against vdpbf16ps's 32, and
 unpacking int4 for it is two ANDs per 128 weights instead of a table lookup per 32, so one row
@@ -170,7 +172,7 @@ class Avx512VnniKernel(LinearKernel):
         return full.view(-1, _ROWS, ng).transpose(1, 2).contiguous()
 
     def _pack(self, codes: Tensor) -> Tensor:
-        """[N, K] codes -> [N_pad / 16, chunks, 64] bytes in csrc/cpu_vnni.cpp's layout."""
+        """[N, K] codes -> [N_pad / 16, chunks, 64] bytes in csrc/vnni.h's layout."""
         n, k = self.shape
         raw = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
         if self.spec.weight == "int8":

@@ -1,0 +1,180 @@
+"""The fused MoE call on int8 activations (`moe_experts_vnni`, FusedVnniExperts) against float64.
+
+The float64 truth applies the reference's activation quantization (`fake_quantize_activations`,
+int8 per token or static per tensor) to x and to h, with the same quantized weights dequantized in
+float64. The call's only departure from that definition is h's rounding before it is quantized
+(fp32 here; float64 rounded to fp32 there), so a code flips by one where h sits on a rounding
+boundary: budget 2e-3 relative L2, and never much worse than the per-expert path (the experts' own
+cpu_avx512_vnni kernels, which also round each projection's output to the compute dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from anyquant.quant.kernels.avx512_moe import fuse, fusion_from_plan
+from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+from anyquant.quant.reference import dequantize
+from anyquant.quant.spec import ActQuant, QuantSpec
+from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
+from tests.kernels.test_avx512_moe import (
+    EXPERTS,
+    HIDDEN,
+    INTER,
+    expert_weight,
+    float64_moe,
+    per_expert,
+    routings,
+)
+
+F32, BF16 = torch.float32, torch.bfloat16
+CPU = torch.device("cpu")
+TOKEN = ActQuant("int8", dynamic=True)  # what activation_dtype="int8" gives weight-only layers
+W4A8 = [
+    QuantSpec("uint4", "group", group_size=32, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=64, has_zero=True, act=TOKEN),
+    QuantSpec("uint4", "channel", has_zero=True, act=TOKEN),
+    QuantSpec("uint3", "group", group_size=32, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=32, act_order=True, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=40, has_zero=True, act_order=True, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=32, has_offset=True, act=TOKEN),
+]
+W8A8 = [
+    QuantSpec("int8", "channel", act=TOKEN),
+    QuantSpec("uint8", "group", group_size=64, has_zero=True, act=TOKEN),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
+    QuantSpec("int8", "tensor", act=ActQuant("int8", dynamic=False, granularity="tensor")),
+]
+BUDGET = 2e-3
+
+UNAVAILABLE = Avx512VnniKernel.cannot_run(W4A8[0], "experts", CPU, (64, 64), BF16)
+pytestmark = pytest.mark.skipif(
+    UNAVAILABLE is not None, reason=f"cpu_avx512_vnni cannot run here: {UNAVAILABLE}"
+)
+
+
+def make_experts(
+    spec: QuantSpec, dtype: torch.dtype, seed: int = 0
+) -> tuple[list[list[QuantWeight]], list[tuple]]:
+    """Per expert: the (gate, up, down) weights and their cpu_avx512_vnni kernels."""
+    weights, kernels = [], []
+    for e in range(EXPERTS):
+        row_w: list[QuantWeight] = []
+        row_k = []
+        for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
+            shared = i == 1 and spec.act_order and spec.group_size == 32  # gate and up share g_idx
+            w = expert_weight(spec, n, k, seed + 3 * e + i, like=row_w[0] if shared else None)
+            kernel = Avx512VnniKernel((n, k), dtype)
+            kernel.load(w)
+            row_w.append(w)
+            row_k.append(kernel)
+        weights.append(row_w)
+        kernels.append(tuple(row_k))
+    return weights, kernels
+
+
+def check(spec: QuantSpec, dtype: torch.dtype, token_counts: tuple[int, ...], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    weights_q, kernels = make_experts(spec, dtype)
+    dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
+    fused, reason = fuse(kernels, "silu")
+    assert reason is None and isinstance(fused, FusedVnniExperts)
+    for tokens in token_counts:
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+        for weights, ids in routings(tokens, gen):
+            y = fused(x, weights, ids)
+            assert y.dtype == F32 and y.shape == (tokens, HIDDEN)
+            truth = float64_moe(x, weights, ids, dense, weights_q)
+            err = rel_err(y, truth)
+            where = f"{spec.describe()} {dtype} T={tokens} k={ids.shape[1]}"
+            assert err <= BUDGET, f"{where}: {err:.2e}"
+            if tokens <= 17:  # the experts' own kernels read the stacked weights now
+                ref = rel_err(per_expert(x, weights, ids, [list(k) for k in kernels]), truth)
+                assert err <= 1.5 * ref + 1e-3, f"{where}: {err:.2e} vs per-expert {ref:.2e}"
+
+
+@pytest.mark.parametrize("spec", W4A8 + W8A8, ids=QuantSpec.describe)
+def test_fused_int8_matches_float64(spec: QuantSpec) -> None:
+    """Few rows per expert (1 and 3 tokens: the register-unpack kernel) and many (70 tokens, all on
+    one expert in the last routing: the unpacked-block tile), top-k 1 / 2 / 8, bf16 and fp32."""
+    check(spec, BF16, (1, 3, 70), seed=7)
+    check(spec, F32, (1, 17), seed=8)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
+    weights_q, kernels = make_experts(W4A8[1], dtype)
+    dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
+    fused = FusedVnniExperts(kernels)
+    gen = torch.Generator().manual_seed(3)
+    for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
+        weights = torch.rand(tokens, k, generator=gen)
+        ids = torch.rand(tokens, EXPERTS, generator=gen).topk(k, dim=-1).indices
+        ids = torch.where(ids >= 6, -1, ids)  # experts 6..10 live on another rank
+        y = fused(x, weights, ids)
+        assert rel_err(y, float64_moe(x, weights, ids, dense, weights_q)) <= BUDGET, (tokens, k)
+        nowhere = (ids < 0).all(dim=1)
+        assert torch.equal(y[nowhere], torch.zeros_like(y[nowhere]))
+    none = fused(x, weights, torch.full_like(ids, -1))
+    assert torch.equal(none, torch.zeros_like(none))
+    empty = fused(
+        torch.zeros(0, HIDDEN, dtype=dtype), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64)
+    )
+    assert empty.shape == (0, HIDDEN)
+    with pytest.raises(RuntimeError, match=r"expert id 11 outside \[0, 11\)"):
+        fused(torch.zeros(1, HIDDEN, dtype=dtype), torch.ones(1, 1), torch.tensor([[11]]))
+
+
+@pytest.mark.parametrize("spec", [W4A8[0], W4A8[5]], ids=QuantSpec.describe)
+def test_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
+    """Exact int32 sums and one owner per output column: bit for bit at 1, 2 and 3 threads, at one
+    token (runs of blocks) and at 150 (experts with more than one pass of 64 pair rows)."""
+    gen = torch.Generator().manual_seed(11)
+    _, kernels = make_experts(spec, BF16)
+    fused = FusedVnniExperts(kernels)
+    before = torch.get_num_threads()
+    for tokens in (1, 150):
+        x = torch.randn(tokens, HIDDEN, generator=gen).to(BF16)
+        for weights, ids in routings(tokens, gen)[2:]:
+            results = []
+            try:
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    results.append(fused(x, weights, ids))
+            finally:
+                torch.set_num_threads(before)
+            assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_non_finite_input_gives_nan_rows() -> None:
+    _, kernels = make_experts(W4A8[0], BF16)
+    fused = FusedVnniExperts(kernels)
+    x = torch.randn(3, HIDDEN).to(BF16)
+    x[1, 5] = float("inf")
+    y = fused(x, torch.ones(3, 1), torch.tensor([[0], [0], [1]]))
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+def test_what_cannot_be_fused_is_named() -> None:
+    _, kernels = make_experts(W4A8[0], BF16)
+    assert "activation gelu" in str(cannot_fuse_vnni(kernels, "gelu"))
+    _, other = make_experts(W4A8[1], BF16)
+    mixed = list(kernels)
+    mixed[4] = other[4]
+    assert "expert 4 is uint4" in str(cannot_fuse_vnni(mixed, "silu"))
+    per_tensor = replace(W4A8[0], act=ActQuant("int8", dynamic=True, granularity="tensor"))
+    _, tensor_kernels = make_experts(per_tensor, BF16)
+    assert "per-tensor dynamic scales" in str(cannot_fuse_vnni(tensor_kernels, "silu"))
+    static = W8A8[3]
+    _, static_kernels = make_experts(static, BF16)
+    static_kernels[2][1].static_scale *= 2
+    assert "input scales that differ by expert" in str(cannot_fuse_vnni(static_kernels, "silu"))
+    # inspect's prediction from the plan alone names the int8 call's refusal the same way.
+    assert "per-tensor dynamic" in str(fusion_from_plan({"cpu_avx512_vnni"}, {per_tensor}, "silu", False))
+    assert fusion_from_plan({"cpu_avx512_vnni"}, {W4A8[0]}, "silu", False) is None
