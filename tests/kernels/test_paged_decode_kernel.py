@@ -131,6 +131,34 @@ def test_bf16_inputs_on_the_fp32_path_and_two_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("hkv", "group", "dk", "dv"),
+    [(2, 7, 64, 64), (4, 1, 64, 64), (2, 3, 80, 80), (1, 16, 576, 512)],
+    ids=["gqa7", "mha", "gqa3-d80", "mla"],
+)
+@pytest.mark.parametrize("window", [None, 301])
+def test_long_context_among_short_ones_split_over_threads(dtype, hkv, group, dk, dv, window):
+    """One long context among short and empty ones: with 2 or 3 threads the kernel cuts the long
+    one into chunks (whole blocks of keys but the last, an odd length) that the threads share by
+    key count, writes the unsplit sequences' rows from their single item and merges the chunks;
+    every thread count gives float64's attention."""
+    ops = _ops()
+    lens = [1, 2047, 0, 129, 17, 600]
+    q, kc, vc, tables, lens_t = _case(hkv, group, dk, dv, lens, dtype, seed=6)
+    scale = dk**-0.5
+    want = _reference(q, kc, vc, tables, lens_t, scale, window)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0)
+            assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
+            assert (out.double() - want).abs().max().item() < TOL[dtype], n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp32_queries_on_a_bf16_cache_and_an_empty_context():
     ops = _ops()
     q, kc, vc, tables, lens = _case(1, 4, 64, 64, [0, 40], torch.bfloat16, seed=2)
