@@ -152,9 +152,11 @@ def test_long_context_among_short_ones_split_over_threads(dtype, hkv, group, dk,
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0)
-            assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
-            assert (out.double() - want).abs().max().item() < TOL[dtype], n
+            # splits 0: the kernel's own chunks; 16: enough partial rows to merge on the threads
+            for splits in (0, 16):
+                out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0, splits)
+                assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
+                assert (out.double() - want).abs().max().item() < TOL[dtype], (n, splits)
     finally:
         torch.set_num_threads(threads)
 

@@ -15,7 +15,7 @@
 // Where (sequence, KV head) items alone would leave threads idle or unevenly loaded (batch 1 with 2
 // KV heads, MLA's single latent head, one long context among short ones) the keys are split into
 // chunks (plan_work below) whose partial results (m, l, accumulator) are merged with their
-// log-sum-exp weights at the end (finish_rows); each thread takes consecutive items of about
+// log-sum-exp weights at the end (finish_row); each thread takes consecutive items of about
 // equal length (balance), and an unsplit item writes its own output rows, so that a step of equal
 // contexts runs one parallel region per layer.
 //
@@ -32,30 +32,28 @@
 
 namespace {
 
-// out[b, kh * G + g] for the `parts` items from `first` of one (sequence, KV head): their
+// out[b, kh * G + g] for head g of the `parts` items from `first` of one (sequence, KV head): their
 // accumulators weighted by exp(m_s - M) / sum_s l_s exp(m_s - M). One part: acc / l.
 template <typename O>
-void finish_rows(const Problem& p, int64_t first, int64_t parts, O* out, float* row) {
+void finish_row(const Problem& p, int64_t first, int64_t parts, int64_t g, O* out, float* row) {
   const Work& w = p.work[first];
-  for (int64_t g = 0; g < p.group; ++g) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < parts; ++s) m = std::max(m, p.ml[((first + s) * p.group + g) * 2]);
-    std::fill(row, row + p.dv, 0.f);
-    float l = 0.f;
-    if (m != -std::numeric_limits<float>::infinity()) {
-      for (int64_t s = 0; s < parts; ++s) {
-        const float* ml = p.ml + ((first + s) * p.group + g) * 2;
-        if (ml[1] == 0.f) continue;
-        const float wt = std::exp(ml[0] - m);
-        l += ml[1] * wt;
-        const float* a = p.acc + ((first + s) * p.group + g) * p.dv;
-        for (int64_t c = 0; c < p.dv; ++c) row[c] += wt * a[c];
-      }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < parts; ++s) m = std::max(m, p.ml[((first + s) * p.group + g) * 2]);
+  std::fill(row, row + p.dv, 0.f);
+  float l = 0.f;
+  if (m != -std::numeric_limits<float>::infinity()) {
+    for (int64_t s = 0; s < parts; ++s) {
+      const float* ml = p.ml + ((first + s) * p.group + g) * 2;
+      if (ml[1] == 0.f) continue;
+      const float wt = std::exp(ml[0] - m);
+      l += ml[1] * wt;
+      const float* a = p.acc + ((first + s) * p.group + g) * p.dv;
+      for (int64_t c = 0; c < p.dv; ++c) row[c] += wt * a[c];
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty context attends to nothing: zeros
-    O* dst = out + (w.b * p.heads + w.kh * p.group + g) * p.dv;
-    for (int64_t c = 0; c < p.dv; ++c) dst[c] = static_cast<O>(row[c] * inv);
   }
+  const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty context attends to nothing: zeros
+  O* dst = out + (w.b * p.heads + w.kh * p.group + g) * p.dv;
+  for (int64_t c = 0; c < p.dv; ++c) dst[c] = static_cast<O>(row[c] * inv);
 }
 
 // The work items: every (sequence, KV head) in `parts` chunks of its keys (the window's, with a
@@ -131,7 +129,9 @@ void run_items(const Problem& p, const std::vector<Work>& work, bool dp, bool bf
       } else {
         attend_item<float>(p, i, scratch);
       }
-      if (work[i].parts == 1) finish_rows(p, i, 1, out, row.data());
+      if (work[i].parts == 1) {
+        for (int64_t g = 0; g < p.group; ++g) finish_row(p, i, 1, g, out, row.data());
+      }
     }
   });
   std::vector<int64_t> merged;  // first items of the chunked (sequence, KV head)s
@@ -142,11 +142,16 @@ void run_items(const Problem& p, const std::vector<Work>& work, bool dp, bool bf
       merge_work += work[i].parts * p.group * p.dv;
     }
   }
-  // A few thousand multiply-adds (batch 1, 2 KV heads): on this thread, not a parallel region.
-  const int64_t grain = merge_work < (1 << 17) ? static_cast<int64_t>(merged.size()) : 1;
-  at::parallel_for(0, static_cast<int64_t>(merged.size()), std::max<int64_t>(grain, 1), [&](int64_t r0, int64_t r1) {
+  // Rows of (chunked sequence and KV head, query head). A few thousand multiply-adds (batch 1, 2 KV
+  // heads) stay on this thread, not worth a parallel region; MLA's 128 heads of 512 are split.
+  const int64_t rows = static_cast<int64_t>(merged.size()) * p.group;
+  const int64_t grain = merge_work < (1 << 17) ? rows : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(grain, 1), [&](int64_t r0, int64_t r1) {
     std::vector<float> row(p.dv);
-    for (int64_t r = r0; r < r1; ++r) finish_rows(p, merged[r], work[merged[r]].parts, out, row.data());
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = merged[r / p.group];
+      finish_row(p, first, work[first].parts, r % p.group, out, row.data());
+    }
   });
 }
 
