@@ -268,3 +268,24 @@ def test_inspect_names_the_decode_attention(monkeypatch):
     assert fallback["kernel"] == "torch" and "float16" in fallback["reason"]
     monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
     assert decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 64, 64)["kernel"] == "torch"
+
+
+def test_a_decode_step_on_the_kernel_builds_no_mask(monkeypatch):
+    """The masks of the pure-torch path grow with the context (batch x keys per step): a decode
+    step that the kernel runs never builds them; the torch path builds them on first use."""
+    _ops()
+    torch.manual_seed(5)
+    cache = PagedKVCache(1, 8, PAGE, 2, 64, 64, torch.bfloat16)
+    seqs = [([3, 1], 20, 1), ([5], 7, 1)]
+    q, k, v = (torch.randn(2, h, 64, dtype=torch.bfloat16) for h in (8, 2, 2))
+    ctx = PagedAttention.for_sequences(cache, seqs)
+    out = ctx.attend(0, q, k, v, 0.125)
+    decode = ctx._plans[None].decode
+    assert decode is not None and "_built" not in vars(decode)
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125)
+    assert torch.allclose(out.float(), want.float(), atol=2e-2)
+    torch_ctx = PagedAttention.for_sequences(cache, seqs)
+    torch_ctx.attend(0, q, k, v, 0.125)
+    built = torch_ctx._plans[None].decode
+    assert built is not None and built.mask.shape == (1, 2, 1, 32) and "_built" in vars(built)
