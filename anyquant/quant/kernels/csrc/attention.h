@@ -60,6 +60,23 @@ AQ_ATTN_TARGET inline __m512 exp_neg(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^x for x <= 0 (up to a few ulps above 0; fp32, relative error ~2e-7): 2^n * 2^r with n = round(x)
+// and r = x - n exact, |r| <= 1/2, 2^r by the degree-6 Taylor polynomial of e^(r ln2). Three
+// vector operations fewer than exp_neg: the caller folds log2(e) into its scale.
+AQ_ATTN_TARGET inline __m512 exp2_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);    // ln2^6 / 720
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // One work item: the keys [lo, hi) of sequence b for KV head kh, chunk `part` of the `parts`
 // consecutive items that share (b, kh); their partial results are merged by log-sum-exp weights.
 struct Work {
