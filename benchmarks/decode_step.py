@@ -18,7 +18,8 @@ speed ratio (tok/s at the long context / tok/s at the short one) and the rooflin
 the raw ratio times bytes(long) / bytes(short), i.e. how much of the short step's bytes per second
 the long step keeps (100 %: the long step is slower only by the bytes it must read more). The
 machine's read bandwidth (a plain sum of a 512 MiB buffer on the same threads) is measured in each
-round, and the profile splits out the attention op with the GB/s at which it reads the K/V.
+round, and the C++ decode attention of a step is replayed alone (every layer, the engine's cache and
+block tables) for its time and the GB/s at which it reads the K/V.
 Times are wall clock when torch runs more than one thread (the CPU time of the calling thread
 misses the others' work), else the calling thread's CPU time.
 
@@ -32,6 +33,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ from decode_cpu import bytes_per_token
 
 from anyquant import LLM, SamplingParams
 from anyquant.engine.kv_cache import PagedKVCache
-from anyquant.layers.decode_kernel import set_decode_kernel
+from anyquant.layers.decode_kernel import decode_kernel_reason, paged_decode, set_decode_kernel
 
 # Ops that do the arithmetic of a step; the rest of a step's time is the engine's overhead.
 HEAVY_OPS = (
@@ -59,7 +61,6 @@ HEAVY_OPS = (
     "anyquant_cpu::moe_experts",
     "anyquant_cpu::paged_decode_attention",
 )
-ATTENTION_OPS = ("anyquant_cpu::paged_decode_attention",)
 
 
 def _ready(llm: LLM, batch: int, context: int, vocab: int, max_tokens: int) -> None:
@@ -97,20 +98,49 @@ def time_steps(llm: LLM, steps: int) -> tuple[float, float]:
     return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
-def read_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+def _clock(basis: str) -> Callable[[], float]:
+    return time.perf_counter if basis == "wall" else time.thread_time
+
+
+def read_bandwidth_gbs(basis: str, nbytes: int = 512 << 20, repeats: int = 5) -> float:
     """A plain read of a buffer far larger than the caches (a sum, on torch's threads): GB/s, best
-    of `repeats`."""
+    of `repeats`, timed like the steps (`basis`)."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    clock = _clock(basis)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         buf.sum()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return nbytes / best / 1e9
 
 
+def attention_replay_s(llm: LLM, basis: str, repeats: int) -> float:
+    """Seconds per step of the decode attention alone (median of `repeats`): the step's kernel
+    call, every layer, on the engine's cache through the running requests' block tables (what a
+    step's attention reads; random queries), timed like the steps. The profiler's op times are
+    wall clock, which a loaded machine inflates."""
+    runner = llm.engine.runner
+    model, cache = runner.model, runner.cache
+    requests = list(llm.engine.scheduler.running)
+    rows = torch.tensor([runner.tables.row_of(r) for r in requests])
+    lens = torch.tensor([r.num_computed_tokens + 1 for r in requests])
+    page = cache.page_size
+    tables = runner.tables.table[rows, : -(-int(lens.max()) // page)]
+    args = model.args
+    q = torch.randn(len(requests), args.num_heads, args.head_dim, dtype=cache.k.dtype)
+    clock = _clock(basis)
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        for layer in range(args.num_layers):
+            paged_decode(q, cache.k[layer], cache.v[layer], tables, lens, page, args.head_dim**-0.5, None)
+        times.append(clock() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def profile_steps(llm: LLM, steps: int) -> dict[str, float]:
-    """Per step: wall ms, ms inside heavy kernels and in the decode attention, number of aten ops."""
+    """Per step: wall ms, ms inside heavy kernels, number of aten ops."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -118,7 +148,7 @@ def profile_steps(llm: LLM, steps: int) -> dict[str, float]:
         for _ in range(steps):
             llm.engine.step()
         wall = (time.perf_counter() - t0) / steps
-    heavy = attention = 0.0
+    heavy = 0.0
     ops = 0
     counts: Counter[str] = Counter()
     for evt in prof.key_averages():
@@ -127,12 +157,9 @@ def profile_steps(llm: LLM, steps: int) -> dict[str, float]:
             counts[evt.key] = evt.count
         if evt.key in HEAVY_OPS:
             heavy += evt.self_cpu_time_total / 1e6
-        if evt.key in ATTENTION_OPS:
-            attention += evt.self_cpu_time_total / 1e6
     return {
         "wall_ms": wall * 1e3,
         "heavy_ms": heavy / steps * 1e3,
-        "attention_ms": attention / steps * 1e3,
         "overhead_share": 1 - heavy / steps / wall,
         "aten_ops_per_step": ops / steps,
         "to_copy_per_step": counts["aten::_to_copy"] / steps,
@@ -167,15 +194,19 @@ def main() -> None:
     kv_token_bytes = PagedKVCache.page_bytes_for_model(runner.model, 1, runner.cache.k.dtype)
     threads = torch.get_num_threads()
     basis = "wall" if threads > 1 else "cpu"
+    cache = runner.cache
+    probe = torch.zeros(1, runner.model.args.num_heads, cache.k.shape[-1], dtype=cache.k.dtype)
+    kernel = decode_kernel_reason(probe, cache.k[0], cache.v[0]) is None  # the C++ decode attention runs
     cases = [(c, b, m) for c in args.contexts for b in args.batches for m in args.attention]
     walls: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
     cpus: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
     profiles: dict[tuple[int, int], dict[str, float]] = {}
     bandwidths: list[float] = []
+    attention_s: dict[tuple[int, int], list[float]] = {}
     # Rounds over every (context, batch, attention): the ratios compare steps timed minutes, not
     # tens of minutes, apart on a machine whose load changes.
     for round_ in range(args.rounds):
-        bandwidths.append(read_bandwidth_gbs())
+        bandwidths.append(read_bandwidth_gbs(basis))
         for context in args.contexts:
             for batch in args.batches:
                 _ready(llm, batch, context, vocab, max_tokens=budget)
@@ -187,6 +218,10 @@ def main() -> None:
                 if round_ == 0:
                     set_decode_kernel(args.attention[0])
                     profiles[(context, batch)] = profile_steps(llm, args.profile_steps)
+                if kernel:
+                    attention_s.setdefault((context, batch), []).append(
+                        attention_replay_s(llm, basis, args.steps)
+                    )
                 _drain(llm)
     bandwidth = sorted(bandwidths)[len(bandwidths) // 2]
     rows = []
@@ -213,8 +248,10 @@ def main() -> None:
             "read_bandwidth_gbs": bandwidth,
             **(profiles[(context, batch)] if mode == args.attention[0] else {}),
         }
-        if "attention_ms" in row and row["attention_ms"] > 0:
-            row["attention_kv_gbs"] = kv_bytes / (row["attention_ms"] / 1e3) / 1e9
+        if (context, batch) in attention_s and mode == "auto":
+            attn = sorted(attention_s[(context, batch)])[args.rounds // 2]
+            row["attention_ms"] = attn * 1e3
+            row["attention_kv_gbs"] = kv_bytes / attn / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
     set_decode_kernel("auto")
@@ -226,7 +263,7 @@ def main() -> None:
     )
     print(
         "\n| context | batch | attention | step ms | tok/s | step ms (wall) | step ms (CPU, this thread) "
-        "| MiB read / step (weights + KV) | GB/s | % of read bw | attention ms | K/V GB/s in attention "
+        "| MiB read / step (weights + KV) | GB/s | % of read bw | C++ attention ms | its K/V GB/s "
         "| overhead share | aten ops/step |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -238,12 +275,8 @@ def main() -> None:
             f"{r['step_ms']:.1f} | {r['cpu_step_ms']:.1f} | "
             f"{r['weight_bytes'] / 2**20:.0f} + {r['kv_bytes'] / 2**20:.0f} | {r['step_gbs']:.1f} | "
             f"{r['step_gbs'] / bandwidth:.0%} | "
-            + (
-                f"{r['attention_ms']:.1f} | {r.get('attention_kv_gbs', 0):.1f} | "
-                f"{r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} |"
-                if profiled
-                else "| | | |"
-            )
+            + (f"{r['attention_ms']:.1f} | {r['attention_kv_gbs']:.1f} | " if "attention_ms" in r else "| | ")
+            + (f"{r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} |" if profiled else "| |")
         )
     lo, hi = min(args.contexts), max(args.contexts)
     if lo != hi:
