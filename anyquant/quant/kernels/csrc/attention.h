@@ -27,7 +27,7 @@ constexpr int kBlock = 16;          // keys per block (fp32 path): one vector of
 constexpr int kKeys = 32;           // keys per block (bf16 path): two vectors of scores per query head
 constexpr int kAhead = 2;           // blocks between the one computed and the one prefetched (bf16 path)
 constexpr int64_t kMinChunk = 256;  // fewest keys worth a chunk of its own (merge cost, cache reuse)
-constexpr int64_t kItemsPerThread = 4;  // work items per thread a long context is split into, at most
+constexpr int64_t kItemsPerThread = 2;  // work items per thread a long context is split into, at most
 constexpr int64_t kItemCost = 32;   // a work item's set-up and merge, in keys (for balancing the threads)
 
 bool bf16_supported() {
