@@ -10,6 +10,19 @@ dispatch, small ops): the engine's own overhead.
 the pure-torch path, layers/decode_kernel.py) in the same process, alternating in rounds, and
 prints each one's 4096-vs-128 ratio.
 
+Long context (issue 11's target: decode at 4,096 tokens >= 80 % of the speed at 128, "with the KV
+bytes counted in the roofline"): each step reads the weights (the checkpoint's tensors but the
+embedding table, LM head in full: `decode_cpu.bytes_per_token`) plus every cached key and value of
+every sequence (batch x context x the cache's bytes per token). The ratio table prints the raw
+speed ratio (tok/s at the long context / tok/s at the short one) and the roofline-normalised one:
+the raw ratio times bytes(long) / bytes(short), i.e. how much of the short step's bytes per second
+the long step keeps (100 %: the long step is slower only by the bytes it must read more). The
+machine's read bandwidth (a plain sum of a 512 MiB buffer on the same threads) is measured in each
+round, and the C++ decode attention of a step is replayed alone (every layer, the engine's cache and
+block tables) for its time and the GB/s at which it reads the K/V.
+Times are wall clock when torch runs more than one thread (the CPU time of the calling thread
+misses the others' work), else the calling thread's CPU time.
+
     python benchmarks/decode_step.py [--model out/bench/dense-w4a16] [--contexts 128 4096] [--batches 1 8]
         [--attention auto torch] [--rounds 3]
 """
@@ -20,12 +33,15 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from decode_cpu import bytes_per_token
 
 from anyquant import LLM, SamplingParams
-from anyquant.layers.decode_kernel import set_decode_kernel
+from anyquant.engine.kv_cache import PagedKVCache
+from anyquant.layers.decode_kernel import decode_kernel_reason, paged_decode, set_decode_kernel
 
 # Ops that do the arithmetic of a step; the rest of a step's time is the engine's overhead.
 HEAVY_OPS = (
@@ -82,8 +98,49 @@ def time_steps(llm: LLM, steps: int) -> tuple[float, float]:
     return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
 
 
+def _clock(basis: str) -> Callable[[], float]:
+    return time.perf_counter if basis == "wall" else time.thread_time
+
+
+def read_bandwidth_gbs(basis: str, nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """A plain read of a buffer far larger than the caches (a sum, on torch's threads): GB/s, best
+    of `repeats`, timed like the steps (`basis`)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    clock = _clock(basis)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        buf.sum()
+        best = min(best, clock() - t0)
+    return nbytes / best / 1e9
+
+
+def attention_replay_s(llm: LLM, basis: str, repeats: int) -> float:
+    """Seconds per step of the decode attention alone (median of `repeats`): the step's kernel
+    call, every layer, on the engine's cache through the running requests' block tables (what a
+    step's attention reads; random queries), timed like the steps. The profiler's op times are
+    wall clock, which a loaded machine inflates."""
+    runner = llm.engine.runner
+    model, cache = runner.model, runner.cache
+    requests = list(llm.engine.scheduler.running)
+    rows = torch.tensor([runner.tables.row_of(r) for r in requests])
+    lens = torch.tensor([r.num_computed_tokens + 1 for r in requests])
+    page = cache.page_size
+    tables = runner.tables.table[rows, : -(-int(lens.max()) // page)]
+    args = model.args
+    q = torch.randn(len(requests), args.num_heads, args.head_dim, dtype=cache.k.dtype)
+    clock = _clock(basis)
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        for layer in range(args.num_layers):
+            paged_decode(q, cache.k[layer], cache.v[layer], tables, lens, page, args.head_dim**-0.5, None)
+        times.append(clock() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def profile_steps(llm: LLM, steps: int) -> dict[str, float]:
-    """Per step: wall ms, ms inside heavy kernels, number of aten ops, top self-time ops."""
+    """Per step: wall ms, ms inside heavy kernels, number of aten ops."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -132,13 +189,24 @@ def main() -> None:
         max_num_seqs=max(args.batches),
     )
     vocab = int(llm.loaded.config["vocab_size"])
+    runner = llm.engine.runner
+    weight_bytes = bytes_per_token(args.model)
+    kv_token_bytes = PagedKVCache.page_bytes_for_model(runner.model, 1, runner.cache.k.dtype)
+    threads = torch.get_num_threads()
+    basis = "wall" if threads > 1 else "cpu"
+    cache = runner.cache
+    probe = torch.zeros(1, runner.model.args.num_heads, cache.k.shape[-1], dtype=cache.k.dtype)
+    kernel = decode_kernel_reason(probe, cache.k[0], cache.v[0]) is None  # the C++ decode attention runs
     cases = [(c, b, m) for c in args.contexts for b in args.batches for m in args.attention]
     walls: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
     cpus: dict[tuple[int, int, str], list[float]] = {case: [] for case in cases}
     profiles: dict[tuple[int, int], dict[str, float]] = {}
+    bandwidths: list[float] = []
+    attention_s: dict[tuple[int, int], list[float]] = {}
     # Rounds over every (context, batch, attention): the ratios compare steps timed minutes, not
     # tens of minutes, apart on a machine whose load changes.
     for round_ in range(args.rounds):
+        bandwidths.append(read_bandwidth_gbs(basis))
         for context in args.contexts:
             for batch in args.batches:
                 _ready(llm, batch, context, vocab, max_tokens=budget)
@@ -150,48 +218,80 @@ def main() -> None:
                 if round_ == 0:
                     set_decode_kernel(args.attention[0])
                     profiles[(context, batch)] = profile_steps(llm, args.profile_steps)
+                if kernel:
+                    attention_s.setdefault((context, batch), []).append(
+                        attention_replay_s(llm, basis, args.steps)
+                    )
                 _drain(llm)
+    bandwidth = sorted(bandwidths)[len(bandwidths) // 2]
     rows = []
     for context, batch, mode in cases:
         wall_s = sorted(walls[(context, batch, mode)])[args.rounds // 2]
         cpu_s = sorted(cpus[(context, batch, mode)])[args.rounds // 2]
+        step_s = wall_s if basis == "wall" else cpu_s
+        kv_bytes = batch * context * kv_token_bytes
         row = {
             "context": context,
             "batch": batch,
             "attention": mode,
+            "threads": threads,
+            "basis": basis,
             "step_ms": wall_s * 1e3,
             "cpu_step_ms": cpu_s * 1e3,
+            "tok_s": batch / step_s,
             "tok_s_cpu": batch / cpu_s,
             "cpu_step_ms_rounds": [c * 1e3 for c in cpus[(context, batch, mode)]],
+            "wall_step_ms_rounds": [w * 1e3 for w in walls[(context, batch, mode)]],
+            "weight_bytes": weight_bytes,
+            "kv_bytes": kv_bytes,
+            "step_gbs": (weight_bytes + kv_bytes) / step_s / 1e9,
+            "read_bandwidth_gbs": bandwidth,
             **(profiles[(context, batch)] if mode == args.attention[0] else {}),
         }
+        if (context, batch) in attention_s and mode == "auto":
+            attn = sorted(attention_s[(context, batch)])[args.rounds // 2]
+            row["attention_ms"] = attn * 1e3
+            row["attention_kv_gbs"] = kv_bytes / attn / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
     set_decode_kernel("auto")
     print(
-        "\n| context | batch | attention | step ms (CPU) | tok/s (CPU) | step ms (wall) | overhead share "
-        "| aten ops/step | _to_copy/step |"
+        f"\n{threads} thread(s); step times: {basis} (medians of {args.rounds} round(s) of {args.steps}-step "
+        f"medians); read bandwidth {bandwidth:.1f} GB/s (rounds: "
+        + ", ".join(f"{b:.1f}" for b in bandwidths)
+        + ")"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| context | batch | attention | step ms | tok/s | step ms (wall) | step ms (CPU, this thread) "
+        "| MiB read / step (weights + KV) | GB/s | % of read bw | C++ attention ms | its K/V GB/s "
+        "| overhead share | aten ops/step |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        step_ms = r["step_ms"] if basis == "wall" else r["cpu_step_ms"]
         profiled = "wall_ms" in r
         print(
-            f"| {r['context']} | {r['batch']} | {r['attention']} | {r['cpu_step_ms']:.1f} | {r['tok_s_cpu']:.1f} | "
-            f"{r['step_ms']:.1f} | "
-            + (
-                f"{r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} | {r['to_copy_per_step']:.0f} |"
-                if profiled
-                else "| | |"
-            )
+            f"| {r['context']} | {r['batch']} | {r['attention']} | {step_ms:.1f} | {r['tok_s']:.1f} | "
+            f"{r['step_ms']:.1f} | {r['cpu_step_ms']:.1f} | "
+            f"{r['weight_bytes'] / 2**20:.0f} + {r['kv_bytes'] / 2**20:.0f} | {r['step_gbs']:.1f} | "
+            f"{r['step_gbs'] / bandwidth:.0%} | "
+            + (f"{r['attention_ms']:.1f} | {r['attention_kv_gbs']:.1f} | " if "attention_ms" in r else "| | ")
+            + (f"{r['overhead_share']:.0%} | {r['aten_ops_per_step']:.0f} |" if profiled else "| |")
         )
     lo, hi = min(args.contexts), max(args.contexts)
     if lo != hi:
-        print(f"\n| batch | attention | tok/s at {hi} / tok/s at {lo} (CPU) |")
-        print("|---:|---|---:|")
-        by = {(r["context"], r["batch"], r["attention"]): r["tok_s_cpu"] for r in rows}
+        print(
+            f"\n| batch | attention | tok/s at {hi} / at {lo} (raw) | bytes per step {hi} / {lo} "
+            "| roofline-normalised ratio (raw x bytes ratio) |"
+        )
+        print("|---:|---|---:|---:|---:|")
+        by = {(r["context"], r["batch"], r["attention"]): r for r in rows}
         for batch in args.batches:
             for mode in args.attention:
-                print(f"| {batch} | {mode} | {by[(hi, batch, mode)] / by[(lo, batch, mode)]:.0%} |")
+                long, short = by[(hi, batch, mode)], by[(lo, batch, mode)]
+                raw = long["tok_s"] / short["tok_s"]
+                more = (long["weight_bytes"] + long["kv_bytes"]) / (short["weight_bytes"] + short["kv_bytes"])
+                print(f"| {batch} | {mode} | {raw:.0%} | {more:.2f} | {raw * more:.0%} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -8,8 +8,9 @@ Which pages hold which sequence (the step's metadata) is the `AttentionContext`'
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,8 +82,9 @@ class PagedGroup:
 
     pages: Tensor  # [B, P] page ids to read, in key order (padding pages are masked out)
     run: tuple[int, int] | None  # one sequence whose pages are consecutive: its slot range
-    mask: Tensor  # decode: [1, B, 1, S]; prefill: [B, 1, Tq, S] (True = attend), S = P * page
-    bias: Tensor | None  # decode through matmuls: the mask as 0 / -inf, fp32 [1, B, 1, S]
+    # (mask, bias), built on first use (`mask`, `bias` below): a decode step that the C++ kernel
+    # runs reads neither, and both grow with the context (B x S per step).
+    masks: Callable[[], tuple[Tensor, Tensor | None]]
     rows: Tensor  # decode: [B] token rows; prefill: [B, Tq] token rows (padding -> 0)
     valid: Tensor | None  # prefill: [B * Tq] bool, the padded rows that are real tokens
     covers_step: bool  # the group holds every token of the step, in step order
@@ -94,11 +96,29 @@ class PagedGroup:
     lens: Tensor | None = None
     window: int | None = None
 
+    @functools.cached_property
+    def _built(self) -> tuple[Tensor, Tensor | None]:
+        return self.masks()
+
+    @property
+    def mask(self) -> Tensor:
+        """decode: [1, B, 1, S]; prefill: [B, 1, Tq, S] (True = attend), S = P * page."""
+        return self._built[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Decode through matmuls: the mask as 0 / -inf, fp32 [1, B, 1, S]; else None."""
+        return self._built[1]
+
 
 @dataclass(frozen=True)
 class PagedPlan:
     decode: PagedGroup | None
     prefill: PagedGroup | None
+
+
+def _built_masks(built: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    return built
 
 
 def plan_paged_attention(
@@ -143,27 +163,44 @@ def plan_paged_attention(
         if len(members) == 1 and (num_pages == 1 or bool((pages.diff(dim=1) == 1).all())):
             start = int(pages[0, 0]) * page_size  # consecutive pages: read them in place
             run = (start, start + num_pages * page_size)
-        key_pos = first[:, None] * page_size + torch.arange(num_pages * page_size, device=device)  # [B, S]
         ctx_t = torch.tensor(ctx, device=device)
         t_max = max(qlen)
-        q_pos = (ctx_t - torch.tensor(qlen, device=device))[:, None] + torch.arange(
-            t_max, device=device
-        )  # [B, Tq]
-        mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal; also keeps keys < context
-        if window:
-            mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
         step_order = members == list(range(len(query_lens)))
+
+        # (the loop's values bound as defaults: the decode group's masks are built after the loop)
+        def causal_mask(
+            first: Tensor = first,
+            ctx_t: Tensor = ctx_t,
+            qlen: list[int] = qlen,
+            t_max: int = t_max,
+            num_pages: int = num_pages,
+        ) -> Tensor:
+            """[B, Tq, S]: query row i of b sees the keys up to its position (within the window)."""
+            key_pos = first[:, None] * page_size + torch.arange(num_pages * page_size, device=device)
+            q_pos = (ctx_t - torch.tensor(qlen, device=device))[:, None] + torch.arange(t_max, device=device)
+            mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal; also keeps keys < context
+            if window:
+                mask &= key_pos[:, None, :] > q_pos[:, :, None] - window
+            return mask
+
         if t_max == 1:
             rows = torch.tensor([starts[b] for b in members], device=device)
-            decode_mask = mask.transpose(0, 1)[:, :, None, :]  # [1, B, 1, S]
-            bias = None
-            if num_pages * page_size >= matmul_min_keys:
-                bias = torch.zeros(decode_mask.shape, device=device).masked_fill_(~decode_mask, float("-inf"))
+
+            def decode_masks(
+                causal_mask: Callable[[], Tensor] = causal_mask, keys: int = num_pages * page_size
+            ) -> tuple[Tensor, Tensor | None]:
+                decode_mask = causal_mask().transpose(0, 1)[:, :, None, :]  # [1, B, 1, S]
+                bias = None
+                if keys >= matmul_min_keys:
+                    bias = torch.zeros(decode_mask.shape, device=device).masked_fill_(
+                        ~decode_mask, float("-inf")
+                    )
+                return decode_mask, bias
+
             tables = block_tables if step_order else block_tables.index_select(0, idx)
-            groups.append(
-                PagedGroup(pages, run, decode_mask, bias, rows, None, step_order, tables, ctx_t, window)
-            )
+            groups.append(PagedGroup(pages, run, decode_masks, rows, None, step_order, tables, ctx_t, window))
             continue
+        mask = causal_mask()
         real = torch.arange(t_max, device=device)[None, :] < torch.tensor(qlen, device=device)[:, None]
         # A padding row must still see a key, or its softmax is 0/0; its output is dropped.
         mask[:, :, 0] |= ~real
@@ -183,8 +220,7 @@ def plan_paged_attention(
             PagedGroup(
                 pages,
                 run,
-                mask[:, None],
-                None,
+                functools.partial(_built_masks, (mask[:, None], None)),
                 rows,
                 real.reshape(-1),
                 step_order,

@@ -131,6 +131,36 @@ def test_bf16_inputs_on_the_fp32_path_and_two_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("hkv", "group", "dk", "dv"),
+    [(2, 7, 64, 64), (4, 1, 64, 64), (2, 3, 80, 80), (1, 16, 576, 512)],
+    ids=["gqa7", "mha", "gqa3-d80", "mla"],
+)
+@pytest.mark.parametrize("window", [None, 301])
+def test_long_context_among_short_ones_split_over_threads(dtype, hkv, group, dk, dv, window):
+    """One long context among short and empty ones: with 2 or 3 threads the kernel cuts the long
+    one into chunks (whole blocks of keys but the last, an odd length) that the threads share by
+    key count, writes the unsplit sequences' rows from their single item and merges the chunks;
+    every thread count gives float64's attention."""
+    ops = _ops()
+    lens = [1, 2047, 0, 129, 17, 600]
+    q, kc, vc, tables, lens_t = _case(hkv, group, dk, dv, lens, dtype, seed=6)
+    scale = dk**-0.5
+    want = _reference(q, kc, vc, tables, lens_t, scale, window)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            # splits 0: the kernel's own chunks; 16: enough partial rows to merge on the threads
+            for splits in (0, 16):
+                out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0, splits)
+                assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
+                assert (out.double() - want).abs().max().item() < TOL[dtype], (n, splits)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fp32_queries_on_a_bf16_cache_and_an_empty_context():
     ops = _ops()
     q, kc, vc, tables, lens = _case(1, 4, 64, 64, [0, 40], torch.bfloat16, seed=2)
@@ -238,3 +268,24 @@ def test_inspect_names_the_decode_attention(monkeypatch):
     assert fallback["kernel"] == "torch" and "float16" in fallback["reason"]
     monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
     assert decode_kernel.describe_decode_attention(cpu, torch.bfloat16, 64, 64)["kernel"] == "torch"
+
+
+def test_a_decode_step_on_the_kernel_builds_no_mask(monkeypatch):
+    """The masks of the pure-torch path grow with the context (batch x keys per step): a decode
+    step that the kernel runs never builds them; the torch path builds them on first use."""
+    _ops()
+    torch.manual_seed(5)
+    cache = PagedKVCache(1, 8, PAGE, 2, 64, 64, torch.bfloat16)
+    seqs = [([3, 1], 20, 1), ([5], 7, 1)]
+    q, k, v = (torch.randn(2, h, 64, dtype=torch.bfloat16) for h in (8, 2, 2))
+    ctx = PagedAttention.for_sequences(cache, seqs)
+    out = ctx.attend(0, q, k, v, 0.125)
+    decode = ctx._plans[None].decode
+    assert decode is not None and "_built" not in vars(decode)
+    monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
+    want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125)
+    assert torch.allclose(out.float(), want.float(), atol=2e-2)
+    torch_ctx = PagedAttention.for_sequences(cache, seqs)
+    torch_ctx.attend(0, q, k, v, 0.125)
+    built = torch_ctx._plans[None].decode
+    assert built is not None and built.mask.shape == (1, 2, 1, 32) and "_built" in vars(built)

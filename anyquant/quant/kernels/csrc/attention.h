@@ -27,6 +27,8 @@ constexpr int kBlock = 16;          // keys per block (fp32 path): one vector of
 constexpr int kKeys = 32;           // keys per block (bf16 path): two vectors of scores per query head
 constexpr int kAhead = 2;           // blocks between the one computed and the one prefetched (bf16 path)
 constexpr int64_t kMinChunk = 256;  // fewest keys worth a chunk of its own (merge cost, cache reuse)
+constexpr int64_t kItemsPerThread = 2;  // work items per thread a long context is split into, at most
+constexpr int64_t kItemCost = 32;   // a work item's set-up and merge, in keys (for balancing the threads)
 
 bool bf16_supported() {
   __builtin_cpu_init();
@@ -58,10 +60,34 @@ AQ_ATTN_TARGET inline __m512 exp_neg(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^x for x <= 0 (up to a few ulps above 0; fp32, relative error ~2e-7): 2^n * 2^r with n = round(x)
+// and r = x - n exact, |r| <= 1/2, 2^r by the degree-6 Taylor polynomial of e^(r ln2). Three
+// vector operations fewer than exp_neg: the caller folds log2(e) into its scale.
+AQ_ATTN_TARGET inline __m512 exp2_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);    // ln2^6 / 720
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One work item: the keys [lo, hi) of sequence b for KV head kh, chunk `part` of the `parts`
+// consecutive items that share (b, kh); their partial results are merged by log-sum-exp weights.
+struct Work {
+  int64_t b, kh, lo, hi, part, parts;
+};
+
 struct Problem {
-  int64_t batch, heads, kv_heads, group, dk, dv, page, table_width, window, splits;
+  int64_t batch, heads, kv_heads, group, dk, dv, page, table_width, window;
   const int64_t* tables;    // [B, table_width] page ids
   const int64_t* contexts;  // [B] keys per sequence (this step's included)
+  const Work* work;         // the work items, (b, kh, part) in order
   const void* kc;           // key cache, element strides below
   const void* vc;
   int64_t k_head, k_slot, v_head, v_slot;
@@ -72,32 +98,20 @@ struct Problem {
   float* ml;       // [items, G, 2]: running max and sum per work item and head
 };
 
-// The key range [lo, hi) of sequence b that chunk s of `splits` covers.
-inline void chunk_range(const Problem& p, int64_t b, int64_t s, int64_t& lo, int64_t& hi) {
-  const int64_t ctx = p.contexts[b];
-  const int64_t first = p.window > 0 ? std::max<int64_t>(ctx - p.window, 0) : 0;
-  const int64_t n = ctx - first;
-  int64_t chunk = (n + p.splits - 1) / p.splits;
-  chunk = (chunk + kBlock - 1) / kBlock * kBlock;
-  lo = std::min(first + s * chunk, ctx);
-  hi = std::min(lo + chunk, ctx);
-}
-
-// One work item (sequence b, KV head kh, key chunk s) with its results [G, dv] / (max, sum) [G]
-// cleared to the empty softmax, and its key range [lo, hi); empty() when the chunk has no key.
+// One work item with its results [G, dv] / (max, sum) [G] cleared to the empty softmax, and its
+// key range [lo, hi); empty() when the chunk has no key.
 struct Item {
-  int64_t b, kh, s, lo, hi;
+  int64_t b, kh, lo, hi;
   float* acc;
   float* ml;
   Item(const Problem& p, int64_t item)
-      : b(item / (p.splits * p.kv_heads)), kh((item / p.splits) % p.kv_heads), s(item % p.splits),
+      : b(p.work[item].b), kh(p.work[item].kh), lo(p.work[item].lo), hi(p.work[item].hi),
         acc(p.acc + item * p.group * p.dv), ml(p.ml + item * p.group * 2) {
     std::fill(acc, acc + p.group * p.dv, 0.f);
     for (int64_t g = 0; g < p.group; ++g) {
       ml[2 * g] = -std::numeric_limits<float>::infinity();
       ml[2 * g + 1] = 0.f;
     }
-    chunk_range(p, b, s, lo, hi);
   }
   bool empty() const { return lo >= hi; }
 };

@@ -230,7 +230,8 @@ AQ_ATTN_BF16 inline bool block_softmax(int64_t G, const float* scores, float sca
   constexpr int kPairs = kKeys / 2;
   const uint32_t bits = Full ? 0xFFFFFFFFu : (nb == 32 ? 0xFFFFFFFFu : (1u << nb) - 1);
   const __mmask16 valid0 = static_cast<__mmask16>(bits), valid1 = static_cast<__mmask16>(bits >> 16);
-  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  constexpr float kLog2e = 1.44269504088896341f;
+  const __m512 sc = _mm512_set1_ps(scale), sc2 = _mm512_set1_ps(scale * kLog2e), ninf = _mm512_set1_ps(-INFINITY);
   bool rescale = false;
   for (int64_t g = 0; g < G; ++g) {
     const __m512 s0 = _mm512_loadu_ps(scores + g * 16);
@@ -238,12 +239,17 @@ AQ_ATTN_BF16 inline bool block_softmax(int64_t G, const float* scores, float sca
     const __m512 both = Full ? _mm512_max_ps(s0, s1)
                              : _mm512_max_ps(_mm512_mask_mov_ps(ninf, valid0, s0), _mm512_mask_mov_ps(ninf, valid1, s1));
     const float m_old = ml[2 * g];
-    const float m_new = std::max(m_old, _mm512_reduce_max_ps(both) * scale);
+    // The block's max only when some scaled score passes the running max (a compare, not a
+    // horizontal reduction per block): rounding x * scale is monotonic, so max(x) * scale equals
+    // max(x * scale) and the running max comes out as with the reduction every block.
+    const bool rises = _mm512_cmp_ps_mask(_mm512_mul_ps(both, sc), _mm512_set1_ps(m_old), _CMP_GT_OQ) != 0;
+    const float m_new = rises ? _mm512_reduce_max_ps(both) * scale : m_old;
     // 0 for the first block (m_old = -inf); 1 (no exp) while the running max holds
     const float a = m_new > m_old ? std::exp(m_old - m_new) : 1.f;
-    const __m512 m = _mm512_set1_ps(m_new);
-    __m512 e0 = exp_neg(_mm512_fmsub_ps(s0, sc, m));
-    __m512 e1 = exp_neg(_mm512_fmsub_ps(s1, sc, m));
+    // e = exp(s * scale - m) = 2^(s * scale log2(e) - m log2(e)): one FMA into exp2_neg
+    const __m512 m = _mm512_set1_ps(m_new * kLog2e);
+    __m512 e0 = exp2_neg(_mm512_fmsub_ps(s0, sc2, m));
+    __m512 e1 = exp2_neg(_mm512_fmsub_ps(s1, sc2, m));
     if (!Full) {
       e0 = _mm512_maskz_mov_ps(valid0, e0);
       e1 = _mm512_maskz_mov_ps(valid1, e1);

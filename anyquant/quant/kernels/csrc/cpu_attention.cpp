@@ -12,9 +12,12 @@
 // - bf16 queries on a bf16 cache (attention_bf16.h): vdpbf16ps on the cache's rows as they are,
 //   keys transposed so that the scores come out one key per lane, values taken in pairs of keys;
 // - everything else (attention_fp32.h): rows converted to fp32, fp32 FMAs throughout.
-// When there are fewer (sequence, KV head) items than threads can use (batch 1 with 2 KV heads,
-// MLA's single latent head) the keys are split into chunks whose partial results (m, l,
-// accumulator) are merged with their log-sum-exp weights at the end (merge_chunks below).
+// Where (sequence, KV head) items alone would leave threads idle or unevenly loaded (batch 1 with 2
+// KV heads, MLA's single latent head, one long context among short ones) the keys are split into
+// chunks (plan_work below) whose partial results (m, l, accumulator) are merged with their
+// log-sum-exp weights at the end (finish_row); each thread takes consecutive items of about
+// equal length (balance), and an unsplit item writes its own output rows, so that a step of equal
+// contexts runs one parallel region per layer.
 //
 // A sliding window keeps the last `window` keys of each sequence (0: all of them).
 //
@@ -29,41 +32,127 @@
 
 namespace {
 
-// out[b, h] = the chunks' accumulators weighted by exp(m_s - M) / sum_s l_s exp(m_s - M).
+// out[b, kh * G + g] for head g of the `parts` items from `first` of one (sequence, KV head): their
+// accumulators weighted by exp(m_s - M) / sum_s l_s exp(m_s - M). One part: acc / l.
 template <typename O>
-void merge_chunks(const Problem& p, O* out) {
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(p.dv);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / p.heads, h = r % p.heads, kh = h / p.group, g = h % p.group;
-      const int64_t item0 = (b * p.kv_heads + kh) * p.splits;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < p.splits; ++s) m = std::max(m, p.ml[((item0 + s) * p.group + g) * 2]);
-      std::fill(row.begin(), row.end(), 0.f);
-      float l = 0.f;
-      if (m != -std::numeric_limits<float>::infinity()) {
-        for (int64_t s = 0; s < p.splits; ++s) {
-          const float* ml = p.ml + ((item0 + s) * p.group + g) * 2;
-          if (ml[1] == 0.f) continue;
-          const float w = std::exp(ml[0] - m);
-          l += ml[1] * w;
-          const float* a = p.acc + ((item0 + s) * p.group + g) * p.dv;
-          for (int64_t c = 0; c < p.dv; ++c) row[c] += w * a[c];
-        }
-      }
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty context attends to nothing: zeros
-      O* dst = out + r * p.dv;
-      for (int64_t c = 0; c < p.dv; ++c) dst[c] = static_cast<O>(row[c] * inv);
+void finish_row(const Problem& p, int64_t first, int64_t parts, int64_t g, O* out, float* row) {
+  const Work& w = p.work[first];
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < parts; ++s) m = std::max(m, p.ml[((first + s) * p.group + g) * 2]);
+  std::fill(row, row + p.dv, 0.f);
+  float l = 0.f;
+  if (m != -std::numeric_limits<float>::infinity()) {
+    for (int64_t s = 0; s < parts; ++s) {
+      const float* ml = p.ml + ((first + s) * p.group + g) * 2;
+      if (ml[1] == 0.f) continue;
+      const float wt = std::exp(ml[0] - m);
+      l += ml[1] * wt;
+      const float* a = p.acc + ((first + s) * p.group + g) * p.dv;
+      for (int64_t c = 0; c < p.dv; ++c) row[c] += wt * a[c];
     }
-  });
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;  // an empty context attends to nothing: zeros
+  O* dst = out + (w.b * p.heads + w.kh * p.group + g) * p.dv;
+  for (int64_t c = 0; c < p.dv; ++c) dst[c] = static_cast<O>(row[c] * inv);
 }
 
-int64_t auto_splits(int64_t items, int64_t longest) {
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || items >= 2 * threads) return 1;
-  // enough items to keep every thread busy twice over, each chunk worth its merge
-  const int64_t want = (2 * threads + items - 1) / items;
-  return std::max<int64_t>(1, std::min(want, longest / kMinChunk));
+// The work items: every (sequence, KV head) in `parts` chunks of its keys (the window's, with a
+// window). `splits` > 0 forces that many per sequence (tests of the merge); 0 splits only where
+// the threads would otherwise idle: a chunk is at least kMinChunk keys and about 1 / (threads x
+// kItemsPerThread) of the step's keys, so a batch of equal long contexts (8 x 4096) keeps one item
+// per (sequence, KV head), while batch 1, MLA's one latent head or one long sequence among short
+// ones is cut into chunks that the balanced split below spreads over the threads.
+std::vector<Work> plan_work(int64_t B, int64_t hkv, const int64_t* contexts, int64_t window, int64_t splits,
+                            int64_t threads) {
+  std::vector<int64_t> first(B), keys(B);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    first[b] = window > 0 ? std::max<int64_t>(contexts[b] - window, 0) : 0;
+    keys[b] = contexts[b] - first[b];
+    total += keys[b] * hkv;
+  }
+  int64_t chunk = std::numeric_limits<int64_t>::max();
+  if (splits == 0 && threads > 1) {
+    chunk = std::max<int64_t>(kMinChunk, (total + threads * kItemsPerThread - 1) / (threads * kItemsPerThread));
+    chunk = (chunk + kKeys - 1) / kKeys * kKeys;
+  }
+  std::vector<Work> work;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = keys[b];
+    const int64_t parts = splits > 0 ? splits : std::max<int64_t>(1, (n + chunk - 1) / chunk);
+    // equal chunks, whole blocks of keys but for the last (forced splits: of 16, to reach odd ends)
+    const int64_t align = splits > 0 ? kBlock : kKeys;
+    const int64_t len = ((n + parts - 1) / parts + align - 1) / align * align;
+    for (int64_t kh = 0; kh < hkv; ++kh) {
+      for (int64_t s = 0; s < parts; ++s) {
+        const int64_t lo = std::min(first[b] + s * len, contexts[b]);
+        work.push_back({b, kh, lo, std::min(lo + len, contexts[b]), s, parts});
+      }
+    }
+  }
+  return work;
+}
+
+// bounds[t] .. bounds[t + 1]: the items of thread t, consecutive, of about equal cost in keys.
+// (at::parallel_for's own split gives each thread as many items, whatever their lengths.)
+std::vector<int64_t> balance(const std::vector<Work>& work, int64_t threads) {
+  const int64_t n = static_cast<int64_t>(work.size());
+  double total = 0;
+  for (const Work& w : work) total += static_cast<double>(w.hi - w.lo + kItemCost);
+  std::vector<int64_t> bounds(threads + 1, n);
+  bounds[0] = 0;
+  double before = 0;
+  int64_t t = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double cost = static_cast<double>(work[i].hi - work[i].lo + kItemCost);
+    const int64_t owner = std::min<int64_t>(threads - 1, static_cast<int64_t>((before + cost / 2) * threads / total));
+    while (t < owner) bounds[++t] = i;
+    before += cost;
+  }
+  return bounds;
+}
+
+// The items, each thread its share; an item that is all of its (sequence, KV head) writes its
+// output rows itself, the chunked ones are merged after all items are done.
+template <typename O>
+void run_items(const Problem& p, const std::vector<Work>& work, bool dp, bool bf16, O* out) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work.size()));
+  const std::vector<int64_t> bounds = balance(work, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch;
+    std::vector<float> row(p.dv);
+    for (int64_t i = bounds[t0]; i < bounds[t1]; ++i) {
+      if (dp) {
+        attend_item_bf16(p, i, scratch);
+      } else if (bf16) {
+        attend_item<c10::BFloat16>(p, i, scratch);
+      } else {
+        attend_item<float>(p, i, scratch);
+      }
+      if (work[i].parts == 1) {
+        for (int64_t g = 0; g < p.group; ++g) finish_row(p, i, 1, g, out, row.data());
+      }
+    }
+  });
+  std::vector<int64_t> merged;  // first items of the chunked (sequence, KV head)s
+  int64_t merge_work = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(work.size()); ++i) {
+    if (work[i].parts > 1 && work[i].part == 0) {
+      merged.push_back(i);
+      merge_work += work[i].parts * p.group * p.dv;
+    }
+  }
+  // Rows of (chunked sequence and KV head, query head). A few thousand multiply-adds (batch 1, 2 KV
+  // heads) stay on this thread, not worth a parallel region; MLA's 128 heads of 512 are split.
+  const int64_t rows = static_cast<int64_t>(merged.size()) * p.group;
+  const int64_t grain = merge_work < (1 << 17) ? rows : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(grain, 1), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(p.dv);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = merged[r / p.group];
+      finish_row(p, first, work[first].parts, r % p.group, out, row.data());
+    }
+  });
 }
 
 // q [B, H, Dk]; key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P]
@@ -107,13 +196,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   const int64_t width = tables.size(1), pages = slots / page_size;
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* cp = contexts.data_ptr<int64_t>();
-  int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t ctx = cp[b];
     TORCH_CHECK(ctx >= 0 && ctx <= width * page_size, "sequence ", b, ": context of ", ctx, " keys but ", width,
                 " pages of ", page_size, " in its block table");
     const int64_t first = window > 0 ? std::max<int64_t>(ctx - window, 0) : 0;
-    longest = std::max(longest, ctx - first);
     for (int64_t i = first / page_size; i < (ctx + page_size - 1) / page_size; ++i) {
       TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < pages, "sequence ", b, ": page id ", tp[b * width + i],
                   " outside the cache's ", pages, " pages");
@@ -130,7 +217,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   p.page = page_size;
   p.table_width = width;
   p.window = window;
-  p.splits = splits > 0 ? splits : auto_splits(B * hkv, longest);
+  const std::vector<Work> work = plan_work(B, hkv, cp, window, splits, at::get_num_threads());
+  p.work = work.data();
   p.tables = tp;
   p.contexts = cp;
   p.kc = key_cache.data_ptr();
@@ -151,28 +239,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   }
   p.qraw = qc.data_ptr();
   p.scale = static_cast<float>(scale);
-  const int64_t items = B * hkv * p.splits;
+  const int64_t items = static_cast<int64_t>(work.size());
   at::Tensor acc = at::empty({items, p.group, dv}, q.options().dtype(at::kFloat));
   at::Tensor ml = at::empty({items, p.group, 2}, q.options().dtype(at::kFloat));
   p.acc = acc.data_ptr<float>();
   p.ml = ml.data_ptr<float>();
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch;
-    for (int64_t i = i0; i < i1; ++i) {
-      if (dp) {
-        attend_item_bf16(p, i, scratch);
-      } else if (bf16) {
-        attend_item<c10::BFloat16>(p, i, scratch);
-      } else {
-        attend_item<float>(p, i, scratch);
-      }
-    }
-  });
   at::Tensor out = at::empty({B, H, dv}, q.options());
   if (q.scalar_type() == at::kBFloat16) {
-    merge_chunks(p, out.data_ptr<c10::BFloat16>());
+    run_items(p, work, dp, bf16, out.data_ptr<c10::BFloat16>());
   } else {
-    merge_chunks(p, out.data_ptr<float>());
+    run_items(p, work, dp, bf16, out.data_ptr<float>());
   }
   return out;
 }
