@@ -31,6 +31,7 @@
 // Few rows of an expert (<= 4, decode) stream each weight block once and unpack it in registers;
 // more rows unpack a 4-bit block once into 8-bit chunks (L1) for all of them.
 
+#include "moe_routing.h"
 #include "vnni.h"
 
 namespace {
@@ -164,28 +165,12 @@ at::Tensor moe_experts_vnni(const at::Tensor& x, const at::Tensor& ids, const at
   if (pairs == 0) return out;
 
   // 1. Counting sort of the pairs by expert (checked before any work).
-  const at::Tensor idc = ids.contiguous(), wc = weights.contiguous();
-  const int64_t* id = idc.data_ptr<int64_t>();
-  std::vector<int64_t> start(experts + 1, 0), pos(pairs, -1), token_of(pairs);
-  for (int64_t p = 0; p < pairs; ++p) {
-    TORCH_CHECK((id[p] >= 0 && id[p] < experts) || id[p] == -1, "expert id ", id[p], " outside [0, ", experts,
-                ") (-1: held elsewhere)");
-    if (id[p] >= 0) ++start[id[p] + 1];
-  }
-  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) {
-    if (id[p] < 0) continue;
-    pos[p] = fill[id[p]]++;
-    token_of[pos[p]] = p / k;
-  }
-  const int64_t held = start[experts];
+  const at::Tensor wc = weights.contiguous();
+  const PairsByExpert groups = group_pairs_by_expert(ids, experts, /*with_expert_of=*/hstatic != nullptr);
+  const std::vector<int64_t>&start = groups.start, &pos = groups.pos, &token_of = groups.token_of;
+  const std::vector<int64_t>&active = groups.active, &expert_of = groups.expert_of;
+  const int64_t held = groups.held;  // pairs this call computes
   if (held == 0) return out;
-  std::vector<int64_t> active, expert_of(held);
-  for (int64_t e = 0; e < experts; ++e) {
-    if (start[e + 1] > start[e]) active.push_back(e);
-    std::fill(expert_of.begin() + start[e], expert_of.begin() + start[e + 1], e);
-  }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
   // 0. x quantized once per token (every expert's gate and up read the same codes).
