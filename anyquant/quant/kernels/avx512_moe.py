@@ -36,6 +36,7 @@ from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
 from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.moe_act_order import act_order_tables
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.spec import FP8_MAX, QuantSpec
@@ -238,16 +239,7 @@ class FusedExperts(nn.Module):
         z2 = None if down.zz is None else torch.stack([d.zz for _, _, d in kernels])  # type: ignore[misc]
         # Act-order: packed column c of gate / up reads input perm[c]; intermediate feature i
         # sits at the down projection's packed column argsort(perm)[i].
-        perm13 = pos2 = None
-        if any(g.perm is not None or u.perm is not None for g, u, _ in kernels):
-            perm13 = torch.stack(
-                [
-                    torch.stack([_order(g.perm, self.hidden), _order(u.perm, self.hidden)])
-                    for g, u, _ in kernels
-                ]
-            )
-        if any(d.perm is not None for _, _, d in kernels):
-            pos2 = torch.stack([torch.argsort(_order(d.perm, self.inter)) for _, _, d in kernels])
+        perm13, pos2 = act_order_tables(kernels, self.hidden, self.inter)
         gate_off = _stack_offsets([g for g, _, _ in kernels])
         off13 = None
         if gate_off is not None:
@@ -346,7 +338,3 @@ class FusedExperts(nn.Module):
 
 def _act_top(act_type: str) -> float:
     return 127.0 if act_type == "int8" else float(FP8_MAX[act_type])
-
-
-def _order(perm: Tensor | None, k: int) -> Tensor:
-    return torch.arange(k) if perm is None else perm.to(torch.int64)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.moe_act_order import act_order_tables
 
 
 def cannot_fuse_vnni(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
@@ -111,16 +112,7 @@ class FusedVnniExperts(nn.Module):
         o2 = stack([[d.offset] for _, _, d in kernels])
         # Act-order: packed column c of gate / up reads input perm[c]; intermediate feature i sits
         # at the down projection's packed column argsort(perm)[i].
-        perm13 = pos2 = None
-        if any(g.perm is not None or u.perm is not None for g, u, _ in kernels):
-            perm13 = torch.stack(
-                [
-                    torch.stack([_order(g.perm, self.hidden), _order(u.perm, self.hidden)])
-                    for g, u, _ in kernels
-                ]
-            )
-        if any(d.perm is not None for _, _, d in kernels):
-            pos2 = torch.stack([torch.argsort(_order(d.perm, self.inter)) for _, _, d in kernels])
+        perm13, pos2 = act_order_tables(kernels, self.hidden, self.inter)
         # Every expert's own kernel now reads its slice of the stacks: one copy of the weights.
         for e, (g, u, d) in enumerate(kernels):
             nb = g.scale.shape[0]
@@ -181,7 +173,3 @@ class FusedVnniExperts(nn.Module):
         ]
         text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, int8 activations"
         return text + "".join(f", {n}" for n in extras)
-
-
-def _order(perm: Tensor | None, k: int) -> Tensor:
-    return torch.arange(k) if perm is None else perm.to(torch.int64)
