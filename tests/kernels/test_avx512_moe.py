@@ -22,6 +22,7 @@ from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
+from tests.helpers.threads import at_thread_counts
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
@@ -259,15 +260,8 @@ def _same_at_every_thread_count(
     dense: list[list[Tensor]],
     budget: float,
 ) -> None:
-    before = torch.get_num_threads()
     for weights, ids in cases:  # top-8, and two experts for every token
-        results = []
-        try:
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                results.append(fused(x, weights, ids))
-        finally:
-            torch.set_num_threads(before)
+        results = at_thread_counts(lambda: fused(x, weights, ids))  # noqa: B023 (called at once)
         assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
         assert rel_err(results[0], float64_moe(x, weights, ids, dense)) <= budget
 

@@ -22,6 +22,7 @@ from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
+from tests.helpers.threads import at_thread_counts
 from tests.kernels.test_avx512_moe import (
     EXPERTS,
     HIDDEN,
@@ -138,17 +139,10 @@ def test_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(11)
     _, kernels = make_experts(spec, BF16)
     fused = FusedVnniExperts(kernels)
-    before = torch.get_num_threads()
     for tokens in (1, 150):
         x = torch.randn(tokens, HIDDEN, generator=gen).to(BF16)
         for weights, ids in routings(tokens, gen)[2:]:
-            results = []
-            try:
-                for threads in (1, 2, 3):
-                    torch.set_num_threads(threads)
-                    results.append(fused(x, weights, ids))
-            finally:
-                torch.set_num_threads(before)
+            results = at_thread_counts(lambda: fused(x, weights, ids))  # noqa: B023 (called at once)
             assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 

@@ -15,6 +15,7 @@ import torch
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers import attention, decode_kernel
 from anyquant.quant.kernels import cpu_ext
+from tests.helpers.threads import torch_threads
 
 PAGE = 16
 
@@ -120,15 +121,11 @@ def test_bf16_inputs_on_the_fp32_path_and_two_threads():
     ops = _ops()
     q, kc, vc, tables, lens = _case(2, 7, 64, 64, [700, 5, 1200], torch.bfloat16, seed=1)
     want = _reference(q, kc, vc, tables, lens, 0.125, None)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):  # 2 threads: the kernel splits the keys itself (splits=0)
-            torch.set_num_threads(n)
+    for n in (1, 2):  # 2 threads: the kernel splits the keys itself (splits=0)
+        with torch_threads(n):
             for force_fp32 in (False, True):
                 out = ops.paged_decode_attention(q, kc, vc, tables, lens, PAGE, 0.125, 0, 0, force_fp32)
                 assert (out.double() - want).abs().max().item() < TOL[torch.bfloat16], (n, force_fp32)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -148,17 +145,13 @@ def test_long_context_among_short_ones_split_over_threads(dtype, hkv, group, dk,
     q, kc, vc, tables, lens_t = _case(hkv, group, dk, dv, lens, dtype, seed=6)
     scale = dk**-0.5
     want = _reference(q, kc, vc, tables, lens_t, scale, window)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    for n in (1, 2, 3):
+        with torch_threads(n):
             # splits 0: the kernel's own chunks; 16: enough partial rows to merge on the threads
             for splits in (0, 16):
                 out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0, splits)
                 assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
                 assert (out.double() - want).abs().max().item() < TOL[dtype], (n, splits)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_fp32_queries_on_a_bf16_cache_and_an_empty_context():
