@@ -53,6 +53,7 @@ from anyquant.quant.registry import choose_kernel
 from anyquant.quant.shard_rules import activation_group_map, shard_kernel, shard_quant, shard_vector
 from anyquant.quant.spec import layer_compute_dtype
 from anyquant.quant.weight import QuantWeight, weight_to_device
+from anyquant.utils import huge_pages
 from anyquant.utils.devices import configure_cuda_numerics, resolve_device
 from anyquant.utils.memory import return_freed_memory
 
@@ -255,6 +256,8 @@ def load_model(
         model.to(dev)
         model.eval()
         model.set_compute_dtype(compute_dtype)
+        if dev.type == "cpu":
+            _stream_from_huge_pages(model)
     log.info(
         "loaded %s: %d linear layers, format %s, %s on %s (reading %.2fs, repacking %.2fs)",
         ckpt.path,
@@ -278,6 +281,17 @@ def load_model(
         tp,
         {m.prefix: kept_apart.get(m.prefix, m.refusal) for m in merges},
     )
+
+
+def _stream_from_huge_pages(model: CausalLM) -> None:
+    """Move what the CPU kernels stream at every step into huge pages (utils/huge_pages.py), in
+    the order a step reads it; the kernels hold their buffers alone, so the old copies are freed."""
+    slots = [(m, n) for m in model.modules() if isinstance(m, LinearKernel) for n in m.streamed_buffers]
+    moved = huge_pages.relocate(slots)
+    if moved:
+        log.info("streamed weights in transparent huge pages: %.1f MiB", moved / 2**20)
+    elif slots:
+        log.info("streamed weights stay in base pages: %s", huge_pages.unavailable_reason() or "none movable")
 
 
 def _stored_bytes(ckpt: Checkpoint, name: str) -> int:

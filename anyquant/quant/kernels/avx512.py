@@ -113,6 +113,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
 
     device_types = ("cpu",)
     compute_dtypes = _DTYPES
+    streamed_buffers = ("packed", "scale", "zz")
 
     @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
@@ -287,6 +288,7 @@ class Avx512DenseLmHeadKernel(LinearKernel):
 
     name = "cpu_avx512_lm_head"
     priority = 110  # above the dense kernel (100)
+    streamed_buffers = ("packed",)
     packed: Tensor
     scale: Tensor
     lut: Tensor
