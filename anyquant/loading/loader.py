@@ -41,6 +41,7 @@ from anyquant.loading.preflight import (
 from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
+from anyquant.models.base import DecoderLM
 from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import build_model
 from anyquant.parallel.partition import Partition
@@ -256,6 +257,7 @@ def load_model(
         model.to(dev)
         model.eval()
         model.set_compute_dtype(compute_dtype)
+        _share_tied_table(model, plans)
         if dev.type == "cpu":
             _stream_from_huge_pages(model)
     log.info(
@@ -281,6 +283,19 @@ def load_model(
         tp,
         {m.prefix: kept_apart.get(m.prefix, m.refusal) for m in merges},
     )
+
+
+def _share_tied_table(model: CausalLM, plans: list[LayerPlan]) -> None:
+    """A head loaded from the tied embedding table serves the embedding's lookups too, where its
+    kernel can (`DecoderLM.embed_from_head`); the table's own copy is then freed."""
+    head = next((p for p in plans if p.kind == "lm_head"), None)
+    if not isinstance(model, DecoderLM) or head is None or head.spec is not None or head.load_as is not None:
+        return
+    if head.stored.required != (model.tied_weights().get("lm_head.weight"),):
+        return  # the checkpoint has its own head
+    if model.embed_from_head():
+        return_freed_memory()
+        log.info("the tied embedding table is read from the LM head's copy (one copy)")
 
 
 def _stream_from_huge_pages(model: CausalLM) -> None:
