@@ -18,6 +18,7 @@ moves and `unavailable_reason()` says why.
 from __future__ import annotations
 
 import functools
+import logging
 import mmap
 import sys
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.utils.memory import return_freed_memory
+
+log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20  # x86-64 / arm64 with 4 KiB base pages: a PMD-sized transparent huge page
 _ALIGN = 64  # each tensor starts on a cache line
@@ -126,7 +129,11 @@ def relocate(slots: Iterable[tuple[nn.Module, str]]) -> int:
         return 0
     sizes = [_movable_size(m._buffers.get(name)) for m, name in chosen]
     total = sum(_round_up(size, _ALIGN) for size in sizes)
-    arena = HugePageArena(total)
+    try:
+        arena = HugePageArena(total)
+    except OSError as error:  # no address space left, or madvise refused: stay as loaded
+        log.info("weights stay in base pages: mapping %d bytes for huge pages failed: %s", total, error)
+        return 0
     since_trim = 0
     for module, name in chosen:
         old = module._buffers[name]

@@ -4,6 +4,7 @@ huge pages, that views and small tensors stay, and that nothing moves where THP 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,24 @@ def test_relocate_keeps_values_and_advises_huge_pages() -> None:
 
 
 @needs_thp
+def test_the_mapping_goes_with_its_last_tensor() -> None:
+    holder = _Holder(a=torch.ones(1 << 20), b=torch.ones(1 << 18))
+    huge_pages.relocate([(holder, "a"), (holder, "b")])
+    address = holder.a.data_ptr()
+    kept = holder.b
+    del holder
+    gc.collect()
+    assert "hg" in _mapping_of(address)["VmFlags"].split()  # `kept` still holds the arena
+    del kept
+    gc.collect()
+    try:
+        flags = _mapping_of(address)["VmFlags"].split()
+    except AssertionError:  # unmapped
+        flags = []
+    assert "hg" not in flags  # gone (or the address reused by an ordinary mapping)
+
+
+@needs_thp
 def test_views_small_and_foreign_tensors_stay() -> None:
     stacked = torch.zeros(4, 8192)
     holder = _Holder(view=stacked[1], small=torch.ones(16), meta=torch.empty(8192, device="meta"))
@@ -95,6 +114,18 @@ def test_nothing_moves_where_thp_is_off(tmp_path: Path, monkeypatch: pytest.Monk
         assert holder.w is before
     finally:
         huge_pages.unavailable_reason.cache_clear()
+
+
+@needs_thp
+def test_a_failed_mapping_leaves_the_weights_as_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(nbytes: int) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages, "HugePageArena", refuse)
+    holder = _Holder(w=torch.ones(1 << 16))
+    before = holder.w
+    assert huge_pages.relocate([(holder, "w")]) == 0
+    assert holder.w is before
 
 
 def test_arena_refuses_more_than_it_holds() -> None:
