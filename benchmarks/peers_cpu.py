@@ -17,8 +17,11 @@ W4A16` (int4, groups of 128, symmetric; LM head kept bf16). The engines (`--engi
 - `llama.cpp-q8-head`: the same Q4_0 with that tensor Q8_0 (int8, groups of 32, one f16 scale:
   8.5 bits per weight), the counterpart of the int8 head.
 
-anyquant and vLLM run in a fresh process each, one after the other, under the same protocol (this
-file, `--engine NAME`), so none warms another's caches:
+anyquant and vLLM run in fresh processes, one after the other, under the same protocol (this
+file, `--engine NAME`), so none warms another's caches. Each runs in `--processes` processes (3 by
+default): batch-1 decode varies by up to 1.5x between fresh processes of the same configuration on
+the 2-core machine (where the two threads and the weights land), so a row is the median over the
+processes of each figure, and the JSON keeps each process's figures and the best:
 
 - prefill: one prompt of `--prompt-len` random token ids, 1 output token; prompt tokens/s;
 - decode at batch B (1, 8, 32 by default): B prompts of 128 random ids, greedy, EOS ignored; the time
@@ -182,6 +185,32 @@ def _run_engine(engine: str, python: str, model: Path, args: argparse.Namespace)
         return json.loads(out.read_text())
 
 
+def run_processes(
+    engine: str, python: str, model: Path, args: argparse.Namespace, processes: int
+) -> dict[str, Any]:
+    """`_run_engine` in `processes` fresh processes, one after the other, combined."""
+    runs = []
+    for i in range(processes):
+        runs.append(_run_engine(engine, python, model, args))
+        print(f"{engine} process {i + 1}/{processes}", json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    return combine_processes(runs)
+
+
+def combine_processes(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One row from several processes' figures: the median of each figure (NaN where no process
+    measured it), "best" (the highest rate, the shortest load), and "processes" (each one's)."""
+    row: dict[str, Any] = {}
+    best: dict[str, float] = {}
+    for key in dict.fromkeys(k for run in runs for k in run):
+        values = [float(run[key]) for run in runs if key in run and run[key] == run[key]]
+        row[key] = statistics.median(values) if values else float("nan")
+        if values:
+            best[key] = max(values) if key.endswith("tok_s") else min(values)  # rates; seconds
+    row["best"] = best
+    row["processes"] = runs
+    return row
+
+
 def active_experts(config: dict[str, Any]) -> float:
     """The fraction of a MoE layer's experts one token runs (top-k / E); 1.0 for a dense model."""
     experts = config.get("num_experts") or config.get("n_routed_experts") or config.get("num_local_experts")
@@ -304,6 +333,9 @@ def main() -> None:
     parser.add_argument("--decode-len", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--processes", type=int, default=3, help="fresh processes per anyquant / vLLM engine (median across)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's -t")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--checkpoint", type=Path, default=None, help="run on this checkpoint instead")
@@ -344,7 +376,7 @@ def main() -> None:
             continue
         else:
             reads[engine] = checkpoint_bytes_per_token(model, ANYQUANT.get(engine, "auto"), active)
-            rows[engine] = _run_engine(engine, pythons[engine], model, args)
+            rows[engine] = run_processes(engine, pythons[engine], model, args, max(1, args.processes))
         rows[engine]["wall_s"] = time.perf_counter() - t0
         print(engine, json.dumps(rows[engine]), file=sys.stderr, flush=True)
     # Before and after the engines, on the same cores: what this run's memory can stream (the
@@ -391,12 +423,32 @@ def report(
                 f"{rows[ours].get(k, float('nan')) / rows[theirs].get(k, float('nan')):.2f}x" for k in keys
             )
             print(f"| {ours} / {theirs} | | {ratios} | | |")
+    spreads = _process_spreads(rows, keys)
+    if spreads:
+        print("\nper process (median of the row, best):")
+        print("\n".join(spreads))
     print(f"\n{model}")
     for note in notes:
         print(f"note: {note}")
     if args.json:
         doc = {"rows": rows, "bytes_per_token": reads, "read_bandwidth_gbs": bandwidth, "notes": notes}
         args.json.write_text(json.dumps(doc, indent=2))
+
+
+def _process_spreads(rows: dict[str, dict[str, Any]], keys: list[str]) -> list[str]:
+    """One line per figure of each engine run in several processes: every process's value."""
+    lines = []
+    for engine, r in rows.items():
+        runs = r.get("processes") or []
+        if len(runs) < 2:
+            continue
+        for key in keys:
+            values = " / ".join(f"{run.get(key, float('nan')):.1f}" for run in runs)
+            best = r["best"].get(key, float("nan"))
+            lines.append(
+                f"- {engine} {key}: {values} (median {r.get(key, float('nan')):.1f}, best {best:.1f})"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""Vocab-parallel token embedding: each tensor-parallel rank holds a contiguous slice of the table.
+"""Token embeddings other than a plain `nn.Embedding` table.
 
-Owns the lookup of the ids that fall in this rank's slice (zeros elsewhere) and the sum over ranks
+`VocabParallelEmbedding`: each tensor-parallel rank holds a contiguous slice of the table; owns
+the lookup of the ids that fall in this rank's slice (zeros elsewhere) and the sum over ranks
 that assembles every id's row. Used only at world size > 1; one process keeps `nn.Embedding`.
 The matching vocab-parallel LM head is a `QuantLinear` of style "vocab".
+
+`HeadEmbedding`: a table tied to the LM head, looked up in the head kernel's own copy of the
+weight (its `rows`), so that the largest tensor of a small model is held once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,3 +43,16 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab [{self.start}, {self.start + self.length}) of {self.partition.size}, rank {self.rank}"
+
+
+class HeadEmbedding(nn.Module):
+    """Token ids [T] -> their rows [T, hidden] in `dtype`, read from the LM head's kernel (held
+    through its bound `rows` method, not registered: the kernel stays a submodule of the head)."""
+
+    def __init__(self, lookup: Callable[[Tensor], Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.dtype = dtype
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.lookup(token_ids.reshape(-1)).view(*token_ids.shape, -1)

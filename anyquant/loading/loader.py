@@ -41,6 +41,7 @@ from anyquant.loading.preflight import (
 from anyquant.loading.progress import LoadProgress
 from anyquant.loading.sources import open_checkpoint
 from anyquant.loading.validate import check_linear, check_plain, check_unused, plain_parameters
+from anyquant.models.base import DecoderLM
 from anyquant.models.protocol import CausalLM
 from anyquant.models.registry import build_model
 from anyquant.parallel.partition import Partition
@@ -53,6 +54,7 @@ from anyquant.quant.registry import choose_kernel
 from anyquant.quant.shard_rules import activation_group_map, shard_kernel, shard_quant, shard_vector
 from anyquant.quant.spec import layer_compute_dtype
 from anyquant.quant.weight import QuantWeight, weight_to_device
+from anyquant.utils import huge_pages
 from anyquant.utils.devices import configure_cuda_numerics, resolve_device
 from anyquant.utils.memory import return_freed_memory
 
@@ -255,6 +257,9 @@ def load_model(
         model.to(dev)
         model.eval()
         model.set_compute_dtype(compute_dtype)
+        _share_tied_table(model, plans)
+        if dev.type == "cpu":
+            _stream_from_huge_pages(model)
     log.info(
         "loaded %s: %d linear layers, format %s, %s on %s (reading %.2fs, repacking %.2fs)",
         ckpt.path,
@@ -278,6 +283,30 @@ def load_model(
         tp,
         {m.prefix: kept_apart.get(m.prefix, m.refusal) for m in merges},
     )
+
+
+def _share_tied_table(model: CausalLM, plans: list[LayerPlan]) -> None:
+    """A head loaded from the tied embedding table serves the embedding's lookups too, where its
+    kernel can (`DecoderLM.embed_from_head`); the table's own copy is then freed."""
+    head = next((p for p in plans if p.kind == "lm_head"), None)
+    if not isinstance(model, DecoderLM) or head is None or head.spec is not None or head.load_as is not None:
+        return
+    if head.stored.required != (model.tied_weights().get("lm_head.weight"),):
+        return  # the checkpoint has its own head
+    if model.embed_from_head():
+        return_freed_memory()
+        log.info("the tied embedding table is read from the LM head's copy (one copy)")
+
+
+def _stream_from_huge_pages(model: CausalLM) -> None:
+    """Move what the CPU kernels stream at every step into huge pages (utils/huge_pages.py), in
+    the order a step reads it; the kernels hold their buffers alone, so the old copies are freed."""
+    slots = [(m, n) for m in model.modules() if isinstance(m, LinearKernel) for n in m.streamed_buffers]
+    moved = huge_pages.relocate(slots)
+    if moved:
+        log.info("streamed weights in transparent huge pages: %.1f MiB", moved / 2**20)
+    elif slots:
+        log.info("streamed weights stay in base pages: %s", huge_pages.unavailable_reason() or "none movable")
 
 
 def _stored_bytes(ckpt: Checkpoint, name: str) -> int:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from anyquant.config_fields import cfg_bool, cfg_float, cfg_int, cfg_str
 from anyquant.errors import CheckpointError
 from anyquant.layers.attention import Attention, AttentionContext
-from anyquant.layers.embedding import VocabParallelEmbedding
+from anyquant.layers.embedding import HeadEmbedding, VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
 from anyquant.layers.norm import RMSNorm, add_rms_norm
@@ -288,6 +288,27 @@ class DecoderLM(nn.Module, TensorParallelLayer):
             return {}
         return {"lm_head.weight": f"{self.body_path}.embed_tokens.weight"}
 
+    def embed_from_head(self) -> bool:
+        """With tied weights, look tokens up in the LM head kernel's copy of the table (a kernel
+        with `rows`, in the embedding's dtype) and drop the embedding's own: the table is held
+        once. The caller vouches that the head was loaded from the embedding's tensor. True when
+        the embedding now reads the head."""
+        kernel = self.lm_head.kernel
+        embedding = self.body.embed_tokens
+        rows = getattr(kernel, "rows", None)
+        if (
+            not self.args.tie_word_embeddings
+            or kernel is None
+            or not callable(rows)
+            or self.lm_head.parallel is not None
+            or type(embedding) is not nn.Embedding
+            or embedding.weight.dtype != kernel.compute_dtype
+            or tuple(embedding.weight.shape) != tuple(kernel.shape)
+        ):
+            return False
+        self.body.embed_tokens = HeadEmbedding(rows, embedding.weight.dtype)  # type: ignore[assignment]
+        return True
+
     def forward(
         self,
         token_ids: Tensor,
@@ -321,7 +342,8 @@ def run_decoder(
     """The decoder step every family shares, whatever its modules are named: embed (some rows
     replaced by `input_embeds`), the layers on an fp32 residual stream, the final norm and the head
     on `logits_rows` only."""
-    dtype = embed_tokens.weight.dtype  # the compute dtype
+    # The compute dtype: the table's (or, read from the LM head, the dtype it gives).
+    dtype = embed_tokens.dtype if isinstance(embed_tokens, HeadEmbedding) else embed_tokens.weight.dtype
     cos_sin = rotary.cos_sin(positions, dtype, ctx.max_position)
     x = embed_tokens(token_ids).float()
     if input_embeds is not None:

@@ -113,6 +113,7 @@ class Avx512WeightOnlyKernel(LinearKernel):
 
     device_types = ("cpu",)
     compute_dtypes = _DTYPES
+    streamed_buffers = ("packed", "scale", "zz")
 
     @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
@@ -282,11 +283,13 @@ class Avx512DenseLmHeadKernel(LinearKernel):
     for Qwen2.5-0.5B, more than half the bytes of a W4A16 decode step), and torch's bf16
     matrix-vector product streamed it at a fraction of the bandwidth the vector kernel reaches.
     Numerics: bf16 weights times bf16 inputs summed in fp32, one rounding of the output, like
-    F.linear. The repacked copy is not shared with a tied embedding table (one more copy).
+    F.linear. A tied embedding table looks its tokens up in the same words (`rows`), so the
+    table is held once.
     """
 
     name = "cpu_avx512_lm_head"
     priority = 110  # above the dense kernel (100)
+    streamed_buffers = ("packed",)
     packed: Tensor
     scale: Tensor
     lut: Tensor
@@ -332,6 +335,15 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         self.register_buffer("scale", torch.ones(nb, 1, _ROWS), persistent=False)
         self.register_buffer("lut", torch.zeros(128, dtype=torch.int16), persistent=False)
         cpu_ext.ops()  # raises with the reason if the library cannot be loaded
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` [T] of the weight as bf16 [T, K], read from the packed words: row r is
+        position r % 16 of every pair of block r // 16, 64 bytes apart, so one row reads its
+        block's consecutive cache lines."""
+        k = self.shape[1]
+        pairs = self.packed.view(torch.int16).view(-1, self.k_pad // 2, _ROWS, 2)
+        picked = pairs[ids // _ROWS, :, ids % _ROWS, :]  # [T, k_pad / 2, 2]
+        return picked.reshape(ids.shape[0], self.k_pad).view(torch.bfloat16)[:, :k]
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         n, k = self.shape

@@ -46,6 +46,9 @@ class LinearKernel(nn.Module, ABC):
     # `load` receives the weight already on the layer's device (its repacking op runs there, e.g.
     # a CUDA-only packing op); otherwise it loads on the host and the module is moved after.
     load_on_device: ClassVar[bool] = False
+    # Buffers every call streams whole (the repacked weights, their scales): the loader moves them
+    # into huge pages on CPU once loading is done (utils/huge_pages.py).
+    streamed_buffers: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def cannot_run(
