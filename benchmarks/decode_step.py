@@ -124,7 +124,8 @@ def attention_replay_s(llm: LLM, basis: str, repeats: int) -> float:
     model, cache = runner.model, runner.cache
     requests = list(llm.engine.scheduler.running)
     rows = torch.tensor([runner.tables.row_of(r) for r in requests])
-    lens = torch.tensor([r.num_computed_tokens + 1 for r in requests])
+    # The keys already cached (a step's own new key may need a page the table does not hold yet).
+    lens = torch.tensor([r.num_computed_tokens for r in requests])
     page = cache.page_size
     tables = runner.tables.table[rows, : -(-int(lens.max()) // page)]
     args = model.args

@@ -13,6 +13,7 @@ from torch import nn
 
 from anyquant import LLM
 from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.utils import huge_pages
 from anyquant.utils.tiny_model import write_tiny_model
 
@@ -165,4 +166,35 @@ def test_loaded_model_streams_from_huge_pages(tmp_path: Path) -> None:
     finally:
         huge_pages.relocate = original  # type: ignore[assignment]
     assert "hg" not in _mapping_of(plain.loaded.model.lm_head.kernel.packed.data_ptr())["VmFlags"].split()
+    assert torch.equal(moved, plain.logits(ids))
+
+
+@needs_thp
+def test_int8_activation_kernels_stream_from_huge_pages(tmp_path: Path) -> None:
+    """With int8 activations and the int8 head every layer runs on the VNNI kernel: its weights,
+    scales and zero points move too, and the logits are those of the model loaded without the move."""
+    path = write_tiny_model(tmp_path, "llama", seed=4, hidden_size=128, head_dim=32, vocab_size=2048)
+    options = {
+        "dtype": "bfloat16",
+        "enforce_eager": True,
+        "activation_dtype": "int8",
+        "lm_head_dtype": "int8",
+    }
+    llm = LLM(path, **options)
+    kernels = [m for m in llm.loaded.model.modules() if isinstance(m, Avx512VnniKernel)]
+    if not kernels:
+        pytest.skip("the VNNI kernel does not run on this CPU")
+    for kernel in kernels:
+        for name in kernel.streamed_buffers:
+            t = getattr(kernel, name)
+            if t is not None and t.nbytes >= huge_pages.MIN_BYTES:
+                assert "hg" in _mapping_of(t.data_ptr())["VmFlags"].split(), (kernel, name)
+    ids = [5, 99, 300, 17, 4, 1000]
+    moved = llm.logits(ids)
+    original = huge_pages.relocate
+    try:
+        huge_pages.relocate = lambda slots: 0  # type: ignore[assignment]
+        plain = LLM(path, **options)
+    finally:
+        huge_pages.relocate = original  # type: ignore[assignment]
     assert torch.equal(moved, plain.logits(ids))

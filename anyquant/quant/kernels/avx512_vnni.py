@@ -95,6 +95,7 @@ class Avx512VnniKernel(LinearKernel):
 
     device_types = ("cpu",)
     compute_dtypes = _DTYPES
+    streamed_buffers = ("packed", "scale", "zero", "offset")
 
     @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
