@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,52 +139,16 @@ def test_arena_refuses_more_than_it_holds() -> None:
         arena.place(torch.ones(2 << 20, dtype=torch.uint8))
 
 
-@needs_thp
-def test_loaded_model_streams_from_huge_pages(tmp_path: Path) -> None:
-    """The loader moves every AVX-512 kernel's weights and the LM head; the logits are those of
-    the model loaded without the move (the huge-page copy is bit-exact)."""
-    path = write_tiny_model(tmp_path, "llama", seed=3, hidden_size=128, head_dim=32, vocab_size=2048)
-    llm = LLM(path, dtype="bfloat16", enforce_eager=True)
-    kernels = [
-        m
-        for m in llm.loaded.model.modules()
-        if isinstance(m, (Avx512WeightOnlyKernel, Avx512DenseLmHeadKernel))
-    ]
-    if not kernels:
-        pytest.skip("the AVX-512 kernels do not run on this CPU")
-    assert any(isinstance(k, Avx512DenseLmHeadKernel) for k in kernels)
-    for kernel in kernels:
-        for name in kernel.streamed_buffers:
-            t = getattr(kernel, name)
-            if t is not None and t.nbytes >= huge_pages.MIN_BYTES:
-                assert "hg" in _mapping_of(t.data_ptr())["VmFlags"].split(), (kernel, name)
-    ids = [5, 99, 300, 17, 4, 1000]
-    moved = llm.logits(ids)
-    original = huge_pages.relocate
-    try:
-        huge_pages.relocate = lambda slots: 0  # type: ignore[assignment]
-        plain = LLM(path, dtype="bfloat16", enforce_eager=True)
-    finally:
-        huge_pages.relocate = original  # type: ignore[assignment]
-    assert "hg" not in _mapping_of(plain.loaded.model.lm_head.kernel.packed.data_ptr())["VmFlags"].split()
-    assert torch.equal(moved, plain.logits(ids))
-
-
-@needs_thp
-def test_int8_activation_kernels_stream_from_huge_pages(tmp_path: Path) -> None:
-    """With int8 activations and the int8 head every layer runs on the VNNI kernel: its weights,
-    scales and zero points move too, and the logits are those of the model loaded without the move."""
-    path = write_tiny_model(tmp_path, "llama", seed=4, hidden_size=128, head_dim=32, vocab_size=2048)
-    options = {
-        "dtype": "bfloat16",
-        "enforce_eager": True,
-        "activation_dtype": "int8",
-        "lm_head_dtype": "int8",
-    }
+def _check_streamed_from_huge_pages(
+    path: Path, options: dict[str, Any], kernel_types: tuple[type, ...]
+) -> list:
+    """Load `path`; every streamed buffer of the kernels of `kernel_types` sits in a huge-page
+    mapping and the logits equal those of the same model loaded without the move (bit-exact).
+    Returns the kernels (skips where none of those kernels runs on this CPU)."""
     llm = LLM(path, **options)
-    kernels = [m for m in llm.loaded.model.modules() if isinstance(m, Avx512VnniKernel)]
+    kernels = [m for m in llm.loaded.model.modules() if isinstance(m, kernel_types)]
     if not kernels:
-        pytest.skip("the VNNI kernel does not run on this CPU")
+        pytest.skip(f"{', '.join(k.__name__ for k in kernel_types)} do not run on this CPU")
     for kernel in kernels:
         for name in kernel.streamed_buffers:
             t = getattr(kernel, name)
@@ -197,4 +162,31 @@ def test_int8_activation_kernels_stream_from_huge_pages(tmp_path: Path) -> None:
         plain = LLM(path, **options)
     finally:
         huge_pages.relocate = original  # type: ignore[assignment]
+    assert "hg" not in _mapping_of(plain.loaded.model.lm_head.kernel.packed.data_ptr())["VmFlags"].split()
     assert torch.equal(moved, plain.logits(ids))
+    return kernels
+
+
+@needs_thp
+def test_loaded_model_streams_from_huge_pages(tmp_path: Path) -> None:
+    """The loader moves every AVX-512 kernel's weights and the LM head."""
+    path = write_tiny_model(tmp_path, "llama", seed=3, hidden_size=128, head_dim=32, vocab_size=2048)
+    options = {"dtype": "bfloat16", "enforce_eager": True}
+    kernels = _check_streamed_from_huge_pages(
+        path, options, (Avx512WeightOnlyKernel, Avx512DenseLmHeadKernel)
+    )
+    assert any(isinstance(k, Avx512DenseLmHeadKernel) for k in kernels)
+
+
+@needs_thp
+def test_int8_activation_kernels_stream_from_huge_pages(tmp_path: Path) -> None:
+    """With int8 activations and the int8 head every layer runs on the VNNI kernel: its weights,
+    scales and zero points move too."""
+    path = write_tiny_model(tmp_path, "llama", seed=4, hidden_size=128, head_dim=32, vocab_size=2048)
+    options = {
+        "dtype": "bfloat16",
+        "enforce_eager": True,
+        "activation_dtype": "int8",
+        "lm_head_dtype": "int8",
+    }
+    _check_streamed_from_huge_pages(path, options, (Avx512VnniKernel,))
