@@ -62,13 +62,8 @@ StackedV stack_layout(const at::Tensor& packed, const at::Tensor& scale, const c
               what, ": scales must be contiguous float32 [", experts, " experts, blocks, groups, 16]");
   TORCH_CHECK(group > 0 && group % 8 == 0 && group <= 65536, what, ": group must be a multiple of 8 up to 65536");
   StackedV s;
+  s.base = vlayout_shape(fmt, scale.size(1), scale.size(2), group, n);
   VLayout& w = s.base;
-  w.fmt = fmt;
-  w.blocks = scale.size(1);
-  w.ng = scale.size(2);
-  w.group = group;
-  w.kp = w.ng * group;
-  w.n = n;
   TORCH_CHECK(packed.size(1) == w.blocks && packed.size(2) * 64 == w.block_bytes(), what,
               ": packed weights do not match ", w.blocks, " blocks of ", w.kp, " inputs");
   TORCH_CHECK(n > 0 && n <= w.blocks * 16, what, ": ", n, " rows do not fit ", w.blocks, " blocks");

@@ -15,13 +15,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(2) == 16,
               "scales must be contiguous float32 [blocks, groups, 16]");
   TORCH_CHECK(group > 0 && group % 8 == 0 && group <= 65536, "group must be a multiple of 8 up to 65536");
-  VLayout w;
-  w.fmt = fmt;
-  w.blocks = scale.size(0);
-  w.ng = scale.size(1);
-  w.group = group;
-  w.kp = w.ng * group;
-  w.n = n;
+  VLayout w = vlayout_shape(fmt, scale.size(0), scale.size(1), group, n);
   TORCH_CHECK(n > 0 && n <= w.blocks * 16, "n out of range");
   TORCH_CHECK(packed.numel() == w.blocks * w.block_bytes(), "packed weights have the wrong size");
   w.packed = packed.data_ptr<uint8_t>();

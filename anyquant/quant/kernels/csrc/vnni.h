@@ -56,6 +56,19 @@ struct VLayout {
   int64_t block_bytes() const { return kp * (fmt == kV4 ? 8 : 16); }
 };
 
+// The shape part of a layout: `blocks` of 16 rows, `ng` groups of `group` inputs, `n` real rows;
+// the caller points it at its tensors.
+inline VLayout vlayout_shape(int64_t fmt, int64_t blocks, int64_t ng, int64_t group, int64_t n) {
+  VLayout w{};
+  w.fmt = fmt;
+  w.blocks = blocks;
+  w.ng = ng;
+  w.group = group;
+  w.kp = ng * group;
+  w.n = n;
+  return w;
+}
+
 struct QAct {
   const int8_t* q;     // [rows, kp], zero padded
   const int32_t* sum;  // [rows, ng] sum of q per group
