@@ -19,6 +19,7 @@ from anyquant.loading.describe import describe_checkpoint
 from anyquant.loading.lm_head import INT8_HEAD, quantize_rows
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.utils.tiny_model import write_tiny_model
+from tests.helpers.cpu_kernels import expected_kernel
 
 IDS = [5, 99, 300, 17, 4, 1000, 250, 7, 42, 3]
 
@@ -50,8 +51,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
     bf16 = LLM(model, dtype="bfloat16")
     int8 = LLM(model, dtype="bfloat16", lm_head_dtype="int8")
-    assert bf16.loaded.model.lm_head.kernel.name == "cpu_avx512_lm_head"
-    assert int8.loaded.model.lm_head.kernel.name == "cpu_avx512"
+    assert bf16.loaded.model.lm_head.kernel.name == expected_kernel("cpu_avx512_lm_head", "dense")
+    assert int8.loaded.model.lm_head.kernel.name == expected_kernel("cpu_avx512", "cpu_int8_weight")
     err_bf16 = _rel(*_logits_and_exact(bf16))
     err_int8 = _rel(*_logits_and_exact(int8))
     assert err_bf16 < 4e-3, err_bf16
@@ -82,7 +83,7 @@ def test_inspect_plans_the_int8_head_and_bad_values_fail(model: Path) -> None:
     doc = describe_checkpoint(model, dtype="bfloat16", lm_head_dtype="int8")
     head = next(g for g in doc["groups"] if g["pattern"] == "lm_head")
     assert head["quantized_at_load"]["description"] == INT8_HEAD.describe()
-    assert head["kernel"] == "cpu_avx512"
+    assert head["kernel"] == expected_kernel("cpu_avx512", "cpu_int8_weight")
     auto = next(
         g for g in describe_checkpoint(model, dtype="bfloat16")["groups"] if g["pattern"] == "lm_head"
     )
