@@ -4,11 +4,13 @@ The C++ kernel (`anyquant_cpu::paged_decode_attention`, quant/kernels/csrc/cpu_a
 attends one query row per sequence for all the step's sequences in one call, reading K/V in place
 through the block tables: GQA without repeating K/V, an online softmax in fp32, bf16 dot products
 (vdpbf16ps) for bf16 queries on a bf16 cache and fp32 arithmetic otherwise, sliding windows, and
-key and value widths that differ (latent attention's absorbed decode: 576 / 512). It serves a
-decode step where `decode_kernel_reason` returns None; elsewhere (no AVX-512, a float16 cache,
-widths not a multiple of 16, the extension not built, or `set_decode_kernel("torch")`) the
-pure-torch path of layers/attention.py runs. The choice is per (dtypes, widths), so it is made once
-and cached, not re-checked per layer.
+key and value widths that differ (latent attention's absorbed decode: 576 / 512). It runs on
+AVX-512 where the CPU has it, else on AVX2 + FMA (fp32 arithmetic in 8-wide vectors); the library
+says which (`kernel_isa`), and the kernel is named after it (`cpu_avx512` / `cpu_avx2`). It serves
+a decode step where `decode_kernel_reason` returns None; elsewhere (a CPU with neither ISA, a
+float16 cache, widths not a multiple of 16, the extension not built, or `set_decode_kernel("torch")`)
+the pure-torch path of layers/attention.py runs. The choice is per (dtypes, widths), so it is made
+once and cached, not re-checked per layer.
 """
 
 from __future__ import annotations
@@ -69,12 +71,24 @@ def _reason(
 
 
 @functools.cache
-def _cpu_reason() -> str | None:
-    if not torch.cpu._is_avx512_supported():
-        return "CPU lacks AVX-512 (F/BW/VL/DQ)"
+def kernel_isa() -> str | None:
+    """The instruction set the C++ kernel runs on this CPU ("avx512" or "avx2"), or None where it
+    cannot run: the library's own choice (cpu_attention.cpp), so the name cannot disagree with it."""
     from anyquant.quant.kernels import cpu_ext
 
-    return cpu_ext.unavailable_reason()
+    if cpu_ext.unavailable_reason() is not None:
+        return None
+    return str(cpu_ext.ops().attention_isa()) or None
+
+
+@functools.cache
+def _cpu_reason() -> str | None:
+    from anyquant.quant.kernels import cpu_ext
+
+    reason = cpu_ext.unavailable_reason()
+    if reason is None and kernel_isa() is None:
+        return "CPU lacks AVX-512 (F/BW/VL/DQ) and AVX2 + FMA + F16C"
+    return reason
 
 
 def describe_decode_attention(
@@ -86,7 +100,7 @@ def describe_decode_attention(
         reason: str | None = f"{KERNEL_ENV}=torch"
     else:
         reason = _reason(device.type, dtype, dtype, dtype, k_dim, v_dim)
-    kernel = "torch" if reason is not None else "cpu_avx512 (anyquant_cpu::paged_decode_attention)"
+    kernel = "torch" if reason is not None else f"cpu_{kernel_isa()} (anyquant_cpu::paged_decode_attention)"
     return {"kernel": kernel, "reason": reason}
 
 

@@ -35,10 +35,11 @@ _HEADERS = (
     "attention.h",
     "attention_fp32.h",
     "attention_bf16.h",
+    "attention_avx2.h",
 )
-# No -march flags: the AVX-512 functions carry target attributes, so the library loads on any x86-64
-# CPU and the kernels refuse (with a reason) on CPUs without the instructions. -fopenmp: ATen's
-# at::parallel_for is a header template that splits work only where the including file is compiled
+# No -march flags: the AVX-512 (and AVX2) functions carry target attributes, so the library loads on
+# any x86-64 CPU and the kernels refuse (with a reason) on CPUs without the instructions. -fopenmp:
+# ATen's at::parallel_for is a header template that splits work only where the including file is compiled
 # with OpenMP (else it runs the whole range on the calling thread); the library then links the
 # libgomp.so.1 that torch has already loaded, so torch.set_num_threads governs it.
 _CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")

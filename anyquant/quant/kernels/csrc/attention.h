@@ -157,9 +157,10 @@ inline void prefetch_rows(const char* first, int64_t rows, int64_t bytes, int64_
 }
 
 // Ask for the rows of the keys [j, min(j + count, hi)) while this block is computed, page by page:
-// pages are scattered, so the hardware prefetcher loses the stream at every page boundary.
+// pages are scattered, so the hardware prefetcher loses the stream at every page boundary. No
+// target attribute: plain code shared by the AVX-512 and the AVX2 items (inlined into either).
 template <typename T>
-AQ_ATTN_TARGET inline void prefetch_block(const Problem& p, const int64_t* table, const T* kbase, const T* vbase,
+inline void prefetch_block(const Problem& p, const int64_t* table, const T* kbase, const T* vbase,
                                           int64_t j, int64_t count, int64_t hi) {
   const int64_t end = std::min<int64_t>(j + count, hi);
   constexpr int64_t size = sizeof(T);

@@ -1,4 +1,4 @@
-// Paged decode attention on AVX-512: one query row per sequence, every sequence of a step in one
+// Paged decode attention on AVX-512, or AVX2 + FMA where the CPU lacks AVX-512: one query row per sequence, every sequence of a step in one
 // call, the keys and values read in place from the paged cache through the block tables.
 //
 // Cache layout (engine/kv_cache.py): key_cache [Hkv, slots, Dk], value_cache [Hkv, slots, Dv],
@@ -11,7 +11,8 @@
 // softmax in fp32 (running max m, running sum l, the accumulator rescaled by exp(m_old - m_new)):
 // - bf16 queries on a bf16 cache (attention_bf16.h): vdpbf16ps on the cache's rows as they are,
 //   keys transposed so that the scores come out one key per lane, values taken in pairs of keys;
-// - everything else (attention_fp32.h): rows converted to fp32, fp32 FMAs throughout.
+// - everything else (attention_fp32.h): rows converted to fp32, fp32 FMAs throughout;
+// - on a CPU without AVX-512 but with AVX2 + FMA (attention_avx2.h): the fp32 path in 8-wide vectors.
 // Where (sequence, KV head) items alone would leave threads idle or unevenly loaded (batch 1 with 2
 // KV heads, MLA's single latent head, one long context among short ones) the keys are split into
 // chunks (plan_work below) whose partial results (m, l, accumulator) are merged with their
@@ -21,16 +22,41 @@
 //
 // A sliding window keeps the last `window` keys of each sequence (0: all of them).
 //
-// The file is compiled without -mavx512 flags: only functions marked AQ_ATTN_TARGET / AQ_ATTN_BF16
-// contain AVX-512 code, so the library loads on any x86-64 CPU; the op refuses to run where the CPU
-// lacks the instructions (and takes the fp32 path without AVX512_BF16), and the Python side picks
-// the pure-torch path there (layers/decode_kernel.py).
+// The file is compiled without -m flags for either ISA: only functions marked AQ_ATTN_TARGET /
+// AQ_ATTN_BF16 contain AVX-512 code and only those marked AQ_ATTN_AVX2 AVX2 code, so the library
+// loads on any x86-64 CPU; the op picks its item kernel by what the CPU has (attention_isa), takes
+// the fp32 path without AVX512_BF16, and refuses to run with neither ISA, where the Python side
+// picks the pure-torch path (layers/decode_kernel.py).
 
 #include "attention.h"
+#include "attention_avx2.h"
 #include "attention_bf16.h"
 #include "attention_fp32.h"
 
+#include <string>
+
 namespace {
+
+// The instruction set the op runs on: AVX-512 (F/BW/VL/DQ) where the CPU has it, else AVX2 + FMA,
+// else "" (the op refuses). One place for the choice: `attention_isa()` tells the Python side which
+// kernel a decode step runs.
+std::string attention_isa() {
+  if (attention_supported()) return "avx512";
+  if (avx2_attention_supported()) return "avx2";
+  return "";
+}
+
+// One work item's kernel: (problem, item, per-thread scratch) -> the item's acc / ml.
+using ItemKernel = void (*)(const Problem&, int64_t, std::vector<float>&);
+
+// dp: bf16 queries on a bf16 cache with AVX512_BF16 (vdpbf16ps).
+ItemKernel item_kernel(const std::string& isa, bool bf16_cache, bool dp) {
+  if (isa == "avx512") {
+    if (dp) return attend_item_bf16;
+    return bf16_cache ? attend_item<c10::BFloat16> : attend_item<float>;
+  }
+  return bf16_cache ? attend_item_avx2<c10::BFloat16> : attend_item_avx2<float>;
+}
 
 // out[b, kh * G + g] for head g of the `parts` items from `first` of one (sequence, KV head): their
 // accumulators weighted by exp(m_s - M) / sum_s l_s exp(m_s - M). One part: acc / l.
@@ -115,20 +141,14 @@ std::vector<int64_t> balance(const std::vector<Work>& work, int64_t threads) {
 // The items, each thread its share; an item that is all of its (sequence, KV head) writes its
 // output rows itself, the chunked ones are merged after all items are done.
 template <typename O>
-void run_items(const Problem& p, const std::vector<Work>& work, bool dp, bool bf16, O* out) {
+void run_items(const Problem& p, const std::vector<Work>& work, ItemKernel attend, O* out) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work.size()));
   const std::vector<int64_t> bounds = balance(work, threads);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch;
     std::vector<float> row(p.dv);
     for (int64_t i = bounds[t0]; i < bounds[t1]; ++i) {
-      if (dp) {
-        attend_item_bf16(p, i, scratch);
-      } else if (bf16) {
-        attend_item<c10::BFloat16>(p, i, scratch);
-      } else {
-        attend_item<float>(p, i, scratch);
-      }
+      attend(p, i, scratch);
       if (work[i].parts == 1) {
         for (int64_t g = 0; g < p.group; ++g) finish_row(p, i, 1, g, out, row.data());
       }
@@ -162,7 +182,8 @@ void run_items(const Problem& p, const std::vector<Work>& work, bool dp, bool bf
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size,
                                   double scale, int64_t window, int64_t splits, bool force_fp32) {
-  TORCH_CHECK(attention_supported(), "paged_decode_attention needs AVX-512 (F/BW/VL/DQ)");
+  const std::string isa = attention_isa();
+  TORCH_CHECK(!isa.empty(), "paged_decode_attention needs AVX-512 (F/BW/VL/DQ) or AVX2 + FMA + F16C");
   TORCH_CHECK(q.dim() == 3, "q must be [batch, heads, key width], got ", q.sizes());
   TORCH_CHECK(key_cache.dim() == 3 && value_cache.dim() == 3,
               "key_cache / value_cache must be [kv_heads, slots, width], got ", key_cache.sizes(), " / ",
@@ -230,7 +251,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   // bf16 queries on a bf16 cache take the vdpbf16ps path where the CPU has it; the rest compute
   // in fp32 from converted rows.
   const bool bf16 = key_cache.scalar_type() == at::kBFloat16;
-  const bool dp = bf16 && q.scalar_type() == at::kBFloat16 && bf16_supported() && !force_fp32;
+  const bool dp = isa == "avx512" && bf16 && q.scalar_type() == at::kBFloat16 && bf16_supported() && !force_fp32;
   const at::Tensor qc = q.contiguous();
   at::Tensor qf;
   if (!dp) {
@@ -246,9 +267,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   p.ml = ml.data_ptr<float>();
   at::Tensor out = at::empty({B, H, dv}, q.options());
   if (q.scalar_type() == at::kBFloat16) {
-    run_items(p, work, dp, bf16, out.data_ptr<c10::BFloat16>());
+    run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<c10::BFloat16>());
   } else {
-    run_items(p, work, dp, bf16, out.data_ptr<float>());
+    run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<float>());
   }
   return out;
 }
@@ -260,6 +281,7 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor context_lens, int page_size, float scale, int window=0, int splits=0, bool force_fp32=False) -> Tensor");
   m.def("attention_supported() -> bool", &attention_supported);
+  m.def("attention_isa() -> str", &attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
