@@ -17,8 +17,10 @@ a view of the key ("1x"). Candidates:
   through the block tables, all sequences in one call.
 
 Without the C++ kernel the engine picks `paged sdpa` below `MATMUL_DECODE_MIN_KEYS` keys and
-`paged matmul` above; with it, the kernel. Times are CPU time of the (single) thread: wall time on
-a loaded shared machine is mostly waiting.
+`paged matmul` above; with it, the kernel (AVX-512, or AVX2 + FMA on CPUs without it: the header
+line says which; where neither runs, the `C++ kernel` column is the torch path). Times are CPU time
+of the thread with one torch thread (wall time on a loaded shared machine is mostly waiting), wall
+time with more (`OMP_NUM_THREADS=2`: the kernel and torch's ops use both); best of the rounds.
 
     python benchmarks/paged_attention.py [--contexts 128 4096] [--batches 1 8] [--mla]
 """
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers import attention
 from anyquant.layers.attention import PagedPlan, paged_attention, plan_paged_attention
-from anyquant.layers.decode_kernel import decode_kernel_mode, set_decode_kernel
+from anyquant.layers.decode_kernel import decode_kernel_mode, describe_decode_attention, set_decode_kernel
 
 H, HKV, D, DV, PAGE = 14, 2, 64, 64, 16
 DTYPE = torch.bfloat16
@@ -88,11 +90,13 @@ def paged(
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
+    # one thread: its CPU time; more: wall time (the calling thread's CPU time misses the others')
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     fn()
-    t0 = time.thread_time()
+    t0 = clock()
     for _ in range(repeats):
         fn()
-    return (time.thread_time() - t0) / repeats
+    return (clock() - t0) / repeats
 
 
 def main() -> None:
@@ -116,6 +120,12 @@ def main() -> None:
     global H, HKV, D, DV
     if args.mla:
         H, HKV, D, DV = 128, 1, 576, 512
+    chosen = describe_decode_attention(torch.device("cpu"), DTYPE, D, DV)
+    print(
+        f"{torch.get_num_threads()} thread(s); C++ kernel column: {chosen['kernel']}"
+        + (f" ({chosen['reason']})" if chosen["reason"] else "")
+        + "\n"
+    )
     if args.prefill:
         prefill(args)
         return

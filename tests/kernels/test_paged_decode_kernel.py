@@ -27,7 +27,7 @@ def _ops():
     return cpu_ext.ops()
 
 
-def _reference(q, kc, vc, tables, lens, scale, window):
+def _reference(q, kc, vc, tables, lens, scale, window, page=PAGE):
     """float64 [B, H, Dv]: per sequence, its keys gathered slot by slot, K/V repeated per head."""
     b_count, h, _ = q.shape
     group = h // kc.shape[0]
@@ -38,7 +38,7 @@ def _reference(q, kc, vc, tables, lens, scale, window):
         if n == first:
             continue
         pos = torch.arange(first, n)
-        slots = tables[b][pos // PAGE] * PAGE + pos % PAGE
+        slots = tables[b][pos // page] * page + pos % page
         k = kc[:, slots].double().repeat_interleave(group, 0)  # [H, S, Dk]
         v = vc[:, slots].double().repeat_interleave(group, 0)
         p = (torch.einsum("hd,hsd->hs", q[b].double(), k) * scale).softmax(-1)
@@ -46,12 +46,12 @@ def _reference(q, kc, vc, tables, lens, scale, window):
     return out
 
 
-def _case(hkv, group, dk, dv, lens, dtype, seed=0):
+def _case(hkv, group, dk, dv, lens, dtype, seed=0, page=PAGE):
     g = torch.Generator().manual_seed(seed)
-    width = max(-(-n // PAGE) for n in lens) + 1
+    width = max(-(-n // page) for n in lens) + 1
     num_pages = len(lens) * width + 3
-    kc = torch.randn(hkv, num_pages * PAGE, dk, generator=g).to(dtype)
-    vc = torch.randn(hkv, num_pages * PAGE, dv, generator=g).to(dtype)
+    kc = torch.randn(hkv, num_pages * page, dk, generator=g).to(dtype)
+    vc = torch.randn(hkv, num_pages * page, dv, generator=g).to(dtype)
     order = torch.randperm(num_pages, generator=g)  # pages scattered over the cache
     tables = order[: len(lens) * width].view(len(lens), width).contiguous()
     q = (torch.randn(len(lens), hkv * group, dk, generator=g) * 2).to(dtype)
@@ -152,6 +152,27 @@ def test_long_context_among_short_ones_split_over_threads(dtype, hkv, group, dk,
                 out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, scale, window or 0, splits)
                 assert torch.equal(out[2], torch.zeros_like(out[2]))  # no keys
                 assert (out.double() - want).abs().max().item() < TOL[dtype], (n, splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("page", [1, 5, 32, 128])
+def test_page_sizes_and_many_sequences_of_different_lengths(dtype, page):
+    """Pages of 1 key (every key on its own page), of an odd 5 (blocks of keys straddle pages
+    mid-block), and larger than a block; twelve sequences of lengths around the blocks and pages, a
+    4096-key one among them, on 1 and 2 threads (the long one cut into chunks) and forced splits."""
+    ops = _ops()
+    lens = [4096, 1, 7, 8, 9, 31, 33, 64, 127, 0, 517, 250]
+    q, kc, vc, tables, lens_t = _case(2, 3, 64, 64, lens, dtype, seed=7, page=page)
+    scale = 64**-0.5
+    for window in (None, 100):
+        want = _reference(q, kc, vc, tables, lens_t, scale, window, page)
+        for n in (1, 2):
+            with torch_threads(n):
+                for splits in (0, 5):
+                    out = ops.paged_decode_attention(
+                        q, kc, vc, tables, lens_t, page, scale, window or 0, splits
+                    )
+                    assert (out.double() - want).abs().max().item() < TOL[dtype], (window, n, splits)
 
 
 def test_fp32_queries_on_a_bf16_cache_and_an_empty_context():
