@@ -11,6 +11,7 @@ run as `anyquant::opaque` ops (layers/custom_ops.py), so a step is one graph, no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from anyquant.layers.custom_ops import (
     register_extension_fakes,
     register_opaque,
     register_ops,
-    set_decode_plans,
+    set_decode_step,
 )
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.moe import SparseMoE
@@ -42,6 +43,9 @@ log = logging.getLogger("anyquant.engine")
 
 # Set to 1 to run every step eagerly where the caller does not say (the test suite sets it).
 ENFORCE_EAGER_ENV = "ANYQUANT_ENFORCE_EAGER"
+# Set to 1 to have Dynamo evaluate every guard of the captured step at every call (see
+# `CapturedDecode._guard_stance`: once warmed up, a compiled function of one graph skips them).
+CHECK_ALL_GUARDS_ENV = "ANYQUANT_CHECK_ALL_GUARDS"
 # Batch sizes compiled at warm-up; a step of B sequences runs the smallest bucket >= B.
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -139,7 +143,7 @@ _own_code.count = 0  # type: ignore[attr-defined]
 
 class CapturedContext(AttentionContext):
     """A captured step's attention: every sequence decodes one token; the page plan of each
-    window size is the `plans`-th given to `set_decode_plans` for the step."""
+    window size is the `plans`-th given to `set_decode_step` for the step."""
 
     def __init__(
         self,
@@ -195,15 +199,22 @@ class CapturedDecode:
         )
         prepare_model(model, max_position)
         self.steps_run = 0  # steps that took this path (tests and stats)
+        # Set by `warm_up` once every bucket ran and each compiled function holds one graph.
+        self.skip_guards = False
         # fullgraph: a graph break is an error (then the steps stay eager), never a silent split.
         # No size/stride asserts on the outputs of the C++ and anyquant ops at every call (~3000
         # Python checks per step); the tests run the same options.
         options: dict[str, str | int | bool | Callable[..., Any]] | None = None
         if backend == "inductor":
             options = {"size_asserts": False}
-        self._compiled = torch.compile(
-            _own_code(self._forward), fullgraph=True, dynamic=False, backend=backend, options=options
-        )
+        # Batch 1 and the other buckets compile to different graphs (Dynamo specializes size 1;
+        # above it the batch size is symbolic): each has its own compiled function, so that
+        # each function's cache holds one graph and its guards can be skipped (`_guard_stance`).
+        self._forwards = [_own_code(self._forward) for _ in range(2)]
+        self._compiled = [
+            torch.compile(forward, fullgraph=True, dynamic=False, backend=backend, options=options)
+            for forward in self._forwards
+        ]
 
     @property
     def max_batch(self) -> int:
@@ -217,7 +228,7 @@ class CapturedDecode:
         ctx = CapturedContext(self.cache, slot_mapping, plans, self.max_position)
         return self.model(token_ids, positions, ctx)
 
-    def _set_plans(self, block_tables: Tensor, context_lens: list[int]) -> None:
+    def _set_step(self, block_tables: Tensor, context_lens: list[int], real_rows: int) -> None:
         page = self.cache.page_size
         ones = [1] * len(context_lens)
         groups = []
@@ -225,7 +236,7 @@ class CapturedDecode:
             group = plan_paged_attention(block_tables, ones, context_lens, page, window).decode
             assert group is not None
             groups.append(group)
-        set_decode_plans(groups)
+        set_decode_step(groups, real_rows)
 
     def run(
         self,
@@ -242,10 +253,10 @@ class CapturedDecode:
         if pad:
             token_ids = token_ids + [0] * pad
             positions = positions + [0] * pad
-            slots = torch.cat([slots, slots.new_full((pad,), -1)])
+            slots = torch.cat([slots, slots.new_full((pad,), -1)])  # never stored: see _set_step
             block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])
             context_lens = context_lens + [1] * pad
-        self._set_plans(block_tables, context_lens)
+        self._set_step(block_tables, context_lens, real)
         inputs = (torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots)
         if size > 1:
             # One graph for every bucket above 1, the batch size symbolic (Dynamo specializes
@@ -254,10 +265,37 @@ class CapturedDecode:
             # the sizes it branches on, which then get their own graph instead of an error.
             for tensor in inputs:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        with torch.inference_mode():
-            logits = self._compiled(*inputs)
+        with torch.inference_mode(), self._guard_stance():
+            logits = self._compiled[size > 1](*inputs)
         self.steps_run += 1
         return logits[:real]
+
+    def _guard_stance(self) -> contextlib.AbstractContextManager[Any]:
+        """Dynamo checks a compiled graph's guards before every call (~1.2 ms of a 16.7 ms
+        batch-1 step measured on the AVX-512 machine: a tensor check per parameter and buffer,
+        the module attributes the trace read). They cannot fail here once warmed up: a step's
+        inputs take only the shapes warm-up compiled (`run` pads to a bucket; three fresh int64
+        CPU vectors, the bucket picks the compiled function), and the model, its parameters, the
+        cache and the rotary tables stay the objects traced (the page plans, the only per-step
+        state, are read by the attention op at run time, never traced). With one graph per
+        compiled function nothing is left for a guard to choose, so `skip_guard_eval_unsafe`
+        (which then runs only the few guards Dynamo keeps as differentiating: ~0.2 of ~5 ms per
+        step on the 2-core machine, benchmarks/RESULTS.md) is exact. The stance is process-wide
+        while the step runs; no other compiled code runs inside it."""
+        if not self.skip_guards or os.environ.get(CHECK_ALL_GUARDS_ENV, "") not in ("", "0"):
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def graphs_per_function(self) -> list[int] | None:
+        """How many graphs each compiled function holds (Dynamo's cache entries of its code), or
+        None where this torch cannot tell (a debugging API: then every guard stays checked)."""
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            codes = [f.__func__.__code__ for f in self._forwards]  # type: ignore[attr-defined]
+            return [len(_debug_get_cache_entry_list(code)) for code in codes]
+        except Exception:  # an API that moved or changed: never a reason to lose the compiled step
+            return None
 
     def warm_up(self) -> float:
         """Compile every bucket (a step over page 0, which is written and then left to the
@@ -272,4 +310,8 @@ class CapturedDecode:
         self.cache.k[:, :, :page] = saved_k
         if saved_v is not None:
             self.cache.v[:, :, :page] = saved_v
+        # A kernel that specializes some batch sizes (see `run`) leaves several graphs in one
+        # function: then its guards pick the graph and keep being checked.
+        graphs = self.graphs_per_function()
+        self.skip_guards = graphs is not None and all(n <= 1 for n in graphs)
         return time.perf_counter() - start

@@ -46,7 +46,7 @@ class IncrementalDetokenizer:
             # A trailing partial stop string may still complete: hold it back until the next token.
             for stop in self.stop:
                 for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text[:safe].endswith(stop[:n]):
+                    if self.text.endswith(stop[:n], 0, safe):  # no copy of the text per step
                         safe -= n
                         break
         delta = self.text[self.emitted : safe] if safe > self.emitted else ""

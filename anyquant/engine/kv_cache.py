@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from anyquant.layers.attention import AttentionContext, PagedPlan, paged_attention, plan_paged_attention
+from anyquant.layers.attention import (
+    AttentionContext,
+    PagedPlan,
+    paged_attention,
+    plan_paged_attention,
+    store_key_value,
+)
 
 if TYPE_CHECKING:
     from anyquant.models.base import InputEmbeds
@@ -94,9 +100,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store this step's keys/values [T, Hkv, D*] of `layer` at their slots [T]."""
-        self.k[layer].index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.k.dtype))
-        if not self.value_in_key:  # else `v` is the key's prefix, stored with it
-            self.v[layer].index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.v.dtype))
+        # A value inside the key is the key's prefix, stored with it.
+        store_key_value(self.k[layer], None if self.value_in_key else self.v[layer], slot_mapping, k, v)
 
 
 class PagedAttention(AttentionContext):

@@ -232,6 +232,22 @@ def plan_paged_attention(
     return PagedPlan(groups[0], groups[1])
 
 
+def store_key_value(
+    key_cache: Tensor, value_cache: Tensor | None, slot_mapping: Tensor, k: Tensor, v: Tensor
+) -> None:
+    """Write one layer's new keys/values [T, Hkv, D*] into its caches [Hkv, slots, D*] at their
+    slots [T]. `value_cache` None: the value is the key's prefix (a latent cache), stored with the
+    key. Both the eager step and the captured one store through here, once per layer, so it does
+    no more than the two copies (no cast when the dtypes already agree)."""
+    if k.dtype != key_cache.dtype:
+        k = k.to(key_cache.dtype)
+    key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    if value_cache is not None:
+        if v.dtype != value_cache.dtype:
+            v = v.to(value_cache.dtype)
+        value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
 def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
     """cache [Hkv, slots, D] -> [Hkv, B, S, D]: a view when the group is one run of consecutive
     pages, else one gather of the listed pages (each page of each KV head is one contiguous block,

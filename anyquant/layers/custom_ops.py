@@ -9,9 +9,10 @@ Owns three things, registered with `torch.library` when a captured step is prepa
   and attends through the step's page plan (the C++ decode kernel where it runs, see
   layers/decode_kernel.py); the cache is declared mutated, so the graph keeps the
   write before every later read. A cache whose value is the key's prefix passes no value cache
-  (two mutated arguments may not alias). The plan (pages read, mask) is step metadata set by the runner
-  before the graph runs (`set_decode_plans`): its shapes grow with the context, and passing it
-  through the graph would recompile at every new page count or make every shape symbolic;
+  (two mutated arguments may not alias). The plan (pages read, mask) and the count of real rows
+  are step metadata set by the runner before the graph runs (`set_decode_step`), once per step
+  for every layer: the plan's shapes grow with the context, and passing it through the graph
+  would recompile at every new page count or make every shape symbolic;
 - `anyquant::opaque`: a callable whose Python depends on data (the per-expert MoE path sorts
   tokens with a host sync; the pure-torch kernels look at `data_ptr()`) runs as one op of the
   graph, which sees only its output's shape and dtype (`register_opaque`).
@@ -23,13 +24,14 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from anyquant.layers.attention import PagedGroup
+    from anyquant.layers.attention import PagedGroup, PagedPlan
 
 # What an opaque op's output looks like, from its inputs (run on fake tensors while tracing).
 OutputSpec = Callable[[Sequence[Tensor]], Tensor]
@@ -93,22 +95,23 @@ def _paged_decode_attention(
     page_size: int,
     scale: float,
 ) -> Tensor:
-    """One query row per sequence (padding rows have slot -1: nothing stored, their output is
-    dropped by the caller) -> [B, H * Dv]. `value_cache` None: the value is the key's first Dv
-    values (a latent cache, engine/kv_cache.py), stored with the key."""
+    """One query row per sequence -> [B, H * Dv]; the step's rows past its `real_rows` are a
+    bucket's padding: nothing of theirs is stored, their output is dropped by the caller.
+    `value_cache` None: the value is the key's first Dv values (a latent cache,
+    engine/kv_cache.py), stored with the key. Runs once per layer: everything it needs of the
+    step was prepared once by `set_decode_step`, and nothing here reads a tensor's values on the
+    host (no sync)."""
     # Imported here: attention imports linear, which imports this module.
-    from anyquant.layers.attention import PagedPlan, paged_attention
+    from anyquant.layers.attention import paged_attention, store_key_value
 
-    if bool(slot_mapping[-1] < 0):  # padding rows sit at the end
-        real = slot_mapping >= 0
-        slot_mapping, k, v = slot_mapping[real], k[real], v[real]
-    key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(key_cache.dtype))
+    step = _STEP.current
+    real = step.real_rows
+    if real < slot_mapping.shape[0]:  # padding rows sit at the end (shapes are host ints)
+        slot_mapping, k, v = slot_mapping[:real], k[:real], v[:real]
+    store_key_value(key_cache, value_cache, slot_mapping, k, v)
     if value_cache is None:
         value_cache = key_cache[..., : v.shape[-1]]
-    else:
-        value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(value_cache.dtype))
-    group = _PLANS.plans[plan]
-    return paged_attention(q, key_cache, value_cache, PagedPlan(group, None), page_size, scale)
+    return paged_attention(q, key_cache, value_cache, step.plans[plan], page_size, scale)
 
 
 def _paged_decode_attention_fake(
@@ -161,25 +164,38 @@ def paged_decode_attention(
     page_size: int,
     scale: float,
 ) -> Tensor:
-    """`plan`: which of the plans given to `set_decode_plans` (one per sliding-window size)."""
+    """`plan`: which of the plans given to `set_decode_step` (one per sliding-window size)."""
     return torch.ops.anyquant.paged_decode_attention(
         q, k, v, key_cache, value_cache, slot_mapping, plan, page_size, scale
     )
 
 
-class _DecodePlans(threading.local):
+@dataclass(frozen=True)
+class DecodeStep:
+    """What every `paged_decode_attention` of one captured step reads: the page plan of each
+    window size (by index) and how many of the bucket's rows are real sequences."""
+
+    plans: tuple[PagedPlan, ...]
+    real_rows: int
+
+
+class _CurrentStep(threading.local):
     """Per thread: a compiled step runs its ops on the thread that called it, so engines stepping
-    on different threads each see their own plans."""
+    on different threads each see their own step."""
 
-    plans: list[PagedGroup] = []
-
-
-_PLANS = _DecodePlans()
+    current: DecodeStep = DecodeStep((), 0)
 
 
-def set_decode_plans(plans: list[PagedGroup]) -> None:
-    """The current decode step's page plans, read by every `paged_decode_attention` of the step."""
-    _PLANS.plans = plans
+_STEP = _CurrentStep()
+
+
+def set_decode_step(groups: Sequence[PagedGroup], real_rows: int) -> None:
+    """The current decode step, read by every `paged_decode_attention` of the step: one decode
+    group per window size (`plan_paged_attention`), and the number of real rows (the rest of the
+    bucket is padding)."""
+    from anyquant.layers.attention import PagedPlan
+
+    _STEP.current = DecodeStep(tuple(PagedPlan(group, None) for group in groups), real_rows)
 
 
 def register_extension_fakes() -> None:
