@@ -25,18 +25,26 @@ from typing import Any
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_vnni.cpp", "cpu_moe_vnni.cpp", "cpu_attention.cpp")
+_SOURCES = (
+    "cpu_linear.cpp",
+    "cpu_linear_avx2.cpp",
+    "cpu_moe.cpp",
+    "cpu_vnni.cpp",
+    "cpu_moe_vnni.cpp",
+    "cpu_attention.cpp",
+)
 # Not compiled on their own, but part of what a build is keyed on.
 _HEADERS = (
     "gemv.h",
     "gemm_tile.h",
+    "gemv_avx2.h",
     "vnni.h",
     "moe_routing.h",
     "attention.h",
     "attention_fp32.h",
     "attention_bf16.h",
 )
-# No -march flags: the AVX-512 functions carry target attributes, so the library loads on any x86-64
+# No -march flags: the AVX-512 (and AVX2) functions carry target attributes, so the library loads on any x86-64
 # CPU and the kernels refuse (with a reason) on CPUs without the instructions. -fopenmp: ATen's
 # at::parallel_for is a header template that splits work only where the including file is compiled
 # with OpenMP (else it runs the whole range on the calling thread); the library then links the

@@ -1,0 +1,117 @@
+"""AVX2 + FMA weight-only kernels from the C++ extension, for x86-64 CPUs without AVX-512.
+
+The same repacked layout as cpu_avx512 (packed at load by avx512.py's RepackedWeightOnlyKernel
+and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h 256 bits at a
+time. Paths per call:
+  - the vector kernel (few rows): streams the packed weights once, decodes the codes in
+    registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time; bf16 x is widened to
+    fp32 (exact), fp32 x runs as is (plain fp32 FMA: fp32 accuracy without splitting x);
+  - the tile path (many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to fp32
+    (exactly the reference's fp32 weights) and multiplied by at::mm in fp32, the result rounded
+    to the compute dtype. On an AVX2 CPU there is no bf16 dot product instruction, so fp32 GEMM
+    is also the fastest way to run bf16 prompts.
+fp8 weights have no AVX2 decoder yet: they go to the pure-torch kernel (cpu_fp8_dequant), with the
+reason shown by `anyquant inspect`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from anyquant.quant.kernels import cpu_ext
+from anyquant.quant.kernels.avx512 import (
+    _DECODED,
+    _FORMAT,
+    _FP8,
+    RepackedLmHeadKernel,
+    RepackedWeightOnlyKernel,
+)
+from anyquant.quant.registry import register_kernel
+from anyquant.quant.spec import QuantSpec
+
+# Up to this many rows of x the vector kernel (it decodes each block once per 4 rows, the block
+# staying in cache between them), beyond it the tile path (benchmarks/linear_kernels.py).
+_GEMV_MAX_ROWS = 4
+# Blocks of 16 rows dequantized per tile: 256 rows x 896 inputs of fp32 is 0.9 MB.
+_TILE_BLOCKS = 16
+
+
+@functools.cache
+def _cpu_reason() -> str | None:
+    """Why this CPU cannot run the AVX2 kernels' instructions, or None (builds the extension)."""
+    reason = cpu_ext.unavailable_reason()
+    if reason is not None:
+        return reason
+    if not cpu_ext.ops().avx2_supported():
+        return "CPU lacks AVX2, FMA or F16C"
+    return None
+
+
+@register_kernel
+class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
+    """uint2/3/4, int8 and uint8 weights on AVX2 + FMA CPUs (the ones without AVX512_BF16).
+
+    Numerics: the vector path multiplies the codes (exact in fp32) by the activations in fp32 and
+    applies scale, zero point and the codes' offset once per span of at most 128 inputs, so no
+    weight is rounded (for bf16 compute closer to float64 than the reference, which rounds each
+    weight to bf16); the tile path forms the reference's fp32 weights.
+    """
+
+    name = "cpu_avx2"
+    priority = 55  # below cpu_avx512 (60), above the pure-torch CPU kernels (50)
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        return _cpu_reason()
+
+    @classmethod
+    def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
+        if spec.weight in _FORMAT and _FORMAT[spec.weight] == _FP8:
+            return f"weights are {spec.weight}; the AVX2 kernel decodes integer codes only"
+        return super().rejects(spec, shape, compute_dtype)
+
+    def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        n = self.shape[0]
+        if self.path(x.shape[0]) == "gemv":
+            return cpu_ext.ops().avx2_gemv(
+                x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
+            )
+        return cpu_ext.ops().avx2_tiled_mm(
+            x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
+        )
+
+    def path(self, rows: int) -> str:
+        """Which of the extension's paths `rows` rows of x take: "gemv" or "tiled"."""
+        return "gemv" if rows <= _GEMV_MAX_ROWS else "tiled"
+
+    def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
+        return cpu_ext.ops().avx2_dequantize(
+            self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, self.shape[0], dtype
+        )
+
+
+@register_kernel
+class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
+    """The bf16 LM head on AVX2 CPUs: the words widened to fp32 in registers (a shift and a mask
+    per pair of inputs) and fp32 FMA; many rows through fp32 tiles and at::mm."""
+
+    name = "cpu_avx2_lm_head"
+    priority = 105  # below cpu_avx512_lm_head (110), above the dense kernel (100)
+    quantized_kernel = "cpu_avx2"
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        return _cpu_reason()
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        n = self.shape[0]
+        if x.shape[0] <= _GEMV_MAX_ROWS:
+            return cpu_ext.ops().avx2_gemv(
+                x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n
+            )
+        return cpu_ext.ops().avx2_tiled_mm(
+            x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n, _TILE_BLOCKS
+        )
