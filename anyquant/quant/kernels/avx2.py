@@ -39,15 +39,24 @@ _GEMV_MAX_ROWS = 4
 _TILE_BLOCKS = 16
 
 
+_NEEDED_FLAGS = ("avx2", "fma", "f16c")
+
+
 @functools.cache
 def _cpu_reason() -> str | None:
-    """Why this CPU cannot run the AVX2 kernels' instructions, or None (builds the extension)."""
-    reason = cpu_ext.unavailable_reason()
-    if reason is not None:
-        return reason
-    if not cpu_ext.ops().avx2_supported():
-        return "CPU lacks AVX2, FMA or F16C"
-    return None
+    """Why this CPU cannot run the AVX2 kernels' instructions, or None."""
+    if not torch.cpu._is_avx2_supported():
+        return "CPU lacks AVX2"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set()
+            )
+    except OSError:
+        pass  # no cpuinfo to read: AVX2 CPUs all have FMA and F16C
+    missing = [flag for flag in _NEEDED_FLAGS if flags and flag not in flags]
+    return f"CPU lacks {', '.join(missing).upper()}" if missing else None
 
 
 @register_kernel
