@@ -46,8 +46,8 @@ SPECS = [
 ]
 # (N, K): out not a multiple of 16 (nor of 8), in not a multiple of the group (a short last group).
 SHAPES = [(200, 96), (73, 328)]
-# 1..5 rows around the vector path's 4-row step, the tile path beyond.
-TOKENS = (1, 2, 3, 4, 5, 7, 16, 64, 300)
+# 1..5 rows around the vector path's 4-row step, 16 its last, the tile path beyond.
+TOKENS = (1, 2, 3, 4, 5, 7, 16, 17, 64, 300)
 
 UNAVAILABLE = Avx2WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
 needs_kernel = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx2 cannot run here: {UNAVAILABLE}")

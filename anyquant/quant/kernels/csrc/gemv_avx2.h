@@ -217,16 +217,22 @@ void gemv_rows(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) 
   }
 }
 
-// Any number of rows, 4 at a time (the block stays in L1/L2 between the row groups).
-inline void gemv_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
-  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-    const int64_t r = std::min<int64_t>(4, rows - m0);
-    switch (a.w.fmt) {
-      case kInt4: gemv_rows<kInt4>(a, m0, r, b0, b1); break;
-      case kInt8: gemv_rows<kInt8>(a, m0, r, b0, b1); break;
-      default: gemv_rows<kDecoded>(a, m0, r, b0, b1); break;
-    }
+inline void gemv_fmt(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  switch (a.w.fmt) {
+    case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
+    case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
+    default: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   }
+}
+
+// Any number of rows, 4 at a time. Up to 4 rows stream blocks b0..b1 once; more rows take one
+// block at a time through every group of 4 rows, so the block is read from memory once and
+// from L1/L2 by the other groups (measured on Zen 3: 4 rows run at ~50 GFLOP/s, as many as
+// the fp32 tile path reaches at 512 rows, against ~13 for the tile path at 5 rows).
+inline void gemv_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  if (rows <= 4) return gemv_fmt(a, 0, rows, b0, b1);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) gemv_fmt(a, m0, std::min<int64_t>(4, rows - m0), b, b + 1);
 }
 
 // bf16 words -> fp32, n % 8 == 0.
