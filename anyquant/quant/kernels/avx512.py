@@ -12,8 +12,9 @@ per-call choice between the extension's three paths:
     micro-kernel (6 rows x 64 outputs in 24 accumulators), scales applied per group in fp32;
   - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
     fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
-The pure-torch kernels in torch_cpu/ serve whatever is refused here, with the reason shown by
-`anyquant inspect`.
+The packing and the per-call preparation live in RepackedWeightOnlyKernel / RepackedLmHeadKernel,
+shared with the AVX2 kernels (avx2.py), which read the same bytes. Where neither runs, the
+pure-torch kernels in torch_cpu/ serve, with the reason shown by `anyquant inspect`.
 """
 
 from __future__ import annotations
