@@ -3,9 +3,9 @@
 The same repacked layout as cpu_avx512 (packed at load by avx512.py's RepackedWeightOnlyKernel
 and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h 256 bits at a
 time. Paths per call:
-  - the vector kernel (up to 16 rows): streams the packed weights once, decodes the codes in
-    registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time; bf16 x is widened to
-    fp32 (exact), fp32 x runs as is (plain fp32 FMA: fp32 accuracy without splitting x);
+  - the vector kernel (bf16 compute, up to 16 rows): streams the packed weights once, decodes the
+    codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x widened
+    exactly). fp32 compute takes the tile path at every row count (see `path`);
   - the tile path (many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to fp32
     (exactly the reference's fp32 weights) and multiplied by at::mm in fp32, the result rounded
     to the compute dtype. On an AVX2 CPU there is no bf16 dot product instruction, so fp32 GEMM
@@ -95,6 +95,11 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
 
     def path(self, rows: int) -> str:
         """Which of the extension's paths `rows` rows of x take: "gemv" or "tiled"."""
+        # fp32 x: the vector kernel's code offsets (int8: u = code + 128) cancel against the sum of
+        # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
+        # model); the tile path multiplies the reference's fp32 weights.
+        if self.compute_dtype == torch.float32:
+            return "tiled"
         return "gemv" if rows <= _GEMV_MAX_ROWS else "tiled"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
