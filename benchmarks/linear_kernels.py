@@ -1,6 +1,7 @@
 """Kernel micro-benchmark: every CPU kernel that can run a spec, against dense F.linear, per shape.
 
-For each quantization spec, layer shape and token count T it times the C++ kernels (cpu_avx512;
+For each quantization spec, layer shape and token count T it times the C++ kernels (cpu_avx512,
+cpu_avx2 (AVX2 + FMA CPUs);
 cpu_avx512_vnni, for weight-only specs as "(A8)": the same weights with per-token int8 activations,
 what `--activation-dtype int8` runs), the pure-torch kernel (cpu_int4 / cpu_int8_weight /
 cpu_fp8_dequant / cpu_w8a8_int8), a dense F.linear of the same shape in the compute dtype, and
@@ -86,7 +87,10 @@ SPECS = (
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
 )
-FAST, FALLBACKS = "cpu_avx512", ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
+# The C++ kernels: cpu_avx512 where the CPU has AVX512_BF16, cpu_avx2 on any AVX2 + FMA CPU (both
+# are timed where both run); an engine the CPU cannot run is left out of the table.
+FAST, AVX2 = "cpu_avx512", "cpu_avx2"
+FALLBACKS = ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
 VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
 # cpu_avx512 held to its vector path at every row count (the many-rows path before the GEMM):
 # an A/B of the GEMM in the same run. Timed only when --engines names it.
@@ -231,7 +235,7 @@ def make_cases(
     layer: tuple[str, int, int],
     tokens: list[int],
     dtype: torch.dtype,
-    engines: tuple[str, ...] = (FAST, VNNI, *FALLBACKS, A8),
+    engines: tuple[str, ...] = (FAST, AVX2, VNNI, *FALLBACKS, A8),
 ) -> list[Case]:
     name, n, k = layer
     gen = torch.Generator().manual_seed(n * 7919 + k)
@@ -239,7 +243,7 @@ def make_cases(
     reference = build("reference", w, dtype)
     assert reference is not None
     layers: dict[str, nn.Module] = {}
-    for engine in (FAST, VNNI, *FALLBACKS):
+    for engine in (FAST, AVX2, VNNI, *FALLBACKS):
         if engine not in engines:
             continue
         kernel = build(engine, w, dtype)
@@ -267,6 +271,36 @@ def make_cases(
         err = {e: rel_err(layer(x), ref) for e, layer in layers.items() if e not in ("dense", "read")}
         engines = {e: (lambda r=r, x=x: r(x)) for e, r in rotations.items()}
         cases.append(Case(spec.describe(), f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
+    return cases
+
+
+HEADS = ("cpu_avx512_lm_head", "cpu_avx2_lm_head")
+
+
+def make_head_cases(tokens: list[int]) -> list[Case]:
+    """The unquantized bf16 LM head (Qwen2.5-0.5B's 151936 x 896): the C++ head kernels that run
+    here against dense F.linear and the read of its bf16 bytes; errors against float64."""
+    name, n, k = LAYERS[_HEAD]
+    gen = torch.Generator().manual_seed(n)
+    weight = torch.randn(n, k, generator=gen).mul(0.02).to(torch.bfloat16)
+    layers: dict[str, nn.Module] = {}
+    for engine in HEADS:
+        cls = kernel_named(engine)
+        if cls.cannot_run(None, "lm_head", torch.device("cpu"), (n, k), torch.bfloat16) is None:
+            kernel = cls((n, k), torch.bfloat16)
+            kernel.load(weight)
+            layers[engine] = kernel
+    layers["dense"] = DenseLinear(weight)
+    nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
+    layers["read"] = ReadBytes(nbytes["dense"])
+    nbytes["read"] = held_bytes(layers["read"])
+    cases = []
+    for t in tokens:
+        x = torch.randn(t, k, generator=gen).to(torch.bfloat16)
+        truth = x.double() @ weight.double().T
+        err = {e: rel_err(layer(x), truth) for e, layer in layers.items() if e != "read"}
+        engines = {e: (lambda layer=layer, x=x: layer(x)) for e, layer in layers.items()}
+        cases.append(Case("bf16 (unquantized)", f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
     return cases
 
 
@@ -357,6 +391,11 @@ def main() -> None:
         action="store_true",
         help="time by the thread's CPU time, not wall time (needs --threads 1; for a shared machine)",
     )
+    parser.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="time only the unquantized bf16 LM head (the C++ head kernels against F.linear; errors vs float64)",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="write throughput against T here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of GFLOP/s against T here")
     args = parser.parse_args()
@@ -371,10 +410,16 @@ def main() -> None:
     specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else None
     layers = GEMV_SHAPES if args.gemv_shapes else LAYERS
-    engines = tuple(args.engines.split(",")) if args.engines else (FAST, VNNI, *FALLBACKS, A8)
+    engines = tuple(args.engines.split(",")) if args.engines else (FAST, AVX2, VNNI, *FALLBACKS, A8)
     cases: list[Case] = []
     with torch.inference_mode():
         bandwidth = read_bandwidth_gbs(args.min_time)
+        if args.lm_head:  # the head is larger than the cache on its own: no rotation needed
+            cases = make_head_cases(tokens)
+            for _ in range(args.passes):
+                for case in cases:
+                    case.measure(args.min_time)
+            specs = []
         for spec in specs:
             for index, layer in enumerate(layers):
                 head_spec = spec.weight == "int8" and spec.granularity == "channel"

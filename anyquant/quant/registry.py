@@ -38,6 +38,7 @@ _BUILTIN_MODULES = (
     "anyquant.quant.kernels.torch_cpu",
     "anyquant.quant.kernels.avx512",
     "anyquant.quant.kernels.avx512_vnni",
+    "anyquant.quant.kernels.avx2",
     "anyquant.quant.kernels.cuda",
 )
 _loaded = False

@@ -78,7 +78,11 @@ def test_inspect_describes_third_party_checkpoint(third_party: Path, name: str) 
     for group in doc["groups"]:
         if group["pattern"] == "lm_head":
             # The bf16 LM head's fast path where the CPU has it (pinned in test_avx512_kernel.py).
-            assert group["scheme"] is None and group["kernel"] in ("dense", "cpu_avx512_lm_head")
+            assert group["scheme"] is None and group["kernel"] in (
+                "dense",
+                "cpu_avx512_lm_head",
+                "cpu_avx2_lm_head",
+            )
             continue
         got = group["scheme"]
         for key, want in scheme.items():

@@ -1,5 +1,6 @@
 """GGUF types on the fast CPU kernels: which kernel each gets (and why the others refuse), and
-the AVX-512 kernel's answers for weights with float offsets within its float64 error budget."""
+the C++ kernels' answers (cpu_avx512, cpu_avx2: each where this CPU runs it) for weights with
+float offsets within their float64 error budget."""
 
 from __future__ import annotations
 
@@ -11,15 +12,29 @@ pytest.importorskip("gguf")
 
 from anyquant.errors import UnsupportedError
 from anyquant.quant.formats.gguf_blocks import BLOCK_TYPES, decode_rows
-from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
+from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel, RepackedWeightOnlyKernel
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.weight import QuantWeight
 from tests.gguf.fixtures import random_blocks
-from tests.kernels.test_avx512_kernel import BUDGET, float64_linear, needs_kernel, rel_err
+from tests.helpers.cpu_kernels import expected_kernel
+from tests.kernels.test_avx512_kernel import BUDGET, float64_linear, rel_err
 
 CPU = torch.device("cpu")
 FAST = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+KERNELS = [
+    pytest.param(
+        cls,
+        id=cls.name,
+        marks=pytest.mark.skipif(
+            (reason := cls.cannot_run(BLOCK_TYPES["Q4_K"].spec, "linear", CPU, (64, 64), torch.bfloat16))
+            is not None,
+            reason=f"{cls.name} cannot run here: {reason}",
+        ),
+    )
+    for cls in (Avx512WeightOnlyKernel, Avx2WeightOnlyKernel)
+]
 
 
 def gguf_weight(kind: str, n: int, k: int, seed: int = 0) -> QuantWeight:
@@ -28,11 +43,13 @@ def gguf_weight(kind: str, n: int, k: int, seed: int = 0) -> QuantWeight:
     return QuantWeight(BLOCK_TYPES[kind].spec, (n, k), codes, scale, offset=offset).validate(kind)
 
 
-@needs_kernel
 @pytest.mark.parametrize("kind", FAST)
-def test_fast_types_get_the_avx512_kernel(kind: str) -> None:
+def test_fast_types_get_a_cpp_kernel(kind: str) -> None:
     choice = choose_kernel(BLOCK_TYPES[kind].spec, "linear", CPU, (256, 512), torch.bfloat16)
-    assert choice.name == "cpu_avx512"
+    want = expected_kernel("cpu_avx512", "", "cpu_avx2")
+    if not want:
+        pytest.skip("neither cpu_avx512 nor cpu_avx2 runs on this CPU")
+    assert choice.name == want, choice.rejected
 
 
 def test_torch_kernels_refuse_offsets_with_the_reason() -> None:
@@ -41,15 +58,15 @@ def test_torch_kernels_refuse_offsets_with_the_reason() -> None:
         choose_kernel(BLOCK_TYPES["Q4_K"].spec, "linear", CPU, (256, 512), torch.bfloat16, prefer="cpu_int4")
 
 
-@needs_kernel
+@pytest.mark.parametrize("cls", KERNELS)
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q2_K", "Q4_1", "Q5_1", "Q6_K", "Q3_K", "IQ4_XS"])
-def test_avx512_matches_float64(kind: str) -> None:
+def test_cpp_kernels_match_float64(kind: str, cls: type[RepackedWeightOnlyKernel]) -> None:
     n, k = 72, 512
     w = gguf_weight(kind, n, k)
     gen = torch.Generator().manual_seed(1)
     bias = torch.randn(n, generator=gen)
     for dtype in (torch.bfloat16, torch.float32):
-        kernel = Avx512WeightOnlyKernel((n, k), dtype)
+        kernel = cls((n, k), dtype)
         kernel.load(w)
         reference = ReferenceKernel((n, k), dtype)
         reference.load(w)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from anyquant.quant.kernels import avx512, cpu_ext
+from anyquant.quant.kernels import avx2, avx512, cpu_ext
 from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightOnlyKernel
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.reference import dequantize, fake_quantize_activations
@@ -190,6 +190,7 @@ def test_cannot_run_says_why(
 )
 def test_fallback_serves_with_the_reason(monkeypatch: pytest.MonkeyPatch, where: str, reason: str) -> None:
     """Without the instructions or the library the pure-torch kernel serves, and says why."""
+    monkeypatch.setattr(avx2, "_cpu_reason", lambda: "CPU lacks AVX2")  # not the AVX2 kernel either
     if where == "cpu":
         monkeypatch.setattr(avx512, "_cpu_reason", lambda: reason)
     else:

@@ -247,11 +247,16 @@ def test_choose_kernel_prefers_fast_kernels(
     spec: QuantSpec, dtype: torch.dtype, expected: str, kind: LayerKind
 ) -> None:
     """A routed expert's projection is a plain [N, K] linear: the same kernel serves it. The C++
-    kernel (tests/kernels/test_avx512_kernel.py) outranks these where it can run; the pure-torch
-    choice is what serves when it cannot."""
+    kernels (tests/kernels/test_avx512_kernel.py, test_avx2_kernel.py) outrank these where they can
+    run, AVX-512 first; the pure-torch choice is what serves when they cannot."""
     choice = choose_kernel(spec, kind, CPU, (256, 512), dtype)
-    if kernel_class("cpu_avx512").cannot_run(spec, kind, CPU, (256, 512), dtype) is None:
-        assert choice.name == "cpu_avx512", choice.rejected
+    fast = [
+        name
+        for name in ("cpu_avx512", "cpu_avx2")
+        if kernel_class(name).cannot_run(spec, kind, CPU, (256, 512), dtype) is None
+    ]
+    if fast:
+        assert choice.name == fast[0], choice.rejected
         choice = choose_kernel(spec, kind, CPU, (256, 512), dtype, prefer=expected)
     assert choice.name == expected, choice.rejected
 

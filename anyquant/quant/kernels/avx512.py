@@ -12,13 +12,15 @@ per-call choice between the extension's three paths:
     micro-kernel (6 rows x 64 outputs in 24 accumulators), scales applied per group in fp32;
   - the tile path (fp32 with many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to
     fp32 (exactly as the reference forms them) and multiplied by at::mm (oneDNN).
-The pure-torch kernels in torch_cpu/ serve whatever is refused here, with the reason shown by
-`anyquant inspect`.
+The packing and the per-call preparation live in RepackedWeightOnlyKernel / RepackedLmHeadKernel,
+shared with the AVX2 kernels (avx2.py), which read the same bytes. Where neither runs, the
+pure-torch kernels in torch_cpu/ serve, with the reason shown by `anyquant inspect`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -89,19 +91,12 @@ def _table_offset(spec: QuantSpec) -> int:
     return 8 if _FORMAT[spec.weight] == _INT4 else 0
 
 
-@register_kernel
-class Avx512WeightOnlyKernel(LinearKernel):
-    """uint2/3/4, int8/uint8 and fp8 weights (fp8 also with fp8 activations) on AVX512_BF16 CPUs.
+class RepackedWeightOnlyKernel(LinearKernel):
+    """What the weight-only kernels over the extension's repacked layout share, whatever the
+    instruction set: the checks, the packing at load, the activations' preparation per call. A
+    subclass names the CPU it needs (`cpu_reason`) and the extension's ops it calls
+    (`_codes_times_scales`, `_dequantize_op`): cpu_avx512 below, cpu_avx2 in avx2.py."""
 
-    Numerics: the vector path sums bf16-exact weight values (code - offset) times the activations
-    (bf16, or fp32 as three exact bf16 parts) in fp32 per group and applies scale and zero point
-    once per group: no weight is rounded to bf16, so for bf16 compute it is closer to the float64
-    result than the reference itself (which rounds every weight to bf16). The tile path forms the
-    reference's own rounded weights. fp8 activation quantization is the reference's own function.
-    """
-
-    name = "cpu_avx512"
-    priority = 60  # above the pure-torch CPU kernels (50)
     packed: Tensor
     scale: Tensor
     zz: Tensor | None
@@ -116,6 +111,11 @@ class Avx512WeightOnlyKernel(LinearKernel):
     streamed_buffers = ("packed", "scale", "zz")
 
     @classmethod
+    def cpu_reason(cls) -> str | None:
+        """Why this CPU cannot run the subclass's instructions, or None."""
+        raise NotImplementedError
+
+    @classmethod
     def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
         if spec.weight not in _FORMAT:
             return f"weights are {spec.weight}; this kernel runs uint2/3/4, int8, uint8 and fp8"
@@ -125,13 +125,13 @@ class Avx512WeightOnlyKernel(LinearKernel):
             return f"float offsets per group of {spec.group_size} inputs; the per-group sums need a multiple of 8"
         if spec.granularity == "block" and spec.block_shape[1] % 8:
             return f"block scales {spec.block_shape} span a multiple of 8 inputs here"
-        return _cpu_reason() or cpu_ext.unavailable_reason()
+        return cls.cpu_reason() or cpu_ext.unavailable_reason()
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         if not isinstance(weight, QuantWeight):
-            raise TypeError("cpu_avx512 kernel expects a QuantWeight")
+            raise TypeError(f"{self.name} kernel expects a QuantWeight")
         if weight.num_experts is not None:
-            raise TypeError(f"cpu_avx512 kernel serves one 2-D weight, got {weight.num_experts} experts")
+            raise TypeError(f"{self.name} kernel serves one 2-D weight, got {weight.num_experts} experts")
         if tuple(weight.shape) != tuple(self.shape):
             raise TensorError(
                 "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
@@ -237,6 +237,45 @@ class Avx512WeightOnlyKernel(LinearKernel):
         return self._codes_times_scales(x, bias)
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The prepared x (compute dtype, permuted, padded) times the codes and scales, plus bias."""
+        raise NotImplementedError
+
+    def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
+        """The whole layer from the extension: [N, k_pad] in `dtype`."""
+        raise NotImplementedError
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense [N, K] weight the tile path multiplies (columns in act-order's permuted order)."""
+        k = self.shape[1]
+        dense = self._dequantize_op(dtype)
+        if self.offset_t is not None:
+            offsets = self.offset_t.t().repeat_interleave(self.group, dim=1)
+            dense = (dense.float() + offsets).to(dtype)
+        return dense[:, :k]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={getattr(self, 'group', 0)}"
+
+
+@register_kernel
+class Avx512WeightOnlyKernel(RepackedWeightOnlyKernel):
+    """uint2/3/4, int8/uint8 and fp8 weights (fp8 also with fp8 activations) on AVX512_BF16 CPUs.
+
+    Numerics: the vector path sums bf16-exact weight values (code - offset) times the activations
+    (bf16, or fp32 as three exact bf16 parts) in fp32 per group and applies scale and zero point
+    once per group: no weight is rounded to bf16, so for bf16 compute it is closer to the float64
+    result than the reference itself (which rounds every weight to bf16). The tile path forms the
+    reference's own rounded weights. fp8 activation quantization is the reference's own function.
+    """
+
+    name = "cpu_avx512"
+    priority = 60  # above cpu_avx2 (55) and the pure-torch CPU kernels (50)
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        return _cpu_reason()
+
+    def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
         n = self.shape[0]
         path = self.path(x.shape[0])
         if path == "gemv":
@@ -257,26 +296,16 @@ class Avx512WeightOnlyKernel(LinearKernel):
             return "gemv" if rows <= _BF16_GEMV_MAX_ROWS else "gemm"
         return "gemv" if rows <= _FP32_GEMV_MAX_ROWS else "tiled"
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense [N, K] weight the tile path multiplies (columns in act-order's permuted order)."""
-        n, k = self.shape
-        dense = cpu_ext.ops().dequantize(
-            self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, n, dtype
+    def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
+        return cpu_ext.ops().dequantize(
+            self.packed, self.scale, self.zz, self.lut, self.fmt, self.group, self.shape[0], dtype
         )
-        if self.offset_t is not None:
-            offsets = self.offset_t.t().repeat_interleave(self.group, dim=1)
-            dense = (dense.float() + offsets).to(dtype)
-        return dense[:, :k]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group={getattr(self, 'group', 0)}"
 
 
 _DECODED = 3  # the extension's format for weights already held as bf16 words
 
 
-@register_kernel
-class Avx512DenseLmHeadKernel(LinearKernel):
+class RepackedLmHeadKernel(LinearKernel):
     """An unquantized bfloat16 LM head through the same vector kernel, weights stored as bf16 words.
 
     The LM head is the largest matrix a small model reads per token (151936 x 896 bf16 = 272 MB
@@ -287,8 +316,6 @@ class Avx512DenseLmHeadKernel(LinearKernel):
     table is held once.
     """
 
-    name = "cpu_avx512_lm_head"
-    priority = 110  # above the dense kernel (100)
     streamed_buffers = ("packed",)
     packed: Tensor
     scale: Tensor
@@ -308,18 +335,26 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         if device.type != "cpu":
             return f"runs on CPU only, the layer is on {device.type}"
         if spec is not None:
-            return "layer is quantized (cpu_avx512 runs quantized layers)"
+            return f"layer is quantized ({cls.quantized_kernel} runs quantized layers)"
         if kind != "lm_head":
             return f"only the unquantized LM head runs here, not {kind} layers"
         if compute_dtype != torch.bfloat16:
             return f"compute dtype {compute_dtype}: only bfloat16 weights are kept as words"
         if min(shape) <= 0:
             return f"layer shape {list(shape)} has no weights"
-        return _cpu_reason() or cpu_ext.unavailable_reason()
+        return cls.cpu_reason() or cpu_ext.unavailable_reason()
+
+    # The quantized-layer kernel of the same instruction set, named in the refusal above.
+    quantized_kernel: ClassVar[str] = ""
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        """Why this CPU cannot run the subclass's instructions, or None."""
+        raise NotImplementedError
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         if isinstance(weight, QuantWeight):
-            raise TypeError("cpu_avx512_lm_head expects a plain tensor")
+            raise TypeError(f"{self.name} expects a plain tensor")
         n, k = self.shape
         if tuple(weight.shape) != (n, k):
             raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
@@ -352,5 +387,26 @@ class Avx512DenseLmHeadKernel(LinearKernel):
         x = x.to(torch.bfloat16)
         if self.k_pad != k:
             x = torch.nn.functional.pad(x, (0, self.k_pad - k))
+        return self._product(x, bias)
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The padded bf16 x times the words, plus bias."""
+        raise NotImplementedError
+
+
+@register_kernel
+class Avx512DenseLmHeadKernel(RepackedLmHeadKernel):
+    """The bf16 LM head on AVX512_BF16 CPUs: vdpbf16ps over the words (gemv.h), the GEMM for many rows."""
+
+    name = "cpu_avx512_lm_head"
+    priority = 110  # above cpu_avx2_lm_head (105) and the dense kernel (100)
+    quantized_kernel = "cpu_avx512"
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        return _cpu_reason()
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        n = self.shape[0]
         op = cpu_ext.ops().gemv if x.shape[0] <= _BF16_GEMV_MAX_ROWS else cpu_ext.ops().gemm
         return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)

@@ -25,11 +25,19 @@ from typing import Any
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("cpu_linear.cpp", "cpu_moe.cpp", "cpu_vnni.cpp", "cpu_moe_vnni.cpp", "cpu_attention.cpp")
+_SOURCES = (
+    "cpu_linear.cpp",
+    "cpu_linear_avx2.cpp",
+    "cpu_moe.cpp",
+    "cpu_vnni.cpp",
+    "cpu_moe_vnni.cpp",
+    "cpu_attention.cpp",
+)
 # Not compiled on their own, but part of what a build is keyed on.
 _HEADERS = (
     "gemv.h",
     "gemm_tile.h",
+    "gemv_avx2.h",
     "vnni.h",
     "moe_routing.h",
     "attention.h",

@@ -1,0 +1,309 @@
+#pragma once
+
+// Weight-only quantized linear layers for CPUs with AVX2 + FMA (no AVX-512): the matrix-vector
+// core over gemv.h's repacked layout (the same bytes, packed once by avx512.py), and the
+// dequantization of tiles to fp32 for at::mm (the many-rows path).
+//
+// Reading the layout 256 bits at a time: a 64-byte chunk of a 16-row block is two halves, rows
+// 0..7 and rows 8..15, and 32-bit lane i of a half holds words 2i and 2i+1, i.e. (row i, k) in
+// its low 16 bits and (row i, k+1) in its high 16 bits. So every decoded value lands in the lane
+// of its row, with no cross-lane shuffles:
+//   int4 (one chunk = inputs k..k+7): input k+j is nibble j/2 of the low (j even) or high (j odd)
+//        half-lane: (lane >> (4 * (j / 2) + 16 * (j % 2))) & 0xF;
+//   int8 / uint8 (one chunk = inputs k..k+3): bytes 0, 2, 1, 3 of the lane are inputs k, k+1,
+//        k+2, k+3 (u = the code + 128 for int8, the code for uint8);
+//   kDecoded (bf16 words, one chunk = one pair k, k+1): lane << 16 and lane & 0xFFFF0000 are the
+//        fp32 values of (row i, k) and (row i, k+1).
+// The integer codes go to fp32 with vcvtdq2ps, exactly: the decoded value is the code itself,
+// `code_shift` more than the table value gemv.h's scales and zero points are stated against
+// (int4: code - 8; 8-bit: u - 128). As in gemv.h's offset decoder, that shift comes off once per
+// span with the zero point: y += scale * (sum of v * x - (zz + shift) * sum of x). The products are
+// exact for bf16 x (a 4- or 8-bit code times an 8-bit mantissa) and the running sums are as
+// large as those of the signed values (|code| <= 15 against |code - 8| <= 8), so bf16 compute
+// keeps gemv.h's accuracy; fp32 x (24-bit mantissas) needs no split into bf16 parts on this
+// path: it is plain fp32 FMA, the products rounded once each.
+//
+// The x rows are fp32 (bf16 x widened once per call), broadcast per input from memory
+// (vbroadcastss is a load-port operation on AVX2 CPUs).
+//
+// Only functions marked AQ_AVX2 contain AVX2/FMA code, so the library still loads on any x86-64
+// CPU; the Python side (avx2.py) refuses where the CPU lacks the instructions.
+
+#include "gemv.h"
+
+#define AQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace {
+namespace avx2 {
+
+// What the decoded value exceeds the table value by (see above).
+template <int64_t FMT>
+constexpr float code_shift() {
+  return FMT == kInt4 ? 8.f : FMT == kInt8 ? 128.f : 0.f;
+}
+
+// Chunks of 64 bytes per 8 inputs of one block, and inputs per chunk.
+template <int64_t FMT>
+constexpr int chunks_per_8() {
+  return FMT == kInt4 ? 1 : FMT == kInt8 ? 2 : 4;
+}
+
+// Input J of one half-chunk `v` (rows 0..7 or 8..15) as fp32, per the table above.
+template <int64_t FMT, int J>
+AQ_AVX2 __attribute__((always_inline)) inline __m256 decode(__m256i v) {
+  if constexpr (FMT == kInt4) {
+    constexpr int shift = 4 * (J / 2) + 16 * (J % 2);
+    if constexpr (shift == 28) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    const __m256i nib = _mm256_set1_epi32(0xF);
+    if constexpr (shift == 0) return _mm256_cvtepi32_ps(_mm256_and_si256(v, nib));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), nib));
+  } else if constexpr (FMT == kInt8) {
+    constexpr int shift = J == 0 ? 0 : J == 1 ? 16 : J == 2 ? 8 : 24;
+    if constexpr (shift == 24) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 24));
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    if constexpr (shift == 0) return _mm256_cvtepi32_ps(_mm256_and_si256(v, byte));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), byte));
+  } else {  // kDecoded
+    if constexpr (J == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+}
+
+struct Args {
+  Layout w;
+  const float* x;     // fp32 [rows, kp]
+  const float* xsum;  // [rows, nspans] sums of x per span (needed with zz or a code shift)
+  const float* bias;  // fp32 [n] or nullptr
+  void* out;          // [rows, out_stride], fp32 or bf16
+  bool out_bf16;
+  int64_t out_stride;
+};
+
+// Bytes ahead of the current load that the vector path prefetches.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// acc[m][H][*] += input k + J (of the chunk's half H) times x[m][k + J], for inputs J..IPC-1.
+template <int64_t FMT, int M, int U, int H, int J, int IPC>
+AQ_AVX2 __attribute__((always_inline)) inline void fma_inputs(__m256i v, const float* const* xr, int64_t k,
+                                                              __m256 (&acc)[M][2][U]) {
+  if constexpr (J < IPC) {
+    const __m256 d = decode<FMT, J>(v);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+      acc[m][H][J % U] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(xr[m] + k + J), acc[m][H][J % U]);
+    fma_inputs<FMT, M, U, H, J + 1, IPC>(v, xr, k, acc);
+  }
+}
+
+// Chunks C.. of one 8-input step at p (inputs k..k+7).
+template <int64_t FMT, int M, int U, int C>
+AQ_AVX2 __attribute__((always_inline)) inline void step_chunks(const uint8_t* p, const float* const* xr, int64_t k,
+                                                               __m256 (&acc)[M][2][U]) {
+  constexpr int chunks = chunks_per_8<FMT>(), ipc = 8 / chunks;
+  if constexpr (C < chunks) {
+    const uint8_t* q = p + 64 * C;
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+    fma_inputs<FMT, M, U, 0, 0, ipc>(lo, xr, k + C * ipc, acc);
+    fma_inputs<FMT, M, U, 1, 0, ipc>(hi, xr, k + C * ipc, acc);
+    step_chunks<FMT, M, U, C + 1>(p, xr, k, acc);
+  }
+}
+
+// Round fp32 to bf16 (nearest even; inputs are finite sums) and store `valid` of the 8 words.
+AQ_AVX2 inline void store_bf16(int16_t* dst, __m256 y, int64_t valid) {
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, lsb), _mm256_set1_epi32(0x7FFF)), 16);
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  if (valid >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), words);
+  } else if (valid > 0) {
+    alignas(16) int16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), words);
+    std::memcpy(dst, tmp, static_cast<size_t>(valid) * 2);
+  }
+}
+
+AQ_AVX2 inline void store_f32(float* dst, __m256 y, int64_t valid) {
+  if (valid >= 8) {
+    _mm256_storeu_ps(dst, y);
+  } else if (valid > 0) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, y);
+    std::memcpy(dst, tmp, static_cast<size_t>(valid) * 4);
+  }
+}
+
+// Up to 8 outputs of the bias at col (0 past n).
+AQ_AVX2 inline __m256 load_partial(const float* src, int64_t valid) {
+  if (valid >= 8) return _mm256_loadu_ps(src);
+  alignas(32) float tmp[8] = {};
+  if (valid > 0) std::memcpy(tmp, src, static_cast<size_t>(valid) * 4);
+  return _mm256_load_ps(tmp);
+}
+
+// Rows m0..m0+M of x against blocks b0..b1, 8 inputs per step. Accumulators: U per row and half,
+// M * 2 * U = 8 chains in flight (FMA latency 4 on two pipes).
+template <int64_t FMT, int M>
+AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
+  constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;
+  constexpr int64_t step_bytes = 2 * bytes_per_4k(FMT);
+  constexpr float shift = code_shift<FMT>();
+  const Layout& w = a.w;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const int64_t span_bytes = w.span / 4 * bytes_per_4k(FMT);
+  const float* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
+  const int64_t spans_per_group = w.group / w.span;
+  const bool offsets = shift != 0.f || w.zz != nullptr;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* pb = w.packed + b * block_bytes;
+    __m256 out[M][2];
+    for (int m = 0; m < M; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
+    for (int64_t q = 0, g = 0, in_group = 0; q < w.nspans; ++q) {
+      const uint8_t* p = pb + q * span_bytes;
+      __m256 acc[M][2][U];
+      for (int m = 0; m < M; ++m)
+        for (int h = 0; h < 2; ++h)
+          for (int u = 0; u < U; ++u) acc[m][h][u] = _mm256_setzero_ps();
+      const int64_t k0 = q * w.span;
+      for (int64_t k = 0; k < w.span; k += 8, p += step_bytes) step_chunks<FMT, M, U, 0>(p, xr, k0 + k, acc);
+      const float* sg = w.scale + (b * w.ng + g) * 16;
+      for (int h = 0; h < 2; ++h) {
+        const __m256 s = _mm256_loadu_ps(sg + 8 * h);
+        __m256 zs = _mm256_setzero_ps();
+        if (offsets) {
+          __m256 zc = w.zz != nullptr ? _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8 * h) : _mm256_setzero_ps();
+          zc = _mm256_add_ps(zc, _mm256_set1_ps(shift));
+          zs = _mm256_mul_ps(s, zc);
+        }
+        for (int m = 0; m < M; ++m) {
+          __m256 sum = acc[m][h][0];
+          for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][h][u]);
+          out[m][h] = _mm256_fmadd_ps(sum, s, out[m][h]);
+          if (offsets) out[m][h] = _mm256_fnmadd_ps(zs, _mm256_set1_ps(a.xsum[(m0 + m) * w.nspans + q]), out[m][h]);
+        }
+      }
+      if (++in_group == spans_per_group) {
+        in_group = 0;
+        ++g;
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t col = b * 16 + 8 * h;
+      const int64_t valid = std::min<int64_t>(8, w.n - col);
+      const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
+      for (int m = 0; m < M; ++m) {
+        const __m256 y = _mm256_add_ps(out[m][h], bias);
+        if (a.out_bf16) {
+          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+        } else {
+          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+        }
+      }
+    }
+  }
+}
+
+template <int64_t FMT>
+void gemv_rows(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  switch (rows) {
+    case 1: return gemv_blocks<FMT, 1>(a, m0, b0, b1);
+    case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
+    case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
+    default: return gemv_blocks<FMT, 4>(a, m0, b0, b1);
+  }
+}
+
+inline void gemv_fmt(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  switch (a.w.fmt) {
+    case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
+    case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
+    default: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
+  }
+}
+
+// Any number of rows, 4 at a time. Up to 4 rows stream blocks b0..b1 once; more rows take one
+// block at a time through every group of 4 rows, so the block is read from memory once and
+// from L1/L2 by the other groups (measured on Zen 3: 4 rows run at ~50 GFLOP/s, as many as
+// the fp32 tile path reaches at 512 rows, against ~13 for the tile path at 5 rows).
+inline void gemv_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  if (rows <= 4) return gemv_fmt(a, 0, rows, b0, b1);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) gemv_fmt(a, m0, std::min<int64_t>(4, rows - m0), b, b + 1);
+}
+
+// bf16 words -> fp32, n % 8 == 0.
+AQ_AVX2 inline void widen_bf16(const int16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(words), 16)));
+  }
+}
+
+// sums[r * (kp / span) + q] = fp32 sum of row r's inputs q * span .. (q + 1) * span (span % 8 == 0).
+AQ_AVX2 inline void span_sums(const float* x, int64_t rows, int64_t kp, int64_t span, float* sums) {
+  const int64_t ns = kp / span;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < ns; ++q) {
+      const float* p = x + r * kp + q * span;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t k = 0; k < span; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(p + k));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc);
+      float total = 0.f;
+      for (float v : lanes) total += v;
+      sums[r * ns + q] = total;
+    }
+  }
+}
+
+// Blocks b0..b1 dequantized, (v - zz - shift) * scale = (table value - zz) * scale in fp32 (the
+// subtraction exact, one rounding: the reference's weights), into a [kp, ld] tile of W.T whose
+// column 0 is block tile_b0's row 0.
+template <int64_t FMT, int H, int J, int IPC>
+AQ_AVX2 __attribute__((always_inline)) inline void store_inputs(__m256i v, __m256 s, __m256 z, float* dst,
+                                                                int64_t ld) {
+  if constexpr (J < IPC) {
+    _mm256_storeu_ps(dst + J * ld + 8 * H, _mm256_mul_ps(_mm256_sub_ps(decode<FMT, J>(v), z), s));
+    store_inputs<FMT, H, J + 1, IPC>(v, s, z, dst, ld);
+  }
+}
+
+template <int64_t FMT>
+AQ_AVX2 void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t tile_b0, float* tile, int64_t ld) {
+  constexpr int chunks = chunks_per_8<FMT>(), ipc = 8 / chunks;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = w.packed + b * block_bytes;
+    float* col = tile + (b - tile_b0) * 16;
+    for (int64_t g = 0; g < w.ng; ++g) {
+      const float* sg = w.scale + (b * w.ng + g) * 16;
+      const __m256 s0 = _mm256_loadu_ps(sg), s1 = _mm256_loadu_ps(sg + 8);
+      __m256 z0 = _mm256_set1_ps(code_shift<FMT>()), z1 = z0;
+      if (w.zz != nullptr) {
+        z0 = _mm256_add_ps(z0, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16));
+        z1 = _mm256_add_ps(z1, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8));
+      }
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += ipc, p += 64) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+        store_inputs<FMT, 0, 0, ipc>(lo, s0, z0, col + k * ld, ld);
+        store_inputs<FMT, 1, 0, ipc>(hi, s1, z1, col + k * ld, ld);
+      }
+    }
+  }
+}
+
+inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t tile_b0, float* tile, int64_t ld) {
+  switch (w.fmt) {
+    case kInt4: return dequant_blocks<kInt4>(w, b0, b1, tile_b0, tile, ld);
+    case kInt8: return dequant_blocks<kInt8>(w, b0, b1, tile_b0, tile, ld);
+    default: return dequant_blocks<kDecoded>(w, b0, b1, tile_b0, tile, ld);
+  }
+}
+
+}  // namespace avx2
+}  // namespace

@@ -1,0 +1,196 @@
+"""The C++ AVX2 + FMA kernels (cpu_avx2, cpu_avx2_lm_head) against float64, their refusals and
+their choice on CPUs without AVX512_BF16.
+
+Error budgets (relative L2 error against a float64 dequantize + matmul of the same quantized weight
+and the same compute-dtype activations), as for cpu_avx512:
+- bfloat16: the vector path multiplies the exact codes by the bf16 inputs in fp32 and rounds only
+  the output; the tile path multiplies the reference's fp32 weights in fp32. Budget 4e-3, and
+  never worse than the reference kernel's own error by more than 1.5x.
+- float32: plain fp32 FMA over exact codes (vector path) or the reference's fp32 weights (tile
+  path): only rounding of the products and summation order differ. Budget 2e-6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from anyquant.quant.kernels import avx2, avx512, cpu_ext
+from anyquant.quant.kernels.avx2 import Avx2DenseLmHeadKernel, Avx2WeightOnlyKernel
+from anyquant.quant.kernels.reference import ReferenceKernel
+from anyquant.quant.reference import dequantize
+from anyquant.quant.registry import choose_kernel
+from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
+from tests.helpers.quant_weights import random_weight
+
+F32, BF16 = torch.float32, torch.bfloat16
+CPU = torch.device("cpu")
+BUDGET = {BF16: 4e-3, F32: 2e-6}
+
+SPECS = [
+    QuantSpec("uint4", "group", group_size=32),
+    QuantSpec("uint4", "group", group_size=64, has_zero=True),
+    QuantSpec("uint4", "group", group_size=128),
+    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True),
+    QuantSpec("uint4", "channel", has_zero=True),
+    QuantSpec("uint3", "group", group_size=64),
+    QuantSpec("uint2", "group", group_size=32, has_zero=True),
+    QuantSpec("int8", "channel"),
+    QuantSpec("int8", "group", group_size=128),
+    QuantSpec("uint8", "channel"),
+    QuantSpec("uint8", "group", group_size=64, has_zero=True),
+]
+# (N, K): out not a multiple of 16 (nor of 8), in not a multiple of the group (a short last group).
+SHAPES = [(200, 96), (73, 328)]
+# 1..5 rows around the vector path's 4-row step, 16 its last, the tile path beyond.
+TOKENS = (1, 2, 3, 4, 5, 7, 16, 17, 64, 300)
+
+UNAVAILABLE = Avx2WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
+needs_kernel = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx2 cannot run here: {UNAVAILABLE}")
+
+
+def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None) -> Tensor:
+    y = x.double() @ dequantize(w, torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+def test_matches_float64(spec: QuantSpec) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, k in SHAPES:
+        w = random_weight(spec, n, k, seed=n + k)
+        bias = torch.randn(n, generator=gen)
+        for dtype in (BF16, F32):
+            kernel = Avx2WeightOnlyKernel((n, k), dtype)
+            kernel.load(w)
+            reference = ReferenceKernel((n, k), dtype)
+            reference.load(w)
+            for t in TOKENS:
+                x = torch.randn(t, k, generator=gen).to(dtype)
+                b = bias.to(dtype) if t % 2 else None
+                y = kernel(x, b)
+                assert y.dtype == dtype and y.shape == (t, n)
+                truth = float64_linear(x, w, b)
+                err = rel_err(y, truth)
+                where = f"{spec.describe()} {n}x{k} T={t} {dtype} ({kernel.path(t)})"
+                assert err <= BUDGET[dtype], f"{where}: {err:.2e}"
+                if dtype == BF16:
+                    assert err <= 1.5 * rel_err(reference(x, b), truth) + 1e-4, f"{where}: {err:.2e}"
+
+
+@needs_kernel
+def test_tile_path_forms_the_reference_weights() -> None:
+    """The weights the tile path multiplies are the reference's, bit for bit, in both dtypes."""
+    for spec in (SPECS[1], SPECS[3], SPECS[6], SPECS[7], SPECS[10]):
+        w = random_weight(spec, 73, 328, seed=5)
+        for dtype in (BF16, F32):
+            kernel = Avx2WeightOnlyKernel((73, 328), dtype)
+            kernel.load(w)
+            want = dequantize(w, dtype)
+            if kernel.perm is not None:
+                want = want[:, kernel.perm]
+            assert torch.equal(kernel.dequantized(dtype), want), spec.describe()
+
+
+@needs_kernel
+def test_zero_rows_and_experts_kind() -> None:
+    assert Avx2WeightOnlyKernel.cannot_run(SPECS[0], "experts", CPU, (64, 96), BF16) is None
+    kernel = Avx2WeightOnlyKernel((64, 96), BF16)
+    kernel.load(random_weight(SPECS[0], 64, 96, seed=1))
+    assert kernel(torch.empty(0, 96, dtype=BF16)).shape == (0, 64)
+
+
+@needs_kernel
+def test_dense_lm_head_matches_float64_and_reads_tied_rows() -> None:
+    """bf16 words widened exactly and summed in fp32, rounded once: F.linear's own accuracy; the
+    rows a tied embedding looks up are the weight's own."""
+    gen = torch.Generator().manual_seed(4)
+    for n, k in ((200, 100), (73, 328)):
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(BF16)
+        kernel = Avx2DenseLmHeadKernel((n, k), BF16)
+        kernel.load(w)
+        for t in TOKENS:
+            x = torch.randn(t, k, generator=gen).to(BF16)
+            b = torch.randn(n, generator=gen).to(BF16) if t % 2 else None
+            truth = x.double() @ w.double().T + (b.double() if b is not None else 0)
+            err = rel_err(kernel(x, b), truth)
+            assert err <= 1.5 * rel_err(torch.nn.functional.linear(x, w, b), truth) + 1e-4, (n, k, t, err)
+        ids = torch.tensor([0, n - 1, 17, 16, 17])
+        assert torch.equal(kernel.rows(ids), w[ids])
+    assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 73)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "dtype", "words"),
+    [
+        (QuantSpec("fp8_e4m3", "channel"), "linear", BF16, "integer codes only"),
+        (QuantSpec("uint4", "group", group_size=32), "router", F32, "MoE routers"),
+        (None, "linear", BF16, "unquantized"),
+    ],
+)
+def test_cannot_run_says_why(spec: QuantSpec | None, kind: LayerKind, dtype: torch.dtype, words: str) -> None:
+    reason = Avx2WeightOnlyKernel.cannot_run(spec, kind, CPU, (64, 64), dtype)
+    assert reason is not None and words in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "dtype", "words"),
+    [
+        (SPECS[0], "lm_head", BF16, "quantized (cpu_avx2 runs"),
+        (None, "linear", BF16, "only the unquantized LM head"),
+        (None, "lm_head", F32, "only bfloat16"),
+    ],
+)
+def test_dense_lm_head_cannot_run_says_why(
+    spec: QuantSpec | None, kind: LayerKind, dtype: torch.dtype, words: str
+) -> None:
+    reason = Avx2DenseLmHeadKernel.cannot_run(spec, kind, CPU, (64, 64), dtype)
+    assert reason is not None and words in reason, reason
+
+
+def test_cpu_reason_matches_the_extension() -> None:
+    """The Python check of the CPU's flags agrees with the compiler's own (__builtin_cpu_supports)."""
+    if cpu_ext.unavailable_reason() is not None:
+        pytest.skip(f"no extension: {cpu_ext.unavailable_reason()}")
+    assert (avx2._cpu_reason() is None) == bool(cpu_ext.ops().avx2_supported())
+
+
+@needs_kernel
+def test_chosen_where_avx512_cannot_run() -> None:
+    """Below cpu_avx512 and above the pure-torch kernels: an AVX2-only CPU gets cpu_avx2 for every
+    integer spec and cpu_avx2_lm_head for the bf16 head; fp8 stays on the pure-torch kernel."""
+    fast = avx512._cpu_reason() is None
+    for spec in SPECS:
+        for kind in ("linear", "experts", "lm_head"):
+            choice = choose_kernel(spec, kind, CPU, (200, 328), BF16)
+            assert choice.name == ("cpu_avx512" if fast else "cpu_avx2"), choice.rejected
+    head = choose_kernel(None, "lm_head", CPU, (1000, 64), BF16).name
+    assert head == ("cpu_avx512_lm_head" if fast else "cpu_avx2_lm_head")
+    assert choose_kernel(None, "lm_head", CPU, (1000, 64), F32).name == "dense"
+    if not fast:
+        assert choose_kernel(QuantSpec("fp8_e4m3", "channel"), "linear", CPU, (200, 328), BF16).name == (
+            "cpu_fp8_dequant"
+        )
+
+
+def test_fallback_serves_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the instructions the pure-torch kernel serves, and says why."""
+    monkeypatch.setattr(avx512, "_cpu_reason", lambda: "CPU lacks AVX-512 (F/BW/VL/DQ)")
+    monkeypatch.setattr(avx2, "_cpu_reason", lambda: "CPU lacks AVX2")
+    choice = choose_kernel(SPECS[0], "linear", CPU, (256, 512), BF16)
+    assert choice.name == "cpu_int4"
+    assert ("cpu_avx2", "CPU lacks AVX2") in choice.rejected
+
+
+@needs_kernel
+def test_read_bytes_reads_every_byte() -> None:
+    """The roofline benchmarks' streaming read: the checksum of every 64-bit word, whichever ISA."""
+    data = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    words = data.view(torch.int64).view(-1, 8).numpy()
+    want = int(np.bitwise_xor.reduce(words, axis=0).sum())
+    assert int(cpu_ext.ops().read_bytes(data)) == want
