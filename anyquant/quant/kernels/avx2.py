@@ -40,24 +40,15 @@ _GEMV_MAX_ROWS = 16
 _TILE_BLOCKS = 16
 
 
-_NEEDED_FLAGS = ("avx2", "fma", "f16c")
-
-
 @functools.cache
 def _cpu_reason() -> str | None:
-    """Why this CPU cannot run the AVX2 kernels' instructions, or None."""
+    """Why this CPU cannot run the AVX2 kernels' instructions, or None. FMA and F16C are asked of
+    the compiled library (the compiler's own CPU check, `avx2_supported`), not read here again."""
     if not torch.cpu._is_avx2_supported():
         return "CPU lacks AVX2"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set()
-            )
-    except OSError:
-        pass  # no cpuinfo to read: AVX2 CPUs all have FMA and F16C
-    missing = [flag for flag in _NEEDED_FLAGS if flags and flag not in flags]
-    return f"CPU lacks {', '.join(missing).upper()}" if missing else None
+    if cpu_ext.unavailable_reason() is not None:
+        return None  # the kernels' `cannot_run` reports why the library is unavailable
+    return None if cpu_ext.ops().avx2_supported() else "CPU lacks FMA or F16C"
 
 
 @register_kernel
