@@ -57,6 +57,8 @@ HEAVY_OPS = (
     "aten::_scaled_dot_product_attention_math",
     "anyquant_cpu::gemv",
     "anyquant_cpu::tiled_mm",
+    "anyquant_cpu::avx2_gemv",
+    "anyquant_cpu::avx2_rows_mm",
     "anyquant_cpu::vnni_linear",
     "anyquant_cpu::moe_experts",
     "anyquant_cpu::paged_decode_attention",

@@ -95,6 +95,9 @@ VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
 # cpu_avx512 held to its vector path at every row count (the many-rows path before the GEMM):
 # an A/B of the GEMM in the same run. Timed only when --engines names it.
 VECTOR = "cpu_avx512 (vector)"
+# cpu_avx2 held to one path at every row count ("gemv" runs bf16 compute only): A/Bs of the paths
+# in the same run, for the row threshold in avx2.py. Timed only when --engines names them.
+AVX2_FORCED = {"cpu_avx2 (vector)": "gemv", "cpu_avx2 (rows)": "rows"}
 INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
@@ -254,6 +257,11 @@ def make_cases(
         if kernel is not None:
             kernel.path = lambda rows: "gemv"  # type: ignore[method-assign]
             layers[VECTOR] = kernel
+    for forced, path in AVX2_FORCED.items():
+        kernel = build(AVX2, w, dtype) if forced in engines else None
+        if kernel is not None:
+            kernel.path = lambda rows, path=path: path  # type: ignore[method-assign]
+            layers[forced] = kernel
     if A8 in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
         kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
         if kernel is not None:

@@ -4,10 +4,10 @@ their choice on CPUs without AVX512_BF16.
 Error budgets (relative L2 error against a float64 dequantize + matmul of the same quantized weight
 and the same compute-dtype activations), as for cpu_avx512:
 - bfloat16: the vector path multiplies the exact codes by the bf16 inputs in fp32 and rounds only
-  the output; the tile path multiplies the reference's fp32 weights in fp32. Budget 4e-3, and
+  the output; the rows kernel multiplies the reference's fp32 weights in fp32. Budget 4e-3, and
   never worse than the reference kernel's own error by more than 1.5x.
-- float32: plain fp32 FMA over exact codes (vector path) or the reference's fp32 weights (tile
-  path): only rounding of the products and summation order differ. Budget 2e-6.
+- float32: the rows kernel at every row count, plain fp32 FMA over the reference's fp32 weights:
+  only rounding of the products and summation order differ. Budget 2e-6.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from anyquant.layers import custom_ops
 from anyquant.quant.kernels import avx2, avx512, cpu_ext
 from anyquant.quant.kernels.avx2 import Avx2DenseLmHeadKernel, Avx2WeightOnlyKernel
 from anyquant.quant.kernels.reference import ReferenceKernel
@@ -46,8 +47,9 @@ SPECS = [
 ]
 # (N, K): out not a multiple of 16 (nor of 8), in not a multiple of the group (a short last group).
 SHAPES = [(200, 96), (73, 328)]
-# 1..5 rows around the vector path's 4-row step, 16 its last, the tile path beyond.
-TOKENS = (1, 2, 3, 4, 5, 7, 16, 17, 64, 300)
+# Around the vector path's 4-row step and its last row count (8); the rows kernel beyond, around its
+# 6-row register tiles and 64-row panels.
+TOKENS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 130)
 
 UNAVAILABLE = Avx2WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
 needs_kernel = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx2 cannot run here: {UNAVAILABLE}")
@@ -70,9 +72,11 @@ def test_matches_float64(spec: QuantSpec) -> None:
             kernel.load(w)
             reference = ReferenceKernel((n, k), dtype)
             reference.load(w)
+            paths = set()
             for t in TOKENS:
                 x = torch.randn(t, k, generator=gen).to(dtype)
                 b = bias.to(dtype) if t % 2 else None
+                paths.add(kernel.path(t))
                 y = kernel(x, b)
                 assert y.dtype == dtype and y.shape == (t, n)
                 truth = float64_linear(x, w, b)
@@ -81,17 +85,23 @@ def test_matches_float64(spec: QuantSpec) -> None:
                 assert err <= BUDGET[dtype], f"{where}: {err:.2e}"
                 if dtype == BF16:
                     assert err <= 1.5 * rel_err(reference(x, b), truth) + 1e-4, f"{where}: {err:.2e}"
+            assert paths == ({"gemv", "rows"} if dtype == BF16 else {"rows"}), paths
 
 
 @needs_kernel
-def test_tile_path_forms_the_reference_weights() -> None:
-    """The weights the tile path multiplies are the reference's, bit for bit, in both dtypes."""
-    for spec in (SPECS[1], SPECS[3], SPECS[6], SPECS[7], SPECS[10]):
+def test_rows_kernel_multiplies_the_reference_weights() -> None:
+    """The rows kernel's weights are the reference's, bit for bit, in both dtypes: with x the
+    identity (one product with 1.0 per output) it returns W.T exactly, through chunks of inputs that
+    split groups (K = 328 > the 256-input chunk) and act-order's permutation; `dequantized` (the
+    whole layer at once) gives the same weights."""
+    for spec in (SPECS[1], SPECS[3], SPECS[4], SPECS[6], SPECS[7], SPECS[10]):
         w = random_weight(spec, 73, 328, seed=5)
         for dtype in (BF16, F32):
             kernel = Avx2WeightOnlyKernel((73, 328), dtype)
             kernel.load(w)
+            assert kernel.path(328) == "rows"
             want = dequantize(w, dtype)
+            assert torch.equal(kernel(torch.eye(328, dtype=dtype)), want.T), spec.describe()
             if kernel.perm is not None:
                 want = want[:, kernel.perm]
             assert torch.equal(kernel.dequantized(dtype), want), spec.describe()
@@ -194,3 +204,19 @@ def test_read_bytes_reads_every_byte() -> None:
     words = data.view(torch.int64).view(-1, 8).numpy()
     want = int(np.bitwise_xor.reduce(words, axis=0).sum())
     assert int(cpu_ext.ops().read_bytes(data)) == want
+
+
+@needs_kernel
+def test_shape_only_fakes_agree_with_the_ops() -> None:
+    """The captured step traces the ops through their fakes (layers/custom_ops.py): each fake's
+    output matches the op's own in shape, dtype and device, on both sides of the row threshold."""
+    custom_ops.register_extension_fakes()
+    kernel = Avx2WeightOnlyKernel((73, 328), BF16)
+    kernel.load(random_weight(SPECS[1], 73, 328, seed=2))
+    ops = cpu_ext.ops()
+    for rows in (3, avx2._GEMV_MAX_ROWS + 1):
+        for dtype in (BF16, F32):
+            x = torch.randn(rows, kernel.k_pad).to(dtype)
+            args = (x, kernel.packed, kernel.scale, kernel.zz, kernel.lut, None, kernel.fmt, kernel.group, 73)
+            for op in (ops.avx2_gemv, ops.avx2_rows_mm):
+                torch.library.opcheck(op, args, test_utils="test_faketensor")

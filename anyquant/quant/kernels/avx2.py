@@ -2,14 +2,18 @@
 
 The same repacked layout as cpu_avx512 (packed at load by avx512.py's RepackedWeightOnlyKernel
 and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h 256 bits at a
-time. Paths per call:
-  - the vector kernel (bf16 compute, up to 16 rows): streams the packed weights once, decodes the
-    codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x widened
-    exactly). fp32 compute takes the tile path at every row count (see `path`);
-  - the tile path (many rows): tiles of 16 * `_TILE_BLOCKS` output rows dequantized to fp32
-    (exactly the reference's fp32 weights) and multiplied by at::mm in fp32, the result rounded
-    to the compute dtype. On an AVX2 CPU there is no bf16 dot product instruction, so fp32 GEMM
-    is also the fastest way to run bf16 prompts.
+time. Paths per call (`path`):
+  - the vector kernel ("gemv", bf16 compute, few rows): streams the packed weights once, decodes
+    the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
+    widened exactly);
+  - the rows kernel ("rows", batched decode and prompts): per block of 16 outputs, chunks of 256
+    inputs dequantized once into an L1-resident fp32 scratch (exactly the reference's fp32
+    weights) that every row of x then runs over, 6 rows at a time in registers, the result
+    rounded to the compute dtype. The vector kernel decodes again for every 4 rows, which beyond 8
+    rows costs more than the scratch's stores and loads. It replaced a tile path (whole tiles of
+    fp32 weights written to memory, then at::mm), which it beat at every row count measured, up
+    to 2048 (see benchmarks/RESULTS.md). On an AVX2 CPU there is no bf16 dot product
+    instruction, so fp32 FMA is also the fastest way to run bf16 prompts.
 fp8 weights have no AVX2 decoder yet: they go to the pure-torch kernel (cpu_fp8_dequant), with the
 reason shown by `anyquant inspect`.
 """
@@ -32,12 +36,12 @@ from anyquant.quant.kernels.avx512 import (
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import QuantSpec
 
-# Up to this many rows of x the vector kernel (beyond 4 rows it takes one block through every group
-# of 4 rows, the block then read from cache), beyond it the tile path. Measured on Zen 3 (one
-# thread, int4 g128, Qwen2.5-0.5B gate/up and a Qwen3-30B-A3B expert's down projection): the
-# vector kernel 1.1-1.4x faster at 16 rows, 3.1x at 5; the tile path 1.1-1.2x faster at 64 rows.
-_GEMV_MAX_ROWS = 16
-_TILE_BLOCKS = 16
+# Up to this many rows of x the vector kernel (bf16 compute), beyond it the rows kernel. Measured
+# on Zen 3 (one thread, int4 g128, the Qwen2.5-0.5B qkv, o, gate/up and down shapes,
+# benchmarks/linear_kernels.py's forced-path engines): the vector kernel is 1.1-1.2x the rows
+# kernel at 4 rows and level with it at 8 (the rows kernel pays a fixed dequantization per call);
+# the rows kernel is 1.1-1.25x the vector kernel at 12-16 rows and 1.3-1.7x at 32-512.
+_GEMV_MAX_ROWS = 8
 
 
 @functools.cache
@@ -58,7 +62,7 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
     Numerics: the vector path multiplies the codes (exact in fp32) by the activations in fp32 and
     applies scale, zero point and the codes' offset once per span of at most 128 inputs, so no
     weight is rounded (for bf16 compute closer to float64 than the reference, which rounds each
-    weight to bf16); the tile path forms the reference's fp32 weights.
+    weight to bf16); the rows kernel multiplies the reference's fp32 weights.
     """
 
     name = "cpu_avx2"
@@ -75,23 +79,17 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
         return super().rejects(spec, shape, compute_dtype)
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        n = self.shape[0]
-        if self.path(x.shape[0]) == "gemv":
-            return cpu_ext.ops().avx2_gemv(
-                x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n
-            )
-        return cpu_ext.ops().avx2_tiled_mm(
-            x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
-        )
+        op = cpu_ext.ops().avx2_gemv if self.path(x.shape[0]) == "gemv" else cpu_ext.ops().avx2_rows_mm
+        return op(x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, self.shape[0])
 
     def path(self, rows: int) -> str:
-        """Which of the extension's paths `rows` rows of x take: "gemv" or "tiled"."""
+        """Which of the extension's paths `rows` rows of x take: "gemv" or "rows"."""
         # fp32 x: the vector kernel's code offsets (int8: u = code + 128) cancel against the sum of
         # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
-        # model); the tile path multiplies the reference's fp32 weights.
-        if self.compute_dtype == torch.float32:
-            return "tiled"
-        return "gemv" if rows <= _GEMV_MAX_ROWS else "tiled"
+        # model); the rows kernel multiplies the reference's fp32 weights.
+        if rows <= _GEMV_MAX_ROWS and self.compute_dtype != torch.float32:
+            return "gemv"
+        return "rows"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
         return cpu_ext.ops().avx2_dequantize(
@@ -102,7 +100,7 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
 @register_kernel
 class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
     """The bf16 LM head on AVX2 CPUs: the words widened to fp32 in registers (a shift and a mask
-    per pair of inputs) and fp32 FMA; many rows through fp32 tiles and at::mm."""
+    per pair of inputs) and fp32 FMA; beyond 8 rows through the rows kernel's fp32 scratch."""
 
     name = "cpu_avx2_lm_head"
     priority = 105  # below cpu_avx512_lm_head (110), above the dense kernel (100)
@@ -113,11 +111,5 @@ class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
         return _cpu_reason()
 
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        n = self.shape[0]
-        if x.shape[0] <= _GEMV_MAX_ROWS:
-            return cpu_ext.ops().avx2_gemv(
-                x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n
-            )
-        return cpu_ext.ops().avx2_tiled_mm(
-            x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n, _TILE_BLOCKS
-        )
+        op = cpu_ext.ops().avx2_gemv if x.shape[0] <= _GEMV_MAX_ROWS else cpu_ext.ops().avx2_rows_mm
+        return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, self.shape[0])

@@ -1,6 +1,7 @@
 // Weight-only quantized linear layers for AVX2 + FMA CPUs (gemv_avx2.h): the matrix-vector path
-// (few rows) and the dequantized-tile path (many rows: fp32 tiles multiplied by at::mm), over the
-// layout gemv.h describes. Ops: avx2_gemv, avx2_tiled_mm, avx2_dequantize, avx2_supported.
+// (few rows) and the rows path (batched decode and prompts: chunks of the weights dequantized once
+// into an L1 scratch for all rows), over the layout gemv.h describes. Ops: avx2_gemv, avx2_rows_mm,
+// avx2_dequantize, avx2_supported.
 
 #include "gemv_avx2.h"
 
@@ -12,11 +13,13 @@ void check_x(const at::Tensor& x, const Layout& w) {
   TORCH_CHECK(w.fmt == kInt4 || w.fmt == kInt8 || w.fmt == kDecoded, "the AVX2 kernels run int4, 8-bit and bf16 words");
 }
 
-// x (bf16 or fp32) [M, kp] -> y [M, n] in x's dtype: fp32 FMA over the decoded weights, rows of
-// x 4 at a time, blocks of 16 outputs split among threads.
-at::Tensor avx2_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& zz, const at::Tensor& lut, const c10::optional<at::Tensor>& bias,
-                     int64_t fmt, int64_t group, int64_t n) {
+// x (bf16 or fp32) [M, kp] -> y [M, n] in x's dtype over blocks of 16 outputs split among threads,
+// by the vector kernel (ROWS false: codes decoded in registers, rows of x 4 at a time) or the
+// rows kernel (ROWS true: chunks dequantized once into an fp32 scratch for all rows).
+template <bool ROWS>
+at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
+                               const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
   const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
   check_x(x, w);
   const at::Tensor xc = x.contiguous();
@@ -32,48 +35,35 @@ at::Tensor avx2_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   } else {
     xf = xc.data_ptr<float>();
   }
-  std::vector<float> xsum(static_cast<size_t>(rows * w.nspans));
-  avx2::span_sums(xf, rows, w.kp, w.span, xsum.data());
+  std::vector<float> xsum;  // the vector kernel's per-span sums of x (the rows kernel needs none)
+  if (!ROWS) {
+    xsum.resize(static_cast<size_t>(rows * w.nspans));
+    avx2::span_sums(xf, rows, w.kp, w.span, xsum.data());
+  }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const avx2::Args a{w,     xf, xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(),
                      xc.scalar_type() == at::kBFloat16, n};
-  at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) { avx2::gemv_dispatch(a, rows, b0, b1); });
+  at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
+    if (ROWS) {
+      avx2::rows_dispatch(a, rows, b0, b1);
+    } else {
+      avx2::gemv_dispatch(a, rows, b0, b1);
+    }
+  });
   return out;
 }
 
-// Many rows: `tile_blocks` blocks of 16 output rows at a time dequantized into a fp32 [kp, cols]
-// tile of W.T and multiplied by at::mm in fp32 (oneDNN's AVX2 sgemm; bf16 x is widened once), the
-// result rounded to x's dtype.
-at::Tensor avx2_tiled_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                         const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
-                         const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n,
-                         int64_t tile_blocks) {
-  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
-  check_x(x, w);
-  TORCH_CHECK(tile_blocks > 0, "tile_blocks must be positive");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t per_tile = std::min(tile_blocks, w.blocks);
-  at::Tensor tile = at::empty({w.kp, per_tile * 16}, xf.options());
-  at::Tensor out = at::empty({x.size(0), n}, xf.options());
-  at::Tensor bias_f;
-  if (bias.has_value()) bias_f = bias->to(at::kFloat);
-  const int64_t ld = per_tile * 16;
-  for (int64_t t0 = 0; t0 < w.blocks; t0 += per_tile) {
-    const int64_t t1 = std::min(w.blocks, t0 + per_tile);
-    at::parallel_for(t0, t1, 1, [&](int64_t b0, int64_t b1) {
-      avx2::dequant_dispatch(w, b0, b1, t0, tile.data_ptr<float>(), ld);
-    });
-    const int64_t c0 = t0 * 16, cols = std::min(n, t1 * 16) - c0;
-    const at::Tensor wt = tile.narrow(1, 0, cols);
-    at::Tensor dst = out.narrow(1, c0, cols);
-    if (bias.has_value()) {
-      at::addmm_out(dst, bias_f.narrow(0, c0, cols), xf, wt);
-    } else {
-      at::mm_out(dst, xf, wt);
-    }
-  }
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+at::Tensor avx2_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& zz, const at::Tensor& lut, const c10::optional<at::Tensor>& bias,
+                     int64_t fmt, int64_t group, int64_t n) {
+  return avx2_register_paths<false>(x, packed, scale, zz, lut, bias, fmt, group, n);
+}
+
+at::Tensor avx2_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
+                        const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
+  return avx2_register_paths<true>(x, packed, scale, zz, lut, bias, fmt, group, n);
 }
 
 // The whole layer as a dense [n, kp] matrix in `dtype` (fp32 values rounded once for bf16).
@@ -99,13 +89,13 @@ bool avx2_supported() {
 
 TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def("avx2_gemv(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
-  m.def("avx2_tiled_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n, int tile_blocks) -> Tensor");
+  m.def("avx2_rows_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
   m.def("avx2_dequantize(Tensor packed, Tensor scale, Tensor? zz, Tensor lut, int fmt, int group, int n, ScalarType dtype) -> Tensor");
   m.def("avx2_supported() -> bool", &avx2_supported);
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
   m.impl("avx2_gemv", &avx2_gemv);
-  m.impl("avx2_tiled_mm", &avx2_tiled_mm);
+  m.impl("avx2_rows_mm", &avx2_rows_mm);
   m.impl("avx2_dequantize", &avx2_dequantize);
 }

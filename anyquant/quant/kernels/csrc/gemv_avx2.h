@@ -1,8 +1,9 @@
 #pragma once
 
 // Weight-only quantized linear layers for CPUs with AVX2 + FMA (no AVX-512): the matrix-vector
-// core over gemv.h's repacked layout (the same bytes, packed once by avx512.py), and the
-// dequantization of tiles to fp32 for at::mm (the many-rows path).
+// core over gemv.h's repacked layout (the same bytes, packed once by avx512.py), the rows core
+// (many rows: chunks dequantized to an L1 scratch that every row runs over) and the dequantization
+// of whole layers to fp32.
 //
 // Reading the layout 256 bits at a time: a 64-byte chunk of a 16-row block is two halves, rows
 // 0..7 and rows 8..15, and 32-bit lane i of a half holds words 2i and 2i+1, i.e. (row i, k) in
@@ -227,8 +228,8 @@ inline void gemv_fmt(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_
 
 // Any number of rows, 4 at a time. Up to 4 rows stream blocks b0..b1 once; more rows take one
 // block at a time through every group of 4 rows, so the block is read from memory once and
-// from L1/L2 by the other groups (measured on Zen 3: 4 rows run at ~50 GFLOP/s, as many as
-// the fp32 tile path reaches at 512 rows, against ~13 for the tile path at 5 rows).
+// from L1/L2 by the other groups (measured on Zen 3: 4 rows run at ~50 GFLOP/s; beyond 8 rows
+// the rows core below is faster, see avx2.py).
 inline void gemv_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
   if (rows <= 4) return gemv_fmt(a, 0, rows, b0, b1);
   for (int64_t b = b0; b < b1; ++b)
@@ -302,6 +303,124 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
     case kInt4: return dequant_blocks<kInt4>(w, b0, b1, tile_b0, tile, ld);
     case kInt8: return dequant_blocks<kInt8>(w, b0, b1, tile_b0, tile, ld);
     default: return dequant_blocks<kDecoded>(w, b0, b1, tile_b0, tile, ld);
+  }
+}
+
+
+// The many-rows path without a GEMM call: for each block of 16 outputs, a chunk of at most
+// kRowsChunk inputs at a time is dequantized once into an L1-resident [chunk, 16] fp32 scratch
+// (dequant_blocks' values: the reference's fp32 weights), then every row of x runs over that
+// scratch, kRowsR rows at a time with their 2 * kRowsR accumulators in registers. The decoding is
+// paid once per block and chunk for all rows (the vector path pays it once per 4 rows; the tile
+// path this replaced wrote tiles of whole layers to memory at fp32 and read them back through
+// at::mm: 1.04-1.4x slower on one thread at 1-512 rows, 3-4x on two).
+constexpr int64_t kRowsChunk = 256;  // inputs per scratch fill: 16 KB, half of Zen 3's L1D
+constexpr int kRowsR = 6;            // rows per register tile: 12 accumulators + 2 weights + 1 x
+constexpr int64_t kRowsPanel = 64;   // rows whose x chunks stay in L2 while blocks stream by
+
+// Inputs k0..k1 of block b (k0 % 8 == 0, k1 % 8 == 0) into scratch [k1 - k0, 16].
+template <int64_t FMT>
+AQ_AVX2 void dequant_chunk(const Layout& w, int64_t b, int64_t k0, int64_t k1, float* scratch) {
+  constexpr int chunks = chunks_per_8<FMT>(), ipc = 8 / chunks;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const uint8_t* p = w.packed + b * block_bytes + k0 / ipc * 64;
+  for (int64_t k = k0; k < k1;) {
+    const int64_t g = k / w.group, end = std::min(k1, (g + 1) * w.group);
+    const float* sg = w.scale + (b * w.ng + g) * 16;
+    const __m256 s0 = _mm256_loadu_ps(sg), s1 = _mm256_loadu_ps(sg + 8);
+    __m256 z0 = _mm256_set1_ps(code_shift<FMT>()), z1 = z0;
+    if (w.zz != nullptr) {
+      z0 = _mm256_add_ps(z0, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16));
+      z1 = _mm256_add_ps(z1, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8));
+    }
+    for (; k < end; k += ipc, p += 64) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+      float* dst = scratch + (k - k0) * 16;
+      store_inputs<FMT, 0, 0, ipc>(lo, s0, z0, dst, 16);
+      store_inputs<FMT, 1, 0, ipc>(hi, s1, z1, dst, 16);
+    }
+  }
+}
+
+// acc (rows m0..m0+R, [R][16] fp32) += x[m0.., k0..k0+len] times scratch [len, 16].
+template <int R>
+AQ_AVX2 void rows_tile(const float* x, int64_t kp, int64_t k0, int64_t len, const float* scratch, float* acc) {
+  __m256 a[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    a[r][0] = _mm256_loadu_ps(acc + r * 16);
+    a[r][1] = _mm256_loadu_ps(acc + r * 16 + 8);
+  }
+  const float* xr = x + k0;
+  for (int64_t k = 0; k < len; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(scratch + k * 16), w1 = _mm256_loadu_ps(scratch + k * 16 + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(xr + r * kp + k);
+      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * 16, a[r][0]);
+    _mm256_storeu_ps(acc + r * 16 + 8, a[r][1]);
+  }
+}
+
+AQ_AVX2 inline void rows_tile_any(int64_t rows, const float* x, int64_t kp, int64_t k0, int64_t len,
+                                  const float* scratch, float* acc) {
+  switch (rows) {
+    case 1: return rows_tile<1>(x, kp, k0, len, scratch, acc);
+    case 2: return rows_tile<2>(x, kp, k0, len, scratch, acc);
+    case 3: return rows_tile<3>(x, kp, k0, len, scratch, acc);
+    case 4: return rows_tile<4>(x, kp, k0, len, scratch, acc);
+    case 5: return rows_tile<5>(x, kp, k0, len, scratch, acc);
+    default: return rows_tile<6>(x, kp, k0, len, scratch, acc);
+  }
+}
+
+// Rows 0..rows of a.x against blocks b0..b1, panels of kRowsPanel rows (a panel's x is re-read
+// for every block; the weights once per panel).
+template <int64_t FMT>
+AQ_AVX2 void rows_blocks(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  const Layout& w = a.w;
+  alignas(64) float scratch[kRowsChunk * 16];
+  alignas(64) float acc[kRowsPanel * 16];
+  for (int64_t p0 = 0; p0 < rows; p0 += kRowsPanel) {
+    const int64_t prows = std::min(kRowsPanel, rows - p0);
+    const float* xp = a.x + p0 * w.kp;
+    for (int64_t b = b0; b < b1; ++b) {
+      std::memset(acc, 0, sizeof(float) * static_cast<size_t>(prows * 16));
+      for (int64_t k0 = 0; k0 < w.kp; k0 += kRowsChunk) {
+        const int64_t len = std::min(kRowsChunk, w.kp - k0);
+        dequant_chunk<FMT>(w, b, k0, k0 + len, scratch);
+        for (int64_t m = 0; m < prows; m += kRowsR)
+          rows_tile_any(std::min<int64_t>(kRowsR, prows - m), xp + m * w.kp, w.kp, k0, len, scratch, acc + m * 16);
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = b * 16 + 8 * h;
+        const int64_t valid = std::min<int64_t>(8, w.n - col);
+        const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
+        for (int64_t m = 0; m < prows; ++m) {
+          const __m256 y = _mm256_add_ps(_mm256_loadu_ps(acc + m * 16 + 8 * h), bias);
+          if (a.out_bf16) {
+            store_bf16(static_cast<int16_t*>(a.out) + (p0 + m) * a.out_stride + col, y, valid);
+          } else {
+            store_f32(static_cast<float*>(a.out) + (p0 + m) * a.out_stride + col, y, valid);
+          }
+        }
+      }
+    }
+  }
+}
+
+inline void rows_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  switch (a.w.fmt) {
+    case kInt4: return rows_blocks<kInt4>(a, rows, b0, b1);
+    case kInt8: return rows_blocks<kInt8>(a, rows, b0, b1);
+    default: return rows_blocks<kDecoded>(a, rows, b0, b1);
   }
 }
 
