@@ -96,8 +96,8 @@ VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
 # an A/B of the GEMM in the same run. Timed only when --engines names it.
 VECTOR = "cpu_avx512 (vector)"
 # cpu_avx2 held to one path at every row count ("gemv" runs bf16 compute only): A/Bs of the paths
-# in the same run, for the row threshold in avx2.py. Timed only when --engines names them.
-AVX2_FORCED = {"cpu_avx2 (vector)": "gemv", "cpu_avx2 (rows)": "rows"}
+# in the same run, for the row thresholds in avx2.py. Timed only when --engines names them.
+AVX2_FORCED = {"cpu_avx2 (vector)": "gemv", "cpu_avx2 (rows)": "rows", "cpu_avx2 (tile)": "tiled"}
 INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured

@@ -232,6 +232,10 @@ def _register_extension_fakes() -> None:
     def _(x, packed, scale, zz, lut, bias, fmt, group, n):
         return linear_out(x, n)
 
+    @torch.library.register_fake("anyquant_cpu::avx2_tiled_mm")
+    def _(x, packed, scale, zz, lut, bias, fmt, group, n, tile_blocks):
+        return linear_out(x, n)
+
     if hasattr(torch.ops.anyquant_cpu, "paged_decode_attention"):
 
         @torch.library.register_fake("anyquant_cpu::paged_decode_attention")

@@ -6,14 +6,16 @@ time. Paths per call (`path`):
   - the vector kernel ("gemv", bf16 compute, few rows): streams the packed weights once, decodes
     the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
     widened exactly);
-  - the rows kernel ("rows", batched decode and prompts): per block of 16 outputs, chunks of 256
-    inputs dequantized once into an L1-resident fp32 scratch (exactly the reference's fp32
-    weights) that every row of x then runs over, 6 rows at a time in registers, the result
-    rounded to the compute dtype. The vector kernel decodes again for every 4 rows, which beyond 8
-    rows costs more than the scratch's stores and loads. It replaced a tile path (whole tiles of
-    fp32 weights written to memory, then at::mm), which it beat at every row count measured, up
-    to 2048 (see benchmarks/RESULTS.md). On an AVX2 CPU there is no bf16 dot product
-    instruction, so fp32 FMA is also the fastest way to run bf16 prompts.
+  - the rows kernel ("rows", bf16 compute beyond 8 rows: batched decode and prompts): per block
+    of 16 outputs, chunks of 256 inputs dequantized once into an L1-resident fp32 scratch (exactly
+    the reference's fp32 weights) that every row of x then runs over, 6 rows at a time in
+    registers, the result rounded to bf16. The vector kernel decodes again for every 4 rows, which
+    beyond 8 rows costs more than the scratch's stores and loads;
+  - the tile path ("tiled", fp32 compute at every row count): tiles of 16 * `_TILE_BLOCKS` output
+    rows dequantized to fp32 (the reference's fp32 weights) and multiplied by at::mm, so fp32
+    logits equal a dense fp32 model of the dequantized weights bit for bit (GGUF round trips and
+    dequantized twins are checked that way). The rows kernel beats it at every row count measured
+    (benchmarks/RESULTS.md) but sums in another order.
 fp8 weights have no AVX2 decoder yet: they go to the pure-torch kernel (cpu_fp8_dequant), with the
 reason shown by `anyquant inspect`.
 """
@@ -42,6 +44,7 @@ from anyquant.quant.spec import QuantSpec
 # kernel at 4 rows and level with it at 8 (the rows kernel pays a fixed dequantization per call);
 # the rows kernel is 1.1-1.25x the vector kernel at 12-16 rows and 1.3-1.7x at 32-512.
 _GEMV_MAX_ROWS = 8
+_TILE_BLOCKS = 16
 
 
 @functools.cache
@@ -62,7 +65,7 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
     Numerics: the vector path multiplies the codes (exact in fp32) by the activations in fp32 and
     applies scale, zero point and the codes' offset once per span of at most 128 inputs, so no
     weight is rounded (for bf16 compute closer to float64 than the reference, which rounds each
-    weight to bf16); the rows kernel multiplies the reference's fp32 weights.
+    weight to bf16); the rows kernel and the tile path multiply the reference's fp32 weights.
     """
 
     name = "cpu_avx2"
@@ -79,17 +82,23 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
         return super().rejects(spec, shape, compute_dtype)
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        op = cpu_ext.ops().avx2_gemv if self.path(x.shape[0]) == "gemv" else cpu_ext.ops().avx2_rows_mm
-        return op(x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, self.shape[0])
+        n, path = self.shape[0], self.path(x.shape[0])
+        if path == "tiled":
+            return cpu_ext.ops().avx2_tiled_mm(
+                x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
+            )
+        op = cpu_ext.ops().avx2_gemv if path == "gemv" else cpu_ext.ops().avx2_rows_mm
+        return op(x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n)
 
     def path(self, rows: int) -> str:
-        """Which of the extension's paths `rows` rows of x take: "gemv" or "rows"."""
+        """Which of the extension's paths `rows` rows of x take: "gemv", "rows" or "tiled"."""
         # fp32 x: the vector kernel's code offsets (int8: u = code + 128) cancel against the sum of
         # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
-        # model); the rows kernel multiplies the reference's fp32 weights.
-        if rows <= _GEMV_MAX_ROWS and self.compute_dtype != torch.float32:
-            return "gemv"
-        return "rows"
+        # model); the tile path multiplies the reference's fp32 weights with at::mm, the sums of
+        # a dense fp32 F.linear.
+        if self.compute_dtype == torch.float32:
+            return "tiled"
+        return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
         return cpu_ext.ops().avx2_dequantize(

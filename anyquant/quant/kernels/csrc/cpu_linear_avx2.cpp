@@ -1,7 +1,8 @@
 // Weight-only quantized linear layers for AVX2 + FMA CPUs (gemv_avx2.h): the matrix-vector path
-// (few rows) and the rows path (batched decode and prompts: chunks of the weights dequantized once
-// into an L1 scratch for all rows), over the layout gemv.h describes. Ops: avx2_gemv, avx2_rows_mm,
-// avx2_dequantize, avx2_supported.
+// (few rows), the rows path (bf16 batched decode and prompts: chunks of the weights dequantized
+// once into an L1 scratch for all rows) and the tile path (fp32 compute: fp32 tiles multiplied by
+// at::mm, the same sums as a dense fp32 F.linear), over the layout gemv.h describes. Ops:
+// avx2_gemv, avx2_rows_mm, avx2_tiled_mm, avx2_dequantize, avx2_supported.
 
 #include "gemv_avx2.h"
 
@@ -66,6 +67,40 @@ at::Tensor avx2_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   return avx2_register_paths<true>(x, packed, scale, zz, lut, bias, fmt, group, n);
 }
 
+// fp32 compute: `tile_blocks` blocks of 16 output rows at a time dequantized into a fp32 [kp, cols]
+// tile of W.T and multiplied by at::mm in fp32 (oneDNN's AVX2 sgemm; bf16 x is widened once), the
+// result rounded to x's dtype.
+at::Tensor avx2_tiled_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                         const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
+                         const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n,
+                         int64_t tile_blocks) {
+  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
+  check_x(x, w);
+  TORCH_CHECK(tile_blocks > 0, "tile_blocks must be positive");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t per_tile = std::min(tile_blocks, w.blocks);
+  at::Tensor tile = at::empty({w.kp, per_tile * 16}, xf.options());
+  at::Tensor out = at::empty({x.size(0), n}, xf.options());
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat);
+  const int64_t ld = per_tile * 16;
+  for (int64_t t0 = 0; t0 < w.blocks; t0 += per_tile) {
+    const int64_t t1 = std::min(w.blocks, t0 + per_tile);
+    at::parallel_for(t0, t1, 1, [&](int64_t b0, int64_t b1) {
+      avx2::dequant_dispatch(w, b0, b1, t0, tile.data_ptr<float>(), ld);
+    });
+    const int64_t c0 = t0 * 16, cols = std::min(n, t1 * 16) - c0;
+    const at::Tensor wt = tile.narrow(1, 0, cols);
+    at::Tensor dst = out.narrow(1, c0, cols);
+    if (bias.has_value()) {
+      at::addmm_out(dst, bias_f.narrow(0, c0, cols), xf, wt);
+    } else {
+      at::mm_out(dst, xf, wt);
+    }
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 // The whole layer as a dense [n, kp] matrix in `dtype` (fp32 values rounded once for bf16).
 at::Tensor avx2_dequantize(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zz,
                            const at::Tensor& lut, int64_t fmt, int64_t group, int64_t n, at::ScalarType dtype) {
@@ -90,6 +125,7 @@ bool avx2_supported() {
 TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def("avx2_gemv(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
   m.def("avx2_rows_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
+  m.def("avx2_tiled_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n, int tile_blocks) -> Tensor");
   m.def("avx2_dequantize(Tensor packed, Tensor scale, Tensor? zz, Tensor lut, int fmt, int group, int n, ScalarType dtype) -> Tensor");
   m.def("avx2_supported() -> bool", &avx2_supported);
 }
@@ -97,5 +133,6 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
   m.impl("avx2_gemv", &avx2_gemv);
   m.impl("avx2_rows_mm", &avx2_rows_mm);
+  m.impl("avx2_tiled_mm", &avx2_tiled_mm);
   m.impl("avx2_dequantize", &avx2_dequantize);
 }

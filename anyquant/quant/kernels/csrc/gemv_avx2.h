@@ -3,7 +3,7 @@
 // Weight-only quantized linear layers for CPUs with AVX2 + FMA (no AVX-512): the matrix-vector
 // core over gemv.h's repacked layout (the same bytes, packed once by avx512.py), the rows core
 // (many rows: chunks dequantized to an L1 scratch that every row runs over) and the dequantization
-// of whole layers to fp32.
+// of tiles to fp32 for at::mm (fp32 compute).
 //
 // Reading the layout 256 bits at a time: a 64-byte chunk of a 16-row block is two halves, rows
 // 0..7 and rows 8..15, and 32-bit lane i of a half holds words 2i and 2i+1, i.e. (row i, k) in
@@ -306,14 +306,13 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
   }
 }
 
-
 // The many-rows path without a GEMM call: for each block of 16 outputs, a chunk of at most
 // kRowsChunk inputs at a time is dequantized once into an L1-resident [chunk, 16] fp32 scratch
 // (dequant_blocks' values: the reference's fp32 weights), then every row of x runs over that
 // scratch, kRowsR rows at a time with their 2 * kRowsR accumulators in registers. The decoding is
 // paid once per block and chunk for all rows (the vector path pays it once per 4 rows; the tile
-// path this replaced wrote tiles of whole layers to memory at fp32 and read them back through
-// at::mm: 1.04-1.4x slower on one thread at 1-512 rows, 3-4x on two).
+// path, which fp32 compute keeps, writes tiles of whole layers to memory at fp32 and reads them
+// back through at::mm: 1.04-2.7x slower on one thread at 1-512 rows, 1.1-4.2x on two).
 constexpr int64_t kRowsChunk = 256;  // inputs per scratch fill: 16 KB, half of Zen 3's L1D
 constexpr int kRowsR = 6;            // rows per register tile: 12 accumulators + 2 weights + 1 x
 constexpr int64_t kRowsPanel = 64;   // rows whose x chunks stay in L2 while blocks stream by
