@@ -77,6 +77,7 @@ struct Args {
   void* out;          // [rows, out_stride], fp32 or bf16
   bool out_bf16;
   int64_t out_stride;
+  int64_t col_shift = 0;  // block b's outputs are stored at columns b * 16 - col_shift
 };
 
 // Bytes ahead of the current load that the vector path prefetches.
@@ -192,15 +193,15 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t col = b * 16 + 8 * h;
+      const int64_t col = b * 16 + 8 * h, dst = col - a.col_shift;
       const int64_t valid = std::min<int64_t>(8, w.n - col);
       const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
       for (int m = 0; m < M; ++m) {
         const __m256 y = _mm256_add_ps(out[m][h], bias);
         if (a.out_bf16) {
-          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
         } else {
-          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
         }
       }
     }
@@ -302,6 +303,51 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
     case kInt4: return dequant_blocks<kInt4>(w, b0, b1, tile_b0, tile, ld);
     case kInt8: return dequant_blocks<kInt8>(w, b0, b1, tile_b0, tile, ld);
     default: return dequant_blocks<kDecoded>(w, b0, b1, tile_b0, tile, ld);
+  }
+}
+
+// Rows m0..m0+M of x [*, kp] times a fp32 [kp, 16] tile (one block's dequantized rows as
+// columns), out[m, c] for the `valid` first of the 16 columns. 2 * M accumulators, k in order.
+template <int M>
+AQ_AVX2 void tile_rows(const float* tile, int64_t kp, const float* x, int64_t m0, float* out, int64_t out_stride,
+                       int64_t valid) {
+  __m256 acc[M][2];
+  const float* xr[M];
+  for (int m = 0; m < M; ++m) {
+    acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    xr[m] = x + (m0 + m) * kp;
+  }
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(tile + k * 16), w1 = _mm256_loadu_ps(tile + k * 16 + 8);
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(xr[m] + k);
+      acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    store_f32(out + (m0 + m) * out_stride, acc[m][0], valid);
+    store_f32(out + (m0 + m) * out_stride + 8, acc[m][1], valid - 8);
+  }
+}
+
+// The exact (fp32 compute) path for any number of rows: block b dequantized once into `tile`
+// (kp * 16 floats: the reference's fp32 weights, as the tile path's at::mm multiplies them), then
+// every row of x against it in fp32, written as fp32 to columns b * 16 - col_shift of out. No code
+// offset is subtracted from a running sum, so activations with outliers keep fp32 accuracy.
+inline void tile_block_rows(const Layout& w, const float* x, int64_t rows, int64_t b, float* tile, float* out,
+                            int64_t out_stride, int64_t col_shift) {
+  dequant_dispatch(w, b, b + 1, b, tile, 16);
+  float* dst = out + b * 16 - col_shift;
+  const int64_t valid = std::min<int64_t>(16, w.n - b * 16);
+  int64_t m0 = 0;
+  for (; m0 + 4 <= rows; m0 += 4) tile_rows<4>(tile, w.kp, x, m0, dst, out_stride, valid);
+  switch (rows - m0) {
+    case 3: return tile_rows<3>(tile, w.kp, x, m0, dst, out_stride, valid);
+    case 2: return tile_rows<2>(tile, w.kp, x, m0, dst, out_stride, valid);
+    case 1: return tile_rows<1>(tile, w.kp, x, m0, dst, out_stride, valid);
+    default: return;
   }
 }
 
