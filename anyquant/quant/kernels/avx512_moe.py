@@ -3,11 +3,13 @@ CPUs) or `moe_experts_avx2` (csrc/cpu_moe_avx2.cpp, AVX2 + FMA CPUs), one schedu
 (csrc/moe_schedule.h) over each instruction set's dot products.
 
 `FusedExperts` takes the experts' already-loaded `cpu_avx512` or `cpu_avx2` kernels (gate, up,
-down of every expert; both repack the same bytes, RepackedWeightOnlyKernel), stacks their repacked weights along a leading expert dimension once, gate and up of an
-expert side by side so both are one work item, and points every expert's kernel at its slice of
-the stack: the weights exist once, and each expert's own kernel still runs it alone (the per-expert
-path, kept for what the fused call does not serve). The call groups the token/slot pairs by expert
-in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
+down of every expert; both repack the same bytes, RepackedWeightOnlyKernel), stacks their
+repacked weights along a leading expert dimension once, gate and up of an expert side by side so
+both are one work item, and points every expert's kernel at its slice of the stack: the weights
+exist once, and each expert's own kernel still runs it alone (the per-expert path, kept for what
+the fused call does not serve; it groups tokens with a host sync, `.tolist()` of the counts, so
+a compiled step runs it as an opaque op). The call groups the token/slot pairs by expert in C++
+(no per-layer host sync: the compiled decode step captures it through its shape-only fake), splits the (expert, block of 16 rows) items of all chosen experts
 over the threads and returns the weighted sum in fp32.
 
 Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
@@ -21,8 +23,9 @@ activations), and so is the AVX2 call.
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
 dynamic activation scales); the caller then keeps the per-expert path. `fuse` picks the call for the
-loaded kernels: this one (the op named by the experts' kernel class, `_OPS`), or for `cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only
-loaded with `activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
+loaded kernels: this one (the op named by the experts' kernel class, `_OPS`), or for
+`cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only loaded with
+`activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
 `fusion_from_plan` predicts the same from the load plan, and `FUSED_CALLS` names the call, for
 `inspect`.
 """
