@@ -15,7 +15,7 @@ processes, and prints prefill / batch-1 decode tokens/s and peak RSS per tree.
 call (one C++ call per layer: `moe_experts` on AVX512_BF16 CPUs, `moe_experts_avx2` on AVX2 ones)
 and the per-expert path over the same kernels and the same weights: whole-model prefill / batch-1
 decode, engine decode at batch 1, 8 and 32 (`LLM.generate`, eager steps so the switch applies,
-peers_cpu.py's protocol: time(B x (1 + N) tokens) - time(B x 1 token), 128-token prompts), and one
+peers_cpu.py's protocol: time(B x (1 + N) tokens) - time(B x 1 token), 32-token prompts), and one
 MoE layer alone at 1, 8, 32 and 512 tokens; it prints medians and fused / per-expert ratios.
 
     python benchmarks/moe_cpu.py --ab [--layers 3] [--rounds 3]
@@ -58,6 +58,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from random_checkpoint import ShardedCheckpoint, build_w4a16, randn  # type: ignore[import-not-found]
 
 OUT = Path("out/bench")
+# Prompt length of --ab's engine decode rows: short, so that batch 32's prefill (32 x this many
+# tokens per call, on the per-expert path too) does not dominate the measurement's time.
+ENGINE_PROMPT = 32
 
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -183,7 +186,7 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
 
     def generate(batch: int, max_tokens: int) -> None:
         # Fresh random prompts for every call: no prefix-cache hits.
-        prompts = [torch.randint(0, vocab - 16, (128,), generator=g).tolist() for _ in range(batch)]
+        prompts = [torch.randint(0, vocab - 16, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(batch)]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         llm.generate(prompt_token_ids=prompts, sampling_params=params)
 
@@ -208,6 +211,12 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
                 rates.setdefault("decode b1 tok/s", []).append(decode_len / s)
                 for batch in (1, 8, 32):
                     rates.setdefault(f"engine decode b{batch} tok/s", []).append(engine_decode(batch))
+                    print(
+                        mode,
+                        f"b{batch}",
+                        round(rates[f"engine decode b{batch} tok/s"][-1], 2),
+                        file=sys.stderr,
+                    )
                 for t, x in inputs.items():
                     s = _seconds(lambda x=x: blocks[0](x), 1 if t == 512 else 5)
                     rates.setdefault(f"1 MoE layer, {t} tok: ms", []).append(s * 1e3)
