@@ -24,7 +24,7 @@ MoE layer alone at 1, 8, 32 and 512 tokens; it prints medians and fused / per-ex
 hidden 2048, intermediate 768, top-8, random routing) per expert format (W4A16 g128, GPTQ
 act-order g128, GGUF-style uint4 g32 with float offsets, FP8 with dynamic per-token activations;
 on an AVX2 CPU the first three, on cpu_avx2 experts),
-fused call vs the same kernels one expert at a time, alternating, at 1, 32 and 512 tokens; and the
+fused call vs the same kernels one expert at a time, alternating, at 1, 8, 32 and 512 tokens; and the
 roofline of the bytes the call reads (the distinct chosen experts' packed weights, scales, zero
 points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
 
@@ -337,7 +337,7 @@ def op_ab(formats: list[str], rounds: int) -> None:
     experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     cases = {}
-    for t in (1, 32, 512):
+    for t in (1, 8, 32, 512):
         x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
         ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
         weights = torch.rand(t, top_k, generator=g).softmax(-1)
