@@ -12,16 +12,19 @@ processes, and prints prefill / batch-1 decode tokens/s and peak RSS per tree.
     python benchmarks/moe_cpu.py --tree before=/tmp/base --tree after=. [--layers 3] [--rounds 2]
 
 `--ab` instead loads the model once and alternates, in the same process, between the fused MoE
-call (one C++ call per layer) and the per-expert path over the same kernels and the same weights:
-whole-model prefill / batch-1 decode, and one MoE layer alone at 1, 8, 32 and 512 tokens; it
-prints medians and fused / per-expert ratios.
+call (one C++ call per layer: `moe_experts` on AVX512_BF16 CPUs, `moe_experts_avx2` on AVX2 ones)
+and the per-expert path over the same kernels and the same weights: whole-model prefill / batch-1
+decode, engine decode at batch 1, 8 and 32 (`LLM.generate`, eager steps so the switch applies,
+peers_cpu.py's protocol: time(B x (1 + N) tokens) - time(B x 1 token), 32-token prompts), and one
+MoE layer alone at 1, 8, 32 and 512 tokens; it prints medians and fused / per-expert ratios.
 
     python benchmarks/moe_cpu.py --ab [--layers 3] [--rounds 3]
 
 `--op` needs no checkpoint: one synthetic MoE layer of Qwen3-30B-A3B's shape (128 experts,
 hidden 2048, intermediate 768, top-8, random routing) per expert format (W4A16 g128, GPTQ
-act-order g128, GGUF-style uint4 g32 with float offsets, FP8 with dynamic per-token activations),
-fused call vs the same kernels one expert at a time, alternating, at 1, 32 and 512 tokens; and the
+act-order g128, GGUF-style uint4 g32 with float offsets, FP8 with dynamic per-token activations;
+on an AVX2 CPU the first three, on cpu_avx2 experts),
+fused call vs the same kernels one expert at a time, alternating, at 1, 8, 32 and 512 tokens; and the
 roofline of the bytes the call reads (the distinct chosen experts' packed weights, scales, zero
 points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
 
@@ -55,6 +58,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from random_checkpoint import ShardedCheckpoint, build_w4a16, randn  # type: ignore[import-not-found]
 
 OUT = Path("out/bench")
+# Prompt length of --ab's engine decode rows: short, so that batch 32's prefill (32 x this many
+# tokens per call, on the per-expert path too) does not dominate the measurement's time.
+ENGINE_PROMPT = 32
 
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -147,11 +153,13 @@ def _seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) -> None:
     """Fused vs per-expert MoE, alternating in one process on one loaded model (same weights)."""
+    from anyquant import SamplingParams
     from anyquant.engine.kv_cache import SequenceCache
     from anyquant.layers.moe import SparseMoE
     from anyquant.llm import LLM
 
-    llm = LLM(str(model), dtype="bfloat16")
+    # Eager decode steps: a compiled step would keep the call it was captured with.
+    llm = LLM(str(model), dtype="bfloat16", max_model_len=1024, max_num_seqs=32, enforce_eager=True)
     blocks = [m for m in llm.model.modules() if isinstance(m, SparseMoE)]
     fused = [b.fused for b in blocks]
     if any(f is None for f in fused):
@@ -176,11 +184,23 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
         for i in range(decode_len):
             token = int(seq.forward([token], prompt_len + i)[-1].argmax())
 
+    def generate(batch: int, max_tokens: int) -> None:
+        # Fresh random prompts for every call: no prefix-cache hits.
+        prompts = [torch.randint(0, vocab - 16, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(batch)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompt_token_ids=prompts, sampling_params=params)
+
+    def engine_decode(batch: int) -> float:
+        """Generated tokens/s of `batch` sequences, the prefill and first token excluded."""
+        full = _seconds(lambda: generate(batch, 1 + decode_len), 1)
+        return batch * decode_len / max(full - _seconds(lambda: generate(batch, 1), 1), 1e-9)
+
     results: dict[str, dict[str, list[float]]] = {"per-expert": {}, "fused": {}}
     with torch.inference_mode():
         for mode in results:  # warm-up
             use(mode)
             decode(prefill())
+            generate(8, 2)
         for _ in range(rounds):
             for mode, rates in results.items():
                 use(mode)
@@ -189,6 +209,14 @@ def ab_in_process(model: Path, rounds: int, prompt_len: int, decode_len: int) ->
                 rates.setdefault("prefill tok/s", []).append(prompt_len / s)
                 s = _seconds(lambda seqs=seqs: decode(seqs[-1]), 1)
                 rates.setdefault("decode b1 tok/s", []).append(decode_len / s)
+                for batch in (1, 8, 32):
+                    rates.setdefault(f"engine decode b{batch} tok/s", []).append(engine_decode(batch))
+                    print(
+                        mode,
+                        f"b{batch}",
+                        round(rates[f"engine decode b{batch} tok/s"][-1], 2),
+                        file=sys.stderr,
+                    )
                 for t, x in inputs.items():
                     s = _seconds(lambda x=x: blocks[0](x), 1 if t == 512 else 5)
                     rates.setdefault(f"1 MoE layer, {t} tok: ms", []).append(s * 1e3)
@@ -238,7 +266,9 @@ def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
 
 
 def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, list[tuple[object, ...]]]:
-    """(FusedExperts, per-expert (gate, up, down) kernels) of one synthetic MoE layer."""
+    """(FusedExperts, per-expert (gate, up, down) kernels) of one synthetic MoE layer, on the
+    weight-only kernel this CPU runs (cpu_avx512, else cpu_avx2: no fp8 or int8-activation experts)."""
+    from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
     from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
     from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, weight_only_twins
     from anyquant.quant.kernels.torch_cpu import CpuW8A8Int8Kernel
@@ -256,7 +286,12 @@ def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, 
             (up, (inter, hidden)),
             (_op_weight(fmt, hidden, inter, g), (hidden, inter)),
         ):
-            kind = CpuW8A8Int8Kernel if fmt == "w8a8-int8" else Avx512WeightOnlyKernel
+            weight_only = (
+                Avx512WeightOnlyKernel
+                if Avx512WeightOnlyKernel.cpu_reason() is None
+                else Avx2WeightOnlyKernel
+            )
+            kind = CpuW8A8Int8Kernel if fmt == "w8a8-int8" else weight_only
             kernel = kind(shape, torch.bfloat16)
             kernel.load(w)  # type: ignore[arg-type]
             row.append(kernel)
@@ -302,7 +337,7 @@ def op_ab(formats: list[str], rounds: int) -> None:
     experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     cases = {}
-    for t in (1, 32, 512):
+    for t in (1, 8, 32, 512):
         x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
         ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
         weights = torch.rand(t, top_k, generator=g).softmax(-1)

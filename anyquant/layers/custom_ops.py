@@ -3,7 +3,7 @@
 Owns three things, registered with `torch.library` when a captured step is prepared (never at
 `import anyquant`):
 - fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`, `tiled_mm`,
-  `moe_experts`, `paged_decode_attention`), so Dynamo traces the kernels that call them and
+  `moe_experts`, `moe_experts_avx2`, `paged_decode_attention`), so Dynamo traces the kernels that call them and
   Inductor calls them in place;
 - `anyquant::paged_decode_attention`: stores one decode step's keys/values in a layer's cache
   and attends through the step's page plan (the C++ decode kernel where it runs, see
@@ -257,6 +257,14 @@ def _register_extension_fakes() -> None:
 
         @torch.library.register_fake("anyquant_cpu::moe_experts")
         def _(x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden):
+            return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
+
+    if hasattr(torch.ops.anyquant_cpu, "moe_experts_avx2"):
+
+        @torch.library.register_fake("anyquant_cpu::moe_experts_avx2")
+        def _moe_experts_avx2_fake(
+            x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden, *options
+        ):
             return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
 
     if hasattr(torch.ops.anyquant_cpu, "vnni_linear"):

@@ -1,10 +1,15 @@
-"""The fused MoE call (`moe_experts`, FusedExperts) against float64 and the per-expert path.
+"""The fused MoE call (FusedExperts) against float64 and the per-expert path, on both instruction
+sets: `moe_experts` over cpu_avx512 experts (AVX512_BF16 CPUs) and `moe_experts_avx2` over cpu_avx2
+experts (AVX2 + FMA CPUs); each test runs for every ISA this CPU has and skips the others with the
+reason. The AVX2 call takes integer weights only (cpu_avx2 refuses fp8 weights and quantized
+activations), so the fp8 cases are AVX-512 only.
 
 The float64 truth: the same quantized weights dequantized in float64, the same (compute-dtype)
 activations, out[t] = sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) over the chosen experts.
 Budgets (relative L2 error): bfloat16 4e-3, and never worse than the per-expert path (which rounds
-every projection's output to bf16) by more than 1.5x; float32 2e-6 (x and h are split into three
-exact bf16 parts, so only summation order differs).
+every projection's output to bf16) by more than 1.5x; float32 2e-6 (AVX-512: x and h are split
+into three exact bf16 parts; AVX2: fp32 FMA over the reference's fp32 weights; so only summation
+order differs).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
-from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse
+from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
+from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel, RepackedWeightOnlyKernel
+from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, fuse, fusion_from_plan
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
@@ -47,6 +53,26 @@ UNAVAILABLE = Avx512WeightOnlyKernel.cannot_run(SPECS[0], "experts", CPU, (64, 6
 needs_kernel = pytest.mark.skipif(
     UNAVAILABLE is not None, reason=f"cpu_avx512 cannot run here: {UNAVAILABLE}"
 )
+KernelClass = type[RepackedWeightOnlyKernel]
+ISAS: list[KernelClass] = [Avx512WeightOnlyKernel, Avx2WeightOnlyKernel]
+OPS = {Avx512WeightOnlyKernel: "moe_experts", Avx2WeightOnlyKernel: "moe_experts_avx2"}
+
+
+def isa_param(cls: KernelClass, *values: object) -> object:
+    """A pytest param of `cls` (and `values`), skipped with the reason where its kernel cannot run."""
+    reason = cls.cannot_run(SPECS[0], "experts", CPU, (64, 64), BF16)
+    spec = next((v for v in values if isinstance(v, QuantSpec)), None)
+    ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
+    mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
+    return pytest.param(cls, *values, marks=mark, id=ids)
+
+
+def runs_on(cls: KernelClass, spec: QuantSpec) -> bool:
+    """Whether `cls` takes the spec at all (cpu_avx2 refuses fp8 weights), whatever the CPU."""
+    return not (cls is Avx2WeightOnlyKernel and spec.weight.startswith("fp8"))
+
+
+EVERY_ISA = [isa_param(cls) for cls in ISAS]
 
 
 # Fused since act-order orders and float offsets are passed to the call: GPTQ act-order (group 32:
@@ -73,16 +99,16 @@ def expert_weight(spec: QuantSpec, n: int, k: int, seed: int, like: QuantWeight 
 
 
 def make_experts(
-    spec: QuantSpec, dtype: torch.dtype, seed: int = 0
+    spec: QuantSpec, dtype: torch.dtype, seed: int = 0, kernel_class: KernelClass = Avx512WeightOnlyKernel
 ) -> list[list[tuple[QuantWeight, Tensor]]]:
-    """Per expert: [(weight, kernel)] for gate, up, down."""
+    """Per expert: [(weight, kernel)] for gate, up, down, on `kernel_class`."""
     experts = []
     for e in range(EXPERTS):
         row: list[tuple[QuantWeight, Tensor]] = []
         for i, (n, k) in enumerate(((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))):
             shared = i == 1 and spec.act_order and spec.group_size == 32
             w = expert_weight(spec, n, k, seed + 3 * e + i, like=row[0][0] if shared else None)
-            kernel = Avx512WeightOnlyKernel((n, k), dtype)
+            kernel = kernel_class((n, k), dtype)
             kernel.load(w)
             row.append((w, kernel))
         experts.append(row)
@@ -145,16 +171,19 @@ def routings(tokens: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
     return out
 
 
-@needs_kernel
-@pytest.mark.parametrize("spec", SPECS + FUSED_EXTRA, ids=QuantSpec.describe)
-def test_fused_matches_float64(spec: QuantSpec) -> None:
+@pytest.mark.parametrize(
+    ("kernel_class", "spec"),
+    [isa_param(cls, spec) for cls in ISAS for spec in SPECS + FUSED_EXTRA if runs_on(cls, spec)],
+)
+def test_fused_matches_float64(kernel_class: KernelClass, spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(7)
     for dtype in (BF16, F32):
-        experts = make_experts(spec, dtype)
+        experts = make_experts(spec, dtype, kernel_class=kernel_class)
         dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
         kernels = [[k for _, k in row] for row in experts]
         assert cannot_fuse([tuple(ks) for ks in kernels], "silu") is None
         fused = FusedExperts([tuple(ks) for ks in kernels])
+        assert fused.op_name == OPS[kernel_class]
         for tokens in (1, 3, 17, 70):
             x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
             for weights, ids in routings(tokens, gen):
@@ -202,9 +231,9 @@ def test_fused_fp8_activations(spec: QuantSpec) -> None:
                 assert err <= 1.5 * rel_err(per_expert(x, weights, ids, kernels), truth) + 5e-3, where
 
 
-@needs_kernel
-def test_no_tokens_and_bad_ids() -> None:
-    experts = make_experts(SPECS[0], BF16)
+@pytest.mark.parametrize("kernel_class", EVERY_ISA)
+def test_no_tokens_and_bad_ids(kernel_class: KernelClass) -> None:
+    experts = make_experts(SPECS[0], BF16, kernel_class=kernel_class)
     fused = FusedExperts([tuple(k for _, k in row) for row in experts])
     empty = fused(torch.zeros(0, HIDDEN, dtype=BF16), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64))
     assert empty.shape == (0, HIDDEN)
@@ -214,12 +243,12 @@ def test_no_tokens_and_bad_ids() -> None:
         fused(torch.zeros(1, HIDDEN, dtype=BF16), torch.ones(1, 1), torch.tensor([[-2]]))
 
 
-@needs_kernel
+@pytest.mark.parametrize("kernel_class", EVERY_ISA)
 @pytest.mark.parametrize("dtype", [BF16, F32])
-def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
+def test_slots_held_elsewhere_are_skipped(kernel_class: KernelClass, dtype: torch.dtype) -> None:
     """Expert parallelism passes -1 for experts another rank holds: those slots add nothing,
     including tokens with no slot here at all and calls where no slot is held."""
-    experts = make_experts(SPECS[1], dtype)
+    experts = make_experts(SPECS[1], dtype, kernel_class=kernel_class)
     dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
     fused = FusedExperts([tuple(k for _, k in row) for row in experts])
     gen = torch.Generator().manual_seed(3)
@@ -235,9 +264,10 @@ def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
     assert torch.equal(none, torch.zeros_like(none))
 
 
-@needs_kernel
-@pytest.mark.parametrize("spec", [SPECS[1], FUSED_EXTRA[2]], ids=QuantSpec.describe)
-def test_fused_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
+@pytest.mark.parametrize(
+    ("kernel_class", "spec"), [isa_param(cls, spec) for cls in ISAS for spec in (SPECS[1], FUSED_EXTRA[2])]
+)
+def test_fused_result_does_not_depend_on_the_thread_count(kernel_class: KernelClass, spec: QuantSpec) -> None:
     """Each thread owns a range of output columns of the down projection and adds the experts in
     id order, 64 pair rows at a time: the same operations per output element at any thread count
     (bit for bit), including experts that receive more than one pass of rows (150 tokens on
@@ -245,7 +275,7 @@ def test_fused_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> No
     few-row path: one kernel call per run of blocks)."""
     gen = torch.Generator().manual_seed(11)
     for dtype in (BF16, F32):
-        experts = make_experts(spec, dtype)
+        experts = make_experts(spec, dtype, kernel_class=kernel_class)
         dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
         fused = FusedExperts([tuple(k for _, k in row) for row in experts])
         for tokens in (1, 150):
@@ -284,6 +314,69 @@ def test_what_cannot_be_fused_is_named() -> None:
     mixed[4] = kernels(SPECS[5])[4]
     assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
     assert "no kernel" in str(cannot_fuse([(None, None, None)], "silu"))
+
+
+@pytest.mark.parametrize("kernel_class", [isa_param(Avx2WeightOnlyKernel)])
+def test_avx2_experts_fuse_to_the_avx2_call(kernel_class: KernelClass) -> None:
+    """cpu_avx2 experts get `moe_experts_avx2` from `fuse` (what the layer calls at load), and what
+    it cannot take is named as for the AVX-512 call."""
+
+    def kernels(spec: QuantSpec) -> list[tuple[RepackedWeightOnlyKernel, ...]]:
+        return [tuple(k for _, k in row) for row in make_experts(spec, BF16, kernel_class=kernel_class)]
+
+    rows = kernels(SPECS[1])
+    fused, reason = fuse(rows, "silu")
+    assert reason is None and isinstance(fused, FusedExperts) and fused.op_name == "moe_experts_avx2"
+    assert "activation gelu" in str(cannot_fuse(rows, "gelu"))
+    mixed = kernels(SPECS[0])
+    mixed[4] = kernels(SPECS[5])[4]
+    assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
+    assert "expert 2 runs on no kernel" in str(cannot_fuse([*rows[:2], (None, None, None)], "silu"))
+
+
+def test_inspect_names_the_avx2_call() -> None:
+    """From the plan alone (any CPU): cpu_avx2 experts fuse, named as the AVX2 call; quantized
+    activations would not (the AVX2 call is weight-only)."""
+    from anyquant.quant.kernels.avx512_moe import FUSED_CALLS
+
+    assert fusion_from_plan({"cpu_avx2"}, {SPECS[1]}, "silu", False) is None
+    assert FUSED_CALLS["cpu_avx2"].startswith("moe_experts_avx2")
+    fp8 = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
+    assert "weight-only" in str(fusion_from_plan({"cpu_avx2"}, {fp8}, "silu", False))
+    assert "not cpu_avx512" in str(fusion_from_plan({"cpu_fp8_dequant"}, {fp8}, "silu", False))
+
+
+@pytest.mark.parametrize("kernel_class", EVERY_ISA)
+def test_fused_op_has_a_shape_only_implementation(kernel_class: KernelClass) -> None:
+    """The compiled decode step traces the call through its fake: same shapes and dtype as the op
+    (torch.library.opcheck runs both, under fake tensors and AOT autograd)."""
+    from anyquant.layers.custom_ops import register_extension_fakes
+    from anyquant.quant.kernels import cpu_ext
+
+    register_extension_fakes()
+    fused = FusedExperts(
+        [tuple(k for _, k in row) for row in make_experts(SPECS[1], BF16, kernel_class=kernel_class)]
+    )
+    gen = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.pad(torch.randn(5, HIDDEN, generator=gen), (0, fused.k_pad - HIDDEN)).to(BF16)
+    ids = torch.rand(5, EXPERTS, generator=gen).topk(2, dim=-1).indices
+    args = (
+        x,
+        ids,
+        torch.rand(5, 2, generator=gen),
+        fused.w13,
+        fused.s13,
+        fused.z13,
+        fused.w2,
+        fused.s2,
+        fused.z2,
+    )
+    args += (fused.lut, fused.fmt, fused.group13, fused.group2, fused.inter, fused.hidden)
+    op = getattr(torch.ops.anyquant_cpu, fused.op_name)
+    assert cpu_ext.ops() is not None
+    torch.library.opcheck(
+        op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
 
 
 W8A8 = [

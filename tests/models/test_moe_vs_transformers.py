@@ -310,3 +310,31 @@ def test_quantized_router_is_dequantized_and_runs_in_fp32(tiny_dirs: dict[str, P
     ref = _hf_logits(_hf_model(tmp_path / "deq"), IDS)
     ours = LLM(qdir, dtype="float32").logits(IDS)
     assert rel_l2(ours, ref) < 1e-4, rel_l2(ours, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_fused_experts_match_the_per_expert_path(
+    tiny_dirs: dict[str, Path], tmp_path: Path, family: str
+) -> None:
+    """Each quantized MoE block (qwen2_moe: with its gated shared expert) runs its routed experts as
+    one fused call where the C++ kernels run (cpu_avx512 or cpu_avx2 experts): the block's output
+    at 1..70 tokens and top-k routing against the same block on its per-expert path (bf16: the
+    per-expert path rounds every projection's output, the fused call keeps h in fp32)."""
+    qdir = tmp_path / "q"
+    _quantize(tiny_dirs[family], qdir, "gptq")
+    gen = torch.Generator().manual_seed(2)
+    for dtype, budget in ((torch.bfloat16, 1e-2), (torch.float32, 1e-6)):
+        llm = LLM(qdir, dtype=str(dtype).removeprefix("torch."), enforce_eager=True)
+        blocks = [m for m in llm.model.modules() if isinstance(m, SparseMoE)]
+        if any(b.fused is None for b in blocks):
+            pytest.skip(f"not fused here: {blocks[0].fused_reason}")
+        hidden = blocks[0].experts[0].gate_proj.in_features
+        for block in blocks:
+            for tokens in (1, 8, 33, 70):
+                x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+                fused = block(x)
+                kept, block.fused = block.fused, None
+                per_expert = block(x)
+                block.fused = kept
+                assert fused.dtype == torch.float32 and fused.shape == (tokens, hidden)
+                assert rel_l2(fused, per_expert) < budget, (family, dtype, tokens, rel_l2(fused, per_expert))

@@ -1,11 +1,15 @@
-"""One MoE layer's routed experts in one C++ call (`moe_experts` in csrc/cpu_moe.cpp).
+"""One MoE layer's routed experts in one C++ call: `moe_experts` (csrc/cpu_moe.cpp, AVX512_BF16
+CPUs) or `moe_experts_avx2` (csrc/cpu_moe_avx2.cpp, AVX2 + FMA CPUs), one schedule
+(csrc/moe_schedule.h) over each instruction set's dot products.
 
-`FusedExperts` takes the experts' already-loaded `cpu_avx512` kernels (gate, up, down of every
-expert), stacks their repacked weights along a leading expert dimension once, gate and up of an
-expert side by side so both are one work item, and points every expert's kernel at its slice of
-the stack: the weights exist once, and each expert's own kernel still runs it alone (the per-expert
-path, kept for what the fused call does not serve). The call groups the token/slot pairs by expert
-in C++ (no per-layer host sync), splits the (expert, block of 16 rows) items of all chosen experts
+`FusedExperts` takes the experts' already-loaded `cpu_avx512` or `cpu_avx2` kernels (gate, up,
+down of every expert; both repack the same bytes, RepackedWeightOnlyKernel), stacks their
+repacked weights along a leading expert dimension once, gate and up of an expert side by side so
+both are one work item, and points every expert's kernel at its slice of the stack: the weights
+exist once, and each expert's own kernel still runs it alone (the per-expert path, kept for what
+the fused call does not serve; it groups tokens with a host sync, `.tolist()` of the counts, so
+a compiled step runs it as an opaque op). The call groups the token/slot pairs by expert in C++
+(no per-layer host sync: the compiled decode step captures it through its shape-only fake), splits the (expert, block of 16 rows) items of all chosen experts
 over the threads and returns the weighted sum in fp32.
 
 Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
@@ -13,12 +17,15 @@ the down projection's as where each intermediate feature goes; float-offset expe
 minimums) pass their offsets, stacked so that each expert's own kernel reads its slice of them as
 well. Quantized activations (fp8 dynamic per token / group or static; int8 W8A8, whose experts
 first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are quantized as the
-reference does: x once for all experts here, h per (token, expert) row inside the call.
+reference does: x once for all experts here, h per (token, expert) row inside the call. Those
+are AVX-512 only: `cpu_avx2` experts are weight-only (the AVX2 kernel refuses quantized
+activations), and so is the AVX2 call.
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
 dynamic activation scales); the caller then keeps the per-expert path. `fuse` picks the call for the
-loaded kernels: this one, or for `cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only
-loaded with `activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
+loaded kernels: this one (the op named by the experts' kernel class, `_OPS`), or for
+`cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only loaded with
+`activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
 `fusion_from_plan` predicts the same from the load plan, and `FUSED_CALLS` names the call, for
 `inspect`.
 """
@@ -32,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
+from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
+from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel, RepackedWeightOnlyKernel
 from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.kernels.base import LinearKernel
@@ -47,6 +55,12 @@ FUSED_CALLS = {
     Avx512WeightOnlyKernel.name: "moe_experts (bf16 dot products)",
     "cpu_w8a8_int8": "moe_experts (bf16 dot products over the int8 codes)",
     Avx512VnniKernel.name: "moe_experts_vnni (int8 dot products, AVX512-VNNI)",
+    Avx2WeightOnlyKernel.name: "moe_experts_avx2 (fp32 FMA, AVX2)",
+}
+# The weight-only kernels whose experts `FusedExperts` runs, and the extension op for each.
+_OPS: dict[type[RepackedWeightOnlyKernel], str] = {
+    Avx512WeightOnlyKernel: "moe_experts",
+    Avx2WeightOnlyKernel: "moe_experts_avx2",
 }
 
 
@@ -54,7 +68,7 @@ def fuse(
     experts: Sequence[tuple[LinearKernel | None, ...]], act: str
 ) -> tuple[FusedExperts | FusedVnniExperts | None, str | None]:
     """The fused call for the loaded experts' kernels (int8 dot products for cpu_avx512_vnni
-    experts, bf16 for cpu_avx512 ones), or None and why not."""
+    experts, bf16 for cpu_avx512 ones, fp32 FMA for cpu_avx2 ones), or None and why not."""
     if any(isinstance(k, Avx512VnniKernel) for ks in experts for k in ks):
         reason = cannot_fuse_vnni(experts, act)
         return (FusedVnniExperts(experts) if reason is None else None), reason
@@ -105,19 +119,23 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
     if act not in ("silu", "swish"):
         return f"activation {act} (the fused call computes silu)"
     first = experts[0][0]
+    fusable = " or ".join(cls.name for cls in _OPS)
+    if first is None or type(first) not in _OPS:
+        return f"expert 0 runs on {'no kernel' if first is None else first.name}, not {fusable}"
+    assert isinstance(first, RepackedWeightOnlyKernel)
     for e, kernels in enumerate(experts):
         for kernel in kernels:
-            if not isinstance(kernel, Avx512WeightOnlyKernel):
+            if type(kernel) is not type(first):
                 name = "no kernel" if kernel is None else kernel.name
-                return f"expert {e} runs on {name}, not cpu_avx512"
-            assert isinstance(first, Avx512WeightOnlyKernel)
+                return f"expert {e} runs on {name}, expert 0 on {first.name} (the call takes one kernel: {fusable})"
+            assert isinstance(kernel, RepackedWeightOnlyKernel)
             if kernel.spec != first.spec:
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels
-        assert isinstance(gate, Avx512WeightOnlyKernel) and isinstance(up, Avx512WeightOnlyKernel)
-        assert isinstance(down, Avx512WeightOnlyKernel) and isinstance(first, Avx512WeightOnlyKernel)
+        assert isinstance(gate, RepackedWeightOnlyKernel) and isinstance(up, RepackedWeightOnlyKernel)
+        assert isinstance(down, RepackedWeightOnlyKernel) and isinstance(first, RepackedWeightOnlyKernel)
         inter, hidden = gate.shape
         if up.shape != gate.shape or down.shape != (hidden, inter) or gate.shape != first.shape:
             return f"expert {e} has gate {gate.shape}, up {up.shape}, down {down.shape}"
@@ -142,8 +160,10 @@ def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, 
         return f"experts differ in kernel or scheme ({', '.join(sorted(kernels))})"
     (kernel,), (spec,) = kernels, specs
     if spec is None or kernel not in FUSED_CALLS:
-        return f"experts run on {kernel}, not cpu_avx512 or cpu_avx512_vnni"
+        return f"experts run on {kernel}, not {' or '.join(FUSED_CALLS)}"
     a = spec.act
+    if kernel == Avx2WeightOnlyKernel.name and a is not None:
+        return f"activations are quantized ({a.describe()}); the AVX2 call runs weight-only experts"
     if kernel == Avx512VnniKernel.name and a is not None and a.dynamic and a.granularity != "token":
         return (
             f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
@@ -165,10 +185,12 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
     """Quantized activations the call reproduces: fp8, dynamic per token or per group, or static
     per tensor where every expert's gate and up share one input scale (x is quantized once)."""
     first = experts[0][0]
-    assert isinstance(first, Avx512WeightOnlyKernel)
+    assert isinstance(first, RepackedWeightOnlyKernel)
     act = first.spec.act
     if act is None:
         return None
+    if not isinstance(first, Avx512WeightOnlyKernel):
+        return f"activations are quantized ({act.describe()}); the AVX2 call runs weight-only experts"
     if act.type not in _ACT_CODES:
         return f"activations are quantized ({act.describe()}); the call takes fp8 or int8 activations"
     if act.type == "int8" and act.granularity == "group":
@@ -193,7 +215,7 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
     return None
 
 
-def _stack_offsets(kernels: Sequence[Avx512WeightOnlyKernel | None]) -> Tensor | None:
+def _stack_offsets(kernels: Sequence[RepackedWeightOnlyKernel | None]) -> Tensor | None:
     """The kernels' offsets [groups, N] stacked (an expert without offsets gets zeros), or None."""
     if all(k is None or k.offset_t is None for k in kernels):
         return None
@@ -204,7 +226,9 @@ def _stack_offsets(kernels: Sequence[Avx512WeightOnlyKernel | None]) -> Tensor |
 
 
 class FusedExperts(nn.Module):
-    """All routed experts of one layer: x [T, H], router weights / ids [T, k] -> fp32 [T, H]."""
+    """All routed experts of one layer: x [T, H], router weights / ids [T, k] -> fp32 [T, H], on
+    the op of the experts' kernel class (`moe_experts` for cpu_avx512, `moe_experts_avx2` for
+    cpu_avx2; `cannot_fuse` checked that they all share one)."""
 
     w13: Tensor
     s13: Tensor
@@ -222,8 +246,9 @@ class FusedExperts(nn.Module):
 
     def __init__(self, experts: Sequence[tuple[LinearKernel | None, ...]]) -> None:
         super().__init__()
-        kernels = [tuple(k for k in ks if isinstance(k, Avx512WeightOnlyKernel)) for ks in experts]
+        kernels = [tuple(k for k in ks if isinstance(k, RepackedWeightOnlyKernel)) for ks in experts]
         gate, _, down = kernels[0]
+        self.op_name = _OPS[type(gate)]
         self.inter, self.hidden = gate.shape
         self.k_pad = gate.k_pad
         self.group13, self.group2, self.fmt = gate.group, down.group, gate.fmt
@@ -302,7 +327,7 @@ class FusedExperts(nn.Module):
         x = x.to(self.compute_dtype)
         if self.k_pad != self.hidden:
             x = torch.nn.functional.pad(x, (0, self.k_pad - self.hidden))
-        return cpu_ext.ops().moe_experts(
+        return getattr(cpu_ext.ops(), self.op_name)(
             x,
             ids.to(torch.int64),
             weights.to(torch.float32),
@@ -332,7 +357,7 @@ class FusedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         extras = [n for n in ("perm13", "pos2", "off13", "off2") if getattr(self, n) is not None]
-        text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
+        text = f"{self.op_name}, experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, {self.compute_dtype}"
         return text + "".join(f", {n}" for n in extras)
 
 

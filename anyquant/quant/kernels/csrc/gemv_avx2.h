@@ -78,6 +78,7 @@ struct Args {
   void* out;          // [rows, out_stride], fp32 or bf16
   bool out_bf16;
   int64_t out_stride;
+  int64_t col_shift = 0;  // block b's outputs are stored at columns b * 16 - col_shift
 };
 
 // Bytes ahead of the current load that the vector path prefetches.
@@ -193,15 +194,15 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t col = b * 16 + 8 * h;
+      const int64_t col = b * 16 + 8 * h, dst = col - a.col_shift;
       const int64_t valid = std::min<int64_t>(8, w.n - col);
       const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
       for (int m = 0; m < M; ++m) {
         const __m256 y = _mm256_add_ps(out[m][h], bias);
         if (a.out_bf16) {
-          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
         } else {
-          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + col, y, valid);
+          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
         }
       }
     }
@@ -313,6 +314,9 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
 // paid once per block and chunk for all rows (the vector path pays it once per 4 rows; the tile
 // path, which fp32 compute keeps, writes tiles of whole layers to memory at fp32 and reads them
 // back through at::mm: 1.04-2.7x slower on one thread at 1-512 rows, 1.1-4.2x on two).
+// Rows up to which the vector path beats the rows kernel (measured on Zen 3; the linear kernels
+// choose by avx2.py's _GEMV_MAX_ROWS, the same crossover, the fused MoE call by this).
+constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kRowsChunk = 256;  // inputs per scratch fill: 16 KB, half of Zen 3's L1D
 constexpr int kRowsR = 6;            // rows per register tile: 12 accumulators + 2 weights + 1 x
 constexpr int64_t kRowsPanel = 64;   // rows whose x chunks stay in L2 while blocks stream by
@@ -404,10 +408,11 @@ AQ_AVX2 void rows_blocks(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
         const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
         for (int64_t m = 0; m < prows; ++m) {
           const __m256 y = _mm256_add_ps(_mm256_loadu_ps(acc + m * 16 + 8 * h), bias);
+          const int64_t dst = (p0 + m) * a.out_stride + col - a.col_shift;
           if (a.out_bf16) {
-            store_bf16(static_cast<int16_t*>(a.out) + (p0 + m) * a.out_stride + col, y, valid);
+            store_bf16(static_cast<int16_t*>(a.out) + dst, y, valid);
           } else {
-            store_f32(static_cast<float*>(a.out) + (p0 + m) * a.out_stride + col, y, valid);
+            store_f32(static_cast<float*>(a.out) + dst, y, valid);
           }
         }
       }

@@ -1,0 +1,86 @@
+// A whole MoE layer's routed experts in one call on AVX2 + FMA CPUs (no AVX-512): the schedule of
+// moe_schedule.h (inputs, routing, work split; read it first) over the fp32 FMA cores of
+// gemv_avx2.h, on the same stacked repacked weights as the AVX-512 call (`moe_experts`).
+//
+// Numerics: x and h are fp32 rows (bf16 x widened exactly); h = silu(gate) * up is kept in fp32
+// between the projections, never rounded to the compute dtype, so the result is at least as close
+// to float64 as the per-expert path (which rounds every projection's output).
+//   bf16 compute, up to kGemvMaxRows rows of one expert (decode): the vector cores (gemv_dispatch):
+//     the codes decoded in registers and multiplied in fp32, scale and zero point applied once per
+//     span of at most 128 inputs; more rows (prefill): the rows kernel (rows_dispatch), as the
+//     per-expert cpu_avx2 path chooses;
+//   fp32 compute: the rows kernel at every row count: each block dequantized chunk by chunk to the
+//     reference's fp32 weights and multiplied in input order; the vector cores' code offsets
+//     would cancel against sums of large activations.
+// Quantized activations are refused here (cpu_avx2 experts are weight-only).
+
+#include "gemv_avx2.h"
+#include "moe_schedule.h"
+
+namespace {
+
+struct Avx2Core {
+  using X = float;
+  static constexpr at::ScalarType kXType = at::kFloat;
+  int parts = 1;
+  bool exact;  // fp32 compute: the rows kernel at every row count
+
+  void put(float v, X* dst, int64_t /*stride*/) const { *dst = v; }
+
+  // The vector cores subtract (zero point + code shift) * scale * sum once per span; the tile
+  // path needs the sums only for float offsets.
+  bool wants_sums(const Layout& w, bool offsets) const {
+    return offsets || (!exact && (w.zz != nullptr || avx2_code_shift(w.fmt) != 0.f));
+  }
+
+  void sums(const X* rows, int64_t n, int64_t kp, int64_t span, float* out) const {
+    avx2::span_sums(rows, n, kp, span, out);
+  }
+
+  size_t scratch_bytes(int64_t /*kp*/) const { return 0; }  // the rows kernel's scratch is on its stack
+
+  void blocks(const Layout& w, const X* x, const float* xsum, int64_t rows, int64_t b0, int64_t b1, float* out,
+              int64_t out_stride, int64_t col_shift, uint8_t* /*scratch*/) const {
+    avx2::Args a{w, x, xsum, nullptr, out, false, out_stride};
+    a.col_shift = col_shift;
+    if (exact || rows > avx2::kGemvMaxRows) {
+      avx2::rows_dispatch(a, rows, b0, b1);
+    } else {
+      avx2::gemv_dispatch(a, rows, b0, b1);
+    }
+  }
+
+  static float avx2_code_shift(int64_t fmt) {
+    return fmt == kInt4 ? avx2::code_shift<kInt4>() : fmt == kInt8 ? avx2::code_shift<kInt8>() : 0.f;
+  }
+};
+
+at::Tensor moe_experts_avx2(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                            const at::Tensor& w13, const at::Tensor& s13, const c10::optional<at::Tensor>& z13,
+                            const at::Tensor& w2, const at::Tensor& s2, const c10::optional<at::Tensor>& z2,
+                            const at::Tensor& lut, int64_t fmt, int64_t group13, int64_t group2, int64_t inter,
+                            int64_t hidden, const c10::optional<at::Tensor>& perm13,
+                            const c10::optional<at::Tensor>& pos2, const c10::optional<at::Tensor>& off13,
+                            const c10::optional<at::Tensor>& off2, int64_t act2, double act_qmax, double act_top,
+                            int64_t act_group, const c10::optional<at::Tensor>& act_scale2,
+                            const c10::optional<at::Tensor>& x_scale) {
+  TORCH_CHECK(fmt == kInt4 || fmt == kInt8, "the AVX2 MoE call runs int4 and 8-bit codes (fmt 0 or 1), got ", fmt);
+  TORCH_CHECK(act2 == 0 && !act_scale2.has_value() && !x_scale.has_value(),
+              "the AVX2 MoE call runs weight-only experts (act2 = 0, no activation scales)");
+  const Avx2Core core{1, x.scalar_type() == at::kFloat};
+  return moe_experts_impl(core, x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden,
+                          perm13, pos2, off13, off2, act2, act_qmax, act_top, act_group, act_scale2, x_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
+  m.def(
+      "moe_experts_avx2(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor s13, Tensor? z13, Tensor w2, "
+      "Tensor s2, Tensor? z2, Tensor lut, int fmt, int group13, int group2, int inter, int hidden, "
+      "Tensor? perm13=None, Tensor? pos2=None, Tensor? off13=None, Tensor? off2=None, int act2=0, "
+      "float act_qmax=0., float act_top=0., int act_group=0, Tensor? act_scale2=None, "
+      "Tensor? x_scale=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("moe_experts_avx2", &moe_experts_avx2); }
