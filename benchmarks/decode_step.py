@@ -60,6 +60,8 @@ HEAVY_OPS = (
     "anyquant_cpu::vnni_linear",
     "anyquant_cpu::moe_experts",
     "anyquant_cpu::paged_decode_attention",
+    "anyquant_cpu::avx2_gemv",
+    "anyquant_cpu::avx2_tiled_mm",
 )
 
 

@@ -201,9 +201,17 @@ def test_captured_step_calls_the_cpp_linear_kernels_without_python(tmp_path: Pat
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = [o.token_ids for o in eager.generate(prompt_token_ids=prompts, sampling_params=params)]
     llm = LLM(path, dtype="float32", max_model_len=64, max_num_seqs=4, enforce_eager=True)
+    kernels = _repacked_kernels(llm)
+    memory = [k.packed.data_ptr() for k in kernels]  # type: ignore[attr-defined]
     assert llm.engine.runner.capture(63, 4, backend="aot_eager") is None
     captured = llm.engine.runner.captured
     assert captured is not None
+    # Their tensors are now frozen parameters (which Dynamo does not check at every call, unlike
+    # buffers) over the same memory: nothing was copied.
+    assert [k.packed.data_ptr() for k in kernels] == memory  # type: ignore[attr-defined]
+    for kernel in kernels:
+        assert not dict(kernel.named_buffers())  # type: ignore[attr-defined]
+        assert all(not p.requires_grad for p in kernel.parameters())  # type: ignore[attr-defined]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
     assert got == want
