@@ -66,14 +66,45 @@ def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 def _traceable_kernel(kernel: LinearKernel) -> bool:
     """Kernels whose forward Dynamo traces as is (shape-static Python around aten or C++ ops with
-    fake implementations). The others (the pure-torch CPU kernels check alignment with
-    `data_ptr()`, the reference dequantizes with Python loops) run as opaque ops."""
-    from anyquant.quant.kernels.avx512 import Avx512DenseLmHeadKernel, Avx512WeightOnlyKernel
+    fake implementations): the graph then calls their C++ op directly, with the cast of x fused
+    into the op before it. The others (the pure-torch CPU kernels check alignment with
+    `data_ptr()`, the reference dequantizes with Python loops) run as opaque ops, whose Python
+    (the kernel's forward behind a dispatcher call) runs at every call of every step."""
+    from anyquant.quant.kernels.avx512 import RepackedLmHeadKernel, RepackedWeightOnlyKernel
     from anyquant.quant.kernels.dense import DenseKernel
 
-    if isinstance(kernel, Avx512WeightOnlyKernel):
+    # cpu_avx512 and cpu_avx2 alike (the same Python around different extension ops).
+    if isinstance(kernel, RepackedWeightOnlyKernel):
         return kernel.spec.act is None and kernel.perm is None and kernel.offset_t is None
-    return isinstance(kernel, (Avx512DenseLmHeadKernel, DenseKernel))
+    return isinstance(kernel, (RepackedLmHeadKernel, DenseKernel))
+
+
+def _row_paths(model: DecoderLM, rows: int) -> tuple[str, ...]:
+    """The paths the traced kernels take for `rows` rows of x (`path(rows)` of those that pick
+    one by row count, e.g. the vector kernel up to some rows, a GEMM beyond): a compiled graph
+    holds one choice per kernel, so buckets with different paths need different graphs."""
+    paths = []
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.kernel is not None and module.opaque_handle is None:
+            path = getattr(module.kernel, "path", None)
+            if callable(path):
+                paths.append(str(path(rows)))
+    return tuple(paths)
+
+
+def bucket_groups(model: DecoderLM, buckets: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The buckets that share one compiled function (one graph): batch 1 alone (Dynamo
+    specializes size 1), then runs of consecutive buckets whose kernels take the same paths."""
+    groups: list[tuple[int, ...]] = []
+    last: tuple[str, ...] | None = None
+    for size in buckets:
+        paths = _row_paths(model, size)
+        if size == 1 or not groups or groups[-1][0] == 1 or paths != last:
+            groups.append((size,))
+        else:
+            groups[-1] = (*groups[-1], size)
+        last = paths
+    return groups
 
 
 def _kernel_output(kernel: LinearKernel) -> Callable[[Any], Tensor]:
@@ -121,10 +152,26 @@ def prepare_model(model: DecoderLM, max_position: int) -> None:
                 module.opaque_handle = register_opaque(
                     module.kernel, "forward", _kernel_output(module.kernel)
                 )
+            elif module.parallel is None:
+                _buffers_as_parameters(module.kernel)
         elif isinstance(module, SparseMoE) and module.fused is None:
             module.opaque_handle = register_opaque(module, "_routed_per_expert", _moe_output)
         elif isinstance(module, RotaryEmbedding):
             module.cos_sin(torch.zeros(1, dtype=torch.long), max_position=max_position)
+
+
+def _buffers_as_parameters(kernel: torch.nn.Module) -> None:
+    """A traced kernel's buffers (packed weights, scales, tables) held as frozen parameters, same
+    tensors' memory, no copy. Dynamo keeps checking every buffer a graph reads at every call, even
+    with its guards otherwise skipped (a tensor check each, and one no-aliasing check over all of
+    them: ~400 buffers in Qwen2.5-0.5B's 24 layers), but not parameters, which it takes as fixed
+    for the model's lifetime, as these are (`_guard_stance`)."""
+    for name, buffer in list(kernel._buffers.items()):
+        if buffer is None:
+            continue
+        del kernel._buffers[name]
+        kernel._non_persistent_buffers_set.discard(name)
+        kernel._parameters[name] = torch.nn.Parameter(buffer, requires_grad=False)
 
 
 def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -208,9 +255,12 @@ class CapturedDecode:
         if backend == "inductor":
             options = {"size_asserts": False}
         # Batch 1 and the other buckets compile to different graphs (Dynamo specializes size 1;
-        # above it the batch size is symbolic): each has its own compiled function, so that
+        # above it the batch size is symbolic, and a kernel that picks its path by row count
+        # needs a graph per path): each group of buckets has its own compiled function, so that
         # each function's cache holds one graph and its guards can be skipped (`_guard_stance`).
-        self._forwards = [_own_code(self._forward) for _ in range(2)]
+        self.groups = bucket_groups(model, buckets)
+        self._function_of = {size: i for i, group in enumerate(self.groups) for size in group}
+        self._forwards = [_own_code(self._forward) for _ in self.groups]
         self._compiled = [
             torch.compile(forward, fullgraph=True, dynamic=False, backend=backend, options=options)
             for forward in self._forwards
@@ -258,15 +308,16 @@ class CapturedDecode:
             context_lens = context_lens + [1] * pad
         self._set_step(block_tables, context_lens, real)
         inputs = (torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots)
-        if size > 1:
-            # One graph for every bucket above 1, the batch size symbolic (Dynamo specializes
-            # size 1, and compiling once instead of once per bucket is most of the warm-up).
-            # "maybe": a kernel that picks its path by row count (fp32 `cpu_avx512`) specializes
-            # the sizes it branches on, which then get their own graph instead of an error.
+        function = self._function_of[size]
+        if len(self.groups[function]) > 1:
+            # One graph for the group's buckets, the batch size symbolic (compiling once instead
+            # of once per bucket is most of the warm-up). "maybe": a kernel that branches on the
+            # row count without saying so (`_row_paths`) specializes the sizes it branches on,
+            # which then get their own graph instead of an error (and keep their guards).
             for tensor in inputs:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         with torch.inference_mode(), self._guard_stance():
-            logits = self._compiled[size > 1](*inputs)
+            logits = self._compiled[function](*inputs)
         self.steps_run += 1
         return logits[:real]
 

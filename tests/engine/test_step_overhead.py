@@ -8,6 +8,7 @@ around the per-layer calls; the step's plan is built before, once per step, as t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,89 @@ def test_warmed_captured_step_skips_its_guards_and_picks_the_eager_tokens(
         stances.clear()
         assert greedy(llm) == want
         assert stances and not any(stances)
+
+
+def _quantized_qwen2(tmp_path: Path) -> Path:
+    from anyquant.convert.quantize import quantize_checkpoint
+    from anyquant.quant.formats.base import WriteOptions
+
+    src = write_tiny_model(tmp_path / "src", "qwen2", seed=6)
+    quantize_checkpoint(src, tmp_path / "gptq", "gptq", WriteOptions(bits=4, group_size=32))
+    return tmp_path / "gptq"
+
+
+def _repacked_kernels(llm: LLM) -> list[object]:
+    """The C++ weight-only kernels (cpu_avx512 or cpu_avx2) of the model's linear layers."""
+    from anyquant.layers.linear import QuantLinear
+    from anyquant.quant.kernels.avx512 import RepackedWeightOnlyKernel
+
+    return [
+        m.kernel
+        for m in llm.model.modules()
+        if isinstance(m, QuantLinear) and isinstance(m.kernel, RepackedWeightOnlyKernel)
+    ]
+
+
+@pytest.mark.slow
+def test_captured_step_calls_the_cpp_linear_kernels_without_python(tmp_path: Path) -> None:
+    """The C++ weight-only kernels (cpu_avx512 or cpu_avx2, whichever this CPU runs) are traced
+    into the captured step, which then calls their extension op directly: no `anyquant::opaque`
+    op (a Python callback per linear layer and step) runs, and the tokens are the eager ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path = _quantized_qwen2(tmp_path)
+    eager = LLM(path, dtype="float32", max_model_len=64, max_num_seqs=4, enforce_eager=True)
+    if not _repacked_kernels(eager):
+        pytest.skip("no C++ weight-only kernel runs on this CPU: its layers stay opaque ops")
+    prompts = [[256, 5, 6, 7], [256, 40, 41], [256, *range(60, 70)]]  # bucket 4
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in eager.generate(prompt_token_ids=prompts, sampling_params=params)]
+    llm = LLM(path, dtype="float32", max_model_len=64, max_num_seqs=4, enforce_eager=True)
+    kernels = _repacked_kernels(llm)
+    memory = [k.packed.data_ptr() for k in kernels]  # type: ignore[attr-defined]
+    assert llm.engine.runner.capture(63, 4, backend="aot_eager") is None
+    captured = llm.engine.runner.captured
+    assert captured is not None
+    # Their tensors are now frozen parameters (which Dynamo does not check at every call, unlike
+    # buffers) over the same memory: nothing was copied.
+    assert [k.packed.data_ptr() for k in kernels] == memory  # type: ignore[attr-defined]
+    for kernel in kernels:
+        assert not dict(kernel.named_buffers())  # type: ignore[attr-defined]
+        assert all(not p.requires_grad for p in kernel.parameters())  # type: ignore[attr-defined]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert got == want
+    assert captured.steps_run >= 5
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("anyquant::opaque", 0) == 0
+    assert sum(n for op, n in calls.items() if op.startswith("anyquant_cpu::")) > 0
+
+
+@pytest.mark.slow
+def test_buckets_whose_kernels_take_different_paths_get_their_own_function(tmp_path: Path) -> None:
+    """A kernel that picks its path by row count (the vector kernel for few rows, a GEMM or
+    tiles beyond) makes one graph per path: the buckets are grouped so that each compiled
+    function holds one graph (and skips its guards), and every group's buckets take the same
+    paths while neighbouring groups differ."""
+    path = _quantized_qwen2(tmp_path)
+    llm = LLM(path, dtype="bfloat16", max_model_len=64, max_num_seqs=32, enforce_eager=True)
+    kernels = _repacked_kernels(llm)
+    if not kernels:
+        pytest.skip("no C++ weight-only kernel runs on this CPU: no kernel picks a path by rows")
+    assert llm.engine.runner.capture(63, 32, backend="aot_eager") is None
+    captured = llm.engine.runner.captured
+    assert captured is not None
+    groups = captured.groups
+    assert [size for group in groups for size in group] == list(captured.buckets)
+    assert groups[0] == (1,)
+
+    def paths(rows: int) -> list[str]:
+        return [k.path(rows) for k in kernels]  # type: ignore[attr-defined]
+
+    for group in groups[1:]:
+        assert all(paths(size) == paths(group[0]) for size in group)
+    for before, after in itertools.pairwise(groups[1:]):
+        assert paths(before[-1]) != paths(after[0])
+    assert len(groups) >= 3  # these kernels change paths between 2 and 32 rows in bfloat16
+    assert captured.graphs_per_function() == [1] * len(groups)
+    assert captured.skip_guards

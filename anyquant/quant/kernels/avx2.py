@@ -119,6 +119,10 @@ class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
     def cpu_reason(cls) -> str | None:
         return _cpu_reason()
 
+    def path(self, rows: int) -> str:
+        """Which of the extension's paths `rows` rows of x take: "gemv" or "rows"."""
+        return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
+
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        op = cpu_ext.ops().avx2_gemv if x.shape[0] <= _GEMV_MAX_ROWS else cpu_ext.ops().avx2_rows_mm
+        op = cpu_ext.ops().avx2_gemv if self.path(x.shape[0]) == "gemv" else cpu_ext.ops().avx2_rows_mm
         return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, self.shape[0])
