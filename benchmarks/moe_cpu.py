@@ -370,8 +370,11 @@ def op_ab(formats: list[str], rounds: int) -> None:
             read = per_expert_bytes * int(ids.unique().numel())
             roof = read / (bandwidth * 1e9)
             rows.append((fmt, t, pe * 1e3, fu * 1e3, pe / fu, read / 2**20, roof * 1e3, roof / fu))
+    threads = torch.get_num_threads()
+    clock = "CPU time" if threads == 1 else "wall-clock time"  # as _seconds measures
     print(
-        f"\n1 thread, CPU time, medians of {rounds} rounds; read bandwidth {bandwidth:.1f} GB/s (fp32 amax)\n"
+        f"\n{threads} thread(s), {clock}, medians of {rounds} rounds; read bandwidth {bandwidth:.1f} GB/s"
+        " (fp32 amax)\n"
     )
     print(
         "| experts | tokens | per-expert ms | fused ms | speed-up | MiB read | roofline ms | fused / roofline |"

@@ -235,6 +235,13 @@ def test_this_machine_runs_the_fast_path(spec: QuantSpec, kind: LayerKind) -> No
     assert [kernel32.path(t) for t in (1, 2, 3, 64, 512)] == ["gemv", "gemv", "tiled", "tiled", "tiled"]
 
 
+def test_dense_lm_head_names_its_path_by_rows() -> None:
+    """The captured step groups its buckets by `path(rows)` (engine/capture.py): the LM head's
+    answer must be the op it calls, which needs no AVX-512 to check."""
+    head = Avx512DenseLmHeadKernel((200, 328), BF16)
+    assert [head.path(t) for t in (1, 4, 5, 64, 512)] == ["gemv", "gemv", "gemm", "gemm", "gemm"]
+
+
 @needs_kernel
 def test_dense_lm_head_matches_float64() -> None:
     """bf16 weights x bf16 inputs summed in fp32 and rounded once: F.linear's own accuracy."""

@@ -406,7 +406,12 @@ class Avx512DenseLmHeadKernel(RepackedLmHeadKernel):
     def cpu_reason(cls) -> str | None:
         return _cpu_reason()
 
+    def path(self, rows: int) -> str:
+        """Which of the extension's paths `rows` rows of x take: "gemv" or "gemm" (the captured
+        step groups its batch buckets by these, engine/capture.py)."""
+        return "gemv" if rows <= _BF16_GEMV_MAX_ROWS else "gemm"
+
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         n = self.shape[0]
-        op = cpu_ext.ops().gemv if x.shape[0] <= _BF16_GEMV_MAX_ROWS else cpu_ext.ops().gemm
+        op = cpu_ext.ops().gemv if self.path(x.shape[0]) == "gemv" else cpu_ext.ops().gemm
         return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, n)

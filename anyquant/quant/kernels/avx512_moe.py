@@ -9,8 +9,8 @@ both are one work item, and points every expert's kernel at its slice of the sta
 exist once, and each expert's own kernel still runs it alone (the per-expert path, kept for what
 the fused call does not serve; it groups tokens with a host sync, `.tolist()` of the counts, so
 a compiled step runs it as an opaque op). The call groups the token/slot pairs by expert in C++
-(no per-layer host sync: the compiled decode step captures it through its shape-only fake), splits the (expert, block of 16 rows) items of all chosen experts
-over the threads and returns the weighted sum in fp32.
+(no per-layer host sync: the compiled decode step captures it through its shape-only fake),
+splits the (expert, block of 16 rows) items of all chosen experts over the threads and returns the weighted sum in fp32.
 
 Act-order (GPTQ g_idx) experts pass their gate's and up's input orders (x is gathered in each) and
 the down projection's as where each intermediate feature goes; float-offset experts (GGUF k-quant
