@@ -3,7 +3,7 @@
 The same repacked layout as cpu_avx512 (packed at load by avx512.py's RepackedWeightOnlyKernel
 and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h 256 bits at a
 time. Paths per call (`path`):
-  - the vector kernel ("gemv", bf16 compute, few rows): streams the packed weights once, decodes
+  - the vector kernel ("gemv", few rows: bf16 compute, and fp32 for fp8): streams the packed weights once, decodes
     the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
     widened exactly);
   - the rows kernel ("rows", bf16 compute beyond 8 rows: batched decode and prompts): per block
@@ -11,7 +11,8 @@ time. Paths per call (`path`):
     the reference's fp32 weights) that every row of x then runs over, 6 rows at a time in
     registers, the result rounded to bf16. The vector kernel decodes again for every 4 rows, which
     beyond 8 rows costs more than the scratch's stores and loads;
-  - the tile path ("tiled", fp32 compute at every row count): tiles of 16 * `_TILE_BLOCKS` output
+  - the tile path ("tiled", fp32 compute at every row count; fp8 beyond 8 rows only, the vector
+    kernel below that, fp8 having no code offsets): tiles of 16 * `_TILE_BLOCKS` output
     rows dequantized to fp32 (the reference's fp32 weights) and multiplied by at::mm, so fp32
     logits equal a dense fp32 model of the dequantized weights bit for bit (GGUF round trips and
     dequantized twins are checked that way). The rows kernel beats it at every row count measured
@@ -50,6 +51,7 @@ _GEMV_MAX_ROWS = 8
 # The AVX2 calls' codes for the fp8 layout (csrc/gemv_avx2.h, Avx2Fp8): gemv.h's kFp8 bytes, the
 # type named because the AVX2 decoders compute values from the bits rather than from the table.
 _FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE = 4, 5, 6
+_FP8_FORMATS = (_FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE)
 
 
 def _fp8_format(weight: str, codes: Tensor) -> int:
@@ -115,8 +117,12 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
         # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
         # model); the tile path multiplies the reference's fp32 weights with at::mm, the sums of
         # a dense fp32 F.linear.
+        # fp8 codes carry no offset (no zero points, no code shift): there the vector kernel's fp32
+        # sums are a dense fp32 dot product's, each weight exact (measured on Zen 3, one thread, one
+        # row: 2.4-3.1x a dense fp32 F.linear, the tile path 0.64-0.78x; benchmarks/RESULTS.md).
         if self.compute_dtype == torch.float32:
-            return "tiled"
+            without_offsets = self.fmt in _FP8_FORMATS and self.zz is None and self.offset_t is None
+            return "gemv" if without_offsets and rows <= _GEMV_MAX_ROWS else "tiled"
         return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
