@@ -86,6 +86,7 @@ SPECS = (
     QuantSpec("fp8_e4m3", "channel"),
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
+    QuantSpec("fp8_e5m2", "channel"),
 )
 # The C++ kernels: cpu_avx512 where the CPU has AVX512_BF16, cpu_avx2 on any AVX2 + FMA CPU (both
 # are timed where both run); an engine the CPU cannot run is left out of the table.
@@ -125,7 +126,8 @@ def random_weight(spec: QuantSpec, n: int, k: int, gen: torch.Generator) -> Quan
     elif spec.weight == "int8":
         data = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     else:
-        data = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        fp8 = torch.float8_e4m3fn if spec.weight == "fp8_e4m3" else torch.float8_e5m2
+        data = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(fp8)
         scale = scale / 100
     return QuantWeight(spec, (n, k), data, scale.float(), zero, group_index).validate("bench")
 

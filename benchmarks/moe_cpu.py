@@ -23,7 +23,7 @@ MoE layer alone at 1, 8, 32 and 512 tokens; it prints medians and fused / per-ex
 `--op` needs no checkpoint: one synthetic MoE layer of Qwen3-30B-A3B's shape (128 experts,
 hidden 2048, intermediate 768, top-8, random routing) per expert format (W4A16 g128, GPTQ
 act-order g128, GGUF-style uint4 g32 with float offsets, FP8 with dynamic per-token activations;
-on an AVX2 CPU the first three, on cpu_avx2 experts),
+on an AVX2 CPU all but W8A8, on cpu_avx2 experts),
 fused call vs the same kernels one expert at a time, alternating, at 1, 8, 32 and 512 tokens; and the
 roofline of the bytes the call reads (the distinct chosen experts' packed weights, scales, zero
 points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
@@ -267,7 +267,7 @@ def _op_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
 
 def _op_layer(fmt: str, experts: int, hidden: int, inter: int) -> tuple[object, list[tuple[object, ...]]]:
     """(FusedExperts, per-expert (gate, up, down) kernels) of one synthetic MoE layer, on the
-    weight-only kernel this CPU runs (cpu_avx512, else cpu_avx2: no fp8 or int8-activation experts)."""
+    weight-only kernel this CPU runs (cpu_avx512, else cpu_avx2: fp8 experts too, no int8 activations)."""
     from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
     from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
     from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, weight_only_twins

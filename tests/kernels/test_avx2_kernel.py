@@ -24,7 +24,7 @@ from anyquant.quant.kernels.avx2 import Avx2DenseLmHeadKernel, Avx2WeightOnlyKer
 from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import choose_kernel
-from anyquant.quant.spec import LayerKind, QuantSpec
+from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
@@ -139,7 +139,12 @@ def test_dense_lm_head_matches_float64_and_reads_tied_rows() -> None:
 @pytest.mark.parametrize(
     ("spec", "kind", "dtype", "words"),
     [
-        (QuantSpec("fp8_e4m3", "channel"), "linear", BF16, "integer codes only"),
+        (
+            QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
+            "linear",
+            BF16,
+            "activations are quantized",
+        ),
         (QuantSpec("uint4", "group", group_size=32), "router", F32, "MoE routers"),
         (None, "linear", BF16, "unquantized"),
     ],
@@ -174,19 +179,20 @@ def test_cpu_reason_matches_the_extension() -> None:
 @needs_kernel
 def test_chosen_where_avx512_cannot_run() -> None:
     """Below cpu_avx512 and above the pure-torch kernels: an AVX2-only CPU gets cpu_avx2 for every
-    integer spec and cpu_avx2_lm_head for the bf16 head; fp8 stays on the pure-torch kernel."""
+    integer and fp8 spec (fp8 also with fp8 activations) and cpu_avx2_lm_head for the bf16 head."""
     fast = avx512._cpu_reason() is None
-    for spec in SPECS:
+    fp8 = [
+        QuantSpec("fp8_e4m3", "channel"),
+        QuantSpec("fp8_e5m2", "tensor"),
+        QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
+    ]
+    for spec in SPECS + fp8:
         for kind in ("linear", "experts", "lm_head"):
             choice = choose_kernel(spec, kind, CPU, (200, 328), BF16)
             assert choice.name == ("cpu_avx512" if fast else "cpu_avx2"), choice.rejected
     head = choose_kernel(None, "lm_head", CPU, (1000, 64), BF16).name
     assert head == ("cpu_avx512_lm_head" if fast else "cpu_avx2_lm_head")
     assert choose_kernel(None, "lm_head", CPU, (1000, 64), F32).name == "dense"
-    if not fast:
-        assert choose_kernel(QuantSpec("fp8_e4m3", "channel"), "linear", CPU, (200, 328), BF16).name == (
-            "cpu_fp8_dequant"
-        )
 
 
 def test_fallback_serves_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,8 @@
 """The fused MoE call (FusedExperts) against float64 and the per-expert path, on both instruction
 sets: `moe_experts` over cpu_avx512 experts (AVX512_BF16 CPUs) and `moe_experts_avx2` over cpu_avx2
 experts (AVX2 + FMA CPUs); each test runs for every ISA this CPU has and skips the others with the
-reason. The AVX2 call takes integer weights only (cpu_avx2 refuses fp8 weights and quantized
-activations), so the fp8 cases are AVX-512 only.
+reason. Both take int2-8 and fp8 weights and fp8 activations; int8 activations (W8A8 twins) are
+AVX-512 only.
 
 The float64 truth: the same quantized weights dequantized in float64, the same (compute-dtype)
 activations, out[t] = sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) over the chosen experts.
@@ -65,11 +65,6 @@ def isa_param(cls: KernelClass, *values: object) -> object:
     ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
     mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
     return pytest.param(cls, *values, marks=mark, id=ids)
-
-
-def runs_on(cls: KernelClass, spec: QuantSpec) -> bool:
-    """Whether `cls` takes the spec at all (cpu_avx2 refuses fp8 weights), whatever the CPU."""
-    return not (cls is Avx2WeightOnlyKernel and spec.weight.startswith("fp8"))
 
 
 EVERY_ISA = [isa_param(cls) for cls in ISAS]
@@ -173,7 +168,7 @@ def routings(tokens: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
 
 @pytest.mark.parametrize(
     ("kernel_class", "spec"),
-    [isa_param(cls, spec) for cls in ISAS for spec in SPECS + FUSED_EXTRA if runs_on(cls, spec)],
+    [isa_param(cls, spec) for cls in ISAS for spec in SPECS + FUSED_EXTRA],
 )
 def test_fused_matches_float64(kernel_class: KernelClass, spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(7)
@@ -206,21 +201,21 @@ FP8_ACT = [
 ]
 
 
-@needs_kernel
-@pytest.mark.parametrize("spec", FP8_ACT, ids=QuantSpec.describe)
-def test_fused_fp8_activations(spec: QuantSpec) -> None:
+@pytest.mark.parametrize(("kernel_class", "spec"), [isa_param(cls, spec) for cls in ISAS for spec in FP8_ACT])
+def test_fused_fp8_activations(kernel_class: KernelClass, spec: QuantSpec) -> None:
     """Against float64 with the reference's activation quantization of x and h. float32 compute
     quantizes the same values (only summation order differs); bfloat16 rounds h, so a value near an
     fp8 rounding boundary may round the other way: the budget is the per-expert path's (which
     rounds more: up to 4e-2 here), and the fused call must never be much worse than it."""
     gen = torch.Generator().manual_seed(5)
     for dtype in (BF16, F32):
-        experts = make_experts(spec, dtype)
+        experts = make_experts(spec, dtype, kernel_class=kernel_class)
         dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
         quantized = [[w for w, _ in row] for row in experts]
         kernels = [[k for _, k in row] for row in experts]
         assert cannot_fuse([tuple(ks) for ks in kernels], "silu") is None
         fused = FusedExperts([tuple(ks) for ks in kernels])
+        assert fused.op_name == OPS[kernel_class]
         for tokens in (1, 17):
             x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
             for weights, ids in routings(tokens, gen):
@@ -332,17 +327,38 @@ def test_avx2_experts_fuse_to_the_avx2_call(kernel_class: KernelClass) -> None:
     mixed[4] = kernels(SPECS[5])[4]
     assert "expert 4 is int8" in str(cannot_fuse(mixed, "silu"))
     assert "expert 2 runs on no kernel" in str(cannot_fuse([*rows[:2], (None, None, None)], "silu"))
+    per_tensor = QuantSpec(
+        "fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True, granularity="tensor")
+    )
+    assert "per-tensor dynamic scales" in str(cannot_fuse(kernels(per_tensor), "silu"))
+    static = kernels(
+        QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", dynamic=False, granularity="tensor"))
+    )
+    assert cannot_fuse(static, "silu") is None
+    static[3][1].input_scale = static[3][1].input_scale * 2
+    assert "input scales that differ by expert" in str(cannot_fuse(static, "silu"))
+    # e4m3fn: an expert with a NaN code decodes with the NaN fix, the others without: not one call.
+    fp8 = kernels(SPECS[7])
+    w = random_weight(SPECS[7], INTER, HIDDEN, seed=1)
+    codes = w.data.view(torch.uint8).clone()
+    codes[0, 0] = 0x7F
+    nan_gate = Avx2WeightOnlyKernel((INTER, HIDDEN), BF16)
+    nan_gate.load(replace(w, data=codes.view(w.data.dtype)))
+    fp8[5] = (nan_gate, *fp8[5][1:])
+    assert "expert 5's codes are packed as format" in str(cannot_fuse(fp8, "silu"))
 
 
 def test_inspect_names_the_avx2_call() -> None:
-    """From the plan alone (any CPU): cpu_avx2 experts fuse, named as the AVX2 call; quantized
-    activations would not (the AVX2 call is weight-only)."""
+    """From the plan alone (any CPU): cpu_avx2 experts fuse, named as the AVX2 call, fp8 ones with
+    fp8 activations too; int8 activations would not (the AVX2 call takes fp8 activations only)."""
     from anyquant.quant.kernels.avx512_moe import FUSED_CALLS
 
     assert fusion_from_plan({"cpu_avx2"}, {SPECS[1]}, "silu", False) is None
     assert FUSED_CALLS["cpu_avx2"].startswith("moe_experts_avx2")
     fp8 = QuantSpec("fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True))
-    assert "weight-only" in str(fusion_from_plan({"cpu_avx2"}, {fp8}, "silu", False))
+    assert fusion_from_plan({"cpu_avx2"}, {fp8}, "silu", False) is None
+    int8 = QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True))
+    assert "fp8 activations only" in str(fusion_from_plan({"cpu_avx2"}, {int8}, "silu", False))
     assert "not cpu_avx512" in str(fusion_from_plan({"cpu_fp8_dequant"}, {fp8}, "silu", False))
 
 

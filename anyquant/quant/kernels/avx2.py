@@ -3,7 +3,7 @@
 The same repacked layout as cpu_avx512 (packed at load by avx512.py's RepackedWeightOnlyKernel
 and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h 256 bits at a
 time. Paths per call (`path`):
-  - the vector kernel ("gemv", bf16 compute, few rows): streams the packed weights once, decodes
+  - the vector kernel ("gemv", few rows: bf16 compute, and fp32 for fp8): streams the packed weights once, decodes
     the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
     widened exactly);
   - the rows kernel ("rows", bf16 compute beyond 8 rows: batched decode and prompts): per block
@@ -11,13 +11,18 @@ time. Paths per call (`path`):
     the reference's fp32 weights) that every row of x then runs over, 6 rows at a time in
     registers, the result rounded to bf16. The vector kernel decodes again for every 4 rows, which
     beyond 8 rows costs more than the scratch's stores and loads;
-  - the tile path ("tiled", fp32 compute at every row count): tiles of 16 * `_TILE_BLOCKS` output
+  - the tile path ("tiled", fp32 compute at every row count; fp8 beyond 8 rows only, the vector
+    kernel below that, fp8 having no code offsets): tiles of 16 * `_TILE_BLOCKS` output
     rows dequantized to fp32 (the reference's fp32 weights) and multiplied by at::mm, so fp32
     logits equal a dense fp32 model of the dequantized weights bit for bit (GGUF round trips and
     dequantized twins are checked that way). The rows kernel beats it at every row count measured
     (benchmarks/RESULTS.md) but sums in another order.
-fp8 weights have no AVX2 decoder yet: they go to the pure-torch kernel (cpu_fp8_dequant), with the
-reason shown by `anyquant inspect`.
+Weights: uint2/3/4, int8, uint8 (GPTQ act-order, zero points, GGUF float offsets) and fp8
+e4m3fn / e5m2 with per-tensor, per-channel, group or block (e.g. 128x128) scales, all three paths
+in both compute dtypes. fp8 codes are decoded exactly by arithmetic and F16C (gemv_avx2.h), so
+the extension calls name which fp8 (`_fp8_format`). fp8 activations are the reference's own fake
+quantization before the call, as for cpu_avx512; integer weights with quantized activations are
+refused (RepackedWeightOnlyKernel.rejects).
 """
 
 from __future__ import annotations
@@ -30,13 +35,12 @@ from torch import Tensor
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import (
     _DECODED,
-    _FORMAT,
     _FP8,
     RepackedLmHeadKernel,
     RepackedWeightOnlyKernel,
 )
 from anyquant.quant.registry import register_kernel
-from anyquant.quant.spec import QuantSpec
+from anyquant.quant.weight import QuantWeight
 
 # Up to this many rows of x the vector kernel (bf16 compute), beyond it the rows kernel. Measured
 # on Zen 3 (one thread, int4 g128, the Qwen2.5-0.5B qkv, o, gate/up and down shapes,
@@ -44,6 +48,21 @@ from anyquant.quant.spec import QuantSpec
 # kernel at 4 rows and level with it at 8 (the rows kernel pays a fixed dequantization per call);
 # the rows kernel is 1.1-1.25x the vector kernel at 12-16 rows and 1.3-1.7x at 32-512.
 _GEMV_MAX_ROWS = 8
+# The AVX2 calls' codes for the fp8 layout (csrc/gemv_avx2.h, Avx2Fp8): gemv.h's kFp8 bytes, the
+# type named because the AVX2 decoders compute values from the bits rather than from the table.
+_FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE = 4, 5, 6
+_FP8_FORMATS = (_FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE)
+
+
+def _fp8_format(weight: str, codes: Tensor) -> int:
+    """The AVX2 code for fp8 `codes`: e4m3fn without NaN codes (magnitude 0x7F; no real checkpoint
+    has them) skips the decoder's NaN fix, 3 of its ~19 vector operations per 32 weights."""
+    if weight == "fp8_e5m2":
+        return _FP8_E5M2
+    has_nan = bool(((codes.view(torch.uint8) & 0x7F) == 0x7F).any())
+    return _FP8_E4M3 if has_nan else _FP8_E4M3_FINITE
+
+
 _TILE_BLOCKS = 16
 
 
@@ -60,12 +79,14 @@ def _cpu_reason() -> str | None:
 
 @register_kernel
 class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
-    """uint2/3/4, int8 and uint8 weights on AVX2 + FMA CPUs (the ones without AVX512_BF16).
+    """uint2/3/4, int8, uint8 and fp8 weights (fp8 also with fp8 activations) on AVX2 + FMA CPUs
+    (the ones without AVX512_BF16).
 
-    Numerics: the vector path multiplies the codes (exact in fp32) by the activations in fp32 and
-    applies scale, zero point and the codes' offset once per span of at most 128 inputs, so no
-    weight is rounded (for bf16 compute closer to float64 than the reference, which rounds each
-    weight to bf16); the rows kernel and the tile path multiply the reference's fp32 weights.
+    Numerics: the vector path multiplies the codes (exact in fp32; fp8 values exactly, e4m3fn as
+    2^-8 of its value with 2^8 folded into the scale) by the activations in fp32 and applies
+    scale, zero point and the codes' offset once per span of at most 128 inputs, so no weight is
+    rounded (for bf16 compute closer to float64 than the reference, which rounds each weight to
+    bf16); the rows kernel and the tile path multiply the reference's fp32 weights.
     """
 
     name = "cpu_avx2"
@@ -75,11 +96,11 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
     def cpu_reason(cls) -> str | None:
         return _cpu_reason()
 
-    @classmethod
-    def rejects(cls, spec: QuantSpec, shape: tuple[int, int], compute_dtype: torch.dtype) -> str | None:
-        if spec.weight in _FORMAT and _FORMAT[spec.weight] == _FP8:
-            return f"weights are {spec.weight}; the AVX2 kernel decodes integer codes only"
-        return super().rejects(spec, shape, compute_dtype)
+    def load(self, weight: QuantWeight | Tensor) -> None:
+        super().load(weight)
+        if self.fmt == _FP8:  # the same bytes; the AVX2 decoders compute the value from the bits
+            assert isinstance(weight, QuantWeight)
+            self.fmt = _fp8_format(self.spec.weight, weight.data)
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
         n, path = self.shape[0], self.path(x.shape[0])
@@ -96,8 +117,12 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
         # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
         # model); the tile path multiplies the reference's fp32 weights with at::mm, the sums of
         # a dense fp32 F.linear.
+        # fp8 codes carry no offset (no zero points, no code shift): there the vector kernel's fp32
+        # sums are a dense fp32 dot product's, each weight exact (measured on Zen 3, one thread, one
+        # row: 2.4-3.1x a dense fp32 F.linear, the tile path 0.64-0.78x; benchmarks/RESULTS.md).
         if self.compute_dtype == torch.float32:
-            return "tiled"
+            without_offsets = self.fmt in _FP8_FORMATS and self.zz is None and self.offset_t is None
+            return "gemv" if without_offsets and rows <= _GEMV_MAX_ROWS else "tiled"
         return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:

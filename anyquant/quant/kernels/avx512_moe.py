@@ -17,9 +17,9 @@ the down projection's as where each intermediate feature goes; float-offset expe
 minimums) pass their offsets, stacked so that each expert's own kernel reads its slice of them as
 well. Quantized activations (fp8 dynamic per token / group or static; int8 W8A8, whose experts
 first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are quantized as the
-reference does: x once for all experts here, h per (token, expert) row inside the call. Those
-are AVX-512 only: `cpu_avx2` experts are weight-only (the AVX2 kernel refuses quantized
-activations), and so is the AVX2 call.
+reference does: x once for all experts here, h per (token, expert) row inside the call. fp8
+activations run on both calls (`cpu_avx2` takes fp8 weights with fp8 activations); int8
+activations are AVX-512 only (the AVX2 kernel refuses quantized activations of integer weights).
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
 dynamic activation scales); the caller then keeps the per-expert path. `fuse` picks the call for the
@@ -133,6 +133,8 @@ def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) ->
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
+            if kernel.fmt != first.fmt:  # cpu_avx2: e4m3fn codes with NaN in some experts only
+                return f"expert {e}'s codes are packed as format {kernel.fmt}, expert 0's as {first.fmt}"
         gate, up, down = kernels
         assert isinstance(gate, RepackedWeightOnlyKernel) and isinstance(up, RepackedWeightOnlyKernel)
         assert isinstance(down, RepackedWeightOnlyKernel) and isinstance(first, RepackedWeightOnlyKernel)
@@ -162,8 +164,8 @@ def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, 
     if spec is None or kernel not in FUSED_CALLS:
         return f"experts run on {kernel}, not {' or '.join(FUSED_CALLS)}"
     a = spec.act
-    if kernel == Avx2WeightOnlyKernel.name and a is not None:
-        return f"activations are quantized ({a.describe()}); the AVX2 call runs weight-only experts"
+    if kernel == Avx2WeightOnlyKernel.name and a is not None and a.type == "int8":
+        return f"activations are quantized ({a.describe()}); the AVX2 call takes fp8 activations only"
     if kernel == Avx512VnniKernel.name and a is not None and a.dynamic and a.granularity != "token":
         return (
             f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
@@ -189,8 +191,8 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
     act = first.spec.act
     if act is None:
         return None
-    if not isinstance(first, Avx512WeightOnlyKernel):
-        return f"activations are quantized ({act.describe()}); the AVX2 call runs weight-only experts"
+    if isinstance(first, Avx2WeightOnlyKernel) and act.type == "int8":
+        return f"activations are quantized ({act.describe()}); the AVX2 call takes fp8 activations only"
     if act.type not in _ACT_CODES:
         return f"activations are quantized ({act.describe()}); the call takes fp8 or int8 activations"
     if act.type == "int8" and act.granularity == "group":
@@ -198,17 +200,17 @@ def _cannot_fuse_activations(experts: Sequence[tuple[LinearKernel | None, ...]])
     if act.dynamic and act.granularity not in ("token", "group"):
         return f"activations are quantized ({act.describe()}); per-tensor dynamic scales span each expert's tokens"
     if not act.dynamic:
-        scales = [k.input_scale for ks in experts for k in ks[:2] if isinstance(k, Avx512WeightOnlyKernel)]
+        scales = [k.input_scale for ks in experts for k in ks[:2] if isinstance(k, RepackedWeightOnlyKernel)]
         known = [s for s in scales if s is not None and s.numel() == 1]
         if len(known) != len(scales) or any(not torch.equal(s, known[0]) for s in known):
             return f"activations are quantized ({act.describe()}) with gate / up input scales that differ by expert"
         if any(
-            k.input_zero is not None for ks in experts for k in ks if isinstance(k, Avx512WeightOnlyKernel)
+            k.input_zero is not None for ks in experts for k in ks if isinstance(k, RepackedWeightOnlyKernel)
         ):
             return f"activations are quantized ({act.describe()}) with input zero points"
         downs = [ks[2] for ks in experts]
         if any(
-            not isinstance(d, Avx512WeightOnlyKernel) or d.input_scale is None or d.input_scale.numel() != 1
+            not isinstance(d, RepackedWeightOnlyKernel) or d.input_scale is None or d.input_scale.numel() != 1
             for d in downs
         ):
             return f"activations are quantized ({act.describe()}); down projections need one input scale each"

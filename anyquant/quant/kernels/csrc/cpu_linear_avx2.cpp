@@ -1,7 +1,8 @@
 // Weight-only quantized linear layers for AVX2 + FMA CPUs (gemv_avx2.h): the matrix-vector path
 // (few rows), the rows path (bf16 batched decode and prompts: chunks of the weights dequantized
 // once into an L1 scratch for all rows) and the tile path (fp32 compute: fp32 tiles multiplied by
-// at::mm, the same sums as a dense fp32 F.linear), over the layout gemv.h describes. Ops:
+// at::mm, the same sums as a dense fp32 F.linear), over the layout gemv.h describes (fp8 named
+// by the AVX2 codes kFp8E4M3 / kFp8E5M2, avx2_layout). Ops:
 // avx2_gemv, avx2_rows_mm, avx2_tiled_mm, avx2_dequantize, avx2_supported.
 
 #include "gemv_avx2.h"
@@ -11,7 +12,6 @@ namespace {
 void check_x(const at::Tensor& x, const Layout& w) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.kp, "x must be [M, ", w.kp, "]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
-  TORCH_CHECK(w.fmt == kInt4 || w.fmt == kInt8 || w.fmt == kDecoded, "the AVX2 kernels run int4, 8-bit and bf16 words");
 }
 
 // x (bf16 or fp32) [M, kp] -> y [M, n] in x's dtype over blocks of 16 outputs split among threads,
@@ -21,7 +21,7 @@ template <bool ROWS>
 at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
                                const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
-  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
+  const Layout w = avx2_layout(packed, scale, zz, lut, fmt, group, n);
   check_x(x, w);
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0);
@@ -74,7 +74,7 @@ at::Tensor avx2_tiled_mm(const at::Tensor& x, const at::Tensor& packed, const at
                          const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
                          const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n,
                          int64_t tile_blocks) {
-  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
+  const Layout w = avx2_layout(packed, scale, zz, lut, fmt, group, n);
   check_x(x, w);
   TORCH_CHECK(tile_blocks > 0, "tile_blocks must be positive");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -104,9 +104,8 @@ at::Tensor avx2_tiled_mm(const at::Tensor& x, const at::Tensor& packed, const at
 // The whole layer as a dense [n, kp] matrix in `dtype` (fp32 values rounded once for bf16).
 at::Tensor avx2_dequantize(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zz,
                            const at::Tensor& lut, int64_t fmt, int64_t group, int64_t n, at::ScalarType dtype) {
-  const Layout w = make_layout(packed, scale, zz, lut, fmt, group, n);
+  const Layout w = avx2_layout(packed, scale, zz, lut, fmt, group, n);
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dtype must be bfloat16 or float32");
-  TORCH_CHECK(w.fmt == kInt4 || w.fmt == kInt8 || w.fmt == kDecoded, "the AVX2 kernels run int4, 8-bit and bf16 words");
   at::Tensor tile = at::empty({w.kp, w.blocks * 16}, at::TensorOptions().dtype(at::kFloat));
   const int64_t ld = w.blocks * 16;
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {

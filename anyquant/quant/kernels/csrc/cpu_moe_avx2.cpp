@@ -12,7 +12,9 @@
 //   fp32 compute: the rows kernel at every row count: each block dequantized chunk by chunk to the
 //     reference's fp32 weights and multiplied in input order; the vector cores' code offsets
 //     would cancel against sums of large activations.
-// Quantized activations are refused here (cpu_avx2 experts are weight-only).
+// Weights: int4, 8-bit and both fp8 types (gemv_avx2.h's decoders; fp8 named by the AVX2 codes).
+// fp8 activations as in the AVX-512 call: x quantized by the caller (the reference's function), h
+// by the schedule (moe_schedule.h); int8 activations (codes with x_scale) are AVX-512 only.
 
 #include "gemv_avx2.h"
 #include "moe_schedule.h"
@@ -23,7 +25,8 @@ struct Avx2Core {
   using X = float;
   static constexpr at::ScalarType kXType = at::kFloat;
   int parts = 1;
-  bool exact;  // fp32 compute: the rows kernel at every row count
+  bool exact;   // fp32 compute: the rows kernel at every row count
+  int64_t fmt;  // the call's format: the schedule's layouts say kFp8 for either fp8 (avx2_layout)
 
   void put(float v, X* dst, int64_t /*stride*/) const { *dst = v; }
 
@@ -41,7 +44,9 @@ struct Avx2Core {
 
   void blocks(const Layout& w, const X* x, const float* xsum, int64_t rows, int64_t b0, int64_t b1, float* out,
               int64_t out_stride, int64_t col_shift, uint8_t* /*scratch*/) const {
-    avx2::Args a{w, x, xsum, nullptr, out, false, out_stride};
+    Layout named = w;
+    named.fmt = fmt;
+    avx2::Args a{named, x, xsum, nullptr, out, false, out_stride};
     a.col_shift = col_shift;
     if (exact || rows > avx2::kGemvMaxRows) {
       avx2::rows_dispatch(a, rows, b0, b1);
@@ -64,12 +69,14 @@ at::Tensor moe_experts_avx2(const at::Tensor& x, const at::Tensor& ids, const at
                             const c10::optional<at::Tensor>& off2, int64_t act2, double act_qmax, double act_top,
                             int64_t act_group, const c10::optional<at::Tensor>& act_scale2,
                             const c10::optional<at::Tensor>& x_scale) {
-  TORCH_CHECK(fmt == kInt4 || fmt == kInt8, "the AVX2 MoE call runs int4 and 8-bit codes (fmt 0 or 1), got ", fmt);
-  TORCH_CHECK(act2 == 0 && !act_scale2.has_value() && !x_scale.has_value(),
-              "the AVX2 MoE call runs weight-only experts (act2 = 0, no activation scales)");
-  const Avx2Core core{1, x.scalar_type() == at::kFloat};
-  return moe_experts_impl(core, x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden,
-                          perm13, pos2, off13, off2, act2, act_qmax, act_top, act_group, act_scale2, x_scale);
+  TORCH_CHECK(fmt == kInt4 || fmt == kInt8 || is_fp8(fmt),
+              "the AVX2 MoE call runs int4, 8-bit and fp8 codes (fmt 0, 1, 4, 5 or 6), got ", fmt);
+  TORCH_CHECK(act2 != 3 && !x_scale.has_value(),
+              "the AVX2 MoE call takes weight-only or fp8-activation experts (act2 0, 1 or 2, no x_scale)");
+  const Avx2Core core{1, x.scalar_type() == at::kFloat, fmt};
+  return moe_experts_impl(core, x, ids, weights, w13, s13, z13, w2, s2, z2, lut, is_fp8(fmt) ? kFp8 : fmt, group13,
+                          group2, inter, hidden, perm13, pos2, off13, off2, act2, act_qmax, act_top, act_group,
+                          act_scale2, x_scale);
 }
 
 }  // namespace

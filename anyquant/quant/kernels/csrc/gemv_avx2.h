@@ -15,6 +15,18 @@
 //        k+2, k+3 (u = the code + 128 for int8, the code for uint8);
 //   kDecoded (bf16 words, one chunk = one pair k, k+1): lane << 16 and lane & 0xFFFF0000 are the
 //        fp32 values of (row i, k) and (row i, k+1).
+//   fp8 (one chunk = inputs k..k+3): gemv.h's bytes, 32 per pair of inputs, byte 2i+t = (row i,
+//        k+t); read 32 bytes at a time as 16 words, word i = (row i, k) | (row i, k+1) << 8. Both
+//        fp8 types are decoded by arithmetic, not through gemv.h's table, so the AVX2 calls name
+//        which one (kFp8E4M3 / kFp8E5M2, below): the code moved to the top byte of a 16-bit word
+//        is e5m2 as an fp16 (e5m2 is the top byte of an fp16) or, shifted right by one with the
+//        sign kept, e4m3fn as an fp16 2^8 too small (its 4 exponent bits land in fp16's 5, bias 7
+//        against 15, subnormals included), and F16C's vcvtph2ps makes fp32 of 8 of them exactly.
+//        e4m3fn's one NaN magnitude (0x7F) would read as 480: its fp16 bit 14 is set with a carry
+//        (all 7 magnitude bits set + 1), making the fp16 exponent all ones, a NaN as in torch.
+//        That costs 3 of the ~19 vector operations per 32 weights at one row, so a layer without
+//        NaN codes (every real checkpoint; avx2.py checks at load) is named kFp8E4M3Finite and
+//        skips it.
 // The integer codes go to fp32 with vcvtdq2ps, exactly: the decoded value is the code itself,
 // `code_shift` more than the table value gemv.h's scales and zero points are stated against
 // (int4: code - 8; 8-bit: u - 128). As in gemv.h's offset decoder, that shift comes off once per
@@ -35,6 +47,24 @@
 #define AQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace {
+
+// The AVX2 calls' own codes for gemv.h's fp8 bytes (kFp8, whose table says which fp8 it is):
+// the decoders here compute the value from the bits and need to know (kFp8E4M3Finite: e4m3fn
+// without NaN codes, see above).
+enum Avx2Fp8 : int64_t { kFp8E4M3 = 4, kFp8E5M2 = 5, kFp8E4M3Finite = 6 };
+
+constexpr bool is_fp8(int64_t fmt) { return fmt == kFp8E4M3 || fmt == kFp8E5M2 || fmt == kFp8E4M3Finite; }
+
+// make_layout for the AVX2 calls: fp8 as gemv.h's kFp8 bytes, the layout then names which fp8.
+inline Layout avx2_layout(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zz,
+                          const at::Tensor& lut, int64_t fmt, int64_t group, int64_t n) {
+  TORCH_CHECK(fmt == kInt4 || fmt == kInt8 || fmt == kDecoded || is_fp8(fmt),
+              "the AVX2 kernels run int4, 8-bit, fp8 (e4m3fn 4 or 6, e5m2 5) and bf16 words, got format ", fmt);
+  Layout w = make_layout(packed, scale, zz, lut, is_fp8(fmt) ? kFp8 : fmt, group, n);
+  w.fmt = fmt;
+  return w;
+}
+
 namespace avx2 {
 
 // What the decoded value exceeds the table value by (see above).
@@ -46,7 +76,36 @@ constexpr float code_shift() {
 // Chunks of 64 bytes per 8 inputs of one block, and inputs per chunk.
 template <int64_t FMT>
 constexpr int chunks_per_8() {
-  return FMT == kInt4 ? 1 : FMT == kInt8 ? 2 : 4;
+  return FMT == kInt4 ? 1 : (FMT == kInt8 || is_fp8(FMT)) ? 2 : 4;
+}
+
+// What the fp8 decoder's fp32 value is short of the weight's by (a power of two: e4m3fn read as
+// fp16 is 2^8 too small). The vector path folds it into the scale, the dequantizers multiply.
+template <int64_t FMT>
+constexpr float fp8_unit() {
+  return (FMT == kFp8E4M3 || FMT == kFp8E4M3Finite) ? 256.f : 1.f;
+}
+
+// Input T (0: k, 1: k+1) of the 16 words v (word i = (row i, k) | (row i, k+1) << 8) as fp16 bits.
+template <int64_t FMT, int T>
+AQ_AVX2 __attribute__((always_inline)) inline __m256i fp8_halfs(__m256i v) {
+  const __m256i top = T == 0 ? _mm256_slli_epi16(v, 8) : v;  // the code in the high byte
+  if constexpr (FMT == kFp8E5M2) {
+    return T == 0 ? top : _mm256_and_si256(top, _mm256_set1_epi16(static_cast<int16_t>(0xFF00)));
+  } else {
+    // sign at bit 15, magnitude at bits 7..13 (bit 14, the sign's copy, cleared)
+    const __m256i h = _mm256_and_si256(_mm256_srai_epi16(top, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBF80)));
+    if constexpr (FMT == kFp8E4M3Finite) return h;
+    // magnitude 0x7F (NaN): + 1 at bit 7 carries into bit 14, the fp16 exponent becomes all ones
+    const __m256i nan = _mm256_and_si256(_mm256_add_epi16(h, _mm256_set1_epi16(0x80)), _mm256_set1_epi16(0x4000));
+    return _mm256_or_si256(h, nan);
+  }
+}
+
+// Rows 0..7 (H = 0) or 8..15 (H = 1) of fp16 bits as fp32, exactly.
+template <int H>
+AQ_AVX2 __attribute__((always_inline)) inline __m256 halfs_to_fp32(__m256i h) {
+  return _mm256_cvtph_ps(H == 0 ? _mm256_castsi256_si128(h) : _mm256_extracti128_si256(h, 1));
 }
 
 // Input J of one half-chunk `v` (rows 0..7 or 8..15) as fp32, per the table above.
@@ -97,12 +156,35 @@ AQ_AVX2 __attribute__((always_inline)) inline void fma_inputs(__m256i v, const f
   }
 }
 
+// fp8: acc[m][*][J % U] += input k + J of all 16 rows (fp16 bits h) times x[m][k + J].
+template <int64_t FMT, int M, int U, int J>
+AQ_AVX2 __attribute__((always_inline)) inline void fma_fp8_input(__m256i h, const float* const* xr, int64_t k,
+                                                                 __m256 (&acc)[M][2][U]) {
+  const __m256 d0 = halfs_to_fp32<0>(h), d1 = halfs_to_fp32<1>(h);
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    const __m256 xb = _mm256_broadcast_ss(xr[m] + k + J);
+    acc[m][0][J % U] = _mm256_fmadd_ps(d0, xb, acc[m][0][J % U]);
+    acc[m][1][J % U] = _mm256_fmadd_ps(d1, xb, acc[m][1][J % U]);
+  }
+}
+
 // Chunks C.. of one 8-input step at p (inputs k..k+7).
 template <int64_t FMT, int M, int U, int C>
 AQ_AVX2 __attribute__((always_inline)) inline void step_chunks(const uint8_t* p, const float* const* xr, int64_t k,
                                                                __m256 (&acc)[M][2][U]) {
   constexpr int chunks = chunks_per_8<FMT>(), ipc = 8 / chunks;
-  if constexpr (C < chunks) {
+  if constexpr (C < chunks && is_fp8(FMT)) {
+    const uint8_t* q = p + 64 * C;
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+    fma_fp8_input<FMT, M, U, 0>(fp8_halfs<FMT, 0>(v0), xr, k + C * ipc, acc);
+    fma_fp8_input<FMT, M, U, 1>(fp8_halfs<FMT, 1>(v0), xr, k + C * ipc, acc);
+    fma_fp8_input<FMT, M, U, 2>(fp8_halfs<FMT, 0>(v1), xr, k + C * ipc, acc);
+    fma_fp8_input<FMT, M, U, 3>(fp8_halfs<FMT, 1>(v1), xr, k + C * ipc, acc);
+    step_chunks<FMT, M, U, C + 1>(p, xr, k, acc);
+  } else if constexpr (C < chunks) {
     const uint8_t* q = p + 64 * C;
     _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
@@ -174,13 +256,14 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
       for (int64_t k = 0; k < w.span; k += 8, p += step_bytes) step_chunks<FMT, M, U, 0>(p, xr, k0 + k, acc);
       const float* sg = w.scale + (b * w.ng + g) * 16;
       for (int h = 0; h < 2; ++h) {
-        const __m256 s = _mm256_loadu_ps(sg + 8 * h);
+        __m256 s = _mm256_loadu_ps(sg + 8 * h);
         __m256 zs = _mm256_setzero_ps();
         if (offsets) {
           __m256 zc = w.zz != nullptr ? _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8 * h) : _mm256_setzero_ps();
           zc = _mm256_add_ps(zc, _mm256_set1_ps(shift));
           zs = _mm256_mul_ps(s, zc);
         }
+        if constexpr (fp8_unit<FMT>() != 1.f) s = _mm256_mul_ps(s, _mm256_set1_ps(fp8_unit<FMT>()));
         for (int m = 0; m < M; ++m) {
           __m256 sum = acc[m][h][0];
           for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][h][u]);
@@ -223,6 +306,9 @@ inline void gemv_fmt(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_
   switch (a.w.fmt) {
     case kInt4: return gemv_rows<kInt4>(a, m0, rows, b0, b1);
     case kInt8: return gemv_rows<kInt8>(a, m0, rows, b0, b1);
+    case kFp8E4M3: return gemv_rows<kFp8E4M3>(a, m0, rows, b0, b1);
+    case kFp8E5M2: return gemv_rows<kFp8E5M2>(a, m0, rows, b0, b1);
+    case kFp8E4M3Finite: return gemv_rows<kFp8E4M3Finite>(a, m0, rows, b0, b1);
     default: return gemv_rows<kDecoded>(a, m0, rows, b0, b1);
   }
 }
@@ -274,6 +360,34 @@ AQ_AVX2 __attribute__((always_inline)) inline void store_inputs(__m256i v, __m25
   }
 }
 
+// fp8: input J of the chunk (16 rows, fp16 bits h), (v - z) * s as above, v exact in fp32.
+template <int64_t FMT, int J>
+AQ_AVX2 __attribute__((always_inline)) inline void store_fp8_input(__m256i h, __m256 s0, __m256 s1, __m256 z0,
+                                                                   __m256 z1, float* dst, int64_t ld) {
+  const __m256 unit = _mm256_set1_ps(fp8_unit<FMT>());
+  const __m256 v0 = _mm256_mul_ps(halfs_to_fp32<0>(h), unit), v1 = _mm256_mul_ps(halfs_to_fp32<1>(h), unit);
+  _mm256_storeu_ps(dst + J * ld, _mm256_mul_ps(_mm256_sub_ps(v0, z0), s0));
+  _mm256_storeu_ps(dst + J * ld + 8, _mm256_mul_ps(_mm256_sub_ps(v1, z1), s1));
+}
+
+// One 64-byte chunk at p (inputs J = 0..ipc-1 of both halves of the rows) stored as above.
+template <int64_t FMT>
+AQ_AVX2 __attribute__((always_inline)) inline void store_chunk(const uint8_t* p, __m256 s0, __m256 s1, __m256 z0,
+                                                               __m256 z1, float* dst, int64_t ld) {
+  constexpr int ipc = 8 / chunks_per_8<FMT>();
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  if constexpr (is_fp8(FMT)) {  // lo: pair (k, k+1), hi: pair (k+2, k+3), 16 rows each
+    store_fp8_input<FMT, 0>(fp8_halfs<FMT, 0>(lo), s0, s1, z0, z1, dst, ld);
+    store_fp8_input<FMT, 1>(fp8_halfs<FMT, 1>(lo), s0, s1, z0, z1, dst, ld);
+    store_fp8_input<FMT, 2>(fp8_halfs<FMT, 0>(hi), s0, s1, z0, z1, dst, ld);
+    store_fp8_input<FMT, 3>(fp8_halfs<FMT, 1>(hi), s0, s1, z0, z1, dst, ld);
+  } else {  // lo: rows 0..7, hi: rows 8..15
+    store_inputs<FMT, 0, 0, ipc>(lo, s0, z0, dst, ld);
+    store_inputs<FMT, 1, 0, ipc>(hi, s1, z1, dst, ld);
+  }
+}
+
 template <int64_t FMT>
 AQ_AVX2 void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t tile_b0, float* tile, int64_t ld) {
   constexpr int chunks = chunks_per_8<FMT>(), ipc = 8 / chunks;
@@ -289,12 +403,8 @@ AQ_AVX2 void dequant_blocks(const Layout& w, int64_t b0, int64_t b1, int64_t til
         z0 = _mm256_add_ps(z0, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16));
         z1 = _mm256_add_ps(z1, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8));
       }
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += ipc, p += 64) {
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-        store_inputs<FMT, 0, 0, ipc>(lo, s0, z0, col + k * ld, ld);
-        store_inputs<FMT, 1, 0, ipc>(hi, s1, z1, col + k * ld, ld);
-      }
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += ipc, p += 64)
+        store_chunk<FMT>(p, s0, s1, z0, z1, col + k * ld, ld);
     }
   }
 }
@@ -303,6 +413,9 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
   switch (w.fmt) {
     case kInt4: return dequant_blocks<kInt4>(w, b0, b1, tile_b0, tile, ld);
     case kInt8: return dequant_blocks<kInt8>(w, b0, b1, tile_b0, tile, ld);
+    case kFp8E4M3: return dequant_blocks<kFp8E4M3>(w, b0, b1, tile_b0, tile, ld);
+    case kFp8E5M2: return dequant_blocks<kFp8E5M2>(w, b0, b1, tile_b0, tile, ld);
+    case kFp8E4M3Finite: return dequant_blocks<kFp8E4M3Finite>(w, b0, b1, tile_b0, tile, ld);
     default: return dequant_blocks<kDecoded>(w, b0, b1, tile_b0, tile, ld);
   }
 }
@@ -336,13 +449,7 @@ AQ_AVX2 void dequant_chunk(const Layout& w, int64_t b, int64_t k0, int64_t k1, f
       z0 = _mm256_add_ps(z0, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16));
       z1 = _mm256_add_ps(z1, _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8));
     }
-    for (; k < end; k += ipc, p += 64) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-      float* dst = scratch + (k - k0) * 16;
-      store_inputs<FMT, 0, 0, ipc>(lo, s0, z0, dst, 16);
-      store_inputs<FMT, 1, 0, ipc>(hi, s1, z1, dst, 16);
-    }
+    for (; k < end; k += ipc, p += 64) store_chunk<FMT>(p, s0, s1, z0, z1, scratch + (k - k0) * 16, 16);
   }
 }
 
@@ -424,6 +531,9 @@ inline void rows_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
   switch (a.w.fmt) {
     case kInt4: return rows_blocks<kInt4>(a, rows, b0, b1);
     case kInt8: return rows_blocks<kInt8>(a, rows, b0, b1);
+    case kFp8E4M3: return rows_blocks<kFp8E4M3>(a, rows, b0, b1);
+    case kFp8E5M2: return rows_blocks<kFp8E5M2>(a, rows, b0, b1);
+    case kFp8E4M3Finite: return rows_blocks<kFp8E4M3Finite>(a, rows, b0, b1);
     default: return rows_blocks<kDecoded>(a, rows, b0, b1);
   }
 }
