@@ -11,8 +11,8 @@
 //   4-bit codes (c <= 15): `v & 0x0F` and `(v >> 4) & 0x0F` are the u8 codes of inputs k..k+3 and
 //     k+4..k+7 (vnni.h's nibble layout); vpmaddubsw against the broadcast 4 int8 activations
 //     gives pair sums |c0 q0 + c1 q1| <= 15 * 128 * 2 = 3840, never saturating, and four steps
-//     (32 inputs, two vpmaddubsw each) sum to at most 30720 < 32767 in int16 before vpmaddwd
-//     with ones widens them into the int32 group sums. Every sum is exact.
+//     (32 inputs, two vpmaddubsw each) sum to at most 30720 < 32767 in int16 before they widen
+//     into the int32 group sums. Every sum is exact.
 //   8-bit codes (c <= 255, int8 stored as code + 128): vpmaddubsw could saturate (255 * 127 * 2 >
 //     32767), so the codes widen to int16 in registers: `v & 0x00FF` per 16-bit word holds inputs
 //     k and k+2 of the lane's row, `v >> 8` inputs k+1 and k+3, and vpmaddwd multiplies them by
@@ -23,8 +23,10 @@
 //
 // Rows of x go kA8Rows at a time against one block (their accumulators in registers: 2 per row
 // for the int16 or int32 sums), blocks split among threads. Few rows (<= kA8Rows) stream each
-// block from memory once; more rows take each block (kp * 8 or 16 bytes, L1/L2) through every
-// tile of rows of a panel of kA8Panel rows, whose int8 x stays in L2 while the blocks go by.
+// block from memory once, 4-bit codes unpacked in registers; more rows take each block through
+// every tile of rows of a panel of kA8Panel rows, whose int8 x stays in L2 while the blocks go
+// by: 8-bit blocks as they are, 4-bit ones unpacked once per panel into 8-bit chunks (kp * 16
+// bytes, L1/L2) that tiles of kA8UnpackedRows rows read.
 //
 // Only functions marked AQ_A8 contain AVX2 code, so the library still loads on any x86-64 CPU;
 // the Python side (avx2_a8.py) refuses where the CPU lacks the instructions.
@@ -38,6 +40,7 @@ namespace {
 namespace a8 {
 
 constexpr int kA8Rows = 4;        // rows of x per register tile (2 accumulators each + 4 weights)
+constexpr int kA8UnpackedRows = 5;  // the same over unpacked 4-bit blocks (2 weights; see tile4u)
 constexpr int64_t kA8Panel = 64;  // rows whose int8 x stays in L2 while a thread's blocks stream
 constexpr int64_t kSpan4 = 32;    // 4-bit inputs summed in int16 before widening (see above)
 
@@ -52,6 +55,12 @@ AQ_A8 inline __m256i bcast4(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
+}
+
+// The two int16 halves of each 32-bit lane summed as int32: what vpmaddwd with ones gives, on the
+// ALU ports (vpmaddwd and vpmaddubsw share the multiply port that bounds the loops below).
+AQ_A8 inline __m256i widen_pairs(__m256i v) {
+  return _mm256_add_epi32(_mm256_srai_epi32(v, 16), _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16));
 }
 
 // Group g's exact dot products dot[m][h] (rows m0 + m, outputs 8h..8h+7 of block b) with its zero
@@ -99,7 +108,7 @@ AQ_A8 inline void store_block(const VLayout& w, const Act& a, const Out& o, int6
 // Rows m0..m0+R against 4-bit block b.
 template <int R>
 AQ_A8 void tile4(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64_t b) {
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i nib = _mm256_set1_epi8(0x0F);
   const uint8_t* pb = w.packed + b * w.block_bytes();
   const int8_t* x = a.q + m0 * w.kp;
   __m256 out[R][2];
@@ -129,7 +138,7 @@ AQ_A8 void tile4(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64
         }
       }
       for (int m = 0; m < R; ++m)
-        for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(acc[m][h], ones));
+        for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], widen_pairs(acc[m][h]));
     }
     group_epilogue<R>(w, a, b, g, m0, dot, out);
   }
@@ -166,6 +175,67 @@ AQ_A8 void tile8(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64
   store_block<R>(w, a, o, b, m0, out);
 }
 
+// The 4-bit block b as 8-bit code chunks (kp / 4 chunks of 64 bytes: vnni.h's 8-bit layout).
+AQ_A8 void unpack_block4(const VLayout& w, int64_t b, uint8_t* dst) {
+  const uint8_t* p = w.packed + b * w.block_bytes();
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  for (int64_t k = 0; k < w.kp; k += 8, p += 64, dst += 128) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * h), _mm256_and_si256(v, nib));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 + 32 * h),
+                          _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+    }
+  }
+}
+
+// Rows m0..m0+R against block b unpacked by unpack_block4 (`codes`): no unpacking in the loop, so
+// 2R int16 accumulators + 2 weights + 1 activation fit in registers for R up to 5 (the in-register
+// unpacking of tile4 holds 4 weights and a mask more and spills beyond 3 rows).
+template <int R>
+AQ_A8 void tile4u(const VLayout& w, const uint8_t* codes, const Act& a, const Out& o, int64_t m0, int64_t b) {
+  const int8_t* x = a.q + m0 * w.kp;
+  __m256 out[R][2];
+  for (int m = 0; m < R; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.ng; ++g) {
+    __m256i dot[R][2];
+    for (int m = 0; m < R; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+    const int64_t g1 = (g + 1) * w.group;
+    for (int64_t k0 = g * w.group; k0 < g1; k0 += kSpan4) {
+      const int64_t k1 = std::min(g1, k0 + kSpan4);
+      __m256i acc[R][2];
+      for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += 4) {  // 8 steps of one vpmaddubsw per accumulator (<= 3840 each)
+        const uint8_t* p = codes + k * 16;
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+#pragma GCC unroll 5
+        for (int m = 0; m < R; ++m) {
+          const __m256i xb = bcast4(x + m * w.kp + k);
+          acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(w0, xb));
+          acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(w1, xb));
+        }
+      }
+      for (int m = 0; m < R; ++m)
+        for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], widen_pairs(acc[m][h]));
+    }
+    group_epilogue<R>(w, a, b, g, m0, dot, out);
+  }
+  store_block<R>(w, a, o, b, m0, out);
+}
+
+inline void tile4u_any(const VLayout& w, const uint8_t* codes, const Act& a, const Out& o, int64_t m0, int64_t rows,
+                       int64_t b) {
+  static_assert(kA8UnpackedRows == 5, "the switch below covers 1..5 rows");
+  switch (rows) {
+    case 1: return tile4u<1>(w, codes, a, o, m0, b);
+    case 2: return tile4u<2>(w, codes, a, o, m0, b);
+    case 3: return tile4u<3>(w, codes, a, o, m0, b);
+    case 4: return tile4u<4>(w, codes, a, o, m0, b);
+    default: return tile4u<5>(w, codes, a, o, m0, b);
+  }
+}
+
 template <int64_t FMT, int R>
 void tile(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64_t b) {
   if constexpr (FMT == kV4) {
@@ -190,6 +260,18 @@ void tile_any(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64_t 
 // All rows of x against blocks b0..b1 (one thread's share).
 template <int64_t FMT>
 void blocks(const VLayout& w, const Act& a, const Out& o, int64_t rows, int64_t b0, int64_t b1) {
+  if (FMT == kV4 && rows > kA8Rows) {
+    std::vector<uint8_t> codes(static_cast<size_t>(w.kp * 16));
+    for (int64_t p0 = 0; p0 < rows; p0 += kA8Panel) {
+      const int64_t p1 = std::min(rows, p0 + kA8Panel);
+      for (int64_t b = b0; b < b1; ++b) {
+        unpack_block4(w, b, codes.data());
+        for (int64_t m = p0; m < p1; m += kA8UnpackedRows)
+          tile4u_any(w, codes.data(), a, o, m, std::min<int64_t>(kA8UnpackedRows, p1 - m), b);
+      }
+    }
+    return;
+  }
   for (int64_t p0 = 0; p0 < rows; p0 += kA8Panel) {
     const int64_t p1 = std::min(rows, p0 + kA8Panel);
     for (int64_t b = b0; b < b1; ++b)
