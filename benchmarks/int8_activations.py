@@ -43,15 +43,15 @@ BODIES = [
 ]
 
 
-def stories_costs() -> None:
-    expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
-    text = (STORIES / expected["file"]).read_text()
+def stories_costs(stories: Path) -> None:
+    expected = json.loads((stories / "expected_outputs.json").read_text())["perplexity_reference"]
+    text = (stories / expected["file"]).read_text()
     print("| body | compute dtype | activations | LM head | perplexity | vs as stored |")
     print("|---|---|---|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, fmt, options in BODIES:
             path = Path(tmp) / label.replace(" ", "_")
-            quantize_checkpoint(STORIES / "hf", path, fmt, options)
+            quantize_checkpoint(stories / "hf", path, fmt, options)
             for dtype in ("bfloat16", "float32"):
                 base = corpus_perplexity(LLM(path, dtype=dtype), text).perplexity
                 print(f"| {label} | {dtype} | as stored | as stored | {base:.4f} | |")
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stories", action="store_true", help="perplexity costs on stories260K instead")
+    parser.add_argument("--stories-model", type=Path, default=STORIES, help="the stories260K folder")
     parser.add_argument(
         "--wall", action="store_true", help="wall-clock times (several threads), not CPU time"
     )
@@ -102,7 +103,7 @@ def main() -> None:
     if args.wall:
         _CLOCK[0] = time.perf_counter
     if args.stories:
-        stories_costs()
+        stories_costs(args.stories_model)
         return
     llms = {}
     for variant in args.variants:

@@ -271,3 +271,32 @@ def test_int8_activation_specs_get_an_integer_kernel(spec: QuantSpec, kind: Laye
     every row count (one path inside); where VNNI is present, cpu_avx512_vnni outranks it."""
     choice = choose_kernel(spec, kind, CPU, (200, 328), BF16)
     assert choice.name == _int8_activation_kernel(), choice.rejected
+
+
+@needs_kernel
+@pytest.mark.skipif(_int8_activation_kernel() != "cpu_avx2_a8", reason="this CPU runs cpu_avx512_vnni")
+def test_moe_experts_on_int8_activations_run_per_expert_and_equal_the_reference() -> None:
+    """A MoE checkpoint loaded with int8 activations on an AVX2 CPU: the routed experts run one
+    cpu_avx2_a8 kernel at a time (the fused MoE calls take VNNI or weight-only experts), and in
+    float32 the model equals the reference kernels running the same definition (budget 1e-4, as
+    tests/loading/test_moe_int8_activations.py for the VNNI call)."""
+    from pathlib import Path
+
+    from anyquant import LLM
+    from anyquant.layers.moe import SparseMoE
+
+    path = (
+        Path(__file__).resolve().parents[1]
+        / "fixtures"
+        / "third_party_moe"
+        / "qwen3moe-w4a16-g32-asym-gptq-llmc"
+    )
+    fast = LLM(path, dtype="float32", activation_dtype="int8")
+    blocks = [m for m in fast.model.modules() if isinstance(m, SparseMoE)]
+    assert blocks and all(m.fused is None for m in blocks)
+    kernels = {m.kernel.name for m in fast.model.modules() if getattr(m, "kernel", None) is not None}
+    assert "cpu_avx2_a8" in kernels, kernels
+    reference = LLM(path, dtype="float32", activation_dtype="int8", kernel="reference")
+    ids = [5, 99, 300, 17, 4, 100, 250, 7]
+    got, want = fast.logits(ids), reference.logits(ids)
+    assert rel_err(got, want) < 1e-4, rel_err(got, want)

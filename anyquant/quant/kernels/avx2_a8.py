@@ -24,7 +24,9 @@ from anyquant.quant.registry import register_kernel
 @register_kernel
 class Avx2Int8ActivationKernel(Int8ActivationKernel):
     """Integer weights x int8 activations with AVX2 integer multiply-adds; see the module docstring.
-    One path at every row count (rows of x 4 at a time against each block of 16 outputs)."""
+    One op at every row count: it picks between streaming the blocks (up to 4 rows) and unpacking
+    them once per 64 rows inside (csrc/a8_avx2.h), so a captured step traces the same call for
+    every bucket and the kernel needs no `path`."""
 
     name = "cpu_avx2_a8"
     priority = 65  # below cpu_avx512_vnni (70), above cpu_w8a8_int8 and the other pure-torch kernels (50)
