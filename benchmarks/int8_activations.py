@@ -8,6 +8,7 @@ busy spell of a shared machine hits every variant alike:
   of B x 1 token) / (B x N) gives the aggregate decode tokens/s.
 Times are the process's CPU time (all its threads), so time the machine's other work takes from
 this process is not counted; run it with one thread (OMP_NUM_THREADS=1) and read the ratios.
+`--wall` times wall-clock instead, for several threads (CPU time would add the threads' times).
 Fresh random prompts for every call (no prefix-cache hits). The median over rounds is reported.
 
     OMP_NUM_THREADS=1 python benchmarks/int8_activations.py [--variants auto:auto int8:auto]
@@ -42,15 +43,15 @@ BODIES = [
 ]
 
 
-def stories_costs() -> None:
-    expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
-    text = (STORIES / expected["file"]).read_text()
+def stories_costs(stories: Path) -> None:
+    expected = json.loads((stories / "expected_outputs.json").read_text())["perplexity_reference"]
+    text = (stories / expected["file"]).read_text()
     print("| body | compute dtype | activations | LM head | perplexity | vs as stored |")
     print("|---|---|---|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, fmt, options in BODIES:
             path = Path(tmp) / label.replace(" ", "_")
-            quantize_checkpoint(STORIES / "hf", path, fmt, options)
+            quantize_checkpoint(stories / "hf", path, fmt, options)
             for dtype in ("bfloat16", "float32"):
                 base = corpus_perplexity(LLM(path, dtype=dtype), text).perplexity
                 print(f"| {label} | {dtype} | as stored | as stored | {base:.4f} | |")
@@ -67,11 +68,14 @@ def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab - 16, (length,), generator=g).tolist() for _ in range(num)]
 
 
+_CLOCK = [time.process_time]  # `--wall`: time.perf_counter
+
+
 def _cpu_s(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.process_time()
+    t0 = _CLOCK[0]()
     llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    return time.process_time() - t0
+    return _CLOCK[0]() - t0
 
 
 def main() -> None:
@@ -91,9 +95,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stories", action="store_true", help="perplexity costs on stories260K instead")
+    parser.add_argument("--stories-model", type=Path, default=STORIES, help="the stories260K folder")
+    parser.add_argument(
+        "--wall", action="store_true", help="wall-clock times (several threads), not CPU time"
+    )
     args = parser.parse_args()
+    if args.wall:
+        _CLOCK[0] = time.perf_counter
     if args.stories:
-        stories_costs()
+        stories_costs(args.stories_model)
         return
     llms = {}
     for variant in args.variants:
@@ -127,7 +137,8 @@ def main() -> None:
                 results[variant][f"decode b{b}"].append(b * args.decode_len / max(full - first, 1e-9))
     base = args.variants[0]
     print(
-        f"{args.model}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds (CPU time)"
+        f"{args.model}, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds "
+        f"({'wall' if args.wall else 'CPU'} time)"
     )
     print("| variant (activations:lm head) | " + " | ".join(f"{r} tok/s" for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))

@@ -2,8 +2,8 @@
 
 For each quantization spec, layer shape and token count T it times the C++ kernels (cpu_avx512,
 cpu_avx2 (AVX2 + FMA CPUs);
-cpu_avx512_vnni, for weight-only specs as "(A8)": the same weights with per-token int8 activations,
-what `--activation-dtype int8` runs), the pure-torch kernel (cpu_int4 / cpu_int8_weight /
+cpu_avx512_vnni and cpu_avx2_a8 (AVX2 CPUs), for weight-only specs as "(A8)": the same weights with
+per-token int8 activations, what `--activation-dtype int8` runs), the pure-torch kernel (cpu_int4 / cpu_int8_weight /
 cpu_fp8_dequant / cpu_w8a8_int8), a dense F.linear of the same shape in the compute dtype, and
 "read": the extension's plain 64-byte-load streaming read over buffers of the quantized kernel's
 size, timed by the same protocol, which is the bandwidth roofline each row's "% of read" uses. It
@@ -93,6 +93,9 @@ SPECS = (
 FAST, AVX2 = "cpu_avx512", "cpu_avx2"
 FALLBACKS = ("cpu_int4", "cpu_int8_weight", "cpu_fp8_dequant", "cpu_w8a8_int8")
 VNNI, A8 = "cpu_avx512_vnni", "cpu_avx512_vnni (A8)"
+# The int8-activation kernel of AVX2 CPUs, and its "(A8)" engine as A8 is VNNI's.
+AVX2_A8, AVX2_A8_FORCED = "cpu_avx2_a8", "cpu_avx2_a8 (A8)"
+INT8_ACT_ENGINES = {A8: VNNI, AVX2_A8_FORCED: AVX2_A8}
 # cpu_avx512 held to its vector path at every row count (the many-rows path before the GEMM):
 # an A/B of the GEMM in the same run. Timed only when --engines names it.
 VECTOR = "cpu_avx512 (vector)"
@@ -240,7 +243,7 @@ def make_cases(
     layer: tuple[str, int, int],
     tokens: list[int],
     dtype: torch.dtype,
-    engines: tuple[str, ...] = (FAST, AVX2, VNNI, *FALLBACKS, A8),
+    engines: tuple[str, ...] = (FAST, AVX2, VNNI, AVX2_A8, *FALLBACKS, A8, AVX2_A8_FORCED),
 ) -> list[Case]:
     name, n, k = layer
     gen = torch.Generator().manual_seed(n * 7919 + k)
@@ -248,7 +251,7 @@ def make_cases(
     reference = build("reference", w, dtype)
     assert reference is not None
     layers: dict[str, nn.Module] = {}
-    for engine in (FAST, AVX2, VNNI, *FALLBACKS):
+    for engine in (FAST, AVX2, VNNI, AVX2_A8, *FALLBACKS):
         if engine not in engines:
             continue
         kernel = build(engine, w, dtype)
@@ -264,10 +267,11 @@ def make_cases(
         if kernel is not None:
             kernel.path = lambda rows, path=path: path  # type: ignore[method-assign]
             layers[forced] = kernel
-    if A8 in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
-        kernel = build(VNNI, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
-        if kernel is not None:
-            layers[A8] = kernel
+    for label, engine in INT8_ACT_ENGINES.items():
+        if label in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
+            kernel = build(engine, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)
+            if kernel is not None:
+                layers[label] = kernel
     layers["dense"] = DenseLinear(torch.randn(n, k, generator=gen).mul(0.02).to(dtype))
     nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
     quantized = next(e for e in nbytes if e != "dense")
@@ -420,7 +424,11 @@ def main() -> None:
     specs = [SPECS[int(i)] for i in args.specs.split(",")] if args.specs else list(SPECS)
     chosen = [int(i) for i in args.layers.split(",")] if args.layers else None
     layers = GEMV_SHAPES if args.gemv_shapes else LAYERS
-    engines = tuple(args.engines.split(",")) if args.engines else (FAST, AVX2, VNNI, *FALLBACKS, A8)
+    engines = (
+        tuple(args.engines.split(","))
+        if args.engines
+        else (FAST, AVX2, VNNI, AVX2_A8, *FALLBACKS, A8, AVX2_A8_FORCED)
+    )
     cases: list[Case] = []
     with torch.inference_mode():
         bandwidth = read_bandwidth_gbs(args.min_time)

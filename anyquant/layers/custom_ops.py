@@ -275,6 +275,14 @@ def _register_extension_fakes() -> None:
         ):
             return linear_out(x, n)
 
+    if hasattr(torch.ops.anyquant_cpu, "avx2_a8_linear"):  # cpu_avx2_a8: vnni_linear's arguments
+
+        @torch.library.register_fake("anyquant_cpu::avx2_a8_linear")
+        def _avx2_a8_linear_fake(
+            x, packed, scale, zero, zconst, offset, bias, fmt, group, n, divisor, static_scale, amax
+        ):
+            return linear_out(x, n)
+
     if hasattr(torch.ops.anyquant_cpu, "moe_experts_vnni"):
 
         @torch.library.register_fake("anyquant_cpu::moe_experts_vnni")

@@ -39,6 +39,7 @@ _BUILTIN_MODULES = (
     "anyquant.quant.kernels.avx512",
     "anyquant.quant.kernels.avx512_vnni",
     "anyquant.quant.kernels.avx2",
+    "anyquant.quant.kernels.avx2_a8",
     "anyquant.quant.kernels.cuda",
 )
 _loaded = False

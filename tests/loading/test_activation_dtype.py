@@ -3,7 +3,8 @@
 Budget: the activations' quantization adds, per layer, a relative error of about
 (amax / 127) / sqrt(12) / rms(x) to each matmul; on this tiny random model the logits move by
 ~2.6e-2 relative (measured) against the same checkpoint run as stored. Checked: every
-weight-only layer gets the VNNI kernel (where the CPU has it), the logits are within 5e-2 of the
+weight-only layer gets the integer kernel of the CPU (cpu_avx512_vnni where the CPU has
+AVX512-VNNI, else cpu_avx2_a8 on AVX2 CPUs), the logits are within 5e-2 of the
 stored numerics and visibly not equal to them, and the fast kernel equals the reference kernel
 running the same (fake-quantized) definition in float32.
 """
@@ -21,18 +22,25 @@ from anyquant.errors import AnyquantError
 from anyquant.loading.activations import activation_quant, with_activations
 from anyquant.loading.describe import describe_checkpoint
 from anyquant.quant.formats.base import WriteOptions
+from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.utils.tiny_model import write_tiny_model
 
 IDS = [5, 99, 300, 17, 4, 1000, 250, 7, 42, 3]
 W4 = QuantSpec("uint4", "group", group_size=32)
-UNAVAILABLE = Avx512VnniKernel.cannot_run(
-    QuantSpec("uint4", "group", group_size=32, act=ActQuant("int8", True)),
-    "linear",
-    torch.device("cpu"),
-    (64, 64),
-    torch.bfloat16,
+W4A8 = QuantSpec("uint4", "group", group_size=32, act=ActQuant("int8", True))
+# The integer kernel this CPU runs int8 activations on: VNNI where it can, else AVX2's.
+INTEGER_KERNEL = next(
+    (
+        cls
+        for cls in (Avx512VnniKernel, Avx2Int8ActivationKernel)
+        if cls.cannot_run(W4A8, "linear", torch.device("cpu"), (64, 64), torch.bfloat16) is None
+    ),
+    None,
+)
+needs_integer_kernel = pytest.mark.skipif(
+    INTEGER_KERNEL is None, reason="neither cpu_avx512_vnni nor cpu_avx2_a8 runs on this CPU"
 )
 
 
@@ -67,17 +75,18 @@ def test_spec_transform() -> None:
         activation_quant("fp16")
 
 
-@pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx512_vnni cannot run here: {UNAVAILABLE}")
-def test_int8_activations_run_on_vnni_within_budget(model: Path) -> None:
+@needs_integer_kernel
+def test_int8_activations_run_on_the_integer_kernel_within_budget(model: Path) -> None:
+    assert INTEGER_KERNEL is not None
     stored = LLM(model, dtype="bfloat16")
     int8 = LLM(model, dtype="bfloat16", activation_dtype="int8")
     kernels = {m.kernel.name for m in int8.loaded.model.modules() if hasattr(m, "kernel") and m.kernel}
-    assert "cpu_avx512_vnni" in kernels and "cpu_avx512" not in kernels, kernels
+    assert INTEGER_KERNEL.name in kernels and not kernels & {"cpu_avx512", "cpu_avx2"}, kernels
     want, got = stored.logits(IDS), int8.logits(IDS)
     assert 1e-4 < _rel(got, want) < 5e-2, _rel(got, want)
 
 
-@pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx512_vnni cannot run here: {UNAVAILABLE}")
+@needs_integer_kernel
 def test_int8_activations_equal_the_reference_definition(model: Path) -> None:
     fast = LLM(model, dtype="float32", activation_dtype="int8")
     reference = LLM(model, dtype="float32", activation_dtype="int8", kernel="reference")

@@ -99,6 +99,8 @@ def test_activation_amax_is_the_one_fake_quantization_takes(act: ActQuant) -> No
         ("reference", INT8_TENSOR),
         ("cpu_w8a8_int8", INT8_TOKEN),
         ("cpu_w8a8_int8", INT8_TENSOR),
+        ("cpu_avx2_a8", INT8_TOKEN),
+        ("cpu_avx2_a8", INT8_TENSOR),
         ("cpu_fp8_dequant", FP8_TOKEN),
     ],
     ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v),

@@ -81,12 +81,12 @@ def activation_reason(spec: QuantSpec) -> str | None:
     return None
 
 
-@register_kernel
-class Avx512VnniKernel(LinearKernel):
-    """Integer weights x int8 activations with vpdpbusd; see the module docstring."""
+class Int8ActivationKernel(LinearKernel):
+    """Integer weights x int8 activations over csrc/vnni.h's layout: the packing, the spec checks
+    and the call, shared by the AVX512-VNNI kernel below and the AVX2 one (avx2_a8.py), which
+    differ in the extension op (`op_name`) and the CPU they need (`cpu_reason`)."""
 
-    name = "cpu_avx512_vnni"
-    priority = 70  # above cpu_avx512 (60, weight-only) and cpu_w8a8_int8 (50)
+    op_name: str  # the extension op: the arguments of vnni_linear
     packed: Tensor
     scale: Tensor
     zero: Tensor | None
@@ -110,13 +110,18 @@ class Avx512VnniKernel(LinearKernel):
             return f"in_features {shape[1]} per scale could overflow the int32 sums (limit {_MAX_GROUP})"
         if spec.granularity == "group" and spec.group_size > _MAX_GROUP:
             return f"groups of {spec.group_size} could overflow the int32 sums (limit {_MAX_GROUP})"
-        return _cpu_reason() or cpu_ext.unavailable_reason()
+        return cls.cpu_reason() or cpu_ext.unavailable_reason()
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        """Why this CPU cannot run the kernel's instructions, or None."""
+        raise NotImplementedError
 
     def load(self, weight: QuantWeight | Tensor) -> None:
         if not isinstance(weight, QuantWeight):
-            raise TypeError("cpu_avx512_vnni kernel expects a QuantWeight")
+            raise TypeError(f"{self.name} kernel expects a QuantWeight")
         if weight.num_experts is not None:
-            raise TypeError(f"cpu_avx512_vnni serves one 2-D weight, got {weight.num_experts} experts")
+            raise TypeError(f"{self.name} serves one 2-D weight, got {weight.num_experts} experts")
         if tuple(weight.shape) != tuple(self.shape):
             raise TensorError(
                 "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
@@ -199,7 +204,7 @@ class Avx512VnniKernel(LinearKernel):
         elif self.dynamic_act.granularity == "tensor":  # one amax for every row
             amax = act_amax if act_amax is not None else activation_amax(x, self.dynamic_act)
             act_amax = amax.reshape(1).expand(x.shape[0])
-        return cpu_ext.ops().vnni_linear(
+        return getattr(cpu_ext.ops(), self.op_name)(
             x,
             self.packed,
             self.scale,
@@ -217,3 +222,16 @@ class Avx512VnniKernel(LinearKernel):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={getattr(self, 'group', 0)}"
+
+
+@register_kernel
+class Avx512VnniKernel(Int8ActivationKernel):
+    """Integer weights x int8 activations with vpdpbusd; see the module docstring."""
+
+    name = "cpu_avx512_vnni"
+    priority = 70  # above cpu_avx512 (60, weight-only) and cpu_w8a8_int8 (50)
+    op_name = "vnni_linear"
+
+    @classmethod
+    def cpu_reason(cls) -> str | None:
+        return _cpu_reason()

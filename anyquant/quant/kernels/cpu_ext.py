@@ -32,6 +32,7 @@ _SOURCES = (
     "cpu_moe_avx2.cpp",
     "cpu_vnni.cpp",
     "cpu_moe_vnni.cpp",
+    "cpu_a8_avx2.cpp",
     "cpu_attention.cpp",
 )
 # Not compiled on their own, but part of what a build is keyed on.
@@ -40,6 +41,7 @@ _HEADERS = (
     "gemm_tile.h",
     "gemv_avx2.h",
     "vnni.h",
+    "a8_avx2.h",
     "moe_routing.h",
     "moe_schedule.h",
     "attention.h",

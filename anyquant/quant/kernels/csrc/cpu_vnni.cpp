@@ -10,29 +10,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n, double divisor,
                        double static_scale, const c10::optional<at::Tensor>& amax) {
   TORCH_CHECK(vnni_supported(), "vnni_linear needs AVX512-VNNI and AVX512_BF16");
-  TORCH_CHECK(fmt == kV4 || fmt == kV8, "unknown weight format ", fmt);
-  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "packed weights must be contiguous uint8");
-  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(2) == 16,
-              "scales must be contiguous float32 [blocks, groups, 16]");
-  TORCH_CHECK(group > 0 && group % 8 == 0 && group <= 65536, "group must be a multiple of 8 up to 65536");
-  VLayout w = vlayout_shape(fmt, scale.size(0), scale.size(1), group, n);
-  TORCH_CHECK(n > 0 && n <= w.blocks * 16, "n out of range");
-  TORCH_CHECK(packed.numel() == w.blocks * w.block_bytes(), "packed weights have the wrong size");
-  w.packed = packed.data_ptr<uint8_t>();
-  w.scale = scale.data_ptr<float>();
-  w.zero = nullptr;
-  w.offset = nullptr;
-  w.zconst = static_cast<int32_t>(zconst);
-  if (zero.has_value()) {
-    TORCH_CHECK(zero->is_contiguous() && zero->scalar_type() == at::kInt && zero->sizes() == scale.sizes(),
-                "zero points must be int32 shaped like the scales");
-    w.zero = zero->data_ptr<int32_t>();
-  }
-  if (offset.has_value()) {
-    TORCH_CHECK(offset->is_contiguous() && offset->scalar_type() == at::kFloat && offset->sizes() == scale.sizes(),
-                "offsets must be float32 shaped like the scales");
-    w.offset = offset->data_ptr<float>();
-  }
+  VLayout w = checked_vlayout(packed, scale, zero, zconst, offset, fmt, group, n);
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= w.kp, "x must be [M, K] with K <= ", w.kp);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
   TORCH_CHECK(divisor > 0, "divisor must be positive");

@@ -69,6 +69,36 @@ inline VLayout vlayout_shape(int64_t fmt, int64_t blocks, int64_t ng, int64_t gr
   return w;
 }
 
+// A layout over the op's tensors (vnni_linear, avx2_a8_linear), every shape and dtype checked.
+inline VLayout checked_vlayout(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                               int64_t zconst, const c10::optional<at::Tensor>& offset, int64_t fmt, int64_t group,
+                               int64_t n) {
+  TORCH_CHECK(fmt == kV4 || fmt == kV8, "unknown weight format ", fmt);
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "packed weights must be contiguous uint8");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.size(2) == 16,
+              "scales must be contiguous float32 [blocks, groups, 16]");
+  TORCH_CHECK(group > 0 && group % 8 == 0 && group <= 65536, "group must be a multiple of 8 up to 65536");
+  VLayout w = vlayout_shape(fmt, scale.size(0), scale.size(1), group, n);
+  TORCH_CHECK(n > 0 && n <= w.blocks * 16, "n out of range");
+  TORCH_CHECK(packed.numel() == w.blocks * w.block_bytes(), "packed weights have the wrong size");
+  w.packed = packed.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.zero = nullptr;
+  w.offset = nullptr;
+  w.zconst = static_cast<int32_t>(zconst);
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->is_contiguous() && zero->scalar_type() == at::kInt && zero->sizes() == scale.sizes(),
+                "zero points must be int32 shaped like the scales");
+    w.zero = zero->data_ptr<int32_t>();
+  }
+  if (offset.has_value()) {
+    TORCH_CHECK(offset->is_contiguous() && offset->scalar_type() == at::kFloat && offset->sizes() == scale.sizes(),
+                "offsets must be float32 shaped like the scales");
+    w.offset = offset->data_ptr<float>();
+  }
+  return w;
+}
+
 struct QAct {
   const int8_t* q;     // [rows, kp], zero padded
   const int32_t* sum;  // [rows, ng] sum of q per group

@@ -1,0 +1,302 @@
+"""The AVX2 int8-activation kernel (cpu_avx2_a8): integer weights x int8 activations against float64,
+its int16 sums at their extremes, its refusals and its choice on CPUs with and without VNNI.
+
+Error budget (relative L2 error against float64 of the reference's own definition: activations
+fake-quantized by `fake_quantize_activations` in fp32, times the float64 dequantized weight): the
+kernel quantizes activations exactly as the reference does (the same fp32 division, round half to
+even, clamp), sums the code x activation products exactly (int16 partial sums that cannot
+saturate, then int32) and applies the scales in fp32, so the only errors are fp32 scaling (~1e-7)
+and the output's rounding to the compute dtype: bfloat16 4e-3 (2^-9 per element, ~1.7e-3 as an
+L2 ratio), float32 1e-5. Where the CPU has AVX512-VNNI, the registry picks cpu_avx512_vnni and
+these tests run this kernel by its class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import Tensor
+
+from anyquant.layers import custom_ops
+from anyquant.quant.kernels import avx2_a8, avx512_vnni, cpu_ext
+from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+from anyquant.quant.reference import activation_amax, dequantize, fake_quantize_activations
+from anyquant.quant.registry import choose_kernel
+from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
+from anyquant.quant.weight import QuantWeight
+from tests.helpers.errors import rel_err
+from tests.helpers.quant_weights import random_weight
+
+F32, BF16 = torch.float32, torch.bfloat16
+CPU = torch.device("cpu")
+BUDGET = {BF16: 4e-3, F32: 1e-5}
+TOKEN = ActQuant("int8", dynamic=True)
+STATIC = ActQuant("int8", dynamic=False, granularity="tensor")
+
+SPECS = [
+    QuantSpec("uint4", "group", group_size=32, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=64, has_zero=True, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=128, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True, act=TOKEN),
+    QuantSpec("uint4", "channel", has_zero=True, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=32, has_offset=True, act=TOKEN),
+    QuantSpec("uint4", "group", group_size=64, act=STATIC),
+    QuantSpec("uint3", "group", group_size=64, act=TOKEN),
+    QuantSpec("uint2", "group", group_size=32, has_zero=True, act=TOKEN),
+    QuantSpec("int8", "channel", act=TOKEN),
+    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
+    QuantSpec("int8", "group", group_size=128, act=ActQuant("int8", True, "tensor")),
+    QuantSpec("int8", "tensor", act=STATIC),
+    QuantSpec("uint8", "group", group_size=64, has_zero=True, act=TOKEN),
+]
+# (N, K): N not a multiple of the 16-row blocks (nor of 8), K not a multiple of 64 / 128 nor of
+# the group (a short last group).
+SHAPES = [(200, 96), (72, 328), (37, 200)]
+# One row to the 4-row tiles and beyond, past a 64-row panel, prompts.
+TOKENS = (1, 2, 3, 4, 7, 16, 64, 300, 512)
+
+UNAVAILABLE = Avx2Int8ActivationKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
+needs_kernel = pytest.mark.skipif(
+    UNAVAILABLE is not None, reason=f"cpu_avx2_a8 cannot run here: {UNAVAILABLE}"
+)
+
+
+def weight_for(spec: QuantSpec, n: int, k: int, seed: int) -> QuantWeight:
+    base = dataclasses.replace(spec, has_offset=False)
+    w = random_weight(base, n, k, seed)
+    if spec.has_offset:  # GGUF-style minimums: value = code * scale + offset
+        gen = torch.Generator().manual_seed(seed)
+        offset = -8 * w.scale * (0.5 + torch.rand(w.scale.shape, generator=gen))
+        w = dataclasses.replace(w, spec=spec, offset=offset.float())
+    return w.validate("test")
+
+
+def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None, amax: Tensor | None = None) -> Tensor:
+    assert w.spec.act is not None
+    xq = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, amax)
+    y = xq.double() @ dequantize(w, torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+def loaded(w: QuantWeight, dtype: torch.dtype) -> Avx2Int8ActivationKernel:
+    kernel = Avx2Int8ActivationKernel(tuple(w.shape), dtype)
+    kernel.load(w)
+    return kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+def test_matches_float64(spec: QuantSpec) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, k in SHAPES:
+        w = weight_for(spec, n, k, seed=n + k)
+        bias = torch.randn(n, generator=gen)
+        for dtype in (BF16, F32):
+            kernel = loaded(w, dtype)
+            for t in TOKENS:
+                x = torch.randn(t, k, generator=gen).to(dtype)
+                x[0, : k // 3] *= 10  # a token with outliers: its scale differs from the others'
+                b = bias.to(dtype) if t % 2 else None
+                y = kernel(x, b)
+                assert y.dtype == dtype and y.shape == (t, n)
+                err = rel_err(y, float64_linear(x, w, b))
+                assert err <= BUDGET[dtype], f"{spec.describe()} {n}x{k} T={t} {dtype}: {err:.2e}"
+
+
+def extreme_weight(spec: QuantSpec, n: int, k: int, code: int, zero: int | None) -> QuantWeight:
+    """Every code `code`, scale 1 (per group or channel), zero point `zero`: the largest sums."""
+    shape = (n, -(-k // spec.group_size)) if spec.granularity == "group" else (n,)
+    dtype = torch.int8 if spec.weight == "int8" else torch.uint8
+    data = torch.full((n, k), code, dtype=dtype)
+    zeros = torch.full(shape, zero, dtype=torch.int32) if zero is not None else None
+    assert spec.act is not None
+    input_scale = None if spec.act.dynamic else torch.tensor([1.0])
+    w = QuantWeight(spec, (n, k), data, torch.ones(shape), zeros, None, input_scale)
+    return w.validate("extreme")
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("weight", "code", "zero"),
+    [
+        (QuantSpec("uint4", "group", group_size=128, has_zero=True), 15, 0),
+        (QuantSpec("uint4", "group", group_size=32, has_zero=True), 0, 15),
+        (QuantSpec("uint4", "channel", has_zero=True), 15, 0),
+        (QuantSpec("uint4", "group", group_size=64), 0, None),
+        (QuantSpec("uint8", "channel", has_zero=True), 255, 0),
+        (QuantSpec("int8", "channel"), -128, None),
+        (QuantSpec("int8", "group", group_size=64), 127, None),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v),
+)
+@pytest.mark.parametrize("act", [TOKEN, STATIC], ids=ActQuant.describe)
+def test_extreme_codes_and_activations_do_not_saturate(
+    weight: QuantSpec, code: int, zero: int | None, act: ActQuant
+) -> None:
+    """Weights all at one end of their range times activations all at +-127 (dynamic: every |x|
+    equal) or at -128 / 127 (static scale 1, x clamped): the int16 pair sums (4-bit codes) and the
+    int16 operands (8-bit codes) sit at their limits; float64 says what the sums must be."""
+    spec = dataclasses.replace(weight, act=act)
+    n, k = 40, 520  # more than one 32-input int16 span, a short last group
+    w = extreme_weight(spec, n, k, code, zero)
+    for dtype in (BF16, F32):
+        kernel = loaded(w, dtype)
+        for t in (1, 5, 70):
+            signs = torch.ones(t, k)
+            signs[1::2] = -1  # every other row all negative
+            signs[:, 3::7] *= -1  # and mixed signs within rows
+            x = (signs * (300.0 if act is STATIC else 2.0)).to(dtype)
+            codes = fake_quantize_activations(x, act, w.input_scale) / (1.0 if act is STATIC else 2 / 127)
+            assert set(codes.round().unique().tolist()) <= (
+                {-128.0, 127.0} if act is STATIC else {-127.0, 127.0}
+            )
+            truth = float64_linear(x, w, None)
+            err = rel_err(kernel(x), truth)
+            assert err <= BUDGET[dtype], f"{spec.describe()} code {code} T={t} {dtype}: {err:.2e}"
+        # All activations at the negative end: the int16 sums of 4-bit codes at -30720 per span.
+        x = torch.full((3, k), -300.0 if act is STATIC else -2.0).to(dtype)
+        assert rel_err(kernel(x), float64_linear(x, w, None)) <= BUDGET[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", [TOKEN, ActQuant("int8", True, "tensor")], ids=ActQuant.describe)
+def test_given_amax_is_used(act: ActQuant) -> None:
+    """Under tensor parallelism a rank quantizes with the amax over every rank's slice."""
+    spec = QuantSpec("uint4", "group", group_size=32, act=act)
+    w = weight_for(spec, 48, 96, seed=4)
+    kernel = loaded(w, F32)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
+    amax = activation_amax(x, act) * 3
+    got = kernel(x, None, act_amax=amax)
+    assert rel_err(got, float64_linear(x, w, None, amax)) <= BUDGET[F32]
+    assert rel_err(got, float64_linear(x, w, None)) > 1e-3  # the test can tell the two apart
+
+
+@needs_kernel
+def test_non_finite_inputs_stay_visible() -> None:
+    """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
+    garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
+    w = weight_for(SPECS[0], 48, 96, seed=3)
+    kernel = loaded(w, BF16)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
+    x[0, 7], x[2, 50] = float("inf"), float("nan")
+    y = kernel(x)
+    assert not y[0].isfinite().any() and not y[2].isfinite().any()
+    assert rel_err(y[1:2], float64_linear(x[1:2], w, None)) <= BUDGET[BF16]
+
+
+@needs_kernel
+def test_zero_rows_and_the_fake() -> None:
+    """No rows give an empty output; the captured step traces the op through its shape-only fake
+    (layers/custom_ops.py), whose output matches the op's in shape, dtype and device."""
+    kernel = loaded(weight_for(SPECS[1], 72, 328, seed=1), BF16)
+    assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 72)
+    custom_ops.register_extension_fakes()
+    for spec in (SPECS[1], SPECS[9]):
+        for dtype in (BF16, F32):
+            kernel = loaded(weight_for(spec, 72, 328, seed=1), dtype)
+            for rows in (3, 70):
+                x = torch.randn(rows, 328).to(dtype)
+                args = (x, kernel.packed, kernel.scale, kernel.zero, kernel.zconst, kernel.offset, None)
+                args += (kernel.fmt, kernel.group, 72, kernel.divisor, kernel.static_scale, None)
+                torch.library.opcheck(cpu_ext.ops().avx2_a8_linear, args, test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "device", "dtype", "words"),
+    [
+        (SPECS[0], "linear", "meta", BF16, "CPU only"),
+        (None, "linear", "cpu", BF16, "unquantized"),
+        (SPECS[0], "linear", "cpu", torch.float16, "not bfloat16 or float32"),
+        (QuantSpec("uint4", "group", group_size=128), "linear", "cpu", BF16, "activation_dtype='int8'"),
+        (QuantSpec("fp8_e4m3", "channel", act=TOKEN), "linear", "cpu", BF16, "fp8_e4m3"),
+        (
+            QuantSpec("int8", "channel", act=ActQuant("int8", True, "group", 32)),
+            "linear",
+            "cpu",
+            BF16,
+            "per-group",
+        ),
+        (
+            QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor", symmetric=False)),
+            "linear",
+            "cpu",
+            BF16,
+            "symmetric",
+        ),
+        (QuantSpec("int8", "block", block_shape=(128, 128), act=TOKEN), "linear", "cpu", BF16, "block-wise"),
+    ],
+)
+def test_cannot_run_says_why(
+    spec: QuantSpec | None, kind: LayerKind, device: str, dtype: torch.dtype, words: str
+) -> None:
+    reason = Avx2Int8ActivationKernel.cannot_run(spec, kind, torch.device(device), (64, 64), dtype)
+    assert reason is not None and words in reason, reason
+
+
+def test_without_avx2_the_next_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(avx2_a8, "_cpu_reason", lambda: "CPU lacks AVX2")
+    monkeypatch.setattr(avx512_vnni, "_cpu_reason", lambda: "CPU lacks AVX512-VNNI (vpdpbusd)")
+    reason = Avx2Int8ActivationKernel.cannot_run(SPECS[9], "linear", CPU, (256, 512), BF16)
+    assert reason == "CPU lacks AVX2"
+    choice = choose_kernel(SPECS[9], "linear", CPU, (256, 512), BF16)
+    assert choice.name not in ("cpu_avx2_a8", "cpu_avx512_vnni")
+    assert ("cpu_avx2_a8", "CPU lacks AVX2") in choice.rejected
+
+
+def _int8_activation_kernel() -> str:
+    """The kernel int8-activation specs get here: VNNI where the CPU has it, else this one."""
+    if Avx512VnniKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16) is None:
+        return "cpu_avx512_vnni"
+    return "cpu_avx2_a8"
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        (QuantSpec("uint4", "group", group_size=128, act=TOKEN), "linear"),
+        (QuantSpec("uint4", "group", group_size=32, has_zero=True, act=TOKEN), "experts"),
+        (QuantSpec("uint4", "group", group_size=64, act=STATIC), "linear"),
+        (QuantSpec("int8", "channel", act=TOKEN), "linear"),
+        (QuantSpec("int8", "channel", act=TOKEN), "lm_head"),
+        (QuantSpec("int8", "tensor", act=STATIC), "linear"),
+    ],
+)
+def test_int8_activation_specs_get_an_integer_kernel(spec: QuantSpec, kind: LayerKind) -> None:
+    """On an AVX2 CPU without AVX512-VNNI every int8-activation spec the kernel serves gets it, at
+    every row count (one path inside); where VNNI is present, cpu_avx512_vnni outranks it."""
+    choice = choose_kernel(spec, kind, CPU, (200, 328), BF16)
+    assert choice.name == _int8_activation_kernel(), choice.rejected
+
+
+@needs_kernel
+@pytest.mark.skipif(_int8_activation_kernel() != "cpu_avx2_a8", reason="this CPU runs cpu_avx512_vnni")
+def test_moe_experts_on_int8_activations_run_per_expert_and_equal_the_reference() -> None:
+    """A MoE checkpoint loaded with int8 activations on an AVX2 CPU: the routed experts run one
+    cpu_avx2_a8 kernel at a time (the fused MoE calls take VNNI or weight-only experts), and in
+    float32 the model equals the reference kernels running the same definition (budget 1e-4, as
+    tests/loading/test_moe_int8_activations.py for the VNNI call)."""
+    from pathlib import Path
+
+    from anyquant import LLM
+    from anyquant.layers.moe import SparseMoE
+
+    path = (
+        Path(__file__).resolve().parents[1]
+        / "fixtures"
+        / "third_party_moe"
+        / "qwen3moe-w4a16-g32-asym-gptq-llmc"
+    )
+    fast = LLM(path, dtype="float32", activation_dtype="int8")
+    blocks = [m for m in fast.model.modules() if isinstance(m, SparseMoE)]
+    assert blocks and all(m.fused is None for m in blocks)
+    kernels = {m.kernel.name for m in fast.model.modules() if getattr(m, "kernel", None) is not None}
+    assert "cpu_avx2_a8" in kernels, kernels
+    reference = LLM(path, dtype="float32", activation_dtype="int8", kernel="reference")
+    ids = [5, 99, 300, 17, 4, 100, 250, 7]
+    got, want = fast.logits(ids), reference.logits(ids)
+    assert rel_err(got, want) < 1e-4, rel_err(got, want)
