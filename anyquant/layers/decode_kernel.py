@@ -39,7 +39,8 @@ class _Setting:
 
 
 def set_decode_kernel(mode: str) -> None:
-    """ "auto" (default; also from the ANYQUANT_DECODE_ATTENTION environment variable) or "torch"."""
+    """ "auto" (default; also from the ANYQUANT_DECODE_ATTENTION environment variable) or "torch".
+    A captured decode step keeps the choice made when it was captured (`step_kernel_reason`)."""
     if mode not in _CHOICES:
         raise ValueError(f"{KERNEL_ENV}: expected one of {list(_CHOICES)}, got {mode!r}")
     _Setting.mode = mode
