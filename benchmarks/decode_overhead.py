@@ -120,9 +120,11 @@ def python_profile(llm: LLM, steps: int) -> dict[str, float]:
 
 def components(llm: LLM, steps: int) -> dict[str, float]:
     """Per step, ms of this thread's CPU time under cProfile (inflated by its per-call cost: read
-    as shares) of the compiled step's components (module docstring). C++ ops that Inductor calls
-    by their default overload share one cProfile entry ("torch._ops.anyquant_cpu."), so the
-    linear and attention kernels are one row here; the torch profiler's per-op times split them."""
+    as shares) of the compiled step's components (module docstring). An op call from the graph
+    is split by the callers of `OpOverload.__call__`: its own time is the Python dispatch, the
+    rest the op (cProfile keeps no entry of its own for an op with a mutated argument, so the op
+    is what `__call__` spends below itself); the pure-torch attention op's Python is its Python
+    kernel less the C++ decode kernel it calls."""
     profiler = cProfile.Profile(time.thread_time)
     profiler.enable()
     for _ in range(steps):
@@ -130,36 +132,37 @@ def components(llm: LLM, steps: int) -> dict[str, float]:
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
 
-    def total(path_end: str, name: str, column: int = 3) -> float:  # column 3 cumulative, 2 own
-        return sum(v[column] for (path, _, n), v in stats.items() if n == name and path.endswith(path_end))
+    def total(path_end: str, name: str) -> float:
+        return sum(v[3] for (path, _, n), v in stats.items() if n == name and path.endswith(path_end))
 
-    def builtin(prefix: str) -> float:
-        return sum(v[2] for (path, _, n), v in stats.items() if path == "~" and n.startswith(prefix))
+    def op_calls(caller_path: str, caller_name: str) -> tuple[float, float]:
+        """(own time, time below) of torch.ops calls made from the given function."""
+        own = below = 0.0
+        for (path, _, name), value in stats.items():
+            if name != "__call__" or not path.endswith("torch/_ops.py"):
+                continue
+            for (c_path, _, c_name), (_, _, tt, ct) in value[4].items():
+                if c_name == caller_name and caller_path in c_path:
+                    own, below = own + tt, below + ct - tt
+        return own, below
 
     step = total("engine/engine.py", "step")
     execute = total("engine/runner.py", "execute")
     run = total("engine/capture.py", "run")
     entry = total("torch/_dynamo/eval_frame.py", "compile_wrapper")
     wrapper = sum(v[3] for (path, _, n), v in stats.items() if n == "call" and "torchinductor" in path)
-    kernels = builtin("<built-in method torch._ops.anyquant_cpu.") - builtin(
-        "<built-in method torch._ops.anyquant_cpu.check_decode_step"
-    )
-    attention_python = total("layers/custom_ops.py", "_paged_decode_attention") - builtin(
-        "<built-in method torch._ops.anyquant_cpu.paged_decode_attention"
-    )
-    dispatch = total("torch/_ops.py", "__call__", 2)
+    dispatch, graph_ops = op_calls("torchinductor", "call")
+    _, inner_kernel = op_calls("layers/decode_kernel.py", "paged_decode")
+    attention_python = max(total("layers/custom_ops.py", "_paged_decode_attention") - inner_kernel, 0.0)
     rows = {
         "engine outside the runner": step - execute,
         "runner: step metadata (tables, slots)": execute - run,
         "capture.run: padding, inputs, per-step plan / check": run - entry,
         "Dynamo entry (cache lookup, guards, AOT wrappers)": entry - wrapper,
-        "C++ ops: linear + attention kernels (and the fused K/V store)": kernels,
+        "C++ ops: linear + attention kernels (and the fused K/V store)": graph_ops - attention_python,
         "torch.ops call Python (OpOverload.__call__)": dispatch,
         "attention op Python (pure-torch path: store, plan, checks)": attention_python,
-        "Inductor wrapper and its fused kernels (rest of `call`)": wrapper
-        - kernels
-        - dispatch
-        - attention_python,
+        "Inductor wrapper and its fused kernels (rest of `call`)": wrapper - graph_ops - dispatch,
     }
     out = {k: v * 1e3 / steps for k, v in rows.items()}
     out["whole step under cProfile"] = step * 1e3 / steps
