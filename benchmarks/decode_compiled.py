@@ -11,6 +11,8 @@ compiling can remove) is its step time minus those kernels.
 
 `--attention auto torch` also alternates the decode attention's implementations (the C++ kernel
 and the pure-torch path, layers/decode_kernel.py) inside each round; the rows then name both.
+The compiled step's attention is chosen when it is captured (`ANYQUANT_DECODE_ATTENTION` at load,
+layers/decode_kernel.py `step_kernel_reason`), so there the switch changes the eager steps only.
 
     python benchmarks/decode_compiled.py [--batches 1 32] [--contexts 128] [--rounds 5] [--attention auto torch]
 """

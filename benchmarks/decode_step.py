@@ -62,6 +62,7 @@ HEAVY_OPS = (
     "anyquant_cpu::vnni_linear",
     "anyquant_cpu::moe_experts",
     "anyquant_cpu::paged_decode_attention",
+    "anyquant_cpu::paged_decode_step",  # the captured step's attention, its K/V store included
     "anyquant_cpu::avx2_tiled_mm",
 )
 

@@ -2,11 +2,15 @@
 
 Owns when a step can take the captured path (every sequence decodes one token, plain 1-D positions,
 no image rows, at most the largest bucket), padding the batch to a bucket size (1, 2, 4, 8, ...),
-building the step's page plans as tensors, compiling every bucket at warm-up (timed for the load
-report) and falling back to the eager step, with a logged reason, where compiling cannot work
-(no C++ compiler for Inductor, tensor parallelism, a failed trace). Inside the graph the attention
-layers reach the cache through `anyquant::paged_decode_attention` and data-dependent modules
-run as `anyquant::opaque` ops (layers/custom_ops.py), so a step is one graph, no break.
+building the step's attention metadata as tensors, compiling every bucket at warm-up (timed for
+the load report) and falling back to the eager step, with a logged reason, where compiling cannot
+work (no C++ compiler for Inductor, tensor parallelism, a failed trace). Inside the graph each
+attention layer is one call of the C++ `anyquant_cpu::paged_decode_step` (K/V store and decode
+attention) on the step's slots, block tables and context lengths, which are graph inputs: the
+block tables at a fixed width (the pages of `max_position`), so a growing context changes their
+values, never a shape, and never recompiles; where the C++ kernel cannot run, the layers reach
+the cache through `anyquant::paged_decode_attention` and a page plan set per step. Data-dependent
+modules run as `anyquant::opaque` ops (layers/custom_ops.py), so a step is one graph, no break.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from anyquant.layers.custom_ops import (
     register_ops,
     set_decode_step,
 )
+from anyquant.layers.decode_kernel import check_decode_step, paged_decode_step, step_kernel_reason
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.moe import SparseMoE
 from anyquant.layers.rotary import RotaryEmbedding
@@ -189,18 +194,26 @@ _own_code.count = 0  # type: ignore[attr-defined]
 
 
 class CapturedContext(AttentionContext):
-    """A captured step's attention: every sequence decodes one token; the page plan of each
-    window size is the `plans`-th given to `set_decode_step` for the step."""
+    """A captured step's attention: every sequence decodes one token. With `fused`, one C++ call
+    per layer on the step's tensors (`block_tables`, `context_lens`); otherwise the pure-torch
+    attention op, whose page plan of each window size is the `plans`-th given to
+    `set_decode_step` for the step."""
 
     def __init__(
         self,
         cache: PagedKVCache,
         slot_mapping: Tensor,
+        block_tables: Tensor,
+        context_lens: Tensor,
+        fused: bool,
         plans: dict[int | None, int],
         max_position: int,
     ) -> None:
         self.cache = cache
         self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.context_lens = context_lens
+        self.fused = fused
         self.plans = plans
         # Rotary tables were grown to this position by `prepare_model`: no size check per step.
         self.max_position = max_position
@@ -208,12 +221,27 @@ class CapturedContext(AttentionContext):
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
     ) -> Tensor:
+        value_cache = None if self.cache.value_in_key else self.cache.v[layer]
+        if self.fused:
+            return paged_decode_step(
+                q,
+                k,
+                v,
+                self.cache.k[layer],
+                value_cache,
+                self.slot_mapping,
+                self.block_tables,
+                self.context_lens,
+                self.cache.page_size,
+                scale,
+                window,
+            )
         return paged_decode_attention(
             q,
             k,
             v,
             self.cache.k[layer],
-            None if self.cache.value_in_key else self.cache.v[layer],
+            value_cache,
             self.slot_mapping,
             self.plans[window],
             self.cache.page_size,
@@ -244,7 +272,15 @@ class CapturedDecode:
             or {None},
             key=lambda w: -1 if w is None else w,
         )
+        # Each layer's attention in one C++ call (`paged_decode_step`), where the kernel runs
+        # (asked first: the answer loads the extension, whose ops `prepare_model` then fakes).
+        self.attention_reason = step_kernel_reason(cache.k.dtype, cache.k.shape[-1], cache.v.shape[-1])
         prepare_model(model, max_position)
+        # The block tables' fixed width: every page a position up to `max_position` can be on.
+        self.table_width = max_position // cache.page_size + 1
+        # Per bucket, the block-table rows handed to the graph, rewritten in place each step (a
+        # row's columns past its context are stale and never read: its context length bounds them).
+        self._tables: dict[int, Tensor] = {}
         self.steps_run = 0  # steps that took this path (tests and stats)
         # Set by `warm_up` once every bucket ran and each compiled function holds one graph.
         self.skip_guards = False
@@ -273,10 +309,36 @@ class CapturedDecode:
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def _forward(self, token_ids: Tensor, positions: Tensor, slot_mapping: Tensor) -> Tensor:
+    def _forward(
+        self,
+        token_ids: Tensor,
+        positions: Tensor,
+        slot_mapping: Tensor,
+        block_tables: Tensor,
+        context_lens: Tensor,
+    ) -> Tensor:
         plans = {w: i for i, w in enumerate(self.windows)}
-        ctx = CapturedContext(self.cache, slot_mapping, plans, self.max_position)
+        fused = self.attention_reason is None
+        ctx = CapturedContext(
+            self.cache, slot_mapping, block_tables, context_lens, fused, plans, self.max_position
+        )
         return self.model(token_ids, positions, ctx)
+
+    def _step_tables(self, size: int, block_tables: Tensor, context_lens: list[int]) -> tuple[Tensor, Tensor]:
+        """The step's block tables at the fixed width [size, table_width] and its context lengths
+        [size] (a padding row's is 0: it reads nothing, its output is dropped)."""
+        rows, width = block_tables.shape
+        if width > self.table_width:
+            raise ValueError(
+                f"block_tables: {width} pages per sequence, but the captured step was built for "
+                f"{self.table_width} (max_position {self.max_position})"
+            )
+        tables = self._tables.get(size)
+        if tables is None:
+            tables = self._tables[size] = torch.zeros(size, self.table_width, dtype=torch.long)
+        tables[:rows, :width] = block_tables
+        contexts = torch.tensor(context_lens + [0] * (size - len(context_lens)), dtype=torch.long)
+        return tables, contexts
 
     def _set_step(self, block_tables: Tensor, context_lens: list[int], real_rows: int) -> None:
         page = self.cache.page_size
@@ -303,11 +365,22 @@ class CapturedDecode:
         if pad:
             token_ids = token_ids + [0] * pad
             positions = positions + [0] * pad
-            slots = torch.cat([slots, slots.new_full((pad,), -1)])  # never stored: see _set_step
-            block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])
-            context_lens = context_lens + [1] * pad
-        self._set_step(block_tables, context_lens, real)
-        inputs = (torch.tensor(token_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slots)
+            slots = torch.cat([slots, slots.new_full((pad,), -1)])  # never stored
+        tables, contexts = self._step_tables(size, block_tables, context_lens)
+        if self.attention_reason is None:
+            # The step's metadata checked once for all layers, which read the cache through it.
+            check_decode_step(slots, tables, contexts, self.cache.page_size, self.cache.k.shape[2])
+        else:
+            if pad:
+                block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])
+            self._set_step(block_tables, context_lens + [1] * pad, real)
+        inputs = (
+            torch.tensor(token_ids, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            slots,
+            tables,
+            contexts,
+        )
         function = self._function_of[size]
         if len(self.groups[function]) > 1:
             # One graph for the group's buckets, the batch size symbolic (compiling once instead
@@ -325,10 +398,11 @@ class CapturedDecode:
         """Dynamo checks a compiled graph's guards before every call (~1.2 ms of a 16.7 ms
         batch-1 step measured on the AVX-512 machine: a tensor check per parameter and buffer,
         the module attributes the trace read). They cannot fail here once warmed up: a step's
-        inputs take only the shapes warm-up compiled (`run` pads to a bucket; three fresh int64
-        CPU vectors, the bucket picks the compiled function), and the model, its parameters, the
-        cache and the rotary tables stay the objects traced (the page plans, the only per-step
-        state, are read by the attention op at run time, never traced). With one graph per
+        inputs take only the shapes warm-up compiled (`run` pads to a bucket; five int64 CPU
+        tensors, the block tables always `table_width` wide, the bucket picks the compiled
+        function), and the model, its parameters, the cache and the rotary tables stay the
+        objects traced (the pure-torch attention's page plans, per-step state, are read by its op
+        at run time, never traced). With one graph per
         compiled function nothing is left for a guard to choose, so `skip_guard_eval_unsafe`
         (which then runs only the few guards Dynamo keeps as differentiating: ~0.2 of ~5 ms per
         step on the 2-core machine, benchmarks/RESULTS.md) is exact. The stance is process-wide

@@ -3,9 +3,11 @@
 Owns three things, registered with `torch.library` when a captured step is prepared (never at
 `import anyquant`):
 - fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`, `tiled_mm`,
-  `moe_experts`, `moe_experts_avx2`, `paged_decode_attention`), so Dynamo traces the kernels that call them and
-  Inductor calls them in place;
-- `anyquant::paged_decode_attention`: stores one decode step's keys/values in a layer's cache
+  `moe_experts`, `moe_experts_avx2`, `paged_decode_attention`, `paged_decode_step`), so Dynamo
+  traces the kernels that call them and Inductor calls them in place (`paged_decode_step` is
+  a captured step's attention wherever the C++ decode kernel runs: K/V store and attention in
+  one C++ call on the step's tables as graph inputs, see engine/capture.py);
+- `anyquant::paged_decode_attention`, where it does not (the pure-torch attention): stores one decode step's keys/values in a layer's cache
   and attends through the step's page plan (the C++ decode kernel where it runs, see
   layers/decode_kernel.py); the cache is declared mutated, so the graph keeps the
   write before every later read. A cache whose value is the key's prefix passes no value cache
@@ -252,6 +254,24 @@ def _register_extension_fakes() -> None:
             force_fp32=False,
         ):
             return q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
+
+    if hasattr(torch.ops.anyquant_cpu, "paged_decode_step"):
+
+        @torch.library.register_fake("anyquant_cpu::paged_decode_step")
+        def _paged_decode_step_fake(
+            q,
+            k,
+            v,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            block_tables,
+            context_lens,
+            page_size,
+            scale,
+            window=0,
+        ):
+            return q.new_empty(q.shape[0], q.shape[1] * v.shape[-1])
 
     if hasattr(torch.ops.anyquant_cpu, "moe_experts"):
 

@@ -11,6 +11,12 @@ a decode step where `decode_kernel_reason` returns None; elsewhere (a CPU with n
 float16 cache, widths not a multiple of 16, the extension not built, or `set_decode_kernel("torch")`)
 the pure-torch path of layers/attention.py runs. The choice is per (dtypes, widths), so it is made
 once and cached, not re-checked per layer.
+
+A captured decode step (engine/capture.py) calls `anyquant_cpu::paged_decode_step` per layer
+instead: the same kernel with the layer's K/V store in front of it, on the step's block tables,
+context lengths and slots as tensors checked once per step (`check_decode_step`), so that no
+Python runs between the compiled graph and the kernel. It is chosen once per captured model
+(`step_kernel_reason`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ class _Setting:
 
 
 def set_decode_kernel(mode: str) -> None:
-    """ "auto" (default; also from the ANYQUANT_DECODE_ATTENTION environment variable) or "torch"."""
+    """ "auto" (default; also from the ANYQUANT_DECODE_ATTENTION environment variable) or "torch".
+    A captured decode step keeps the choice made when it was captured (`step_kernel_reason`)."""
     if mode not in _CHOICES:
         raise ValueError(f"{KERNEL_ENV}: expected one of {list(_CHOICES)}, got {mode!r}")
     _Setting.mode = mode
@@ -68,6 +75,16 @@ def _reason(
     if dk % 16 or dv % 16:
         return f"the C++ decode attention needs key / value widths that are multiples of 16, got {dk} / {dv}"
     return _cpu_reason()
+
+
+def step_kernel_reason(dtype: torch.dtype, k_dim: int, v_dim: int) -> str | None:
+    """Why a captured decode step on a cache of `dtype` (the compute dtype: the queries' too) with
+    these widths cannot call `paged_decode_step` per layer (then it runs the pure-torch attention
+    behind `anyquant::paged_decode_attention`), or None. Decided when the step is captured: a
+    later `set_decode_kernel` applies to eager steps only."""
+    if _Setting.mode == "torch":
+        return f"{KERNEL_ENV}=torch"
+    return _reason("cpu", dtype, dtype, dtype, k_dim, v_dim)
 
 
 @functools.cache
@@ -122,3 +139,48 @@ def paged_decode(
         q, key_cache, value_cache, block_tables, context_lens, page_size, scale, window or 0
     )
     return out.view(q.shape[0], -1)
+
+
+def paged_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor | None,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    page_size: int,
+    scale: float,
+    window: int | None,
+) -> Tensor:
+    """One layer of a captured decode step in one C++ call: store k [B, Hkv, Dk] / v [B, Hkv, Dv]
+    at `slot_mapping` [B] (-1: a padding row, not stored; `value_cache` None: the value is the
+    key's prefix, stored with it), then q [B, H, Dk] -> [B, H * Dv] through `block_tables` [B, P]
+    and `context_lens` [B] (0 for a padding row), which `check_decode_step` checked for the step."""
+    from anyquant.quant.kernels import cpu_ext
+
+    return cpu_ext.ops().paged_decode_step(
+        q,
+        k,
+        v,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        page_size,
+        scale,
+        window or 0,
+    )
+
+
+def check_decode_step(
+    slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor, page_size: int, slots: int
+) -> None:
+    """Once per step, before `paged_decode_step`'s layers read the cache through them: the slots
+    lie in the cache (or are -1), every context fits its block table, every page id it reaches
+    is a page of the cache (a clear error naming the tensor otherwise)."""
+    from anyquant.quant.kernels import cpu_ext
+
+    cpu_ext.ops().check_decode_step(slot_mapping, block_tables, context_lens, page_size, slots)

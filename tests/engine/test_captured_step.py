@@ -221,3 +221,44 @@ def test_padding_rows_store_nothing(tmp_path: Path) -> None:
     assert logits.shape == (3, 259) and logits.dtype == torch.float32
     changed = (runner.cache.k != before).any(dim=(0, 1, 3))
     assert changed[:3].all() and not changed[3:].any()  # the padding row (slot -1) wrote nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["auto", "torch"])
+def test_growing_contexts_and_changing_batches_do_not_recompile(
+    attention: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps whose contexts cross page boundaries (16 slots a page, 3 to 70 tokens) and
+    whose batches move between the buckets of one compiled function (3 sequences in bucket 4, 2 in
+    bucket 2) and to batch 1 run the graphs compiled at warm-up: Dynamo compiles no frame and
+    adds no graph (its counters), and the tokens are the eager engine's. Where the C++ decode
+    kernel runs ("auto"), every attention layer is the one `paged_decode_step` call on tensor
+    inputs; "torch" captures the pure-torch attention op with its per-step plan instead."""
+    from torch._dynamo.utils import counters
+
+    from anyquant.layers import decode_kernel
+
+    monkeypatch.setattr(decode_kernel._Setting, "mode", attention)
+    path = FAMILIES["qwen2"](tmp_path / "qwen2")
+    eager = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True)
+    compiled = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True)
+    assert compiled.engine.runner.capture(127, 4, backend="aot_eager") is None
+    captured = compiled.engine.runner.captured
+    assert captured is not None and captured.graphs_per_function() == [1, 1]
+    if attention == "torch":
+        assert captured.attention_reason == "ANYQUANT_DECODE_ATTENTION=torch"
+    elif decode_kernel._cpu_reason() is None:
+        assert captured.attention_reason is None  # the fused C++ op is the step's attention
+    frames = dict(counters["frames"])
+    graphs = counters["stats"]["unique_graphs"]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS[2:]):
+        steps = captured.steps_run
+
+        def greedy(llm: LLM, prompts: list[list[int]] = prompts) -> list[list[int]]:
+            return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+        assert greedy(compiled) == greedy(eager)
+        assert captured.steps_run - steps >= 39
+    assert dict(counters["frames"]) == frames and counters["stats"]["unique_graphs"] == graphs
+    assert captured.graphs_per_function() == [1, 1]

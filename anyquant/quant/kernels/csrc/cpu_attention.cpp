@@ -33,6 +33,7 @@
 #include "attention_bf16.h"
 #include "attention_fp32.h"
 
+#include <optional>
 #include <string>
 
 namespace {
@@ -175,15 +176,16 @@ void run_items(const Problem& p, const std::vector<Work>& work, ItemKernel atten
   });
 }
 
-// q [B, H, Dk]; key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P]
-// int64 page ids; context_lens [B] int64 -> [B, H, Dv] in q's dtype. window 0: no window;
-// splits 0: chosen from the thread count (tests force a number to exercise the merge);
-// force_fp32: bf16 inputs take the fp32 path too (tests, and a check of the bf16 path's rounding).
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size,
-                                  double scale, int64_t window, int64_t splits, bool force_fp32) {
-  const std::string isa = attention_isa();
-  TORCH_CHECK(!isa.empty(), "paged_decode_attention needs AVX-512 (F/BW/VL/DQ) or AVX2 + FMA + F16C");
+// The shapes of one call, checked in O(1) (no look at the tensors' values): q [B, H, Dk];
+// key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P] int64;
+// context_lens [B] int64.
+struct Shapes {
+  int64_t batch, heads, dk, kv_heads, slots, dv;
+};
+
+Shapes check_shapes(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size, double scale,
+                    int64_t window) {
   TORCH_CHECK(q.dim() == 3, "q must be [batch, heads, key width], got ", q.sizes());
   TORCH_CHECK(key_cache.dim() == 3 && value_cache.dim() == 3,
               "key_cache / value_cache must be [kv_heads, slots, width], got ", key_cache.sizes(), " / ",
@@ -195,28 +197,37 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
               "key and value caches must both be bfloat16 or both float32, got ", key_cache.scalar_type(), " / ",
               value_cache.scalar_type());
   TORCH_CHECK(key_cache.stride(2) == 1 && value_cache.stride(2) == 1, "cache rows must be contiguous");
-  const int64_t B = q.size(0), H = q.size(1), dk = q.size(2);
-  const int64_t hkv = key_cache.size(0), slots = key_cache.size(1), dv = value_cache.size(2);
-  TORCH_CHECK(key_cache.size(2) == dk, "key width ", key_cache.size(2), " != query width ", dk);
-  TORCH_CHECK(value_cache.size(0) == hkv && value_cache.size(1) == slots, "value cache ", value_cache.sizes(),
-              " does not match key cache ", key_cache.sizes());
-  TORCH_CHECK(hkv > 0 && H % hkv == 0, "query heads ", H, " not a multiple of KV heads ", hkv);
-  TORCH_CHECK(dk % 16 == 0 && dv % 16 == 0 && dk > 0 && dv > 0, "key / value widths must be multiples of 16, got ", dk,
-              " / ", dv);
-  TORCH_CHECK(page_size > 0 && slots % page_size == 0, "page_size ", page_size, " must divide the ", slots, " slots");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong,
-              "block_tables must be int64 [", B, ", pages], got ", block_tables.scalar_type(), " ", block_tables.sizes());
-  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.scalar_type() == at::kLong,
-              "context_lens must be int64 [", B, "]");
-  TORCH_CHECK(window >= 0 && splits >= 0, "window and splits must be >= 0");
+  const Shapes s{q.size(0), q.size(1), q.size(2), key_cache.size(0), key_cache.size(1), value_cache.size(2)};
+  TORCH_CHECK(key_cache.size(2) == s.dk, "key width ", key_cache.size(2), " != query width ", s.dk);
+  TORCH_CHECK(value_cache.size(0) == s.kv_heads && value_cache.size(1) == s.slots, "value cache ",
+              value_cache.sizes(), " does not match key cache ", key_cache.sizes());
+  TORCH_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0, "query heads ", s.heads, " not a multiple of KV heads ",
+              s.kv_heads);
+  TORCH_CHECK(s.dk % 16 == 0 && s.dv % 16 == 0 && s.dk > 0 && s.dv > 0,
+              "key / value widths must be multiples of 16, got ", s.dk, " / ", s.dv);
+  TORCH_CHECK(page_size > 0 && s.slots % page_size == 0, "page_size ", page_size, " must divide the ", s.slots,
+              " slots");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == s.batch &&
+                  block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(),
+              "block_tables must be int64 [", s.batch, ", pages] (contiguous), got ", block_tables.scalar_type(), " ",
+              block_tables.sizes());
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == s.batch &&
+                  context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(),
+              "context_lens must be int64 [", s.batch, "] (contiguous)");
+  TORCH_CHECK(window >= 0, "window must be >= 0");
   // the kernels take a block's max before scaling its scores
   TORCH_CHECK(scale > 0 && std::isfinite(scale), "scale must be a positive finite number, got ", scale);
+  return s;
+}
 
-  const at::Tensor tables = block_tables.contiguous();
-  const at::Tensor contexts = context_lens.contiguous();
-  const int64_t width = tables.size(1), pages = slots / page_size;
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* cp = contexts.data_ptr<int64_t>();
+// The step's metadata by value: every context fits its block table, and every page a sequence's
+// keys are read from (its window's, with a window) is a page of the cache. The kernels read the
+// cache through these ids unchecked.
+void check_tables(const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size, int64_t pages,
+                  int64_t window) {
+  const int64_t B = block_tables.size(0), width = block_tables.size(1);
+  const int64_t* tp = block_tables.data_ptr<int64_t>();
+  const int64_t* cp = context_lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t ctx = cp[b];
     TORCH_CHECK(ctx >= 0 && ctx <= width * page_size, "sequence ", b, ": context of ", ctx, " keys but ", width,
@@ -227,20 +238,28 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
                   " outside the cache's ", pages, " pages");
     }
   }
+}
 
+// The attention itself, on checked inputs: writes out [B, H, Dv] (q's dtype, contiguous).
+void attend(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const Shapes& s,
+            const at::Tensor& tables, const at::Tensor& contexts, int64_t page_size, double scale, int64_t window,
+            int64_t splits, bool force_fp32, const at::Tensor& out) {
+  const std::string isa = attention_isa();
+  TORCH_CHECK(!isa.empty(), "paged_decode_attention needs AVX-512 (F/BW/VL/DQ) or AVX2 + FMA + F16C");
+  const int64_t* cp = contexts.data_ptr<int64_t>();
   Problem p;
-  p.batch = B;
-  p.heads = H;
-  p.kv_heads = hkv;
-  p.group = H / hkv;
-  p.dk = dk;
-  p.dv = dv;
+  p.batch = s.batch;
+  p.heads = s.heads;
+  p.kv_heads = s.kv_heads;
+  p.group = s.heads / s.kv_heads;
+  p.dk = s.dk;
+  p.dv = s.dv;
   p.page = page_size;
-  p.table_width = width;
+  p.table_width = tables.size(1);
   p.window = window;
-  const std::vector<Work> work = plan_work(B, hkv, cp, window, splits, at::get_num_threads());
+  const std::vector<Work> work = plan_work(s.batch, s.kv_heads, cp, window, splits, at::get_num_threads());
   p.work = work.data();
-  p.tables = tp;
+  p.tables = tables.data_ptr<int64_t>();
   p.contexts = cp;
   p.kc = key_cache.data_ptr();
   p.vc = value_cache.data_ptr();
@@ -249,29 +268,135 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   p.v_head = value_cache.stride(0);
   p.v_slot = value_cache.stride(1);
   // bf16 queries on a bf16 cache take the vdpbf16ps path where the CPU has it; the rest compute
-  // in fp32 from converted rows.
+  // in fp32 from converted rows (converted here, not by aten ops: this runs once per layer).
   const bool bf16 = key_cache.scalar_type() == at::kBFloat16;
   const bool dp = isa == "avx512" && bf16 && q.scalar_type() == at::kBFloat16 && bf16_supported() && !force_fp32;
   const at::Tensor qc = q.contiguous();
-  at::Tensor qf;
+  std::vector<float> qf;
   if (!dp) {
-    qf = (q.to(at::kFloat) * scale).contiguous();
-    p.q = qf.data_ptr<float>();
+    const int64_t n = qc.numel();
+    qf.resize(n);
+    const float sc = static_cast<float>(scale);
+    if (qc.scalar_type() == at::kBFloat16) {
+      const c10::BFloat16* src = qc.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) qf[i] = static_cast<float>(src[i]) * sc;
+    } else {
+      const float* src = qc.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) qf[i] = src[i] * sc;
+    }
+    p.q = qf.data();
   }
   p.qraw = qc.data_ptr();
   p.scale = static_cast<float>(scale);
-  const int64_t items = static_cast<int64_t>(work.size());
-  at::Tensor acc = at::empty({items, p.group, dv}, q.options().dtype(at::kFloat));
-  at::Tensor ml = at::empty({items, p.group, 2}, q.options().dtype(at::kFloat));
-  p.acc = acc.data_ptr<float>();
-  p.ml = ml.data_ptr<float>();
-  at::Tensor out = at::empty({B, H, dv}, q.options());
+  const size_t items = work.size();
+  std::vector<float> acc(items * p.group * s.dv), ml(items * p.group * 2);
+  p.acc = acc.data();
+  p.ml = ml.data();
   if (q.scalar_type() == at::kBFloat16) {
     run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<c10::BFloat16>());
   } else {
     run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<float>());
   }
+}
+
+// q [B, H, Dk]; key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P]
+// int64 page ids; context_lens [B] int64 -> [B, H, Dv] in q's dtype. window 0: no window;
+// splits 0: chosen from the thread count (tests force a number to exercise the merge);
+// force_fp32: bf16 inputs take the fp32 path too (tests, and a check of the bf16 path's rounding).
+// A call on its own: checks the tables' values every time (the captured step's op below leaves
+// that to `check_decode_step`, once per step).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size,
+                                  double scale, int64_t window, int64_t splits, bool force_fp32) {
+  const at::Tensor tables = block_tables.contiguous();
+  const at::Tensor contexts = context_lens.contiguous();
+  const Shapes s = check_shapes(q, key_cache, value_cache, tables, contexts, page_size, scale, window);
+  TORCH_CHECK(splits >= 0, "splits must be >= 0");
+  check_tables(tables, contexts, page_size, s.slots / page_size, window);
+  at::Tensor out = at::empty({s.batch, s.heads, s.dv}, q.options());
+  attend(q, key_cache, value_cache, s, tables, contexts, page_size, scale, window, splits, force_fp32, out);
   return out;
+}
+
+// src [T, Hkv, W] (rows contiguous) -> cache [Hkv, slots, W] at slots [T]; a slot < 0 (a bucket's
+// padding row) stores nothing. The dtype converts on the way (bf16 / fp32 either side).
+template <typename S, typename D>
+void store_rows(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots) {
+  const int64_t T = src.size(0), hkv = src.size(1), w = src.size(2);
+  const S* s = src.data_ptr<S>();
+  D* c = cache.data_ptr<D>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    for (int64_t h = 0; h < hkv; ++h) {
+      const S* row = s + t * src.stride(0) + h * src.stride(1);
+      D* dst = c + h * cache.stride(0) + slots[t] * cache.stride(1);
+      for (int64_t i = 0; i < w; ++i) dst[i] = static_cast<D>(static_cast<float>(row[i]));
+    }
+  }
+}
+
+void store(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots, const char* name) {
+  TORCH_CHECK(src.dim() == 3 && src.size(1) == cache.size(0) && src.size(2) == cache.size(2), name, " must be [",
+              "tokens, ", cache.size(0), ", ", cache.size(2), "], got ", src.sizes());
+  TORCH_CHECK(src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kFloat, name,
+              " must be bfloat16 or float32, got ", src.scalar_type());
+  const at::Tensor rows = src.stride(2) == 1 ? src : src.contiguous();
+  const bool from_bf16 = rows.scalar_type() == at::kBFloat16, to_bf16 = cache.scalar_type() == at::kBFloat16;
+  if (from_bf16 && to_bf16) store_rows<c10::BFloat16, c10::BFloat16>(rows, cache, slots);
+  if (from_bf16 && !to_bf16) store_rows<c10::BFloat16, float>(rows, cache, slots);
+  if (!from_bf16 && to_bf16) store_rows<float, c10::BFloat16>(rows, cache, slots);
+  if (!from_bf16 && !to_bf16) store_rows<float, float>(rows, cache, slots);
+}
+
+// One layer of a captured decode step: store this step's keys / values k [B, Hkv, Dk], v [B, Hkv,
+// Dv] at slot_mapping [B] (a slot < 0: a padding row, not stored), then attend q [B, H, Dk] through
+// block_tables [B, P] and context_lens [B] (a padding row's context is 0: its output row is zeros)
+// -> [B, H * Dv]. value_cache absent: the value is the key's first Dv values (a latent cache),
+// stored with the key. The step's metadata was checked by value once for all layers
+// (`check_decode_step`); here only shapes and dtypes are (O(1)).
+at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& key_cache, const std::optional<at::Tensor>& value_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t page_size, double scale, int64_t window) {
+  const bool latent = !value_cache.has_value();
+  TORCH_CHECK(v.dim() == 3, "v must be [tokens, kv heads, value width], got ", v.sizes());
+  const at::Tensor values = latent ? key_cache.narrow(2, 0, v.size(2)) : *value_cache;
+  const Shapes s = check_shapes(q, key_cache, values, block_tables, context_lens, page_size, scale, window);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == s.batch &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping must be int64 [", s.batch, "] (contiguous)");
+  TORCH_CHECK(k.size(0) == s.batch && v.size(0) == s.batch, "k / v must have the ", s.batch, " rows of q");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  store(k, key_cache, slots, "k");
+  if (!latent) store(v, values, slots, "v");
+  at::Tensor out = at::empty({s.batch, s.heads * s.dv}, q.options());
+  attend(q, key_cache, values, s, block_tables, context_lens, page_size, scale, window, 0, false, out);
+  return out;
+}
+
+// Once per captured step, before its layers: the slots to store at lie in the cache ([0, slots),
+// or -1 for a padding row), and the tables and contexts pass `check_tables` (without a window:
+// every page of every context, which covers any layer's window).
+void check_decode_step(const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                       const at::Tensor& context_lens, int64_t page_size, int64_t slots) {
+  const int64_t B = block_tables.dim() == 2 ? block_tables.size(0) : -1;
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(),
+              "block_tables must be int64 [batch, pages] (contiguous), got ", block_tables.scalar_type(), " ",
+              block_tables.sizes());
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.scalar_type() == at::kLong &&
+                  context_lens.is_contiguous(),
+              "context_lens must be int64 [", B, "] (contiguous)");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == B && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous(),
+              "slot_mapping must be int64 [", B, "] (contiguous)");
+  TORCH_CHECK(page_size > 0 && slots > 0 && slots % page_size == 0, "page_size ", page_size, " must divide the ",
+              slots, " slots");
+  const int64_t* sp = slot_mapping.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= -1 && sp[b] < slots, "slot_mapping[", b, "] = ", sp[b], " outside the cache's ", slots,
+                " slots");
+  }
+  check_tables(block_tables, context_lens, page_size, slots / page_size, 0);
 }
 
 }  // namespace
@@ -280,8 +405,19 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor context_lens, int page_size, float scale, int window=0, int splits=0, bool force_fp32=False) -> Tensor");
+  m.def(
+      "paged_decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) key_cache, Tensor(b!)? value_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int page_size, float scale, int window=0) "
+      "-> Tensor");
+  m.def(
+      "check_decode_step(Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int page_size, int slots) "
+      "-> ()");
   m.def("attention_supported() -> bool", &attention_supported);
   m.def("attention_isa() -> str", &attention_isa);
 }
 
-TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_step", &paged_decode_step);
+  m.impl("check_decode_step", &check_decode_step);
+}
