@@ -2,15 +2,16 @@
 
 Owns three things, registered with `torch.library` when a captured step is prepared (never at
 `import anyquant`):
-- fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`, `tiled_mm`,
-  `moe_experts`, `moe_experts_avx2`, `paged_decode_attention`, `paged_decode_step`), so Dynamo
-  traces the kernels that call them and Inductor calls them in place (`paged_decode_step` is
-  a captured step's attention wherever the C++ decode kernel runs: K/V store and attention in
-  one C++ call on the step's tables as graph inputs, see engine/capture.py);
-- `anyquant::paged_decode_attention`, where it does not (the pure-torch attention): stores one decode step's keys/values in a layer's cache
-  and attends through the step's page plan (the C++ decode kernel where it runs, see
-  layers/decode_kernel.py); the cache is declared mutated, so the graph keeps the
-  write before every later read. A cache whose value is the key's prefix passes no value cache
+- fake (shape-only) implementations of the C++ extension's ops (`anyquant_cpu::gemv`,
+  `tiled_mm`, the AVX2 and int8-activation linear ops, `moe_experts`, `moe_experts_avx2`,
+  `paged_decode_attention`, `paged_decode_step`), so Dynamo traces the kernels that call them
+  and Inductor calls them in place (`paged_decode_step` is a captured step's attention wherever
+  the C++ decode kernel runs: K/V store and attention in one C++ call on the step's tables as
+  graph inputs, see engine/capture.py);
+- `anyquant::paged_decode_attention`, where it does not (the pure-torch attention): stores one
+  decode step's keys/values in a layer's cache and attends through the step's page plan (the C++
+  decode kernel where it runs, see layers/decode_kernel.py); the cache is declared mutated, so the
+  graph keeps the write before every later read. A cache whose value is the key's prefix passes no value cache
   (two mutated arguments may not alias). The plan (pages read, mask) and the count of real rows
   are step metadata set by the runner before the graph runs (`set_decode_step`), once per step
   for every layer: the plan's shapes grow with the context, and passing it through the graph
@@ -209,34 +210,19 @@ def register_extension_fakes() -> None:
 
 @functools.cache
 def _register_extension_fakes() -> None:
-    def linear_out(x: Tensor, n: int) -> Tensor:
-        # gemv / gemm / tiled_mm return [T, n] in x's dtype (bf16 or fp32).
-        return x.new_empty(x.shape[0], n)
+    # The linear ops return [T, n] in x's dtype (bf16 or fp32); n is argument 8 (from 0) of the weight-only
+    # ops' signature (x, packed, scale, zz, lut, bias, fmt, group, n[, tile_blocks]) and argument 9
+    # of the int8-activation ops' (x, packed, scale, zero, zconst, offset, bias, fmt, group, n, ...).
+    def linear_fake(n_at: int) -> Callable[..., Tensor]:
+        def fake(x: Tensor, *args: object) -> Tensor:
+            return x.new_empty(x.shape[0], int(args[n_at - 1]))  # type: ignore[call-overload]
 
-    @torch.library.register_fake("anyquant_cpu::gemv")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
-        return linear_out(x, n)
+        return fake
 
-    @torch.library.register_fake("anyquant_cpu::gemm")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
-        return linear_out(x, n)
-
-    @torch.library.register_fake("anyquant_cpu::tiled_mm")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n, tile_blocks):
-        return linear_out(x, n)
-
-    # The AVX2 kernels' ops (cpu_avx2, cpu_avx2_lm_head): the same signatures.
-    @torch.library.register_fake("anyquant_cpu::avx2_gemv")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
-        return linear_out(x, n)
-
-    @torch.library.register_fake("anyquant_cpu::avx2_rows_mm")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n):
-        return linear_out(x, n)
-
-    @torch.library.register_fake("anyquant_cpu::avx2_tiled_mm")
-    def _(x, packed, scale, zz, lut, bias, fmt, group, n, tile_blocks):
-        return linear_out(x, n)
+    weight_only = ("gemv", "gemm", "tiled_mm", "avx2_gemv", "avx2_rows_mm", "avx2_tiled_mm")
+    for name, n_at in [*((op, 8) for op in weight_only), ("vnni_linear", 9), ("avx2_a8_linear", 9)]:
+        if hasattr(torch.ops.anyquant_cpu, name):
+            torch.library.register_fake(f"anyquant_cpu::{name}")(linear_fake(n_at))
 
     if hasattr(torch.ops.anyquant_cpu, "paged_decode_attention"):
 
@@ -286,22 +272,6 @@ def _register_extension_fakes() -> None:
             x, ids, weights, w13, s13, z13, w2, s2, z2, lut, fmt, group13, group2, inter, hidden, *options
         ):
             return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
-
-    if hasattr(torch.ops.anyquant_cpu, "vnni_linear"):
-
-        @torch.library.register_fake("anyquant_cpu::vnni_linear")
-        def _vnni_linear_fake(
-            x, packed, scale, zero, zconst, offset, bias, fmt, group, n, divisor, static_scale, amax
-        ):
-            return linear_out(x, n)
-
-    if hasattr(torch.ops.anyquant_cpu, "avx2_a8_linear"):  # cpu_avx2_a8: vnni_linear's arguments
-
-        @torch.library.register_fake("anyquant_cpu::avx2_a8_linear")
-        def _avx2_a8_linear_fake(
-            x, packed, scale, zero, zconst, offset, bias, fmt, group, n, divisor, static_scale, amax
-        ):
-            return linear_out(x, n)
 
     if hasattr(torch.ops.anyquant_cpu, "moe_experts_vnni"):
 

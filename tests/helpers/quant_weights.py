@@ -3,8 +3,12 @@ sharding and merging tests: one generator, so every test draws its weights the s
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+import torch
+from torch import Tensor
+
+from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import FP8_MAX, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
@@ -12,8 +16,8 @@ _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def random_weight(spec: QuantSpec, n: int, k: int, seed: int = 0, *, f16_exact: bool = False) -> QuantWeight:
-    """Random codes, scales ~0.01, zero points, act-order index and static input scales for
-    `spec` (deterministic in `seed`). `f16_exact`: scales are small integers times 2^-14, exactly
+    """Random codes, scales ~0.01, zero points, act-order index, GGUF-style float offsets and static
+    input scales for `spec` (deterministic in `seed`). `f16_exact`: scales are small integers times 2^-14, exactly
     representable in float16, for formats that store them so (round trips compare exactly)."""
     gen = torch.Generator().manual_seed(seed)
     if spec.granularity == "group":
@@ -51,7 +55,22 @@ def random_weight(spec: QuantSpec, n: int, k: int, seed: int = 0, *, f16_exact: 
         if not act.symmetric:
             input_zero = torch.tensor([-7], dtype=torch.int32)
     weight = QuantWeight(spec, (n, k), data, scale.float(), zero, group_index, input_scale, input_zero)
+    if spec.has_offset:  # GGUF-style minimums: value = code * scale + offset, offsets below zero
+        spread = 0.5 + torch.rand(scale_shape, generator=torch.Generator().manual_seed(seed))
+        weight = dataclasses.replace(weight, offset=(-8 * weight.scale * spread).float())
     return weight.validate("random")
+
+
+def float64_linear(
+    x: Tensor, w: QuantWeight, bias: Tensor | None = None, amax: Tensor | None = None
+) -> Tensor:
+    """The float64 truth of a quantized linear layer by the reference's definition: x (fake-quantized
+    by the reference where the spec quantizes activations; `amax` a given dynamic amax) times the
+    float64 dequantized weight, plus bias."""
+    if w.spec.act is not None:
+        x = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, amax)
+    y = x.double() @ dequantize(w, torch.float64).T
+    return y + bias.double() if bias is not None else y
 
 
 def avx512_gemm_folds(spec: QuantSpec, rows: int) -> bool:

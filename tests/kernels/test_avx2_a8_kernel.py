@@ -17,18 +17,17 @@ import dataclasses
 
 import pytest
 import torch
-from torch import Tensor
 
 from anyquant.layers import custom_ops
 from anyquant.quant.kernels import avx2_a8, avx512_vnni, cpu_ext
 from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
-from anyquant.quant.reference import activation_amax, dequantize, fake_quantize_activations
+from anyquant.quant.reference import activation_amax, fake_quantize_activations
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
-from tests.helpers.quant_weights import random_weight
+from tests.helpers.quant_weights import float64_linear, random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
@@ -64,23 +63,6 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def weight_for(spec: QuantSpec, n: int, k: int, seed: int) -> QuantWeight:
-    base = dataclasses.replace(spec, has_offset=False)
-    w = random_weight(base, n, k, seed)
-    if spec.has_offset:  # GGUF-style minimums: value = code * scale + offset
-        gen = torch.Generator().manual_seed(seed)
-        offset = -8 * w.scale * (0.5 + torch.rand(w.scale.shape, generator=gen))
-        w = dataclasses.replace(w, spec=spec, offset=offset.float())
-    return w.validate("test")
-
-
-def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None, amax: Tensor | None = None) -> Tensor:
-    assert w.spec.act is not None
-    xq = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, amax)
-    y = xq.double() @ dequantize(w, torch.float64).T
-    return y + bias.double() if bias is not None else y
-
-
 def loaded(w: QuantWeight, dtype: torch.dtype) -> Avx2Int8ActivationKernel:
     kernel = Avx2Int8ActivationKernel(tuple(w.shape), dtype)
     kernel.load(w)
@@ -92,7 +74,7 @@ def loaded(w: QuantWeight, dtype: torch.dtype) -> Avx2Int8ActivationKernel:
 def test_matches_float64(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(3)
     for n, k in SHAPES:
-        w = weight_for(spec, n, k, seed=n + k)
+        w = random_weight(spec, n, k, seed=n + k)
         bias = torch.randn(n, generator=gen)
         for dtype in (BF16, F32):
             kernel = loaded(w, dtype)
@@ -166,7 +148,7 @@ def test_extreme_codes_and_activations_do_not_saturate(
 def test_given_amax_is_used(act: ActQuant) -> None:
     """Under tensor parallelism a rank quantizes with the amax over every rank's slice."""
     spec = QuantSpec("uint4", "group", group_size=32, act=act)
-    w = weight_for(spec, 48, 96, seed=4)
+    w = random_weight(spec, 48, 96, seed=4)
     kernel = loaded(w, F32)
     x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
     amax = activation_amax(x, act) * 3
@@ -179,7 +161,7 @@ def test_given_amax_is_used(act: ActQuant) -> None:
 def test_non_finite_inputs_stay_visible() -> None:
     """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
     garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
-    w = weight_for(SPECS[0], 48, 96, seed=3)
+    w = random_weight(SPECS[0], 48, 96, seed=3)
     kernel = loaded(w, BF16)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
     x[0, 7], x[2, 50] = float("inf"), float("nan")
@@ -192,49 +174,17 @@ def test_non_finite_inputs_stay_visible() -> None:
 def test_zero_rows_and_the_fake() -> None:
     """No rows give an empty output; the captured step traces the op through its shape-only fake
     (layers/custom_ops.py), whose output matches the op's in shape, dtype and device."""
-    kernel = loaded(weight_for(SPECS[1], 72, 328, seed=1), BF16)
+    kernel = loaded(random_weight(SPECS[1], 72, 328, seed=1), BF16)
     assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 72)
     custom_ops.register_extension_fakes()
     for spec in (SPECS[1], SPECS[9]):
         for dtype in (BF16, F32):
-            kernel = loaded(weight_for(spec, 72, 328, seed=1), dtype)
+            kernel = loaded(random_weight(spec, 72, 328, seed=1), dtype)
             for rows in (3, 70):
                 x = torch.randn(rows, 328).to(dtype)
                 args = (x, kernel.packed, kernel.scale, kernel.zero, kernel.zconst, kernel.offset, None)
                 args += (kernel.fmt, kernel.group, 72, kernel.divisor, kernel.static_scale, None)
                 torch.library.opcheck(cpu_ext.ops().avx2_a8_linear, args, test_utils="test_faketensor")
-
-
-@pytest.mark.parametrize(
-    ("spec", "kind", "device", "dtype", "words"),
-    [
-        (SPECS[0], "linear", "meta", BF16, "CPU only"),
-        (None, "linear", "cpu", BF16, "unquantized"),
-        (SPECS[0], "linear", "cpu", torch.float16, "not bfloat16 or float32"),
-        (QuantSpec("uint4", "group", group_size=128), "linear", "cpu", BF16, "activation_dtype='int8'"),
-        (QuantSpec("fp8_e4m3", "channel", act=TOKEN), "linear", "cpu", BF16, "fp8_e4m3"),
-        (
-            QuantSpec("int8", "channel", act=ActQuant("int8", True, "group", 32)),
-            "linear",
-            "cpu",
-            BF16,
-            "per-group",
-        ),
-        (
-            QuantSpec("int8", "channel", act=ActQuant("int8", False, "tensor", symmetric=False)),
-            "linear",
-            "cpu",
-            BF16,
-            "symmetric",
-        ),
-        (QuantSpec("int8", "block", block_shape=(128, 128), act=TOKEN), "linear", "cpu", BF16, "block-wise"),
-    ],
-)
-def test_cannot_run_says_why(
-    spec: QuantSpec | None, kind: LayerKind, device: str, dtype: torch.dtype, words: str
-) -> None:
-    reason = Avx2Int8ActivationKernel.cannot_run(spec, kind, torch.device(device), (64, 64), dtype)
-    assert reason is not None and words in reason, reason
 
 
 def test_without_avx2_the_next_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:

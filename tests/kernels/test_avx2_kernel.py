@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
 
 from anyquant.layers import custom_ops
 from anyquant.quant.kernels import avx2, avx512, cpu_ext
@@ -25,9 +24,8 @@ from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.reference import dequantize
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
-from tests.helpers.quant_weights import random_weight
+from tests.helpers.quant_weights import float64_linear, random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
@@ -54,11 +52,6 @@ TOKENS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 130)
 
 UNAVAILABLE = Avx2WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
 needs_kernel = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"cpu_avx2 cannot run here: {UNAVAILABLE}")
-
-
-def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None) -> Tensor:
-    y = x.double() @ dequantize(w, torch.float64).T
-    return y + bias.double() if bias is not None else y
 
 
 @needs_kernel

@@ -10,20 +10,17 @@ bfloat16 4e-3 (2^-9 per element, ~1.7e-3 as an L2 ratio), float32 1e-5.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from torch import Tensor
 
 from anyquant.quant.kernels import avx512_vnni
-from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
-from anyquant.quant.reference import activation_amax, dequantize, fake_quantize_activations
+from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
+from anyquant.quant.reference import activation_amax
 from anyquant.quant.registry import choose_kernel, kernel_classes
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
-from tests.kernels.test_reference_kernel import random_weight
+from tests.helpers.quant_weights import float64_linear, random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
@@ -55,30 +52,12 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def weight_for(spec: QuantSpec, n: int, k: int, seed: int) -> QuantWeight:
-    base = dataclasses.replace(spec, has_offset=False)
-    w = random_weight(base, n, k, seed)
-    if spec.has_offset:  # GGUF-style minimums: value = code * scale + offset
-        offset = (
-            -8 * w.scale * (0.5 + torch.rand(w.scale.shape, generator=torch.Generator().manual_seed(seed)))
-        )
-        w = dataclasses.replace(w, spec=spec, offset=offset.float())
-    return w.validate("test")
-
-
-def float64_linear(x: Tensor, w: QuantWeight, bias: Tensor | None, amax: Tensor | None = None) -> Tensor:
-    assert w.spec.act is not None
-    xq = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero, amax)
-    y = xq.double() @ dequantize(w, torch.float64).T
-    return y + bias.double() if bias is not None else y
-
-
 @needs_kernel
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_matches_float64(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(3)
     for n, k in SHAPES:
-        w = weight_for(spec, n, k, seed=n + k)
+        w = random_weight(spec, n, k, seed=n + k)
         bias = torch.randn(n, generator=gen)
         for dtype in (BF16, F32):
             kernel = Avx512VnniKernel((n, k), dtype)
@@ -101,7 +80,7 @@ def test_w8a8_equals_the_int_mm_kernel() -> None:
     other = next(cls for cls in kernel_classes() if cls.name == "cpu_w8a8_int8")
     if other.cannot_run(spec, "linear", CPU, (72, 328), F32) is not None:
         pytest.skip("cpu_w8a8_int8 cannot run here")
-    w = weight_for(spec, 72, 328, seed=2)
+    w = random_weight(spec, 72, 328, seed=2)
     ours, theirs = Avx512VnniKernel((72, 328), F32), other((72, 328), F32)
     ours.load(w)
     theirs.load(w)
@@ -114,7 +93,7 @@ def test_w8a8_equals_the_int_mm_kernel() -> None:
 def test_given_amax_is_used(act: ActQuant) -> None:
     """Under tensor parallelism a rank quantizes with the amax over every rank's slice."""
     spec = QuantSpec("uint4", "group", group_size=32, act=act)
-    w = weight_for(spec, 48, 96, seed=4)
+    w = random_weight(spec, 48, 96, seed=4)
     kernel = Avx512VnniKernel((48, 96), F32)
     kernel.load(w)
     assert kernel.dynamic_act == act
@@ -130,7 +109,7 @@ def test_non_finite_inputs_stay_visible() -> None:
     """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
     garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
     spec = QuantSpec("uint4", "group", group_size=32, act=TOKEN)
-    w = weight_for(spec, 48, 96, seed=3)
+    w = random_weight(spec, 48, 96, seed=3)
     kernel = Avx512VnniKernel((48, 96), BF16)
     kernel.load(w)
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
@@ -144,7 +123,7 @@ def test_non_finite_inputs_stay_visible() -> None:
 def test_zero_rows_and_packed_memory() -> None:
     spec = QuantSpec("uint4", "group", group_size=32, has_zero=True, act=TOKEN)
     kernel = Avx512VnniKernel((256, 512), BF16)
-    kernel.load(weight_for(spec, 256, 512, seed=1))
+    kernel.load(random_weight(spec, 256, 512, seed=1))
     assert kernel(torch.empty(0, 512, dtype=BF16)).shape == (0, 256)
     held = sum(b.numel() * b.element_size() for b in kernel.buffers())
     assert held <= (0.5 + 8 / 32) * 256 * 512 + 1024, held  # nibbles + fp32 scale + int32 zero
@@ -177,10 +156,17 @@ def test_zero_rows_and_packed_memory() -> None:
         (QuantSpec("int8", "block", block_shape=(128, 128), act=TOKEN), "linear", "cpu", BF16, "block-wise"),
     ],
 )
+@pytest.mark.parametrize("kernel", [Avx512VnniKernel, Avx2Int8ActivationKernel], ids=lambda k: k.name)
 def test_cannot_run_says_why(
-    spec: QuantSpec | None, kind: LayerKind, device: str, dtype: torch.dtype, words: str
+    kernel: type[Int8ActivationKernel],
+    spec: QuantSpec | None,
+    kind: LayerKind,
+    device: str,
+    dtype: torch.dtype,
+    words: str,
 ) -> None:
-    reason = Avx512VnniKernel.cannot_run(spec, kind, torch.device(device), (64, 64), dtype)
+    """The spec checks both int8-activation kernels share (Int8ActivationKernel), on any CPU."""
+    reason = kernel.cannot_run(spec, kind, torch.device(device), (64, 64), dtype)
     assert reason is not None and words in reason, reason
 
 
