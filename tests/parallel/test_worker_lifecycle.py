@@ -85,7 +85,9 @@ def test_a_worker_exiting_at_any_stage_fails_rank_zero_within_seconds(
     for result in results:
         code, doing = STAGES[result["stage"]]
         error = result["error"]
-        assert result["type"] == "ParallelError", error
+        # The whole result on failure: a stage that raised nothing has no "type" (seen once, under
+        # a loaded full run; not reproduced alone), and which stage it was is the clue.
+        assert result.get("type") == "ParallelError", result
         head = rf"tensor-parallel rank 1 \(pid (\d+)\) exited with code {code} {doing}; its last output:\n"
         found = re.match(head, error)
         assert found, error
