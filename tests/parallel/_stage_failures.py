@@ -23,7 +23,10 @@ for stage in stages:
     result = {"stage": stage, "error": None}
     try:
         llm = LLM(model, dtype="float32", tensor_parallel_size=2)
-        llm.generate(prompt_token_ids=[[256, 72, 101]], sampling_params=SamplingParams(max_tokens=8))
+        # EOS ignored: a request that ended at its first or second token (a sampled EOS) would
+        # finish before the worker's third forward pass, and the "step" stage would raise nothing.
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        llm.generate(prompt_token_ids=[[256, 72, 101]], sampling_params=params)
     except Exception as exc:
         caught = time.time()
         result.update(error=str(exc), type=type(exc).__name__)
