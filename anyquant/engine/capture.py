@@ -34,7 +34,6 @@ from anyquant.layers.custom_ops import (
     register_ops,
     set_decode_step,
 )
-from anyquant.layers.decode_kernel import check_decode_step, paged_decode_step, step_kernel_reason
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.moe import SparseMoE
 from anyquant.layers.rotary import RotaryEmbedding
@@ -221,21 +220,11 @@ class CapturedContext(AttentionContext):
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
     ) -> Tensor:
-        value_cache = None if self.cache.value_in_key else self.cache.v[layer]
         if self.fused:
-            return paged_decode_step(
-                q,
-                k,
-                v,
-                self.cache.k[layer],
-                value_cache,
-                self.slot_mapping,
-                self.block_tables,
-                self.context_lens,
-                self.cache.page_size,
-                scale,
-                window,
+            return self.cache.decode_step(
+                layer, q, k, v, self.slot_mapping, self.block_tables, self.context_lens, scale, window
             )
+        value_cache = None if self.cache.value_in_key else self.cache.v[layer]
         return paged_decode_attention(
             q,
             k,
@@ -274,7 +263,7 @@ class CapturedDecode:
         )
         # Each layer's attention in one C++ call (`paged_decode_step`), where the kernel runs
         # (asked first: the answer loads the extension, whose ops `prepare_model` then fakes).
-        self.attention_reason = step_kernel_reason(cache.k.dtype, cache.k.shape[-1], cache.v.shape[-1])
+        self.attention_reason = cache.step_kernel_reason()
         prepare_model(model, max_position)
         # The block tables' fixed width: every page a position up to `max_position` can be on.
         self.table_width = max_position // cache.page_size + 1
@@ -369,7 +358,7 @@ class CapturedDecode:
         tables, contexts = self._step_tables(size, block_tables, context_lens)
         if self.attention_reason is None:
             # The step's metadata checked once for all layers, which read the cache through it.
-            check_decode_step(slots, tables, contexts, self.cache.page_size, self.cache.k.shape[2])
+            self.cache.check_decode_step(slots, tables, contexts)
         else:
             if pad:
                 block_tables = torch.cat([block_tables, block_tables.new_zeros(pad, block_tables.shape[1])])

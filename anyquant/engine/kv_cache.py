@@ -21,6 +21,7 @@ from anyquant.layers.attention import (
     plan_paged_attention,
     store_key_value,
 )
+from anyquant.layers.decode_kernel import check_decode_step, paged_decode_step, step_kernel_reason
 
 if TYPE_CHECKING:
     from anyquant.models.base import InputEmbeds
@@ -103,6 +104,48 @@ class PagedKVCache:
         # A value inside the key is the key's prefix, stored with it.
         store_key_value(self.k[layer], None if self.value_in_key else self.v[layer], slot_mapping, k, v)
 
+    def step_kernel_reason(self) -> str | None:
+        """Why a decode step on this cache cannot run each layer as one `decode_step` call (the
+        C++ kernel cannot run for its dtype, widths or device, or is switched off), or None."""
+        return step_kernel_reason(self.k.dtype, self.k.shape[-1], self.v.shape[-1], self.k.device.type)
+
+    def check_decode_step(self, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
+        """Once per step, before its layers' `decode_step` calls store and read through these
+        tensors: every slot and page id lies in this cache (a clear error naming the tensor)."""
+        check_decode_step(slot_mapping, block_tables, context_lens, self.page_size, self.k.shape[2])
+
+    def decode_step(
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        slot_mapping: Tensor,
+        block_tables: Tensor,
+        context_lens: Tensor,
+        scale: float,
+        window: int | None,
+    ) -> Tensor:
+        """One layer of a decode step in one C++ call (layers/decode_kernel.py's
+        `paged_decode_step`): store k [B, Hkv, Dk] / v [B, Hkv, Dv] at `slot_mapping` [B] (-1: a
+        padding row), then q [B, H, Dk] -> [B, H * Dv] through `block_tables` [B, P] and
+        `context_lens` [B], which passed `check_decode_step`. The eager and the captured step's
+        layers both attend through here."""
+        value_cache = None if self.value_in_key else self.v[layer]
+        return paged_decode_step(
+            q,
+            k,
+            v,
+            self.k[layer],
+            value_cache,
+            slot_mapping,
+            block_tables,
+            context_lens,
+            self.page_size,
+            scale,
+            window,
+        )
+
 
 class PagedAttention(AttentionContext):
     """One step's attention metadata, as tensors built once per step (by the runner, in work
@@ -113,8 +156,13 @@ class PagedAttention(AttentionContext):
     - `query_lens` / `context_lens` (host ints, length B): new tokens per sequence and the tokens
       it has in the cache once this step's are written; the new ones are the last ones.
 
-    The step's tokens are the sequences' new tokens one sequence after the other. Gathers and
-    masks are planned once per step and window size (`plan_paged_attention`)."""
+    The step's tokens are the sequences' new tokens one sequence after the other. A step where
+    every sequence decodes one token runs each layer as one C++ call (K/V store and attention,
+    `PagedKVCache.decode_step`, as a captured step does) wherever the cache's
+    `step_kernel_reason` is None, its tensors checked once here; any other step (prefill, chunked
+    prefill, decode rows mixed with prefill rows, a cache the kernel cannot read) stores through
+    `PagedKVCache.write` and attends through `paged_attention`, whose gathers and masks are
+    planned once per step and window size (`plan_paged_attention`)."""
 
     def __init__(
         self,
@@ -136,6 +184,15 @@ class PagedAttention(AttentionContext):
         self.context_lens = context_lens
         self.max_position = max(context_lens) - 1 if context_lens else None
         self._plans: dict[int | None, PagedPlan] = {}
+        # The one-call decode step's tensors: the block tables as the kernel reads them (int64,
+        # contiguous) and the context lengths; None where the step attends through the plans.
+        self.step_tensors: tuple[Tensor, Tensor, Tensor] | None = None
+        if query_lens and all(n == 1 for n in query_lens) and cache.step_kernel_reason() is None:
+            slots = slot_mapping.to(torch.long).contiguous()
+            tables = block_tables.to(torch.long).contiguous()
+            lens = torch.tensor(context_lens, dtype=torch.long, device=slots.device)
+            cache.check_decode_step(slots, tables, lens)
+            self.step_tensors = (slots, tables, lens)
 
     @classmethod
     def for_sequences(
@@ -171,6 +228,9 @@ class PagedAttention(AttentionContext):
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None = None
     ) -> Tensor:
+        if self.step_tensors is not None:
+            slots, tables, lens = self.step_tensors
+            return self.cache.decode_step(layer, q, k, v, slots, tables, lens, scale, window)
         self.cache.write(layer, self.slot_mapping, k, v)
         return paged_attention(
             q, self.cache.k[layer], self.cache.v[layer], self.plan(window), self.cache.page_size, scale

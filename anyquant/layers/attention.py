@@ -237,8 +237,9 @@ def store_key_value(
 ) -> None:
     """Write one layer's new keys/values [T, Hkv, D*] into its caches [Hkv, slots, D*] at their
     slots [T]. `value_cache` None: the value is the key's prefix (a latent cache), stored with the
-    key. Both the eager step and the captured one store through here, once per layer, so it does
-    no more than the two copies (no cast when the dtypes already agree)."""
+    key. Every step the C++ `paged_decode_step` does not store (prefill, mixed steps, the
+    pure-torch attention, eager or captured) stores through here, once per layer, so it does no
+    more than the two copies (no cast when the dtypes already agree)."""
     if k.dtype != key_cache.dtype:
         k = k.to(key_cache.dtype)
     key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))

@@ -12,11 +12,13 @@ float16 cache, widths not a multiple of 16, the extension not built, or `set_dec
 the pure-torch path of layers/attention.py runs. The choice is per (dtypes, widths), so it is made
 once and cached, not re-checked per layer.
 
-A captured decode step (engine/capture.py) calls `anyquant_cpu::paged_decode_step` per layer
+A decode step (every sequence decodes one token), captured (engine/capture.py) or eager
+(engine/kv_cache.py's `PagedAttention`), calls `anyquant_cpu::paged_decode_step` per layer
 instead: the same kernel with the layer's K/V store in front of it, on the step's block tables,
 context lengths and slots as tensors checked once per step (`check_decode_step`), so that no
-Python runs between the compiled graph and the kernel. It is chosen once per captured model
-(`step_kernel_reason`).
+Python runs between the compiled graph and the kernel, and an eager layer is one call instead of
+two stores, a plan lookup and the kernel. Both steps take it where `step_kernel_reason` returns
+None (once per captured model, once per eager step).
 """
 
 from __future__ import annotations
@@ -77,14 +79,18 @@ def _reason(
     return _cpu_reason()
 
 
-def step_kernel_reason(dtype: torch.dtype, k_dim: int, v_dim: int) -> str | None:
-    """Why a captured decode step on a cache of `dtype` (the compute dtype: the queries' too) with
-    these widths cannot call `paged_decode_step` per layer (then it runs the pure-torch attention
-    behind `anyquant::paged_decode_attention`), or None. Decided when the step is captured: a
-    later `set_decode_kernel` applies to eager steps only."""
+def step_kernel_reason(dtype: torch.dtype, k_dim: int, v_dim: int, device: str = "cpu") -> str | None:
+    """Why a decode step on a cache of `dtype` (the compute dtype: the queries' too) with these
+    widths on `device` cannot call `paged_decode_step` per layer, or None. The one answer for
+    both steps: a captured step asks once, when it is captured (then a later `set_decode_kernel`
+    does not change it; otherwise it runs the pure-torch attention behind
+    `anyquant::paged_decode_attention`), an eager step of decoding sequences asks once per step
+    (engine/kv_cache.py; otherwise it stores and attends through layers/attention.py)."""
+    if _Setting.mode not in _CHOICES:
+        raise ValueError(f"{KERNEL_ENV}: expected one of {list(_CHOICES)}, got {_Setting.mode!r}")
     if _Setting.mode == "torch":
         return f"{KERNEL_ENV}=torch"
-    return _reason("cpu", dtype, dtype, dtype, k_dim, v_dim)
+    return _reason(device, dtype, dtype, dtype, k_dim, v_dim)
 
 
 @functools.cache

@@ -287,7 +287,8 @@ def test_inspect_names_the_decode_attention(monkeypatch):
 
 def test_a_decode_step_on_the_kernel_builds_no_mask(monkeypatch):
     """The masks of the pure-torch path grow with the context (batch x keys per step): a decode
-    step that the kernel runs never builds them; the torch path builds them on first use."""
+    step that the kernel runs never builds them (nor its page plan: each layer is one
+    `paged_decode_step` call); the torch path builds them on first use."""
     _ops()
     torch.manual_seed(5)
     cache = PagedKVCache(1, 8, PAGE, 2, 64, 64, torch.bfloat16)
@@ -295,8 +296,7 @@ def test_a_decode_step_on_the_kernel_builds_no_mask(monkeypatch):
     q, k, v = (torch.randn(2, h, 64, dtype=torch.bfloat16) for h in (8, 2, 2))
     ctx = PagedAttention.for_sequences(cache, seqs)
     out = ctx.attend(0, q, k, v, 0.125)
-    decode = ctx._plans[None].decode
-    assert decode is not None and "_built" not in vars(decode)
+    assert ctx.step_tensors is not None and ctx._plans == {}
     monkeypatch.setattr(decode_kernel._Setting, "mode", "torch")
     want = PagedAttention.for_sequences(cache, seqs).attend(0, q, k, v, 0.125)
     assert torch.allclose(out.float(), want.float(), atol=2e-2)
