@@ -1,4 +1,4 @@
-"""The fused MoE call on int8 activations (`moe_experts_vnni`, FusedVnniExperts) against float64.
+"""The fused MoE call on int8 activations (`moe_experts_vnni`, FusedInt8Experts) against float64.
 
 The float64 truth applies the reference's activation quantization (`fake_quantize_activations`,
 int8 per token or static per tensor) to x and to h, with the same quantized weights dequantized in
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from anyquant.quant.kernels.avx512_moe import fuse, fusion_from_plan
-from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
+from anyquant.quant.kernels.avx512_moe_vnni import FusedInt8Experts, cannot_fuse_int8
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
@@ -84,7 +84,7 @@ def check(spec: QuantSpec, dtype: torch.dtype, token_counts: tuple[int, ...], se
     weights_q, kernels = make_experts(spec, dtype)
     dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
     fused, reason = fuse(kernels, "silu")
-    assert reason is None and isinstance(fused, FusedVnniExperts)
+    assert reason is None and isinstance(fused, FusedInt8Experts)
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
         for weights, ids in routings(tokens, gen):
@@ -111,7 +111,7 @@ def test_fused_int8_matches_float64(spec: QuantSpec) -> None:
 def test_slots_held_elsewhere_are_skipped(dtype: torch.dtype) -> None:
     weights_q, kernels = make_experts(W4A8[1], dtype)
     dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
-    fused = FusedVnniExperts(kernels)
+    fused = FusedInt8Experts(kernels)
     gen = torch.Generator().manual_seed(3)
     for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
         x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
@@ -138,7 +138,7 @@ def test_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
     token (runs of blocks) and at 150 (experts with more than one pass of 64 pair rows)."""
     gen = torch.Generator().manual_seed(11)
     _, kernels = make_experts(spec, BF16)
-    fused = FusedVnniExperts(kernels)
+    fused = FusedInt8Experts(kernels)
     for tokens in (1, 150):
         x = torch.randn(tokens, HIDDEN, generator=gen).to(BF16)
         for weights, ids in routings(tokens, gen)[2:]:
@@ -148,7 +148,7 @@ def test_result_does_not_depend_on_the_thread_count(spec: QuantSpec) -> None:
 
 def test_non_finite_input_gives_nan_rows() -> None:
     _, kernels = make_experts(W4A8[0], BF16)
-    fused = FusedVnniExperts(kernels)
+    fused = FusedInt8Experts(kernels)
     x = torch.randn(3, HIDDEN).to(BF16)
     x[1, 5] = float("inf")
     y = fused(x, torch.ones(3, 1), torch.tensor([[0], [0], [1]]))
@@ -157,18 +157,18 @@ def test_non_finite_input_gives_nan_rows() -> None:
 
 def test_what_cannot_be_fused_is_named() -> None:
     _, kernels = make_experts(W4A8[0], BF16)
-    assert "activation gelu" in str(cannot_fuse_vnni(kernels, "gelu"))
+    assert "activation gelu" in str(cannot_fuse_int8(kernels, "gelu"))
     _, other = make_experts(W4A8[1], BF16)
     mixed = list(kernels)
     mixed[4] = other[4]
-    assert "expert 4 is uint4" in str(cannot_fuse_vnni(mixed, "silu"))
+    assert "expert 4 is uint4" in str(cannot_fuse_int8(mixed, "silu"))
     per_tensor = replace(W4A8[0], act=ActQuant("int8", dynamic=True, granularity="tensor"))
     _, tensor_kernels = make_experts(per_tensor, BF16)
-    assert "per-tensor dynamic scales" in str(cannot_fuse_vnni(tensor_kernels, "silu"))
+    assert "per-tensor dynamic scales" in str(cannot_fuse_int8(tensor_kernels, "silu"))
     static = W8A8[3]
     _, static_kernels = make_experts(static, BF16)
     static_kernels[2][1].static_scale *= 2
-    assert "input scales that differ by expert" in str(cannot_fuse_vnni(static_kernels, "silu"))
+    assert "input scales that differ by expert" in str(cannot_fuse_int8(static_kernels, "silu"))
     # inspect's prediction from the plan alone names the int8 call's refusal the same way.
     assert "per-tensor dynamic" in str(fusion_from_plan({"cpu_avx512_vnni"}, {per_tensor}, "silu", False))
     assert fusion_from_plan({"cpu_avx512_vnni"}, {W4A8[0]}, "silu", False) is None

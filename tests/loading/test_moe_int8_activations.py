@@ -3,7 +3,7 @@
 On the committed third-party MoE fixtures (llm-compressor W4A16 asym, GPTQModel act-order and 8-bit
 with shared experts, AutoAWQ-style GEMM, llm-compressor W8A8 int8):
 - weight-only checkpoints loaded with `activation_dtype="int8"` and W8A8 ones get
-  `FusedVnniExperts` in every MoE block (before, one `cpu_avx512_vnni` expert at a time);
+  `FusedInt8Experts` in every MoE block (before, one `cpu_avx512_vnni` expert at a time);
 - in float32 the whole model equals the reference kernels running the same definition (the
   reference's activation quantization of x and h): measured 3.4e-7, budget 1e-4 (a code that
   flips on a rounding boundary stays far below it);
@@ -22,7 +22,7 @@ import torch
 
 from anyquant import LLM
 from anyquant.layers.moe import SparseMoE
-from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts
+from anyquant.quant.kernels.avx512_moe_vnni import FusedInt8Experts
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
 from anyquant.quant.spec import ActQuant, QuantSpec
 
@@ -57,7 +57,7 @@ def _fused_calls(llm: LLM) -> set[str]:
 def test_int8_activation_experts_are_fused_and_equal_the_reference(name: str) -> None:
     path = FIXTURES / name
     fast = LLM(path, dtype="float32", activation_dtype="int8")
-    assert _fused_calls(fast) == {FusedVnniExperts.__name__}
+    assert _fused_calls(fast) == {FusedInt8Experts.__name__}
     reference = LLM(path, dtype="float32", activation_dtype="int8", kernel="reference")
     assert _rel(fast.logits(IDS), reference.logits(IDS)) < 1e-4
 
@@ -71,7 +71,7 @@ def test_int8_activations_cost_against_bf16() -> None:
 
 def test_w8a8_experts_are_fused() -> None:
     llm = LLM(FIXTURES / "qwen3moe-w8a8int8-gptq-llmc", dtype="float32")
-    assert _fused_calls(llm) == {FusedVnniExperts.__name__}
+    assert _fused_calls(llm) == {FusedInt8Experts.__name__}
     fused = llm.logits(IDS)
     for block in llm.model.modules():
         if isinstance(block, SparseMoE):
