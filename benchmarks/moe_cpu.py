@@ -449,8 +449,9 @@ def a8_ab(rounds: int, formats: list[str]) -> None:
                     dense.append(dequantize(w, torch.float64))  # type: ignore[arg-type]
             bf16_kernels.append(tuple(rows_b))
             a8_kernels.append(tuple(rows_a))
-        fused_b, fused_a = fuse(bf16_kernels, "silu")[0], fuse(a8_kernels, "silu")[0]
-        assert fused_b is not None and fused_a is not None
+        (fused_b, why_b), (fused_a, why_a) = fuse(bf16_kernels, "silu"), fuse(a8_kernels, "silu")
+        if fused_b is None or fused_a is None:
+            raise SystemExit(f"{fmt}: not fused: {why_b or why_a}")
         calls: dict[str, Callable[..., torch.Tensor]] = {
             "per-expert a8": lambda x, w, ids, ks=a8_kernels: _per_expert(x, w, ids, ks),
             "fused a8": fused_a,
