@@ -3,6 +3,8 @@
 // Integer weights times int8 activations on AVX2 CPUs (no AVX-512, no VNNI): W4A8 / W8A8 linear
 // layers over the layout vnni.h describes (the same bytes, packed once by avx512_vnni.py), with
 // the activations quantized per call exactly as vnni.h's quantize_row (and the reference) does.
+// Included by cpu_a8_avx2.cpp (linear layers) and cpu_moe_avx2_a8.cpp (fused MoE experts on int8
+// activations), so both run the same kernels on the same layout.
 //
 // AVX2 has no vpdpbusd; its integer dot products are vpmaddubsw (u8 x s8 -> pairs summed into
 // *saturating* int16) and vpmaddwd (s16 x s16 -> pairs summed into int32, exact). A 64-byte chunk
