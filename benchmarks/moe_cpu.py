@@ -30,13 +30,15 @@ points, offsets) at the read bandwidth measured in the same run (a one-thread fp
 
     python benchmarks/moe_cpu.py --op [--rounds 3] [--formats w4a16-g128 act-order-g128 ...]
 
-`--a8` compares, on that synthetic layer with W4 g128 experts, the two fused calls over the same
-codes: bf16 activations (cpu_avx512 experts, `moe_experts`) against int8 activations per token
-(cpu_avx512_vnni experts as `activation_dtype="int8"` loads them, `moe_experts_vnni`), alternating,
-at 1, 32 and 512 tokens, with each one's error against float64 (the int8 one's includes the
-activation quantization: its numerics, not a kernel error).
+`--a8` compares, on that synthetic layer, int8-activation experts (as `activation_dtype="int8"`
+loads them: cpu_avx512_vnni on AVX512-VNNI CPUs, cpu_avx2_a8 on AVX2 ones) one expert at a time
+(SparseMoE's per-expert path) against their fused call (`moe_experts_vnni` / `moe_experts_avx2_a8`)
+and against the bf16-activation fused call over the same codes (`moe_experts` /
+`moe_experts_avx2`), alternating, at 1, 8, 32 and 512 tokens, for W4 g128 and W8 per-channel
+codes (W4A8 / W8A8 against W4A16 / W8A16), with each one's error against float64 (the int8 ones'
+include the activation quantization: their numerics, not a kernel error).
 
-    python benchmarks/moe_cpu.py --a8 [--rounds 3] [--threads 1]
+    python benchmarks/moe_cpu.py --a8 [--rounds 3] [--threads 1] [--a8-formats w4-g128 w8-channel]
 """
 
 from __future__ import annotations
@@ -386,72 +388,114 @@ def op_ab(formats: list[str], rounds: int) -> None:
         )
 
 
-def a8_ab(rounds: int) -> None:
-    """bf16-activation vs int8-activation fused call on the same W4 g128 codes (see the docstring)."""
-    from anyquant.loading.activations import INT8_PER_TOKEN
+A8_FORMATS = ("w4-g128", "w8-channel")  # codes of the --a8 experts: int4 groups of 128, int8 per channel
+
+
+def _a8_kernel_classes() -> tuple[type, type]:
+    """(weight-only, int8-activation) expert kernel classes this CPU runs: AVX-512 (cpu_avx512,
+    cpu_avx512_vnni) where it has the instructions, else AVX2 (cpu_avx2, cpu_avx2_a8)."""
+    from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
+    from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
     from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel
-    from anyquant.quant.kernels.avx512_moe import fuse
     from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+
+    if Avx512VnniKernel.cpu_reason() is None:
+        return Avx512WeightOnlyKernel, Avx512VnniKernel
+    return Avx2WeightOnlyKernel, Avx2Int8ActivationKernel
+
+
+def _a8_weight(fmt: str, n: int, k: int, g: torch.Generator) -> object:
+    """A weight-only canonical weight of --a8's `fmt` (int4 g128, or int8 per channel: W8A8's codes)."""
+    from anyquant.quant.spec import QuantSpec
+    from anyquant.quant.weight import QuantWeight
+
+    if fmt == "w8-channel":
+        data = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = 1e-4 + 1e-4 * torch.rand(n, generator=g)
+        return QuantWeight(QuantSpec("int8", "channel"), (n, k), data, scale).validate(fmt)
+    return _op_weight("w4a16-g128", n, k, g)
+
+
+def a8_ab(rounds: int, formats: list[str]) -> None:
+    """Per-expert int8-activation experts vs their fused call vs the bf16-activation fused call on
+    the same codes (see the docstring), per format, alternating in this process."""
+    from anyquant.loading.activations import INT8_PER_TOKEN
+    from anyquant.quant.kernels.avx512_moe import fuse
     from anyquant.quant.reference import dequantize
 
+    weight_only, int8_act = _a8_kernel_classes()
     cfg = QWEN3_30B_A3B
     experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    bf16_kernels, a8_kernels, dense = [], [], []
-    for e in range(experts):
-        rows_b, rows_a = [], []
-        for shape in ((inter, hidden), (inter, hidden), (hidden, inter)):
-            w = _op_weight("w4a16-g128", *shape, g)
-            kb = Avx512WeightOnlyKernel(shape, torch.bfloat16)
-            kb.load(w)  # type: ignore[arg-type]
-            ka = Avx512VnniKernel(shape, torch.bfloat16)
-            ka.load(dataclasses.replace(w, spec=dataclasses.replace(w.spec, act=INT8_PER_TOKEN)))  # type: ignore[type-var, attr-defined]
-            rows_b.append(kb)
-            rows_a.append(ka)
-            if e < 8:  # float64 truth on the experts the accuracy check routes to
-                dense.append(dequantize(w, torch.float64))  # type: ignore[arg-type]
-        bf16_kernels.append(tuple(rows_b))
-        a8_kernels.append(tuple(rows_a))
-    calls = {"bf16 act": fuse(bf16_kernels, "silu")[0], "int8 act": fuse(a8_kernels, "silu")[0]}
-    assert all(c is not None for c in calls.values())
-    # Accuracy: 16 tokens on experts 0..7 (each token all eight), relative L2 against float64.
-    x16 = torch.randn(16, hidden, generator=g).to(torch.bfloat16)
-    w16 = torch.rand(16, top_k, generator=g).softmax(-1)
-    ids16 = torch.arange(top_k).expand(16, top_k).contiguous()
-    truth = torch.zeros(16, hidden, dtype=torch.float64)
-    for j in range(top_k):
-        gd, ud, dd = dense[3 * j : 3 * j + 3]
-        xd = x16.double()
-        truth += w16[:, j : j + 1].double() * ((torch.nn.functional.silu(xd @ gd.T) * (xd @ ud.T)) @ dd.T)
-    errors = {m: float((c(x16, w16, ids16).double() - truth).norm() / truth.norm()) for m, c in calls.items()}  # type: ignore[misc]
-    cases = {}
-    for t in (1, 32, 512):
-        x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
-        ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
-        cases[t] = (x, torch.rand(t, top_k, generator=g).softmax(-1), ids)
-    times: dict[tuple[str, int], list[float]] = {}
-    with torch.inference_mode():
-        for call in calls.values():
-            for case in cases.values():
-                call(*case)  # type: ignore[misc]
-        for _ in range(rounds):
-            for t, case in cases.items():
-                for mode, call in calls.items():
-                    times.setdefault((mode, t), []).append(
-                        _seconds(lambda c=call, a=case: c(*a), 1 if t == 512 else 5)
-                    )  # type: ignore[misc]
-    clock = "CPU time" if torch.get_num_threads() == 1 else "wall-clock time"
+    threads = torch.get_num_threads()
+    clock = "CPU time" if threads == 1 else "wall-clock time"
     print(
-        f"\n{torch.get_num_threads()} thread(s), {clock}, medians of {rounds} rounds; one layer of 128 experts"
+        f"\n{threads} thread(s), {clock}, medians of {rounds} rounds; one layer of {experts} experts, "
+        f"top-{top_k}; {int8_act.name} experts per expert and fused, {weight_only.name} fused (bf16 act)"
     )
-    print(
-        f"error vs float64 (16 tokens, top-8): bf16 act {errors['bf16 act']:.1e}, int8 act {errors['int8 act']:.1e}\n"
-    )
-    print("| tokens | bf16-act fused ms | int8-act fused ms | speed-up | int8-act tokens/s |")
-    print("|---:|---:|---:|---:|---:|")
-    for t in cases:
-        b, a = (statistics.median(times[(m, t)]) for m in calls)
-        print(f"| {t} | {b * 1e3:.2f} | {a * 1e3:.2f} | {b / a:.2f}x | {t / a:.0f} |")
+    for fmt in formats:
+        g = torch.Generator().manual_seed(1)
+        bf16_kernels, a8_kernels, dense = [], [], []
+        for e in range(experts):
+            rows_b, rows_a = [], []
+            for shape in ((inter, hidden), (inter, hidden), (hidden, inter)):
+                w = _a8_weight(fmt, *shape, g)
+                kb = weight_only(shape, torch.bfloat16)
+                kb.load(w)
+                ka = int8_act(shape, torch.bfloat16)
+                ka.load(dataclasses.replace(w, spec=dataclasses.replace(w.spec, act=INT8_PER_TOKEN)))  # type: ignore[type-var, attr-defined]
+                rows_b.append(kb)
+                rows_a.append(ka)
+                if e < top_k:  # float64 truth on the experts the accuracy check routes to
+                    dense.append(dequantize(w, torch.float64))  # type: ignore[arg-type]
+            bf16_kernels.append(tuple(rows_b))
+            a8_kernels.append(tuple(rows_a))
+        (fused_b, why_b), (fused_a, why_a) = fuse(bf16_kernels, "silu"), fuse(a8_kernels, "silu")
+        if fused_b is None or fused_a is None:
+            raise SystemExit(f"{fmt}: not fused: {why_b or why_a}")
+        calls: dict[str, Callable[..., torch.Tensor]] = {
+            "per-expert a8": lambda x, w, ids, ks=a8_kernels: _per_expert(x, w, ids, ks),
+            "fused a8": fused_a,
+            "fused bf16 act": fused_b,
+        }
+        # Accuracy: 16 tokens on experts 0..7 (each token all eight), relative L2 against float64.
+        x16 = torch.randn(16, hidden, generator=g).to(torch.bfloat16)
+        w16 = torch.rand(16, top_k, generator=g).softmax(-1)
+        ids16 = torch.arange(top_k).expand(16, top_k).contiguous()
+        truth = torch.zeros(16, hidden, dtype=torch.float64)
+        for j in range(top_k):
+            gd, ud, dd = dense[3 * j : 3 * j + 3]
+            xd = x16.double()
+            truth += w16[:, j : j + 1].double() * ((torch.nn.functional.silu(xd @ gd.T) * (xd @ ud.T)) @ dd.T)
+        errors = {
+            m: float((c(x16, w16, ids16).double() - truth).norm() / truth.norm()) for m, c in calls.items()
+        }
+        cases = {}
+        for t in (1, 8, 32, 512):
+            x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+            ids = torch.rand(t, experts, generator=g).topk(top_k, dim=-1).indices
+            cases[t] = (x, torch.rand(t, top_k, generator=g).softmax(-1), ids)
+        times: dict[tuple[str, int], list[float]] = {}
+        with torch.inference_mode():
+            for call in calls.values():
+                for case in cases.values():
+                    call(*case)
+            for _ in range(rounds):
+                for t, case in cases.items():
+                    for mode, call in calls.items():
+                        times.setdefault((mode, t), []).append(
+                            _seconds(lambda c=call, a=case: c(*a), 1 if t == 512 else 5)
+                        )
+        print(
+            f"\n{fmt}: error vs float64 (16 tokens, top-8): "
+            + ", ".join(f"{m} {e:.1e}" for m, e in errors.items())
+        )
+        print(
+            "\n| tokens | per-expert a8 ms | fused a8 ms | fused bf16-act ms | fused a8 / per-expert | fused a8 / fused bf16-act |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
+        for t in cases:
+            pe, fa, fb = (statistics.median(times[(m, t)]) * 1e3 for m in calls)
+            print(f"| {t} | {pe:.2f} | {fa:.2f} | {fb:.2f} | {pe / fa:.2f}x | {fb / fa:.2f}x |")
 
 
 def main() -> None:
@@ -470,11 +514,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--model", type=Path, default=None, help="--ab on this checkpoint instead")
     parser.add_argument("--formats", nargs="+", default=list(OP_FORMATS), choices=OP_FORMATS)
+    parser.add_argument("--a8-formats", nargs="+", default=list(A8_FORMATS), choices=A8_FORMATS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.a8:
-        return a8_ab(args.rounds)
+        return a8_ab(args.rounds, args.a8_formats)
     if args.op:
         return op_ab(args.formats, args.rounds)
     model = args.model or build(args.layers)

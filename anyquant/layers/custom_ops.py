@@ -273,8 +273,9 @@ def _register_extension_fakes() -> None:
         ):
             return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
 
-    if hasattr(torch.ops.anyquant_cpu, "moe_experts_vnni"):
+    def moe_int8_fake(x: Tensor, ids: Tensor, weights: Tensor, *stacked_and_options: object) -> Tensor:
+        return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)  # x is [T, hidden]
 
-        @torch.library.register_fake("anyquant_cpu::moe_experts_vnni")
-        def _moe_experts_vnni_fake(x, ids, weights, *stacked_and_options):
-            return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)  # x is [T, hidden]
+    for name in ("moe_experts_vnni", "moe_experts_avx2_a8"):  # the int8 fused calls: one signature
+        if hasattr(torch.ops.anyquant_cpu, name):
+            torch.library.register_fake(f"anyquant_cpu::{name}")(moe_int8_fake)

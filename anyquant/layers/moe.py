@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from anyquant.parallel.partition import ExpertPlacement, Partition
     from anyquant.parallel.state import ParallelState
     from anyquant.quant.kernels.avx512_moe import FusedExperts
-    from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts
+    from anyquant.quant.kernels.avx512_moe_vnni import FusedInt8Experts
     from anyquant.quant.kernels.base import LinearKernel
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -207,7 +207,7 @@ class SparseMoE(nn.Module, TensorParallelLayer):
         # `local_experts[i]`): all of them unless expert parallelism gave it a range.
         self.local_experts = range(routing.num_experts)
         # Set by `finish_loading`: all routed experts as one fused call, or why not.
-        self.fused: FusedExperts | FusedVnniExperts | None = None
+        self.fused: FusedExperts | FusedInt8Experts | None = None
         self.fused_reason: str | None = "not loaded"
         self.gate = Router(f"{prefix}.gate", hidden_size, routing)
         self.experts = nn.ModuleList(

@@ -225,11 +225,11 @@ def test_int8_activation_specs_get_an_integer_kernel(spec: QuantSpec, kind: Laye
 
 @needs_kernel
 @pytest.mark.skipif(_int8_activation_kernel() != "cpu_avx2_a8", reason="this CPU runs cpu_avx512_vnni")
-def test_moe_experts_on_int8_activations_run_per_expert_and_equal_the_reference() -> None:
-    """A MoE checkpoint loaded with int8 activations on an AVX2 CPU: the routed experts run one
-    cpu_avx2_a8 kernel at a time (the fused MoE calls take VNNI or weight-only experts), and in
-    float32 the model equals the reference kernels running the same definition (budget 1e-4, as
-    tests/loading/test_moe_int8_activations.py for the VNNI call)."""
+def test_moe_experts_on_int8_activations_run_fused_and_equal_the_reference() -> None:
+    """A MoE checkpoint loaded with int8 activations on an AVX2 CPU: the routed experts are
+    cpu_avx2_a8 kernels, run as one `moe_experts_avx2_a8` call per layer, and in float32 the model
+    equals the reference kernels running the same definition (budget 1e-4, as
+    tests/loading/test_moe_int8_activations.py)."""
     from pathlib import Path
 
     from anyquant import LLM
@@ -243,7 +243,9 @@ def test_moe_experts_on_int8_activations_run_per_expert_and_equal_the_reference(
     )
     fast = LLM(path, dtype="float32", activation_dtype="int8")
     blocks = [m for m in fast.model.modules() if isinstance(m, SparseMoE)]
-    assert blocks and all(m.fused is None for m in blocks)
+    assert blocks and all(
+        getattr(m.fused, "op_name", m.fused_reason) == "moe_experts_avx2_a8" for m in blocks
+    )
     kernels = {m.kernel.name for m in fast.model.modules() if getattr(m, "kernel", None) is not None}
     assert "cpu_avx2_a8" in kernels, kernels
     reference = LLM(path, dtype="float32", activation_dtype="int8", kernel="reference")

@@ -11,7 +11,8 @@ copies of 8-bit ones.
 Why: on AVX2 the weight-only kernel (cpu_avx2) runs prompts at most at the fp32 FMA peak, 16
 multiply-adds per cycle per core; vpmaddubsw does 32 per instruction at the same issue rate, so
 many rows (prompts, large batches) compute up to ~2-3x faster (benchmarks/RESULTS.md). Where the
-CPU has AVX512-VNNI, cpu_avx512_vnni ranks above this kernel.
+CPU has AVX512-VNNI, cpu_avx512_vnni ranks above this kernel. A MoE layer's routed experts on this
+kernel run as one fused call, `moe_experts_avx2_a8` (avx512_moe_vnni.py's FusedInt8Experts).
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ well. Quantized activations (fp8 dynamic per token / group or static; int8 W8A8,
 first become `cpu_avx512` twins over the same codes, `weight_only_twins`) are quantized as the
 reference does: x once for all experts here, h per (token, expert) row inside the call. fp8
 activations run on both calls (`cpu_avx2` takes fp8 weights with fp8 activations); int8
-activations are AVX-512 only (the AVX2 kernel refuses quantized activations of integer weights).
+activations of integer weights on AVX2 run on `cpu_avx2_a8` and its own fused call instead.
 
 `cannot_fuse` says why a set of experts cannot be fused (e.g. another kernel serves them, per-tensor
 dynamic activation scales); the caller then keeps the per-expert path. `fuse` picks the call for the
 loaded kernels: this one (the op named by the experts' kernel class, `_OPS`), or for
-`cpu_avx512_vnni` experts (int8 activations: W8A8, or weight-only loaded with
+`cpu_avx512_vnni` / `cpu_avx2_a8` experts (int8 activations: W8A8, or weight-only loaded with
 `activation_dtype="int8"`) its int8-dot-product twin in avx512_moe_vnni.py.
 `fusion_from_plan` predicts the same from the load plan, and `FUSED_CALLS` names the call, for
 `inspect`.
@@ -40,9 +40,10 @@ from torch import Tensor, nn
 
 from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
+from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
 from anyquant.quant.kernels.avx512 import Avx512WeightOnlyKernel, RepackedWeightOnlyKernel
-from anyquant.quant.kernels.avx512_moe_vnni import FusedVnniExperts, cannot_fuse_vnni
-from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+from anyquant.quant.kernels.avx512_moe_vnni import FusedInt8Experts, cannot_fuse_int8
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.moe_act_order import act_order_tables
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
@@ -55,6 +56,7 @@ FUSED_CALLS = {
     Avx512WeightOnlyKernel.name: "moe_experts (bf16 dot products)",
     "cpu_w8a8_int8": "moe_experts (bf16 dot products over the int8 codes)",
     Avx512VnniKernel.name: "moe_experts_vnni (int8 dot products, AVX512-VNNI)",
+    Avx2Int8ActivationKernel.name: "moe_experts_avx2_a8 (int8 dot products, AVX2)",
     Avx2WeightOnlyKernel.name: "moe_experts_avx2 (fp32 FMA, AVX2)",
 }
 # The weight-only kernels whose experts `FusedExperts` runs, and the extension op for each.
@@ -66,12 +68,12 @@ _OPS: dict[type[RepackedWeightOnlyKernel], str] = {
 
 def fuse(
     experts: Sequence[tuple[LinearKernel | None, ...]], act: str
-) -> tuple[FusedExperts | FusedVnniExperts | None, str | None]:
-    """The fused call for the loaded experts' kernels (int8 dot products for cpu_avx512_vnni
-    experts, bf16 for cpu_avx512 ones, fp32 FMA for cpu_avx2 ones), or None and why not."""
-    if any(isinstance(k, Avx512VnniKernel) for ks in experts for k in ks):
-        reason = cannot_fuse_vnni(experts, act)
-        return (FusedVnniExperts(experts) if reason is None else None), reason
+) -> tuple[FusedExperts | FusedInt8Experts | None, str | None]:
+    """The fused call for the loaded experts' kernels (int8 dot products for cpu_avx512_vnni and
+    cpu_avx2_a8 experts, bf16 for cpu_avx512 ones, fp32 FMA for cpu_avx2 ones), or None and why not."""
+    if any(isinstance(k, Int8ActivationKernel) for ks in experts for k in ks):
+        reason = cannot_fuse_int8(experts, act)
+        return (FusedInt8Experts(experts) if reason is None else None), reason
     reason = cannot_fuse(experts, act)
     return (FusedExperts(experts) if reason is None else None), reason
 
@@ -166,7 +168,8 @@ def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, 
     a = spec.act
     if kernel == Avx2WeightOnlyKernel.name and a is not None and a.type == "int8":
         return f"activations are quantized ({a.describe()}); the AVX2 call takes fp8 activations only"
-    if kernel == Avx512VnniKernel.name and a is not None and a.dynamic and a.granularity != "token":
+    int8_kernels = (Avx512VnniKernel.name, Avx2Int8ActivationKernel.name)
+    if kernel in int8_kernels and a is not None and a.dynamic and a.granularity != "token":
         return (
             f"activations are quantized ({a.describe()}); per-tensor dynamic scales span each expert's tokens"
         )

@@ -1,15 +1,19 @@
-"""One MoE layer's routed experts in one C++ call on int8 activations (`moe_experts_vnni`,
-csrc/cpu_moe_vnni.cpp): the fused call for experts that the `cpu_avx512_vnni` kernel serves.
+"""One MoE layer's routed experts in one C++ call on int8 activations: `moe_experts_vnni`
+(csrc/cpu_moe_vnni.cpp, AVX512-VNNI CPUs) or `moe_experts_avx2_a8` (csrc/cpu_moe_avx2_a8.cpp,
+AVX2 CPUs), one schedule (csrc/moe_int8_schedule.h) over each instruction set's int8 dot
+products: the fused call for experts that the `cpu_avx512_vnni` or `cpu_avx2_a8` kernel serves.
 
 Those are experts whose spec quantizes activations to int8 per token (or per tensor, static):
 W8A8 int8 checkpoints, and weight-only checkpoints loaded with `activation_dtype="int8"` (W4A8).
-`FusedVnniExperts` stacks the experts' already-repacked VNNI weights along a leading expert
-dimension once, gate and up of an expert side by side, and points every expert's own kernel at its
-slice of the stack (one copy of the weights; the per-expert path still works). The call quantizes
-x once per token and h once per (token, expert) row, exactly as the reference's
-`fake_quantize_activations` does (the per-expert path's numerics; only h's rounding differs:
-fp32 here, the compute dtype there), runs the int8 dot products with vpdpbusd and returns the
-weighted sum in fp32. Same work split as the bf16 fused call (avx512_moe.py).
+`FusedInt8Experts` stacks the experts' already-repacked weights (csrc/vnni.h's layout, which
+both kernels share) along a leading expert dimension once, gate and up of an expert side by side,
+and points every expert's own kernel at its slice of the stack (one copy of the weights; the
+per-expert path still works). The call quantizes x once per token and h once per (token, expert)
+row, exactly as the reference's `fake_quantize_activations` does (the per-expert path's
+numerics; only h's rounding differs: fp32 here, the compute dtype there), runs the int8 dot
+products of the experts' own kernel class (the same block kernels, so the same exact int32
+sums) and returns the weighted sum in fp32. Same work split as the bf16 fused call
+(avx512_moe.py).
 """
 
 from __future__ import annotations
@@ -20,37 +24,47 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
+from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.moe_act_order import act_order_tables
 
+# The int8-activation kernels whose experts `FusedInt8Experts` runs, and the extension op for each.
+INT8_OPS: dict[type[Int8ActivationKernel], str] = {
+    Avx512VnniKernel: "moe_experts_vnni",
+    Avx2Int8ActivationKernel: "moe_experts_avx2_a8",
+}
 
-def cannot_fuse_vnni(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
-    """Why (gate, up, down) `cpu_avx512_vnni` kernels of every expert cannot run as one fused call."""
+
+def cannot_fuse_int8(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
+    """Why (gate, up, down) int8-activation kernels of every expert cannot run as one fused call."""
     if not experts:
         return "the layer has no experts"
     if act not in ("silu", "swish"):
         return f"activation {act} (the fused call computes silu)"
     first = experts[0][0]
-    if not isinstance(first, Avx512VnniKernel):
-        return f"expert 0 runs on {'no kernel' if first is None else first.name}, not cpu_avx512_vnni"
+    fusable = " or ".join(cls.name for cls in INT8_OPS)
+    if first is None or type(first) not in INT8_OPS:
+        return f"expert 0 runs on {'no kernel' if first is None else first.name}, not {fusable}"
+    assert isinstance(first, Int8ActivationKernel)
     for e, kernels in enumerate(experts):
         for kernel in kernels:
-            if not isinstance(kernel, Avx512VnniKernel):
+            if type(kernel) is not type(first):
                 name = "no kernel" if kernel is None else kernel.name
-                return f"expert {e} runs on {name}, not cpu_avx512_vnni"
+                return f"expert {e} runs on {name}, expert 0 on {first.name} (the call takes one kernel: {fusable})"
+            assert isinstance(kernel, Int8ActivationKernel)
             if kernel.spec != first.spec:
                 return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
             if kernel.compute_dtype != first.compute_dtype:
                 return "experts differ in compute dtype"
         gate, up, down = kernels
-        assert isinstance(gate, Avx512VnniKernel) and isinstance(up, Avx512VnniKernel)
-        assert isinstance(down, Avx512VnniKernel)
+        assert isinstance(gate, Int8ActivationKernel) and isinstance(up, Int8ActivationKernel)
+        assert isinstance(down, Int8ActivationKernel)
         inter, hidden = gate.shape
         if up.shape != gate.shape or down.shape != (hidden, inter) or gate.shape != first.shape:
             return f"expert {e} has gate {gate.shape}, up {up.shape}, down {down.shape}"
         first_down = experts[0][2]
-        assert isinstance(first_down, Avx512VnniKernel)
+        assert isinstance(first_down, Int8ActivationKernel)
         if up.group != gate.group or up.k_pad != gate.k_pad or down.group != first_down.group:
             return f"expert {e}'s projections are packed differently"
         for name in ("zero", "offset"):
@@ -58,18 +72,19 @@ def cannot_fuse_vnni(experts: Sequence[tuple[LinearKernel | None, ...]], act: st
             if len(present) != 1 or (getattr(first, name) is None) not in present:
                 return f"expert {e}'s projections differ in {name}s"
     act_spec = first.spec.act
-    assert act_spec is not None  # cpu_avx512_vnni runs int8 activations only
+    assert act_spec is not None  # the int8-activation kernels refuse weight-only specs
     if act_spec.dynamic and act_spec.granularity != "token":
         return f"activations are quantized ({act_spec.describe()}); per-tensor dynamic scales span each expert's tokens"
     if not act_spec.dynamic:
-        scales = {k.static_scale for ks in experts for k in ks[:2] if isinstance(k, Avx512VnniKernel)}
+        scales = {k.static_scale for ks in experts for k in ks[:2] if isinstance(k, Int8ActivationKernel)}
         if len(scales) != 1:
             return f"activations are quantized ({act_spec.describe()}) with gate / up input scales that differ by expert"
     return None
 
 
-class FusedVnniExperts(nn.Module):
-    """All routed experts of one layer on int8 activations: x [T, H], weights / ids [T, k] -> fp32 [T, H]."""
+class FusedInt8Experts(nn.Module):
+    """All routed experts of one layer on int8 activations: x [T, H], weights / ids [T, k] -> fp32 [T, H],
+    on the op of the experts' kernel class (`INT8_OPS`; `cannot_fuse_int8` checked they share one)."""
 
     w13: Tensor
     s13: Tensor
@@ -83,18 +98,17 @@ class FusedVnniExperts(nn.Module):
     pos2: Tensor | None
     h_static_scale: Tensor | None
 
-    kernel_name = "moe_experts_vnni"
-
     def __init__(self, experts: Sequence[tuple[LinearKernel | None, ...]]) -> None:
         super().__init__()
-        kernels = [tuple(k for k in ks if isinstance(k, Avx512VnniKernel)) for ks in experts]
+        kernels = [tuple(k for k in ks if isinstance(k, Int8ActivationKernel)) for ks in experts]
         gate, _, down = kernels[0]
+        self.op_name = INT8_OPS[type(gate)]
         self.inter, self.hidden = gate.shape
         self.fmt, self.zconst = gate.fmt, gate.zconst
         self.group13, self.group2 = gate.group, down.group
         self.compute_dtype = gate.compute_dtype
         self.divisor = gate.divisor
-        self.x_static_scale = gate.static_scale  # one for every gate and up (cannot_fuse_vnni)
+        self.x_static_scale = gate.static_scale  # one for every gate and up (cannot_fuse_int8)
 
         def stack(parts: list[list[Tensor | None]]) -> Tensor | None:
             if parts[0][0] is None:
@@ -142,7 +156,7 @@ class FusedVnniExperts(nn.Module):
         return int(self.w13.shape[0])
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        return cpu_ext.ops().moe_experts_vnni(
+        return getattr(cpu_ext.ops(), self.op_name)(
             x.to(self.compute_dtype),
             ids.to(torch.int64),
             weights.to(torch.float32),
@@ -171,5 +185,5 @@ class FusedVnniExperts(nn.Module):
         extras = [
             n for n in ("z13", "o13", "perm13", "pos2", "h_static_scale") if getattr(self, n) is not None
         ]
-        text = f"experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, int8 activations"
+        text = f"{self.op_name}, experts={self.num_experts}, inter={self.inter}, hidden={self.hidden}, int8 activations"
         return text + "".join(f", {n}" for n in extras)

@@ -33,6 +33,7 @@ _SOURCES = (
     "cpu_vnni.cpp",
     "cpu_moe_vnni.cpp",
     "cpu_a8_avx2.cpp",
+    "cpu_moe_avx2_a8.cpp",
     "cpu_attention.cpp",
 )
 # Not compiled on their own, but part of what a build is keyed on.
@@ -44,6 +45,7 @@ _HEADERS = (
     "a8_avx2.h",
     "moe_routing.h",
     "moe_schedule.h",
+    "moe_int8_schedule.h",
     "attention.h",
     "attention_fp32.h",
     "attention_bf16.h",

@@ -3,6 +3,8 @@
 // Integer weights times int8 activations on AVX2 CPUs (no AVX-512, no VNNI): W4A8 / W8A8 linear
 // layers over the layout vnni.h describes (the same bytes, packed once by avx512_vnni.py), with
 // the activations quantized per call exactly as vnni.h's quantize_row (and the reference) does.
+// Included by cpu_a8_avx2.cpp (linear layers) and cpu_moe_avx2_a8.cpp (fused MoE experts on int8
+// activations), so both run the same kernels on the same layout.
 //
 // AVX2 has no vpdpbusd; its integer dot products are vpmaddubsw (u8 x s8 -> pairs summed into
 // *saturating* int16) and vpmaddwd (s16 x s16 -> pairs summed into int32, exact). A 64-byte chunk
@@ -61,6 +63,14 @@ AQ_A8 inline __m256i bcast4(const void* p) {
 // ALU ports (vpmaddwd and vpmaddubsw share the multiply port that bounds the loops below).
 AQ_A8 inline __m256i widen_pairs(__m256i v) {
   return _mm256_add_epi32(_mm256_srai_epi32(v, 16), _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16));
+}
+
+// The end of a span of at most kSpan4 4-bit inputs (tile4, tile4u): its exact int16 sums acc
+// widened into the group's int32 sums dot, before they could saturate.
+template <int R>
+AQ_A8 inline void add_span(const __m256i (&acc)[R][2], __m256i (&dot)[R][2]) {
+  for (int m = 0; m < R; ++m)
+    for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], widen_pairs(acc[m][h]));
 }
 
 // Group g's exact dot products dot[m][h] (rows m0 + m, outputs 8h..8h+7 of block b) with its zero
@@ -137,8 +147,7 @@ AQ_A8 void tile4(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64
               acc[m][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xa), _mm256_maddubs_epi16(hi1, xb)));
         }
       }
-      for (int m = 0; m < R; ++m)
-        for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], widen_pairs(acc[m][h]));
+      add_span<R>(acc, dot);
     }
     group_epilogue<R>(w, a, b, g, m0, dot, out);
   }
@@ -216,8 +225,7 @@ AQ_A8 void tile4u(const VLayout& w, const uint8_t* codes, const Act& a, const Ou
           acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(w1, xb));
         }
       }
-      for (int m = 0; m < R; ++m)
-        for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(dot[m][h], widen_pairs(acc[m][h]));
+      add_span<R>(acc, dot);
     }
     group_epilogue<R>(w, a, b, g, m0, dot, out);
   }
@@ -257,17 +265,19 @@ void tile_any(const VLayout& w, const Act& a, const Out& o, int64_t m0, int64_t 
   }
 }
 
-// All rows of x against blocks b0..b1 (one thread's share).
+// Bytes of the scratch `blocks` needs per thread: one 4-bit block unpacked (unpack_block4).
+inline size_t blocks_scratch_bytes(int64_t kp) { return static_cast<size_t>(kp * 16); }
+
+// All rows of x against blocks b0..b1 (one thread's share); `codes`: blocks_scratch_bytes(kp).
 template <int64_t FMT>
-void blocks(const VLayout& w, const Act& a, const Out& o, int64_t rows, int64_t b0, int64_t b1) {
+void blocks(const VLayout& w, const Act& a, const Out& o, int64_t rows, int64_t b0, int64_t b1, uint8_t* codes) {
   if (FMT == kV4 && rows > kA8Rows) {
-    std::vector<uint8_t> codes(static_cast<size_t>(w.kp * 16));
     for (int64_t p0 = 0; p0 < rows; p0 += kA8Panel) {
       const int64_t p1 = std::min(rows, p0 + kA8Panel);
       for (int64_t b = b0; b < b1; ++b) {
-        unpack_block4(w, b, codes.data());
+        unpack_block4(w, b, codes);
         for (int64_t m = p0; m < p1; m += kA8UnpackedRows)
-          tile4u_any(w, codes.data(), a, o, m, std::min<int64_t>(kA8UnpackedRows, p1 - m), b);
+          tile4u_any(w, codes, a, o, m, std::min<int64_t>(kA8UnpackedRows, p1 - m), b);
       }
     }
     return;
@@ -276,6 +286,25 @@ void blocks(const VLayout& w, const Act& a, const Out& o, int64_t rows, int64_t 
     const int64_t p1 = std::min(rows, p0 + kA8Panel);
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m = p0; m < p1; m += kA8Rows) tile_any<FMT>(w, a, o, m, std::min<int64_t>(kA8Rows, p1 - m), b);
+  }
+}
+
+// All rows of x against blocks b0..b1 in w's format.
+inline void blocks_any(const VLayout& w, const Act& a, const Out& o, int64_t rows, int64_t b0, int64_t b1,
+                       uint8_t* codes) {
+  if (w.fmt == kV4) return blocks<kV4>(w, a, o, rows, b0, b1, codes);
+  return blocks<kV8>(w, a, o, rows, b0, b1, codes);
+}
+
+// The int16 copy of n int8 codes (n a multiple of 4) that tile8 multiplies: each 4 inputs
+// ordered (0, 2, 1, 3), so that one 16-bit word's low and high bytes of the 8-bit codes meet
+// inputs k, k + 2 and k + 1, k + 3 (see the top of this file).
+inline void widen_codes(const int8_t* q, int64_t n, int16_t* q16) {
+  for (int64_t i = 0; i < n; i += 4) {
+    q16[i] = q[i];
+    q16[i + 1] = q[i + 2];
+    q16[i + 2] = q[i + 1];
+    q16[i + 3] = q[i + 3];
   }
 }
 
@@ -328,14 +357,7 @@ AQ_A8 void quantize_row(const T* x, int64_t K, int64_t kp, int64_t group, double
     for (int64_t i = g * group; i < (g + 1) * group; ++i) s += q[i];
     sum[g] = s;
   }
-  if (q16) {
-    for (int64_t i = 0; i < kp; i += 4) {
-      q16[i] = q[i];
-      q16[i + 1] = q[i + 2];
-      q16[i + 2] = q[i + 1];
-      q16[i + 3] = q[i + 3];
-    }
-  }
+  if (q16) widen_codes(q, kp, q16);
 }
 
 }  // namespace a8

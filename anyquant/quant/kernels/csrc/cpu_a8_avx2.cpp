@@ -61,11 +61,8 @@ at::Tensor avx2_a8_linear(const at::Tensor& x, const at::Tensor& packed, const a
                   sx.data_ptr<float>()};
   const Out o{out.data_ptr(), bf16, bias.has_value() ? bias_f.data_ptr<float>() : nullptr};
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
-    if (fmt == kV4) {
-      a8::blocks<kV4>(w, a, o, rows, b0, b1);
-    } else {
-      a8::blocks<kV8>(w, a, o, rows, b0, b1);
-    }
+    std::vector<uint8_t> codes(a8::blocks_scratch_bytes(w.kp));
+    a8::blocks_any(w, a, o, rows, b0, b1, codes.data());
   });
   return out;
 }

@@ -14,7 +14,8 @@
 //     would cancel against sums of large activations.
 // Weights: int4, 8-bit and both fp8 types (gemv_avx2.h's decoders; fp8 named by the AVX2 codes).
 // fp8 activations as in the AVX-512 call: x quantized by the caller (the reference's function), h
-// by the schedule (moe_schedule.h); int8 activations (codes with x_scale) are AVX-512 only.
+// by the schedule (moe_schedule.h); int8 activations (codes with x_scale) are AVX-512 only here:
+// integer experts on int8 activations run on cpu_avx2_a8 and its own call (cpu_moe_avx2_a8.cpp).
 
 #include "gemv_avx2.h"
 #include "moe_schedule.h"
