@@ -39,6 +39,12 @@
 // The x rows are fp32 (bf16 x widened once per call), broadcast per input from memory
 // (vbroadcastss is a load-port operation on AVX2 CPUs).
 //
+// One row of int4 or fp8 (decode) takes gemv_one_row: all 8 accumulators in registers, and int4
+// decoded without shifts: nibble C of a 16-bit half-lane is masked in place (code * 16^C, exact
+// in vcvtdq2ps) and summed in accumulator C, scaled by 16^-C (exactly) at the span's flush; one
+// shift per 8 inputs brings the high half-lanes down. Per 64-byte chunk: 16 AND + 16 vcvtdq2ps +
+// 2 shifts + 16 FMA against gemv_blocks' 14 shifts + 14 AND + 16 vcvtdq2ps + 16 FMA.
+//
 // Only functions marked AQ_AVX2 contain AVX2/FMA code, so the library still loads on any x86-64
 // CPU; the Python side (avx2.py) refuses where the CPU lacks the instructions.
 
@@ -228,20 +234,62 @@ AQ_AVX2 inline __m256 load_partial(const float* src, int64_t valid) {
   return _mm256_load_ps(tmp);
 }
 
+// One span's scale of rows 0..7 (h = 0) or 8..15 of block b in group g, and what its offsets take
+// per unit of the span's sum of x (zs: (zz + code shift) * scale; null without offsets).
+struct SpanScale {
+  __m256 s, zs;
+  bool offsets;
+};
+
+template <int64_t FMT>
+AQ_AVX2 __attribute__((always_inline)) inline SpanScale span_scale(const Layout& w, int64_t b, int64_t g, int h) {
+  constexpr float shift = code_shift<FMT>();
+  SpanScale sc{_mm256_loadu_ps(w.scale + (b * w.ng + g) * 16 + 8 * h), _mm256_setzero_ps(),
+               shift != 0.f || w.zz != nullptr};
+  if (sc.offsets) {
+    __m256 zc = w.zz != nullptr ? _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8 * h) : _mm256_setzero_ps();
+    zc = _mm256_add_ps(zc, _mm256_set1_ps(shift));
+    sc.zs = _mm256_mul_ps(sc.s, zc);
+  }
+  if constexpr (fp8_unit<FMT>() != 1.f) sc.s = _mm256_mul_ps(sc.s, _mm256_set1_ps(fp8_unit<FMT>()));
+  return sc;
+}
+
+// out + the span's sum of v * x scaled, less its offsets (row `row` of x, span q).
+AQ_AVX2 __attribute__((always_inline)) inline __m256 flush(const Args& a, const SpanScale& sc, int64_t row,
+                                                           int64_t q, __m256 sum, __m256 out) {
+  out = _mm256_fmadd_ps(sum, sc.s, out);
+  if (sc.offsets) out = _mm256_fnmadd_ps(sc.zs, _mm256_set1_ps(a.xsum[row * a.w.nspans + q]), out);
+  return out;
+}
+
+// Row `row`'s 16 outputs of block b (rows 0..7: y0, 8..15: y1) plus bias, stored as a.out's type.
+AQ_AVX2 inline void store_outputs(const Args& a, int64_t row, int64_t b, __m256 y0, __m256 y1) {
+  for (int h = 0; h < 2; ++h) {
+    const int64_t col = b * 16 + 8 * h, dst = row * a.out_stride + col - a.col_shift;
+    const int64_t valid = std::min<int64_t>(8, a.w.n - col);
+    const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
+    const __m256 y = _mm256_add_ps(h == 0 ? y0 : y1, bias);
+    if (a.out_bf16) {
+      store_bf16(static_cast<int16_t*>(a.out) + dst, y, valid);
+    } else {
+      store_f32(static_cast<float*>(a.out) + dst, y, valid);
+    }
+  }
+}
+
 // Rows m0..m0+M of x against blocks b0..b1, 8 inputs per step. Accumulators: U per row and half,
 // M * 2 * U = 8 chains in flight (FMA latency 4 on two pipes).
 template <int64_t FMT, int M>
 AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
   constexpr int U = M == 1 ? 4 : M == 2 ? 2 : 1;
   constexpr int64_t step_bytes = 2 * bytes_per_4k(FMT);
-  constexpr float shift = code_shift<FMT>();
   const Layout& w = a.w;
   const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
   const int64_t span_bytes = w.span / 4 * bytes_per_4k(FMT);
   const float* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
   const int64_t spans_per_group = w.group / w.span;
-  const bool offsets = shift != 0.f || w.zz != nullptr;
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* pb = w.packed + b * block_bytes;
     __m256 out[M][2];
@@ -254,21 +302,12 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
           for (int u = 0; u < U; ++u) acc[m][h][u] = _mm256_setzero_ps();
       const int64_t k0 = q * w.span;
       for (int64_t k = 0; k < w.span; k += 8, p += step_bytes) step_chunks<FMT, M, U, 0>(p, xr, k0 + k, acc);
-      const float* sg = w.scale + (b * w.ng + g) * 16;
       for (int h = 0; h < 2; ++h) {
-        __m256 s = _mm256_loadu_ps(sg + 8 * h);
-        __m256 zs = _mm256_setzero_ps();
-        if (offsets) {
-          __m256 zc = w.zz != nullptr ? _mm256_loadu_ps(w.zz + (b * w.ng + g) * 16 + 8 * h) : _mm256_setzero_ps();
-          zc = _mm256_add_ps(zc, _mm256_set1_ps(shift));
-          zs = _mm256_mul_ps(s, zc);
-        }
-        if constexpr (fp8_unit<FMT>() != 1.f) s = _mm256_mul_ps(s, _mm256_set1_ps(fp8_unit<FMT>()));
+        const SpanScale sc = span_scale<FMT>(w, b, g, h);
         for (int m = 0; m < M; ++m) {
           __m256 sum = acc[m][h][0];
           for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][h][u]);
-          out[m][h] = _mm256_fmadd_ps(sum, s, out[m][h]);
-          if (offsets) out[m][h] = _mm256_fnmadd_ps(zs, _mm256_set1_ps(a.xsum[(m0 + m) * w.nspans + q]), out[m][h]);
+          out[m][h] = flush(a, sc, m0 + m, q, sum, out[m][h]);
         }
       }
       if (++in_group == spans_per_group) {
@@ -276,26 +315,137 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
         ++g;
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const int64_t col = b * 16 + 8 * h, dst = col - a.col_shift;
-      const int64_t valid = std::min<int64_t>(8, w.n - col);
-      const __m256 bias = a.bias ? load_partial(a.bias + col, valid) : _mm256_setzero_ps();
-      for (int m = 0; m < M; ++m) {
-        const __m256 y = _mm256_add_ps(out[m][h], bias);
-        if (a.out_bf16) {
-          store_bf16(static_cast<int16_t*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
+    for (int m = 0; m < M; ++m) store_outputs(a, m0 + m, b, out[m][0], out[m][1]);
+  }
+}
+
+// One row of x (decode), int4 and fp8: the same sums as gemv_blocks<FMT, 1> with fewer vector
+// operations per byte and every accumulator in a register (GCC kept gemv_blocks' acc[1][2][4] in
+// part on the stack, a load and a store per FMA for 3 of int4's 8 chains, most of fp8's).
+// The accumulators, rows 0..7 (lo*) and 8..15 (hi*); named members, not an array, for the same reason.
+struct RowAcc {
+  __m256 lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3;
+};
+
+// int4 nibble C of each 16-bit half of the lanes of v, in place: code * 16^C (no shift: the
+// nibble stays where it is, masked, and vcvtdq2ps makes it exactly code * 16^C). The accumulator
+// of class C sums code * 16^C * x, each FMA rounding as it would for code * x (a power of two
+// apart), and is scaled by 16^-C (exactly) when the span is flushed.
+template <int C>
+AQ_AVX2 __attribute__((always_inline)) inline __m256 int4_in_place(__m256i v) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * C))));
+}
+
+// int4, inputs k..k+7 of one 64-byte chunk q into the class accumulators: input 2C is nibble C of
+// the lanes' low halves, input 2C + 1 nibble C of their high halves (lane >> 16). 1 shift per 8
+// inputs and an AND + vcvtdq2ps per input (gemv_blocks: a shift + AND + vcvtdq2ps per input).
+AQ_AVX2 __attribute__((always_inline)) inline void int4_row_chunk(const uint8_t* q, const float* x, RowAcc& r) {
+  _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  const __m256i lo16 = _mm256_srli_epi32(lo, 16), hi16 = _mm256_srli_epi32(hi, 16);
+  __m256 xb = _mm256_broadcast_ss(x);
+  r.lo0 = _mm256_fmadd_ps(int4_in_place<0>(lo), xb, r.lo0);
+  r.hi0 = _mm256_fmadd_ps(int4_in_place<0>(hi), xb, r.hi0);
+  xb = _mm256_broadcast_ss(x + 1);
+  r.lo0 = _mm256_fmadd_ps(int4_in_place<0>(lo16), xb, r.lo0);
+  r.hi0 = _mm256_fmadd_ps(int4_in_place<0>(hi16), xb, r.hi0);
+  xb = _mm256_broadcast_ss(x + 2);
+  r.lo1 = _mm256_fmadd_ps(int4_in_place<1>(lo), xb, r.lo1);
+  r.hi1 = _mm256_fmadd_ps(int4_in_place<1>(hi), xb, r.hi1);
+  xb = _mm256_broadcast_ss(x + 3);
+  r.lo1 = _mm256_fmadd_ps(int4_in_place<1>(lo16), xb, r.lo1);
+  r.hi1 = _mm256_fmadd_ps(int4_in_place<1>(hi16), xb, r.hi1);
+  xb = _mm256_broadcast_ss(x + 4);
+  r.lo2 = _mm256_fmadd_ps(int4_in_place<2>(lo), xb, r.lo2);
+  r.hi2 = _mm256_fmadd_ps(int4_in_place<2>(hi), xb, r.hi2);
+  xb = _mm256_broadcast_ss(x + 5);
+  r.lo2 = _mm256_fmadd_ps(int4_in_place<2>(lo16), xb, r.lo2);
+  r.hi2 = _mm256_fmadd_ps(int4_in_place<2>(hi16), xb, r.hi2);
+  xb = _mm256_broadcast_ss(x + 6);
+  r.lo3 = _mm256_fmadd_ps(int4_in_place<3>(lo), xb, r.lo3);
+  r.hi3 = _mm256_fmadd_ps(int4_in_place<3>(hi), xb, r.hi3);
+  xb = _mm256_broadcast_ss(x + 7);
+  r.lo3 = _mm256_fmadd_ps(int4_in_place<3>(lo16), xb, r.lo3);
+  r.hi3 = _mm256_fmadd_ps(int4_in_place<3>(hi16), xb, r.hi3);
+}
+
+// fp8, the pair of inputs x[0], x[1] of 16 rows (32 bytes at q) into accumulators a0, b0 (rows
+// 0..7, inputs 0 and 1) and a1, b1 (rows 8..15).
+template <int64_t FMT>
+AQ_AVX2 __attribute__((always_inline)) inline void fp8_row_pair(const uint8_t* q, const float* x, __m256& a0,
+                                                                __m256& a1, __m256& b0, __m256& b1) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i h0 = fp8_halfs<FMT, 0>(v), h1 = fp8_halfs<FMT, 1>(v);
+  __m256 xb = _mm256_broadcast_ss(x);
+  a0 = _mm256_fmadd_ps(halfs_to_fp32<0>(h0), xb, a0);
+  a1 = _mm256_fmadd_ps(halfs_to_fp32<1>(h0), xb, a1);
+  xb = _mm256_broadcast_ss(x + 1);
+  b0 = _mm256_fmadd_ps(halfs_to_fp32<0>(h1), xb, b0);
+  b1 = _mm256_fmadd_ps(halfs_to_fp32<1>(h1), xb, b1);
+}
+
+// fp8, inputs k..k+3 of one 64-byte chunk q (pairs k, k+1 and k+2, k+3): input J into class J.
+template <int64_t FMT>
+AQ_AVX2 __attribute__((always_inline)) inline void fp8_row_chunk(const uint8_t* q, const float* x, RowAcc& r) {
+  _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+  fp8_row_pair<FMT>(q, x, r.lo0, r.hi0, r.lo1, r.hi1);
+  fp8_row_pair<FMT>(q + 32, x + 2, r.lo2, r.hi2, r.lo3, r.hi3);
+}
+
+// The span's sums of rows 0..7 (H = 0) or 8..15, the classes added (int4: scaled by 16^-C).
+template <int64_t FMT, int H>
+AQ_AVX2 __attribute__((always_inline)) inline __m256 row_sum(const RowAcc& r) {
+  const __m256 c0 = H == 0 ? r.lo0 : r.hi0, c1 = H == 0 ? r.lo1 : r.hi1;
+  const __m256 c2 = H == 0 ? r.lo2 : r.hi2, c3 = H == 0 ? r.lo3 : r.hi3;
+  if constexpr (FMT == kInt4) {
+    __m256 sum = _mm256_fmadd_ps(c1, _mm256_set1_ps(1.f / 16), c0);
+    sum = _mm256_fmadd_ps(c2, _mm256_set1_ps(1.f / 256), sum);
+    return _mm256_fmadd_ps(c3, _mm256_set1_ps(1.f / 4096), sum);
+  } else {
+    return _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+  }
+}
+
+template <int64_t FMT>
+AQ_AVX2 void gemv_one_row(const Args& a, int64_t row, int64_t b0, int64_t b1) {
+  static_assert(FMT == kInt4 || is_fp8(FMT), "the one-row kernel runs int4 and fp8");
+  constexpr int64_t chunk_inputs = 8 / chunks_per_8<FMT>();
+  const Layout& w = a.w;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const float* xr = a.x + row * w.kp;
+  const int64_t spans_per_group = w.group / w.span;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = w.packed + b * block_bytes;
+    __m256 out0 = _mm256_setzero_ps(), out1 = _mm256_setzero_ps();
+    for (int64_t q = 0, g = 0, in_group = 0; q < w.nspans; ++q) {
+      const __m256 z = _mm256_setzero_ps();
+      RowAcc r{z, z, z, z, z, z, z, z};
+      const float* x = xr + q * w.span;
+      for (int64_t k = 0; k < w.span; k += chunk_inputs, p += 64) {
+        if constexpr (FMT == kInt4) {
+          int4_row_chunk(p, x + k, r);
         } else {
-          store_f32(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + dst, y, valid);
+          fp8_row_chunk<FMT>(p, x + k, r);
         }
       }
+      out0 = flush(a, span_scale<FMT>(w, b, g, 0), row, q, row_sum<FMT, 0>(r), out0);
+      out1 = flush(a, span_scale<FMT>(w, b, g, 1), row, q, row_sum<FMT, 1>(r), out1);
+      if (++in_group == spans_per_group) {
+        in_group = 0;
+        ++g;
+      }
     }
+    store_outputs(a, row, b, out0, out1);
   }
 }
 
 template <int64_t FMT>
 void gemv_rows(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   switch (rows) {
-    case 1: return gemv_blocks<FMT, 1>(a, m0, b0, b1);
+    case 1:
+      if constexpr (FMT == kInt4 || is_fp8(FMT)) return gemv_one_row<FMT>(a, m0, b0, b1);
+      return gemv_blocks<FMT, 1>(a, m0, b0, b1);
     case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
     case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
     default: return gemv_blocks<FMT, 4>(a, m0, b0, b1);
