@@ -39,11 +39,12 @@
 // The x rows are fp32 (bf16 x widened once per call), broadcast per input from memory
 // (vbroadcastss is a load-port operation on AVX2 CPUs).
 //
-// One row of int4 or fp8 (decode) takes gemv_one_row: all 8 accumulators in registers, and int4
+// One row of int4 (decode) takes gemv_one_row: all 8 accumulators in registers, and int4
 // decoded without shifts: nibble C of a 16-bit half-lane is masked in place (code * 16^C, exact
 // in vcvtdq2ps) and summed in accumulator C, scaled by 16^-C (exactly) at the span's flush; one
 // shift per 8 inputs brings the high half-lanes down. Per 64-byte chunk: 16 AND + 16 vcvtdq2ps +
-// 2 shifts + 16 FMA against gemv_blocks' 14 shifts + 14 AND + 16 vcvtdq2ps + 16 FMA.
+// 2 shifts + 16 FMA against gemv_blocks' 14 shifts + 14 AND + 16 vcvtdq2ps + 16 FMA. (fp8 in the
+// same register-only loop measured no faster than gemv_blocks: its F16C decode bounds it.)
 //
 // Only functions marked AQ_AVX2 contain AVX2/FMA code, so the library still loads on any x86-64
 // CPU; the Python side (avx2.py) refuses where the CPU lacks the instructions.
@@ -319,9 +320,9 @@ AQ_AVX2 void gemv_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
   }
 }
 
-// One row of x (decode), int4 and fp8: the same sums as gemv_blocks<FMT, 1> with fewer vector
+// One row of x (decode), int4: the same sums as gemv_blocks<kInt4, 1> with fewer vector
 // operations per byte and every accumulator in a register (GCC kept gemv_blocks' acc[1][2][4] in
-// part on the stack, a load and a store per FMA for 3 of int4's 8 chains, most of fp8's).
+// part on the stack, a load and a store per FMA for 3 of int4's 8 chains).
 // The accumulators, rows 0..7 (lo*) and 8..15 (hi*); named members, not an array, for the same reason.
 struct RowAcc {
   __m256 lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3;
@@ -370,46 +371,18 @@ AQ_AVX2 __attribute__((always_inline)) inline void int4_row_chunk(const uint8_t*
   r.hi3 = _mm256_fmadd_ps(int4_in_place<3>(hi16), xb, r.hi3);
 }
 
-// fp8, the pair of inputs x[0], x[1] of 16 rows (32 bytes at q) into accumulators a0, b0 (rows
-// 0..7, inputs 0 and 1) and a1, b1 (rows 8..15).
-template <int64_t FMT>
-AQ_AVX2 __attribute__((always_inline)) inline void fp8_row_pair(const uint8_t* q, const float* x, __m256& a0,
-                                                                __m256& a1, __m256& b0, __m256& b1) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i h0 = fp8_halfs<FMT, 0>(v), h1 = fp8_halfs<FMT, 1>(v);
-  __m256 xb = _mm256_broadcast_ss(x);
-  a0 = _mm256_fmadd_ps(halfs_to_fp32<0>(h0), xb, a0);
-  a1 = _mm256_fmadd_ps(halfs_to_fp32<1>(h0), xb, a1);
-  xb = _mm256_broadcast_ss(x + 1);
-  b0 = _mm256_fmadd_ps(halfs_to_fp32<0>(h1), xb, b0);
-  b1 = _mm256_fmadd_ps(halfs_to_fp32<1>(h1), xb, b1);
-}
-
-// fp8, inputs k..k+3 of one 64-byte chunk q (pairs k, k+1 and k+2, k+3): input J into class J.
-template <int64_t FMT>
-AQ_AVX2 __attribute__((always_inline)) inline void fp8_row_chunk(const uint8_t* q, const float* x, RowAcc& r) {
-  _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
-  fp8_row_pair<FMT>(q, x, r.lo0, r.hi0, r.lo1, r.hi1);
-  fp8_row_pair<FMT>(q + 32, x + 2, r.lo2, r.hi2, r.lo3, r.hi3);
-}
-
-// The span's sums of rows 0..7 (H = 0) or 8..15, the classes added (int4: scaled by 16^-C).
-template <int64_t FMT, int H>
+// The span's sums of rows 0..7 (H = 0) or 8..15: the classes scaled by 16^-C and added.
+template <int H>
 AQ_AVX2 __attribute__((always_inline)) inline __m256 row_sum(const RowAcc& r) {
   const __m256 c0 = H == 0 ? r.lo0 : r.hi0, c1 = H == 0 ? r.lo1 : r.hi1;
   const __m256 c2 = H == 0 ? r.lo2 : r.hi2, c3 = H == 0 ? r.lo3 : r.hi3;
-  if constexpr (FMT == kInt4) {
-    __m256 sum = _mm256_fmadd_ps(c1, _mm256_set1_ps(1.f / 16), c0);
-    sum = _mm256_fmadd_ps(c2, _mm256_set1_ps(1.f / 256), sum);
-    return _mm256_fmadd_ps(c3, _mm256_set1_ps(1.f / 4096), sum);
-  } else {
-    return _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
-  }
+  __m256 sum = _mm256_fmadd_ps(c1, _mm256_set1_ps(1.f / 16), c0);
+  sum = _mm256_fmadd_ps(c2, _mm256_set1_ps(1.f / 256), sum);
+  return _mm256_fmadd_ps(c3, _mm256_set1_ps(1.f / 4096), sum);
 }
 
-template <int64_t FMT>
 AQ_AVX2 void gemv_one_row(const Args& a, int64_t row, int64_t b0, int64_t b1) {
-  static_assert(FMT == kInt4 || is_fp8(FMT), "the one-row kernel runs int4 and fp8");
+  constexpr int64_t FMT = kInt4;
   constexpr int64_t chunk_inputs = 8 / chunks_per_8<FMT>();
   const Layout& w = a.w;
   const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
@@ -423,14 +396,10 @@ AQ_AVX2 void gemv_one_row(const Args& a, int64_t row, int64_t b0, int64_t b1) {
       RowAcc r{z, z, z, z, z, z, z, z};
       const float* x = xr + q * w.span;
       for (int64_t k = 0; k < w.span; k += chunk_inputs, p += 64) {
-        if constexpr (FMT == kInt4) {
-          int4_row_chunk(p, x + k, r);
-        } else {
-          fp8_row_chunk<FMT>(p, x + k, r);
-        }
+        int4_row_chunk(p, x + k, r);
       }
-      out0 = flush(a, span_scale<FMT>(w, b, g, 0), row, q, row_sum<FMT, 0>(r), out0);
-      out1 = flush(a, span_scale<FMT>(w, b, g, 1), row, q, row_sum<FMT, 1>(r), out1);
+      out0 = flush(a, span_scale<FMT>(w, b, g, 0), row, q, row_sum<0>(r), out0);
+      out1 = flush(a, span_scale<FMT>(w, b, g, 1), row, q, row_sum<1>(r), out1);
       if (++in_group == spans_per_group) {
         in_group = 0;
         ++g;
@@ -444,7 +413,7 @@ template <int64_t FMT>
 void gemv_rows(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   switch (rows) {
     case 1:
-      if constexpr (FMT == kInt4 || is_fp8(FMT)) return gemv_one_row<FMT>(a, m0, b0, b1);
+      if constexpr (FMT == kInt4) return gemv_one_row(a, m0, b0, b1);
       return gemv_blocks<FMT, 1>(a, m0, b0, b1);
     case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
     case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
