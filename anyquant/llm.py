@@ -116,7 +116,9 @@ class LLM:
         `merge_projections=False` keeps q/k/v and gate/up as separate kernel calls (same logits;
         for measuring what merging gains).
         `lm_head_dtype="int8"` quantizes an unquantized LM head per row at load: half its bytes per
-        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "auto" keeps it as stored.
+        decode token, at a small perplexity cost (benchmarks/RESULTS.md); "int4" per group of a
+        row (loading/lm_head.py): about a quarter of its bytes, at a larger cost; "auto" keeps it
+        as stored.
         `activation_dtype="int8"` quantizes the activations of weight-only (W4A16, W8A16) layers per
         token, so they run on int8 dot products (AVX512-VNNI); it changes results slightly
         (benchmarks/RESULTS.md); "auto" runs every layer as its checkpoint specifies.

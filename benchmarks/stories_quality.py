@@ -74,8 +74,8 @@ def main() -> None:
 
 
 def lm_head_costs(text: str) -> None:
-    """What the opt-in int8 LM head (--lm-head-dtype int8) costs, per compute dtype and with the
-    body quantized (W4A16 g32) or not. stories260K ties its head to the embedding table: the
+    """What the opt-in int8 and int4 LM heads (--lm-head-dtype) cost, per compute dtype and with
+    the body quantized (W4A16 g32) or not. stories260K ties its head to the embedding table: the
     head is quantized, the embedding lookup stays as stored."""
     print("\n| body | compute dtype | LM head | perplexity | vs as stored |")
     print("|---|---|---|---:|---:|")
@@ -87,9 +87,12 @@ def lm_head_costs(text: str) -> None:
         for body, path in (("unquantized", STORIES / "hf"), ("W4A16 g32", w4)):
             for dtype in ("float32", "bfloat16"):
                 base = corpus_perplexity(LLM(path, dtype=dtype), text).perplexity
-                int8 = corpus_perplexity(LLM(path, dtype=dtype, lm_head_dtype="int8"), text).perplexity
                 print(f"| {body} | {dtype} | as stored | {base:.4f} | |")
-                print(f"| {body} | {dtype} | int8 per row | {int8:.4f} | {int8 / base - 1:+.2%} |")
+                for head in ("int8", "int4"):
+                    llm = LLM(path, dtype=dtype, lm_head_dtype=head)
+                    spec = llm.loaded.model.lm_head.kernel.spec.describe()
+                    ppl = corpus_perplexity(llm, text).perplexity
+                    print(f"| {body} | {dtype} | {head}: {spec} | {ppl:.4f} | {ppl / base - 1:+.2%} |")
 
 
 if __name__ == "__main__":

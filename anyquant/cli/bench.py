@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from anyquant.cli.flags import ENFORCE_EAGER_HELP, EXPERT_PARALLEL_HELP
+from anyquant.cli.flags import ENFORCE_EAGER_HELP, EXPERT_PARALLEL_HELP, add_lm_head_dtype
 from anyquant.errors import AnyquantError
 
 
@@ -30,12 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=EXPERT_PARALLEL_HELP,
     )
-    offline.add_argument(
-        "--lm-head-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
-    )
+    add_lm_head_dtype(offline)
     offline.add_argument(
         "--activation-dtype",
         default="auto",
@@ -78,12 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--no-sequential", action="store_true", help="skip the in-process sequential run")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument(
-        "--lm-head-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small perplexity cost)",
-    )
+    add_lm_head_dtype(serve)
     serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     serve.add_argument(
         "--server-arg",

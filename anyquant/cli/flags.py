@@ -14,6 +14,23 @@ EXPERT_PARALLEL_HELP = (
 )
 
 
+# loading/lm_head.py's LM_HEAD_DTYPES (a test checks they agree), spelled out here so that parsing
+# flags imports no torch.
+LM_HEAD_DTYPE_CHOICES = ("auto", "int8", "int4")
+
+
+def add_lm_head_dtype(parser: argparse.ArgumentParser) -> None:
+    """`--lm-head-dtype`: the LM head as stored, or quantized at load (loading/lm_head.py)."""
+    parser.add_argument(
+        "--lm-head-dtype",
+        default="auto",
+        choices=LM_HEAD_DTYPE_CHOICES,
+        help="quantize an unquantized LM head at load: int8 per row (half its bytes per token, small "
+        "perplexity cost), int4 asymmetric per group of 128 inputs (0.28 of its bytes, larger cost; "
+        "benchmarks/RESULTS.md); auto: as stored",
+    )
+
+
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
     """How `generate` and `serve` load a model's weights: a GGUF vision projector, an int8 LM
     head, int8 activations, expert parallelism, eager decode (each an `LLM` keyword)."""
@@ -25,13 +42,7 @@ def add_weight_options(parser: argparse.ArgumentParser) -> None:
         help="a GGUF model's vision projector (llama.cpp's mmproj file); a directory holding the model "
         "and one mmproj*.gguf finds it alone",
     )
-    parser.add_argument(
-        "--lm-head-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: quantize an unquantized LM head per row at load (half its bytes per token, small "
-        "perplexity cost)",
-    )
+    add_lm_head_dtype(parser)
     parser.add_argument(
         "--activation-dtype",
         default="auto",

@@ -8,6 +8,8 @@ import argparse
 import json
 from typing import Any
 
+from anyquant.cli.flags import add_lm_head_dtype
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory")
@@ -30,12 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --tp N: plan whole routed experts per rank instead of a slice of every expert",
     )
-    parser.add_argument(
-        "--lm-head-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="plan an int8 LM head (quantized at load)",
-    )
+    add_lm_head_dtype(parser)
     parser.add_argument(
         "--activation-dtype",
         default="auto",

@@ -22,7 +22,7 @@ from anyquant.layers.linear import QuantLinear
 from anyquant.loading.activations import activation_quant
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.loading.dtype_policy import dtype_risks
-from anyquant.loading.lm_head import lm_head_spec
+from anyquant.loading.lm_head import held_bytes, lm_head_spec
 from anyquant.loading.loader import build_on_meta, resolve_dtype, trained_dtype
 from anyquant.loading.merge import MergePlan, plan_merges
 from anyquant.loading.plan import LayerPlan, plan_layers
@@ -130,9 +130,11 @@ def describe_checkpoint(
                 info = ckpt.index.get(name)
                 if info is None:
                     continue
-                # A head quantized at load is held (and read per token) as int8 codes + fp32 scales.
+                # A head quantized at load is held (and read per token) as codes + fp32 scales.
                 held = (
-                    info.numel + 4 * plan.shape[0] if plan.load_as else info.numel * info.torch_dtype.itemsize
+                    held_bytes(plan.load_as, *plan.shape)
+                    if plan.load_as
+                    else info.numel * info.torch_dtype.itemsize
                 )
                 nbytes += held
                 if plan is first:
@@ -340,8 +342,8 @@ def memory_per_rank(
             continue  # expert parallelism: a routed expert rank 0 (which holds the most) leaves out
         out_l, in_l = plan.local_shape
         share = (out_l * in_l) / max(plan.shape[0] * plan.shape[1], 1)
-        if plan.load_as is not None:  # int8 codes and one fp32 scale per row
-            linear += out_l * in_l + 4 * out_l
+        if plan.load_as is not None:  # codes and fp32 scales (loading/lm_head.py)
+            linear += held_bytes(plan.load_as, out_l, in_l)
         elif plan.spec is None:
             linear += out_l * in_l * itemsize
         else:

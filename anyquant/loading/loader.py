@@ -145,8 +145,8 @@ def load_model(
     decoding and repacking every weight); by default a bar on a terminal, log lines otherwise.
     `merge_projections`: q/k/v and gate/up as one weight each where possible (loading/merge.py);
     False keeps every projection apart (same logits, more kernel calls).
-    `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" quantizes an unquantized one per
-    row at load (loading/lm_head.py).
+    `lm_head_dtype`: "auto" keeps the LM head as stored; "int8" (per row) or "int4" (per group of
+    a row) quantizes an unquantized one at load (loading/lm_head.py).
     `activation_dtype`: "auto" runs weight-only layers as stored; "int8" quantizes their
     activations per token at run time (loading/activations.py).
 

@@ -92,12 +92,13 @@ def test_inspect_plans_the_int8_head_and_bad_values_fail(model: Path) -> None:
         g for g in describe_checkpoint(model, dtype="bfloat16")["groups"] if g["pattern"] == "lm_head"
     )
     assert head["bytes"] < auto["bytes"] * 0.55  # int8 codes + a scale per row vs bf16
-    with pytest.raises(AnyquantError, match="lm_head_dtype 'int4' is not supported"):
-        LLM(model, lm_head_dtype="int4")
+    with pytest.raises(AnyquantError, match="lm_head_dtype 'fp4' is not supported"):
+        LLM(model, lm_head_dtype="fp4")
 
 
+@pytest.mark.parametrize("head_dtype", ["int8", "int4"])
 def test_a_head_stored_quantized_is_kept_as_stored(
-    model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, head_dtype: str
 ) -> None:
     from anyquant.convert.quantize import quantize_checkpoint
     from anyquant.quant.formats.base import WriteOptions
@@ -105,7 +106,7 @@ def test_a_head_stored_quantized_is_kept_as_stored(
     q = tmp_path / "q"
     quantize_checkpoint(model, q, "compressed-tensors", WriteOptions(scheme="W8A16"), quantize_lm_head=True)
     with caplog.at_level("WARNING", logger="anyquant.loading.loader"):
-        llm = LLM(q, dtype="bfloat16", lm_head_dtype="int8")
+        llm = LLM(q, dtype="bfloat16", lm_head_dtype=head_dtype)
     assert "lm_head is stored quantized" in caplog.text
     stored = LLM(q, dtype="bfloat16")
     assert torch.equal(llm.logits(IDS), stored.logits(IDS))
