@@ -102,6 +102,10 @@ VECTOR = "cpu_avx512 (vector)"
 # cpu_avx2 held to one path at every row count ("gemv" runs bf16 compute only): A/Bs of the paths
 # in the same run, for the row thresholds in avx2.py. Timed only when --engines names them.
 AVX2_FORCED = {"cpu_avx2 (vector)": "gemv", "cpu_avx2 (rows)": "rows", "cpu_avx2 (tile)": "tiled"}
+# A dense fp32 F.linear of the same shape (x widened to fp32 and the result rounded back to the
+# compute dtype inside the call: oneDNN's fp32 GEMM, what fp32 weights would cost on a CPU without
+# native bf16), the yardstick of the rows kernel on long prompts. Timed only when --engines names it.
+DENSE_FP32 = "dense fp32"
 INT8_TOKEN = ActQuant("int8", dynamic=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _ROTATE_BYTES = 96 << 20  # 3x the 32 MiB last-level cache of the CPU measured
@@ -205,7 +209,7 @@ class DenseLinear(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 @dataclass
@@ -273,6 +277,8 @@ def make_cases(
             if kernel is not None:
                 layers[label] = kernel
     layers["dense"] = DenseLinear(torch.randn(n, k, generator=gen).mul(0.02).to(dtype))
+    if DENSE_FP32 in engines:
+        layers[DENSE_FP32] = DenseLinear(torch.randn(n, k, generator=gen).mul(0.02))
     nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
     quantized = next(e for e in nbytes if e != "dense")
     layers["read"] = ReadBytes(nbytes[quantized])
@@ -282,7 +288,9 @@ def make_cases(
     for t in tokens:
         x = torch.randn(t, k, generator=gen).to(dtype)
         ref = reference(x)
-        err = {e: rel_err(layer(x), ref) for e, layer in layers.items() if e not in ("dense", "read")}
+        err = {
+            e: rel_err(layer(x), ref) for e, layer in layers.items() if e not in ("dense", DENSE_FP32, "read")
+        }
         engines = {e: (lambda r=r, x=x: r(x)) for e, r in rotations.items()}
         cases.append(Case(spec.describe(), f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
     return cases

@@ -95,6 +95,20 @@ def test_one_sequence_on_consecutive_pages_is_read_in_place(new: int) -> None:
     assert group is not None and group.run is None
 
 
+@pytest.mark.parametrize("pages", [[6, 2, 9, 30, 11, 4, 20, 8], [10, 11, 12, 13, 14, 15, 16, 17]])
+@pytest.mark.parametrize("cached", [0, 1, 8, 10])
+@pytest.mark.parametrize("window", [None, 7])
+def test_one_prompt_chunk_attends_without_its_mask(pages: list[int], cached: int, window: int | None) -> None:
+    """One sequence's chunk (> the C++ rows' limit of 4 x the group of 3) runs causally without the
+    mask, after `cached` keys (a cached prefix, page-aligned or not) whose log-sum-exp merges with
+    the new keys'; its keys past the context (the last page's padding) stay unseen. A window keeps
+    the mask."""
+    new = 21
+    ctx = _check(_random_cache(), [(pages, cached, new)], window)
+    group = ctx.plan(window).prefill
+    assert group is not None and group.causal_prefix == (None if window else cached)
+
+
 def _hf_choices(path: Path, prompt: list[int], generated: list[int]) -> list[int]:
     """The greedy token transformers picks at each generated position, teacher-forced on our
     sequence (one full forward: transformers' own cached decoding drifts on near-ties)."""

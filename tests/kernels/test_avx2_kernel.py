@@ -102,6 +102,30 @@ def test_rows_kernel_multiplies_the_reference_weights() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3], SPECS[10]], ids=QuantSpec.describe)
+def test_rows_kernel_on_long_prompts(spec: QuantSpec) -> None:
+    """Prompt chunks of many 64-row panels (700 rows: ten and a short one; 2048), bf16 x widened
+    by the rows kernel a panel at a time and fp32 x read in place, against float64: K long and
+    not a multiple of the 256-input chunk nor of the group (a short last group), N not of 16."""
+    gen = torch.Generator().manual_seed(11)
+    for n, k, t in ((40, 1000, 700), (24, 4856, 2048)):
+        w = random_weight(spec, n, k, seed=n + k)
+        bias = torch.randn(n, generator=gen)
+        x = torch.randn(t, k, generator=gen)
+        for dtype in (BF16, F32):
+            kernel = Avx2WeightOnlyKernel((n, k), dtype)
+            kernel.load(w)
+            kernel.path = lambda rows: "rows"  # type: ignore[method-assign]  # fp32 takes the tile path
+            xd, bd = x.to(dtype), bias.to(dtype)
+            y = kernel(xd, bd)
+            truth = float64_linear(xd, w, bd)
+            # per row: a panel read from the wrong rows spoils whole rows, not the overall norm
+            err = ((y.double() - truth).norm(dim=1) / truth.norm(dim=1)).max().item()
+            budget = BUDGET[dtype] if dtype == BF16 else 1e-5  # fp32: K up to 4856 products summed
+            assert err <= budget, f"{spec.describe()} {n}x{k} T={t} {dtype}: {err:.2e}"
+
+
+@needs_kernel
 def test_zero_rows_and_experts_kind() -> None:
     assert Avx2WeightOnlyKernel.cannot_run(SPECS[0], "experts", CPU, (64, 96), BF16) is None
     kernel = Avx2WeightOnlyKernel((64, 96), BF16)

@@ -27,14 +27,16 @@ at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, co
   const int64_t rows = xc.size(0);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
+  // bf16 x: the rows kernel widens it a panel at a time itself (gemv_avx2.h, rows_blocks), the
+  // vector kernel takes it widened whole.
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const int16_t* x_bf16 = bf16 ? reinterpret_cast<const int16_t*>(xc.data_ptr()) : nullptr;
   std::vector<float> widened;
-  const float* xf;
-  if (xc.scalar_type() == at::kBFloat16) {
+  const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
+  if (bf16 && !ROWS) {
     widened.resize(static_cast<size_t>(rows * w.kp));
-    avx2::widen_bf16(reinterpret_cast<const int16_t*>(xc.data_ptr()), widened.data(), rows * w.kp);
+    avx2::widen_bf16(x_bf16, widened.data(), rows * w.kp);
     xf = widened.data();
-  } else {
-    xf = xc.data_ptr<float>();
   }
   std::vector<float> xsum;  // the vector kernel's per-span sums of x (the rows kernel needs none)
   if (!ROWS) {
@@ -47,7 +49,7 @@ at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, co
                      xc.scalar_type() == at::kBFloat16, n};
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
     if (ROWS) {
-      avx2::rows_dispatch(a, rows, b0, b1);
+      avx2::rows_dispatch(a, rows, b0, b1, x_bf16);
     } else {
       avx2::gemv_dispatch(a, rows, b0, b1);
     }
