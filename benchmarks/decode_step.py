@@ -58,6 +58,7 @@ HEAVY_OPS = (
     "anyquant_cpu::gemv",
     "anyquant_cpu::tiled_mm",
     "anyquant_cpu::avx2_gemv",
+    "anyquant_cpu::avx2_few_rows_mm",
     "anyquant_cpu::avx2_rows_mm",
     "anyquant_cpu::vnni_linear",
     "anyquant_cpu::moe_experts",

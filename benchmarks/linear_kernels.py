@@ -101,7 +101,12 @@ INT8_ACT_ENGINES = {A8: VNNI, AVX2_A8_FORCED: AVX2_A8}
 VECTOR = "cpu_avx512 (vector)"
 # cpu_avx2 held to one path at every row count ("gemv" runs bf16 compute only): A/Bs of the paths
 # in the same run, for the row thresholds in avx2.py. Timed only when --engines names them.
-AVX2_FORCED = {"cpu_avx2 (vector)": "gemv", "cpu_avx2 (rows)": "rows", "cpu_avx2 (tile)": "tiled"}
+AVX2_FORCED = {
+    "cpu_avx2 (vector)": "gemv",
+    "cpu_avx2 (few rows)": "fewrows",
+    "cpu_avx2 (rows)": "rows",
+    "cpu_avx2 (tile)": "tiled",
+}
 # A dense fp32 F.linear of the same shape (x widened to fp32 and the result rounded back to the
 # compute dtype inside the call: oneDNN's fp32 GEMM, what fp32 weights would cost on a CPU without
 # native bf16), the yardstick of the rows kernel on long prompts. Timed only when --engines names it.
@@ -299,6 +304,15 @@ def make_cases(
 HEADS = ("cpu_avx512_lm_head", "cpu_avx2_lm_head")
 
 
+def on_path(kernel: nn.Module, path: str, x: Tensor) -> Tensor:
+    """`kernel` on x with its path forced to `path` for this call."""
+    kernel.path = lambda rows: path  # type: ignore[method-assign]
+    try:
+        return kernel(x)
+    finally:
+        del kernel.path
+
+
 def make_head_cases(tokens: list[int]) -> list[Case]:
     """The unquantized bf16 LM head (Qwen2.5-0.5B's 151936 x 896): the C++ head kernels that run
     here against dense F.linear and the read of its bf16 bytes; errors against float64."""
@@ -316,12 +330,20 @@ def make_head_cases(tokens: list[int]) -> list[Case]:
     nbytes = {engine: held_bytes(layer) for engine, layer in layers.items()}
     layers["read"] = ReadBytes(nbytes["dense"])
     nbytes["read"] = held_bytes(layers["read"])
+    # The AVX2 head held to one path at every row count (the same kernel, no second copy).
+    forced = {f"{HEADS[1]} ({label})": path for label, path in (("vector", "gemv"), ("few rows", "fewrows"))}
+    if HEADS[1] in layers:
+        nbytes.update({engine: nbytes[HEADS[1]] for engine in forced})
     cases = []
     for t in tokens:
         x = torch.randn(t, k, generator=gen).to(torch.bfloat16)
         truth = x.double() @ weight.double().T
         err = {e: rel_err(layer(x), truth) for e, layer in layers.items() if e != "read"}
         engines = {e: (lambda layer=layer, x=x: layer(x)) for e, layer in layers.items()}
+        if HEADS[1] in layers:
+            for engine, path in forced.items():
+                engines[engine] = lambda x=x, path=path: on_path(layers[HEADS[1]], path, x)
+                err[engine] = rel_err(engines[engine](), truth)
         cases.append(Case("bf16 (unquantized)", f"{name} {n}x{k}", (n, k), t, engines, nbytes, err))
     return cases
 

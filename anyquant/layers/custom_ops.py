@@ -219,7 +219,15 @@ def _register_extension_fakes() -> None:
 
         return fake
 
-    weight_only = ("gemv", "gemm", "tiled_mm", "avx2_gemv", "avx2_rows_mm", "avx2_tiled_mm")
+    weight_only = (
+        "gemv",
+        "gemm",
+        "tiled_mm",
+        "avx2_gemv",
+        "avx2_few_rows_mm",
+        "avx2_rows_mm",
+        "avx2_tiled_mm",
+    )
     for name, n_at in [*((op, 8) for op in weight_only), ("vnni_linear", 9), ("avx2_a8_linear", 9)]:
         if hasattr(torch.ops.anyquant_cpu, name):
             torch.library.register_fake(f"anyquant_cpu::{name}")(linear_fake(n_at))

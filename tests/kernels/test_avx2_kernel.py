@@ -3,7 +3,7 @@ their choice on CPUs without AVX512_BF16.
 
 Error budgets (relative L2 error against a float64 dequantize + matmul of the same quantized weight
 and the same compute-dtype activations), as for cpu_avx512:
-- bfloat16: the vector path multiplies the exact codes by the bf16 inputs in fp32 and rounds only
+- bfloat16: the vector and few-rows paths multiply the exact codes by the bf16 inputs in fp32 and round only
   the output; the rows kernel multiplies the reference's fp32 weights in fp32. Budget 4e-3, and
   never worse than the reference kernel's own error by more than 1.5x.
 - float32: the tile path at every row count, at::mm over the reference's fp32 weights (the rows
@@ -46,8 +46,8 @@ SPECS = [
 ]
 # (N, K): out not a multiple of 16 (nor of 8), in not a multiple of the group (a short last group).
 SHAPES = [(200, 96), (73, 328)]
-# Around the vector path's 4-row step and its last row count (8); the rows kernel beyond, around its
-# 6-row register tiles and 64-row panels.
+# The vector path at one row, the few-rows kernel around its 6-row groups to its last row count (16);
+# the rows kernel beyond, around its 6-row register tiles and 64-row panels.
 TOKENS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 130)
 
 UNAVAILABLE = Avx2WeightOnlyKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
@@ -79,7 +79,7 @@ def test_matches_float64(spec: QuantSpec) -> None:
                 assert err <= BUDGET[dtype], f"{where}: {err:.2e}"
                 if dtype == BF16:
                     assert err <= 1.5 * rel_err(reference(x, b), truth) + 1e-4, f"{where}: {err:.2e}"
-            assert paths == ({"gemv", "rows"} if dtype == BF16 else {"tiled"}), paths
+            assert paths == ({"gemv", "fewrows", "rows"} if dtype == BF16 else {"tiled"}), paths
 
 
 @needs_kernel
@@ -242,5 +242,5 @@ def test_shape_only_fakes_agree_with_the_ops() -> None:
         for dtype in (BF16, F32):
             x = torch.randn(rows, kernel.k_pad).to(dtype)
             args = (x, kernel.packed, kernel.scale, kernel.zz, kernel.lut, None, kernel.fmt, kernel.group, 73)
-            for op in (ops.avx2_gemv, ops.avx2_rows_mm):
+            for op in (ops.avx2_gemv, ops.avx2_few_rows_mm, ops.avx2_rows_mm):
                 torch.library.opcheck(op, args, test_utils="test_faketensor")

@@ -6,7 +6,11 @@ time. Paths per call (`path`):
   - the vector kernel ("gemv", few rows: bf16 compute, and fp32 for fp8): streams the packed weights once, decodes
     the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
     widened exactly);
-  - the rows kernel ("rows", bf16 compute beyond 8 rows: batched decode and prompts): per block
+  - the few-rows kernel ("fewrows", bf16 compute, int4 and 8-bit at 2.._FEW_ROWS_MAX rows, the
+    bf16 LM head from _HEAD_FEW_ROWS_MIN: batched decode): every weight decoded once per group of
+    up to 6 rows, 12 accumulators in registers; int4 decoded in place (code * 2^e, no shifts)
+    against x prescaled by 2^-e;
+  - the rows kernel ("rows", bf16 compute beyond those rows: prompts; fp8 beyond 8 rows): per block
     of 16 outputs, chunks of 256 inputs dequantized once into an L1-resident fp32 scratch (exactly
     the reference's fp32 weights) that every row of x then runs over, 6 rows at a time in
     registers, the result rounded to bf16. The vector kernel decodes again for every 4 rows, which
@@ -36,6 +40,8 @@ from anyquant.quant.kernels import cpu_ext
 from anyquant.quant.kernels.avx512 import (
     _DECODED,
     _FP8,
+    _INT4,
+    _INT8,
     RepackedLmHeadKernel,
     RepackedWeightOnlyKernel,
 )
@@ -48,6 +54,16 @@ from anyquant.quant.weight import QuantWeight
 # kernel at 4 rows and level with it at 8 (the rows kernel pays a fixed dequantization per call);
 # the rows kernel is 1.1-1.25x the vector kernel at 12-16 rows and 1.3-1.7x at 32-512.
 _GEMV_MAX_ROWS = 8
+# The few-rows kernel (bf16 compute): every weight decoded once per group of up to 6 rows, int4 in
+# place against x prescaled by powers of two (csrc/gemv_avx2.h, kFewRowsMax: the same bound). It
+# takes 2.._FEW_ROWS_MAX rows of int4 and 8-bit weights (fp8 keeps the vector kernel, its F16C
+# decode unchanged), the bf16 LM head from _HEAD_FEW_ROWS_MIN rows (below that the head streams
+# 272 MB at 1-3 rows and the vector kernel is as fast). Measured on Zen 3, one thread, int4 g128 on
+# the Qwen2.5-0.5B shapes: 1.2-1.6x the vector kernel at 2-8 rows and 1.1-1.2x the rows kernel at
+# 12-16 (benchmarks/RESULTS.md); one row keeps gemv_one_row.
+_FEW_ROWS_MAX = 16
+_FEW_ROWS_FORMATS = (_INT4, _INT8)
+_HEAD_FEW_ROWS_MIN = 4
 # The AVX2 calls' codes for the fp8 layout (csrc/gemv_avx2.h, Avx2Fp8): gemv.h's kFp8 bytes, the
 # type named because the AVX2 decoders compute values from the bits rather than from the table.
 _FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE = 4, 5, 6
@@ -103,16 +119,16 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
             self.fmt = _fp8_format(self.spec.weight, weight.data)
 
     def _codes_times_scales(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        n, path = self.shape[0], self.path(x.shape[0])
+        n, path, ops = self.shape[0], self.path(x.shape[0]), cpu_ext.ops()
         if path == "tiled":
-            return cpu_ext.ops().avx2_tiled_mm(
+            return ops.avx2_tiled_mm(
                 x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n, _TILE_BLOCKS
             )
-        op = cpu_ext.ops().avx2_gemv if path == "gemv" else cpu_ext.ops().avx2_rows_mm
+        op = {"gemv": ops.avx2_gemv, "fewrows": ops.avx2_few_rows_mm, "rows": ops.avx2_rows_mm}[path]
         return op(x, self.packed, self.scale, self.zz, self.lut, bias, self.fmt, self.group, n)
 
     def path(self, rows: int) -> str:
-        """Which of the extension's paths `rows` rows of x take: "gemv", "rows" or "tiled"."""
+        """Which of the extension's paths `rows` rows of x take: "gemv", "fewrows", "rows" or "tiled"."""
         # fp32 x: the vector kernel's code offsets (int8: u = code + 128) cancel against the sum of
         # x, and fp32 products round, so outlier activations cost accuracy (4e-4 on a GGUF Q6_K
         # model); the tile path multiplies the reference's fp32 weights with at::mm, the sums of
@@ -123,6 +139,8 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
         if self.compute_dtype == torch.float32:
             without_offsets = self.fmt in _FP8_FORMATS and self.zz is None and self.offset_t is None
             return "gemv" if without_offsets and rows <= _GEMV_MAX_ROWS else "tiled"
+        if 2 <= rows <= _FEW_ROWS_MAX and self.fmt in _FEW_ROWS_FORMATS:
+            return "fewrows"
         return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
 
     def _dequantize_op(self, dtype: torch.dtype) -> Tensor:
@@ -134,7 +152,8 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
 @register_kernel
 class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
     """The bf16 LM head on AVX2 CPUs: the words widened to fp32 in registers (a shift and a mask
-    per pair of inputs) and fp32 FMA; beyond 8 rows through the rows kernel's fp32 scratch."""
+    per pair of inputs) and fp32 FMA (the few-rows kernel from _HEAD_FEW_ROWS_MIN rows); beyond
+    _FEW_ROWS_MAX rows through the rows kernel's fp32 scratch."""
 
     name = "cpu_avx2_lm_head"
     priority = 105  # below cpu_avx512_lm_head (110), above the dense kernel (100)
@@ -145,9 +164,14 @@ class Avx2DenseLmHeadKernel(RepackedLmHeadKernel):
         return _cpu_reason()
 
     def path(self, rows: int) -> str:
-        """Which of the extension's paths `rows` rows of x take: "gemv" or "rows"."""
+        """Which of the extension's paths `rows` rows of x take: "gemv", "fewrows" or "rows"."""
+        if _HEAD_FEW_ROWS_MIN <= rows <= _FEW_ROWS_MAX:
+            return "fewrows"
         return "gemv" if rows <= _GEMV_MAX_ROWS else "rows"
 
     def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        op = cpu_ext.ops().avx2_gemv if self.path(x.shape[0]) == "gemv" else cpu_ext.ops().avx2_rows_mm
+        ops = cpu_ext.ops()
+        op = {"gemv": ops.avx2_gemv, "fewrows": ops.avx2_few_rows_mm, "rows": ops.avx2_rows_mm}[
+            self.path(x.shape[0])
+        ]
         return op(x, self.packed, self.scale, None, self.lut, bias, _DECODED, self.k_pad, self.shape[0])

@@ -3,7 +3,7 @@
 // once into an L1 scratch for all rows) and the tile path (fp32 compute: fp32 tiles multiplied by
 // at::mm, the same sums as a dense fp32 F.linear), over the layout gemv.h describes (fp8 named
 // by the AVX2 codes kFp8E4M3 / kFp8E5M2, avx2_layout). Ops:
-// avx2_gemv, avx2_rows_mm, avx2_tiled_mm, avx2_dequantize, avx2_supported.
+// avx2_gemv, avx2_few_rows_mm, avx2_rows_mm, avx2_tiled_mm, avx2_dequantize, avx2_supported.
 
 #include "gemv_avx2.h"
 
@@ -14,42 +14,60 @@ void check_x(const at::Tensor& x, const Layout& w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
 }
 
-// x (bf16 or fp32) [M, kp] -> y [M, n] in x's dtype over blocks of 16 outputs split among threads,
-// by the vector kernel (ROWS false: codes decoded in registers, rows of x 4 at a time) or the
-// rows kernel (ROWS true: chunks dequantized once into an fp32 scratch for all rows).
-template <bool ROWS>
+// Which register path avx2_register_paths runs: the vector kernel (codes decoded in registers,
+// rows of x 4 at a time), the few-rows kernel (int4 / 8-bit / bf16 words decoded once per group of
+// up to 6 rows, int4 in place against prescaled x) or the rows kernel (chunks dequantized once into
+// an fp32 scratch for all rows).
+enum class RegisterPath { kVector, kFewRows, kRows };
+
+// x (bf16 or fp32) [M, kp] -> y [M, n] in x's dtype over blocks of 16 outputs split among threads.
+template <RegisterPath PATH>
 at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
                                const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
   const Layout w = avx2_layout(packed, scale, zz, lut, fmt, group, n);
   check_x(x, w);
+  if (PATH == RegisterPath::kFewRows) {
+    TORCH_CHECK(fmt == kInt4 || fmt == kInt8 || fmt == kDecoded,
+                "avx2_few_rows_mm runs int4, 8-bit and bf16 words (fmt 0, 1 or 3), got ", fmt);
+    TORCH_CHECK(x.size(0) <= avx2::kFewRowsMax, "avx2_few_rows_mm takes at most ", avx2::kFewRowsMax,
+                " rows of x, got ", x.size(0));
+  }
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
   // bf16 x: the rows kernel widens it a panel at a time itself (gemv_avx2.h, rows_blocks), the
-  // vector kernel takes it widened whole.
+  // vector and few-rows kernels take it widened whole.
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   const int16_t* x_bf16 = bf16 ? reinterpret_cast<const int16_t*>(xc.data_ptr()) : nullptr;
+  // fp32 x is copied where the few-rows kernel scales it (int4)
+  const bool prescale = PATH == RegisterPath::kFewRows && fmt == kInt4;
   std::vector<float> widened;
   const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
-  if (bf16 && !ROWS) {
+  if (bf16 && PATH != RegisterPath::kRows) {
     widened.resize(static_cast<size_t>(rows * w.kp));
     avx2::widen_bf16(x_bf16, widened.data(), rows * w.kp);
     xf = widened.data();
+  } else if (prescale) {
+    widened.assign(xc.data_ptr<float>(), xc.data_ptr<float>() + rows * w.kp);
+    xf = widened.data();
   }
-  std::vector<float> xsum;  // the vector kernel's per-span sums of x (the rows kernel needs none)
-  if (!ROWS) {
+  std::vector<float> xsum;  // the register kernels' per-span sums of x (the rows kernel needs none)
+  if (PATH != RegisterPath::kRows) {
     xsum.resize(static_cast<size_t>(rows * w.nspans));
     avx2::span_sums(xf, rows, w.kp, w.span, xsum.data());
   }
+  if (prescale) avx2::few_rows_prescale(widened.data(), rows * w.kp);  // after the sums: those are of x
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const avx2::Args a{w,     xf, xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(),
                      xc.scalar_type() == at::kBFloat16, n};
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
-    if (ROWS) {
+    if (PATH == RegisterPath::kRows) {
       avx2::rows_dispatch(a, rows, b0, b1, x_bf16);
+    } else if (PATH == RegisterPath::kFewRows) {
+      avx2::few_rows_dispatch(a, rows, b0, b1);
     } else {
       avx2::gemv_dispatch(a, rows, b0, b1);
     }
@@ -60,13 +78,19 @@ at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, co
 at::Tensor avx2_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& zz, const at::Tensor& lut, const c10::optional<at::Tensor>& bias,
                      int64_t fmt, int64_t group, int64_t n) {
-  return avx2_register_paths<false>(x, packed, scale, zz, lut, bias, fmt, group, n);
+  return avx2_register_paths<RegisterPath::kVector>(x, packed, scale, zz, lut, bias, fmt, group, n);
+}
+
+at::Tensor avx2_few_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
+                            const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
+  return avx2_register_paths<RegisterPath::kFewRows>(x, packed, scale, zz, lut, bias, fmt, group, n);
 }
 
 at::Tensor avx2_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                         const c10::optional<at::Tensor>& zz, const at::Tensor& lut,
                         const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t group, int64_t n) {
-  return avx2_register_paths<true>(x, packed, scale, zz, lut, bias, fmt, group, n);
+  return avx2_register_paths<RegisterPath::kRows>(x, packed, scale, zz, lut, bias, fmt, group, n);
 }
 
 // fp32 compute: `tile_blocks` blocks of 16 output rows at a time dequantized into a fp32 [kp, cols]
@@ -125,6 +149,7 @@ bool avx2_supported() {
 
 TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
   m.def("avx2_gemv(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
+  m.def("avx2_few_rows_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
   m.def("avx2_rows_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n) -> Tensor");
   m.def("avx2_tiled_mm(Tensor x, Tensor packed, Tensor scale, Tensor? zz, Tensor lut, Tensor? bias, int fmt, int group, int n, int tile_blocks) -> Tensor");
   m.def("avx2_dequantize(Tensor packed, Tensor scale, Tensor? zz, Tensor lut, int fmt, int group, int n, ScalarType dtype) -> Tensor");
@@ -133,6 +158,7 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
   m.impl("avx2_gemv", &avx2_gemv);
+  m.impl("avx2_few_rows_mm", &avx2_few_rows_mm);
   m.impl("avx2_rows_mm", &avx2_rows_mm);
   m.impl("avx2_tiled_mm", &avx2_tiled_mm);
   m.impl("avx2_dequantize", &avx2_dequantize);

@@ -5,7 +5,9 @@
 // Numerics: x and h are fp32 rows (bf16 x widened exactly); h = silu(gate) * up is kept in fp32
 // between the projections, never rounded to the compute dtype, so the result is at least as close
 // to float64 as the per-expert path (which rounds every projection's output).
-//   bf16 compute, up to kGemvMaxRows rows of one expert (decode): the vector cores (gemv_dispatch):
+//   bf16 compute, few rows of one expert (decode): int4 and 8-bit at 2..kFewRowsMax rows the
+//     few-rows kernel (few_rows_dispatch; int4 against a prescaled copy of the rows in the
+//     thread's scratch), one row and fp8 up to kGemvMaxRows rows the vector cores (gemv_dispatch):
 //     the codes decoded in registers and multiplied in fp32, scale and zero point applied once per
 //     span of at most 128 inputs; more rows (prefill): the rows kernel (rows_dispatch), as the
 //     per-expert cpu_avx2 path chooses;
@@ -41,15 +43,28 @@ struct Avx2Core {
     avx2::span_sums(rows, n, kp, span, out);
   }
 
-  size_t scratch_bytes(int64_t /*kp*/) const { return 0; }  // the rows kernel's scratch is on its stack
+  // The few-rows kernel's prescaled int4 rows (the rows kernel's scratch is on its stack).
+  size_t scratch_bytes(int64_t kp) const {
+    return few_rows(fmt) && fmt == kInt4 ? sizeof(float) * static_cast<size_t>(avx2::kFewRowsMax * kp) : 0;
+  }
+
+  bool few_rows(int64_t f) const { return !exact && (f == kInt4 || f == kInt8); }
 
   void blocks(const Layout& w, const X* x, const float* xsum, int64_t rows, int64_t b0, int64_t b1, float* out,
-              int64_t out_stride, int64_t col_shift, uint8_t* /*scratch*/) const {
+              int64_t out_stride, int64_t col_shift, uint8_t* scratch) const {
     Layout named = w;
     named.fmt = fmt;
     avx2::Args a{named, x, xsum, nullptr, out, false, out_stride};
     a.col_shift = col_shift;
-    if (exact || rows > avx2::kGemvMaxRows) {
+    if (few_rows(fmt) && rows >= 2 && rows <= avx2::kFewRowsMax) {
+      if (fmt == kInt4) {  // the sums (xsum) stay those of x; only the copy is scaled
+        auto* xs = reinterpret_cast<float*>(scratch);
+        std::memcpy(xs, x, sizeof(float) * static_cast<size_t>(rows * w.kp));
+        avx2::few_rows_prescale(xs, rows * w.kp);
+        a.x = xs;
+      }
+      avx2::few_rows_dispatch(a, rows, b0, b1);
+    } else if (exact || rows > avx2::kGemvMaxRows) {
       avx2::rows_dispatch(a, rows, b0, b1);
     } else {
       avx2::gemv_dispatch(a, rows, b0, b1);

@@ -443,6 +443,159 @@ inline void gemv_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
     for (int64_t m0 = 0; m0 < rows; m0 += 4) gemv_fmt(a, m0, std::min<int64_t>(4, rows - m0), b, b + 1);
 }
 
+// ---- Few rows (batched decode, 2..kFewRowsMax rows): every weight decoded once per group of up to
+// kFewR rows, all accumulators in registers.
+//
+// int4 decoded in place, as gemv_one_row does, but with the power of two moved from the
+// accumulators to x: input J of an 8-input step decodes to code * 2^e(J) (J even: nibble J/2 of
+// the half-lanes' low halves masked in place, e = 4 * (J / 2); J odd below 7: of their high halves,
+// e = 16 + 4 * (J / 2), at most 15 * 2^24, exact in vcvtdq2ps; J = 7: the top nibble shifted down,
+// e = 0), and the op scales x by 2^-e(J) once per call (few_rows_prescale: exact, a power of two,
+// for any x above 2^-102 in magnitude; smaller activations lose bits below 2^-126, nothing a bf16
+// layer can see). Then code * 2^e * x * 2^-e = code * x exactly, so one accumulator per row and
+// half sums every input, and the sums are gemv_blocks' (products exact for bf16 x, fp32 additions
+// in another order). Per 8 inputs of 16 outputs: 16 AND/shift + 16 vcvtdq2ps shared by all rows,
+// then per row 8 broadcasts and 16 FMAs; the decoded value is read from memory (L1) per input, so no
+// register holds the raw chunk: kFewR rows take 2 * kFewR accumulators + 2 decoded + 1 x.
+// 8-bit and bf16 words (the LM head) use decode<> on the same loop (x not scaled). fp8 keeps
+// gemv_blocks (its layout pairs inputs, not rows, in a 32-byte half).
+// Measured on Zen 3 (one thread, int4 g128, the Qwen2.5-0.5B shapes): 1.2-1.6x gemv_blocks at 2..8
+// rows; 1.1-1.2x the rows kernel at 12..16 (benchmarks/RESULTS.md). M < 4 rows take U = 2
+// accumulators per row and half (8 or 12 FMA chains in flight: FMA latency 4 on two pipes).
+constexpr int kFewR = 6;             // rows per group: 12 accumulators + 2 decoded + 1 x + 1 mask
+constexpr int64_t kFewRowsMax = 16;  // the most rows the op takes (avx2.py's _FEW_ROWS_MAX)
+
+// The power of two (exponent) that int4 input J of an 8-input step decodes to in place.
+constexpr int int4_place(int j) { return j == 7 ? 0 : 4 * (j / 2) + 16 * (j % 2); }
+
+template <int64_t FMT>
+constexpr bool few_rows_format() {
+  return FMT == kInt4 || FMT == kInt8 || FMT == kDecoded;
+}
+
+// Input J of an 8-input step, for the 8 rows whose 32 bytes of the step's first chunk are at `half`.
+template <int64_t FMT, int J>
+AQ_AVX2 __attribute__((always_inline)) inline __m256 few_rows_decode(const uint8_t* half) {
+  constexpr int ipc = 8 / chunks_per_8<FMT>();
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + 64 * (J / ipc)));
+  if constexpr (FMT == kInt4) {
+    if constexpr (J == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << int4_place(J))));
+  } else {
+    return decode<FMT, J % ipc>(v);
+  }
+}
+
+// acc[m][h][J % U] += input k + J (of H halves) times row m's x, for inputs J..7.
+template <int64_t FMT, int M, int H, int U, int J>
+AQ_AVX2 __attribute__((always_inline)) inline void few_rows_inputs(const uint8_t* p, const float* const* xr, int64_t k,
+                                                                   __m256 (&acc)[M][H][U]) {
+  if constexpr (J < 8) {
+    __m256 d[H];
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) d[h] = few_rows_decode<FMT, J>(p + 32 * h);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(xr[m] + k + J);
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) acc[m][h][J % U] = _mm256_fmadd_ps(d[h], xb, acc[m][h][J % U]);
+    }
+    few_rows_inputs<FMT, M, H, U, J + 1>(p, xr, k, acc);
+  }
+}
+
+// Rows m0..m0+M of x (int4: prescaled) against blocks b0..b1. Per span, H halves of the 16
+// outputs per pass (H = 2: both, each broadcast of x shared by two FMAs; H = 1: rows 0..7, then
+// 8..15, x re-read from L1), U accumulators per row and half (M * H * U chains in flight).
+template <int64_t FMT, int M, int H, int U>
+AQ_AVX2 void few_rows_blocks(const Args& a, int64_t m0, int64_t b0, int64_t b1) {
+  constexpr int64_t step_bytes = 2 * bytes_per_4k(FMT);
+  const Layout& w = a.w;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const int64_t span_bytes = w.span / 4 * bytes_per_4k(FMT);
+  const float* xr[M];
+  for (int m = 0; m < M; ++m) xr[m] = a.x + (m0 + m) * w.kp;
+  const int64_t spans_per_group = w.group / w.span;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* pb = w.packed + b * block_bytes;
+    alignas(32) float out[M][16] = {};  // touched once per span: memory, not registers
+    for (int64_t q = 0, g = 0, in_group = 0; q < w.nspans; ++q) {
+      const int64_t k0 = q * w.span;
+      for (int h0 = 0; h0 < 2; h0 += H) {
+        __m256 acc[M][H][U];
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+          for (int h = 0; h < H; ++h)
+#pragma GCC unroll 4
+            for (int u = 0; u < U; ++u) acc[m][h][u] = _mm256_setzero_ps();
+        const uint8_t* p = pb + q * span_bytes + 32 * h0;
+        for (int64_t k = 0; k < w.span; k += 8, p += step_bytes) {
+#pragma GCC unroll 4
+          for (int c = 0; c < chunks_per_8<FMT>(); ++c)  // every line of the step (as step_chunks)
+            _mm_prefetch(reinterpret_cast<const char*>(p) + 64 * c + kPrefetchBytes, _MM_HINT_T0);
+          few_rows_inputs<FMT, M, H, U, 0>(p, xr, k0 + k, acc);
+        }
+        for (int h = 0; h < H; ++h) {
+          const SpanScale sc = span_scale<FMT>(w, b, g, h0 + h);
+          for (int m = 0; m < M; ++m) {
+            __m256 sum = acc[m][h][0];
+            for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[m][h][u]);
+            float* o = out[m] + 8 * (h0 + h);
+            _mm256_store_ps(o, flush(a, sc, m0 + m, q, sum, _mm256_load_ps(o)));
+          }
+        }
+      }
+      if (++in_group == spans_per_group) {
+        in_group = 0;
+        ++g;
+      }
+    }
+    for (int m = 0; m < M; ++m) store_outputs(a, m0 + m, b, _mm256_load_ps(out[m]), _mm256_load_ps(out[m] + 8));
+  }
+}
+
+template <int64_t FMT>
+void few_rows_group(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+  switch (rows) {
+    case 1: return few_rows_blocks<FMT, 1, 2, 4>(a, m0, b0, b1);
+    case 2: return few_rows_blocks<FMT, 2, 2, 2>(a, m0, b0, b1);
+    case 3: return few_rows_blocks<FMT, 3, 2, 2>(a, m0, b0, b1);
+    case 4: return few_rows_blocks<FMT, 4, 2, 1>(a, m0, b0, b1);
+    case 5: return few_rows_blocks<FMT, 5, 2, 1>(a, m0, b0, b1);
+    default: return few_rows_blocks<FMT, 6, 2, 1>(a, m0, b0, b1);
+  }
+}
+
+// Rows split into groups of at most kFewR, as even as they go (8 = 4 + 4, 16 = 6 + 5 + 5). One group
+// streams blocks b0..b1; more take one block at a time through every group, so a block is read
+// from memory once and from L1 by the other groups.
+template <int64_t FMT>
+void few_rows_fmt(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  const int64_t groups = (rows + kFewR - 1) / kFewR;
+  if (groups == 1) return few_rows_group<FMT>(a, 0, rows, b0, b1);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t i = 0, m0 = 0; i < groups; ++i) {
+      const int64_t n = (rows - m0) / (groups - i);
+      few_rows_group<FMT>(a, m0, n, b, b + 1);
+      m0 += n;
+    }
+}
+
+inline void few_rows_dispatch(const Args& a, int64_t rows, int64_t b0, int64_t b1) {
+  switch (a.w.fmt) {
+    case kInt4: return few_rows_fmt<kInt4>(a, rows, b0, b1);
+    case kInt8: return few_rows_fmt<kInt8>(a, rows, b0, b1);
+    default: return few_rows_fmt<kDecoded>(a, rows, b0, b1);
+  }
+}
+
+// int4: x[m][k] *= 2^-e(k % 8) (int4_place) in place, rows * kp values, kp % 8 == 0.
+AQ_AVX2 inline void few_rows_prescale(float* x, int64_t count) {
+  const __m256 unit = _mm256_setr_ps(1.f, 0x1p-16f, 0x1p-4f, 0x1p-20f, 0x1p-8f, 0x1p-24f, 0x1p-12f, 1.f);
+  for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), unit));
+}
+
 // bf16 words -> fp32, n % 8 == 0.
 AQ_AVX2 inline void widen_bf16(const int16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) {
@@ -548,7 +701,8 @@ inline void dequant_dispatch(const Layout& w, int64_t b0, int64_t b1, int64_t ti
 // path, which fp32 compute keeps, writes tiles of whole layers to memory at fp32 and reads them
 // back through at::mm: 1.04-2.7x slower on one thread at 1-512 rows, 1.1-4.2x on two).
 // Rows up to which the vector path beats the rows kernel (measured on Zen 3; the linear kernels
-// choose by avx2.py's _GEMV_MAX_ROWS, the same crossover, the fused MoE call by this).
+// choose by avx2.py's _GEMV_MAX_ROWS, the same crossover, the fused MoE call by this). int4 and
+// 8-bit take the few-rows kernel at 2..kFewRowsMax rows instead; this bound is fp8's.
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kRowsChunk = 256;  // inputs per scratch fill: 16 KB, half of Zen 3's L1D
 constexpr int kRowsR = 6;            // rows per register tile: 12 accumulators + 2 weights + 1 x
