@@ -239,8 +239,19 @@ def test_buckets_whose_kernels_take_different_paths_get_their_own_function(tmp_p
     assert [size for group in groups for size in group] == list(captured.buckets)
     assert groups[0] == (1,)
 
+    # every traced kernel that picks its path by rows, the LM head's included (the bf16 head's
+    # kernel changes paths at other row counts than the body's)
+    from anyquant.layers.linear import QuantLinear
+
+    by_rows = [
+        m.kernel
+        for m in llm.model.modules()
+        if isinstance(m, QuantLinear) and callable(getattr(m.kernel, "path", None))
+    ]
+    assert len(by_rows) > len(kernels)  # the head is among them
+
     def paths(rows: int) -> list[str]:
-        return [k.path(rows) for k in kernels]  # type: ignore[attr-defined]
+        return [k.path(rows) for k in by_rows]  # type: ignore[attr-defined]
 
     for group in groups[1:]:
         assert all(paths(size) == paths(group[0]) for size in group)

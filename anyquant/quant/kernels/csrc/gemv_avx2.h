@@ -775,7 +775,7 @@ AQ_AVX2 void rows_blocks(const Args& a, int64_t rows, int64_t b0, int64_t b1, co
   const Layout& w = a.w;
   alignas(64) float scratch[kRowsChunk * 16];
   alignas(64) float acc[kRowsPanel * 16];
-  std::vector<float> widened(x_bf16 != nullptr ? static_cast<size_t>(kRowsPanel * w.kp) : 0);
+  std::vector<float> widened(x_bf16 != nullptr ? static_cast<size_t>(std::min(kRowsPanel, rows) * w.kp) : 0);
   for (int64_t p0 = 0; p0 < rows; p0 += kRowsPanel) {
     const int64_t prows = std::min(kRowsPanel, rows - p0);
     const float* xp = a.x + p0 * w.kp;
