@@ -28,6 +28,7 @@ from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.helpers.cpu_kernels import expected_kernel
+from tests.helpers.lm_head import head_input_and_logits, rel_l2
 
 IDS = [5, 99, 300, 17, 4, 1000, 2039, 0, 16, 15]
 TABLE = "model.embed_tokens.weight"
@@ -57,21 +58,6 @@ def _dequantized(q: QuantWeight) -> torch.Tensor:
     return (q.data.double() - zero) * scale
 
 
-def _head_input_and_logits(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
-    head = llm.loaded.model.lm_head
-    seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        logits = llm.logits(IDS)
-    finally:
-        hook.remove()
-    return seen[0].double(), logits.double()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int4_head_is_the_float64_product_of_its_dequantized_codes(tied: Path, dtype: str) -> None:
     llm = LLM(tied, dtype=dtype, lm_head_dtype="int4", enforce_eager=True)
@@ -83,12 +69,12 @@ def test_int4_head_is_the_float64_product_of_its_dequantized_codes(tied: Path, d
     # The codes are round-to-nearest: each weight within half its group's step of the table.
     step = q.scale.double().reshape(q.shape[0], -1)[:, torch.arange(q.shape[1]) // INT4_HEAD.group_size]
     assert bool(((head - table.double()).abs() <= step / 2 * (1 + 1e-6)).all())
-    x, logits = _head_input_and_logits(llm)
+    x, logits = head_input_and_logits(llm, IDS)
     exact = x @ head.T
     # fp32 compute: fp32 products and sums; bf16: the logits rounded to bf16 (2^-9 relative).
-    assert _rel(logits, exact) < (1e-6 if dtype == "float32" else 4e-3)
+    assert rel_l2(logits, exact) < (1e-6 if dtype == "float32" else 4e-3)
     # ... and not the checkpoint's own head: the option took effect.
-    assert _rel(x @ table.double().T, exact) > 20 * _rel(logits, exact)
+    assert rel_l2(x @ table.double().T, exact) > 20 * rel_l2(logits, exact)
 
 
 def test_tied_embedding_keeps_the_table(tied: Path) -> None:

@@ -20,6 +20,7 @@ from anyquant.loading.lm_head import INT8_HEAD, quantize_rows
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.helpers.cpu_kernels import expected_kernel
+from tests.helpers.lm_head import head_input_and_logits, rel_l2
 
 IDS = [5, 99, 300, 17, 4, 1000, 250, 7, 42, 3]
 
@@ -33,19 +34,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _logits_and_exact(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's logits and the float64 product of the head's input with the stored head."""
-    head = llm.loaded.model.lm_head
-    seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        logits = llm.logits(IDS)
-    finally:
-        hook.remove()
-    weight = llm.loaded.checkpoint.read("lm_head.weight").double()
-    return logits, seen[0].double() @ weight.T
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
+    x, logits = head_input_and_logits(llm, IDS)
+    return logits, x @ llm.loaded.checkpoint.read("lm_head.weight").double().T
 
 
 def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
@@ -57,8 +47,8 @@ def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
     assert int8.loaded.model.lm_head.kernel.name == expected_kernel(
         "cpu_avx512", "cpu_int8_weight", "cpu_avx2"
     )
-    err_bf16 = _rel(*_logits_and_exact(bf16))
-    err_int8 = _rel(*_logits_and_exact(int8))
+    err_bf16 = rel_l2(*_logits_and_exact(bf16))
+    err_int8 = rel_l2(*_logits_and_exact(int8))
     assert err_bf16 < 4e-3, err_bf16
     assert err_int8 < 2e-2 and err_int8 < 10 * err_bf16, (err_int8, err_bf16)
 
@@ -66,15 +56,10 @@ def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
 def test_int8_head_in_float32_is_the_float64_product_of_its_codes(model: Path) -> None:
     """fp32 compute: the kernel is exact to fp32 rounding against dequantized int8 rows."""
     llm = LLM(model, dtype="float32", lm_head_dtype="int8")
-    logits, _ = _logits_and_exact(llm)
-    head = llm.loaded.model.lm_head
-    seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    llm.logits(IDS)
-    hook.remove()
+    x, logits = head_input_and_logits(llm, IDS)
     q = quantize_rows(llm.loaded.checkpoint.read("lm_head.weight"), INT8_HEAD)
     dense = q.data.double() * q.scale.double()[:, None]
-    assert _rel(logits, seen[0].double() @ dense.T) < 1e-6
+    assert rel_l2(logits, x @ dense.T) < 1e-6
 
 
 def test_rows_quantize_in_chunks_as_in_one_piece() -> None:
