@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from anyquant.engine.grammar import Grammar, GrammarCompiler
-from anyquant.engine.sampling import GuidedDecodingParams
+from anyquant.engine.sampling import GuidedDecodingParams, argmax_rows
 from anyquant.engine.scheduler import StepPlan
 
 
@@ -160,7 +160,7 @@ class GuidedDecoder:
         redo = [i for i in rows if request_ids[i] in by_argmax]
         if redo:
             argmax = list(argmax)
-            for i, token in zip(redo, logits[redo].argmax(dim=-1).tolist()):
+            for i, token in zip(redo, argmax_rows(logits[redo]).tolist()):
                 argmax[i] = token
         return argmax
 

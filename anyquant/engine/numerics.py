@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from anyquant.engine.sampling import argmax_rows
 from anyquant.layers.linear import QuantLinear
 from anyquant.layers.norm import RMSNorm
 from anyquant.models.protocol import CausalLM
@@ -51,7 +52,7 @@ def finite_rows_and_argmax(logits: Tensor) -> tuple[list[bool], list[int]]:
     sum is a fraction of `isfinite(...).all()`'s cost (0.5 vs 11 ms over 32 x 151936 fp32 logits
     on one core); only rows whose sum is not finite are checked element by element (a huge but
     finite row can overflow its sum)."""
-    both = torch.stack((torch.isfinite(logits.sum(dim=-1)).long(), logits.argmax(dim=-1)))
+    both = torch.stack((torch.isfinite(logits.sum(dim=-1)).long(), argmax_rows(logits)))
     finite, top = both.tolist()
     rows = [bool(f) or bool(torch.isfinite(logits[i]).all()) for i, f in enumerate(finite)]
     return rows, top

@@ -107,10 +107,34 @@ def apply_logit_processing(
     return logits
 
 
+# Chunk width of `argmax_rows`'s first pass; rows shorter than a few chunks take torch.argmax.
+_ARGMAX_CHUNK = 256
+
+
+def argmax_rows(logits: Tensor) -> Tensor:
+    """`logits.argmax(dim=-1)` of [R, V] rows, the same indices (the first maximum; a NaN counts
+    as the maximum, as in torch) in two vectorised passes: each chunk of 256 values' maximum
+    (`amax`), then the argmax of the first chunk that holds the row's maximum. torch's CPU argmax
+    is a scalar loop: 375 us for one row of 151936 fp32 logits at two threads (1.6 ms at 8 rows),
+    against 15 us for `amax` (measured on Zen 3), and the greedy token is read every step."""
+    width = logits.shape[1]
+    if width < 16 * _ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    full = width - width % _ARGMAX_CHUNK
+    maxima = logits[:, :full].unflatten(1, (-1, _ARGMAX_CHUNK)).amax(dim=-1)  # [R, chunks]
+    if full < width:
+        maxima = torch.cat((maxima, logits[:, full:].amax(dim=-1, keepdim=True)), dim=1)
+    start = maxima.argmax(dim=-1, keepdim=True) * _ARGMAX_CHUNK  # [R, 1]: the first best chunk
+    # The last chunk may be short: its missing columns repeat the row's last value, after it, so
+    # the first maximum is still a real column.
+    columns = (start + torch.arange(_ARGMAX_CHUNK, device=logits.device)).clamp_(max=width - 1)
+    return (start + logits.gather(1, columns).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits: [vocab] fp32 (penalties already applied) -> token id."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return int(argmax_rows(logits.unsqueeze(0)))
     logits = logits / params.temperature
     if params.top_k and params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
