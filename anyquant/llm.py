@@ -33,6 +33,7 @@ from anyquant.engine.request import invalid_token_id
 from anyquant.engine.sampling import SamplingParams
 from anyquant.engine.scoring import prompt_logprobs
 from anyquant.errors import AnyquantError, NumericsError
+from anyquant.layers.kv_quant import KV_CACHE_DTYPES, cache_dtype
 from anyquant.loading.dtype_policy import needs_fp16_guard, overflow_advice
 from anyquant.loading.loader import LoadedModel, load_model, trained_dtype
 from anyquant.models.base import InputEmbeds
@@ -97,6 +98,7 @@ class LLM:
         mmproj: str | Path | None = None,
         enforce_eager: bool | None = None,
         enable_expert_parallel: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """`debug_numerics`: when logits are not finite, replay with per-layer checks and name the
         first layer whose output overflowed (costs nothing until a failure).
@@ -128,7 +130,17 @@ class LLM:
 
         `enable_expert_parallel=True` (vLLM's name): with `tensor_parallel_size=N`, each rank holds
         whole routed experts (about E/N of them) instead of a slice of every expert; attention, dense
-        and shared-expert layers stay tensor-parallel. Refused for a model without MoE layers."""
+        and shared-expert layers stay tensor-parallel. Refused for a model without MoE layers.
+
+        `kv_cache_dtype="int8"` (vLLM's `--kv-cache-dtype`, llama.cpp's `--cache-type-k q8_0`) keeps
+        each cached key and value row as int8 codes and one fp32 scale per token and KV head
+        (layers/kv_quant.py): about half the bytes per token of a bf16 cache, so the same
+        `kv_cache_gb` holds about twice the tokens, at a small accuracy cost (benchmarks/RESULTS.md).
+        "auto" keeps the cache in the compute dtype. Refused for latent-attention (MLA) families."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise AnyquantError(
+                f"kv_cache_dtype {kv_cache_dtype!r} is not supported; choose one of {', '.join(KV_CACHE_DTYPES)}"
+            )
         if tensor_parallel_size < 1:
             raise AnyquantError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
         resolve_device(device)  # CUDA asked for but unusable: fail before reading or starting anything
@@ -165,6 +177,11 @@ class LLM:
             self.model = self.loaded.model
         self.device = self.loaded.device
         self.dtype = self.loaded.compute_dtype
+        # The KV cache's dtype (the engine's and every `SequenceCache` of `logits`): the compute
+        # dtype, or int8 rows.
+        self.cache_dtype = cache_dtype(kv_cache_dtype, self.dtype)
+        archs = self.loaded.config.get("architectures") or [type(self.loaded.model).__name__]
+        self.loaded.model.cache_shape.check_cache_dtype(self.cache_dtype, str(archs[0]))
         # The fp16 policy (engine/fp16_guard.py): range guards and an overflow check at warm-up.
         self.fp16_report: Fp16Report | None = None
         if tensor_parallel_size == 1 and needs_fp16_guard(self.dtype, trained_dtype(self.loaded.config)):
@@ -197,6 +214,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 kv_cache_gb=kv_cache_gb,
                 kv_cache_fraction=kv_cache_fraction,
+                kv_cache_dtype=kv_cache_dtype,
             ),
             self.dtype,
             self.device,
@@ -243,7 +261,7 @@ class LLM:
     def _forward_prompt(self, ids: list[int], mm: MultimodalPrompt | None) -> Tensor:
         """Teacher-forced fp32 logits (on the CPU) of a prepared prompt (images already laid out
         in `mm`); non-finite logits are a NumericsError."""
-        seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+        seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device)
         if mm is None:
             logits = seq.forward(ids, 0)
         else:
@@ -263,7 +281,7 @@ class LLM:
     def _nonfinite_error(self, ids: list[int]) -> NumericsError:
         dtype = str(self.dtype).removeprefix("torch.")
         if self.debug_numerics:
-            seq = SequenceCache(self.model, len(ids), self.dtype, self.device)
+            seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device)
             layer = first_nonfinite_module(self.loaded.model, lambda: seq.forward(ids, 0))
             where = f"; first non-finite output: {layer}" if layer else ""
         else:

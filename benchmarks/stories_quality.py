@@ -4,7 +4,7 @@ Quantizes ../shared/models/stories260K/hf with `anyquant quantize` in several fo
 perplexity on the held-out protocol of ../shared/models/stories260K/expected_outputs.json (the
 reference's own fp32 / int8 / int4 numbers are printed beside ours).
 
-    python benchmarks/stories_quality.py [--lm-head-only]
+    python benchmarks/stories_quality.py [--lm-head-only | --kv-cache-only]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from anyquant import LLM
 from anyquant.bench.evaluate import corpus_perplexity
 from anyquant.convert.quantize import quantize_checkpoint
+from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.quant.formats.base import WriteOptions
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260K"
@@ -47,9 +48,13 @@ CASES = [
 
 
 def main() -> None:
-    if "--lm-head-only" in sys.argv:
+    if "--lm-head-only" in sys.argv or "--kv-cache-only" in sys.argv:
         expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
-        lm_head_costs((STORIES / expected["file"]).read_text())
+        text = (STORIES / expected["file"]).read_text()
+        if "--lm-head-only" in sys.argv:
+            lm_head_costs(text)
+        else:
+            kv_cache_costs(text)
         return
     expected = json.loads((STORIES / "expected_outputs.json").read_text())["perplexity_reference"]
     text = (STORIES / expected["file"]).read_text()
@@ -93,6 +98,30 @@ def lm_head_costs(text: str) -> None:
                     spec = llm.loaded.model.lm_head.kernel.spec.describe()
                     ppl = corpus_perplexity(llm, text).perplexity
                     print(f"| {body} | {dtype} | {head}: {spec} | {ppl:.4f} | {ppl / base - 1:+.2%} |")
+
+
+def kv_cache_costs(text: str) -> None:
+    """What the opt-in int8 KV cache (--kv-cache-dtype int8) costs, per compute dtype and with the
+    body quantized (W4A16 g32) or not: every layer's keys and values are stored as int8 rows and
+    read back dequantized (the logits' teacher-forced pass goes through the same cache)."""
+    print("\n| body | compute dtype | KV cache | bytes / token | perplexity | vs the compute-dtype cache |")
+    print("|---|---|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        w4 = Path(tmp) / "w4a16"
+        quantize_checkpoint(
+            STORIES / "hf", w4, "compressed-tensors", WriteOptions(scheme="W4A16", group_size=32)
+        )
+        for body, path in (("unquantized", STORIES / "hf"), ("W4A16 g32", w4)):
+            for dtype in ("float32", "bfloat16"):
+                base = None
+                for kv in ("auto", "int8"):
+                    llm = LLM(path, dtype=dtype, kv_cache_dtype=kv, enforce_eager=True)
+                    per_token = PagedKVCache.page_bytes_for_model(llm.model, 1, llm.cache_dtype)
+                    ppl = corpus_perplexity(llm, text).perplexity
+                    base = base or ppl
+                    name = str(llm.cache_dtype).removeprefix("torch.")
+                    cost = "" if kv == "auto" else f"{ppl / base - 1:+.3%}"
+                    print(f"| {body} | {dtype} | {name} | {per_token} | {ppl:.4f} | {cost} |")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def bench_offline(
     tensor_parallel_size: int = 1,
     enable_expert_parallel: bool = False,
     device: str = "cpu",
+    kv_cache_dtype: str = "auto",
 ) -> OfflineResult:
     t0 = time.perf_counter()
     # Eager: this benchmark runs the model's forward itself (SequenceCache), not the engine's
@@ -78,6 +79,7 @@ def bench_offline(
         enforce_eager=True,
         tensor_parallel_size=tensor_parallel_size,
         enable_expert_parallel=enable_expert_parallel,
+        kv_cache_dtype=kv_cache_dtype,
     )
     load_s = time.perf_counter() - t0
     vocab = int(llm.loaded.config["vocab_size"])
@@ -86,7 +88,7 @@ def bench_offline(
     net = llm.model
 
     def prefill() -> Any:
-        seq = SequenceCache(net, prompt_len + decode_len + 1, llm.dtype, llm.device)
+        seq = SequenceCache(net, prompt_len + decode_len + 1, llm.cache_dtype, llm.device)
         logits = seq.forward(prompt, 0, torch.tensor([prompt_len - 1], device=llm.device))
         _sync(llm.device)  # GPU work is asynchronous: the prefill ends when its kernels do
         return seq, logits

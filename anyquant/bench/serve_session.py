@@ -43,6 +43,7 @@ class ServeBenchPlan:
     sequential: bool = True
     dtype: str = "auto"
     lm_head_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     server_args: list[str] = field(default_factory=list)
     enforce_eager: bool = False  # the server and the sequential run skip compiling the decode step
     log_dir: Path = Path("out/bench/logs")
@@ -105,7 +106,10 @@ def run_serve_bench(
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    extra = ["--dtype", plan.dtype, "--lm-head-dtype", plan.lm_head_dtype, *plan.server_args]
+    extra = [
+        *("--dtype", plan.dtype, "--lm-head-dtype", plan.lm_head_dtype),
+        *("--kv-cache-dtype", plan.kv_cache_dtype, *plan.server_args),
+    ]
     if plan.enforce_eager:
         extra.append("--enforce-eager")
     if not any(arg.startswith("--max-model-len") for arg in plan.server_args):
@@ -128,6 +132,7 @@ def run_serve_bench(
             dtype=plan.dtype,
             max_model_len=plan.prompt_len + plan.max_tokens,
             lm_head_dtype=plan.lm_head_dtype,
+            kv_cache_dtype=plan.kv_cache_dtype,
             enforce_eager=True if plan.enforce_eager else None,
         )
         # The same warm-up `anyquant serve` does before it reports ready.

@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from anyquant.cli.flags import ENFORCE_EAGER_HELP, EXPERT_PARALLEL_HELP, add_lm_head_dtype
+from anyquant.cli.flags import ENFORCE_EAGER_HELP, EXPERT_PARALLEL_HELP, add_kv_cache_dtype, add_lm_head_dtype
 from anyquant.errors import AnyquantError
 
 
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=EXPERT_PARALLEL_HELP,
     )
     add_lm_head_dtype(offline)
+    add_kv_cache_dtype(offline)
     offline.add_argument(
         "--activation-dtype",
         default="auto",
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--no-sequential", action="store_true", help="skip the in-process sequential run")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add_lm_head_dtype(serve)
+    add_kv_cache_dtype(serve)
     serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     serve.add_argument(
         "--server-arg",
@@ -139,6 +141,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         sequential=not args.no_sequential,
         dtype=args.dtype,
         lm_head_dtype=args.lm_head_dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         server_args=args.server_arg,
         enforce_eager=args.enforce_eager,
         log_dir=args.log_dir,

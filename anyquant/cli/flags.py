@@ -31,9 +31,26 @@ def add_lm_head_dtype(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# layers/kv_quant.py's KV_CACHE_DTYPES (a test checks they agree), spelled out for the same reason.
+KV_CACHE_DTYPE_CHOICES = ("auto", "int8")
+
+
+def add_kv_cache_dtype(parser: argparse.ArgumentParser) -> None:
+    """`--kv-cache-dtype`: the KV cache in the compute dtype, or as int8 rows (layers/kv_quant.py)."""
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPE_CHOICES,
+        help="int8: keep cached keys and values as int8 codes with one fp32 scale per token and KV "
+        "head (about half the bytes per token of bf16: twice the tokens in the same KV budget; small "
+        "accuracy cost, benchmarks/RESULTS.md; not for latent-attention models); auto: the compute dtype",
+    )
+
+
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
-    """How `generate` and `serve` load a model's weights: a GGUF vision projector, an int8 LM
-    head, int8 activations, expert parallelism, eager decode (each an `LLM` keyword)."""
+    """How `generate` and `serve` load a model's weights and hold its cache: a GGUF vision
+    projector, an int8 LM head, int8 activations, expert parallelism, eager decode, an int8 KV
+    cache (each an `LLM` keyword)."""
     parser.add_argument("--enforce-eager", action="store_true", default=None, help=ENFORCE_EAGER_HELP)
     parser.add_argument(
         "--mmproj",
@@ -51,3 +68,4 @@ def add_weight_options(parser: argparse.ArgumentParser) -> None:
         "run on int8 dot products (faster on AVX512-VNNI CPUs; small accuracy cost); auto: as stored",
     )
     parser.add_argument("--enable-expert-parallel", action="store_true", help=EXPERT_PARALLEL_HELP)
+    add_kv_cache_dtype(parser)

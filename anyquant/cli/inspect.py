@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from anyquant.cli.flags import add_lm_head_dtype
+from anyquant.cli.flags import add_kv_cache_dtype, add_lm_head_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --tp N: plan whole routed experts per rank instead of a slice of every expert",
     )
     add_lm_head_dtype(parser)
+    add_kv_cache_dtype(parser)
     parser.add_argument(
         "--activation-dtype",
         default="auto",
@@ -161,7 +162,7 @@ def print_tensor_parallel(tp: dict[str, Any]) -> None:
         f"memory per rank (estimate, tp={tp['size']}): {_mib(mem['total'])} = linear weights "
         f"{_mib(mem['linear_weights'])} + other weights {_mib(mem['other_weights'])} + KV cache "
         f"{_mib(mem['kv_cache_at_max_model_len'])} at {mem['max_model_len']} tokens "
-        f"({mem['kv_cache_per_token']} bytes per token)"
+        f"({mem['kv_cache_per_token']} bytes per token, {mem['kv_cache_dtype']})"
         + (f" + encoder cache {_mib(mem['encoder_cache'])} (rank 0)" if "encoder_cache" in mem else "")
     )
 
@@ -202,4 +203,5 @@ def _describe(args: argparse.Namespace, describe_checkpoint: Any) -> dict[str, A
         activation_dtype=args.activation_dtype,
         mmproj=args.mmproj,
         expert_parallel=args.enable_expert_parallel,
+        kv_cache_dtype=args.kv_cache_dtype,
     )

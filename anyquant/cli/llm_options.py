@@ -25,6 +25,7 @@ LLM_FLAGS = (
     "max_num_seqs",
     "kv_cache_gb",
     "kv_cache_fraction",
+    "kv_cache_dtype",
     "tensor_parallel_size",
     "enable_expert_parallel",
     "chat_template",

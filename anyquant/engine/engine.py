@@ -31,6 +31,7 @@ from anyquant.engine.sampling import SamplingParams, apply_logit_processing, sam
 from anyquant.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from anyquant.engine.scoring import prompt_logits
 from anyquant.errors import EngineDeadError
+from anyquant.layers.kv_quant import KV_CACHE_DTYPES, cache_dtype
 from anyquant.loading.dtype_policy import overflow_advice
 from anyquant.tokenizer import Tokenizer
 from anyquant.utils.memory import return_freed_memory
@@ -58,8 +59,16 @@ class EngineConfig:
     # (RAM on CPU, device memory on CUDA), capped at what max_num_seqs full-length sequences need.
     kv_cache_fraction: float | None = None
     enable_prefix_caching: bool = True
+    # "auto": the cache in the compute dtype; "int8": rows of int8 codes and a scale
+    # (layers/kv_quant.py), half the bytes per token of bf16 at a small accuracy cost.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
+                f"{', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
@@ -163,7 +172,10 @@ class Engine:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        per_page = PagedKVCache.page_bytes_for_model(model, config.page_size, dtype)
+        # The cache's own dtype: the compute dtype, or int8 rows (whose bytes the budget counts).
+        self.cache_dtype = cache_dtype(config.kv_cache_dtype, dtype)
+        model.cache_shape.check_cache_dtype(self.cache_dtype, type(model).__name__)
+        per_page = PagedKVCache.page_bytes_for_model(model, config.page_size, self.cache_dtype)
         num_pages = kv_pages(config, per_page, device)
         self.config = config
         self.tokenizer = tokenizer
@@ -171,7 +183,7 @@ class Engine:
         # Prompt ids are checked against it: the embedding may hold ids the head never yields
         # (mllama's <|image|> token).
         self.prompt_vocab_size = int(getattr(model, "prompt_vocab_size", self.vocab_size))
-        self.runner = ModelRunner(model, num_pages, config.page_size, dtype, device)
+        self.runner = ModelRunner(model, num_pages, config.page_size, self.cache_dtype, device)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -194,10 +206,11 @@ class Engine:
         self.num_nonfinite_events = 0
         self.num_step_failures = 0  # forward passes that raised (each then retried request by request)
         log.info(
-            "KV cache: %d pages of %d tokens (%.1f MiB)",
+            "KV cache: %d pages of %d tokens (%.1f MiB, %s)",
             num_pages,
             config.page_size,
             num_pages * per_page / 2**20,
+            str(self.cache_dtype).removeprefix("torch."),
         )
 
     # -- requests ------------------------------------------------------------------------------
@@ -271,7 +284,7 @@ class Engine:
     def prompt_logits(self, ids: list[int]) -> Tensor:
         """fp32 logits [len(ids), vocab] of a teacher-forced pass over `ids`, in a cache of its own
         (the paged cache and the running requests are untouched). Call between steps."""
-        return prompt_logits(self.runner.model, ids, self.dtype, self.runner.device)
+        return prompt_logits(self.runner.model, ids, self.cache_dtype, self.runner.device)
 
     def abandon_step(self, error: str) -> set[str]:
         """A step broke outside the forward pass (which `step` isolates itself): finish the

@@ -1,7 +1,8 @@
 """The paged KV cache and the attention context that reads and writes it.
 
 Owns the per-layer key/value slot tensors (allocated once: [Hkv, pages * page_size, D] per layer;
-for latent attention the values are a view of the keys),
+for latent attention the values are a view of the keys; an int8 cache, `kv_cache_dtype="int8"`,
+holds rows of D codes and their scale, layers/kv_quant.py),
 writing a step's keys/values to their slots, and the step's attention metadata (`PagedAttention`).
 Which pages a request owns is the page allocator's business (engine/pages.py); this module only
 sees slot indices. `SequenceCache` is the one-sequence convenience used by `LLM.logits` and tests.
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from anyquant.errors import UnsupportedError
 from anyquant.layers.attention import (
     AttentionContext,
     PagedPlan,
@@ -22,6 +24,7 @@ from anyquant.layers.attention import (
     store_key_value,
 )
 from anyquant.layers.decode_kernel import check_decode_step, paged_decode_step, step_kernel_reason
+from anyquant.layers.kv_quant import is_quantized_dtype, stored_width
 
 if TYPE_CHECKING:
     from anyquant.models.base import InputEmbeds
@@ -42,18 +45,29 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         value_in_key: bool = False,
     ) -> None:
-        """`value_in_key`: the value is the key's first `v_dim` values (models.base.CacheShape),
-        stored once: `v` is a strided view of `k` and `write` stores the key alone."""
+        """`dtype`: the cache's own, the compute dtype or torch.int8 (rows of `k_dim` / `v_dim`
+        int8 codes and their scale, layers/kv_quant.py). `value_in_key`: the value is the key's
+        first `v_dim` values (models.base.CacheShape), stored once: `v` is a strided view of `k`
+        and `write` stores the key alone."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"KV cache needs at least one page of at least one slot, got {num_pages}x{page_size}"
             )
+        if value_in_key and is_quantized_dtype(dtype):
+            # The value view would be the key row's first codes, whose scale sits at the row's
+            # end, past the view: the value rows alone could not be read back.
+            raise UnsupportedError(
+                "an int8 KV cache cannot hold a value inside the key (latent attention); "
+                "use kv_cache_dtype='auto'"
+            )
         self.num_pages, self.page_size = num_pages, page_size
+        self.k_dim, self.v_dim = k_dim, v_dim  # values per row (an int8 row stores its scale too)
         slots = num_pages * page_size
         # [layers, Hkv, slots, D]: one allocation each for keys and values. KV-head-major, so that
         # a page of one head is one contiguous block and the keys read for attention keep their
         # last two dims contiguous (matmuls take them without a copy).
-        self.k = torch.zeros(num_layers, num_kv_heads, slots, k_dim, dtype=dtype, device=device)
+        k_width, v_width = stored_width(k_dim, dtype), stored_width(v_dim, dtype)
+        self.k = torch.zeros(num_layers, num_kv_heads, slots, k_width, dtype=dtype, device=device)
         self.value_in_key = value_in_key
         if value_in_key:
             if v_dim > k_dim:
@@ -62,7 +76,7 @@ class PagedKVCache:
             # kernel and the torch paths read it in place (layers/attention.py).
             self.v = self.k[..., :v_dim]
         else:
-            self.v = torch.zeros(num_layers, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
+            self.v = torch.zeros(num_layers, num_kv_heads, slots, v_width, dtype=dtype, device=device)
 
     @classmethod
     def for_model(
@@ -73,7 +87,9 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> PagedKVCache:
-        """A cache with the model family's geometry (layers, KV heads, key and value widths)."""
+        """A cache with the model family's geometry (layers, KV heads, key and value widths), in
+        `dtype` (the compute dtype, or torch.int8 where the family's cache can hold it)."""
+        model.cache_shape.check_cache_dtype(dtype, type(model).__name__)
         shape = model.cache_shape
         return cls(
             model.args.num_layers,
@@ -89,15 +105,16 @@ class PagedKVCache:
 
     @staticmethod
     def page_bytes_for_model(model: EngineModel, page_size: int, dtype: torch.dtype) -> int:
-        shape = model.cache_shape
-        return model.args.num_layers * page_size * shape.num_kv_heads * shape.stored_width * dtype.itemsize
+        """Bytes of one page of a cache of `dtype` (an int8 cache counts its codes and scales)."""
+        return model.args.num_layers * page_size * model.cache_shape.token_bytes(dtype)
 
     @staticmethod
     def bytes_per_page(
         num_layers: int, page_size: int, num_kv_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype
     ) -> int:
         """A cache with separate keys and values (see `page_bytes_for_model` for any family)."""
-        return num_layers * page_size * num_kv_heads * (k_dim + v_dim) * dtype.itemsize
+        width = stored_width(k_dim, dtype) + stored_width(v_dim, dtype)
+        return num_layers * page_size * num_kv_heads * width * dtype.itemsize
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store this step's keys/values [T, Hkv, D*] of `layer` at their slots [T]."""
@@ -107,7 +124,7 @@ class PagedKVCache:
     def step_kernel_reason(self) -> str | None:
         """Why a decode step on this cache cannot run each layer as one `decode_step` call (the
         C++ kernel cannot run for its dtype, widths or device, or is switched off), or None."""
-        return step_kernel_reason(self.k.dtype, self.k.shape[-1], self.v.shape[-1], self.k.device.type)
+        return step_kernel_reason(self.k.dtype, self.k_dim, self.v_dim, self.k.device.type)
 
     def check_decode_step(self, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
         """Once per step, before its layers' `decode_step` calls store and read through these
@@ -238,7 +255,8 @@ class PagedAttention(AttentionContext):
 
 
 class SequenceCache:
-    """A private paged cache for one sequence of up to `max_len` tokens (pages 0, 1, 2, ...)."""
+    """A private paged cache for one sequence of up to `max_len` tokens (pages 0, 1, 2, ...), in
+    `dtype`: the compute dtype, or torch.int8 (the queries then take the model's compute dtype)."""
 
     def __init__(
         self,

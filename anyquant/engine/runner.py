@@ -108,11 +108,17 @@ class BlockTables:
 
 class ModelRunner:
     def __init__(
-        self, model: EngineModel, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: EngineModel,
+        num_pages: int,
+        page_size: int,
+        cache_dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
+        """`cache_dtype`: the KV cache's (the compute dtype, or int8: engine/kv_cache.py)."""
         self.model = model
         self.device = device
-        self.cache = PagedKVCache.for_model(model, num_pages, page_size, dtype, device)
+        self.cache = PagedKVCache.for_model(model, num_pages, page_size, cache_dtype, device)
         self.tables = BlockTables()
         # The compiled decode step, once `capture` succeeded (None: every step runs eagerly).
         self.captured: CapturedDecode | None = None

@@ -28,9 +28,12 @@ class PromptLogprobs:
     ranks: list[int | None]
 
 
-def prompt_logits(model: EngineModel, ids: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """fp32 logits [len(ids), vocab] of a teacher-forced pass."""
-    return SequenceCache(model, len(ids), dtype, device).forward(ids, 0).cpu()
+def prompt_logits(
+    model: EngineModel, ids: list[int], cache_dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """fp32 logits [len(ids), vocab] of a teacher-forced pass through a cache of `cache_dtype` (the
+    engine's: the compute dtype, or int8)."""
+    return SequenceCache(model, len(ids), cache_dtype, device).forward(ids, 0).cpu()
 
 
 def prompt_logprobs(logits: Tensor, ids: list[int], k: int) -> PromptLogprobs:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from anyquant.errors import CheckpointError
 from anyquant.layers.decode_kernel import decode_kernel_reason, paged_decode
+from anyquant.layers.kv_quant import dequantize_rows, is_quantized, quantize_rows, row_width
 from anyquant.layers.linear import (
     MergeableProjections,
     MergedLinear,
@@ -243,14 +244,18 @@ def store_key_value(
     slots [T]. `value_cache` None: the value is the key's prefix (a latent cache), stored with the
     key. Every step the C++ `paged_decode_step` does not store (prefill, mixed steps, the
     pure-torch attention, eager or captured) stores through here, once per layer, so it does no
-    more than the two copies (no cast when the dtypes already agree)."""
-    if k.dtype != key_cache.dtype:
-        k = k.to(key_cache.dtype)
-    key_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    more than the two copies (no cast when the dtypes already agree). An int8 cache stores each
+    row quantized (layers/kv_quant.py): its codes and scale in one copy."""
+    key_cache.index_copy_(1, slot_mapping, _cache_rows(k, key_cache).transpose(0, 1))
     if value_cache is not None:
-        if v.dtype != value_cache.dtype:
-            v = v.to(value_cache.dtype)
-        value_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+        value_cache.index_copy_(1, slot_mapping, _cache_rows(v, value_cache).transpose(0, 1))
+
+
+def _cache_rows(x: Tensor, cache: Tensor) -> Tensor:
+    """New rows x [T, Hkv, D] as `cache` stores them."""
+    if is_quantized(cache):
+        return quantize_rows(x)
+    return x if x.dtype == cache.dtype else x.to(cache.dtype)
 
 
 def read_pages(cache: Tensor, group: PagedGroup, page_size: int) -> Tensor:
@@ -279,14 +284,21 @@ def value_in_key(key_cache: Tensor, value_cache: Tensor) -> bool:
 
 
 def read_key_value_pages(
-    key_cache: Tensor, value_cache: Tensor, group: PagedGroup, page_size: int
+    key_cache: Tensor, value_cache: Tensor, group: PagedGroup, page_size: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """`read_pages` of both caches ([Hkv, B, S, Dk], [Hkv, B, S, Dv]); a value inside the key is
-    sliced from the keys read, never gathered a second time."""
-    keys = read_pages(key_cache, group, page_size)
+    """`read_pages` of both caches ([Hkv, B, S, Dk], [Hkv, B, S, Dv]) in `dtype` (the queries'); a
+    value inside the key is sliced from the keys read, never gathered a second time. An int8
+    cache's rows are gathered as stored (codes and scale) and dequantized once, after the gather,
+    so only the pages read are converted."""
+    keys = _rows_in(read_pages(key_cache, group, page_size), dtype)
     if value_in_key(key_cache, value_cache):
         return keys, keys[..., : value_cache.shape[-1]]
-    return keys, read_pages(value_cache, group, page_size)
+    return keys, _rows_in(read_pages(value_cache, group, page_size), dtype)
+
+
+def _rows_in(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cache rows as values: an int8 cache's dequantized to `dtype`, a float cache's as stored."""
+    return dequantize_rows(rows, dtype) if is_quantized(rows) else rows
 
 
 def _decode_torch(
@@ -294,8 +306,8 @@ def _decode_torch(
 ) -> Tensor:
     """The pure-torch decode: q [B, H, D] -> [B, H * Dv] through SDPA or two matmuls."""
     b, h, d = q.shape
-    hkv, dv = key_cache.shape[0], value_cache.shape[-1]
-    keys, values = read_key_value_pages(key_cache, value_cache, g, page_size)  # [Hkv, B, S, D*]
+    hkv, dv = key_cache.shape[0], row_width(value_cache)
+    keys, values = read_key_value_pages(key_cache, value_cache, g, page_size, q.dtype)  # [Hkv, B, S, D*]
     qh = q.view(b, hkv, h // hkv, d).transpose(0, 1)  # [Hkv, B, group, D]
     # fp16 scores could overflow before the softmax: fp16 always takes the fused kernel.
     if g.bias is None or q.dtype == torch.float16:
@@ -331,7 +343,8 @@ def _attend_causally(q: Tensor, keys: Tensor, values: Tensor, prefix: int, scale
 def paged_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedPlan, page_size: int, scale: float
 ) -> Tensor:
-    """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv].
+    """q [T, H, D] against the cache [Hkv, slots, D*] through `plan` -> [T, H * Dv]. An int8
+    cache (layers/kv_quant.py) is read as the values its rows dequantize to, in q's dtype.
 
     Decode rows run the C++ kernel where it can (layers/decode_kernel.py: K/V read in place through
     the block tables, whatever the pages' order), and so do short prefill chunks (see
@@ -344,7 +357,7 @@ def paged_attention(
     softmax in fp32 (see MATMUL_DECODE_MIN_KEYS); prefill runs SDPA, which never materialises the
     scores."""
     t, h, _ = q.shape
-    hkv, dv = key_cache.shape[0], value_cache.shape[-1]
+    hkv, dv = key_cache.shape[0], row_width(value_cache)  # (an int8 cache's rows carry their scale)
     group = h // hkv
     out: Tensor | None = None
     if plan.decode is not None:
@@ -384,7 +397,7 @@ def paged_attention(
             out.index_copy_(0, flat, o)
             return out
         qp = q[g.rows].transpose(1, 2)  # [B, H, Tq, D]
-        keys, values = read_key_value_pages(key_cache, value_cache, g, page_size)
+        keys, values = read_key_value_pages(key_cache, value_cache, g, page_size, q.dtype)
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [B, Hkv, S, D*]
         # (the prefix split needs the CPU flash kernel, which takes equal key and value widths)
         split = q.device.type == "cpu" and keys.shape[-1] == values.shape[-1]

@@ -22,13 +22,30 @@ from torch import Tensor
 # The dtype names `kv_cache_dtype` accepts besides "auto" (the compute dtype), and the cache
 # tensor's dtype for each.
 QUANTIZED_KV_DTYPES = {"int8": torch.int8}
+KV_CACHE_DTYPES = ("auto", *QUANTIZED_KV_DTYPES)
 SCALE_BYTES = 4  # the float32 scale after each row's codes
 CODE_MAX = 127
 
 
+def cache_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The cache tensor's dtype for the `kv_cache_dtype` option ("auto": the compute dtype)."""
+    if kv_cache_dtype == "auto":
+        return compute_dtype
+    if kv_cache_dtype not in QUANTIZED_KV_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype!r} is not supported; choose one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    return QUANTIZED_KV_DTYPES[kv_cache_dtype]
+
+
+def is_quantized_dtype(cache_dtype: torch.dtype) -> bool:
+    """Whether a cache of this dtype holds int8 rows in this format (the compute dtypes are floats)."""
+    return cache_dtype == torch.int8
+
+
 def is_quantized(cache: Tensor) -> bool:
-    """Whether a cache tensor holds int8 rows in this format (the compute dtypes are floats)."""
-    return cache.dtype == torch.int8
+    """Whether a cache tensor holds int8 rows in this format."""
+    return is_quantized_dtype(cache.dtype)
 
 
 def stored_width(width: int, cache_dtype: torch.dtype) -> int:

@@ -10,7 +10,7 @@ plan, tensor-parallel preflight), so what it says is what loading will do.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from anyquant.errors import AnyquantError
 from anyquant.layers.decode_kernel import describe_decode_attention
+from anyquant.layers.kv_quant import cache_dtype
 from anyquant.layers.linear import QuantLinear
 from anyquant.loading.activations import activation_quant
 from anyquant.loading.checkpoint import Checkpoint
@@ -78,6 +79,7 @@ def describe_checkpoint(
     activation_dtype: str = "auto",
     mmproj: str | Path | None = None,
     expert_parallel: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> dict[str, Any]:
     ckpt = open_checkpoint(path, mmproj)
     config = ckpt.text_config()
@@ -165,7 +167,11 @@ def describe_checkpoint(
     if tp_plan is not None:
         risks += tp_plan.risks
     length = max_model_len or int(config.get("max_position_embeddings", 2048))
-    memory = memory_per_rank(ckpt, model, plans, tp_plan, compute_dtype, length)
+    kv_dtype = cache_dtype(kv_cache_dtype, compute_dtype)
+    model.cache_shape.check_cache_dtype(
+        kv_dtype, str((config.get("architectures") or [type(model).__name__])[0])
+    )
+    memory = memory_per_rank(ckpt, model, plans, tp_plan, compute_dtype, length, kv_dtype)
     vision = vision_report(model, plans, ckpt.path)
     if vision is not None:  # rank 0 keeps encoder outputs for images in flight and repeated ones
         memory["encoder_cache"] = vision["encoder_cache_bytes"]
@@ -202,8 +208,9 @@ def describe_checkpoint(
         "groups": group_docs,
         "moe_layers": moe_docs(model, plans),
         "merged_projections": merge_docs(merges),
+        # (an int8 cache is asked for as the cache's dtype: the kernel's answer depends on it)
         "decode_attention": describe_decode_attention(
-            dev, compute_dtype, model.cache_shape.k_dim, model.cache_shape.v_dim
+            dev, kv_dtype, model.cache_shape.k_dim, model.cache_shape.v_dim
         ),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {
@@ -332,9 +339,12 @@ def memory_per_rank(
     tp: TensorParallelPlan | None,
     compute_dtype: torch.dtype,
     max_model_len: int,
-) -> dict[str, int]:
+    kv_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
     """Estimated bytes rank 0 (the largest share) holds: its share of the linear weights (quantized layers at their
-    stored size, dense ones in the compute dtype), other parameters, and the KV cache."""
+    stored size, dense ones in the compute dtype), other parameters, and the KV cache in `kv_dtype`
+    (default: the compute dtype; int8 rows count their scales)."""
+    kv_dtype = kv_dtype or compute_dtype
     itemsize = compute_dtype.itemsize
     linear = 0
     for plan in plans:
@@ -368,11 +378,12 @@ def memory_per_rank(
         other -= (vocab.size - vocab.local_size) * rows
     shape = model.cache_shape
     heads = tp.cache_heads if tp is not None and tp.cache_heads is not None else shape.num_kv_heads
-    per_token = model.args.num_layers * heads * shape.stored_width * itemsize
+    per_token = model.args.num_layers * replace(shape, num_kv_heads=heads).token_bytes(kv_dtype)
     kv = per_token * max_model_len
     return {
         "linear_weights": linear,
         "other_weights": other,
+        "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
         "kv_cache_per_token": per_token,
         "max_model_len": max_model_len,
         "kv_cache_at_max_model_len": kv,

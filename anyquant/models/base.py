@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from anyquant.config_fields import cfg_bool, cfg_float, cfg_int, cfg_str
-from anyquant.errors import CheckpointError
+from anyquant.errors import CheckpointError, UnsupportedError
 from anyquant.layers.attention import Attention, AttentionContext
 from anyquant.layers.embedding import HeadEmbedding, VocabParallelEmbedding
+from anyquant.layers.kv_quant import is_quantized_dtype, stored_width
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
 from anyquant.layers.norm import RMSNorm, add_rms_norm
@@ -164,6 +165,25 @@ class CacheShape:
     def stored_width(self) -> int:
         """Values stored per token, layer and KV head."""
         return self.k_dim if self.value_in_key else self.k_dim + self.v_dim
+
+    def check_cache_dtype(self, cache_dtype: torch.dtype, family: str) -> None:
+        """Refuse, naming the family and the option, a cache dtype this cache cannot take: a
+        latent (MLA) cache keeps its value inside the key, which an int8 row cannot (the value's
+        codes would lie before the key's rope part, their scale at the row's end)."""
+        if is_quantized_dtype(cache_dtype) and self.value_in_key:
+            raise UnsupportedError(
+                f"kv_cache_dtype='int8' is not supported for {family}: its latent attention (MLA) "
+                "cache stores the value inside the key, which an int8 row (codes, then one scale) "
+                "cannot hold; use kv_cache_dtype='auto'"
+            )
+
+    def token_bytes(self, cache_dtype: torch.dtype) -> int:
+        """Bytes one token takes in one layer's cache of `cache_dtype`, all its KV heads (an int8
+        cache's rows carry their scale: layers/kv_quant.py)."""
+        width = stored_width(self.k_dim, cache_dtype)
+        if not self.value_in_key:
+            width += stored_width(self.v_dim, cache_dtype)
+        return self.num_kv_heads * width * cache_dtype.itemsize
 
 
 class DecoderLayer(nn.Module):

@@ -15,8 +15,8 @@ from torch import Tensor
 
 # Command kinds (first entry of every command).
 FORWARD, NEW_CACHE, DROP_CACHE, SHUTDOWN = 1, 2, 3, 4
-# KV cache dtypes a worker can mirror, by their index in NEW_CACHE.
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# KV cache dtypes a worker can mirror, by their index in NEW_CACHE (int8: `kv_cache_dtype="int8"`).
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 def pack(commands: list[Tensor]) -> Tensor:

@@ -33,6 +33,7 @@ def test_every_flag_is_an_llm_keyword() -> None:
                 "enforce_eager": None,
                 "chat_template": None,
                 "debug_numerics": True,
+                "kv_cache_dtype": "auto",
             },
         ),
         (
@@ -48,6 +49,8 @@ def test_every_flag_is_an_llm_keyword() -> None:
                 "--enforce-eager",
                 "--lm-head-dtype",
                 "int4",
+                "--kv-cache-dtype",
+                "int8",
             ],
             {
                 "device": "cpu",
@@ -64,6 +67,7 @@ def test_every_flag_is_an_llm_keyword() -> None:
                 "enable_expert_parallel": False,
                 "tensor_parallel_size": 1,
                 "chat_template": None,
+                "kv_cache_dtype": "int8",
             },
         ),
         (
@@ -76,6 +80,7 @@ def test_every_flag_is_an_llm_keyword() -> None:
                 "activation_dtype": "int8",
                 "tensor_parallel_size": 1,
                 "enable_expert_parallel": False,
+                "kv_cache_dtype": "auto",
             },
         ),
     ],
