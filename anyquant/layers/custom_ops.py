@@ -12,10 +12,13 @@ Owns three things, registered with `torch.library` when a captured step is prepa
   decode step's keys/values in a layer's cache and attends through the step's page plan (the C++
   decode kernel where it runs, see layers/decode_kernel.py); the cache is declared mutated, so the
   graph keeps the write before every later read. A cache whose value is the key's prefix passes no value cache
-  (two mutated arguments may not alias). The plan (pages read, mask) and the count of real rows
-  are step metadata set by the runner before the graph runs (`set_decode_step`), once per step
-  for every layer: the plan's shapes grow with the context, and passing it through the graph
-  would recompile at every new page count or make every shape symbolic;
+  (two mutated arguments may not alias). The caches may be int8 (layers/kv_quant.py's rows: the
+  last dim holds the scale's bytes too), so every output width here is the values per row
+  (`kv_quant.row_width`, or the new rows' width), never a cache's last dim. The plan (pages read,
+  mask) and the count of real rows are step metadata set by the runner before the graph runs
+  (`set_decode_step`), once per step for every layer: the plan's shapes grow with the context, and
+  passing it through the graph would recompile at every new page count or make every shape
+  symbolic;
 - `anyquant::opaque`: a callable whose Python depends on data (the per-expert MoE path sorts
   tokens with a host sync; the pure-torch kernels look at `data_ptr()`) runs as one op of the
   graph, which sees only its output's shape and dtype (`register_opaque`).
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from anyquant.layers import kv_quant
 
 if TYPE_CHECKING:
     from anyquant.layers.attention import PagedGroup, PagedPlan
@@ -111,6 +116,10 @@ def _paged_decode_attention(
     real = step.real_rows
     if real < slot_mapping.shape[0]:  # padding rows sit at the end (shapes are host ints)
         slot_mapping, k, v = slot_mapping[:real], k[:real], v[:real]
+    if value_cache is None and kv_quant.is_quantized(key_cache):
+        raise ValueError(
+            "an int8 key_cache needs its own value_cache (an int8 row's scale is its whole key's)"
+        )
     store_key_value(key_cache, value_cache, slot_mapping, k, v)
     if value_cache is None:
         value_cache = key_cache[..., : v.shape[-1]]
@@ -247,7 +256,7 @@ def _register_extension_fakes() -> None:
             splits=0,
             force_fp32=False,
         ):
-            return q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
+            return q.new_empty(q.shape[0], q.shape[1], kv_quant.row_width(value_cache))
 
     if hasattr(torch.ops.anyquant_cpu, "paged_decode_step"):
 
@@ -265,7 +274,7 @@ def _register_extension_fakes() -> None:
             scale,
             window=0,
         ):
-            return q.new_empty(q.shape[0], q.shape[1] * v.shape[-1])
+            return q.new_empty(q.shape[0], q.shape[1] * v.shape[-1])  # v: the new rows, values per row
 
     if hasattr(torch.ops.anyquant_cpu, "moe_experts"):
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -29,6 +30,23 @@ constexpr int kAhead = 2;           // blocks between the one computed and the o
 constexpr int64_t kMinChunk = 256;  // fewest keys worth a chunk of its own (merge cost, cache reuse)
 constexpr int64_t kItemsPerThread = 2;  // work items per thread a long context is split into, at most
 constexpr int64_t kItemCost = 32;   // a work item's set-up and merge, in keys (for balancing the threads)
+
+// An int8 cache row (layers/kv_quant.py, the format's one home): `width` int8 codes, then the row's
+// float32 scale in these bytes (the CPU's byte order); a value is code * scale.
+constexpr int64_t kScaleBytes = 4;
+
+// The bytes a row of `width` values of T takes in its cache (an int8 row's scale included).
+template <typename T>
+constexpr int64_t row_bytes(int64_t width) {
+  return width * static_cast<int64_t>(sizeof(T)) + (std::is_same_v<T, int8_t> ? kScaleBytes : 0);
+}
+
+// The scale of an int8 row of `width` codes (unaligned: rows are width + 4 bytes apart).
+inline float row_scale(const int8_t* row, int64_t width) {
+  float scale;
+  std::memcpy(&scale, row + width, sizeof scale);
+  return scale;
+}
 
 bool bf16_supported() {
   __builtin_cpu_init();
@@ -84,7 +102,7 @@ struct Work {
 };
 
 struct Problem {
-  int64_t batch, heads, kv_heads, group, dk, dv, page, table_width, window;
+  int64_t batch, heads, kv_heads, group, dk, dv, page, table_width, window;  // dk / dv: values per row
   const int64_t* tables;    // [B, table_width] page ids
   const int64_t* contexts;  // [B] keys per sequence (this step's included)
   const Work* work;         // the work items, (b, kh, part) in order
@@ -164,12 +182,13 @@ inline void prefetch_block(const Problem& p, const int64_t* table, const T* kbas
                                           int64_t j, int64_t count, int64_t hi) {
   const int64_t end = std::min<int64_t>(j + count, hi);
   constexpr int64_t size = sizeof(T);
+  const int64_t kbytes = row_bytes<T>(p.dk), vbytes = row_bytes<T>(p.dv);
   int64_t index = j / p.page, offset = j % p.page;
   for (int64_t pos = j; pos < end; ++index, offset = 0) {
     const int64_t slot = table[index] * p.page + offset;
     const int64_t n = std::min<int64_t>(p.page - offset, end - pos);
-    if (kbase) prefetch_rows(reinterpret_cast<const char*>(kbase + slot * p.k_slot), n, p.dk * size, p.k_slot * size);
-    if (vbase) prefetch_rows(reinterpret_cast<const char*>(vbase + slot * p.v_slot), n, p.dv * size, p.v_slot * size);
+    if (kbase) prefetch_rows(reinterpret_cast<const char*>(kbase + slot * p.k_slot), n, kbytes, p.k_slot * size);
+    if (vbase) prefetch_rows(reinterpret_cast<const char*>(vbase + slot * p.v_slot), n, vbytes, p.v_slot * size);
     pos += n;
   }
 }

@@ -9,6 +9,12 @@
 // loaded once per 4 heads. bf16 queries are widened (and scaled) once per call, as on the AVX-512
 // fp32 path: the results match it to fp32 rounding.
 //
+// int8 caches (layers/kv_quant.py: codes, then the row's fp32 scale) run this kernel on every CPU,
+// AVX-512 ones included: the codes are widened into scratch as the bf16 rows are (vpmovsxbd +
+// vcvtdq2ps, exact), the dot products and value FMAs run on the codes, and the scales enter once
+// per key: a key's scale multiplies its score (scale_k * q.codes_k, one vector of 8 keys), a
+// value's scale its softmax weight before the value FMAs (the running sum keeps the plain weights).
+//
 // Only functions marked AQ_ATTN_AVX2 contain AVX2 code; the op calls them only where the CPU has
 // the instructions (avx2_attention_supported).
 
@@ -28,9 +34,11 @@ bool avx2_attention_supported() {
 // e^x for x <= 0 (fp32, relative error ~1e-7): 2^n * e^r with r = x - n ln2, |r| <= ln2 / 2, e^r by
 // its degree-7 Taylor polynomial (as exp_neg in attention.h), 2^n built in the exponent field (no
 // vscalefps on AVX2). x is clamped at -87 so that n >= -126 stays a normal exponent: e^-87 ~ 2e-38
-// is 0 for a weight next to the block maximum's e^0 = 1.
+// is 0 for a weight next to the block maximum's e^0 = 1. x is max's second operand, the one it
+// returns for a NaN: a NaN score (a non-finite key) stays NaN and shows in the output, as in the
+// torch path, instead of weighing e^-87.
 AQ_ATTN_AVX2 inline __m256 exp_neg8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2, high bits (exact product)
@@ -77,11 +85,24 @@ AQ_ATTN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
 
 AQ_ATTN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
-// Rows of a block as fp32: the cache's own rows (fp32), or widened into `scratch` (bf16).
+// Rows of a block as fp32: the cache's own rows (fp32), or widened into `scratch` (bf16; int8: the
+// codes, each row's scale into `scales`, untouched for the float caches).
 template <typename T>
-AQ_ATTN_AVX2 inline void float_rows8(const T* const* src, int nb, int64_t d, float* scratch, const float** dst) {
+AQ_ATTN_AVX2 inline void float_rows8(const T* const* src, int nb, int64_t d, float* scratch, const float** dst,
+                                     float* scales) {
   if constexpr (std::is_same_v<T, float>) {
     for (int j = 0; j < nb; ++j) dst[j] = src[j];
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+    for (int j = 0; j < nb; ++j) {
+      float* row = scratch + j * d;
+      for (int64_t c = 0; c < d; c += 16) {  // d is a multiple of 16: whole loads inside the row
+        const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[j] + c));
+        _mm256_storeu_ps(row + c, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)));
+        _mm256_storeu_ps(row + c + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8))));
+      }
+      dst[j] = row;
+      scales[j] = row_scale(src[j], d);
+    }
   } else {
     for (int j = 0; j < nb; ++j) {
       float* row = scratch + j * d;
@@ -120,9 +141,11 @@ AQ_ATTN_AVX2 void accumulate_heads8(float* acc, int64_t dv, const float* const* 
   for (int64_t c = 0; c < dv; c += 16) accumulate_values8<HT>(acc, dv, c, vrows, nb, probs, alpha);
 }
 
-// One work item on AVX2: sequence b, KV head kh, key chunk -> acc / ml of the item.
+// One work item on AVX2: sequence b, KV head kh, key chunk -> acc / ml of the item. T: the cache's
+// element (float, c10::BFloat16, or int8_t for int8 rows).
 template <typename T>
 AQ_ATTN_AVX2 void attend_item_avx2(const Problem& p, int64_t item, std::vector<float>& scratch) {
+  constexpr bool quantized = std::is_same_v<T, int8_t>;
   const Item it(p, item);
   if (it.empty()) return;
   const int64_t b = it.b, kh = it.kh, lo = it.lo, hi = it.hi;
@@ -155,10 +178,12 @@ AQ_ATTN_AVX2 void attend_item_avx2(const Problem& p, int64_t item, std::vector<f
     prefetch_block(p, table, kbase, vbase, j0 + 2 * kBlock8, kBlock8, hi);
     const float* krows[kBlock8];
     const float* vrows[kBlock8];
-    float_rows8<T>(ksrc, nb, dk, kbuf, krows);
-    float_rows8<T>(vsrc, nb, dv, vbuf, vrows);
+    float kscale[kBlock8] = {}, vscale[kBlock8] = {};  // int8 rows' scales; 0 past the block
+    float_rows8<T>(ksrc, nb, dk, kbuf, krows, kscale);
+    float_rows8<T>(vsrc, nb, dv, vbuf, vrows, vscale);
     for (int j = nb; j < kBlock8; ++j) krows[j] = krows[0];  // lanes past the block: computed, masked
     const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nb), lane));
+    const __m256 kscales = _mm256_loadu_ps(kscale), vscales = _mm256_loadu_ps(vscale);
 
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * dk;
@@ -168,14 +193,21 @@ AQ_ATTN_AVX2 void attend_item_avx2(const Problem& p, int64_t item, std::vector<f
         const __m256 qv = _mm256_loadu_ps(qg + c);
         for (int j = 0; j < kBlock8; ++j) dots[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(krows[j] + c), dots[j]);
       }
-      const __m256 scores = reduce8(dots);
+      __m256 scores = reduce8(dots);
+      if constexpr (quantized) scores = _mm256_mul_ps(scores, kscales);  // q . codes_k * scale_k
       const float m_old = ml[2 * g];
       const float block_max = hmax8(_mm256_blendv_ps(ninf, scores, valid));  // finite: a block has a key
       const float m_new = std::max(m_old, block_max);
       // 0 for the first block (m_old = -inf); 1 (no exp) while the running max holds
       const float a = m_new == m_old ? 1.f : std::exp(m_old - m_new);
       const __m256 e = _mm256_and_ps(valid, exp_neg8(_mm256_sub_ps(scores, _mm256_set1_ps(m_new))));
-      _mm256_storeu_ps(probs + g * kBlock8, e);
+      if constexpr (quantized) {
+        // the value FMAs take the codes as they are: each key's weight carries its value row's scale
+        // (a NaN scale, a non-finite row's, makes the output NaN as code * scale would)
+        _mm256_storeu_ps(probs + g * kBlock8, _mm256_mul_ps(e, vscales));
+      } else {
+        _mm256_storeu_ps(probs + g * kBlock8, e);
+      }
       ml[2 * g] = m_new;
       ml[2 * g + 1] = ml[2 * g + 1] * a + hsum8(e);
       alpha[g] = a;

@@ -2,7 +2,9 @@
 // call, the keys and values read in place from the paged cache through the block tables.
 //
 // Cache layout (engine/kv_cache.py): key_cache [Hkv, slots, Dk], value_cache [Hkv, slots, Dv],
-// slot = page_id * page_size + offset; bf16 or fp32. Queries q [B, H, Dk] (bf16 or fp32); the
+// slot = page_id * page_size + offset; bf16, fp32, or int8 rows (layers/kv_quant.py: Dk / Dv codes,
+// then the row's fp32 scale, so the caches' last dims are Dk + 4 / Dv + 4; the widths below are
+// always the values per row). Queries q [B, H, Dk] (bf16 or fp32); the
 // H / Hkv query heads of one KV head (GQA, or MLA's absorbed decode: one latent "KV head" with
 // key width Dk = latent + rope and value width Dv = latent) all use each key / value row while
 // it is in L1, so K/V are read once per (sequence, KV head) and never repeated or gathered.
@@ -12,7 +14,9 @@
 // - bf16 queries on a bf16 cache (attention_bf16.h): vdpbf16ps on the cache's rows as they are,
 //   keys transposed so that the scores come out one key per lane, values taken in pairs of keys;
 // - everything else (attention_fp32.h): rows converted to fp32, fp32 FMAs throughout;
-// - on a CPU without AVX-512 but with AVX2 + FMA (attention_avx2.h): the fp32 path in 8-wide vectors.
+// - on a CPU without AVX-512 but with AVX2 + FMA (attention_avx2.h): the fp32 path in 8-wide vectors;
+// - int8 caches, on every CPU (attention_avx2.h): that AVX2 path on the widened codes, the rows'
+//   scales applied once per key (an AVX-512 CPU has AVX2 + FMA + F16C: no AVX-512 int8 path).
 // Where (sequence, KV head) items alone would leave threads idle or unevenly loaded (batch 1 with 2
 // KV heads, MLA's single latent head, one long context among short ones) the keys are split into
 // chunks (plan_work below) whose partial results (m, l, accumulator) are merged with their
@@ -38,11 +42,12 @@
 
 namespace {
 
-// The instruction set the op runs on: AVX-512 (F/BW/VL/DQ) where the CPU has it, else AVX2 + FMA,
-// else "" (the op refuses). One place for the choice: `attention_isa()` tells the Python side which
+// The instruction set the op runs on for a float cache: AVX-512 (F/BW/VL/DQ) where the CPU has it,
+// else AVX2 + FMA; for an int8 cache AVX2 + FMA on every CPU (its only item kernel); else "" (the op
+// refuses). One place for the choice: `attention_isa(int8_cache)` tells the Python side which
 // kernel a decode step runs.
-std::string attention_isa() {
-  if (attention_supported()) return "avx512";
+std::string attention_isa(bool int8_cache) {
+  if (!int8_cache && attention_supported()) return "avx512";
   if (avx2_attention_supported()) return "avx2";
   return "";
 }
@@ -50,8 +55,10 @@ std::string attention_isa() {
 // One work item's kernel: (problem, item, per-thread scratch) -> the item's acc / ml.
 using ItemKernel = void (*)(const Problem&, int64_t, std::vector<float>&);
 
-// dp: bf16 queries on a bf16 cache with AVX512_BF16 (vdpbf16ps).
-ItemKernel item_kernel(const std::string& isa, bool bf16_cache, bool dp) {
+// dp: bf16 queries on a bf16 cache with AVX512_BF16 (vdpbf16ps). isa: attention_isa's for `cache`.
+ItemKernel item_kernel(const std::string& isa, at::ScalarType cache, bool dp) {
+  if (cache == at::kChar) return attend_item_avx2<int8_t>;
+  const bool bf16_cache = cache == at::kBFloat16;
   if (isa == "avx512") {
     if (dp) return attend_item_bf16;
     return bf16_cache ? attend_item<c10::BFloat16> : attend_item<float>;
@@ -177,10 +184,11 @@ void run_items(const Problem& p, const std::vector<Work>& work, ItemKernel atten
 }
 
 // The shapes of one call, checked in O(1) (no look at the tensors' values): q [B, H, Dk];
-// key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P] int64;
-// context_lens [B] int64.
+// key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv] (int8: [Hkv, slots, Dk + 4] /
+// [Hkv, slots, Dv + 4]); block_tables [B, P] int64; context_lens [B] int64. dk / dv: values per row.
 struct Shapes {
   int64_t batch, heads, dk, kv_heads, slots, dv;
+  bool int8;
 };
 
 Shapes check_shapes(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -192,13 +200,22 @@ Shapes check_shapes(const at::Tensor& q, const at::Tensor& key_cache, const at::
               value_cache.sizes());
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, "q must be bfloat16 or float32, got ",
               q.scalar_type());
-  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type() &&
-                  (key_cache.scalar_type() == at::kBFloat16 || key_cache.scalar_type() == at::kFloat),
-              "key and value caches must both be bfloat16 or both float32, got ", key_cache.scalar_type(), " / ",
-              value_cache.scalar_type());
+  const at::ScalarType cache = key_cache.scalar_type();
+  TORCH_CHECK(cache == value_cache.scalar_type() &&
+                  (cache == at::kBFloat16 || cache == at::kFloat || cache == at::kChar),
+              "key and value caches must both be bfloat16, both float32 or both int8 (codes and a float32 scale "
+              "per row), got ",
+              cache, " / ", value_cache.scalar_type());
   TORCH_CHECK(key_cache.stride(2) == 1 && value_cache.stride(2) == 1, "cache rows must be contiguous");
-  const Shapes s{q.size(0), q.size(1), q.size(2), key_cache.size(0), key_cache.size(1), value_cache.size(2)};
-  TORCH_CHECK(key_cache.size(2) == s.dk, "key width ", key_cache.size(2), " != query width ", s.dk);
+  const bool int8 = cache == at::kChar;
+  const int64_t scale_bytes = int8 ? kScaleBytes : 0;
+  TORCH_CHECK(!int8 || (key_cache.size(2) > kScaleBytes && value_cache.size(2) > kScaleBytes),
+              "int8 cache rows are codes then a 4-byte scale: the caches' last dims must exceed 4, got ",
+              key_cache.size(2), " / ", value_cache.size(2));
+  const Shapes s{q.size(0), q.size(1), q.size(2), key_cache.size(0), key_cache.size(1),
+                 value_cache.size(2) - scale_bytes, int8};
+  TORCH_CHECK(key_cache.size(2) - scale_bytes == s.dk, "key width ", key_cache.size(2) - scale_bytes,
+              int8 ? " (the int8 key cache's last dim less its 4 scale bytes)" : "", " != query width ", s.dk);
   TORCH_CHECK(value_cache.size(0) == s.kv_heads && value_cache.size(1) == s.slots, "value cache ",
               value_cache.sizes(), " does not match key cache ", key_cache.sizes());
   TORCH_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0, "query heads ", s.heads, " not a multiple of KV heads ",
@@ -244,8 +261,9 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& context_lens
 void attend(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const Shapes& s,
             const at::Tensor& tables, const at::Tensor& contexts, int64_t page_size, double scale, int64_t window,
             int64_t splits, bool force_fp32, const at::Tensor& out) {
-  const std::string isa = attention_isa();
-  TORCH_CHECK(!isa.empty(), "paged_decode_attention needs AVX-512 (F/BW/VL/DQ) or AVX2 + FMA + F16C");
+  const std::string isa = attention_isa(s.int8);
+  TORCH_CHECK(!isa.empty(), s.int8 ? "paged_decode_attention on an int8 cache needs AVX2 + FMA + F16C"
+                                   : "paged_decode_attention needs AVX-512 (F/BW/VL/DQ) or AVX2 + FMA + F16C");
   const int64_t* cp = contexts.data_ptr<int64_t>();
   Problem p;
   p.batch = s.batch;
@@ -293,17 +311,17 @@ void attend(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& 
   p.acc = acc.data();
   p.ml = ml.data();
   if (q.scalar_type() == at::kBFloat16) {
-    run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<c10::BFloat16>());
+    run_items(p, work, item_kernel(isa, key_cache.scalar_type(), dp), out.data_ptr<c10::BFloat16>());
   } else {
-    run_items(p, work, item_kernel(isa, bf16, dp), out.data_ptr<float>());
+    run_items(p, work, item_kernel(isa, key_cache.scalar_type(), dp), out.data_ptr<float>());
   }
 }
 
-// q [B, H, Dk]; key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv]; block_tables [B, P]
-// int64 page ids; context_lens [B] int64 -> [B, H, Dv] in q's dtype. window 0: no window;
-// splits 0: chosen from the thread count (tests force a number to exercise the merge);
-// force_fp32: bf16 inputs take the fp32 path too (tests, and a check of the bf16 path's rounding).
-// A call on its own: checks the tables' values every time (the captured step's op below leaves
+// q [B, H, Dk]; key_cache [Hkv, slots, Dk]; value_cache [Hkv, slots, Dv] (both int8: last dims
+// Dk + 4 / Dv + 4); block_tables [B, P] int64 page ids; context_lens [B] int64 -> [B, H, Dv] in q's
+// dtype. window 0: no window; splits 0: chosen from the thread count (tests force a number to
+// exercise the merge); force_fp32: bf16 inputs take the fp32 path too (tests, and a check of the
+// bf16 path's rounding). A call on its own: checks the tables' values every time (the captured step's op below leaves
 // that to `check_decode_step`, once per step).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t page_size,
@@ -335,13 +353,61 @@ void store_rows(const at::Tensor& src, const at::Tensor& cache, const int64_t* s
   }
 }
 
+// src [T, Hkv, W] (rows contiguous) -> the int8 cache [Hkv, slots, W + 4] at slots [T] (< 0: not
+// stored), each row quantized as layers/kv_quant.py's `quantize_rows` does, to the same bytes:
+// scale = amax / 127 (an fp32 division), code = x / scale (an fp32 division, not a multiplication
+// by 1 / scale) rounded half to even (nearbyint in the default rounding mode) and clamped to
+// [-127, 127]; an all-zero row: scale 0, codes 0; a row with a non-finite value: a NaN scale, codes 0.
+template <typename S>
+void quantize_rows(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots) {
+  constexpr float code_max = 127.f;
+  const int64_t T = src.size(0), hkv = src.size(1), w = src.size(2);
+  const S* s = src.data_ptr<S>();
+  int8_t* c = cache.data_ptr<int8_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    for (int64_t h = 0; h < hkv; ++h) {
+      const S* row = s + t * src.stride(0) + h * src.stride(1);
+      int8_t* dst = c + h * cache.stride(0) + slots[t] * cache.stride(1);
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t i = 0; i < w; ++i) {
+        const float x = static_cast<float>(row[i]);
+        finite = finite && std::isfinite(x);
+        amax = std::max(amax, std::fabs(x));
+      }
+      float scale = std::numeric_limits<float>::quiet_NaN();
+      if (finite) {
+        scale = amax / code_max;
+        const float divisor = amax > 0.f ? scale : 1.f;
+        for (int64_t i = 0; i < w; ++i) {
+          const float code = std::nearbyint(static_cast<float>(row[i]) / divisor);
+          // NaN only from 0 / 0, where a row of subnormals' scale underflows to 0: code 0, as the
+          // torch path's NaN -> int8 gives (x / 0 = +-inf clamps to +-127 in both)
+          dst[i] = std::isnan(code) ? int8_t{0} : static_cast<int8_t>(std::min(std::max(code, -code_max), code_max));
+        }
+      } else {
+        std::fill(dst, dst + w, int8_t{0});
+      }
+      std::memcpy(dst + w, &scale, sizeof scale);
+    }
+  }
+}
+
 void store(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots, const char* name) {
-  TORCH_CHECK(src.dim() == 3 && src.size(1) == cache.size(0) && src.size(2) == cache.size(2), name, " must be [",
-              "tokens, ", cache.size(0), ", ", cache.size(2), "], got ", src.sizes());
+  const bool int8 = cache.scalar_type() == at::kChar;
+  const int64_t width = cache.size(2) - (int8 ? kScaleBytes : 0);  // values per row
+  TORCH_CHECK(src.dim() == 3 && src.size(1) == cache.size(0) && src.size(2) == width, name, " must be [",
+              "tokens, ", cache.size(0), ", ", width, "], got ", src.sizes());
   TORCH_CHECK(src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kFloat, name,
               " must be bfloat16 or float32, got ", src.scalar_type());
   const at::Tensor rows = src.stride(2) == 1 ? src : src.contiguous();
   const bool from_bf16 = rows.scalar_type() == at::kBFloat16, to_bf16 = cache.scalar_type() == at::kBFloat16;
+  if (int8) {
+    if (from_bf16) quantize_rows<c10::BFloat16>(rows, cache, slots);
+    else quantize_rows<float>(rows, cache, slots);
+    return;
+  }
   if (from_bf16 && to_bf16) store_rows<c10::BFloat16, c10::BFloat16>(rows, cache, slots);
   if (from_bf16 && !to_bf16) store_rows<c10::BFloat16, float>(rows, cache, slots);
   if (!from_bf16 && to_bf16) store_rows<float, c10::BFloat16>(rows, cache, slots);
@@ -352,7 +418,8 @@ void store(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots,
 // Dv] at slot_mapping [B] (a slot < 0: a padding row, not stored), then attend q [B, H, Dk] through
 // block_tables [B, P] and context_lens [B] (a padding row's context is 0: its output row is zeros)
 // -> [B, H * Dv]. value_cache absent: the value is the key's first Dv values (a latent cache),
-// stored with the key. The step's metadata was checked by value once for all layers
+// stored with the key (float caches only: an int8 row's scale is its whole key's). int8 caches
+// store k / v quantized (quantize_rows). The step's metadata was checked by value once for all layers
 // (`check_decode_step`); here only shapes and dtypes are (O(1)).
 at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& key_cache, const std::optional<at::Tensor>& value_cache,
@@ -360,6 +427,9 @@ at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& context_lens, int64_t page_size, double scale, int64_t window) {
   const bool latent = !value_cache.has_value();
   TORCH_CHECK(v.dim() == 3, "v must be [tokens, kv heads, value width], got ", v.sizes());
+  TORCH_CHECK(!latent || key_cache.scalar_type() != at::kChar,
+              "an int8 key_cache needs its own value_cache: a value stored inside an int8 key (a latent cache) "
+              "is not supported");
   const at::Tensor values = latent ? key_cache.narrow(2, 0, v.size(2)) : *value_cache;
   const Shapes s = check_shapes(q, key_cache, values, block_tables, context_lens, page_size, scale, window);
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == s.batch &&
@@ -413,7 +483,7 @@ TORCH_LIBRARY_FRAGMENT(anyquant_cpu, m) {
       "check_decode_step(Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int page_size, int slots) "
       "-> ()");
   m.def("attention_supported() -> bool", &attention_supported);
-  m.def("attention_isa() -> str", &attention_isa);
+  m.def("attention_isa(bool int8_cache=False) -> str", &attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(anyquant_cpu, CPU, m) {
