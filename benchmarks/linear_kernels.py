@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from anyquant.quant.kernels import cpu_ext
+from anyquant.quant.kernels.avx2 import INT4_ROW_FP32_ENV
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.registry import kernel_classes
 from anyquant.quant.spec import ActQuant, QuantSpec
@@ -62,7 +64,8 @@ LAYERS = (
 )
 _HEAD = len(LAYERS) - 1
 # `--gemv-shapes`: every projection on its own (unmerged), the decode GEMV shapes of the kernels
-# issue: Qwen2.5-0.5B q/o, k/v, gate or up, down; the same for Llama-3.2-1B; a Qwen3-30B-A3B expert.
+# issue: Qwen2.5-0.5B q/o, k/v, gate or up, down; the same for Llama-3.2-1B; a Qwen3-30B-A3B expert;
+# the Qwen3-30B-A3B-shaped int4 LM head (`lm_head_dtype="int4"`, 167 MiB at uint4 g128).
 GEMV_SHAPES = (
     ("qwen0.5b q/o", 896, 896),
     ("qwen0.5b k/v", 128, 896),
@@ -74,6 +77,7 @@ GEMV_SHAPES = (
     ("llama1b down", 2048, 8192),
     ("a3b expert gate, up", 768, 2048),
     ("a3b expert down", 2048, 768),
+    ("a3b int4 lm_head", 151936, 2048),
 )
 
 SPECS = (
@@ -107,6 +111,9 @@ AVX2_FORCED = {
     "cpu_avx2 (rows)": "rows",
     "cpu_avx2 (tile)": "tiled",
 }
+# cpu_avx2 with one row of int4 on the fp32 kernel (INT4_ROW_FP32_ENV set for the call): the A/B
+# of the 16-bit fixed-point one-row kernel in the same run. Timed only when --engines names it.
+AVX2_FP32_ROW = "cpu_avx2 (fp32 row)"
 # A dense fp32 F.linear of the same shape (x widened to fp32 and the result rounded back to the
 # compute dtype inside the call: oneDNN's fp32 GEMM, what fp32 weights would cost on a CPU without
 # native bf16), the yardstick of the rows kernel on long prompts. Timed only when --engines names it.
@@ -208,6 +215,21 @@ class Rotation:
         return self.layers[self.i](x)
 
 
+class Fp32Row(nn.Module):
+    """A cpu_avx2 kernel called with INT4_ROW_FP32_ENV set: one row of int4 on the fp32 kernel."""
+
+    def __init__(self, kernel: nn.Module) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        os.environ[INT4_ROW_FP32_ENV] = "1"
+        try:
+            return self.kernel(x)
+        finally:
+            del os.environ[INT4_ROW_FP32_ENV]
+
+
 class DenseLinear(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
@@ -276,6 +298,9 @@ def make_cases(
         if kernel is not None:
             kernel.path = lambda rows, path=path: path  # type: ignore[method-assign]
             layers[forced] = kernel
+    kernel = build(AVX2, w, dtype) if AVX2_FP32_ROW in engines else None
+    if kernel is not None:
+        layers[AVX2_FP32_ROW] = Fp32Row(kernel)
     for label, engine in INT8_ACT_ENGINES.items():
         if label in engines and spec.act is None and (spec.is_uint or spec.weight == "int8"):
             kernel = build(engine, w.with_spec(dataclasses.replace(spec, act=INT8_TOKEN)), dtype)

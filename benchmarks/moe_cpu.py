@@ -28,7 +28,11 @@ fused call vs the same kernels one expert at a time, alternating, at 1, 8, 32 an
 roofline of the bytes the call reads (the distinct chosen experts' packed weights, scales, zero
 points, offsets) at the read bandwidth measured in the same run (a one-thread fp32 amax of 512 MB).
 
-    python benchmarks/moe_cpu.py --op [--rounds 3] [--formats w4a16-g128 act-order-g128 ...]
+    python benchmarks/moe_cpu.py --op [--rounds 3] [--formats w4a16-g128 act-order-g128 ...] [--fp32-row]
+
+(`--fp32-row` adds the fused call with its one-row int4 experts on the fp32 kernel, the A/B of the
+16-bit fixed-point one; the same routing every call, so at 1 token the 8 experts' ~19 MiB stay in
+the last-level cache.)
 
 `--a8` compares, on that synthetic layer, int8-activation experts (as `activation_dtype="int8"`
 loads them: cpu_avx512_vnni on AVX512-VNNI CPUs, cpu_avx2_a8 on AVX2 ones) one expert at a time
@@ -334,7 +338,22 @@ def read_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return nbytes / min(_seconds(buf.amax, 1) for _ in range(repeats)) / 1e9
 
 
-def op_ab(formats: list[str], rounds: int) -> None:
+def _fp32_row(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with INT4_ROW_FP32_ENV set: the fused call's one-row int4 experts on the fp32 kernel."""
+
+    from anyquant.quant.kernels.avx2 import INT4_ROW_FP32_ENV
+
+    def run() -> object:
+        os.environ[INT4_ROW_FP32_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ[INT4_ROW_FP32_ENV]
+
+    return run
+
+
+def op_ab(formats: list[str], rounds: int, fp32_row: bool = False) -> None:
     cfg = QWEN3_30B_A3B
     experts, hidden, inter, top_k = (cfg[k] for k in ("num_experts", "hidden_size", "moe_intermediate_size", "num_experts_per_tok"))  # fmt: skip
     g = torch.Generator().manual_seed(0)
@@ -365,26 +384,33 @@ def op_ab(formats: list[str], rounds: int) -> None:
                         "per-expert": lambda c=case, ks=kernels: _per_expert(*c, ks),
                         "fused": lambda c=case, f=fused: f(*c),
                     }
+                    if fp32_row:
+                        runs["fused fp32 row"] = _fp32_row(runs["fused"])
                     for mode, fn in runs.items():
                         times.setdefault((mode, t), []).append(_seconds(fn, reps))
         for t, (_, _, ids) in cases.items():
             pe, fu = (statistics.median(times[(m, t)]) for m in ("per-expert", "fused"))
             read = per_expert_bytes * int(ids.unique().numel())
             roof = read / (bandwidth * 1e9)
-            rows.append((fmt, t, pe * 1e3, fu * 1e3, pe / fu, read / 2**20, roof * 1e3, roof / fu))
+            old = statistics.median(times[("fused fp32 row", t)]) if fp32_row else fu
+            rows.append((fmt, t, pe * 1e3, fu * 1e3, pe / fu, read / 2**20, roof * 1e3, roof / fu, old * 1e3))
     threads = torch.get_num_threads()
     clock = "CPU time" if threads == 1 else "wall-clock time"  # as _seconds measures
     print(
         f"\n{threads} thread(s), {clock}, medians of {rounds} rounds; read bandwidth {bandwidth:.1f} GB/s"
         " (fp32 amax)\n"
     )
+    extra = " fused, fp32 row ms | fp32 row / fused |" if fp32_row else ""
     print(
         "| experts | tokens | per-expert ms | fused ms | speed-up | MiB read | roofline ms | fused / roofline |"
+        + extra
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for fmt, t, pe, fu, sp, mib, roof, frac in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if fp32_row else ""))
+    for fmt, t, pe, fu, sp, mib, roof, frac, old in rows:
+        tail = f" {old:.2f} | {old / fu:.2f}x |" if fp32_row else ""
         print(
             f"| {fmt} | {t} | {pe:.2f} | {fu:.2f} | {sp:.2f}x | {mib:.1f} | {roof:.2f} | {100 * frac:.0f} % |"
+            + tail
         )
 
 
@@ -511,6 +537,11 @@ def main() -> None:
     parser.add_argument("--ab", action="store_true", help="fused vs per-expert MoE in one process")
     parser.add_argument("--op", action="store_true", help="one synthetic MoE layer per expert format")
     parser.add_argument("--a8", action="store_true", help="fused bf16 vs int8 activations, synthetic layer")
+    parser.add_argument(
+        "--fp32-row",
+        action="store_true",
+        help="--op: also the fused call with one-row int4 experts on the fp32 kernel (the A/B of the 16-bit one)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--model", type=Path, default=None, help="--ab on this checkpoint instead")
     parser.add_argument("--formats", nargs="+", default=list(OP_FORMATS), choices=OP_FORMATS)
@@ -521,7 +552,7 @@ def main() -> None:
     if args.a8:
         return a8_ab(args.rounds, args.a8_formats)
     if args.op:
-        return op_ab(args.formats, args.rounds)
+        return op_ab(args.formats, args.rounds, args.fp32_row)
     model = args.model or build(args.layers)
     if args.build_only:
         return

@@ -5,7 +5,9 @@ and RepackedLmHeadKernel: this module adds no packing), read by csrc/gemv_avx2.h
 time. Paths per call (`path`):
   - the vector kernel ("gemv", few rows: bf16 compute, and fp32 for fp8): streams the packed weights once, decodes
     the codes in registers to fp32 and multiplies with fp32 FMA, rows of x 4 at a time (bf16 x
-    widened exactly);
+    widened exactly); one row of int4 instead multiplies the codes by x as 16-bit fixed point per
+    span of inputs with integer dot products (an error of at most 2^-15 of the span's largest
+    |x| per input, next to bf16's output rounding; gemv_avx2.h states the budget);
   - the few-rows kernel ("fewrows", bf16 compute, int4 and 8-bit at 2.._FEW_ROWS_MAX rows, the
     bf16 LM head from _HEAD_FEW_ROWS_MIN: batched decode): every weight decoded once per group of
     up to 6 rows, 12 accumulators in registers; int4 decoded in place (code * 2^e, no shifts)
@@ -68,6 +70,11 @@ _HEAD_FEW_ROWS_MIN = 4
 # type named because the AVX2 decoders compute values from the bits rather than from the table.
 _FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE = 4, 5, 6
 _FP8_FORMATS = (_FP8_E4M3, _FP8_E5M2, _FP8_E4M3_FINITE)
+# One row of int4 at bf16 compute runs on x as 16-bit fixed point with integer dot products
+# (csrc/gemv_avx2.h, gemv_one_row_x16), in linear layers and the fused MoE's one-token experts.
+# With this environment variable set the ops take the fp32 kernel before it instead: the
+# benchmarks' A/B switch (benchmarks/linear_kernels.py, moe_cpu.py), read by the C++ ops per call.
+INT4_ROW_FP32_ENV = "ANYQUANT_AVX2_INT4_ROW_FP32"
 
 
 def _fp8_format(weight: str, codes: Tensor) -> int:
@@ -102,7 +109,8 @@ class Avx2WeightOnlyKernel(RepackedWeightOnlyKernel):
     2^-8 of its value with 2^8 folded into the scale) by the activations in fp32 and applies
     scale, zero point and the codes' offset once per span of at most 128 inputs, so no weight is
     rounded (for bf16 compute closer to float64 than the reference, which rounds each weight to
-    bf16); the rows kernel and the tile path multiply the reference's fp32 weights.
+    bf16); one row of int4 rounds x instead, to 16-bit fixed point per span (at most 2^-15 of the
+    span's largest |x|); the rows kernel and the tile path multiply the reference's fp32 weights.
     """
 
     name = "cpu_avx2"

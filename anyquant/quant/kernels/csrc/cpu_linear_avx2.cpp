@@ -53,16 +53,21 @@ at::Tensor avx2_register_paths(const at::Tensor& x, const at::Tensor& packed, co
     widened.assign(xc.data_ptr<float>(), xc.data_ptr<float>() + rows * w.kp);
     xf = widened.data();
   }
+  // one row of int4 at bf16 compute: x as 16-bit fixed point, integer dot products
+  // (gemv_avx2.h, gemv_one_row_x16), which then need neither the fp32 x's sums
+  const bool x16 = PATH == RegisterPath::kVector && bf16 && fmt == kInt4 && rows == 1 && avx2::x16_row_enabled();
+  std::vector<uint8_t> x16_scratch(x16 ? avx2::x16_row_bytes(w.kp) : 0);
   std::vector<float> xsum;  // the register kernels' per-span sums of x (the rows kernel needs none)
-  if (PATH != RegisterPath::kRows) {
+  if (PATH != RegisterPath::kRows && !x16) {
     xsum.resize(static_cast<size_t>(rows * w.nspans));
     avx2::span_sums(xf, rows, w.kp, w.span, xsum.data());
   }
   if (prescale) avx2::few_rows_prescale(widened.data(), rows * w.kp);  // after the sums: those are of x
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  const avx2::Args a{w,     xf, xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(),
-                     xc.scalar_type() == at::kBFloat16, n};
+  avx2::Args a{w,     xf, xsum.data(), bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(),
+               xc.scalar_type() == at::kBFloat16, n};
+  if (x16) avx2::use_x16_row(a, xf, x16_scratch.data());
   at::parallel_for(0, w.blocks, 1, [&](int64_t b0, int64_t b1) {
     if (PATH == RegisterPath::kRows) {
       avx2::rows_dispatch(a, rows, b0, b1, x_bf16);

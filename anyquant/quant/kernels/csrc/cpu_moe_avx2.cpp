@@ -30,6 +30,7 @@ struct Avx2Core {
   int parts = 1;
   bool exact;   // fp32 compute: the rows kernel at every row count
   int64_t fmt;  // the call's format: the schedule's layouts say kFp8 for either fp8 (avx2_layout)
+  bool x16_row;  // one row of int4 on 16-bit fixed-point x (gemv_one_row_x16; off: the A/B switch)
 
   void put(float v, X* dst, int64_t /*stride*/) const { *dst = v; }
 
@@ -43,9 +44,11 @@ struct Avx2Core {
     avx2::span_sums(rows, n, kp, span, out);
   }
 
-  // The few-rows kernel's prescaled int4 rows (the rows kernel's scratch is on its stack).
+  // The few-rows kernel's prescaled int4 rows or one row's 16-bit fixed-point x (the rows
+  // kernel's scratch is on its stack).
   size_t scratch_bytes(int64_t kp) const {
-    return few_rows(fmt) && fmt == kInt4 ? sizeof(float) * static_cast<size_t>(avx2::kFewRowsMax * kp) : 0;
+    if (!few_rows(fmt) || fmt != kInt4) return 0;
+    return std::max(sizeof(float) * static_cast<size_t>(avx2::kFewRowsMax * kp), avx2::x16_row_bytes(kp));
   }
 
   bool few_rows(int64_t f) const { return !exact && (f == kInt4 || f == kInt8); }
@@ -67,6 +70,9 @@ struct Avx2Core {
     } else if (exact || rows > avx2::kGemvMaxRows) {
       avx2::rows_dispatch(a, rows, b0, b1);
     } else {
+      if (rows == 1 && fmt == kInt4 && x16_row) {  // the schedule's sums stay those of x (offsets)
+        avx2::use_x16_row(a, x, scratch);
+      }
       avx2::gemv_dispatch(a, rows, b0, b1);
     }
   }
@@ -89,7 +95,8 @@ at::Tensor moe_experts_avx2(const at::Tensor& x, const at::Tensor& ids, const at
               "the AVX2 MoE call runs int4, 8-bit and fp8 codes (fmt 0, 1, 4, 5 or 6), got ", fmt);
   TORCH_CHECK(act2 != 3 && !x_scale.has_value(),
               "the AVX2 MoE call takes weight-only or fp8-activation experts (act2 0, 1 or 2, no x_scale)");
-  const Avx2Core core{1, x.scalar_type() == at::kFloat, fmt};
+  const bool exact = x.scalar_type() == at::kFloat;
+  const Avx2Core core{1, exact, fmt, !exact && fmt == kInt4 && avx2::x16_row_enabled()};
   return moe_experts_impl(core, x, ids, weights, w13, s13, z13, w2, s2, z2, lut, is_fp8(fmt) ? kFp8 : fmt, group13,
                           group2, inter, hidden, perm13, pos2, off13, off2, act2, act_qmax, act_top, act_group,
                           act_scale2, x_scale);

@@ -40,17 +40,25 @@
 // broadcast per input from memory
 // (vbroadcastss is a load-port operation on AVX2 CPUs).
 //
-// One row of int4 (decode) takes gemv_one_row: all 8 accumulators in registers, and int4
-// decoded without shifts: nibble C of a 16-bit half-lane is masked in place (code * 16^C, exact
-// in vcvtdq2ps) and summed in accumulator C, scaled by 16^-C (exactly) at the span's flush; one
-// shift per 8 inputs brings the high half-lanes down. Per 64-byte chunk: 16 AND + 16 vcvtdq2ps +
-// 2 shifts + 16 FMA against gemv_blocks' 14 shifts + 14 AND + 16 vcvtdq2ps + 16 FMA. (fp8 in the
-// same register-only loop measured no faster than gemv_blocks: its F16C decode bounds it.)
+// One row of int4 at bf16 compute (decode: linear layers, the int4 LM head, the fused MoE's
+// one-token experts) takes gemv_one_row_x16: x as 16-bit fixed point per span and integer dot
+// products (vpmaddwd), 15 vector operations per 64 weights; its error budget is stated there.
+// fp32 compute (and the benchmarks' A/B switch) keeps gemv_one_row on fp32 x: all 8
+// accumulators in registers, and int4 decoded without shifts: nibble C of a 16-bit half-lane is
+// masked in place (code * 16^C, exact in vcvtdq2ps) and summed in accumulator C, scaled by 16^-C
+// (exactly) at the span's flush; one shift per 8 inputs brings the high half-lanes down. Per
+// 64-byte chunk: 16 AND + 16 vcvtdq2ps + 2 shifts + 16 FMA against gemv_blocks' 14 shifts + 14 AND
+// + 16 vcvtdq2ps + 16 FMA. (fp8 in the same register-only loop measured no faster than
+// gemv_blocks: its F16C decode bounds it.)
 //
 // Only functions marked AQ_AVX2 contain AVX2/FMA code, so the library still loads on any x86-64
 // CPU; the Python side (avx2.py) refuses where the CPU lacks the instructions.
 
 #include "gemv.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
 
 #define AQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -146,6 +154,11 @@ struct Args {
   bool out_bf16;
   int64_t out_stride;
   int64_t col_shift = 0;  // block b's outputs are stored at columns b * 16 - col_shift
+  // x as 16-bit fixed point (fixed16_rows, below): set, one row of int4 takes gemv_one_row_x16.
+  // The callers set it for one row of bf16 compute only (fp32 compute keeps the fp32 kernel).
+  const int16_t* x16 = nullptr;  // [rows, kp]
+  const float* x16_step = nullptr;  // [rows, nspans] each span's step s (a power of two)
+  const float* x16_sum = nullptr;   // [rows, nspans] s * the span's sum of x16
 };
 
 // Bytes ahead of the current load that the vector path prefetches.
@@ -410,11 +423,167 @@ AQ_AVX2 void gemv_one_row(const Args& a, int64_t row, int64_t b0, int64_t b1) {
   }
 }
 
+// ---- One row of int4 on 16-bit fixed-point activations (bf16 compute): integer dot products.
+//
+// gemv_one_row is bound by its vector operations, not by memory (Zen 3, 2 threads: 10-16 GB/s of
+// ~21 the machine reads). Here x is converted once per call to int16 fixed point and the codes are
+// multiplied by vpmaddwd, which sums the two 16-bit products of a 32-bit lane: lane i of a 32-byte
+// half holds (row i, k) in its low and (row i, k + 1) in its high 16 bits, so
+// `lane >> 4C & 0x000F000F` is the codes of inputs k + 2C and k + 2C + 1 as two int16 in row i's
+// lane, and its vpmaddwd with a 32-bit broadcast of the pair (x16[k + 2C], x16[k + 2C + 1])
+// adds code * x16 + code' * x16' to row i's int32 lane. Per 32-byte half (64 weights): 1 AND +
+// 3 x (shift + AND) + 4 vpmaddwd + 4 vpaddd = 15 vector operations, against gemv_one_row's 25 (the
+// loads and the broadcasts of x16 go to the load ports).
+//
+// Fixed point (fixed16_rows): per span of inputs (Layout::span, <= 128: the spans the kernel
+// flushes per), s = 2^(floor(log2(max |x|)) - 14) and x16 = round(x / s) in [-32767, 32767]
+// (max |x| / s < 2^15). bf16 x within 2^7 of the span's largest magnitude is exact in x16 (8
+// significant bits); the rest, and fp32 x (the fused MoE's h), is rounded to a step s, at most
+// s / 2 <= 2^-15 max |x| per input. The span's code shift and zero points come off against
+// s * (the sum of the x16 actually used), so the output is the dot product of the weights with
+// the rounded x, x16 * s (up to the flushes' fp32 roundings): its error against x's own is the
+// sum over k of (code - zero) * scale * (x16 * s - x), at most 2^-15 * max |x of the span| *
+// sum |w| over the span per output (w without GGUF float offsets: those are added against x's
+// own sums), next to bf16 compute's output rounding (2^-9 relative). A span whose max |x| is
+// below 2^-135 (s under fp32's smallest subnormal) contributes nothing.
+// int32: a span sums at most 128 * 15 * 32767 < 2^26 per lane (no overflow); at the flush
+// vcvtdq2ps rounds it to fp32 (2^-24 relative, beyond 2^24), times s * the group's scale.
+// Non-finite x makes its span's outputs NaN (s = NaN).
+
+// The benchmarks' A/B switch (benchmarks/linear_kernels.py, moe_cpu.py): with this environment
+// variable set, one row of int4 at bf16 compute takes gemv_one_row on fp32 x, the kernel before
+// gemv_one_row_x16. Read by the ops once per call; nothing else sets it.
+constexpr const char* kInt4RowFp32Env = "ANYQUANT_AVX2_INT4_ROW_FP32";
+inline bool x16_row_enabled() { return std::getenv(kInt4RowFp32Env) == nullptr; }
+
+// Scratch bytes for one row's fixed16_rows output over kp inputs (any span: at most kp / 8 spans),
+// x16 first, then steps and sums from a 32-byte boundary (use_x16_row).
+inline size_t x16_steps_at(int64_t kp) { return (static_cast<size_t>(kp) * 2 + 31) / 32 * 32; }
+inline size_t x16_row_bytes(int64_t kp) { return x16_steps_at(kp) + 2 * sizeof(float) * static_cast<size_t>(kp / 8 + 1); }
+
+// One row's 16-bit fixed-point activations (see above) of x [rows, kp] per span of `span` inputs:
+// x16 [rows, kp], step [rows, kp / span], sum [rows, kp / span] (span % 8 == 0).
+AQ_AVX2 inline void fixed16_rows(const float* x, int64_t rows, int64_t kp, int64_t span, int16_t* x16, float* step,
+                                 float* sum) {
+  const int64_t ns = kp / span;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < ns; ++q) {
+      const float* p = x + r * kp + q * span;
+      int16_t* dst = x16 + r * kp + q * span;
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t k = 0; k < span; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(p + k), magnitude));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      float top = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < span; ++k) finite = finite && std::isfinite(p[k]);  // max_ps drops NaN
+      for (float v : lanes) top = std::max(top, v);
+      if (!finite || top == 0.f) {
+        std::memset(dst, 0, sizeof(int16_t) * static_cast<size_t>(span));
+        step[r * ns + q] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+        sum[r * ns + q] = 0.f;
+        continue;
+      }
+      const int e = std::ilogb(top);  // 2^e <= top < 2^(e + 1), subnormals included
+      // 1 / s = 2^(14 - e) as two factors, each a finite fp32 power of two (14 - e <= 163)
+      const int up = std::min(14 - e, 127);
+      const __m256 f0 = _mm256_set1_ps(std::ldexp(1.f, up)), f1 = _mm256_set1_ps(std::ldexp(1.f, 14 - e - up));
+      const __m128i lowest = _mm_set1_epi16(-32767);
+      __m256i total = _mm256_setzero_si256();
+      for (int64_t k = 0; k < span; k += 8) {
+        // round to nearest even (the default MXCSR mode), saturate to int16, clamp -32768 away
+        const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + k), f0), f1));
+        const __m128i i16 =
+            _mm_max_epi16(_mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1)), lowest);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), i16);
+        total = _mm256_add_epi32(total, _mm256_cvtepi16_epi32(i16));
+      }
+      alignas(32) int32_t parts[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts), total);
+      int32_t whole = 0;  // |whole| <= 128 * 32767: exact in fp32
+      for (int32_t v : parts) whole += v;
+      const float s = std::ldexp(1.f, e - 14);
+      step[r * ns + q] = s;
+      sum[r * ns + q] = static_cast<float>(whole) * s;
+    }
+  }
+}
+
+// Row x (fp32, a.w.kp inputs) as 16-bit fixed point into `scratch` (x16_row_bytes), for a's one row.
+AQ_AVX2 inline void use_x16_row(Args& a, const float* x, uint8_t* scratch) {
+  auto* x16 = reinterpret_cast<int16_t*>(scratch);
+  auto* spans = reinterpret_cast<float*>(scratch + x16_steps_at(a.w.kp));
+  fixed16_rows(x, 1, a.w.kp, a.w.span, x16, spans, spans + a.w.nspans);
+  a.x16 = x16;
+  a.x16_step = spans;
+  a.x16_sum = spans + a.w.nspans;
+}
+
+// Rows 0..7 (lo) and 8..15 (hi) of one 64-byte chunk at q (inputs k..k+7) times x16[k..k+7], into
+// the span's int32 accumulators.
+AQ_AVX2 __attribute__((always_inline)) inline void int4_x16_chunk(const uint8_t* q, const int16_t* x, __m256i& lo_acc,
+                                                                  __m256i& hi_acc) {
+  _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  const __m256i nib = _mm256_set1_epi32(0x000F000F);
+  int32_t pair[4];  // (x16[k + 2C], x16[k + 2C + 1]) as the 32-bit words the broadcasts read
+  std::memcpy(pair, x, sizeof(pair));
+  const __m256i x0 = _mm256_set1_epi32(pair[0]), x1 = _mm256_set1_epi32(pair[1]);
+  const __m256i x2 = _mm256_set1_epi32(pair[2]), x3 = _mm256_set1_epi32(pair[3]);
+  // per half: (C0 + C1) + (C2 + C3) before the accumulator, a short dependency chain
+  const __m256i l01 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(lo, nib), x0),
+                                       _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(lo, 4), nib), x1));
+  const __m256i l23 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(lo, 8), nib), x2),
+                                       _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(lo, 12), nib), x3));
+  const __m256i h01 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(hi, nib), x0),
+                                       _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(hi, 4), nib), x1));
+  const __m256i h23 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(hi, 8), nib), x2),
+                                       _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi32(hi, 12), nib), x3));
+  lo_acc = _mm256_add_epi32(lo_acc, _mm256_add_epi32(l01, l23));
+  hi_acc = _mm256_add_epi32(hi_acc, _mm256_add_epi32(h01, h23));
+}
+
+// out + the span's integer sum times s * scale, less (zz + shift) * scale * s * sum of x16.
+AQ_AVX2 __attribute__((always_inline)) inline __m256 flush_x16(const SpanScale& sc, float s, float xsum,
+                                                               __m256i sum, __m256 out) {
+  out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc.s, _mm256_set1_ps(s)), out);
+  if (sc.offsets) out = _mm256_fnmadd_ps(sc.zs, _mm256_set1_ps(xsum), out);
+  return out;
+}
+
+AQ_AVX2 void gemv_one_row_x16(const Args& a, int64_t row, int64_t b0, int64_t b1) {
+  constexpr int64_t FMT = kInt4;
+  const Layout& w = a.w;
+  const int64_t block_bytes = w.kp / 4 * bytes_per_4k(FMT);
+  const int16_t* xr = a.x16 + row * w.kp;
+  const float* steps = a.x16_step + row * w.nspans;
+  const float* sums = a.x16_sum + row * w.nspans;
+  const int64_t spans_per_group = w.group / w.span;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = w.packed + b * block_bytes;
+    __m256 out0 = _mm256_setzero_ps(), out1 = _mm256_setzero_ps();
+    for (int64_t q = 0, g = 0, in_group = 0; q < w.nspans; ++q) {
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      const int16_t* x = xr + q * w.span;
+      for (int64_t k = 0; k < w.span; k += 8, p += 64) int4_x16_chunk(p, x + k, lo, hi);
+      out0 = flush_x16(span_scale<FMT>(w, b, g, 0), steps[q], sums[q], lo, out0);
+      out1 = flush_x16(span_scale<FMT>(w, b, g, 1), steps[q], sums[q], hi, out1);
+      if (++in_group == spans_per_group) {
+        in_group = 0;
+        ++g;
+      }
+    }
+    store_outputs(a, row, b, out0, out1);
+  }
+}
+
 template <int64_t FMT>
 void gemv_rows(const Args& a, int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
   switch (rows) {
     case 1:
-      if constexpr (FMT == kInt4) return gemv_one_row(a, m0, b0, b1);
+      if constexpr (FMT == kInt4) return a.x16 != nullptr ? gemv_one_row_x16(a, m0, b0, b1) : gemv_one_row(a, m0, b0, b1);
       return gemv_blocks<FMT, 1>(a, m0, b0, b1);
     case 2: return gemv_blocks<FMT, 2>(a, m0, b0, b1);
     case 3: return gemv_blocks<FMT, 3>(a, m0, b0, b1);
