@@ -261,7 +261,7 @@ class LLM:
     def _forward_prompt(self, ids: list[int], mm: MultimodalPrompt | None) -> Tensor:
         """Teacher-forced fp32 logits (on the CPU) of a prepared prompt (images already laid out
         in `mm`); non-finite logits are a NumericsError."""
-        seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device)
+        seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device, compute_dtype=self.dtype)
         if mm is None:
             logits = seq.forward(ids, 0)
         else:
@@ -281,7 +281,7 @@ class LLM:
     def _nonfinite_error(self, ids: list[int]) -> NumericsError:
         dtype = str(self.dtype).removeprefix("torch.")
         if self.debug_numerics:
-            seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device)
+            seq = SequenceCache(self.model, len(ids), self.cache_dtype, self.device, compute_dtype=self.dtype)
             layer = first_nonfinite_module(self.loaded.model, lambda: seq.forward(ids, 0))
             where = f"; first non-finite output: {layer}" if layer else ""
         else:

@@ -88,7 +88,9 @@ def bench_offline(
     net = llm.model
 
     def prefill() -> Any:
-        seq = SequenceCache(net, prompt_len + decode_len + 1, llm.cache_dtype, llm.device)
+        seq = SequenceCache(
+            net, prompt_len + decode_len + 1, llm.cache_dtype, llm.device, compute_dtype=llm.dtype
+        )
         logits = seq.forward(prompt, 0, torch.tensor([prompt_len - 1], device=llm.device))
         _sync(llm.device)  # GPU work is asynchronous: the prefill ends when its kernels do
         return seq, logits

@@ -174,6 +174,7 @@ class Engine:
     ) -> None:
         # The cache's own dtype: the compute dtype, or int8 rows (whose bytes the budget counts).
         self.cache_dtype = cache_dtype(config.kv_cache_dtype, dtype)
+        self.compute_dtype = dtype
         model.cache_shape.check_cache_dtype(self.cache_dtype, type(model).__name__)
         per_page = PagedKVCache.page_bytes_for_model(model, config.page_size, self.cache_dtype)
         num_pages = kv_pages(config, per_page, device)
@@ -183,7 +184,7 @@ class Engine:
         # Prompt ids are checked against it: the embedding may hold ids the head never yields
         # (mllama's <|image|> token).
         self.prompt_vocab_size = int(getattr(model, "prompt_vocab_size", self.vocab_size))
-        self.runner = ModelRunner(model, num_pages, config.page_size, self.cache_dtype, device)
+        self.runner = ModelRunner(model, num_pages, config.page_size, self.cache_dtype, device, dtype)
         self.allocator = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -284,7 +285,7 @@ class Engine:
     def prompt_logits(self, ids: list[int]) -> Tensor:
         """fp32 logits [len(ids), vocab] of a teacher-forced pass over `ids`, in a cache of its own
         (the paged cache and the running requests are untouched). Call between steps."""
-        return prompt_logits(self.runner.model, ids, self.cache_dtype, self.runner.device)
+        return prompt_logits(self.runner.model, ids, self.cache_dtype, self.runner.device, self.compute_dtype)
 
     def abandon_step(self, error: str) -> set[str]:
         """A step broke outside the forward pass (which `step` isolates itself): finish the

@@ -44,11 +44,13 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         value_in_key: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         """`dtype`: the cache's own, the compute dtype or torch.int8 (rows of `k_dim` / `v_dim`
         int8 codes and their scale, layers/kv_quant.py). `value_in_key`: the value is the key's
         first `v_dim` values (models.base.CacheShape), stored once: `v` is a strided view of `k`
-        and `write` stores the key alone."""
+        and `write` stores the key alone. `compute_dtype`: the queries' and the new rows' dtype,
+        which the decode kernel's choice depends on (default `dtype`; an int8 cache needs it)."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"KV cache needs at least one page of at least one slot, got {num_pages}x{page_size}"
@@ -60,6 +62,10 @@ class PagedKVCache:
                 "an int8 KV cache cannot hold a value inside the key (latent attention); "
                 "use kv_cache_dtype='auto'"
             )
+        if compute_dtype is None and is_quantized_dtype(dtype):
+            raise ValueError("an int8 KV cache needs the compute dtype of its queries and new rows")
+        # The queries' and new keys' / values' dtype: the cache's own unless it is int8.
+        self.compute_dtype = dtype if compute_dtype is None else compute_dtype
         self.num_pages, self.page_size = num_pages, page_size
         self.k_dim, self.v_dim = k_dim, v_dim  # values per row (an int8 row stores its scale too)
         slots = num_pages * page_size
@@ -86,6 +92,7 @@ class PagedKVCache:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
     ) -> PagedKVCache:
         """A cache with the model family's geometry (layers, KV heads, key and value widths), in
         `dtype` (the compute dtype, or torch.int8 where the family's cache can hold it)."""
@@ -101,6 +108,7 @@ class PagedKVCache:
             dtype,
             device,
             shape.value_in_key,
+            compute_dtype,
         )
 
     @staticmethod
@@ -124,7 +132,9 @@ class PagedKVCache:
     def step_kernel_reason(self) -> str | None:
         """Why a decode step on this cache cannot run each layer as one `decode_step` call (the
         C++ kernel cannot run for its dtype, widths or device, or is switched off), or None."""
-        return step_kernel_reason(self.k.dtype, self.k_dim, self.v_dim, self.k.device.type)
+        return step_kernel_reason(
+            self.compute_dtype, self.k_dim, self.v_dim, self.k.device.type, cache_dtype=self.k.dtype
+        )
 
     def check_decode_step(self, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor) -> None:
         """Once per step, before its layers' `decode_step` calls store and read through these
@@ -256,7 +266,7 @@ class PagedAttention(AttentionContext):
 
 class SequenceCache:
     """A private paged cache for one sequence of up to `max_len` tokens (pages 0, 1, 2, ...), in
-    `dtype`: the compute dtype, or torch.int8 (the queries then take the model's compute dtype)."""
+    `dtype`: the compute dtype, or torch.int8 with `compute_dtype` naming the queries' dtype."""
 
     def __init__(
         self,
@@ -265,10 +275,12 @@ class SequenceCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         page_size: int = 16,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        """`compute_dtype`: the queries' (needed with an int8 cache; default `dtype`)."""
         pages = max(1, -(-max_len // page_size))
         self.model = model
-        self.cache = PagedKVCache.for_model(model, pages, page_size, dtype, device)
+        self.cache = PagedKVCache.for_model(model, pages, page_size, dtype, device, compute_dtype)
         self.page_ids = list(range(pages))
         self.max_len = max_len
 

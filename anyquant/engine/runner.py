@@ -114,11 +114,13 @@ class ModelRunner:
         page_size: int,
         cache_dtype: torch.dtype,
         device: torch.device,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
-        """`cache_dtype`: the KV cache's (the compute dtype, or int8: engine/kv_cache.py)."""
+        """`cache_dtype`: the KV cache's (the compute dtype, or int8: engine/kv_cache.py, which then
+        needs `compute_dtype`, the queries')."""
         self.model = model
         self.device = device
-        self.cache = PagedKVCache.for_model(model, num_pages, page_size, cache_dtype, device)
+        self.cache = PagedKVCache.for_model(model, num_pages, page_size, cache_dtype, device, compute_dtype)
         self.tables = BlockTables()
         # The compiled decode step, once `capture` succeeded (None: every step runs eagerly).
         self.captured: CapturedDecode | None = None

@@ -29,11 +29,16 @@ class PromptLogprobs:
 
 
 def prompt_logits(
-    model: EngineModel, ids: list[int], cache_dtype: torch.dtype, device: torch.device
+    model: EngineModel,
+    ids: list[int],
+    cache_dtype: torch.dtype,
+    device: torch.device,
+    compute_dtype: torch.dtype,
 ) -> Tensor:
     """fp32 logits [len(ids), vocab] of a teacher-forced pass through a cache of `cache_dtype` (the
-    engine's: the compute dtype, or int8)."""
-    return SequenceCache(model, len(ids), cache_dtype, device).forward(ids, 0).cpu()
+    engine's: the compute dtype, or int8) in `compute_dtype`."""
+    cache = SequenceCache(model, len(ids), cache_dtype, device, compute_dtype=compute_dtype)
+    return cache.forward(ids, 0).cpu()
 
 
 def prompt_logprobs(logits: Tensor, ids: list[int], k: int) -> PromptLogprobs:

@@ -210,7 +210,7 @@ def describe_checkpoint(
         "merged_projections": merge_docs(merges),
         # (an int8 cache is asked for as the cache's dtype: the kernel's answer depends on it)
         "decode_attention": describe_decode_attention(
-            dev, kv_dtype, model.cache_shape.k_dim, model.cache_shape.v_dim
+            dev, compute_dtype, model.cache_shape.k_dim, model.cache_shape.v_dim, cache_dtype=kv_dtype
         ),
         "unquantized_layers": [p.prefix for p in plans if p.spec is None],
         "totals": {

@@ -36,14 +36,18 @@ def unpack(message: Tensor) -> list[Tensor]:
     return out
 
 
-def new_cache(cache_id: int, num_pages: int, page_size: int, dtype: torch.dtype) -> Tensor:
-    """[kind, cache, pages, page size, dtype index]: workers allocate a twin of a rank-0 cache."""
-    return torch.tensor([NEW_CACHE, cache_id, num_pages, page_size, CACHE_DTYPES.index(dtype)])
+def new_cache(
+    cache_id: int, num_pages: int, page_size: int, dtype: torch.dtype, compute_dtype: torch.dtype
+) -> Tensor:
+    """[kind, cache, pages, page size, dtype index, compute dtype index]: workers allocate a twin
+    of a rank-0 cache (an int8 cache needs its queries' compute dtype)."""
+    dtypes = (CACHE_DTYPES.index(dtype), CACHE_DTYPES.index(compute_dtype))
+    return torch.tensor([NEW_CACHE, cache_id, num_pages, page_size, *dtypes])
 
 
-def decode_new_cache(msg: Tensor) -> tuple[int, int, int, torch.dtype]:
-    cache_id, pages, page_size, dtype = (int(v) for v in msg[1:5])
-    return cache_id, pages, page_size, CACHE_DTYPES[dtype]
+def decode_new_cache(msg: Tensor) -> tuple[int, int, int, torch.dtype, torch.dtype]:
+    cache_id, pages, page_size, dtype, compute_dtype = (int(v) for v in msg[1:6])
+    return cache_id, pages, page_size, CACHE_DTYPES[dtype], CACHE_DTYPES[compute_dtype]
 
 
 def drop_cache(cache_id: int) -> Tensor:

@@ -170,7 +170,9 @@ class TensorParallelModel(nn.Module):
             return known
         cid = self._next_cache
         self._next_cache += 1
-        commands.append(wire.new_cache(cid, cache.num_pages, cache.page_size, cache.k.dtype))
+        commands.append(
+            wire.new_cache(cid, cache.num_pages, cache.page_size, cache.k.dtype, cache.compute_dtype)
+        )
         self._cache_ids[cache] = cid
         # Dropped with the next message (never from inside a step: finalizers run anywhere).
         weakref.finalize(cache, self._dropped.append, cid)

@@ -144,8 +144,8 @@ def _run_command(
     if kind == wire.SHUTDOWN:
         return False
     if kind == wire.NEW_CACHE:
-        cid, pages, page_size, dtype = wire.decode_new_cache(msg)
-        caches[cid] = PagedKVCache.for_model(model, pages, page_size, dtype, device)
+        cid, pages, page_size, dtype, compute_dtype = wire.decode_new_cache(msg)
+        caches[cid] = PagedKVCache.for_model(model, pages, page_size, dtype, device, compute_dtype)
     elif kind == wire.DROP_CACHE:
         caches.pop(int(msg[1]), None)
     elif kind == wire.FORWARD:

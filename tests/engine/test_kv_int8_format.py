@@ -129,7 +129,7 @@ def _reference(q: torch.Tensor, keys: np.ndarray, values: np.ndarray, context: i
 def _int8_cache(hkv: int = 2, d: int = 8, dv: int = 8, pages: int = 32, page: int = 4) -> PagedKVCache:
     """A one-layer int8 cache whose every slot holds a random row (older tokens of the sequences)."""
     torch.manual_seed(0)
-    cache = PagedKVCache(1, pages, page, hkv, d, dv, torch.int8)
+    cache = PagedKVCache(1, pages, page, hkv, d, dv, torch.int8, compute_dtype=torch.float32)
     assert cache.k.shape == (1, hkv, pages * page, d + SCALE_BYTES)
     assert cache.v.shape == (1, hkv, pages * page, dv + SCALE_BYTES)
     cache.k.copy_(quantize_rows(torch.randn(1, hkv, pages * page, d) * 2))
@@ -211,7 +211,7 @@ def test_int8_cache_counts_its_bytes() -> None:
     # 2 layers x 16 slots x 2 KV heads x (key 128 + 4, value 128 + 4) bytes vs 256 + 256 in bf16
     assert PagedKVCache.bytes_per_page(2, 16, 2, 128, 128, torch.int8) == 2 * 16 * 2 * 264
     assert PagedKVCache.bytes_per_page(2, 16, 2, 128, 128, torch.bfloat16) == 2 * 16 * 2 * 512
-    cache = PagedKVCache(2, 3, 16, 2, 128, 128, torch.int8)
+    cache = PagedKVCache(2, 3, 16, 2, 128, 128, torch.int8, compute_dtype=torch.bfloat16)
     held = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
     assert held == 3 * PagedKVCache.bytes_per_page(2, 16, 2, 128, 128, torch.int8)
 
