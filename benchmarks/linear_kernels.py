@@ -91,6 +91,7 @@ SPECS = (
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", 128)),
     QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True)),
     QuantSpec("fp8_e5m2", "channel"),
+    QuantSpec("uint4", "group", group_size=128, has_zero=True),  # the int4 LM head's (`lm_head_dtype="int4"`)
 )
 # The C++ kernels: cpu_avx512 where the CPU has AVX512_BF16, cpu_avx2 on any AVX2 + FMA CPU (both
 # are timed where both run); an engine the CPU cannot run is left out of the table.

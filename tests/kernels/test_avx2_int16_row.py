@@ -222,8 +222,8 @@ def fused_experts(spec: QuantSpec, dead_column: int | None = None) -> tuple[Fuse
 )
 def test_fused_moe_one_token_within_budget(spec: QuantSpec) -> None:
     """One token: every expert runs one row (x and the fp32 h as 16-bit fixed point). Its fp32
-    output is within ~2^-15 of float64 (h rounded to 2^-15 of each span's largest value); an
-    8-bit x would be ~4e-3 off."""
+    output is within ~2^-15 of float64 (h rounded to 2^-15 of each span's largest value:
+    measured ~5e-5 relative, the fp32 kernel ~2e-7); an 8-bit x, 256x coarser, would be ~1e-2."""
     gen = torch.Generator().manual_seed(17)
     fused, dense = fused_experts(spec)
     x = torch.randn(1, HIDDEN, generator=gen).to(BF16)
@@ -231,7 +231,7 @@ def test_fused_moe_one_token_within_budget(spec: QuantSpec) -> None:
         ids = torch.randperm(EXPERTS, generator=gen)[:2].unsqueeze(0)
         weights = torch.rand(1, 2, generator=gen)
         err = rel_err(fused(x, weights, ids), float64_moe(x, weights, ids, dense))
-        assert err <= 1e-4, f"{spec.describe()}: {err:.2e}"
+        assert err <= 2e-4, f"{spec.describe()}: {err:.2e}"
 
 
 @needs_kernel
