@@ -26,6 +26,7 @@ from anyquant.layers.kv_quant import (
     row_width,
     stored_width,
 )
+from tests.helpers.attention_reference import causal_attention_float64
 
 
 def _rule(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,23 +110,6 @@ def test_widths_and_option_names() -> None:
 # -- paged attention on an int8 cache --------------------------------------------------------------
 
 
-def _reference(q: torch.Tensor, keys: np.ndarray, values: np.ndarray, context: int, window: int | None):
-    """float64 attention of one sequence's T new queries (positions context-T..context-1) over its
-    `context` keys [S, Hkv, D] -> [T, H * Dv], by the definition."""
-    t, h, _ = q.shape
-    group = h // keys.shape[1]
-    k = torch.from_numpy(keys).repeat_interleave(group, dim=1)  # [S, H, D]
-    v = torch.from_numpy(values).repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.double(), k) * q.shape[-1] ** -0.5
-    q_pos = torch.arange(context - t, context)[:, None]
-    k_pos = torch.arange(context)[None, :]
-    allowed = k_pos <= q_pos
-    if window:
-        allowed &= k_pos > q_pos - window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, -1)
-
-
 def _int8_cache(hkv: int = 2, d: int = 8, dv: int = 8, pages: int = 32, page: int = 4) -> PagedKVCache:
     """A one-layer int8 cache whose every slot holds a random row (older tokens of the sequences)."""
     torch.manual_seed(0)
@@ -162,7 +146,9 @@ def _check_int8(
         # this step's rows were stored quantized: within half a step of the row's scale
         stored_err = np.abs(keys[cached:] - k[at : at + new].double().numpy()).max(-1)
         assert (stored_err <= np.abs(k[at : at + new].double().numpy()).max(-1) / 254 * (1 + 1e-4)).all()
-        want = _reference(q[at : at + new], keys, values, cached + new, window)
+        want = causal_attention_float64(
+            q[at : at + new], torch.from_numpy(keys), torch.from_numpy(values), cached + new, window
+        )
         assert torch.allclose(out[at : at + new].double(), want, atol=atol), (pages, window)
         at += new
 

@@ -17,25 +17,9 @@ from anyquant.engine.engine import Engine, EngineConfig
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers import attention
 from anyquant.utils.tiny_model import write_tiny_model
+from tests.helpers.attention_reference import causal_attention_float64
 
 transformers = pytest.importorskip("transformers")
-
-
-def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int, window: int | None):
-    """float64 attention of one sequence's T new queries (positions context-T..context-1) over its
-    `context` keys [S, Hkv, D] -> [T, H * Dv], by the definition."""
-    t, h, _ = q.shape
-    group = h // keys.shape[1]
-    k = keys.double().repeat_interleave(group, dim=1)  # [S, H, D]
-    v = values.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.double(), k) * q.shape[-1] ** -0.5
-    q_pos = torch.arange(context - t, context)[:, None]
-    k_pos = torch.arange(context)[None, :]
-    allowed = k_pos <= q_pos
-    if window:
-        allowed &= k_pos > q_pos - window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, -1)
 
 
 def _check(
@@ -52,7 +36,7 @@ def _check(
         slots = torch.tensor([pages[p // page] * page + p % page for p in range(cached + new)])
         keys, values = cache.k[0][:, slots].transpose(0, 1), cache.v[0][:, slots].transpose(0, 1)
         assert torch.equal(keys[cached:], k[at : at + new])  # this step's keys were written in place
-        want = _reference(q[at : at + new], keys, values, cached + new, window)
+        want = causal_attention_float64(q[at : at + new], keys, values, cached + new, window)
         assert torch.allclose(out[at : at + new].double(), want, atol=1e-5), (pages, window)
         at += new
     return ctx
