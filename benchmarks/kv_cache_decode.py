@@ -3,10 +3,10 @@
 Loads the Qwen2.5-0.5B-shaped W4A16 checkpoint that `benchmarks/decode_cpu.py` builds twice, bf16
 compute, with the same `--kv-cache-gb`: one engine keeps the cache in bf16, the other as int8 rows
 (layers/kv_quant.py). Prints the pages each budget holds, then times eager engine decode steps at
-every context and batch for: the bf16 cache through the C++ decode attention ("auto"), the bf16
-cache through the pure-torch attention ("torch") and the int8 cache (which the C++ kernel does not
-read yet: always the pure-torch attention, its rows dequantized after the gather). The cases
-alternate within each round, so a shared machine's changing load hits them alike. Prompts are
+every context and batch for both caches through the C++ decode attention ("auto"; the int8 cache
+on its AVX2 path, codes read in place) and through the pure-torch attention ("torch"; int8 rows
+dequantized after the gather). The cases alternate within each round, so a shared machine's
+changing load hits them alike. Prompts are
 recorded as computed without a prefill (decode_step.py's `_ready`: the pages hold zeros, which
 cost a step the same).
 
@@ -27,8 +27,8 @@ from anyquant import LLM
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.layers.decode_kernel import set_decode_kernel
 
-# (KV cache option, decode attention mode): the int8 cache runs the pure-torch path either way.
-CASES = (("auto", "auto"), ("auto", "torch"), ("int8", "torch"))
+# (KV cache option, decode attention mode)
+CASES = (("auto", "auto"), ("int8", "auto"), ("auto", "torch"), ("int8", "torch"))
 
 
 def main() -> None:
