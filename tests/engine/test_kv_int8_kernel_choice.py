@@ -58,5 +58,8 @@ def test_int8_decode_steps_match_the_torch_path(tmp_path: Path, dtype: torch.dty
 
     kernel, torch_path = decode_logits("auto"), decode_logits("torch")
     rel = float((kernel - torch_path).norm() / torch_path.norm())
-    # fp32: the two differ by the order of fp32 sums only; bf16: by bf16 roundings of the output
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    # The first layer's outputs differ by fp32 rounding (the order of the sums) only, but every
+    # later layer quantizes its new rows from them: a value on a rounding boundary moves by one
+    # step (1/127 of its row's largest), so fp32 logits differ by ~1e-4 (measured 1.2e-4), not
+    # ~1e-7 as with a float cache; a wrong scale or row would be off by far more. bf16: its roundings.
+    assert rel < (1e-3 if dtype == torch.float32 else 2e-2), rel
