@@ -25,7 +25,7 @@ from anyquant import LLM, SamplingParams
 from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers import decode_kernel
 from anyquant.utils.tiny_model import write_tiny_model
-from tests.engine.test_paged_attention import _reference
+from tests.helpers.attention_reference import causal_attention_float64
 
 STEP_OP = "anyquant_cpu::paged_decode_step"
 CHECK_OP = "anyquant_cpu::check_decode_step"
@@ -87,7 +87,9 @@ def test_decode_step_is_one_call_per_layer_and_matches_float64(
             keys = cache.k[layer][:, slots].transpose(0, 1)
             values = cache.v[layer][:, slots].transpose(0, 1)
             assert torch.equal(keys[-1], k[layer, b]) and torch.equal(values[-1], v[layer, b])
-            want = _reference(q[layer, b : b + 1], keys, values, cached + 1, window)  # scale dk**-0.5
+            want = causal_attention_float64(
+                q[layer, b : b + 1], keys, values, cached + 1, window
+            )  # scale dk**-0.5
             assert torch.allclose(out[b : b + 1].double(), want, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ from anyquant.engine.kv_cache import PagedAttention, PagedKVCache
 from anyquant.layers.attention import plan_paged_attention
 from anyquant.layers.custom_ops import register_ops, set_decode_step
 from anyquant.utils.tiny_model import write_tiny_model
-from tests.engine.test_paged_attention import _reference
+from tests.helpers.attention_reference import causal_attention_float64
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
 
@@ -74,7 +74,7 @@ def test_eager_decode_layers_read_nothing_back() -> None:
             slots = torch.tensor(_slots(pages, range(cached + 1), cache.page_size))
             keys, values = cache.k[layer][:, slots].transpose(0, 1), cache.v[layer][:, slots].transpose(0, 1)
             assert torch.equal(keys[-1], k[b]) and torch.equal(values[-1], v[b])
-            want = _reference(q[b : b + 1], keys, values, cached + 1, None)
+            want = causal_attention_float64(q[b : b + 1], keys, values, cached + 1, None)
             assert torch.allclose(out[b : b + 1].double(), want, atol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_captured_attention_op_stores_only_real_rows_and_reads_nothing_back(valu
         ids = torch.tensor(_slots(pages, range(cached + 1), page))
         keys, values = cache.k[0][:, ids].transpose(0, 1), cache.v[0][:, ids].transpose(0, 1)
         assert torch.equal(keys[-1], k[b])
-        want = _reference(q[b : b + 1], keys, values, cached + 1, None)
+        want = causal_attention_float64(q[b : b + 1], keys, values, cached + 1, None)
         assert torch.allclose(out[b : b + 1].double(), want, atol=1e-5)
 
 
