@@ -27,7 +27,7 @@ from torch import Tensor
 
 from anyquant.errors import TensorError
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.base import LinearKernel, check_weight
 from anyquant.quant.kernels.torch_cpu import _act_order_permutation
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.registry import register_kernel
@@ -128,14 +128,7 @@ class RepackedWeightOnlyKernel(LinearKernel):
         return cls.cpu_reason() or cpu_ext.unavailable_reason()
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        if not isinstance(weight, QuantWeight):
-            raise TypeError(f"{self.name} kernel expects a QuantWeight")
-        if weight.num_experts is not None:
-            raise TypeError(f"{self.name} kernel serves one 2-D weight, got {weight.num_experts} experts")
-        if tuple(weight.shape) != tuple(self.shape):
-            raise TensorError(
-                "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
-            )
+        weight = check_weight(weight, self)
         spec = weight.spec
         n, k = self.shape
         self.spec = spec

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from anyquant.errors import TensorError
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.base import LinearKernel, check_weight
 from anyquant.quant.kernels.torch_cpu import _act_order_permutation
 from anyquant.quant.reference import activation_amax
 from anyquant.quant.registry import register_kernel
@@ -118,14 +118,7 @@ class Int8ActivationKernel(LinearKernel):
         raise NotImplementedError
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        if not isinstance(weight, QuantWeight):
-            raise TypeError(f"{self.name} kernel expects a QuantWeight")
-        if weight.num_experts is not None:
-            raise TypeError(f"{self.name} serves one 2-D weight, got {weight.num_experts} experts")
-        if tuple(weight.shape) != tuple(self.shape):
-            raise TensorError(
-                "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
-            )
+        weight = check_weight(weight, self)
         spec = weight.spec
         act = spec.act
         assert act is not None  # cannot_run refuses weight-only specs

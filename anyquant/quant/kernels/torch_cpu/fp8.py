@@ -8,10 +8,10 @@ import functools
 import torch
 from torch import Tensor
 
+from anyquant.quant.kernels.base import check_weight
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
-    _check_weight,
     _chunked_linear,
     _finish,
     _pad_columns,
@@ -75,7 +75,7 @@ class CpuFp8DequantKernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         spec = w.spec
         n, k = self.shape
         self.spec = spec

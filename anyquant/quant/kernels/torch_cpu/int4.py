@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import TensorError, UnsupportedError
+from anyquant.quant.kernels.base import check_weight
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
-    _check_weight,
     _finish,
     _fused_ops_vectorized,
     _pad_columns,
@@ -131,7 +131,7 @@ class CpuInt4Kernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         spec = w.spec
         n, k = self.shape
         layout = _int4pack_layout()

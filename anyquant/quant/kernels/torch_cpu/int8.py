@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anyquant.quant.kernels.base import check_weight
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
     _aligned,
-    _check_weight,
     _chunked_linear,
     _finish,
     _fused_ops_vectorized,
@@ -58,7 +58,7 @@ class CpuInt8WeightKernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         n, k = self.shape
         codes = w.data
         if w.spec.weight == "uint8":  # implicit zero 128: code - 128 is in [-128, 127], exact
