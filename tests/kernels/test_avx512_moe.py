@@ -26,6 +26,7 @@ from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, fuse, f
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.cpu_kernels import kernel_param
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
 from tests.helpers.threads import at_thread_counts
@@ -60,11 +61,7 @@ OPS = {Avx512WeightOnlyKernel: "moe_experts", Avx2WeightOnlyKernel: "moe_experts
 
 def isa_param(cls: KernelClass, *values: object) -> object:
     """A pytest param of `cls` (and `values`), skipped with the reason where its kernel cannot run."""
-    reason = cls.cannot_run(SPECS[0], "experts", CPU, (64, 64), BF16)
-    spec = next((v for v in values if isinstance(v, QuantSpec)), None)
-    ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
-    mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
-    return pytest.param(cls, *values, marks=mark, id=ids)
+    return kernel_param(cls, *values, probe=SPECS[0], kind="experts")
 
 
 EVERY_ISA = [isa_param(cls) for cls in ISAS]

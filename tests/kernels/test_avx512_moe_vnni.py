@@ -30,6 +30,7 @@ from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationK
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.cpu_kernels import kernel_param
 from tests.helpers.errors import rel_err
 from tests.helpers.threads import at_thread_counts
 from tests.kernels.test_avx512_moe import (
@@ -71,11 +72,7 @@ ISAS: list[KernelClass] = [Avx512VnniKernel, Avx2Int8ActivationKernel]
 
 def isa_param(cls: KernelClass, *values: object) -> object:
     """A pytest param of `cls` (and `values`), skipped with the reason where its kernel cannot run."""
-    reason = cls.cannot_run(W4A8[0], "experts", CPU, (64, 64), BF16)
-    spec = next((v for v in values if isinstance(v, QuantSpec)), None)
-    ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
-    mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
-    return pytest.param(cls, *values, marks=mark, id=ids)
+    return kernel_param(cls, *values, probe=W4A8[0], kind="experts")
 
 
 EVERY_ISA = [isa_param(cls) for cls in ISAS]
