@@ -13,7 +13,7 @@ computed by the caller, which a row-parallel layer takes over every rank's slice
 The kernel never communicates itself.
 
 `check_weight` is the check every quantized kernel's `load` starts with: one canonical weight of
-the shape the kernel was built for.
+the shape the kernel was built for; `round_up` pads a dimension to the multiple a layout needs.
 """
 
 from __future__ import annotations
@@ -142,3 +142,8 @@ def check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWei
             "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
         )
     return weight
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `value`."""
+    return -(-value // multiple) * multiple

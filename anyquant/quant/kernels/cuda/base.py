@@ -1,5 +1,5 @@
-"""What the CUDA kernels share: the capability check, padding and the output's finish (every
-kernel's weight check is kernels/base.py's `check_weight`).
+"""What the CUDA kernels share: the capability check and the output's finish (the weight check
+and the padding arithmetic every kernel shares are kernels/base.py's `check_weight`, `round_up`).
 
 `cannot_run` is the shared pre-check (device, role, dtype: kernels/base.py) followed by the
 device's compute capability (`min_capability`, from `utils/devices.cuda_properties`, which a
@@ -21,10 +21,6 @@ from anyquant.quant.spec import LayerKind, QuantSpec
 from anyquant.utils.devices import CudaProperties, cuda_properties, cuda_unavailable_reason
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class CudaKernel(LinearKernel):

@@ -20,10 +20,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 class TorchCpuKernel(LinearKernel):
     """What the kernels of this package share in `cannot_run`: CPU only, float compute dtypes,
     and no float offsets (GGUF minimums), which none of these torch ops applies."""

@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import Tensor
 
-from anyquant.quant.kernels.base import check_weight
+from anyquant.quant.kernels.base import check_weight, round_up
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
@@ -17,7 +17,6 @@ from anyquant.quant.kernels.torch_cpu.chunking import (
     _pad_columns,
     _padded_bias,
     _round_to,
-    _round_up,
     _Scratch,
 )
 from anyquant.quant.reference import fake_quantize_activations
@@ -82,7 +81,7 @@ class CpuFp8DequantKernel(TorchCpuKernel):
         bn, bk = spec.block_shape if spec.granularity == "block" else (1, k)
         # Block scales: pad to whole blocks so a chunk of rows reshapes into [rows/Bn, Bn, K/Bk, Bk].
         self.block = (bn, bk)
-        self.n_pad, self.k_pad = _round_up(n, bn), _round_up(k, bk)
+        self.n_pad, self.k_pad = round_up(n, bn), round_up(k, bk)
         codes = w.data
         if (self.n_pad, self.k_pad) != (n, k):
             codes = torch.zeros(self.n_pad, self.k_pad, dtype=w.data.dtype)
@@ -118,6 +117,6 @@ class CpuFp8DequantKernel(TorchCpuKernel):
             x = x.to(self.compute_dtype)
         x = _pad_columns(x, self.k_pad)
         rows = max(1, _CHUNK_ELEMENTS // self.k_pad)
-        rows = _round_up(rows, self.block[0])
+        rows = round_up(rows, self.block[0])
         y = _chunked_linear(x, self.n_pad, rows, self._dense_rows, _padded_bias(bias, self.n_pad, x.dtype))
         return _finish(y, n, None)

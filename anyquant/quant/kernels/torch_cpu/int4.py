@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import TensorError, UnsupportedError
-from anyquant.quant.kernels.base import check_weight
+from anyquant.quant.kernels.base import check_weight, round_up
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
@@ -17,7 +17,6 @@ from anyquant.quant.kernels.torch_cpu.chunking import (
     _pad_columns,
     _padded_bias,
     _round_to,
-    _round_up,
     _Scratch,
 )
 from anyquant.quant.registry import register_kernel
@@ -141,8 +140,8 @@ class CpuInt4Kernel(TorchCpuKernel):
         if spec.granularity == "group":
             group, ng = spec.group_size, num_groups(k, spec.group_size)
         else:  # channel: one group spanning the row, padded to a multiple of 32 for the op
-            group, ng = _round_up(k, 32), 1
-        self.group, self.k_pad, self.n_pad = group, ng * group, _round_up(n, self.block_n)
+            group, ng = round_up(k, 32), 1
+        self.group, self.k_pad, self.n_pad = group, ng * group, round_up(n, self.block_n)
 
         codes = w.data
         perm = None
