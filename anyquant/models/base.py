@@ -209,13 +209,32 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
-        # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it;
-        # sublayer outputs join it through type promotion inside the add (no separate cast), and
-        # each norm casts into the compute dtype once.
-        dtype = self.compute_dtype
-        attn = self.self_attn(self.input_layernorm(x, dtype), positions, cos_sin, ctx)
-        x, h = add_rms_norm(x, attn, self.post_attention_layernorm, dtype)
-        return x + self.mlp(h)
+        return pre_norm_layer(
+            x, positions, cos_sin, ctx, self.input_layernorm, self.self_attn,
+            self.post_attention_layernorm, self.mlp, self.compute_dtype,
+        )  # fmt: skip
+
+
+def pre_norm_layer(
+    x: Tensor,
+    positions: Tensor,
+    cos_sin: tuple[Tensor, Tensor],
+    ctx: AttentionContext,
+    attention_norm: RMSNorm,
+    attention: nn.Module,
+    mlp_norm: RMSNorm,
+    mlp: nn.Module,
+    dtype: torch.dtype,
+) -> Tensor:
+    """One pre-norm decoder layer over the residual stream x [T, hidden] (fp32): x + attention of
+    its norm, then + the MLP of that sum's norm. Every family's layer runs it under its own
+    checkpoint names (DecoderLayer, InternLM2Layer)."""
+    # The residual stream stays in fp32 so that fp16/bf16 compute cannot overflow or drift it;
+    # sublayer outputs join it through type promotion inside the add (no separate cast), and
+    # each norm casts into the compute dtype once.
+    attn = attention(attention_norm(x, dtype), positions, cos_sin, ctx)
+    x, h = add_rms_norm(x, attn, mlp_norm, dtype)
+    return x + mlp(h)
 
 
 class DecoderBody(nn.Module):

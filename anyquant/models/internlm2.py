@@ -23,9 +23,9 @@ from anyquant.layers.attention import AttentionContext
 from anyquant.layers.embedding import VocabParallelEmbedding
 from anyquant.layers.linear import QuantLinear, SplitGroup, TensorParallelLayer
 from anyquant.layers.mlp import GatedMLP
-from anyquant.layers.norm import RMSNorm, add_rms_norm
+from anyquant.layers.norm import RMSNorm
 from anyquant.layers.rotary import RotaryEmbedding
-from anyquant.models.base import CacheShape, DecoderArgs, InputEmbeds, run_decoder
+from anyquant.models.base import CacheShape, DecoderArgs, InputEmbeds, pre_norm_layer, run_decoder
 
 if TYPE_CHECKING:
     from anyquant.parallel.partition import Partition
@@ -118,11 +118,10 @@ class InternLM2Layer(nn.Module):
     def forward(
         self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor], ctx: AttentionContext
     ) -> Tensor:
-        # Residual stream in fp32, norms cast into the compute dtype (as models.base.DecoderLayer).
-        dtype = self.compute_dtype
-        attn = self.attention(self.attention_norm(x, dtype), positions, cos_sin, ctx)
-        x, h = add_rms_norm(x, attn, self.ffn_norm, dtype)
-        return x + self.feed_forward(h)
+        return pre_norm_layer(
+            x, positions, cos_sin, ctx, self.attention_norm, self.attention,
+            self.ffn_norm, self.feed_forward, self.compute_dtype,
+        )  # fmt: skip
 
 
 class InternLM2Body(nn.Module):

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from anyquant.config_fields import cfg_float, cfg_int, read_json_object
+from anyquant.config_fields import cfg_int
 from anyquant.errors import CheckpointError
+from anyquant.models.image_preprocessing import PixelNormalization, read_preprocessor_config
 from anyquant.models.multimodal import (
     CrossImage,
     ImageInput,
@@ -33,7 +34,6 @@ from anyquant.models.multimodal import (
     require_image,
     to_rgb,
 )
-from anyquant.models.qwen2_vl_processor import _triple
 
 _IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 _BILINEAR = 2
@@ -72,9 +72,8 @@ class MllamaImageProcessor(ImageProcessor):
     def __init__(
         self, model_dir: Path, config: dict[str, Any], image_size: int, max_num_tiles: int, patch_size: int
     ) -> None:
-        path = Path(model_dir) / "preprocessor_config.json"
-        pre = read_json_object(path) if path.is_file() else {}
-        where = str(path)
+        pre = read_preprocessor_config(model_dir)
+        where = str(Path(model_dir) / "preprocessor_config.json")
         size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
         assert isinstance(size, dict)
         self.tile = cfg_int(size, "height", image_size, where=f"{where} size")
@@ -89,19 +88,16 @@ class MllamaImageProcessor(ImageProcessor):
         for flag in ("do_resize", "do_pad"):
             if pre.get(flag, True) is not True:
                 raise CheckpointError(f"{where}: {flag}=false is not supported (nor by the reference)")
-        self.mean = _triple(pre, "image_mean", _IMAGENET_STANDARD, where)
-        self.std = _triple(pre, "image_std", _IMAGENET_STANDARD, where)
-        self.rescale_factor = cfg_float(pre, "rescale_factor", 1 / 255, where=where)
-        self.do_rescale = bool(pre.get("do_rescale", True))
-        self.do_normalize = bool(pre.get("do_normalize", True))
+        self.pixels = PixelNormalization.read(pre, where, _IMAGENET_STANDARD, _IMAGENET_STANDARD)
         self.do_convert_rgb = bool(pre.get("do_convert_rgb", True))
         self.resample = cfg_int(pre, "resample", _BILINEAR, minimum=0, where=where)
         self.image_token_id = cfg_int(config, "image_token_index", config.get("image_token_id", 128256))
         # Keys one tile yields in the language model's cross-attention (patches + class token).
         self.keys_per_tile = (image_size // patch_size) ** 2 + 1
+        px = self.pixels
         self._settings = repr(
-            (self.tile, self.max_tiles, self.mean, self.std, self.rescale_factor, self.do_rescale)
-        ) + repr((self.do_normalize, self.do_convert_rgb, self.resample))
+            (self.tile, self.max_tiles, px.mean, px.std, px.rescale_factor, px.do_rescale)
+        ) + repr((px.do_normalize, self.do_convert_rgb, self.resample))
 
     def num_tokens_for(self, width: int, height: int) -> int:
         return 1
@@ -125,13 +121,7 @@ class MllamaImageProcessor(ImageProcessor):
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(h, w, 3)
         canvas = torch.zeros(3, rows * self.tile, cols * self.tile, dtype=torch.float64)
         canvas[:, :h, :w] = pixels.permute(2, 0, 1).double()
-        if self.do_rescale:
-            canvas = canvas * self.rescale_factor
-        x = canvas.float()
-        if self.do_normalize:
-            mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-            std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-            x = (x - mean) / std
+        x = self.pixels.apply(canvas)
         t = self.tile
         tiles = x.reshape(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
         packed = torch.zeros(self.max_tiles, 3, t, t)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyquant.config_fields import cfg_float, cfg_int, read_json_object
+from anyquant.config_fields import cfg_int
 from anyquant.errors import CheckpointError
+from anyquant.models.image_preprocessing import PixelNormalization, read_preprocessor_config
 from anyquant.models.multimodal import (
     ImageInput,
     ImageInputError,
@@ -53,22 +54,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def _read_preprocessor_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "preprocessor_config.json"
-    return read_json_object(path) if path.is_file() else {}
-
-
-def _triple(cfg: dict[str, Any], key: str, default: tuple[float, ...], where: str) -> tuple[float, ...]:
-    value = cfg.get(key)
-    if value is None:
-        return default
-    if isinstance(value, int | float):
-        value = [value] * 3
-    if not isinstance(value, list) or len(value) != 3:
-        raise CheckpointError(f"{where}: field {key!r} = {value!r:.80}; expected 3 numbers")
-    return tuple(cfg_float({"v": v}, "v", where=f"{where} {key}") for v in value)
-
-
 class Qwen2VLImageProcessor(ImageProcessor):
     def __init__(
         self,
@@ -84,7 +69,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
             if pre is not None
             else str(model_dir / "preprocessor_config.json")
         )
-        pre = _read_preprocessor_config(model_dir) if pre is None else pre
+        pre = read_preprocessor_config(model_dir) if pre is None else pre
         size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
         assert isinstance(size, dict)
         # Older files give min/max_pixels, newer ones size.shortest_edge / longest_edge (pixels).
@@ -114,20 +99,15 @@ class Qwen2VLImageProcessor(ImageProcessor):
             )
         if self.min_pixels > self.max_pixels:
             raise CheckpointError(f"{where}: min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
-        self.mean = _triple(pre, "image_mean", _CLIP_MEAN, where)
-        self.std = _triple(pre, "image_std", _CLIP_STD, where)
-        self.rescale_factor = cfg_float(pre, "rescale_factor", 1 / 255, where=where)
+        self.pixels = PixelNormalization.read(pre, where, _CLIP_MEAN, _CLIP_STD)
         self.do_resize = bool(pre.get("do_resize", True))
-        self.do_rescale = bool(pre.get("do_rescale", True))
-        self.do_normalize = bool(pre.get("do_normalize", True))
         self.resample = cfg_int(pre, "resample", 3, minimum=0, where=where)  # PIL's BICUBIC
         self.image_token_id = cfg_int(config, "image_token_id", 151655, minimum=0)
         self.vision_start_token_id = cfg_int(config, "vision_start_token_id", 151652, minimum=0)
+        px = self.pixels
         self._settings = repr(
             (self.min_pixels, self.max_pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
-        ) + repr(
-            (self.mean, self.std, self.rescale_factor, self.do_resize, self.do_rescale, self.do_normalize)
-        )
+        ) + repr((px.mean, px.std, px.rescale_factor, self.do_resize, px.do_rescale, px.do_normalize))
         self._settings += f"resample={self.resample}"
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
@@ -161,14 +141,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
         if (w, h) != rgb.size:
             rgb = rgb.resize((w, h), resample=Image.Resampling(self.resample))
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(h, w, 3)
-        x = pixels.permute(2, 0, 1).double()
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        x = x.float()
-        if self.do_normalize:
-            mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-            std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-            x = (x - mean) / std
+        x = self.pixels.apply(pixels.permute(2, 0, 1).double())
         patches, grid_h, grid_w = self._patchify(x)
         grid = torch.tensor([1, grid_h, grid_w], dtype=torch.long)
         tokens = grid_h * grid_w // self.merge_size**2

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from anyquant.utils.tiny_model import byte_level_bpe
+
 VOCAB = 272
 # byte tokens 0..255, <s> 256, </s> 257, <pad> 258, headers and eot 259..261, spares, <|image|>
 BOS, EOS, PAD = 256, 257, 258
@@ -73,13 +75,7 @@ def tiny_mllama_config(**text_overrides: Any) -> Any:
 
 
 def tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level_bpe()
     spares = [f"<|reserved_{i}|>" for i in range(IMAGE - 256 - len(_SPECIAL))]
     tok.add_special_tokens([*_SPECIAL, *spares, "<|image|>"])
     assert tok.token_to_id("<|image|>") == IMAGE

@@ -94,15 +94,24 @@ def random_weights(config: dict[str, Any], seed: int = 0, std: float = 0.08) -> 
     return t
 
 
-def byte_tokenizer_json() -> str:
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def byte_level_bpe() -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` with no merges: ids 0-255 are the 256 bytes; each
+    tiny checkpoint adds its own special tokens after them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def byte_tokenizer_json() -> str:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>."""
+    from tokenizers import processors
+
+    tok = byte_level_bpe()
     tok.add_special_tokens(["<s>", "</s>", "<pad>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
     return str(tok.to_str())

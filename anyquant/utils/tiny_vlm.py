@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from anyquant.utils.tiny_model import byte_level_bpe
+
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 # byte tokens 0..255, <s> 256, </s> 257, <pad> 258, then SPECIAL_TOKENS from 259
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = range(259, 264)
@@ -92,13 +94,7 @@ def tiny_vlm_config(
 
 
 def tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level_bpe()
     tok.add_special_tokens(["<s>", "</s>", "<pad>", *SPECIAL_TOKENS])
     return str(tok.to_str())
 

@@ -22,14 +22,11 @@ from anyquant import LLM, SamplingParams
 from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.cuda import DEVICE
+from tests.helpers.errors import rel_err
 from tests.loading.test_formats_end_to_end import FORMATS, IDS
 
 WEIGHT_ONLY_BUDGET = {torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
 ACT_BUDGET = {"int8": 6e-2, "fp8": 0.15}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +64,7 @@ def test_format_on_cuda_matches_cpu_reference(
     assert got.shape == want.shape and bool(torch.isfinite(got).all()), kernels
     act = FORMATS[fmt][2]
     budget = WEIGHT_ONLY_BUDGET[dtype] if act is None else ACT_BUDGET[act[0]]
-    err = rel_l2(got, want)
+    err = rel_err(got, want)
     print(f"{fmt} {dtype}: rel-L2 {err:.2e} kernels {kernels}")
     assert err < budget, f"{fmt} {dtype}: rel-L2 {err:.2e} >= {budget} (kernels {kernels})"
 
@@ -84,7 +81,7 @@ def test_tp1_on_cuda_equals_cpu_in_float32(quantized: dict[str, Path], fmt: str)
     act = FORMATS[fmt][2]
     cpu = LLM(str(path), device="cpu", dtype="float32", kernel="reference", max_num_seqs=4)
     gpu = LLM(str(path), device=str(DEVICE), dtype="float32", max_num_seqs=4)
-    assert rel_l2(gpu.logits(IDS), cpu.logits(IDS)) < TP1_BUDGET[None if act is None else act[0]]
+    assert rel_err(gpu.logits(IDS), cpu.logits(IDS)) < TP1_BUDGET[None if act is None else act[0]]
     if act is not None:
         return
     # The engine end to end (paged KV cache, scheduler, sampling) on the GPU: the same greedy tokens.
@@ -102,4 +99,4 @@ def test_tp2_over_nccl_equals_tp1(quantized: dict[str, Path]) -> None:
     path = quantized["awq-g32"]
     one = LLM(str(path), device=str(DEVICE), dtype="float32").logits(IDS)
     with LLM(str(path), device=str(DEVICE), dtype="float32", tensor_parallel_size=2) as two:
-        assert rel_l2(two.logits(IDS), one) < 1e-4
+        assert rel_err(two.logits(IDS), one) < 1e-4

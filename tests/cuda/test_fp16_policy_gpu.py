@@ -11,7 +11,8 @@ import torch
 from anyquant import LLM
 from anyquant.errors import NumericsError
 from tests.cuda import DEVICE
-from tests.engine.test_fp16_policy import IDS, MLP_OVERFLOW, _float64_logits, _scaled_model, rel_l2
+from tests.engine.test_fp16_policy import IDS, MLP_OVERFLOW, _float64_logits, _scaled_model
+from tests.helpers.errors import rel_err
 
 
 def test_guard_keeps_the_mlp_overflow_finite_on_the_device(tmp_path: Path) -> None:
@@ -21,7 +22,7 @@ def test_guard_keeps_the_mlp_overflow_finite_on_the_device(tmp_path: Path) -> No
     assert set(llm.fp16_report.shifts) == {"model.layers.0.mlp.down_proj"}
     logits = llm.logits(IDS)
     assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
-    assert rel_l2(logits, _float64_logits(path)) < 1e-2
+    assert rel_err(logits, _float64_logits(path)) < 1e-2
 
 
 def test_guard_names_the_layer_it_cannot_rescale_on_the_device(tmp_path: Path) -> None:

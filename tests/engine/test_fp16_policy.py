@@ -21,6 +21,7 @@ from anyquant.engine.numerics import first_nonfinite_module
 from anyquant.errors import NumericsError
 from anyquant.loading.loader import load_model
 from anyquant.utils.tiny_model import write_tiny_model
+from tests.helpers.errors import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,10 +48,6 @@ def _float64_logits(path: Path) -> torch.Tensor:
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         return model(torch.tensor([IDS])).logits[0]
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # Layer 0's MLP: gate and up outputs of a few hundred multiply to beyond 65504, and the down
@@ -90,7 +87,7 @@ def test_guard_keeps_the_mlp_overflow_finite_and_close_to_float64(mlp_overflow: 
     assert bool(torch.isfinite(logits).all())
     # fp16 compute against float64: a budget for fp16 rounding (2^-11 per operation), far below
     # what an overflow (inf) or a wrongly scaled layer (off by 2^shift) would give.
-    assert rel_l2(logits, _float64_logits(mlp_overflow)) < 1e-2
+    assert rel_err(logits, _float64_logits(mlp_overflow)) < 1e-2
 
 
 def test_a_shifted_gate_up_keeps_the_down_projection_guarded(tmp_path: Path) -> None:
@@ -110,7 +107,7 @@ def test_a_shifted_gate_up_keeps_the_down_projection_guarded(tmp_path: Path) -> 
     assert guards["model.layers.0.mlp.down_proj.kernel"] == 0
     logits = llm.logits(IDS)
     assert bool(torch.isfinite(logits).all())
-    assert rel_l2(logits, _float64_logits(path)) < 1e-2
+    assert rel_err(logits, _float64_logits(path)) < 1e-2
 
 
 def test_guard_names_a_key_value_overflow_it_cannot_rescale(tmp_path: Path) -> None:
@@ -129,7 +126,7 @@ def test_no_guard_outside_float16(mlp_overflow: Path) -> None:
     llm = LLM(str(mlp_overflow), dtype="float32", max_num_seqs=2)
     assert llm.fp16_report is None
     assert not any(isinstance(m, RangeGuardKernel) for m in llm.model.modules())
-    assert rel_l2(llm.logits(IDS), _float64_logits(mlp_overflow)) < 1e-4
+    assert rel_err(llm.logits(IDS), _float64_logits(mlp_overflow)) < 1e-4
 
 
 def test_needed_shift_leaves_headroom() -> None:

@@ -7,7 +7,6 @@ quantizer for the fbgemm row-wise formula.
 
 from __future__ import annotations
 
-import json
 import math
 import types
 from pathlib import Path
@@ -15,42 +14,20 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
-from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.quant.formats.base import FormatWriter, QuantFormat, WriteOptions
-from anyquant.quant.registry import format_class, writer_class
+from anyquant.quant.registry import writer_class
 from anyquant.quant.spec import ActQuant, QuantSpec
-from anyquant.quant.weight import QuantWeight
+from tests.helpers.format_checkpoints import check_detection, checkpoint, load_layer, reader
 
 P = "model.layers.0.mlp.down_proj"
 E4M3 = torch.float8_e4m3fn
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def checkpoint(path: Path, tensors: dict[str, Tensor], qconfig: dict[str, Any]) -> Checkpoint:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
-    return Checkpoint(path)
-
-
-def reader(ckpt: Checkpoint) -> QuantFormat:
-    found = ckpt.quant_config()
-    assert found is not None
-    return format_class(found.config["quant_method"]).from_checkpoint(found.config, ckpt.index, "test")
-
-
-def load_layer(fmt: QuantFormat, ckpt: Checkpoint, prefix: str = P) -> QuantWeight:
-    spec = fmt.spec_for(prefix, "linear")
-    assert spec is not None, f"{prefix} detected as unquantized"
-    names = [n for n in fmt.stored_names(prefix, spec).all() if n in ckpt.index]
-    return fmt.decode(prefix, spec, ckpt.read_many(names))
 
 
 def dense64(codes: Tensor, scale: Tensor, block: tuple[int, int]) -> Tensor:
@@ -147,7 +124,7 @@ def test_decode_of_transformers_block_output_equals_their_dequantizer(tmp_path: 
     tensors = hf.quantize.convert({f"{P}.weight": w})
     ckpt = checkpoint(tmp_path, tensors, BLOCK_CONFIG)
     fmt = reader(ckpt)
-    got = load_layer(fmt, ckpt)
+    got = load_layer(fmt, ckpt, P)
     assert got.spec == QuantSpec(
         "fp8_e4m3", "block", block_shape=(128, 128), act=ActQuant("fp8_e4m3", True, "group", group_size=128)
     )
@@ -167,7 +144,7 @@ def test_ragged_blocks_576x200(tmp_path: Path) -> None:
     scale = tensors[f"{P}.weight_scale_inv"]
     assert scale.shape == (5, 2) and torch.equal(scale, block_amax_over_448(w, (128, 128)))
     ckpt = checkpoint(tmp_path, tensors, writer.quantization_config([]))
-    got = load_layer(reader(ckpt), ckpt)
+    got = load_layer(reader(ckpt), ckpt, P)
     assert same_bits(got.data, tensors[f"{P}.weight"]) and torch.equal(got.scale, scale)
     expected = dense64(got.data, got.scale, (128, 128))
     theirs = hf.dequantize_ragged(tensors[f"{P}.weight"].clone(), scale, [128, 128], torch.float32)
@@ -192,7 +169,7 @@ def test_ue8m0_scales_as_e8m0_and_as_u8_bytes(tmp_path: Path) -> None:
         ckpt = checkpoint(
             tmp_path / str(stored_scale.dtype), {**tensors, f"{P}.weight_scale_inv": stored_scale}, config
         )
-        got = load_layer(reader(ckpt), ckpt)
+        got = load_layer(reader(ckpt), ckpt, P)
         assert dict(got.spec.extra)["scale_fmt"] == "ue8m0"
         assert got.scale.dtype == torch.float32 and torch.equal(got.scale, expected_scale)
         assert torch.equal(dense64(got.data, got.scale, (128, 128)).float(), theirs)
@@ -214,7 +191,7 @@ def test_per_tensor_names_and_scalar_shapes(
         tensors[f"{P}.{input_name}"] = torch.full(scale_shape, 0.75)
     config = {"quant_method": "fp8", "activation_scheme": "static" if input_name else "dynamic"}
     ckpt = checkpoint(tmp_path, tensors, config)
-    got = load_layer(reader(ckpt), ckpt)
+    got = load_layer(reader(ckpt), ckpt, P)
     assert got.spec == QuantSpec("fp8_e4m3", "tensor", act=ActQuant("fp8_e4m3", input_name is None, "tensor"))
     assert got.scale.shape == () and got.scale.dtype == torch.float32
     assert torch.equal(
@@ -234,7 +211,7 @@ def test_block_config_with_static_activation_scale(tmp_path: Path) -> None:
         f"{P}.activation_scale": torch.tensor(0.125),
     }
     ckpt = checkpoint(tmp_path, tensors, {**BLOCK_CONFIG, "activation_scheme": "static"})
-    got = load_layer(reader(ckpt), ckpt)
+    got = load_layer(reader(ckpt), ckpt, P)
     assert got.spec.act == ActQuant("fp8_e4m3", dynamic=False, granularity="tensor")
     assert got.input_scale is not None and float(got.input_scale) == 0.125
     expected = codes.double() * torch.cat([torch.full((128, 1), 0.5), torch.full((2, 1), 0.25)]).double()
@@ -256,7 +233,7 @@ def test_fbgemm_decode_per_row(tmp_path: Path, scale_dtype: torch.dtype) -> None
     }
     ckpt = checkpoint(tmp_path, {f"{P}.weight": codes, f"{P}.weight_scale": scale}, config)
     fmt = reader(ckpt)
-    got = load_layer(fmt, ckpt)
+    got = load_layer(fmt, ckpt, P)
     assert got.spec == QuantSpec(
         "fp8_e4m3", "channel", act=ActQuant("fp8_e4m3", dynamic=True, granularity="token")
     )
@@ -315,7 +292,7 @@ def test_writer_round_trip_is_exact(
     ckpt = checkpoint(tmp_path, tensors, config)
     fmt = reader(ckpt)
     assert fmt.spec_for(skipped, "linear") is None
-    got = load_layer(fmt, ckpt)
+    got = load_layer(fmt, ckpt, P)
     assert got.spec == spec and got.shape == q.shape
     assert same_bits(got.data, q.data) and torch.equal(got.scale, q.scale)
     assert (got.input_scale is None) == (q.input_scale is None)
@@ -436,15 +413,7 @@ DETECTION: list[tuple[dict[str, Any], dict[str, tuple[torch.dtype, tuple[int, ..
 def test_detection(
     tmp_path: Path, config: dict[str, Any], stored: dict[str, Any], kind: str, expected: Any
 ) -> None:
-    tensors = {f"{P}.{suffix}": torch.zeros(shape, dtype=dtype) for suffix, (dtype, shape) in stored.items()}
-    fmt = reader(checkpoint(tmp_path, tensors, config))
-    if isinstance(expected, tuple):
-        error, text = expected
-        with pytest.raises(error) as info:
-            fmt.spec_for(P, kind)  # type: ignore[arg-type]
-        assert text in str(info.value) and P in str(info.value)
-    else:
-        assert fmt.spec_for(P, kind) == expected  # type: ignore[arg-type]
+    check_detection(tmp_path, P, config, stored, kind, expected)
 
 
 def test_skip_list_is_only_a_hint(tmp_path: Path) -> None:

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from anyquant.errors import NumericsError, QuantConfigError, TensorError, UnsupportedError
 from anyquant.loading.checkpoint import Checkpoint
 from anyquant.quant.algorithms.rtn import quantize_rtn
-from anyquant.quant.formats.base import QuantFormat, WriteOptions
-from anyquant.quant.registry import format_class, writer_class
+from anyquant.quant.formats.base import WriteOptions
+from anyquant.quant.registry import writer_class
 from anyquant.quant.spec import ActQuant, QuantSpec
-from anyquant.quant.weight import QuantWeight
+from tests.helpers.format_checkpoints import check_detection, checkpoint, load_layer, reader
 
 FIXTURE = "llama-w8a8int8-smoothquant-lmdeploy"
 ORIGINAL = "llama-bf16-original"
@@ -29,26 +29,6 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 INT8_SPEC = QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, granularity="token"))
 P = "model.layers.0.mlp.up_proj"
-
-
-def reader(ckpt: Checkpoint) -> QuantFormat:
-    found = ckpt.quant_config()
-    assert found is not None
-    return format_class(found.config["quant_method"]).from_checkpoint(found.config, ckpt.index, "test")
-
-
-def load_layer(fmt: QuantFormat, ckpt: Checkpoint, prefix: str) -> QuantWeight:
-    spec = fmt.spec_for(prefix, "linear")
-    assert spec is not None, f"{prefix} detected as unquantized"
-    names = [n for n in fmt.stored_names(prefix, spec).all() if n in ckpt.index]
-    return fmt.decode(prefix, spec, ckpt.read_many(names))
-
-
-def checkpoint(path: Path, tensors: dict[str, Tensor], qconfig: dict[str, Any]) -> Checkpoint:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"quantization_config": qconfig}))
-    return Checkpoint(path)
 
 
 def linears(num_layers: int = 2) -> list[str]:
@@ -273,15 +253,7 @@ DETECTION: list[tuple[dict[str, Any], dict[str, tuple[torch.dtype, tuple[int, ..
 def test_detection(
     tmp_path: Path, config: dict[str, Any], stored: dict[str, Any], kind: str, expected: Any
 ) -> None:
-    tensors = {f"{P}.{suffix}": torch.zeros(shape, dtype=dtype) for suffix, (dtype, shape) in stored.items()}
-    fmt = reader(checkpoint(tmp_path, tensors, config))
-    if isinstance(expected, tuple):
-        error, text = expected
-        with pytest.raises(error) as info:
-            fmt.spec_for(P, kind)  # type: ignore[arg-type]
-        assert text in str(info.value) and P in str(info.value)
-    else:
-        assert fmt.spec_for(P, kind) == expected  # type: ignore[arg-type]
+    check_detection(tmp_path, P, config, stored, kind, expected)
 
 
 def test_config_variants(tmp_path: Path) -> None:

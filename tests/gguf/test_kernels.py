@@ -18,21 +18,13 @@ from anyquant.quant.kernels.reference import ReferenceKernel
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.weight import QuantWeight
 from tests.gguf.fixtures import random_blocks
-from tests.helpers.cpu_kernels import expected_kernel
+from tests.helpers.cpu_kernels import expected_kernel, kernel_param
 from tests.kernels.test_avx512_kernel import BUDGET, float64_linear, rel_err
 
 CPU = torch.device("cpu")
 FAST = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 KERNELS = [
-    pytest.param(
-        cls,
-        id=cls.name,
-        marks=pytest.mark.skipif(
-            (reason := cls.cannot_run(BLOCK_TYPES["Q4_K"].spec, "linear", CPU, (64, 64), torch.bfloat16))
-            is not None,
-            reason=f"{cls.name} cannot run here: {reason}",
-        ),
-    )
+    kernel_param(cls, probe=BLOCK_TYPES["Q4_K"].spec, kind="linear")
     for cls in (Avx512WeightOnlyKernel, Avx2WeightOnlyKernel)
 ]
 

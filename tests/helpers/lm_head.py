@@ -18,8 +18,3 @@ def head_input_and_logits(llm: LLM, ids: list[int]) -> tuple[torch.Tensor, torch
     finally:
         hook.remove()
     return seen[0].double(), logits.double()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error of `a` against the reference `b`."""
-    return float((a.double() - b.double()).norm() / b.double().norm())

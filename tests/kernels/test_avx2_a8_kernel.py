@@ -1,14 +1,10 @@
 """The AVX2 int8-activation kernel (cpu_avx2_a8): integer weights x int8 activations against float64,
 its int16 sums at their extremes, its refusals and its choice on CPUs with and without VNNI.
 
-Error budget (relative L2 error against float64 of the reference's own definition: activations
-fake-quantized by `fake_quantize_activations` in fp32, times the float64 dequantized weight): the
-kernel quantizes activations exactly as the reference does (the same fp32 division, round half to
-even, clamp), sums the code x activation products exactly (int16 partial sums that cannot
-saturate, then int32) and applies the scales in fp32, so the only errors are fp32 scaling (~1e-7)
-and the output's rounding to the compute dtype: bfloat16 4e-3 (2^-9 per element, ~1.7e-3 as an
-L2 ratio), float32 1e-5. Where the CPU has AVX512-VNNI, the registry picks cpu_avx512_vnni and
-these tests run this kernel by its class.
+The checks every int8-activation kernel passes, and their error budget (the kernel sums the code x
+activation products exactly: int16 partial sums that cannot saturate, then int32), are
+tests/helpers/int8_activation_kernels.py's. Where the CPU has AVX512-VNNI, the registry picks
+cpu_avx512_vnni and these tests run this kernel by its class.
 """
 
 from __future__ import annotations
@@ -21,41 +17,31 @@ import torch
 from anyquant.layers import custom_ops
 from anyquant.quant.kernels import avx2_a8, avx512_vnni, cpu_ext
 from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
-from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel
-from anyquant.quant.reference import activation_amax, fake_quantize_activations
+from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
+from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers import int8_activation_kernels
 from tests.helpers.errors import rel_err
+from tests.helpers.int8_activation_kernels import (
+    BF16,
+    BUDGET,
+    F32,
+    SPECS,
+    STATIC,
+    TOKEN,
+    check_given_amax_is_used,
+    check_matches_float64,
+    check_non_finite_inputs_stay_visible,
+)
 from tests.helpers.quant_weights import float64_linear, random_weight
 
-F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
-BUDGET = {BF16: 4e-3, F32: 1e-5}
-TOKEN = ActQuant("int8", dynamic=True)
-STATIC = ActQuant("int8", dynamic=False, granularity="tensor")
 
-SPECS = [
-    QuantSpec("uint4", "group", group_size=32, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=64, has_zero=True, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=128, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True, act=TOKEN),
-    QuantSpec("uint4", "channel", has_zero=True, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=32, has_offset=True, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=64, act=STATIC),
-    QuantSpec("uint3", "group", group_size=64, act=TOKEN),
-    QuantSpec("uint2", "group", group_size=32, has_zero=True, act=TOKEN),
-    QuantSpec("int8", "channel", act=TOKEN),
-    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
-    QuantSpec("int8", "group", group_size=128, act=ActQuant("int8", True, "tensor")),
-    QuantSpec("int8", "tensor", act=STATIC),
-    QuantSpec("uint8", "group", group_size=64, has_zero=True, act=TOKEN),
-]
 # (N, K): N not a multiple of the 16-row blocks (nor of 8), K not a multiple of 64 / 128 nor of
 # the group (a short last group).
 SHAPES = [(200, 96), (72, 328), (37, 200)]
-# One row to the 4-row tiles and beyond, past a 64-row panel, prompts.
-TOKENS = (1, 2, 3, 4, 7, 16, 64, 300, 512)
 
 UNAVAILABLE = Avx2Int8ActivationKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
 needs_kernel = pytest.mark.skipif(
@@ -63,29 +49,14 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def loaded(w: QuantWeight, dtype: torch.dtype) -> Avx2Int8ActivationKernel:
-    kernel = Avx2Int8ActivationKernel(tuple(w.shape), dtype)
-    kernel.load(w)
-    return kernel
+def loaded(w: QuantWeight, dtype: torch.dtype) -> Int8ActivationKernel:
+    return int8_activation_kernels.loaded(Avx2Int8ActivationKernel, w, dtype)
 
 
 @needs_kernel
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_matches_float64(spec: QuantSpec) -> None:
-    gen = torch.Generator().manual_seed(3)
-    for n, k in SHAPES:
-        w = random_weight(spec, n, k, seed=n + k)
-        bias = torch.randn(n, generator=gen)
-        for dtype in (BF16, F32):
-            kernel = loaded(w, dtype)
-            for t in TOKENS:
-                x = torch.randn(t, k, generator=gen).to(dtype)
-                x[0, : k // 3] *= 10  # a token with outliers: its scale differs from the others'
-                b = bias.to(dtype) if t % 2 else None
-                y = kernel(x, b)
-                assert y.dtype == dtype and y.shape == (t, n)
-                err = rel_err(y, float64_linear(x, w, b))
-                assert err <= BUDGET[dtype], f"{spec.describe()} {n}x{k} T={t} {dtype}: {err:.2e}"
+    check_matches_float64(Avx2Int8ActivationKernel, spec, SHAPES)
 
 
 def extreme_weight(spec: QuantSpec, n: int, k: int, code: int, zero: int | None) -> QuantWeight:
@@ -146,28 +117,12 @@ def test_extreme_codes_and_activations_do_not_saturate(
 @needs_kernel
 @pytest.mark.parametrize("act", [TOKEN, ActQuant("int8", True, "tensor")], ids=ActQuant.describe)
 def test_given_amax_is_used(act: ActQuant) -> None:
-    """Under tensor parallelism a rank quantizes with the amax over every rank's slice."""
-    spec = QuantSpec("uint4", "group", group_size=32, act=act)
-    w = random_weight(spec, 48, 96, seed=4)
-    kernel = loaded(w, F32)
-    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
-    amax = activation_amax(x, act) * 3
-    got = kernel(x, None, act_amax=amax)
-    assert rel_err(got, float64_linear(x, w, None, amax)) <= BUDGET[F32]
-    assert rel_err(got, float64_linear(x, w, None)) > 1e-3  # the test can tell the two apart
+    check_given_amax_is_used(Avx2Int8ActivationKernel, act)
 
 
 @needs_kernel
 def test_non_finite_inputs_stay_visible() -> None:
-    """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
-    garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
-    w = random_weight(SPECS[0], 48, 96, seed=3)
-    kernel = loaded(w, BF16)
-    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
-    x[0, 7], x[2, 50] = float("inf"), float("nan")
-    y = kernel(x)
-    assert not y[0].isfinite().any() and not y[2].isfinite().any()
-    assert rel_err(y[1:2], float64_linear(x[1:2], w, None)) <= BUDGET[BF16]
+    check_non_finite_inputs_stay_visible(Avx2Int8ActivationKernel)
 
 
 @needs_kernel

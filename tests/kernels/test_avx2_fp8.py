@@ -18,11 +18,11 @@ from torch import Tensor
 
 from anyquant.quant.kernels.avx2 import Avx2WeightOnlyKernel
 from anyquant.quant.kernels.reference import ReferenceKernel
-from anyquant.quant.reference import dequantize, fake_quantize_activations
+from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
 from tests.helpers.errors import rel_err
-from tests.helpers.quant_weights import random_weight
+from tests.helpers.quant_weights import float64_linear, random_weight
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
@@ -134,14 +134,6 @@ def test_nan_and_inf_codes_propagate_like_the_reference(weight: str) -> None:
             )
 
 
-def float64_truth(x: Tensor, w: QuantWeight, bias: Tensor | None) -> Tensor:
-    """float64 product of the dequantized weight and x after the reference's activation quantization."""
-    if w.spec.act is not None:
-        x = fake_quantize_activations(x, w.spec.act, w.input_scale, w.input_zero)
-    y = x.double() @ dequantize(w, torch.float64).T
-    return y + bias.double() if bias is not None else y
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_matches_float64_and_the_reference(spec: QuantSpec) -> None:
     gen = torch.Generator().manual_seed(11)
@@ -159,7 +151,7 @@ def test_matches_float64_and_the_reference(spec: QuantSpec) -> None:
             paths.add(kernel.path(t))
             y = kernel(x, b)
             assert y.dtype == dtype and y.shape == (t, N)
-            truth = float64_truth(x, w, b)
+            truth = float64_linear(x, w, b)
             err = rel_err(y, truth)
             where = f"{spec.describe()} T={t} {dtype} ({kernel.path(t)})"
             assert err <= BUDGET[dtype], f"{where}: {err:.2e}"
@@ -187,5 +179,5 @@ def test_every_path_multiplies_the_reference_weights(spec: QuantSpec) -> None:
         vector.load(w)
         for t in (1, 5, 9, 64):
             x = torch.randn(t, K, generator=gen).to(dtype)
-            err = rel_err(vector(x), float64_truth(x, w, None))
+            err = rel_err(vector(x), float64_linear(x, w, None))
             assert err <= (4e-3 if dtype == BF16 else 2e-6), f"{spec.describe()} {dtype} T={t}: {err:.2e}"

@@ -26,24 +26,13 @@ from anyquant.quant.registry import choose_kernel
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import float64_linear, random_weight
+from tests.helpers.repacked_kernels import INTEGER_SPECS, check_dense_lm_head_matches_float64
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
 BUDGET = {BF16: 4e-3, F32: 2e-6}
 
-SPECS = [
-    QuantSpec("uint4", "group", group_size=32),
-    QuantSpec("uint4", "group", group_size=64, has_zero=True),
-    QuantSpec("uint4", "group", group_size=128),
-    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True),
-    QuantSpec("uint4", "channel", has_zero=True),
-    QuantSpec("uint3", "group", group_size=64),
-    QuantSpec("uint2", "group", group_size=32, has_zero=True),
-    QuantSpec("int8", "channel"),
-    QuantSpec("int8", "group", group_size=128),
-    QuantSpec("uint8", "channel"),
-    QuantSpec("uint8", "group", group_size=64, has_zero=True),
-]
+SPECS = INTEGER_SPECS
 # (N, K): out not a multiple of 16 (nor of 8), in not a multiple of the group (a short last group).
 SHAPES = [(200, 96), (73, 328)]
 # The vector path at one row, the few-rows kernel around its 6-row groups to its last row count (16);
@@ -135,22 +124,7 @@ def test_zero_rows_and_experts_kind() -> None:
 
 @needs_kernel
 def test_dense_lm_head_matches_float64_and_reads_tied_rows() -> None:
-    """bf16 words widened exactly and summed in fp32, rounded once: F.linear's own accuracy; the
-    rows a tied embedding looks up are the weight's own."""
-    gen = torch.Generator().manual_seed(4)
-    for n, k in ((200, 100), (73, 328)):
-        w = (torch.randn(n, k, generator=gen) * 0.02).to(BF16)
-        kernel = Avx2DenseLmHeadKernel((n, k), BF16)
-        kernel.load(w)
-        for t in TOKENS:
-            x = torch.randn(t, k, generator=gen).to(BF16)
-            b = torch.randn(n, generator=gen).to(BF16) if t % 2 else None
-            truth = x.double() @ w.double().T + (b.double() if b is not None else 0)
-            err = rel_err(kernel(x, b), truth)
-            assert err <= 1.5 * rel_err(torch.nn.functional.linear(x, w, b), truth) + 1e-4, (n, k, t, err)
-        ids = torch.tensor([0, n - 1, 17, 16, 17])
-        assert torch.equal(kernel.rows(ids), w[ids])
-    assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 73)
+    check_dense_lm_head_matches_float64(Avx2DenseLmHeadKernel, ((200, 100), (73, 328)), TOKENS)
 
 
 @pytest.mark.parametrize(

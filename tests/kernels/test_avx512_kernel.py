@@ -30,23 +30,14 @@ from anyquant.quant.weight import QuantWeight
 from tests.conftest import REPO
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
+from tests.helpers.repacked_kernels import INTEGER_SPECS, check_dense_lm_head_matches_float64
 
 F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
 BUDGET = {BF16: 4e-3, F32: 2e-6}
 
 SPECS = [
-    QuantSpec("uint4", "group", group_size=32),
-    QuantSpec("uint4", "group", group_size=64, has_zero=True),
-    QuantSpec("uint4", "group", group_size=128),
-    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True),
-    QuantSpec("uint4", "channel", has_zero=True),
-    QuantSpec("uint3", "group", group_size=64),
-    QuantSpec("uint2", "group", group_size=32, has_zero=True),
-    QuantSpec("int8", "channel"),
-    QuantSpec("int8", "group", group_size=128),
-    QuantSpec("uint8", "channel"),
-    QuantSpec("uint8", "group", group_size=64, has_zero=True),
+    *INTEGER_SPECS,
     QuantSpec("fp8_e4m3", "tensor"),
     QuantSpec("fp8_e4m3", "channel"),
     QuantSpec("fp8_e4m3", "block", block_shape=(128, 128)),
@@ -243,20 +234,8 @@ def test_dense_lm_head_names_its_path_by_rows() -> None:
 
 
 @needs_kernel
-def test_dense_lm_head_matches_float64() -> None:
-    """bf16 weights x bf16 inputs summed in fp32 and rounded once: F.linear's own accuracy."""
-    gen = torch.Generator().manual_seed(4)
-    for n, k in ((200, 100), (72, 328)):
-        w = (torch.randn(n, k, generator=gen) * 0.02).to(BF16)
-        kernel = Avx512DenseLmHeadKernel((n, k), BF16)
-        kernel.load(w)
-        for t in TOKENS:
-            x = torch.randn(t, k, generator=gen).to(BF16)
-            b = torch.randn(n, generator=gen).to(BF16) if t % 2 else None
-            truth = x.double() @ w.double().T + (b.double() if b is not None else 0)
-            err = rel_err(kernel(x, b), truth)
-            assert err <= 1.5 * rel_err(torch.nn.functional.linear(x, w, b), truth) + 1e-4, (n, k, t, err)
-    assert kernel(torch.empty(0, 328, dtype=BF16)).shape == (0, 72)
+def test_dense_lm_head_matches_float64_and_reads_tied_rows() -> None:
+    check_dense_lm_head_matches_float64(Avx512DenseLmHeadKernel, ((200, 100), (72, 328)), TOKENS)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ order differs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -26,6 +27,7 @@ from anyquant.quant.kernels.avx512_moe import FusedExperts, cannot_fuse, fuse, f
 from anyquant.quant.reference import dequantize, fake_quantize_activations
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.cpu_kernels import kernel_param
 from tests.helpers.errors import rel_err
 from tests.helpers.quant_weights import random_weight
 from tests.helpers.threads import at_thread_counts
@@ -60,11 +62,7 @@ OPS = {Avx512WeightOnlyKernel: "moe_experts", Avx2WeightOnlyKernel: "moe_experts
 
 def isa_param(cls: KernelClass, *values: object) -> object:
     """A pytest param of `cls` (and `values`), skipped with the reason where its kernel cannot run."""
-    reason = cls.cannot_run(SPECS[0], "experts", CPU, (64, 64), BF16)
-    spec = next((v for v in values if isinstance(v, QuantSpec)), None)
-    ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
-    mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
-    return pytest.param(cls, *values, marks=mark, id=ids)
+    return kernel_param(cls, *values, probe=SPECS[0], kind="experts")
 
 
 EVERY_ISA = [isa_param(cls) for cls in ISAS]
@@ -246,6 +244,20 @@ def test_slots_held_elsewhere_are_skipped(kernel_class: KernelClass, dtype: torc
     experts = make_experts(SPECS[1], dtype, kernel_class=kernel_class)
     dense = [[dequantize(w, torch.float64) for w, _ in row] for row in experts]
     fused = FusedExperts([tuple(k for _, k in row) for row in experts])
+    check_slots_held_elsewhere(
+        fused, dtype, lambda x, weights, ids: float64_moe(x, weights, ids, dense), BUDGET[dtype]
+    )
+
+
+def check_slots_held_elsewhere(
+    fused: torch.nn.Module,
+    dtype: torch.dtype,
+    truth: Callable[[Tensor, Tensor, Tensor], Tensor],
+    budget: float,
+) -> None:
+    """A fused call (bf16 or int8) given expert ids with -1 for the experts 6..10 another rank
+    holds: within `budget` of `truth(x, weights, ids)`, zeros for tokens with no slot here, and
+    zeros when no slot at all is held."""
     gen = torch.Generator().manual_seed(3)
     for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
         x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
@@ -253,8 +265,9 @@ def test_slots_held_elsewhere_are_skipped(kernel_class: KernelClass, dtype: torc
         ids = torch.rand(tokens, EXPERTS, generator=gen).topk(k, dim=-1).indices
         ids = torch.where(ids >= 6, -1, ids)  # experts 6..10 live on another rank
         y = fused(x, weights, ids)
-        assert rel_err(y, float64_moe(x, weights, ids, dense)) <= BUDGET[dtype], (tokens, k)
-        assert torch.equal(y[(ids < 0).all(dim=1)], torch.zeros_like(y[(ids < 0).all(dim=1)]))
+        assert rel_err(y, truth(x, weights, ids)) <= budget, (tokens, k)
+        nowhere = (ids < 0).all(dim=1)
+        assert torch.equal(y[nowhere], torch.zeros_like(y[nowhere]))
     none = fused(x, weights, torch.full_like(ids, -1))
     assert torch.equal(none, torch.zeros_like(none))
 

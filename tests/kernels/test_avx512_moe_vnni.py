@@ -30,12 +30,14 @@ from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationK
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
+from tests.helpers.cpu_kernels import kernel_param
 from tests.helpers.errors import rel_err
 from tests.helpers.threads import at_thread_counts
 from tests.kernels.test_avx512_moe import (
     EXPERTS,
     HIDDEN,
     INTER,
+    check_slots_held_elsewhere,
     expert_weight,
     float64_moe,
     per_expert,
@@ -71,11 +73,7 @@ ISAS: list[KernelClass] = [Avx512VnniKernel, Avx2Int8ActivationKernel]
 
 def isa_param(cls: KernelClass, *values: object) -> object:
     """A pytest param of `cls` (and `values`), skipped with the reason where its kernel cannot run."""
-    reason = cls.cannot_run(W4A8[0], "experts", CPU, (64, 64), BF16)
-    spec = next((v for v in values if isinstance(v, QuantSpec)), None)
-    ids = "-".join([cls.name] + ([spec.describe()] if spec is not None else []))
-    mark = pytest.mark.skipif(reason is not None, reason=f"{cls.name} cannot run here: {reason}")
-    return pytest.param(cls, *values, marks=mark, id=ids)
+    return kernel_param(cls, *values, probe=W4A8[0], kind="experts")
 
 
 EVERY_ISA = [isa_param(cls) for cls in ISAS]
@@ -144,18 +142,9 @@ def test_slots_held_elsewhere_are_skipped(kernel_class: KernelClass, dtype: torc
     weights_q, kernels = make_experts(W4A8[1], dtype, kernel_class)
     dense = [[dequantize(w, torch.float64) for w in row] for row in weights_q]
     fused = FusedInt8Experts(kernels)
-    gen = torch.Generator().manual_seed(3)
-    for tokens, k in ((1, 8), (5, 2), (40, 1), (33, 8)):
-        x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
-        weights = torch.rand(tokens, k, generator=gen)
-        ids = torch.rand(tokens, EXPERTS, generator=gen).topk(k, dim=-1).indices
-        ids = torch.where(ids >= 6, -1, ids)  # experts 6..10 live on another rank
-        y = fused(x, weights, ids)
-        assert rel_err(y, float64_moe(x, weights, ids, dense, weights_q)) <= BUDGET, (tokens, k)
-        nowhere = (ids < 0).all(dim=1)
-        assert torch.equal(y[nowhere], torch.zeros_like(y[nowhere]))
-    none = fused(x, weights, torch.full_like(ids, -1))
-    assert torch.equal(none, torch.zeros_like(none))
+    check_slots_held_elsewhere(
+        fused, dtype, lambda x, weights, ids: float64_moe(x, weights, ids, dense, weights_q), BUDGET
+    )
     empty = fused(
         torch.zeros(0, HIDDEN, dtype=dtype), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64)
     )

@@ -1,11 +1,7 @@
-"""The AVX512-VNNI kernel (cpu_avx512_vnni): integer weights x int8 activations against float64.
-
-Error budget (relative L2 error against float64 of the reference's own definition: activations
-fake-quantized by `fake_quantize_activations` in fp32, times the float64 dequantized weight):
-the kernel quantizes activations exactly like the reference (same fp32 division, round half to
-even, clamp), sums code x activation products exactly in int32 and applies the scales in fp32,
-so the only errors are fp32 scaling (~1e-7) and the output's rounding to the compute dtype:
-bfloat16 4e-3 (2^-9 per element, ~1.7e-3 as an L2 ratio), float32 1e-5.
+"""The AVX512-VNNI kernel (cpu_avx512_vnni): integer weights x int8 activations against float64,
+its refusals and its choice. The checks every int8-activation kernel passes, and their error
+budget (the kernel sums the code x activation products exactly in int32), are
+tests/helpers/int8_activation_kernels.py's.
 """
 
 from __future__ import annotations
@@ -16,35 +12,24 @@ import torch
 from anyquant.quant.kernels import avx512_vnni
 from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
-from anyquant.quant.reference import activation_amax
 from anyquant.quant.registry import choose_kernel, kernel_classes
 from anyquant.quant.spec import ActQuant, LayerKind, QuantSpec
 from tests.helpers.errors import rel_err
-from tests.helpers.quant_weights import float64_linear, random_weight
+from tests.helpers.int8_activation_kernels import (
+    BF16,
+    F32,
+    SPECS,
+    TOKEN,
+    check_given_amax_is_used,
+    check_matches_float64,
+    check_non_finite_inputs_stay_visible,
+)
+from tests.helpers.quant_weights import random_weight
 
-F32, BF16 = torch.float32, torch.bfloat16
 CPU = torch.device("cpu")
-BUDGET = {BF16: 4e-3, F32: 1e-5}
-TOKEN = ActQuant("int8", dynamic=True)
 
-SPECS = [
-    QuantSpec("uint4", "group", group_size=32, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=64, has_zero=True, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=128, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=128, has_zero=True, act_order=True, act=TOKEN),
-    QuantSpec("uint4", "channel", has_zero=True, act=TOKEN),
-    QuantSpec("uint4", "group", group_size=32, has_offset=True, act=TOKEN),
-    QuantSpec("uint3", "group", group_size=64, act=TOKEN),
-    QuantSpec("uint2", "group", group_size=32, has_zero=True, act=TOKEN),
-    QuantSpec("int8", "channel", act=TOKEN),
-    QuantSpec("int8", "channel", act=ActQuant("int8", dynamic=True, scale_divisor=127.5)),
-    QuantSpec("int8", "group", group_size=128, act=ActQuant("int8", True, "tensor")),
-    QuantSpec("int8", "tensor", act=ActQuant("int8", dynamic=False, granularity="tensor")),
-    QuantSpec("uint8", "group", group_size=64, has_zero=True, act=TOKEN),
-]
 # (N, K): out not a multiple of 16 / 64, in not a multiple of the group (a short last group).
 SHAPES = [(200, 96), (72, 328)]
-TOKENS = (1, 2, 3, 4, 7, 16, 64, 300, 512)
 
 UNAVAILABLE = Avx512VnniKernel.cannot_run(SPECS[0], "linear", CPU, (64, 64), BF16)
 needs_kernel = pytest.mark.skipif(
@@ -55,21 +40,7 @@ needs_kernel = pytest.mark.skipif(
 @needs_kernel
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_matches_float64(spec: QuantSpec) -> None:
-    gen = torch.Generator().manual_seed(3)
-    for n, k in SHAPES:
-        w = random_weight(spec, n, k, seed=n + k)
-        bias = torch.randn(n, generator=gen)
-        for dtype in (BF16, F32):
-            kernel = Avx512VnniKernel((n, k), dtype)
-            kernel.load(w)
-            for t in TOKENS:
-                x = torch.randn(t, k, generator=gen).to(dtype)
-                x[0, : k // 3] *= 10  # a token with outliers: its scale differs from the others'
-                b = bias.to(dtype) if t % 2 else None
-                y = kernel(x, b)
-                assert y.dtype == dtype and y.shape == (t, n)
-                err = rel_err(y, float64_linear(x, w, b))
-                assert err <= BUDGET[dtype], f"{spec.describe()} {n}x{k} T={t} {dtype}: {err:.2e}"
+    check_matches_float64(Avx512VnniKernel, spec, SHAPES)
 
 
 @needs_kernel
@@ -91,32 +62,12 @@ def test_w8a8_equals_the_int_mm_kernel() -> None:
 @needs_kernel
 @pytest.mark.parametrize("act", [TOKEN, ActQuant("int8", True, "tensor")], ids=ActQuant.describe)
 def test_given_amax_is_used(act: ActQuant) -> None:
-    """Under tensor parallelism a rank quantizes with the amax over every rank's slice."""
-    spec = QuantSpec("uint4", "group", group_size=32, act=act)
-    w = random_weight(spec, 48, 96, seed=4)
-    kernel = Avx512VnniKernel((48, 96), F32)
-    kernel.load(w)
-    assert kernel.dynamic_act == act
-    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
-    amax = activation_amax(x, act) * 3
-    got = kernel(x, None, act_amax=amax)
-    assert rel_err(got, float64_linear(x, w, None, amax)) <= BUDGET[F32]
-    assert rel_err(got, float64_linear(x, w, None)) > 1e-3  # the test can tell the two apart
+    check_given_amax_is_used(Avx512VnniKernel, act)
 
 
 @needs_kernel
 def test_non_finite_inputs_stay_visible() -> None:
-    """A row with inf or NaN gives a non-finite output row (as the reference does), not quantized
-    garbage that would hide an overflow from the engine's checks; other rows are unaffected."""
-    spec = QuantSpec("uint4", "group", group_size=32, act=TOKEN)
-    w = random_weight(spec, 48, 96, seed=3)
-    kernel = Avx512VnniKernel((48, 96), BF16)
-    kernel.load(w)
-    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5)).to(BF16)
-    x[0, 7], x[2, 50] = float("inf"), float("nan")
-    y = kernel(x)
-    assert not y[0].isfinite().any() and not y[2].isfinite().any()
-    assert rel_err(y[1:2], float64_linear(x[1:2], w, None)) <= BUDGET[BF16]
+    check_non_finite_inputs_stay_visible(Avx512VnniKernel)
 
 
 @needs_kernel
@@ -171,13 +122,13 @@ def test_cannot_run_says_why(
 
 
 def test_channel_scales_over_very_long_rows_are_refused() -> None:
-    reason = Avx512VnniKernel.cannot_run(SPECS[8], "linear", CPU, (64, 40000), BF16)
+    reason = Avx512VnniKernel.cannot_run(SPECS[9], "linear", CPU, (64, 40000), BF16)
     assert reason is not None and "overflow" in reason, reason
 
 
 def test_without_vnni_the_next_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(avx512_vnni, "_cpu_reason", lambda: "CPU lacks AVX512-VNNI (vpdpbusd)")
-    choice = choose_kernel(SPECS[8], "linear", CPU, (256, 512), BF16)
+    choice = choose_kernel(SPECS[9], "linear", CPU, (256, 512), BF16)
     assert choice.name != "cpu_avx512_vnni"
     assert ("cpu_avx512_vnni", "CPU lacks AVX512-VNNI (vpdpbusd)") in choice.rejected
 

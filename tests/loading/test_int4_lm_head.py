@@ -28,7 +28,8 @@ from anyquant.quant.spec import QuantSpec
 from anyquant.quant.weight import QuantWeight
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.helpers.cpu_kernels import expected_kernel
-from tests.helpers.lm_head import head_input_and_logits, rel_l2
+from tests.helpers.errors import rel_err
+from tests.helpers.lm_head import head_input_and_logits
 
 IDS = [5, 99, 300, 17, 4, 1000, 2039, 0, 16, 15]
 TABLE = "model.embed_tokens.weight"
@@ -72,9 +73,9 @@ def test_int4_head_is_the_float64_product_of_its_dequantized_codes(tied: Path, d
     x, logits = head_input_and_logits(llm, IDS)
     exact = x @ head.T
     # fp32 compute: fp32 products and sums; bf16: the logits rounded to bf16 (2^-9 relative).
-    assert rel_l2(logits, exact) < (1e-6 if dtype == "float32" else 4e-3)
+    assert rel_err(logits, exact) < (1e-6 if dtype == "float32" else 4e-3)
     # ... and not the checkpoint's own head: the option took effect.
-    assert rel_l2(x @ table.double().T, exact) > 20 * rel_l2(logits, exact)
+    assert rel_err(x @ table.double().T, exact) > 20 * rel_err(logits, exact)
 
 
 def test_tied_embedding_keeps_the_table(tied: Path) -> None:

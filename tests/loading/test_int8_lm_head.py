@@ -20,7 +20,8 @@ from anyquant.loading.lm_head import INT8_HEAD, quantize_rows
 from anyquant.quant.algorithms.rtn import quantize_rtn
 from anyquant.utils.tiny_model import write_tiny_model
 from tests.helpers.cpu_kernels import expected_kernel
-from tests.helpers.lm_head import head_input_and_logits, rel_l2
+from tests.helpers.errors import rel_err
+from tests.helpers.lm_head import head_input_and_logits
 
 IDS = [5, 99, 300, 17, 4, 1000, 250, 7, 42, 3]
 
@@ -47,8 +48,8 @@ def test_int8_head_is_within_budget_of_the_bf16_head(model: Path) -> None:
     assert int8.loaded.model.lm_head.kernel.name == expected_kernel(
         "cpu_avx512", "cpu_int8_weight", "cpu_avx2"
     )
-    err_bf16 = rel_l2(*_logits_and_exact(bf16))
-    err_int8 = rel_l2(*_logits_and_exact(int8))
+    err_bf16 = rel_err(*_logits_and_exact(bf16))
+    err_int8 = rel_err(*_logits_and_exact(int8))
     assert err_bf16 < 4e-3, err_bf16
     assert err_int8 < 2e-2 and err_int8 < 10 * err_bf16, (err_int8, err_bf16)
 
@@ -59,7 +60,7 @@ def test_int8_head_in_float32_is_the_float64_product_of_its_codes(model: Path) -
     x, logits = head_input_and_logits(llm, IDS)
     q = quantize_rows(llm.loaded.checkpoint.read("lm_head.weight"), INT8_HEAD)
     dense = q.data.double() * q.scale.double()[:, None]
-    assert rel_l2(logits, x @ dense.T) < 1e-6
+    assert rel_err(logits, x @ dense.T) < 1e-6
 
 
 def test_rows_quantize_in_chunks_as_in_one_piece() -> None:

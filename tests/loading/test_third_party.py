@@ -16,6 +16,7 @@ from anyquant.loading.loader import build_on_meta, resolve_dtype
 from anyquant.loading.plan import plan_layers
 from anyquant.quant.detect import detect_format
 from anyquant.quant.reference import dequantize
+from tests.helpers.errors import rel_err
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,6 @@ WITH_REFERENCE = [
     "llama-fp8dynamic-llmc",
 ]
 LMDEPLOY = "llama-w8a8int8-smoothquant-lmdeploy"
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _reference(third_party: Path, name: str) -> dict[str, torch.Tensor]:
@@ -78,7 +75,7 @@ def test_dequantized_weights_in_transformers_reproduce_reference(third_party: Pa
     for i in range(4):
         with torch.no_grad():
             logits = model(ref[f"prompt_{i}"][None].long()).logits[0, -1]
-        assert rel_l2(logits, ref[key.format(i)]) < 2e-3, (i, rel_l2(logits, ref[key.format(i)]))
+        assert rel_err(logits, ref[key.format(i)]) < 2e-3, (i, rel_err(logits, ref[key.format(i)]))
 
 
 @pytest.mark.parametrize("name", WITH_REFERENCE)
@@ -88,7 +85,7 @@ def test_llm_logits_reproduce_reference(third_party: Path, name: str) -> None:
     for i in range(4):
         ours = llm.logits(ref[f"prompt_{i}"].tolist())
         theirs = ref[f"logits_{i}"]
-        assert rel_l2(ours, theirs) <= 2e-2, (i, rel_l2(ours, theirs))
+        assert rel_err(ours, theirs) <= 2e-2, (i, rel_err(ours, theirs))
         agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
         assert agree >= 0.98, (i, agree)
     out = llm.generate(
@@ -104,7 +101,7 @@ def test_reference_kernel_agrees_with_chosen_kernels(third_party: Path, name: st
     ids = ref["prompt_3"].tolist()
     fast = LLM(third_party / name, dtype="float32").logits(ids)
     slow = LLM(third_party / name, dtype="float32", kernel="reference").logits(ids)
-    assert rel_l2(fast, slow) < 5e-3
+    assert rel_err(fast, slow) < 5e-3
 
 
 def test_lmdeploy_smooth_quant_lands_near_its_unquantized_original(third_party: Path) -> None:
@@ -114,9 +111,9 @@ def test_lmdeploy_smooth_quant_lands_near_its_unquantized_original(third_party: 
     llm = LLM(third_party / LMDEPLOY, dtype="float32")
     for i in range(4):
         last = llm.logits(ref[f"prompt_{i}"].tolist())[-1]
-        assert rel_l2(last, ref[f"orig_last_logits_{i}"]) < 0.1, (
+        assert rel_err(last, ref[f"orig_last_logits_{i}"]) < 0.1, (
             i,
-            rel_l2(last, ref[f"orig_last_logits_{i}"]),
+            rel_err(last, ref[f"orig_last_logits_{i}"]),
         )
     out = llm.generate(
         prompt_token_ids=[ref["greedy_prompt"].tolist()],

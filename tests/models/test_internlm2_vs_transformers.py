@@ -15,7 +15,8 @@ from anyquant import LLM
 from anyquant.convert.quantize import quantize_checkpoint
 from anyquant.engine.kv_cache import SequenceCache
 from anyquant.quant.formats.base import WriteOptions
-from tests.loading.test_third_party import dequantized_state_dict, rel_l2
+from tests.helpers.errors import rel_err
+from tests.loading.test_third_party import dequantized_state_dict
 from tests.models._internlm2 import llama_reference, llama_weights, to_llama, write_internlm2
 
 pytest.importorskip("transformers")
@@ -45,7 +46,7 @@ def test_logits_match_llama_with_split_wqkv(tiny: Path) -> None:
     model = llama_reference(config, llama_weights(config, seed=5), torch.float32)
     with torch.no_grad():
         ref = model(torch.tensor([IDS])).logits[0]
-    assert rel_l2(ours, ref) < 1e-5
+    assert rel_err(ours, ref) < 1e-5
 
 
 def test_prefill_equals_token_by_token_decode(tiny: Path) -> None:
@@ -74,4 +75,4 @@ def test_weight_only_formats_match_dequantized_llama(tmp_path: Path, fmt: str) -
     model = llama_reference(config, to_llama(dequantized_state_dict(q), config), torch.float64)
     with torch.no_grad():
         ref = model(torch.tensor([IDS])).logits[0]
-    assert rel_l2(ours, ref) < 1e-5
+    assert rel_err(ours, ref) < 1e-5

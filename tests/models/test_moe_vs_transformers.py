@@ -29,15 +29,12 @@ from anyquant.quant.detect import detect_format
 from anyquant.quant.reference import dequantize
 from anyquant.quant.spec import ActQuant
 from anyquant.utils.tiny_moe import TINY_MOE, tiny_moe_fields, write_tiny_moe_model
+from tests.helpers.errors import rel_err
 
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = sorted(TINY_MOE)
 VOCAB = tiny_moe_fields("mixtral")["vocab_size"]
-
-
-def rel_l2(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _hf_model(path: Path) -> torch.nn.Module:
@@ -69,7 +66,7 @@ def test_logits_match_transformers(
 ) -> None:
     ours = LLM(tiny_dirs[family], dtype="float32").logits(IDS)
     ref = hf_logits[family]
-    assert rel_l2(ours, ref) < 1e-5, rel_l2(ours, ref)
+    assert rel_err(ours, ref) < 1e-5, rel_err(ours, ref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -86,7 +83,7 @@ def test_model_structure(tiny_dirs: dict[str, Path], hf_logits: dict[str, Tensor
             assert kinds == {"experts"}
     # bf16 compute still tracks the fp32 reference loosely (routing is computed in fp32).
     ours = llm.logits(IDS)
-    assert rel_l2(ours, hf_logits[family]) < 5e-2, rel_l2(ours, hf_logits[family])
+    assert rel_err(ours, hf_logits[family]) < 5e-2, rel_err(ours, hf_logits[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -252,16 +249,16 @@ def test_quantized_experts_match_dequantized_transformers(
     _patch_activation_quant(model, acts)
     ref = _hf_logits(model, IDS)
     # The quantized model is a different model: the comparisons below are not vacuous.
-    assert rel_l2(ref, hf_logits[family]) > 1e-3
+    assert rel_err(ref, hf_logits[family]) > 1e-3
     # The reference kernel does the oracle's arithmetic, so the model and format plumbing must
     # agree tightly. The kernels chosen by default must too for weight-only schemes; with W8A8 an
     # exact integer GEMM may round a later activation to the neighbouring code, which then
     # propagates, so they get a bound that still catches a wrong expert or weight.
     ours = LLM(qdir, dtype="float32", kernel="reference").logits(IDS)
-    assert rel_l2(ours, ref) < 1e-4, rel_l2(ours, ref)
+    assert rel_err(ours, ref) < 1e-4, rel_err(ours, ref)
     ours = LLM(qdir, dtype="float32").logits(IDS)
     bound = 1e-4 if all(a is None for a in acts.values()) else 2e-2
-    assert rel_l2(ours, ref) < bound, rel_l2(ours, ref)
+    assert rel_err(ours, ref) < bound, rel_err(ours, ref)
 
 
 def test_qwen2_moe_shared_expert_quantized_and_gate_kept_float(
@@ -275,7 +272,7 @@ def test_qwen2_moe_shared_expert_quantized_and_gate_kept_float(
     _dequantized_dir(qdir, tmp_path / "deq")
     ours = LLM(qdir, dtype="float32").logits(IDS)
     ref = _hf_logits(_hf_model(tmp_path / "deq"), IDS)
-    assert rel_l2(ours, ref) < 1e-4, rel_l2(ours, ref)
+    assert rel_err(ours, ref) < 1e-4, rel_err(ours, ref)
 
 
 def test_quantized_router_is_dequantized_and_runs_in_fp32(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -309,7 +306,7 @@ def test_quantized_router_is_dequantized_and_runs_in_fp32(tiny_dirs: dict[str, P
     _dequantized_dir(qdir, tmp_path / "deq")
     ref = _hf_logits(_hf_model(tmp_path / "deq"), IDS)
     ours = LLM(qdir, dtype="float32").logits(IDS)
-    assert rel_l2(ours, ref) < 1e-4, rel_l2(ours, ref)
+    assert rel_err(ours, ref) < 1e-4, rel_err(ours, ref)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
@@ -337,4 +334,9 @@ def test_fused_experts_match_the_per_expert_path(
                 per_expert = block(x)
                 block.fused = kept
                 assert fused.dtype == torch.float32 and fused.shape == (tokens, hidden)
-                assert rel_l2(fused, per_expert) < budget, (family, dtype, tokens, rel_l2(fused, per_expert))
+                assert rel_err(fused, per_expert) < budget, (
+                    family,
+                    dtype,
+                    tokens,
+                    rel_err(fused, per_expert),
+                )

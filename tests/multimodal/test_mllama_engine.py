@@ -18,6 +18,7 @@ from anyquant import LLM, SamplingParams
 from anyquant.engine.kv_cache import PagedKVCache
 from anyquant.server import ServerConfig, create_app
 from anyquant.utils.tiny_mllama import IMAGE, write_tiny_mllama
+from tests.helpers.vlm_references import mllama_inputs
 from tests.server.conftest import call
 
 transformers = pytest.importorskip("transformers")
@@ -45,21 +46,10 @@ def llm(path: Path) -> LLM:
 def reference_generate(path: Path, ids: list[int], images: list[Any], steps: int) -> list[int]:
     """transformers' generate: its own cache of the cross-attention keys and values."""
     model = transformers.MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    inputs: dict[str, Any] = {"input_ids": torch.tensor([ids])}
-    if images:
-        feats = transformers.MllamaImageProcessorPil.from_pretrained(path)([images], return_tensors="pt")
-        sparse = processing.get_cross_attention_token_mask(ids, IMAGE)
-        dense = processing.convert_sparse_cross_attention_mask_to_dense(
-            [sparse], feats["num_tiles"], 4, len(ids)
-        )
-        inputs.update(
-            pixel_values=feats["pixel_values"],
-            aspect_ratio_ids=feats["aspect_ratio_ids"],
-            aspect_ratio_mask=feats["aspect_ratio_mask"],
-            cross_attention_mask=torch.as_tensor(dense),
-        )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+        out = model.generate(
+            **mllama_inputs(path, ids, images), max_new_tokens=steps, do_sample=False, min_new_tokens=steps
+        )
     return out[0, len(ids) :].tolist()
 
 

@@ -15,6 +15,7 @@ from anyquant.loading.loader import load_model
 from anyquant.models.mllama_processor import MllamaImageProcessor
 from anyquant.models.multimodal import ImageInputError
 from anyquant.utils.tiny_mllama import IMAGE, write_tiny_mllama
+from tests.helpers.vlm_references import mllama_inputs
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -108,20 +109,8 @@ def reference(source: Path) -> object:
 
 
 def reference_logits(model: object, path: Path, ids: list[int], images: list[object]) -> torch.Tensor:
-    if not images:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0]  # type: ignore[operator]
-    feats = transformers.MllamaImageProcessorPil.from_pretrained(path)([images], return_tensors="pt")
-    sparse = processing.get_cross_attention_token_mask(ids, IMAGE)
-    dense = processing.convert_sparse_cross_attention_mask_to_dense([sparse], feats["num_tiles"], 4, len(ids))
     with torch.no_grad():
-        return model(  # type: ignore[operator]
-            input_ids=torch.tensor([ids]),
-            pixel_values=feats["pixel_values"],
-            aspect_ratio_ids=feats["aspect_ratio_ids"],
-            aspect_ratio_mask=feats["aspect_ratio_mask"],
-            cross_attention_mask=torch.as_tensor(dense),
-        ).logits[0]
+        return model(**mllama_inputs(path, ids, images)).logits[0]  # type: ignore[operator]
 
 
 PROMPTS = {

@@ -23,6 +23,7 @@ from anyquant.quant.detect import detect_format
 from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.reference import dequantize
 from anyquant.utils.tiny_mllama import IMAGE, nested_name, write_tiny_mllama
+from tests.helpers.vlm_references import mllama_inputs
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -71,17 +72,8 @@ def reference_logits(source: Path, llm: LLM, ids: list[int], images: list[Any]) 
     model = transformers.MllamaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
     missing, unexpected = model.load_state_dict(dequantized_state(llm), strict=False)
     assert not unexpected and not missing, (missing, unexpected)
-    feats = transformers.MllamaImageProcessorPil.from_pretrained(source)([images], return_tensors="pt")
-    sparse = processing.get_cross_attention_token_mask(ids, IMAGE)
-    dense = processing.convert_sparse_cross_attention_mask_to_dense([sparse], feats["num_tiles"], 4, len(ids))
     with torch.no_grad():
-        return model(
-            input_ids=torch.tensor([ids]),
-            pixel_values=feats["pixel_values"],
-            aspect_ratio_ids=feats["aspect_ratio_ids"],
-            aspect_ratio_mask=feats["aspect_ratio_mask"],
-            cross_attention_mask=torch.as_tensor(dense),
-        ).logits[0]
+        return model(**mllama_inputs(source, ids, images)).logits[0]
 
 
 def check_against_reference(llm: LLM, source: Path) -> float:

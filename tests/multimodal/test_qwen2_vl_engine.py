@@ -11,8 +11,9 @@ import torch
 
 from anyquant import LLM, SamplingParams
 from anyquant.models.multimodal import ImageInputError
-from anyquant.utils.tiny_vlm import IMAGE_PAD, write_tiny_vlm
+from anyquant.utils.tiny_vlm import write_tiny_vlm
 from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
+from tests.helpers.vlm_references import qwen2_vl_inputs
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -32,18 +33,11 @@ def reference_greedy(path: Path, v25: bool, ids: list[int], images: list[object]
         else transformers.Qwen2VLForConditionalGeneration
     )
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
-    feats = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)(images, return_tensors="pt")
     seq = list(ids)
     out = []
     for _ in range(steps):
-        kinds = torch.tensor([[int(t == IMAGE_PAD) for t in ids] + [0] * (len(seq) - len(ids))])
         with torch.no_grad():
-            logits = model(
-                input_ids=torch.tensor([seq]),
-                pixel_values=feats["pixel_values"],
-                image_grid_thw=feats["image_grid_thw"],
-                mm_token_type_ids=kinds,
-            ).logits[0, -1]
+            logits = model(**qwen2_vl_inputs(path, seq, images, prompt_len=len(ids))).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
         seq.append(token)

@@ -15,6 +15,7 @@ from anyquant.models.multimodal import ImageInputError
 from anyquant.models.qwen2_vl_processor import Qwen2VLImageProcessor
 from anyquant.utils.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START, write_tiny_vlm
 from tests.helpers.images import random_image
+from tests.helpers.vlm_references import qwen2_vl_inputs
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -66,16 +67,8 @@ def reference_logits(path: Path, v25: bool, ids: list[int], images: list[object]
         else transformers.Qwen2VLForConditionalGeneration
     )
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
-    feats = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)(images, return_tensors="pt")
-    kinds = torch.tensor([[int(t == IMAGE_PAD) for t in ids]])
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([ids]),
-            pixel_values=feats["pixel_values"],
-            image_grid_thw=feats["image_grid_thw"],
-            mm_token_type_ids=kinds,
-        )
-    return out.logits[0].float()
+        return model(**qwen2_vl_inputs(path, ids, images)).logits[0].float()
 
 
 def test_logits_with_two_images_equal_transformers(checkpoint: tuple[Path, bool]) -> None:

@@ -20,6 +20,7 @@ from anyquant.quant.formats.base import WriteOptions
 from anyquant.quant.reference import dequantize
 from anyquant.utils.tiny_vlm import IMAGE_PAD, write_tiny_vlm
 from tests.helpers.images import QWEN2_VL_PLACEHOLDER, random_image
+from tests.helpers.vlm_references import qwen2_vl_inputs
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -64,16 +65,8 @@ def reference_logits(
         renamed[name] = tensor
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
-    feats = transformers.Qwen2VLImageProcessorPil.from_pretrained(source)([image], return_tensors="pt")
-    kinds = torch.tensor([[int(t == IMAGE_PAD) for t in ids]])
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([ids]),
-            pixel_values=feats["pixel_values"],
-            image_grid_thw=feats["image_grid_thw"],
-            mm_token_type_ids=kinds,
-        )
-    return out.logits[0]
+        return model(**qwen2_vl_inputs(source, ids, [image])).logits[0]
 
 
 def check_against_reference(llm: LLM, source: Path, path: Path) -> float:

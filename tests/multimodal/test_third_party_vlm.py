@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from anyquant import LLM, SamplingParams
 from anyquant.loading.describe import describe_checkpoint
+from tests.helpers.errors import rel_err
 
 pytestmark = pytest.mark.slow
 Image = pytest.importorskip("PIL.Image")
@@ -34,10 +35,6 @@ REL_L2 = 2e-2
 ARGMAX_AGREE = 0.98
 # Left unquantized by every tool here: Qwen2-VL's vision tower; mllama's tower, projector, cross-attention.
 FLOAT_PARTS = re.compile(r"visual|vision_model|multi_modal_projector|cross_attn")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def images(ref: dict[str, torch.Tensor], i: int) -> list[Any]:
@@ -92,7 +89,7 @@ def test_logits_and_greedy_tokens_reproduce_reference(
         ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
         theirs = ref[f"logits_{i}"]
         assert ours.shape == theirs.shape, (name, i, ours.shape, theirs.shape)
-        assert rel_l2(ours, theirs) <= REL_L2, (name, i, rel_l2(ours, theirs))
+        assert rel_err(ours, theirs) <= REL_L2, (name, i, rel_err(ours, theirs))
         agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
         assert agree >= ARGMAX_AGREE, (name, i, agree)
     report = json.loads((FIXTURES / name / "reference.json").read_text())
@@ -118,8 +115,8 @@ def test_activation_quantization_is_applied(name: str) -> None:
     llm = LLM(FIXTURES / name, dtype="float32")
     for i in range(PROMPTS):
         ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
-        gap = rel_l2(ref[f"wonly_logits_{i}"], ref[f"logits_{i}"])
-        assert rel_l2(ours, ref[f"logits_{i}"]) < gap / 4, (name, i, rel_l2(ours, ref[f"logits_{i}"]), gap)
+        gap = rel_err(ref[f"wonly_logits_{i}"], ref[f"logits_{i}"])
+        assert rel_err(ours, ref[f"logits_{i}"]) < gap / 4, (name, i, rel_err(ours, ref[f"logits_{i}"]), gap)
 
 
 def test_inspect_shows_the_vision_tower_unquantized(
@@ -156,4 +153,4 @@ def test_tp2_pads_the_mlp_and_reproduces_the_reference(name: str) -> None:
     with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
         for i in range(PROMPTS):
             ours = llm.logits(ref[f"prompt_{i}"].tolist(), mm_data(ref, i))
-            assert rel_l2(ours, ref[f"logits_{i}"]) <= 1e-5, (i, rel_l2(ours, ref[f"logits_{i}"]))
+            assert rel_err(ours, ref[f"logits_{i}"]) <= 1e-5, (i, rel_err(ours, ref[f"logits_{i}"]))

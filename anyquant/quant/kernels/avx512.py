@@ -27,7 +27,7 @@ from torch import Tensor
 
 from anyquant.errors import TensorError
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.base import LinearKernel, check_weight, round_up
 from anyquant.quant.kernels.torch_cpu import _act_order_permutation
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.registry import register_kernel
@@ -55,10 +55,6 @@ _FP32_GEMV_MAX_ROWS = 2
 # Blocks of 16 rows dequantized per tile: 16 * 16 rows x 4864 inputs of bf16 is 2.5 MB at most
 # for the shapes measured; with K = 896 a tile is 460 KB and stays in L2 for at::mm.
 _TILE_BLOCKS = 16
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 @functools.cache
@@ -128,14 +124,7 @@ class RepackedWeightOnlyKernel(LinearKernel):
         return cls.cpu_reason() or cpu_ext.unavailable_reason()
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        if not isinstance(weight, QuantWeight):
-            raise TypeError(f"{self.name} kernel expects a QuantWeight")
-        if weight.num_experts is not None:
-            raise TypeError(f"{self.name} kernel serves one 2-D weight, got {weight.num_experts} experts")
-        if tuple(weight.shape) != tuple(self.shape):
-            raise TensorError(
-                "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
-            )
+        weight = check_weight(weight, self)
         spec = weight.spec
         n, k = self.shape
         self.spec = spec
@@ -146,9 +135,9 @@ class RepackedWeightOnlyKernel(LinearKernel):
         elif spec.granularity == "block":
             self.group = spec.block_shape[1]
         else:  # channel / tensor: one group spanning the (padded) row
-            self.group = _round_up(k, 8)
+            self.group = round_up(k, 8)
         ng = num_groups(k, self.group)
-        self.k_pad, self.n_pad = ng * self.group, _round_up(n, _ROWS)
+        self.k_pad, self.n_pad = ng * self.group, round_up(n, _ROWS)
 
         codes = weight.data
         perm = None
@@ -358,7 +347,7 @@ class RepackedLmHeadKernel(LinearKernel):
         n, k = self.shape
         if tuple(weight.shape) != (n, k):
             raise TensorError("weight", f"has shape {list(weight.shape)}, expected {[n, k]}")
-        self.k_pad, n_pad = _round_up(k, 8), _round_up(n, _ROWS)
+        self.k_pad, n_pad = round_up(k, 8), round_up(n, _ROWS)
         if (n_pad, self.k_pad) == (n, k) and weight.dtype == torch.bfloat16:
             words = weight.contiguous()  # no padded copy: the LM head is the largest tensor loaded
         else:

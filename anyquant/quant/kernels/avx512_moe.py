@@ -46,6 +46,7 @@ from anyquant.quant.kernels.avx512_moe_vnni import FusedInt8Experts, cannot_fuse
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.moe_act_order import act_order_tables
+from anyquant.quant.kernels.moe_fusable import cannot_stack_experts
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.reference import fake_quantize_activations
 from anyquant.quant.spec import FP8_MAX, QuantSpec
@@ -116,40 +117,24 @@ def weight_only_twins(
 
 def cannot_fuse(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
     """Why (gate, up, down) kernels of every expert cannot run as one fused call, or None."""
-    if not experts:
-        return "the layer has no experts"
-    if act not in ("silu", "swish"):
-        return f"activation {act} (the fused call computes silu)"
-    first = experts[0][0]
-    fusable = " or ".join(cls.name for cls in _OPS)
-    if first is None or type(first) not in _OPS:
-        return f"expert 0 runs on {'no kernel' if first is None else first.name}, not {fusable}"
-    assert isinstance(first, RepackedWeightOnlyKernel)
-    for e, kernels in enumerate(experts):
-        for kernel in kernels:
-            if type(kernel) is not type(first):
-                name = "no kernel" if kernel is None else kernel.name
-                return f"expert {e} runs on {name}, expert 0 on {first.name} (the call takes one kernel: {fusable})"
-            assert isinstance(kernel, RepackedWeightOnlyKernel)
-            if kernel.spec != first.spec:
-                return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
-            if kernel.compute_dtype != first.compute_dtype:
-                return "experts differ in compute dtype"
-            if kernel.fmt != first.fmt:  # cpu_avx2: e4m3fn codes with NaN in some experts only
-                return f"expert {e}'s codes are packed as format {kernel.fmt}, expert 0's as {first.fmt}"
-        gate, up, down = kernels
-        assert isinstance(gate, RepackedWeightOnlyKernel) and isinstance(up, RepackedWeightOnlyKernel)
-        assert isinstance(down, RepackedWeightOnlyKernel) and isinstance(first, RepackedWeightOnlyKernel)
-        inter, hidden = gate.shape
-        if up.shape != gate.shape or down.shape != (hidden, inter) or gate.shape != first.shape:
-            return f"expert {e} has gate {gate.shape}, up {up.shape}, down {down.shape}"
-        if up.group != gate.group or up.k_pad != gate.k_pad or (gate.zz is None) != (up.zz is None):
-            return f"expert {e}'s gate and up are packed differently"
-        if (down.zz is None) != (gate.zz is None):
-            return f"expert {e}'s down has zero points where gate has none, or the reverse"
-        if (gate.offset_t is None) != (up.offset_t is None):
-            return f"expert {e}'s gate and up differ in float offsets"
-    return _cannot_fuse_activations(experts)
+    reason = cannot_stack_experts(experts, act, _OPS, RepackedWeightOnlyKernel, _packed_apart)
+    return reason if reason is not None else _cannot_fuse_activations(experts)
+
+
+def _packed_apart(
+    e: int,
+    expert: tuple[RepackedWeightOnlyKernel, RepackedWeightOnlyKernel, RepackedWeightOnlyKernel],
+    first: tuple[RepackedWeightOnlyKernel, RepackedWeightOnlyKernel, RepackedWeightOnlyKernel],
+) -> str | None:
+    """Why expert e's gate, up and down are packed in ways one fused call cannot mix, or None."""
+    gate, up, down = expert
+    if up.group != gate.group or up.k_pad != gate.k_pad or (gate.zz is None) != (up.zz is None):
+        return f"expert {e}'s gate and up are packed differently"
+    if (down.zz is None) != (gate.zz is None):
+        return f"expert {e}'s down has zero points where gate has none, or the reverse"
+    if (gate.offset_t is None) != (up.offset_t is None):
+        return f"expert {e}'s gate and up differ in float offsets"
+    return None
 
 
 def fusion_from_plan(kernels: set[str], specs: set[QuantSpec | None], act: str, biases: bool) -> str | None:

@@ -28,6 +28,7 @@ from anyquant.quant.kernels.avx2_a8 import Avx2Int8ActivationKernel
 from anyquant.quant.kernels.avx512_vnni import Avx512VnniKernel, Int8ActivationKernel
 from anyquant.quant.kernels.base import LinearKernel
 from anyquant.quant.kernels.moe_act_order import act_order_tables
+from anyquant.quant.kernels.moe_fusable import cannot_stack_experts
 
 # The int8-activation kernels whose experts `FusedInt8Experts` runs, and the extension op for each.
 INT8_OPS: dict[type[Int8ActivationKernel], str] = {
@@ -38,39 +39,11 @@ INT8_OPS: dict[type[Int8ActivationKernel], str] = {
 
 def cannot_fuse_int8(experts: Sequence[tuple[LinearKernel | None, ...]], act: str) -> str | None:
     """Why (gate, up, down) int8-activation kernels of every expert cannot run as one fused call."""
-    if not experts:
-        return "the layer has no experts"
-    if act not in ("silu", "swish"):
-        return f"activation {act} (the fused call computes silu)"
+    reason = cannot_stack_experts(experts, act, INT8_OPS, Int8ActivationKernel, _packed_apart)
+    if reason is not None:
+        return reason
     first = experts[0][0]
-    fusable = " or ".join(cls.name for cls in INT8_OPS)
-    if first is None or type(first) not in INT8_OPS:
-        return f"expert 0 runs on {'no kernel' if first is None else first.name}, not {fusable}"
     assert isinstance(first, Int8ActivationKernel)
-    for e, kernels in enumerate(experts):
-        for kernel in kernels:
-            if type(kernel) is not type(first):
-                name = "no kernel" if kernel is None else kernel.name
-                return f"expert {e} runs on {name}, expert 0 on {first.name} (the call takes one kernel: {fusable})"
-            assert isinstance(kernel, Int8ActivationKernel)
-            if kernel.spec != first.spec:
-                return f"expert {e} is {kernel.spec.describe()}, expert 0 {first.spec.describe()}"
-            if kernel.compute_dtype != first.compute_dtype:
-                return "experts differ in compute dtype"
-        gate, up, down = kernels
-        assert isinstance(gate, Int8ActivationKernel) and isinstance(up, Int8ActivationKernel)
-        assert isinstance(down, Int8ActivationKernel)
-        inter, hidden = gate.shape
-        if up.shape != gate.shape or down.shape != (hidden, inter) or gate.shape != first.shape:
-            return f"expert {e} has gate {gate.shape}, up {up.shape}, down {down.shape}"
-        first_down = experts[0][2]
-        assert isinstance(first_down, Int8ActivationKernel)
-        if up.group != gate.group or up.k_pad != gate.k_pad or down.group != first_down.group:
-            return f"expert {e}'s projections are packed differently"
-        for name in ("zero", "offset"):
-            present = {getattr(k, name) is None for k in kernels}
-            if len(present) != 1 or (getattr(first, name) is None) not in present:
-                return f"expert {e}'s projections differ in {name}s"
     act_spec = first.spec.act
     assert act_spec is not None  # the int8-activation kernels refuse weight-only specs
     if act_spec.dynamic and act_spec.granularity != "token":
@@ -79,6 +52,22 @@ def cannot_fuse_int8(experts: Sequence[tuple[LinearKernel | None, ...]], act: st
         scales = {k.static_scale for ks in experts for k in ks[:2] if isinstance(k, Int8ActivationKernel)}
         if len(scales) != 1:
             return f"activations are quantized ({act_spec.describe()}) with gate / up input scales that differ by expert"
+    return None
+
+
+def _packed_apart(
+    e: int,
+    expert: tuple[Int8ActivationKernel, Int8ActivationKernel, Int8ActivationKernel],
+    first: tuple[Int8ActivationKernel, Int8ActivationKernel, Int8ActivationKernel],
+) -> str | None:
+    """Why expert e's projections are packed in ways one fused call cannot mix, or None."""
+    gate, up, down = expert
+    if up.group != gate.group or up.k_pad != gate.k_pad or down.group != first[2].group:
+        return f"expert {e}'s projections are packed differently"
+    for name in ("zero", "offset"):
+        present = {getattr(k, name) is None for k in expert}
+        if len(present) != 1 or (getattr(first[0], name) is None) not in present:
+            return f"expert {e}'s projections differ in {name}s"
     return None
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from anyquant.errors import TensorError
 from anyquant.quant.kernels import cpu_ext
-from anyquant.quant.kernels.base import LinearKernel
+from anyquant.quant.kernels.base import LinearKernel, check_weight, round_up
 from anyquant.quant.kernels.torch_cpu import _act_order_permutation
 from anyquant.quant.reference import activation_amax
 from anyquant.quant.registry import register_kernel
@@ -45,10 +45,6 @@ _FORMAT = {
 _ROWS = 16  # output rows per block: 16 int32 lanes of vpdpbusd
 _MAX_GROUP = 32768  # int32 sums stay exact (255 * 128 * 65536 < 2^31); half of that for margin
 _DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 @functools.cache
@@ -106,7 +102,7 @@ class Int8ActivationKernel(LinearKernel):
             return reason
         if spec.granularity == "block":
             return "block-wise weight scales; this kernel takes per-group, per-channel or per-tensor"
-        if _round_up(shape[1], 8) > _MAX_GROUP and spec.granularity != "group":
+        if round_up(shape[1], 8) > _MAX_GROUP and spec.granularity != "group":
             return f"in_features {shape[1]} per scale could overflow the int32 sums (limit {_MAX_GROUP})"
         if spec.granularity == "group" and spec.group_size > _MAX_GROUP:
             return f"groups of {spec.group_size} could overflow the int32 sums (limit {_MAX_GROUP})"
@@ -118,14 +114,7 @@ class Int8ActivationKernel(LinearKernel):
         raise NotImplementedError
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        if not isinstance(weight, QuantWeight):
-            raise TypeError(f"{self.name} kernel expects a QuantWeight")
-        if weight.num_experts is not None:
-            raise TypeError(f"{self.name} serves one 2-D weight, got {weight.num_experts} experts")
-        if tuple(weight.shape) != tuple(self.shape):
-            raise TensorError(
-                "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(self.shape)}"
-            )
+        weight = check_weight(weight, self)
         spec = weight.spec
         act = spec.act
         assert act is not None  # cannot_run refuses weight-only specs
@@ -141,9 +130,9 @@ class Int8ActivationKernel(LinearKernel):
                 )
             self.static_scale = float(weight.input_scale.float().reshape(()))
         self.fmt = _FORMAT[spec.weight]
-        self.group = spec.group_size if spec.granularity == "group" else _round_up(k, 8)
+        self.group = spec.group_size if spec.granularity == "group" else round_up(k, 8)
         ng = num_groups(k, self.group)
-        self.k_pad, self.n_pad = ng * self.group, _round_up(n, _ROWS)
+        self.k_pad, self.n_pad = ng * self.group, round_up(n, _ROWS)
         codes = weight.data
         perm = None
         if spec.act_order:

@@ -11,6 +11,9 @@ A kernel that quantizes its input with dynamic scales sets `dynamic_act` in `loa
 forward then also takes `act_amax=`: an amax (`anyquant.quant.reference.activation_amax` shape)
 computed by the caller, which a row-parallel layer takes over every rank's slice of the input.
 The kernel never communicates itself.
+
+`check_weight` is the check every quantized kernel's `load` starts with: one canonical weight of
+the shape the kernel was built for; `round_up` pads a dimension to the multiple a layout needs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from anyquant.errors import TensorError
 from anyquant.quant.spec import MATMUL_KINDS, ActQuant, LayerKind, QuantSpec
 from anyquant.quant.weight import QuantWeight
 
@@ -121,3 +125,25 @@ def precheck(
     if not kernel.applies_offsets and spec is not None and spec.has_offset:
         return f"float offsets per group (GGUF minimums) are not applied by {kernel.name}"
     return None
+
+
+def check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWeight:
+    """`weight` as the one [N, K] QuantWeight of `kernel`'s shape; a TypeError or TensorError
+    saying what else it is."""
+    if not isinstance(weight, QuantWeight):
+        raise TypeError(f"{kernel.name} kernel expects a QuantWeight")
+    if weight.num_experts is not None:
+        raise TypeError(
+            f"{kernel.name} kernel serves one [N, K] weight, got {weight.num_experts} experts stacked "
+            "[E, N, K]; load each expert's slice into its own kernel"
+        )
+    if tuple(weight.shape) != tuple(kernel.shape):
+        raise TensorError(
+            "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
+        )
+    return weight
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `value`."""
+    return -(-value // multiple) * multiple

@@ -1,4 +1,5 @@
-"""What the CUDA kernels share: the capability check and the weight checks.
+"""What the CUDA kernels share: the capability check and the output's finish (the weight check
+and the padding arithmetic every kernel shares are kernels/base.py's `check_weight`, `round_up`).
 
 `cannot_run` is the shared pre-check (device, role, dtype: kernels/base.py) followed by the
 device's compute capability (`min_capability`, from `utils/devices.cuda_properties`, which a
@@ -15,17 +16,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from anyquant.errors import TensorError
 from anyquant.quant.kernels.base import LinearKernel, precheck
 from anyquant.quant.spec import LayerKind, QuantSpec
-from anyquant.quant.weight import QuantWeight
 from anyquant.utils.devices import CudaProperties, cuda_properties, cuda_unavailable_reason
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class CudaKernel(LinearKernel):
@@ -71,20 +66,6 @@ class CudaKernel(LinearKernel):
             why = f" ({cls.why_capability})" if cls.why_capability else ""
             return f"needs compute capability {need} or newer{why}; {props.describe()}"
         return cls.rejects(spec, shape, compute_dtype)
-
-
-def check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWeight:
-    if not isinstance(weight, QuantWeight):
-        raise TypeError(f"{kernel.name} kernel expects a QuantWeight")
-    if weight.num_experts is not None:
-        raise TypeError(
-            f"{kernel.name} kernel serves one [N, K] weight, got {weight.num_experts} experts stacked"
-        )
-    if tuple(weight.shape) != tuple(kernel.shape):
-        raise TensorError(
-            "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
-        )
-    return weight
 
 
 def finish(y: Tensor, n: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from anyquant.errors import TensorError
-from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
+from anyquant.quant.kernels.base import check_weight, round_up
+from anyquant.quant.kernels.cuda.base import CudaKernel, finish
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight

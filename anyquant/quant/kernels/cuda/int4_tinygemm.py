@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, on_host, round_up
+from anyquant.quant.kernels.base import check_weight, round_up
+from anyquant.quant.kernels.cuda.base import CudaKernel, finish, on_host
 from anyquant.quant.kernels.torch_cpu.int4 import _act_order_permutation, _recenter
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import QuantSpec

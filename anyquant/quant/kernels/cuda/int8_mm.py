@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.quant.kernels.cuda.base import CudaKernel, check_weight, finish, round_up
+from anyquant.quant.kernels.base import check_weight, round_up
+from anyquant.quant.kernels.cuda.base import CudaKernel, finish
 from anyquant.quant.kernels.torch_cpu import _quantize_int8_activations
 from anyquant.quant.kernels.torch_cpu.w8a8 import int_mm_rejects, load_int8_activations
 from anyquant.quant.registry import register_kernel

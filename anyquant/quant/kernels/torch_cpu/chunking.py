@@ -1,5 +1,5 @@
-"""What the pure-torch CPU kernels share: the checks of a loaded weight, padding of inputs and
-outputs, and the chunked dequantize-then-matmul path (`_chunked_linear`) with its scratch buffers."""
+"""What the pure-torch CPU kernels share: padding of inputs and outputs, and the chunked
+dequantize-then-matmul path (`_chunked_linear`) with its scratch buffers."""
 
 from __future__ import annotations
 
@@ -11,19 +11,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from anyquant.errors import TensorError
 from anyquant.quant.kernels.base import LinearKernel
-from anyquant.quant.weight import QuantWeight
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Weights dequantized per chunk of output rows in the dequantize-then-matmul path: small enough
 # that a chunk (fp32) stays in L2, large enough that the per-op overhead is amortized.
 _CHUNK_ELEMENTS = 1 << 18
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class TorchCpuKernel(LinearKernel):
@@ -40,21 +34,6 @@ def _fused_ops_vectorized() -> bool:
     if platform.machine().lower() in ("arm64", "aarch64"):
         return True
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _check_weight(weight: QuantWeight | Tensor, kernel: LinearKernel) -> QuantWeight:
-    if not isinstance(weight, QuantWeight):
-        raise TypeError(f"{kernel.name} kernel expects a QuantWeight")
-    if weight.num_experts is not None:
-        raise TypeError(
-            f"{kernel.name} kernel serves one [N, K] weight, got {weight.num_experts} experts stacked "
-            "[E, N, K]; load each expert's slice into its own kernel"
-        )
-    if tuple(weight.shape) != tuple(kernel.shape):
-        raise TensorError(
-            "weight", f"has shape {list(weight.shape)} but the kernel was built for {list(kernel.shape)}"
-        )
-    return weight
 
 
 def _finish(y: Tensor, n: int, bias: Tensor | None) -> Tensor:

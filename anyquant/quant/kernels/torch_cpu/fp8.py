@@ -8,16 +8,15 @@ import functools
 import torch
 from torch import Tensor
 
+from anyquant.quant.kernels.base import check_weight, round_up
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
-    _check_weight,
     _chunked_linear,
     _finish,
     _pad_columns,
     _padded_bias,
     _round_to,
-    _round_up,
     _Scratch,
 )
 from anyquant.quant.reference import fake_quantize_activations
@@ -75,14 +74,14 @@ class CpuFp8DequantKernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         spec = w.spec
         n, k = self.shape
         self.spec = spec
         bn, bk = spec.block_shape if spec.granularity == "block" else (1, k)
         # Block scales: pad to whole blocks so a chunk of rows reshapes into [rows/Bn, Bn, K/Bk, Bk].
         self.block = (bn, bk)
-        self.n_pad, self.k_pad = _round_up(n, bn), _round_up(k, bk)
+        self.n_pad, self.k_pad = round_up(n, bn), round_up(k, bk)
         codes = w.data
         if (self.n_pad, self.k_pad) != (n, k):
             codes = torch.zeros(self.n_pad, self.k_pad, dtype=w.data.dtype)
@@ -118,6 +117,6 @@ class CpuFp8DequantKernel(TorchCpuKernel):
             x = x.to(self.compute_dtype)
         x = _pad_columns(x, self.k_pad)
         rows = max(1, _CHUNK_ELEMENTS // self.k_pad)
-        rows = _round_up(rows, self.block[0])
+        rows = round_up(rows, self.block[0])
         y = _chunked_linear(x, self.n_pad, rows, self._dense_rows, _padded_bias(bias, self.n_pad, x.dtype))
         return _finish(y, n, None)

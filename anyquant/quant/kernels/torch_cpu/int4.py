@@ -8,16 +8,15 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import TensorError, UnsupportedError
+from anyquant.quant.kernels.base import check_weight, round_up
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
-    _check_weight,
     _finish,
     _fused_ops_vectorized,
     _pad_columns,
     _padded_bias,
     _round_to,
-    _round_up,
     _Scratch,
 )
 from anyquant.quant.registry import register_kernel
@@ -131,7 +130,7 @@ class CpuInt4Kernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         spec = w.spec
         n, k = self.shape
         layout = _int4pack_layout()
@@ -141,8 +140,8 @@ class CpuInt4Kernel(TorchCpuKernel):
         if spec.granularity == "group":
             group, ng = spec.group_size, num_groups(k, spec.group_size)
         else:  # channel: one group spanning the row, padded to a multiple of 32 for the op
-            group, ng = _round_up(k, 32), 1
-        self.group, self.k_pad, self.n_pad = group, ng * group, _round_up(n, self.block_n)
+            group, ng = round_up(k, 32), 1
+        self.group, self.k_pad, self.n_pad = group, ng * group, round_up(n, self.block_n)
 
         codes = w.data
         perm = None

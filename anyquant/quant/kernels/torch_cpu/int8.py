@@ -5,17 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anyquant.quant.kernels.base import check_weight, round_up
 from anyquant.quant.kernels.torch_cpu.chunking import (
     _CHUNK_ELEMENTS,
     TorchCpuKernel,
     _aligned,
-    _check_weight,
     _chunked_linear,
     _finish,
     _fused_ops_vectorized,
     _pad_columns,
     _round_to,
-    _round_up,
     _Scratch,
 )
 from anyquant.quant.registry import register_kernel
@@ -58,13 +57,13 @@ class CpuInt8WeightKernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         n, k = self.shape
         codes = w.data
         if w.spec.weight == "uint8":  # implicit zero 128: code - 128 is in [-128, 127], exact
             codes = (codes.to(torch.int16) - w.spec.implicit_zero).to(torch.int8)
         # The fused op steps through K 16 at a time with aligned loads: pad K to 64 with zeros.
-        self.k_pad = _round_up(k, 64)
+        self.k_pad = round_up(k, 64)
         padded = torch.zeros(n, self.k_pad, dtype=torch.int8)
         padded[:, :k] = codes
         self.register_buffer("codes", padded, persistent=False)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from anyquant.errors import TensorError
-from anyquant.quant.kernels.torch_cpu.chunking import TorchCpuKernel, _check_weight
+from anyquant.quant.kernels.base import check_weight
+from anyquant.quant.kernels.torch_cpu.chunking import TorchCpuKernel
 from anyquant.quant.registry import register_kernel
 from anyquant.quant.spec import ActQuant, QuantSpec
 from anyquant.quant.weight import QuantWeight
@@ -122,7 +123,7 @@ class CpuW8A8Int8Kernel(TorchCpuKernel):
         return None
 
     def load(self, weight: QuantWeight | Tensor) -> None:
-        w = _check_weight(weight, self)
+        w = check_weight(weight, self)
         n, _ = self.shape
         act = w.spec.act
         if act is None:
