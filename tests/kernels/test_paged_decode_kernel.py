@@ -103,6 +103,41 @@ def test_running_max_rising_block_after_block(dtype, group):
         assert (out.double() - want).abs().max().item() < TOL[dtype], splits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 6, 9, 13])
+def test_block_edges_and_head_tiles(dtype, group):
+    """Lengths either side of one, two and three blocks of 32 keys (partial blocks, a lone key in a
+    block, whole blocks), group sizes that leave a single head or 1-3 heads over from the kernels'
+    tiles of 2 and 4 heads (and more than 8 heads: bf16 rows widened once per block), and key and
+    value widths that differ (80: a 16-value tail after 32-value passes)."""
+    ops = _ops()
+    lens = [31, 32, 33, 1, 63, 64, 65, 95, 96, 97, 130]
+    q, kc, vc, tables, lens_t = _case(1, group, 48, 80, lens, dtype, seed=11)
+    want = _reference(q, kc, vc, tables, lens_t, 48**-0.5, None)
+    for splits in (0, 1, 3):
+        out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, 48**-0.5, 0, splits)
+        assert (out.double() - want).abs().max().item() < TOL[dtype], splits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("group", [7, 16])
+def test_a_non_finite_key_makes_its_sequence_nan(dtype, bad, group):
+    """A key row of NaN or infinite values (scores NaN: inf times query values of both signs), in a
+    later block than the first (the running max already set by finite scores): every output of its
+    sequence's query heads is NaN, as in the torch path, and the other sequences are untouched."""
+    ops = _ops()
+    lens = [70, 45]
+    q, kc, vc, tables, lens_t = _case(1, group, 64, 64, lens, dtype, seed=12)
+    want = _reference(q, kc, vc, tables, lens_t, 0.125, None)
+    slot = int(tables[0][40 // PAGE]) * PAGE + 40 % PAGE  # key 40 of sequence 0: the second block
+    kc[0, slot] = bad
+    for splits in (0, 1):
+        out = ops.paged_decode_attention(q, kc, vc, tables, lens_t, PAGE, 0.125, 0, splits)
+        assert out[0].isnan().all(), splits
+        assert (out[1].double() - want[1]).abs().max().item() < TOL[dtype], splits
+
+
 def test_value_stored_inside_the_key():
     """The latent cache stores the value once, as the key's first 512 of 576 (a strided view):
     the kernel reads it in place, with the same results as from a separate value cache."""
